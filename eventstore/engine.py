@@ -1,0 +1,134 @@
+"""Building the async engine: one function, two dialects.
+
+SQLite runs as a real backend: a file in WAL mode, foreign keys on, a busy timeout,
+and writers serialised by ``BEGIN IMMEDIATE`` so that a transaction that reads and
+then writes never fails with SQLITE_BUSY half-way (and so positions follow commit
+order). Readers use a plain deferred ``BEGIN``. PostgreSQL gets a QueuePool and
+server-side timeouts that bound how long a stuck transaction can hold the append lock.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool, StaticPool
+
+from eventstore.hashing import canonical_json
+
+#: Execution option that makes a SQLite transaction take the write lock at BEGIN.
+WRITE_OPTION: Final = "tiu_write"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """Pool and timeout settings. Pool settings apply to PostgreSQL only."""
+
+    pool_size: int = 10
+    max_overflow: int = 10
+    pool_timeout: float = 30.0
+    pool_recycle: int = 1800
+    pool_pre_ping: bool = True
+    #: SQLite: how long a writer waits for the write lock before failing.
+    busy_timeout: float = 5.0
+    #: SQLite ``synchronous``: NORMAL is durable against application crashes in WAL
+    #: mode; FULL also against power loss.
+    sqlite_synchronous: str = "NORMAL"
+    #: PostgreSQL: how long a statement waits for any lock (the append lock included).
+    lock_timeout_ms: int = 5000
+    #: PostgreSQL: a transaction left idle this long is ended by the server, freeing its locks.
+    idle_in_transaction_timeout_ms: int = 60_000
+    echo: bool = False
+
+
+def backend_name(url: str | URL) -> str:
+    """``"sqlite"`` or ``"postgresql"``; anything else is refused."""
+    name = make_url(url).get_backend_name()
+    if name not in ("sqlite", "postgresql"):
+        raise ValueError(
+            f"unsupported database {name!r}: use sqlite+aiosqlite or postgresql+asyncpg"
+        )
+    return name
+
+
+def _json_loads(text: str | bytes) -> Any:
+    return json.loads(text)
+
+
+def create_engine(url: str | URL, options: EngineOptions | None = None) -> AsyncEngine:
+    """Build the async engine for ``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``."""
+    opts = options or EngineOptions()
+    url = make_url(url)
+    common: dict[str, Any] = {
+        "echo": opts.echo,
+        "json_serializer": canonical_json,
+        "json_deserializer": _json_loads,
+    }
+    if backend_name(url) == "postgresql":
+        if url.drivername != "postgresql+asyncpg":
+            url = url.set(drivername="postgresql+asyncpg")
+        return create_async_engine(
+            url,
+            pool_size=opts.pool_size,
+            max_overflow=opts.max_overflow,
+            pool_timeout=opts.pool_timeout,
+            pool_recycle=opts.pool_recycle,
+            pool_pre_ping=opts.pool_pre_ping,
+            connect_args={
+                "server_settings": {
+                    "lock_timeout": str(opts.lock_timeout_ms),
+                    "idle_in_transaction_session_timeout": str(opts.idle_in_transaction_timeout_ms),
+                    "application_name": "tiu-core",
+                }
+            },
+            **common,
+        )
+    if url.drivername != "sqlite+aiosqlite":
+        url = url.set(drivername="sqlite+aiosqlite")
+    memory = url.database in (None, "", ":memory:")
+    engine = create_async_engine(
+        url,
+        # One connection per task: a file database needs no pool (opening is cheap and
+        # each connection gets the pragmas); :memory: must share its only connection.
+        poolclass=StaticPool if memory else NullPool,
+        connect_args={"timeout": opts.busy_timeout, "check_same_thread": False},
+        **common,
+    )
+    _install_sqlite_hooks(engine, opts, memory=memory)
+    return engine
+
+
+def _install_sqlite_hooks(engine: AsyncEngine, opts: EngineOptions, *, memory: bool) -> None:
+    synchronous = opts.sqlite_synchronous.upper()
+    if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ValueError(f"invalid sqlite_synchronous {opts.sqlite_synchronous!r}")
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN away from the driver's legacy transaction handling, so that
+        # reads are transactional and writers can ask for IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        if not memory:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(opts.busy_timeout * 1000)}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        if conn.get_execution_options().get(WRITE_OPTION):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+
+async def begin_write(conn: AsyncConnection) -> None:
+    """Begin a write transaction on ``conn`` (``BEGIN IMMEDIATE`` on SQLite)."""
+    await conn.execution_options(**{WRITE_OPTION: True})
+    await conn.begin()

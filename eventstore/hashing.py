@@ -1,0 +1,73 @@
+"""Canonical JSON and the per-stream hash chain.
+
+Each event's hash covers its canonical content and the hash of the previous event
+in its stream, so any edit to a stored event (or a removed event) breaks every
+link after it. The global position is not hashed: it is allocated in the database,
+and holes in positions are caught separately.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Final
+
+GENESIS: Final = "0" * 64
+
+
+def _normalise(value: Any) -> Any:
+    # JSONB gives an integral float back as an int (1e16 -> 10000000000000000), so
+    # integral floats are hashed as ints: the hash must survive the round trip.
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("NaN and infinity are not JSON")
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic JSON: sorted keys, no spaces, UTF-8 kept, integral floats as ints."""
+    return json.dumps(_normalise(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def event_hash(
+    *,
+    prev_hash: str,
+    stream_id: str,
+    version: int,
+    event_id: str,
+    event_type: str,
+    schema_version: int,
+    data: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+    actor_id: str | None,
+    correlation_id: str | None,
+    causation_id: str | None,
+    command_id: str | None,
+    recorded_at: datetime,
+) -> str:
+    content = canonical_json(
+        [
+            prev_hash,
+            stream_id,
+            version,
+            event_id,
+            event_type,
+            schema_version,
+            data,
+            metadata,
+            actor_id,
+            correlation_id,
+            causation_id,
+            command_id,
+            recorded_at.isoformat(timespec="microseconds"),
+        ]
+    )
+    return hashlib.sha256(content.encode()).hexdigest()

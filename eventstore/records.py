@@ -1,0 +1,78 @@
+"""The values that cross the store's boundary: what callers append and what they read."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+#: ``int`` n: the stream must be exactly at version n (0 means empty);
+#: ``"no_stream"``: the stream must not exist yet (same as 0);
+#: ``"exists"``: the stream must have at least one event;
+#: ``"any"``: no check.
+ExpectedVersion = int | Literal["any", "no_stream", "exists"]
+
+ANY: Literal["any"] = "any"
+NO_STREAM: Literal["no_stream"] = "no_stream"
+STREAM_EXISTS: Literal["exists"] = "exists"
+
+
+@dataclass(frozen=True, slots=True)
+class EventContext:
+    """Who and what caused an append; stored in promoted, indexed audit columns."""
+
+    actor_id: str | None = None
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    command_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append. ``data`` and ``metadata`` must be JSON-serialisable."""
+
+    event_type: str
+    data: Mapping[str, Any]
+    schema_version: int = 1
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event as stored in the log."""
+
+    position: int
+    event_id: uuid.UUID
+    stream_id: str
+    category: str
+    version: int
+    event_type: str
+    schema_version: int
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    actor_id: str | None
+    correlation_id: str | None
+    causation_id: str | None
+    command_id: str | None
+    recorded_at: datetime
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Where one stream's events landed: versions ``first..last`` at positions ``first..last``."""
+
+    stream_id: str
+    first_version: int
+    last_version: int
+    first_position: int
+    last_position: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHead:
+    version: int
+    hash: str | None

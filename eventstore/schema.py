@@ -1,0 +1,109 @@
+"""The store's tables. The Alembic migrations build exactly this metadata (a test checks)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
+
+from eventstore.types import BigInt, JsonDocument, UTCDateTime
+
+NAMING_CONVENTION: Final = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+MAX_STREAM_ID_LENGTH: Final = 200
+
+events = Table(
+    "events",
+    metadata,
+    # Positions are allocated under the append lock as max(position)+1..n: no sequence,
+    # no identity, so they follow commit order without holes (see ORDERING.md).
+    Column("position", BigInt, primary_key=True, autoincrement=False),
+    Column("event_id", Uuid(), nullable=False, unique=True),
+    Column("stream_id", String(MAX_STREAM_ID_LENGTH), nullable=False),
+    Column("stream_category", String(50), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("event_type", String(200), nullable=False),
+    Column("schema_version", SmallInteger, nullable=False),
+    Column("data", JsonDocument, nullable=False),
+    Column("metadata", JsonDocument, nullable=False),
+    Column("actor_id", String(200)),
+    Column("correlation_id", String(200)),
+    Column("causation_id", String(200)),
+    Column("command_id", String(200)),
+    Column("recorded_at", UTCDateTime, nullable=False),
+    Column("hash", String(64), nullable=False),
+    # The optimistic-concurrency check *is* this constraint.
+    UniqueConstraint("stream_id", "version"),
+    Index(None, "stream_category", "position"),
+    Index(None, "actor_id", "recorded_at"),
+    Index(None, "event_type", "recorded_at"),
+    Index(None, "correlation_id"),
+    Index(None, "command_id"),
+    Index(None, "recorded_at"),
+)
+
+#: Unique keys (an email, a username) claimed by a stream in the same transaction
+#: as the append that needs them: "one account per email" without check-then-act.
+unique_keys = Table(
+    "unique_keys",
+    metadata,
+    Column("scope", String(50), primary_key=True),
+    Column("key", String(200), primary_key=True),
+    Column("stream_id", String(MAX_STREAM_ID_LENGTH), nullable=False),
+    Column("claimed_at", UTCDateTime, nullable=False),
+    Index(None, "stream_id"),
+)
+
+#: A projector's progress, written in the same transaction as the read-model rows it covers.
+projection_checkpoints = Table(
+    "projection_checkpoints",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("position", BigInt, nullable=False, server_default=text("0")),
+    Column("active", Boolean, nullable=False, server_default=text("false")),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+#: The outcome of each processed command, so a retried ``command_id`` appends nothing.
+processed_commands = Table(
+    "processed_commands",
+    metadata,
+    Column("command_id", String(200), primary_key=True),
+    Column("command_type", String(200), nullable=False),
+    Column("stream_id", String(MAX_STREAM_ID_LENGTH), nullable=False),
+    Column("outcome", JsonDocument, nullable=False),
+    Column("recorded_at", UTCDateTime, nullable=False),
+)
+
+#: Folded state of long streams; ignored when the decider's version changes.
+snapshots = Table(
+    "snapshots",
+    metadata,
+    Column("stream_id", String(MAX_STREAM_ID_LENGTH), primary_key=True),
+    Column("decider", String(100), nullable=False),
+    Column("decider_version", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("state", JsonDocument, nullable=False),
+    Column("taken_at", UTCDateTime, nullable=False),
+)

@@ -1,0 +1,504 @@
+"""The SQL event store shared by both dialects.
+
+The contract is documented on :class:`eventstore.protocols.EventStoreProtocol`;
+this module implements it with SQLAlchemy Core. What differs per dialect (how
+appends are serialised, how readers are woken) lives in :mod:`eventstore.dialects`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from sqlalchemy import and_, delete, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from eventstore.dialects import Dialect, dialect_for
+from eventstore.engine import begin_write
+from eventstore.errors import (
+    InvalidEventData,
+    InvalidExpectedVersion,
+    InvalidStreamId,
+    KeyAlreadyClaimed,
+    LogIntegrityError,
+    UnknownCategory,
+    WrongExpectedVersion,
+)
+from eventstore.hashing import GENESIS, canonical_json, event_hash
+from eventstore.records import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    AppendResult,
+    EventContext,
+    ExpectedVersion,
+    NewEvent,
+    RecordedEvent,
+    StreamHead,
+)
+from eventstore.schema import MAX_STREAM_ID_LENGTH, events, unique_keys
+from eventstore.translate import translate_errors
+
+_CATEGORY_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,49}")
+_EVENT_TYPE_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,199}")
+DEFAULT_MAX_EVENT_BYTES: Final = 1_000_000
+
+_EVENT_COLUMNS: Final = (
+    events.c.position,
+    events.c.event_id,
+    events.c.stream_id,
+    events.c.stream_category,
+    events.c.version,
+    events.c.event_type,
+    events.c.schema_version,
+    events.c.data,
+    events.c.metadata,
+    events.c.actor_id,
+    events.c.correlation_id,
+    events.c.causation_id,
+    events.c.command_id,
+    events.c.recorded_at,
+    events.c.hash,
+)
+
+
+def _to_event(row: Any) -> RecordedEvent:
+    return RecordedEvent(*row)  # the selected columns are the fields, in order
+
+
+class _PendingAppend:
+    __slots__ = ("category", "context", "events", "expected", "stream_id")
+
+    def __init__(
+        self,
+        stream_id: str,
+        category: str,
+        events: list[tuple[NewEvent, str, str]],
+        expected: ExpectedVersion,
+        context: EventContext,
+    ) -> None:
+        self.stream_id = stream_id
+        self.category = category
+        self.events = events  # (event, canonical data, canonical metadata)
+        self.expected = expected
+        self.context = context
+
+
+class UnitOfWork:
+    """One write transaction: reads, key claims and buffered appends, committed once.
+
+    Appends are buffered and flushed by the store as the last statement before
+    COMMIT (ORDERING.md: nothing may run while the append lock is held). Obtain one
+    from :meth:`EventStore.transaction`; it is not safe to share between tasks.
+    """
+
+    def __init__(self, store: EventStore, conn: AsyncConnection) -> None:
+        self.store = store
+        self.conn = conn
+        self.results: list[AppendResult] = []
+        self._pending: list[_PendingAppend] = []
+
+    @property
+    def pending_streams(self) -> list[str]:
+        return [p.stream_id for p in self._pending]
+
+    def append(
+        self,
+        stream_id: str,
+        category: str,
+        new_events: Sequence[NewEvent],
+        expected_version: ExpectedVersion = ANY,
+        *,
+        context: EventContext | None = None,
+    ) -> None:
+        """Buffer events for ``stream_id``; validated now, written at commit."""
+        self._pending.append(
+            self.store.validate_append(
+                stream_id, category, new_events, expected_version, context or EventContext()
+            )
+        )
+
+    async def read_stream(self, stream_id: str, **kwargs: Any) -> list[RecordedEvent]:
+        return await self.store.read_stream(self.conn, stream_id, **kwargs)
+
+    async def claim(self, scope: str, key: str, stream_id: str) -> None:
+        """Claim a unique key for ``stream_id`` in this transaction.
+
+        Raises :class:`KeyAlreadyClaimed` if another stream holds it. Claiming a key
+        the same stream already holds is a no-op.
+        """
+        await self.store.dialect.claim_key(self.conn, scope, key, stream_id, self.store.now())
+
+    async def release(self, scope: str, key: str, stream_id: str) -> None:
+        """Release a key held by ``stream_id`` (a changed email frees the old one)."""
+        with translate_errors():
+            await self.conn.execute(
+                delete(unique_keys).where(
+                    unique_keys.c.scope == scope,
+                    unique_keys.c.key == key,
+                    unique_keys.c.stream_id == stream_id,
+                )
+            )
+
+    async def flush(self) -> list[AppendResult]:
+        """Write every buffered append: lock, check versions, allocate positions, insert."""
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        results = await self.store.write(self.conn, pending)
+        self.results.extend(results)
+        return results
+
+    @property
+    def last_position(self) -> int | None:
+        return self.results[-1].last_position if self.results else None
+
+
+BeforeCommitHook = Callable[[UnitOfWork], Awaitable[None]]
+
+
+class EventStore:
+    """The event log on one engine. See :class:`eventstore.protocols.EventStoreProtocol`."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        categories: Iterable[str] | None = None,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.categories = frozenset(categories) if categories is not None else None
+        self.max_event_bytes = max_event_bytes
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self.dialect: Dialect = dialect_for(engine)
+        #: Test seam: awaited after the append statements and before COMMIT.
+        self.before_commit: BeforeCommitHook | None = None
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+        """A write transaction. Buffered appends are flushed at the end, then COMMIT.
+
+        If the block raises, everything is rolled back: no event, key or read-model
+        row of this transaction remains.
+        """
+        with translate_errors(self.dialect.database_label):
+            conn = await self.engine.connect()
+        try:
+            with translate_errors(self.dialect.database_label):
+                await begin_write(conn)
+            uow = UnitOfWork(self, conn)
+            yield uow
+            await uow.flush()
+            if self.before_commit is not None:
+                await self.before_commit(uow)
+            with translate_errors(self.dialect.database_label):
+                await conn.commit()
+        finally:
+            with translate_errors(self.dialect.database_label):
+                await conn.close()  # rolls back anything not committed
+        if uow.results:
+            self.dialect.appended(self, max(r.last_position for r in uow.results))
+
+    async def append(
+        self,
+        stream_id: str,
+        category: str,
+        new_events: Sequence[NewEvent],
+        expected_version: ExpectedVersion = ANY,
+        *,
+        context: EventContext | None = None,
+    ) -> AppendResult:
+        """Append to one stream in a transaction of its own."""
+        async with self.transaction() as uow:
+            uow.append(stream_id, category, new_events, expected_version, context=context)
+        return uow.results[0]
+
+    def validate_append(
+        self,
+        stream_id: str,
+        category: str,
+        new_events: Sequence[NewEvent],
+        expected: ExpectedVersion,
+        context: EventContext,
+    ) -> _PendingAppend:
+        if not isinstance(category, str) or not _CATEGORY_RE.fullmatch(category):
+            raise UnknownCategory(str(category), self.categories)
+        if self.categories is not None and category not in self.categories:
+            raise UnknownCategory(category, self.categories)
+        _check_stream_id(stream_id, category)
+        if isinstance(expected, bool) or not (
+            (isinstance(expected, int) and expected >= 0)
+            or expected in (ANY, NO_STREAM, STREAM_EXISTS)
+        ):
+            raise InvalidExpectedVersion(expected)
+        if not new_events:
+            raise InvalidEventData("(none)", "an append needs at least one event")
+        encoded = [self._encode(e) for e in new_events]
+        return _PendingAppend(stream_id, category, encoded, expected, context)
+
+    def _encode(self, event: NewEvent) -> tuple[NewEvent, str, str]:
+        name = event.event_type
+        if not isinstance(name, str) or not _EVENT_TYPE_RE.fullmatch(name):
+            raise InvalidEventData(str(name), "event_type must be 1-200 letters, digits or _.:-")
+        if not isinstance(event.schema_version, int) or not 1 <= event.schema_version <= 32767:
+            raise InvalidEventData(name, "schema_version must be an int from 1 to 32767")
+        if not isinstance(event.data, Mapping) or not isinstance(event.metadata, Mapping):
+            raise InvalidEventData(name, "data and metadata must be mappings")
+        try:
+            data = canonical_json(event.data)
+            meta = canonical_json(event.metadata)
+        except (TypeError, ValueError) as error:
+            raise InvalidEventData(name, f"not JSON-serialisable: {error}") from error
+        if "\\u0000" in data or "\\u0000" in meta:
+            # PostgreSQL cannot store NUL in text or JSONB; refuse it on every backend.
+            raise InvalidEventData(name, "strings must not contain NUL (\\u0000) characters")
+        size = len(data.encode()) + len(meta.encode())
+        if size > self.max_event_bytes:
+            raise InvalidEventData(
+                name, f"{size} bytes exceeds the limit of {self.max_event_bytes}"
+            )
+        return event, data, meta
+
+    async def write(
+        self, conn: AsyncConnection, pending: list[_PendingAppend]
+    ) -> list[AppendResult]:
+        with translate_errors(self.dialect.database_label):
+            await self.dialect.lock_appends(conn)
+            stream_ids = list(dict.fromkeys(p.stream_id for p in pending))
+            heads = await self.stream_heads(conn, stream_ids)
+            position = await self.head_position(conn)
+            now = self.now()
+            rows: list[dict[str, Any]] = []
+            results: list[AppendResult] = []
+            for p in pending:
+                head = heads.get(p.stream_id, StreamHead(0, None))
+                _check_expected(p.stream_id, p.expected, head.version)
+                prev = head.hash or GENESIS
+                ctx = p.context
+                first_position = position + 1
+                for offset, (ev, _data, _meta) in enumerate(p.events, start=1):
+                    version = head.version + offset
+                    position += 1
+                    data = dict(ev.data)
+                    meta = dict(ev.metadata)
+                    prev = event_hash(
+                        prev_hash=prev,
+                        stream_id=p.stream_id,
+                        version=version,
+                        event_id=str(ev.event_id),
+                        event_type=ev.event_type,
+                        schema_version=ev.schema_version,
+                        data=data,
+                        metadata=meta,
+                        actor_id=ctx.actor_id,
+                        correlation_id=ctx.correlation_id,
+                        causation_id=ctx.causation_id,
+                        command_id=ctx.command_id,
+                        recorded_at=now,
+                    )
+                    rows.append(
+                        {
+                            "position": position,
+                            "event_id": ev.event_id,
+                            "stream_id": p.stream_id,
+                            "stream_category": p.category,
+                            "version": version,
+                            "event_type": ev.event_type,
+                            "schema_version": ev.schema_version,
+                            "data": data,
+                            "metadata": meta,
+                            "actor_id": ctx.actor_id,
+                            "correlation_id": ctx.correlation_id,
+                            "causation_id": ctx.causation_id,
+                            "command_id": ctx.command_id,
+                            "recorded_at": now,
+                            "hash": prev,
+                        }
+                    )
+                heads[p.stream_id] = StreamHead(head.version + len(p.events), prev)
+                results.append(
+                    AppendResult(
+                        p.stream_id,
+                        head.version + 1,
+                        head.version + len(p.events),
+                        first_position,
+                        position,
+                    )
+                )
+            await self.dialect.insert_events(conn, rows)
+            return results
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def read_stream(
+        self,
+        conn: AsyncConnection,
+        stream_id: str,
+        *,
+        from_version: int = 1,
+        to_version: int | None = None,
+        backwards: bool = False,
+        limit: int | None = None,
+    ) -> list[RecordedEvent]:
+        """Events of one stream with ``from_version <= version <= to_version``.
+
+        Forwards in version order, or ``backwards`` from ``to_version`` (default: the
+        last event) down to ``from_version``.
+        """
+        query = select(*_EVENT_COLUMNS).where(
+            events.c.stream_id == stream_id, events.c.version >= from_version
+        )
+        if to_version is not None:
+            query = query.where(events.c.version <= to_version)
+        query = query.order_by(events.c.version.desc() if backwards else events.c.version)
+        if limit is not None:
+            query = query.limit(limit)
+        with translate_errors(self.dialect.database_label):
+            result = await conn.execute(query)
+            return [_to_event(row) for row in result]
+
+    async def stream_version(self, conn: AsyncConnection, stream_id: str) -> int:
+        """The version of the stream's last event; 0 if the stream has none."""
+        with translate_errors(self.dialect.database_label):
+            value = await conn.scalar(
+                select(func.max(events.c.version)).where(events.c.stream_id == stream_id)
+            )
+        return int(value or 0)
+
+    async def stream_heads(
+        self, conn: AsyncConnection, stream_ids: Sequence[str]
+    ) -> dict[str, StreamHead]:
+        if not stream_ids:
+            return {}
+        last = (
+            select(events.c.stream_id, func.max(events.c.version).label("version"))
+            .where(events.c.stream_id.in_(stream_ids))
+            .group_by(events.c.stream_id)
+            .subquery()
+        )
+        query = select(events.c.stream_id, events.c.version, events.c.hash).join(
+            last, and_(events.c.stream_id == last.c.stream_id, events.c.version == last.c.version)
+        )
+        result = await conn.execute(query)
+        return {row.stream_id: StreamHead(row.version, row.hash) for row in result}
+
+    async def head_position(self, conn: AsyncConnection) -> int:
+        """The highest position in the log (0 when empty)."""
+        with translate_errors(self.dialect.database_label):
+            value = await conn.scalar(select(func.max(events.c.position)))
+        return int(value or 0)
+
+    async def read_all(
+        self,
+        conn: AsyncConnection,
+        after_position: int = 0,
+        limit: int = 1000,
+        *,
+        categories: Iterable[str] | None = None,
+        types: Iterable[str] | None = None,
+        until_position: int | None = None,
+    ) -> list[RecordedEvent]:
+        """Events of the whole log with ``position > after_position``, in position order."""
+        query = select(*_EVENT_COLUMNS).where(events.c.position > after_position)
+        if until_position is not None:
+            query = query.where(events.c.position <= until_position)
+        if categories is not None:
+            query = query.where(events.c.stream_category.in_(list(categories)))
+        if types is not None:
+            query = query.where(events.c.event_type.in_(list(types)))
+        query = query.order_by(events.c.position).limit(limit)
+        with translate_errors(self.dialect.database_label):
+            result = await conn.execute(query)
+            return [_to_event(row) for row in result]
+
+    async def subscribe(
+        self,
+        after_position: int = 0,
+        *,
+        batch_size: int = 500,
+        categories: Iterable[str] | None = None,
+        types: Iterable[str] | None = None,
+        poll_interval: float = 1.0,
+    ) -> AsyncIterator[RecordedEvent]:
+        """Catch up from ``after_position``, then follow new events as they commit.
+
+        Never ends by itself; cancel the consuming task (or break) to stop. Each
+        batch is read on a short-lived connection of its own. An unfiltered
+        subscription checks that positions are contiguous and raises
+        :class:`LogIntegrityError` on a hole instead of skipping it.
+        """
+        cats = list(categories) if categories is not None else None
+        kinds = list(types) if types is not None else None
+        filtered = cats is not None or kinds is not None
+        position = after_position
+        while True:
+            async with self.engine.connect() as conn:
+                # Every position up to the head is committed (appends are serialised in
+                # commit order), so a filtered reader may move its cursor to the head.
+                head = await self.head_position(conn)
+                batch = await self.read_all(
+                    conn, position, batch_size, categories=cats, types=kinds, until_position=head
+                )
+            for event in batch:
+                if not filtered and event.position != position + 1:
+                    raise LogIntegrityError(
+                        f"hole in the log: expected position {position + 1}, found {event.position}"
+                    )
+                position = event.position
+                yield event
+            if len(batch) < batch_size:
+                position = max(position, head)
+                if not batch:
+                    await self.wait_for_append(position, timeout=poll_interval)
+
+    async def wait_for_append(self, after_position: int, timeout: float) -> bool:
+        """Wait until an append past ``after_position`` is seen, or ``timeout`` passes.
+
+        True when woken by an append. In-process commits wake at once; commits of
+        other processes wake through LISTEN/NOTIFY on PostgreSQL, else by polling.
+        """
+        return await self.dialect.wait_for_append(self, after_position, timeout)
+
+    async def aclose(self) -> None:
+        await self.dialect.aclose()
+
+
+def _check_stream_id(stream_id: object, category: str) -> None:
+    if not isinstance(stream_id, str) or not stream_id:
+        raise InvalidStreamId(stream_id, "must be a non-empty string")
+    if len(stream_id) > MAX_STREAM_ID_LENGTH:
+        raise InvalidStreamId(stream_id, f"longer than {MAX_STREAM_ID_LENGTH} characters")
+    if not stream_id.isprintable() or stream_id != stream_id.strip():
+        raise InvalidStreamId(stream_id, "control characters or surrounding whitespace")
+    if not stream_id.startswith(f"{category}-") or len(stream_id) == len(category) + 1:
+        raise InvalidStreamId(stream_id, f"must be '{category}-<id>' for category {category!r}")
+
+
+def _check_expected(stream_id: str, expected: ExpectedVersion, actual: int) -> None:
+    if expected == ANY:
+        return
+    if expected == STREAM_EXISTS:
+        if actual == 0:
+            raise WrongExpectedVersion(stream_id, expected, actual)
+        return
+    wanted = 0 if expected == NO_STREAM else expected
+    if wanted != actual:
+        raise WrongExpectedVersion(stream_id, expected, actual)
+
+
+__all__ = [
+    "BeforeCommitHook",
+    "EventStore",
+    "KeyAlreadyClaimed",
+    "UnitOfWork",
+]

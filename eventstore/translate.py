@@ -1,0 +1,86 @@
+"""One translator from driver errors to :mod:`eventstore.errors`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Final
+
+from sqlalchemy import exc as sa_exc
+
+from eventstore.errors import (
+    AppendTimeout,
+    PoolExhausted,
+    SchemaNotReady,
+    StoreUnavailable,
+)
+
+# SQLSTATE classes and codes (https://www.postgresql.org/docs/current/errcodes-appendix.html).
+_PG_DISCONNECT_PREFIXES: Final = ("08", "57P01", "57P02", "57P03", "53300")
+_PG_LOCK_NOT_AVAILABLE: Final = "55P03"
+_PG_IDLE_TX_TIMEOUT: Final = "25P03"
+_PG_UNDEFINED_TABLE: Final = "42P01"
+
+
+def sqlstate(error: BaseException) -> str | None:
+    """The PostgreSQL SQLSTATE behind a SQLAlchemy error, if any."""
+    orig = getattr(error, "orig", None)
+    code = getattr(orig, "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
+def is_unique_violation(error: sa_exc.IntegrityError) -> bool:
+    code = sqlstate(error)
+    if code is not None:
+        return code == "23505"
+    return "UNIQUE constraint failed" in str(error.orig)
+
+
+@contextmanager
+def translate_errors(database: str | None = None) -> Iterator[None]:
+    """Map connection, pool, lock and schema failures to typed store errors.
+
+    Anything not recognised propagates unchanged. ``database`` names the SQLite
+    file (or server) in messages.
+    """
+    where = f" ({database})" if database else ""
+    try:
+        yield
+    except sa_exc.TimeoutError as error:
+        raise PoolExhausted(_pool_timeout(error)) from error
+    except sa_exc.DBAPIError as error:
+        code = sqlstate(error)
+        text = str(error.orig)
+        if code == _PG_LOCK_NOT_AVAILABLE:
+            raise AppendTimeout("lock_timeout expired") from error
+        if code == _PG_UNDEFINED_TABLE or "no such table" in text:
+            raise SchemaNotReady(text.splitlines()[0]) from error
+        if error.connection_invalidated or (
+            code is not None
+            and (code == _PG_IDLE_TX_TIMEOUT or code.startswith(_PG_DISCONNECT_PREFIXES))
+        ):
+            raise StoreUnavailable(
+                f"database connection lost{where}: {_first_line(text)}"
+            ) from error
+        if code is None and isinstance(error, sa_exc.OperationalError):
+            if "database is locked" in text or "database is busy" in text:
+                raise AppendTimeout(
+                    f"SQLite write lock not granted within the busy timeout{where}"
+                ) from error
+            raise StoreUnavailable(f"SQLite error{where}: {_first_line(text)}") from error
+        raise
+    except OSError as error:
+        raise StoreUnavailable(f"cannot reach the database{where}: {error}") from error
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "no detail"
+
+
+def _pool_timeout(error: sa_exc.TimeoutError) -> float:
+    # "QueuePool limit of size 5 overflow 10 reached, connection timed out, timeout 30.00"
+    tail = str(error).rsplit("timeout", 1)[-1].strip(" ()")
+    try:
+        return float(tail.split()[0])
+    except (ValueError, IndexError):
+        return float("nan")
