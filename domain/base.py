@@ -1,0 +1,194 @@
+"""The building blocks every decider shares: events, commands, the command context and
+the security policy, plus the event registry that encodes and decodes stored events.
+
+An event type is registered when its class is defined. Stored events are never
+rewritten: when an event's shape changes, bump its ``schema_version`` and register an
+upcaster lifting the old dict one version up; ``decode_event`` chains them on read.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import MappingProxyType
+from typing import Annotated, Any, ClassVar, Final
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from domain.errors import InvalidCommand, UnknownEventType
+from domain.passwords import BcryptHasher, PasswordHasher
+
+EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
+
+# Failed logins kept in a user's state; bounds the state and the lockout threshold.
+MAX_TRACKED_FAILURES: Final = 50
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+_EVENT_TYPES: dict[str, type[Event]] = {}
+_UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+class Event(BaseModel):
+    """An immutable fact. Subclasses set ``event_type`` (stable, stored) and are
+    registered under it on definition.
+
+    ``personal_fields`` names the fields holding personal data of the data subject whose
+    id is in ``subject_field``; those fields get encrypted per subject (and shredded on
+    erasure), so every field with an email, a name, an IP, a user agent or
+    self-descriptive free text must be listed.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_type: ClassVar[str]
+    schema_version: ClassVar[int] = 1
+    personal_fields: ClassVar[frozenset[str]] = frozenset()
+    subject_field: ClassVar[str | None] = None
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "event_type" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must set event_type")
+        if cls.event_type in _EVENT_TYPES:
+            raise TypeError(f"event type {cls.event_type!r} is already registered")
+        unknown = cls.personal_fields - cls.model_fields.keys()
+        if unknown:
+            raise TypeError(f"{cls.__name__}.personal_fields names unknown fields {unknown}")
+        if cls.personal_fields and cls.subject_field not in cls.model_fields:
+            raise TypeError(f"{cls.__name__} has personal fields but no valid subject_field")
+        _EVENT_TYPES[cls.event_type] = cls
+
+
+def registered_event_types() -> Mapping[str, type[Event]]:
+    """Every registered event class by ``event_type`` (read-only view)."""
+    return MappingProxyType(_EVENT_TYPES)
+
+
+def register_upcaster(event_type: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
+    """Register a function lifting ``event_type``'s stored dict from ``from_version`` to
+    ``from_version + 1``. It must not mutate its argument."""
+
+    def register(upcaster: Upcaster) -> Upcaster:
+        key = (event_type, from_version)
+        if key in _UPCASTERS:
+            raise TypeError(f"upcaster for {event_type} v{from_version} already registered")
+        _UPCASTERS[key] = upcaster
+        return upcaster
+
+    return register
+
+
+def encode_event(event: Event) -> tuple[str, int, dict[str, Any]]:
+    """``(event_type, schema_version, json-ready data)`` for storage."""
+    return event.event_type, event.schema_version, event.model_dump(mode="json")
+
+
+def decode_event(event_type: str, schema_version: int, data: Mapping[str, Any]) -> Event:
+    """Rebuild a stored event, upcasting it to the current schema version first."""
+    cls = _EVENT_TYPES.get(event_type)
+    if cls is None:
+        raise UnknownEventType(event_type, schema_version, "no such event type")
+    if not 1 <= schema_version <= cls.schema_version:
+        raise UnknownEventType(
+            event_type, schema_version, f"this code knows versions 1..{cls.schema_version}"
+        )
+    payload = dict(data)
+    for version in range(schema_version, cls.schema_version):
+        upcaster = _UPCASTERS.get((event_type, version))
+        if upcaster is None:
+            raise UnknownEventType(event_type, schema_version, f"no upcaster from v{version}")
+        payload = upcaster(payload)
+    return cls.model_validate(payload)
+
+
+def new_id() -> str:
+    """A fresh random id (uuid4 string) for commands, users, projects, tasks, sessions."""
+    return str(uuid.uuid4())
+
+
+class Command(BaseModel):
+    """An intent. ``command_id`` is the idempotency key: a command id already processed
+    returns the first result and appends nothing."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    command_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+
+
+@dataclass(frozen=True)
+class SecurityPolicy:
+    """Tunable security rules; the defaults are the production ones."""
+
+    lockout_threshold: int = 5
+    lockout_window: timedelta = timedelta(minutes=15)
+    lockout_duration: timedelta = timedelta(minutes=15)
+    session_lifetime: timedelta = timedelta(hours=12)
+    session_idle_timeout: timedelta = timedelta(minutes=30)
+    session_touch_interval: timedelta = timedelta(minutes=1)
+    password_reset_ttl: timedelta = timedelta(hours=1)
+    password_min_length: int = 12
+    password_max_length: int = 128
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.lockout_threshold <= MAX_TRACKED_FAILURES:
+            raise ValueError(f"lockout_threshold must be within 1..{MAX_TRACKED_FAILURES}")
+        if not 1 <= self.password_min_length <= self.password_max_length:
+            raise ValueError("password_min_length must be within 1..password_max_length")
+        if self.password_max_length < 64:
+            raise ValueError("password_max_length must allow at least 64 characters")
+        durations = (
+            self.lockout_window,
+            self.lockout_duration,
+            self.session_lifetime,
+            self.session_idle_timeout,
+            self.password_reset_ttl,
+        )
+        if any(d <= timedelta(0) for d in durations) or self.session_touch_interval < timedelta(0):
+            raise ValueError("security policy durations must be positive")
+
+
+@dataclass(frozen=True)
+class CommandContext:
+    """Everything a command is issued with besides itself. ``now`` is the only clock the
+    domain sees and must be timezone-aware."""
+
+    now: datetime
+    actor_id: str | None = None
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    ip: str | None = None
+    user_agent: str | None = None
+    policy: SecurityPolicy = field(default_factory=SecurityPolicy)
+    hasher: PasswordHasher = field(default_factory=BcryptHasher)
+
+    def __post_init__(self) -> None:
+        if self.now.tzinfo is None or self.now.utcoffset() is None:
+            raise ValueError("CommandContext.now must be timezone-aware")
+
+
+EntityId = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+]
+"""An aggregate id carried in commands and events (uuid4 strings in practice)."""
+
+
+def clean_text(
+    raw: str, field: str, *, max_length: int, required: bool = True, multiline: bool = False
+) -> str:
+    """Strip and NFC-normalise user-written text, raising ``InvalidCommand`` if it is
+    empty (when ``required``), too long, or holds control characters (line breaks and
+    tabs are allowed when ``multiline``)."""
+    text = unicodedata.normalize("NFC", raw.strip())
+    allowed = "\n\r\t" if multiline else ""
+    if required and not text:
+        raise InvalidCommand(field, "must not be empty")
+    if len(text) > max_length:
+        raise InvalidCommand(field, f"must be at most {max_length} characters")
+    if any(unicodedata.category(c).startswith("C") and c not in allowed for c in text):
+        raise InvalidCommand(field, "must not contain control characters")
+    return text
