@@ -1,0 +1,155 @@
+"""Where each command goes: the stream its events are appended to, and which other
+streams' states its decider needs; plus the unique-key claims events imply.
+
+The dispatcher, for a command and its context:
+
+1. ``r = route(command, ctx)``;
+2. folds ``r.stream_id`` with ``r.decider`` (snapshot, then events), and each
+   ``r.related[name] = (decider, stream_id)`` the same way into ``related[name]``
+   (a stream with no events folds to the decider's initial state);
+3. calls ``r.decider.decide(command, state, ctx, related)``;
+4. appends the events to ``r.stream_id`` at the version it loaded, and for every
+   event applies ``claims(event)`` to the unique-key table in the same transaction
+   (a taken key refuses the whole command).
+
+On a ``DomainError`` with a non-empty ``record`` it appends ``record`` to
+``r.stream_id`` (with its claims), commits and re-raises; on a security-relevant
+error it also appends ``security.rejection_event(command, error, ctx)`` to
+``security.stream_id(ctx.actor_id)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final
+
+from domain import projects, sessions, tasks, users
+from domain.base import EMPTY, Command, CommandContext, Event
+from domain.permissions import SYSTEM_ACTOR
+
+
+@dataclass(frozen=True)
+class Decider:
+    """One aggregate's functions. Bump ``version`` whenever ``evolve`` or the State
+    shape changes, so stored snapshots of the old shape are ignored."""
+
+    name: str
+    category: str
+    version: int
+    initial_state: Callable[[], Any]
+    evolve: Callable[[Any, Event], Any]
+    decide: Callable[[Command, Any, CommandContext, Mapping[str, Any]], list[Event]]
+
+
+USERS: Final = Decider("users", users.CATEGORY, 1, users.initial_state, users.evolve, users.decide)
+PROJECTS: Final = Decider(
+    "projects", projects.CATEGORY, 1, projects.initial_state, projects.evolve, projects.decide
+)
+TASKS: Final = Decider("tasks", tasks.CATEGORY, 1, tasks.initial_state, tasks.evolve, tasks.decide)
+SESSIONS: Final = Decider(
+    "sessions", sessions.CATEGORY, 1, sessions.initial_state, sessions.evolve, sessions.decide
+)
+DECIDERS: Final = (USERS, PROJECTS, TASKS, SESSIONS)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a command's events go and which other states (by name) it is decided
+    with."""
+
+    decider: Decider
+    stream_id: str
+    related: Mapping[str, tuple[Decider, str]] = field(default_factory=lambda: EMPTY)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Reserve (or, with ``release``, free) ``key`` in ``scope`` ("email", "username")
+    for the event's stream. ``key`` is a SHA-256 hex digest, never the plain value."""
+
+    scope: str
+    key: str
+    release: bool = False
+
+
+def _user(user_id: str) -> tuple[Decider, str]:
+    return USERS, users.stream_id(user_id)
+
+
+def _with_actor(
+    ctx: CommandContext, **related: tuple[Decider, str]
+) -> Mapping[str, tuple[Decider, str]]:
+    if ctx.actor_id is not None and ctx.actor_id != SYSTEM_ACTOR:
+        related["actor"] = _user(ctx.actor_id)
+    return MappingProxyType(related)
+
+
+def route(command: Command, ctx: CommandContext) -> Route:
+    """The route of ``command``; a ``TypeError`` for a command no decider handles."""
+    match command:
+        case users.AttemptLogin():
+            target = users.stream_id(command.user_id or users.UNKNOWN_USER)
+            return Route(USERS, target)
+        case (
+            users.RegisterUser()
+            | users.ChangePassword()
+            | users.RequestPasswordReset()
+            | users.CompletePasswordReset()
+            | users.AssignRole()
+            | users.RevokeRole()
+            | users.DeactivateUser()
+            | users.ReactivateUser()
+            | users.UnlockUser()
+            | users.RevokeAllSessions()
+            | users.ChangeEmail()
+        ):
+            return Route(USERS, users.stream_id(command.user_id), _with_actor(ctx))
+        case projects.AddMember():
+            related = _with_actor(ctx, member=_user(command.user_id))
+            return Route(PROJECTS, projects.stream_id(command.project_id), related)
+        case (
+            projects.CreateProject()
+            | projects.UpdateProject()
+            | projects.ChangeVisibility()
+            | projects.RemoveMember()
+            | projects.ChangeMemberRole()
+            | projects.ArchiveProject()
+            | projects.RestoreProject()
+        ):
+            return Route(PROJECTS, projects.stream_id(command.project_id), _with_actor(ctx))
+        case (
+            tasks.CreateTask()
+            | tasks.EditTask()
+            | tasks.AssignTask()
+            | tasks.UnassignTask()
+            | tasks.ChangeTaskStatus()
+        ):
+            extra = {"project": (PROJECTS, projects.stream_id(command.project_id))}
+            assignee = getattr(command, "assignee_id", None)
+            if assignee is not None:
+                extra["assignee"] = _user(assignee)
+            return Route(TASKS, tasks.stream_id(command.task_id), _with_actor(ctx, **extra))
+        case sessions.StartSession() | sessions.TouchSession() | sessions.RevokeSession():
+            related = _with_actor(ctx, user=_user(command.user_id))
+            return Route(SESSIONS, sessions.stream_id(command.session_id), related)
+        case _:
+            raise TypeError(f"no route for command {type(command).__name__}")
+
+
+def claims(event: Event) -> list[Claim]:
+    """The unique-key claims ``event`` implies (most events imply none)."""
+    match event:
+        case users.UserRegistered():
+            return [
+                Claim("email", users.email_claim_key(event.email)),
+                Claim("username", users.username_claim_key(event.username)),
+            ]
+        case users.EmailChanged():
+            return [
+                Claim("email", users.email_claim_key(event.previous_email), release=True),
+                Claim("email", users.email_claim_key(event.email)),
+            ]
+        case _:
+            return []
