@@ -136,6 +136,7 @@ class PostgresDialect(Dialect):
         self._lock_sql = text(
             f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_CLASS}, 'events'::regclass::oid::int)"
         )
+        self._channel: str | None = None
         self._notify_task: asyncio.Task[None] | None = None
         self._notify_pending = 0
         self._listener: Any = None
@@ -164,11 +165,19 @@ class PostgresDialect(Dialect):
             async with self.engine.connect() as conn:
                 await conn.execute(
                     text("SELECT pg_notify(:channel, :head)"),
-                    {"channel": NOTIFY_CHANNEL, "head": str(head)},
+                    {"channel": await self.channel(conn), "head": str(head)},
                 )
                 await conn.commit()
         except Exception:  # a lost hint only delays readers until their next poll
             log.warning("NOTIFY failed; readers fall back to polling", exc_info=True)
+
+    async def channel(self, conn: AsyncConnection) -> str:
+        # One channel per schema: a store in another schema of the same database must
+        # not wake this one with its head position.
+        if self._channel is None:
+            schema = await conn.scalar(text("SELECT current_schema()"))
+            self._channel = f"{NOTIFY_CHANNEL}:{schema}"
+        return self._channel
 
     async def _ensure_listening(self) -> None:
         if self._listener is not None and not self._listener.is_closed():
@@ -182,11 +191,13 @@ class PostgresDialect(Dialect):
 
             url = self.engine.url.set(drivername="postgresql")
             try:
+                async with self.engine.connect() as conn:
+                    channel = await self.channel(conn)
                 # A dedicated connection outside the pool: LISTEN needs a session that
                 # is never inside a transaction and never handed to another task.
                 self._listener = await asyncpg.connect(url.render_as_string(hide_password=False))
-                await self._listener.add_listener(NOTIFY_CHANNEL, self._on_notify)
-            except (OSError, asyncpg.PostgresError):
+                await self._listener.add_listener(channel, self._on_notify)
+            except Exception:  # degrade to polling; the hint is an optimisation
                 log.warning("LISTEN unavailable; readers poll", exc_info=True)
                 self._listener = None
 

@@ -42,6 +42,8 @@ class EngineOptions:
     lock_timeout_ms: int = 5000
     #: PostgreSQL: a transaction left idle this long is ended by the server, freeing its locks.
     idle_in_transaction_timeout_ms: int = 60_000
+    #: PostgreSQL: the schema search path (a schema per tenant, or per test run).
+    search_path: str | None = None
     echo: bool = False
 
 
@@ -71,6 +73,13 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
     if backend_name(url) == "postgresql":
         if url.drivername != "postgresql+asyncpg":
             url = url.set(drivername="postgresql+asyncpg")
+        server_settings = {
+            "lock_timeout": str(opts.lock_timeout_ms),
+            "idle_in_transaction_session_timeout": str(opts.idle_in_transaction_timeout_ms),
+            "application_name": "tiu-core",
+        }
+        if opts.search_path:
+            server_settings["search_path"] = opts.search_path
         return create_async_engine(
             url,
             pool_size=opts.pool_size,
@@ -78,13 +87,7 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
             pool_timeout=opts.pool_timeout,
             pool_recycle=opts.pool_recycle,
             pool_pre_ping=opts.pool_pre_ping,
-            connect_args={
-                "server_settings": {
-                    "lock_timeout": str(opts.lock_timeout_ms),
-                    "idle_in_transaction_session_timeout": str(opts.idle_in_transaction_timeout_ms),
-                    "application_name": "tiu-core",
-                }
-            },
+            connect_args={"server_settings": server_settings},
             **common,
         )
     if url.drivername != "sqlite+aiosqlite":

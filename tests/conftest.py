@@ -1,0 +1,152 @@
+"""One suite, two backends: storage tests take the ``engine`` fixture and run on both.
+
+SQLite runs on a temporary file copied from a database migrated once per session.
+PostgreSQL runs in a schema of its own (created and migrated once per session, emptied
+before each test), so concurrent runs and other tests in the same database do not
+interfere. PostgreSQL is skipped when unreachable, unless ``TIU_REQUIRE_POSTGRES=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from eventstore import EngineOptions, EventStore, create_engine
+from migrations import runner
+
+PG_URL = os.environ.get(
+    "TIU_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_PG = os.environ.get("TIU_REQUIRE_POSTGRES") == "1"
+
+
+async def _pg_reachable() -> str | None:
+    engine = create_engine(PG_URL)
+    try:
+        async with asyncio.timeout(5), engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    finally:
+        await engine.dispose()
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_schema() -> Iterator[str]:
+    problem = asyncio.run(_pg_reachable())
+    if problem is not None:
+        if REQUIRE_PG:
+            pytest.fail(f"PostgreSQL required (TIU_REQUIRE_POSTGRES=1) but unreachable: {problem}")
+        pytest.skip(f"PostgreSQL unreachable: {problem}")
+    schema = f"tiu_test_{os.getpid()}_{secrets.token_hex(3)}"
+
+    async def create() -> None:
+        admin = create_engine(PG_URL)
+        async with admin.begin() as conn:
+            await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        await admin.dispose()
+        engine = create_engine(PG_URL, EngineOptions(search_path=schema))
+        await runner.upgrade(engine)
+        await engine.dispose()
+
+    async def drop() -> None:
+        admin = create_engine(PG_URL)
+        async with admin.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await admin.dispose()
+
+    asyncio.run(create())
+    yield schema
+    asyncio.run(drop())
+
+
+async def _empty_schema(engine: AsyncEngine, schema: str) -> None:
+    async with engine.begin() as conn:
+        names = (
+            await conn.execute(
+                text(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = :s "
+                    "AND tablename <> 'alembic_version'"
+                ),
+                {"s": schema},
+            )
+        ).scalars()
+        tables = ", ".join(f'"{schema}"."{name}"' for name in names)
+        if tables:
+            # Truncating events is refused by its trigger; the suite runs as superuser
+            # and switches triggers off for this statement's transaction only.
+            await conn.execute(text("SET LOCAL session_replication_role = replica"))
+            await conn.execute(text(f"TRUNCATE {tables}"))
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "template.db"
+
+    async def create() -> None:
+        engine = create_engine(f"sqlite+aiosqlite:///{path}")
+        await runner.upgrade(engine)
+        await engine.dispose()
+
+    asyncio.run(create())
+    return path
+
+
+@pytest.fixture
+def pg_url(pg_schema: str) -> str:
+    return PG_URL
+
+
+@pytest.fixture
+def engine_options() -> EngineOptions:
+    """Override in a test module to change pool or timeout settings."""
+    return EngineOptions()
+
+
+@pytest.fixture
+async def sqlite_engine(
+    sqlite_template: Path, tmp_path: Path, engine_options: EngineOptions
+) -> AsyncIterator[AsyncEngine]:
+    path = tmp_path / "tiu.db"
+    shutil.copyfile(sqlite_template, path)
+    engine = create_engine(f"sqlite+aiosqlite:///{path}", engine_options)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def postgres_engine(
+    pg_schema: str, engine_options: EngineOptions
+) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(PG_URL, replace(engine_options, search_path=pg_schema))
+    await _empty_schema(engine, pg_schema)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite_engine", marks=pytest.mark.sqlite, id="sqlite"),
+        pytest.param("postgres_engine", marks=pytest.mark.postgres, id="postgres"),
+    ]
+)
+def engine(request: pytest.FixtureRequest) -> AsyncEngine:
+    """The backend under test: every storage test runs once per backend."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+async def store(engine: AsyncEngine) -> AsyncIterator[EventStore]:
+    event_store = EventStore(engine)
+    yield event_store
+    await event_store.aclose()

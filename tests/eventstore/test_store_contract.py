@@ -1,0 +1,404 @@
+"""The event store's contract, run on SQLite and PostgreSQL through the ``engine`` fixture."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from eventstore import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    EventContext,
+    EventStore,
+    InvalidEventData,
+    InvalidExpectedVersion,
+    InvalidStreamId,
+    KeyAlreadyClaimed,
+    NewEvent,
+    UnknownCategory,
+    WrongExpectedVersion,
+    create_engine,
+    health_check,
+    pool_status,
+    verify,
+)
+
+
+def ev(kind: str = "Happened", **data: object) -> NewEvent:
+    return NewEvent(kind, data)
+
+
+async def test_appended_events_read_back_with_versions_positions_and_context(store):
+    ctx = EventContext(actor_id="u1", correlation_id="c1", causation_id="k1", command_id="cmd-1")
+    result = await store.append("user-1", "user", [ev(n=1), ev(n=2)], NO_STREAM, context=ctx)
+    assert (result.first_version, result.last_version) == (1, 2)
+    assert (result.first_position, result.last_position) == (1, 2)
+    async with store.engine.connect() as conn:
+        events = await store.read_stream(conn, "user-1")
+    assert [e.version for e in events] == [1, 2]
+    assert [e.data for e in events] == [{"n": 1}, {"n": 2}]
+    first = events[0]
+    assert (first.actor_id, first.correlation_id, first.causation_id, first.command_id) == (
+        "u1",
+        "c1",
+        "k1",
+        "cmd-1",
+    )
+    assert first.category == "user"
+    assert first.recorded_at.tzinfo is not None
+    assert len(first.hash) == 64
+
+
+async def test_json_payloads_round_trip_unchanged(store):
+    payload = {
+        "unicode": "Zoë — 東京 — \U0001f680 — \u200b",
+        "nested": {"list": [1, [2, {"deep": None}]], "empty": {}, "flag": True},
+        "big": 2**62 + 1,
+        "negative": -(2**53) - 7,
+        "fraction": 0.1,
+        "decimal_as_text": "12345678901234567890.123456789",
+        "datetime_as_text": "2026-11-28T13:45:00.123456+00:00",
+    }
+    await store.append("task-1", "task", [NewEvent("Created", payload)], NO_STREAM)
+    async with store.engine.connect() as conn:
+        (stored,) = await store.read_stream(conn, "task-1")
+        assert stored.data == payload
+        assert (await verify(conn)).ok
+
+
+async def test_expected_version_modes_accept_and_refuse(store):
+    await store.append("project-1", "project", [ev()], NO_STREAM)
+    with pytest.raises(WrongExpectedVersion) as refused:
+        await store.append("project-1", "project", [ev()], NO_STREAM)
+    assert (refused.value.stream_id, refused.value.expected, refused.value.actual) == (
+        "project-1",
+        "no_stream",
+        1,
+    )
+    await store.append("project-1", "project", [ev()], 1)
+    with pytest.raises(WrongExpectedVersion) as stale:
+        await store.append("project-1", "project", [ev()], 1)
+    assert stale.value.actual == 2
+    await store.append("project-1", "project", [ev()], ANY)
+    await store.append("project-1", "project", [ev()], STREAM_EXISTS)
+    with pytest.raises(WrongExpectedVersion):
+        await store.append("project-2", "project", [ev()], STREAM_EXISTS)
+    await store.append("project-3", "project", [ev()], 0)
+    async with store.engine.connect() as conn:
+        assert await store.stream_version(conn, "project-1") == 4
+        assert await store.stream_version(conn, "project-2") == 0
+
+
+async def test_read_stream_backwards_and_by_version_range(store):
+    await store.append("task-9", "task", [ev(n=i) for i in range(1, 8)], NO_STREAM)
+    async with store.engine.connect() as conn:
+        backwards = await store.read_stream(conn, "task-9", backwards=True)
+        window = await store.read_stream(conn, "task-9", from_version=3, to_version=5)
+        last_two = await store.read_stream(conn, "task-9", backwards=True, limit=2)
+        older = await store.read_stream(conn, "task-9", to_version=4, backwards=True, limit=2)
+    assert [e.version for e in backwards] == [7, 6, 5, 4, 3, 2, 1]
+    assert [e.version for e in window] == [3, 4, 5]
+    assert [e.version for e in last_two] == [7, 6]
+    assert [e.version for e in older] == [4, 3]
+
+
+async def test_read_all_filters_by_category_type_and_position(store):
+    await store.append("user-1", "user", [ev("Registered"), ev("LoggedIn")])
+    await store.append("task-1", "task", [ev("Created")])
+    await store.append("user-2", "user", [ev("Registered")])
+    async with store.engine.connect() as conn:
+        everything = await store.read_all(conn)
+        users = await store.read_all(conn, categories=["user"])
+        registered = await store.read_all(conn, types=["Registered"])
+        after_two = await store.read_all(conn, after_position=2, limit=1)
+        both = await store.read_all(conn, categories=["user"], types=["LoggedIn"])
+    assert [e.position for e in everything] == [1, 2, 3, 4]
+    assert [e.stream_id for e in users] == ["user-1", "user-1", "user-2"]
+    assert [e.position for e in registered] == [1, 4]
+    assert [e.position for e in after_two] == [3]
+    assert [e.event_type for e in both] == ["LoggedIn"]
+
+
+async def test_unit_of_work_commits_several_streams_atomically(store):
+    async with store.transaction() as uow:
+        uow.append("user-1", "user", [ev()], NO_STREAM)
+        uow.append("project-1", "project", [ev(), ev()], NO_STREAM)
+    assert [(r.stream_id, r.first_position, r.last_position) for r in uow.results] == [
+        ("user-1", 1, 1),
+        ("project-1", 2, 3),
+    ]
+
+
+async def test_unit_of_work_that_fails_leaves_no_trace(store):
+    await store.append("user-1", "user", [ev()], NO_STREAM)
+    with pytest.raises(WrongExpectedVersion):
+        async with store.transaction() as uow:
+            await uow.claim("email", "k1", "project-1")
+            uow.append("project-1", "project", [ev()], NO_STREAM)
+            uow.append("user-1", "user", [ev()], NO_STREAM)  # conflicts: user-1 exists
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as uow:
+            uow.append("project-2", "project", [ev()], NO_STREAM)
+            raise RuntimeError("caller failed half-way")
+    async with store.engine.connect() as conn:
+        assert [e.stream_id for e in await store.read_all(conn)] == ["user-1"]
+        keys = await conn.scalar(text("SELECT count(*) FROM unique_keys"))
+    assert keys == 0
+    # the failed transactions consumed no positions
+    result = await store.append("project-3", "project", [ev()])
+    assert result.first_position == 2
+
+
+async def test_same_stream_twice_in_one_unit_of_work_chains_versions(store):
+    async with store.transaction() as uow:
+        uow.append("task-1", "task", [ev(n=1)], NO_STREAM)
+        uow.append("task-1", "task", [ev(n=2)], 1)
+    async with store.engine.connect() as conn:
+        assert [e.version for e in await store.read_stream(conn, "task-1")] == [1, 2]
+        assert (await verify(conn)).ok
+
+
+async def test_unique_key_claims_are_exclusive_idempotent_and_releasable(store):
+    async with store.transaction() as uow:
+        await uow.claim("email", "hash-a", "user-1")
+        await uow.claim("email", "hash-a", "user-1")  # same holder: no-op
+        uow.append("user-1", "user", [ev()], NO_STREAM)
+    with pytest.raises(KeyAlreadyClaimed) as taken:
+        async with store.transaction() as uow:
+            await uow.claim("email", "hash-a", "user-2")
+            uow.append("user-2", "user", [ev()], NO_STREAM)
+    assert taken.value.holder == "user-1"
+    assert "hash-a" not in str(taken.value)
+    async with store.transaction() as uow:
+        await uow.release("email", "hash-a", "user-1")
+        uow.append("user-1", "user", [ev()], 1)
+    async with store.transaction() as uow:
+        await uow.claim("email", "hash-a", "user-2")
+        uow.append("user-2", "user", [ev()], NO_STREAM)
+
+
+async def test_concurrent_claims_of_one_key_have_exactly_one_winner(store):
+    async def register(n: int) -> str:
+        async with store.transaction() as uow:
+            await uow.claim("email", "same", f"user-{n}")
+            uow.append(f"user-{n}", "user", [ev()], NO_STREAM)
+        return f"user-{n}"
+
+    outcomes = await asyncio.gather(*(register(n) for n in range(6)), return_exceptions=True)
+    winners = [o for o in outcomes if isinstance(o, str)]
+    losers = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(winners) == 1
+    assert all(isinstance(o, KeyAlreadyClaimed) for o in losers), losers
+    async with store.engine.connect() as conn:
+        assert [e.stream_id for e in await store.read_all(conn)] == winners
+
+
+async def test_eight_writers_on_one_stream_win_each_version_exactly_once(store):
+    rounds = 6
+    wins: list[tuple[int, int]] = []
+    losses: list[WrongExpectedVersion] = []
+
+    async def writer(n: int) -> None:
+        for _ in range(rounds):
+            async with store.engine.connect() as conn:
+                version = await store.stream_version(conn, "project-hot")
+            try:
+                await store.append("project-hot", "project", [ev(writer=n)], version)
+            except WrongExpectedVersion as error:
+                assert error.actual > version
+                losses.append(error)
+            else:
+                wins.append((n, version + 1))
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(writer(n) for n in range(8)))
+    async with store.engine.connect() as conn:
+        stream = await store.read_stream(conn, "project-hot")
+    assert [e.version for e in stream] == list(range(1, len(wins) + 1))
+    assert sorted(v for _, v in wins) == list(range(1, len(wins) + 1))
+    assert [e.data["writer"] for e in stream] == [n for n, _ in sorted(wins, key=lambda w: w[1])]
+    assert len(wins) + len(losses) == 8 * rounds
+    assert losses, "8 writers on one stream should have collided at least once"
+
+
+@pytest.mark.parametrize(
+    ("stream_id", "category", "error"),
+    [
+        ("", "user", InvalidStreamId),
+        ("user-" + "x" * 300, "user", InvalidStreamId),
+        ("user-a\x00b", "user", InvalidStreamId),
+        ("task-1", "user", InvalidStreamId),
+        ("user-", "user", InvalidStreamId),
+        ("Weird-1", "Weird", UnknownCategory),
+        ("planet-1", "planet", UnknownCategory),
+    ],
+)
+async def test_bad_stream_ids_and_categories_are_refused_before_writing(
+    engine, stream_id, category, error
+):
+    store = EventStore(engine, categories={"user", "task", "project"})
+    with pytest.raises(error):
+        await store.append(stream_id, category, [ev()])
+    async with engine.connect() as conn:
+        assert await store.head_position(conn) == 0
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        NewEvent("Bad", {"when": object()}),
+        NewEvent("Bad", {"nan": float("nan")}),
+        NewEvent("Bad", {"nul": "a\x00b"}),
+        NewEvent("Bad", {"big": "x" * 2_000_000}),
+        NewEvent("bad type!", {}),
+        NewEvent("Bad", {}, schema_version=0),
+    ],
+    ids=["object", "nan", "nul", "oversized", "type-name", "schema-version"],
+)
+async def test_non_serialisable_or_oversized_data_is_refused_with_nothing_written(store, event):
+    with pytest.raises(InvalidEventData):
+        async with store.transaction() as uow:
+            uow.append("user-ok", "user", [ev()])
+            uow.append("user-1", "user", [event])
+    async with store.engine.connect() as conn:
+        assert await store.head_position(conn) == 0
+
+
+@pytest.mark.parametrize("expected", [-1, "latest", 1.5, True, None])
+async def test_invalid_expected_versions_are_refused(store, expected):
+    with pytest.raises(InvalidExpectedVersion):
+        await store.append("user-1", "user", [ev()], expected)
+
+
+async def test_empty_append_is_refused(store):
+    with pytest.raises(InvalidEventData):
+        await store.append("user-1", "user", [])
+
+
+async def test_verify_names_exactly_the_tampered_event(store, engine):
+    await store.append("user-1", "user", [ev(n=1), ev(n=2), ev(n=3)])
+    await store.append("user-2", "user", [ev(n=1)])
+    json_type = "jsonb" if engine.dialect.name == "postgresql" else "text"
+    async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # The append-only trigger refuses the edit; as superuser, switch it off.
+            await conn.execute(text("SET LOCAL session_replication_role = replica"))
+        await conn.execute(
+            text(
+                f"UPDATE events SET data = CAST(:data AS {json_type}) "
+                "WHERE stream_id = 'user-1' AND version = 2"
+            ).bindparams(data='{"n": 20}')
+        )
+    async with engine.connect() as conn:
+        report = await verify(conn)
+    assert report.broken is not None
+    assert (report.broken.stream_id, report.broken.version) == ("user-1", 2)
+    assert report.broken.reason == "hash does not match content"
+
+
+async def test_verify_detects_a_removed_event(store, engine):
+    await store.append("user-1", "user", [ev(n=1), ev(n=2), ev(n=3)])
+    async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execute(text("SET LOCAL session_replication_role = replica"))
+        await conn.execute(text("DELETE FROM events WHERE position = 2"))
+    async with engine.connect() as conn:
+        report = await verify(conn)
+    assert report.broken is not None
+    assert (report.broken.stream_id, report.broken.version) == ("user-1", 3)
+
+
+async def test_verify_passes_on_an_intact_log(store):
+    for n in range(5):
+        await store.append(f"task-{n}", "task", [ev(n=i) for i in range(n + 1)])
+    async with store.engine.connect() as conn:
+        report = await verify(conn, page_size=3)
+    assert report.ok
+    assert (report.streams, report.events, report.head_position) == (5, 15, 15)
+
+
+@pytest.mark.postgres
+async def test_postgres_refuses_update_and_delete_of_events(postgres_engine):
+    store = EventStore(postgres_engine)
+    await store.append("user-1", "user", [ev()])
+    for statement in ("UPDATE events SET event_type = 'X'", "DELETE FROM events"):
+        with pytest.raises(Exception, match="append-only"):
+            async with postgres_engine.begin() as conn:
+                await conn.execute(text(statement))
+    async with postgres_engine.connect() as conn:
+        assert await store.head_position(conn) == 1
+
+
+async def test_subscription_catches_up_then_follows_live_appends(store):
+    await store.append("user-1", "user", [ev(n=1), ev(n=2)])
+    seen: list[int] = []
+
+    async def follow() -> None:
+        async for event in store.subscribe(0, batch_size=1, poll_interval=5):
+            seen.append(event.position)
+            if len(seen) == 4:
+                return
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.2)
+    assert seen == [1, 2]
+    await store.append("user-1", "user", [ev(n=3)])
+    await store.append("task-1", "task", [ev(n=4)])
+    await asyncio.wait_for(task, 3)  # woken by the commits, well before the 5 s poll
+    assert seen == [1, 2, 3, 4]
+
+
+async def test_filtered_subscription_skips_other_categories_without_spinning(store):
+    await store.append("task-1", "task", [ev()])
+    await store.append("user-1", "user", [ev()])
+    got: list[str] = []
+
+    async def follow() -> None:
+        async for event in store.subscribe(0, categories=["user"], poll_interval=0.05):
+            got.append(event.stream_id)
+            if len(got) == 2:
+                return
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.2)
+    await store.append("task-2", "task", [ev()])
+    await store.append("user-2", "user", [ev()])
+    await asyncio.wait_for(task, 3)
+    assert got == ["user-1", "user-2"]
+
+
+async def test_health_check_reports_backend_version_and_latency(engine):
+    report = await health_check(engine, head_revision="0001")
+    assert report.healthy
+    assert report.backend == engine.dialect.name
+    assert report.server_version
+    assert report.latency_ms is not None
+    assert report.current_revision is not None
+    assert pool_status(engine).pool_class
+
+
+async def test_health_check_reports_an_unreachable_server_as_unhealthy():
+    engine = create_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+    report = await health_check(engine, timeout=3)
+    await engine.dispose()
+    assert not report.healthy
+    assert report.error
+    assert report.pending_migrations is None
+
+
+async def test_health_check_reports_a_missing_sqlite_directory_as_unhealthy(tmp_path):
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/missing/dir/tiu.db")
+    report = await health_check(engine)
+    await engine.dispose()
+    assert not report.healthy
+
+
+async def test_event_ids_are_unique_and_preserved(store):
+    ids = [uuid.uuid4() for _ in range(3)]
+    await store.append("user-1", "user", [NewEvent("E", {}, event_id=i) for i in ids])
+    async with store.engine.connect() as conn:
+        assert [e.event_id for e in await store.read_stream(conn, "user-1")] == ids

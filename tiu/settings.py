@@ -1,0 +1,56 @@
+"""Settings, read from ``TIU_*`` environment variables; each also a keyword argument."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from eventstore.engine import EngineOptions
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./tiu.db"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TIU_", extra="forbid", frozen=True)
+
+    database_url: str = DEFAULT_DATABASE_URL
+    pool_size: int = Field(10, ge=1)
+    max_overflow: int = Field(10, ge=0)
+    pool_timeout: float = Field(30.0, gt=0)
+    pool_recycle: int = Field(1800, ge=-1)
+    pool_pre_ping: bool = True
+    busy_timeout: float = Field(5.0, gt=0)
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
+    lock_timeout_ms: int = Field(5000, ge=0)
+    idle_in_transaction_timeout_ms: int = Field(60_000, ge=0)
+    echo_sql: bool = False
+
+    bcrypt_rounds: int = Field(12, ge=4, le=31)
+    lockout_threshold: int = Field(5, ge=1)
+    lockout_window: timedelta = timedelta(minutes=15)
+    lockout_duration: timedelta = timedelta(minutes=15)
+    session_lifetime: timedelta = timedelta(hours=12)
+    session_idle_timeout: timedelta = timedelta(minutes=30)
+    session_touch_interval: timedelta = timedelta(minutes=1)
+    password_reset_ttl: timedelta = timedelta(hours=1)
+
+    snapshot_every: int = Field(100, ge=0)
+    command_retries: int = Field(5, ge=0)
+    auto_migrate: bool = True
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(
+            pool_size=self.pool_size,
+            max_overflow=self.max_overflow,
+            pool_timeout=self.pool_timeout,
+            pool_recycle=self.pool_recycle,
+            pool_pre_ping=self.pool_pre_ping,
+            busy_timeout=self.busy_timeout,
+            sqlite_synchronous=self.sqlite_synchronous,
+            lock_timeout_ms=self.lock_timeout_ms,
+            idle_in_transaction_timeout_ms=self.idle_in_transaction_timeout_ms,
+            echo=self.echo_sql,
+        )
