@@ -1,0 +1,37 @@
+"""given/when/then for deciders: the command's route picks the decider."""
+
+from functools import reduce
+from typing import Any
+
+import pytest
+
+from domain import EMPTY, Command, CommandContext, DomainError, Event, route
+
+
+class _When:
+    def __init__(self, events: tuple[Event, ...], command: Command, ctx: CommandContext,
+                 related: Any) -> None:
+        self.given, self.command, self.ctx, self.related = events, command, ctx, related
+
+    def events(self) -> list[Event]:
+        decider = route(self.command, self.ctx).decider
+        state = reduce(decider.evolve, self.given, decider.initial_state())
+        return decider.decide(self.command, state, self.ctx, self.related)
+
+    def then(self, *expected: Event) -> None:
+        assert self.events() == list(expected)
+
+    def then_raises(self, error: type[DomainError], *, record: tuple[Event, ...] | None = None):
+        with pytest.raises(error) as info:
+            self.events()
+        if record is not None:
+            assert info.value.record == record
+        return info.value
+
+
+class given:  # noqa: N801 - reads as a verb
+    def __init__(self, *events: Event) -> None:
+        self.given = events
+
+    def when(self, command: Command, *, ctx: CommandContext, related: Any = EMPTY) -> _When:
+        return _When(self.given, command, ctx, related)

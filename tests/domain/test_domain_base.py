@@ -1,0 +1,129 @@
+from datetime import datetime, timedelta
+from typing import ClassVar
+
+import pytest
+from pydantic import ValidationError
+
+from domain import (
+    Command,
+    CommandContext,
+    Event,
+    SecurityPolicy,
+    UnknownEventType,
+    decode_event,
+    encode_event,
+    registered_event_types,
+    users,
+)
+from domain_support import T0, registered
+
+PERSONAL_NAMES = {"email", "previous_email", "username", "display_name", "ip", "user_agent"}
+
+
+def test_every_event_field_holding_personal_data_is_marked_with_its_subject():
+    for event_type, cls in registered_event_types().items():
+        personal = PERSONAL_NAMES & cls.model_fields.keys()
+        assert personal <= cls.personal_fields, event_type
+        if cls.personal_fields:
+            assert cls.subject_field in cls.model_fields, event_type
+
+
+def test_every_registered_event_class_is_frozen_and_forbids_extra_fields():
+    for cls in registered_event_types().values():
+        assert cls.model_config.get("frozen") is True
+        assert cls.model_config.get("extra") == "forbid"
+
+
+def test_a_duplicate_event_type_is_refused_at_class_definition():
+    with pytest.raises(TypeError, match="already registered"):
+
+        class Again(Event):
+            event_type: ClassVar[str] = "UserRegistered"
+
+
+def test_an_event_class_without_event_type_is_refused():
+    with pytest.raises(TypeError, match="must set event_type"):
+
+        class Nameless(Event):
+            pass
+
+
+def test_personal_fields_must_name_real_fields_and_come_with_a_subject():
+    with pytest.raises(TypeError, match="unknown fields"):
+
+        class Typo(Event):
+            event_type: ClassVar[str] = "TestTypo"
+            personal_fields: ClassVar[frozenset[str]] = frozenset({"emial"})
+            email: str
+
+    with pytest.raises(TypeError, match="subject_field"):
+
+        class Orphan(Event):
+            event_type: ClassVar[str] = "TestOrphan"
+            personal_fields: ClassVar[frozenset[str]] = frozenset({"email"})
+            email: str
+
+
+def test_encode_then_decode_gives_the_same_event():
+    event = registered("alice")
+    event_type, version, data = encode_event(event)
+    assert (event_type, version) == ("UserRegistered", 2)
+    assert data["roles"] == ["member"]
+    assert data["at"] == "2024-12-07T09:00:00Z"
+    assert decode_event(event_type, version, data) == event
+
+
+def test_a_v1_user_registered_is_upcast_name_to_display_name():
+    current = registered("alice")
+    v1 = current.model_dump(mode="json", exclude={"display_name"}) | {"name": "Alice A."}
+    decoded = decode_event("UserRegistered", 1, v1)
+    assert decoded == current.model_copy(update={"display_name": "Alice A."})
+    assert "name" in v1  # the stored dict is not mutated
+
+
+def test_a_v1_user_registered_with_an_empty_name_has_no_display_name():
+    v1 = registered("alice").model_dump(mode="json", exclude={"display_name"}) | {"name": ""}
+    decoded = decode_event("UserRegistered", 1, v1)
+    assert isinstance(decoded, users.UserRegistered)
+    assert decoded.display_name is None
+
+
+def test_decoding_an_unknown_type_or_a_future_version_raises_unknown_event_type():
+    with pytest.raises(UnknownEventType) as info:
+        decode_event("Nope", 1, {})
+    assert info.value.event_type == "Nope"
+    with pytest.raises(UnknownEventType, match="knows versions 1..2"):
+        decode_event("UserRegistered", 3, {})
+
+
+def test_events_and_commands_are_immutable():
+    event = registered("alice")
+    with pytest.raises(ValidationError):
+        event.user_id = "mallory"  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        users.UnlockUser(user_id="alice", extra_field=1)  # type: ignore[call-arg]
+
+
+def test_each_command_gets_a_fresh_command_id_unless_given_one():
+    a, b = users.UnlockUser(user_id="alice"), users.UnlockUser(user_id="alice")
+    assert a.command_id != b.command_id
+    assert users.UnlockUser(user_id="alice", command_id="c-1").command_id == "c-1"
+    assert isinstance(a, Command)
+
+
+def test_a_naive_now_is_refused():
+    with pytest.raises(ValueError, match="timezone-aware"):
+        CommandContext(now=datetime(2025, 1, 1))  # noqa: DTZ001
+    assert CommandContext(now=T0).policy == SecurityPolicy()
+
+
+def test_the_default_policy_and_its_limits():
+    policy = SecurityPolicy()
+    assert (policy.lockout_threshold, policy.password_min_length) == (5, 12)
+    assert policy.session_lifetime == timedelta(hours=12)
+    with pytest.raises(ValueError, match="at least 64"):
+        SecurityPolicy(password_max_length=63)
+    with pytest.raises(ValueError, match="lockout_threshold"):
+        SecurityPolicy(lockout_threshold=0)
+    with pytest.raises(ValueError, match="positive"):
+        SecurityPolicy(session_lifetime=timedelta(0))
