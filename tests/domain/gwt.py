@@ -9,8 +9,9 @@ from domain import EMPTY, Command, CommandContext, DomainError, Event, route
 
 
 class _When:
-    def __init__(self, events: tuple[Event, ...], command: Command, ctx: CommandContext,
-                 related: Any) -> None:
+    def __init__(
+        self, events: tuple[Event, ...], command: Command, ctx: CommandContext, related: Any
+    ) -> None:
         self.given, self.command, self.ctx, self.related = events, command, ctx, related
 
     def events(self) -> list[Event]:
@@ -29,7 +30,7 @@ class _When:
         return info.value
 
 
-class given:  # noqa: N801 - reads as a verb
+class given:  # lower-case: reads as a verb in specs
     def __init__(self, *events: Event) -> None:
         self.given = events
 
