@@ -182,7 +182,7 @@ class IllegalTransition(Conflict):
     code = "illegal_transition"
 
     def __init__(self, from_status: str, to_status: str) -> None:
-        super().__init__(f"illegal transition from {from_status!r} to {to_status!r}")
+        super().__init__(f"illegal transition from '{from_status}' to '{to_status}'")
         self.from_status = from_status
         self.to_status = to_status
 
