@@ -5,6 +5,7 @@ import pytest
 from domain_support import T0, registered
 from pydantic import ValidationError
 
+import domain
 from domain import (
     Command,
     CommandContext,
@@ -127,3 +128,9 @@ def test_the_default_policy_and_its_limits():
         SecurityPolicy(lockout_threshold=0)
     with pytest.raises(ValueError, match="positive"):
         SecurityPolicy(session_lifetime=timedelta(0))
+
+
+def test_the_package_exports_exactly_its_public_names():
+    assert sorted(domain.__all__) == sorted(set(domain.__all__))
+    for name in domain.__all__:
+        assert hasattr(domain, name), name
