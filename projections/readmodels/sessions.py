@@ -1,0 +1,148 @@
+"""The ``sessions`` read model: one row per session, found by its token's SHA-256.
+
+Besides a session's own revocation, the user-wide revocations (password change,
+deactivation, revoke-all) mark every session the user started before them as revoked,
+with the reason, so that validating a token needs this table alone. Idle and absolute
+expiry depend on "now" and the policy and are decided by the reader
+(``domain.sessions.session_status``). The login's IP and user agent are not copied:
+they stay in the event log as personal data under its retention.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import ClassVar
+
+from sqlalchemy import Column, Index, String, Table, insert, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from domain import sessions, users
+from eventstore.types import UTCDateTime
+from projections.projector import Envelope, Projector, Tables, metadata
+from projections.readmodels._common import ID_LENGTH, occurred_at
+
+
+class RevokedReason(StrEnum):
+    """Why ``revoked_at`` is set."""
+
+    LOGOUT = "logout"
+    """The session's own user revoked it."""
+    REVOKED = "revoked"
+    """Someone else (an admin) revoked it."""
+    PASSWORD_CHANGED = "password_changed"  # noqa: S105 -- a reason, not a secret
+    PASSWORD_RESET = "password_reset"  # noqa: S105 -- a reason, not a secret
+    USER_DEACTIVATED = "user_deactivated"
+    ALL_SESSIONS_REVOKED = "all_sessions_revoked"
+
+
+sessions_table = Table(
+    "sessions",
+    metadata,
+    Column("session_id", String(ID_LENGTH), primary_key=True),
+    Column("user_id", String(ID_LENGTH), nullable=False),
+    Column("token_hash", String(64), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime),
+    Column("revoked_by", String(ID_LENGTH)),
+    Column("revoked_reason", String(50)),
+    Index(None, "token_hash", unique=True),
+    Index(None, "user_id", "started_at"),
+    Index(None, "expires_at"),
+    Index(None, "last_seen_at"),
+)
+
+
+class SessionsProjector(Projector):
+    name = "sessions"
+    tables: ClassVar = (sessions_table,)
+    handles = frozenset(
+        cls.event_type
+        for cls in (
+            sessions.SessionStarted,
+            sessions.SessionTouched,
+            sessions.SessionRevoked,
+            users.PasswordChanged,
+            users.UserDeactivated,
+            users.UserSessionsRevoked,
+        )
+    )
+
+    async def apply(self, conn: AsyncConnection, envelope: Envelope, t: Tables) -> None:
+        table = t["sessions"]
+        at = occurred_at(envelope)
+        event = envelope.event
+        match event:
+            case sessions.SessionStarted():
+                await conn.execute(
+                    insert(table).values(
+                        session_id=event.session_id,
+                        user_id=event.user_id,
+                        token_hash=event.token_hash,
+                        started_at=event.started_at,
+                        expires_at=event.expires_at,
+                        last_seen_at=event.started_at,
+                        revoked_at=None,
+                        revoked_by=None,
+                        revoked_reason=None,
+                    )
+                )
+            case sessions.SessionTouched():
+                await conn.execute(
+                    update(table)
+                    .where(table.c.session_id == event.session_id)
+                    .values(last_seen_at=event.at)
+                )
+            case sessions.SessionRevoked():
+                reason = (
+                    RevokedReason.LOGOUT if event.by == event.user_id else RevokedReason.REVOKED
+                )
+                await conn.execute(
+                    update(table)
+                    .where(table.c.session_id == event.session_id, table.c.revoked_at.is_(None))
+                    .values(revoked_at=event.at, revoked_by=event.by, revoked_reason=str(reason))
+                )
+            case users.PasswordChanged():
+                reason = (
+                    RevokedReason.PASSWORD_RESET
+                    if event.via == "reset"
+                    else RevokedReason.PASSWORD_CHANGED
+                )
+                await _revoke_all(conn, t, event.user_id, at, by=event.user_id, reason=reason)
+            case users.UserDeactivated():
+                await _revoke_all(
+                    conn, t, event.user_id, at, by=event.by, reason=RevokedReason.USER_DEACTIVATED
+                )
+            case users.UserSessionsRevoked():
+                await _revoke_all(
+                    conn,
+                    t,
+                    event.user_id,
+                    at,
+                    by=event.by,
+                    reason=RevokedReason.ALL_SESSIONS_REVOKED,
+                )
+
+
+async def _revoke_all(
+    conn: AsyncConnection,
+    t: Tables,
+    user_id: str,
+    at: datetime,
+    *,
+    by: str,
+    reason: RevokedReason,
+) -> None:
+    """Revoke the user's live sessions started before ``at`` (as ``sessions_valid_after``)."""
+    table = t["sessions"]
+    await conn.execute(
+        update(table)
+        .where(
+            table.c.user_id == user_id,
+            table.c.started_at < at,
+            table.c.revoked_at.is_(None),
+        )
+        .values(revoked_at=at, revoked_by=by, revoked_reason=str(reason))
+    )

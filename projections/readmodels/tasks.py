@@ -1,0 +1,116 @@
+"""The ``tasks`` read model: one row per task.
+
+``priority_rank`` (1 low .. 4 urgent) sorts by priority, which the names cannot.
+``completed_at`` is set when a task reaches ``done`` and cleared when it leaves it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import Column, Index, SmallInteger, String, Table, Text, insert, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from domain import tasks
+from domain.tasks import TaskStatus
+from eventstore.types import UTCDateTime
+from projections.projector import Envelope, Projector, Tables, metadata
+from projections.readmodels._common import ID_LENGTH, occurred_at
+
+tasks_table = Table(
+    "tasks",
+    metadata,
+    Column("task_id", String(ID_LENGTH), primary_key=True),
+    Column("project_id", String(ID_LENGTH), nullable=False),
+    Column("title", String(200), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("priority", String(20), nullable=False),
+    Column("priority_rank", SmallInteger, nullable=False),
+    Column("due_at", UTCDateTime),
+    Column("assignee_id", String(ID_LENGTH)),
+    Column("created_by", String(ID_LENGTH), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("completed_at", UTCDateTime),
+    Index(None, "project_id", "status"),
+    Index(None, "project_id", "created_at"),
+    Index(None, "project_id", "priority_rank"),
+    Index(None, "assignee_id", "status"),
+    Index(None, "created_by"),
+    Index(None, "due_at"),
+)
+
+
+class TasksProjector(Projector):
+    name = "tasks"
+    tables: ClassVar = (tasks_table,)
+    handles = frozenset(
+        cls.event_type
+        for cls in (
+            tasks.TaskCreated,
+            tasks.TaskEdited,
+            tasks.TaskAssigned,
+            tasks.TaskUnassigned,
+            tasks.TaskStatusChanged,
+        )
+    )
+
+    async def apply(self, conn: AsyncConnection, envelope: Envelope, t: Tables) -> None:
+        at = occurred_at(envelope)
+        event = envelope.event
+        match event:
+            case tasks.TaskCreated():
+                await conn.execute(
+                    insert(t["tasks"]).values(
+                        task_id=event.task_id,
+                        project_id=event.project_id,
+                        title=event.title,
+                        description=event.description,
+                        status=str(TaskStatus.TODO),
+                        priority=str(event.priority),
+                        priority_rank=event.priority.rank,
+                        due_at=event.due_date,
+                        assignee_id=event.assignee_id,
+                        created_by=event.created_by,
+                        created_at=at,
+                        updated_at=at,
+                        completed_at=None,
+                    )
+                )
+            case tasks.TaskEdited():
+                await _update(
+                    conn,
+                    t,
+                    event.task_id,
+                    at,
+                    title=event.title,
+                    description=event.description,
+                    priority=str(event.priority),
+                    priority_rank=event.priority.rank,
+                    due_at=event.due_date,
+                )
+            case tasks.TaskAssigned():
+                await _update(conn, t, event.task_id, at, assignee_id=event.assignee_id)
+            case tasks.TaskUnassigned():
+                await _update(conn, t, event.task_id, at, assignee_id=None)
+            case tasks.TaskStatusChanged():
+                completed_at = at if event.to_status is TaskStatus.DONE else None
+                await _update(
+                    conn,
+                    t,
+                    event.task_id,
+                    at,
+                    status=str(event.to_status),
+                    completed_at=completed_at,
+                )
+
+
+async def _update(
+    conn: AsyncConnection, t: Tables, task_id: str, at: datetime, **values: Any
+) -> None:
+    table = t["tasks"]
+    await conn.execute(
+        update(table).where(table.c.task_id == task_id).values(updated_at=at, **values)
+    )
