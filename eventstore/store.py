@@ -100,6 +100,7 @@ class UnitOfWork:
         self.conn = conn
         self.results: list[AppendResult] = []
         self._pending: list[_PendingAppend] = []
+        self._expected: dict[str, int] = {}
 
     @property
     def pending_streams(self) -> list[str]:
@@ -120,6 +121,18 @@ class UnitOfWork:
                 stream_id, category, new_events, expected_version, context or EventContext()
             )
         )
+
+    def expect(self, stream_id: str, version: int) -> None:
+        """Require ``stream_id`` to still be at ``version`` when this transaction appends.
+
+        For streams a decision read but does not write (the project a task is created
+        in): checked under the append lock with the appended streams, so a decision
+        never rests on state that changed before it committed.
+        """
+        current = self._expected.get(stream_id)
+        if current is not None and current != version:
+            raise WrongExpectedVersion(stream_id, version, current)
+        self._expected[stream_id] = version
 
     async def read_stream(self, stream_id: str, **kwargs: Any) -> list[RecordedEvent]:
         return await self.store.read_stream(self.conn, stream_id, **kwargs)
@@ -148,7 +161,8 @@ class UnitOfWork:
         if not self._pending:
             return []
         pending, self._pending = self._pending, []
-        results = await self.store.write(self.conn, pending)
+        expected, self._expected = self._expected, {}
+        results = await self.store.write(self.conn, pending, expected)
         self.results.extend(results)
         return results
 
@@ -185,11 +199,15 @@ class EventStore:
     # -- writing ---------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+    async def transaction(
+        self, *, after_flush: BeforeCommitHook | None = None
+    ) -> AsyncIterator[UnitOfWork]:
         """A write transaction. Buffered appends are flushed at the end, then COMMIT.
 
         If the block raises, everything is rolled back: no event, key or read-model
-        row of this transaction remains.
+        row of this transaction remains. ``after_flush`` runs after the append and
+        before COMMIT, while the append lock is held: keep it to one short statement
+        on rows no other transaction locks before appending (checkpoints).
         """
         with translate_errors(self.dialect.database_label):
             conn = await self.engine.connect()
@@ -199,6 +217,8 @@ class EventStore:
             uow = UnitOfWork(self, conn)
             yield uow
             await uow.flush()
+            if after_flush is not None and uow.results:
+                await after_flush(uow)
             if self.before_commit is not None:
                 await self.before_commit(uow)
             with translate_errors(self.dialect.database_label):
@@ -270,12 +290,20 @@ class EventStore:
         return event, data, meta
 
     async def write(
-        self, conn: AsyncConnection, pending: list[_PendingAppend]
+        self,
+        conn: AsyncConnection,
+        pending: list[_PendingAppend],
+        expected: Mapping[str, int] | None = None,
     ) -> list[AppendResult]:
+        expected = expected or {}
         with translate_errors(self.dialect.database_label):
             await self.dialect.lock_appends(conn)
-            stream_ids = list(dict.fromkeys(p.stream_id for p in pending))
+            stream_ids = list(dict.fromkeys([*(p.stream_id for p in pending), *expected]))
             heads = await self.stream_heads(conn, stream_ids)
+            for stream_id, version in expected.items():
+                _check_expected(
+                    stream_id, version, heads.get(stream_id, StreamHead(0, None)).version
+                )
             position = await self.head_position(conn)
             now = self.now()
             rows: list[dict[str, Any]] = []

@@ -1,0 +1,90 @@
+"""Errors raised by the read side.
+
+    ProjectionError                      root of everything projections/ raises
+     └── InvalidQuery (ValueError)       a caller asked for something a read model can't answer
+          ├── InvalidFilter              bad field, operator or value in a filter
+          │    └── InvalidOrdering       bad order_by key
+          ├── InvalidCursor              a page cursor that is malformed, tampered or foreign
+          └── InvalidPagination          limit/offset out of range
+
+Projector, checkpoint and replay errors belong under ProjectionError too.
+Every InvalidQuery is the caller's fault and safe to show them: messages name
+the offending part and, where there is a closed set, the valid choices.
+"""
+
+from __future__ import annotations
+
+
+class ProjectionError(Exception):
+    """Root of the errors raised by the read side."""
+
+
+class InvalidQuery(ProjectionError, ValueError):
+    """A read-model query that was rejected before it reached the database."""
+
+
+class InvalidFilter(InvalidQuery):
+    """A filter names an unknown field or operator, or carries an unusable value.
+
+    ``field`` and ``operator`` are the parts the caller wrote (``None`` when
+    not the issue); ``reason`` is the full message.
+    """
+
+    def __init__(self, reason: str, field: str | None = None, operator: str | None = None) -> None:
+        super().__init__(reason, field, operator)
+        self.reason = reason
+        self.field = field
+        self.operator = operator
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class InvalidOrdering(InvalidFilter):
+    """An ``order_by`` key names an unknown or unorderable field, or repeats one."""
+
+
+class InvalidCursor(InvalidQuery):
+    """A ``page`` cursor that this table and ordering did not produce."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class InvalidPagination(InvalidQuery):
+    """``limit`` or ``offset`` outside the accepted range."""
+
+
+class CheckpointMoved(ProjectionError):
+    """Another runner moved a checkpoint during this batch; the batch was rolled back."""
+
+    def __init__(self, name: str, version: int, expected: int) -> None:
+        super().__init__(f"checkpoint {name} v{version} is no longer at {expected}")
+        self.name = name
+        self.version = version
+        self.expected = expected
+
+
+class InlineProjectionBehind(ProjectionError):
+    """An inline projector missed events appended by another path; catch up and retry."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"inline projections behind the log: {', '.join(names)}")
+        self.names = names
+
+
+class ProjectionTimeout(ProjectionError, TimeoutError):
+    """``wait_for(position)`` gave up before the projections reached the position."""
+
+    def __init__(self, position: int, reached: int, timeout: float) -> None:
+        super().__init__(
+            f"projections reached position {reached}, not {position}, within {timeout:g}s"
+        )
+        self.position = position
+        self.reached = reached
+        self.timeout = timeout
+
+
+class RebuildError(ProjectionError):
+    """A rebuild could not finish; live tables are untouched."""

@@ -1,0 +1,108 @@
+"""What a projector is, and what it is handed.
+
+A projector is a named, versioned object that owns its read-model tables and turns
+events into rows in them. It never commits: every runner (inline, worker, replay)
+calls it inside a transaction that also moves its checkpoint, so a crash can never
+apply an event twice or lose one.
+
+Tables are handed to ``apply`` through a :class:`Tables` mapping rather than used
+directly, because a rebuild writes the same logic into shadow copies of them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import ClassVar
+
+from sqlalchemy import MetaData, Table
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from domain.base import Event, decode_event
+from eventstore.records import RecordedEvent
+from eventstore.schema import NAMING_CONVENTION
+
+#: Every read-model table lives in this metadata (the migrations build it).
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A decoded event with where it sits in the log.
+
+    ``position`` is ``None`` when an inline projector runs before the append has
+    allocated it (ORDERING.md: positions are assigned as the last statement).
+    ``recorded_at`` is then the command's clock.
+    """
+
+    event: Event
+    stream_id: str
+    version: int
+    position: int | None
+    recorded_at: datetime
+    actor_id: str | None
+    event_id: uuid.UUID
+
+    @property
+    def event_type(self) -> str:
+        return self.event.event_type
+
+    @classmethod
+    def from_record(cls, record: RecordedEvent) -> Envelope:
+        return cls(
+            decode_event(record.event_type, record.schema_version, record.data),
+            record.stream_id,
+            record.version,
+            record.position,
+            record.recorded_at,
+            record.actor_id,
+            record.event_id,
+        )
+
+
+class Tables(Mapping[str, Table]):
+    """Logical table name -> the table to write: the live one, or its shadow copy."""
+
+    def __init__(self, tables: Mapping[str, Table]) -> None:
+        self._tables = dict(tables)
+
+    def __getitem__(self, name: str) -> Table:
+        return self._tables[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tables)
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+
+class Projector:
+    """Base class of read-model projectors.
+
+    Subclasses set ``name`` (stable), ``version`` (bump it when the tables or the
+    logic change: the projector is then rebuilt from position 0), ``tables`` (the
+    tables it alone writes) and ``handles`` (the event types it reacts to), and
+    implement :meth:`apply`. ``apply_batch`` may be overridden to write a batch of
+    envelopes with fewer statements; it must give the same rows as applying them
+    one by one.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    tables: ClassVar[tuple[Table, ...]]
+    handles: ClassVar[frozenset[str]]
+
+    def live_tables(self) -> Tables:
+        return Tables({t.name: t for t in self.tables})
+
+    async def apply(self, conn: AsyncConnection, envelope: Envelope, t: Tables) -> None:
+        raise NotImplementedError
+
+    async def apply_batch(
+        self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables
+    ) -> None:
+        for envelope in envelopes:
+            if envelope.event_type in self.handles:
+                await self.apply(conn, envelope, t)

@@ -1,0 +1,447 @@
+"""The write path: load -> decide -> inline projections -> append -> commit.
+
+One :class:`CommandUnit` is one transaction (STYLE.md "one transaction is the unit
+of work"): every command handled in it folds state from the log (or from its own
+earlier commands), decides, runs the inline projectors on the same connection and
+buffers its events; the store appends them all as the last statement, checks that
+every stream a decision *read* is still where it was, and commits once. A version
+conflict anywhere rolls the whole unit back, and :meth:`Dispatcher.run` retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from domain import security
+from domain.base import Command, CommandContext, Event, decode_event, encode_event
+from domain.errors import AlreadyExists, DomainError
+from domain.routing import Decider, claims, route
+from eventstore.errors import ConcurrencyError, KeyAlreadyClaimed
+from eventstore.records import EventContext, NewEvent
+from eventstore.schema import events as events_table
+from eventstore.schema import processed_commands, snapshots
+from eventstore.store import EventStore, UnitOfWork
+from projections.errors import InlineProjectionBehind
+from projections.projector import Envelope
+from projections.runner import InlineRunner, Worker
+from tiu.errors import DuplicateRejectedCommand
+
+log = logging.getLogger("tiu.dispatch")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """What a processed command produced. ``position`` is that of its last event
+    (``None`` when it appended nothing); pass it to ``wait_for`` for read-your-writes
+    against worker projections. ``duplicate`` is True for a repeated ``command_id``."""
+
+    command_id: str
+    stream_id: str
+    events: tuple[Event, ...]
+    version: int
+    position: int | None = None
+    duplicate: bool = False
+
+
+@dataclass
+class _Loaded:
+    decider: Decider
+    state: Any
+    version: int
+    loaded_version: int  # what the log held when this unit first read the stream
+    snapshot_version: int = 0
+
+
+@dataclass
+class _Outcome:
+    command: Command
+    stream_id: str
+    events: list[Event]
+    base_version: int
+    results: list[CommandResult] = field(default_factory=list)
+
+
+class CommandUnit:
+    """The commands of one transaction. Obtain from :meth:`Dispatcher.unit`."""
+
+    def __init__(self, dispatcher: Dispatcher, uow: UnitOfWork) -> None:
+        self.dispatcher = dispatcher
+        self.uow = uow
+        self._streams: dict[str, _Loaded] = {}
+        self._appended: set[str] = set()
+        self._outcomes: list[tuple[_Outcome, int]] = []  # (outcome, index into results)
+        self.results: list[CommandResult] = []
+
+    @property
+    def conn(self) -> AsyncConnection:
+        return self.uow.conn
+
+    async def load(self, decider: Decider, stream_id: str) -> _Loaded:
+        cached = self._streams.get(stream_id)
+        if cached is not None:
+            return cached
+        state, version, snap = await self.dispatcher.fold(self.conn, decider, stream_id)
+        loaded = _Loaded(decider, state, version, version, snap)
+        self._streams[stream_id] = loaded
+        return loaded
+
+    async def handle(self, command: Command, ctx: CommandContext) -> CommandResult:
+        """Decide ``command`` and buffer its events in this unit."""
+        previous = await self.dispatcher.processed(self.conn, command.command_id)
+        if previous is not None:
+            return previous
+        target = route(command, ctx)
+        loaded = await self.load(target.decider, target.stream_id)
+        related = {
+            name: (await self.load(decider, stream)).state
+            for name, (decider, stream) in target.related.items()
+        }
+        new_events = target.decider.decide(command, loaded.state, ctx, related)
+        return await self.record(command, ctx, target.decider, target.stream_id, new_events)
+
+    async def record(
+        self,
+        command: Command,
+        ctx: CommandContext,
+        decider: Decider,
+        stream_id: str,
+        new_events: Sequence[Event],
+        *,
+        outcome: dict[str, Any] | None = None,
+    ) -> CommandResult:
+        """Fold, project and buffer ``new_events`` for ``stream_id``."""
+        loaded = await self.load(decider, stream_id)
+        base = loaded.version
+        result = CommandResult(command.command_id, stream_id, tuple(new_events), base)
+        if new_events:
+            stored = [_to_new_event(e, command) for e in new_events]
+            for event in new_events:
+                for claim in claims(event):
+                    if claim.release:
+                        await self.uow.release(claim.scope, claim.key, stream_id)
+                    else:
+                        await self.uow.claim(claim.scope, claim.key, stream_id)
+            state = loaded.state
+            for event in new_events:
+                state = decider.evolve(state, event)
+            loaded.state = state
+            loaded.version = base + len(new_events)
+            envelopes = [
+                Envelope(e, stream_id, base + i, None, ctx.now, ctx.actor_id, s.event_id)
+                for i, (e, s) in enumerate(zip(new_events, stored, strict=True), start=1)
+            ]
+            if self.dispatcher.inline is not None:
+                await self.dispatcher.inline.apply(self.conn, envelopes)
+            self.uow.append(
+                stream_id,
+                decider.category,
+                stored,
+                loaded.loaded_version if stream_id not in self._appended else "any",
+                context=_event_context(command, ctx),
+            )
+            self._appended.add(stream_id)
+            result = CommandResult(command.command_id, stream_id, tuple(new_events), loaded.version)
+            await self.dispatcher.maybe_snapshot(self.conn, stream_id, loaded)
+        await self.dispatcher.remember(
+            self.conn,
+            command,
+            stream_id,
+            outcome or {"ok": True, "version": result.version},
+            ctx.now,
+        )
+        self.results.append(result)
+        return result
+
+    async def append_security(
+        self, command: Command, error: DomainError, ctx: CommandContext
+    ) -> None:
+        event = security.rejection_event(command, error, ctx)
+        if event is None:
+            return
+        stored = _to_new_event(event, command)
+        self.uow.append(
+            security.stream_id(ctx.actor_id),
+            security.CATEGORY,
+            [stored],
+            "any",
+            context=_event_context(command, ctx),
+        )
+        if self.dispatcher.inline is not None:
+            envelope = Envelope(
+                event,
+                security.stream_id(ctx.actor_id),
+                0,
+                None,
+                ctx.now,
+                ctx.actor_id,
+                stored.event_id,
+            )
+            await self.dispatcher.inline.apply(self.conn, [envelope])
+
+    def before_flush(self) -> None:
+        # Streams a decision read but this unit does not write must not have moved.
+        for stream_id, loaded in self._streams.items():
+            if stream_id not in self._appended:
+                self.uow.expect(stream_id, loaded.loaded_version)
+
+    def finish(self) -> list[CommandResult]:
+        """Attach the global positions allocated at commit to the results."""
+        by_stream = {r.stream_id: r for r in self.uow.results}
+        finished = []
+        for result in self.results:
+            appended = by_stream.get(result.stream_id)
+            position = None
+            if appended is not None and result.events:
+                # versions map to positions one-to-one within one stream's append
+                position = appended.first_position + (result.version - appended.first_version)
+            finished.append(
+                CommandResult(
+                    result.command_id,
+                    result.stream_id,
+                    result.events,
+                    result.version,
+                    position,
+                    result.duplicate,
+                )
+            )
+        self.results = finished
+        return finished
+
+
+class Dispatcher:
+    """Issues commands against the store, with retries, idempotency and snapshots."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        inline: InlineRunner | None = None,
+        snapshot_every: int = 100,
+        retries: int = 5,
+    ) -> None:
+        self.store = store
+        self.inline = inline
+        self.snapshot_every = snapshot_every
+        self.retries = retries
+
+    # -- the unit of work ---------------------------------------------------------------
+
+    @asynccontextmanager
+    async def unit(self) -> AsyncIterator[CommandUnit]:
+        """One transaction of commands; commits on exit, rolls back on any error."""
+
+        async def after_flush(uow: UnitOfWork) -> None:
+            if self.inline is not None:
+                first = min(r.first_position for r in uow.results)
+                last = max(r.last_position for r in uow.results)
+                await self.inline.advance(uow.conn, first, last)
+
+        async with self.store.transaction(after_flush=after_flush) as uow:
+            unit = CommandUnit(self, uow)
+            yield unit
+            unit.before_flush()
+        unit.finish()
+
+    async def run(self, work: Callable[[CommandUnit], Awaitable[T]]) -> tuple[T, CommandUnit]:
+        """Run ``work`` in a unit, retrying the whole unit on a version conflict.
+
+        Returns what ``work`` returned and the committed unit, whose ``results`` carry
+        the positions allocated at commit.
+        """
+        attempt = 0
+        while True:
+            try:
+                async with self.unit() as unit:
+                    value = await work(unit)
+                return value, unit
+            except KeyAlreadyClaimed as error:
+                raise AlreadyExists(error.scope, "(taken)") from error
+            except InlineProjectionBehind:
+                await self.catch_up_inline()
+            except ConcurrencyError:
+                attempt += 1
+                if attempt > self.retries:
+                    raise
+                # jittered backoff so that colliding writers spread out
+                await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311
+
+    async def dispatch(self, command: Command, ctx: CommandContext) -> CommandResult:
+        """Process one command in its own transaction.
+
+        A refusal appends nothing to the command's stream, except the facts the
+        refusal carries in ``record`` (a failed login); a security-relevant refusal
+        also appends an audit event to the actor's security stream. Both are
+        committed before the error is re-raised.
+        """
+        rejected: list[DomainError] = []
+
+        async def work(unit: CommandUnit) -> CommandResult:
+            try:
+                return await unit.handle(command, ctx)
+            except DomainError as error:
+                if not error.record and not error.security_relevant:
+                    raise
+                rejected.append(error)
+                target = route(command, ctx)
+                if error.record:
+                    await unit.record(
+                        command,
+                        ctx,
+                        target.decider,
+                        target.stream_id,
+                        error.record,
+                        outcome={"ok": False, "code": error.code, "message": error.message},
+                    )
+                await unit.append_security(command, error, ctx)
+                return CommandResult(command.command_id, target.stream_id, (), 0)
+
+        result, unit = await self.run(work)
+        if rejected:
+            raise rejected[-1]
+        if result.duplicate:
+            return result
+        return next(r for r in unit.results if r.command_id == command.command_id)
+
+    async def catch_up_inline(self) -> None:
+        if self.inline is None:
+            return
+        log.warning("inline projections were behind the log; catching up")
+        await Worker(self.store, self.inline.projectors, leader_election=False).catch_up()
+
+    # -- loading ------------------------------------------------------------------------
+
+    async def fold(
+        self, conn: AsyncConnection, decider: Decider, stream_id: str
+    ) -> tuple[Any, int, int]:
+        state = decider.initial_state()
+        version = 0
+        if self.snapshot_every:
+            row = (
+                await conn.execute(
+                    select(snapshots.c.state, snapshots.c.version).where(
+                        snapshots.c.stream_id == stream_id,
+                        snapshots.c.decider == decider.name,
+                        snapshots.c.decider_version == decider.version,
+                    )
+                )
+            ).first()
+            if row is not None and isinstance(state, BaseModel):
+                state = type(state).model_validate(row.state)
+                version = row.version
+        snap = version
+        for record in await self.store.read_stream(conn, stream_id, from_version=version + 1):
+            state = decider.evolve(
+                state, decode_event(record.event_type, record.schema_version, record.data)
+            )
+            version = record.version
+        return state, version, snap
+
+    async def maybe_snapshot(self, conn: AsyncConnection, stream_id: str, loaded: _Loaded) -> None:
+        every = self.snapshot_every
+        if not every or not isinstance(loaded.state, BaseModel):
+            return
+        if loaded.version // every <= loaded.snapshot_version // every:
+            return
+        values = {
+            "stream_id": stream_id,
+            "decider": loaded.decider.name,
+            "decider_version": loaded.decider.version,
+            "version": loaded.version,
+            "state": loaded.state.model_dump(mode="json"),
+            "taken_at": self.store.now(),
+        }
+        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        statement = insert(snapshots).values(**values)
+        await conn.execute(
+            statement.on_conflict_do_update(
+                index_elements=[snapshots.c.stream_id],
+                set_={k: statement.excluded[k] for k in values if k != "stream_id"},
+            )
+        )
+        loaded.snapshot_version = loaded.version
+
+    # -- idempotency --------------------------------------------------------------------
+
+    async def processed(self, conn: AsyncConnection, command_id: str) -> CommandResult | None:
+        row = (
+            await conn.execute(
+                select(processed_commands).where(processed_commands.c.command_id == command_id)
+            )
+        ).first()
+        if row is None:
+            return None
+        outcome = row.outcome
+        if not outcome.get("ok", False):
+            raise DuplicateRejectedCommand(
+                command_id, outcome.get("code", "?"), outcome.get("message", "")
+            )
+        records = await conn.execute(
+            select(
+                events_table.c.event_type,
+                events_table.c.schema_version,
+                events_table.c.data,
+                events_table.c.position,
+            )
+            .where(
+                events_table.c.command_id == command_id,
+                events_table.c.stream_id == row.stream_id,
+            )
+            .order_by(events_table.c.position)
+        )
+        rows = records.all()
+        decoded = tuple(decode_event(r.event_type, r.schema_version, r.data) for r in rows)
+        position = rows[-1].position if rows else None
+        return CommandResult(
+            command_id, row.stream_id, decoded, int(outcome.get("version", 0)), position, True
+        )
+
+    async def remember(
+        self,
+        conn: AsyncConnection,
+        command: Command,
+        stream_id: str,
+        outcome: dict[str, Any],
+        now: datetime,
+    ) -> None:
+        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        # DO NOTHING keeps the transaction usable; a concurrent duplicate then loses on
+        # its events' versions and, retried, finds this row.
+        await conn.execute(
+            insert(processed_commands)
+            .values(
+                command_id=command.command_id,
+                command_type=type(command).__name__,
+                stream_id=stream_id,
+                outcome=outcome,
+                recorded_at=now,
+            )
+            .on_conflict_do_nothing()
+        )
+
+
+def _event_context(command: Command, ctx: CommandContext) -> EventContext:
+    return EventContext(
+        actor_id=ctx.actor_id,
+        correlation_id=ctx.correlation_id or command.command_id,
+        causation_id=ctx.causation_id or command.command_id,
+        command_id=command.command_id,
+    )
+
+
+def _to_new_event(event: Event, command: Command) -> NewEvent:
+    event_type, schema_version, data = encode_event(event)
+    return NewEvent(event_type, data, schema_version, {"command": type(command).__name__})
