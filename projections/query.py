@@ -38,7 +38,9 @@ Values are never converted from strings: the column's Python type decides.
     ``datetime`` (compared in UTC: stored values are assumed UTC, which SQLite
     needs) and a naive column a naive one; Date ``date``; Time ``time``; Uuid
     a ``UUID`` or UUID string; Enum a member (equality operators only).  Other
-    types (JSON, ARRAY, ...) accept only ``isnull``/``eq None``/``ne None``.
+    types (JSON, ARRAY, ...) accept only ``isnull``/``eq None``/``ne None``,
+    which test SQL NULL (declare ``JSON(none_as_null=True)`` so that a Python
+    ``None`` is stored as one).
     The like family applies to string columns only.
 
 Portability
@@ -212,6 +214,8 @@ def _coerce(col: sa.Column[Any], value: Any) -> Any:
             raise _expect(value, "a number")
         if kind == "float" and isinstance(value, Decimal):
             raise _expect(value, "int or float")
+        if kind == "decimal" and isinstance(value, float):
+            raise _expect(value, "int or Decimal")  # a float is rarely the decimal meant
         try:
             number = float(value) if kind == "float" else Decimal(value)
         except OverflowError:
@@ -498,7 +502,7 @@ def _json_value(col: sa.Column[Any], v: Any) -> Any:
     if v is None or isinstance(v, bool | int | float | str):
         return v
     if isinstance(v, dt.datetime):
-        if v.tzinfo is None and _kind(col) == "datetime" and getattr(col.type, "timezone", False):
+        if v.tzinfo is None and getattr(_base_type(col), "timezone", False):
             v = v.replace(tzinfo=dt.UTC)  # SQLite hands back the stored UTC wall time
         return v.isoformat()
     if isinstance(v, dt.date | dt.time):
@@ -597,7 +601,7 @@ class Query:
     def _pk_values(self, key: Any) -> tuple[Any, ...]:
         if isinstance(key, Mapping):
             values = tuple(key.get(c.key, _MISSING) for c in self._pk)
-            if _MISSING in values or len(key) != len(self._pk):
+            if any(v is _MISSING for v in values) or len(key) != len(self._pk):
                 names = ", ".join(c.key for c in self._pk)
                 raise InvalidFilter(f"key mapping must have exactly: {names}", field=None)
         elif len(self._pk) == 1:
@@ -773,7 +777,7 @@ class Query:
         try:
             body = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
             version, values, checksum = json.loads(body)
-        except (ValueError, TypeError, binascii.Error):
+        except (ValueError, TypeError, binascii.Error, RecursionError):
             raise InvalidCursor("malformed cursor") from None
         if version != _CURSOR_VERSION:
             raise InvalidCursor(f"unsupported cursor version {_short(version)}")

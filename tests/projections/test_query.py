@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import enum
 import json
 import math
 import os
 import re
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -444,6 +447,67 @@ async def test_parse_filters_returns_checked_normalised_filters() -> None:
     )
 
 
+class Utc(sa.types.TypeDecorator[dt.datetime]):
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+def test_values_are_checked_against_each_column_type_without_string_conversion() -> None:
+    t = sa.Table(
+        "kinds",
+        sa.MetaData(),
+        sa.Column("id", sa.BigInteger, primary_key=True),
+        sa.Column("small", sa.SmallInteger),
+        sa.Column("naive", sa.DateTime),
+        sa.Column("aware", Utc),
+        sa.Column("day", sa.Date),
+        sa.Column("amount", sa.Numeric(10, 2)),
+        sa.Column("uid", sa.Uuid),
+        sa.Column("status", sa.Enum("open", "closed", name="status")),
+        sa.Column("colour", sa.Enum(Colour)),
+        sa.Column("blob", sa.LargeBinary),
+    )
+    u = uuid.uuid4()
+    good = {
+        "id__gt": 2**40,
+        "small__lt": 2**15 - 1,
+        "naive__lt": dt.datetime(2024, 1, 1),
+        "aware__lt": dt.datetime(2024, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+        "day__gte": dt.date(2024, 1, 1),
+        "amount__gt": Decimal("1.50"),
+        "uid": str(u),
+        "status__in": ["open"],
+        "colour": Colour.RED,
+        "blob": b"\x00",
+    }
+    parsed = {f.field: f.value for f in parse_filters(t, good)}
+    assert parsed["aware"] == dt.datetime(2023, 12, 31, 23, tzinfo=UTC)
+    assert parsed["uid"] == u
+    bad = [
+        {"id__gt": 2**63},
+        {"small": 2**15},
+        {"naive__lt": dt.datetime(2024, 1, 1, tzinfo=UTC)},
+        {"aware__lt": dt.datetime(2024, 1, 1)},
+        {"day": dt.datetime(2024, 1, 1)},
+        {"day": "2024-01-01"},
+        {"amount__gt": Decimal("NaN")},
+        {"amount": 1.5},
+        {"uid": "not-a-uuid"},
+        {"status": "pending"},
+        {"status__gt": "open"},
+        {"status__like": "o%"},
+        {"blob": "x"},
+    ]
+    for filters in bad:
+        with pytest.raises(InvalidFilter) as caught:
+            parse_filters(t, filters)
+        assert caught.value.field == next(iter(filters)).split("__")[0]
+
+
 async def test_filter_objects_are_checked_like_mappings(db: Db) -> None:
     with pytest.raises(InvalidFilter, match="unknown field 'nope'"):
         await db.q.list(db.conn, [Filter("nope", "eq", 1)])
@@ -758,6 +822,7 @@ async def test_tampered_malformed_or_foreign_cursors_raise_invalid_cursor(db: Db
         _retagged(cursor, lambda b: [2, b[1], b[2]]),
         _retagged(cursor, set_values([99, None, "zz"])),
         _retagged(cursor, lambda b: [b[0], b[1][:2], b[2]]),
+        base64.urlsafe_b64encode(b"[" * 3000).decode(),
     ]
     for after in bad:
         with pytest.raises(InvalidCursor):
