@@ -7,7 +7,7 @@ hold their own events, commands and states; ``routing`` tells the dispatcher whe
 command goes.
 """
 
-from domain import projects, security, sessions, tasks, users
+from domain import audit, projects, security, sessions, tasks, users
 from domain.base import (
     EMPTY,
     Command,
@@ -85,6 +85,7 @@ __all__ = [
     "SessionInvalid",
     "UnknownEventType",
     "WeakPassword",
+    "audit",
     "check_password_strength",
     "claims",
     "decode_event",

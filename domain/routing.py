@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
-from domain import projects, sessions, tasks, users
+from domain import audit, projects, sessions, tasks, users
 from domain.base import EMPTY, Command, CommandContext, Event
 from domain.permissions import SYSTEM_ACTOR
 
@@ -51,7 +51,8 @@ TASKS: Final = Decider("tasks", tasks.CATEGORY, 1, tasks.initial_state, tasks.ev
 SESSIONS: Final = Decider(
     "sessions", sessions.CATEGORY, 1, sessions.initial_state, sessions.evolve, sessions.decide
 )
-DECIDERS: Final = (USERS, PROJECTS, TASKS, SESSIONS)
+AUDIT: Final = Decider("audit", audit.CATEGORY, 1, audit.initial_state, audit.evolve, audit.decide)
+DECIDERS: Final = (USERS, PROJECTS, TASKS, SESSIONS, AUDIT)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ def route(command: Command, ctx: CommandContext) -> Route:
         case sessions.StartSession() | sessions.TouchSession() | sessions.RevokeSession():
             related = _with_actor(ctx, user=_user(command.user_id))
             return Route(SESSIONS, sessions.stream_id(command.session_id), related)
+        case audit.LogAction():
+            return Route(AUDIT, audit.stream_id(ctx.actor_id or "anonymous"))
         case _:
             raise TypeError(f"no route for command {type(command).__name__}")
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from eventstore.schema import projection_checkpoints as cp
@@ -74,34 +74,44 @@ async def ensure(conn: AsyncConnection, projectors: Iterable[Projector]) -> list
     return stale
 
 
+async def load_active(conn: AsyncConnection, name: str) -> Checkpoint | None:
+    """The checkpoint of the version whose tables are live."""
+    row = (await conn.execute(select(cp).where(cp.c.name == name, cp.c.active.is_(True)))).first()
+    return Checkpoint(*row) if row is not None else None
+
+
 async def advance(
     conn: AsyncConnection, projectors: Iterable[Projector], *, expected: int, position: int
 ) -> int:
-    """Move each projector's checkpoint from ``expected`` to ``position``.
+    """Move each projector's active checkpoint from ``expected`` to ``position``.
 
     Returns how many rows moved; fewer than the projectors given means one of them
     was not at ``expected`` (it missed events) and the caller must roll back.
     """
-    keys = [and_(cp.c.name == p.name, cp.c.version == p.version) for p in projectors]
-    if not keys:
+    names = [p.name for p in projectors]
+    if not names:
         return 0
     result = await conn.execute(
         update(cp)
-        .where(or_(*keys), cp.c.position == expected)
+        .where(cp.c.name.in_(names), cp.c.active.is_(True), cp.c.position == expected)
         .values(position=position, updated_at=_now())
     )
     return int(result.rowcount)
 
 
-async def move(conn: AsyncConnection, name: str, version: int, *, old: int, new: int) -> None:
-    """Compare-and-set one checkpoint; raise if another runner moved it first."""
-    result = await conn.execute(
-        update(cp)
-        .where(cp.c.name == name, cp.c.version == version, cp.c.position == old)
-        .values(position=new, updated_at=_now())
-    )
+async def move(
+    conn: AsyncConnection, name: str, *, old: int, new: int, version: int | None = None
+) -> None:
+    """Compare-and-set one checkpoint (the active one, or ``version``'s); raise if
+    another runner moved it first."""
+    query = update(cp).where(cp.c.name == name, cp.c.position == old)
+    if version is None:
+        query = query.where(cp.c.active.is_(True))
+    else:
+        query = query.where(cp.c.version == version)
+    result = await conn.execute(query.values(position=new, updated_at=_now()))
     if result.rowcount != 1:
-        raise CheckpointMoved(name, version, old)
+        raise CheckpointMoved(name, old)
 
 
 async def drop(conn: AsyncConnection, name: str, version: int | None = None) -> None:

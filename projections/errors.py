@@ -59,10 +59,9 @@ class InvalidPagination(InvalidQuery):
 class CheckpointMoved(ProjectionError):
     """Another runner moved a checkpoint during this batch; the batch was rolled back."""
 
-    def __init__(self, name: str, version: int, expected: int) -> None:
-        super().__init__(f"checkpoint {name} v{version} is no longer at {expected}")
+    def __init__(self, name: str, expected: int) -> None:
+        super().__init__(f"checkpoint of {name} is no longer at {expected}")
         self.name = name
-        self.version = version
         self.expected = expected
 
 

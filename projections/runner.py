@@ -70,7 +70,7 @@ class InlineRunner:
         if moved != len(self.projectors):
             behind = []
             for p in self.projectors:
-                row = await checkpoints.load(conn, p.name, p.version)
+                row = await checkpoints.load_active(conn, p.name)
                 if row is None or row.position != first - 1:
                     behind.append(p.name)
             raise InlineProjectionBehind(behind)
@@ -123,9 +123,7 @@ class Worker:
         postgres = engine.dialect.name == "postgresql"
         async with engine.connect() as conn:
             await begin_write(conn)
-            query = select(cp.c.position).where(
-                cp.c.name == projector.name, cp.c.version == projector.version
-            )
+            query = select(cp.c.position).where(cp.c.name == projector.name, cp.c.active.is_(True))
             if postgres:
                 query = query.with_for_update(skip_locked=True)
             position = await conn.scalar(query)
@@ -147,7 +145,7 @@ class Worker:
                 await conn.rollback()
                 return BatchResult(projector.name, 0, position)
             await apply_records(conn, projector, records)
-            await checkpoints.move(conn, projector.name, projector.version, old=position, new=new)
+            await checkpoints.move(conn, projector.name, old=position, new=new)
             await conn.commit()
         self.stats.events += len(records)
         self.stats.batches += 1
@@ -228,7 +226,7 @@ class Worker:
 async def lowest_position(conn: AsyncConnection, projectors: Sequence[Projector]) -> int:
     positions = []
     for p in projectors:
-        row = await checkpoints.load(conn, p.name, p.version)
+        row = await checkpoints.load_active(conn, p.name)
         positions.append(row.position if row is not None else 0)
     return min(positions, default=0)
 

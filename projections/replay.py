@@ -1,0 +1,321 @@
+"""Rebuild a projection from position 0 into shadow tables, then swap them in.
+
+The live tables keep serving reads (and inline writes) while the shadow copies are
+filled batch by batch; each batch commits its shadow rows together with the
+rebuild's own checkpoint (``<name>#rebuild``), so an interrupted rebuild resumes
+where it stopped. When the shadow is within one batch of the head, one transaction
+locks the live tables, applies the rest, drops the live tables, renames the shadows
+into their place (indexes and constraints too) and moves the live checkpoint: the
+live tables are never seen half-built.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Index, MetaData, Table, delete, func, insert, select, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from eventstore.engine import begin_write
+from eventstore.schema import NAMING_CONVENTION, events
+from eventstore.schema import projection_checkpoints as cp
+from eventstore.store import EventStore
+from projections import checkpoints
+from projections.projector import Projector, Tables
+from projections.runner import apply_records
+
+SHADOW_SUFFIX = "__rebuild"
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildPlan:
+    projector: str
+    version: int
+    active_version: int | None
+    resume_from: int
+    head: int
+    events_to_apply: int
+
+    @property
+    def stale(self) -> bool:
+        """The code's version differs from the live tables' version."""
+        return self.active_version != self.version
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildProgress:
+    projector: str
+    position: int
+    head: int
+    applied: int
+    elapsed: float
+
+    @property
+    def rate(self) -> float:
+        return self.applied / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildReport:
+    projector: str
+    version: int
+    position: int
+    applied: int
+    seconds: float
+    resumed_from: int
+
+
+ProgressCallback = Callable[[RebuildProgress], None]
+
+
+def shadow_tables(projector: Projector) -> Tables:
+    """Copies of the projector's tables named ``<table>__rebuild``, with indexes and
+    constraints named after them by the shared naming convention."""
+    shadow_md = MetaData(naming_convention=NAMING_CONVENTION)
+    return Tables(
+        {
+            t.name: t.to_metadata(shadow_md, name=f"{t.name}{SHADOW_SUFFIX}")
+            for t in projector.tables
+        }
+    )
+
+
+def _rebuild_name(projector: Projector) -> str:
+    return f"{projector.name}{checkpoints.REBUILD_SUFFIX}"
+
+
+async def plan(conn: AsyncConnection, projector: Projector) -> RebuildPlan:
+    """What a rebuild of ``projector`` would do now, without doing it."""
+    active = await checkpoints.load_active(conn, projector.name)
+    state = await checkpoints.load(conn, _rebuild_name(projector), projector.version)
+    resume = state.position if state is not None and await _shadows_exist(conn, projector) else 0
+    head = int(await conn.scalar(select(func.coalesce(func.max(events.c.position), 0))) or 0)
+    count = await conn.scalar(
+        select(func.count())
+        .select_from(events)
+        .where(events.c.position > resume, events.c.event_type.in_(sorted(projector.handles)))
+    )
+    return RebuildPlan(
+        projector.name,
+        projector.version,
+        active.version if active is not None else None,
+        resume,
+        head,
+        int(count or 0),
+    )
+
+
+async def _shadows_exist(conn: AsyncConnection, projector: Projector) -> bool:
+    names = {f"{t.name}{SHADOW_SUFFIX}" for t in projector.tables}
+
+    def check(sync: Connection) -> bool:
+        return all(sync.dialect.has_table(sync, name) for name in names)
+
+    return await conn.run_sync(check)
+
+
+async def _prepare(store: EventStore, projector: Projector) -> int:
+    """Create (or keep, when resuming) the shadow tables; return the start position."""
+    shadows = shadow_tables(projector)
+    name = _rebuild_name(projector)
+    async with store.engine.connect() as conn:
+        await begin_write(conn)
+        state = await checkpoints.load(conn, name, projector.version)
+        if state is not None and await _shadows_exist(conn, projector):
+            await conn.commit()
+            return state.position
+        for table in shadows.values():
+            await conn.run_sync(_recreate, table)
+        await conn.execute(delete(cp).where(cp.c.name == name))
+        await conn.execute(
+            insert(cp).values(
+                name=name,
+                version=projector.version,
+                position=0,
+                active=False,
+                updated_at=datetime.now(UTC),
+            )
+        )
+        await conn.commit()
+    return 0
+
+
+async def _apply_batch(
+    store: EventStore,
+    conn: AsyncConnection,
+    projector: Projector,
+    shadows: Tables,
+    *,
+    position: int,
+    batch_size: int,
+    until: int,
+) -> tuple[int, int]:
+    records = await store.read_all(
+        conn, position, batch_size, types=sorted(projector.handles), until_position=until
+    )
+    new = records[-1].position if len(records) == batch_size else until
+    if new == position:
+        return position, 0
+    await apply_records(conn, projector, records, shadows)
+    await checkpoints.move(
+        conn, _rebuild_name(projector), old=position, new=new, version=projector.version
+    )
+    return new, len(records)
+
+
+async def rebuild(
+    store: EventStore,
+    projector: Projector,
+    *,
+    batch_size: int = 2000,
+    on_progress: ProgressCallback | None = None,
+) -> RebuildReport:
+    """Rebuild ``projector`` from the log and swap it in; resumable after a crash."""
+    started = time.monotonic()
+    position = resumed = await _prepare(store, projector)
+    shadows = shadow_tables(projector)
+    applied = 0
+    while True:
+        async with store.engine.connect() as conn:
+            await begin_write(conn)
+            head = await store.head_position(conn)
+            if head - position <= batch_size:
+                await conn.rollback()
+                break
+            position, count = await _apply_batch(
+                store,
+                conn,
+                projector,
+                shadows,
+                position=position,
+                batch_size=batch_size,
+                until=head,
+            )
+            await conn.commit()
+        applied += count
+        if on_progress is not None:
+            on_progress(
+                RebuildProgress(projector.name, position, head, applied, time.monotonic() - started)
+            )
+    position, count = await _swap(store, projector, shadows, position, batch_size)
+    applied += count
+    if on_progress is not None:
+        on_progress(
+            RebuildProgress(projector.name, position, position, applied, time.monotonic() - started)
+        )
+    return RebuildReport(
+        projector.name, projector.version, position, applied, time.monotonic() - started, resumed
+    )
+
+
+async def _swap(
+    store: EventStore, projector: Projector, shadows: Tables, position: int, batch_size: int
+) -> tuple[int, int]:
+    postgres = store.engine.dialect.name == "postgresql"
+    live_names = [t.name for t in projector.tables]
+    applied = 0
+    async with store.engine.connect() as conn:
+        await begin_write(conn)  # SQLite: the write lock holds every writer off
+        if postgres:
+            # Readers must not queue behind our ACCESS EXCLUSIVE for long: give up fast.
+            await conn.execute(text("SET LOCAL lock_timeout = '2s'"))
+            quoted = ", ".join(conn.dialect.identifier_preparer.quote(n) for n in live_names)
+            await conn.execute(text(f"LOCK TABLE {quoted} IN ACCESS EXCLUSIVE MODE"))
+            # Hold inline writers' checkpoint moves until the swap commits.
+            await conn.execute(
+                select(cp.c.position)
+                .where(cp.c.name == projector.name, cp.c.active.is_(True))
+                .with_for_update()
+            )
+        head = await store.head_position(conn)
+        while position < head:
+            position, count = await _apply_batch(
+                store,
+                conn,
+                projector,
+                shadows,
+                position=position,
+                batch_size=batch_size,
+                until=head,
+            )
+            applied += count
+        for table in projector.tables:
+            await conn.run_sync(_drop, table)
+        for live in projector.tables:
+            await conn.run_sync(_rename_shadow, live, shadows[live.name])
+        await conn.execute(delete(cp).where(cp.c.name == projector.name))
+        await conn.execute(delete(cp).where(cp.c.name == _rebuild_name(projector)))
+        await conn.execute(
+            insert(cp).values(
+                name=projector.name,
+                version=projector.version,
+                position=head,
+                active=True,
+                updated_at=datetime.now(UTC),
+            )
+        )
+        await conn.commit()
+    return position, applied
+
+
+def _recreate(sync: Connection, table: Table) -> None:
+    table.drop(sync, checkfirst=True)
+    table.create(sync)
+
+
+def _drop(sync: Connection, table: Table) -> None:
+    table.drop(sync, checkfirst=True)
+
+
+def _rename_shadow(sync: Connection, live: Table, shadow: Table) -> None:
+    prep = sync.dialect.identifier_preparer
+    sync.execute(text(f"ALTER TABLE {prep.quote(shadow.name)} RENAME TO {prep.quote(live.name)}"))
+    if sync.dialect.name == "postgresql":
+        # Index and constraint names embed the table name; give back the live ones.
+        rows = sync.execute(
+            text(
+                "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = CAST(:t AS regclass)"
+            ),
+            {"t": prep.quote(live.name)},
+        ).scalars()
+        for index_name in list(rows):
+            wanted = index_name.replace(shadow.name, live.name, 1)
+            if wanted != index_name:
+                sync.execute(
+                    text(f"ALTER INDEX {prep.quote(index_name)} RENAME TO {prep.quote(wanted)}")
+                )
+    else:
+        # SQLite cannot rename an index: recreate the secondary ones under live names.
+        for index in shadow.indexes:
+            sync.execute(text(f"DROP INDEX IF EXISTS {prep.quote(str(index.name))}"))
+        for index in live.indexes:
+            Index(index.name, *index.expressions, unique=index.unique).create(sync)
+
+
+async def rebuild_all(
+    store: EventStore,
+    projectors: Sequence[Projector],
+    *,
+    batch_size: int = 2000,
+    on_progress: ProgressCallback | None = None,
+) -> list[RebuildReport]:
+    return [
+        await rebuild(store, p, batch_size=batch_size, on_progress=on_progress) for p in projectors
+    ]
+
+
+async def stale_projectors(
+    conn: AsyncConnection, projectors: Sequence[Projector]
+) -> list[Projector]:
+    """Projectors whose code version differs from the version of their live tables."""
+    stale = []
+    for projector in projectors:
+        active = await checkpoints.load_active(conn, projector.name)
+        if active is None or active.version != projector.version:
+            stale.append(projector)
+    return stale
