@@ -46,6 +46,12 @@ class LogAction(Command):
     details: dict[str, JsonValue] = Field(default_factory=dict)
 
 
+class ReadAuditLog(Command):
+    """Not decided: named in the security stream when reading the log is refused."""
+
+    query: str = Field(default="", max_length=500)
+
+
 class State(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Index, MetaData, Table, delete, func, insert, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import conv
 
 from eventstore.engine import begin_write
 from eventstore.schema import NAMING_CONVENTION, events
@@ -73,15 +75,21 @@ ProgressCallback = Callable[[RebuildProgress], None]
 
 
 def shadow_tables(projector: Projector) -> Tables:
-    """Copies of the projector's tables named ``<table>__rebuild``, with indexes and
-    constraints named after them by the shared naming convention."""
+    """Copies of the projector's tables named ``<table>__rebuild``, their indexes and
+    constraints renamed to match."""
     shadow_md = MetaData(naming_convention=NAMING_CONVENTION)
-    return Tables(
-        {
-            t.name: t.to_metadata(shadow_md, name=f"{t.name}{SHADOW_SUFFIX}")
-            for t in projector.tables
-        }
-    )
+    copies = {}
+    for table in projector.tables:
+        name = f"{table.name}{SHADOW_SUFFIX}"
+        copy = table.to_metadata(shadow_md, name=name)
+        # to_metadata keeps the names the convention gave the live table; rename them,
+        # since index and constraint names must be unique per schema.
+        items: list[Any] = [*copy.indexes, *copy.constraints]
+        for item in items:
+            if isinstance(item.name, str) and table.name in item.name:
+                item.name = conv(item.name.replace(table.name, name, 1))
+        copies[table.name] = copy
+    return Tables(copies)
 
 
 def _rebuild_name(projector: Projector) -> str:

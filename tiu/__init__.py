@@ -1,0 +1,72 @@
+"""tiu-core: an event-sourced domain core for a multi-user task tracker.
+
+from tiu import create_database_service
+
+service = await create_database_service()
+async with service.get_repositories() as repos:
+    user = await repos.get_user_repository().create_user(...)
+"""
+
+from domain.errors import (
+    AccountInactive,
+    AccountLocked,
+    AlreadyExists,
+    Conflict,
+    DomainError,
+    IllegalTransition,
+    InvalidCommand,
+    InvalidCredentials,
+    NotFound,
+    PermissionDenied,
+    ResetTokenInvalid,
+    SessionInvalid,
+    WeakPassword,
+)
+from eventstore.errors import (
+    AppendTimeout,
+    ConcurrencyError,
+    EventStoreError,
+    PoolExhausted,
+    StoreUnavailable,
+    WrongExpectedVersion,
+)
+from projections.errors import InvalidCursor, InvalidFilter, ProjectionError, ProjectionTimeout
+from tiu.dispatch import CommandResult
+from tiu.errors import DuplicateRejectedCommand
+from tiu.repositories import BulkOperationError, Repositories
+from tiu.service import DatabaseService, ProjectionMode, create_database_service
+from tiu.settings import Settings
+
+__all__ = [
+    "AccountInactive",
+    "AccountLocked",
+    "AlreadyExists",
+    "AppendTimeout",
+    "BulkOperationError",
+    "CommandResult",
+    "ConcurrencyError",
+    "Conflict",
+    "DatabaseService",
+    "DomainError",
+    "DuplicateRejectedCommand",
+    "EventStoreError",
+    "IllegalTransition",
+    "InvalidCommand",
+    "InvalidCredentials",
+    "InvalidCursor",
+    "InvalidFilter",
+    "NotFound",
+    "PermissionDenied",
+    "PoolExhausted",
+    "ProjectionError",
+    "ProjectionMode",
+    "ProjectionTimeout",
+    "Repositories",
+    "ResetTokenInvalid",
+    "SessionInvalid",
+    "Settings",
+    "StoreUnavailable",
+    "WeakPassword",
+    "WrongExpectedVersion",
+    "create_database_service",
+]

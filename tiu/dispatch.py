@@ -316,6 +316,16 @@ class Dispatcher:
             return result
         return next(r for r in unit.results if r.command_id == command.command_id)
 
+    async def record_rejection(
+        self, command: Command, error: DomainError, ctx: CommandContext
+    ) -> None:
+        """Append the security event for a refusal decided outside a decider (a read)."""
+
+        async def work(unit: CommandUnit) -> None:
+            await unit.append_security(command, error, ctx)
+
+        await self.run(work)
+
     async def catch_up_inline(self) -> None:
         if self.inline is None:
             return

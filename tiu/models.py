@@ -1,0 +1,142 @@
+"""What repositories return: frozen views of read-model rows (never hashes or tokens)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict
+
+
+class View(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any] | Any) -> Self:
+        return cls.model_validate(dict(row))
+
+
+class User(View):
+    user_id: str
+    email: str
+    username: str
+    display_name: str | None
+    active: bool
+    locked_until: datetime | None
+    failed_logins: int
+    last_login_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    roles: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return self.user_id
+
+
+class Project(View):
+    project_id: str
+    name: str
+    description: str
+    visibility: str
+    owner_id: str
+    archived: bool
+    archived_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def id(self) -> str:
+        return self.project_id
+
+
+class Member(View):
+    project_id: str
+    user_id: str
+    role: str
+    added_at: datetime
+
+
+class Task(View):
+    task_id: str
+    project_id: str
+    title: str
+    description: str
+    status: str
+    priority: str
+    priority_rank: int
+    due_at: datetime | None
+    assignee_id: str | None
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+
+    @property
+    def id(self) -> str:
+        return self.task_id
+
+
+class Session(View):
+    session_id: str
+    user_id: str
+    started_at: datetime
+    expires_at: datetime
+    last_seen_at: datetime
+    revoked_at: datetime | None
+    revoked_reason: str | None
+
+    @property
+    def id(self) -> str:
+        return self.session_id
+
+
+class NewSession(BaseModel):
+    """A started session. ``token`` is shown this once; only its SHA-256 is stored."""
+
+    model_config = ConfigDict(frozen=True)
+
+    token: str
+    session: Session
+    user: User
+
+
+class SessionValidation(BaseModel):
+    """The answer to "may this token act?": the user and permissions, or why not."""
+
+    model_config = ConfigDict(frozen=True)
+
+    valid: bool
+    reason: str | None = None
+    user: User | None = None
+    permissions: frozenset[str] = frozenset()
+    session: Session | None = None
+
+
+class ProjectStatistics(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    project_id: str
+    total: int
+    by_status: dict[str, int]
+    completion_rate: float | None
+    overdue: int
+
+
+class AuditEntry(BaseModel):
+    """One event of the log, as audit queries show it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    position: int
+    recorded_at: datetime
+    stream_id: str
+    category: str
+    version: int
+    event_type: str
+    actor_id: str | None
+    correlation_id: str | None
+    causation_id: str | None
+    command_id: str | None
+    data: dict[str, Any]

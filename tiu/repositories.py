@@ -1,0 +1,985 @@
+"""The repositories users hold: write methods issue commands, read methods query read
+models (the audit repository reads the log itself).
+
+A repository is bound to an *actor* (who is acting; ``None`` is an anonymous caller)
+and to a *channel*: standalone (each write is its own transaction, each read a short
+connection) or a unit of work (``execute_in_transaction``: every write joins one
+transaction and reads see its writes).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import SecretStr
+from sqlalchemy import ColumnElement, and_, func, or_, select, true
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from domain import audit, projects, sessions, tasks, users
+from domain.base import Command, CommandContext
+from domain.errors import DomainError, InvalidCommand, NotFound, PermissionDenied
+from domain.passwords import hash_token
+from domain.permissions import SYSTEM_ACTOR, Permission, ProjectRole, Role
+from eventstore.schema import events, unique_keys
+from projections.query import Page, Query
+from projections.readmodels.project_stats import project_stats
+from projections.readmodels.projects import project_members, projects_table
+from projections.readmodels.sessions import sessions_table
+from projections.readmodels.tasks import tasks_table
+from projections.readmodels.users import lookup_key, user_permissions, user_roles, users_table
+from tiu.dispatch import CommandResult, CommandUnit
+from tiu.models import (
+    AuditEntry,
+    Member,
+    NewSession,
+    Project,
+    ProjectStatistics,
+    Session,
+    SessionValidation,
+    Task,
+    User,
+)
+
+if TYPE_CHECKING:
+    from tiu.service import DatabaseService
+
+V = TypeVar("V")
+
+USERS_Q = Query(users_table)
+PROJECTS_Q = Query(projects_table)
+MEMBERS_Q = Query(project_members)
+TASKS_Q = Query(tasks_table)
+SESSIONS_Q = Query(
+    sessions_table, fields=[c.name for c in sessions_table.c if c.name != "token_hash"]
+)
+OPEN_STATUSES = (tasks.TaskStatus.TODO, tasks.TaskStatus.IN_PROGRESS, tasks.TaskStatus.REVIEW)
+
+
+class BulkOperationError(DomainError):
+    """One item of a bulk operation was refused; nothing of the batch was applied."""
+
+    code = "bulk_refused"
+
+    def __init__(self, index: int, item: str, error: DomainError) -> None:
+        super().__init__(f"item {index} ({item}) refused: {error}")
+        self.index = index
+        self.item = item
+        self.error = error
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is acting and from where; becomes the command context."""
+
+    actor_id: str | None = None
+    ip: str | None = None
+    user_agent: str | None = None
+    correlation_id: str | None = None
+
+
+class Channel:
+    """How repositories read and write: standalone, or inside one unit of work."""
+
+    def __init__(self, service: DatabaseService, caller: Caller, unit: CommandUnit | None) -> None:
+        self.service = service
+        self.caller = caller
+        self.unit = unit
+
+    def context(
+        self, *, actor_id: str | None = None, now: datetime | None = None
+    ) -> CommandContext:
+        caller = self.caller
+        return self.service.context(
+            actor_id if actor_id is not None else caller.actor_id,
+            ip=caller.ip,
+            user_agent=caller.user_agent,
+            correlation_id=caller.correlation_id,
+            now=now,
+        )
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        if self.unit is not None:
+            yield self.unit.conn
+        else:
+            async with self.service.engine.connect() as conn:
+                yield conn
+
+    async def send(self, command: Command, *, actor_id: str | None = None) -> CommandResult:
+        ctx = self.context(actor_id=actor_id)
+        if self.unit is not None:
+            return await self.unit.handle(command, ctx)
+        result = await self.service.dispatcher.dispatch(command, ctx)
+        await self.service.caught_up(result)
+        return result
+
+    async def batch(self, work: Callable[[Channel], Awaitable[V]]) -> V:
+        """Run ``work`` with every write in one transaction (this unit, or a new one)."""
+        if self.unit is not None:
+            return await work(self)
+
+        async def in_unit(unit: CommandUnit) -> V:
+            return await work(Channel(self.service, self.caller, unit))
+
+        value, unit = await self.service.dispatcher.run(in_unit)
+        positions = [r.position for r in unit.results if r.position is not None]
+        if positions:
+            await self.service.wait_for(max(positions))
+        return value
+
+    async def actor_permissions(self) -> frozenset[str]:
+        actor = self.caller.actor_id
+        if actor is None:
+            return frozenset()
+        if actor == SYSTEM_ACTOR:
+            return frozenset(Permission)
+        async with self.read() as conn:
+            rows = await conn.execute(
+                select(user_permissions.c.permission).where(user_permissions.c.user_id == actor)
+            )
+            return frozenset(rows.scalars())
+
+
+class _Repository:
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    @property
+    def actor_id(self) -> str | None:
+        return self._channel.caller.actor_id
+
+    def _now(self) -> datetime:
+        return self._channel.service.now()
+
+
+class UserRepository(_Repository):
+    async def create_user(
+        self,
+        *,
+        email: str,
+        username: str,
+        password: str,
+        display_name: str | None = None,
+        roles: Sequence[str] | None = None,
+        user_id: str | None = None,
+    ) -> User | None:
+        """Register a user (unique email and username, password policy, bcrypt)."""
+        command = users.RegisterUser(
+            email=email,
+            username=username,
+            password=SecretStr(password),
+            display_name=display_name,
+            **({"roles": tuple(roles)} if roles is not None else {}),
+            **({"user_id": user_id} if user_id is not None else {}),
+        )
+        await self._channel.send(command)
+        return await self.get_by_id(command.user_id)
+
+    async def get_by_id(self, user_id: str) -> User | None:
+        async with self._channel.read() as conn:
+            row = await USERS_Q.get(conn, user_id)
+            return await _with_roles(conn, row) if row is not None else None
+
+    async def get_by_email(self, email: str) -> User | None:
+        return await self._find(users_table.c.email_lower == lookup_key(email))
+
+    async def get_by_username(self, username: str) -> User | None:
+        return await self._find(users_table.c.username_lower == lookup_key(username))
+
+    async def _find(self, condition: ColumnElement[bool]) -> User | None:
+        async with self._channel.read() as conn:
+            rows = await USERS_Q.list(conn, where=condition, limit=1)
+            return await _with_roles(conn, rows[0]) if rows else None
+
+    async def list_users(
+        self,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        order_by: Sequence[str] | None = ("created_at",),
+        limit: int | None = 100,
+        offset: int | None = None,
+    ) -> list[User]:
+        async with self._channel.read() as conn:
+            rows = await USERS_Q.list(conn, filters, order_by=order_by, limit=limit, offset=offset)
+            return [User.from_row(r) for r in rows]
+
+    async def count_users(self, filters: Mapping[str, Any] | None = None) -> int:
+        async with self._channel.read() as conn:
+            return await USERS_Q.count(conn, filters)
+
+    async def user_id_for_email(self, email: str) -> str | None:
+        """Resolve an email through the unique-key table (the write side's truth)."""
+        key = users.email_claim_key(email)
+        async with self._channel.read() as conn:
+            stream = await conn.scalar(
+                select(unique_keys.c.stream_id).where(
+                    unique_keys.c.scope == "email", unique_keys.c.key == key
+                )
+            )
+        return stream.removeprefix(f"{users.CATEGORY}-") if stream else None
+
+    async def authenticate(self, email: str, password: str) -> User:
+        """Check a password. Unknown emails cost the same bcrypt work and get the same
+        ``InvalidCredentials``; repeated failures lock the account (``AccountLocked``)."""
+        user_id = await self.user_id_for_email(email) if "@" in email else None
+        await self._channel.send(users.AttemptLogin(user_id=user_id, password=SecretStr(password)))
+        assert user_id is not None  # an unknown email was refused above
+        user = await self.get_by_id(user_id)
+        assert user is not None
+        return user
+
+    async def change_password(self, user_id: str, old_password: str, new_password: str) -> None:
+        """Also revokes every session of the user."""
+        await self._channel.send(
+            users.ChangePassword(
+                user_id=user_id,
+                old_password=SecretStr(old_password),
+                new_password=SecretStr(new_password),
+            ),
+            actor_id=self.actor_id or user_id,
+        )
+
+    async def request_password_reset(self, email: str) -> str | None:
+        """A single-use reset token (``<user_id>.<secret>``), shown once; only its hash is
+        stored. ``None`` when the email is unknown: tell the end user the same either way."""
+        user_id = await self.user_id_for_email(email)
+        if user_id is None:
+            return None
+        token = f"{user_id}.{secrets.token_urlsafe(32)}"
+        await self._channel.send(
+            users.RequestPasswordReset(user_id=user_id, token=SecretStr(token)),
+            actor_id=self.actor_id or user_id,
+        )
+        return token
+
+    async def complete_password_reset(self, token: str, new_password: str) -> None:
+        user_id = token.split(".", 1)[0] if "." in token else ""
+        if not user_id:
+            raise InvalidCommand("token", "malformed reset token")
+        await self._channel.send(
+            users.CompletePasswordReset(
+                user_id=user_id, token=SecretStr(token), new_password=SecretStr(new_password)
+            ),
+            actor_id=self.actor_id or user_id,
+        )
+
+    async def assign_role(self, user_id: str, role: str) -> None:
+        await self._channel.send(users.AssignRole(user_id=user_id, role=Role(role)))
+
+    async def revoke_role(self, user_id: str, role: str) -> None:
+        await self._channel.send(users.RevokeRole(user_id=user_id, role=Role(role)))
+
+    async def get_user_permissions(self, user_id: str) -> frozenset[str]:
+        async with self._channel.read() as conn:
+            rows = await conn.execute(
+                select(user_permissions.c.permission).where(user_permissions.c.user_id == user_id)
+            )
+            return frozenset(rows.scalars())
+
+    async def unlock(self, user_id: str) -> None:
+        await self._channel.send(users.UnlockUser(user_id=user_id))
+
+    async def deactivate(self, user_id: str) -> None:
+        await self._channel.send(users.DeactivateUser(user_id=user_id))
+
+    async def reactivate(self, user_id: str) -> None:
+        await self._channel.send(users.ReactivateUser(user_id=user_id))
+
+    async def change_email(self, user_id: str, new_email: str, password: str | None = None) -> None:
+        await self._channel.send(
+            users.ChangeEmail(
+                user_id=user_id,
+                new_email=new_email,
+                password=SecretStr(password) if password is not None else None,
+            )
+        )
+
+
+async def _with_roles(conn: AsyncConnection, row: Mapping[str, Any]) -> User:
+    roles = await conn.execute(
+        select(user_roles.c.role)
+        .where(user_roles.c.user_id == row["user_id"])
+        .order_by(user_roles.c.role)
+    )
+    return User.from_row({**row, "roles": tuple(roles.scalars())})
+
+
+class ProjectRepository(_Repository):
+    """Reads are access-checked: owners, members, admins, and anyone for public projects."""
+
+    async def _visible(self) -> ColumnElement[bool]:
+        if Permission.PROJECTS_READ_ALL in await self._channel.actor_permissions():
+            return true()
+        public = projects_table.c.visibility == projects.Visibility.PUBLIC.value
+        actor = self.actor_id
+        if actor is None:
+            return public
+        member_of = select(project_members.c.project_id).where(project_members.c.user_id == actor)
+        return or_(
+            public, projects_table.c.owner_id == actor, projects_table.c.project_id.in_(member_of)
+        )
+
+    async def create_project(
+        self,
+        name: str,
+        description: str = "",
+        visibility: str = "private",
+        *,
+        project_id: str | None = None,
+    ) -> Project | None:
+        command = projects.CreateProject(
+            name=name,
+            description=description,
+            visibility=projects.Visibility(visibility),
+            **({"project_id": project_id} if project_id is not None else {}),
+        )
+        await self._channel.send(command)
+        return await self.get_project(command.project_id)
+
+    async def get_project(self, project_id: str) -> Project | None:
+        async with self._channel.read() as conn:
+            rows = await PROJECTS_Q.list(
+                conn,
+                where=and_(projects_table.c.project_id == project_id, await self._visible()),
+                limit=1,
+            )
+        return Project.from_row(rows[0]) if rows else None
+
+    async def get_user_projects(
+        self, user_id: str | None = None, *, include_archived: bool = False, limit: int = 100
+    ) -> list[Project]:
+        """Projects ``user_id`` (default: the actor) owns or is a member of, plus public
+        ones, as far as the actor may see them."""
+        subject = user_id or self.actor_id
+        member_of = select(project_members.c.project_id).where(project_members.c.user_id == subject)
+        involved = or_(
+            projects_table.c.owner_id == subject,
+            projects_table.c.project_id.in_(member_of),
+            projects_table.c.visibility == projects.Visibility.PUBLIC.value,
+        )
+        condition = and_(involved, await self._visible())
+        if not include_archived:
+            condition = and_(condition, projects_table.c.archived.is_(False))
+        async with self._channel.read() as conn:
+            rows = await PROJECTS_Q.list(
+                conn, where=condition, order_by=["-created_at"], limit=limit
+            )
+        return [Project.from_row(r) for r in rows]
+
+    async def search_projects(
+        self,
+        text: str | None = None,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        order_by: Sequence[str] | None = ("name",),
+        limit: int | None = 50,
+        offset: int | None = None,
+    ) -> list[Project]:
+        """Projects whose name contains ``text`` (case-insensitive, ASCII folding), narrowed
+        by ``filters`` (``field__op=value``), among those the actor may see."""
+        merged = dict(filters or {})
+        if text:
+            merged["name__ilike"] = "%" + _escape_like(text) + "%"
+        async with self._channel.read() as conn:
+            rows = await PROJECTS_Q.list(
+                conn,
+                merged,
+                where=await self._visible(),
+                order_by=order_by,
+                limit=limit,
+                offset=offset,
+            )
+        return [Project.from_row(r) for r in rows]
+
+    async def page_projects(
+        self,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        order_by: Sequence[str] = ("-created_at",),
+        after: str | None = None,
+        limit: int = 50,
+    ) -> Page:
+        async with self._channel.read() as conn:
+            return await PROJECTS_Q.page(
+                conn,
+                filters,
+                order_by=order_by,
+                after=after,
+                limit=limit,
+                where=await self._visible(),
+            )
+
+    async def update_project(
+        self, project_id: str, *, name: str | None = None, description: str | None = None
+    ) -> None:
+        await self._channel.send(
+            projects.UpdateProject(project_id=project_id, name=name, description=description)
+        )
+
+    async def change_visibility(self, project_id: str, visibility: str) -> None:
+        await self._channel.send(
+            projects.ChangeVisibility(
+                project_id=project_id, visibility=projects.Visibility(visibility)
+            )
+        )
+
+    async def archive_project(self, project_id: str) -> None:
+        await self._channel.send(projects.ArchiveProject(project_id=project_id))
+
+    async def restore_project(self, project_id: str) -> None:
+        await self._channel.send(projects.RestoreProject(project_id=project_id))
+
+    async def add_member(self, project_id: str, user_id: str, role: str = "editor") -> None:
+        await self._channel.send(
+            projects.AddMember(project_id=project_id, user_id=user_id, role=ProjectRole(role))
+        )
+
+    async def remove_member(self, project_id: str, user_id: str) -> None:
+        await self._channel.send(projects.RemoveMember(project_id=project_id, user_id=user_id))
+
+    async def get_members(self, project_id: str) -> list[Member]:
+        if await self.get_project(project_id) is None:
+            raise NotFound("project", project_id)
+        async with self._channel.read() as conn:
+            rows = await MEMBERS_Q.list(
+                conn, {"project_id": project_id}, order_by=["added_at"], limit=None
+            )
+        return [Member.from_row(r) for r in rows]
+
+    async def get_project_statistics(self, project_id: str) -> ProjectStatistics:
+        if await self.get_project(project_id) is None:
+            raise NotFound("project", project_id)
+        now = self._now()
+        async with self._channel.read() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        select(project_stats).where(project_stats.c.project_id == project_id)
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            overdue = await conn.scalar(
+                select(func.count())
+                .select_from(tasks_table)
+                .where(
+                    tasks_table.c.project_id == project_id,
+                    tasks_table.c.status.in_([s.value for s in OPEN_STATUSES]),
+                    tasks_table.c.due_at < now,
+                )
+            )
+        by_status = {s.value: int(row[s.value]) if row else 0 for s in tasks.TaskStatus}
+        total = int(row["total"]) if row else 0
+        counted = total - by_status[tasks.TaskStatus.CANCELLED.value]
+        rate = by_status[tasks.TaskStatus.DONE.value] / counted if counted else None
+        return ProjectStatistics(
+            project_id=project_id,
+            total=total,
+            by_status=by_status,
+            completion_rate=rate,
+            overdue=int(overdue or 0),
+        )
+
+
+class TaskRepository(_Repository):
+    async def _visible(self) -> ColumnElement[bool]:
+        visible_projects = select(projects_table.c.project_id).where(
+            await ProjectRepository(self._channel)._visible()
+        )
+        return tasks_table.c.project_id.in_(visible_projects)
+
+    async def _project_of(self, task_id: str) -> str:
+        async with self._channel.read() as conn:
+            project_id = await conn.scalar(
+                select(tasks_table.c.project_id).where(tasks_table.c.task_id == task_id)
+            )
+        if project_id is None:
+            raise NotFound("task", task_id)
+        return str(project_id)
+
+    async def create_task(
+        self,
+        project_id: str,
+        title: str,
+        description: str = "",
+        *,
+        priority: str = "medium",
+        due_date: datetime | None = None,
+        assignee_id: str | None = None,
+        task_id: str | None = None,
+    ) -> Task | None:
+        command = tasks.CreateTask(
+            project_id=project_id,
+            title=title,
+            description=description,
+            priority=tasks.Priority(priority),
+            due_date=due_date,
+            assignee_id=assignee_id,
+            **({"task_id": task_id} if task_id is not None else {}),
+        )
+        await self._channel.send(command)
+        return await self.get_task(command.task_id)
+
+    async def get_task(self, task_id: str) -> Task | None:
+        async with self._channel.read() as conn:
+            rows = await TASKS_Q.list(
+                conn, where=and_(tasks_table.c.task_id == task_id, await self._visible()), limit=1
+            )
+        return Task.from_row(rows[0]) if rows else None
+
+    async def edit_task(self, task_id: str, **fields: Any) -> Task | None:
+        await self._channel.send(
+            tasks.EditTask(task_id=task_id, project_id=await self._project_of(task_id), **fields)
+        )
+        return await self.get_task(task_id)
+
+    async def assign_task(self, task_id: str, user_id: str) -> Task | None:
+        await self._channel.send(
+            tasks.AssignTask(
+                task_id=task_id, project_id=await self._project_of(task_id), assignee_id=user_id
+            )
+        )
+        return await self.get_task(task_id)
+
+    async def unassign_task(self, task_id: str) -> Task | None:
+        await self._channel.send(
+            tasks.UnassignTask(task_id=task_id, project_id=await self._project_of(task_id))
+        )
+        return await self.get_task(task_id)
+
+    async def update_task_status(self, task_id: str, status: str) -> Task | None:
+        await self._channel.send(
+            tasks.ChangeTaskStatus(
+                task_id=task_id,
+                project_id=await self._project_of(task_id),
+                to=tasks.TaskStatus(status),
+            )
+        )
+        return await self.get_task(task_id)
+
+    async def list_tasks(
+        self,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        order_by: Sequence[str] | None = ("created_at",),
+        limit: int | None = 100,
+        offset: int | None = None,
+        where: ColumnElement[bool] | None = None,
+    ) -> list[Task]:
+        condition = await self._visible()
+        if where is not None:
+            condition = and_(condition, where)
+        async with self._channel.read() as conn:
+            rows = await TASKS_Q.list(
+                conn, filters, where=condition, order_by=order_by, limit=limit, offset=offset
+            )
+        return [Task.from_row(r) for r in rows]
+
+    async def page_tasks(
+        self,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        order_by: Sequence[str] = ("created_at",),
+        after: str | None = None,
+        limit: int = 100,
+    ) -> Page:
+        async with self._channel.read() as conn:
+            return await TASKS_Q.page(
+                conn,
+                filters,
+                order_by=order_by,
+                after=after,
+                limit=limit,
+                where=await self._visible(),
+            )
+
+    async def count_tasks(self, filters: Mapping[str, Any] | None = None) -> int:
+        async with self._channel.read() as conn:
+            return await TASKS_Q.count(conn, filters, where=await self._visible())
+
+    async def get_project_tasks(
+        self, project_id: str, status: str | None = None, **options: Any
+    ) -> list[Task]:
+        filters: dict[str, Any] = {"project_id": project_id}
+        if status is not None:
+            filters["status"] = status
+        return await self.list_tasks(filters, **options)
+
+    async def get_user_tasks(
+        self, user_id: str | None = None, status: str | None = None, **options: Any
+    ) -> list[Task]:
+        filters: dict[str, Any] = {"assignee_id": user_id or self.actor_id}
+        if status is not None:
+            filters["status"] = status
+        return await self.list_tasks(filters, **options)
+
+    async def get_overdue_tasks(self, project_id: str | None = None, **options: Any) -> list[Task]:
+        filters: dict[str, Any] = {
+            "due_at__lt": self._now(),
+            "status__in": [s.value for s in OPEN_STATUSES],
+        }
+        if project_id is not None:
+            filters["project_id"] = project_id
+        return await self.list_tasks(filters, order_by=["due_at"], **options)
+
+    async def get_due_soon_tasks(
+        self, within: timedelta = timedelta(days=3), project_id: str | None = None, **options: Any
+    ) -> list[Task]:
+        now = self._now()
+        filters: dict[str, Any] = {
+            "due_at__between": (now, now + within),
+            "status__in": [s.value for s in OPEN_STATUSES],
+        }
+        if project_id is not None:
+            filters["project_id"] = project_id
+        return await self.list_tasks(filters, order_by=["due_at"], **options)
+
+    # -- bulk: many commands, one transaction, all or nothing ------------------------
+
+    async def create_tasks(self, items: Sequence[Mapping[str, Any]]) -> list[Task | None]:
+        async def work(channel: Channel) -> list[str]:
+            ids = []
+            for index, item in enumerate(items):
+                repo = TaskRepository(channel)
+                command = tasks.CreateTask(**_task_fields(item))
+                await _bulk_step(index, command.task_id, channel.send(command))
+                ids.append(command.task_id)
+                del repo
+            return ids
+
+        ids = await self._channel.batch(work)
+        return [await self.get_task(i) for i in ids]
+
+    async def bulk_update_task_status(self, task_ids: Iterable[str], status: str) -> int:
+        async def work(channel: Channel) -> int:
+            repo = TaskRepository(channel)
+            count = 0
+            for index, task_id in enumerate(task_ids):
+                step = repo.update_task_status(task_id, status)
+                await _bulk_step(index, task_id, step)
+                count += 1
+            return count
+
+        return await self._channel.batch(work)
+
+    async def bulk_assign(self, task_ids: Iterable[str], user_id: str) -> int:
+        async def work(channel: Channel) -> int:
+            repo = TaskRepository(channel)
+            count = 0
+            for index, task_id in enumerate(task_ids):
+                await _bulk_step(index, task_id, repo.assign_task(task_id, user_id))
+                count += 1
+            return count
+
+        return await self._channel.batch(work)
+
+
+def _task_fields(item: Mapping[str, Any]) -> dict[str, Any]:
+    fields = dict(item)
+    if "priority" in fields:
+        fields["priority"] = tasks.Priority(fields["priority"])
+    return fields
+
+
+async def _bulk_step(index: int, item: str, step: Awaitable[Any]) -> None:
+    try:
+        await step
+    except DomainError as error:
+        raise BulkOperationError(index, item, error) from error
+
+
+class SessionRepository(_Repository):
+    async def create_session(self, email: str, password: str) -> NewSession:
+        """Authenticate, then start a session; the token is returned once."""
+        user = await UserRepository(self._channel).authenticate(email, password)
+        token = secrets.token_urlsafe(32)  # 256 bits
+        command = sessions.StartSession(user_id=user.user_id, token=SecretStr(token))
+        await self._channel.send(command, actor_id=user.user_id)
+        session = await self.get_session(command.session_id)
+        assert session is not None
+        return NewSession(token=token, session=session, user=user)
+
+    async def get_session(self, session_id: str) -> Session | None:
+        async with self._channel.read() as conn:
+            row = await SESSIONS_Q.get(conn, session_id)
+        return Session.from_row(row) if row is not None else None
+
+    async def validate_session(self, token: str, *, touch: bool = True) -> SessionValidation:
+        """Who the token belongs to and what they may do, or why it is refused
+        (``unknown``, ``revoked``, ``expired``, ``idle``, ``inactive``). Activity is
+        recorded at most once per ``session_touch_interval``."""
+        service = self._channel.service
+        now = service.now()
+        policy = service.policy
+        async with self._channel.read() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        select(sessions_table).where(
+                            sessions_table.c.token_hash == hash_token(token)
+                        )
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                return SessionValidation(valid=False, reason="unknown")
+            user_row = await USERS_Q.get(conn, row["user_id"])
+            perms = await conn.execute(
+                select(user_permissions.c.permission).where(
+                    user_permissions.c.user_id == row["user_id"]
+                )
+            )
+            permissions = frozenset(perms.scalars())
+            user = await _with_roles(conn, user_row) if user_row is not None else None
+        session = Session.from_row(row)
+        reason: str | None = None
+        valid_after = user_row["sessions_valid_after"] if user_row is not None else None
+        if row["revoked_at"] is not None or (
+            valid_after is not None and row["started_at"] < valid_after
+        ):
+            reason = "revoked"
+        elif user is None or not user.active:
+            reason = "inactive"
+        elif now >= row["expires_at"]:
+            reason = "expired"
+        elif now - row["last_seen_at"] >= policy.session_idle_timeout:
+            reason = "idle"
+        if reason is not None:
+            return SessionValidation(valid=False, reason=reason, session=session)
+        if touch and now - row["last_seen_at"] >= policy.session_touch_interval:
+            await self._channel.send(
+                sessions.TouchSession(session_id=row["session_id"], user_id=row["user_id"]),
+                actor_id=row["user_id"],
+            )
+        return SessionValidation(valid=True, user=user, permissions=permissions, session=session)
+
+    async def touch(self, session_id: str) -> None:
+        session = await self.get_session(session_id)
+        if session is None:
+            raise NotFound("session", session_id)
+        await self._channel.send(
+            sessions.TouchSession(session_id=session_id, user_id=session.user_id),
+            actor_id=self.actor_id or session.user_id,
+        )
+
+    async def revoke(self, session_id: str) -> None:
+        session = await self.get_session(session_id)
+        if session is None:
+            raise NotFound("session", session_id)
+        await self._channel.send(
+            sessions.RevokeSession(session_id=session_id, user_id=session.user_id),
+            actor_id=self.actor_id or session.user_id,
+        )
+
+    async def revoke_all(self, user_id: str) -> None:
+        await self._channel.send(
+            users.RevokeAllSessions(user_id=user_id), actor_id=self.actor_id or user_id
+        )
+
+    async def bulk_revoke_sessions(self, session_ids: Iterable[str]) -> int:
+        async def work(channel: Channel) -> int:
+            repo = SessionRepository(channel)
+            count = 0
+            for index, session_id in enumerate(session_ids):
+                await _bulk_step(index, session_id, repo.revoke(session_id))
+                count += 1
+            return count
+
+        return await self._channel.batch(work)
+
+    async def get_user_sessions(self, user_id: str, *, active_only: bool = True) -> list[Session]:
+        filters: dict[str, Any] = {"user_id": user_id}
+        if active_only:
+            filters["revoked_at__isnull"] = True
+            filters["expires_at__gt"] = self._now()
+        async with self._channel.read() as conn:
+            rows = await SESSIONS_Q.list(conn, filters, order_by=["-started_at"], limit=None)
+        return [Session.from_row(r) for r in rows]
+
+    async def cleanup_expired_sessions(self) -> int:
+        """Revoke (as the system) sessions past their absolute or idle expiry that are
+        still open; returns how many. Rows stay in the read model: the log is history."""
+        policy = self._channel.service.policy
+        now = self._now()
+        async with self._channel.read() as conn:
+            rows = await conn.execute(
+                select(sessions_table.c.session_id, sessions_table.c.user_id).where(
+                    sessions_table.c.revoked_at.is_(None),
+                    or_(
+                        sessions_table.c.expires_at <= now,
+                        sessions_table.c.last_seen_at <= now - policy.session_idle_timeout,
+                    ),
+                )
+            )
+            expired = rows.all()
+        if not expired:
+            return 0
+
+        async def work(channel: Channel) -> int:
+            for row in expired:
+                await channel.send(
+                    sessions.RevokeSession(session_id=row.session_id, user_id=row.user_id),
+                    actor_id=SYSTEM_ACTOR,
+                )
+            return len(expired)
+
+        return await self._channel.batch(work)
+
+
+class AuditRepository(_Repository):
+    """Queries straight off the event log; needs ``audit:read`` unless acting as the system."""
+
+    async def _require(self, query: str) -> None:
+        if Permission.AUDIT_READ in await self._channel.actor_permissions():
+            return
+        error = PermissionDenied(self.actor_id, "read", "the audit log")
+        # In its own transaction: the denial stays in the log whatever the caller does.
+        await self._channel.service.dispatcher.record_rejection(
+            audit.ReadAuditLog(query=query[:500]), error, self._channel.context()
+        )
+        raise error
+
+    async def log_action(
+        self,
+        action: str,
+        resource_type: str,
+        resource_id: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        *,
+        actor_id: str | None = None,
+    ) -> CommandResult:
+        """Record an action outside the domain model (an export, a download) in the log."""
+        return await self._channel.send(
+            audit.LogAction(
+                action=action,
+                resource_type=resource_type,
+                resource_id=resource_id,
+                details=dict(details or {}),
+            ),
+            actor_id=actor_id,
+        )
+
+    async def get_events(
+        self,
+        *,
+        actor_id: str | None = None,
+        stream_id: str | None = None,
+        category: str | None = None,
+        event_types: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        correlation_id: str | None = None,
+        limit: int = 100,
+        newest_first: bool = True,
+    ) -> list[AuditEntry]:
+        await self._require(
+            f"actor={actor_id} stream={stream_id} category={category} types={event_types}"
+        )
+        conditions: list[ColumnElement[bool]] = []
+        if actor_id is not None:
+            conditions.append(events.c.actor_id == actor_id)
+        if stream_id is not None:
+            conditions.append(events.c.stream_id == stream_id)
+        if category is not None:
+            conditions.append(events.c.stream_category == category)
+        if event_types:
+            conditions.append(events.c.event_type.in_(list(event_types)))
+        if since is not None:
+            conditions.append(events.c.recorded_at >= since)
+        if until is not None:
+            conditions.append(events.c.recorded_at < until)
+        if correlation_id is not None:
+            conditions.append(events.c.correlation_id == correlation_id)
+        order = events.c.position.desc() if newest_first else events.c.position
+        query = select(events).where(*conditions).order_by(order).limit(max(1, min(limit, 10_000)))
+        async with self._channel.read() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_audit_entry(r) for r in rows]
+
+
+def _audit_entry(row: Any) -> AuditEntry:
+    return AuditEntry(
+        position=row["position"],
+        recorded_at=row["recorded_at"],
+        stream_id=row["stream_id"],
+        category=row["stream_category"],
+        version=row["version"],
+        event_type=row["event_type"],
+        actor_id=row["actor_id"],
+        correlation_id=row["correlation_id"],
+        causation_id=row["causation_id"],
+        command_id=row["command_id"],
+        data=_redact(row["data"]),
+    )
+
+
+_SECRET_FIELDS = frozenset({"password_hash", "token_hash"})
+
+
+def _redact(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: ("[redacted]" if k in _SECRET_FIELDS else v) for k, v in data.items()}
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class Repositories:
+    """The repositories of one caller; from ``DatabaseService.get_repositories()``."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    def as_actor(self, actor_id: str | None) -> Repositories:
+        """The same channel (and transaction, inside ``execute_in_transaction``) acting
+        as another user: e.g. a user registered a moment ago creating a project."""
+        caller = self._channel.caller
+        channel = Channel(
+            self._channel.service,
+            Caller(actor_id, caller.ip, caller.user_agent, caller.correlation_id),
+            self._channel.unit,
+        )
+        return Repositories(channel)
+
+    def get_user_repository(self) -> UserRepository:
+        return UserRepository(self._channel)
+
+    def get_project_repository(self) -> ProjectRepository:
+        return ProjectRepository(self._channel)
+
+    def get_task_repository(self) -> TaskRepository:
+        return TaskRepository(self._channel)
+
+    def get_session_repository(self) -> SessionRepository:
+        return SessionRepository(self._channel)
+
+    def get_audit_repository(self) -> AuditRepository:
+        return AuditRepository(self._channel)
+
+    @property
+    def users(self) -> UserRepository:
+        return self.get_user_repository()
+
+    @property
+    def projects(self) -> ProjectRepository:
+        return self.get_project_repository()
+
+    @property
+    def tasks(self) -> TaskRepository:
+        return self.get_task_repository()
+
+    @property
+    def sessions(self) -> SessionRepository:
+        return self.get_session_repository()
+
+    @property
+    def audit(self) -> AuditRepository:
+        return self.get_audit_repository()
