@@ -12,6 +12,7 @@ from eventstore import (
     ANY,
     NO_STREAM,
     STREAM_EXISTS,
+    EngineOptions,
     EventContext,
     EventStore,
     InvalidEventData,
@@ -402,3 +403,33 @@ async def test_event_ids_are_unique_and_preserved(store):
     await store.append("user-1", "user", [NewEvent("E", {}, event_id=i) for i in ids])
     async with store.engine.connect() as conn:
         assert [e.event_id for e in await store.read_stream(conn, "user-1")] == ids
+
+
+@pytest.mark.postgres
+async def test_a_reader_in_another_process_is_woken_by_notify(postgres_engine, pg_schema):
+    """A second engine stands in for another process: only NOTIFY can wake it early."""
+    from dataclasses import replace
+
+    from tests.conftest import PG_URL
+
+    writer = EventStore(postgres_engine)
+    other_engine = create_engine(PG_URL, replace(EngineOptions(), search_path=pg_schema))
+    reader = EventStore(other_engine)
+    got: list[int] = []
+
+    async def follow() -> None:
+        async for event in reader.subscribe(0, poll_interval=30):
+            got.append(event.position)
+            return
+
+    task = asyncio.create_task(follow())
+    try:
+        await asyncio.sleep(0.5)  # the reader is now waiting, listening
+        await writer.append("user-1", "user", [ev()])
+        await asyncio.wait_for(task, 5)
+        assert got == [1]
+    finally:
+        task.cancel()
+        await writer.aclose()
+        await reader.aclose()
+        await other_engine.dispose()

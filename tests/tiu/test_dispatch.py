@@ -278,3 +278,25 @@ async def test_a_snapshot_of_another_decider_version_is_ignored(dispatcher, stor
         state, version, snap = await dispatcher.fold(conn, USERS, "user-kim")
     assert (version, snap) == (1, 0)
     assert state.registered
+
+
+async def test_events_stored_in_an_old_schema_version_are_upcast_when_loaded(dispatcher, store):
+    from eventstore import NewEvent
+
+    old_shape = {
+        "user_id": "olga",
+        "email": "olga@example.com",
+        "username": "olga",
+        "name": "Olga K.",
+        "password_hash": HASHER.hash(PASSWORD),
+        "roles": ["member"],
+        "at": T0.isoformat(),
+    }
+    await store.append("user-olga", "user", [NewEvent("UserRegistered", old_shape, 1)])
+    async with store.engine.connect() as conn:
+        state, version, _ = await dispatcher.fold(conn, USERS, "user-olga")
+    assert (version, state.display_name, state.registered) == (1, "Olga K.", True)
+    result = await dispatcher.dispatch(
+        users.AttemptLogin(user_id="olga", password=SecretStr(PASSWORD)), ctx()
+    )
+    assert [e.event_type for e in result.events] == ["LoginSucceeded"]
