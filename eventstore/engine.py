@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from sqlalchemy import event
@@ -18,6 +19,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool, StaticPool
 
+from eventstore.errors import StoreUnavailable
 from eventstore.hashing import canonical_json
 
 #: Execution option that makes a SQLite transaction take the write lock at BEGIN.
@@ -109,6 +111,17 @@ def _install_sqlite_hooks(engine: AsyncEngine, opts: EngineOptions, *, memory: b
     synchronous = opts.sqlite_synchronous.upper()
     if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
         raise ValueError(f"invalid sqlite_synchronous {opts.sqlite_synchronous!r}")
+
+    database = engine.url.database
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _check_directory(*_: Any) -> None:
+        # Refuse before the driver starts its thread: sqlite3 would say only "unable to
+        # open database file", and aiosqlite's failed-connect clean-up races loop shutdown.
+        if not memory and database and not Path(database).resolve().parent.is_dir():
+            raise StoreUnavailable(
+                f"SQLite database {database}: directory {Path(database).parent} does not exist"
+            )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

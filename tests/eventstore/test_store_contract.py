@@ -433,3 +433,16 @@ async def test_a_reader_in_another_process_is_woken_by_notify(postgres_engine, p
         await writer.aclose()
         await reader.aclose()
         await other_engine.dispose()
+
+
+async def test_a_missing_sqlite_directory_is_a_clear_error_naming_the_file(tmp_path):
+    from eventstore import StoreUnavailable
+
+    path = tmp_path / "nowhere" / "tiu.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        with pytest.raises(StoreUnavailable, match="does not exist") as missing:
+            await EventStore(engine).append("user-1", "user", [ev()])
+        assert str(path) in str(missing.value)
+    finally:
+        await engine.dispose()
