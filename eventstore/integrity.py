@@ -1,4 +1,12 @@
-"""Walk every stream's hash chain and the log's positions; report the first broken link."""
+"""Walk every stream's hash chain and the log's positions; report the first broken link.
+
+Retention (:mod:`eventstore.retention`) is the one path that removes events. Its
+``AuditArchived`` records say which positions left the log and, per archived
+stream, the last archived version and hash: a stream whose start was archived is
+verified from that hash, and a hole in positions is accepted exactly where a record
+says events were removed. A hole anywhere else, or an archived stream that does not
+resume right after its archived prefix, is still a broken link.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from sqlalchemy import func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from eventstore.hashing import GENESIS, event_hash
+from eventstore.retention import ArchiveRecord, load_records
 from eventstore.schema import events
 
 
@@ -35,6 +44,8 @@ class VerifyReport:
     events: int
     head_position: int
     broken: BrokenLink | None
+    archived_events: int = 0
+    archives: int = 0
 
     @property
     def ok(self) -> bool:
@@ -47,6 +58,9 @@ async def verify(conn: AsyncConnection, *, page_size: int = 2000) -> VerifyRepor
     Reads in keyset pages over the ``(stream_id, version)`` unique index, so memory
     stays flat however long the log is. Stops at the first broken link.
     """
+    records = await load_records(conn)
+    starts = _archived_starts(records)
+    archived = sum(r.count for r in records)
     streams = 0
     count = 0
     current: str | None = None
@@ -64,8 +78,7 @@ async def verify(conn: AsyncConnection, *, page_size: int = 2000) -> VerifyRepor
             if row["stream_id"] != current:
                 current = row["stream_id"]
                 streams += 1
-                prev_hash = GENESIS
-                prev_version = 0
+                prev_version, prev_hash = starts.get(current, (0, GENESIS))
             count += 1
             if row["version"] != prev_version + 1:
                 return VerifyReport(
@@ -116,27 +129,85 @@ async def verify(conn: AsyncConnection, *, page_size: int = 2000) -> VerifyRepor
         cursor = (last["stream_id"], last["version"])
     head, total = (await conn.execute(select(func.max(events.c.position), func.count()))).one()
     head = int(head or 0)
-    if head != total:
-        first_hole = await _first_hole(conn)
-        return VerifyReport(
-            streams,
-            count,
-            head,
-            BrokenLink(
-                None, None, first_hole, "hole in global positions", str(first_hole), "missing"
-            ),
-        )
-    return VerifyReport(streams, count, head, None)
+    if head != total or records:
+        broken = await _check_holes(conn, records, head, total)
+        if broken is not None:
+            return VerifyReport(streams, count, head, broken, archived, len(records))
+    return VerifyReport(streams, count, head, None, archived, len(records))
 
 
-async def _first_hole(conn: AsyncConnection) -> int:
-    e2 = events.alias("next")
-    query = (
-        select(func.min(events.c.position + 1))
-        .select_from(events.outerjoin(e2, e2.c.position == events.c.position + 1))
-        .where(e2.c.position.is_(None))
-    )
+def _archived_starts(records: list[ArchiveRecord]) -> dict[str, tuple[int, str]]:
+    """Per stream, the last archived version and its hash (the latest archive wins)."""
+    starts: dict[str, tuple[int, str]] = {}
+    for record in records:
+        for s in record.streams:
+            if s.to_version > starts.get(s.stream_id, (0, ""))[0]:
+                starts[s.stream_id] = (s.to_version, s.last_hash)
+    return starts
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _covered(span: tuple[int, int], archived: list[tuple[int, int]]) -> int | None:
+    """The first position of ``span`` no archived range covers, or None."""
+    position = span[0]
+    for a, b in archived:
+        if b < position:
+            continue
+        if a > position:
+            break
+        position = b + 1
+        if position > span[1]:
+            return None
+    return position if position <= span[1] else None
+
+
+async def _check_holes(
+    conn: AsyncConnection, records: list[ArchiveRecord], head: int, total: int
+) -> BrokenLink | None:
+    archived = _merge([span for r in records for span in r.positions])
+    gaps: list[tuple[int, int]] = []
     low = await conn.scalar(select(func.min(events.c.position)))
     if low is not None and low > 1:
-        return 1
-    return int(await conn.scalar(query) or 1)
+        gaps.append((1, int(low) - 1))
+    nxt = func.lead(events.c.position).over(order_by=events.c.position).label("next")
+    pairs = select(events.c.position, nxt).subquery()
+    rows = await conn.execute(
+        select(pairs.c.position, pairs.c.next)
+        .where(pairs.c.next > pairs.c.position + 1)
+        .order_by(pairs.c.position)
+    )
+    gaps.extend((int(p) + 1, int(n) - 1) for p, n in rows)
+    for gap in gaps:
+        uncovered = _covered(gap, archived)
+        if uncovered is not None:
+            return BrokenLink(
+                None, None, uncovered, "hole in global positions", str(uncovered), "missing"
+            )
+    missing = head - total
+    removed = sum(b - a + 1 for a, b in archived if a <= head)
+    if missing != removed:
+        # Every hole is archived, yet fewer positions are missing than were archived:
+        # an event reappeared at an archived position.
+        for a, b in archived:
+            present = await conn.scalar(
+                select(func.min(events.c.position)).where(events.c.position.between(a, b))
+            )
+            if present is not None:
+                return BrokenLink(
+                    None,
+                    None,
+                    int(present),
+                    "event present at an archived position",
+                    "archived",
+                    "present",
+                )
+    return None

@@ -25,13 +25,14 @@ from domain.base import Command, CommandContext
 from domain.errors import DomainError, InvalidCommand, NotFound, PermissionDenied
 from domain.passwords import hash_token
 from domain.permissions import SYSTEM_ACTOR, Permission, ProjectRole, Role
-from eventstore.schema import events, unique_keys
+from eventstore.schema import unique_keys
 from projections.query import Page, Query
 from projections.readmodels.project_stats import project_stats
 from projections.readmodels.projects import project_members, projects_table
 from projections.readmodels.sessions import sessions_table
 from projections.readmodels.tasks import tasks_table
 from projections.readmodels.users import lookup_key, user_permissions, user_roles, users_table
+from tiu import audit as audit_queries
 from tiu.dispatch import CommandResult, CommandUnit
 from tiu.models import (
     AuditEntry,
@@ -880,52 +881,67 @@ class AuditRepository(_Repository):
         limit: int = 100,
         newest_first: bool = True,
     ) -> list[AuditEntry]:
-        await self._require(
-            f"actor={actor_id} stream={stream_id} category={category} types={event_types}"
+        where = audit_queries.AuditFilter(
+            actor_id, stream_id, category, tuple(event_types or ()), since, until, correlation_id
         )
-        conditions: list[ColumnElement[bool]] = []
-        if actor_id is not None:
-            conditions.append(events.c.actor_id == actor_id)
-        if stream_id is not None:
-            conditions.append(events.c.stream_id == stream_id)
-        if category is not None:
-            conditions.append(events.c.stream_category == category)
-        if event_types:
-            conditions.append(events.c.event_type.in_(list(event_types)))
-        if since is not None:
-            conditions.append(events.c.recorded_at >= since)
-        if until is not None:
-            conditions.append(events.c.recorded_at < until)
-        if correlation_id is not None:
-            conditions.append(events.c.correlation_id == correlation_id)
-        order = events.c.position.desc() if newest_first else events.c.position
-        query = select(events).where(*conditions).order_by(order).limit(max(1, min(limit, 10_000)))
+        await self._require(where.describe())
         async with self._channel.read() as conn:
-            rows = (await conn.execute(query)).mappings().all()
-        return [_audit_entry(r) for r in rows]
+            return await audit_queries.query(
+                conn, where, limit=max(1, min(limit, 10_000)), newest_first=newest_first
+            )
 
+    async def failed(
+        self,
+        *,
+        actor_id: str | None = None,
+        stream_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        event_types: Sequence[str] | None = None,
+        limit: int = 100,
+    ) -> list[AuditEntry]:
+        """Security failures (``LoginRejected``, ``CommandRejected``, ``LoginFailed``,
+        ``AccountLocked``), newest first; ``event_types`` narrows them further."""
+        where = audit_queries.AuditFilter(
+            actor_id, stream_id, None, tuple(event_types or ()), since, until
+        ).narrowed(audit_queries.FAILED_TYPES)
+        await self._require(f"failed {where.describe()}")
+        async with self._channel.read() as conn:
+            return await audit_queries.query(conn, where, limit=limit)
 
-def _audit_entry(row: Any) -> AuditEntry:
-    return AuditEntry(
-        position=row["position"],
-        recorded_at=row["recorded_at"],
-        stream_id=row["stream_id"],
-        category=row["stream_category"],
-        version=row["version"],
-        event_type=row["event_type"],
-        actor_id=row["actor_id"],
-        correlation_id=row["correlation_id"],
-        causation_id=row["causation_id"],
-        command_id=row["command_id"],
-        data=_redact(row["data"]),
-    )
+    async def suspicious(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        rules: audit_queries.SuspiciousRules | None = None,
+    ) -> list[audit_queries.Finding]:
+        """Findings of the suspicious-login rules (see :mod:`tiu.audit`)."""
+        where = audit_queries.AuditFilter(since=since, until=until)
+        await self._require(f"suspicious {where.describe()}")
+        async with self._channel.read() as conn:
+            return await audit_queries.suspicious(
+                conn, where, rules or audit_queries.SuspiciousRules()
+            )
 
-
-_SECRET_FIELDS = frozenset({"password_hash", "token_hash"})
-
-
-def _redact(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: ("[redacted]" if k in _SECRET_FIELDS else v) for k, v in data.items()}
+    async def stats(
+        self,
+        *,
+        actor_id: str | None = None,
+        stream_id: str | None = None,
+        category: str | None = None,
+        event_types: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        correlation_id: str | None = None,
+    ) -> audit_queries.AuditStats:
+        """Counts by event type and by UTC day of the matching events."""
+        where = audit_queries.AuditFilter(
+            actor_id, stream_id, category, tuple(event_types or ()), since, until, correlation_id
+        )
+        await self._require(f"stats {where.describe()}")
+        async with self._channel.read() as conn:
+            return await audit_queries.stats(conn, where)
 
 
 def _escape_like(text: str) -> str:

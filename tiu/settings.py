@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     lock_timeout_ms: int = Field(5000, ge=0)
     idle_in_transaction_timeout_ms: int = Field(60_000, ge=0)
     echo_sql: bool = False
+    #: PostgreSQL only: the schema search path (e.g. a schema per tenant or test run).
+    search_path: str | None = None
 
     bcrypt_rounds: int = Field(12, ge=4, le=31)
     lockout_threshold: int = Field(5, ge=1)
@@ -52,5 +54,6 @@ class Settings(BaseSettings):
             sqlite_synchronous=self.sqlite_synchronous,
             lock_timeout_ms=self.lock_timeout_ms,
             idle_in_transaction_timeout_ms=self.idle_in_transaction_timeout_ms,
+            search_path=self.search_path,
             echo=self.echo_sql,
         )

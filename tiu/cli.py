@@ -1,0 +1,796 @@
+"""The ``tiu`` command: migrate, health, stats, demo, replay, worker, audit, verify.
+
+Every subcommand takes ``--database-url`` (default ``TIU_DATABASE_URL``, else the
+embedded ``sqlite+aiosqlite:///./tiu.db``) and ``--schema`` (PostgreSQL search path,
+``TIU_SEARCH_PATH``). Expected failures print ``error: <reason>`` on stderr and exit
+1; data goes to stdout (``--json`` where a command prints data). The CLI acts as the
+system actor: operators have database access anyway. See docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from domain.errors import DomainError
+from domain.permissions import SYSTEM_ACTOR
+from eventstore import EventStore, create_engine, retention, verify
+from eventstore.errors import EventStoreError
+from eventstore.translate import translate_errors
+from migrations import runner as migrations
+from projections import replay as replay_mod
+from projections.errors import ProjectionError
+from projections.projector import Projector
+from projections.readmodels import ALL_PROJECTORS, by_name
+from projections.runner import Worker, lowest_position
+from tiu import audit as audit_queries
+from tiu.service import CATEGORIES, DatabaseService
+from tiu.settings import Settings
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="tiu",
+    help="tiu-core operations: migrations, health, replay, projection worker, audit, verify.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+audit_app = typer.Typer(
+    help="Query the audit trail straight off the event log (or an archive file).",
+    invoke_without_command=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(audit_app, name="audit")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+#: The categories the CLI's store accepts: the service's plus retention records.
+CLI_CATEGORIES = CATEGORIES | {retention.RETENTION_CATEGORY}
+#: The only category retention may archive: nothing is rebuilt from it.
+ARCHIVABLE_CATEGORY = "security"
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        envvar="TIU_DATABASE_URL",
+        help="SQLAlchemy URL (default: sqlite+aiosqlite:///./tiu.db).",
+        show_default=False,
+    ),
+]
+Schema = Annotated[
+    str | None,
+    typer.Option("--schema", envvar="TIU_SEARCH_PATH", help="PostgreSQL search_path (schema)."),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+class CliError(Exception):
+    """An expected failure of the CLI itself (bad input); printed as one line."""
+
+
+class OutputFormat(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+    JSONL = "jsonl"
+
+
+# -- plumbing ----------------------------------------------------------------------------
+
+
+def _settings(database_url: str | None, schema: str | None, **extra: Any) -> Settings:
+    overrides: dict[str, Any] = dict(extra)
+    if database_url:
+        overrides["database_url"] = database_url
+    if schema:
+        overrides["search_path"] = schema
+    return Settings(**overrides)
+
+
+def _require_existing(settings: Settings) -> None:
+    """A SQLite file that does not exist is an error, not a new empty database."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        path = Path(str(url.database))
+        if not path.exists():
+            raise CliError(f"database file {path} does not exist; run `tiu migrate` first")
+
+
+def _engine(settings: Settings, *, must_exist: bool = True) -> AsyncEngine:
+    if must_exist:
+        _require_existing(settings)
+    return create_engine(settings.database_url, settings.engine_options())
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        return f"invalid setting {where}: {first['msg']}"
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def fail(reason: str, code: int = 1) -> NoReturn:
+    err.print(f"error: {reason}", markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+EXPECTED = (
+    CliError,
+    EventStoreError,
+    DomainError,
+    ProjectionError,
+    ValidationError,
+    audit_queries.InvalidTime,
+    SQLAlchemyError,
+    OSError,
+    ValueError,
+)
+
+
+def run(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine; typed failures become ``error: <reason>`` and exit 1."""
+    try:
+        return asyncio.run(_translated(factory))
+    except EXPECTED as error:
+        fail(_one_line(error))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+async def _translated(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    with translate_errors():
+        return await factory()
+
+
+def emit_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str, sort_keys=False))
+
+
+def _table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("-" if v is None else str(v) for v in row))
+    return table
+
+
+async def _with_engine(settings: Settings, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    engine = _engine(settings)
+    try:
+        return await work(engine)
+    finally:
+        await engine.dispose()
+
+
+# -- migrate, health, stats --------------------------------------------------------------
+
+
+@app.command()
+def migrate(
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Only report; exit 1 if migrations are pending.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Upgrade the schema to the head revision (or --check whether that is needed)."""
+    settings = _settings(database_url, schema)
+
+    async def work() -> dict[str, Any]:
+        if check:
+            _require_existing(settings)
+        engine = _engine(settings, must_exist=False)
+        try:
+            current = await migrations.current_revision(engine)
+            head = migrations.head_revision()
+            if not check and current != head:
+                await migrations.upgrade(engine)
+            after = await migrations.current_revision(engine)
+        finally:
+            await engine.dispose()
+        return {"from": current, "current": after, "head": head, "pending": after != head}
+
+    result = run(work)
+    if as_json:
+        emit_json(result)
+    elif check:
+        state = "pending" if result["pending"] else "up to date"
+        out.print(f"migrations {state}: current {result['current']}, head {result['head']}")
+    elif result["from"] == result["head"]:
+        out.print(f"already at head {result['head']}")
+    else:
+        out.print(f"migrated {result['from'] or 'empty'} -> {result['current']}")
+    if check and result["pending"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def health(
+    database_url: DatabaseUrl = None, schema: Schema = None, as_json: JsonFlag = False
+) -> None:
+    """Connect, time a query, report the schema revision and the pool."""
+    settings = _settings(database_url, schema)
+
+    async def work() -> dict[str, Any]:
+        _require_existing(settings)
+        service = DatabaseService(settings)
+        try:
+            report = await service.health_check()
+            report["pool"] = service.get_pool_status()
+            return report
+        finally:
+            await service.aclose()
+
+    report = run(work)
+    if as_json:
+        emit_json(report)
+    else:
+        rows = [[k, v] for k, v in report.items() if k not in ("details", "pool")]
+        rows += [[f"pool.{k}", v] for k, v in report["pool"].items()]
+        out.print(_table("health", ["check", "value"], rows))
+    if not report["healthy"]:
+        fail(str(report["error"]))
+
+
+@app.command()
+def stats(
+    database_url: DatabaseUrl = None, schema: Schema = None, as_json: JsonFlag = False
+) -> None:
+    """Events by category and type, read-model rows, projector lag and needs_rebuild."""
+    settings = _settings(database_url, schema)
+
+    async def work() -> dict[str, Any]:
+        _require_existing(settings)
+        service = DatabaseService(settings)
+        try:
+            return await service.get_statistics()
+        finally:
+            await service.aclose()
+
+    data = run(work)
+    if as_json:
+        emit_json(data)
+        return
+    out.print(f"head position {data['head_position']}, max lag {data['max_lag']}")
+    out.print(
+        _table(
+            "events by category", ["category", "events"], sorted(data["events_by_category"].items())
+        )
+    )
+    out.print(_table("events by type", ["type", "events"], sorted(data["events_by_type"].items())))
+    out.print(_table("read-model rows", ["table", "rows"], sorted(data["read_model_rows"].items())))
+    out.print(
+        _table(
+            "projectors",
+            ["projector", "code version", "live version", "position", "lag", "needs_rebuild"],
+            [
+                [
+                    n,
+                    p["code_version"],
+                    p["active_version"],
+                    p["position"],
+                    p["lag"],
+                    p["needs_rebuild"],
+                ]
+                for n, p in data["projectors"].items()
+            ],
+        )
+    )
+
+
+# -- demo --------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    database_url: DatabaseUrl = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Play a realistic scenario on a fresh SQLite file (deleted first on every run)."""
+    from tiu.demo import run_demo  # noqa: PLC0415  # keeps other commands' start-up light
+
+    settings = _settings(database_url, None)
+    console = err if as_json else out
+    summary = run(lambda: run_demo(settings.database_url, console))
+    if as_json:
+        emit_json(summary)
+    if not summary.get("verified", False):
+        fail("the demo log did not verify")
+
+
+# -- replay ------------------------------------------------------------------------------
+
+
+def _select(names: Sequence[str]) -> list[Projector]:
+    try:
+        return [by_name(n) for n in dict.fromkeys(names)]
+    except KeyError as error:
+        raise CliError(str(error.args[0])) from None
+
+
+@dataclass
+class _Bar:
+    progress: Progress
+    tasks: dict[str, Any]
+
+    def __call__(self, p: replay_mod.RebuildProgress) -> None:
+        task = self.tasks[p.projector]
+        self.progress.update(
+            task, completed=p.position, total=max(p.head, 1), rate=f"{p.rate:,.0f} ev/s"
+        )
+
+
+@app.command()
+def replay(  # noqa: PLR0917  # typer maps each parameter to an option
+    projections: Annotated[
+        list[str] | None, typer.Argument(help="Projector names (default: the stale ones).")
+    ] = None,
+    rebuild_all: Annotated[bool, typer.Option("--all", help="Rebuild every projector.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only say what would be rebuilt.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 2000,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Rebuild projections into shadow tables from position 0, then swap them in.
+
+    The live tables serve reads until the one-transaction swap. Interrupted, the
+    next run resumes from the rebuild's own checkpoint.
+    """
+    settings = _settings(database_url, schema)
+
+    async def work() -> dict[str, Any]:
+        engine = _engine(settings)
+        store = EventStore(engine, categories=CLI_CATEGORIES)
+        try:
+            if projections and rebuild_all:
+                raise CliError("name projections or pass --all, not both")
+            if rebuild_all:
+                chosen = list(ALL_PROJECTORS)
+            elif projections:
+                chosen = _select(projections)
+            else:
+                async with engine.connect() as conn:
+                    chosen = await replay_mod.stale_projectors(conn, ALL_PROJECTORS)
+            async with engine.connect() as conn:
+                plans = [await replay_mod.plan(conn, p) for p in chosen]
+            result: dict[str, Any] = {
+                "dry_run": dry_run,
+                "plans": [_plan_dict(p) for p in plans],
+                "rebuilt": [],
+            }
+            if not chosen:
+                return result
+            if not as_json:
+                out.print(
+                    _table(
+                        "replay plan" + (" (dry run)" if dry_run else ""),
+                        [
+                            "projector",
+                            "version",
+                            "live version",
+                            "stale",
+                            "resume from",
+                            "head",
+                            "events",
+                        ],
+                        [
+                            [
+                                p.projector,
+                                p.version,
+                                p.active_version,
+                                p.stale,
+                                p.resume_from,
+                                p.head,
+                                p.events_to_apply,
+                            ]
+                            for p in plans
+                        ],
+                    )
+                )
+            if dry_run:
+                return result
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+            )
+            with Progress(*columns, console=err, transient=False, disable=as_json) as progress:
+                bar = _Bar(progress, {})
+                for plan in plans:
+                    bar.tasks[plan.projector] = progress.add_task(
+                        plan.projector, total=max(plan.head, 1), completed=plan.resume_from, rate=""
+                    )
+                for projector, plan in zip(chosen, plans, strict=True):
+                    if plan.resume_from:
+                        err.print(f"resuming {projector.name} from position {plan.resume_from}")
+                    report = await replay_mod.rebuild(
+                        store, projector, batch_size=batch_size, on_progress=bar
+                    )
+                    result["rebuilt"].append(
+                        {
+                            "projector": report.projector,
+                            "version": report.version,
+                            "position": report.position,
+                            "applied": report.applied,
+                            "seconds": round(report.seconds, 3),
+                            "resumed_from": report.resumed_from,
+                        }
+                    )
+            return result
+        finally:
+            await store.aclose()
+            await engine.dispose()
+
+    result = _run_interruptible(work, "replay interrupted; run it again to resume")
+    if as_json:
+        emit_json(result)
+    elif not result["plans"]:
+        out.print("nothing to rebuild: every projector is at its code version (use --all)")
+    elif not dry_run:
+        for r in result["rebuilt"]:
+            out.print(
+                f"rebuilt {r['projector']} v{r['version']}: {r['applied']} events "
+                f"to position {r['position']} in {r['seconds']}s"
+            )
+
+
+def _plan_dict(p: replay_mod.RebuildPlan) -> dict[str, Any]:
+    return {
+        "projector": p.projector,
+        "version": p.version,
+        "active_version": p.active_version,
+        "stale": p.stale,
+        "resume_from": p.resume_from,
+        "head": p.head,
+        "events_to_apply": p.events_to_apply,
+    }
+
+
+def _run_interruptible(factory: Callable[[], Coroutine[Any, Any, T]], message: str) -> T:
+    """Like :func:`run`, but SIGTERM/SIGINT cancel the work so its transaction rolls
+    back cleanly (committed batches stay), then exit 130 with ``message``."""
+
+    async def main() -> T:
+        task = asyncio.ensure_future(_translated(factory))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await task
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    try:
+        return asyncio.run(main())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        fail(message, 130)
+    except EXPECTED as error:
+        fail(_one_line(error))
+
+
+# -- worker ------------------------------------------------------------------------------
+
+
+@app.command()
+def worker(  # noqa: PLR0917  # typer maps each parameter to an option
+    projections: Annotated[
+        list[str] | None, typer.Argument(help="Projector names (default: all).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 500,
+    poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.01)] = 1.0,
+    log_interval: Annotated[
+        float, typer.Option("--log-interval", min=0.1, help="Seconds between lag reports.")
+    ] = 10.0,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+) -> None:
+    """Project the log until SIGTERM/SIGINT; the batch in progress finishes and commits."""
+    settings = _settings(database_url, schema)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    log = logging.getLogger("tiu.worker")
+
+    async def work() -> dict[str, Any]:
+        engine = _engine(settings)
+        store = EventStore(engine, categories=CLI_CATEGORIES)
+        chosen = _select(projections) if projections else list(ALL_PROJECTORS)
+        runner = Worker(store, chosen, batch_size=batch_size, poll_interval=poll_interval)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        async def report() -> None:
+            while True:
+                async with engine.connect() as conn:
+                    head = await store.head_position(conn)
+                    low = await lowest_position(conn, chosen)
+                log.info(
+                    "head %d lag %d events %d rate %.0f ev/s",
+                    head,
+                    head - low,
+                    runner.stats.events,
+                    runner.stats.rate,
+                )
+                await asyncio.sleep(log_interval)
+
+        log.info("worker started: %s", ", ".join(p.name for p in chosen))
+        reporter = asyncio.create_task(report())
+        try:
+            await runner.run(stop)
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await store.aclose()
+            await engine.dispose()
+        log.info(
+            "worker stopped: %d events in %d batches", runner.stats.events, runner.stats.batches
+        )
+        return {"events": runner.stats.events, "batches": runner.stats.batches}
+
+    run(work)
+
+
+# -- verify ------------------------------------------------------------------------------
+
+
+@app.command(name="verify")
+def verify_command(
+    database_url: DatabaseUrl = None, schema: Schema = None, as_json: JsonFlag = False
+) -> None:
+    """Recompute every stream's hash chain and check positions against archive records."""
+    settings = _settings(database_url, schema)
+
+    async def work(engine: AsyncEngine) -> Any:
+        async with engine.connect() as conn:
+            return await verify(conn)
+
+    report = run(lambda: _with_engine(settings, work))
+    data = {
+        "ok": report.ok,
+        "streams": report.streams,
+        "events": report.events,
+        "head_position": report.head_position,
+        "archives": report.archives,
+        "archived_events": report.archived_events,
+        "broken": str(report.broken) if report.broken else None,
+    }
+    if as_json:
+        emit_json(data)
+    else:
+        out.print(
+            f"{report.streams} streams, {report.events} events, head position "
+            f"{report.head_position}, {report.archived_events} archived in "
+            f"{report.archives} archives: " + ("ok" if report.ok else "BROKEN")
+        )
+    if report.broken is not None:
+        fail(str(report.broken))
+
+
+# -- audit -------------------------------------------------------------------------------
+
+
+@audit_app.callback()
+def audit(  # noqa: PLR0917  # typer maps each parameter to an option
+    ctx: typer.Context,
+    actor: Annotated[str | None, typer.Option("--actor", help="Actor id.")] = None,
+    stream: Annotated[str | None, typer.Option("--stream", help="Stream id.")] = None,
+    category: Annotated[str | None, typer.Option("--category")] = None,
+    event_type: Annotated[
+        list[str] | None, typer.Option("--type", help="Event type (repeatable).")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="ISO time or relative: 30m, 2h, 7d.")
+    ] = None,
+    until: Annotated[str | None, typer.Option("--until", help="ISO time or relative.")] = None,
+    correlation: Annotated[str | None, typer.Option("--correlation")] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Security failures only.")] = False,
+    suspicious: Annotated[
+        bool, typer.Option("--suspicious", help="Apply the suspicious-login rules.")
+    ] = False,
+    show_stats: Annotated[bool, typer.Option("--stats", help="Counts by type and by day.")] = False,
+    threshold: Annotated[
+        int, typer.Option("--threshold", min=1, help="Failed logins per account that flag it.")
+    ] = 5,
+    ip_threshold: Annotated[
+        int, typer.Option("--ip-threshold", min=1, help="Failed logins per IP that flag it.")
+    ] = 10,
+    window: Annotated[str, typer.Option("--window", help="Window of the failure rules.")] = "15m",
+    lockout_lookback: Annotated[
+        str, typer.Option("--lockout-lookback", help="How long after a lockout a new IP counts.")
+    ] = "1d",
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 100,
+    output: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.TABLE,
+    archive_file: Annotated[
+        Path | None, typer.Option("--archive", help="Query this archive file instead of the log.")
+    ] = None,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+) -> None:
+    """Query the log. ``tiu audit archive --before DATE`` moves old security events out."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if sum((failed, suspicious, show_stats)) > 1:
+        fail("choose one of --failed, --suspicious, --stats")
+
+    def build() -> tuple[audit_queries.AuditFilter, audit_queries.SuspiciousRules]:
+        now = datetime.now(UTC)
+        where = audit_queries.AuditFilter(
+            actor,
+            stream,
+            category,
+            tuple(event_type or ()),
+            audit_queries.parse_time(since, now) if since else None,
+            audit_queries.parse_time(until, now) if until else None,
+            correlation,
+        )
+        if failed:
+            where = where.narrowed(audit_queries.FAILED_TYPES)
+        rules = audit_queries.SuspiciousRules(
+            threshold,
+            ip_threshold,
+            audit_queries.parse_duration(window),
+            audit_queries.parse_duration(lockout_lookback),
+        )
+        return where, rules
+
+    async def from_log() -> Any:
+        where, rules = build()
+        settings = _settings(database_url, schema)
+        _require_existing(settings)
+        service = DatabaseService(settings)
+        try:
+            async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+                if suspicious:
+                    return await repos.audit.suspicious(
+                        since=where.since, until=where.until, rules=rules
+                    )
+                if show_stats:
+                    async with service.engine.connect() as conn:
+                        return await audit_queries.stats(conn, where)
+                return await repos.audit.get_events(
+                    actor_id=where.actor_id,
+                    stream_id=where.stream_id,
+                    category=where.category,
+                    event_types=where.event_types,
+                    since=where.since,
+                    until=where.until,
+                    correlation_id=where.correlation_id,
+                    limit=limit,
+                )
+        finally:
+            await service.aclose()
+
+    async def from_archive() -> Any:
+        assert archive_file is not None
+        if not archive_file.exists():
+            raise CliError(f"archive file {archive_file} does not exist")
+        where, rules = build()
+        if suspicious:
+            return audit_queries.suspicious_archive(archive_file, where, rules)
+        if show_stats:
+            return audit_queries.stats_archive(archive_file, where)
+        return audit_queries.query_archive(archive_file, where, limit=limit)
+
+    result = run(from_archive if archive_file is not None else from_log)
+    _print_audit(result, output, suspicious=suspicious, show_stats=show_stats)
+
+
+def _print_audit(result: Any, output: OutputFormat, *, suspicious: bool, show_stats: bool) -> None:
+    if show_stats:
+        data = result.as_dict()
+        if output is OutputFormat.TABLE:
+            out.print(f"{data['total']} events")
+            out.print(_table("by type", ["type", "events"], list(data["by_type"].items())))
+            out.print(_table("by day (UTC)", ["day", "events"], list(data["by_day"].items())))
+        elif output is OutputFormat.JSON:
+            emit_json(data)
+        else:
+            typer.echo(json.dumps(data, default=str))
+        return
+    if suspicious:
+        items = [f.as_dict() for f in result]
+        if output is OutputFormat.TABLE:
+            from tiu.demo import findings_table  # noqa: PLC0415
+
+            if not result:
+                out.print("no suspicious activity found")
+            else:
+                out.print(findings_table(result))
+    else:
+        items = [e.model_dump(mode="json") for e in result]
+        if output is OutputFormat.TABLE:
+            from tiu.demo import audit_table  # noqa: PLC0415
+
+            out.print(audit_table(f"{len(result)} events", result))
+    if output is OutputFormat.JSON:
+        emit_json(items)
+    elif output is OutputFormat.JSONL:
+        for item in items:
+            typer.echo(json.dumps(item, default=str))
+
+
+@audit_app.command("archive")
+def audit_archive(
+    before: Annotated[
+        str, typer.Option("--before", help="Archive security events recorded before this.")
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Archive file (.jsonl.gz).")
+    ] = None,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Move security events older than --before into a gzip JSONL file, then remove
+    them from the log in one audited transaction (an AuditArchived record)."""
+    settings = _settings(database_url, schema)
+
+    async def work(engine: AsyncEngine) -> retention.ArchiveReport:
+        cutoff = audit_queries.parse_time(before)
+        store = EventStore(engine, categories=CLI_CATEGORIES)
+        try:
+            return await retention.archive(
+                store,
+                before=cutoff,
+                output=output,
+                category=ARCHIVABLE_CATEGORY,
+                actor_id=SYSTEM_ACTOR,
+            )
+        finally:
+            await store.aclose()
+
+    report = run(lambda: _with_engine(settings, work))
+    if as_json:
+        emit_json(report.as_dict())
+    elif report.count == 0:
+        out.print("nothing to archive before the cutoff")
+    else:
+        out.print(
+            f"archived {report.count} events of {report.streams} streams to {report.path} "
+            f"(sha256 {report.sha256}); record at position {report.record_position}"
+        )
