@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import and_, delete, func, select
+from sqlalchemy import and_, delete, func, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from eventstore.dialects import Dialect, dialect_for
@@ -299,12 +299,11 @@ class EventStore:
         with translate_errors(self.dialect.database_label):
             await self.dialect.lock_appends(conn)
             stream_ids = list(dict.fromkeys([*(p.stream_id for p in pending), *expected]))
-            heads = await self.stream_heads(conn, stream_ids)
+            heads, position = await self._heads_and_position(conn, stream_ids)
             for stream_id, version in expected.items():
                 _check_expected(
                     stream_id, version, heads.get(stream_id, StreamHead(0, None)).version
                 )
-            position = await self.head_position(conn)
             now = self.now()
             rows: list[dict[str, Any]] = []
             results: list[AppendResult] = []
@@ -419,6 +418,34 @@ class EventStore:
         )
         result = await conn.execute(query)
         return {row.stream_id: StreamHead(row.version, row.hash) for row in result}
+
+    async def _heads_and_position(
+        self, conn: AsyncConnection, stream_ids: Sequence[str]
+    ) -> tuple[dict[str, StreamHead], int]:
+        # One round trip under the append lock: each stream's last event, plus a row
+        # (stream_id NULL) carrying the log's highest position.
+        last = (
+            select(events.c.stream_id, func.max(events.c.version).label("version"))
+            .where(events.c.stream_id.in_(stream_ids))
+            .group_by(events.c.stream_id)
+            .subquery()
+        )
+        heads = select(events.c.stream_id, events.c.version, events.c.hash).join(
+            last, and_(events.c.stream_id == last.c.stream_id, events.c.version == last.c.version)
+        )
+        top = select(
+            null().label("stream_id"),
+            func.coalesce(func.max(events.c.position), 0).label("version"),
+            null().label("hash"),
+        )
+        found: dict[str, StreamHead] = {}
+        position = 0
+        for row in await conn.execute(union_all(top, heads)):
+            if row.stream_id is None:
+                position = int(row.version)
+            else:
+                found[row.stream_id] = StreamHead(row.version, row.hash)
+        return found, position
 
     async def head_position(self, conn: AsyncConnection) -> int:
         """The highest position in the log (0 when empty)."""
