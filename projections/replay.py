@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Index, MetaData, Table, delete, func, insert, select, text
+from sqlalchemy import MetaData, Table, delete, func, insert, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql.elements import conv
 
 from eventstore.engine import begin_write
@@ -301,8 +302,11 @@ def _rename_shadow(sync: Connection, live: Table, shadow: Table) -> None:
         # SQLite cannot rename an index: recreate the secondary ones under live names.
         for index in shadow.indexes:
             sync.execute(text(f"DROP INDEX IF EXISTS {prep.quote(str(index.name))}"))
-        for index in live.indexes:
-            Index(index.name, *index.expressions, unique=index.unique).create(sync)
+        # CreateIndex of the live Index itself: a new Index over live columns would
+        # attach to the live Table (changing the set being iterated, and duplicating
+        # the index in metadata for every later rebuild).
+        for index in list(live.indexes):
+            sync.execute(CreateIndex(index))
 
 
 async def rebuild_all(
