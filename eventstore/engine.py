@@ -112,7 +112,9 @@ def _install_sqlite_hooks(engine: AsyncEngine, opts: EngineOptions, *, memory: b
     if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
         raise ValueError(f"invalid sqlite_synchronous {opts.sqlite_synchronous!r}")
 
-    database = engine.url.database
+    database = engine.url.database or ""
+    if database.startswith("file:"):  # a URI filename: file:/path/x.db?mode=ro
+        database = database.removeprefix("file:").split("?", 1)[0]
 
     @event.listens_for(engine.sync_engine, "do_connect")
     def _check_directory(*_: Any) -> None:

@@ -10,6 +10,7 @@ from sqlalchemy import exc as sa_exc
 
 from eventstore.errors import (
     AppendTimeout,
+    EventStoreError,
     PoolExhausted,
     SchemaNotReady,
     StoreUnavailable,
@@ -46,6 +47,8 @@ def translate_errors(database: str | None = None) -> Iterator[None]:
     where = f" ({database})" if database else ""
     try:
         yield
+    except EventStoreError:
+        raise  # already ours (StoreUnavailable is also an OSError)
     except sa_exc.TimeoutError as error:
         raise PoolExhausted(_pool_timeout(error)) from error
     except sa_exc.DBAPIError as error:

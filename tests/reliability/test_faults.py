@@ -1,0 +1,173 @@
+"""Faults that a caller must see as clear, typed errors, with nothing half-written."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+
+import pytest
+from sqlalchemy import text
+
+from eventstore import (
+    AppendTimeout,
+    EngineOptions,
+    EventStore,
+    NewEvent,
+    PoolExhausted,
+    StoreUnavailable,
+    create_engine,
+)
+from eventstore.dialects import ADVISORY_LOCK_CLASS
+from eventstore.translate import translate_errors
+from tests.conftest import PG_URL
+
+
+def ev(n: int = 0) -> NewEvent:
+    return NewEvent("Happened", {"n": n})
+
+
+@pytest.mark.postgres
+async def test_pool_exhaustion_waits_then_fails_typed_and_recovers(pg_schema):
+    options = EngineOptions(pool_size=1, max_overflow=0, pool_timeout=0.3, search_path=pg_schema)
+    engine = create_engine(PG_URL, options)
+    store = EventStore(engine)
+    try:
+        holder = await engine.connect()  # the only connection
+        with pytest.raises(PoolExhausted) as exhausted:
+            await store.append("user-1", "user", [ev()])
+        assert exhausted.value.timeout == pytest.approx(0.3)
+        await holder.close()
+        result = await store.append("user-1", "user", [ev()])  # healthy again
+        assert result.first_version == 1
+    finally:
+        await store.aclose()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_stuck_lock_holder_makes_other_appends_time_out_with_a_retryable_error(
+    pg_schema,
+):
+    options = EngineOptions(lock_timeout_ms=300, search_path=pg_schema)
+    engine = create_engine(PG_URL, options)
+    stuck = EventStore(engine)
+    other = EventStore(engine)
+    release = asyncio.Event()
+    holding = asyncio.Event()
+
+    async def hang(_uow: object) -> None:
+        holding.set()
+        await release.wait()
+
+    stuck.before_commit = hang
+    try:
+        first = asyncio.create_task(stuck.append("user-1", "user", [ev(1)]))
+        await asyncio.wait_for(holding.wait(), 5)
+        with pytest.raises(AppendTimeout):
+            await other.append("user-2", "user", [ev(2)])
+        release.set()
+        done = await first
+        after = await other.append("user-2", "user", [ev(2)])
+        assert after.first_position == done.last_position + 1
+    finally:
+        release.set()
+        await stuck.aclose()
+        await other.aclose()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_idle_in_transaction_timeout_frees_the_append_lock(pg_schema):
+    base = EngineOptions(search_path=pg_schema)
+    idle_engine = create_engine(PG_URL, replace(base, idle_in_transaction_timeout_ms=400))
+    engine = create_engine(PG_URL, replace(base, lock_timeout_ms=5000))
+    store = EventStore(engine)
+    try:
+        conn = await idle_engine.connect()
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock(:k, 'events'::regclass::oid::int)"),
+            {"k": ADVISORY_LOCK_CLASS},
+        )
+        # ... and the caller wanders off without committing. The server ends that
+        # session after 400 ms, which releases the lock for the waiting append.
+        result = await asyncio.wait_for(store.append("idle-1", "idle", [ev()]), 5)
+        assert result.first_version == 1
+        with pytest.raises(StoreUnavailable), translate_errors():
+            await conn.execute(text("SELECT 1"))
+        await conn.invalidate()
+    finally:
+        await store.aclose()
+        await engine.dispose()
+        await idle_engine.dispose()
+
+
+async def test_a_read_only_sqlite_file_is_a_clear_error_naming_the_file(sqlite_template, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores file permissions; see the immutable-directory variant")
+    path = tmp_path / "ro.db"
+    path.write_bytes(sqlite_template.read_bytes())
+    path.chmod(stat.S_IRUSR)
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        with pytest.raises(StoreUnavailable, match="ro.db"):
+            await EventStore(engine).append("user-1", "user", [ev()])
+    finally:
+        await engine.dispose()
+
+
+async def test_a_sqlite_database_opened_read_only_refuses_writes_naming_the_file(
+    sqlite_template, tmp_path
+):
+    path = tmp_path / "ro.db"
+    path.write_bytes(sqlite_template.read_bytes())
+    engine = create_engine(f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true")
+    try:
+        with pytest.raises(StoreUnavailable, match="ro.db") as refused:
+            await EventStore(engine).append("user-1", "user", [ev()])
+        assert "readonly" in str(refused.value).replace("-", "")
+    finally:
+        await engine.dispose()
+
+
+async def test_a_sqlite_file_locked_by_another_process_times_out_naming_the_file(
+    sqlite_template, tmp_path
+):
+    path = tmp_path / "locked.db"
+    path.write_bytes(sqlite_template.read_bytes())
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sqlite3, sys, time
+                db = sqlite3.connect({str(path)!r}, isolation_level=None)
+                db.execute("BEGIN EXCLUSIVE")
+                print("locked", flush=True)
+                time.sleep(10)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
+        engine = create_engine(f"sqlite+aiosqlite:///{path}", EngineOptions(busy_timeout=0.3))
+        try:
+            with pytest.raises(AppendTimeout, match="locked.db"):
+                await EventStore(engine).append("user-1", "user", [ev()])
+        finally:
+            await engine.dispose()
+    finally:
+        holder.kill()
+        holder.communicate()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (0,)
