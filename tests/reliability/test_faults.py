@@ -115,7 +115,7 @@ async def test_a_read_only_sqlite_file_is_a_clear_error_naming_the_file(sqlite_t
     path.chmod(stat.S_IRUSR)
     engine = create_engine(f"sqlite+aiosqlite:///{path}")
     try:
-        with pytest.raises(StoreUnavailable, match="ro.db"):
+        with pytest.raises(StoreUnavailable, match=r"ro\.db"):
             await EventStore(engine).append("user-1", "user", [ev()])
     finally:
         await engine.dispose()
@@ -128,7 +128,7 @@ async def test_a_sqlite_database_opened_read_only_refuses_writes_naming_the_file
     path.write_bytes(sqlite_template.read_bytes())
     engine = create_engine(f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true")
     try:
-        with pytest.raises(StoreUnavailable, match="ro.db") as refused:
+        with pytest.raises(StoreUnavailable, match=r"ro\.db") as refused:
             await EventStore(engine).append("user-1", "user", [ev()])
         assert "readonly" in str(refused.value).replace("-", "")
     finally:
@@ -162,7 +162,7 @@ async def test_a_sqlite_file_locked_by_another_process_times_out_naming_the_file
         assert holder.stdout.readline().strip() == "locked"
         engine = create_engine(f"sqlite+aiosqlite:///{path}", EngineOptions(busy_timeout=0.3))
         try:
-            with pytest.raises(AppendTimeout, match="locked.db"):
+            with pytest.raises(AppendTimeout, match=r"locked\.db"):
                 await EventStore(engine).append("user-1", "user", [ev()])
         finally:
             await engine.dispose()
