@@ -38,6 +38,7 @@ from sqlalchemy import ColumnElement, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import security, users
+from eventstore.crypto import keyring
 from eventstore.retention import read_archive
 from eventstore.schema import events
 from tiu.models import AuditEntry
@@ -154,7 +155,9 @@ def redact(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: ("[redacted]" if k in _SECRET_FIELDS else v) for k, v in data.items()}
 
 
-def to_entry(row: Mapping[str, Any] | Any) -> AuditEntry:
+def to_entry(row: Mapping[str, Any] | Any, data: Mapping[str, Any] | None = None) -> AuditEntry:
+    """``data``: the row's data with personal fields opened (``eventstore.crypto``);
+    without it the stored data is shown as is (ciphertext for personal fields)."""
     return AuditEntry(
         position=row["position"],
         recorded_at=row["recorded_at"],
@@ -166,7 +169,7 @@ def to_entry(row: Mapping[str, Any] | Any) -> AuditEntry:
         correlation_id=row["correlation_id"],
         causation_id=row["causation_id"],
         command_id=row["command_id"],
-        data=redact(row["data"]),
+        data=redact(row["data"] if data is None else data),
     )
 
 
@@ -185,7 +188,9 @@ async def query(
     order = events.c.position.desc() if newest_first else events.c.position
     stmt = select(events).where(*where.conditions()).order_by(order).limit(_clamp(limit))
     rows = (await conn.execute(stmt)).mappings().all()
-    return [to_entry(r) for r in rows]
+    # personal fields decrypted; those of forgotten subjects read as "[erased]"
+    opened = await keyring(conn).open_many(conn, [(r["event_type"], r["data"]) for r in rows])
+    return [to_entry(r, o.data) for r, o in zip(rows, opened, strict=True)]
 
 
 def query_archive(
@@ -393,7 +398,9 @@ async def suspicious(
                 events.c.recorded_at < where.since,
             )
         )
-        for (data,) in earlier:
+        kind = users.LoginSucceeded.event_type
+        opened = await keyring(conn).open_many(conn, [(kind, d) for (d,) in earlier])
+        for data in (o.data for o in opened):
             if data.get("user_id") and data.get("ip"):
                 known[data["user_id"]].add(data["ip"])
     return find_suspicious(rows, rules, known_ips=known)
