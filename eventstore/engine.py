@@ -10,6 +10,7 @@ server-side timeouts that bound how long a stuck transaction can hold the append
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -67,8 +68,12 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
     """Build the async engine for ``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``."""
     opts = options or EngineOptions()
     url = make_url(url)
+    _quiet_secret_logging()
     common: dict[str, Any] = {
         "echo": opts.echo,
+        # Bound parameters hold password hashes and token hashes: keep them out of log
+        # lines and exception messages.
+        "hide_parameters": True,
         "json_serializer": canonical_json,
         "json_deserializer": _json_loads,
     }
@@ -105,6 +110,35 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
     )
     _install_sqlite_hooks(engine, opts, memory=memory)
     return engine
+
+
+class _DropDriverStatementLogs(logging.Filter):
+    """aiosqlite logs every call with its parameters at DEBUG, password hashes included;
+    SQLAlchemy already logs statements (without parameters), so drop those records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG
+
+
+class _DropResultRows(logging.Filter):
+    """SQLAlchemy logs fetched rows at DEBUG; rows hold hashes and personal data."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Row "))
+
+
+_DRIVER_LOG_FILTER = _DropDriverStatementLogs()
+_ROW_LOG_FILTER = _DropResultRows()
+
+
+def _quiet_secret_logging() -> None:
+    for name, quiet in (
+        ("aiosqlite", _DRIVER_LOG_FILTER),
+        ("sqlalchemy.engine.Engine", _ROW_LOG_FILTER),
+    ):
+        logger = logging.getLogger(name)
+        if quiet not in logger.filters:
+            logger.addFilter(quiet)
 
 
 def _install_sqlite_hooks(engine: AsyncEngine, opts: EngineOptions, *, memory: bool) -> None:

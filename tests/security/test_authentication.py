@@ -1,0 +1,237 @@
+"""OWASP ASVS 4.0 level 2, V2 (authentication) and V3 (session management), proved
+through the public API on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+
+import pytest
+from sqlalchemy import inspect, text
+
+from domain.passwords import BcryptHasher
+from domain.permissions import SYSTEM_ACTOR
+from domain.routing import USERS
+from tiu import (
+    AccountLocked,
+    DatabaseService,
+    InvalidCredentials,
+    Settings,
+    WeakPassword,
+)
+
+from .conftest import PASSWORD
+
+
+@dataclass
+class CountingHasher:
+    """The real bcrypt hasher, counting its work."""
+
+    inner: BcryptHasher = field(default_factory=lambda: BcryptHasher(rounds=4))
+    hashes: int = 0
+    verifies: int = 0
+
+    @property
+    def dummy_hash(self) -> str:
+        return self.inner.dummy_hash
+
+    def hash(self, password: str) -> str:
+        self.hashes += 1
+        return self.inner.hash(password)
+
+    def verify(self, password: str, hashed: str) -> bool:
+        self.verifies += 1
+        return self.inner.verify(password, hashed)
+
+
+@pytest.fixture
+async def counted(engine, clock):
+    hasher = CountingHasher()
+    svc = DatabaseService(
+        Settings(database_url=str(engine.url), bcrypt_rounds=4, lockout_threshold=5),
+        engine=engine,
+        hasher=hasher,
+        clock=clock,
+    )
+    await svc.start(migrate=False)
+    yield svc, hasher
+    await svc.store.aclose()
+
+
+async def register(service, name: str, password: str = PASSWORD):
+    async with service.get_repositories() as repos:
+        return await repos.get_user_repository().create_user(
+            email=f"{name}@example.com", username=name, password=password
+        )
+
+
+async def test_v2_1_1_and_v2_1_2_passwords_of_12_to_at_least_64_characters_are_accepted(service):
+    await register(service, "short", "twelve-chars")
+    await register(service, "long", "x" * 30 + "correct horse battery staple " + "y" * 35)
+    with pytest.raises(WeakPassword, match="12"):
+        await register(service, "tiny", "elevenchars")
+
+
+async def test_v2_1_7_common_passwords_are_refused(service):
+    with pytest.raises(WeakPassword, match="common"):
+        await register(service, "common", "password1234")
+
+
+async def test_v2_1_9_no_composition_rules_are_forced(service):
+    assert await register(service, "plain", "all lower case words here")
+
+
+async def test_bcrypt_72_byte_limit_does_not_truncate_silently(service):
+    base = "é" * 40  # 80 bytes of UTF-8: past bcrypt's 72
+    await register(service, "longpw", base + "-first")
+    async with service.get_repositories() as repos:
+        users = repos.get_user_repository()
+        assert await users.authenticate("longpw@example.com", base + "-first")
+        with pytest.raises(InvalidCredentials):
+            await users.authenticate("longpw@example.com", base + "-other")
+
+
+async def test_v2_2_unknown_emails_cost_the_same_bcrypt_work_and_get_the_same_error(counted):
+    service, hasher = counted
+    await register(service, "known")
+    async with service.get_repositories() as repos:
+        users = repos.get_user_repository()
+        before = hasher.verifies
+        with pytest.raises(InvalidCredentials) as unknown:
+            await users.authenticate("nobody@example.com", "some-password-1")
+        unknown_work = hasher.verifies - before
+        before = hasher.verifies
+        with pytest.raises(InvalidCredentials) as wrong:
+            await users.authenticate("known@example.com", "some-password-1")
+        wrong_work = hasher.verifies - before
+    assert unknown_work == wrong_work == 1
+    assert str(unknown.value) == str(wrong.value)
+
+
+async def test_v2_2_1_lockout_holds_under_a_burst_of_50_concurrent_wrong_attempts(counted):
+    service, _ = counted
+    await register(service, "target")
+
+    async def attempt(n: int) -> BaseException | None:
+        async with service.get_repositories(ip=f"198.51.100.{n}") as repos:
+            try:
+                await repos.get_user_repository().authenticate(
+                    "target@example.com", f"wrong-password-{n:03}"
+                )
+            except (InvalidCredentials, AccountLocked) as error:
+                return error
+        return None
+
+    outcomes = await asyncio.gather(*(attempt(n) for n in range(50)))
+    assert sum(isinstance(o, InvalidCredentials) for o in outcomes) == 5
+    assert sum(isinstance(o, AccountLocked) for o in outcomes) == 45
+    stats = await service.get_statistics()
+    assert stats["events_by_type"]["LoginFailed"] == 5
+    assert stats["events_by_type"]["AccountLocked"] == 1
+
+
+async def test_v3_2_session_tokens_are_long_random_and_stored_only_hashed(service, engine):
+    await register(service, "tokens")
+    async with service.get_repositories() as repos:
+        started = await repos.get_session_repository().create_session(
+            "tokens@example.com", PASSWORD
+        )
+        other = await repos.get_session_repository().create_session("tokens@example.com", PASSWORD)
+    token = started.token
+    assert len(token) >= 43  # 32 random bytes: 256 bits, well over 128
+    assert token != other.token
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", token)
+    async with engine.connect() as conn:
+        assert await _tables_containing(conn, token) == []
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        assert await _tables_containing(conn, digest) != []  # the hash is what is stored
+
+
+async def test_v3_3_sessions_die_on_logout_expiry_idle_and_password_change(service, clock):
+    user = await register(service, "lifecycle")
+    async with service.get_repositories() as repos:
+        sessions = repos.get_session_repository()
+        logout = await sessions.create_session("lifecycle@example.com", PASSWORD)
+        idle = await sessions.create_session("lifecycle@example.com", PASSWORD)
+        expiring = await sessions.create_session("lifecycle@example.com", PASSWORD)
+    async with service.get_repositories(actor_id=user.id) as repos:
+        sessions = repos.get_session_repository()
+        await sessions.revoke(logout.session.id)
+        assert (await sessions.validate_session(logout.token)).reason == "revoked"
+        for _ in range(28):  # keep one session alive by using it, let the other idle
+            clock.advance(minutes=25)
+            assert (await sessions.validate_session(expiring.token)).valid
+        assert (await sessions.validate_session(idle.token)).reason == "idle"
+        clock.advance(minutes=25)
+        assert (await sessions.validate_session(expiring.token)).reason == "expired"
+        fresh = await sessions.create_session("lifecycle@example.com", PASSWORD)
+        clock.advance(seconds=1)
+        await repos.get_user_repository().change_password(user.id, PASSWORD, PASSWORD + "!")
+        assert (await sessions.validate_session(fresh.token)).reason == "revoked"
+
+
+async def test_v7_no_password_token_or_hash_reaches_logs_or_error_messages(service, clock, caplog):
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("sqlalchemy.engine").setLevel(logging.DEBUG)
+    secrets_seen: list[str] = [PASSWORD, PASSWORD + "-changed"]
+    messages: list[str] = []
+    try:
+        user = await register(service, "secretive")
+        secrets_seen.append(await _password_hash(service, user.id))
+        async with service.get_repositories(ip="203.0.113.5", user_agent="ua") as repos:
+            users = repos.get_user_repository()
+            for attempt in ("wrong-password-1", "wrong-password-2"):
+                secrets_seen.append(attempt)
+                try:
+                    await users.authenticate("secretive@example.com", attempt)
+                except InvalidCredentials as error:
+                    messages.append(repr(error))
+            started = await repos.get_session_repository().create_session(
+                "secretive@example.com", PASSWORD
+            )
+            secrets_seen.append(started.token)
+            reset = await users.request_password_reset("secretive@example.com")
+            secrets_seen.append(reset)
+        async with service.get_repositories(actor_id=user.id) as repos:
+            await repos.get_user_repository().change_password(
+                user.id, PASSWORD, PASSWORD + "-changed"
+            )
+        secrets_seen.append(await _password_hash(service, user.id))
+        async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+            audit = await repos.get_audit_repository().get_events(limit=1000)
+            messages.extend(entry.model_dump_json() for entry in audit)
+    finally:
+        logging.getLogger("sqlalchemy.engine").setLevel(logging.WARNING)
+    secrets_seen.extend(hashlib.sha256(s.encode()).hexdigest() for s in list(secrets_seen))
+    logged = [record.getMessage() for record in caplog.records] + messages
+    assert any("INSERT INTO events" in line for line in logged), "SQL logging was not captured"
+    for line in logged:
+        for secret in secrets_seen:
+            assert secret not in line, f"a secret leaked into: {line[:200]}"
+        assert "$2b$" not in line
+
+
+async def _password_hash(service, user_id: str) -> str:
+    async with service.engine.connect() as conn:
+        state, _, _ = await service.dispatcher.fold(conn, USERS, f"user-{user_id}")
+    assert state.password_hash.startswith("$2b$")
+    return state.password_hash
+
+
+async def _tables_containing(conn, needle: str) -> list[str]:
+    def names(sync):
+        return inspect(sync).get_table_names()
+
+    found = []
+    for table in await conn.run_sync(names):
+        if table == "alembic_version":
+            continue
+        rows = await conn.execute(text(f'SELECT * FROM "{table}"'))
+        for row in rows:
+            if any(needle in str(value) for value in row):
+                found.append(table)
+                break
+    return found
