@@ -1,0 +1,284 @@
+"""Case 4: rebuild one aggregate from a 100-event stream; read and decode the global log.
+
+raw reads tiu's own rows (same table, same schema) with the bare driver and
+``json.loads``; its "state" is a dict updated per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bench import es
+from bench.common import Place, Result, summarise, timed, timed_sync
+from bench.context import Context
+from bench.scenario import Scenario, es_fill, fill
+from domain import tasks
+from domain.base import decode_event, encode_event
+from domain.routing import TASKS
+from eventstore import NO_STREAM, NewEvent
+from tiu.dispatch import Dispatcher
+
+STREAM_EVENTS = 100
+PAGE = 1000
+
+
+def _task_events(task_id: str, project_id: str) -> list[tasks.Event]:
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    out: list[tasks.Event] = [
+        tasks.TaskCreated(
+            task_id=task_id,
+            project_id=project_id,
+            title="A long-lived task",
+            description="Moved back and forth many times.",
+            priority=tasks.Priority.MEDIUM,
+            due_date=None,
+            assignee_id=None,
+            created_by="owner",
+            at=at,
+        )
+    ]
+    status = tasks.TaskStatus.TODO
+    for i in range(1, STREAM_EVENTS):
+        new = (
+            tasks.TaskStatus.IN_PROGRESS
+            if status is tasks.TaskStatus.TODO
+            else tasks.TaskStatus.TODO
+        )
+        out.append(
+            tasks.TaskStatusChanged(
+                task_id=task_id,
+                project_id=project_id,
+                from_status=status,
+                to_status=new,
+                by="owner",
+                at=at + timedelta(minutes=i),
+            )
+        )
+        status = new
+    return out
+
+
+async def _tiu_streams(place: Place, k: int, runs: int) -> list[float]:
+    store = await place.store()
+    ids = []
+    for _ in range(k):
+        task_id = uuid.uuid4().hex
+        stored = [
+            NewEvent(t, d, v, {})
+            for t, v, d in (encode_event(e) for e in _task_events(task_id, "p1"))
+        ]
+        await store.append(tasks.stream_id(task_id), "task", stored, NO_STREAM)
+        ids.append(tasks.stream_id(task_id))
+    dispatcher = Dispatcher(store, snapshot_every=0)
+    times = []
+    try:
+        for _ in range(runs):
+
+            async def go() -> None:
+                async with store.engine.connect() as conn:
+                    for stream_id in ids:
+                        _, version, _ = await dispatcher.fold(conn, TASKS, stream_id)
+                        assert version == STREAM_EVENTS, version
+
+            times.append(await timed(go))
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
+    return times
+
+
+def _es_streams(place: Place, k: int, runs: int) -> list[float]:
+    app = es.BenchApp(env=place.es_env())
+    ids = []
+    for _ in range(k):
+        task = es.EsTask("p1", "A long-lived task", "Moved back and forth.", "medium", "owner")
+        for i in range(1, STREAM_EVENTS):
+            to = "in_progress" if i % 2 else "todo"
+            task.change_status(task.status, to, "owner")
+        app.save(task)
+        ids.append(task.id)
+    times = []
+    try:
+        for _ in range(runs):
+
+            def go() -> None:
+                for aggregate_id in ids:
+                    task = app.repository.get(aggregate_id)
+                    assert task.version == STREAM_EVENTS
+
+            times.append(timed_sync(go))
+    finally:
+        app.close()
+    return times
+
+
+def _fold_raw(rows: list[Any]) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for event_type, data in rows:
+        payload = json.loads(data) if isinstance(data, str) else data
+        if event_type == "TaskCreated":
+            state = dict(payload, status="todo")
+        else:
+            state["status"] = payload["to_status"]
+    return state
+
+
+async def _raw_streams(tiu_place: Place, runs: int) -> list[float]:
+    # reads the streams tiu wrote (same table), so it runs after _tiu_streams
+    sql = "SELECT event_type, data FROM events WHERE stream_id = {} ORDER BY version"
+    times = []
+    if tiu_place.postgres:
+        conn = await tiu_place.asyncpg_conn()
+        ids = [r[0] for r in await conn.fetch("SELECT DISTINCT stream_id FROM events")]
+        stmt = await conn.prepare(sql.format("$1"))
+        for _ in range(runs):
+
+            async def go(conn: Any = conn) -> None:
+                for stream_id in ids:
+                    rows = await stmt.fetch(stream_id)
+                    _fold_raw([(r[0], r[1]) for r in rows])
+
+            times.append(await timed(go))
+        await conn.close()
+        return times
+    sconn = tiu_place.sqlite_conn()
+    ids = [r[0] for r in sconn.execute("SELECT DISTINCT stream_id FROM events")]
+    for _ in range(runs):
+
+        def sgo() -> None:
+            for stream_id in ids:
+                _fold_raw(sconn.execute(sql.format("?"), (stream_id,)).fetchall())
+
+        times.append(timed_sync(sgo))
+    sconn.close()
+    return times
+
+
+# -- the global log ----------------------------------------------------------------------------
+
+
+async def _tiu_log(place: Place, runs: int) -> list[float]:
+    store = await place.store()
+    times = []
+    try:
+        for _ in range(runs):
+
+            async def go() -> None:
+                position = 0
+                async with store.engine.connect() as conn:
+                    while True:
+                        page = await store.read_all(conn, position, PAGE)
+                        for record in page:
+                            decode_event(record.event_type, record.schema_version, record.data)
+                        if len(page) < PAGE:
+                            break
+                        position = page[-1].position
+
+            times.append(await timed(go))
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
+    return times
+
+
+def _es_log(place: Place, runs: int) -> list[float]:
+    app = es.BenchApp(env=place.es_env())
+    times = []
+    try:
+        for _ in range(runs):
+
+            def go() -> None:
+                start = 1
+                while True:
+                    page = app.recorder.select_notifications(start, PAGE)
+                    for n in page:
+                        app.mapper.to_domain_event(n)
+                    if len(page) < PAGE:
+                        break
+                    start = page[-1].id + 1
+
+            times.append(timed_sync(go))
+    finally:
+        app.close()
+    return times
+
+
+async def _raw_log(tiu_place: Place, runs: int) -> list[float]:
+    sql = (
+        "SELECT position, event_type, data FROM events WHERE position > {} "
+        "ORDER BY position LIMIT {}"
+    )
+    times = []
+    if tiu_place.postgres:
+        conn = await tiu_place.asyncpg_conn()
+        stmt = await conn.prepare(sql.format("$1", "$2"))
+        for _ in range(runs):
+
+            async def go() -> None:
+                position = 0
+                while True:
+                    page = await stmt.fetch(position, PAGE)
+                    for r in page:
+                        json.loads(r[2])
+                    if len(page) < PAGE:
+                        break
+                    position = page[-1][0]
+
+            times.append(await timed(go))
+        await conn.close()
+        return times
+    sconn = tiu_place.sqlite_conn()
+    for _ in range(runs):
+
+        def sgo() -> None:
+            position = 0
+            while True:
+                page = sconn.execute(sql.format("?", "?"), (position, PAGE)).fetchall()
+                for r in page:
+                    json.loads(r[2])
+                if len(page) < PAGE:
+                    break
+                position = page[-1][0]
+
+        times.append(timed_sync(sgo))
+    sconn.close()
+    return times
+
+
+async def case4(ctx: Context) -> list[Result]:
+    k = 20 if ctx.cfg.quick else 100
+    log = 20_000 if ctx.cfg.quick else 100_000
+    runs = ctx.cfg.runs
+    out: list[Result] = []
+    label = f"4a rebuild state: {k} streams x {STREAM_EVENTS} events"
+    await ctx.fresh(migrate=("tiu",))
+    items = k * STREAM_EVENTS
+    t = await _tiu_streams(ctx.place("tiu"), k, runs)
+    out.append(summarise(label, ctx.backend, "tiu", t, items, note="Dispatcher.fold, no snapshot"))
+    e = await asyncio.to_thread(_es_streams, ctx.place("eventsourcing"), k, runs)
+    out.append(summarise(label, ctx.backend, "eventsourcing", e, items, note="repository.get"))
+    r = await _raw_streams(ctx.place("tiu"), runs)
+    out.append(summarise(label, ctx.backend, "raw", r, items, note="fetch + json.loads"))
+
+    label = f"4b read global log: {log} events, pages of {PAGE}, decoded"
+    await ctx.fresh(migrate=("tiu",))
+    store = await ctx.place("tiu").store()
+    await fill(store, Scenario(7), log)
+    await store.aclose()
+    await store.engine.dispose()
+    app = es.BenchApp(env=ctx.place("eventsourcing").es_env())
+    await asyncio.to_thread(es_fill, app, Scenario(7), log)
+    app.close()
+    t = await _tiu_log(ctx.place("tiu"), runs)
+    out.append(summarise(label, ctx.backend, "tiu", t, log, note="read_all + decode_event"))
+    e = await asyncio.to_thread(_es_log, ctx.place("eventsourcing"), runs)
+    out.append(
+        summarise(label, ctx.backend, "eventsourcing", e, log, note="select_notifications + mapper")
+    )
+    r = await _raw_log(ctx.place("tiu"), runs)
+    out.append(summarise(label, ctx.backend, "raw", r, log, note="fetch + json.loads"))
+    return out

@@ -1,0 +1,127 @@
+"""Cases 5 and 7: replay a seeded scenario log, and how appends and replays grow with it.
+
+One log per backend grows through the sizes of case 7 (10k, 100k, 1M in the full
+run). At each size the append rate is measured (1,000 new streams x 1 event), and at
+the replay sizes every replay runs in a child process (:mod:`bench.replay_child`) for
+its peak RSS:
+
+* tiu ``tasks``: ``projections.replay.rebuild(store, TasksProjector())``, shadow
+  tables and swap included: the one-row-per-task read model;
+* tiu ``all``: ``rebuild_all`` of the six projectors (case 5b, tiu only);
+* raw: pages of 1,000 task events, ``executemany`` into a one-row-per-task table and
+  the checkpoint, one transaction per page (it reads tiu's log rows);
+* eventsourcing: ``ProjectionRunner`` + a one-row-per-task view (one transaction
+  per event: view row + tracking row), on its own log of the same seeded events.
+
+Events/s is the log's size over the replay's wall time, the same denominator for all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+from bench import es
+from bench.cases.store import _tiu_streams
+from bench.common import Result, summarise
+from bench.context import Context
+from bench.scenario import Scenario, es_fill, fill
+
+SEED = 42
+
+
+async def _child(ctx: Context, system: str, mode: str = "tasks") -> dict[str, Any]:
+    args = {
+        "backend": ctx.backend,
+        "system": system,
+        "place": "tiu" if system == "raw" else system,
+        "mode": mode,
+        "sync": ctx.cfg.sqlite_synchronous,
+        "tmpdir": str(ctx.ws.tmpdir),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.replay_child",
+        json.dumps(args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"replay child {system}/{mode} failed:\n{err.decode()[-3000:]}")
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def _head(ctx: Context) -> int:
+    store = await ctx.place("tiu").store()
+    try:
+        async with store.engine.connect() as conn:
+            return await store.head_position(conn)
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
+
+
+async def case5(ctx: Context) -> list[Result]:
+    quick = ctx.cfg.quick
+    points = [10_000, 20_000] if quick else [10_000, 100_000, 1_000_000]
+    replays: dict[int, tuple[str, ...]] = (
+        {20_000: ("tiu", "all", "raw", "eventsourcing")}
+        if quick
+        else {100_000: ("tiu", "all", "raw", "eventsourcing"), 1_000_000: ("tiu", "raw")}
+    )
+    append_at = {points[0], points[-1]}
+    runs = ctx.cfg.runs
+    out: list[Result] = []
+    await ctx.fresh(migrate=("tiu",))
+    store = await ctx.place("tiu").store()
+    scenario = Scenario(SEED)
+    size = 0
+    try:
+        for point in points:
+            print(f"  log: appending {point - size} scenario events (up to {point})", flush=True)
+            await fill(store, scenario, point - size)
+            size = point
+            if point in append_at:
+                label = f"7 growth: append 1000 streams x 1 event, {point:,} events in log"
+                times = await _tiu_streams(ctx.place("tiu"), 1000, 1, runs)
+                out.append(summarise(label, ctx.backend, "tiu", times, 1000))
+            for what in replays.get(point, ()):
+                head = await _head(ctx)
+                if what == "eventsourcing":
+                    app = es.BenchApp(env=ctx.place("eventsourcing").es_env())
+                    await asyncio.to_thread(es_fill, app, Scenario(SEED), point)
+                    app.close()
+                    head = point
+                system, mode = {
+                    "tiu": ("tiu", "tasks"),
+                    "all": ("tiu", "all"),
+                    "raw": ("raw", "tasks"),
+                    "eventsourcing": ("eventsourcing", "tasks"),
+                }[what]
+                label = (
+                    f"5b replay all 6 projections, log {point:,}"
+                    if mode == "all"
+                    else f"5 replay tasks read model, log {point:,}"
+                )
+                print(f"  replay {what} at {point:,}", flush=True)
+                res = await _child(ctx, system, mode)
+                out.append(
+                    summarise(
+                        label,
+                        ctx.backend,
+                        system,
+                        [res["seconds"]],
+                        head,
+                        note=f"peak RSS {res['maxrss_mb']} MB; 1 run",
+                        peak_rss_mb=res["maxrss_mb"],
+                        applied=res["applied"],
+                    )
+                )
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
+    return out

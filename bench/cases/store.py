@@ -1,0 +1,262 @@
+"""Cases 1 and 2: store appends, one writer and eight concurrent writers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from bench import es, raw
+from bench.common import Place, Result, summarise, timed, timed_sync
+from bench.context import Context
+from domain import tasks
+from domain.base import encode_event
+from eventstore import NO_STREAM, EventContext, NewEvent
+
+WRITERS = 8
+
+
+def task_data(i: int) -> dict[str, Any]:
+    """A TaskCreated's data: the row shape every system writes in these cases."""
+    now = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+    event = tasks.TaskCreated(
+        task_id=uuid.uuid4().hex,
+        project_id=uuid.uuid4().hex,
+        title=f"Task {i}: do the thing",
+        description="Steps to reproduce, expected and actual behaviour.",
+        priority=tasks.Priority.HIGH,
+        due_date=None,
+        assignee_id=None,
+        created_by=uuid.uuid4().hex,
+        at=now,
+    )
+    return encode_event(event)[2]
+
+
+def es_event(data: dict[str, Any], stream: uuid.UUID, version: int) -> Any:
+    return es.to_es_event("TaskCreated", data, stream, version, datetime.now(UTC))
+
+
+# -- one writer ----------------------------------------------------------------------------
+
+
+async def _tiu_streams(place: Place, n: int, per: int, runs: int) -> list[float]:
+    store = await place.store()
+    times = []
+    try:
+        for _ in range(runs):
+            work = [
+                (f"task-{uuid.uuid4().hex}", [task_data(i) for _ in range(per)]) for i in range(n)
+            ]
+
+            async def go(work: list[tuple[str, list[dict[str, Any]]]] = work) -> None:
+                for stream_id, datas in work:
+                    await store.append(
+                        stream_id,
+                        "task",
+                        [NewEvent("TaskCreated", d, 1, {"command": "Bench"}) for d in datas],
+                        NO_STREAM,
+                        context=EventContext(actor_id="bench", command_id=uuid.uuid4().hex),
+                    )
+
+            times.append(await timed(go))
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
+    return times
+
+
+def _es_streams(place: Place, n: int, per: int, runs: int) -> list[float]:
+    app = es.BenchApp(env=place.es_env())
+    times = []
+    try:
+        for _ in range(runs):
+            work = [(uuid.uuid4(), [task_data(i) for _ in range(per)]) for i in range(n)]
+
+            def go(work: list[tuple[uuid.UUID, list[dict[str, Any]]]] = work) -> None:
+                for stream, datas in work:
+                    stored = [
+                        app.mapper.to_stored_event(es_event(d, stream, v))
+                        for v, d in enumerate(datas, start=1)
+                    ]
+                    app.recorder.insert_events(stored)
+
+            times.append(timed_sync(go))
+    finally:
+        app.close()
+    return times
+
+
+async def _raw_streams(place: Place, n: int, per: int, runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        work = [(f"task-{uuid.uuid4().hex}", [task_data(i) for _ in range(per)]) for i in range(n)]
+
+        def rows(stream_id: str, datas: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+            out, prev = [], raw.GENESIS
+            for v, d in enumerate(datas, start=1):
+                r = raw.row(stream_id, "task", v, "TaskCreated", d, prev, "bench")
+                prev = r[-1]
+                out.append(r)
+            return out
+
+        if place.postgres:
+            conn = await place.asyncpg_conn()
+
+            async def go(conn: Any = conn, work: Any = work) -> None:
+                for stream_id, datas in work:
+                    await raw.pg_append(conn, rows(stream_id, datas))
+
+            times.append(await timed(go))
+            await conn.close()
+        else:
+            sconn = place.sqlite_conn()
+
+            def sgo(sconn: Any = sconn, work: Any = work) -> None:
+                for stream_id, datas in work:
+                    raw.sqlite_append(sconn, rows(stream_id, datas))
+
+            times.append(timed_sync(sgo))
+            sconn.close()
+    return times
+
+
+async def case1(ctx: Context) -> list[Result]:
+    n = 1000 if ctx.cfg.quick else 10_000
+    streams10 = 200 if ctx.cfg.quick else 1000
+    results: list[Result] = []
+    for label, count, per in (
+        (f"1a append: {n} streams x 1 event, 1 tx each", n, 1),
+        (f"1b append: {streams10} streams x 10 events, 1 append each", streams10, 10),
+    ):
+        await ctx.fresh(migrate=("tiu", "raw"))
+        runs = ctx.cfg.runs
+        tiu = await ctx.profiled(f"{label}", _tiu_streams(ctx.place("tiu"), count, per, runs))
+        results.append(summarise(label, ctx.backend, "tiu", tiu, count * per))
+        e = await asyncio.to_thread(_es_streams, ctx.place("eventsourcing"), count, per, runs)
+        results.append(summarise(label, ctx.backend, "eventsourcing", e, count * per))
+        r = await _raw_streams(ctx.place("raw"), count, per, runs)
+        results.append(summarise(label, ctx.backend, "raw", r, count * per))
+    return results
+
+
+# -- eight writers ----------------------------------------------------------------------------
+
+
+async def _tiu_concurrent(place: Place, per_writer: int, runs: int) -> list[float]:
+    store = await place.store()
+    times = []
+    try:
+        for _ in range(runs):
+
+            async def writer(w: int) -> None:
+                stream_id = f"task-{uuid.uuid4().hex}"
+                for v in range(per_writer):
+                    await store.append(
+                        stream_id,
+                        "task",
+                        [NewEvent("TaskCreated", task_data(v), 1, {"command": "Bench"})],
+                        v,
+                        context=EventContext(actor_id=f"writer{w}"),
+                    )
+
+            async def go() -> None:
+                await asyncio.gather(*(writer(w) for w in range(WRITERS)))
+
+            times.append(await timed(go))
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
+    return times
+
+
+def _es_concurrent(place: Place, per_writer: int, runs: int) -> list[float]:
+    app = es.BenchApp(env=place.es_env())
+    times = []
+    try:
+        for _ in range(runs):
+
+            def writer() -> None:
+                stream = uuid.uuid4()
+                for v in range(1, per_writer + 1):
+                    stored = app.mapper.to_stored_event(es_event(task_data(v), stream, v))
+                    app.recorder.insert_events([stored])
+
+            def go() -> None:
+                threads = [threading.Thread(target=writer) for _ in range(WRITERS)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+
+            times.append(timed_sync(go))
+    finally:
+        app.close()
+    return times
+
+
+async def _raw_concurrent(place: Place, per_writer: int, runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        if place.postgres:
+            conns = [await place.asyncpg_conn() for _ in range(WRITERS)]
+
+            async def writer(conn: Any) -> None:
+                stream_id, prev = f"task-{uuid.uuid4().hex}", raw.GENESIS
+                for v in range(1, per_writer + 1):
+                    r = raw.row(stream_id, "task", v, "TaskCreated", task_data(v), prev)
+                    prev = r[-1]
+                    await raw.pg_append(conn, [r])
+
+            async def go(conns: list[Any] = conns) -> None:
+                await asyncio.gather(*(writer(c) for c in conns))
+
+            times.append(await timed(go))
+            for c in conns:
+                await c.close()
+        else:
+
+            def swriter() -> None:
+                conn = place.sqlite_conn()
+                stream_id, prev = f"task-{uuid.uuid4().hex}", raw.GENESIS
+                for v in range(1, per_writer + 1):
+                    r = raw.row(stream_id, "task", v, "TaskCreated", task_data(v), prev)
+                    prev = r[-1]
+                    raw.sqlite_append(conn, [r])
+                conn.close()
+
+            def sgo() -> None:
+                threads = [threading.Thread(target=swriter) for _ in range(WRITERS)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+
+            times.append(timed_sync(sgo))
+    return times
+
+
+async def case2(ctx: Context) -> list[Result]:
+    per = 100 if ctx.cfg.quick else 500
+    label = f"2 append: {WRITERS} writers x {per} commands, 1 event each"
+    await ctx.fresh(migrate=("tiu", "raw"))
+    runs = ctx.cfg.runs
+    total = WRITERS * per
+    out = [
+        summarise(
+            label,
+            ctx.backend,
+            "tiu",
+            await ctx.profiled(label, _tiu_concurrent(ctx.place("tiu"), per, runs)),
+            total,
+            note="asyncio tasks, pooled connections",
+        )
+    ]
+    e = await asyncio.to_thread(_es_concurrent, ctx.place("eventsourcing"), per, runs)
+    out.append(summarise(label, ctx.backend, "eventsourcing", e, total, note="8 threads"))
+    r = await _raw_concurrent(ctx.place("raw"), per, runs)
+    note = "asyncpg, 8 connections" if ctx.postgres else "sqlite3, 8 threads"
+    out.append(summarise(label, ctx.backend, "raw", r, total, note=note))
+    return out

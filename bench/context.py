@@ -1,0 +1,56 @@
+"""What a case is handed: the config, the backend, and a place per system."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench.common import SYSTEMS, Config, Place, Workspace
+
+T = TypeVar("T")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Context:
+    def __init__(self, cfg: Config, ws: Workspace, backend: str) -> None:
+        self.cfg = cfg
+        self.ws = ws
+        self.backend = backend
+
+    @property
+    def postgres(self) -> bool:
+        return self.backend == "postgresql"
+
+    def place(self, system: str) -> Place:
+        return self.ws.place(self.backend, system)
+
+    async def fresh(self, migrate: tuple[str, ...] = ("tiu",)) -> None:
+        """Empty every system's place; build tiu's schema in ``migrate``'s places."""
+        for system in SYSTEMS:
+            await self.place(system).reset()
+        for system in migrate:
+            await self.place(system).migrate()
+
+    async def profiled(self, label: str, work: Awaitable[T]) -> T:
+        """Run ``work``; under ``--profile``, with pyinstrument, saving the report."""
+        if not self.cfg.profile:
+            return await work
+        from pyinstrument import Profiler  # noqa: PLC0415
+
+        profiler = Profiler(async_mode="enabled", interval=0.0005)
+        profiler.start()
+        try:
+            return await work
+        finally:
+            profiler.stop()
+            slug = re.sub(r"[^a-z0-9]+", "-", f"{self.backend}-{label}".lower()).strip("-")[:80]
+            RESULTS.mkdir(exist_ok=True)
+            path = RESULTS / f"profile-{slug}.txt"
+            path.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+            print(f"  profile written to {path}")
+
+
+def noop(*_: Any) -> None:
+    return None

@@ -1,0 +1,273 @@
+"""A seeded scenario of real domain events: users, projects, tasks, status changes.
+
+Events are built as tiu domain events (pydantic models, validated) and appended in
+big batches through ``EventStore.transaction()`` (one ``uow.append`` per stream of
+the batch), not one command each: the bench measures replay, not the generator.
+The same seed gives the same log, so every system sees the same facts.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from domain import projects, sessions, tasks, users
+from domain.base import Event, encode_event
+from eventstore import EventContext, EventStore, NewEvent
+
+START = datetime(2026, 1, 1, tzinfo=UTC)
+PASSWORD_HASH = "$2b$04$" + "x" * 53  # shaped like a bcrypt hash; never checked here
+NEXT_STATUS = {
+    tasks.TaskStatus.TODO: tasks.TaskStatus.IN_PROGRESS,
+    tasks.TaskStatus.IN_PROGRESS: tasks.TaskStatus.REVIEW,
+    tasks.TaskStatus.REVIEW: tasks.TaskStatus.DONE,
+}
+PRIORITIES = list(tasks.Priority)
+
+
+@dataclass(slots=True)
+class Generated:
+    stream_id: str
+    category: str
+    version: int
+    event: Event
+    actor_id: str
+
+
+class _Task:
+    __slots__ = ("project_id", "status", "task_id")
+
+    def __init__(self, task_id: str, project_id: str) -> None:
+        self.task_id = task_id
+        self.project_id = project_id
+        self.status = tasks.TaskStatus.TODO
+
+
+class Scenario:
+    """An endless, deterministic stream of plausible events."""
+
+    def __init__(self, seed: int = 42) -> None:
+        self.rng = random.Random(seed)
+        self.users: list[str] = []
+        self.projects: list[tuple[str, str]] = []  # (project_id, owner_id)
+        self.owners: dict[str, str] = {}
+        self.members: dict[str, set[str]] = {}
+        self.open_tasks: list[_Task] = []
+        self.versions: dict[str, int] = {}
+        self.count = 0
+
+    def _id(self) -> str:
+        return uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
+
+    def _now(self) -> datetime:
+        return START + timedelta(seconds=self.count)
+
+    def _emit(self, stream_id: str, category: str, event: Event, actor: str) -> Generated:
+        version = self.versions.get(stream_id, 0) + 1
+        self.versions[stream_id] = version
+        self.count += 1
+        return Generated(stream_id, category, version, event, actor)
+
+    def _register(self) -> Generated:
+        user_id = self._id()
+        self.users.append(user_id)
+        n = len(self.users)
+        event = users.UserRegistered(
+            user_id=user_id,
+            email=f"user{n}@example.com",
+            username=f"user{n}",
+            display_name=f"User {n}",
+            password_hash=PASSWORD_HASH,
+            roles=("member",),
+            at=self._now(),
+        )
+        return self._emit(users.stream_id(user_id), users.CATEGORY, event, user_id)
+
+    def _project(self) -> Generated:
+        owner = self.rng.choice(self.users)
+        project_id = self._id()
+        self.projects.append((project_id, owner))
+        self.owners[project_id] = owner
+        self.members[project_id] = {owner}
+        event = projects.ProjectCreated(
+            project_id=project_id,
+            owner_id=owner,
+            name=f"Project {len(self.projects)}",
+            description="A project made by the bench scenario.",
+            visibility=projects.Visibility.PRIVATE,
+            at=self._now(),
+        )
+        return self._emit(projects.stream_id(project_id), projects.CATEGORY, event, owner)
+
+    def _member(self) -> Generated:
+        project_id, owner = self.rng.choice(self.projects)
+        user_id = self.rng.choice(self.users)
+        if user_id in self.members[project_id]:
+            return self._task()
+        self.members[project_id].add(user_id)
+        event = projects.MemberAdded(
+            project_id=project_id, user_id=user_id, role="editor", by=owner
+        )
+        return self._emit(projects.stream_id(project_id), projects.CATEGORY, event, owner)
+
+    def _task(self) -> Generated:
+        project_id, owner = self.rng.choice(self.projects)
+        task = _Task(self._id(), project_id)
+        self.open_tasks.append(task)
+        event = tasks.TaskCreated(
+            task_id=task.task_id,
+            project_id=project_id,
+            title=f"Task {self.count}: do the thing",
+            description="Steps to reproduce, expected and actual behaviour.",
+            priority=self.rng.choice(PRIORITIES),
+            due_date=self._now() + timedelta(days=self.rng.randint(1, 60)),
+            assignee_id=None,
+            created_by=owner,
+            at=self._now(),
+        )
+        return self._emit(tasks.stream_id(task.task_id), tasks.CATEGORY, event, owner)
+
+    def _status(self) -> Generated:
+        i = self.rng.randrange(len(self.open_tasks))
+        task = self.open_tasks[i]
+        new = NEXT_STATUS[task.status]
+        actor = self.rng.choice(self.users)
+        event = tasks.TaskStatusChanged(
+            task_id=task.task_id,
+            project_id=task.project_id,
+            from_status=task.status,
+            to_status=new,
+            by=actor,
+            at=self._now(),
+        )
+        task.status = new
+        if new is tasks.TaskStatus.DONE:  # swap-remove: done tasks leave the pool
+            self.open_tasks[i] = self.open_tasks[-1]
+            self.open_tasks.pop()
+        return self._emit(tasks.stream_id(task.task_id), tasks.CATEGORY, event, actor)
+
+    def _assign(self) -> Generated:
+        task = self.rng.choice(self.open_tasks)
+        owner = self.owners[task.project_id]
+        event = tasks.TaskAssigned(
+            task_id=task.task_id,
+            project_id=task.project_id,
+            assignee_id=owner,
+            by=owner,
+        )
+        return self._emit(tasks.stream_id(task.task_id), tasks.CATEGORY, event, owner)
+
+    def _session(self) -> Generated:
+        user_id = self.rng.choice(self.users)
+        session_id = self._id()
+        event = sessions.SessionStarted(
+            session_id=session_id,
+            user_id=user_id,
+            token_hash=f"{self.rng.getrandbits(256):064x}",
+            started_at=self._now(),
+            expires_at=self._now() + timedelta(hours=12),
+            ip="203.0.113.7",
+            user_agent="bench/1.0",
+        )
+        return self._emit(sessions.stream_id(session_id), sessions.CATEGORY, event, user_id)
+
+    def _login(self) -> Generated:
+        user_id = self.rng.choice(self.users)
+        event = users.LoginSucceeded(
+            user_id=user_id, at=self._now(), ip="203.0.113.7", user_agent="bench/1.0"
+        )
+        return self._emit(users.stream_id(user_id), users.CATEGORY, event, user_id)
+
+    def __iter__(self) -> Iterator[Generated]:
+        return self
+
+    def __next__(self) -> Generated:
+        if len(self.users) < 20:
+            return self._register()
+        if len(self.projects) < 5:
+            return self._project()
+        if len(self.open_tasks) < 50:
+            return self._task()
+        r = self.rng.random()
+        if r < 0.01:
+            return self._register()
+        if r < 0.015:
+            return self._project()
+        if r < 0.02:
+            return self._member()
+        if r < 0.04:
+            return self._session()
+        if r < 0.06:
+            return self._login()
+        if r < 0.10:
+            return self._assign()
+        if r < 0.40:
+            return self._task()
+        return self._status()
+
+    def take(self, n: int) -> list[Generated]:
+        return [next(self) for _ in range(n)]
+
+
+def to_new_event(g: Generated) -> NewEvent:
+    event_type, schema_version, data = encode_event(g.event)
+    return NewEvent(event_type, data, schema_version, {"command": "BenchScenario"})
+
+
+async def append_batch(store: EventStore, batch: list[Generated]) -> None:
+    """One transaction: one ``uow.append`` per stream, at the version it must be at."""
+    by_stream: dict[str, list[Generated]] = {}
+    for g in batch:
+        by_stream.setdefault(g.stream_id, []).append(g)
+    async with store.transaction() as uow:
+        for stream_id, items in by_stream.items():
+            first = items[0]
+            uow.append(
+                stream_id,
+                first.category,
+                [to_new_event(g) for g in items],
+                first.version - 1,
+                context=EventContext(actor_id=first.actor_id, command_id=None),
+            )
+
+
+async def fill(store: EventStore, scenario: Scenario, n: int, batch: int = 2000) -> None:
+    """Append the scenario's next ``n`` events to ``store``."""
+    done = 0
+    while done < n:
+        size = min(batch, n - done)
+        await append_batch(store, scenario.take(size))
+        done += size
+
+
+def es_stored_events(app: Any, batch: list[Generated]) -> list[Any]:
+    from bench.es import to_es_event  # noqa: PLC0415
+
+    out = []
+    for g in batch:
+        event_type, _, data = encode_event(g.event)
+        stream_uuid = uuid.UUID(hex=g.stream_id.split("-", 1)[1])
+        ts = START + timedelta(seconds=g.version)
+        out.append(
+            app.mapper.to_stored_event(to_es_event(event_type, data, stream_uuid, g.version, ts))
+        )
+    return out
+
+
+def es_fill(app: Any, scenario: Scenario, n: int, batch: int = 2000) -> None:
+    done = 0
+    while done < n:
+        size = min(batch, n - done)
+        app.recorder.insert_events(es_stored_events(app, scenario.take(size)))
+        done += size
+
+
+def event_mix(items: list[Generated]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for g in items:
+        counts[g.event.event_type] = counts.get(g.event.event_type, 0) + 1
+    return counts
