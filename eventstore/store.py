@@ -490,7 +490,8 @@ class EventStore:
         Never ends by itself; cancel the consuming task (or break) to stop. Each
         batch is read on a short-lived connection of its own. An unfiltered
         subscription checks that positions are contiguous and raises
-        :class:`LogIntegrityError` on a hole instead of skipping it.
+        :class:`LogIntegrityError` on a hole instead of skipping it, unless the
+        audited retention path recorded that it removed exactly those positions.
         """
         cats = list(categories) if categories is not None else None
         kinds = list(types) if types is not None else None
@@ -506,15 +507,28 @@ class EventStore:
                 )
             for event in batch:
                 if not filtered and event.position != position + 1:
-                    raise LogIntegrityError(
-                        f"hole in the log: expected position {position + 1}, found {event.position}"
-                    )
+                    await self._check_archived(position + 1, event.position - 1)
                 position = event.position
                 yield event
             if len(batch) < batch_size:
                 position = max(position, head)
                 if not batch:
                     await self.wait_for_append(position, timeout=poll_interval)
+
+    async def _check_archived(self, low: int, high: int) -> None:
+        """Accept a hole ``low..high`` only where the retention path recorded removals."""
+        from eventstore.retention import load_records  # noqa: PLC0415  # it imports this module
+
+        async with self.engine.connect() as conn:
+            removed = [span for record in await load_records(conn) for span in record.positions]
+        missing = low
+        for first, last in sorted(removed):
+            if first <= missing <= last:
+                missing = last + 1
+        if missing <= high:
+            raise LogIntegrityError(
+                f"hole in the log: position {missing} is missing and was never archived"
+            )
 
     async def wait_for_append(self, after_position: int, timeout: float) -> bool:
         """Wait until an append past ``after_position`` is seen, or ``timeout`` passes.

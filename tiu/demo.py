@@ -49,8 +49,27 @@ def demo_path(url: str) -> Path:
     return Path(str(parsed.database))
 
 
+#: Written into the SQLite header (PRAGMA application_id) of every demo database, so
+#: the demo only ever deletes a file that it created itself.
+DEMO_APPLICATION_ID = 0x74697564  # "tiud"
+
+
+def _application_id(path: Path) -> int:
+    with path.open("rb") as file:
+        header = file.read(100)
+    if len(header) < 72 or not header.startswith(b"SQLite format 3\x00"):
+        return -1
+    return int.from_bytes(header[68:72], "big")
+
+
 def reset_file(path: Path) -> bool:
+    """Delete a previous demo database; refuse any other file."""
     existed = path.exists()
+    if existed and path.stat().st_size > 0 and _application_id(path) != DEMO_APPLICATION_ID:
+        raise ValueError(
+            f"refusing to delete {path}: it is not a demo database; "
+            "pick another file with --database-url"
+        )
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     return existed
@@ -82,6 +101,8 @@ async def run_demo(url: str, console: Console) -> dict[str, Any]:
         url, hasher=BcryptHasher(rounds=BCRYPT_ROUNDS), clock=clock, bcrypt_rounds=BCRYPT_ROUNDS
     )
     try:
+        async with service.engine.begin() as conn:
+            await conn.exec_driver_sql(f"PRAGMA application_id = {DEMO_APPLICATION_ID}")
         console.print("migrated to head; playing the scenario...")
         summary = await _scenario(service, clock, console)
         await _show(service, console)

@@ -18,6 +18,7 @@ from domain.base import Command, CommandContext, SecurityPolicy
 from domain.passwords import BcryptHasher, PasswordHasher
 from eventstore import EventStore, create_engine, health_check, pool_status
 from eventstore.engine import begin_write
+from eventstore.retention import RETENTION_CATEGORY
 from eventstore.schema import events
 from migrations import runner as migrations
 from projections import checkpoints, replay
@@ -38,6 +39,7 @@ CATEGORIES = frozenset(
         sessions.CATEGORY,
         security.CATEGORY,
         audit.CATEGORY,
+        RETENTION_CATEGORY,
     }
 )
 

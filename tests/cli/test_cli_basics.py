@@ -123,6 +123,17 @@ def test_demo_runs_twice_as_a_subprocess(tmp_path: Path):
     assert " ok" in verify.stdout
 
 
+def test_demo_never_deletes_a_database_it_did_not_create(sqlite_cli: Cli, tmp_path: Path):
+    sqlite_cli("migrate")
+    url = sqlite_cli.args[sqlite_cli.args.index("--database-url") + 1]
+    path = Path(url.removeprefix("sqlite+aiosqlite:///"))
+    before = path.read_bytes()
+    result = Cli([])("demo", "--database-url", url)
+    assert result.exit_code == 1
+    assert "not a demo database" in result.stderr
+    assert path.read_bytes() == before
+
+
 def test_demo_refuses_postgres():
     result = Cli([])("demo", "--database-url", "postgresql+asyncpg://u@h/db")
     assert result.exit_code == 1

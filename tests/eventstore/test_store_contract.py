@@ -19,6 +19,7 @@ from eventstore import (
     InvalidExpectedVersion,
     InvalidStreamId,
     KeyAlreadyClaimed,
+    LogIntegrityError,
     NewEvent,
     UnknownCategory,
     WrongExpectedVersion,
@@ -446,3 +447,39 @@ async def test_a_missing_sqlite_directory_is_a_clear_error_naming_the_file(tmp_p
         assert str(path) in str(missing.value)
     finally:
         await engine.dispose()
+
+
+async def test_an_unfiltered_subscription_passes_archived_holes_but_not_others(engine, tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from eventstore.retention import archive
+
+    times = iter(datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=d) for d in range(100))
+    store = EventStore(engine, clock=lambda: next(times))
+    for n in range(3):
+        await store.append("security-a", "security", [ev(n=n)])
+        await store.append("user-1", "user", [ev(n=n)])
+    await store.append("security-a", "security", [ev(n=9)])
+    report = await archive(store, before=datetime(2026, 1, 5, tzinfo=UTC), output=tmp_path / "a.gz")
+    assert report.count == 2  # positions 1 and 3; a stream's newest event is always kept
+
+    async def read_all_live() -> list[int]:
+        seen: list[int] = []
+
+        async def follow() -> None:
+            async for event in store.subscribe(0, poll_interval=0.05):
+                seen.append(event.position)
+                if event.event_type == "AuditArchived":
+                    return
+
+        await asyncio.wait_for(follow(), 5)
+        return seen
+
+    assert await read_all_live() == [2, 4, 5, 6, 7, 8]
+    async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execute(text("SET LOCAL session_replication_role = replica"))
+        await conn.execute(text("DELETE FROM events WHERE position = 4"))
+    with pytest.raises(LogIntegrityError, match="position 4"):
+        await read_all_live()
+    await store.aclose()
