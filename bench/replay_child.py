@@ -141,7 +141,9 @@ def _es(place: Place, target: int) -> int:
 
     es.set_sqlite_synchronous(place.cfg.sqlite_synchronous)
     env = place.es_env()
-    view = es.PgTaskView if place.postgres else es.SQLiteTaskView
+    if not place.postgres:
+        return _es_sqlite(env)
+    view = es.PgTaskView
     with ProjectionRunner(
         application_class=es.BenchApp,
         projection_class=es.TaskProjection,
@@ -150,6 +152,43 @@ def _es(place: Place, target: int) -> int:
     ) as runner:
         runner.wait(target, timeout=3600)
     return target
+
+
+def _es_sqlite(env: dict[str, str]) -> int:
+    """eventsourcing's SQLite recorder has no subscriptions, so no ProjectionRunner:
+    the same loop by hand (pages of notifications filtered by topic, mapped to domain
+    events, ``process_event`` per event with its tracking record)."""
+    from eventsourcing.persistence import InfrastructureFactory, Tracking  # noqa: PLC0415
+
+    from bench import es  # noqa: PLC0415
+
+    app = es.BenchApp(env=env)
+    view_env = {**env}
+    factory = InfrastructureFactory.construct(
+        env=ProjectionEnv.construct_env(es.TaskProjection.name, view_env)
+    )
+    view = factory.tracking_recorder(es.SQLiteTaskView)
+    projection = es.TaskProjection(view=view)
+    start = (view.max_tracking_id(app.name) or 0) + 1
+    applied = 0
+    while True:
+        page = app.recorder.select_notifications(start, PAGE, topics=es.TASK_TOPICS)
+        for n in page:
+            projection.process_event(app.mapper.to_domain_event(n), Tracking(app.name, n.id))
+        applied += len(page)
+        if len(page) < PAGE:
+            break
+        start = page[-1].id + 1
+    app.close()
+    return applied
+
+
+class ProjectionEnv:
+    @staticmethod
+    def construct_env(name: str, env: dict[str, str]) -> Any:
+        from eventsourcing.projection import ProjectionRunner  # noqa: PLC0415
+
+        return ProjectionRunner._construct_env(name, env)
 
 
 def _es_reset(place: Place) -> int:
@@ -164,7 +203,7 @@ def _es_reset(place: Place) -> int:
             conn.execute("DROP TABLE IF EXISTS es_tasks")
             conn.execute("DROP TABLE IF EXISTS taskprojection_tracking")
             row = conn.execute(
-                "SELECT max(notification_id) FROM stored_events WHERE topic LIKE %s",
+                "SELECT max(notification_id) FROM benchapp_events WHERE topic LIKE %s",
                 ("bench.es:Task%",),
             ).fetchone()
             return int(row[0] or 0)
