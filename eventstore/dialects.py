@@ -41,6 +41,9 @@ NOTIFY_CHANNEL: Final = "tiu_events"
 NOTIFY_INTERVAL: Final = 0.01
 
 
+_INSERT_EVENTS: Final = insert(events)
+
+
 class Dialect:
     name: str = "generic"
 
@@ -54,7 +57,7 @@ class Dialect:
         """Serialise appends until this transaction ends."""
 
     async def insert_events(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-        await conn.execute(insert(events), rows)
+        await conn.execute(_INSERT_EVENTS, rows)
 
     def _insert_keys(self) -> Any:
         return sqlite_insert(unique_keys).on_conflict_do_nothing()

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import and_, delete, func, null, select, union_all
+from sqlalchemy import and_, bindparam, delete, func, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from eventstore.dialects import Dialect, dialect_for
@@ -63,6 +63,30 @@ _EVENT_COLUMNS: Final = (
     events.c.recorded_at,
     events.c.hash,
 )
+
+
+def _heads_and_position_statement() -> Any:
+    # One round trip under the append lock: each stream's last event, plus a row
+    # (stream_id NULL) carrying the log's highest position. Built once: constructing
+    # SQL expressions per append cost a third of its time (profiled).
+    last = (
+        select(events.c.stream_id, func.max(events.c.version).label("version"))
+        .where(events.c.stream_id.in_(bindparam("ids", expanding=True)))
+        .group_by(events.c.stream_id)
+        .subquery()
+    )
+    heads = select(events.c.stream_id, events.c.version, events.c.hash).join(
+        last, and_(events.c.stream_id == last.c.stream_id, events.c.version == last.c.version)
+    )
+    top = select(
+        null().label("stream_id"),
+        func.coalesce(func.max(events.c.position), 0).label("version"),
+        null().label("hash"),
+    )
+    return union_all(top, heads)
+
+
+_HEADS_AND_POSITION: Final = _heads_and_position_statement()
 
 
 def _to_event(row: Any) -> RecordedEvent:
@@ -422,25 +446,9 @@ class EventStore:
     async def _heads_and_position(
         self, conn: AsyncConnection, stream_ids: Sequence[str]
     ) -> tuple[dict[str, StreamHead], int]:
-        # One round trip under the append lock: each stream's last event, plus a row
-        # (stream_id NULL) carrying the log's highest position.
-        last = (
-            select(events.c.stream_id, func.max(events.c.version).label("version"))
-            .where(events.c.stream_id.in_(stream_ids))
-            .group_by(events.c.stream_id)
-            .subquery()
-        )
-        heads = select(events.c.stream_id, events.c.version, events.c.hash).join(
-            last, and_(events.c.stream_id == last.c.stream_id, events.c.version == last.c.version)
-        )
-        top = select(
-            null().label("stream_id"),
-            func.coalesce(func.max(events.c.position), 0).label("version"),
-            null().label("hash"),
-        )
         found: dict[str, StreamHead] = {}
         position = 0
-        for row in await conn.execute(union_all(top, heads)):
+        for row in await conn.execute(_HEADS_AND_POSITION, {"ids": list(stream_ids)}):
             if row.stream_id is None:
                 position = int(row.version)
             else:

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import uuid
 from dataclasses import replace
 
 import pytest
@@ -39,11 +40,12 @@ async def test_pool_exhaustion_waits_then_fails_typed_and_recovers(pg_schema):
     store = EventStore(engine)
     try:
         holder = await engine.connect()  # the only connection
+        stream = f"pool-{uuid.uuid4()}"
         with pytest.raises(PoolExhausted) as exhausted:
-            await store.append("user-1", "user", [ev()])
+            await store.append(stream, "pool", [ev()])
         assert exhausted.value.timeout == pytest.approx(0.3)
         await holder.close()
-        result = await store.append("user-1", "user", [ev()])  # healthy again
+        result = await store.append(stream, "pool", [ev()])  # healthy again, nothing partial
         assert result.first_version == 1
     finally:
         await store.aclose()
@@ -67,13 +69,13 @@ async def test_a_stuck_lock_holder_makes_other_appends_time_out_with_a_retryable
 
     stuck.before_commit = hang
     try:
-        first = asyncio.create_task(stuck.append("user-1", "user", [ev(1)]))
+        first = asyncio.create_task(stuck.append(f"stuck-{uuid.uuid4()}", "stuck", [ev(1)]))
         await asyncio.wait_for(holding.wait(), 5)
         with pytest.raises(AppendTimeout):
-            await other.append("user-2", "user", [ev(2)])
+            await other.append(f"other-{uuid.uuid4()}", "other", [ev(2)])
         release.set()
         done = await first
-        after = await other.append("user-2", "user", [ev(2)])
+        after = await other.append(f"other-{uuid.uuid4()}", "other", [ev(2)])
         assert after.first_position == done.last_position + 1
     finally:
         release.set()
@@ -96,7 +98,7 @@ async def test_idle_in_transaction_timeout_frees_the_append_lock(pg_schema):
         )
         # ... and the caller wanders off without committing. The server ends that
         # session after 400 ms, which releases the lock for the waiting append.
-        result = await asyncio.wait_for(store.append("idle-1", "idle", [ev()]), 5)
+        result = await asyncio.wait_for(store.append(f"idle-{uuid.uuid4()}", "idle", [ev()]), 5)
         assert result.first_version == 1
         with pytest.raises(StoreUnavailable), translate_errors():
             await conn.execute(text("SELECT 1"))
