@@ -87,6 +87,14 @@ def _heads_and_position_statement() -> Any:
 
 
 _HEADS_AND_POSITION: Final = _heads_and_position_statement()
+_READ_STREAM_FORWARD: Final = (
+    select(*_EVENT_COLUMNS)
+    .where(
+        events.c.stream_id == bindparam("stream_id"),
+        events.c.version >= bindparam("from_version"),
+    )
+    .order_by(events.c.version)
+)
 
 
 def _to_event(row: Any) -> RecordedEvent:
@@ -406,6 +414,13 @@ class EventStore:
         Forwards in version order, or ``backwards`` from ``to_version`` (default: the
         last event) down to ``from_version``.
         """
+        if to_version is None and not backwards and limit is None:
+            # The path every command load takes: a prebuilt statement.
+            with translate_errors(self.dialect.database_label):
+                result = await conn.execute(
+                    _READ_STREAM_FORWARD, {"stream_id": stream_id, "from_version": from_version}
+                )
+                return [_to_event(row) for row in result]
         query = select(*_EVENT_COLUMNS).where(
             events.c.stream_id == stream_id, events.c.version >= from_version
         )
