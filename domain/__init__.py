@@ -35,6 +35,7 @@ from domain.errors import (
     PermissionDenied,
     ResetTokenInvalid,
     SessionInvalid,
+    SubjectForgotten,
     UnknownEventType,
     WeakPassword,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "Route",
     "SecurityPolicy",
     "SessionInvalid",
+    "SubjectForgotten",
     "UnknownEventType",
     "WeakPassword",
     "audit",

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import unicodedata
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, Final
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 from domain.errors import InvalidCommand, UnknownEventType
 from domain.passwords import BcryptHasher, PasswordHasher
@@ -25,6 +25,10 @@ EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
 
 # Failed logins kept in a user's state; bounds the state and the lockout threshold.
 MAX_TRACKED_FAILURES: Final = 50
+
+ERASED: Final = "[erased]"
+"""What an erased personal field decodes to when its type takes a string; otherwise
+None when optional, else ``{"erased": True}`` for a mapping (see ``erased_value``)."""
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -88,8 +92,16 @@ def encode_event(event: Event) -> tuple[str, int, dict[str, Any]]:
     return event.event_type, event.schema_version, event.model_dump(mode="json")
 
 
-def decode_event(event_type: str, schema_version: int, data: Mapping[str, Any]) -> Event:
-    """Rebuild a stored event, upcasting it to the current schema version first."""
+def decode_event(
+    event_type: str,
+    schema_version: int,
+    data: Mapping[str, Any],
+    erased: Collection[str] = (),
+) -> Event:
+    """Rebuild a stored event, upcasting it to the current schema version first.
+
+    ``erased`` names stored fields whose personal data was shredded; each decodes to
+    the erased value of its field's type (``erased_value``)."""
     cls = _EVENT_TYPES.get(event_type)
     if cls is None:
         raise UnknownEventType(event_type, schema_version, "no such event type")
@@ -103,7 +115,34 @@ def decode_event(event_type: str, schema_version: int, data: Mapping[str, Any]) 
         if upcaster is None:
             raise UnknownEventType(event_type, schema_version, f"no upcaster from v{version}")
         payload = upcaster(payload)
+    for name in erased:
+        if name in payload and name in cls.model_fields:
+            payload[name] = erased_value(cls, name)
     return cls.model_validate(payload)
+
+
+_ERASED_CANDIDATES: Final[tuple[Any, ...]] = (ERASED, None, {"erased": True}, [])
+_erased_values: dict[tuple[type[Event], str], Any] = {}
+
+
+def erased_value(cls: type[Event], field: str) -> Any:
+    """The value an erased ``field`` of ``cls`` decodes to: :data:`ERASED` if the field
+    takes a string, else None if optional, else ``{"erased": True}`` or ``[]``."""
+    key = (cls, field)
+    if key not in _erased_values:
+        annotation: Any = cls.model_fields[field].annotation
+        adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+        for candidate in _ERASED_CANDIDATES:
+            try:
+                adapter.validate_python(candidate)
+            except ValidationError:
+                continue
+            _erased_values[key] = candidate
+            break
+        else:
+            raise TypeError(f"{cls.__name__}.{field} accepts no erased value")
+    value = _erased_values[key]
+    return dict(value) if isinstance(value, dict) else value
 
 
 def new_id() -> str:

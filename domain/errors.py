@@ -19,6 +19,7 @@ though the command is refused: a wrong password refuses the login, yet the
     │   └── ResetTokenInvalid(reason)
     ├── PermissionDenied(actor_id, action, resource)   (security relevant)
     ├── NotFound(kind, id)
+    │   └── SubjectForgotten(kind, id)
     ├── Conflict(reason)
     │   ├── AlreadyExists(kind, id)
     │   └── IllegalTransition(from_status, to_status)
@@ -153,6 +154,18 @@ class NotFound(DomainError):
         super().__init__(f"{kind} {id!r} not found")
         self.kind = kind
         self.id = id
+
+
+class SubjectForgotten(NotFound):
+    """The aggregate's personal data was erased on request (``UserForgotten``): it
+    takes no further commands."""
+
+    code = "subject_forgotten"
+
+    def __init__(self, kind: str, id: str | None) -> None:
+        super().__init__(kind, id)
+        self.message = f"{kind} {id!r} was forgotten (personal data erased on request)"
+        self.args = (self.message,)
 
 
 class Conflict(DomainError):

@@ -16,6 +16,11 @@ On a ``DomainError`` with a non-empty ``record`` it appends ``record`` to
 ``r.stream_id`` (with its claims), commits and re-raises; on a security-relevant
 error it also appends ``security.rejection_event(command, error, ctx)`` to
 ``security.stream_id(ctx.actor_id)``.
+
+For every event, ``erasures(event)`` names the data subjects it erases: in the same
+transaction the dispatcher destroys their keys (so their personal fields in every
+event decode as erased), and frees the unique keys and drops the snapshots of the
+event's stream.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class Decider:
     decide: Callable[[Command, Any, CommandContext, Mapping[str, Any]], list[Event]]
 
 
-USERS: Final = Decider("users", users.CATEGORY, 1, users.initial_state, users.evolve, users.decide)
+USERS: Final = Decider("users", users.CATEGORY, 2, users.initial_state, users.evolve, users.decide)
 PROJECTS: Final = Decider(
     "projects", projects.CATEGORY, 1, projects.initial_state, projects.evolve, projects.decide
 )
@@ -105,6 +110,7 @@ def route(command: Command, ctx: CommandContext) -> Route:
             | users.UnlockUser()
             | users.RevokeAllSessions()
             | users.ChangeEmail()
+            | users.ForgetUser()
         ):
             return Route(USERS, users.stream_id(command.user_id), _with_actor(ctx))
         case projects.AddMember():
@@ -154,5 +160,14 @@ def claims(event: Event) -> list[Claim]:
                 Claim("email", users.email_claim_key(event.previous_email), release=True),
                 Claim("email", users.email_claim_key(event.email)),
             ]
+        case _:
+            return []
+
+
+def erasures(event: Event) -> list[str]:
+    """The data subjects whose personal data ``event`` erases (crypto-shredding)."""
+    match event:
+        case users.UserForgotten():
+            return [event.user_id]
         case _:
             return []

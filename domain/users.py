@@ -12,6 +12,11 @@ its ``LoginFailed`` is recorded (``DomainError.record``); reaching
 ``AccountLocked``. A lock expires on its own or is lifted by an admin or a password
 reset. ``sessions_valid_after`` moves on a password change, a deactivation or an
 explicit revocation; sessions started before it are invalid.
+
+``ForgetUser`` (users:manage, or the system) records ``UserForgotten``: the dispatcher
+then destroys the user's data keys, so every personal field of theirs in the log
+decodes as erased, and frees their email and username. A forgotten user's stream
+refuses every later command with ``SubjectForgotten``; forgetting again is a no-op.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class UserRegistered(Event):
 
     event_type = "UserRegistered"
     schema_version = 2
-    personal_fields = frozenset({"email", "username", "display_name"})
+    personal_fields = frozenset({"email", "username", "display_name", "password_hash"})
     subject_field = "user_id"
 
     user_id: EntityId
@@ -128,6 +133,8 @@ class PasswordChanged(Event):
     also lifts a lockout."""
 
     event_type = "PasswordChanged"
+    personal_fields = frozenset({"password_hash"})
+    subject_field = "user_id"
 
     user_id: EntityId
     password_hash: str
@@ -196,6 +203,17 @@ class EmailChanged(Event):
     previous_email: str
     email: str
     by: str
+
+
+class UserForgotten(Event):
+    """The user's personal data is erased (right to erasure): their keys are destroyed,
+    their unique keys freed and their sessions revoked. Ids, times and hashes remain."""
+
+    event_type = "UserForgotten"
+
+    user_id: EntityId
+    by: str
+    at: AwareDatetime
 
 
 # --- commands -----------------------------------------------------------------------
@@ -273,6 +291,19 @@ class ChangeEmail(Command):
     password: SecretStr | None = None
 
 
+class ForgetUser(Command):
+    """Erase the user's personal data; needs users:manage (or the system actor)."""
+
+    user_id: EntityId
+
+
+class RotateUserKey(Command):
+    """Not decided (keys are not domain state): named in the security stream when a
+    key rotation is refused."""
+
+    user_id: EntityId
+
+
 # --- state --------------------------------------------------------------------------
 
 
@@ -294,6 +325,7 @@ class State(BaseModel):
     sessions_valid_after: datetime | None = None
     reset_token_hash: str | None = None
     reset_expires_at: datetime | None = None
+    forgotten: bool = False
 
     def is_locked(self, now: datetime) -> bool:
         return self.locked_until is not None and self.locked_until > now
@@ -362,6 +394,20 @@ def evolve(state: State, event: Event) -> State:
             )
         case EmailChanged():
             return state.model_copy(update={"email": event.email})
+        case UserForgotten():
+            return state.model_copy(
+                update={
+                    "forgotten": True,
+                    "active": False,
+                    "email": None,
+                    "username": None,
+                    "display_name": None,
+                    "password_hash": None,
+                    "reset_token_hash": None,
+                    "reset_expires_at": None,
+                    "sessions_valid_after": _revoke_sessions(state, event.at),
+                }
+            )
         case _:
             return state
 
@@ -513,12 +559,19 @@ def _actor(ctx: CommandContext) -> str:
 def decide(
     command: Command, state: State, ctx: CommandContext, related: Mapping[str, Any] = EMPTY
 ) -> list[Event]:
+    if state.forgotten and not isinstance(command, RegisterUser | AttemptLogin | ForgetUser):
+        raise errors.SubjectForgotten("user", state.user_id)
     match command:
         case RegisterUser():
             return _register(command, state, ctx, related)
 
         case AttemptLogin():
-            if command.user_id is None or not state.registered or state.user_id != command.user_id:
+            if (
+                command.user_id is None
+                or not state.registered
+                or state.forgotten
+                or state.user_id != command.user_id
+            ):
                 # Same bcrypt work and the same answer as a wrong password.
                 ctx.hasher.verify(command.password.get_secret_value(), ctx.hasher.dummy_hash)
                 raise errors.InvalidCredentials()
@@ -654,6 +707,15 @@ def decide(
                     by=_actor(ctx),
                 )
             ]
+
+        case ForgetUser():
+            require(Permission.USERS_MANAGE, ctx, related, "forget", f"user {command.user_id}")
+            _registered(state, command.user_id)
+            if state.forgotten:
+                return []
+            if ctx.actor_id == command.user_id:
+                raise errors.Conflict("an admin cannot forget their own account")
+            return [UserForgotten(user_id=command.user_id, by=_actor(ctx), at=ctx.now)]
 
         case _:
             raise TypeError(f"users.decide cannot handle {type(command).__name__}")

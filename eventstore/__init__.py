@@ -3,6 +3,7 @@
 Knows nothing of users or tasks beyond "a stream has a category".
 """
 
+from eventstore.crypto import SubjectKeys, keyring
 from eventstore.engine import EngineOptions, backend_name, create_engine
 from eventstore.errors import (
     AppendTimeout,
@@ -17,6 +18,8 @@ from eventstore.errors import (
     PoolExhausted,
     SchemaNotReady,
     StoreUnavailable,
+    SubjectKeysDestroyed,
+    UndecryptableField,
     UnknownCategory,
     WrongExpectedVersion,
 )
@@ -61,6 +64,9 @@ __all__ = [
     "RecordedEvent",
     "SchemaNotReady",
     "StoreUnavailable",
+    "SubjectKeys",
+    "SubjectKeysDestroyed",
+    "UndecryptableField",
     "UnitOfWork",
     "UnknownCategory",
     "VerifyReport",
@@ -68,6 +74,7 @@ __all__ = [
     "backend_name",
     "create_engine",
     "health_check",
+    "keyring",
     "metadata",
     "pool_status",
     "verify",

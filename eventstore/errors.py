@@ -18,6 +18,8 @@ does not recognise pass unchanged::
     ├── StoreUnavailable (ConnectionError)   cannot reach or keep the database
     │   └── PoolExhausted (TimeoutError)     no connection within the pool timeout
     ├── LogIntegrityError                    a hole or a broken hash chain
+    │   └── UndecryptableField               ciphertext does not open with its key
+    ├── SubjectKeysDestroyed                 no new key for a forgotten subject
     └── SchemaNotReady                       migrations have not been applied
 """
 
@@ -111,6 +113,25 @@ class PoolExhausted(StoreUnavailable, TimeoutError):
 
 class LogIntegrityError(EventStoreError):
     """The log is not what was written: a hole in positions or a broken hash chain."""
+
+
+class UndecryptableField(LogIntegrityError):
+    """An encrypted field does not open with its key: tampered with, or moved to
+    another event type or field (the AAD binds it to both)."""
+
+    def __init__(self, context: str, field: str, key_id: str) -> None:
+        self.context = context
+        self.field = field
+        self.key_id = key_id
+        super().__init__(f"{context}.{field} does not decrypt with key {key_id}")
+
+
+class SubjectKeysDestroyed(EventStoreError):
+    """The subject's keys were destroyed (crypto-shredded): it never gets a new one."""
+
+    def __init__(self, subject_id: str) -> None:
+        self.subject_id = subject_id
+        super().__init__(f"the keys of subject {subject_id!r} were destroyed")
 
 
 class SchemaNotReady(EventStoreError):

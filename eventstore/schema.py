@@ -9,6 +9,7 @@ from sqlalchemy import (
     Column,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -106,4 +107,20 @@ snapshots = Table(
     Column("version", Integer, nullable=False),
     Column("state", JsonDocument, nullable=False),
     Column("taken_at", UTCDateTime, nullable=False),
+)
+
+#: Data keys of the subjects whose personal fields events carry encrypted
+#: (:mod:`eventstore.crypto`). Kept outside the log on purpose: destroying a subject's
+#: keys (``material`` set to NULL) erases those fields without touching an event.
+#: ``version`` counts rotations; the ``active`` key encrypts new events.
+subject_keys = Table(
+    "subject_keys",
+    metadata,
+    Column("subject_id", String(MAX_STREAM_ID_LENGTH), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("key_id", String(64), nullable=False, unique=True),
+    Column("material", LargeBinary),
+    Column("active", Boolean, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("destroyed_at", UTCDateTime),
 )

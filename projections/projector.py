@@ -21,6 +21,7 @@ from sqlalchemy import MetaData, Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain.base import Event, decode_event
+from eventstore.crypto import Opened, keyring
 from eventstore.records import RecordedEvent
 from eventstore.schema import NAMING_CONVENTION
 
@@ -50,9 +51,12 @@ class Envelope:
         return self.event.event_type
 
     @classmethod
-    def from_record(cls, record: RecordedEvent) -> Envelope:
+    def from_record(cls, record: RecordedEvent, opened: Opened | None = None) -> Envelope:
+        """Decode ``record``; ``opened`` is its data with personal fields decrypted
+        (:func:`decode_records`), needed whenever the record has encrypted fields."""
+        data, erased = (opened.data, opened.erased) if opened is not None else (record.data, ())
         return cls(
-            decode_event(record.event_type, record.schema_version, record.data),
+            decode_event(record.event_type, record.schema_version, data, erased),
             record.stream_id,
             record.version,
             record.position,
@@ -60,6 +64,14 @@ class Envelope:
             record.actor_id,
             record.event_id,
         )
+
+
+async def decode_records(conn: AsyncConnection, records: Sequence[RecordedEvent]) -> list[Envelope]:
+    """Envelopes of ``records``, their personal fields decrypted with the keys of
+    ``conn``'s engine (loaded in one query for the whole page; erased ones decode as
+    erased)."""
+    opened = await keyring(conn).open_many(conn, [(r.event_type, r.data) for r in records])
+    return [Envelope.from_record(r, o) for r, o in zip(records, opened, strict=True)]
 
 
 class Tables(Mapping[str, Table]):

@@ -26,7 +26,7 @@ from eventstore.schema import projection_checkpoints as cp
 from eventstore.store import EventStore
 from projections import checkpoints
 from projections.errors import InlineProjectionBehind, ProjectionTimeout
-from projections.projector import Envelope, Projector, Tables
+from projections.projector import Envelope, Projector, Tables, decode_records
 
 log = logging.getLogger("projections")
 
@@ -43,7 +43,8 @@ async def apply_records(
     records: Sequence[RecordedEvent],
     tables: Tables | None = None,
 ) -> None:
-    envelopes = [Envelope.from_record(r) for r in records if r.event_type in projector.handles]
+    handled = [r for r in records if r.event_type in projector.handles]
+    envelopes = await decode_records(conn, handled) if handled else []
     if envelopes:
         await projector.apply_batch(conn, envelopes, tables or projector.live_tables())
 

@@ -20,6 +20,7 @@ from domain.errors import (
     PermissionDenied,
     ResetTokenInvalid,
     SessionInvalid,
+    SubjectForgotten,
     WeakPassword,
 )
 from eventstore.errors import (
@@ -66,6 +67,7 @@ __all__ = [
     "SessionInvalid",
     "Settings",
     "StoreUnavailable",
+    "SubjectForgotten",
     "WeakPassword",
     "WrongExpectedVersion",
     "create_database_service",

@@ -6,6 +6,12 @@ earlier commands), decides, runs the inline projectors on the same connection an
 buffers its events; the store appends them all as the last statement, checks that
 every stream a decision *read* is still where it was, and commits once. A version
 conflict anywhere rolls the whole unit back, and :meth:`Dispatcher.run` retries it.
+
+Personal data (``Event.personal_fields``) is encrypted with the data subject's key as
+events are encoded for the append (keys are created on first use, in the same
+transaction), and decrypted wherever stored events are decoded here (folding a
+stream, replaying a processed command). An event that erases a subject
+(``routing.erasures``) destroys their keys in the transaction that appends it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -28,11 +34,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from domain import security
 from domain.base import Command, CommandContext, Event, decode_event, encode_event
 from domain.errors import AlreadyExists, DomainError
-from domain.routing import Decider, claims, route
+from domain.routing import Decider, claims, erasures, route
+from eventstore.crypto import SubjectKeys, keyring
 from eventstore.errors import ConcurrencyError, KeyAlreadyClaimed
 from eventstore.records import EventContext, NewEvent
 from eventstore.schema import events as events_table
-from eventstore.schema import processed_commands, snapshots
+from eventstore.schema import processed_commands, snapshots, unique_keys
 from eventstore.store import EventStore, UnitOfWork
 from projections.errors import InlineProjectionBehind
 from projections.projector import Envelope
@@ -81,6 +88,7 @@ class CommandUnit:
     def __init__(self, dispatcher: Dispatcher, uow: UnitOfWork) -> None:
         self.dispatcher = dispatcher
         self.uow = uow
+        self.keys = dispatcher.keys.writer(uow.conn, dispatcher.store.now)
         self._streams: dict[str, _Loaded] = {}
         self._appended: set[str] = set()
         self._outcomes: list[tuple[_Outcome, int]] = []  # (outcome, index into results)
@@ -128,13 +136,15 @@ class CommandUnit:
         base = loaded.version
         result = CommandResult(command.command_id, stream_id, tuple(new_events), base)
         if new_events:
-            stored = [_to_new_event(e, command) for e in new_events]
+            stored = [await self.encode(e, command) for e in new_events]
             for event in new_events:
                 for claim in claims(event):
                     if claim.release:
                         await self.uow.release(claim.scope, claim.key, stream_id)
                     else:
                         await self.uow.claim(claim.scope, claim.key, stream_id)
+                for subject_id in erasures(event):
+                    await self.erase(subject_id, stream_id)
             state = loaded.state
             for event in new_events:
                 state = decider.evolve(state, event)
@@ -166,13 +176,34 @@ class CommandUnit:
         self.results.append(result)
         return result
 
+    async def encode(self, event: Event, command: Command) -> NewEvent:
+        """``event`` as stored: its personal fields encrypted for its subject."""
+        new = _to_new_event(event, command)
+        if not event.personal_fields or event.subject_field is None:
+            return new
+        subject = getattr(event, event.subject_field)
+        data = await self.keys.seal(
+            subject if isinstance(subject, str) else None,
+            new.event_type,
+            new.data,
+            event.personal_fields,
+        )
+        return NewEvent(new.event_type, data, new.schema_version, new.metadata, new.event_id)
+
+    async def erase(self, subject_id: str, stream_id: str) -> None:
+        """Shred ``subject_id``'s keys, free the unique keys of ``stream_id`` (hashes of
+        their email and username) and drop its snapshots (folded plaintext state)."""
+        await self.keys.destroy(subject_id)
+        await self.conn.execute(delete(unique_keys).where(unique_keys.c.stream_id == stream_id))
+        await self.conn.execute(delete(snapshots).where(snapshots.c.stream_id == stream_id))
+
     async def append_security(
         self, command: Command, error: DomainError, ctx: CommandContext
     ) -> None:
         event = security.rejection_event(command, error, ctx)
         if event is None:
             return
-        stored = _to_new_event(event, command)
+        stored = await self.encode(event, command)
         self.uow.append(
             security.stream_id(ctx.actor_id),
             security.CATEGORY,
@@ -232,8 +263,10 @@ class Dispatcher:
         inline: InlineRunner | None = None,
         snapshot_every: int = 100,
         retries: int = 5,
+        keys: SubjectKeys | None = None,
     ) -> None:
         self.store = store
+        self.keys = keys or keyring(store.engine)
         self.inline = inline
         self.snapshot_every = snapshot_every
         self.retries = retries
@@ -250,10 +283,15 @@ class Dispatcher:
                 last = max(r.last_position for r in uow.results)
                 await self.inline.advance(uow.conn, first, last)
 
-        async with self.store.transaction(after_flush=after_flush) as uow:
-            unit = CommandUnit(self, uow)
-            yield unit
-            unit.before_flush()
+        unit: CommandUnit | None = None
+        try:
+            async with self.store.transaction(after_flush=after_flush) as uow:
+                unit = CommandUnit(self, uow)
+                yield unit
+                unit.before_flush()
+        finally:
+            if unit is not None:
+                unit.keys.close()  # after COMMIT or ROLLBACK: its keys may be cached now
         unit.finish()
 
     async def run(self, work: Callable[[CommandUnit], Awaitable[T]]) -> tuple[T, CommandUnit]:
@@ -353,10 +391,11 @@ class Dispatcher:
                 state = type(state).model_validate(row.state)
                 version = row.version
         snap = version
-        for record in await self.store.read_stream(conn, stream_id, from_version=version + 1):
-            state = decider.evolve(
-                state, decode_event(record.event_type, record.schema_version, record.data)
-            )
+        records = await self.store.read_stream(conn, stream_id, from_version=version + 1)
+        opened = await self.keys.open_many(conn, [(r.event_type, r.data) for r in records])
+        for record, data in zip(records, opened, strict=True):
+            event = decode_event(record.event_type, record.schema_version, data.data, data.erased)
+            state = decider.evolve(state, event)
             version = record.version
         return state, version, snap
 
@@ -413,7 +452,11 @@ class Dispatcher:
             .order_by(events_table.c.position)
         )
         rows = records.all()
-        decoded = tuple(decode_event(r.event_type, r.schema_version, r.data) for r in rows)
+        opened = await self.keys.open_many(conn, [(r.event_type, r.data) for r in rows])
+        decoded = tuple(
+            decode_event(r.event_type, r.schema_version, o.data, o.erased)
+            for r, o in zip(rows, opened, strict=True)
+        )
         position = rows[-1].position if rows else None
         return CommandResult(
             command_id, row.stream_id, decoded, int(outcome.get("version", 0)), position, True

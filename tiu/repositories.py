@@ -22,9 +22,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import audit, projects, sessions, tasks, users
 from domain.base import Command, CommandContext
-from domain.errors import DomainError, InvalidCommand, NotFound, PermissionDenied
+from domain.errors import (
+    DomainError,
+    InvalidCommand,
+    NotFound,
+    PermissionDenied,
+    SubjectForgotten,
+)
 from domain.passwords import hash_token
 from domain.permissions import SYSTEM_ACTOR, Permission, ProjectRole, Role
+from eventstore.errors import SubjectKeysDestroyed
 from eventstore.schema import unique_keys
 from projections.query import Page, Query
 from projections.readmodels.project_stats import project_stats
@@ -299,6 +306,36 @@ class UserRepository(_Repository):
                 password=SecretStr(password) if password is not None else None,
             )
         )
+
+    async def forget_user(self, user_id: str) -> bool:
+        """Erase the user's personal data (right to erasure; see docs/privacy.md):
+        their keys are destroyed, so every personal field of theirs in the log and the
+        read models reads as erased; ids, times and the hash chain stay. Needs
+        users:manage (or the system actor). True if forgotten now, False if already."""
+        result = await self._channel.send(users.ForgetUser(user_id=user_id))
+        return bool(result.events)
+
+    async def rotate_key(self, user_id: str) -> str:
+        """Give the user a new data key for new events (old events still open with
+        the old keys until the user is forgotten); returns the new key id. Needs
+        users:manage (or the system actor)."""
+        if Permission.USERS_MANAGE not in await self._channel.actor_permissions():
+            error = PermissionDenied(self.actor_id, "rotate the key of", f"user {user_id}")
+            await self._channel.service.dispatcher.record_rejection(
+                users.RotateUserKey(user_id=user_id), error, self._channel.context()
+            )
+            raise error
+        if await self.get_by_id(user_id) is None:
+            raise NotFound("user", user_id)
+
+        async def work(channel: Channel) -> str:
+            assert channel.unit is not None
+            try:
+                return await channel.unit.keys.rotate(user_id)
+            except SubjectKeysDestroyed as error:
+                raise SubjectForgotten("user", user_id) from error
+
+        return await self._channel.batch(work)
 
 
 async def _with_roles(conn: AsyncConnection, row: Mapping[str, Any]) -> User:

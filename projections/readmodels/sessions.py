@@ -34,6 +34,7 @@ class RevokedReason(StrEnum):
     PASSWORD_RESET = "password_reset"  # noqa: S105 -- a reason, not a secret
     USER_DEACTIVATED = "user_deactivated"
     ALL_SESSIONS_REVOKED = "all_sessions_revoked"
+    USER_FORGOTTEN = "user_forgotten"
 
 
 sessions_table = Table(
@@ -67,6 +68,7 @@ class SessionsProjector(Projector):
             users.PasswordChanged,
             users.UserDeactivated,
             users.UserSessionsRevoked,
+            users.UserForgotten,
         )
     )
 
@@ -123,6 +125,10 @@ class SessionsProjector(Projector):
                     at,
                     by=event.by,
                     reason=RevokedReason.ALL_SESSIONS_REVOKED,
+                )
+            case users.UserForgotten():
+                await _revoke_all(
+                    conn, t, event.user_id, at, by=event.by, reason=RevokedReason.USER_FORGOTTEN
                 )
 
 

@@ -4,6 +4,10 @@ No password hash and no reset-token hash is ever copied here: credentials are ch
 against the user's stream. ``email_lower`` and ``username_lower`` hold the casefolded
 values that the write side's unique-key claims use, so lookups are case-insensitive;
 uniqueness itself is enforced by those claims, not by these indexes.
+
+``UserForgotten`` replaces every personal column of the user's row with
+``domain.base.ERASED`` (ids, roles and times stay), so the live tables and a replay
+(where the destroyed keys decode as erased anyway) end up the same.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import users
+from domain.base import ERASED
 from domain.permissions import permissions_for
 from eventstore.types import UTCDateTime
 from projections.projector import Envelope, Projector, Tables, metadata
@@ -93,6 +98,7 @@ class UsersProjector(Projector):
             users.UserReactivated,
             users.UserSessionsRevoked,
             users.EmailChanged,
+            users.UserForgotten,
         )
     )
 
@@ -154,6 +160,19 @@ class UsersProjector(Projector):
                     at,
                     email=event.email,
                     email_lower=lookup_key(event.email),
+                )
+            case users.UserForgotten():
+                await self._revoke_sessions(
+                    conn,
+                    t,
+                    event.user_id,
+                    at,
+                    active=False,
+                    email=ERASED,
+                    email_lower=ERASED,
+                    username=ERASED,
+                    username_lower=ERASED,
+                    display_name=ERASED,
                 )
             case users.RoleAssigned():
                 await conn.execute(
