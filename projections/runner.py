@@ -154,8 +154,11 @@ class Worker:
 
     async def catch_up(self, projectors: Sequence[Projector] | None = None) -> int:
         """Run batches until every projector has reached the head; returns events applied."""
+        chosen = tuple(projectors or self.projectors)
+        # Without a checkpoint row every batch would be "skipped": loop forever.
+        await self._ensure_checkpoints(chosen)
         total = 0
-        for projector in projectors or self.projectors:
+        for projector in chosen:
             while True:
                 result = await self.run_batch(projector)
                 total += result.applied
@@ -211,10 +214,10 @@ class Worker:
         finally:
             await self.aclose()
 
-    async def _ensure_checkpoints(self) -> None:
+    async def _ensure_checkpoints(self, projectors: Sequence[Projector] | None = None) -> None:
         async with self.store.engine.connect() as conn:
             await begin_write(conn)
-            await checkpoints.ensure(conn, self.projectors)
+            await checkpoints.ensure(conn, self.projectors if projectors is None else projectors)
             await conn.commit()
 
     async def aclose(self) -> None:
