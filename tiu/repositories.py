@@ -30,7 +30,7 @@ from domain.errors import (
     SubjectForgotten,
 )
 from domain.passwords import hash_token
-from domain.permissions import SYSTEM_ACTOR, Permission, ProjectRole, Role
+from domain.permissions import SYSTEM_ACTOR, Permission
 from eventstore.errors import SubjectKeysDestroyed
 from eventstore.schema import unique_keys
 from projections.query import Page, Query
@@ -277,10 +277,10 @@ class UserRepository(_Repository):
         )
 
     async def assign_role(self, user_id: str, role: str) -> None:
-        await self._channel.send(users.AssignRole(user_id=user_id, role=Role(role)))
+        await self._channel.send(users.AssignRole(user_id=user_id, role=role))
 
     async def revoke_role(self, user_id: str, role: str) -> None:
-        await self._channel.send(users.RevokeRole(user_id=user_id, role=Role(role)))
+        await self._channel.send(users.RevokeRole(user_id=user_id, role=role))
 
     async def get_user_permissions(self, user_id: str) -> frozenset[str]:
         async with self._channel.read() as conn:
@@ -373,7 +373,7 @@ class ProjectRepository(_Repository):
         command = projects.CreateProject(
             name=name,
             description=description,
-            visibility=projects.Visibility(visibility),
+            visibility=visibility,
             **({"project_id": project_id} if project_id is not None else {}),
         )
         await self._channel.send(command)
@@ -461,9 +461,7 @@ class ProjectRepository(_Repository):
 
     async def change_visibility(self, project_id: str, visibility: str) -> None:
         await self._channel.send(
-            projects.ChangeVisibility(
-                project_id=project_id, visibility=projects.Visibility(visibility)
-            )
+            projects.ChangeVisibility(project_id=project_id, visibility=visibility)
         )
 
     async def archive_project(self, project_id: str) -> None:
@@ -474,7 +472,7 @@ class ProjectRepository(_Repository):
 
     async def add_member(self, project_id: str, user_id: str, role: str = "editor") -> None:
         await self._channel.send(
-            projects.AddMember(project_id=project_id, user_id=user_id, role=ProjectRole(role))
+            projects.AddMember(project_id=project_id, user_id=user_id, role=role)
         )
 
     async def remove_member(self, project_id: str, user_id: str) -> None:
@@ -556,7 +554,7 @@ class TaskRepository(_Repository):
             project_id=project_id,
             title=title,
             description=description,
-            priority=tasks.Priority(priority),
+            priority=priority,
             due_date=due_date,
             assignee_id=assignee_id,
             **({"task_id": task_id} if task_id is not None else {}),
@@ -596,7 +594,7 @@ class TaskRepository(_Repository):
             tasks.ChangeTaskStatus(
                 task_id=task_id,
                 project_id=await self._project_of(task_id),
-                to=tasks.TaskStatus(status),
+                to=status,
             )
         )
         return await self.get_task(task_id)
@@ -685,7 +683,7 @@ class TaskRepository(_Repository):
             ids = []
             for index, item in enumerate(items):
                 repo = TaskRepository(channel)
-                command = tasks.CreateTask(**_task_fields(item))
+                command = tasks.CreateTask(**item)
                 await _bulk_step(index, command.task_id, channel.send(command))
                 ids.append(command.task_id)
                 del repo
@@ -716,13 +714,6 @@ class TaskRepository(_Repository):
             return count
 
         return await self._channel.batch(work)
-
-
-def _task_fields(item: Mapping[str, Any]) -> dict[str, Any]:
-    fields = dict(item)
-    if "priority" in fields:
-        fields["priority"] = tasks.Priority(fields["priority"])
-    return fields
 
 
 async def _bulk_step(index: int, item: str, step: Awaitable[Any]) -> None:
