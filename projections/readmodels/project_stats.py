@@ -12,6 +12,7 @@ another on its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from sqlalchemy import Column, Integer, String, Table, insert, update
@@ -20,7 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from domain import projects, tasks
 from domain.tasks import TaskStatus
 from eventstore.types import UTCDateTime
-from projections.projector import Envelope, Projector, Tables, metadata
+from projections.batching import BatchedProjector, KeyedRows, field
+from projections.projector import Envelope, Tables, metadata
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
 project_stats = Table(
@@ -34,7 +36,7 @@ project_stats = Table(
 )
 
 
-class ProjectStatsProjector(Projector):
+class ProjectStatsProjector(BatchedProjector):
     name = "project_stats"
     tables: ClassVar = (project_stats,)
     handles = frozenset(
@@ -69,3 +71,36 @@ class ProjectStatsProjector(Projector):
             .where(table.c.project_id == event.project_id)
             .values(updated_at=at, **changes)
         )
+
+    async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
+        rows = KeyedRows(t["project_stats"])
+        for envelope in envelopes:
+            rows.want(field(envelope, "project_id"))
+        await rows.load(conn)
+        todo = TaskStatus.TODO.value
+        for envelope in envelopes:
+            at = occurred_at(envelope)
+            event = envelope.event
+            match event:
+                case projects.ProjectCreated():
+                    zeros = {status.value: 0 for status in TaskStatus}
+                    rows.insert(
+                        {"project_id": event.project_id, "total": 0, "updated_at": at, **zeros}
+                    )
+                case tasks.TaskCreated():
+                    row = rows.get(event.project_id)
+                    if row is not None:
+                        rows.update(
+                            event.project_id,
+                            updated_at=at,
+                            total=row["total"] + 1,
+                            **{todo: row[todo] + 1},
+                        )
+                case tasks.TaskStatusChanged():
+                    row = rows.get(event.project_id)
+                    if row is not None:
+                        old, new = event.from_status.value, event.to_status.value
+                        # As a dict, like apply's: when old == new, the increment wins.
+                        changes = {old: row[old] - 1, new: row[new] + 1}
+                        rows.update(event.project_id, updated_at=at, **changes)
+        await rows.flush(conn)

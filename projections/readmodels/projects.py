@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -14,7 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import projects
 from eventstore.types import UTCDateTime
-from projections.projector import Envelope, Projector, Tables, metadata
+from projections.batching import BatchedProjector, KeyedRows, field
+from projections.projector import Envelope, Tables, metadata
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
 projects_table = Table(
@@ -46,7 +48,7 @@ project_members = Table(
 )
 
 
-class ProjectsProjector(Projector):
+class ProjectsProjector(BatchedProjector):
     name = "projects"
     tables: ClassVar = (projects_table, project_members)
     handles = frozenset(
@@ -121,6 +123,69 @@ class ProjectsProjector(Projector):
                     )
                 )
                 await _update(conn, t, event.project_id, at)
+
+    async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
+        rows = KeyedRows(t["projects"])
+        members = KeyedRows(t["project_members"])
+        for envelope in envelopes:
+            project_id = field(envelope, "project_id")
+            rows.want(project_id)
+            if isinstance(envelope.event, _MEMBER_EVENTS):
+                members.want((project_id, field(envelope, "user_id")))
+        await rows.load(conn)
+        await members.load(conn)
+        for envelope in envelopes:
+            at = occurred_at(envelope)
+            event = envelope.event
+            match event:
+                case projects.ProjectCreated():
+                    rows.insert(
+                        {
+                            "project_id": event.project_id,
+                            "name": event.name,
+                            "description": event.description,
+                            "visibility": str(event.visibility),
+                            "owner_id": event.owner_id,
+                            "archived": False,
+                            "archived_at": None,
+                            "created_at": at,
+                            "updated_at": at,
+                        }
+                    )
+                case projects.ProjectUpdated():
+                    rows.update(
+                        event.project_id,
+                        updated_at=at,
+                        name=event.name,
+                        description=event.description,
+                    )
+                case projects.ProjectVisibilityChanged():
+                    rows.update(event.project_id, updated_at=at, visibility=str(event.visibility))
+                case projects.ProjectArchived():
+                    rows.update(event.project_id, updated_at=at, archived=True, archived_at=at)
+                case projects.ProjectRestored():
+                    rows.update(event.project_id, updated_at=at, archived=False, archived_at=None)
+                case projects.MemberAdded():
+                    members.insert(
+                        {
+                            "project_id": event.project_id,
+                            "user_id": event.user_id,
+                            "role": str(event.role),
+                            "added_at": at,
+                        }
+                    )
+                    rows.update(event.project_id, updated_at=at)
+                case projects.MemberRoleChanged():
+                    members.update((event.project_id, event.user_id), role=str(event.role))
+                    rows.update(event.project_id, updated_at=at)
+                case projects.MemberRemoved():
+                    members.delete((event.project_id, event.user_id))
+                    rows.update(event.project_id, updated_at=at)
+        await members.flush(conn)
+        await rows.flush(conn)
+
+
+_MEMBER_EVENTS = (projects.MemberAdded, projects.MemberRoleChanged, projects.MemberRemoved)
 
 
 async def _update(

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -15,7 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from domain import tasks
 from domain.tasks import TaskStatus
 from eventstore.types import UTCDateTime
-from projections.projector import Envelope, Projector, Tables, metadata
+from projections.batching import BatchedProjector, KeyedRows, field
+from projections.projector import Envelope, Tables, metadata
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
 tasks_table = Table(
@@ -43,7 +45,7 @@ tasks_table = Table(
 )
 
 
-class TasksProjector(Projector):
+class TasksProjector(BatchedProjector):
     name = "tasks"
     tables: ClassVar = (tasks_table,)
     handles = frozenset(
@@ -105,6 +107,56 @@ class TasksProjector(Projector):
                     status=str(event.to_status),
                     completed_at=completed_at,
                 )
+
+    async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
+        rows = KeyedRows(t["tasks"])
+        for envelope in envelopes:
+            rows.want(field(envelope, "task_id"))
+        await rows.load(conn)
+        for envelope in envelopes:
+            at = occurred_at(envelope)
+            event = envelope.event
+            match event:
+                case tasks.TaskCreated():
+                    rows.insert(
+                        {
+                            "task_id": event.task_id,
+                            "project_id": event.project_id,
+                            "title": event.title,
+                            "description": event.description,
+                            "status": str(TaskStatus.TODO),
+                            "priority": str(event.priority),
+                            "priority_rank": event.priority.rank,
+                            "due_at": event.due_date,
+                            "assignee_id": event.assignee_id,
+                            "created_by": event.created_by,
+                            "created_at": at,
+                            "updated_at": at,
+                            "completed_at": None,
+                        }
+                    )
+                case tasks.TaskEdited():
+                    rows.update(
+                        event.task_id,
+                        updated_at=at,
+                        title=event.title,
+                        description=event.description,
+                        priority=str(event.priority),
+                        priority_rank=event.priority.rank,
+                        due_at=event.due_date,
+                    )
+                case tasks.TaskAssigned():
+                    rows.update(event.task_id, updated_at=at, assignee_id=event.assignee_id)
+                case tasks.TaskUnassigned():
+                    rows.update(event.task_id, updated_at=at, assignee_id=None)
+                case tasks.TaskStatusChanged():
+                    rows.update(
+                        event.task_id,
+                        updated_at=at,
+                        status=str(event.to_status),
+                        completed_at=at if event.to_status is TaskStatus.DONE else None,
+                    )
+        await rows.flush(conn)
 
 
 async def _update(

@@ -10,6 +10,7 @@ login, session touch or task change. Actors that are not registered users (the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -19,7 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from domain import sessions, tasks, users
 from domain.tasks import TaskStatus
 from eventstore.types import UTCDateTime
-from projections.projector import Envelope, Projector, Tables, metadata
+from projections.batching import BatchedProjector, KeyedRows
+from projections.projector import Envelope, Tables, metadata
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
 user_activity = Table(
@@ -38,7 +40,7 @@ user_activity = Table(
 _COUNTERS = ("logins", "failed_logins", "tasks_created", "tasks_completed", "tasks_assigned")
 
 
-class UserActivityProjector(Projector):
+class UserActivityProjector(BatchedProjector):
     name = "user_activity"
     tables: ClassVar = (user_activity,)
     handles = frozenset(
@@ -86,6 +88,52 @@ class UserActivityProjector(Projector):
                 await _record(conn, t, event.by, at, *(["tasks_completed"] if done else []))
             case tasks.TaskEdited() | tasks.TaskUnassigned():
                 await _record(conn, t, event.by, at)
+
+    async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
+        rows = KeyedRows(t["user_activity"])
+        # (user_id, active_at, counters), or (user_id, at, None) for a registration.
+        steps: list[tuple[str, datetime | None, tuple[str, ...] | None]] = []
+        for envelope in envelopes:
+            at = occurred_at(envelope)
+            event = envelope.event
+            match event:
+                case users.UserRegistered():
+                    steps.append((event.user_id, at, None))
+                case users.LoginSucceeded():
+                    steps.append((event.user_id, at, ("logins",)))
+                case users.LoginFailed():
+                    steps.append((event.user_id, None, ("failed_logins",)))
+                case sessions.SessionTouched():
+                    steps.append((event.user_id, at, ()))
+                case tasks.TaskCreated():
+                    steps.append((event.created_by, at, ("tasks_created",)))
+                    if event.assignee_id is not None:
+                        steps.append((event.assignee_id, None, ("tasks_assigned",)))
+                case tasks.TaskAssigned():
+                    steps.append((event.by, at, ()))
+                    steps.append((event.assignee_id, None, ("tasks_assigned",)))
+                case tasks.TaskStatusChanged():
+                    done = event.to_status is TaskStatus.DONE
+                    steps.append((event.by, at, ("tasks_completed",) if done else ()))
+                case tasks.TaskEdited() | tasks.TaskUnassigned():
+                    steps.append((event.by, at, ()))
+        for user_id, _, _ in steps:
+            rows.want(user_id)
+        await rows.load(conn)
+        for user_id, active_at, counters in steps:
+            if counters is None:
+                rows.insert(
+                    {"user_id": user_id, "last_active_at": active_at, **dict.fromkeys(_COUNTERS, 0)}
+                )
+                continue
+            row = rows.get(user_id)
+            if row is None:
+                continue
+            values: dict[str, Any] = {name: row[name] + 1 for name in counters}
+            if active_at is not None:
+                values["last_active_at"] = active_at
+            rows.update(user_id, **values)
+        await rows.flush(conn)
 
 
 async def _record(
