@@ -221,10 +221,15 @@ class Worker:
             await conn.commit()
 
     async def aclose(self) -> None:
-        if self._leader_conn is not None:
-            await self._leader_conn.close()  # releases the session's leadership locks
-            self._leader_conn = None
-            self._leading.clear()
+        conn, self._leader_conn = self._leader_conn, None
+        self._leading.clear()
+        if conn is not None:
+            # Session-level locks survive close(): the pool would keep the session, and
+            # its locks, alive. Invalidating ends the session, so standbys can lead.
+            try:
+                await conn.invalidate()
+            finally:
+                await conn.close()
 
 
 async def lowest_position(conn: AsyncConnection, projectors: Sequence[Projector]) -> int:
