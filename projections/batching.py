@@ -28,9 +28,9 @@ Statements are built once per table (live or shadow) and reused.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -51,6 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from projections.projector import Envelope, Projector, Tables
 
 Row = dict[str, Any]
+S = TypeVar("S")
 Key = Hashable
 """A row's primary key: the value itself for a one-column key, else a tuple."""
 
@@ -96,6 +97,17 @@ def _build(table: Table) -> _Statements:
         ),
         delete=delete(table).where(*where_key),
     )
+
+
+_prebuilt: weakref.WeakKeyDictionary[Table, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def prebuilt(table: Table, name: str, build: Callable[[Table], S]) -> S:
+    """``build(table)``, built once per table (live or shadow) and ``name``."""
+    cache = _prebuilt.setdefault(table, {})
+    if name not in cache:
+        cache[name] = build(table)
+    return cast(S, cache[name])
 
 
 def statements(table: Table) -> _Statements:
@@ -151,21 +163,23 @@ class KeyedRows:
         for key in pending:
             self._current.setdefault(key, None)
 
-    async def load_where(self, conn: AsyncConnection, statement: Select[Any]) -> list[Key]:
-        """Load the rows ``statement`` (a ``select`` of this table) returns; the keys
-        of those rows, in the order returned. Keys already loaded keep their state."""
-        return self._add_loaded((await conn.execute(statement)).mappings())
+    async def load_by(
+        self, conn: AsyncConnection, statement: Select[Any], values: Iterable[Any]
+    ) -> None:
+        """Also load the rows ``statement`` (a ``select`` of this table with an
+        expanding ``keys`` parameter, see :func:`prebuilt`) returns for ``values``,
+        500 at a time: rows found by something other than their key. Keys already
+        loaded keep their folded state."""
+        for chunk in _chunks(sorted(set(values))):
+            self._add_loaded((await conn.execute(statement, {"keys": list(chunk)})).mappings())
 
-    def _add_loaded(self, rows: Iterable[Any]) -> list[Key]:
-        keys = []
+    def _add_loaded(self, rows: Iterable[Any]) -> None:
         for mapping in rows:
             row = dict(mapping)
             key = self.key_of(row)
-            keys.append(key)
             if key not in self._current:
                 self._original[key] = row
                 self._current[key] = dict(row)
-        return keys
 
     def get(self, key: Key) -> Row | None:
         """The row as folded so far, or ``None`` when absent. Do not mutate it."""
@@ -194,8 +208,9 @@ class KeyedRows:
     def delete(self, key: Key) -> None:
         self._current[key] = None
 
-    def keys(self) -> Iterable[Key]:
-        return self._current.keys()
+    def rows(self) -> Iterable[Row]:
+        """Every row loaded or inserted so far that exists."""
+        return (row for row in self._current.values() if row is not None)
 
     async def flush(self, conn: AsyncConnection) -> None:
         """Write the folded state back: deletes, updates, inserts, one statement each."""

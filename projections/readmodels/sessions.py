@@ -10,16 +10,18 @@ they stay in the event log as personal data under its retention.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from sqlalchemy import Column, Index, String, Table, insert, update
+from sqlalchemy import Column, Index, Select, String, Table, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import sessions, users
 from eventstore.types import UTCDateTime
-from projections.projector import Envelope, Projector, Tables, metadata
+from projections.batching import BatchedProjector, KeyedRows, field, prebuilt
+from projections.projector import Envelope, Tables, metadata
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
 
@@ -56,7 +58,7 @@ sessions_table = Table(
 )
 
 
-class SessionsProjector(Projector):
+class SessionsProjector(BatchedProjector):
     name = "sessions"
     tables: ClassVar = (sessions_table,)
     handles = frozenset(
@@ -130,6 +132,93 @@ class SessionsProjector(Projector):
                 await _revoke_all(
                     conn, t, event.user_id, at, by=event.by, reason=RevokedReason.USER_FORGOTTEN
                 )
+
+    async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
+        table = t["sessions"]
+        rows = KeyedRows(table)
+        revoking: set[str] = set()
+        for envelope in envelopes:
+            event = envelope.event
+            if isinstance(event, _SESSION_EVENTS):
+                rows.want(event.session_id)
+            else:
+                revoking.add(field(envelope, "user_id"))
+        await rows.load(conn)
+        # A user-wide revocation revokes the user's live sessions started before it:
+        # load those by user (sessions already revoked stay as they are).
+        await rows.load_by(conn, prebuilt(table, "live_by_user", _live_by_user), revoking)
+        by_user: dict[str, list[str]] = {u: [] for u in revoking}
+        for found in rows.rows():
+            if found["user_id"] in by_user:
+                by_user[found["user_id"]].append(found["session_id"])
+
+        def revoke_all(user_id: str, at: datetime, by: str, reason: RevokedReason) -> None:
+            for session_id in by_user[user_id]:
+                row = rows.get(session_id)
+                if row is not None and row["started_at"] < at and row["revoked_at"] is None:
+                    rows.update(
+                        session_id, revoked_at=at, revoked_by=by, revoked_reason=str(reason)
+                    )
+
+        for envelope in envelopes:
+            at = occurred_at(envelope)
+            event = envelope.event
+            match event:
+                case sessions.SessionStarted():
+                    rows.insert(
+                        {
+                            "session_id": event.session_id,
+                            "user_id": event.user_id,
+                            "token_hash": event.token_hash,
+                            "started_at": event.started_at,
+                            "expires_at": event.expires_at,
+                            "last_seen_at": event.started_at,
+                            "revoked_at": None,
+                            "revoked_by": None,
+                            "revoked_reason": None,
+                        }
+                    )
+                    if event.user_id in by_user:
+                        by_user[event.user_id].append(event.session_id)
+                case sessions.SessionTouched():
+                    rows.update(event.session_id, last_seen_at=event.at)
+                case sessions.SessionRevoked():
+                    row = rows.get(event.session_id)
+                    if row is not None and row["revoked_at"] is None:
+                        reason = (
+                            RevokedReason.LOGOUT
+                            if event.by == event.user_id
+                            else RevokedReason.REVOKED
+                        )
+                        rows.update(
+                            event.session_id,
+                            revoked_at=event.at,
+                            revoked_by=event.by,
+                            revoked_reason=str(reason),
+                        )
+                case users.PasswordChanged():
+                    reason = (
+                        RevokedReason.PASSWORD_RESET
+                        if event.via == "reset"
+                        else RevokedReason.PASSWORD_CHANGED
+                    )
+                    revoke_all(event.user_id, at, event.user_id, reason)
+                case users.UserDeactivated():
+                    revoke_all(event.user_id, at, event.by, RevokedReason.USER_DEACTIVATED)
+                case users.UserSessionsRevoked():
+                    revoke_all(event.user_id, at, event.by, RevokedReason.ALL_SESSIONS_REVOKED)
+                case users.UserForgotten():
+                    revoke_all(event.user_id, at, event.by, RevokedReason.USER_FORGOTTEN)
+        await rows.flush(conn)
+
+
+_SESSION_EVENTS = (sessions.SessionStarted, sessions.SessionTouched, sessions.SessionRevoked)
+
+
+def _live_by_user(table: Table) -> Select[Any]:
+    return select(table).where(
+        table.c.user_id.in_(bindparam("keys", expanding=True)), table.c.revoked_at.is_(None)
+    )
 
 
 async def _revoke_all(

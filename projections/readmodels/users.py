@@ -12,6 +12,7 @@ uniqueness itself is enforced by those claims, not by these indexes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -20,8 +21,10 @@ from sqlalchemy import (
     Column,
     Index,
     Integer,
+    Select,
     String,
     Table,
+    bindparam,
     delete,
     insert,
     select,
@@ -33,7 +36,8 @@ from domain import users
 from domain.base import ERASED
 from domain.permissions import permissions_for
 from eventstore.types import UTCDateTime
-from projections.projector import Envelope, Projector, Tables, metadata
+from projections.batching import BatchedProjector, KeyedRows, field, prebuilt
+from projections.projector import Envelope, Tables, metadata
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
 users_table = Table(
@@ -80,7 +84,7 @@ def lookup_key(value: str) -> str:
     return value.strip().casefold()
 
 
-class UsersProjector(Projector):
+class UsersProjector(BatchedProjector):
     name = "users"
     tables: ClassVar = (users_table, user_roles, user_permissions)
     handles = frozenset(
@@ -225,3 +229,137 @@ class UsersProjector(Projector):
                 insert(granted),
                 [{"user_id": user_id, "permission": str(p)} for p in permissions],
             )
+
+    async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
+        rows = KeyedRows(t["users"])
+        roles = KeyedRows(t["user_roles"])
+        granted = KeyedRows(t["user_permissions"])
+        role_users: set[str] = set()
+        for envelope in envelopes:
+            user_id = field(envelope, "user_id")
+            rows.want(user_id)
+            if isinstance(envelope.event, _ROLE_EVENTS):
+                role_users.add(user_id)
+        await rows.load(conn)
+        # Permissions are derived from all of a user's roles: load those by user.
+        await roles.load_by(conn, prebuilt(t["user_roles"], "by_user", _by_user), role_users)
+        await granted.load_by(
+            conn, prebuilt(t["user_permissions"], "by_user", _by_user), role_users
+        )
+        held: dict[str, set[str]] = {u: set() for u in role_users}
+        for found in roles.rows():
+            held[found["user_id"]].add(found["role"])
+        permitted: dict[str, set[str]] = {u: set() for u in role_users}
+        for found in granted.rows():
+            permitted[found["user_id"]].add(found["permission"])
+
+        def derive_permissions(user_id: str) -> None:
+            wanted = {str(p) for p in permissions_for(held[user_id])}
+            for permission in permitted[user_id] - wanted:
+                granted.delete((user_id, permission))
+            for permission in sorted(wanted - permitted[user_id]):
+                granted.insert({"user_id": user_id, "permission": permission})
+            permitted[user_id] = wanted
+
+        def revoke_sessions(user_id: str, at: datetime, **values: Any) -> None:
+            row = rows.get(user_id)
+            if row is not None:
+                current = row["sessions_valid_after"]
+                valid_after = at if current is None else max(current, at)
+                rows.update(user_id, updated_at=at, sessions_valid_after=valid_after, **values)
+
+        for envelope in envelopes:
+            at = occurred_at(envelope)
+            event = envelope.event
+            match event:
+                case users.UserRegistered():
+                    rows.insert(
+                        {
+                            "user_id": event.user_id,
+                            "email": event.email,
+                            "email_lower": lookup_key(event.email),
+                            "username": event.username,
+                            "username_lower": lookup_key(event.username),
+                            "display_name": event.display_name,
+                            "active": True,
+                            "locked_until": None,
+                            "failed_logins": 0,
+                            "last_login_at": None,
+                            "sessions_valid_after": None,
+                            "created_at": at,
+                            "updated_at": at,
+                        }
+                    )
+                    for role in {str(r) for r in event.roles}:
+                        roles.insert({"user_id": event.user_id, "role": role})
+                        held[event.user_id].add(role)
+                    derive_permissions(event.user_id)
+                case users.LoginSucceeded():
+                    rows.update(
+                        event.user_id,
+                        updated_at=at,
+                        failed_logins=0,
+                        locked_until=None,
+                        last_login_at=at,
+                    )
+                case users.LoginFailed():
+                    row = rows.get(event.user_id)
+                    if row is not None:
+                        rows.update(
+                            event.user_id, updated_at=at, failed_logins=row["failed_logins"] + 1
+                        )
+                case users.AccountLocked():
+                    rows.update(
+                        event.user_id, updated_at=at, failed_logins=0, locked_until=event.until
+                    )
+                case users.AccountUnlocked():
+                    rows.update(event.user_id, updated_at=at, failed_logins=0, locked_until=None)
+                case users.PasswordChanged():
+                    unlock = (
+                        {"failed_logins": 0, "locked_until": None} if event.via == "reset" else {}
+                    )
+                    revoke_sessions(event.user_id, at, **unlock)
+                case users.UserDeactivated():
+                    revoke_sessions(event.user_id, at, active=False)
+                case users.UserSessionsRevoked():
+                    revoke_sessions(event.user_id, at)
+                case users.UserReactivated():
+                    rows.update(event.user_id, updated_at=at, active=True)
+                case users.EmailChanged():
+                    rows.update(
+                        event.user_id,
+                        updated_at=at,
+                        email=event.email,
+                        email_lower=lookup_key(event.email),
+                    )
+                case users.UserForgotten():
+                    revoke_sessions(
+                        event.user_id,
+                        at,
+                        active=False,
+                        email=ERASED,
+                        email_lower=ERASED,
+                        username=ERASED,
+                        username_lower=ERASED,
+                        display_name=ERASED,
+                    )
+                case users.RoleAssigned():
+                    roles.insert({"user_id": event.user_id, "role": str(event.role)})
+                    held[event.user_id].add(str(event.role))
+                    derive_permissions(event.user_id)
+                    rows.update(event.user_id, updated_at=at)
+                case users.RoleRevoked():
+                    roles.delete((event.user_id, str(event.role)))
+                    held[event.user_id].discard(str(event.role))
+                    derive_permissions(event.user_id)
+                    rows.update(event.user_id, updated_at=at)
+        await rows.flush(conn)
+        await roles.flush(conn)
+        await granted.flush(conn)
+
+
+_ROLE_EVENTS = (users.UserRegistered, users.RoleAssigned, users.RoleRevoked)
+
+
+def _by_user(table: Table) -> Select[Any]:
+    return select(table).where(table.c.user_id.in_(bindparam("keys", expanding=True)))

@@ -119,7 +119,7 @@ def build(steps: Sequence[Step]) -> list[Event]:
                 out.append(users.UserDeactivated(user_id=user, by=other, at=when))
             case 9:
                 out.append(users.UserReactivated(user_id=user, by=other, at=when))
-            case 10 | 11:
+            case 10 | 11:  # user-wide revocations, as password changes and deactivation
                 out.append(users.UserSessionsRevoked(user_id=user, by=other, at=when))
             case 12:
                 out.append(
@@ -272,10 +272,13 @@ def build(steps: Sequence[Step]) -> list[Event]:
                         task_id=task, project_id=in_project, previous_assignee_id=other, by=user
                     )
                 )
+            case 29:
+                if minute % 3 == 0:  # rarely: it erases the user's fields for good
+                    out.append(users.UserForgotten(user_id=user, by=other, at=when))
     return out
 
 
-KINDS = 29
+KINDS = 30
 steps = st.lists(
     st.tuples(
         st.integers(0, KINDS - 1),
