@@ -451,6 +451,15 @@ class KeyWriter:
         self._own[subject_id] = None
         return int(result.rowcount or 0)
 
+    def mark(self) -> tuple[dict[str, _Key | None], set[str]]:
+        """The writer's own state, to :meth:`restore` after a rolled-back savepoint."""
+        return dict(self._own), set(self.destroyed)
+
+    def restore(self, mark: tuple[dict[str, _Key | None], set[str]]) -> None:
+        own, destroyed = mark
+        self._own = dict(own)
+        self.destroyed = set(destroyed)
+
     def _hold(self, subject_id: str) -> None:
         if subject_id not in self._held:
             self._held.append(subject_id)

@@ -154,6 +154,15 @@ class UnitOfWork:
             )
         )
 
+    def mark(self) -> tuple[int, dict[str, int]]:
+        """Where the buffer stands, to :meth:`restore` after a rolled-back savepoint."""
+        return len(self._pending), dict(self._expected)
+
+    def restore(self, mark: tuple[int, dict[str, int]]) -> None:
+        pending, expected = mark
+        del self._pending[pending:]
+        self._expected = dict(expected)
+
     def expect(self, stream_id: str, version: int) -> None:
         """Require ``stream_id`` to still be at ``version`` when this transaction appends.
 

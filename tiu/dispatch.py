@@ -21,7 +21,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -74,12 +74,12 @@ class _Loaded:
 
 
 @dataclass
-class _Outcome:
-    command: Command
-    stream_id: str
-    events: list[Event]
-    base_version: int
-    results: list[CommandResult] = field(default_factory=list)
+class _Mark:
+    streams: dict[str, _Loaded]
+    appended: set[str]
+    results: int
+    uow: tuple[int, dict[str, int]]
+    keys: Any
 
 
 class CommandUnit:
@@ -91,7 +91,6 @@ class CommandUnit:
         self.keys = dispatcher.keys.writer(uow.conn, dispatcher.store.now)
         self._streams: dict[str, _Loaded] = {}
         self._appended: set[str] = set()
-        self._outcomes: list[tuple[_Outcome, int]] = []  # (outcome, index into results)
         self.results: list[CommandResult] = []
 
     @property
@@ -223,6 +222,61 @@ class CommandUnit:
             )
             await self.dispatcher.inline.apply(self.conn, [envelope])
 
+    def mark(self) -> _Mark:
+        """This unit's in-memory state, to :meth:`restore` when a savepoint rolls back."""
+        return _Mark(
+            {k: replace(v) for k, v in self._streams.items()},
+            set(self._appended),
+            len(self.results),
+            self.uow.mark(),
+            self.keys.mark(),
+        )
+
+    def restore(self, mark: _Mark) -> None:
+        self._streams = {k: replace(v) for k, v in mark.streams.items()}
+        self._appended = set(mark.appended)
+        del self.results[mark.results :]
+        self.uow.restore(mark.uow)
+        self.keys.restore(mark.keys)
+
+    async def isolated(self, command: Command, ctx: CommandContext) -> CommandResult:
+        """:meth:`handle` inside a SAVEPOINT: a refusal undoes this command alone (its
+        recorded facts and security event are kept, as :meth:`Dispatcher.dispatch`
+        keeps them) and is raised; the unit stays usable for the next command."""
+        mark = self.mark()
+        savepoint = await self.conn.begin_nested()
+        try:
+            result = await self.handle(command, ctx)
+        except KeyAlreadyClaimed as error:
+            await savepoint.rollback()
+            self.restore(mark)
+            raise AlreadyExists(error.scope, "(taken)") from error
+        except DomainError as error:
+            await savepoint.rollback()
+            self.restore(mark)
+            if error.record or error.security_relevant:
+                await self.record_refusal(command, ctx, error)
+            raise
+        await savepoint.commit()
+        return result
+
+    async def record_refusal(
+        self, command: Command, ctx: CommandContext, error: DomainError
+    ) -> None:
+        """Append what a refusal must leave in the log: ``error.record`` to the command's
+        stream and the security event to the actor's security stream."""
+        target = route(command, ctx)
+        if error.record:
+            await self.record(
+                command,
+                ctx,
+                target.decider,
+                target.stream_id,
+                error.record,
+                outcome={"ok": False, "code": error.code, "message": error.message},
+            )
+        await self.append_security(command, error, ctx)
+
     def before_flush(self) -> None:
         # Streams a decision read but this unit does not write must not have moved.
         for stream_id, loaded in self._streams.items():
@@ -264,8 +318,11 @@ class Dispatcher:
         snapshot_every: int = 100,
         retries: int = 5,
         keys: SubjectKeys | None = None,
+        group_commit: bool = False,
+        max_group: int = 64,
     ) -> None:
         self.store = store
+        self.group = GroupCommitter(self, max_group) if group_commit else None
         self.keys = keys or keyring(store.engine)
         self.inline = inline
         self.snapshot_every = snapshot_every
@@ -325,6 +382,12 @@ class Dispatcher:
         also appends an audit event to the actor's security stream. Both are
         committed before the error is re-raised.
         """
+        if self.group is not None:
+            return await self.group.dispatch(command, ctx)
+        return await self.dispatch_alone(command, ctx)
+
+    async def dispatch_alone(self, command: Command, ctx: CommandContext) -> CommandResult:
+        """:meth:`dispatch` in a transaction of its own, never grouped."""
         rejected: list[DomainError] = []
 
         async def work(unit: CommandUnit) -> CommandResult:
@@ -334,18 +397,8 @@ class Dispatcher:
                 if not error.record and not error.security_relevant:
                     raise
                 rejected.append(error)
-                target = route(command, ctx)
-                if error.record:
-                    await unit.record(
-                        command,
-                        ctx,
-                        target.decider,
-                        target.stream_id,
-                        error.record,
-                        outcome={"ok": False, "code": error.code, "message": error.message},
-                    )
-                await unit.append_security(command, error, ctx)
-                return CommandResult(command.command_id, target.stream_id, (), 0)
+                await unit.record_refusal(command, ctx, error)
+                return CommandResult(command.command_id, route(command, ctx).stream_id, (), 0)
 
         result, unit = await self.run(work)
         if rejected:
@@ -498,3 +551,82 @@ def _event_context(command: Command, ctx: CommandContext) -> EventContext:
 def _to_new_event(event: Event, command: Command) -> NewEvent:
     event_type, schema_version, data = encode_event(event)
     return NewEvent(event_type, data, schema_version, {"command": type(command).__name__})
+
+
+class GroupCommitter:
+    """Group commit: concurrent :meth:`Dispatcher.dispatch` calls of this process share
+    one transaction.
+
+    Appends are serialised (ORDERING.md), so one command per transaction caps the
+    write rate at one commit (and one append lock) per command. Commands that arrive
+    while a group is being written form the next group; each runs in a SAVEPOINT, so
+    a refused command undoes only itself and gets its own error, and every caller is
+    answered after the group's COMMIT. If the group as a whole fails on a conflict
+    with another process, its commands are retried one by one, so no caller sees an
+    error caused by another caller's command.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, max_group: int = 64) -> None:
+        self.dispatcher = dispatcher
+        self.max_group = max_group
+        self._queue: list[tuple[Command, CommandContext, asyncio.Future[CommandResult]]] = []
+        self._leader: asyncio.Task[None] | None = None
+
+    async def dispatch(self, command: Command, ctx: CommandContext) -> CommandResult:
+        future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+        self._queue.append((command, ctx, future))
+        if self._leader is None or self._leader.done():
+            self._leader = asyncio.create_task(self._lead())
+        return await future
+
+    async def _lead(self) -> None:
+        while self._queue:
+            group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
+            if len(group) == 1:
+                command, ctx, future = group[0]
+                await _settle(future, self.dispatcher.dispatch_alone(command, ctx))
+            else:
+                await self._write(group)
+
+    async def _write(
+        self, group: list[tuple[Command, CommandContext, asyncio.Future[CommandResult]]]
+    ) -> None:
+        outcomes: list[CommandResult | BaseException] = []
+        try:
+            async with self.dispatcher.unit() as unit:
+                for command, ctx, _ in group:
+                    try:
+                        outcomes.append(await unit.isolated(command, ctx))
+                    except DomainError as error:
+                        outcomes.append(error)
+        except (ConcurrencyError, InlineProjectionBehind):
+            # Another process got in between: settle each command alone, with retries.
+            for command, ctx, future in group:
+                await _settle(future, self.dispatcher.dispatch_alone(command, ctx))
+            return
+        except BaseException as error:  # the database is gone: every caller learns it
+            for _, _, future in group:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        positioned = {r.command_id: r for r in unit.results}
+        for (command, _, future), outcome in zip(group, outcomes, strict=True):
+            if future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(positioned.get(command.command_id, outcome))
+
+
+async def _settle(future: asyncio.Future[CommandResult], work: Awaitable[CommandResult]) -> None:
+    try:
+        result = await work
+    except Exception as error:
+        if not future.done():
+            future.set_exception(error)
+    else:
+        if not future.done():
+            future.set_result(result)

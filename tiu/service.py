@@ -92,6 +92,8 @@ class DatabaseService:
             inline=inline,
             snapshot_every=settings.snapshot_every,
             retries=settings.command_retries,
+            group_commit=settings.group_commit,
+            max_group=settings.max_group,
         )
         self._worker_task: asyncio.Task[None] | None = None
         self._worker_stop: asyncio.Event | None = None

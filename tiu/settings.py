@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     password_reset_ttl: timedelta = timedelta(hours=1)
 
     snapshot_every: int = Field(100, ge=0)
+    #: Concurrent commands of this process share one transaction (each in a savepoint).
+    group_commit: bool = True
+    max_group: int = Field(64, ge=1)
     command_retries: int = Field(5, ge=0)
     auto_migrate: bool = True
 

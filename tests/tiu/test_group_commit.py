@@ -1,0 +1,187 @@
+"""Group commit: concurrent commands share a transaction, yet each is isolated."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import func, select, text
+
+from domain import (
+    AlreadyExists,
+    IllegalTransition,
+    PermissionDenied,
+    WeakPassword,
+    projects,
+    tasks,
+    users,
+)
+from domain.permissions import SYSTEM_ACTOR
+from eventstore import EventStore
+from eventstore import store as store_module
+from eventstore.schema import events
+from tiu.dispatch import Dispatcher
+
+from .conftest import PASSWORD
+
+
+@pytest.fixture
+def commits(service) -> list[int]:
+    counted: list[int] = []
+
+    async def count(uow) -> None:
+        counted.append(len(uow.results))
+
+    service.store.before_commit = count
+    return counted
+
+
+async def test_concurrent_commands_share_transactions_and_each_gets_its_own_outcome(
+    service, commits
+):
+    ctx = service.context(SYSTEM_ACTOR)
+    outcomes = await asyncio.gather(
+        *(
+            service.dispatch(
+                users.RegisterUser(
+                    user_id=f"user{n}",
+                    email="taken@example.com" if n % 3 == 0 else f"u{n}@example.com",
+                    username=f"user{n}",
+                    password=SecretStr(PASSWORD if n % 5 else "short"),
+                ),
+                ctx,
+            )
+            for n in range(30)
+        ),
+        return_exceptions=True,
+    )
+    assert len(commits) < 30, "no group was formed"
+    ok = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(ok) + len(refused) == 30
+    assert all(isinstance(e, AlreadyExists | WeakPassword) for e in refused), refused
+    positions = [r.position for r in ok]
+    assert len(set(positions)) == len(positions)
+    async with service.engine.connect() as conn:
+        registered = (await conn.execute(text("SELECT user_id FROM users"))).scalars().all()
+        keys = await conn.scalar(text("SELECT count(*) FROM unique_keys WHERE scope = 'email'"))
+        logged = await conn.scalar(select(func.count()).select_from(events))
+    assert sorted(registered) == sorted(r.stream_id.removeprefix("user-") for r in ok)
+    assert keys == len(ok)  # refused commands' claims were rolled back with them
+    assert logged == len(ok)
+
+
+async def test_a_refused_command_in_a_group_undoes_only_itself(service, commits):
+    async with service.get_repositories() as repos:
+        owner = await repos.users.create_user(
+            email="own@example.com", username="owner", password=PASSWORD
+        )
+        stranger = await repos.users.create_user(
+            email="str@example.com", username="stranger", password=PASSWORD
+        )
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        project = await repos.projects.create_project("Grouped")
+        task = await repos.tasks.create_task(project.id, "Existing")
+    commits.clear()
+
+    owner_ctx = service.context(owner.id)
+    stranger_ctx = service.context(stranger.id)
+    moves = [
+        service.dispatch(
+            tasks.CreateTask(task_id=f"g{n}", project_id=project.id, title=f"G{n}"), owner_ctx
+        )
+        for n in range(6)
+    ]
+    moves.insert(
+        2,
+        service.dispatch(
+            tasks.CreateTask(task_id="intruder", project_id=project.id, title="No"), stranger_ctx
+        ),
+    )
+    moves.insert(
+        4,
+        service.dispatch(
+            tasks.ChangeTaskStatus(task_id=task.id, project_id=project.id, to="done"), owner_ctx
+        ),
+    )
+    outcomes = await asyncio.gather(*moves, return_exceptions=True)
+    assert isinstance(outcomes[2], PermissionDenied)
+    assert isinstance(outcomes[4], IllegalTransition)
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 6
+    assert len(commits) < len(moves)
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        titles = sorted(t.title for t in await repos.tasks.get_project_tasks(project.id))
+        assert titles == ["Existing", "G0", "G1", "G2", "G3", "G4", "G5"]
+        assert (await repos.tasks.get_task(task.id)).status == "todo"
+    async with service.engine.connect() as conn:
+        security = await conn.scalar(
+            text("SELECT count(*) FROM events WHERE event_type = 'CommandRejected'")
+        )
+        stats = (await conn.execute(text("SELECT total FROM project_stats"))).scalar()
+    assert security == 1  # the permission denial is in the log; the illegal move is not
+    assert stats == 7
+
+
+async def test_a_group_that_conflicts_with_another_process_is_retried_command_by_command(
+    engine, service, monkeypatch
+):
+    if engine.dialect.name != "postgresql":
+        pytest.skip("on SQLite the group holds the write lock: no one can get in between")
+    async with service.get_repositories() as repos:
+        owner = await repos.users.create_user(
+            email="own@example.com", username="owner", password=PASSWORD
+        )
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        project = await repos.projects.create_project("Contended")
+    outsider = Dispatcher(EventStore(engine))  # another process: no inline projections
+    interfered: list[bool] = []
+    original = store_module.UnitOfWork.flush
+
+    async def interfere(uow):
+        if not interfered and len(uow.pending_streams) > 1:
+            interfered.append(True)
+            # Another process changes the project the group's decisions read, before
+            # the group appends: the group's flush must fail as a whole.
+            await outsider.dispatch_alone(
+                projects.UpdateProject(project_id=project.id, description="changed elsewhere"),
+                service.context(owner.id),
+            )
+        return await original(uow)
+
+    monkeypatch.setattr(store_module.UnitOfWork, "flush", interfere)
+    retried: list[str] = []
+    alone = service.dispatcher.dispatch_alone
+
+    async def count_alone(command, ctx):
+        retried.append(command.command_id)
+        return await alone(command, ctx)
+
+    monkeypatch.setattr(service.dispatcher, "dispatch_alone", count_alone)
+    ctx = service.context(owner.id)
+    outcomes = await asyncio.gather(
+        *(
+            service.dispatch(
+                tasks.CreateTask(task_id=f"c{n}", project_id=project.id, title=f"C{n}"), ctx
+            )
+            for n in range(5)
+        ),
+        return_exceptions=True,
+    )
+    assert interfered
+    assert len(retried) >= 2  # the failed group's commands, settled one by one
+    assert not any(isinstance(o, BaseException) for o in outcomes), outcomes
+    async with service.engine.connect() as conn:
+        created = await conn.scalar(
+            text("SELECT count(*) FROM events WHERE event_type = 'TaskCreated'")
+        )
+    assert created == 5
+    await outsider.store.aclose()
+
+
+async def test_a_lone_command_takes_the_ordinary_path(service, commits):
+    result = await service.dispatch(
+        projects.CreateProject(project_id="p", name="Alone"), service.context(SYSTEM_ACTOR)
+    )
+    assert result.position == 1
+    assert commits == [1]
