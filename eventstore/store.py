@@ -102,7 +102,7 @@ def _to_event(row: Any) -> RecordedEvent:
 
 
 class _PendingAppend:
-    __slots__ = ("category", "context", "events", "expected", "stream_id")
+    __slots__ = ("category", "context", "events", "expected", "recorded_at", "stream_id")
 
     def __init__(
         self,
@@ -111,12 +111,14 @@ class _PendingAppend:
         events: list[tuple[NewEvent, str, str]],
         expected: ExpectedVersion,
         context: EventContext,
+        recorded_at: datetime | None = None,
     ) -> None:
         self.stream_id = stream_id
         self.category = category
         self.events = events  # (event, canonical data, canonical metadata)
         self.expected = expected
         self.context = context
+        self.recorded_at = recorded_at
 
 
 class UnitOfWork:
@@ -146,13 +148,22 @@ class UnitOfWork:
         expected_version: ExpectedVersion = ANY,
         *,
         context: EventContext | None = None,
+        recorded_at: datetime | None = None,
     ) -> None:
-        """Buffer events for ``stream_id``; validated now, written at commit."""
-        self._pending.append(
-            self.store.validate_append(
-                stream_id, category, new_events, expected_version, context or EventContext()
-            )
+        """Buffer events for ``stream_id``; validated now, written at commit.
+
+        ``recorded_at`` (default: the store's clock at commit) lets a caller stamp the
+        events with the time it already handed to inline projectors, so a replay
+        reproduces exactly what they wrote.
+        """
+        pending = self.store.validate_append(
+            stream_id, category, new_events, expected_version, context or EventContext()
         )
+        if recorded_at is not None:
+            if recorded_at.tzinfo is None:
+                raise InvalidEventData("(any)", "recorded_at must be timezone-aware")
+            pending.recorded_at = recorded_at
+        self._pending.append(pending)
 
     def mark(self) -> tuple[int, dict[str, int]]:
         """Where the buffer stands, to :meth:`restore` after a rolled-back savepoint."""
@@ -353,6 +364,7 @@ class EventStore:
                 _check_expected(p.stream_id, p.expected, head.version)
                 prev = head.hash or GENESIS
                 ctx = p.context
+                stamp = p.recorded_at or now
                 first_position = position + 1
                 for offset, (ev, _data, _meta) in enumerate(p.events, start=1):
                     version = head.version + offset
@@ -372,7 +384,7 @@ class EventStore:
                         correlation_id=ctx.correlation_id,
                         causation_id=ctx.causation_id,
                         command_id=ctx.command_id,
-                        recorded_at=now,
+                        recorded_at=stamp,
                     )
                     rows.append(
                         {
@@ -389,7 +401,7 @@ class EventStore:
                             "correlation_id": ctx.correlation_id,
                             "causation_id": ctx.causation_id,
                             "command_id": ctx.command_id,
-                            "recorded_at": now,
+                            "recorded_at": stamp,
                             "hash": prev,
                         }
                     )

@@ -161,6 +161,7 @@ class CommandUnit:
                 stored,
                 loaded.loaded_version if stream_id not in self._appended else "any",
                 context=_event_context(command, ctx),
+                recorded_at=ctx.now,
             )
             self._appended.add(stream_id)
             result = CommandResult(command.command_id, stream_id, tuple(new_events), loaded.version)
@@ -209,6 +210,7 @@ class CommandUnit:
             [stored],
             "any",
             context=_event_context(command, ctx),
+            recorded_at=ctx.now,
         )
         if self.dispatcher.inline is not None:
             envelope = Envelope(

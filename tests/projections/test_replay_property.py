@@ -280,11 +280,6 @@ class TickingClock(Clock):
         return self.now
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inline projection stamps events without their own time with the command's "
-    "ctx.now, a replay with the store's later recorded_at (see the report of issue 4)",
-)
 async def test_replay_equals_inline_with_a_clock_that_moves_during_a_command(
     engine: AsyncEngine,
 ) -> None:
