@@ -111,6 +111,7 @@ class _PendingAppend:
         events: list[tuple[NewEvent, str, str]],
         expected: ExpectedVersion,
         context: EventContext,
+        *,
         recorded_at: datetime | None = None,
     ) -> None:
         self.stream_id = stream_id
