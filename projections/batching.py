@@ -9,8 +9,12 @@ the result back at the end, instead of running one or more statements per event:
 3. fold the envelopes in order over the rows in memory (insert, update, delete per
    key; counters incremented in Python);
 4. write back: one executemany ``DELETE`` (by key) for rows that existed and are gone,
-   one executemany ``UPDATE`` (by key, every column) for rows that changed, one
-   ``INSERT`` for rows that are new.
+   one executemany ``UPDATE`` (by key) per set of columns the fold changed (a handful:
+   one per combination of event types), one ``INSERT`` for rows that are new.
+
+Only the columns a fold reads are loaded (``KeyedRows(table, load=...)``; by default
+none but the key, which tells whether the row exists), and an ``UPDATE`` sets only
+the columns the fold set: loading and writing whole rows was most of the cost.
 
 A key touched several times in a batch is folded in order and written once; a row
 created and deleted within the batch is never written. The contract is that the
@@ -29,13 +33,12 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     ColumnElement,
     Delete,
-    Insert,
     Select,
     Table,
     Update,
@@ -60,45 +63,6 @@ IN_CHUNK = 500
 
 _B = "b_"  # prefix of the bound parameters of UPDATE and DELETE (column names are taken)
 
-
-@dataclass(frozen=True, slots=True)
-class _Statements:
-    columns: tuple[str, ...]
-    key_columns: tuple[str, ...]
-    select_keys: Select[Any]
-    insert: Insert
-    update: Update | None
-    delete: Delete
-
-
-_statements: weakref.WeakKeyDictionary[Table, _Statements] = weakref.WeakKeyDictionary()
-
-
-def _build(table: Table) -> _Statements:
-    key_cols = list(table.primary_key.columns)
-    names = tuple(c.name for c in table.columns)
-    key_names = tuple(c.name for c in key_cols)
-    by_key: ColumnElement[bool] = (
-        key_cols[0].in_(bindparam("keys", expanding=True))
-        if len(key_cols) == 1
-        else tuple_(*key_cols).in_(bindparam("keys", expanding=True))
-    )
-    where_key = [c == bindparam(_B + c.name) for c in key_cols]
-    others = [c for c in table.columns if c.name not in key_names]
-    return _Statements(
-        columns=names,
-        key_columns=key_names,
-        select_keys=select(table).where(by_key),
-        insert=insert(table),
-        update=(
-            update(table).where(*where_key).values({c: bindparam(_B + c.name) for c in others})
-            if others
-            else None
-        ),
-        delete=delete(table).where(*where_key),
-    )
-
-
 _prebuilt: weakref.WeakKeyDictionary[Table, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
@@ -110,12 +74,9 @@ def prebuilt(table: Table, name: str, build: Callable[[Table], S]) -> S:
     return cast(S, cache[name])
 
 
-def statements(table: Table) -> _Statements:
-    """The prebuilt statements of ``table`` (cached while the table lives)."""
-    found = _statements.get(table)
-    if found is None:
-        found = _statements[table] = _build(table)
-    return found
+def keys_param() -> Any:
+    """The expanding ``IN`` parameter that :meth:`KeyedRows.load_by` binds values to."""
+    return bindparam("keys", expanding=True)
 
 
 def field(envelope: Envelope, name: str) -> Any:
@@ -131,22 +92,36 @@ def _chunks(items: Sequence[Any], size: int = IN_CHUNK) -> Iterable[Sequence[Any
 class KeyedRows:
     """The rows of one table that a batch touches, by primary key, folded in memory.
 
-    Call :meth:`want` for every key the batch touches, :meth:`load` once, then fold
-    with :meth:`get` / :meth:`insert` / :meth:`update` / :meth:`delete`, and finally
-    :meth:`flush`. Only loaded keys may be folded (``KeyError`` otherwise): a key
-    that is not in the table is loaded as absent.
+    Call :meth:`want` for every key the batch touches, :meth:`load` once (and
+    :meth:`load_by` for rows found by something else), then fold with :meth:`get` /
+    :meth:`insert` / :meth:`update` / :meth:`delete`, and finally :meth:`flush`.
+    Only loaded keys may be folded (``KeyError`` otherwise); a key not in the table
+    is loaded as absent. Rows that existed hold the key and the ``load`` columns
+    only (reading another is a ``KeyError``); rows inserted by the fold are whole.
     """
 
-    def __init__(self, table: Table) -> None:
+    def __init__(self, table: Table, load: Iterable[str] = ()) -> None:
         self.table = table
-        self._st = statements(table)
+        key_cols = list(table.primary_key.columns)
+        self._key_names = tuple(c.name for c in key_cols)
+        self._others = tuple(c.name for c in table.columns if c.name not in self._key_names)
+        wanted = set(load)
+        self._load_names = (*self._key_names, *(n for n in self._others if n in wanted))
+        self._load_tag = ",".join(self._load_names)
         self._pending: set[Key] = set()
-        self._original: dict[Key, Row] = {}
         self._current: dict[Key, Row | None] = {}
+        self._in_db: set[Key] = set()
+        self._dirty: dict[Key, set[str]] = {}
         self._conflicts: list[Row] = []
 
+    def _select(self, where: Callable[[Table], ColumnElement[bool]], name: str) -> Select[Any]:
+        def build(table: Table) -> Select[Any]:
+            return select(*(table.c[n] for n in self._load_names)).where(where(table))
+
+        return prebuilt(self.table, f"select:{name}:{self._load_tag}", build)
+
     def key_of(self, row: Row) -> Key:
-        names = self._st.key_columns
+        names = self._key_names
         return row[names[0]] if len(names) == 1 else tuple(row[n] for n in names)
 
     def want(self, key: Key) -> None:
@@ -157,29 +132,42 @@ class KeyedRows:
         """Load the wanted keys not loaded yet; those not found are absent."""
         pending = [k for k in self._pending if k not in self._current]
         self._pending.clear()
+        if not pending:
+            return
+        statement = self._select(_by_key, "key")
         for chunk in _chunks(pending):
-            result = await conn.execute(self._st.select_keys, {"keys": list(chunk)})
-            self._add_loaded(result.mappings())
+            self._add_loaded(await conn.execute(statement, {"keys": list(chunk)}))
         for key in pending:
             self._current.setdefault(key, None)
 
     async def load_by(
-        self, conn: AsyncConnection, statement: Select[Any], values: Iterable[Any]
+        self,
+        conn: AsyncConnection,
+        name: str,
+        where: Callable[[Table], ColumnElement[bool]],
+        values: Iterable[Any],
     ) -> None:
-        """Also load the rows ``statement`` (a ``select`` of this table with an
-        expanding ``keys`` parameter, see :func:`prebuilt`) returns for ``values``,
-        500 at a time: rows found by something other than their key. Keys already
-        loaded keep their folded state."""
-        for chunk in _chunks(sorted(set(values))):
-            self._add_loaded((await conn.execute(statement, {"keys": list(chunk)})).mappings())
+        """Also load the rows matching ``where(table)`` (a condition with a
+        :func:`keys_param`, built once per table and ``name``) for ``values``, 500
+        at a time: rows found by something other than their key. Keys already loaded
+        keep their folded state."""
+        values = sorted(set(values))
+        if not values:
+            return
+        statement = self._select(where, name)
+        for chunk in _chunks(values):
+            self._add_loaded(await conn.execute(statement, {"keys": list(chunk)}))
 
-    def _add_loaded(self, rows: Iterable[Any]) -> None:
-        for mapping in rows:
-            row = dict(mapping)
-            key = self.key_of(row)
+    def _add_loaded(self, result: Any) -> None:
+        names = self._load_names
+        single = len(self._key_names) == 1
+        width = len(self._key_names)
+        for values in result:
+            row = dict(zip(names, values, strict=True))
+            key = values[0] if single else tuple(values[:width])
             if key not in self._current:
-                self._original[key] = row
-                self._current[key] = dict(row)
+                self._current[key] = row
+                self._in_db.add(key)
 
     def get(self, key: Key) -> Row | None:
         """The row as folded so far, or ``None`` when absent. Do not mutate it."""
@@ -192,10 +180,12 @@ class KeyedRows:
         """Insert ``row`` (every column). When its key exists the one-by-one path
         fails, so the row is kept to be sent as an ``INSERT`` that fails the same way."""
         key = self.key_of(row)
-        if self._current.get(key, None) is not None:
+        if self._current.get(key) is not None:
             self._conflicts.append(row)
-        else:
-            self._current[key] = dict(row)
+            return key
+        self._current[key] = dict(row)
+        if key in self._in_db:  # deleted, then inserted again: rewrite it whole
+            self._dirty[key] = set(self._others)
         return key
 
     def update(self, key: Key, **values: Any) -> Row | None:
@@ -203,40 +193,83 @@ class KeyedRows:
         row = self._current[key]
         if row is not None:
             row.update(values)
+            if key in self._in_db:
+                dirty = self._dirty.get(key)
+                if dirty is None:
+                    self._dirty[key] = set(values)
+                else:
+                    dirty.update(values)
         return row
 
     def delete(self, key: Key) -> None:
         self._current[key] = None
+        self._dirty.pop(key, None)
 
     def rows(self) -> Iterable[Row]:
         """Every row loaded or inserted so far that exists."""
         return (row for row in self._current.values() if row is not None)
 
     async def flush(self, conn: AsyncConnection) -> None:
-        """Write the folded state back: deletes, updates, inserts, one statement each."""
-        st = self._st
+        """Write the folded state back: deletes, updates (one statement per set of
+        changed columns), inserts."""
+        table = self.table
         if self._conflicts:
-            await conn.execute(st.insert, self._conflicts)  # fails as one by one would
+            await conn.execute(prebuilt(table, "insert", insert), self._conflicts)
         inserts: list[Row] = []
-        updates: list[Row] = []
         deletes: list[Row] = []
+        updates: dict[tuple[str, ...], list[Row]] = {}
+        key_names = self._key_names
         for key, row in self._current.items():
-            before = self._original.get(key)
-            if row is None:
-                if before is not None:
-                    deletes.append({_B + n: before[n] for n in st.key_columns})
-            elif before is None:
-                inserts.append(row)
-            elif row != before:
-                updates.append({_B + n: row[n] for n in st.columns})
+            if key not in self._in_db:
+                if row is not None:
+                    inserts.append(row)
+            elif row is None:
+                deletes.append(
+                    {_B + key_names[0]: key}
+                    if len(key_names) == 1
+                    else {
+                        _B + n: v
+                        for n, v in zip(key_names, cast(tuple[Any, ...], key), strict=True)
+                    }
+                )
+            else:
+                dirty = self._dirty.get(key)
+                if dirty:
+                    columns = tuple(n for n in self._others if n in dirty)
+                    names = (*key_names, *columns)
+                    updates.setdefault(columns, []).append({_B + n: row[n] for n in names})
         if deletes:
-            await conn.execute(st.delete, deletes)
-        if updates and st.update is not None:
-            await conn.execute(st.update, updates)
+            await conn.execute(prebuilt(table, "delete", _delete), deletes)
+        for columns, params in updates.items():
+            statement = prebuilt(
+                table, "update:" + ",".join(columns), partial(_update, columns=columns)
+            )
+            await conn.execute(statement, params)
         if inserts:
-            await conn.execute(st.insert, inserts)
-        self._original = {k: dict(v) for k, v in self._current.items() if v is not None}
+            await conn.execute(prebuilt(table, "insert", insert), inserts)
+        self._in_db = {k for k, v in self._current.items() if v is not None}
+        self._dirty.clear()
         self._conflicts.clear()
+
+
+def _by_key(table: Table) -> ColumnElement[bool]:
+    key_cols = list(table.primary_key.columns)
+    if len(key_cols) == 1:
+        return key_cols[0].in_(keys_param())
+    return tuple_(*key_cols).in_(keys_param())
+
+
+def _where_key(table: Table) -> list[ColumnElement[bool]]:
+    return [c == bindparam(_B + c.name) for c in table.primary_key.columns]
+
+
+def _delete(table: Table) -> Delete:
+    return delete(table).where(*_where_key(table))
+
+
+def _update(table: Table, columns: Sequence[str]) -> Update:
+    values: dict[Any, Any] = {table.c[n]: bindparam(_B + n) for n in columns}
+    return update(table).where(*_where_key(table)).values(values)
 
 
 class BatchedProjector(Projector):

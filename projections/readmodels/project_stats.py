@@ -36,6 +36,9 @@ project_stats = Table(
 )
 
 
+_COUNTS = ("total", *(status.value for status in TaskStatus))
+
+
 class ProjectStatsProjector(BatchedProjector):
     name = "project_stats"
     tables: ClassVar = (project_stats,)
@@ -73,7 +76,7 @@ class ProjectStatsProjector(BatchedProjector):
         )
 
     async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
-        rows = KeyedRows(t["project_stats"])
+        rows = KeyedRows(t["project_stats"], load=_COUNTS)
         for envelope in envelopes:
             rows.want(field(envelope, "project_id"))
         await rows.load(conn)

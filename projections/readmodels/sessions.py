@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from sqlalchemy import Column, Index, Select, String, Table, bindparam, insert, select, update
+from sqlalchemy import Column, ColumnElement, Index, String, Table, and_, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import sessions, users
 from eventstore.types import UTCDateTime
-from projections.batching import BatchedProjector, KeyedRows, field, prebuilt
+from projections.batching import BatchedProjector, KeyedRows, field, keys_param
 from projections.projector import Envelope, Tables, metadata
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
@@ -135,7 +135,7 @@ class SessionsProjector(BatchedProjector):
 
     async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
         table = t["sessions"]
-        rows = KeyedRows(table)
+        rows = KeyedRows(table, load=("user_id", "started_at", "revoked_at"))
         revoking: set[str] = set()
         for envelope in envelopes:
             event = envelope.event
@@ -146,7 +146,7 @@ class SessionsProjector(BatchedProjector):
         await rows.load(conn)
         # A user-wide revocation revokes the user's live sessions started before it:
         # load those by user (sessions already revoked stay as they are).
-        await rows.load_by(conn, prebuilt(table, "live_by_user", _live_by_user), revoking)
+        await rows.load_by(conn, "live_by_user", _live_by_user, revoking)
         by_user: dict[str, list[str]] = {u: [] for u in revoking}
         for found in rows.rows():
             if found["user_id"] in by_user:
@@ -215,10 +215,8 @@ class SessionsProjector(BatchedProjector):
 _SESSION_EVENTS = (sessions.SessionStarted, sessions.SessionTouched, sessions.SessionRevoked)
 
 
-def _live_by_user(table: Table) -> Select[Any]:
-    return select(table).where(
-        table.c.user_id.in_(bindparam("keys", expanding=True)), table.c.revoked_at.is_(None)
-    )
+def _live_by_user(table: Table) -> ColumnElement[bool]:
+    return and_(table.c.user_id.in_(keys_param()), table.c.revoked_at.is_(None))
 
 
 async def _revoke_all(

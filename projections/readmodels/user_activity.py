@@ -90,7 +90,7 @@ class UserActivityProjector(BatchedProjector):
                 await _record(conn, t, event.by, at)
 
     async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
-        rows = KeyedRows(t["user_activity"])
+        rows = KeyedRows(t["user_activity"], load=_COUNTERS)
         # (user_id, active_at, counters), or (user_id, at, None) for a registration.
         steps: list[tuple[str, datetime | None, tuple[str, ...] | None]] = []
         for envelope in envelopes:

@@ -19,12 +19,11 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     Boolean,
     Column,
+    ColumnElement,
     Index,
     Integer,
-    Select,
     String,
     Table,
-    bindparam,
     delete,
     insert,
     select,
@@ -36,7 +35,7 @@ from domain import users
 from domain.base import ERASED
 from domain.permissions import permissions_for
 from eventstore.types import UTCDateTime
-from projections.batching import BatchedProjector, KeyedRows, field, prebuilt
+from projections.batching import BatchedProjector, KeyedRows, field, keys_param
 from projections.projector import Envelope, Tables, metadata
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
@@ -231,7 +230,7 @@ class UsersProjector(BatchedProjector):
             )
 
     async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
-        rows = KeyedRows(t["users"])
+        rows = KeyedRows(t["users"], load=("failed_logins", "sessions_valid_after"))
         roles = KeyedRows(t["user_roles"])
         granted = KeyedRows(t["user_permissions"])
         role_users: set[str] = set()
@@ -242,10 +241,8 @@ class UsersProjector(BatchedProjector):
                 role_users.add(user_id)
         await rows.load(conn)
         # Permissions are derived from all of a user's roles: load those by user.
-        await roles.load_by(conn, prebuilt(t["user_roles"], "by_user", _by_user), role_users)
-        await granted.load_by(
-            conn, prebuilt(t["user_permissions"], "by_user", _by_user), role_users
-        )
+        await roles.load_by(conn, "by_user", _by_user, role_users)
+        await granted.load_by(conn, "by_user", _by_user, role_users)
         held: dict[str, set[str]] = {u: set() for u in role_users}
         for found in roles.rows():
             held[found["user_id"]].add(found["role"])
@@ -361,5 +358,5 @@ class UsersProjector(BatchedProjector):
 _ROLE_EVENTS = (users.UserRegistered, users.RoleAssigned, users.RoleRevoked)
 
 
-def _by_user(table: Table) -> Select[Any]:
-    return select(table).where(table.c.user_id.in_(bindparam("keys", expanding=True)))
+def _by_user(table: Table) -> ColumnElement[bool]:
+    return table.c.user_id.in_(keys_param())

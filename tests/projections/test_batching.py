@@ -108,7 +108,9 @@ def build(steps: Sequence[Step]) -> list[Event]:
                     users.PasswordChanged(user_id=user, password_hash="fake$new", via=via, at=when)
                 )
             case 7:
-                held = m.roles.setdefault(user, set())
+                if user not in m.registered:  # registration would then insert it again
+                    continue
+                held = m.roles[user]
                 if role in held:
                     held.discard(role)
                     out.append(users.RoleRevoked(user_id=user, role=role, by=other))
