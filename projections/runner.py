@@ -12,6 +12,7 @@ leader's connection dies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -21,9 +22,11 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from eventstore.engine import begin_write
+from eventstore.errors import AppendTimeout, StoreUnavailable
 from eventstore.records import RecordedEvent
 from eventstore.schema import projection_checkpoints as cp
 from eventstore.store import EventStore
+from eventstore.translate import translate_errors
 from projections import checkpoints
 from projections.errors import InlineProjectionBehind, ProjectionTimeout
 from projections.projector import Envelope, Projector, Tables, decode_records
@@ -116,6 +119,7 @@ class Worker:
         self.leader_election = leader_election and store.engine.dialect.name == "postgresql"
         self.stats = WorkerStats()
         self._leader_conn: AsyncConnection | None = None
+        self._ready = False
         self._leading: set[str] = set()
 
     async def run_batch(self, projector: Projector) -> BatchResult:
@@ -191,28 +195,50 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Project until ``stop`` is set; the batch in progress always finishes."""
+        backoff = 0.1
         try:
-            await self._ensure_checkpoints()
             while not stop.is_set():
-                leading = await self._acquire_leadership()
-                progressed = False
-                for projector in leading:
-                    if stop.is_set():
-                        break
-                    result = await self.run_batch(projector)
-                    progressed = progressed or result.applied > 0
-                if not progressed:
-                    async with self.store.engine.connect() as conn:
-                        head = await self.store.head_position(conn)
-                    waiter = asyncio.ensure_future(
-                        self.store.wait_for_append(head, self.poll_interval)
-                    )
-                    stopper = asyncio.ensure_future(stop.wait())
-                    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                    for task in (waiter, stopper):
-                        task.cancel()
+                try:
+                    await self._step(stop)
+                    backoff = 0.1
+                except (StoreUnavailable, AppendTimeout) as error:
+                    # The database went away (a restart, a failover) or a lock timed
+                    # out: nothing of the batch was committed. Drop leadership (its
+                    # session may be gone) and try again, backing off.
+                    log.warning("worker paused: %s; retrying in %.1fs", error, backoff)
+                    await self._drop_leadership()
+                    await _sleep_unless(stop, backoff)
+                    backoff = min(backoff * 2, 5.0)
         finally:
             await self.aclose()
+
+    async def _step(self, stop: asyncio.Event) -> None:
+        with translate_errors(self.store.dialect.database_label):
+            if not self._ready:
+                await self._ensure_checkpoints()
+                self._ready = True
+            leading = await self._acquire_leadership()
+            progressed = False
+            for projector in leading:
+                if stop.is_set():
+                    return
+                result = await self.run_batch(projector)
+                progressed = progressed or result.applied > 0
+            if progressed:
+                return
+            async with self.store.engine.connect() as conn:
+                head = await self.store.head_position(conn)
+        waiter = asyncio.ensure_future(self.store.wait_for_append(head, self.poll_interval))
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (waiter, stopper):
+            task.cancel()
+
+    async def _drop_leadership(self) -> None:
+        try:
+            await self.aclose()
+        except Exception:  # the session is already gone; the lock went with it
+            log.debug("leader connection was already closed", exc_info=True)
 
     async def _ensure_checkpoints(self, projectors: Sequence[Projector] | None = None) -> None:
         async with self.store.engine.connect() as conn:
@@ -230,6 +256,11 @@ class Worker:
                 await conn.invalidate()
             finally:
                 await conn.close()
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 async def lowest_position(conn: AsyncConnection, projectors: Sequence[Projector]) -> int:
