@@ -217,7 +217,10 @@ class KeyedRows:
             await conn.execute(prebuilt(table, "insert", insert), self._conflicts)
         inserts: list[Row] = []
         deletes: list[Row] = []
-        updates: dict[tuple[str, ...], list[Row]] = {}
+        # One UPDATE per set of changed columns: (columns, (param, column)..., rows).
+        shapes: dict[frozenset[str], tuple[tuple[str, ...], tuple[tuple[str, str], ...], list[Row]]]
+        shapes = {}
+        updates = []
         key_names = self._key_names
         for key, row in self._current.items():
             if key not in self._in_db:
@@ -235,12 +238,17 @@ class KeyedRows:
             else:
                 dirty = self._dirty.get(key)
                 if dirty:
-                    columns = tuple(n for n in self._others if n in dirty)
-                    names = (*key_names, *columns)
-                    updates.setdefault(columns, []).append({_B + n: row[n] for n in names})
+                    shape = frozenset(dirty)
+                    found = shapes.get(shape)
+                    if found is None:
+                        columns = tuple(n for n in self._others if n in dirty)
+                        names = tuple((_B + n, n) for n in (*key_names, *columns))
+                        found = shapes[shape] = (columns, names, [])
+                        updates.append(found)
+                    found[2].append({param: row[n] for param, n in found[1]})
         if deletes:
             await conn.execute(prebuilt(table, "delete", _delete), deletes)
-        for columns, params in updates.items():
+        for columns, _, params in updates:
             statement = prebuilt(
                 table, "update:" + ",".join(columns), partial(_update, columns=columns)
             )

@@ -14,7 +14,7 @@ from sqlalchemy import Column, Index, SmallInteger, String, Table, Text, insert,
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import tasks
-from domain.tasks import TaskStatus
+from domain.tasks import Priority, TaskStatus
 from eventstore.types import UTCDateTime
 from projections.batching import BatchedProjector, KeyedRows, field
 from projections.projector import Envelope, Tables, metadata
@@ -126,7 +126,7 @@ class TasksProjector(BatchedProjector):
                             "description": event.description,
                             "status": str(TaskStatus.TODO),
                             "priority": str(event.priority),
-                            "priority_rank": event.priority.rank,
+                            "priority_rank": _RANK[event.priority],
                             "due_at": event.due_date,
                             "assignee_id": event.assignee_id,
                             "created_by": event.created_by,
@@ -142,7 +142,7 @@ class TasksProjector(BatchedProjector):
                         title=event.title,
                         description=event.description,
                         priority=str(event.priority),
-                        priority_rank=event.priority.rank,
+                        priority_rank=_RANK[event.priority],
                         due_at=event.due_date,
                     )
                 case tasks.TaskAssigned():
@@ -157,6 +157,9 @@ class TasksProjector(BatchedProjector):
                         completed_at=at if event.to_status is TaskStatus.DONE else None,
                     )
         await rows.flush(conn)
+
+
+_RANK = {priority: priority.rank for priority in Priority}
 
 
 async def _update(
