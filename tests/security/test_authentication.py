@@ -235,3 +235,34 @@ async def _tables_containing(conn, needle: str) -> list[str]:
                 found.append(table)
                 break
     return found
+
+
+async def test_v7_the_demo_at_debug_logs_no_password_or_hash(tmp_path, caplog):
+    import io
+    import re as regex
+
+    from rich.console import Console
+
+    from tiu.demo import PASSWORD as DEMO_PASSWORD
+    from tiu.demo import run_demo
+
+    caplog.set_level(logging.DEBUG)
+    for name in ("sqlalchemy.engine", "aiosqlite", "tiu", "eventstore", "projections"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    screen = io.StringIO()
+    try:
+        summary = await run_demo(
+            f"sqlite+aiosqlite:///{tmp_path}/demo.db", Console(file=screen, width=200)
+        )
+    finally:
+        for name in ("sqlalchemy.engine", "aiosqlite", "tiu", "eventstore", "projections"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    assert summary["verified"]
+    text_out = "\n".join([screen.getvalue(), *(r.getMessage() for r in caplog.records)])
+    assert "INSERT INTO events" in text_out, "DEBUG logging was not captured"
+    assert DEMO_PASSWORD not in text_out
+    assert "wrong-guess-" not in text_out
+    assert "$2b$" not in text_out
+    assert not regex.search(r"\b[0-9a-f]{64}\b", text_out.replace("hash chains", "")), (
+        "a SHA-256 (token hash or hash-chain value) reached the output"
+    )
