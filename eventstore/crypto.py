@@ -7,11 +7,12 @@ log, caches them, rotates them and destroys them. A stored field becomes::
 
     {"$pd": "<key_id>", "ct": "<base64 of nonce(12) | ciphertext | tag(16)>"}
 
-The plaintext is the JSON of the value; the AAD is ``<context>\\x1f<field>`` (the
-event type and the field name), so a ciphertext cannot be moved to another field or
-event type. ``None`` values are stored as they are (they reveal nothing). A field
-written for a subject whose keys were already destroyed is stored as
-``{"$pd": null}``: a forgotten subject never gets a key again.
+The plaintext is ``s`` + the UTF-8 of a string, or ``j`` + the JSON of another value.
+The AAD is ``<context>\\x1f<field>`` (the event type and the field name), so a
+ciphertext cannot be moved to another field or event type. ``None`` values are stored
+as they are (they reveal nothing). A field written for a subject whose keys were
+already destroyed is stored as ``{"$pd": null}``: a forgotten subject never gets a
+key again.
 
 The hash chain covers what is stored (the ciphertext), so destroying a key never
 breaks :func:`eventstore.integrity.verify`. Once a key is destroyed, opening yields
@@ -40,7 +41,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -63,8 +64,7 @@ _NONCE: Final = 12
 _IN_CHUNK: Final = 500
 
 
-@dataclass(frozen=True, slots=True)
-class Opened:
+class Opened(NamedTuple):
     """An event's data with its personal fields decrypted; ``erased`` names the fields
     whose key is gone (their value in ``data`` is :data:`ERASED`)."""
 
@@ -79,6 +79,7 @@ class _Key:
     aead: AESGCM | None  # None: destroyed
 
 
+_NOTHING: Final[frozenset[str]] = frozenset()
 _FORGOTTEN: Final = "-"  # active-key cache value of a subject whose keys are destroyed
 
 
@@ -213,39 +214,39 @@ class SubjectKeys:
     ) -> list[Opened]:
         """Open each ``(context, data)``; keys missing from the cache are loaded in one
         query. Data without encrypted fields is passed through untouched."""
-        marked: list[tuple[int, list[str]]] = []
+        opened = [Opened(data, _NOTHING) for _, data in items]
+        marked: list[tuple[int, list[tuple[str, Any]]]] = []
+        keys: dict[str, _Key | None] = {}  # this call's view: one cache lookup per key
+        key_of = self.cache.key
         for index, (_, data) in enumerate(items):
-            fields = [k for k, v in data.items() if type(v) is dict and MARK in v]
-            if fields:
-                marked.append((index, fields))
-        opened = [Opened(data) for _, data in items]
+            if dict not in map(type, data.values()):  # the common case, at C speed
+                continue
+            fields = [(k, v) for k, v in data.items() if type(v) is dict and MARK in v]
+            if not fields:
+                continue
+            marked.append((index, fields))
+            for _, value in fields:
+                key_id = value[MARK]
+                if type(key_id) is str and key_id not in keys:
+                    keys[key_id] = key_of(key_id)
         if not marked:
             return opened
-        cache = self.cache
-        wanted: set[str] = set()
-        for index, fields in marked:
-            data = items[index][1]
-            for name in fields:
-                key_id = data[name][MARK]
-                if isinstance(key_id, str) and cache.key(key_id) is None:
-                    wanted.add(key_id)
-        loaded = await self._load(conn, wanted) if wanted else {}
+        wanted = [key_id for key_id, key in keys.items() if key is None]
+        if wanted:
+            keys.update(await self._load(conn, wanted))
         for index, fields in marked:
             context, data = items[index]
             out = dict(data)
             erased: list[str] = []
-            for name in fields:
-                value = data[name]
+            for name, value in fields:
                 key_id = value[MARK]
-                key = None
-                if isinstance(key_id, str):
-                    key = loaded.get(key_id) or cache.key(key_id)
+                key = keys.get(key_id) if type(key_id) is str else None
                 if key is None or key.aead is None:
                     out[name] = ERASED
                     erased.append(name)
-                    continue
-                out[name] = _open(key, context, name, value)
-            opened[index] = Opened(out, frozenset(erased))
+                else:
+                    out[name] = _open(key, context, name, value)
+            opened[index] = Opened(out, frozenset(erased) if erased else _NOTHING)
         return opened
 
     async def open(self, conn: AsyncConnection, context: str, data: Mapping[str, Any]) -> Opened:
@@ -321,7 +322,7 @@ class KeyWriter:
             if key is None or key.aead is None:
                 out[name] = {MARK: None}
                 continue
-            plain = json.dumps(out[name], separators=(",", ":"), ensure_ascii=False).encode()
+            plain = _plaintext(out[name])
             nonce = os.urandom(_NONCE)
             sealed = key.aead.encrypt(nonce, plain, _aad(context, name))
             out[name] = {MARK: key.key_id, "ct": base64.b64encode(nonce + sealed).decode()}
@@ -476,8 +477,17 @@ class KeyWriter:
         self._own.clear()
 
 
+_AADS: dict[tuple[str, str], bytes] = {}
+_decode_json = json.JSONDecoder().decode
+
+
 def _aad(context: str, field: str) -> bytes:
-    return f"{context}\x1f{field}".encode()
+    aad = _AADS.get((context, field))
+    if aad is None:
+        aad = f"{context}\x1f{field}".encode()
+        if len(_AADS) < 10_000:  # event types x personal fields: a small, fixed set
+            _AADS[context, field] = aad
+    return aad
 
 
 def _aead(material: bytes | None) -> AESGCM | None:
@@ -487,11 +497,19 @@ def _aead(material: bytes | None) -> AESGCM | None:
 def _open(key: _Key, context: str, field: str, value: Mapping[str, Any]) -> Any:
     assert key.aead is not None
     try:
-        blob = base64.b64decode(value["ct"], validate=True)
+        blob = binascii.a2b_base64(value["ct"], strict_mode=True)
         plain = key.aead.decrypt(blob[:_NONCE], blob[_NONCE:], _aad(context, field))
     except (KeyError, TypeError, ValueError, binascii.Error, InvalidTag) as error:
         raise UndecryptableField(context, field, key.key_id) from error
-    return json.loads(plain)
+    if plain[:1] == b"s":
+        return plain[1:].decode()
+    return _decode_json(plain[1:].decode())
+
+
+def _plaintext(value: Any) -> bytes:
+    if isinstance(value, str):
+        return b"s" + value.encode()
+    return b"j" + json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 __all__ = [
