@@ -14,6 +14,7 @@ does not recognise pass unchanged::
     ├── ConcurrencyError                     retry after reloading
     │   ├── WrongExpectedVersion             stream, expected, actual
     │   ├── KeyAlreadyClaimed                a unique key belongs to another stream
+    │   ├── TransactionConflict              deadlock or serialization failure
     │   └── AppendTimeout (TimeoutError)     the append lock was not granted in time
     ├── StoreUnavailable (ConnectionError)   cannot reach or keep the database
     │   └── PoolExhausted (TimeoutError)     no connection within the pool timeout
@@ -94,6 +95,14 @@ class AppendTimeout(ConcurrencyError, TimeoutError):
 
     def __init__(self, detail: str = "lock_timeout expired") -> None:
         super().__init__(f"append timed out waiting for a lock: {detail}")
+
+
+class TransactionConflict(ConcurrencyError):
+    """The database aborted the transaction to resolve a deadlock or a serialization
+    conflict; nothing of it was written. Retry it."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"transaction aborted by the database, retry it: {detail}")
 
 
 class StoreUnavailable(EventStoreError, ConnectionError):

@@ -14,6 +14,7 @@ from eventstore.errors import (
     PoolExhausted,
     SchemaNotReady,
     StoreUnavailable,
+    TransactionConflict,
 )
 
 # SQLSTATE classes and codes (https://www.postgresql.org/docs/current/errcodes-appendix.html).
@@ -21,6 +22,7 @@ _PG_DISCONNECT_PREFIXES: Final = ("08", "57P01", "57P02", "57P03", "53300")
 _PG_LOCK_NOT_AVAILABLE: Final = "55P03"
 _PG_IDLE_TX_TIMEOUT: Final = "25P03"
 _PG_UNDEFINED_TABLE: Final = "42P01"
+_PG_RETRYABLE: Final = ("40P01", "40001")  # deadlock detected, serialization failure
 
 
 def sqlstate(error: BaseException) -> str | None:
@@ -56,6 +58,8 @@ def translate_errors(database: str | None = None) -> Iterator[None]:
         text = str(error.orig)
         if code == _PG_LOCK_NOT_AVAILABLE:
             raise AppendTimeout("lock_timeout expired") from error
+        if code in _PG_RETRYABLE:
+            raise TransactionConflict(_first_line(text)) from error
         if code == _PG_UNDEFINED_TABLE or "no such table" in text:
             raise SchemaNotReady(text.splitlines()[0]) from error
         if error.connection_invalidated or (

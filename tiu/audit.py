@@ -38,6 +38,7 @@ from sqlalchemy import ColumnElement, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import security, users
+from domain.base import ERASED
 from eventstore.crypto import keyring
 from eventstore.retention import read_archive
 from eventstore.schema import events
@@ -344,7 +345,7 @@ def find_suspicious(
     for attempt in attempts:
         if attempt.user_id:
             per_account[attempt.user_id].append(attempt)
-        if attempt.ip:
+        if attempt.ip and attempt.ip != ERASED:  # forgotten people's IPs are not one "IP"
             per_ip[attempt.ip].append(attempt)
     findings = _bursts(
         "account_failures", "for this account", per_account, rules.account_threshold, rules.window
@@ -365,6 +366,7 @@ def find_suspicious(
             lock = locked_at.get(user_id)
             if (
                 isinstance(ip, str)
+                and ip != ERASED
                 and lock is not None
                 and row.recorded_at - lock[0] <= rules.lockout_lookback
                 and ip not in seen[user_id]

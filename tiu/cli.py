@@ -50,6 +50,7 @@ from projections.projector import Projector
 from projections.readmodels import ALL_PROJECTORS, by_name
 from projections.runner import Worker, lowest_position
 from tiu import audit as audit_queries
+from tiu import privacy
 from tiu.service import CATEGORIES, DatabaseService
 from tiu.settings import Settings
 
@@ -576,6 +577,22 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
 
 
 # -- verify ------------------------------------------------------------------------------
+
+
+@app.command()
+def forget(
+    user: Annotated[str, typer.Argument(help="User id, or the email they registered with.")],
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Erase a person's personal data (crypto-shredding; the audit chain stays intact)."""
+    settings = _settings(database_url, schema)
+    report = run(lambda: privacy.forget_with_settings(settings, user, engine=_engine(settings)))
+    if json_output:
+        emit_json(report.as_dict())
+    else:
+        typer.echo(report.describe())
 
 
 @app.command(name="verify")

@@ -41,6 +41,7 @@ from eventstore.records import EventContext, NewEvent
 from eventstore.schema import events as events_table
 from eventstore.schema import processed_commands, snapshots, unique_keys
 from eventstore.store import EventStore, UnitOfWork
+from eventstore.translate import translate_errors
 from projections.errors import InlineProjectionBehind
 from projections.projector import Envelope
 from projections.runner import InlineRunner, Worker
@@ -344,10 +345,13 @@ class Dispatcher:
 
         unit: CommandUnit | None = None
         try:
-            async with self.store.transaction(after_flush=after_flush) as uow:
-                unit = CommandUnit(self, uow)
-                yield unit
-                unit.before_flush()
+            # Projector and key statements run on the unit's connection too: their
+            # deadlocks and lost connections become typed (and retryable) errors.
+            with translate_errors(self.store.dialect.database_label):
+                async with self.store.transaction(after_flush=after_flush) as uow:
+                    unit = CommandUnit(self, uow)
+                    yield unit
+                    unit.before_flush()
         finally:
             if unit is not None:
                 unit.keys.close()  # after COMMIT or ROLLBACK: its keys may be cached now

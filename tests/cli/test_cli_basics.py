@@ -146,3 +146,16 @@ def test_missing_sqlite_file_is_reported(tmp_path: Path, command: str):
     assert result.exit_code == 1
     assert "does not exist" in result.stderr
     assert not (tmp_path / "none.db").exists()
+
+
+def test_forget_erases_a_person_and_verify_still_passes(tmp_path: Path):
+    url = f"sqlite+aiosqlite:///{tmp_path}/demo.db"
+    assert tiu("demo", "--database-url", url, cwd=tmp_path).returncode == 0
+    forgot = tiu("forget", "linus@example.com", "--database-url", url, "--json")
+    assert forgot.returncode == 0, forgot.stderr
+    user_id = json.loads(forgot.stdout)["user_id"]
+    again = tiu("forget", user_id, "--database-url", url)
+    assert again.returncode == 0, again.stderr  # forgetting twice is harmless
+    assert tiu("verify", "--database-url", url).returncode == 0
+    raw = (tmp_path / "demo.db").read_bytes()
+    assert b"linus@example.com" not in raw
