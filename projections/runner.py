@@ -281,8 +281,9 @@ async def wait_for(
     deadline = time.monotonic() + timeout
     delay = 0.005
     while True:
-        async with store.engine.connect() as conn:
-            reached = await lowest_position(conn, projectors)
+        with translate_errors(store.dialect.database_label):
+            async with store.engine.connect() as conn:
+                reached = await lowest_position(conn, projectors)
         if reached >= position:
             return
         if time.monotonic() >= deadline:

@@ -33,6 +33,7 @@ from domain.passwords import hash_token
 from domain.permissions import SYSTEM_ACTOR, Permission
 from eventstore.errors import SubjectKeysDestroyed
 from eventstore.schema import unique_keys
+from eventstore.translate import translate_errors
 from projections.query import Page, Query
 from projections.readmodels.project_stats import project_stats
 from projections.readmodels.projects import project_members, projects_table
@@ -114,7 +115,9 @@ class Channel:
     async def read(self) -> AsyncIterator[AsyncConnection]:
         if self.unit is not None:
             yield self.unit.conn
-        else:
+            return
+        # Reads fail as the store's writes do: StoreUnavailable, never a driver error.
+        with translate_errors(self.service.store.dialect.database_label):
             async with self.service.engine.connect() as conn:
                 yield conn
 
