@@ -14,14 +14,17 @@ import secrets
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from domain.passwords import BcryptHasher
 from eventstore import EngineOptions, EventStore, create_engine
 from migrations import runner
+from tiu import DatabaseService, Settings
 
 PG_URL = os.environ.get(
     "TIU_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -150,3 +153,39 @@ async def store(engine: AsyncEngine) -> AsyncIterator[EventStore]:
     event_store = EventStore(engine)
     yield event_store
     await event_store.aclose()
+
+
+PASSWORD = "violet-harbour-lantern-42"
+
+
+class Clock:
+    """A settable clock for the service: time moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def service(engine: AsyncEngine, clock: Clock) -> AsyncIterator[DatabaseService]:
+    """A service on the backend under test: inline projections, bcrypt cost 4, the
+    settable clock, schema already migrated."""
+    svc = DatabaseService(
+        Settings(database_url=str(engine.url), bcrypt_rounds=4),
+        engine=engine,
+        hasher=BcryptHasher(rounds=4),
+        clock=clock,
+    )
+    await svc.start(migrate=False)
+    yield svc
+    await svc.store.aclose()  # the engine fixture disposes the engine

@@ -15,7 +15,7 @@ from eventstore import keyring, verify
 from eventstore.schema import events, subject_keys, unique_keys
 from projections import replay
 from projections.readmodels import ALL_PROJECTORS
-from tests.tiu.conftest import PASSWORD
+from tests.conftest import PASSWORD
 from tiu import InvalidCredentials, NotFound, PermissionDenied, SubjectForgotten
 
 ALICE = {

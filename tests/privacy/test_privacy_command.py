@@ -6,7 +6,7 @@ import pytest
 
 from domain.base import ERASED
 from domain.permissions import SYSTEM_ACTOR
-from tests.tiu.conftest import PASSWORD
+from tests.conftest import PASSWORD
 from tiu import NotFound
 from tiu.privacy import forget
 

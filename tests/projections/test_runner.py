@@ -30,13 +30,12 @@ from projections.readmodels.project_stats import project_stats
 from projections.readmodels.user_activity import user_activity
 from projections.readmodels.users import users_table
 from projections.runner import Worker, lowest_position, wait_for
-from tests.conftest import PG_URL
+from tests.conftest import PASSWORD, PG_URL
 from tests.projections.worker_process import T0, append_events, read_models, workload
 from tiu import DatabaseService, Settings
 from tiu.service import ProjectionMode
 
 ROOT = Path(__file__).resolve().parents[2]
-PASSWORD = "violet-harbour-lantern-42"
 
 
 async def head(engine: AsyncEngine) -> int:

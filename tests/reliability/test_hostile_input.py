@@ -16,8 +16,7 @@ from domain.errors import DomainError
 from eventstore.errors import InvalidAppend
 from eventstore.schema import events
 from projections.errors import InvalidQuery
-
-from .conftest import PASSWORD
+from tests.conftest import PASSWORD
 
 TYPED = (DomainError, ValidationError, InvalidAppend, InvalidQuery)
 

@@ -17,11 +17,10 @@ from sqlalchemy import func, select
 from domain.passwords import BcryptHasher
 from eventstore import EngineOptions, StoreUnavailable, create_engine
 from eventstore.schema import events
-from tests.conftest import PG_URL, _empty_schema
+from tests.conftest import PASSWORD, PG_URL, _empty_schema
 from tiu import DatabaseService, Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-PASSWORD = "violet-harbour-lantern-42"
 
 
 def _restart_postgres() -> None:

@@ -24,7 +24,7 @@ from hypothesis.stateful import (
 from domain.passwords import BcryptHasher
 from domain.tasks import TRANSITIONS, TaskStatus
 from eventstore import EngineOptions, create_engine
-from tests.conftest import PG_URL, _empty_schema
+from tests.conftest import PASSWORD, PG_URL, Clock, _empty_schema
 from tiu import (
     AccountLocked,
     AlreadyExists,
@@ -35,8 +35,6 @@ from tiu import (
     Settings,
 )
 from tiu.errors import DomainError
-
-from .conftest import PASSWORD, Clock
 
 NAMES = ["ann", "ben", "cat", "dan"]
 THRESHOLD = 3
@@ -165,7 +163,7 @@ class ApiMachine(RuleBasedStateMachine):
                 await repos.projects.add_member(self.project_ids[project], self.ids[member], role)
 
         allowed = actor == model.owner or model.members.get(actor) == "manager"
-        if not allowed or model.archived or member == model.owner:
+        if not allowed or model.archived or member == model.owner or member in model.members:
             with pytest.raises(DomainError):
                 self.run(go())
             return

@@ -18,11 +18,11 @@ import pytest
 from domain.errors import DomainError
 from domain.passwords import BcryptHasher
 from eventstore import EngineOptions, create_engine
-from tests.conftest import PG_URL, _empty_schema
+from tests.conftest import PASSWORD, PG_URL, _empty_schema
 from tiu import DatabaseService, Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-PASSWORD = "violet-harbour-lantern-42"
+
 SECONDS = float(os.environ.get("TIU_SOAK_SECONDS", "300"))
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import inspect, text
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from domain.routing import USERS
+from tests.conftest import PASSWORD
 from tiu import (
     AccountLocked,
     DatabaseService,
@@ -22,8 +23,6 @@ from tiu import (
     Settings,
     WeakPassword,
 )
-
-from .conftest import PASSWORD
 
 
 @dataclass

@@ -26,12 +26,12 @@ from domain.permissions import SYSTEM_ACTOR
 from domain.routing import USERS
 from eventstore import EventStore
 from eventstore.schema import events, snapshots
+from tests.conftest import PASSWORD
 from tiu.dispatch import Dispatcher
 from tiu.errors import DuplicateRejectedCommand
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 HASHER = BcryptHasher(rounds=4)
-PASSWORD = "violet-harbour-lantern-42"
 
 
 def ctx(actor: str | None = None, *, at: datetime = T0, **policy) -> CommandContext:

@@ -21,9 +21,8 @@ from domain.permissions import SYSTEM_ACTOR
 from eventstore import EventStore
 from eventstore import store as store_module
 from eventstore.schema import events
+from tests.conftest import PASSWORD
 from tiu.dispatch import Dispatcher
-
-from .conftest import PASSWORD
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 
 from domain.permissions import SYSTEM_ACTOR
+from tests.conftest import PASSWORD
 from tiu import (
     AccountLocked,
     AlreadyExists,
@@ -18,8 +19,6 @@ from tiu import (
     PermissionDenied,
     WeakPassword,
 )
-
-from .conftest import PASSWORD
 
 
 async def make_user(service, name: str, **extra):
