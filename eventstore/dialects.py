@@ -6,8 +6,9 @@ just before the insert, serialises appends so positions follow commit order
 throttled background task after commit, never inside the append transaction.
 
 SQLite: ``BEGIN IMMEDIATE`` already holds the database's single write lock for
-the whole transaction, so nothing more is needed; other processes are noticed by
-polling ``PRAGMA data_version``-free short reads.
+the whole transaction, so nothing more is needed. Commits of this process wake
+its readers at once; commits of other processes are noticed by polling (a short
+read of the head position every ``poll_interval``).
 """
 
 from __future__ import annotations
