@@ -252,10 +252,12 @@ async def _swap(
                 until=head,
             )
             applied += count
+        grants = {t.name: await conn.run_sync(_grants_of, t.name) for t in projector.tables}
         for table in projector.tables:
             await conn.run_sync(_drop, table)
         for live in projector.tables:
             await conn.run_sync(_rename_shadow, live, shadows[live.name])
+            await conn.run_sync(_grant, live.name, grants[live.name])
         await conn.execute(delete(cp).where(cp.c.name == projector.name))
         await conn.execute(delete(cp).where(cp.c.name == _rebuild_name(projector)))
         await conn.execute(
@@ -278,6 +280,35 @@ def _recreate(sync: Connection, table: Table) -> None:
 
 def _drop(sync: Connection, table: Table) -> None:
     table.drop(sync, checkfirst=True)
+
+
+def _grants_of(sync: Connection, table: str) -> list[tuple[str, str]]:
+    """Privileges other roles hold on ``table`` (PostgreSQL): a swap must hand them
+    to the new table, or the application role loses its read models."""
+    if sync.dialect.name != "postgresql":
+        return []
+    rows = sync.execute(
+        text(
+            "SELECT grantee, privilege_type FROM information_schema.role_table_grants "
+            "WHERE table_schema = current_schema() AND table_name = :t "
+            "AND grantee <> current_user"
+        ),
+        {"t": table},
+    )
+    return [(str(grantee), str(privilege)) for grantee, privilege in rows]
+
+
+def _grant(sync: Connection, table: str, grants: list[tuple[str, str]]) -> None:
+    prep = sync.dialect.identifier_preparer
+    for grantee, privilege in grants:
+        if privilege not in _PRIVILEGES:
+            continue
+        sync.execute(text(f"GRANT {privilege} ON {prep.quote(table)} TO {prep.quote(grantee)}"))
+
+
+_PRIVILEGES = frozenset(
+    {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"}
+)
 
 
 def _rename_shadow(sync: Connection, live: Table, shadow: Table) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain.passwords import BcryptHasher
@@ -137,15 +139,81 @@ async def postgres_engine(
     await engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def pg_app_role(pg_schema: str) -> Iterator[str]:
+    """A login role made by sql/app_role.sql: INSERT and SELECT on events, no more."""
+    if shutil.which("psql") is None:
+        pytest.skip("psql is needed to run sql/app_role.sql")
+    role = f"tiu_app_{os.getpid()}"
+    url = make_url(PG_URL)
+    done = subprocess.run(
+        [
+            "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+            "-h", url.host or "127.0.0.1", "-p", str(url.port or 5432),
+            "-U", url.username or "postgres", "-d", url.database or "test",
+            "-v", f"app={role}", "-v", f"schema={pg_schema}",
+            "-f", str(Path(__file__).resolve().parents[1] / "sql" / "app_role.sql"),
+        ],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.fail(f"sql/app_role.sql failed: {done.stderr}")
+    yield role
+
+    async def drop() -> None:
+        admin = create_engine(PG_URL)
+        async with admin.begin() as conn:
+            await conn.execute(text(f'DROP OWNED BY "{role}"'))
+            await conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        await admin.dispose()
+
+    asyncio.run(drop())
+
+
+@pytest.fixture
+async def postgres_app_engine(
+    pg_schema: str, pg_app_role: str, engine_options: EngineOptions
+) -> AsyncIterator[AsyncEngine]:
+    """PostgreSQL as the least-privilege application role (sql/app_role.sql)."""
+    admin = create_engine(PG_URL, replace(engine_options, search_path=pg_schema))
+    await _empty_schema(admin, pg_schema)
+    await admin.dispose()
+    url = make_url(PG_URL).set(username=pg_app_role)
+    engine = create_engine(url, replace(engine_options, search_path=pg_schema))
+    yield engine
+    await engine.dispose()
+
+
 @pytest.fixture(
     params=[
         pytest.param("sqlite_engine", marks=pytest.mark.sqlite, id="sqlite"),
         pytest.param("postgres_engine", marks=pytest.mark.postgres, id="postgres"),
+        pytest.param(
+            "postgres_app_engine",
+            marks=[pytest.mark.postgres, pytest.mark.app_role],
+            id="postgres-app",
+        ),
     ]
 )
 def engine(request: pytest.FixtureRequest) -> AsyncEngine:
-    """The backend under test: every storage test runs once per backend."""
+    """The backend under test: every storage test runs once per backend. Modules
+    marked ``least_privilege`` also run as the application role of sql/app_role.sql
+    (tests marked ``needs_owner`` excepted: they tamper with the log on purpose)."""
     return request.getfixturevalue(request.param)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        as_app = callspec is not None and callspec.params.get("engine") == "postgres_app_engine"
+        wanted = item.get_closest_marker("least_privilege") and not item.get_closest_marker(
+            "needs_owner"
+        )
+        (dropped if as_app and not wanted else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture

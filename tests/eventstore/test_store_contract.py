@@ -29,6 +29,9 @@ from eventstore import (
     verify,
 )
 
+# These storage tests also run as the least-privilege role of sql/app_role.sql.
+pytestmark = pytest.mark.least_privilege
+
 
 def ev(kind: str = "Happened", **data: object) -> NewEvent:
     return NewEvent(kind, data)
@@ -281,6 +284,7 @@ async def test_empty_append_is_refused(store):
         await store.append("user-1", "user", [])
 
 
+@pytest.mark.needs_owner
 async def test_verify_names_exactly_the_tampered_event(store, engine):
     await store.append("user-1", "user", [ev(n=1), ev(n=2), ev(n=3)])
     await store.append("user-2", "user", [ev(n=1)])
@@ -302,6 +306,7 @@ async def test_verify_names_exactly_the_tampered_event(store, engine):
     assert report.broken.reason == "hash does not match content"
 
 
+@pytest.mark.needs_owner
 async def test_verify_detects_a_removed_event(store, engine):
     await store.append("user-1", "user", [ev(n=1), ev(n=2), ev(n=3)])
     async with engine.begin() as conn:
@@ -449,6 +454,7 @@ async def test_a_missing_sqlite_directory_is_a_clear_error_naming_the_file(tmp_p
         await engine.dispose()
 
 
+@pytest.mark.needs_owner
 async def test_an_unfiltered_subscription_passes_archived_holes_but_not_others(engine, tmp_path):
     from datetime import UTC, datetime, timedelta
 

@@ -18,6 +18,9 @@ from eventstore.schema import events
 from projections.errors import InvalidQuery
 from tests.conftest import PASSWORD
 
+# These storage tests also run as the least-privilege role of sql/app_role.sql.
+pytestmark = pytest.mark.least_privilege
+
 TYPED = (DomainError, ValidationError, InvalidAppend, InvalidQuery)
 
 hostile_text = st.one_of(

@@ -24,6 +24,9 @@ from tiu import (
     WeakPassword,
 )
 
+# These storage tests also run as the least-privilege role of sql/app_role.sql.
+pytestmark = pytest.mark.least_privilege
+
 
 @dataclass
 class CountingHasher:

@@ -14,8 +14,10 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from domain.passwords import BcryptHasher
-from eventstore import EngineOptions, create_engine
+from eventstore import EngineOptions, EventStore, create_engine
 from migrations import runner
+from projections import replay
+from projections.readmodels import ALL_PROJECTORS
 from tests.conftest import PG_URL
 from tiu import DatabaseService, Settings
 
@@ -83,6 +85,16 @@ async def test_the_app_role_appends_and_reads_but_cannot_change_the_log(app_role
                 async with engine.begin() as conn:
                     await conn.execute(text(statement))
         assert (await service.get_statistics())["head_position"] >= 4
+        # An operator's replay (as the owner) swaps in new read-model tables; the app
+        # role must keep its privileges on them.
+        owner = create_engine(PG_URL, EngineOptions(search_path=schema))
+        owner_store = EventStore(owner)
+        await replay.rebuild_all(owner_store, ALL_PROJECTORS)
+        await owner_store.aclose()
+        await owner.dispose()
+        async with service.get_repositories(actor_id=user.id) as repos:
+            assert await repos.tasks.create_task(project.id, "After the replay")
+            assert len(await repos.tasks.get_project_tasks(project.id)) == 2
     finally:
         await service.store.aclose()
         await engine.dispose()

@@ -30,6 +30,9 @@ from tests.conftest import PASSWORD
 from tiu.dispatch import Dispatcher
 from tiu.errors import DuplicateRejectedCommand
 
+# These storage tests also run as the least-privilege role of sql/app_role.sql.
+pytestmark = pytest.mark.least_privilege
+
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 HASHER = BcryptHasher(rounds=4)
 

@@ -24,6 +24,9 @@ from eventstore.schema import events
 from tests.conftest import PASSWORD
 from tiu.dispatch import Dispatcher
 
+# These storage tests also run as the least-privilege role of sql/app_role.sql.
+pytestmark = pytest.mark.least_privilege
+
 
 @pytest.fixture
 def commits(service) -> list[int]:

@@ -20,6 +20,9 @@ from tiu import (
     WeakPassword,
 )
 
+# These storage tests also run as the least-privilege role of sql/app_role.sql.
+pytestmark = pytest.mark.least_privilege
+
 
 async def make_user(service, name: str, **extra):
     async with service.get_repositories() as repos:
