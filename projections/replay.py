@@ -176,6 +176,23 @@ async def _apply_batch(
     return new, len(records)
 
 
+async def _analyze(store: EventStore, shadows: Tables) -> None:
+    """Refresh the planner's statistics of the growing shadow tables (PostgreSQL).
+
+    New tables have none, so the planner takes them for tiny and scans them whole to
+    find a batch's rows: quadratic in the log (profiled: 1 s per batch at 400k rows).
+    Analysing after batches 1, 2, 4, 8, ... keeps the statistics within a factor of
+    two of the truth at a logarithmic cost.
+    """
+    if store.engine.dialect.name != "postgresql":
+        return
+    prep = store.engine.dialect.identifier_preparer
+    async with store.engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        for table in shadows.values():
+            await conn.execute(text(f"ANALYZE {prep.quote(table.name)}"))
+
+
 async def rebuild(
     store: EventStore,
     projector: Projector,
@@ -188,6 +205,8 @@ async def rebuild(
     position = resumed = await _prepare(store, projector)
     shadows = shadow_tables(projector)
     applied = 0
+    batches = 0
+    next_analyze = 1
     while True:
         async with store.engine.connect() as conn:
             await begin_write(conn)
@@ -206,6 +225,10 @@ async def rebuild(
             )
             await conn.commit()
         applied += count
+        batches += 1
+        if batches == next_analyze:
+            await _analyze(store, shadows)
+            next_analyze *= 2
         if on_progress is not None:
             on_progress(
                 RebuildProgress(projector.name, position, head, applied, time.monotonic() - started)
