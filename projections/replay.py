@@ -11,6 +11,7 @@ live tables are never seen half-built.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql.elements import conv
 
 from eventstore.engine import begin_write
+from eventstore.errors import AppendTimeout
 from eventstore.schema import NAMING_CONVENTION, events
 from eventstore.schema import projection_checkpoints as cp
 from eventstore.store import EventStore
+from eventstore.translate import translate_errors
 from projections import checkpoints
 from projections.projector import Projector, Tables
 from projections.runner import apply_records
@@ -233,7 +236,7 @@ async def rebuild(
             on_progress(
                 RebuildProgress(projector.name, position, head, applied, time.monotonic() - started)
             )
-    position, count = await _swap(store, projector, shadows, position, batch_size)
+    position, count = await _swap_with_retries(store, projector, shadows, position, batch_size)
     applied += count
     if on_progress is not None:
         on_progress(
@@ -242,6 +245,25 @@ async def rebuild(
     return RebuildReport(
         projector.name, projector.version, position, applied, time.monotonic() - started, resumed
     )
+
+
+SWAP_ATTEMPTS = 10
+
+
+async def _swap_with_retries(
+    store: EventStore, projector: Projector, shadows: Tables, position: int, batch_size: int
+) -> tuple[int, int]:
+    # The swap waits at most 2 s for its ACCESS EXCLUSIVE lock, so readers never queue
+    # long behind it; when busy readers keep it from the lock, it tries again.
+    for attempt in range(1, SWAP_ATTEMPTS + 1):
+        try:
+            with translate_errors(store.dialect.database_label):
+                return await _swap(store, projector, shadows, position, batch_size)
+        except AppendTimeout:
+            if attempt == SWAP_ATTEMPTS:
+                raise
+            await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
+    raise AssertionError("unreachable")
 
 
 async def _swap(

@@ -185,3 +185,42 @@ async def test_rebuild_of_an_empty_log_swaps_in_empty_tables(store: EventStore) 
     assert (report.position, report.applied) == (0, 0)
     assert (await active_positions(store))["users"] == (1, 0)
     assert (await read_models(store.engine))["users"] == []
+
+
+async def test_a_swap_blocked_by_a_long_reader_waits_and_retries(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite readers never block the swap (WAL)")
+    from sqlalchemy import text
+
+    attempts: list[int] = []
+    swap = replay._swap
+
+    async def counted(*args, **kwargs):
+        attempts.append(1)
+        return await swap(*args, **kwargs)
+
+    monkeypatch.setattr(replay, "_swap", counted)
+
+    await append_events(store, workload(200, seed=5))
+    tasks = next(p for p in ALL_PROJECTORS if p.name == "tasks")
+    await replay.rebuild(store, tasks)
+    reader = await store.engine.connect()
+    await reader.execute(text("SELECT count(*) FROM tasks"))  # holds ACCESS SHARE
+
+    async def finish_reading() -> None:
+        await asyncio.sleep(2.5)  # past the swap's 2 s lock_timeout
+        await reader.rollback()
+        await reader.close()
+
+    release = asyncio.create_task(finish_reading())
+    report = await replay.rebuild(store, tasks)
+    await release
+    assert report.position == await _head(store)
+    assert len(attempts) >= 3  # the first rebuild's swap, then a timed-out one and a retry
+
+
+async def _head(store: EventStore) -> int:
+    async with store.engine.connect() as conn:
+        return await store.head_position(conn)
