@@ -583,16 +583,34 @@ class GroupCommitter:
         self._queue.append((command, ctx, future))
         if self._leader is None or self._leader.done():
             self._leader = asyncio.create_task(self._lead())
+            self._leader.add_done_callback(self._abandon)
         return await future
 
+    def _abandon(self, leader: asyncio.Task[None]) -> None:
+        # A leader cancelled before it ran never reaches its own clean-up.
+        if leader is self._leader:
+            for _, _, future in self._queue:
+                if not future.done():
+                    future.set_exception(ConnectionAbortedError("group commit stopped"))
+            self._queue = []
+
     async def _lead(self) -> None:
-        while self._queue:
-            group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
-            if len(group) == 1:
-                command, ctx, future = group[0]
-                await _settle(future, self.dispatcher.dispatch_alone(command, ctx))
-            else:
-                await self._write(group)
+        group: list[tuple[Command, CommandContext, asyncio.Future[CommandResult]]] = []
+        try:
+            while self._queue:
+                group = self._queue[: self.max_group]
+                self._queue = self._queue[self.max_group :]
+                if len(group) == 1:
+                    command, ctx, future = group[0]
+                    await _settle(future, self.dispatcher.dispatch_alone(command, ctx))
+                else:
+                    await self._write(group)
+        finally:
+            # Cancelled (the loop is shutting down): no caller may wait forever.
+            for _, _, future in [*group, *self._queue]:
+                if not future.done():
+                    future.set_exception(ConnectionAbortedError("group commit stopped"))
+            self._queue = []
 
     async def _write(
         self, group: list[tuple[Command, CommandContext, asyncio.Future[CommandResult]]]

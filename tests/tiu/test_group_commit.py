@@ -187,3 +187,22 @@ async def test_a_lone_command_takes_the_ordinary_path(service, commits):
     )
     assert result.position == 1
     assert commits == [1]
+
+
+async def test_callers_are_answered_even_if_the_group_leader_is_cancelled(service):
+    ctx = service.context(SYSTEM_ACTOR)
+    calls = [
+        asyncio.create_task(
+            service.dispatch(projects.CreateProject(project_id=f"x{n}", name=f"X{n}"), ctx)
+        )
+        for n in range(6)
+    ]
+    await asyncio.sleep(0)  # the leader has started
+    service.dispatcher.group._leader.cancel()
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+    assert len(outcomes) == 6  # nobody is left waiting
+    assert all(
+        not isinstance(o, BaseException)
+        or isinstance(o, ConnectionAbortedError | asyncio.CancelledError)
+        for o in outcomes
+    ), outcomes
