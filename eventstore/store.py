@@ -463,23 +463,6 @@ class EventStore:
             )
         return int(value or 0)
 
-    async def stream_heads(
-        self, conn: AsyncConnection, stream_ids: Sequence[str]
-    ) -> dict[str, StreamHead]:
-        if not stream_ids:
-            return {}
-        last = (
-            select(events.c.stream_id, func.max(events.c.version).label("version"))
-            .where(events.c.stream_id.in_(stream_ids))
-            .group_by(events.c.stream_id)
-            .subquery()
-        )
-        query = select(events.c.stream_id, events.c.version, events.c.hash).join(
-            last, and_(events.c.stream_id == last.c.stream_id, events.c.version == last.c.version)
-        )
-        result = await conn.execute(query)
-        return {row.stream_id: StreamHead(row.version, row.hash) for row in result}
-
     async def _heads_and_position(
         self, conn: AsyncConnection, stream_ids: Sequence[str]
     ) -> tuple[dict[str, StreamHead], int]:
