@@ -53,16 +53,48 @@ def event_hash(
     command_id: str | None,
     recorded_at: datetime,
 ) -> str:
-    content = canonical_json(
+    return chain_hash(
+        prev_hash=prev_hash,
+        stream_id=stream_id,
+        version=version,
+        event_id=event_id,
+        event_type=event_type,
+        schema_version=schema_version,
+        data_json=canonical_json(data),
+        metadata_json=canonical_json(metadata),
+        actor_id=actor_id,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        command_id=command_id,
+        recorded_at=recorded_at,
+    )
+
+
+def chain_hash(
+    *,
+    prev_hash: str,
+    stream_id: str,
+    version: int,
+    event_id: str,
+    event_type: str,
+    schema_version: int,
+    data_json: str,
+    metadata_json: str,
+    actor_id: str | None,
+    correlation_id: str | None,
+    causation_id: str | None,
+    command_id: str | None,
+    recorded_at: datetime,
+) -> str:
+    """:func:`event_hash` from data and metadata already in canonical JSON.
+
+    The hashed text is the canonical JSON array of the fields; a JSON array is its
+    items' JSON joined by commas, so the canonical text of data and metadata is
+    spliced in instead of being encoded again (the append path has it already).
+    """
+    head = _dumps([prev_hash, stream_id, version, event_id, event_type, schema_version])
+    tail = _dumps(
         [
-            prev_hash,
-            stream_id,
-            version,
-            event_id,
-            event_type,
-            schema_version,
-            data,
-            metadata,
             actor_id,
             correlation_id,
             causation_id,
@@ -70,4 +102,10 @@ def event_hash(
             recorded_at.isoformat(timespec="microseconds"),
         ]
     )
+    content = f"{head[:-1]},{data_json},{metadata_json},{tail[1:]}"
     return hashlib.sha256(content.encode()).hexdigest()
+
+
+def _dumps(items: list[Any]) -> str:
+    # Scalars only: nothing to normalise, and no float can occur in these fields.
+    return json.dumps(items, separators=(",", ":"), ensure_ascii=False)

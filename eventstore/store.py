@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import and_, bindparam, delete, func, null, select, union_all
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from eventstore.dialects import Dialect, dialect_for
@@ -27,7 +27,7 @@ from eventstore.errors import (
     UnknownCategory,
     WrongExpectedVersion,
 )
-from eventstore.hashing import GENESIS, canonical_json, event_hash
+from eventstore.hashing import GENESIS, canonical_json, chain_hash
 from eventstore.records import (
     ANY,
     NO_STREAM,
@@ -65,28 +65,6 @@ _EVENT_COLUMNS: Final = (
 )
 
 
-def _heads_and_position_statement() -> Any:
-    # One round trip under the append lock: each stream's last event, plus a row
-    # (stream_id NULL) carrying the log's highest position. Built once: constructing
-    # SQL expressions per append cost a third of its time (profiled).
-    last = (
-        select(events.c.stream_id, func.max(events.c.version).label("version"))
-        .where(events.c.stream_id.in_(bindparam("ids", expanding=True)))
-        .group_by(events.c.stream_id)
-        .subquery()
-    )
-    heads = select(events.c.stream_id, events.c.version, events.c.hash).join(
-        last, and_(events.c.stream_id == last.c.stream_id, events.c.version == last.c.version)
-    )
-    top = select(
-        null().label("stream_id"),
-        func.coalesce(func.max(events.c.position), 0).label("version"),
-        null().label("hash"),
-    )
-    return union_all(top, heads)
-
-
-_HEADS_AND_POSITION: Final = _heads_and_position_statement()
 _READ_STREAM_FORWARD: Final = (
     select(*_EVENT_COLUMNS)
     .where(
@@ -352,13 +330,13 @@ class EventStore:
         with translate_errors(self.dialect.database_label):
             await self.dialect.lock_appends(conn)
             stream_ids = list(dict.fromkeys([*(p.stream_id for p in pending), *expected]))
-            heads, position = await self._heads_and_position(conn, stream_ids)
+            heads, position = await self.dialect.heads_and_position(conn, stream_ids)
             for stream_id, version in expected.items():
                 _check_expected(
                     stream_id, version, heads.get(stream_id, StreamHead(0, None)).version
                 )
             now = self.now()
-            rows: list[dict[str, Any]] = []
+            rows: list[tuple[Any, ...]] = []
             results: list[AppendResult] = []
             for p in pending:
                 head = heads.get(p.stream_id, StreamHead(0, None))
@@ -367,20 +345,18 @@ class EventStore:
                 ctx = p.context
                 stamp = p.recorded_at or now
                 first_position = position + 1
-                for offset, (ev, _data, _meta) in enumerate(p.events, start=1):
+                for offset, (ev, data, meta) in enumerate(p.events, start=1):
                     version = head.version + offset
                     position += 1
-                    data = dict(ev.data)
-                    meta = dict(ev.metadata)
-                    prev = event_hash(
+                    prev = chain_hash(
                         prev_hash=prev,
                         stream_id=p.stream_id,
                         version=version,
                         event_id=str(ev.event_id),
                         event_type=ev.event_type,
                         schema_version=ev.schema_version,
-                        data=data,
-                        metadata=meta,
+                        data_json=data,
+                        metadata_json=meta,
                         actor_id=ctx.actor_id,
                         correlation_id=ctx.correlation_id,
                         causation_id=ctx.causation_id,
@@ -388,23 +364,23 @@ class EventStore:
                         recorded_at=stamp,
                     )
                     rows.append(
-                        {
-                            "position": position,
-                            "event_id": ev.event_id,
-                            "stream_id": p.stream_id,
-                            "stream_category": p.category,
-                            "version": version,
-                            "event_type": ev.event_type,
-                            "schema_version": ev.schema_version,
-                            "data": data,
-                            "metadata": meta,
-                            "actor_id": ctx.actor_id,
-                            "correlation_id": ctx.correlation_id,
-                            "causation_id": ctx.causation_id,
-                            "command_id": ctx.command_id,
-                            "recorded_at": stamp,
-                            "hash": prev,
-                        }
+                        (
+                            position,
+                            ev.event_id,
+                            p.stream_id,
+                            p.category,
+                            version,
+                            ev.event_type,
+                            ev.schema_version,
+                            data,
+                            meta,
+                            ctx.actor_id,
+                            ctx.correlation_id,
+                            ctx.causation_id,
+                            ctx.command_id,
+                            stamp,
+                            prev,
+                        )
                     )
                 heads[p.stream_id] = StreamHead(head.version + len(p.events), prev)
                 results.append(
@@ -462,18 +438,6 @@ class EventStore:
                 select(func.max(events.c.version)).where(events.c.stream_id == stream_id)
             )
         return int(value or 0)
-
-    async def _heads_and_position(
-        self, conn: AsyncConnection, stream_ids: Sequence[str]
-    ) -> tuple[dict[str, StreamHead], int]:
-        found: dict[str, StreamHead] = {}
-        position = 0
-        for row in await conn.execute(_HEADS_AND_POSITION, {"ids": list(stream_ids)}):
-            if row.stream_id is None:
-                position = int(row.version)
-            else:
-                found[row.stream_id] = StreamHead(row.version, row.hash)
-        return found, position
 
     async def head_position(self, conn: AsyncConnection) -> int:
         """The highest position in the log (0 when empty)."""

@@ -1,0 +1,180 @@
+"""The inline SQLite driver: sqlite3 on the event loop, leaving it only to wait for a lock."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eventstore import AppendTimeout, EngineOptions, EventStore, NewEvent, create_engine
+from eventstore.hashing import canonical_json, chain_hash, event_hash
+from eventstore.integrity import verify
+
+pytestmark = pytest.mark.sqlite
+
+
+def ev(n: int = 0) -> NewEvent:
+    return NewEvent("Happened", {"n": n})
+
+
+@pytest.fixture
+def db_path(sqlite_template, tmp_path):
+    path = tmp_path / "driver.db"
+    path.write_bytes(sqlite_template.read_bytes())
+    return path
+
+
+async def _ticks_while(work: asyncio.Future | asyncio.Task) -> int:
+    """How often a 10 ms ticker ran while ``work`` was pending: 0 means a blocked loop."""
+    ticks = 0
+    while not work.done():
+        await asyncio.sleep(0.01)
+        ticks += 1
+    return ticks
+
+
+async def test_writers_of_one_process_queue_for_the_lock_without_blocking_the_loop(db_path):
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(_uow: object) -> None:
+        holding.set()
+        await release.wait()
+
+    try:
+        slow = EventStore(store.engine)
+        slow.before_commit = hold
+        first = asyncio.create_task(slow.append("user-a", "user", [ev(1)]))
+        await asyncio.wait_for(holding.wait(), 5)
+        second = asyncio.create_task(store.append("user-b", "user", [ev(2)]))
+        await asyncio.sleep(0.1)
+        assert not second.done()  # waiting for the first writer...
+        asyncio.get_running_loop().call_later(0.2, release.set)
+        assert await _ticks_while(second) >= 5  # ...while the loop kept running
+        done, after = await first, await second
+        assert after.first_position == done.last_position + 1
+    finally:
+        release.set()
+        await store.engine.dispose()
+
+
+async def test_a_writer_of_this_process_holding_the_lock_past_the_busy_timeout_times_out(
+    db_path,
+):
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}", EngineOptions(busy_timeout=0.2))
+    stuck, other = EventStore(engine), EventStore(engine)
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hang(_uow: object) -> None:
+        holding.set()
+        await release.wait()
+
+    stuck.before_commit = hang
+    try:
+        first = asyncio.create_task(stuck.append("user-a", "user", [ev(1)]))
+        await asyncio.wait_for(holding.wait(), 5)
+        with pytest.raises(AppendTimeout, match=r"driver\.db"):
+            await other.append("user-b", "user", [ev(2)])
+        release.set()
+        await first
+        assert (await other.append("user-b", "user", [ev(2)])).first_position == 2
+    finally:
+        release.set()
+        await engine.dispose()
+
+
+async def test_a_lock_held_by_another_connection_is_waited_for_off_the_loop(db_path):
+    """Another process (here: a plain sqlite3 connection on a thread) holds the write lock:
+    the append waits on a worker thread, the loop keeps running, and it then succeeds."""
+    locked, done = threading.Event(), threading.Event()
+
+    def other_process() -> None:
+        db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        db.execute("BEGIN IMMEDIATE")
+        locked.set()
+        time.sleep(0.3)
+        db.execute("COMMIT")
+        db.close()
+        done.set()
+
+    holder = threading.Thread(target=other_process)
+    holder.start()
+    locked.wait(5)
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}", EngineOptions(busy_timeout=5))
+    try:
+        append = asyncio.create_task(EventStore(engine).append("user-1", "user", [ev()]))
+        assert await _ticks_while(append) >= 10
+        assert done.is_set()
+        assert (await append).first_position == 1
+    finally:
+        holder.join()
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+async def test_appends_read_back_and_verify_with_inline_and_offloaded_commits(db_path, synchronous):
+    engine = create_engine(
+        f"sqlite+aiosqlite:///{db_path}", EngineOptions(sqlite_synchronous=synchronous)
+    )
+    store = EventStore(engine)
+    try:
+        for n in range(5):
+            await store.append(f"user-{n % 2}", "user", [ev(n), ev(n + 10)])
+        async with engine.connect() as conn:
+            events = await store.read_all(conn)
+            report = await verify(conn)
+        assert [e.position for e in events] == list(range(1, 11))
+        assert all(e.recorded_at.tzinfo is not None for e in events)
+        assert isinstance(events[0].event_id, uuid.UUID)
+        assert report.ok, report
+    finally:
+        await engine.dispose()
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(
+    data=st.dictionaries(st.text(), json_values, max_size=4),
+    metadata=st.dictionaries(st.text(), json_values, max_size=2),
+    actor=st.none() | st.text(),
+)
+def test_the_spliced_chain_hash_equals_the_hash_of_the_whole_canonical_record(
+    data, metadata, actor
+):
+    fields = {
+        "prev_hash": "0" * 64,
+        "stream_id": "user-é",
+        "version": 3,
+        "event_id": str(uuid.UUID(int=7)),
+        "event_type": "Happened",
+        "schema_version": 2,
+        "actor_id": actor,
+        "correlation_id": None,
+        "causation_id": "c",
+        "command_id": None,
+        "recorded_at": datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+    }
+    record = [*list(fields.values())[:6], data, metadata, *list(fields.values())[6:-1]]
+    record.append(fields["recorded_at"].isoformat(timespec="microseconds"))
+    whole = hashlib.sha256(canonical_json(record).encode()).hexdigest()  # the definition
+    spliced = chain_hash(
+        data_json=canonical_json(data), metadata_json=canonical_json(metadata), **fields
+    )
+    assert spliced == whole == event_hash(data=data, metadata=metadata, **fields)
