@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from eventstore.schema import projection_checkpoints as cp
@@ -92,11 +92,22 @@ async def advance(
     if not names:
         return 0
     result = await conn.execute(
-        update(cp)
-        .where(cp.c.name.in_(names), cp.c.active.is_(True), cp.c.position == expected)
-        .values(position=position, updated_at=_now())
+        _ADVANCE,
+        {"names": names, "expected": expected, "new_position": position, "updated_at": _now()},
     )
     return int(result.rowcount)
+
+
+# Every command runs it: built once (see projections.projector.statement).
+_ADVANCE = (
+    update(cp)
+    .where(
+        cp.c.name.in_(bindparam("names", expanding=True)),
+        cp.c.active.is_(True),
+        cp.c.position == bindparam("expected"),
+    )
+    .values(position=bindparam("new_position"))
+)
 
 
 async def move(

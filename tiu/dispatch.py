@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -46,6 +46,23 @@ from projections.errors import InlineProjectionBehind
 from projections.projector import Envelope
 from projections.runner import InlineRunner, Worker
 from tiu.errors import DuplicateRejectedCommand
+
+# Statements of every command, built once (building them per command was a third of a
+# command's time, profiled); executed with parameters, they hit the compiled cache.
+_SNAPSHOT = select(snapshots.c.state, snapshots.c.version).where(
+    snapshots.c.stream_id == bindparam("stream_id"),
+    snapshots.c.decider == bindparam("decider"),
+    snapshots.c.decider_version == bindparam("decider_version"),
+)
+_PROCESSED = select(processed_commands).where(
+    processed_commands.c.command_id == bindparam("command_id")
+)
+_REMEMBER = {
+    # DO NOTHING keeps the transaction usable; a concurrent duplicate then loses on its
+    # events' versions and, retried, finds this row.
+    "postgresql": pg_insert(processed_commands).on_conflict_do_nothing(),
+    "sqlite": sqlite_insert(processed_commands).on_conflict_do_nothing(),
+}
 
 log = logging.getLogger("tiu.dispatch")
 T = TypeVar("T")
@@ -437,15 +454,12 @@ class Dispatcher:
         state = decider.initial_state()
         version = 0
         if self.snapshot_every:
-            row = (
-                await conn.execute(
-                    select(snapshots.c.state, snapshots.c.version).where(
-                        snapshots.c.stream_id == stream_id,
-                        snapshots.c.decider == decider.name,
-                        snapshots.c.decider_version == decider.version,
-                    )
-                )
-            ).first()
+            params = {
+                "stream_id": stream_id,
+                "decider": decider.name,
+                "decider_version": decider.version,
+            }
+            row = (await conn.execute(_SNAPSHOT, params)).first()
             if row is not None and isinstance(state, BaseModel):
                 state = type(state).model_validate(row.state)
                 version = row.version
@@ -485,11 +499,7 @@ class Dispatcher:
     # -- idempotency --------------------------------------------------------------------
 
     async def processed(self, conn: AsyncConnection, command_id: str) -> CommandResult | None:
-        row = (
-            await conn.execute(
-                select(processed_commands).where(processed_commands.c.command_id == command_id)
-            )
-        ).first()
+        row = (await conn.execute(_PROCESSED, {"command_id": command_id})).first()
         if row is None:
             return None
         outcome = row.outcome
@@ -529,19 +539,15 @@ class Dispatcher:
         outcome: dict[str, Any],
         now: datetime,
     ) -> None:
-        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-        # DO NOTHING keeps the transaction usable; a concurrent duplicate then loses on
-        # its events' versions and, retried, finds this row.
         await conn.execute(
-            insert(processed_commands)
-            .values(
-                command_id=command.command_id,
-                command_type=type(command).__name__,
-                stream_id=stream_id,
-                outcome=outcome,
-                recorded_at=now,
-            )
-            .on_conflict_do_nothing()
+            _REMEMBER[conn.dialect.name],
+            {
+                "command_id": command.command_id,
+                "command_type": type(command).__name__,
+                "stream_id": stream_id,
+                "outcome": outcome,
+                "recorded_at": now,
+            },
         )
 
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from sqlalchemy import Column, Integer, String, Table, insert, update
+from sqlalchemy import Column, Integer, String, Table, bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import projects, tasks
 from domain.tasks import TaskStatus
 from eventstore.types import UTCDateTime
 from projections.batching import BatchedProjector, KeyedRows, field
-from projections.projector import Envelope, Tables, metadata
+from projections.projector import Envelope, Tables, metadata, statement
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
 project_stats = Table(
@@ -51,29 +51,25 @@ class ProjectStatsProjector(BatchedProjector):
         table = t["project_stats"]
         at = occurred_at(envelope)
         event = envelope.event
-        changes: dict[str, Any]
+        changes: tuple[tuple[str, int], ...]
         match event:
             case projects.ProjectCreated():
                 zeros = {status.value: 0 for status in TaskStatus}
                 await conn.execute(
-                    insert(table).values(
-                        project_id=event.project_id, total=0, updated_at=at, **zeros
-                    )
+                    statement(table, "insert", insert),
+                    {"project_id": event.project_id, "total": 0, "updated_at": at, **zeros},
                 )
                 return
             case tasks.TaskCreated():
-                todo = TaskStatus.TODO.value
-                changes = {"total": table.c.total + 1, todo: table.c[todo] + 1}
+                changes = (("total", 1), (TaskStatus.TODO.value, 1))
             case tasks.TaskStatusChanged():
                 old, new = event.from_status.value, event.to_status.value
-                changes = {old: table.c[old] - 1, new: table.c[new] + 1}
+                # As a dict: when old == new, the increment wins (as in fold).
+                changes = tuple({old: -1, new: 1}.items())
             case _:
                 return
-        await conn.execute(
-            update(table)
-            .where(table.c.project_id == event.project_id)
-            .values(updated_at=at, **changes)
-        )
+        query = statement(table, changes, lambda table: _count_statement(table, changes))
+        await conn.execute(query, {"key_project_id": event.project_id, "updated_at": at})
 
     async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
         rows = KeyedRows(t["project_stats"], load=_COUNTS)
@@ -107,3 +103,10 @@ class ProjectStatsProjector(BatchedProjector):
                         changes = {old: row[old] - 1, new: row[new] + 1}
                         rows.update(event.project_id, updated_at=at, **changes)
         await rows.flush(conn)
+
+
+def _count_statement(table: Table, changes: tuple[tuple[str, int], ...]) -> Any:
+    """``UPDATE project_stats SET count = count + delta, ...`` for one project
+    (``updated_at`` is set from the parameter of that name)."""
+    values: dict[str, Any] = {name: table.c[name] + delta for name, delta in changes}
+    return update(table).where(table.c.project_id == bindparam("key_project_id")).values(values)

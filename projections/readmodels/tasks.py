@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Column, Index, SmallInteger, String, Table, Text, insert, update
+from sqlalchemy import Column, Index, SmallInteger, String, Table, Text, bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import tasks
 from domain.tasks import Priority, TaskStatus
 from eventstore.types import UTCDateTime
 from projections.batching import BatchedProjector, KeyedRows, field
-from projections.projector import Envelope, Tables, metadata
+from projections.projector import Envelope, Tables, metadata, statement
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
 tasks_table = Table(
@@ -65,21 +65,22 @@ class TasksProjector(BatchedProjector):
         match event:
             case tasks.TaskCreated():
                 await conn.execute(
-                    insert(t["tasks"]).values(
-                        task_id=event.task_id,
-                        project_id=event.project_id,
-                        title=event.title,
-                        description=event.description,
-                        status=str(TaskStatus.TODO),
-                        priority=str(event.priority),
-                        priority_rank=event.priority.rank,
-                        due_at=event.due_date,
-                        assignee_id=event.assignee_id,
-                        created_by=event.created_by,
-                        created_at=at,
-                        updated_at=at,
-                        completed_at=None,
-                    )
+                    statement(t["tasks"], "insert", insert),
+                    {
+                        "task_id": event.task_id,
+                        "project_id": event.project_id,
+                        "title": event.title,
+                        "description": event.description,
+                        "status": str(TaskStatus.TODO),
+                        "priority": str(event.priority),
+                        "priority_rank": event.priority.rank,
+                        "due_at": event.due_date,
+                        "assignee_id": event.assignee_id,
+                        "created_by": event.created_by,
+                        "created_at": at,
+                        "updated_at": at,
+                        "completed_at": None,
+                    },
                 )
             case tasks.TaskEdited():
                 await _update(
@@ -165,7 +166,10 @@ _RANK = {priority: priority.rank for priority in Priority}
 async def _update(
     conn: AsyncConnection, t: Tables, task_id: str, at: datetime, **values: Any
 ) -> None:
-    table = t["tasks"]
-    await conn.execute(
-        update(table).where(table.c.task_id == task_id).values(updated_at=at, **values)
-    )
+    query = statement(t["tasks"], "update", _update_statement)
+    await conn.execute(query, {"key_task_id": task_id, "updated_at": at, **values})
+
+
+def _update_statement(table: Table) -> Any:
+    # Every column but the key may be set; the parameters given decide which are.
+    return update(table).where(table.c.task_id == bindparam("key_task_id"))

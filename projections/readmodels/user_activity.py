@@ -14,14 +14,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Column, Index, Integer, String, Table, insert, update
+from sqlalchemy import Column, Index, Integer, String, Table, bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import sessions, tasks, users
 from domain.tasks import TaskStatus
 from eventstore.types import UTCDateTime
 from projections.batching import BatchedProjector, KeyedRows
-from projections.projector import Envelope, Tables, metadata
+from projections.projector import Envelope, Tables, metadata, statement
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
 user_activity = Table(
@@ -64,11 +64,8 @@ class UserActivityProjector(BatchedProjector):
         match event:
             case users.UserRegistered():
                 await conn.execute(
-                    insert(t["user_activity"]).values(
-                        user_id=event.user_id,
-                        last_active_at=at,
-                        **dict.fromkeys(_COUNTERS, 0),
-                    )
+                    statement(t["user_activity"], "insert", insert),
+                    {"user_id": event.user_id, "last_active_at": at, **dict.fromkeys(_COUNTERS, 0)},
                 )
             case users.LoginSucceeded():
                 await _record(conn, t, event.user_id, at, "logins")
@@ -140,8 +137,14 @@ async def _record(
     conn: AsyncConnection, t: Tables, user_id: str, active_at: datetime | None, *counters: str
 ) -> None:
     """Add one to each of ``counters`` and, when ``active_at`` is given, mark activity."""
-    table = t["user_activity"]
-    values: dict[str, Any] = {name: table.c[name] + 1 for name in counters}
+    query = statement(t["user_activity"], counters, lambda table: _count_statement(table, counters))
+    params: dict[str, Any] = {"key_user_id": user_id}
     if active_at is not None:
-        values["last_active_at"] = active_at
-    await conn.execute(update(table).where(table.c.user_id == user_id).values(**values))
+        params["last_active_at"] = active_at
+    await conn.execute(query, params)
+
+
+def _count_statement(table: Table, counters: tuple[str, ...]) -> Any:
+    """Add one to each counter; ``last_active_at`` is set when given as a parameter."""
+    values: dict[str, Any] = {name: table.c[name] + 1 for name in counters}
+    return update(table).where(table.c.user_id == bindparam("key_user_id")).values(**values)
