@@ -1,9 +1,12 @@
 """What differs between SQLite and PostgreSQL: serialising appends, claims, wake-ups.
 
-PostgreSQL: a transaction-scoped advisory lock, taken in a statement of its own
-just before the insert, serialises appends so positions follow commit order
-(ORDERING.md). Readers in other processes are woken by NOTIFY, sent by a
-throttled background task after commit, never inside the append transaction.
+PostgreSQL: a transaction-scoped advisory lock, taken just before the insert,
+serialises appends so positions follow commit order (ORDERING.md). The lock and the
+read of the stream heads are one call of ``tiu_lock_and_heads`` (migration 0005):
+the heads are read by a later statement of that function, with a snapshot taken
+after the lock was granted, as ORDERING.md requires. Readers in other processes
+are woken by NOTIFY, sent by a throttled background task after commit, never
+inside the append transaction.
 
 SQLite: ``BEGIN IMMEDIATE`` already holds the database's single write lock for
 the whole transaction, so nothing more is needed. Commits of this process wake
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -27,7 +32,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from eventstore.errors import KeyAlreadyClaimed
-from eventstore.records import StreamHead
+from eventstore.records import RecordedEvent, StreamHead
 from eventstore.schema import unique_keys
 from eventstore.translate import translate_errors
 
@@ -63,6 +68,41 @@ EVENT_ROW_COLUMNS: Final = (
     "hash",
 )
 _COLUMN_LIST: Final = ", ".join(EVENT_ROW_COLUMNS)
+_loads = json.loads
+
+
+def _document(value: Any) -> Any:
+    # SQLAlchemy's asyncpg adapter installs a JSONB codec on its connections, which
+    # already decodes with the engine's deserializer; be ready for text too.
+    return _loads(value) if isinstance(value, str) else value
+
+
+def _read_all_sql(postgres: bool, until: bool, categories: int | None, types: int | None) -> str:
+    """``SELECT <columns> FROM events WHERE ... ORDER BY position LIMIT ..`` with the
+    parameters in this order: after, [until], [categories...], [types...], limit."""
+    taken = 0
+
+    def param() -> str:
+        nonlocal taken
+        taken += 1
+        return f"${taken}" if postgres else "?"
+
+    def any_of(count: int) -> str:
+        if postgres:  # one array parameter
+            return f"= ANY({param()}::text[])"
+        return f"IN ({', '.join(param() for _ in range(count))})"
+
+    where = [f"position > {param()}"]
+    if until:
+        where.append(f"position <= {param()}")
+    if categories is not None:
+        where.append(f"stream_category {any_of(categories)}")
+    if types is not None:
+        where.append(f"event_type {any_of(types)}")
+    return (
+        f"SELECT {_COLUMN_LIST} FROM events WHERE {' AND '.join(where)} "  # noqa: S608
+        f"ORDER BY position LIMIT {param()}"
+    )
 
 
 async def _raw(conn: AsyncConnection) -> Any:
@@ -81,22 +121,43 @@ class Dialect:
 
     # -- the append path ---------------------------------------------------------------------
     #
-    # The three statements under the append lock run on the driver connection of the
+    # The statements under the append lock run on the driver connection of the
     # SQLAlchemy transaction, with SQL prepared once: SQLAlchemy's per-execution work
     # (~90 us a statement, profiled) was most of an append. Driver errors are wrapped
     # back into SQLAlchemy's exceptions, so translate_errors sees what it always saw.
 
-    async def lock_appends(self, conn: AsyncConnection) -> None:
-        """Serialise appends until this transaction ends."""
-
     async def heads_and_position(
         self, conn: AsyncConnection, stream_ids: Sequence[str]
     ) -> tuple[dict[str, StreamHead], int]:
-        """Each stream's last version and hash, and the log's highest position."""
+        """Each stream's last version and hash, and the log's highest position, read
+        under the append lock, which this transaction then holds until it ends."""
         raise NotImplementedError
 
     async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
         """Insert rows given in :data:`EVENT_ROW_COLUMNS` order (JSON as canonical text)."""
+        raise NotImplementedError
+
+    async def read_events(
+        self,
+        conn: AsyncConnection,
+        *,
+        after_position: int,
+        limit: int,
+        until_position: int | None = None,
+        categories: Sequence[str] | None = None,
+        types: Sequence[str] | None = None,
+    ) -> list[RecordedEvent]:
+        """The log after ``after_position`` in position order (``EventStore.read_all``).
+
+        On the driver, like the append: SQLAlchemy's per-row result processing was
+        half of reading a page (profiled in replays).
+        """
+        raise NotImplementedError
+
+    async def read_stream_events(
+        self, conn: AsyncConnection, stream_id: str, from_version: int
+    ) -> list[RecordedEvent]:
+        """One stream from ``from_version`` on, in version order."""
         raise NotImplementedError
 
     @contextlib.contextmanager
@@ -202,6 +263,12 @@ _SQLITE_INSERT: Final = (
 )
 
 
+_SQLITE_READ_STREAM: Final = (
+    f"SELECT {_COLUMN_LIST} FROM events "  # noqa: S608  # constant column names
+    "WHERE stream_id = ? AND version >= ? ORDER BY version"
+)
+
+
 def _sqlite_timestamp(value: datetime) -> str:
     # What SQLAlchemy's DateTime stores on SQLite (tiu's UTCDateTime: UTC, naive text).
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
@@ -230,6 +297,60 @@ class SQLiteDialect(Dialect):
             position = db.execute(_SQLITE_POSITION).fetchone()[0]
         return heads, int(position)
 
+    async def read_events(
+        self,
+        conn: AsyncConnection,
+        *,
+        after_position: int,
+        limit: int,
+        until_position: int | None = None,
+        categories: Sequence[str] | None = None,
+        types: Sequence[str] | None = None,
+    ) -> list[RecordedEvent]:
+        sql = _read_all_sql(
+            False,
+            until_position is not None,
+            None if categories is None else len(categories),
+            None if types is None else len(types),
+        )
+        params: list[Any] = [after_position]
+        if until_position is not None:
+            params.append(until_position)
+        params.extend(categories or ())
+        params.extend(types or ())
+        params.append(limit)
+        return await self._select(conn, sql, params)
+
+    async def read_stream_events(
+        self, conn: AsyncConnection, stream_id: str, from_version: int
+    ) -> list[RecordedEvent]:
+        return await self._select(conn, _SQLITE_READ_STREAM, (stream_id, from_version))
+
+    async def _select(self, conn: AsyncConnection, sql: str, params: Any) -> list[RecordedEvent]:
+        raw = await _raw(conn)
+        with self.driver_errors(raw, sql):
+            rows = raw.driver_connection.execute(sql, params).fetchall()
+        return [
+            RecordedEvent(
+                r[0],
+                uuid.UUID(hex=r[1]),
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                _loads(r[7]),
+                _loads(r[8]),
+                r[9],
+                r[10],
+                r[11],
+                r[12],
+                datetime.fromisoformat(r[13]).replace(tzinfo=UTC),
+                r[14],
+            )
+            for r in rows
+        ]
+
     async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
         raw = await _raw(conn)
         values = [(*r[:1], r[1].hex, *r[2:13], _sqlite_timestamp(r[13]), r[14]) for r in rows]
@@ -237,20 +358,11 @@ class SQLiteDialect(Dialect):
             raw.driver_connection.executemany(_SQLITE_INSERT, values)
 
 
-_PG_LOCK: Final = (
-    f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_CLASS}, 'events'::regclass::oid::int)"
+_PG_LOCK_AND_HEADS: Final = "SELECT * FROM tiu_lock_and_heads($1::text[])"
+_PG_READ_STREAM: Final = (
+    f"SELECT {_COLUMN_LIST} FROM events "  # noqa: S608  # constant column names
+    "WHERE stream_id = $1 AND version >= $2 ORDER BY version"
 )
-# One round trip: the last event of each stream (a backward index seek per stream),
-# and a row with a NULL stream carrying the log's highest position.
-_PG_HEADS: Final = """
-SELECT s.id, h.version::bigint, h.hash
-FROM unnest($1::text[]) AS s(id)
-CROSS JOIN LATERAL (
-    SELECT version, hash FROM events WHERE stream_id = s.id ORDER BY version DESC LIMIT 1
-) AS h
-UNION ALL
-SELECT NULL, coalesce(max(position), 0), NULL FROM events
-"""
 _PG_INSERT: Final = (
     f"INSERT INTO events ({_COLUMN_LIST}) VALUES "  # noqa: S608  # constant column names
     f"({', '.join(f'${i}' for i in range(1, len(EVENT_ROW_COLUMNS) + 1))})"
@@ -262,7 +374,7 @@ class PostgresDialect(Dialect):
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
-        self._lock_sql = text(_PG_LOCK)
+        self._lock_and_heads = text("SELECT * FROM tiu_lock_and_heads(:ids)")
         self._channel: str | None = None
         self._notify_task: asyncio.Task[None] | None = None
         self._notify_pending = 0
@@ -272,20 +384,19 @@ class PostgresDialect(Dialect):
     def _insert_keys(self) -> Any:
         return pg_insert(unique_keys).on_conflict_do_nothing()
 
-    async def lock_appends(self, conn: AsyncConnection) -> None:
-        # Its own statement: a statement's snapshot predates a lock taken inside it,
-        # so max(position) read in the same statement could be stale. Through
-        # SQLAlchemy: its asyncpg adapter sends BEGIN lazily, with the first statement.
-        await conn.execute(self._lock_sql)
-
     async def heads_and_position(
         self, conn: AsyncConnection, stream_ids: Sequence[str]
     ) -> tuple[dict[str, StreamHead], int]:
+        # tiu_lock_and_heads (migration 0005): the append lock, then the heads and the
+        # highest position read with a snapshot taken after it, in one round trip.
         raw = await _raw(conn)
-        if not raw.driver_connection.is_in_transaction():  # the lock would have ended
-            raise RuntimeError("stream heads must be read in the append transaction")
-        with self.driver_errors(raw, _PG_HEADS):
-            rows = await raw.driver_connection.fetch(_PG_HEADS, list(stream_ids))
+        ids = list(stream_ids)
+        if raw.driver_connection.is_in_transaction():
+            with self.driver_errors(raw, _PG_LOCK_AND_HEADS):
+                rows = await raw.driver_connection.fetch(_PG_LOCK_AND_HEADS, ids)
+        else:  # SQLAlchemy's asyncpg adapter sends BEGIN lazily, with its first statement
+            result = await conn.execute(self._lock_and_heads, {"ids": ids})
+            rows = [tuple(row) for row in result]
         heads: dict[str, StreamHead] = {}
         position = 0
         for stream_id, version, digest in rows:
@@ -294,6 +405,62 @@ class PostgresDialect(Dialect):
             else:
                 heads[stream_id] = StreamHead(int(version), digest)
         return heads, position
+
+    async def read_events(
+        self,
+        conn: AsyncConnection,
+        *,
+        after_position: int,
+        limit: int,
+        until_position: int | None = None,
+        categories: Sequence[str] | None = None,
+        types: Sequence[str] | None = None,
+    ) -> list[RecordedEvent]:
+        sql = _read_all_sql(
+            True,
+            until_position is not None,
+            None if categories is None else len(categories),
+            None if types is None else len(types),
+        )
+        params: list[Any] = [after_position]
+        if until_position is not None:
+            params.append(until_position)
+        if categories is not None:
+            params.append(list(categories))
+        if types is not None:
+            params.append(list(types))
+        params.append(limit)
+        return await self._select(conn, sql, params)
+
+    async def read_stream_events(
+        self, conn: AsyncConnection, stream_id: str, from_version: int
+    ) -> list[RecordedEvent]:
+        return await self._select(conn, _PG_READ_STREAM, (stream_id, from_version))
+
+    async def _select(self, conn: AsyncConnection, sql: str, params: Any) -> list[RecordedEvent]:
+        raw = await _raw(conn)
+        with self.driver_errors(raw, sql):
+            rows = await raw.driver_connection.fetch(sql, *params)
+        return [
+            RecordedEvent(
+                r[0],
+                uuid.UUID(bytes=r[1].bytes),
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                _document(r[7]),
+                _document(r[8]),
+                r[9],
+                r[10],
+                r[11],
+                r[12],
+                r[13].astimezone(UTC),
+                r[14],
+            )
+            for r in rows
+        ]
 
     async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
         raw = await _raw(conn)

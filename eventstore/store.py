@@ -7,13 +7,14 @@ appends are serialised, how readers are woken) lives in :mod:`eventstore.dialect
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from eventstore.dialects import Dialect, dialect_for
@@ -62,16 +63,6 @@ _EVENT_COLUMNS: Final = (
     events.c.command_id,
     events.c.recorded_at,
     events.c.hash,
-)
-
-
-_READ_STREAM_FORWARD: Final = (
-    select(*_EVENT_COLUMNS)
-    .where(
-        events.c.stream_id == bindparam("stream_id"),
-        events.c.version >= bindparam("from_version"),
-    )
-    .order_by(events.c.version)
 )
 
 
@@ -215,6 +206,8 @@ class EventStore:
         categories: Iterable[str] | None = None,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         clock: Callable[[], datetime] | None = None,
+        group_appends: bool = True,
+        max_group: int = 64,
     ) -> None:
         self.engine = engine
         self.categories = frozenset(categories) if categories is not None else None
@@ -223,6 +216,7 @@ class EventStore:
         self.dialect: Dialect = dialect_for(engine)
         #: Test seam: awaited after the append statements and before COMMIT.
         self.before_commit: BeforeCommitHook | None = None
+        self._group = _AppendGroup(self, max_group) if group_appends else None
 
     def now(self) -> datetime:
         return self._clock()
@@ -269,10 +263,33 @@ class EventStore:
         *,
         context: EventContext | None = None,
     ) -> AppendResult:
-        """Append to one stream in a transaction of its own."""
+        """Append to one stream, atomically, committed before it returns.
+
+        Concurrent calls on one store share a transaction (group commit, on unless the
+        store was built with ``group_appends=False``): each append is still all or
+        nothing with its own version check, and a grouped transaction that fails is
+        retried append by append, so no caller sees an error caused by another's.
+        """
+        pending = self.validate_append(
+            stream_id, category, new_events, expected_version, context or EventContext()
+        )
+        if self._group is not None:
+            return await self._group.append(pending)
+        return await self._append_alone(pending)
+
+    async def _append_alone(self, pending: _PendingAppend) -> AppendResult:
         async with self.transaction() as uow:
-            uow.append(stream_id, category, new_events, expected_version, context=context)
+            uow._pending.append(pending)
         return uow.results[0]
+
+    async def _append_group(
+        self, pending: list[_PendingAppend]
+    ) -> list[AppendResult | WrongExpectedVersion]:
+        """Several appends in one transaction; one whose version check fails is left out."""
+        async with self.transaction() as uow:
+            outcomes = await self.write_each(uow.conn, pending)
+            uow.results.extend(o for o in outcomes if isinstance(o, AppendResult))
+        return outcomes
 
     def validate_append(
         self,
@@ -326,9 +343,26 @@ class EventStore:
         pending: list[_PendingAppend],
         expected: Mapping[str, int] | None = None,
     ) -> list[AppendResult]:
-        expected = expected or {}
+        """Lock, check every version, allocate positions and insert; all or nothing."""
+        outcomes = await self._write(conn, pending, expected or {}, refuse=False)
+        return [o for o in outcomes if isinstance(o, AppendResult)]
+
+    async def write_each(
+        self, conn: AsyncConnection, pending: list[_PendingAppend]
+    ) -> list[AppendResult | WrongExpectedVersion]:
+        """Like :meth:`write`, but an append whose expected version does not hold is
+        left out and its error returned in its place."""
+        return await self._write(conn, pending, {}, refuse=True)
+
+    async def _write(
+        self,
+        conn: AsyncConnection,
+        pending: list[_PendingAppend],
+        expected: Mapping[str, int],
+        *,
+        refuse: bool,
+    ) -> list[AppendResult | WrongExpectedVersion]:
         with translate_errors(self.dialect.database_label):
-            await self.dialect.lock_appends(conn)
             stream_ids = list(dict.fromkeys([*(p.stream_id for p in pending), *expected]))
             heads, position = await self.dialect.heads_and_position(conn, stream_ids)
             for stream_id, version in expected.items():
@@ -337,10 +371,16 @@ class EventStore:
                 )
             now = self.now()
             rows: list[tuple[Any, ...]] = []
-            results: list[AppendResult] = []
+            results: list[AppendResult | WrongExpectedVersion] = []
             for p in pending:
                 head = heads.get(p.stream_id, StreamHead(0, None))
-                _check_expected(p.stream_id, p.expected, head.version)
+                try:
+                    _check_expected(p.stream_id, p.expected, head.version)
+                except WrongExpectedVersion as error:
+                    if not refuse:
+                        raise
+                    results.append(error)
+                    continue
                 prev = head.hash or GENESIS
                 ctx = p.context
                 stamp = p.recorded_at or now
@@ -415,10 +455,7 @@ class EventStore:
         if to_version is None and not backwards and limit is None:
             # The path every command load takes: a prebuilt statement.
             with translate_errors(self.dialect.database_label):
-                result = await conn.execute(
-                    _READ_STREAM_FORWARD, {"stream_id": stream_id, "from_version": from_version}
-                )
-                return [_to_event(row) for row in result]
+                return await self.dialect.read_stream_events(conn, stream_id, from_version)
         query = select(*_EVENT_COLUMNS).where(
             events.c.stream_id == stream_id, events.c.version >= from_version
         )
@@ -456,17 +493,15 @@ class EventStore:
         until_position: int | None = None,
     ) -> list[RecordedEvent]:
         """Events of the whole log with ``position > after_position``, in position order."""
-        query = select(*_EVENT_COLUMNS).where(events.c.position > after_position)
-        if until_position is not None:
-            query = query.where(events.c.position <= until_position)
-        if categories is not None:
-            query = query.where(events.c.stream_category.in_(list(categories)))
-        if types is not None:
-            query = query.where(events.c.event_type.in_(list(types)))
-        query = query.order_by(events.c.position).limit(limit)
         with translate_errors(self.dialect.database_label):
-            result = await conn.execute(query)
-            return [_to_event(row) for row in result]
+            return await self.dialect.read_events(
+                conn,
+                after_position=after_position,
+                limit=limit,
+                until_position=until_position,
+                categories=None if categories is None else list(categories),
+                types=None if types is None else list(types),
+            )
 
     async def subscribe(
         self,
@@ -532,6 +567,110 @@ class EventStore:
 
     async def aclose(self) -> None:
         await self.dialect.aclose()
+
+
+_Waiting = tuple[_PendingAppend, "asyncio.Future[AppendResult]"]
+
+
+class _AppendGroup:
+    """Group commit for :meth:`EventStore.append`.
+
+    Appends are serialised (ORDERING.md), so one append per transaction caps the rate
+    at one commit per append. A caller that finds no transaction of this store in
+    flight leads one: it lets the loop turn once, so that concurrent callers queue
+    behind it, and writes the queue in transactions of up to ``max_group`` appends
+    until its own is written; whoever is still queued then gets a leader task.
+    """
+
+    def __init__(self, store: EventStore, max_group: int) -> None:
+        self.store = store
+        self.max_group = max_group
+        self._queue: list[tuple[_PendingAppend, asyncio.Future[AppendResult]]] = []
+        self._busy = False
+        self._leader: asyncio.Task[None] | None = None
+
+    async def append(self, pending: _PendingAppend) -> AppendResult:
+        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self._queue.append((pending, future))
+        if self._busy:
+            return await future
+        self._busy = True
+        group: list[_Waiting] = []
+        try:
+            # One turn of the loop lets concurrent callers join this transaction; an
+            # inline SQLite append never waits, so nobody could join it otherwise.
+            await asyncio.sleep(0)
+            while not future.done():
+                group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
+                await self._write(group)
+                group = []
+        finally:
+            if not future.done():  # cancelled: this caller's append is abandoned
+                future.cancel()
+            self._fail(group, ConnectionAbortedError("group commit stopped"))
+            self._queue = [(p, f) for p, f in self._queue if f is not future]
+            self._busy = False
+            if self._queue:
+                self._lead_soon()
+        return future.result()
+
+    def _lead_soon(self) -> None:
+        self._busy = True
+        self._leader = asyncio.get_running_loop().create_task(self._lead())
+        self._leader.add_done_callback(self._abandoned)
+
+    def _abandoned(self, leader: asyncio.Task[None]) -> None:
+        # A leader cancelled before it ran never reaches its own clean-up.
+        if leader is self._leader and leader.cancelled():
+            self._busy = False
+            self._fail(self._queue, ConnectionAbortedError("group commit stopped"))
+            self._queue = []
+
+    async def _lead(self) -> None:
+        group: list[tuple[_PendingAppend, asyncio.Future[AppendResult]]] = []
+        try:
+            while self._queue:
+                group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
+                await self._write(group)
+        finally:
+            self._busy = False
+            self._fail([*group, *self._queue], ConnectionAbortedError("group commit stopped"))
+            self._queue = []
+
+    async def _write(
+        self, group: list[tuple[_PendingAppend, asyncio.Future[AppendResult]]]
+    ) -> None:
+        try:
+            outcomes = await self.store._append_group([p for p, _ in group])
+        except Exception:  # whoever caused it, each append now goes alone
+            await self._write_alone(group)
+            return
+        for (_, future), outcome in zip(group, outcomes, strict=True):
+            if future.done():
+                continue
+            if isinstance(outcome, WrongExpectedVersion):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    async def _write_alone(self, group: list[_Waiting]) -> None:
+        for pending, future in group:
+            try:
+                result = await self.store._append_alone(pending)
+            except Exception as error:  # that caller's own error
+                if not future.done():
+                    future.set_exception(error)
+            else:
+                if not future.done():
+                    future.set_result(result)
+
+    @staticmethod
+    def _fail(
+        waiting: list[tuple[_PendingAppend, asyncio.Future[AppendResult]]], error: Exception
+    ) -> None:
+        for _, future in waiting:
+            if not future.done():
+                future.set_exception(error)
 
 
 def _check_stream_id(stream_id: object, category: str) -> None:

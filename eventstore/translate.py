@@ -22,6 +22,7 @@ _PG_DISCONNECT_PREFIXES: Final = ("08", "57P01", "57P02", "57P03", "53300")
 _PG_LOCK_NOT_AVAILABLE: Final = "55P03"
 _PG_IDLE_TX_TIMEOUT: Final = "25P03"
 _PG_UNDEFINED_TABLE: Final = "42P01"
+_PG_UNDEFINED_FUNCTION: Final = "42883"  # tiu_lock_and_heads before migration 0005
 _PG_RETRYABLE: Final = ("40P01", "40001")  # deadlock detected, serialization failure
 
 
@@ -60,7 +61,7 @@ def translate_errors(database: str | None = None) -> Iterator[None]:
             raise AppendTimeout("lock_timeout expired") from error
         if code in _PG_RETRYABLE:
             raise TransactionConflict(_first_line(text)) from error
-        if code == _PG_UNDEFINED_TABLE or "no such table" in text:
+        if code in (_PG_UNDEFINED_TABLE, _PG_UNDEFINED_FUNCTION) or "no such table" in text:
             raise SchemaNotReady(text.splitlines()[0]) from error
         if error.connection_invalidated or (
             code is not None

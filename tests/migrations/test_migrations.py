@@ -70,3 +70,13 @@ async def test_postgres_upgrade_equals_metadata_and_downgrade_removes_everything
         async with admin.begin() as conn:
             await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         await admin.dispose()
+
+
+def test_the_lock_and_heads_function_takes_the_stores_advisory_lock():
+    """Migration 0005 spells the lock class out in SQL; it must be the store's."""
+    import importlib
+
+    from eventstore.dialects import ADVISORY_LOCK_CLASS
+
+    migration = importlib.import_module("migrations.versions.0005_append_heads_function")
+    assert f"pg_advisory_xact_lock({ADVISORY_LOCK_CLASS}," in migration.LOCK_AND_HEADS

@@ -1,0 +1,102 @@
+"""Group commit at the store: concurrent ``append`` calls share transactions, and no
+caller's append is lost or refused because of another caller's."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from eventstore import NO_STREAM, EventStore, NewEvent, WrongExpectedVersion
+
+
+def ev(n: int = 0, event_id: uuid.UUID | None = None) -> NewEvent:
+    return NewEvent("Happened", {"n": n}, event_id=event_id or uuid.uuid4())
+
+
+def _count_commits(store: EventStore) -> list[int]:
+    """Count transactions; each holds its lock a moment, so that callers overlap (an
+    inline SQLite append never waits, so without it nothing would ever be queued)."""
+    commits: list[int] = []
+
+    async def count(uow: object) -> None:
+        commits.append(1)
+        await asyncio.sleep(0.005)
+
+    store.before_commit = count
+    return commits
+
+
+async def _positions(store: EventStore) -> list[int]:
+    async with store.engine.connect() as conn:
+        return [e.position for e in await store.read_all(conn, 0, 10_000)]
+
+
+async def test_concurrent_appends_share_transactions_and_keep_a_gap_free_order(store):
+    commits = _count_commits(store)
+    results = await asyncio.gather(
+        *(store.append(f"user-{n}", "user", [ev(n), ev(n)], NO_STREAM) for n in range(40))
+    )
+    assert len(commits) < 40  # grouped
+    spans = sorted((r.first_position, r.last_position) for r in results)
+    assert [p for span in spans for p in range(span[0], span[1] + 1)] == list(range(1, 81))
+    assert await _positions(store) == list(range(1, 81))
+    assert all(r.last_version == 2 for r in results)
+
+
+async def test_a_failed_version_check_in_a_group_refuses_only_that_append(store):
+    await store.append("user-taken", "user", [ev()])
+    commits = _count_commits(store)
+    outcomes = await asyncio.gather(
+        *(store.append(f"user-{n}", "user", [ev(n)], NO_STREAM) for n in range(10)),
+        store.append("user-taken", "user", [ev(99)], NO_STREAM),
+        *(store.append(f"user-{n}", "user", [ev(n)], NO_STREAM) for n in range(10, 20)),
+        return_exceptions=True,
+    )
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(refused) == 1
+    assert isinstance(refused[0], WrongExpectedVersion)
+    assert refused[0].stream_id == "user-taken"
+    assert len(commits) < 20
+    assert await _positions(store) == list(range(1, 22))
+
+
+async def test_a_group_that_fails_as_a_whole_is_retried_append_by_append(store):
+    """A duplicate event id fails the group's INSERT: the others still commit, and only
+    the caller who sent the duplicate gets an error."""
+    taken = uuid.uuid4()
+    await store.append("user-first", "user", [ev(event_id=taken)])
+    outcomes = await asyncio.gather(
+        *(store.append(f"user-{n}", "user", [ev(n)]) for n in range(8)),
+        store.append("user-dup", "user", [ev(event_id=taken)]),
+        *(store.append(f"user-{n}", "user", [ev(n)]) for n in range(8, 16)),
+        return_exceptions=True,
+    )
+    failed = [i for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
+    assert failed == [8]
+    assert await _positions(store) == list(range(1, 18))
+
+
+async def test_without_group_appends_each_append_is_a_transaction(engine):
+    store = EventStore(engine, group_appends=False)
+    commits = _count_commits(store)
+    await asyncio.gather(*(store.append(f"user-{n}", "user", [ev(n)]) for n in range(10)))
+    assert len(commits) == 10
+    await store.aclose()
+
+
+@pytest.mark.parametrize("max_group", [1, 3])
+async def test_groups_never_exceed_max_group(engine, max_group):
+    store = EventStore(engine, max_group=max_group)
+    sizes: list[int] = []
+
+    async def size(uow: object) -> None:
+        sizes.append(len(uow.results))  # type: ignore[attr-defined]
+        await asyncio.sleep(0.005)
+
+    store.before_commit = size
+    await asyncio.gather(*(store.append(f"user-{n}", "user", [ev(n)]) for n in range(12)))
+    assert max(sizes) <= max_group
+    assert sum(sizes) == 12
+    await store.aclose()
