@@ -468,6 +468,14 @@ class EventStore:
             result = await conn.execute(query)
             return [_to_event(row) for row in result]
 
+    async def read_streams(
+        self, conn: AsyncConnection, from_versions: Mapping[str, int]
+    ) -> list[RecordedEvent]:
+        """Several streams, each from its own version on; grouped by stream, each in
+        version order (one round trip on PostgreSQL)."""
+        with translate_errors(self.dialect.database_label):
+            return await self.dialect.read_streams_events(conn, from_versions)
+
     async def stream_version(self, conn: AsyncConnection, stream_id: str) -> int:
         """The version of the stream's last event; 0 if the stream has none."""
         with translate_errors(self.dialect.database_label):
