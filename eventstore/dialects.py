@@ -21,7 +21,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
@@ -92,13 +92,20 @@ def _read_all_sql(postgres: bool, until: bool, categories: int | None, types: in
             return f"= ANY({param()}::text[])"
         return f"IN ({', '.join(param() for _ in range(count))})"
 
+    # Pages must be read in position order from an index on position: SQLite would
+    # otherwise pick the event_type index (or several stream_category ranges) and sort
+    # every matching event of the log for each page, which made a replay quadratic
+    # (measured: 8 s at 100k events, 203 s at 1M). A unary + keeps SQLite off an index;
+    # one category is an ordered range of the (stream_category, position) index.
+    no_index = "" if postgres else "+"
     where = [f"position > {param()}"]
     if until:
         where.append(f"position <= {param()}")
     if categories is not None:
-        where.append(f"stream_category {any_of(categories)}")
+        column = "stream_category" if categories == 1 else f"{no_index}stream_category"
+        where.append(f"{column} {any_of(categories)}")
     if types is not None:
-        where.append(f"event_type {any_of(types)}")
+        where.append(f"{no_index}event_type {any_of(types)}")
     return (
         f"SELECT {_COLUMN_LIST} FROM events WHERE {' AND '.join(where)} "  # noqa: S608
         f"ORDER BY position LIMIT {param()}"
@@ -107,6 +114,10 @@ def _read_all_sql(postgres: bool, until: bool, categories: int | None, types: in
 
 async def _raw(conn: AsyncConnection) -> Any:
     """The pooled DBAPI connection of ``conn`` (its ``driver_connection`` is the driver's)."""
+    sync = conn.sync_connection
+    if sync is not None and not sync.closed and not sync.invalidated:
+        # Connected: no I/O needed, so no greenlet hop (get_raw_connection makes one).
+        return sync.connection
     return await conn.get_raw_connection()
 
 
@@ -159,6 +170,15 @@ class Dialect:
     ) -> list[RecordedEvent]:
         """One stream from ``from_version`` on, in version order."""
         raise NotImplementedError
+
+    async def read_streams_events(
+        self, conn: AsyncConnection, from_versions: Mapping[str, int]
+    ) -> list[RecordedEvent]:
+        """Several streams, grouped by stream, each in version order."""
+        found: list[RecordedEvent] = []
+        for stream_id, from_version in from_versions.items():
+            found.extend(await self.read_stream_events(conn, stream_id, from_version))
+        return found
 
     @contextlib.contextmanager
     def driver_errors(self, raw: Any, statement: str) -> Iterator[None]:
@@ -363,6 +383,12 @@ _PG_READ_STREAM: Final = (
     f"SELECT {_COLUMN_LIST} FROM events "  # noqa: S608  # constant column names
     "WHERE stream_id = $1 AND version >= $2 ORDER BY version"
 )
+_PG_READ_STREAMS: Final = (
+    f"SELECT {', '.join(f'e.{c}' for c in EVENT_ROW_COLUMNS)} "  # noqa: S608
+    "FROM unnest($1::text[], $2::int[]) AS s(id, v) "
+    "JOIN events AS e ON e.stream_id = s.id AND e.version >= s.v "
+    "ORDER BY e.stream_id, e.version"
+)
 _PG_INSERT: Final = (
     f"INSERT INTO events ({_COLUMN_LIST}) VALUES "  # noqa: S608  # constant column names
     f"({', '.join(f'${i}' for i in range(1, len(EVENT_ROW_COLUMNS) + 1))})"
@@ -436,6 +462,15 @@ class PostgresDialect(Dialect):
         self, conn: AsyncConnection, stream_id: str, from_version: int
     ) -> list[RecordedEvent]:
         return await self._select(conn, _PG_READ_STREAM, (stream_id, from_version))
+
+    async def read_streams_events(
+        self, conn: AsyncConnection, from_versions: Mapping[str, int]
+    ) -> list[RecordedEvent]:
+        if len(from_versions) == 1:
+            [(stream_id, from_version)] = from_versions.items()
+            return await self.read_stream_events(conn, stream_id, from_version)
+        ids, versions = list(from_versions), list(from_versions.values())
+        return await self._select(conn, _PG_READ_STREAMS, (ids, versions))
 
     async def _select(self, conn: AsyncConnection, sql: str, params: Any) -> list[RecordedEvent]:
         raw = await _raw(conn)

@@ -178,3 +178,18 @@ def test_the_spliced_chain_hash_equals_the_hash_of_the_whole_canonical_record(
         data_json=canonical_json(data), metadata_json=canonical_json(metadata), **fields
     )
     assert spliced == whole == event_hash(data=data, metadata=metadata, **fields)
+
+
+@pytest.mark.parametrize(
+    ("categories", "types"), [(None, 3), (2, None), (1, None), (2, 2), (None, None)]
+)
+def test_log_pages_are_read_in_position_order_without_sorting_the_log(db_path, categories, types):
+    """A filtered page read must walk an index in position order: the event_type index
+    plus a sort of every matching event per page made replays quadratic."""
+    from eventstore.dialects import _read_all_sql
+
+    sql = _read_all_sql(False, False, categories, types)
+    params = [0, *(["task"] * (categories or 0)), *(["TaskCreated"] * (types or 0)), 1000]
+    with sqlite3.connect(db_path) as db:
+        plan = " ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+    assert "TEMP B-TREE" not in plan, plan
