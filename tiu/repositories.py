@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import SecretStr
-from sqlalchemy import ColumnElement, and_, func, or_, select, true
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import audit, projects, sessions, tasks, users
@@ -354,15 +354,24 @@ class ProjectRepository(_Repository):
     """Reads are access-checked: owners, members, admins, and anyone for public projects."""
 
     async def _visible(self) -> ColumnElement[bool]:
-        if Permission.PROJECTS_READ_ALL in await self._channel.actor_permissions():
-            return true()
-        public = projects_table.c.visibility == projects.Visibility.PUBLIC.value
+        """Which projects the actor may read, as part of the query itself: the permission
+        check and the rows come from one statement (one snapshot, one round trip)."""
         actor = self.actor_id
+        public = projects_table.c.visibility == projects.Visibility.PUBLIC.value
         if actor is None:
             return public
+        if actor == SYSTEM_ACTOR:
+            return true()
+        reads_all = exists().where(
+            user_permissions.c.user_id == actor,
+            user_permissions.c.permission == Permission.PROJECTS_READ_ALL.value,
+        )
         member_of = select(project_members.c.project_id).where(project_members.c.user_id == actor)
         return or_(
-            public, projects_table.c.owner_id == actor, projects_table.c.project_id.in_(member_of)
+            reads_all,
+            public,
+            projects_table.c.owner_id == actor,
+            projects_table.c.project_id.in_(member_of),
         )
 
     async def create_project(
