@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from rich.console import Console
 from rich.table import Table
 
-from bench import es, patches
+from bench import es
 from bench.cases import command, queries, read, replay, store
 from bench.common import (
     BACKENDS,
@@ -178,8 +178,6 @@ def main() -> None:
         keep=args.keep,
     )
     es.set_sqlite_synchronous(cfg.sqlite_synchronous)
-    if patches.apply():
-        print("note: using the bench's workaround for the SQLite rebuild swap (bench/patches.py)")
     started = time.monotonic()
     results = asyncio.run(main_async(cfg, cases))
     secs = time.monotonic() - started

@@ -28,11 +28,9 @@ def _place(args: dict[str, Any]) -> Place:
 
 
 async def _tiu(place: Place, mode: str) -> int:
-    import bench.patches  # noqa: PLC0415
     from projections import replay  # noqa: PLC0415
     from projections.readmodels import ALL_PROJECTORS, TasksProjector  # noqa: PLC0415
 
-    bench.patches.apply()
     store = await place.store()
     try:
         if mode == "tasks":
