@@ -2,7 +2,7 @@
 
 Run by the replay case as ``python -m bench.replay_child '<json>'``; prints one JSON
 line ``{"seconds", "applied", "maxrss_mb"}``. The peak is this process's own
-``ru_maxrss`` (RUSAGE_SELF at the end), the interpreter and imports included.
+high-water mark (``VmHWM``), the interpreter and imports included.
 """
 
 from __future__ import annotations
@@ -233,8 +233,20 @@ def main() -> None:
         started = time.perf_counter()
         applied = asyncio.run(_tiu(place, args["mode"]))
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     print(json.dumps({"seconds": seconds, "applied": applied, "maxrss_mb": round(peak, 1)}))
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM belongs to the address space that exec made.
+
+    ``ru_maxrss`` is not: Linux carries the parent's high-water mark across fork and
+    exec, so every child reported at least the RSS of the bench process that spawned it.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 if __name__ == "__main__":
