@@ -48,10 +48,12 @@ class EventStoreProtocol(Protocol):
         *,
         context: EventContext | None = None,
     ) -> AppendResult:
-        """Append to one stream in its own transaction.
+        """Append to one stream, atomically, committed when this returns.
 
-        ``stream_id`` must read ``"<category>-<id>"``; ``expected_version`` is an
-        exact version (0 = empty), ``"no_stream"``, ``"exists"`` or ``"any"``. Bad
+        Concurrent appends may share a transaction (group commit); each keeps its own
+        version check and its own outcome. ``stream_id`` must read ``"<category>-<id>"``;
+        ``expected_version`` is an exact version (0 = empty), ``"no_stream"``,
+        ``"exists"`` or ``"any"``. Bad
         input raises a subclass of :class:`~eventstore.errors.InvalidAppend` before
         anything is written.
         """

@@ -432,7 +432,8 @@ class EventStore:
                         position,
                     )
                 )
-            await self.dialect.insert_events(conn, rows)
+            if rows:
+                await self.dialect.insert_events(conn, rows)
             return results
 
     # -- reading ---------------------------------------------------------------------------

@@ -100,3 +100,14 @@ async def test_groups_never_exceed_max_group(engine, max_group):
     assert max(sizes) <= max_group
     assert sum(sizes) == 12
     await store.aclose()
+
+
+async def test_a_group_whose_every_append_is_refused_writes_nothing(store):
+    await store.append("user-taken", "user", [ev()])
+    _count_commits(store)
+    outcomes = await asyncio.gather(
+        *(store.append("user-taken", "user", [ev(n)], NO_STREAM) for n in range(6)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, WrongExpectedVersion) for o in outcomes)
+    assert await _positions(store) == [1]
