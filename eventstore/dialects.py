@@ -21,7 +21,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
@@ -71,7 +71,7 @@ _COLUMN_LIST: Final = ", ".join(EVENT_ROW_COLUMNS)
 _loads = json.loads
 
 
-def _document(value: Any) -> Any:
+def _pg_document(value: Any) -> Any:
     # SQLAlchemy's asyncpg adapter installs a JSONB codec on its connections, which
     # already decodes with the engine's deserializer; be ready for text too.
     return _loads(value) if isinstance(value, str) else value
@@ -163,13 +163,26 @@ class Dialect:
         On the driver, like the append: SQLAlchemy's per-row result processing was
         half of reading a page (profiled in replays).
         """
-        raise NotImplementedError
+        sql = _read_all_sql(
+            self.name == "postgresql",
+            until_position is not None,
+            None if categories is None else len(categories),
+            None if types is None else len(types),
+        )
+        params: list[Any] = [after_position]
+        if until_position is not None:
+            params.append(until_position)
+        for values in (categories, types):
+            if values is not None:
+                params.extend(self._any_of(values))
+        params.append(limit)
+        return await self._select(conn, sql, params)
 
     async def read_stream_events(
         self, conn: AsyncConnection, stream_id: str, from_version: int
     ) -> list[RecordedEvent]:
         """One stream from ``from_version`` on, in version order."""
-        raise NotImplementedError
+        return await self._select(conn, self._read_stream_sql, (stream_id, from_version))
 
     async def read_streams_events(
         self, conn: AsyncConnection, from_versions: Mapping[str, int]
@@ -179,6 +192,49 @@ class Dialect:
         for stream_id, from_version in from_versions.items():
             found.extend(await self.read_stream_events(conn, stream_id, from_version))
         return found
+
+    # What differs in a read: the SQL of one stream, how an IN list is passed, how rows
+    # are fetched, and how the driver hands back event ids, JSON and timestamps.
+    _read_stream_sql: str
+
+    @staticmethod
+    def _any_of(values: Sequence[str]) -> list[Any]:
+        return list(values)  # one parameter per value
+
+    async def _fetch(self, driver: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
+        raise NotImplementedError
+
+    _event_id: Callable[[Any], uuid.UUID]
+    _document: Callable[[Any], Any]
+    _timestamp: Callable[[Any], datetime]
+
+    async def _select(
+        self, conn: AsyncConnection, sql: str, params: Sequence[Any]
+    ) -> list[RecordedEvent]:
+        raw = await _raw(conn)
+        with self.driver_errors(raw, sql):
+            rows = await self._fetch(raw.driver_connection, sql, params)
+        event_id, document, timestamp = self._event_id, self._document, self._timestamp
+        return [
+            RecordedEvent(
+                r[0],
+                event_id(r[1]),
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                document(r[7]),
+                document(r[8]),
+                r[9],
+                r[10],
+                r[11],
+                r[12],
+                timestamp(r[13]),
+                r[14],
+            )
+            for r in rows
+        ]
 
     @contextlib.contextmanager
     def driver_errors(self, raw: Any, statement: str) -> Iterator[None]:
@@ -294,8 +350,16 @@ def _sqlite_timestamp(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
+def _sqlite_datetime(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
 class SQLiteDialect(Dialect):
     name = "sqlite"
+    _read_stream_sql = _SQLITE_READ_STREAM
+    _event_id = staticmethod(lambda value: uuid.UUID(hex=value))  # CHAR(32) hex
+    _document = staticmethod(_loads)  # JSON text
+    _timestamp = staticmethod(_sqlite_datetime)
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
@@ -317,59 +381,8 @@ class SQLiteDialect(Dialect):
             position = db.execute(_SQLITE_POSITION).fetchone()[0]
         return heads, int(position)
 
-    async def read_events(
-        self,
-        conn: AsyncConnection,
-        *,
-        after_position: int,
-        limit: int,
-        until_position: int | None = None,
-        categories: Sequence[str] | None = None,
-        types: Sequence[str] | None = None,
-    ) -> list[RecordedEvent]:
-        sql = _read_all_sql(
-            False,
-            until_position is not None,
-            None if categories is None else len(categories),
-            None if types is None else len(types),
-        )
-        params: list[Any] = [after_position]
-        if until_position is not None:
-            params.append(until_position)
-        params.extend(categories or ())
-        params.extend(types or ())
-        params.append(limit)
-        return await self._select(conn, sql, params)
-
-    async def read_stream_events(
-        self, conn: AsyncConnection, stream_id: str, from_version: int
-    ) -> list[RecordedEvent]:
-        return await self._select(conn, _SQLITE_READ_STREAM, (stream_id, from_version))
-
-    async def _select(self, conn: AsyncConnection, sql: str, params: Any) -> list[RecordedEvent]:
-        raw = await _raw(conn)
-        with self.driver_errors(raw, sql):
-            rows = raw.driver_connection.execute(sql, params).fetchall()
-        return [
-            RecordedEvent(
-                r[0],
-                uuid.UUID(hex=r[1]),
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                _loads(r[7]),
-                _loads(r[8]),
-                r[9],
-                r[10],
-                r[11],
-                r[12],
-                datetime.fromisoformat(r[13]).replace(tzinfo=UTC),
-                r[14],
-            )
-            for r in rows
-        ]
+    async def _fetch(self, driver: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
+        return driver.execute(sql, params).fetchall()  # type: ignore[no-any-return]
 
     async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
         raw = await _raw(conn)
@@ -397,6 +410,10 @@ _PG_INSERT: Final = (
 
 class PostgresDialect(Dialect):
     name = "postgresql"
+    _read_stream_sql = _PG_READ_STREAM
+    _event_id = staticmethod(lambda value: uuid.UUID(bytes=value.bytes))  # asyncpg's UUID
+    _document = staticmethod(_pg_document)
+    _timestamp = staticmethod(lambda value: value.astimezone(UTC))
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
@@ -432,36 +449,12 @@ class PostgresDialect(Dialect):
                 heads[stream_id] = StreamHead(int(version), digest)
         return heads, position
 
-    async def read_events(
-        self,
-        conn: AsyncConnection,
-        *,
-        after_position: int,
-        limit: int,
-        until_position: int | None = None,
-        categories: Sequence[str] | None = None,
-        types: Sequence[str] | None = None,
-    ) -> list[RecordedEvent]:
-        sql = _read_all_sql(
-            True,
-            until_position is not None,
-            None if categories is None else len(categories),
-            None if types is None else len(types),
-        )
-        params: list[Any] = [after_position]
-        if until_position is not None:
-            params.append(until_position)
-        if categories is not None:
-            params.append(list(categories))
-        if types is not None:
-            params.append(list(types))
-        params.append(limit)
-        return await self._select(conn, sql, params)
+    @staticmethod
+    def _any_of(values: Sequence[str]) -> list[Any]:
+        return [list(values)]  # one text[] parameter
 
-    async def read_stream_events(
-        self, conn: AsyncConnection, stream_id: str, from_version: int
-    ) -> list[RecordedEvent]:
-        return await self._select(conn, _PG_READ_STREAM, (stream_id, from_version))
+    async def _fetch(self, driver: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
+        return await driver.fetch(sql, *params)  # type: ignore[no-any-return]
 
     async def read_streams_events(
         self, conn: AsyncConnection, from_versions: Mapping[str, int]
@@ -471,31 +464,6 @@ class PostgresDialect(Dialect):
             return await self.read_stream_events(conn, stream_id, from_version)
         ids, versions = list(from_versions), list(from_versions.values())
         return await self._select(conn, _PG_READ_STREAMS, (ids, versions))
-
-    async def _select(self, conn: AsyncConnection, sql: str, params: Any) -> list[RecordedEvent]:
-        raw = await _raw(conn)
-        with self.driver_errors(raw, sql):
-            rows = await raw.driver_connection.fetch(sql, *params)
-        return [
-            RecordedEvent(
-                r[0],
-                uuid.UUID(bytes=r[1].bytes),
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                _document(r[7]),
-                _document(r[8]),
-                r[9],
-                r[10],
-                r[11],
-                r[12],
-                r[13].astimezone(UTC),
-                r[14],
-            )
-            for r in rows
-        ]
 
     async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
         raw = await _raw(conn)
