@@ -14,6 +14,7 @@ from sqlalchemy import Column, Index, SmallInteger, String, Table, Text, bindpar
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import tasks
+from domain.base import Event
 from domain.tasks import Priority, TaskStatus
 from eventstore.types import UTCDateTime
 from projections.batching import BatchedProjector, KeyedRows, field
@@ -61,53 +62,14 @@ class TasksProjector(BatchedProjector):
 
     async def apply(self, conn: AsyncConnection, envelope: Envelope, t: Tables) -> None:
         at = occurred_at(envelope)
-        event = envelope.event
-        match event:
-            case tasks.TaskCreated():
-                await conn.execute(
-                    statement(t["tasks"], "insert", insert),
-                    {
-                        "task_id": event.task_id,
-                        "project_id": event.project_id,
-                        "title": event.title,
-                        "description": event.description,
-                        "status": str(TaskStatus.TODO),
-                        "priority": str(event.priority),
-                        "priority_rank": event.priority.rank,
-                        "due_at": event.due_date,
-                        "assignee_id": event.assignee_id,
-                        "created_by": event.created_by,
-                        "created_at": at,
-                        "updated_at": at,
-                        "completed_at": None,
-                    },
-                )
-            case tasks.TaskEdited():
-                await _update(
-                    conn,
-                    t,
-                    event.task_id,
-                    at,
-                    title=event.title,
-                    description=event.description,
-                    priority=str(event.priority),
-                    priority_rank=event.priority.rank,
-                    due_at=event.due_date,
-                )
-            case tasks.TaskAssigned():
-                await _update(conn, t, event.task_id, at, assignee_id=event.assignee_id)
-            case tasks.TaskUnassigned():
-                await _update(conn, t, event.task_id, at, assignee_id=None)
-            case tasks.TaskStatusChanged():
-                completed_at = at if event.to_status is TaskStatus.DONE else None
-                await _update(
-                    conn,
-                    t,
-                    event.task_id,
-                    at,
-                    status=str(event.to_status),
-                    completed_at=completed_at,
-                )
+        change = _change(envelope.event, at)
+        if change is None:
+            return
+        created, task_id, values = change
+        if created:
+            await conn.execute(statement(t["tasks"], "insert", insert), values)
+        else:
+            await _update(conn, t, task_id, at, **values)
 
     async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
         rows = KeyedRows(t["tasks"])
@@ -116,48 +78,66 @@ class TasksProjector(BatchedProjector):
         await rows.load(conn)
         for envelope in envelopes:
             at = occurred_at(envelope)
-            event = envelope.event
-            match event:
-                case tasks.TaskCreated():
-                    rows.insert(
-                        {
-                            "task_id": event.task_id,
-                            "project_id": event.project_id,
-                            "title": event.title,
-                            "description": event.description,
-                            "status": str(TaskStatus.TODO),
-                            "priority": str(event.priority),
-                            "priority_rank": _RANK[event.priority],
-                            "due_at": event.due_date,
-                            "assignee_id": event.assignee_id,
-                            "created_by": event.created_by,
-                            "created_at": at,
-                            "updated_at": at,
-                            "completed_at": None,
-                        }
-                    )
-                case tasks.TaskEdited():
-                    rows.update(
-                        event.task_id,
-                        updated_at=at,
-                        title=event.title,
-                        description=event.description,
-                        priority=str(event.priority),
-                        priority_rank=_RANK[event.priority],
-                        due_at=event.due_date,
-                    )
-                case tasks.TaskAssigned():
-                    rows.update(event.task_id, updated_at=at, assignee_id=event.assignee_id)
-                case tasks.TaskUnassigned():
-                    rows.update(event.task_id, updated_at=at, assignee_id=None)
-                case tasks.TaskStatusChanged():
-                    rows.update(
-                        event.task_id,
-                        updated_at=at,
-                        status=str(event.to_status),
-                        completed_at=at if event.to_status is TaskStatus.DONE else None,
-                    )
+            change = _change(envelope.event, at)
+            if change is None:
+                continue
+            created, task_id, values = change
+            if created:
+                rows.insert(values)
+            else:
+                rows.update(task_id, updated_at=at, **values)
         await rows.flush(conn)
+
+
+def _change(event: Event, at: datetime) -> tuple[bool, str, dict[str, Any]] | None:
+    """What ``event`` does to its task's row, for ``apply`` and ``fold`` alike:
+    ``(True, task_id, the new row)`` or ``(False, task_id, the columns it sets)``
+    (``updated_at`` is set by the caller)."""
+    match event:
+        case tasks.TaskCreated():
+            return (
+                True,
+                event.task_id,
+                {
+                    "task_id": event.task_id,
+                    "project_id": event.project_id,
+                    "title": event.title,
+                    "description": event.description,
+                    "status": str(TaskStatus.TODO),
+                    "priority": str(event.priority),
+                    "priority_rank": _RANK[event.priority],
+                    "due_at": event.due_date,
+                    "assignee_id": event.assignee_id,
+                    "created_by": event.created_by,
+                    "created_at": at,
+                    "updated_at": at,
+                    "completed_at": None,
+                },
+            )
+        case tasks.TaskEdited():
+            return (
+                False,
+                event.task_id,
+                {
+                    "title": event.title,
+                    "description": event.description,
+                    "priority": str(event.priority),
+                    "priority_rank": _RANK[event.priority],
+                    "due_at": event.due_date,
+                },
+            )
+        case tasks.TaskAssigned():
+            return False, event.task_id, {"assignee_id": event.assignee_id}
+        case tasks.TaskUnassigned():
+            return False, event.task_id, {"assignee_id": None}
+        case tasks.TaskStatusChanged():
+            done = event.to_status is TaskStatus.DONE
+            return (
+                False,
+                event.task_id,
+                {"status": str(event.to_status), "completed_at": at if done else None},
+            )
+    return None
 
 
 _RANK = {priority: priority.rank for priority in Priority}
