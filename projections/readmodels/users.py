@@ -77,6 +77,11 @@ user_permissions = Table(
     Index(None, "permission"),
 )
 
+#: The personal columns a forgotten user's row keeps only as ERASED (live and replayed).
+_FORGOTTEN = dict.fromkeys(
+    ("email", "email_lower", "username", "username_lower", "display_name"), ERASED
+)
+
 
 def lookup_key(value: str) -> str:
     """The value stored in ``email_lower`` / ``username_lower`` for ``value``."""
@@ -171,11 +176,7 @@ class UsersProjector(BatchedProjector):
                     event.user_id,
                     at,
                     active=False,
-                    email=ERASED,
-                    email_lower=ERASED,
-                    username=ERASED,
-                    username_lower=ERASED,
-                    display_name=ERASED,
+                    **_FORGOTTEN,
                 )
             case users.RoleAssigned():
                 await conn.execute(
@@ -334,11 +335,7 @@ class UsersProjector(BatchedProjector):
                         event.user_id,
                         at,
                         active=False,
-                        email=ERASED,
-                        email_lower=ERASED,
-                        username=ERASED,
-                        username_lower=ERASED,
-                        display_name=ERASED,
+                        **_FORGOTTEN,
                     )
                 case users.RoleAssigned():
                     roles.insert({"user_id": event.user_id, "role": str(event.role)})
