@@ -24,7 +24,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
 from eventstore.errors import StoreUnavailable
 from eventstore.hashing import canonical_json
-from eventstore.sqlite_driver import InlineSQLiteDBAPI
+from eventstore.sqlite_driver import InlineSQLiteDBAPI, file_path
 
 #: Execution option that makes a SQLite transaction take the write lock at BEGIN.
 WRITE_OPTION: Final = "tiu_write"
@@ -123,6 +123,8 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
         }
     )
     synchronous = opts.sqlite_synchronous.upper()
+    if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ValueError(f"invalid sqlite_synchronous {opts.sqlite_synchronous!r}")
     engine = create_async_engine(
         url,
         # The SQL dialect stays aiosqlite's; the driver underneath is sqlite3 run inline
@@ -137,7 +139,7 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
         **pooling,
         **common,
     )
-    _install_sqlite_hooks(engine, opts, memory=memory)
+    _install_sqlite_hooks(engine, opts, synchronous=synchronous, memory=memory)
     return engine
 
 
@@ -157,14 +159,10 @@ def _quiet_secret_logging() -> None:
         logger.addFilter(_ROW_LOG_FILTER)
 
 
-def _install_sqlite_hooks(engine: AsyncEngine, opts: EngineOptions, *, memory: bool) -> None:
-    synchronous = opts.sqlite_synchronous.upper()
-    if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-        raise ValueError(f"invalid sqlite_synchronous {opts.sqlite_synchronous!r}")
-
-    database = engine.url.database or ""
-    if database.startswith("file:"):  # a URI filename: file:/path/x.db?mode=ro
-        database = database.removeprefix("file:").split("?", 1)[0]
+def _install_sqlite_hooks(
+    engine: AsyncEngine, opts: EngineOptions, *, synchronous: str, memory: bool
+) -> None:
+    database = file_path(engine.url.database or "")
 
     @event.listens_for(engine.sync_engine, "do_connect")
     def _check_directory(*_: Any) -> None:

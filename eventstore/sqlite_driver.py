@@ -49,9 +49,17 @@ _LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.L
 )
 
 
-def _is_busy(error: sqlite3.OperationalError) -> bool:
-    text = str(error).lower()
+def is_busy(message: str) -> bool:
+    """Whether a SQLite error message says the database lock was not granted."""
+    text = message.lower()
     return "database is locked" in text or "database is busy" in text
+
+
+def file_path(database: str) -> str:
+    """The file of a SQLite database name, URI filenames (``file:/x.db?mode=ro``) included."""
+    if database.startswith("file:"):
+        return database.removeprefix("file:").split("?", 1)[0]
+    return database
 
 
 def _writer_lock(key: str) -> asyncio.Lock:
@@ -65,11 +73,9 @@ def _writer_lock(key: str) -> asyncio.Lock:
 
 
 def _lock_key(database: str, uri: bool, connection: sqlite3.Connection) -> str:
-    path = database
-    if uri and path.startswith("file:"):
-        path = path.removeprefix("file:").split("?", 1)[0]
-        if "mode=memory" in database:
-            path = ""
+    path = file_path(database) if uri else database
+    if uri and "mode=memory" in database:
+        path = ""
     if path in ("", ":memory:"):
         return f":memory:{id(connection)}"  # a private database: one connection
     return os.path.realpath(path)
@@ -184,7 +190,7 @@ class Connection(AdaptedConnection):
             try:
                 return fn(*args)
             except sqlite3.OperationalError as error:
-                if not _is_busy(error):
+                if not is_busy(str(error)):
                     raise
         result: T = await_(asyncio.to_thread(self._waiting, fn, *args))
         return result

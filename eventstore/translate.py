@@ -16,6 +16,7 @@ from eventstore.errors import (
     StoreUnavailable,
     TransactionConflict,
 )
+from eventstore.sqlite_driver import is_busy
 
 # SQLSTATE classes and codes (https://www.postgresql.org/docs/current/errcodes-appendix.html).
 _PG_DISCONNECT_PREFIXES: Final = ("08", "57P01", "57P02", "57P03", "53300")
@@ -71,7 +72,7 @@ def translate_errors(database: str | None = None) -> Iterator[None]:
                 f"database connection lost{where}: {_first_line(text)}"
             ) from error
         if code is None and isinstance(error, sa_exc.OperationalError):
-            if "database is locked" in text or "database is busy" in text:
+            if is_busy(text):
                 raise AppendTimeout(
                     f"SQLite write lock not granted within the busy timeout{where}"
                 ) from error
