@@ -8,6 +8,7 @@ from eventstore.engine import EngineOptions, backend_name, create_engine
 from eventstore.errors import (
     AppendTimeout,
     ConcurrencyError,
+    DuplicateEventId,
     EventStoreError,
     InvalidAppend,
     InvalidEventData,
@@ -47,6 +48,7 @@ __all__ = [
     "AppendTimeout",
     "BrokenLink",
     "ConcurrencyError",
+    "DuplicateEventId",
     "EngineOptions",
     "EventContext",
     "EventStore",

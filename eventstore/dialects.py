@@ -30,14 +30,18 @@ from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import StaticPool
 
 from eventstore.errors import KeyAlreadyClaimed
 from eventstore.records import RecordedEvent, StreamHead
 from eventstore.schema import unique_keys
+from eventstore.sqlite_driver import Connection as InlineConnection
 from eventstore.translate import translate_errors
 
 if TYPE_CHECKING:
-    from eventstore.store import EventStore
+    from eventstore.errors import WrongExpectedVersion
+    from eventstore.records import AppendResult
+    from eventstore.store import EventStore, _PendingAppend
 
 log = logging.getLogger("eventstore")
 
@@ -147,6 +151,13 @@ class Dialect:
     async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
         """Insert rows given in :data:`EVENT_ROW_COLUMNS` order (JSON as canonical text)."""
         raise NotImplementedError
+
+    async def append_group(
+        self, store: EventStore, pending: list[_PendingAppend]
+    ) -> list[AppendResult | WrongExpectedVersion] | None:
+        """Appends in one transaction of their own, on a path faster than the general
+        one; ``None`` where the dialect has none (the store then uses the general one)."""
+        return None
 
     async def read_events(
         self,
@@ -364,13 +375,18 @@ class SQLiteDialect(Dialect):
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
         self.database_label = engine.url.database or ":memory:"
+        self._memory = isinstance(engine.pool, StaticPool)
 
     async def heads_and_position(
         self, conn: AsyncConnection, stream_ids: Sequence[str]
     ) -> tuple[dict[str, StreamHead], int]:
+        return self._heads_and_position(await _raw(conn), stream_ids)
+
+    def _heads_and_position(
+        self, raw: Any, stream_ids: Sequence[str]
+    ) -> tuple[dict[str, StreamHead], int]:
         # Inline sqlite3 (eventstore.sqlite_driver): a statement per stream costs
         # microseconds, and each one is an index seek on (stream_id, version).
-        raw = await _raw(conn)
         db = raw.driver_connection
         heads: dict[str, StreamHead] = {}
         with self.driver_errors(raw, _SQLITE_HEAD):
@@ -381,14 +397,49 @@ class SQLiteDialect(Dialect):
             position = db.execute(_SQLITE_POSITION).fetchone()[0]
         return heads, int(position)
 
-    async def _fetch(self, driver: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
-        return driver.execute(sql, params).fetchall()  # type: ignore[no-any-return]
-
     async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
-        raw = await _raw(conn)
+        self._insert_events(await _raw(conn), rows)
+
+    def _insert_events(self, raw: Any, rows: list[tuple[Any, ...]]) -> None:
         values = [(*r[:1], r[1].hex, *r[2:13], _sqlite_timestamp(r[13]), r[14]) for r in rows]
         with self.driver_errors(raw, _SQLITE_INSERT):
             raw.driver_connection.executemany(_SQLITE_INSERT, values)
+
+    async def append_group(
+        self, store: EventStore, pending: list[_PendingAppend]
+    ) -> list[AppendResult | WrongExpectedVersion] | None:
+        """The whole append transaction on one pooled driver connection, without an
+        SQLAlchemy ``Connection`` around it: BEGIN IMMEDIATE, heads, insert, COMMIT.
+
+        The same statements as the general path (:meth:`EventStore.transaction`), minus
+        SQLAlchemy's per-transaction work (checkout, begin and commit events, result
+        objects: ~100 us of a ~250 us append, profiled). A shared ``:memory:``
+        database keeps the general path (its one connection is shared with readers).
+        """
+        if self._memory:
+            return None
+        with translate_errors(self.database_label):
+            raw = await self.engine.raw_connection()
+            try:
+                driver: InlineConnection = raw.dbapi_connection  # type: ignore[assignment]
+                with self.driver_errors(raw, "BEGIN IMMEDIATE"):
+                    await driver.begin_write()
+                try:
+                    heads, position = self._heads_and_position(raw, store.lock_list(pending))
+                    rows, outcomes = store.plan(pending, {}, heads, position, refuse=True)
+                    if rows:
+                        self._insert_events(raw, rows)
+                    with self.driver_errors(raw, "COMMIT"):
+                        await driver.commit_async()
+                finally:
+                    if driver.in_transaction:
+                        driver.rollback()
+            finally:
+                raw.close()  # back to the pool
+        return outcomes
+
+    async def _fetch(self, driver: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
+        return driver.execute(sql, params).fetchall()  # type: ignore[no-any-return]
 
 
 _PG_LOCK_AND_HEADS: Final = "SELECT * FROM tiu_lock_and_heads($1::text[])"

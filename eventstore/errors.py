@@ -70,6 +70,14 @@ class InvalidEventData(InvalidAppend):
         super().__init__(f"event {event_type!r:.80} cannot be stored: {reason}")
 
 
+class DuplicateEventId(InvalidAppend):
+    """An appended event's ``event_id`` is already in the log (ids are unique log-wide)."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"an event with this event_id is already in the log: {detail}")
+
+
 class ConcurrencyError(EventStoreError):
     """Another writer got there first. Reload, decide again, and retry."""
 

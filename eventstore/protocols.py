@@ -55,7 +55,8 @@ class EventStoreProtocol(Protocol):
         ``expected_version`` is an exact version (0 = empty), ``"no_stream"``,
         ``"exists"`` or ``"any"``. Bad
         input raises a subclass of :class:`~eventstore.errors.InvalidAppend` before
-        anything is written.
+        anything is written; an ``event_id`` already in the log raises
+        :class:`~eventstore.errors.DuplicateEventId` (one too) and writes nothing.
         """
         ...
 

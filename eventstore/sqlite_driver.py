@@ -44,6 +44,7 @@ T = TypeVar("T")
 await_: Callable[[Any], Any] = getattr(_concurrency, "await_", None) or _concurrency.await_only
 
 _WRITE_BEGINS: Final = ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE")
+_BUSY: Final = object()  # what an inline call returns when the lock is held elsewhere
 _LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
     weakref.WeakKeyDictionary()
 )
@@ -185,15 +186,32 @@ class Connection(AdaptedConnection):
     # -- where the loop waits --------------------------------------------------------------
 
     def call(self, fn: Callable[..., T], *args: Any, offload: bool = False) -> T:
-        """Run ``fn`` inline; if another process holds the lock, wait on a worker thread."""
+        """Run ``fn`` inline; if another process holds the lock, wait on a worker thread.
+
+        For SQLAlchemy's side of the driver (it runs in SQLAlchemy's greenlet)."""
         if not offload:
-            try:
-                return fn(*args)
-            except sqlite3.OperationalError as error:
-                if not is_busy(str(error)):
-                    raise
-        result: T = await_(asyncio.to_thread(self._waiting, fn, *args))
-        return result
+            result = self._inline(fn, args)
+            if result is not _BUSY:
+                return result  # type: ignore[return-value]
+        waited: T = await_(asyncio.to_thread(self._waiting, fn, *args))
+        return waited
+
+    async def run(self, fn: Callable[..., T], *args: Any, offload: bool = False) -> T:
+        """:meth:`call` for a caller on the event loop (the store's direct append)."""
+        if not offload:
+            result = self._inline(fn, args)
+            if result is not _BUSY:
+                return result  # type: ignore[return-value]
+        return await asyncio.to_thread(self._waiting, fn, *args)
+
+    @staticmethod
+    def _inline(fn: Callable[..., T], args: tuple[Any, ...]) -> T | object:
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as error:
+            if not is_busy(str(error)):
+                raise
+            return _BUSY
 
     def _waiting(self, fn: Callable[..., T], *args: Any) -> T:
         conn = self._db
@@ -204,20 +222,40 @@ class Connection(AdaptedConnection):
             conn.execute("PRAGMA busy_timeout=0")
 
     def acquire_writer(self) -> None:
+        if not self._holds_lock:
+            await_(self.acquire_writer_async())
+
+    async def acquire_writer_async(self) -> None:
+        """Queue behind this process's other writers of the file (bounded by the busy
+        timeout); held until the transaction ends."""
         if self._holds_lock:
             return
         lock = _writer_lock(self._lock_key)
         if not lock.locked():  # uncontended: no timer, no task
-            await_(lock.acquire())
-            self._holds_lock = True
-            return
-        try:
-            await_(asyncio.wait_for(lock.acquire(), self._busy_ms / 1000))
-        except TimeoutError:
-            raise sqlite3.OperationalError(
-                "database is locked (a writer of this process held it past the busy timeout)"
-            ) from None
+            await lock.acquire()
+        else:
+            try:
+                await asyncio.wait_for(lock.acquire(), self._busy_ms / 1000)
+            except TimeoutError:
+                raise sqlite3.OperationalError(
+                    "database is locked (a writer of this process held it past the busy timeout)"
+                ) from None
         self._holds_lock = True
+
+    async def begin_write(self) -> None:
+        """``BEGIN IMMEDIATE`` from the event loop: the process's writer lock, then the file's."""
+        await self.acquire_writer_async()
+        try:
+            await self.run(self._db.execute, "BEGIN IMMEDIATE")
+        finally:
+            self.release_if_done()
+
+    async def commit_async(self) -> None:
+        """``COMMIT`` from the event loop (on a worker thread if commits fsync)."""
+        try:
+            await self.run(self._db.commit, offload=self._offload_commit)
+        finally:
+            self.release_if_done()
 
     def release_if_done(self) -> None:
         if self._holds_lock and not self._db.in_transaction:

@@ -278,14 +278,22 @@ class EventStore:
         return await self._append_alone(pending)
 
     async def _append_alone(self, pending: _PendingAppend) -> AppendResult:
-        async with self.transaction() as uow:
-            uow._pending.append(pending)
-        return uow.results[0]
+        (outcome,) = await self._append_group([pending])
+        if isinstance(outcome, WrongExpectedVersion):
+            raise outcome
+        return outcome
 
     async def _append_group(
         self, pending: list[_PendingAppend]
     ) -> list[AppendResult | WrongExpectedVersion]:
         """Several appends in one transaction; one whose version check fails is left out."""
+        if self.before_commit is None:  # the test seam needs the general path
+            outcomes = await self.dialect.append_group(self, pending)
+            if outcomes is not None:
+                written = [o.last_position for o in outcomes if isinstance(o, AppendResult)]
+                if written:
+                    self.dialect.appended(self, max(written))
+                return outcomes
         async with self.transaction() as uow:
             outcomes = await self.write_each(uow.conn, pending)
             uow.results.extend(o for o in outcomes if isinstance(o, AppendResult))
@@ -363,78 +371,102 @@ class EventStore:
         refuse: bool,
     ) -> list[AppendResult | WrongExpectedVersion]:
         with translate_errors(self.dialect.database_label):
-            stream_ids = list(dict.fromkeys([*(p.stream_id for p in pending), *expected]))
-            heads, position = await self.dialect.heads_and_position(conn, stream_ids)
-            for stream_id, version in expected.items():
-                _check_expected(
-                    stream_id, version, heads.get(stream_id, StreamHead(0, None)).version
-                )
-            now = self.now()
-            rows: list[tuple[Any, ...]] = []
-            results: list[AppendResult | WrongExpectedVersion] = []
-            for p in pending:
-                head = heads.get(p.stream_id, StreamHead(0, None))
-                try:
-                    _check_expected(p.stream_id, p.expected, head.version)
-                except WrongExpectedVersion as error:
-                    if not refuse:
-                        raise
-                    results.append(error)
-                    continue
-                prev = head.hash or GENESIS
-                ctx = p.context
-                stamp = p.recorded_at or now
-                first_position = position + 1
-                for offset, (ev, data, meta) in enumerate(p.events, start=1):
-                    version = head.version + offset
-                    position += 1
-                    prev = chain_hash(
-                        prev_hash=prev,
-                        stream_id=p.stream_id,
-                        version=version,
-                        event_id=str(ev.event_id),
-                        event_type=ev.event_type,
-                        schema_version=ev.schema_version,
-                        data_json=data,
-                        metadata_json=meta,
-                        actor_id=ctx.actor_id,
-                        correlation_id=ctx.correlation_id,
-                        causation_id=ctx.causation_id,
-                        command_id=ctx.command_id,
-                        recorded_at=stamp,
-                    )
-                    rows.append(
-                        (
-                            position,
-                            ev.event_id,
-                            p.stream_id,
-                            p.category,
-                            version,
-                            ev.event_type,
-                            ev.schema_version,
-                            data,
-                            meta,
-                            ctx.actor_id,
-                            ctx.correlation_id,
-                            ctx.causation_id,
-                            ctx.command_id,
-                            stamp,
-                            prev,
-                        )
-                    )
-                heads[p.stream_id] = StreamHead(head.version + len(p.events), prev)
-                results.append(
-                    AppendResult(
-                        p.stream_id,
-                        head.version + 1,
-                        head.version + len(p.events),
-                        first_position,
-                        position,
-                    )
-                )
+            heads, position = await self.dialect.heads_and_position(
+                conn, self.lock_list(pending, expected)
+            )
+            rows, results = self.plan(pending, expected, heads, position, refuse=refuse)
             if rows:
                 await self.dialect.insert_events(conn, rows)
             return results
+
+    @staticmethod
+    def lock_list(
+        pending: list[_PendingAppend], expected: Mapping[str, int] | None = None
+    ) -> list[str]:
+        """The streams whose heads an append reads: appended ones, then checked ones."""
+        return list(dict.fromkeys([*(p.stream_id for p in pending), *(expected or {})]))
+
+    def plan(
+        self,
+        pending: list[_PendingAppend],
+        expected: Mapping[str, int],
+        heads: dict[str, StreamHead],
+        position: int,
+        *,
+        refuse: bool,
+    ) -> tuple[list[tuple[Any, ...]], list[AppendResult | WrongExpectedVersion]]:
+        """The rows to insert and each append's outcome, given the heads read under the
+        append lock: version checks, versions, positions and the hash chain.
+
+        With ``refuse``, an append whose expected version does not hold is left out
+        and its error returned in its place; otherwise that error is raised.
+        """
+        for stream_id, version in expected.items():
+            _check_expected(stream_id, version, heads.get(stream_id, StreamHead(0, None)).version)
+        now = self.now()
+        rows: list[tuple[Any, ...]] = []
+        results: list[AppendResult | WrongExpectedVersion] = []
+        for p in pending:
+            head = heads.get(p.stream_id, StreamHead(0, None))
+            try:
+                _check_expected(p.stream_id, p.expected, head.version)
+            except WrongExpectedVersion as error:
+                if not refuse:
+                    raise
+                results.append(error)
+                continue
+            prev = head.hash or GENESIS
+            ctx = p.context
+            stamp = p.recorded_at or now
+            first_position = position + 1
+            for offset, (ev, data, meta) in enumerate(p.events, start=1):
+                version = head.version + offset
+                position += 1
+                prev = chain_hash(
+                    prev_hash=prev,
+                    stream_id=p.stream_id,
+                    version=version,
+                    event_id=str(ev.event_id),
+                    event_type=ev.event_type,
+                    schema_version=ev.schema_version,
+                    data_json=data,
+                    metadata_json=meta,
+                    actor_id=ctx.actor_id,
+                    correlation_id=ctx.correlation_id,
+                    causation_id=ctx.causation_id,
+                    command_id=ctx.command_id,
+                    recorded_at=stamp,
+                )
+                rows.append(
+                    (
+                        position,
+                        ev.event_id,
+                        p.stream_id,
+                        p.category,
+                        version,
+                        ev.event_type,
+                        ev.schema_version,
+                        data,
+                        meta,
+                        ctx.actor_id,
+                        ctx.correlation_id,
+                        ctx.causation_id,
+                        ctx.command_id,
+                        stamp,
+                        prev,
+                    )
+                )
+            heads[p.stream_id] = StreamHead(head.version + len(p.events), prev)
+            results.append(
+                AppendResult(
+                    p.stream_id,
+                    head.version + 1,
+                    head.version + len(p.events),
+                    first_position,
+                    position,
+                )
+            )
+        return rows, results
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from sqlalchemy import exc as sa_exc
 
 from eventstore.errors import (
     AppendTimeout,
+    DuplicateEventId,
     EventStoreError,
     PoolExhausted,
     SchemaNotReady,
@@ -71,6 +72,12 @@ def translate_errors(database: str | None = None) -> Iterator[None]:
             raise StoreUnavailable(
                 f"database connection lost{where}: {_first_line(text)}"
             ) from error
+        if (
+            isinstance(error, sa_exc.IntegrityError)
+            and is_unique_violation(error)
+            and "event_id" in text
+        ):
+            raise DuplicateEventId(_first_line(text)) from error
         if code is None and isinstance(error, sa_exc.OperationalError):
             if is_busy(text):
                 raise AppendTimeout(

@@ -14,7 +14,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eventstore import AppendTimeout, EngineOptions, EventStore, NewEvent, create_engine
+from eventstore import (
+    AppendTimeout,
+    DuplicateEventId,
+    EngineOptions,
+    EventStore,
+    NewEvent,
+    create_engine,
+)
 from eventstore.hashing import canonical_json, chain_hash, event_hash
 from eventstore.integrity import verify
 
@@ -116,6 +123,47 @@ async def test_a_lock_held_by_another_connection_is_waited_for_off_the_loop(db_p
         assert (await append).first_position == 1
     finally:
         holder.join()
+        await engine.dispose()
+
+
+async def test_a_failed_or_cancelled_append_leaves_no_transaction_lock_or_connection_behind(
+    db_path,
+):
+    """Appends on a file run as one transaction on a pooled driver connection (no
+    SQLAlchemy connection around it); whatever ends it, the connection goes back to the
+    pool idle and the write lock is free for this process and for others."""
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}", EngineOptions(busy_timeout=5))
+    store, holder = EventStore(engine, group_appends=False), EventStore(engine)
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(_uow: object) -> None:
+        holding.set()
+        await release.wait()
+
+    holder.before_commit = hold  # the general path, holding the lock
+    try:
+        twice = ev(1)
+        with pytest.raises(DuplicateEventId):  # the same event id twice: rolled back
+            await store.append("user-a", "user", [twice, twice])
+        first = asyncio.create_task(holder.append("user-b", "user", [ev(2)]))
+        await asyncio.wait_for(holding.wait(), 5)
+        waiting = asyncio.create_task(store.append("user-c", "user", [ev(3)]))
+        await asyncio.sleep(0.05)
+        waiting.cancel()  # while queued for this process's write lock
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        release.set()
+        assert (await first).first_position == 1
+        assert engine.pool.checkedout() == 0
+        other = sqlite3.connect(db_path, isolation_level=None, timeout=0)
+        other.execute("BEGIN IMMEDIATE")  # no lock left behind in the file
+        other.execute("ROLLBACK")
+        other.close()
+        assert (await store.append("user-a", "user", [ev(4)])).first_position == 2
+        async with engine.connect() as conn:
+            assert [e.stream_id for e in await store.read_all(conn)] == ["user-b", "user-a"]
+    finally:
+        release.set()
         await engine.dispose()
 
 

@@ -12,6 +12,7 @@ from eventstore import (
     ANY,
     NO_STREAM,
     STREAM_EXISTS,
+    DuplicateEventId,
     EngineOptions,
     EventContext,
     EventStore,
@@ -409,6 +410,18 @@ async def test_event_ids_are_unique_and_preserved(store):
     await store.append("user-1", "user", [NewEvent("E", {}, event_id=i) for i in ids])
     async with store.engine.connect() as conn:
         assert [e.event_id for e in await store.read_stream(conn, "user-1")] == ids
+
+
+async def test_an_event_id_already_in_the_log_is_refused_with_nothing_written(store):
+    taken = uuid.uuid4()
+    await store.append("user-1", "user", [NewEvent("E", {}, event_id=taken)])
+    with pytest.raises(DuplicateEventId, match="already in the log"):
+        await store.append("user-2", "user", [NewEvent("E", {}), NewEvent("E", {}, event_id=taken)])
+    with pytest.raises(DuplicateEventId):
+        async with store.transaction() as uow:
+            uow.append("user-3", "user", [NewEvent("E", {}, event_id=taken)])
+    async with store.engine.connect() as conn:
+        assert [e.stream_id for e in await store.read_all(conn)] == ["user-1"]
 
 
 @pytest.mark.postgres
