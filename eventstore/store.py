@@ -28,6 +28,7 @@ from eventstore.errors import (
     UnknownCategory,
     WrongExpectedVersion,
 )
+from eventstore.grouping import GroupQueue, settle
 from eventstore.hashing import GENESIS, canonical_json, chain_hash
 from eventstore.records import (
     ANY,
@@ -216,7 +217,9 @@ class EventStore:
         self.dialect: Dialect = dialect_for(engine)
         #: Test seam: awaited after the append statements and before COMMIT.
         self.before_commit: BeforeCommitHook | None = None
-        self._group = _AppendGroup(self, max_group) if group_appends else None
+        self._group: GroupQueue[_PendingAppend, AppendResult] | None = (
+            GroupQueue(self._write_group, max_group) if group_appends else None
+        )
 
     def now(self) -> datetime:
         return self._clock()
@@ -274,14 +277,35 @@ class EventStore:
             stream_id, category, new_events, expected_version, context or EventContext()
         )
         if self._group is not None:
-            return await self._group.append(pending)
-        return await self._append_alone(pending)
+            return await self._group.submit(pending)
+        # Alone, the caller's own task runs the transaction: shielded, so that a
+        # cancelled caller never abandons a half-done transaction or connection.
+        return await asyncio.shield(self._append_alone(pending))
 
     async def _append_alone(self, pending: _PendingAppend) -> AppendResult:
         (outcome,) = await self._append_group([pending])
         if isinstance(outcome, WrongExpectedVersion):
             raise outcome
         return outcome
+
+    async def _write_group(
+        self, group: list[tuple[_PendingAppend, asyncio.Future[AppendResult]]]
+    ) -> None:
+        """The group committer's writer: one transaction for the group; if it fails as a
+        whole (whoever caused it), each append is retried alone and gets its own outcome."""
+        try:
+            outcomes = await self._append_group([p for p, _ in group])
+        except Exception:
+            for pending, future in group:
+                await settle(future, self._append_alone(pending))
+            return
+        for (_, future), outcome in zip(group, outcomes, strict=True):
+            if future.done():
+                continue
+            if isinstance(outcome, WrongExpectedVersion):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
     async def _append_group(
         self, pending: list[_PendingAppend]
@@ -607,111 +631,9 @@ class EventStore:
         return await self.dialect.wait_for_append(self, after_position, timeout)
 
     async def aclose(self) -> None:
+        if self._group is not None:
+            await self._group.aclose()
         await self.dialect.aclose()
-
-
-_Waiting = tuple[_PendingAppend, "asyncio.Future[AppendResult]"]
-
-
-class _AppendGroup:
-    """Group commit for :meth:`EventStore.append`.
-
-    Appends are serialised (ORDERING.md), so one append per transaction caps the rate
-    at one commit per append. A caller that finds no transaction of this store in
-    flight leads one: it lets the loop turn once, so that concurrent callers queue
-    behind it, and writes the queue in transactions of up to ``max_group`` appends
-    until its own is written; whoever is still queued then gets a leader task.
-    """
-
-    def __init__(self, store: EventStore, max_group: int) -> None:
-        self.store = store
-        self.max_group = max_group
-        self._queue: list[tuple[_PendingAppend, asyncio.Future[AppendResult]]] = []
-        self._busy = False
-        self._leader: asyncio.Task[None] | None = None
-
-    async def append(self, pending: _PendingAppend) -> AppendResult:
-        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.append((pending, future))
-        if self._busy:
-            return await future
-        self._busy = True
-        group: list[_Waiting] = []
-        try:
-            # One turn of the loop lets concurrent callers join this transaction; an
-            # inline SQLite append never waits, so nobody could join it otherwise.
-            await asyncio.sleep(0)
-            while not future.done():
-                group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
-                await self._write(group)
-                group = []
-        finally:
-            if not future.done():  # cancelled: this caller's append is abandoned
-                future.cancel()
-            self._fail(group, ConnectionAbortedError("group commit stopped"))
-            self._queue = [(p, f) for p, f in self._queue if f is not future]
-            self._busy = False
-            if self._queue:
-                self._lead_soon()
-        return future.result()
-
-    def _lead_soon(self) -> None:
-        self._busy = True
-        self._leader = asyncio.get_running_loop().create_task(self._lead())
-        self._leader.add_done_callback(self._abandoned)
-
-    def _abandoned(self, leader: asyncio.Task[None]) -> None:
-        # A leader cancelled before it ran never reaches its own clean-up.
-        if leader is self._leader and leader.cancelled():
-            self._busy = False
-            self._fail(self._queue, ConnectionAbortedError("group commit stopped"))
-            self._queue = []
-
-    async def _lead(self) -> None:
-        group: list[tuple[_PendingAppend, asyncio.Future[AppendResult]]] = []
-        try:
-            while self._queue:
-                group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
-                await self._write(group)
-        finally:
-            self._busy = False
-            self._fail([*group, *self._queue], ConnectionAbortedError("group commit stopped"))
-            self._queue = []
-
-    async def _write(
-        self, group: list[tuple[_PendingAppend, asyncio.Future[AppendResult]]]
-    ) -> None:
-        try:
-            outcomes = await self.store._append_group([p for p, _ in group])
-        except Exception:  # whoever caused it, each append now goes alone
-            await self._write_alone(group)
-            return
-        for (_, future), outcome in zip(group, outcomes, strict=True):
-            if future.done():
-                continue
-            if isinstance(outcome, WrongExpectedVersion):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
-
-    async def _write_alone(self, group: list[_Waiting]) -> None:
-        for pending, future in group:
-            try:
-                result = await self.store._append_alone(pending)
-            except Exception as error:  # that caller's own error
-                if not future.done():
-                    future.set_exception(error)
-            else:
-                if not future.done():
-                    future.set_result(result)
-
-    @staticmethod
-    def _fail(
-        waiting: list[tuple[_PendingAppend, asyncio.Future[AppendResult]]], error: Exception
-    ) -> None:
-        for _, future in waiting:
-            if not future.done():
-                future.set_exception(error)
 
 
 def _check_stream_id(stream_id: object, category: str) -> None:

@@ -37,6 +37,7 @@ from domain.errors import AlreadyExists, DomainError
 from domain.routing import Decider, claims, erasures, route
 from eventstore.crypto import SubjectKeys, keyring
 from eventstore.errors import ConcurrencyError, KeyAlreadyClaimed
+from eventstore.grouping import GroupQueue, settle
 from eventstore.records import EventContext, NewEvent
 from eventstore.schema import events as events_table
 from eventstore.schema import processed_commands, snapshots, unique_keys
@@ -591,7 +592,7 @@ def _to_new_event(event: Event, command: Command) -> NewEvent:
 
 class GroupCommitter:
     """Group commit: concurrent :meth:`Dispatcher.dispatch` calls of this process share
-    one transaction.
+    one transaction (queued on :class:`eventstore.grouping.GroupQueue`).
 
     Appends are serialised (ORDERING.md), so one command per transaction caps the
     write rate at one commit (and one append lock) per command. Commands that arrive
@@ -604,83 +605,52 @@ class GroupCommitter:
 
     def __init__(self, dispatcher: Dispatcher, max_group: int = 64) -> None:
         self.dispatcher = dispatcher
-        self.max_group = max_group
-        self._queue: list[tuple[Command, CommandContext, asyncio.Future[CommandResult]]] = []
-        self._leader: asyncio.Task[None] | None = None
+        self._queue: GroupQueue[tuple[Command, CommandContext], CommandResult] = GroupQueue(
+            self._write, max_group
+        )
+
+    @property
+    def max_group(self) -> int:
+        return self._queue.max_group
 
     async def dispatch(self, command: Command, ctx: CommandContext) -> CommandResult:
-        future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
-        self._queue.append((command, ctx, future))
-        if self._leader is None or self._leader.done():
-            self._leader = asyncio.create_task(self._lead())
-            self._leader.add_done_callback(self._abandon)
-        return await future
+        return await self._queue.submit((command, ctx))
 
-    def _abandon(self, leader: asyncio.Task[None]) -> None:
-        # A leader cancelled before it ran never reaches its own clean-up.
-        if leader is self._leader:
-            for _, _, future in self._queue:
-                if not future.done():
-                    future.set_exception(ConnectionAbortedError("group commit stopped"))
-            self._queue = []
-
-    async def _lead(self) -> None:
-        group: list[tuple[Command, CommandContext, asyncio.Future[CommandResult]]] = []
-        try:
-            while self._queue:
-                group = self._queue[: self.max_group]
-                self._queue = self._queue[self.max_group :]
-                if len(group) == 1:
-                    command, ctx, future = group[0]
-                    await _settle(future, self.dispatcher.dispatch_alone(command, ctx))
-                else:
-                    await self._write(group)
-        finally:
-            # Cancelled (the loop is shutting down): no caller may wait forever.
-            for _, _, future in [*group, *self._queue]:
-                if not future.done():
-                    future.set_exception(ConnectionAbortedError("group commit stopped"))
-            self._queue = []
+    async def aclose(self) -> None:
+        await self._queue.aclose()
 
     async def _write(
-        self, group: list[tuple[Command, CommandContext, asyncio.Future[CommandResult]]]
+        self, group: list[tuple[tuple[Command, CommandContext], asyncio.Future[CommandResult]]]
     ) -> None:
+        if len(group) == 1:
+            ((command, ctx), future) = group[0]
+            await settle(future, self.dispatcher.dispatch_alone(command, ctx))
+            return
         outcomes: list[CommandResult | BaseException] = []
         try:
             async with self.dispatcher.unit() as unit:
-                for command, ctx, _ in group:
+                for (command, ctx), _ in group:
                     try:
                         outcomes.append(await unit.isolated(command, ctx))
                     except DomainError as error:
                         outcomes.append(error)
         except (ConcurrencyError, InlineProjectionBehind):
             # Another process got in between: settle each command alone, with retries.
-            for command, ctx, future in group:
-                await _settle(future, self.dispatcher.dispatch_alone(command, ctx))
+            for (command, ctx), future in group:
+                await settle(future, self.dispatcher.dispatch_alone(command, ctx))
             return
         except BaseException as error:  # the database is gone: every caller learns it
-            for _, _, future in group:
+            for _, future in group:
                 if not future.done():
                     future.set_exception(error)
             if not isinstance(error, Exception):
                 raise
             return
         positioned = {r.command_id: r for r in unit.results}
-        for (command, _, future), outcome in zip(group, outcomes, strict=True):
+        for ((command, _), future), outcome in zip(group, outcomes, strict=True):
             if future.done():
                 continue
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)
             else:
                 future.set_result(positioned.get(command.command_id, outcome))
-
-
-async def _settle(future: asyncio.Future[CommandResult], work: Awaitable[CommandResult]) -> None:
-    try:
-        result = await work
-    except Exception as error:
-        if not future.done():
-            future.set_exception(error)
-    else:
-        if not future.done():
-            future.set_result(result)

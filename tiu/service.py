@@ -126,6 +126,8 @@ class DatabaseService:
         if self._worker_task is not None and self._worker_stop is not None:
             self._worker_stop.set()
             await self._worker_task
+        if self.dispatcher.group is not None:
+            await self.dispatcher.group.aclose()  # commands already queued are written
         await self.store.aclose()
         await self.engine.dispose()
 

@@ -7,8 +7,9 @@ import asyncio
 import uuid
 
 import pytest
+from sqlalchemy import event
 
-from eventstore import NO_STREAM, EventStore, NewEvent, WrongExpectedVersion
+from eventstore import NO_STREAM, EventStore, NewEvent, WrongExpectedVersion, verify
 
 
 def ev(n: int = 0, event_id: uuid.UUID | None = None) -> NewEvent:
@@ -111,3 +112,43 @@ async def test_a_group_whose_every_append_is_refused_writes_nothing(store):
     )
     assert all(isinstance(o, WrongExpectedVersion) for o in outcomes)
     assert await _positions(store) == [1]
+
+
+async def test_appends_on_the_direct_driver_path_are_grouped_and_gap_free(store):
+    """Without the before_commit seam, appends run on a bare pooled driver connection:
+    one checkout per transaction, so fewer checkouts than appends means grouping."""
+    checkouts: list[int] = []
+    event.listen(store.engine.sync_engine, "checkout", lambda *_: checkouts.append(1))
+    results = await asyncio.gather(
+        *(store.append(f"user-{n}", "user", [ev(n), ev(n)], NO_STREAM) for n in range(40))
+    )
+    assert 1 <= len(checkouts) < 40
+    spans = sorted((r.first_position, r.last_position) for r in results)
+    assert [p for span in spans for p in range(span[0], span[1] + 1)] == list(range(1, 81))
+    assert await _positions(store) == list(range(1, 81))
+
+
+async def test_cancelled_appends_leave_no_transaction_or_busy_connection_behind(store):
+    """Callers cancelled at any point of their append: each append is all or nothing,
+    no connection stays checked out, and the store goes on appending gap-free."""
+    for delay in (0, 0.0005, 0.001, 0.002, 0.004):
+        tasks = [
+            asyncio.create_task(store.append(f"user-{delay}-{n}", "user", [ev(n), ev(n)]))
+            for n in range(6)
+        ]
+        await asyncio.sleep(delay)
+        for task in tasks[::2]:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert store.engine.pool.checkedout() == 0
+    last = await store.append("user-after", "user", [ev()])
+    async with store.engine.connect() as conn:
+        events = await store.read_all(conn, 0, 10_000)
+        report = await verify(conn)
+    assert [e.position for e in events] == list(range(1, last.last_position + 1))
+    per_stream: dict[str, int] = {}
+    for e in events:
+        per_stream[e.stream_id] = per_stream.get(e.stream_id, 0) + 1
+    assert per_stream.pop("user-after") == 1
+    assert set(per_stream.values()) == {2}  # whole appends only
+    assert report.ok, report

@@ -131,9 +131,11 @@ async def test_a_failed_or_cancelled_append_leaves_no_transaction_lock_or_connec
 ):
     """Appends on a file run as one transaction on a pooled driver connection (no
     SQLAlchemy connection around it); whatever ends it, the connection goes back to the
-    pool idle and the write lock is free for this process and for others."""
+    pool idle and the write lock is free for this process and for others. A caller
+    cancelled while its append waits for the lock does not abandon it half-way: it
+    runs to its end on the group writer's task."""
     engine = create_engine(f"sqlite+aiosqlite:///{db_path}", EngineOptions(busy_timeout=5))
-    store, holder = EventStore(engine, group_appends=False), EventStore(engine)
+    store, holder = EventStore(engine), EventStore(engine)
     holding, release = asyncio.Event(), asyncio.Event()
 
     async def hold(_uow: object) -> None:
@@ -149,19 +151,21 @@ async def test_a_failed_or_cancelled_append_leaves_no_transaction_lock_or_connec
         await asyncio.wait_for(holding.wait(), 5)
         waiting = asyncio.create_task(store.append("user-c", "user", [ev(3)]))
         await asyncio.sleep(0.05)
-        waiting.cancel()  # while queued for this process's write lock
+        waiting.cancel()  # while its transaction waits for this process's write lock
         with pytest.raises(asyncio.CancelledError):
             await waiting
         release.set()
         assert (await first).first_position == 1
+        await store.aclose()  # waits for the group writer
         assert engine.pool.checkedout() == 0
         other = sqlite3.connect(db_path, isolation_level=None, timeout=0)
         other.execute("BEGIN IMMEDIATE")  # no lock left behind in the file
         other.execute("ROLLBACK")
         other.close()
-        assert (await store.append("user-a", "user", [ev(4)])).first_position == 2
+        assert (await store.append("user-a", "user", [ev(4)])).first_position == 3
         async with engine.connect() as conn:
-            assert [e.stream_id for e in await store.read_all(conn)] == ["user-b", "user-a"]
+            streams = [e.stream_id for e in await store.read_all(conn)]
+        assert streams == ["user-b", "user-c", "user-a"]
     finally:
         release.set()
         await engine.dispose()

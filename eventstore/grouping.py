@@ -1,0 +1,96 @@
+"""Group commit: callers queue work and wait; one writer task writes the queue in groups.
+
+Appends are serialised (ORDERING.md), so one piece of work per transaction caps the
+rate at one commit per caller. Both group committers of tiu (the store's ``append``
+and the dispatcher's commands) queue here instead: the first caller starts a writer
+task, which takes up to ``max_group`` waiting items per transaction until the queue
+is empty. Items that arrive while a group is written form the next group.
+
+The writer is a task of its own, never a caller: a caller cancelled while waiting
+does not stop the transaction others share. Its item is dropped if no group has taken
+it yet; otherwise the group's transaction completes and that outcome is discarded
+(as for any cancelled database call, it may have committed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+#: A waiting caller: its item and the future its outcome is delivered to.
+Waiting = tuple[Item, "asyncio.Future[Result]"]
+
+
+class GroupQueue(Generic[Item, Result]):
+    """Queue items; ``write`` settles every future of the group it is given."""
+
+    def __init__(
+        self,
+        write: Callable[[list[tuple[Item, asyncio.Future[Result]]]], Awaitable[None]],
+        max_group: int,
+    ) -> None:
+        if max_group < 1:
+            raise ValueError(f"max_group must be at least 1, not {max_group}")
+        self._write = write
+        self.max_group = max_group
+        self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Item) -> Result:
+        """Queue ``item`` and wait for its outcome (its result, or its own error)."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if self._writer is None or self._writer.done():
+            # Started on the next turn of the loop: callers already scheduled for this
+            # turn queue first and share the transaction.
+            self._writer = asyncio.get_running_loop().create_task(self._write_all())
+            self._writer.add_done_callback(self._abandoned)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._queue = [w for w in self._queue if w[1] is not future]  # if not yet taken
+            raise
+
+    async def _write_all(self) -> None:
+        group: list[tuple[Item, asyncio.Future[Result]]] = []
+        try:
+            while self._queue:
+                group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
+                await self._write(group)
+        finally:
+            # Cancelled (the loop is shutting down): no caller may wait forever.
+            _fail([*group, *self._queue])
+            self._queue = []
+
+    def _abandoned(self, writer: asyncio.Task[None]) -> None:
+        # A writer cancelled before it ran never reaches its own clean-up.
+        if writer is self._writer and writer.cancelled():
+            _fail(self._queue)
+            self._queue = []
+
+    async def aclose(self) -> None:
+        """Wait for the groups already queued to be written."""
+        if self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+
+def _fail(waiting: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+    for _, future in waiting:
+        if not future.done():
+            future.set_exception(ConnectionAbortedError("group commit stopped"))
+
+
+async def settle(future: asyncio.Future[Result], work: Awaitable[Result]) -> None:
+    """Deliver the outcome of ``work`` (a result or an ``Exception``) to ``future``."""
+    try:
+        result = await work
+    except Exception as error:
+        if not future.done():
+            future.set_exception(error)
+    else:
+        if not future.done():
+            future.set_result(result)
