@@ -135,12 +135,13 @@ async def test_a_worker_killed_mid_run_is_replaced_without_loss_or_double_apply(
         await append_events(store, items[:300])
         first = await WorkerProcess.start(engine, batch=40)
         try:
-            # Keep appending while it works; kill it at a random moment past its first
-            # batch and before it has caught up.
-            kill_after = rnd.uniform(0.0, 0.3)
+            # Keep appending while it works; kill it at a random point past its first
+            # batch and before it can catch up (a point of its progress, not a moment:
+            # appends are fast enough to be done before any fixed delay).
+            kill_at = rnd.randrange(340, 1000)
             await wait_until(lambda: _started(engine), 30, "the first batch")
             appending = asyncio.create_task(append_events(store, items[300:1200]))
-            await asyncio.sleep(kill_after)
+            await wait_until(lambda: _reached(engine, kill_at), 30, f"position {kill_at}")
             at_kill = await lowest(engine)
             code, err = await first.finish(signal.SIGKILL)
         except BaseException:
