@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
 
 from eventstore.errors import KeyAlreadyClaimed
+from eventstore.hashing import parse_json
 from eventstore.records import RecordedEvent, StreamHead
 from eventstore.schema import unique_keys
 from eventstore.sqlite_driver import Connection as InlineConnection
@@ -72,7 +72,7 @@ EVENT_ROW_COLUMNS: Final = (
     "hash",
 )
 _COLUMN_LIST: Final = ", ".join(EVENT_ROW_COLUMNS)
-_loads = json.loads
+_loads = parse_json
 
 
 def _pg_document(value: Any) -> Any:

@@ -9,7 +9,6 @@ server-side timeouts that bound how long a stuck transaction can hold the append
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
 from eventstore.errors import StoreUnavailable
-from eventstore.hashing import canonical_json
+from eventstore.hashing import canonical_json, parse_json
 from eventstore.sqlite_driver import InlineSQLiteDBAPI, file_path
 
 #: Execution option that makes a SQLite transaction take the write lock at BEGIN.
@@ -69,10 +68,6 @@ def backend_name(url: str | URL) -> str:
     return name
 
 
-def _json_loads(text: str | bytes) -> Any:
-    return json.loads(text)
-
-
 def create_engine(url: str | URL, options: EngineOptions | None = None) -> AsyncEngine:
     """Build the async engine for ``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``."""
     opts = options or EngineOptions()
@@ -84,7 +79,7 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
         # lines and exception messages.
         "hide_parameters": True,
         "json_serializer": canonical_json,
-        "json_deserializer": _json_loads,
+        "json_deserializer": parse_json,
     }
     if backend_name(url) == "postgresql":
         if url.drivername != "postgresql+asyncpg":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -11,7 +12,7 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from eventstore import (
@@ -22,7 +23,7 @@ from eventstore import (
     NewEvent,
     create_engine,
 )
-from eventstore.hashing import canonical_json, chain_hash, event_hash
+from eventstore.hashing import canonical_json, chain_hash, event_hash, parse_json
 from eventstore.integrity import verify
 
 pytestmark = pytest.mark.sqlite
@@ -200,6 +201,16 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
     max_leaves=10,
 )
+
+
+@given(value=json_values)
+@example(value={"big": 2**70, "small": -(2**64)})
+@example(value=["\ud800 lone surrogate", 1e16, 0.1])
+def test_stored_json_parses_back_exactly_as_the_stdlib_parses_it(value):
+    text = canonical_json(value)
+    parsed = parse_json(text)
+    assert parsed == json.loads(text)
+    assert canonical_json(parsed) == text  # so hashes verify after reading back
 
 
 @given(
