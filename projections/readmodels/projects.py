@@ -35,6 +35,14 @@ projects_table = Table(
     Index(None, "visibility"),
     Index(None, "name"),
     Index(None, "created_at"),
+    # Project searches and pages by name, in projections.query's code-point order
+    # (COLLATE "C" on PostgreSQL; see the same kind of index on tasks).
+    Index(
+        None,
+        "name",
+        "project_id",
+        postgresql_ops={"name": 'COLLATE "C"', "project_id": 'COLLATE "C"'},
+    ),
 )
 
 project_members = Table(

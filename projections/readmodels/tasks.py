@@ -43,6 +43,11 @@ tasks_table = Table(
     Index(None, "assignee_id", "status"),
     Index(None, "created_by"),
     Index(None, "due_at"),
+    # Task lists and pages across projects, in projections.query's order: created_at,
+    # then task_id in code-point order. Query compares strings COLLATE "C" on PostgreSQL,
+    # which an index in the default collation cannot serve (postgresql_ops puts the
+    # collation on the index column); SQLite ignores it, its BINARY order already is.
+    Index(None, "created_at", "task_id", postgresql_ops={"task_id": 'COLLATE "C"'}),
 )
 
 
