@@ -65,6 +65,16 @@ async def test_postgres_upgrade_equals_metadata_and_downgrade_removes_everything
                 {"s": schema},
             )
         assert triggers == 2
+        async with engine.connect() as conn:  # migration 0007: planned once, not per call
+            settings = await conn.scalar(
+                text(
+                    "SELECT p.proconfig FROM pg_proc p "
+                    "JOIN pg_namespace n ON n.oid = p.pronamespace "
+                    "WHERE p.proname = 'tiu_lock_and_heads' AND n.nspname = :s"
+                ),
+                {"s": schema},
+            )
+        assert settings == ["plan_cache_mode=force_generic_plan"]
     finally:
         await engine.dispose()
         async with admin.begin() as conn:
