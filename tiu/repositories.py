@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import SecretStr
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select, true
+from sqlalchemy import ColumnElement, and_, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import audit, projects, sessions, tasks, users
@@ -99,6 +99,7 @@ class Channel:
         self.service = service
         self.caller = caller
         self.unit = unit
+        self._permissions: frozenset[str] | None = None
 
     def context(
         self, *, actor_id: str | None = None, now: datetime | None = None
@@ -144,17 +145,26 @@ class Channel:
             await self.service.wait_for(max(positions))
         return value
 
-    async def actor_permissions(self) -> frozenset[str]:
+    async def actor_permissions(self, conn: AsyncConnection | None = None) -> frozenset[str]:
+        """The actor's permissions; read once per repositories session (in a unit of
+        work, every time: a command of the unit may have changed them), on ``conn`` if
+        given (a read that needs them saves a connection checkout)."""
+        if self._permissions is not None:
+            return self._permissions
         actor = self.caller.actor_id
         if actor is None:
             return frozenset()
         if actor == SYSTEM_ACTOR:
             return frozenset(Permission)
-        async with self.read() as conn:
-            rows = await conn.execute(
-                select(user_permissions.c.permission).where(user_permissions.c.user_id == actor)
-            )
-            return frozenset(rows.scalars())
+        statement = select(user_permissions.c.permission).where(user_permissions.c.user_id == actor)
+        if conn is not None:
+            permissions = frozenset((await conn.execute(statement)).scalars())
+        else:
+            async with self.read() as own:
+                permissions = frozenset((await own.execute(statement)).scalars())
+        if self.unit is None:
+            self._permissions = permissions
+        return permissions
 
 
 class _Repository:
@@ -167,6 +177,10 @@ class _Repository:
 
     def _now(self) -> datetime:
         return self._channel.service.now()
+
+    async def _reads_all(self, conn: AsyncConnection) -> bool:
+        """Whether the actor holds ``projects:read_all`` (looked up once per session)."""
+        return Permission.PROJECTS_READ_ALL in await self._channel.actor_permissions(conn)
 
 
 class UserRepository(_Repository):
@@ -351,67 +365,57 @@ async def _with_roles(conn: AsyncConnection, row: Mapping[str, Any]) -> User:
     return User.from_row({**row, "roles": tuple(roles.scalars())})
 
 
-def _reads_all(actor: str) -> ColumnElement[bool]:
-    return exists().where(
-        user_permissions.c.user_id == actor,
-        user_permissions.c.permission == Permission.PROJECTS_READ_ALL.value,
-    )
-
-
 @functools.lru_cache(maxsize=4096)
-def _visible_projects(actor: str | None) -> ColumnElement[bool]:
-    """Which projects ``actor`` may read, as part of the query itself: the permission
-    check and the rows come from one statement (one snapshot, one round trip).
+def _visible_projects(actor: str | None, reads_all: bool) -> ColumnElement[bool]:
+    """Which projects ``actor`` may read: all with ``projects:read_all``, else the public
+    ones, the ones it owns and the ones it is a member of.
+
+    The permission is resolved before the query (:meth:`Channel.actor_permissions`,
+    once per repositories session), not inside it: as a branch of the SQL (an EXISTS
+    OR'ed with the rest) it kept both planners from reading tasks through the
+    ``project_id`` indexes, or made PostgreSQL expect every project to be visible
+    (EXPLAIN in ``tests/projections/test_query_plans.py``; bench case 6).
 
     Cached per actor: building the expression was a third of a short query's time
     (profiled); SQL expressions are immutable, so one can serve every call.
     """
+    if actor == SYSTEM_ACTOR or reads_all:
+        return true()
     public = projects_table.c.visibility == projects.Visibility.PUBLIC.value
     if actor is None:
         return public
-    if actor == SYSTEM_ACTOR:
-        return true()
     member_of = select(project_members.c.project_id).where(project_members.c.user_id == actor)
     return or_(
-        _reads_all(actor),
-        public,
-        projects_table.c.owner_id == actor,
-        projects_table.c.project_id.in_(member_of),
+        public, projects_table.c.owner_id == actor, projects_table.c.project_id.in_(member_of)
     )
 
 
 @functools.lru_cache(maxsize=4096)
-def _visible_tasks(actor: str | None) -> ColumnElement[bool]:
+def _visible_tasks(actor: str | None, reads_all: bool) -> ColumnElement[bool]:
     """Tasks of the projects ``actor`` may read (see :func:`_visible_projects`).
 
-    Not ``project_id IN (projects WHERE <_visible_projects>)``: an OR over a subquery
-    uses no index, so PostgreSQL read every project to find the visible ones and,
-    guessing three quarters of them visible, often every task too (EXPLAIN in
-    ``tests/projections/test_query_plans.py``). Here the projects an actor reads
-    without ``projects:read_all`` come from two index lookups (public or owned; member
-    of), built once per statement, and the permission is a branch of the OR on the
-    task row: still one statement, and task lists are read in the order of an index.
+    Not ``project_id IN (projects WHERE public OR owner OR member)``: an OR over a
+    subquery uses no index, so PostgreSQL read every project to find the visible ones.
+    The projects come from two index lookups (public or owned; member of), and the
+    tasks of those projects through the ``project_id`` indexes.
     """
-    if actor is None or actor == SYSTEM_ACTOR:
-        visible = select(projects_table.c.project_id).where(_visible_projects(actor))
-        return tasks_table.c.project_id.in_(visible)
+    if actor == SYSTEM_ACTOR or reads_all:
+        return true()
+    public = projects_table.c.visibility == projects.Visibility.PUBLIC.value
+    if actor is None:
+        return tasks_table.c.project_id.in_(select(projects_table.c.project_id).where(public))
     public_or_owned = select(projects_table.c.project_id).where(
-        or_(
-            projects_table.c.visibility == projects.Visibility.PUBLIC.value,
-            projects_table.c.owner_id == actor,
-        )
+        or_(public, projects_table.c.owner_id == actor)
     )
     member_of = select(project_members.c.project_id).where(project_members.c.user_id == actor)
-    return or_(
-        _reads_all(actor), tasks_table.c.project_id.in_(public_or_owned.union_all(member_of))
-    )
+    return tasks_table.c.project_id.in_(public_or_owned.union_all(member_of))
 
 
 class ProjectRepository(_Repository):
     """Reads are access-checked: owners, members, admins, and anyone for public projects."""
 
-    async def _visible(self) -> ColumnElement[bool]:
-        return _visible_projects(self.actor_id)
+    async def _visible(self, conn: AsyncConnection) -> ColumnElement[bool]:
+        return _visible_projects(self.actor_id, await self._reads_all(conn))
 
     async def create_project(
         self,
@@ -432,10 +436,9 @@ class ProjectRepository(_Repository):
 
     async def get_project(self, project_id: str) -> Project | None:
         async with self._channel.read() as conn:
+            visible = await self._visible(conn)
             rows = await PROJECTS_Q.list(
-                conn,
-                where=and_(projects_table.c.project_id == project_id, await self._visible()),
-                limit=1,
+                conn, where=and_(projects_table.c.project_id == project_id, visible), limit=1
             )
         return Project.from_row(rows[0]) if rows else None
 
@@ -451,10 +454,10 @@ class ProjectRepository(_Repository):
             projects_table.c.project_id.in_(member_of),
             projects_table.c.visibility == projects.Visibility.PUBLIC.value,
         )
-        condition = and_(involved, await self._visible())
         if not include_archived:
-            condition = and_(condition, projects_table.c.archived.is_(False))
+            involved = and_(involved, projects_table.c.archived.is_(False))
         async with self._channel.read() as conn:
+            condition = and_(involved, await self._visible(conn))
             rows = await PROJECTS_Q.list(
                 conn, where=condition, order_by=["-created_at"], limit=limit
             )
@@ -475,10 +478,11 @@ class ProjectRepository(_Repository):
         if text:
             merged["name__ilike"] = "%" + _escape_like(text) + "%"
         async with self._channel.read() as conn:
+            visible = await self._visible(conn)
             rows = await PROJECTS_Q.list(
                 conn,
                 merged,
-                where=await self._visible(),
+                where=visible,
                 order_by=order_by,
                 limit=limit,
                 offset=offset,
@@ -494,13 +498,9 @@ class ProjectRepository(_Repository):
         limit: int = 50,
     ) -> Page:
         async with self._channel.read() as conn:
+            visible = await self._visible(conn)
             return await PROJECTS_Q.page(
-                conn,
-                filters,
-                order_by=order_by,
-                after=after,
-                limit=limit,
-                where=await self._visible(),
+                conn, filters, order_by=order_by, after=after, limit=limit, where=visible
             )
 
     async def update_project(
@@ -575,8 +575,8 @@ class ProjectRepository(_Repository):
 
 
 class TaskRepository(_Repository):
-    async def _visible(self) -> ColumnElement[bool]:
-        return _visible_tasks(self.actor_id)
+    async def _visible(self, conn: AsyncConnection) -> ColumnElement[bool]:
+        return _visible_tasks(self.actor_id, await self._reads_all(conn))
 
     async def _project_of(self, task_id: str) -> str:
         async with self._channel.read() as conn:
@@ -612,8 +612,9 @@ class TaskRepository(_Repository):
 
     async def get_task(self, task_id: str) -> Task | None:
         async with self._channel.read() as conn:
+            visible = await self._visible(conn)
             rows = await TASKS_Q.list(
-                conn, where=and_(tasks_table.c.task_id == task_id, await self._visible()), limit=1
+                conn, where=and_(tasks_table.c.task_id == task_id, visible), limit=1
             )
         return Task.from_row(rows[0]) if rows else None
 
@@ -656,10 +657,10 @@ class TaskRepository(_Repository):
         offset: int | None = None,
         where: ColumnElement[bool] | None = None,
     ) -> list[Task]:
-        condition = await self._visible()
-        if where is not None:
-            condition = and_(condition, where)
         async with self._channel.read() as conn:
+            condition = await self._visible(conn)
+            if where is not None:
+                condition = and_(condition, where)
             rows = await TASKS_Q.list(
                 conn, filters, where=condition, order_by=order_by, limit=limit, offset=offset
             )
@@ -674,18 +675,15 @@ class TaskRepository(_Repository):
         limit: int = 100,
     ) -> Page:
         async with self._channel.read() as conn:
+            visible = await self._visible(conn)
             return await TASKS_Q.page(
-                conn,
-                filters,
-                order_by=order_by,
-                after=after,
-                limit=limit,
-                where=await self._visible(),
+                conn, filters, order_by=order_by, after=after, limit=limit, where=visible
             )
 
     async def count_tasks(self, filters: Mapping[str, Any] | None = None) -> int:
         async with self._channel.read() as conn:
-            return await TASKS_Q.count(conn, filters, where=await self._visible())
+            visible = await self._visible(conn)
+            return await TASKS_Q.count(conn, filters, where=visible)
 
     async def get_project_tasks(
         self, project_id: str, status: str | None = None, **options: Any
