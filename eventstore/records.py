@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +19,17 @@ ExpectedVersion = int | Literal["any", "no_stream", "exists"]
 ANY: Literal["any"] = "any"
 NO_STREAM: Literal["no_stream"] = "no_stream"
 STREAM_EXISTS: Literal["exists"] = "exists"
+
+
+def uuid7() -> uuid.UUID:
+    """A time-ordered UUID (RFC 9562 version 7): 48 bits of Unix milliseconds, then 74
+    random bits. The default event id: ids of new events land at the right edge of the
+    ``event_id`` index instead of on a random page of it, which at a million events no
+    longer sits in the cache (random v4 ids made every append touch a cold page)."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10))
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
+    return uuid.UUID(int=value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +50,7 @@ class NewEvent:
     data: Mapping[str, Any]
     schema_version: int = 1
     metadata: Mapping[str, Any] = field(default_factory=dict)
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=uuid7)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -410,6 +411,16 @@ async def test_event_ids_are_unique_and_preserved(store):
     await store.append("user-1", "user", [NewEvent("E", {}, event_id=i) for i in ids])
     async with store.engine.connect() as conn:
         assert [e.event_id for e in await store.read_stream(conn, "user-1")] == ids
+
+
+def test_default_event_ids_are_time_ordered_version_7_uuids():
+    first = [NewEvent("E", {}).event_id for _ in range(100)]
+    time.sleep(0.002)  # the next millisecond
+    later = NewEvent("E", {}).event_id
+    assert {e.version for e in first} == {7}
+    assert len(set(first)) == 100
+    assert all(e < later for e in first)
+    assert abs((later.int >> 80) - time.time_ns() // 1_000_000) < 60_000  # ms since the epoch
 
 
 async def test_an_event_id_already_in_the_log_is_refused_with_nothing_written(store):
