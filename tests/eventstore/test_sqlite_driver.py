@@ -40,6 +40,19 @@ def db_path(sqlite_template, tmp_path):
     return path
 
 
+def _hold_the_lock(store: EventStore) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make ``store``'s appends (the general path) stop before COMMIT, holding the write
+    lock: ``holding`` is set then, and they go on when ``release`` is set."""
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(_uow: object) -> None:
+        holding.set()
+        await release.wait()
+
+    store.before_commit = hold
+    return holding, release
+
+
 async def _ticks_while(work: asyncio.Future | asyncio.Task) -> int:
     """How often a 10 ms ticker ran while ``work`` was pending: 0 means a blocked loop."""
     ticks = 0
@@ -51,15 +64,9 @@ async def _ticks_while(work: asyncio.Future | asyncio.Task) -> int:
 
 async def test_writers_of_one_process_queue_for_the_lock_without_blocking_the_loop(db_path):
     store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
-    holding, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(_uow: object) -> None:
-        holding.set()
-        await release.wait()
-
+    slow = EventStore(store.engine)
+    holding, release = _hold_the_lock(slow)
     try:
-        slow = EventStore(store.engine)
-        slow.before_commit = hold
         first = asyncio.create_task(slow.append("user-a", "user", [ev(1)]))
         await asyncio.wait_for(holding.wait(), 5)
         second = asyncio.create_task(store.append("user-b", "user", [ev(2)]))
@@ -79,13 +86,7 @@ async def test_a_writer_of_this_process_holding_the_lock_past_the_busy_timeout_t
 ):
     engine = create_engine(f"sqlite+aiosqlite:///{db_path}", EngineOptions(busy_timeout=0.2))
     stuck, other = EventStore(engine), EventStore(engine)
-    holding, release = asyncio.Event(), asyncio.Event()
-
-    async def hang(_uow: object) -> None:
-        holding.set()
-        await release.wait()
-
-    stuck.before_commit = hang
+    holding, release = _hold_the_lock(stuck)
     try:
         first = asyncio.create_task(stuck.append("user-a", "user", [ev(1)]))
         await asyncio.wait_for(holding.wait(), 5)
@@ -137,13 +138,7 @@ async def test_a_failed_or_cancelled_append_leaves_no_transaction_lock_or_connec
     runs to its end on the group writer's task."""
     engine = create_engine(f"sqlite+aiosqlite:///{db_path}", EngineOptions(busy_timeout=5))
     store, holder = EventStore(engine), EventStore(engine)
-    holding, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(_uow: object) -> None:
-        holding.set()
-        await release.wait()
-
-    holder.before_commit = hold  # the general path, holding the lock
+    holding, release = _hold_the_lock(holder)
     try:
         twice = ev(1)
         with pytest.raises(DuplicateEventId):  # the same event id twice: rolled back
