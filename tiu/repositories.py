@@ -99,7 +99,7 @@ class Channel:
         self.service = service
         self.caller = caller
         self.unit = unit
-        self._permissions: frozenset[str] | None = None
+        self._reads_all: bool | None = None
 
     def context(
         self, *, actor_id: str | None = None, now: datetime | None = None
@@ -146,11 +146,8 @@ class Channel:
         return value
 
     async def actor_permissions(self, conn: AsyncConnection | None = None) -> frozenset[str]:
-        """The actor's permissions; read once per repositories session (in a unit of
-        work, every time: a command of the unit may have changed them), on ``conn`` if
-        given (a read that needs them saves a connection checkout)."""
-        if self._permissions is not None:
-            return self._permissions
+        """The actor's permissions as they are now (on ``conn`` if given, which saves a
+        connection checkout)."""
         actor = self.caller.actor_id
         if actor is None:
             return frozenset()
@@ -158,13 +155,18 @@ class Channel:
             return frozenset(Permission)
         statement = select(user_permissions.c.permission).where(user_permissions.c.user_id == actor)
         if conn is not None:
-            permissions = frozenset((await conn.execute(statement)).scalars())
-        else:
-            async with self.read() as own:
-                permissions = frozenset((await own.execute(statement)).scalars())
-        if self.unit is None:
-            self._permissions = permissions
-        return permissions
+            return frozenset((await conn.execute(statement)).scalars())
+        async with self.read() as own:
+            return frozenset((await own.execute(statement)).scalars())
+
+    async def reads_all_projects(self, conn: AsyncConnection) -> bool:
+        """Whether the actor holds ``projects:read_all``, for the visibility filter of
+        reads: looked up once per repositories session (every time inside a unit of
+        work, whose commands may change it). Authorisation checks of writes and audit
+        reads use :meth:`actor_permissions`, never this cached answer."""
+        if self._reads_all is None or self.unit is not None:
+            self._reads_all = Permission.PROJECTS_READ_ALL in await self.actor_permissions(conn)
+        return self._reads_all
 
 
 class _Repository:
@@ -179,8 +181,7 @@ class _Repository:
         return self._channel.service.now()
 
     async def _reads_all(self, conn: AsyncConnection) -> bool:
-        """Whether the actor holds ``projects:read_all`` (looked up once per session)."""
-        return Permission.PROJECTS_READ_ALL in await self._channel.actor_permissions(conn)
+        return await self._channel.reads_all_projects(conn)
 
 
 class UserRepository(_Repository):
@@ -370,7 +371,7 @@ def _visible_projects(actor: str | None, reads_all: bool) -> ColumnElement[bool]
     """Which projects ``actor`` may read: all with ``projects:read_all``, else the public
     ones, the ones it owns and the ones it is a member of.
 
-    The permission is resolved before the query (:meth:`Channel.actor_permissions`,
+    The permission is resolved before the query (:meth:`Channel.reads_all_projects`,
     once per repositories session), not inside it: as a branch of the SQL (an EXISTS
     OR'ed with the rest) it kept both planners from reading tasks through the
     ``project_id`` indexes, or made PostgreSQL expect every project to be visible

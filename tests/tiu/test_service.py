@@ -198,6 +198,23 @@ async def test_private_projects_and_their_tasks_are_invisible_to_outsiders(servi
         assert len(await repos.get_task_repository().get_project_tasks(secret.id)) == 1
 
 
+async def test_a_granted_read_all_permission_shows_every_project_from_the_next_session(service):
+    owner = await make_user(service, "tara")
+    viewer = await make_user(service, "uma")
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        vault = await repos.get_project_repository().create_project("Vault", visibility="private")
+        await repos.get_task_repository().create_task(vault.id, "Inside")
+    async with service.get_repositories(actor_id=viewer.id) as repos:
+        assert await repos.get_task_repository().count_tasks() == 0
+    async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+        await repos.get_user_repository().assign_role(viewer.id, "admin")
+    async with service.get_repositories(actor_id=viewer.id) as repos:
+        found = await repos.get_project_repository().get_project(vault.id)
+        assert found is not None and found.name == "Vault"
+        assert [t.title for t in await repos.get_task_repository().list_tasks()] == ["Inside"]
+        assert await repos.get_task_repository().count_tasks() == 1
+
+
 async def test_task_lifecycle_statistics_overdue_and_due_soon(service, clock):
     owner = await make_user(service, "tara")
     async with service.get_repositories(actor_id=owner.id) as repos:
