@@ -36,6 +36,7 @@ from eventstore.records import (
     ExpectedVersion,
     NewEvent,
     RecordedEvent,
+    StreamData,
 )
 from eventstore.schema import metadata
 from eventstore.store import EventStore, UnitOfWork
@@ -67,6 +68,7 @@ __all__ = [
     "RecordedEvent",
     "SchemaNotReady",
     "StoreUnavailable",
+    "StreamData",
     "SubjectKeys",
     "SubjectKeysDestroyed",
     "TransactionConflict",

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 #: ``int`` n: the stream must be exactly at version n (0 means empty);
 #: ``"no_stream"``: the stream must not exist yet (same as 0);
@@ -72,6 +72,16 @@ class RecordedEvent:
     command_id: str | None
     recorded_at: datetime
     hash: str
+
+
+class StreamData(NamedTuple):
+    """What folding a stream needs of each of its events (``EventStore.read_streams_data``)."""
+
+    stream_id: str
+    version: int
+    event_type: str
+    schema_version: int
+    data: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

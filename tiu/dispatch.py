@@ -486,7 +486,7 @@ class Dispatcher:
                     and isinstance(entry[0], BaseModel)
                 ):
                     entry[:] = [type(entry[0]).model_validate(row.state), row.version, row.version]
-        records = await self.store.read_streams(
+        records = await self.store.read_streams_data(
             conn, {stream_id: entry[1] + 1 for stream_id, entry in folded.items()}
         )
         opened = await self.keys.open_many(conn, [(r.event_type, r.data) for r in records])

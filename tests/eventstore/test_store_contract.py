@@ -113,6 +113,24 @@ async def test_read_stream_backwards_and_by_version_range(store):
     assert [e.version for e in older] == [4, 3]
 
 
+async def test_read_streams_data_gives_what_a_fold_needs_grouped_by_stream(store):
+    await store.append("user-a", "user", [NewEvent("A1", {"n": 1}), NewEvent("A2", {"n": 2})])
+    await store.append("user-b", "user", [NewEvent("B1", {"n": 3}, schema_version=2)])
+    await store.append("user-a", "user", [NewEvent("A3", {"n": 4})])
+    async with store.engine.connect() as conn:
+        both = await store.read_streams_data(conn, {"user-b": 1, "user-a": 2})
+        one = await store.read_streams_data(conn, {"user-a": 1})
+        none = await store.read_streams_data(conn, {"user-zz": 1})
+    assert sorted(both) == [
+        ("user-a", 2, "A2", 1, {"n": 2}),
+        ("user-a", 3, "A3", 1, {"n": 4}),
+        ("user-b", 1, "B1", 2, {"n": 3}),
+    ]
+    assert [d.stream_id for d in both] in (["user-a"] * 2 + ["user-b"], ["user-b"] + ["user-a"] * 2)
+    assert [(d.version, d.event_type) for d in one] == [(1, "A1"), (2, "A2"), (3, "A3")]
+    assert none == []
+
+
 async def test_read_all_filters_by_category_type_and_position(store):
     await store.append("user-1", "user", [ev("Registered"), ev("LoggedIn")])
     await store.append("task-1", "task", [ev("Created")])
