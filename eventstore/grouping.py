@@ -30,14 +30,14 @@ class GroupQueue(Generic[Item, Result]):
 
     def __init__(
         self,
-        write: Callable[[list[tuple[Item, asyncio.Future[Result]]]], Awaitable[None]],
+        write: Callable[[list[Waiting[Item, Result]]], Awaitable[None]],
         max_group: int,
     ) -> None:
         if max_group < 1:
             raise ValueError(f"max_group must be at least 1, not {max_group}")
         self._write = write
         self.max_group = max_group
-        self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._queue: list[Waiting[Item, Result]] = []
         self._writer: asyncio.Task[None] | None = None
 
     async def submit(self, item: Item) -> Result:
@@ -56,7 +56,7 @@ class GroupQueue(Generic[Item, Result]):
             raise
 
     async def _write_all(self) -> None:
-        group: list[tuple[Item, asyncio.Future[Result]]] = []
+        group: list[Waiting[Item, Result]] = []
         try:
             while self._queue:
                 group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
@@ -78,7 +78,7 @@ class GroupQueue(Generic[Item, Result]):
             await asyncio.shield(self._writer)
 
 
-def _fail(waiting: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+def _fail(waiting: list[Waiting[Item, Result]]) -> None:
     for _, future in waiting:
         if not future.done():
             future.set_exception(ConnectionAbortedError("group commit stopped"))

@@ -28,7 +28,7 @@ from eventstore.errors import (
     UnknownCategory,
     WrongExpectedVersion,
 )
-from eventstore.grouping import GroupQueue, settle
+from eventstore.grouping import GroupQueue, Waiting, settle
 from eventstore.hashing import GENESIS, canonical_json, chain_hash
 from eventstore.records import (
     ANY,
@@ -289,9 +289,7 @@ class EventStore:
             raise outcome
         return outcome
 
-    async def _write_group(
-        self, group: list[tuple[_PendingAppend, asyncio.Future[AppendResult]]]
-    ) -> None:
+    async def _write_group(self, group: list[Waiting[_PendingAppend, AppendResult]]) -> None:
         """The group committer's writer: one transaction for the group; if it fails as a
         whole (whoever caused it), each append is retried alone and gets its own outcome."""
         try:
@@ -511,7 +509,7 @@ class EventStore:
         last event) down to ``from_version``.
         """
         if to_version is None and not backwards and limit is None:
-            # The path every command load takes: a prebuilt statement.
+            # A whole stream forward: read on the driver, SQL prepared once.
             with translate_errors(self.dialect.database_label):
                 return await self.dialect.read_stream_events(conn, stream_id, from_version)
         query = select(*_EVENT_COLUMNS).where(

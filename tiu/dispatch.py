@@ -37,7 +37,7 @@ from domain.errors import AlreadyExists, DomainError
 from domain.routing import Decider, claims, erasures, route
 from eventstore.crypto import SubjectKeys, keyring
 from eventstore.errors import ConcurrencyError, KeyAlreadyClaimed
-from eventstore.grouping import GroupQueue, settle
+from eventstore.grouping import GroupQueue, Waiting, settle
 from eventstore.records import EventContext, NewEvent
 from eventstore.schema import events as events_table
 from eventstore.schema import processed_commands, snapshots, unique_keys
@@ -620,7 +620,7 @@ class GroupCommitter:
         await self._queue.aclose()
 
     async def _write(
-        self, group: list[tuple[tuple[Command, CommandContext], asyncio.Future[CommandResult]]]
+        self, group: list[Waiting[tuple[Command, CommandContext], CommandResult]]
     ) -> None:
         if len(group) == 1:
             ((command, ctx), future) = group[0]
