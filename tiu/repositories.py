@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from pydantic import SecretStr
-from sqlalchemy import ColumnElement, and_, func, or_, select, true
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import audit, projects, sessions, tasks, users
@@ -366,6 +366,14 @@ async def _with_roles(conn: AsyncConnection, row: Mapping[str, Any]) -> User:
     return User.from_row({**row, "roles": tuple(roles.scalars())})
 
 
+_PUBLIC: Final = projects_table.c.visibility == projects.Visibility.PUBLIC.value
+
+
+def _member_of(user_id: str | None) -> Select[tuple[str]]:
+    """The ids of the projects ``user_id`` is a member of."""
+    return select(project_members.c.project_id).where(project_members.c.user_id == user_id)
+
+
 @functools.lru_cache(maxsize=4096)
 def _visible_projects(actor: str | None, reads_all: bool) -> ColumnElement[bool]:
     """Which projects ``actor`` may read: all with ``projects:read_all``, else the public
@@ -382,12 +390,12 @@ def _visible_projects(actor: str | None, reads_all: bool) -> ColumnElement[bool]
     """
     if actor == SYSTEM_ACTOR or reads_all:
         return true()
-    public = projects_table.c.visibility == projects.Visibility.PUBLIC.value
     if actor is None:
-        return public
-    member_of = select(project_members.c.project_id).where(project_members.c.user_id == actor)
+        return _PUBLIC
     return or_(
-        public, projects_table.c.owner_id == actor, projects_table.c.project_id.in_(member_of)
+        _PUBLIC,
+        projects_table.c.owner_id == actor,
+        projects_table.c.project_id.in_(_member_of(actor)),
     )
 
 
@@ -402,14 +410,12 @@ def _visible_tasks(actor: str | None, reads_all: bool) -> ColumnElement[bool]:
     """
     if actor == SYSTEM_ACTOR or reads_all:
         return true()
-    public = projects_table.c.visibility == projects.Visibility.PUBLIC.value
     if actor is None:
-        return tasks_table.c.project_id.in_(select(projects_table.c.project_id).where(public))
+        return tasks_table.c.project_id.in_(select(projects_table.c.project_id).where(_PUBLIC))
     public_or_owned = select(projects_table.c.project_id).where(
-        or_(public, projects_table.c.owner_id == actor)
+        or_(_PUBLIC, projects_table.c.owner_id == actor)
     )
-    member_of = select(project_members.c.project_id).where(project_members.c.user_id == actor)
-    return tasks_table.c.project_id.in_(public_or_owned.union_all(member_of))
+    return tasks_table.c.project_id.in_(public_or_owned.union_all(_member_of(actor)))
 
 
 class ProjectRepository(_Repository):
@@ -449,11 +455,10 @@ class ProjectRepository(_Repository):
         """Projects ``user_id`` (default: the actor) owns or is a member of, plus public
         ones, as far as the actor may see them."""
         subject = user_id or self.actor_id
-        member_of = select(project_members.c.project_id).where(project_members.c.user_id == subject)
         involved = or_(
             projects_table.c.owner_id == subject,
-            projects_table.c.project_id.in_(member_of),
-            projects_table.c.visibility == projects.Visibility.PUBLIC.value,
+            projects_table.c.project_id.in_(_member_of(subject)),
+            _PUBLIC,
         )
         if not include_archived:
             involved = and_(involved, projects_table.c.archived.is_(False))
