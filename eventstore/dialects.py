@@ -1,9 +1,12 @@
 """What differs between SQLite and PostgreSQL: serialising appends, claims, wake-ups.
 
 PostgreSQL: a transaction-scoped advisory lock, taken just before the insert,
-serialises appends so positions follow commit order (ORDERING.md). The lock and the
-read of the stream heads are one call of ``tiu_lock_and_heads`` (migration 0005):
-the heads are read by a later statement of that function, with a snapshot taken
+serialises appends so positions follow commit order (ORDERING.md). A store append is
+one call of ``tiu_append`` (migration 0008), sent outside a transaction: lock, heads,
+version checks, hash chain and insert in one statement, committed as it ends. In a
+unit of work the lock and the read of the stream heads are one call of
+``tiu_lock_and_heads`` (migration 0005), and the insert follows. Either way the heads
+are read by a later statement of the function than the lock, with a snapshot taken
 after the lock was granted, as ORDERING.md requires. Readers in other processes
 are woken by NOTIFY, sent by a throttled background task after commit, never
 inside the append transaction.
@@ -31,16 +34,22 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
 
-from eventstore.errors import KeyAlreadyClaimed
-from eventstore.hashing import parse_json
-from eventstore.records import RecordedEvent, StreamData, StreamHead
+from eventstore.errors import KeyAlreadyClaimed, WrongExpectedVersion
+from eventstore.hashing import hash_tail, json_text, parse_json
+from eventstore.records import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    AppendResult,
+    RecordedEvent,
+    StreamData,
+    StreamHead,
+)
 from eventstore.schema import unique_keys
 from eventstore.sqlite_driver import Connection as InlineConnection
 from eventstore.translate import translate_errors
 
 if TYPE_CHECKING:
-    from eventstore.errors import WrongExpectedVersion
-    from eventstore.records import AppendResult
     from eventstore.store import EventStore, _PendingAppend
 
 log = logging.getLogger("eventstore")
@@ -490,6 +499,62 @@ _PG_STREAMS_DATA: Final = (
     "JOIN events AS e ON e.stream_id = s.id AND e.version >= s.v "
     "ORDER BY e.stream_id, e.version"
 )
+_PG_APPEND: Final = (
+    "SELECT * FROM tiu_append($1::text[], $2::text[], $3::bigint[], $4::int[], $5::text[], "
+    "$6::text[], $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::uuid[], "
+    "$12::text[], $13::int[], $14::text[], $15::text[], $16::text[])"
+)
+#: tiu_append's codes for the expected versions that are not a number.
+_PG_EXPECTED: Final[Mapping[object, int]] = {ANY: -1, STREAM_EXISTS: -2, NO_STREAM: 0}
+
+
+def _append_arguments(store: EventStore, pending: list[_PendingAppend]) -> tuple[list[Any], ...]:
+    """``tiu_append``'s arguments: per append, then per event (see migration 0008)."""
+    now = store.now()
+    stream_ids, categories, expected, counts, stream_jsons = [], [], [], [], []
+    actors, correlations, causations, commands, stamps = [], [], [], [], []
+    event_ids, event_types, schema_versions, datas, metadatas, tails = [], [], [], [], [], []
+    for p in pending:
+        ctx = p.context
+        stamp = p.recorded_at or now
+        stream_ids.append(p.stream_id)
+        categories.append(p.category)
+        expected.append(_PG_EXPECTED.get(p.expected, p.expected))
+        counts.append(len(p.events))
+        stream_jsons.append(json_text(p.stream_id))
+        actors.append(ctx.actor_id)
+        correlations.append(ctx.correlation_id)
+        causations.append(ctx.causation_id)
+        commands.append(ctx.command_id)
+        stamps.append(stamp)
+        for event, data, meta in p.events:
+            event_id = str(event.event_id)
+            event_ids.append(event_id)
+            event_types.append(event.event_type)
+            schema_versions.append(event.schema_version)
+            datas.append(data)
+            metadatas.append(meta)
+            tails.append(
+                hash_tail(
+                    event_id=event_id,
+                    event_type=event.event_type,
+                    schema_version=event.schema_version,
+                    data_json=data,
+                    metadata_json=meta,
+                    actor_id=ctx.actor_id,
+                    correlation_id=ctx.correlation_id,
+                    causation_id=ctx.causation_id,
+                    command_id=ctx.command_id,
+                    recorded_at=stamp,
+                )
+            )
+    return (
+        stream_ids, categories, expected, counts, stream_jsons,
+        actors, correlations, causations, commands, stamps,
+        event_ids, event_types, schema_versions, datas, metadatas, tails,
+    )  # fmt: skip
+
+
 _PG_INSERT: Final = (
     f"INSERT INTO events ({_COLUMN_LIST}) VALUES "  # noqa: S608  # constant column names
     f"({', '.join(f'${i}' for i in range(1, len(EVENT_ROW_COLUMNS) + 1))})"
@@ -546,16 +611,21 @@ class PostgresDialect(Dialect):
     async def _append_on(
         self, raw: Any, store: EventStore, pending: list[_PendingAppend]
     ) -> list[AppendResult | WrongExpectedVersion]:
+        # tiu_append (migration 0008): lock, heads, checks, hash chain and insert in one
+        # statement sent outside a transaction, so its commit ends it: one round trip
+        # where BEGIN, lock and heads, INSERT and COMMIT took four.
         driver = raw.driver_connection  # asyncpg's, outside SQLAlchemy's adapter state
-        with self.driver_errors(raw, _PG_LOCK_AND_HEADS):
-            async with driver.transaction():
-                found = await driver.fetch(_PG_LOCK_AND_HEADS, store.lock_list(pending))
-                heads, position = _pg_heads(found)
-                rows, outcomes = store.plan(pending, {}, heads, position, refuse=True)
-                if len(rows) == 1:
-                    await driver.execute(_PG_INSERT, *rows[0])
-                elif rows:
-                    await driver.executemany(_PG_INSERT, rows)
+        with self.driver_errors(raw, _PG_APPEND):
+            found = await driver.fetch(_PG_APPEND, *_append_arguments(store, pending))
+        outcomes: list[AppendResult | WrongExpectedVersion] = []
+        for p, (before, first) in zip(pending, found, strict=True):
+            if first is None:
+                outcomes.append(WrongExpectedVersion(p.stream_id, p.expected, before))
+                continue
+            count = len(p.events)
+            outcomes.append(
+                AppendResult(p.stream_id, before + 1, before + count, first, first + count - 1)
+            )
         return outcomes
 
     @staticmethod

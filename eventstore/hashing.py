@@ -99,13 +99,46 @@ def chain_hash(
     command_id: str | None,
     recorded_at: datetime,
 ) -> str:
-    """:func:`event_hash` from data and metadata already in canonical JSON.
+    """:func:`event_hash` from data and metadata already in canonical JSON."""
+    return link_hash(
+        prev_hash,
+        json_text(stream_id),
+        version,
+        hash_tail(
+            event_id=event_id,
+            event_type=event_type,
+            schema_version=schema_version,
+            data_json=data_json,
+            metadata_json=metadata_json,
+            actor_id=actor_id,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            command_id=command_id,
+            recorded_at=recorded_at,
+        ),
+    )
+
+
+def hash_tail(
+    *,
+    event_id: str,
+    event_type: str,
+    schema_version: int,
+    data_json: str,
+    metadata_json: str,
+    actor_id: str | None,
+    correlation_id: str | None,
+    causation_id: str | None,
+    command_id: str | None,
+    recorded_at: datetime,
+) -> str:
+    """The hashed text after the version: what does not depend on the stream's head.
 
     The hashed text is the canonical JSON array of the fields; a JSON array is its
     items' JSON joined by commas, so the canonical text of data and metadata is
     spliced in instead of being encoded again (the append path has it already).
     """
-    head = _dumps([prev_hash, stream_id, version, event_id, event_type, schema_version])
+    middle = _dumps([event_id, event_type, schema_version])
     tail = _dumps(
         [
             actor_id,
@@ -115,8 +148,23 @@ def chain_hash(
             recorded_at.isoformat(timespec="microseconds"),
         ]
     )
-    content = f"{head[:-1]},{data_json},{metadata_json},{tail[1:]}"
-    return hashlib.sha256(content.encode()).hexdigest()
+    return f",{middle[1:-1]},{data_json},{metadata_json},{tail[1:]}"
+
+
+def link_hash(prev_hash: str, stream_json: str, version: int, tail: str) -> str:
+    """The hash of an event whose stream's previous hash is ``prev_hash``.
+
+    ``stream_json`` is :func:`json_text` of the stream id and ``tail`` is
+    :func:`hash_tail`. PostgreSQL's ``tiu_append`` (migration 0008) computes exactly
+    this in SQL; keep the two in step (a test checks they agree).
+    """
+    # prev_hash is 64 hex digits, so its JSON is itself in quotes.
+    return hashlib.sha256(f'["{prev_hash}",{stream_json},{version}{tail}'.encode()).hexdigest()
+
+
+def json_text(value: str | None) -> str:
+    """One scalar as the hashed text writes it."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _dumps(items: list[Any]) -> str:

@@ -7,6 +7,8 @@ import time
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 
 from eventstore import (
@@ -346,6 +348,60 @@ async def test_verify_passes_on_an_intact_log(store):
         report = await verify(conn, page_size=3)
     assert report.ok
     assert (report.streams, report.events, report.head_position) == (5, 15, 15)
+
+
+printable_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), max_size=8)
+group_append = st.tuples(
+    st.integers(0, 2),  # which stream of the example
+    st.sampled_from([ANY, NO_STREAM, STREAM_EXISTS, 0, 1, 2]),
+    st.lists(
+        st.dictionaries(printable_text, printable_text | st.integers(), max_size=3),
+        min_size=1,
+        max_size=3,
+    ),
+    st.none() | printable_text,
+)
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    suffix=printable_text.filter(str.isprintable),
+    appends=st.lists(group_append, min_size=1, max_size=6),
+)
+async def test_grouped_appends_chain_hashes_that_verify_and_refuse_only_their_own(
+    store, suffix, appends
+):
+    """Concurrent appends share one transaction (on PostgreSQL, one ``tiu_append`` call
+    that computes the hash chain in SQL): every stored hash must equal the Python
+    definition, whatever the stream id's characters, and an append whose expected
+    version does not hold must be the only one refused."""
+    base = f"task-{uuid.uuid4().hex[:8]}{suffix.strip()}"
+    streams = [f"{base}-{n}" for n in range(3)]
+    calls = [
+        store.append(
+            streams[n], "task", [NewEvent("Happened", d) for d in datas], expected,
+            context=EventContext(actor_id=actor),
+        )
+        for n, expected, datas, actor in appends
+    ]  # fmt: skip
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    for outcome in outcomes:
+        assert not isinstance(outcome, Exception) or isinstance(outcome, WrongExpectedVersion)
+    written = [o for o in outcomes if not isinstance(o, Exception)]
+    async with store.engine.connect() as conn:
+        report = await verify(conn)
+        stored = {s: await store.read_stream(conn, s) for s in streams}
+    assert report.ok, report
+    assert sum(len(events) for events in stored.values()) == sum(
+        o.last_version - o.first_version + 1 for o in written
+    )
+    for o in written:
+        events = stored[o.stream_id][o.first_version - 1 : o.last_version]
+        assert [e.position for e in events] == list(range(o.first_position, o.last_position + 1))
 
 
 @pytest.mark.postgres

@@ -65,16 +65,12 @@ async def test_postgres_upgrade_equals_metadata_and_downgrade_removes_everything
                 {"s": schema},
             )
         assert triggers == 2
-        async with engine.connect() as conn:  # migration 0007: planned once, not per call
-            settings = await conn.scalar(
-                text(
-                    "SELECT p.proconfig FROM pg_proc p "
-                    "JOIN pg_namespace n ON n.oid = p.pronamespace "
-                    "WHERE p.proname = 'tiu_lock_and_heads' AND n.nspname = :s"
-                ),
-                {"s": schema},
-            )
-        assert settings == ["plan_cache_mode=force_generic_plan"]
+        # migrations 0007 and 0008: the append functions are planned once, not per call
+        functions = await _functions(engine, schema)
+        assert functions["tiu_append"] == ["plan_cache_mode=force_generic_plan"]
+        assert functions["tiu_lock_and_heads"] == ["plan_cache_mode=force_generic_plan"]
+        await runner.downgrade(engine, "0007")
+        assert "tiu_append" not in await _functions(engine, schema)
     finally:
         await engine.dispose()
         async with admin.begin() as conn:
@@ -82,11 +78,26 @@ async def test_postgres_upgrade_equals_metadata_and_downgrade_removes_everything
         await admin.dispose()
 
 
-def test_the_lock_and_heads_function_takes_the_stores_advisory_lock():
-    """Migration 0005 spells the lock class out in SQL; it must be the store's."""
+async def _functions(engine: AsyncEngine, schema: str) -> dict[str, Any]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT p.proname, p.proconfig FROM pg_proc p "
+                "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = :s"
+            ),
+            {"s": schema},
+        )
+        return {row[0]: row[1] for row in rows}
+
+
+def test_the_append_functions_take_the_stores_advisory_lock():
+    """Migrations 0005 and 0008 spell the lock class out in SQL; it must be the store's."""
     import importlib
 
     from eventstore.dialects import ADVISORY_LOCK_CLASS
 
-    migration = importlib.import_module("migrations.versions.0005_append_heads_function")
-    assert f"pg_advisory_xact_lock({ADVISORY_LOCK_CLASS}," in migration.LOCK_AND_HEADS
+    lock = f"pg_advisory_xact_lock({ADVISORY_LOCK_CLASS},"
+    heads = importlib.import_module("migrations.versions.0005_append_heads_function")
+    append = importlib.import_module("migrations.versions.0008_append_function")
+    assert lock in heads.LOCK_AND_HEADS
+    assert lock in append.APPEND
