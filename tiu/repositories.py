@@ -153,11 +153,16 @@ class Channel:
             return frozenset()
         if actor == SYSTEM_ACTOR:
             return frozenset(Permission)
-        statement = select(user_permissions.c.permission).where(user_permissions.c.user_id == actor)
         if conn is not None:
-            return frozenset((await conn.execute(statement)).scalars())
+            return await self._permissions(conn, actor)
         async with self.read() as own:
-            return frozenset((await own.execute(statement)).scalars())
+            return await self._permissions(own, actor)
+
+    async def _permissions(self, conn: AsyncConnection, actor: str) -> frozenset[str]:
+        # On the driver: this lookup precedes most reads, and SQLAlchemy's execution
+        # was most of its cost (~110 of ~870 us of a 50-task list on SQLite, profiled).
+        rows = await self.service.store.dialect.fetch(conn, _PERMISSIONS_SQL, (actor,))
+        return frozenset(row[0] for row in rows)
 
     async def reads_all_projects(self, conn: AsyncConnection) -> bool:
         """Whether the actor holds ``projects:read_all``, for the visibility filter of
@@ -366,6 +371,7 @@ async def _with_roles(conn: AsyncConnection, row: Mapping[str, Any]) -> User:
     return User.from_row({**row, "roles": tuple(roles.scalars())})
 
 
+_PERMISSIONS_SQL: Final = f"SELECT permission FROM {user_permissions.name} WHERE user_id = $1"  # noqa: S608  # constant
 _PUBLIC: Final = projects_table.c.visibility == projects.Visibility.PUBLIC.value
 
 
