@@ -32,6 +32,22 @@ def uuid7() -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
+def uuid_from_hex(text: str) -> uuid.UUID:
+    """``uuid.UUID(hex=text)`` for the 32 hex digits the store keeps on SQLite, built
+    the way ``UUID.__init__`` builds it but without its parsing of braces, dashes and
+    ``urn:uuid:`` (0.3 us instead of 0.8: a log page decodes 1,000 ids)."""
+    if len(text) != 32:
+        return uuid.UUID(hex=text)
+    value = _new_object(uuid.UUID)
+    _set_attribute(value, "int", int(text, 16))
+    _set_attribute(value, "is_safe", uuid.SafeUUID.unknown)
+    return value
+
+
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+
+
 @dataclass(frozen=True, slots=True)
 class EventContext:
     """Who and what caused an append; stored in promoted, indexed audit columns."""

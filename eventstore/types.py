@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,8 +38,24 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
+        if value is None or value.tzinfo is UTC:  # asyncpg's timestamptz: UTC already
+            return value
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+        fallback = super().result_processor(dialect, coltype)
+
+        def parse(value: Any) -> datetime | None:
+            # SQLite's UTC text parsed with its offset in one step: parsing, then
+            # datetime.replace(tzinfo=UTC), was 7x slower (read-model rows have several).
+            if isinstance(value, str):
+                with contextlib.suppress(ValueError):  # text with an offset of its own
+                    return datetime.fromisoformat(value + "+00:00")
+            parsed = fallback(value) if fallback is not None else value
+            return self.process_result_value(parsed, dialect)
+
+        return parse

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -485,6 +486,44 @@ async def test_event_ids_are_unique_and_preserved(store):
     await store.append("user-1", "user", [NewEvent("E", {}, event_id=i) for i in ids])
     async with store.engine.connect() as conn:
         assert [e.event_id for e in await store.read_stream(conn, "user-1")] == ids
+
+
+@given(value=st.uuids())
+def test_ids_read_back_from_sqlite_text_are_the_uuids_written(value):
+    from eventstore.records import uuid_from_hex
+
+    read = uuid_from_hex(value.hex)
+    assert (read, hash(read), str(read), read.version) == (
+        value,
+        hash(value),
+        str(value),
+        value.version,
+    )
+    assert type(read) is uuid.UUID
+    assert uuid_from_hex(str(value)) == value  # any other spelling takes uuid.UUID's parser
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        ("2026-01-02 03:04:05.000006", datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)),
+        ("2026-01-02 03:04:05", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
+        ("2026-01-02T05:04:05+02:00", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
+    ],
+)
+def test_sqlite_timestamps_read_back_as_aware_utc(stored, expected):
+    """UTCDateTime parses SQLite's text with the offset in one step; text that carries
+    an offset of its own (written by another tool) is converted, not refused."""
+    from sqlalchemy import create_engine as create_sync_engine
+
+    from eventstore.types import UTCDateTime
+
+    with create_sync_engine("sqlite://").connect() as conn:
+        value = conn.execute(
+            text("SELECT :v AS v").columns(v=UTCDateTime()), {"v": stored}
+        ).scalar()
+    assert value == expected
+    assert value.tzinfo is UTC
 
 
 def test_default_event_ids_are_time_ordered_version_7_uuids():
