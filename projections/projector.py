@@ -125,6 +125,10 @@ class Projector:
     version: ClassVar[int] = 1
     tables: ClassVar[tuple[Table, ...]]
     handles: ClassVar[frozenset[str]]
+    #: The secondary indexes (by their columns) that the projector's own reads need
+    #: while a rebuild fills its shadow tables; the others are built once, after the
+    #: bulk of the log is in (:mod:`projections.replay`). Unique ones are always kept.
+    rebuild_indexes: ClassVar[frozenset[tuple[str, ...]]] = frozenset()
 
     def live_tables(self) -> Tables:
         return Tables({t.name: t for t in self.tables})

@@ -3,10 +3,12 @@
 The live tables keep serving reads (and inline writes) while the shadow copies are
 filled batch by batch; each batch commits its shadow rows together with the
 rebuild's own checkpoint (``<name>#rebuild``), so an interrupted rebuild resumes
-where it stopped. When the shadow is within one batch of the head, one transaction
-locks the live tables, applies the rest, drops the live tables, renames the shadows
-into their place (indexes and constraints too) and moves the live checkpoint: the
-live tables are never seen half-built.
+where it stopped. Shadow tables are filled with their keys and unique indexes only
+(and the few a projector's own reads need); their other indexes are built once the
+bulk of the log is in. When the shadow is within one batch of the head, one
+transaction locks the live tables, applies the rest, drops the live tables, renames
+the shadows into their place (indexes and constraints too) and moves the live
+checkpoint: the live tables are never seen half-built.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import MetaData, Table, delete, func, insert, select, text
+from sqlalchemy import Index, MetaData, Table, delete, func, insert, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.schema import CreateIndex
+from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlalchemy.sql.elements import conv
 
 from eventstore.engine import begin_write
@@ -96,6 +98,22 @@ def shadow_tables(projector: Projector) -> Tables:
     return Tables(copies)
 
 
+def deferred_indexes(projector: Projector, table: Table) -> list[Index]:
+    """The indexes of a shadow table built only when the bulk of the log is in.
+
+    Keeping every secondary index up to date row by row while a rebuild inserts the
+    whole log was most of its database work (the tasks table has seven); an index
+    built once over the finished table is a sort. Primary keys, unique indexes and the
+    projector's :attr:`~Projector.rebuild_indexes` stay: the rebuild's own reads and
+    conflicts need them."""
+    keep = projector.rebuild_indexes
+    return [
+        index
+        for index in table.indexes
+        if not index.unique and tuple(c.name for c in index.columns) not in keep
+    ]
+
+
 def _rebuild_name(projector: Projector) -> str:
     return f"{projector.name}{checkpoints.REBUILD_SUFFIX}"
 
@@ -141,7 +159,7 @@ async def _prepare(store: EventStore, projector: Projector) -> int:
             await conn.commit()
             return state.position
         for table in shadows.values():
-            await conn.run_sync(_recreate, table)
+            await conn.run_sync(_recreate, table, deferred_indexes(projector, table))
         await conn.execute(delete(cp).where(cp.c.name == name))
         await conn.execute(
             insert(cp).values(
@@ -236,6 +254,7 @@ async def rebuild(
             on_progress(
                 RebuildProgress(projector.name, position, head, applied, time.monotonic() - started)
             )
+    await _build_deferred(store, projector, shadows)
     position, count = await _swap_with_retries(store, projector, shadows, position, batch_size)
     applied += count
     if on_progress is not None:
@@ -318,9 +337,26 @@ async def _swap(
     return position, applied
 
 
-def _recreate(sync: Connection, table: Table) -> None:
+def _recreate(sync: Connection, table: Table, deferred: list[Index]) -> None:
     table.drop(sync, checkfirst=True)
-    table.create(sync)
+    sync.execute(CreateTable(table))
+    for index in table.indexes:
+        if index not in deferred:
+            sync.execute(CreateIndex(index))
+
+
+async def _build_deferred(store: EventStore, projector: Projector, shadows: Tables) -> None:
+    """Build the shadow's deferred indexes before the swap (PostgreSQL), outside the
+    swap's lock on the live tables, so readers never wait for an index build. SQLite
+    needs nothing here: its swap builds every index under its live name anyway (an
+    index cannot be renamed there). Idempotent, for a rebuild resumed after a crash."""
+    if store.engine.dialect.name != "postgresql":
+        return
+    async with store.engine.begin() as conn:
+        for table in shadows.values():
+            for index in deferred_indexes(projector, table):
+                await conn.execute(CreateIndex(index, if_not_exists=True))
+    await _analyze(store, shadows)
 
 
 def _drop(sync: Connection, table: Table) -> None:

@@ -73,6 +73,8 @@ class SessionsProjector(BatchedProjector):
             users.UserForgotten,
         )
     )
+    # A user-wide revocation finds the user's sessions by user_id.
+    rebuild_indexes = frozenset({("user_id", "started_at")})
 
     async def apply(self, conn: AsyncConnection, envelope: Envelope, t: Tables) -> None:
         table = t["sessions"]
