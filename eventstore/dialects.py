@@ -51,6 +51,7 @@ from eventstore.records import (
 from eventstore.schema import unique_keys
 from eventstore.sqlite_driver import Connection as InlineConnection
 from eventstore.translate import translate_errors
+from eventstore.types import sqlite_text
 
 if TYPE_CHECKING:
     from eventstore.store import EventStore, _PendingAppend
@@ -428,11 +429,6 @@ _SQLITE_STREAM_DATA: Final = (
 )
 
 
-def _sqlite_timestamp(value: datetime) -> str:
-    # What SQLAlchemy's DateTime stores on SQLite (tiu's UTCDateTime: UTC, naive text).
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
 def _sqlite_datetime(text: str) -> datetime:
     # Parsing the offset is 7x faster than datetime.replace(tzinfo=UTC) afterwards.
     return datetime.fromisoformat(text + "+00:00")
@@ -476,7 +472,7 @@ class SQLiteDialect(Dialect):
         self._insert_events(await _raw(conn), rows)
 
     def _insert_events(self, raw: Any, rows: list[tuple[Any, ...]]) -> None:
-        values = [(*r[:1], r[1].hex, *r[2:13], _sqlite_timestamp(r[13]), r[14]) for r in rows]
+        values = [(*r[:1], r[1].hex, *r[2:13], sqlite_text(r[13]), r[14]) for r in rows]
         with self.driver_errors(raw, _SQLITE_INSERT):
             raw.driver_connection.executemany(_SQLITE_INSERT, values)
 

@@ -30,12 +30,21 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError(f"naive datetime {value.isoformat()} refused: pass an aware datetime")
-        value = value.astimezone(UTC)
+        value = _utc(value)
         if dialect.name == "sqlite":
             return value.replace(tzinfo=None)
         return value
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        def text(value: datetime | None) -> str | None:
+            # Straight to SQLAlchemy's SQLite text in one step (its processor after
+            # ours was ~3 us a value, most of binding a replay's rows, profiled).
+            return None if value is None else sqlite_text(value)
+
+        return text
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None or value.tzinfo is UTC:  # asyncpg's timestamptz: UTC already
@@ -59,3 +68,17 @@ class UTCDateTime(TypeDecorator[datetime]):
             return self.process_result_value(parsed, dialect)
 
         return parse
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is UTC:
+        return value
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"naive datetime {value.isoformat()} refused: pass an aware datetime")
+    return value.astimezone(UTC)
+
+
+def sqlite_text(value: datetime) -> str:
+    """An aware datetime as SQLite stores it: UTC, ``YYYY-MM-DD HH:MM:SS.ffffff``, the
+    text SQLAlchemy's SQLite ``DATETIME`` writes (so text order is time order)."""
+    return _utc(value).isoformat(" ", "microseconds")[:26]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -501,6 +501,25 @@ def test_ids_read_back_from_sqlite_text_are_the_uuids_written(value):
     )
     assert type(read) is uuid.UUID
     assert uuid_from_hex(str(value)) == value  # any other spelling takes uuid.UUID's parser
+
+
+@given(
+    value=st.datetimes(
+        timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))]),
+        allow_imaginary=False,
+    ).filter(lambda v: datetime.min.replace(tzinfo=UTC) + timedelta(days=1) < v)
+)
+def test_sqlite_timestamps_are_written_as_sqlalchemys_datetime_text(value):
+    """UTCDateTime writes SQLite text in one step; it must be the text SQLAlchemy's own
+    DATETIME would write, or text comparisons in queries would go wrong."""
+    from sqlalchemy.dialects.sqlite import DATETIME, dialect
+
+    from eventstore.types import UTCDateTime, sqlite_text
+
+    reference = DATETIME().bind_processor(dialect())
+    expected = reference(value.astimezone(UTC).replace(tzinfo=None))
+    assert sqlite_text(value) == expected
+    assert UTCDateTime().bind_processor(dialect())(value) == expected
 
 
 @pytest.mark.parametrize(
