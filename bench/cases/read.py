@@ -1,4 +1,5 @@
-"""Case 4: rebuild one aggregate from a 100-event stream; read and decode the global log.
+"""Case 4: rebuild one aggregate from a 100-event stream; read and decode the global log;
+the same reads at the store level (4c, 4d), against the eventsourcing recorder.
 
 raw reads tiu's own rows (same table, same schema) with the bare driver and
 ``json.loads``; its "state" is a dict updated per event.
@@ -62,7 +63,8 @@ def _task_events(task_id: str, project_id: str) -> list[tasks.Event]:
     return out
 
 
-async def _tiu_streams(place: Place, k: int, runs: int) -> list[float]:
+async def _tiu_streams(place: Place, k: int, runs: int) -> tuple[list[float], list[float]]:
+    """Times to fold each stream (``Dispatcher.fold``), then to read its records."""
     store = await place.store()
     ids = []
     for _ in range(k):
@@ -74,7 +76,7 @@ async def _tiu_streams(place: Place, k: int, runs: int) -> list[float]:
         await store.append(tasks.stream_id(task_id), "task", stored, NO_STREAM)
         ids.append(tasks.stream_id(task_id))
     dispatcher = Dispatcher(store, snapshot_every=0)
-    times = []
+    times, record_times = [], []
     try:
         for _ in range(runs):
 
@@ -84,14 +86,22 @@ async def _tiu_streams(place: Place, k: int, runs: int) -> list[float]:
                         _, version, _ = await dispatcher.fold(conn, TASKS, stream_id)
                         assert version == STREAM_EVENTS, version
 
+            async def records() -> None:
+                async with store.engine.connect() as conn:
+                    for stream_id in ids:
+                        assert len(await store.read_stream(conn, stream_id)) == STREAM_EVENTS
+
             times.append(await timed(go))
+            record_times.append(await timed(records))
     finally:
         await store.aclose()
         await store.engine.dispose()
-    return times
+    return times, record_times
 
 
-def _es_streams(place: Place, k: int, runs: int) -> list[float]:
+def _es_streams(place: Place, k: int, runs: int) -> tuple[list[float], list[float]]:
+    """Times to rebuild each aggregate (``repository.get``), then to read its stored
+    events from the recorder (``select_events``)."""
     app = es.BenchApp(env=place.es_env())
     ids = []
     for _ in range(k):
@@ -101,7 +111,7 @@ def _es_streams(place: Place, k: int, runs: int) -> list[float]:
             task.change_status(task.status, to, "owner")
         app.save(task)
         ids.append(task.id)
-    times = []
+    times, record_times = [], []
     try:
         for _ in range(runs):
 
@@ -110,10 +120,15 @@ def _es_streams(place: Place, k: int, runs: int) -> list[float]:
                     task = app.repository.get(aggregate_id)
                     assert task.version == STREAM_EVENTS
 
+            def records() -> None:
+                for aggregate_id in ids:
+                    assert len(app.recorder.select_events(aggregate_id)) == STREAM_EVENTS
+
             times.append(timed_sync(go))
+            record_times.append(timed_sync(records))
     finally:
         app.close()
-    return times
+    return times, record_times
 
 
 def _fold_raw(rows: list[Any]) -> dict[str, Any]:
@@ -182,6 +197,48 @@ async def _tiu_log(place: Place, runs: int) -> list[float]:
     finally:
         await store.aclose()
         await store.engine.dispose()
+    return times
+
+
+async def _tiu_log_records(place: Place, runs: int) -> list[float]:
+    store = await place.store()
+    times = []
+    try:
+        for _ in range(runs):
+
+            async def go() -> None:
+                position = 0
+                async with store.engine.connect() as conn:
+                    while True:
+                        page = await store.read_all(conn, position, PAGE)
+                        if len(page) < PAGE:
+                            break
+                        position = page[-1].position
+
+            times.append(await timed(go))
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
+    return times
+
+
+def _es_log_records(place: Place, runs: int) -> list[float]:
+    app = es.BenchApp(env=place.es_env())
+    times = []
+    try:
+        for _ in range(runs):
+
+            def go() -> None:
+                start = 1
+                while True:
+                    page = app.recorder.select_notifications(start, PAGE)
+                    if len(page) < PAGE:
+                        break
+                    start = page[-1].id + 1
+
+            times.append(timed_sync(go))
+    finally:
+        app.close()
     return times
 
 
@@ -257,12 +314,22 @@ async def case4(ctx: Context) -> list[Result]:
     label = f"4a rebuild state: {k} streams x {STREAM_EVENTS} events"
     await ctx.fresh(migrate=("tiu",))
     items = k * STREAM_EVENTS
-    t = await _tiu_streams(ctx.place("tiu"), k, runs)
+    t, t_records = await _tiu_streams(ctx.place("tiu"), k, runs)
     out.append(summarise(label, ctx.backend, "tiu", t, items, note="Dispatcher.fold, no snapshot"))
-    e = await asyncio.to_thread(_es_streams, ctx.place("eventsourcing"), k, runs)
+    e, e_records = await asyncio.to_thread(_es_streams, ctx.place("eventsourcing"), k, runs)
     out.append(summarise(label, ctx.backend, "eventsourcing", e, items, note="repository.get"))
     r = await _raw_streams(ctx.place("tiu"), runs)
     out.append(summarise(label, ctx.backend, "raw", r, items, note="fetch + json.loads"))
+    # The store level: records as the store gives them (JSON parsed), against the
+    # recorder's stored events (bytes, not decoded); raw is the same run as 4a's.
+    label = f"4c read stream records: {k} streams x {STREAM_EVENTS} events"
+    out.append(summarise(label, ctx.backend, "tiu", t_records, items, note="read_stream"))
+    out.append(
+        summarise(
+            label, ctx.backend, "eventsourcing", e_records, items, note="recorder.select_events"
+        )
+    )
+    out.append(summarise(label, ctx.backend, "raw", r, items, note="fetch + json.loads (4a's run)"))
 
     label = f"4b read global log: {log} events, pages of {PAGE}, decoded"
     await ctx.fresh(migrate=("tiu",))
@@ -281,4 +348,12 @@ async def case4(ctx: Context) -> list[Result]:
     )
     r = await _raw_log(ctx.place("tiu"), runs)
     out.append(summarise(label, ctx.backend, "raw", r, log, note="fetch + json.loads"))
+    label = f"4d read global log: {log} events, pages of {PAGE}, records"
+    t = await _tiu_log_records(ctx.place("tiu"), runs)
+    out.append(summarise(label, ctx.backend, "tiu", t, log, note="read_all"))
+    e = await asyncio.to_thread(_es_log_records, ctx.place("eventsourcing"), runs)
+    out.append(
+        summarise(label, ctx.backend, "eventsourcing", e, log, note="recorder.select_notifications")
+    )
+    out.append(summarise(label, ctx.backend, "raw", r, log, note="fetch + json.loads (4b's run)"))
     return out
