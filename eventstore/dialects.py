@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
 
 from eventstore.errors import KeyAlreadyClaimed, WrongExpectedVersion
-from eventstore.hashing import hash_tail, json_text, parse_json
+from eventstore.hashing import json_text, parse_json
 from eventstore.records import (
     ANY,
     NO_STREAM,
@@ -547,26 +547,12 @@ def _append_arguments(store: EventStore, pending: list[_PendingAppend]) -> tuple
         commands.append(ctx.command_id)
         stamps.append(stamp)
         for event, data, meta in p.events:
-            event_id = str(event.event_id)
-            event_ids.append(event_id)
+            event_ids.append(str(event.event_id))
             event_types.append(event.event_type)
             schema_versions.append(event.schema_version)
             datas.append(data)
             metadatas.append(meta)
-            tails.append(
-                hash_tail(
-                    event_id=event_id,
-                    event_type=event.event_type,
-                    schema_version=event.schema_version,
-                    data_json=data,
-                    metadata_json=meta,
-                    actor_id=ctx.actor_id,
-                    correlation_id=ctx.correlation_id,
-                    causation_id=ctx.causation_id,
-                    command_id=ctx.command_id,
-                    recorded_at=stamp,
-                )
-            )
+            tails.append(p.hash_tail(event, data, meta, stamp))
     return (
         stream_ids, categories, expected, counts, stream_jsons,
         actors, correlations, causations, commands, stamps,

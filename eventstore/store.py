@@ -29,7 +29,7 @@ from eventstore.errors import (
     WrongExpectedVersion,
 )
 from eventstore.grouping import GroupQueue, Waiting, settle
-from eventstore.hashing import GENESIS, canonical_json, chain_hash
+from eventstore.hashing import GENESIS, canonical_json, hash_tail, json_text, link_hash
 from eventstore.records import (
     ANY,
     NO_STREAM,
@@ -91,6 +91,22 @@ class _PendingAppend:
         self.expected = expected
         self.context = context
         self.recorded_at = recorded_at
+
+    def hash_tail(self, event: NewEvent, data: str, meta: str, recorded_at: datetime) -> str:
+        """The hashed text of ``event`` after its version (:func:`hashing.hash_tail`)."""
+        ctx = self.context
+        return hash_tail(
+            event_id=str(event.event_id),
+            event_type=event.event_type,
+            schema_version=event.schema_version,
+            data_json=data,
+            metadata_json=meta,
+            actor_id=ctx.actor_id,
+            correlation_id=ctx.correlation_id,
+            causation_id=ctx.causation_id,
+            command_id=ctx.command_id,
+            recorded_at=recorded_at,
+        )
 
 
 class UnitOfWork:
@@ -441,25 +457,12 @@ class EventStore:
             prev = head.hash or GENESIS
             ctx = p.context
             stamp = p.recorded_at or now
+            stream_json = json_text(p.stream_id)
             first_position = position + 1
             for offset, (ev, data, meta) in enumerate(p.events, start=1):
                 version = head.version + offset
                 position += 1
-                prev = chain_hash(
-                    prev_hash=prev,
-                    stream_id=p.stream_id,
-                    version=version,
-                    event_id=str(ev.event_id),
-                    event_type=ev.event_type,
-                    schema_version=ev.schema_version,
-                    data_json=data,
-                    metadata_json=meta,
-                    actor_id=ctx.actor_id,
-                    correlation_id=ctx.correlation_id,
-                    causation_id=ctx.causation_id,
-                    command_id=ctx.command_id,
-                    recorded_at=stamp,
-                )
+                prev = link_hash(prev, stream_json, version, p.hash_tail(ev, data, meta, stamp))
                 rows.append(
                     (
                         position,

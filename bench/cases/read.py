@@ -11,6 +11,7 @@ import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from bench import es
@@ -176,7 +177,7 @@ async def _raw_streams(tiu_place: Place, runs: int) -> list[float]:
 # -- the global log ----------------------------------------------------------------------------
 
 
-async def _tiu_log(place: Place, runs: int) -> list[float]:
+async def _tiu_log(place: Place, runs: int, *, decode: bool = True) -> list[float]:
     store = await place.store()
     times = []
     try:
@@ -187,7 +188,7 @@ async def _tiu_log(place: Place, runs: int) -> list[float]:
                 async with store.engine.connect() as conn:
                     while True:
                         page = await store.read_all(conn, position, PAGE)
-                        for record in page:
+                        for record in page if decode else ():
                             decode_event(record.event_type, record.schema_version, record.data)
                         if len(page) < PAGE:
                             break
@@ -200,29 +201,7 @@ async def _tiu_log(place: Place, runs: int) -> list[float]:
     return times
 
 
-async def _tiu_log_records(place: Place, runs: int) -> list[float]:
-    store = await place.store()
-    times = []
-    try:
-        for _ in range(runs):
-
-            async def go() -> None:
-                position = 0
-                async with store.engine.connect() as conn:
-                    while True:
-                        page = await store.read_all(conn, position, PAGE)
-                        if len(page) < PAGE:
-                            break
-                        position = page[-1].position
-
-            times.append(await timed(go))
-    finally:
-        await store.aclose()
-        await store.engine.dispose()
-    return times
-
-
-def _es_log_records(place: Place, runs: int) -> list[float]:
+def _es_log(place: Place, runs: int, *, decode: bool = True) -> list[float]:
     app = es.BenchApp(env=place.es_env())
     times = []
     try:
@@ -232,27 +211,7 @@ def _es_log_records(place: Place, runs: int) -> list[float]:
                 start = 1
                 while True:
                     page = app.recorder.select_notifications(start, PAGE)
-                    if len(page) < PAGE:
-                        break
-                    start = page[-1].id + 1
-
-            times.append(timed_sync(go))
-    finally:
-        app.close()
-    return times
-
-
-def _es_log(place: Place, runs: int) -> list[float]:
-    app = es.BenchApp(env=place.es_env())
-    times = []
-    try:
-        for _ in range(runs):
-
-            def go() -> None:
-                start = 1
-                while True:
-                    page = app.recorder.select_notifications(start, PAGE)
-                    for n in page:
+                    for n in page if decode else ():
                         app.mapper.to_domain_event(n)
                     if len(page) < PAGE:
                         break
@@ -349,9 +308,9 @@ async def case4(ctx: Context) -> list[Result]:
     r = await _raw_log(ctx.place("tiu"), runs)
     out.append(summarise(label, ctx.backend, "raw", r, log, note="fetch + json.loads"))
     label = f"4d read global log: {log} events, pages of {PAGE}, records"
-    t = await _tiu_log_records(ctx.place("tiu"), runs)
+    t = await _tiu_log(ctx.place("tiu"), runs, decode=False)
     out.append(summarise(label, ctx.backend, "tiu", t, log, note="read_all"))
-    e = await asyncio.to_thread(_es_log_records, ctx.place("eventsourcing"), runs)
+    e = await asyncio.to_thread(partial(_es_log, decode=False), ctx.place("eventsourcing"), runs)
     out.append(
         summarise(label, ctx.backend, "eventsourcing", e, log, note="recorder.select_notifications")
     )
