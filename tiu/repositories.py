@@ -239,7 +239,7 @@ class UserRepository(_Repository):
     ) -> list[User]:
         async with self._channel.read() as conn:
             rows = await USERS_Q.list(conn, filters, order_by=order_by, limit=limit, offset=offset)
-            return [User.from_row(r) for r in rows]
+            return User.from_rows(rows)
 
     async def count_users(self, filters: Mapping[str, Any] | None = None) -> int:
         async with self._channel.read() as conn:
@@ -483,7 +483,7 @@ class ProjectRepository(_Repository):
             rows = await PROJECTS_Q.list(
                 conn, where=condition, order_by=["-created_at"], limit=limit
             )
-        return [Project.from_row(r) for r in rows]
+        return Project.from_rows(rows)
 
     async def search_projects(
         self,
@@ -509,7 +509,7 @@ class ProjectRepository(_Repository):
                 limit=limit,
                 offset=offset,
             )
-        return [Project.from_row(r) for r in rows]
+        return Project.from_rows(rows)
 
     async def page_projects(
         self,
@@ -558,7 +558,7 @@ class ProjectRepository(_Repository):
             rows = await MEMBERS_Q.list(
                 conn, {"project_id": project_id}, order_by=["added_at"], limit=None
             )
-        return [Member.from_row(r) for r in rows]
+        return Member.from_rows(rows)
 
     async def get_project_statistics(self, project_id: str) -> ProjectStatistics:
         if await self.get_project(project_id) is None:
@@ -686,7 +686,7 @@ class TaskRepository(_Repository):
             rows = await TASKS_Q.list(
                 conn, filters, where=condition, order_by=order_by, limit=limit, offset=offset
             )
-        return [Task.from_row(r) for r in rows]
+        return Task.from_rows(rows)
 
     async def page_tasks(
         self,
@@ -894,7 +894,7 @@ class SessionRepository(_Repository):
             filters["expires_at__gt"] = self._now()
         async with self._channel.read() as conn:
             rows = await SESSIONS_Q.list(conn, filters, order_by=["-started_at"], limit=None)
-        return [Session.from_row(r) for r in rows]
+        return Session.from_rows(rows)
 
     async def cleanup_expired_sessions(self) -> int:
         """Revoke (as the system) sessions past their absolute or idle expiry that are
