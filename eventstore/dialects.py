@@ -51,7 +51,7 @@ from eventstore.records import (
 from eventstore.schema import unique_keys
 from eventstore.sqlite_driver import Connection as InlineConnection
 from eventstore.translate import translate_errors
-from eventstore.types import sqlite_text
+from eventstore.types import sqlite_datetime, sqlite_text
 
 if TYPE_CHECKING:
     from eventstore.store import EventStore, _PendingAppend
@@ -429,18 +429,13 @@ _SQLITE_STREAM_DATA: Final = (
 )
 
 
-def _sqlite_datetime(text: str) -> datetime:
-    # Parsing the offset is 7x faster than datetime.replace(tzinfo=UTC) afterwards.
-    return datetime.fromisoformat(text + "+00:00")
-
-
 class SQLiteDialect(Dialect):
     name = "sqlite"
     _read_stream_sql = _SQLITE_READ_STREAM
     _stream_data_sql = _SQLITE_STREAM_DATA
     _event_id = staticmethod(uuid_from_hex)  # CHAR(32) hex
     _document = staticmethod(_loads)  # JSON text
-    _timestamp = staticmethod(_sqlite_datetime)
+    _timestamp = staticmethod(sqlite_datetime)
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)

@@ -59,11 +59,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         fallback = super().result_processor(dialect, coltype)
 
         def parse(value: Any) -> datetime | None:
-            # SQLite's UTC text parsed with its offset in one step: parsing, then
-            # datetime.replace(tzinfo=UTC), was 7x slower (read-model rows have several).
+            # Read-model rows have several timestamps: the one-step parse matters.
             if isinstance(value, str):
                 with contextlib.suppress(ValueError):  # text with an offset of its own
-                    return datetime.fromisoformat(value + "+00:00")
+                    return sqlite_datetime(value)
             parsed = fallback(value) if fallback is not None else value
             return self.process_result_value(parsed, dialect)
 
@@ -76,6 +75,12 @@ def _utc(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"naive datetime {value.isoformat()} refused: pass an aware datetime")
     return value.astimezone(UTC)
+
+
+def sqlite_datetime(text: str) -> datetime:
+    """The aware UTC datetime of SQLite's UTC text (:func:`sqlite_text`), parsed with
+    its offset in one step: 7x faster than parsing, then ``replace(tzinfo=UTC)``."""
+    return datetime.fromisoformat(text + "+00:00")
 
 
 def sqlite_text(value: datetime) -> str:

@@ -309,10 +309,7 @@ class UserRepository(_Repository):
 
     async def get_user_permissions(self, user_id: str) -> frozenset[str]:
         async with self._channel.read() as conn:
-            rows = await conn.execute(
-                select(user_permissions.c.permission).where(user_permissions.c.user_id == user_id)
-            )
-            return frozenset(rows.scalars())
+            return await self._channel.permissions_of(conn, user_id)
 
     async def unlock(self, user_id: str) -> None:
         await self._channel.send(users.UnlockUser(user_id=user_id))
