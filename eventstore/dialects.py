@@ -418,21 +418,26 @@ _SQLITE_INSERT: Final = (
 )
 
 
-_SQLITE_READ_STREAM: Final = (
+_READ_STREAM: Final = (
     f"SELECT {_COLUMN_LIST} FROM events "  # noqa: S608  # constant column names
-    "WHERE stream_id = ? AND version >= ? ORDER BY version"
+    "WHERE stream_id = $1 AND version >= $2 ORDER BY version"
 )
 _DATA_COLUMNS: Final = ("stream_id", "version", "event_type", "schema_version", "data")
-_SQLITE_STREAM_DATA: Final = (
+_STREAM_DATA: Final = (
     f"SELECT {', '.join(_DATA_COLUMNS)} FROM events "  # noqa: S608  # constant column names
-    "WHERE stream_id = ? AND version >= ? ORDER BY version"
+    "WHERE stream_id = $1 AND version >= $2 ORDER BY version"
 )
+
+
+def _numbered_qmarks(sql: str) -> str:
+    """``$n`` parameters as SQLite's numbered ``?n``."""
+    return _NUMBERED.sub(r"?\1", sql)
 
 
 class SQLiteDialect(Dialect):
     name = "sqlite"
-    _read_stream_sql = _SQLITE_READ_STREAM
-    _stream_data_sql = _SQLITE_STREAM_DATA
+    _read_stream_sql = _numbered_qmarks(_READ_STREAM)
+    _stream_data_sql = _numbered_qmarks(_STREAM_DATA)
     _event_id = staticmethod(uuid_from_hex)  # CHAR(32) hex
     _document = staticmethod(_loads)  # JSON text
     _timestamp = staticmethod(sqlite_datetime)
@@ -492,21 +497,10 @@ class SQLiteDialect(Dialect):
     async def _fetch(self, driver: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
         return driver.execute(sql, params).fetchall()  # type: ignore[no-any-return]
 
-    @staticmethod
-    @functools.lru_cache(maxsize=64)
-    def _native(sql: str) -> str:
-        return _NUMBERED.sub(r"?\1", sql)  # SQLite numbers parameters ?1, ?2..
+    _native = staticmethod(functools.lru_cache(maxsize=64)(_numbered_qmarks))
 
 
 _PG_LOCK_AND_HEADS: Final = "SELECT * FROM tiu_lock_and_heads($1::text[])"
-_PG_READ_STREAM: Final = (
-    f"SELECT {_COLUMN_LIST} FROM events "  # noqa: S608  # constant column names
-    "WHERE stream_id = $1 AND version >= $2 ORDER BY version"
-)
-_PG_STREAM_DATA: Final = (
-    f"SELECT {', '.join(_DATA_COLUMNS)} FROM events "  # noqa: S608  # constant column names
-    "WHERE stream_id = $1 AND version >= $2 ORDER BY version"
-)
 _PG_STREAMS_DATA: Final = (
     f"SELECT {', '.join(f'e.{c}' for c in _DATA_COLUMNS)} "  # noqa: S608
     "FROM unnest($1::text[], $2::int[]) AS s(id, v) "
@@ -575,8 +569,8 @@ def _pg_heads(rows: Sequence[Any]) -> tuple[dict[str, StreamHead], int]:
 
 class PostgresDialect(Dialect):
     name = "postgresql"
-    _read_stream_sql = _PG_READ_STREAM
-    _stream_data_sql = _PG_STREAM_DATA
+    _read_stream_sql = _READ_STREAM
+    _stream_data_sql = _STREAM_DATA
     # asyncpg's UUID subclasses uuid.UUID (equal, same hash): no copy (~0.7 us an event)
     _event_id = staticmethod(lambda value: value)
     _document = staticmethod(_pg_document)
