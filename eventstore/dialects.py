@@ -130,13 +130,45 @@ def _read_all_sql(postgres: bool, until: bool, categories: int | None, types: in
     )
 
 
-async def _raw(conn: AsyncConnection) -> Any:
+async def raw_connection(conn: AsyncConnection) -> Any:
     """The pooled DBAPI connection of ``conn`` (its ``driver_connection`` is the driver's)."""
     sync = conn.sync_connection
     if sync is not None and not sync.closed and not sync.invalidated:
         # Connected: no I/O needed, so no greenlet hop (get_raw_connection makes one).
         return sync.connection
     return await conn.get_raw_connection()
+
+
+@contextlib.contextmanager
+def driver_errors(engine: AsyncEngine, raw: Any, statement: str) -> Iterator[None]:
+    """Re-raise a driver error of ``statement`` as the SQLAlchemy exception
+    ``conn.execute`` would have raised (and log the statement when echo is on)."""
+    dialect = engine.dialect
+    dbapi = dialect.loaded_dbapi
+    logger = engine.sync_engine.logger
+    if logger.isEnabledFor(logging.INFO):  # echo: log it as SQLAlchemy would
+        logger.info("%s [driver statement; parameters hidden]", statement.strip())
+    try:
+        yield
+    except Exception as error:
+        orig: BaseException = error
+        handle = getattr(raw.dbapi_connection, "_handle_exception", None)
+        if handle is not None and not isinstance(error, dbapi.Error):
+            try:
+                handle(error)  # asyncpg: raises the DBAPI-shaped twin of the error
+            except Exception as translated:
+                orig = translated
+        if not isinstance(orig, dbapi.Error):
+            raise
+        invalidated = dialect.is_disconnect(orig, raw.dbapi_connection, None)
+        raise sa_exc.DBAPIError.instance(
+            statement,
+            None,
+            orig,
+            dbapi.Error,
+            connection_invalidated=invalidated,
+            dialect=dialect,
+        ) from error
 
 
 class Dialect:
@@ -243,7 +275,7 @@ class Dialect:
         """What folding needs of several streams' events, grouped by stream, each in
         version order: five columns, without decoding ids, metadata or timestamps
         (most of the cost of reading a record, profiled on folds)."""
-        raw = await _raw(conn)
+        raw = await raw_connection(conn)
         rows: list[Any] = []
         with self.driver_errors(raw, self._stream_data_sql):
             for stream_id, from_version in from_versions.items():
@@ -258,7 +290,7 @@ class Dialect:
         """The rows of ``sql`` (``$1``-style parameters) run on ``conn``'s driver
         connection, prepared once: for small hot reads, where SQLAlchemy's
         per-execution work (~90 us, profiled) would be most of the cost."""
-        raw = await _raw(conn)
+        raw = await raw_connection(conn)
         sql = self._native(sql)
         with self.driver_errors(raw, sql):
             return await self._fetch(raw.driver_connection, sql, params)
@@ -290,7 +322,7 @@ class Dialect:
     async def _select(
         self, conn: AsyncConnection, sql: str, params: Sequence[Any]
     ) -> list[RecordedEvent]:
-        raw = await _raw(conn)
+        raw = await raw_connection(conn)
         with self.driver_errors(raw, sql):
             rows = await self._fetch(raw.driver_connection, sql, params)
         event_id, document, timestamp = self._event_id, self._document, self._timestamp
@@ -315,34 +347,8 @@ class Dialect:
             for r in rows
         ]
 
-    @contextlib.contextmanager
-    def driver_errors(self, raw: Any, statement: str) -> Iterator[None]:
-        dialect = self.engine.dialect
-        dbapi = dialect.loaded_dbapi
-        logger = self.engine.sync_engine.logger
-        if logger.isEnabledFor(logging.INFO):  # echo: log it as SQLAlchemy would
-            logger.info("%s [driver statement; parameters hidden]", statement.strip())
-        try:
-            yield
-        except Exception as error:
-            orig: BaseException = error
-            handle = getattr(raw.dbapi_connection, "_handle_exception", None)
-            if handle is not None and not isinstance(error, dbapi.Error):
-                try:
-                    handle(error)  # asyncpg: raises the DBAPI-shaped twin of the error
-                except Exception as translated:
-                    orig = translated
-            if not isinstance(orig, dbapi.Error):
-                raise
-            invalidated = dialect.is_disconnect(orig, raw.dbapi_connection, None)
-            raise sa_exc.DBAPIError.instance(
-                statement,
-                None,
-                orig,
-                dbapi.Error,
-                connection_invalidated=invalidated,
-                dialect=dialect,
-            ) from error
+    def driver_errors(self, raw: Any, statement: str) -> contextlib.AbstractContextManager[None]:
+        return driver_errors(self.engine, raw, statement)
 
     def _insert_keys(self) -> Any:
         return sqlite_insert(unique_keys).on_conflict_do_nothing()
@@ -451,7 +457,7 @@ class SQLiteDialect(Dialect):
     async def heads_and_position(
         self, conn: AsyncConnection, stream_ids: Sequence[str]
     ) -> tuple[dict[str, StreamHead], int]:
-        return self._heads_and_position(await _raw(conn), stream_ids)
+        return self._heads_and_position(await raw_connection(conn), stream_ids)
 
     def _heads_and_position(
         self, raw: Any, stream_ids: Sequence[str]
@@ -469,7 +475,7 @@ class SQLiteDialect(Dialect):
         return heads, int(position)
 
     async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
-        self._insert_events(await _raw(conn), rows)
+        self._insert_events(await raw_connection(conn), rows)
 
     def _insert_events(self, raw: Any, rows: list[tuple[Any, ...]]) -> None:
         values = [(*r[:1], r[1].hex, *r[2:13], sqlite_text(r[13]), r[14]) for r in rows]
@@ -593,7 +599,7 @@ class PostgresDialect(Dialect):
     ) -> tuple[dict[str, StreamHead], int]:
         # tiu_lock_and_heads (migration 0005): the append lock, then the heads and the
         # highest position read with a snapshot taken after it, in one round trip.
-        raw = await _raw(conn)
+        raw = await raw_connection(conn)
         ids = list(stream_ids)
         if raw.driver_connection.is_in_transaction():
             with self.driver_errors(raw, _PG_LOCK_AND_HEADS):
@@ -635,7 +641,7 @@ class PostgresDialect(Dialect):
     ) -> list[StreamData]:
         if len(from_versions) == 1:
             return await super().read_streams_data(conn, from_versions)
-        raw = await _raw(conn)
+        raw = await raw_connection(conn)
         with self.driver_errors(raw, _PG_STREAMS_DATA):
             rows = await self._fetch(
                 raw.driver_connection,
@@ -645,7 +651,7 @@ class PostgresDialect(Dialect):
         return self._stream_data(rows)
 
     async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
-        raw = await _raw(conn)
+        raw = await raw_connection(conn)
         with self.driver_errors(raw, _PG_INSERT):
             if len(rows) == 1:
                 await raw.driver_connection.execute(_PG_INSERT, *rows[0])

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from eventstore.prepared import execute
 from eventstore.schema import projection_checkpoints as cp
 from projections.errors import CheckpointMoved
 from projections.projector import Projector
@@ -91,11 +92,11 @@ async def advance(
     names = [p.name for p in projectors]
     if not names:
         return 0
-    result = await conn.execute(
+    return await execute(
+        conn,
         _ADVANCE,
         {"names": names, "expected": expected, "new_position": position, "updated_at": _now()},
     )
-    return int(result.rowcount)
 
 
 # Every command runs it: built once (see projections.projector.statement).

@@ -38,6 +38,7 @@ from domain.routing import Decider, claims, erasures, route
 from eventstore.crypto import SubjectKeys, keyring
 from eventstore.errors import ConcurrencyError, KeyAlreadyClaimed
 from eventstore.grouping import GroupQueue, Waiting, settle
+from eventstore.prepared import execute
 from eventstore.records import EventContext, NewEvent
 from eventstore.schema import events as events_table
 from eventstore.schema import processed_commands, snapshots, unique_keys
@@ -564,7 +565,8 @@ class Dispatcher:
         outcome: dict[str, Any],
         now: datetime,
     ) -> None:
-        await conn.execute(
+        await execute(
+            conn,
             _REMEMBER[conn.dialect.name],
             {
                 "command_id": command.command_id,

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import projects, tasks
 from domain.tasks import TaskStatus
+from eventstore.prepared import execute
 from eventstore.types import UTCDateTime
 from projections.batching import BatchedProjector, KeyedRows, field
 from projections.projector import Envelope, Tables, metadata, statement
@@ -55,7 +56,8 @@ class ProjectStatsProjector(BatchedProjector):
         match event:
             case projects.ProjectCreated():
                 zeros = {status.value: 0 for status in TaskStatus}
-                await conn.execute(
+                await execute(
+                    conn,
                     statement(table, "insert", insert),
                     {"project_id": event.project_id, "total": 0, "updated_at": at, **zeros},
                 )
@@ -69,7 +71,7 @@ class ProjectStatsProjector(BatchedProjector):
             case _:
                 return
         query = statement(table, changes, lambda table: _count_statement(table, changes))
-        await conn.execute(query, {"key_project_id": event.project_id, "updated_at": at})
+        await execute(conn, query, {"key_project_id": event.project_id, "updated_at": at})
 
     async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
         rows = KeyedRows(t["project_stats"], load=_COUNTS)

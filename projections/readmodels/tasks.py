@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from domain import tasks
 from domain.base import Event
 from domain.tasks import Priority, TaskStatus
+from eventstore.prepared import execute
 from eventstore.types import UTCDateTime
 from projections.batching import BatchedProjector, KeyedRows, field
 from projections.projector import Envelope, Tables, metadata, statement
@@ -72,7 +73,7 @@ class TasksProjector(BatchedProjector):
             return
         created, task_id, values = change
         if created:
-            await conn.execute(statement(t["tasks"], "insert", insert), values)
+            await execute(conn, statement(t["tasks"], "insert", insert), values)
         else:
             await _update(conn, t, task_id, at, **values)
 
@@ -152,7 +153,7 @@ async def _update(
     conn: AsyncConnection, t: Tables, task_id: str, at: datetime, **values: Any
 ) -> None:
     query = statement(t["tasks"], "update", _update_statement)
-    await conn.execute(query, {"key_task_id": task_id, "updated_at": at, **values})
+    await execute(conn, query, {"key_task_id": task_id, "updated_at": at, **values})
 
 
 def _update_statement(table: Table) -> Any:

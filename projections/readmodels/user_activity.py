@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import sessions, tasks, users
 from domain.tasks import TaskStatus
+from eventstore.prepared import execute
 from eventstore.types import UTCDateTime
 from projections.batching import BatchedProjector, KeyedRows
 from projections.projector import Envelope, Tables, metadata, statement
@@ -63,7 +64,8 @@ class UserActivityProjector(BatchedProjector):
         event = envelope.event
         match event:
             case users.UserRegistered():
-                await conn.execute(
+                await execute(
+                    conn,
                     statement(t["user_activity"], "insert", insert),
                     {"user_id": event.user_id, "last_active_at": at, **dict.fromkeys(_COUNTERS, 0)},
                 )
@@ -141,7 +143,7 @@ async def _record(
     params: dict[str, Any] = {"key_user_id": user_id}
     if active_at is not None:
         params["last_active_at"] = active_at
-    await conn.execute(query, params)
+    await execute(conn, query, params)
 
 
 def _count_statement(table: Table, counters: tuple[str, ...]) -> Any:

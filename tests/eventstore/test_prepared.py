@@ -1,0 +1,176 @@
+"""``eventstore.prepared.execute``: prebuilt DML on the driver must be indistinguishable
+from ``conn.execute``: the same rows, row counts, errors and transaction."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    exc,
+    insert,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from eventstore.prepared import execute
+from eventstore.types import JsonDocument, UTCDateTime
+
+
+def _twin(metadata: MetaData, name: str, *extra: Column[str]) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("id", String(64), primary_key=True),
+        Column("label", String(200)),
+        Column("count", Integer, nullable=False),
+        Column("flag", Boolean, nullable=False),
+        Column("at", UTCDateTime),
+        Column("doc", JsonDocument),
+        *extra,
+    )
+
+
+@pytest.fixture
+async def twins(engine: AsyncEngine) -> AsyncIterator[tuple[Table, Table, Table]]:
+    """Two identical tables: one written by SQLAlchemy, one by ``execute``."""
+    metadata = MetaData()
+    suffix = uuid.uuid4().hex[:8]
+    tables = (
+        _twin(metadata, f"prep_sa_{suffix}"),
+        _twin(metadata, f"prep_drv_{suffix}"),
+        _twin(metadata, f"prep_def_{suffix}", Column("stamped", String(20), default=_stamp)),
+    )
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    yield tables
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.drop_all)
+
+
+def _stamp() -> str:
+    return "by-python"
+
+
+async def _rows(engine: AsyncEngine, table: Table) -> list[tuple[object, ...]]:
+    """The rows as the driver returns them (stored text on SQLite, not re-parsed)."""
+    async with engine.connect() as conn:
+        result = await conn.exec_driver_sql(f"SELECT * FROM {table.name} ORDER BY id")
+        return [tuple(r) for r in result]
+
+
+_text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=30)
+_row = st.fixed_dictionaries(
+    {
+        "id": st.uuids().map(str),
+        "label": st.none() | _text,
+        "count": st.integers(-(2**31), 2**31 - 1),
+        "flag": st.booleans(),
+        "at": st.none()
+        | st.datetimes(
+            min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+        ).map(lambda d: d.astimezone(timezone(timedelta(hours=5)))),
+        "doc": st.none()
+        | st.dictionaries(_text, st.none() | st.integers(-(2**53), 2**53) | _text, max_size=3),
+    }
+)
+
+_INSERTS: dict[str, object] = {}
+
+
+def _insert(table: Table) -> object:
+    return _INSERTS.setdefault(table.name, insert(table))
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(rows=st.lists(_row, min_size=1, max_size=4, unique_by=lambda r: r["id"]))
+async def test_rows_written_on_the_driver_equal_rows_written_by_sqlalchemy(engine, twins, rows):
+    by_sa, by_driver, _ = twins
+    async with engine.begin() as conn:
+        await conn.execute(by_sa.delete())
+        await conn.execute(by_driver.delete())
+        for row in rows:
+            await conn.execute(_insert(by_sa), row)
+            assert await execute(conn, _insert(by_driver), row) == 1
+    assert await _rows(engine, by_driver) == await _rows(engine, by_sa)
+
+
+async def test_executemany_writes_every_row(engine, twins):
+    by_sa, by_driver, _ = twins
+    rows = [{"id": f"r{n}", "label": None, "count": n, "flag": n % 2 == 0} for n in range(5)]
+    async with engine.begin() as conn:
+        await conn.execute(_insert(by_sa), rows)
+        await execute(conn, _insert(by_driver), rows)
+    assert await _rows(engine, by_driver) == await _rows(engine, by_sa)
+    assert len(await _rows(engine, by_driver)) == 5
+
+
+async def test_update_counts_the_rows_it_changed_with_literal_increments_and_expanding_in(
+    engine, twins
+):
+    _, table, _ = twins
+    rows = [{"id": f"r{n}", "count": 0, "flag": True} for n in range(4)]
+    bump = (
+        update(table)
+        .where(table.c.id.in_(bindparam("ids", expanding=True)), table.c.flag.is_(True))
+        .values(count=table.c.count + 5, label=bindparam("new_label"))
+    )
+    async with engine.begin() as conn:
+        await execute(conn, _insert(table), rows)
+        moved = await execute(conn, bump, {"ids": ["r0", "r2", "missing"], "new_label": "x"})
+        moved_again = await execute(conn, bump, {"ids": ["r3"], "new_label": None})
+    assert (moved, moved_again) == (2, 1)
+    got = {r[0]: (r[1], r[2]) for r in await _rows(engine, table)}
+    assert got == {"r0": ("x", 5), "r1": (None, 0), "r2": ("x", 5), "r3": (None, 5)}
+
+
+async def test_a_driver_statement_is_rolled_back_with_its_transaction(engine, twins):
+    """Also as the first statement of a transaction: on PostgreSQL, SQLAlchemy's asyncpg
+    adapter begins lazily, so a statement sent to the driver before it would commit
+    on its own."""
+    _, table, _ = twins
+    with pytest.raises(RuntimeError):
+        async with engine.begin() as conn:
+            await execute(conn, _insert(table), {"id": "a", "count": 1, "flag": False})
+            await execute(conn, _insert(table), {"id": "b", "count": 1, "flag": False})
+            raise RuntimeError("abandon")
+    assert await _rows(engine, table) == []
+
+
+async def test_driver_errors_are_the_errors_sqlalchemy_raises(engine, twins):
+    by_sa, by_driver, _ = twins
+    row = {"id": "dup", "count": 1, "flag": True}
+    errors = []
+    for table, run in ((by_sa, None), (by_driver, execute)):
+        with pytest.raises(exc.IntegrityError) as raised:
+            async with engine.begin() as conn:
+                await conn.execute(_insert(table), row)
+                if run is None:
+                    await conn.execute(_insert(table), row)
+                else:
+                    await run(conn, _insert(table), row)
+        errors.append(type(raised.value.orig).__name__)
+    assert errors[0] == errors[1]
+    assert len(await _rows(engine, by_driver)) == 0
+
+
+async def test_python_side_defaults_are_filled_as_sqlalchemy_fills_them(engine, twins):
+    _, _, table = twins
+    async with engine.begin() as conn:
+        await execute(conn, _insert(table), {"id": "d", "count": 0, "flag": True})
+    assert (await _rows(engine, table))[0][-1] == "by-python"
