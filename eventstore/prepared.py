@@ -123,11 +123,12 @@ async def execute(
     rows: Sequence[Params] = params if many else (params,)  # type: ignore[assignment]
     if not rows:
         return 0
-    compiled = _compiled(statement, conn.dialect, tuple(rows[0]))
+    names = rows[0].keys()
+    compiled = _compiled(statement, conn.dialect, tuple(names))
     raw = await raw_connection(conn)
     if (
         compiled is None
-        or (many and compiled.expanding)
+        or (many and (compiled.expanding or any(r.keys() != names for r in rows)))
         or not _in_transaction(raw.driver_connection)
     ):
         return int((await conn.execute(statement, params)).rowcount)

@@ -174,3 +174,22 @@ async def test_python_side_defaults_are_filled_as_sqlalchemy_fills_them(engine, 
     async with engine.begin() as conn:
         await execute(conn, _insert(table), {"id": "d", "count": 0, "flag": True})
     assert (await _rows(engine, table))[0][-1] == "by-python"
+
+
+async def test_executemany_with_rows_of_other_names_fails_as_sqlalchemy_does(engine, twins):
+    by_sa, by_driver, _ = twins
+    rows = [
+        {"id": "a", "label": "x", "count": 1, "flag": True},
+        {"id": "b", "count": 2, "flag": True},
+    ]
+    messages = []
+    for table, run in ((by_sa, None), (by_driver, execute)):
+        with pytest.raises(exc.StatementError) as raised:
+            async with engine.begin() as conn:
+                if run is None:
+                    await conn.execute(_insert(table), rows)
+                else:
+                    await run(conn, _insert(table), rows)
+        messages.append(str(raised.value.orig))
+    assert messages[0] == messages[1]
+    assert "label" in messages[0]
