@@ -104,6 +104,11 @@ class _Mark:
     keys: Any
 
 
+class GroupRerun(Exception):  # a signal, not an error anyone sees
+    """A command of a group failed after it began writing rows: roll the group back
+    and run its commands one by one."""
+
+
 class CommandUnit:
     """The commands of one transaction. Obtain from :meth:`Dispatcher.unit`."""
 
@@ -114,6 +119,7 @@ class CommandUnit:
         self._streams: dict[str, _Loaded] = {}
         self._appended: set[str] = set()
         self.results: list[CommandResult] = []
+        self._writing = False  # whether the current command has begun writing rows
 
     @property
     def conn(self) -> AsyncConnection:
@@ -163,6 +169,7 @@ class CommandUnit:
         outcome: dict[str, Any] | None = None,
     ) -> CommandResult:
         """Fold, project and buffer ``new_events`` for ``stream_id``."""
+        self._writing = True
         loaded = await self.load(decider, stream_id)
         base = loaded.version
         result = CommandResult(command.command_id, stream_id, tuple(new_events), base)
@@ -257,7 +264,7 @@ class CommandUnit:
             await self.dispatcher.inline.apply(self.conn, [envelope])
 
     def mark(self) -> _Mark:
-        """This unit's in-memory state, to :meth:`restore` when a savepoint rolls back."""
+        """This unit's in-memory state, to :meth:`restore` when a command is refused."""
         return _Mark(
             {k: replace(v) for k, v in self._streams.items()},
             set(self._appended),
@@ -274,25 +281,28 @@ class CommandUnit:
         self.keys.restore(mark.keys)
 
     async def isolated(self, command: Command, ctx: CommandContext) -> CommandResult:
-        """:meth:`handle` inside a SAVEPOINT: a refusal undoes this command alone (its
-        recorded facts and security event are kept, as :meth:`Dispatcher.dispatch`
-        keeps them) and is raised; the unit stays usable for the next command."""
+        """:meth:`handle` for one command of a group: a refusal undoes this command alone
+        (its recorded facts and security event are kept, as :meth:`Dispatcher.dispatch`
+        keeps them) and is raised; the unit stays usable for the next command.
+
+        No SAVEPOINT: a command is refused while it decides, before it writes a row,
+        so undoing it is undoing its in-memory state (:meth:`mark`, :meth:`restore`).
+        A SAVEPOINT and its RELEASE were two more statements per command (two round
+        trips on PostgreSQL). A command that fails after it began writing (a unique
+        key taken, say) raises :class:`GroupRerun`: the group's transaction is rolled
+        back and each of its commands runs alone.
+        """
         mark = self.mark()
-        savepoint = await self.conn.begin_nested()
+        self._writing = False
         try:
-            result = await self.handle(command, ctx)
-        except KeyAlreadyClaimed as error:
-            await savepoint.rollback()
-            self.restore(mark)
-            raise AlreadyExists(error.scope, "(taken)") from error
+            return await self.handle(command, ctx)
         except DomainError as error:
-            await savepoint.rollback()
+            if self._writing:
+                raise GroupRerun(command.command_id) from error
             self.restore(mark)
             if error.record or error.security_relevant:
                 await self.record_refusal(command, ctx, error)
             raise
-        await savepoint.commit()
-        return result
 
     async def record_refusal(
         self, command: Command, ctx: CommandContext, error: DomainError
@@ -598,8 +608,8 @@ class GroupCommitter:
 
     Appends are serialised (ORDERING.md), so one command per transaction caps the
     write rate at one commit (and one append lock) per command. Commands that arrive
-    while a group is being written form the next group; each runs in a SAVEPOINT, so
-    a refused command undoes only itself and gets its own error, and every caller is
+    while a group is being written form the next group; a refused command undoes only
+    itself (see :meth:`CommandUnit.isolated`) and gets its own error, and every caller is
     answered after the group's COMMIT. If the group as a whole fails on a conflict
     with another process, its commands are retried one by one, so no caller sees an
     error caused by another caller's command.
@@ -636,8 +646,9 @@ class GroupCommitter:
                         outcomes.append(await unit.isolated(command, ctx))
                     except DomainError as error:
                         outcomes.append(error)
-        except (ConcurrencyError, InlineProjectionBehind):
-            # Another process got in between: settle each command alone, with retries.
+        except (ConcurrencyError, InlineProjectionBehind, GroupRerun):
+            # Another process got in between, or a command failed after writing: settle
+            # each command alone, with retries.
             for (command, ctx), future in group:
                 await settle(future, self.dispatcher.dispatch_alone(command, ctx))
             return
