@@ -120,7 +120,7 @@ class Channel:
             return
         # Reads fail as the store's writes do: StoreUnavailable, never a driver error.
         with translate_errors(self.service.store.dialect.database_label):
-            async with self.service.engine.connect() as conn:
+            async with self.service.reader.connect() as conn:
                 yield conn
 
     async def send(self, command: Command, *, actor_id: str | None = None) -> CommandResult:

@@ -71,6 +71,16 @@ class DatabaseService:
         self.settings = settings
         self.projection_mode = ProjectionMode(projection_mode)
         self.engine = engine or create_engine(settings.database_url, settings.engine_options())
+        #: What repositories read through. On PostgreSQL it runs without BEGIN and
+        #: ROLLBACK (two round trips of a three-statement read): under READ COMMITTED
+        #: every statement of a transaction takes its own snapshot anyway, so an
+        #: explicit read-only transaction promised nothing more. SQLite keeps its read
+        #: transaction, which does hold one snapshot for all of a read's statements.
+        self.reader: AsyncEngine = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.engine.dialect.name == "postgresql"
+            else self.engine
+        )
         self._clock = clock or (lambda: datetime.now(UTC))
         self.store = EventStore(self.engine, categories=CATEGORIES, clock=self._clock)
         self.projectors = tuple(projectors)

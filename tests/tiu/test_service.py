@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import text
 
 from domain.permissions import SYSTEM_ACTOR
 from tests.conftest import PASSWORD
@@ -303,3 +304,17 @@ async def test_health_pool_and_statistics_are_plain_data(service):
     assert stats["events_by_category"] == {"user": 1}
     assert stats["read_model_rows"]["users"] == 1
     assert stats["max_lag"] == 0
+
+
+async def test_reads_take_one_snapshot_on_sqlite_and_skip_begin_on_postgres(service):
+    """A repository read on SQLite holds a read transaction (one snapshot for all its
+    statements). On PostgreSQL it runs without one: under READ COMMITTED each statement
+    takes its own snapshot inside a transaction too, and BEGIN and ROLLBACK would be
+    two round trips more."""
+    async with service.get_repositories() as repos, repos.users._channel.read() as conn:
+        await conn.execute(text("SELECT 1"))
+        driver = (await conn.get_raw_connection()).driver_connection
+        if service.engine.dialect.name == "sqlite":
+            assert driver.in_transaction
+        else:
+            assert not driver.is_in_transaction()
