@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -61,8 +60,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         def parse(value: Any) -> datetime | None:
             # Read-model rows have several timestamps: the one-step parse matters.
             if isinstance(value, str):
-                with contextlib.suppress(ValueError):  # text with an offset of its own
+                try:  # not contextlib.suppress: this runs per value of every row
                     return sqlite_datetime(value)
+                except ValueError:  # text with an offset of its own
+                    pass
             parsed = fallback(value) if fallback is not None else value
             return self.process_result_value(parsed, dialect)
 

@@ -575,7 +575,8 @@ class Query:
 
     def _rows(self, result: sa.CursorResult[Any]) -> Rows:
         keys = self.table.c.keys()
-        return [dict(zip(keys, row, strict=True)) for row in result]
+        # .all(): one fetchall, where iterating fetched row by row (profiled).
+        return [dict(zip(keys, row, strict=True)) for row in result.all()]
 
     def _keys(self, order_by: str | Sequence[str] | None) -> list[Key]:
         names = [order_by] if isinstance(order_by, str) else list(order_by or ())
