@@ -100,6 +100,19 @@ class StreamData(NamedTuple):
     data: dict[str, Any]
 
 
+class StreamsLoad(NamedTuple):
+    """What a command reads before it decides, in one statement
+    (``EventStore.load_streams``)."""
+
+    #: ``(stream id, outcome)`` when the command id was processed already.
+    processed: tuple[str, Any] | None
+    #: Stream id -> ``(version, state)``: the snapshots that match their decider.
+    snapshots: dict[str, tuple[int, Any]]
+    #: The events after those snapshots (after version 0 where there is none),
+    #: grouped by stream, each in version order.
+    events: list[StreamData]
+
+
 @dataclass(frozen=True, slots=True)
 class AppendResult:
     """Where one stream's events landed: versions ``first..last`` at positions ``first..last``."""

@@ -41,6 +41,7 @@ from eventstore.records import (
     RecordedEvent,
     StreamData,
     StreamHead,
+    StreamsLoad,
 )
 from eventstore.schema import MAX_STREAM_ID_LENGTH, events, unique_keys
 from eventstore.translate import translate_errors
@@ -526,6 +527,23 @@ class EventStore:
         with translate_errors(self.dialect.database_label):
             result = await conn.execute(query)
             return [_to_event(row) for row in result]
+
+    async def load_streams(
+        self,
+        conn: AsyncConnection,
+        command_id: str | None,
+        wanted: Sequence[tuple[str, str | None, int]],
+    ) -> StreamsLoad:
+        """What a command reads before it decides, in one statement: whether
+        ``command_id`` was processed (and its outcome), and for each wanted stream
+        ``(stream id, decider name, decider version)`` its snapshot, if one was taken
+        by that decider and version (a ``None`` name: never), and its events after it.
+
+        On PostgreSQL it may run before the transaction's BEGIN, on its own snapshot:
+        under READ COMMITTED each statement takes a new one anyway, and the append's
+        version check rejects a decision made on streams that moved since."""
+        with translate_errors(self.dialect.database_label):
+            return await self.dialect.load_streams(conn, command_id, wanted)
 
     async def read_streams_data(
         self, conn: AsyncConnection, from_versions: Mapping[str, int]

@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -51,16 +51,6 @@ from tiu.errors import DuplicateRejectedCommand
 
 # Statements of every command, built once (building them per command was a third of a
 # command's time, profiled); executed with parameters, they hit the compiled cache.
-_SNAPSHOTS = select(
-    snapshots.c.stream_id,
-    snapshots.c.decider,
-    snapshots.c.decider_version,
-    snapshots.c.state,
-    snapshots.c.version,
-).where(snapshots.c.stream_id.in_(bindparam("stream_ids", expanding=True)))
-_PROCESSED = select(processed_commands).where(
-    processed_commands.c.command_id == bindparam("command_id")
-)
 _REMEMBER = {
     # DO NOTHING keeps the transaction usable; a concurrent duplicate then loses on its
     # events' versions and, retried, finds this row.
@@ -132,24 +122,35 @@ class CommandUnit:
         await self.load_many([(decider, stream_id)])
         return self._streams[stream_id]
 
-    async def load_many(self, wanted: Sequence[tuple[Decider, str]]) -> None:
-        """Load the streams not loaded yet by this unit, all with the same few statements."""
+    async def load_many(
+        self, wanted: Sequence[tuple[Decider, str]], *, command_id: str | None = None
+    ) -> CommandResult | None:
+        """Load the streams not loaded yet by this unit, in one statement, which also
+        tells whether ``command_id`` was processed: its first result if so."""
         missing = [(d, s) for d, s in wanted if s not in self._streams]
-        if not missing:
-            return
-        folded = await self.dispatcher.fold_many(self.conn, missing)
+        if not missing and command_id is None:
+            return None
+        folded, processed = await self.dispatcher.fold_many(
+            self.conn, missing, command_id=command_id
+        )
         for decider, stream_id in missing:
             state, version, snap = folded[stream_id]
             self._streams[stream_id] = _Loaded(decider, state, version, version, snap)
+        if processed is None or command_id is None:
+            return None
+        return await self.dispatcher.previous_result(self.conn, command_id, *processed)
 
     async def handle(self, command: Command, ctx: CommandContext) -> CommandResult:
         """Decide ``command`` and buffer its events in this unit."""
-        previous = await self.dispatcher.processed(self.conn, command.command_id)
+        target = route(command, ctx)
+        # Whether it was processed, the target and the streams the decision reads:
+        # one statement.
+        previous = await self.load_many(
+            [(target.decider, target.stream_id), *target.related.values()],
+            command_id=command.command_id,
+        )
         if previous is not None:
             return previous
-        target = route(command, ctx)
-        # The target and the streams the decision reads, in one go (two statements).
-        await self.load_many([(target.decider, target.stream_id), *target.related.values()])
         loaded = await self.load(target.decider, target.stream_id)
         related = {
             name: (await self.load(decider, stream)).state
@@ -476,37 +477,45 @@ class Dispatcher:
         self, conn: AsyncConnection, decider: Decider, stream_id: str
     ) -> tuple[Any, int, int]:
         """The state of one stream: ``(state, version, snapshot version)``."""
-        return (await self.fold_many(conn, [(decider, stream_id)]))[stream_id]
+        return (await self.fold_many(conn, [(decider, stream_id)]))[0][stream_id]
 
     async def fold_many(
-        self, conn: AsyncConnection, wanted: Sequence[tuple[Decider, str]]
-    ) -> dict[str, tuple[Any, int, int]]:
-        """Fold several streams: one statement for their snapshots, one for their events
-        since (a command loads its target and the streams its decision reads)."""
+        self,
+        conn: AsyncConnection,
+        wanted: Sequence[tuple[Decider, str]],
+        *,
+        command_id: str | None = None,
+    ) -> tuple[dict[str, tuple[Any, int, int]], tuple[str, Any] | None]:
+        """Fold several streams (a command loads its target and the streams its
+        decision reads) from their snapshots and the events since, and tell whether
+        ``command_id`` was processed (``(stream id, outcome)``): one statement."""
         deciders = {stream_id: decider for decider, stream_id in wanted}
         folded: dict[str, list[Any]] = {
             stream_id: [decider.initial_state(), 0, 0] for stream_id, decider in deciders.items()
         }
-        if self.snapshot_every:
-            for row in await conn.execute(_SNAPSHOTS, {"stream_ids": list(deciders)}):
-                decider = deciders[row.stream_id]
-                entry = folded[row.stream_id]
-                if (
-                    row.decider == decider.name
-                    and row.decider_version == decider.version
-                    and isinstance(entry[0], BaseModel)
-                ):
-                    entry[:] = [type(entry[0]).model_validate(row.state), row.version, row.version]
-        records = await self.store.read_streams_data(
-            conn, {stream_id: entry[1] + 1 for stream_id, entry in folded.items()}
-        )
+        snapshotted = [  # a decider's snapshot is used only by that decider and version
+            (
+                stream_id,
+                deciders[stream_id].name
+                if self.snapshot_every and isinstance(entry[0], BaseModel)
+                else None,
+                deciders[stream_id].version,
+            )
+            for stream_id, entry in folded.items()
+        ]
+        loaded = await self.store.load_streams(conn, command_id, snapshotted)
+        for stream_id, (version, state) in loaded.snapshots.items():
+            entry = folded[stream_id]
+            entry[:] = [type(entry[0]).model_validate(state), version, version]
+        records = loaded.events
         opened = await self.keys.open_many(conn, [(r.event_type, r.data) for r in records])
         for record, data in zip(records, opened, strict=True):
             entry = folded[record.stream_id]
             event = decode_event(record.event_type, record.schema_version, data.data, data.erased)
             entry[0] = deciders[record.stream_id].evolve(entry[0], event)
             entry[1] = record.version
-        return {stream_id: (state, v, snap) for stream_id, (state, v, snap) in folded.items()}
+        states = {stream_id: (state, v, snap) for stream_id, (state, v, snap) in folded.items()}
+        return states, loaded.processed
 
     async def maybe_snapshot(self, conn: AsyncConnection, stream_id: str, loaded: _Loaded) -> None:
         every = self.snapshot_every
@@ -534,11 +543,11 @@ class Dispatcher:
 
     # -- idempotency --------------------------------------------------------------------
 
-    async def processed(self, conn: AsyncConnection, command_id: str) -> CommandResult | None:
-        row = (await conn.execute(_PROCESSED, {"command_id": command_id})).first()
-        if row is None:
-            return None
-        outcome = row.outcome
+    async def previous_result(
+        self, conn: AsyncConnection, command_id: str, stream_id: str, outcome: dict[str, Any]
+    ) -> CommandResult:
+        """The first result of ``command_id``, processed already (``outcome`` is what
+        its idempotency record holds); a refusal is raised again."""
         if not outcome.get("ok", False):
             raise DuplicateRejectedCommand(
                 command_id, outcome.get("code", "?"), outcome.get("message", "")
@@ -552,7 +561,7 @@ class Dispatcher:
             )
             .where(
                 events_table.c.command_id == command_id,
-                events_table.c.stream_id == row.stream_id,
+                events_table.c.stream_id == stream_id,
             )
             .order_by(events_table.c.position)
         )
@@ -564,7 +573,7 @@ class Dispatcher:
         )
         position = rows[-1].position if rows else None
         return CommandResult(
-            command_id, row.stream_id, decoded, int(outcome.get("version", 0)), position, True
+            command_id, stream_id, decoded, int(outcome.get("version", 0)), position, True
         )
 
     async def remember(
