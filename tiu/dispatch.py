@@ -503,11 +503,17 @@ class Dispatcher:
             )
             for stream_id, entry in folded.items()
         ]
-        loaded = await self.store.load_streams(conn, command_id, snapshotted)
-        for stream_id, (version, state) in loaded.snapshots.items():
-            entry = folded[stream_id]
-            entry[:] = [type(entry[0]).model_validate(state), version, version]
-        records = loaded.events
+        processed = None
+        if command_id is None and all(decider is None for _, decider, _ in snapshotted):
+            # Nothing but events to read: the plain per-stream read is the lighter
+            # statement (the combined one cost ~2x per event on 100-event streams).
+            records = await self.store.read_streams_data(conn, dict.fromkeys(folded, 1))
+        else:
+            loaded = await self.store.load_streams(conn, command_id, snapshotted)
+            for stream_id, (version, state) in loaded.snapshots.items():
+                entry = folded[stream_id]
+                entry[:] = [type(entry[0]).model_validate(state), version, version]
+            records, processed = loaded.events, loaded.processed
         opened = await self.keys.open_many(conn, [(r.event_type, r.data) for r in records])
         for record, data in zip(records, opened, strict=True):
             entry = folded[record.stream_id]
@@ -515,7 +521,7 @@ class Dispatcher:
             entry[0] = deciders[record.stream_id].evolve(entry[0], event)
             entry[1] = record.version
         states = {stream_id: (state, v, snap) for stream_id, (state, v, snap) in folded.items()}
-        return states, loaded.processed
+        return states, processed
 
     async def maybe_snapshot(self, conn: AsyncConnection, stream_id: str, loaded: _Loaded) -> None:
         every = self.snapshot_every
