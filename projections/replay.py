@@ -34,7 +34,7 @@ from eventstore.store import EventStore
 from eventstore.translate import translate_errors
 from projections import checkpoints
 from projections.projector import Projector, Tables
-from projections.runner import apply_records
+from projections.runner import apply_records, long_lived_heap
 
 SHADOW_SUFFIX = "__rebuild"
 
@@ -222,6 +222,17 @@ async def rebuild(
     on_progress: ProgressCallback | None = None,
 ) -> RebuildReport:
     """Rebuild ``projector`` from the log and swap it in; resumable after a crash."""
+    with long_lived_heap():
+        return await _rebuild(store, projector, batch_size=batch_size, on_progress=on_progress)
+
+
+async def _rebuild(
+    store: EventStore,
+    projector: Projector,
+    *,
+    batch_size: int,
+    on_progress: ProgressCallback | None,
+) -> RebuildReport:
     started = time.monotonic()
     position = resumed = await _prepare(store, projector)
     shadows = shadow_tables(projector)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import select, text
@@ -34,6 +35,29 @@ from projections.projector import Envelope, Projector, Tables, decode_records
 log = logging.getLogger("projections")
 
 LEADER_LOCK_CLASS = 0x746976  # "tiv": leadership locks, apart from the append lock
+
+
+@contextlib.contextmanager
+def long_lived_heap() -> Iterator[None]:
+    """Leave the objects that exist now out of the garbage collector's scans while a
+    batch loop (a rebuild, a catch-up) runs.
+
+    Such a loop allocates a handful of objects per event, so the collector runs
+    often, and its older generations walk every object the process holds: modules,
+    SQLAlchemy metadata, pydantic schemas. A tasks rebuild of 94k events on SQLite
+    ran 23k events/s as it was and 29k with that heap frozen (same run). The
+    objects are put back (``gc.unfreeze``) when the loop ends; cyclic garbage among
+    them waits until then. An application that froze its heap itself
+    (``gc.get_freeze_count()`` above 0) is left as it is.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def handled_types(projectors: Sequence[Projector]) -> list[str]:
@@ -162,17 +186,18 @@ class Worker:
         # Without a checkpoint row every batch would be "skipped": loop forever.
         await self._ensure_checkpoints(chosen)
         total = 0
-        for projector in chosen:
-            while True:
-                result = await self.run_batch(projector)
-                total += result.applied
-                if result.skipped:
-                    await asyncio.sleep(0.01)
-                    continue
-                async with self.store.engine.connect() as conn:
-                    head = await self.store.head_position(conn)
-                if result.position >= head:
-                    break
+        with long_lived_heap():
+            for projector in chosen:
+                while True:
+                    result = await self.run_batch(projector)
+                    total += result.applied
+                    if result.skipped:
+                        await asyncio.sleep(0.01)
+                        continue
+                    async with self.store.engine.connect() as conn:
+                        head = await self.store.head_position(conn)
+                    if result.position >= head:
+                        break
         return total
 
     async def _acquire_leadership(self) -> list[Projector]:

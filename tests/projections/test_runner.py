@@ -4,6 +4,7 @@ PostgreSQL, ``wait_for``, and the inline runner catching up after a foreign appe
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import signal
@@ -29,7 +30,7 @@ from projections.readmodels import ALL_PROJECTORS
 from projections.readmodels.project_stats import project_stats
 from projections.readmodels.user_activity import user_activity
 from projections.readmodels.users import users_table
-from projections.runner import Worker, lowest_position, wait_for
+from projections.runner import Worker, long_lived_heap, lowest_position, wait_for
 from tests.conftest import PASSWORD, PG_URL
 from tests.projections.worker_process import T0, append_events, read_models, workload
 from tiu import DatabaseService, Settings
@@ -393,3 +394,18 @@ async def test_a_command_after_a_foreign_append_catches_the_inline_projections_u
         assert {c.position for c in rows if c.active} == {top}
     finally:
         await service.store.aclose()
+
+
+def test_a_batch_loop_freezes_the_heap_only_while_it_runs_and_leaves_an_application_freeze():
+    assert gc.get_freeze_count() == 0
+    with long_lived_heap():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    try:
+        with long_lived_heap():
+            pass
+        assert gc.get_freeze_count() == frozen  # the application's freeze is untouched
+    finally:
+        gc.unfreeze()
