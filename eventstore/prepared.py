@@ -42,24 +42,60 @@ from eventstore.dialects import driver_errors, raw_connection
 Params = Mapping[str, Any]
 
 
+#: Where a positional value comes from: a parameter's name, its position within an
+#: expanding parameter's list (None for a plain one), its value when not given, and
+#: its bind processor.
+_Slot = tuple[str, int | None, Any, Callable[[Any], Any] | None]
+
+
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     sql: str
     compiled: SQLCompiler
-    #: Per positional parameter: its name, its value when not given (None: required),
-    #: and its bind processor.
-    slots: tuple[tuple[str, Any, Callable[[Any], Any] | None], ...]
-    expanding: bool
+    slots: tuple[_Slot, ...]
+    #: The names of the expanding (``IN``) parameters; their SQL depends on the
+    #: lengths of their lists, so it is expanded once per combination of lengths.
+    expanding: tuple[str, ...]
+    expanded: dict[tuple[int, ...], tuple[str, tuple[_Slot, ...]] | None]
 
     def bind(self, params: Params) -> tuple[str, tuple[Any, ...]]:
         """The SQL and its positional values for ``params``."""
+        sql, slots = self.sql, self.slots
         if self.expanding:
-            return self._expanded(params)
+            try:
+                lengths = tuple(len(params[name]) for name in self.expanding)
+            except (KeyError, TypeError):  # missing, or not a list: SQLAlchemy's error
+                return self._expanded(params)
+            form = self.expanded.get(lengths, _MISSING)
+            if form is _MISSING:
+                form = self.expanded[lengths] = self._expand(params)
+            if form is None:
+                return self._expanded(params)
+            sql, slots = form  # type: ignore[misc]
         out = []
-        for name, default, process in self.slots:
-            value = params.get(name, default)
+        for name, index, default, process in slots:
+            value = params.get(name, default) if index is None else params[name][index]
             out.append(value if process is None else process(value))
-        return self.sql, tuple(out)
+        return sql, tuple(out)
+
+    def _expand(self, params: Params) -> tuple[str, tuple[_Slot, ...]] | None:
+        """The SQL and slots for these lengths of the expanding lists (None: tuples in
+        a list, expanded per element; see :meth:`_expanded`)."""
+        if any(isinstance(v, tuple) for name in self.expanding for v in params[name]):
+            return None
+        state = self.compiled.construct_expanded_state(params)
+        processors: dict[str, Any] = {**self.compiled._bind_processors, **state.processors}
+        element = {
+            expanded: (name, i)
+            for name, names in state.parameter_expansion.items()
+            for i, expanded in enumerate(names)
+        }
+        defaults = {name: default for name, _, default, _ in self.slots}
+        slots: list[_Slot] = []
+        for positional in state.positiontup or ():
+            name, index = element.get(positional, (positional, None))
+            slots.append((name, index, defaults.get(name), processors.get(positional)))
+        return state.statement, tuple(slots)
 
     def _expanded(self, params: Params) -> tuple[str, tuple[Any, ...]]:
         state = self.compiled.construct_expanded_state(params)
@@ -84,9 +120,9 @@ def _compile(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) -
         return None
     if compiled.effective_returning or compiled.insert_prefetch or compiled.update_prefetch:
         return None  # SQLAlchemy would fetch or compute values around the statement
-    expanding = any(b.expanding for b in compiled.binds.values())
+    expanding = tuple(name for name, b in compiled.binds.items() if b.expanding)
     processors = compiled._bind_processors
-    slots = []
+    slots: list[_Slot] = []
     for name in compiled.positiontup or ():
         bind = compiled.binds[name]
         default = None if bind.required else bind.effective_value
@@ -95,8 +131,8 @@ def _compile(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) -
         process = processors.get(name)
         if process is not None and not callable(process):
             return None  # a tuple-typed parameter: processed per element
-        slots.append((name, default, process))
-    return _Compiled(str(compiled), compiled, tuple(slots), expanding)
+        slots.append((name, None, default, process))
+    return _Compiled(str(compiled), compiled, tuple(slots), expanding, {})
 
 
 def _compiled(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) -> _Compiled | None:

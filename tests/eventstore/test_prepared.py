@@ -193,3 +193,21 @@ async def test_executemany_with_rows_of_other_names_fails_as_sqlalchemy_does(eng
         messages.append(str(raised.value.orig))
     assert messages[0] == messages[1]
     assert "label" in messages[0]
+
+
+async def test_an_expanding_in_binds_each_length_of_list_with_its_own_sql(engine, twins):
+    _, table, _ = twins
+    rows = [{"id": f"r{n}", "count": 0, "flag": True} for n in range(4)]
+    bump = (
+        update(table)
+        .where(table.c.id.in_(bindparam("ids", expanding=True)))
+        .values(count=table.c.count + 1)
+    )
+    async with engine.begin() as conn:
+        await execute(conn, _insert(table), rows)
+        moved = [
+            await execute(conn, bump, {"ids": ids})
+            for ids in (["r0", "r1"], ["r2", "r3"], [], ["r0"], ["r1", "r2", "r3"])
+        ]
+    assert moved == [2, 2, 0, 1, 3]
+    assert {r[0]: r[2] for r in await _rows(engine, table)} == {"r0": 2, "r1": 2, "r2": 2, "r3": 2}
