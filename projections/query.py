@@ -66,6 +66,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -431,7 +432,6 @@ def _bind(col: sa.Column[Any], value: Any) -> ColumnElement[Any]:
 
 def _clause(col: sa.Column[Any], f: Filter, dialect: str) -> ColumnElement[bool]:
     op, v = f.op, f.value
-    o = _ordered(col, dialect)
     if op == "eq":
         return col.is_(None) if v is None else col == _bind(col, v)
     if op == "ne":
@@ -442,6 +442,9 @@ def _clause(col: sa.Column[Any], f: Filter, dialect: str) -> ColumnElement[bool]
         return col.in_(v) if v else sa.false()
     if op == "not_in":
         return col.not_in(v) if v else sa.true()
+    # Comparisons and patterns only: equality is the same in every deterministic
+    # collation, and building the COLLATE expression per filter showed in profiles.
+    o = _ordered(col, dialect)
     if op == "between":
         return o.between(_bind(col, v[0]), _bind(col, v[1]))
     comparisons = {"lt": o.__lt__, "lte": o.__le__, "gt": o.__gt__, "gte": o.__ge__}
@@ -465,12 +468,17 @@ def _clause(col: sa.Column[Any], f: Filter, dialect: str) -> ColumnElement[bool]
 Key: TypeAlias = tuple[sa.Column[Any], bool]  # (column, descending)
 
 
-def _sort(key: Key, dialect: str) -> sa.UnaryExpression[Any]:
-    col, desc = key
+@functools.lru_cache(maxsize=1024)
+def _sort_by(col: sa.Column[Any], desc: bool, dialect: str) -> sa.UnaryExpression[Any]:
     expr = _ordered(col, dialect)
     if desc:
         return expr.desc().nulls_first() if col.nullable else expr.desc()
     return expr.asc().nulls_last() if col.nullable else expr.asc()
+
+
+def _sort(key: Key, dialect: str) -> sa.UnaryExpression[Any]:
+    """The ORDER BY term of ``key``, built once (expressions are immutable)."""
+    return _sort_by(key[0], key[1], dialect)
 
 
 def _after(keys: Sequence[Key], values: Sequence[Any], dialect: str) -> ColumnElement[bool]:
@@ -554,6 +562,8 @@ class Query:
         self.table = table
         self.fields = _allowed(table, fields)
         self._pk: tuple[sa.Column[Any], ...] = tuple(table.primary_key.columns)
+        # Built once: a Select is generative (where() returns a copy).
+        self._base: sa.Select[Any] = sa.select(*table.c)
 
     def __repr__(self) -> str:
         return f"Query({self.table.name!r})"
@@ -571,7 +581,7 @@ class Query:
         return [*_also(where), *conds]
 
     def _select(self) -> sa.Select[Any]:
-        return sa.select(*self.table.c)
+        return self._base
 
     def _rows(self, result: sa.CursorResult[Any]) -> Rows:
         keys = self.table.c.keys()
