@@ -418,8 +418,10 @@ def parse_filters(
 # -- SQL building ------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
 def _ordered(col: sa.Column[Any], dialect: str) -> ColumnElement[Any]:
-    """The column as compared and sorted: code-point order for strings on PostgreSQL."""
+    """The column as compared and sorted: code-point order for strings on PostgreSQL
+    (built once per column: expressions are immutable, and COLLATE showed in profiles)."""
     if dialect == "postgresql" and _kind(col) == "text":
         return col.collate("C")
     return col
