@@ -200,6 +200,7 @@ json_values = st.recursive(
 
 @given(value=json_values)
 @example(value={"big": 2**70, "small": -(2**64)})
+@example(value={"big": 2**70 + 1, "small": -(2**63) - 1, "u64": 2**64 + 7, "list": [3**41]})
 @example(value=["\ud800 lone surrogate", 1e16, 0.1])
 def test_stored_json_parses_back_exactly_as_the_stdlib_parses_it(value):
     text = canonical_json(value)

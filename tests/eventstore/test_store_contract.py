@@ -645,3 +645,17 @@ async def test_an_unfiltered_subscription_passes_archived_holes_but_not_others(e
     with pytest.raises(LogIntegrityError, match="position 4"):
         await read_all_live()
     await store.aclose()
+
+
+async def test_integers_beyond_64_bits_read_back_exactly_and_verify(store):
+    """orjson, which reads stored JSON, turns such integers into rounded floats."""
+    data = {"below_i64": -(2**63) - 1, "above_u64": 2**64 + 7, "nested": [3**41, {"x": 10**30 + 1}]}
+    await store.append("task-big", "task", [NewEvent("Happened", data)])
+    async with store.engine.connect() as conn:
+        [stored] = await store.read_stream(conn, "task-big")
+        [page] = await store.read_all(conn, 0, 10)
+        report = await verify(conn)
+    assert stored.data == data
+    assert type(stored.data["below_i64"]) is int
+    assert page.data == data
+    assert report.ok, report
