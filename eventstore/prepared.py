@@ -126,7 +126,7 @@ def _compile(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) -
     for name in compiled.positiontup or ():
         bind = compiled.binds[name]
         default = None if bind.required else bind.effective_value
-        if bind.required and name not in keys and not expanding:
+        if bind.required and name not in keys:
             return None  # let SQLAlchemy raise its error for the missing value
         process = processors.get(name)
         if process is not None and not callable(process):

@@ -211,3 +211,20 @@ async def test_an_expanding_in_binds_each_length_of_list_with_its_own_sql(engine
         ]
     assert moved == [2, 2, 0, 1, 3]
     assert {r[0]: r[2] for r in await _rows(engine, table)} == {"r0": 2, "r1": 2, "r2": 2, "r3": 2}
+
+
+async def test_a_missing_parameter_is_refused_as_sqlalchemy_refuses_it(engine, twins):
+    _, table, _ = twins
+    bump = (
+        update(table)
+        .where(table.c.id.in_(bindparam("ids", expanding=True)))
+        .values(count=bindparam("to"))
+    )
+    plain = update(table).where(table.c.id == bindparam("key")).values(count=bindparam("to"))
+    async with engine.begin() as conn:
+        await execute(conn, _insert(table), {"id": "a", "count": 1, "flag": True})
+        assert await execute(conn, bump, {"ids": ["a"], "to": 2}) == 1
+        for statement, params in ((bump, {"ids": ["a"]}), (plain, {"key": "a"})):
+            with pytest.raises(exc.StatementError, match="to"):
+                await execute(conn, statement, params)
+    assert {r[0]: r[2] for r in await _rows(engine, table)} == {"a": 2}
