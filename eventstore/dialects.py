@@ -48,6 +48,7 @@ from eventstore.records import (
     StreamData,
     StreamHead,
     StreamsLoad,
+    WantedStream,
     uuid_from_hex,
 )
 from eventstore.schema import unique_keys
@@ -292,7 +293,7 @@ class Dialect:
         self,
         conn: AsyncConnection,
         command_id: str | None,
-        wanted: Sequence[tuple[str, str | None, int]],
+        wanted: Sequence[WantedStream],
     ) -> StreamsLoad:
         """See :meth:`EventStore.load_streams`."""
         raw = await raw_connection(conn)
@@ -318,7 +319,7 @@ class Dialect:
     _load_sql: str
 
     @staticmethod
-    def _wanted(wanted: Sequence[tuple[str, str | None, int]]) -> tuple[Any, ...]:
+    def _wanted(wanted: Sequence[WantedStream]) -> tuple[Any, ...]:
         raise NotImplementedError
 
     async def fetch(self, conn: AsyncConnection, sql: str, params: Sequence[Any]) -> Sequence[Any]:
@@ -568,7 +569,7 @@ class SQLiteDialect(Dialect):
         return driver.execute(sql, params).fetchall()  # type: ignore[no-any-return]
 
     @staticmethod
-    def _wanted(wanted: Sequence[tuple[str, str | None, int]]) -> tuple[Any, ...]:
+    def _wanted(wanted: Sequence[WantedStream]) -> tuple[Any, ...]:
         return (orjson.dumps(wanted).decode(),)  # one JSON array, for json_each
 
     _native = staticmethod(functools.lru_cache(maxsize=64)(_numbered_qmarks))
@@ -706,7 +707,7 @@ class PostgresDialect(Dialect):
         return await driver.fetch(sql, *params)  # type: ignore[no-any-return]
 
     @staticmethod
-    def _wanted(wanted: Sequence[tuple[str, str | None, int]]) -> tuple[Any, ...]:
+    def _wanted(wanted: Sequence[WantedStream]) -> tuple[Any, ...]:
         return ([w[0] for w in wanted], [w[1] for w in wanted], [w[2] for w in wanted])
 
     async def read_streams_data(

@@ -100,6 +100,11 @@ class StreamData(NamedTuple):
     data: dict[str, Any]
 
 
+#: A stream a command loads (``EventStore.load_streams``): its id, the name of the
+#: decider whose snapshot of it may be used (``None``: none), and that decider's version.
+WantedStream = tuple[str, str | None, int]
+
+
 class StreamsLoad(NamedTuple):
     """What a command reads before it decides, in one statement
     (``EventStore.load_streams``)."""

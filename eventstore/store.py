@@ -42,6 +42,7 @@ from eventstore.records import (
     StreamData,
     StreamHead,
     StreamsLoad,
+    WantedStream,
 )
 from eventstore.schema import MAX_STREAM_ID_LENGTH, events, unique_keys
 from eventstore.translate import translate_errors
@@ -532,7 +533,7 @@ class EventStore:
         self,
         conn: AsyncConnection,
         command_id: str | None,
-        wanted: Sequence[tuple[str, str | None, int]],
+        wanted: Sequence[WantedStream],
     ) -> StreamsLoad:
         """What a command reads before it decides, in one statement: whether
         ``command_id`` was processed (and its outcome), and for each wanted stream
