@@ -8,6 +8,8 @@ upcaster lifting the old dict one version up; ``decode_event`` chains them on re
 
 from __future__ import annotations
 
+import os
+import time
 import unicodedata
 import uuid
 from collections.abc import Callable, Collection, Mapping
@@ -146,8 +148,25 @@ def erased_value(cls: type[Event], field: str) -> Any:
 
 
 def new_id() -> str:
-    """A fresh random id (uuid4 string) for commands, users, projects, tasks, sessions."""
-    return str(uuid.uuid4())
+    """A fresh id for commands, users, projects, tasks and sessions: a time-ordered
+    UUID (version 7) string, 74 random bits after the creation millisecond.
+
+    Time-ordered, not random (uuid4): the stream id, the read-model keys and the
+    idempotency record of a new aggregate land at the right edge of their B-tree
+    indexes instead of on a random page of each. With random ids a SQLite append into a
+    log of 1,000,000 events ran ~13% slower than into one of 10,000, the raw driver
+    alike; with time-ordered ids the rate stays flat (bench case 7). An id reveals
+    when it was made, as ``created_at`` does; it is no secret (session tokens are
+    ``secrets.token_urlsafe``).
+
+    The clock read here does not make decisions depend on time: the id is made when
+    the command is built, an input to ``decide`` like any other field. (The layout is
+    ``eventstore.records.uuid7``'s, the default event id; ``domain`` imports no other
+    package of the project, so it makes its own.)"""
+    value = time.time_ns() // 1_000_000 << 80 | int.from_bytes(os.urandom(10))
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
+    return str(uuid.UUID(int=value))
 
 
 class Command(BaseModel):
@@ -213,7 +232,7 @@ class CommandContext:
 EntityId = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 ]
-"""An aggregate id carried in commands and events (uuid4 strings in practice)."""
+"""An aggregate id carried in commands and events (``new_id``: UUID strings in practice)."""
 
 
 def clean_text(

@@ -1,3 +1,6 @@
+import itertools
+import types
+import uuid
 from datetime import datetime, timedelta
 from typing import ClassVar
 
@@ -134,3 +137,20 @@ def test_the_package_exports_exactly_its_public_names():
     assert sorted(domain.__all__) == sorted(set(domain.__all__))
     for name in domain.__all__:
         assert hasattr(domain, name), name
+
+
+def test_new_ids_are_version_7_uuids_that_sort_by_the_millisecond_they_were_made(monkeypatch):
+    start = 1_796_000_000_000 * 1_000_000  # ns
+    clock = (start + k * 1_000_000 + 999_999 for k in itertools.count())
+    monkeypatch.setattr(domain.base, "time", types.SimpleNamespace(time_ns=lambda: next(clock)))
+    ids = [domain.base.new_id() for _ in range(200)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 200
+    parsed = [uuid.UUID(i) for i in ids]
+    assert {p.version for p in parsed} == {7}
+    assert {p.variant for p in parsed} == {uuid.RFC_4122}
+    assert [p.int >> 80 for p in parsed] == [start // 1_000_000 + k for k in range(200)]
+    command = users.RegisterUser(
+        username="ada", email="ada@example.com", password="correct horse battery staple"
+    )
+    assert uuid.UUID(command.user_id).version == 7
