@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,14 +43,20 @@ def es_event(data: dict[str, Any], stream: uuid.UUID, version: int) -> Any:
 # -- one writer ----------------------------------------------------------------------------
 
 
-async def _tiu_streams(place: Place, n: int, per: int, runs: int) -> list[float]:
+def random_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def _tiu_streams(
+    place: Place, n: int, per: int, runs: int, new_id: Callable[[], str] = random_id
+) -> list[float]:
+    """tiu's appends; stream ids and command ids from ``new_id`` (default: uuid4, as the
+    other systems'; case 7 also measures ``domain.new_id``, what tiu's commands use)."""
     store = await place.store()
     times = []
     try:
         for _ in range(runs):
-            work = [
-                (f"task-{uuid.uuid4().hex}", [task_data(i) for _ in range(per)]) for i in range(n)
-            ]
+            work = [(f"task-{new_id()}", [task_data(i) for _ in range(per)]) for i in range(n)]
 
             async def go(work: list[tuple[str, list[dict[str, Any]]]] = work) -> None:
                 for stream_id, datas in work:
@@ -58,7 +65,7 @@ async def _tiu_streams(place: Place, n: int, per: int, runs: int) -> list[float]
                         "task",
                         [NewEvent("TaskCreated", d, 1, {"command": "Bench"}) for d in datas],
                         NO_STREAM,
-                        context=EventContext(actor_id="bench", command_id=uuid.uuid4().hex),
+                        context=EventContext(actor_id="bench", command_id=new_id()),
                     )
 
             times.append(await timed(go))
