@@ -51,6 +51,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from eventstore.prepared import execute
 from projections.projector import Envelope, Projector, Tables
 
 Row = dict[str, Any]
@@ -247,14 +248,14 @@ class KeyedRows:
                         updates.append(found)
                     found[2].append({param: row[n] for param, n in found[1]})
         if deletes:
-            await conn.execute(prebuilt(table, "delete", _delete), deletes)
+            await execute(conn, prebuilt(table, "delete", _delete), deletes)
         for columns, _, params in updates:
             statement = prebuilt(
                 table, "update:" + ",".join(columns), partial(_update, columns=columns)
             )
-            await conn.execute(statement, params)
+            await execute(conn, statement, params)
         if inserts:
-            await conn.execute(prebuilt(table, "insert", insert), inserts)
+            await execute(conn, prebuilt(table, "insert", insert), inserts)
         self._in_db = {k for k, v in self._current.items() if v is not None}
         self._dirty.clear()
         self._conflicts.clear()
