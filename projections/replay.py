@@ -37,6 +37,13 @@ from projections.projector import Projector, Tables
 from projections.runner import apply_records, long_lived_heap
 
 SHADOW_SUFFIX = "__rebuild"
+#: Events read and applied per transaction. Larger batches fold more events per row
+#: and commit each page of the shadow tables fewer times: 10,000 against 2,000 replayed
+#: the tasks read model of a 100k-event log 15-20% faster on SQLite and PostgreSQL
+#: alike (~25 MB more peak memory, flat in the log's size).
+DEFAULT_BATCH_SIZE = 10_000
+#: The swap, which holds the live tables locked, applies at most about this many events.
+SWAP_WITHIN = 2_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +225,7 @@ async def rebuild(
     store: EventStore,
     projector: Projector,
     *,
-    batch_size: int = 2000,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     on_progress: ProgressCallback | None = None,
 ) -> RebuildReport:
     """Rebuild ``projector`` from the log and swap it in; resumable after a crash."""
@@ -243,7 +250,7 @@ async def _rebuild(
         async with store.engine.connect() as conn:
             await begin_write(conn)
             head = await store.head_position(conn)
-            if head - position <= batch_size:
+            if head - position <= min(batch_size, SWAP_WITHIN):
                 await conn.rollback()
                 break
             position, count = await _apply_batch(
@@ -436,7 +443,7 @@ async def rebuild_all(
     store: EventStore,
     projectors: Sequence[Projector],
     *,
-    batch_size: int = 2000,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     on_progress: ProgressCallback | None = None,
 ) -> list[RebuildReport]:
     return [

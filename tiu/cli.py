@@ -362,7 +362,9 @@ def replay(  # noqa: PLR0917  # typer maps each parameter to an option
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only say what would be rebuilt.")
     ] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 2000,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Events applied per transaction.")
+    ] = replay_mod.DEFAULT_BATCH_SIZE,
     database_url: DatabaseUrl = None,
     schema: Schema = None,
     as_json: JsonFlag = False,

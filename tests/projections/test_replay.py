@@ -117,6 +117,27 @@ async def test_an_interrupted_rebuild_resumes_from_its_checkpoint(store: EventSt
     assert (await active_positions(store))[projector.name] == (1, report.position)
 
 
+async def test_a_log_longer_than_swap_within_is_applied_in_bulk_batches_not_in_the_swap(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bulk batches may be large; the swap, which holds the live tables locked, is left
+    # at most SWAP_WITHIN events (here 15), however large the batches.
+    monkeypatch.setattr(replay, "SWAP_WITHIN", 15)
+    await append_events(store, workload(200, seed=3))
+    await project_all(store)
+    expected = await read_models(store.engine)
+    projector = ALL_PROJECTORS[2]
+    progress: list[int] = []
+    report = await replay.rebuild(
+        store, projector, batch_size=1000, on_progress=lambda p: progress.append(p.position)
+    )
+    end = await head(store)
+    # One bulk batch (1,000 > 200 events: all of them), then the swap with nothing left.
+    assert progress == [end, end]
+    assert report.position == end
+    assert await read_models(store.engine) == expected
+
+
 class UsersV2(UsersProjector):
     version = 2
 
