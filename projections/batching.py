@@ -42,6 +42,7 @@ from sqlalchemy import (
     Select,
     Table,
     Update,
+    any_,
     bindparam,
     delete,
     insert,
@@ -49,6 +50,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from eventstore.prepared import execute
@@ -61,6 +63,8 @@ Key = Hashable
 
 IN_CHUNK = 500
 """Most keys in one ``IN`` list (well under SQLite's and asyncpg's parameter limits)."""
+ARRAY_CHUNK = 5000
+"""Most keys in one PostgreSQL array parameter (``key = ANY(:keys)``)."""
 
 _B = "b_"  # prefix of the bound parameters of UPDATE and DELETE (column names are taken)
 
@@ -135,8 +139,14 @@ class KeyedRows:
         self._pending.clear()
         if not pending:
             return
-        statement = self._select(_by_key, "key")
-        for chunk in _chunks(pending):
+        if conn.dialect.name == "postgresql" and len(self._key_names) == 1:
+            # One array parameter: one prepared statement whatever the number of keys
+            # (an IN list is new SQL, prepared anew, for each length).
+            statement = self._select(_by_key_array, "key-array")
+            size = ARRAY_CHUNK
+        else:
+            statement, size = self._select(_by_key, "key"), IN_CHUNK
+        for chunk in _chunks(pending, size):
             self._add_loaded(await conn.execute(statement, {"keys": list(chunk)}))
         for key in pending:
             self._current.setdefault(key, None)
@@ -266,6 +276,11 @@ def _by_key(table: Table) -> ColumnElement[bool]:
     if len(key_cols) == 1:
         return key_cols[0].in_(keys_param())
     return tuple_(*key_cols).in_(keys_param())
+
+
+def _by_key_array(table: Table) -> ColumnElement[bool]:
+    (key,) = table.primary_key.columns
+    return key == any_(bindparam("keys", type_=postgresql.ARRAY(key.type)))
 
 
 def _where_key(table: Table) -> list[ColumnElement[bool]]:
