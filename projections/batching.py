@@ -5,12 +5,16 @@ the result back at the end, instead of running one or more statements per event:
 
 1. gather the primary keys the batch touches (and, where a projector needs rows by
    something other than their key, a predicate for those);
-2. load the existing rows for them in one ``SELECT ... IN`` per 500 keys;
+2. load the existing rows for them in one ``SELECT ... IN`` per 500 keys (on
+   PostgreSQL ``= ANY(:keys)``, one array of up to 5,000 keys);
 3. fold the envelopes in order over the rows in memory (insert, update, delete per
    key; counters incremented in Python);
 4. write back: one executemany ``DELETE`` (by key) for rows that existed and are gone,
    one executemany ``UPDATE`` (by key) per set of columns the fold changed (a handful:
-   one per combination of event types), one ``INSERT`` for rows that are new.
+   one per combination of event types), one ``INSERT`` for rows that are new. On
+   PostgreSQL the ``UPDATE`` and ``INSERT`` of several rows are each one statement
+   over one array per column (``unnest``): a row per Bind/Execute cost ~2x the server
+   work (measured on 10,000 rows).
 
 Only the columns a fold reads are loaded (``KeyedRows(table, load=...)``; by default
 none but the key, which tells whether the row exists), and an ``UPDATE`` sets only
@@ -40,11 +44,13 @@ from sqlalchemy import (
     ColumnElement,
     Delete,
     Select,
+    String,
     Table,
     Update,
     any_,
     bindparam,
     delete,
+    func,
     insert,
     select,
     tuple_,
@@ -259,12 +265,24 @@ class KeyedRows:
                     found[2].append({param: row[n] for param, n in found[1]})
         if deletes:
             await execute(conn, prebuilt(table, "delete", _delete), deletes)
-        for columns, _, params in updates:
+        postgres = conn.dialect.name == "postgresql"
+        for columns, names, params in updates:
+            if postgres and len(params) > 1:
+                statement = prebuilt(
+                    table,
+                    "update-unnest:" + ",".join(columns),
+                    partial(_update_unnest, keys=key_names, columns=columns),
+                )
+                await execute(conn, statement, _as_arrays([p for p, _ in names], params))
+                continue
             statement = prebuilt(
                 table, "update:" + ",".join(columns), partial(_update, columns=columns)
             )
             await execute(conn, statement, params)
-        if inserts:
+        if postgres and len(inserts) > 1 and _whole(table, inserts):
+            statement = prebuilt(table, "insert-unnest", _insert_unnest)
+            await execute(conn, statement, _as_arrays([c.name for c in table.columns], inserts))
+        elif inserts:
             await execute(conn, prebuilt(table, "insert", insert), inserts)
         self._in_db = {k for k, v in self._current.items() if v is not None}
         self._dirty.clear()
@@ -281,6 +299,50 @@ def _by_key(table: Table) -> ColumnElement[bool]:
 def _by_key_array(table: Table) -> ColumnElement[bool]:
     (key,) = table.primary_key.columns
     return key == any_(bindparam("keys", type_=postgresql.ARRAY(key.type)))
+
+
+def _unnest(table: Table, params: Sequence[tuple[str, str]]) -> Any:
+    """``(SELECT unnest(:param) AS column, ...)``: one array parameter per column, the
+    rows of an executemany as one set (PostgreSQL zips the unnests in lockstep)."""
+    return select(
+        *(
+            func.unnest(bindparam(param, type_=_array_of(table.c[column].type))).label(column)
+            for param, column in params
+        )
+    ).subquery("v")
+
+
+def _array_of(item: Any) -> postgresql.ARRAY[Any]:
+    # An explicit cast to varchar(n) truncates what is too long; the unbounded array
+    # leaves the column's own assignment to refuse it, as a row-by-row write would.
+    if isinstance(item, String) and item.length is not None:
+        item = String()
+    return postgresql.ARRAY(item)
+
+
+def _insert_unnest(table: Table) -> Any:
+    names = [c.name for c in table.columns]
+    rows = _unnest(table, [(n, n) for n in names])
+    return insert(table).from_select(names, select(*(rows.c[n] for n in names)))
+
+
+def _update_unnest(table: Table, keys: Sequence[str], columns: Sequence[str]) -> Update:
+    rows = _unnest(table, [(_B + n, n) for n in (*keys, *columns)])
+    return (
+        update(table)
+        .where(*(table.c[k] == rows.c[k] for k in keys))
+        .values({table.c[n]: rows.c[n] for n in columns})
+    )
+
+
+def _as_arrays(names: Sequence[str], rows: Sequence[Row]) -> dict[str, list[Any]]:
+    return {name: [row[name] for row in rows] for name in names}
+
+
+def _whole(table: Table, rows: Sequence[Row]) -> bool:
+    """Every row names every column (the unnest INSERT writes all of them)."""
+    names = set(table.columns.keys())
+    return all(row.keys() == names for row in rows)
 
 
 def _where_key(table: Table) -> list[ColumnElement[bool]]:

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Table, delete, func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from domain import Event, ProjectRole, Role, users
@@ -447,3 +447,67 @@ async def test_keyed_rows_load_more_keys_than_fit_in_one_in_list(db: Db) -> None
         await rows.load(conn)
         assert sum(rows.exists(f"t{i}") for i in range(n + 3)) == n
         assert await conn.scalar(select(func.count()).select_from(tasks_table)) == n
+
+
+def task_row(task_id: str, title: str) -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "project_id": "p0",
+        "title": title,
+        "description": "",
+        "status": "todo",
+        "priority": "low",
+        "priority_rank": 1,
+        "due_at": None,
+        "assignee_id": None,
+        "created_by": "u0",
+        "created_at": at(1),
+        "updated_at": at(1),
+        "completed_at": None,
+    }
+
+
+async def test_a_batched_write_of_a_value_too_long_for_its_column_is_never_truncated(
+    db: Db,
+) -> None:
+    # PostgreSQL writes a batch as one statement over arrays (unnest); an explicit cast
+    # to varchar(200) would cut a 201-character title silently, where a row-by-row
+    # write refuses it. SQLite keeps what it is given.
+    table = db.shadows["tasks"]["tasks"]
+    long_title = "x" * 201
+    postgres = db.engine.dialect.name == "postgresql"
+
+    async def write(fold: Any) -> None:
+        async with db.engine.begin() as conn:
+            rows = KeyedRows(table)
+            for key in ("t1", "t2"):
+                rows.want(key)
+            await rows.load(conn)
+            fold(rows)
+            await rows.flush(conn)
+
+    def insert_long(rows: KeyedRows) -> None:
+        rows.insert(task_row("t1", long_title))
+        rows.insert(task_row("t2", "short"))
+
+    def update_long(rows: KeyedRows) -> None:
+        rows.update("t1", title=long_title)
+        rows.update("t2", title=long_title)
+
+    if postgres:
+        with pytest.raises(DBAPIError, match="too long"):
+            await write(insert_long)
+    else:
+        await write(insert_long)
+        await db.clear()
+    await write(lambda rows: [rows.insert(task_row(k, "short")) for k in ("t1", "t2")])
+    if postgres:
+        with pytest.raises(DBAPIError, match="too long"):
+            await write(update_long)
+    else:
+        await write(update_long)
+    async with db.engine.connect() as conn:
+        titles = {r["task_id"]: r["title"] for r in await db.rows(conn, table)}
+    assert titles == (
+        {"t1": "short", "t2": "short"} if postgres else {"t1": long_title, "t2": long_title}
+    )
