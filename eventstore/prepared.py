@@ -26,6 +26,7 @@ Python-side column defaults, and the first statement of a PostgreSQL transaction
 
 from __future__ import annotations
 
+import operator
 import sqlite3
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -57,10 +58,28 @@ class _Compiled:
     #: lengths of their lists, so it is expanded once per combination of lengths.
     expanding: tuple[str, ...]
     expanded: dict[tuple[int, ...], tuple[str, tuple[_Slot, ...]] | None]
+    #: Without expanding parameters: the values of every slot by name, in one C call
+    #: (KeyError when a parameter with a default is left out: the slot loop then), and
+    #: the positions whose values need a bind processor. Half the binding time of a
+    #: replay's rows, which name every column and process only the timestamps.
+    values: Callable[[Params], tuple[Any, ...]] | None
+    processed: tuple[tuple[int, Callable[[Any], Any]], ...]
 
     def bind(self, params: Params) -> tuple[str, tuple[Any, ...]]:
         """The SQL and its positional values for ``params``."""
         sql, slots = self.sql, self.slots
+        if self.values is not None:
+            try:
+                values = self.values(params)
+            except KeyError:
+                pass
+            else:
+                if not self.processed:
+                    return sql, values
+                out = list(values)
+                for i, processor in self.processed:
+                    out[i] = processor(out[i])
+                return sql, tuple(out)
         if self.expanding:
             try:
                 lengths = tuple(len(params[name]) for name in self.expanding)
@@ -132,7 +151,16 @@ def _compile(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) -
         if process is not None and not callable(process):
             return None  # a tuple-typed parameter: processed per element
         slots.append((name, None, default, process))
-    return _Compiled(str(compiled), compiled, tuple(slots), expanding, {})
+    values = None if expanding or not slots else _getter(tuple(name for name, *_ in slots))
+    processed = tuple((i, slot[3]) for i, slot in enumerate(slots) if slot[3] is not None)
+    return _Compiled(str(compiled), compiled, tuple(slots), expanding, {}, values, processed)
+
+
+def _getter(names: tuple[str, ...]) -> Callable[[Params], tuple[Any, ...]]:
+    if len(names) == 1:
+        (name,) = names
+        return lambda params: (params[name],)
+    return operator.itemgetter(*names)
 
 
 def _compiled(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) -> _Compiled | None:
