@@ -19,8 +19,8 @@ Before the append rate is measured at a size, the log is settled: the bulk fill 
 before it leaves deferred work proportional to the fill, not to the log (SQLite: a
 WAL of the whole fill waiting for its checkpoint; PostgreSQL: dirty buffers and
 unvacuumed pages), which the first measured appends would otherwise pay for. Both
-sizes are settled the same way: ``PRAGMA wal_checkpoint(TRUNCATE)``, or ``CHECKPOINT``
-and ``VACUUM ANALYZE events``.
+sizes are settled the same way: ``PRAGMA wal_checkpoint(TRUNCATE)``, or ``VACUUM
+ANALYZE events`` then ``CHECKPOINT``.
 """
 
 from __future__ import annotations
@@ -86,8 +86,11 @@ async def _settle(ctx: Context) -> None:
     if place.postgres:
         conn = await place.asyncpg_conn()
         try:
-            await conn.execute("CHECKPOINT")
+            # VACUUM first: it sets hint bits and the visibility map on every page the
+            # fill wrote, dirtying them again; the CHECKPOINT after it writes them out,
+            # instead of the measured appends' checkpoints.
             await conn.execute("VACUUM ANALYZE events")
+            await conn.execute("CHECKPOINT")
         finally:
             await conn.close()
         return
