@@ -228,3 +228,21 @@ async def test_a_missing_parameter_is_refused_as_sqlalchemy_refuses_it(engine, t
             with pytest.raises(exc.StatementError, match="to"):
                 await execute(conn, statement, params)
     assert {r[0]: r[2] for r in await _rows(engine, table)} == {"a": 2}
+
+
+async def test_a_parameter_with_a_value_takes_it_when_left_out_as_in_sqlalchemy(engine, twins):
+    by_sa, by_driver, _ = twins
+    rows = [{"id": n, "count": 1, "flag": True} for n in ("a", "b", "c")]
+    sa_bump, driver_bump = (
+        update(t).where(t.c.id == bindparam("key")).values(count=bindparam("to", 7))
+        for t in (by_sa, by_driver)
+    )
+    calls = [{"key": "a", "to": 9}, {"key": "b"}, {"key": "c", "to": 3}]
+    async with engine.begin() as conn:
+        for table in (by_sa, by_driver):
+            await conn.execute(_insert(table), rows)
+        for params in calls:
+            await conn.execute(sa_bump, params)
+            assert await execute(conn, driver_bump, params) == 1
+    assert await _rows(engine, by_driver) == await _rows(engine, by_sa)
+    assert {r[0]: r[2] for r in await _rows(engine, by_driver)} == {"a": 9, "b": 7, "c": 3}
