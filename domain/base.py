@@ -111,6 +111,8 @@ def decode_event(
         raise UnknownEventType(
             event_type, schema_version, f"this code knows versions 1..{cls.schema_version}"
         )
+    if schema_version == cls.schema_version and not erased and type(data) is dict:
+        return cls.model_validate(data)  # the common case: nothing to change, no copy
     payload = dict(data)
     for version in range(schema_version, cls.schema_version):
         upcaster = _UPCASTERS.get((event_type, version))

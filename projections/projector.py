@@ -14,9 +14,8 @@ from __future__ import annotations
 import uuid
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from sqlalchemy import MetaData, Table
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -49,9 +48,10 @@ def statement(table: Table, key: Hashable, build: Callable[[Table], Any]) -> Any
     return found
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """A decoded event with where it sits in the log.
+class Envelope(NamedTuple):
+    """A decoded event with where it sits in the log. A named tuple, as
+    :class:`RecordedEvent` is: a replay builds one per event, and a frozen dataclass
+    took 1.5 us to build, a named tuple 0.5 (timeit).
 
     ``position`` is ``None`` when an inline projector runs before the append has
     allocated it (ORDERING.md: positions are assigned as the last statement).
