@@ -71,7 +71,7 @@ import hashlib
 import json
 import math
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, TypeAlias
@@ -107,6 +107,9 @@ MAX_IN: Final = 10_000  # both backends cap bound parameters near 32k
 _MAX_OFFSET: Final = 2**31 - 1
 _MAX_PATTERN: Final = 1_000  # SQLite refuses LIKE/GLOB patterns over 50k bytes
 _MAX_CURSOR: Final = 4_096
+#: Statements a Query keeps, one per shape of call (see ``Query._prepared``); all are
+#: dropped when full (shapes come from code, so a few dozen in practice).
+_STATEMENTS_KEPT: Final = 256
 _CURSOR_VERSION: Final = 1
 _GET_MANY_CHUNK: Final = 500
 _ESC: Final = "\\"
@@ -427,31 +430,66 @@ def _ordered(col: sa.Column[Any], dialect: str) -> ColumnElement[Any]:
     return col
 
 
-def _bind(col: sa.Column[Any], value: Any) -> ColumnElement[Any]:
+def _bind(col: sa.Column[Any], value: Any, expanding: bool = False) -> ColumnElement[Any]:
     # An explicit bind: SQLAlchemy refuses < and > against a bare True/False.
+    if expanding:
+        return sa.bindparam(None, list(value), type_=col.type, expanding=True)
     return sa.literal(value, col.type)
 
 
-def _clause(col: sa.Column[Any], f: Filter, dialect: str) -> ColumnElement[bool]:
+Binder: TypeAlias = Callable[..., ColumnElement[Any]]
+
+
+class _Named:
+    """A binder naming the values a query's filters bind ``tiu_filter_0``, ... in order,
+    and keeping them: filters of one shape (see :func:`_shape`) then build the same SQL,
+    so a statement built once serves every call with these parameters."""
+
+    __slots__ = ("params",)
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+
+    def __call__(
+        self, col: sa.Column[Any], value: Any, expanding: bool = False
+    ) -> ColumnElement[Any]:
+        name = f"tiu_filter_{len(self.params)}"
+        self.params[name] = list(value) if expanding else value
+        return sa.bindparam(name, self.params[name], type_=col.type, expanding=expanding)
+
+
+def _shape(f: Filter) -> tuple[str, str, bool | None]:
+    """What of a filter decides its SQL: the field, the operator, and for some
+    operators whether the value is None or empty (not the value itself)."""
+    if f.op in ("eq", "ne"):
+        return f.field, f.op, f.value is None
+    if f.op in ("isnull", "in", "not_in"):
+        return f.field, f.op, bool(f.value)
+    return f.field, f.op, None
+
+
+def _clause(
+    col: sa.Column[Any], f: Filter, dialect: str, bind: Binder = _bind
+) -> ColumnElement[bool]:
     op, v = f.op, f.value
     if op == "eq":
-        return col.is_(None) if v is None else col == _bind(col, v)
+        return col.is_(None) if v is None else col == bind(col, v)
     if op == "ne":
-        return col.is_not(None) if v is None else col != _bind(col, v)
+        return col.is_not(None) if v is None else col != bind(col, v)
     if op == "isnull":
         return col.is_(None) if v else col.is_not(None)
     if op == "in":
-        return col.in_(v) if v else sa.false()
+        return col.in_(bind(col, v, True)) if v else sa.false()
     if op == "not_in":
-        return col.not_in(v) if v else sa.true()
+        return col.not_in(bind(col, v, True)) if v else sa.true()
     # Comparisons and patterns only: equality is the same in every deterministic
     # collation, and building the COLLATE expression per filter showed in profiles.
     o = _ordered(col, dialect)
     if op == "between":
-        return o.between(_bind(col, v[0]), _bind(col, v[1]))
+        return o.between(bind(col, v[0]), bind(col, v[1]))
     comparisons = {"lt": o.__lt__, "lte": o.__le__, "gt": o.__gt__, "gte": o.__ge__}
     if op in comparisons:
-        return comparisons[op](_bind(col, v))
+        return comparisons[op](bind(col, v))
     pattern = {
         "like": v,
         "ilike": v,
@@ -461,10 +499,10 @@ def _clause(col: sa.Column[Any], f: Filter, dialect: str) -> ColumnElement[bool]
     if op == "ilike":
         # SQLAlchemy renders lower(x) LIKE lower(p) on SQLite, which folds ASCII only;
         # COLLATE "C" makes PostgreSQL's ILIKE fold ASCII only too.
-        return o.ilike(pattern, escape=_ESC)
+        return o.ilike(bind(col, pattern), escape=_ESC)
     if dialect == "sqlite":
-        return col.op("GLOB", is_comparison=True)(_like_to_glob(pattern))
-    return o.like(pattern, escape=_ESC)
+        return col.op("GLOB", is_comparison=True)(bind(col, _like_to_glob(pattern)))
+    return o.like(bind(col, pattern), escape=_ESC)
 
 
 Key: TypeAlias = tuple[sa.Column[Any], bool]  # (column, descending)
@@ -566,6 +604,7 @@ class Query:
         self._pk: tuple[sa.Column[Any], ...] = tuple(table.primary_key.columns)
         # Built once: a Select is generative (where() returns a copy).
         self._base: sa.Select[Any] = sa.select(*table.c)
+        self._statements: dict[Hashable, tuple[Any, sa.Select[Any]]] = {}
 
     def __repr__(self) -> str:
         return f"Query({self.table.name!r})"
@@ -584,6 +623,35 @@ class Query:
 
     def _select(self) -> sa.Select[Any]:
         return self._base
+
+    def _prepared(
+        self,
+        kind: Hashable,
+        filters: Filters,
+        where: ColumnElement[bool] | None,
+        dialect: str,
+        build: Callable[[list[ColumnElement[bool]]], sa.Select[Any]],
+    ) -> tuple[sa.Select[Any], dict[str, Any]]:
+        """The statement ``build(conditions)`` for these filters' shape, built once per
+        shape, and this call's values for it.
+
+        Building a select and SQLAlchemy's cache key for it (a walk of the whole
+        statement, the visibility subqueries included) cost more than running a
+        50-row list on SQLite (profiled: ~0.2 of ~0.9 ms); a statement object is
+        immutable and keeps its cache key, so one per shape serves every call.
+        ``where`` is part of the shape by identity (repositories cache theirs)."""
+        binder = _Named()
+        parsed = self.filters(filters)
+        conds = [_clause(self.table.c[f.field], f, dialect, binder) for f in parsed]
+        key = (kind, dialect, id(where), tuple(_shape(f) for f in parsed))
+        found = self._statements.get(key)
+        if found is not None and found[0] is where:
+            return found[1], binder.params
+        statement = build([*_also(where), *conds])
+        if len(self._statements) >= _STATEMENTS_KEPT:
+            self._statements.clear()
+        self._statements[key] = (where, statement)
+        return statement, binder.params
 
     def _rows(self, result: sa.CursorResult[Any]) -> Rows:
         keys = self.table.c.keys()
@@ -700,14 +768,20 @@ class Query:
             raise InvalidPagination(f"offset must be an int in 0..{_MAX_OFFSET}, got {offset!r}")
         dialect = conn.dialect.name
         keys = self._keys(order_by)
-        stmt = (
-            self._select()
-            .where(*self._where(filters, where, dialect))
-            .order_by(*(_sort(k, dialect) for k in keys))
-            .limit(limit)
-            .offset(offset)
+        stmt, params = self._prepared(
+            ("list", tuple((k.key, d) for k, d in keys), limit, offset),
+            filters,
+            where,
+            dialect,
+            lambda conds: (
+                self._select()
+                .where(*conds)
+                .order_by(*(_sort(k, dialect) for k in keys))
+                .limit(limit)
+                .offset(offset)
+            ),
         )
-        return self._rows(await conn.execute(stmt))
+        return self._rows(await conn.execute(stmt, params))
 
     async def count(
         self,
@@ -717,12 +791,14 @@ class Query:
         where: ColumnElement[bool] | None = None,
     ) -> int:
         """How many rows match ``filters`` and ``where``."""
-        stmt = (
-            sa.select(sa.func.count())
-            .select_from(self.table)
-            .where(*self._where(filters, where, conn.dialect.name))
+        stmt, params = self._prepared(
+            "count",
+            filters,
+            where,
+            conn.dialect.name,
+            lambda conds: sa.select(sa.func.count()).select_from(self.table).where(*conds),
         )
-        return int((await conn.execute(stmt)).scalar_one())
+        return int((await conn.execute(stmt, params)).scalar_one())
 
     async def exists(
         self,

@@ -377,6 +377,26 @@ async def test_each_operator_returns_the_reference_rows(db: Db, filters: dict[st
     assert await db.q.exists(db.conn, filters) is bool(expected)
 
 
+async def test_one_query_reused_across_values_of_one_shape_returns_each_calls_rows(
+    db: Db,
+) -> None:
+    # Query keeps one statement per shape of call (fields, operators, None/empty-ness,
+    # ordering, limit, where): every case runs on one Query, twice and in reverse, so
+    # most calls reuse a statement built for other values.
+    for filters in [*OPERATOR_CASES, *reversed(OPERATOR_CASES)]:
+        expected = ref_filter(ROWS, filters)
+        assert set(await db.ids(filters)) == expected, filters
+        assert await db.q.count(db.conn, filters) == len(expected), filters
+    for project in ("p1", "p2", "p1"):
+        for in_list in (["p1"], ["p1", "p2", "p3"], ["p2"]):
+            mine = db.tasks.c.project_id == project  # a new where object each time
+            got = await db.q.list(db.conn, {"project_id__in": in_list}, where=mine)
+            expected = {r["id"] for r in ROWS if r["project_id"] == project} & ref_filter(
+                ROWS, {"project_id__in": in_list}
+            )
+            assert set(ids(got)) == expected
+
+
 async def test_literal_operators_treat_wildcards_and_quotes_as_text(db: Db) -> None:
     by_title = {r["id"]: r["title"] for r in ROWS}
 
