@@ -616,9 +616,13 @@ class Query:
         return parse_filters(self.table, filters, fields=self.fields)
 
     def _where(
-        self, filters: Filters, where: ColumnElement[bool] | None, dialect: str
+        self,
+        parsed: Sequence[Filter],
+        where: ColumnElement[bool] | None,
+        dialect: str,
+        bind: Binder = _bind,
     ) -> list[ColumnElement[bool]]:
-        conds = [_clause(self.table.c[f.field], f, dialect) for f in self.filters(filters)]
+        conds = [_clause(self.table.c[f.field], f, dialect, bind) for f in parsed]
         return [*_also(where), *conds]
 
     def _select(self) -> sa.Select[Any]:
@@ -643,12 +647,14 @@ class Query:
         ``where`` is part of the shape by identity (repositories cache theirs)."""
         binder = _Named()
         parsed = self.filters(filters)
-        conds = [_clause(self.table.c[f.field], f, dialect, binder) for f in parsed]
+        # The conditions are built on every call, for the values they bind; only the
+        # statement around them is kept.
+        conds = self._where(parsed, where, dialect, binder)
         key = (kind, dialect, id(where), tuple(_shape(f) for f in parsed))
         found = self._statements.get(key)
         if found is not None and found[0] is where:
             return found[1], binder.params
-        statement = build([*_also(where), *conds])
+        statement = build(conds)
         if len(self._statements) >= _STATEMENTS_KEPT:
             self._statements.clear()
         self._statements[key] = (where, statement)
@@ -810,7 +816,7 @@ class Query:
     ) -> bool:
         """Whether any row matches ``filters`` and ``where``."""
         inner = sa.select(sa.literal(1)).select_from(self.table)
-        inner = inner.where(*self._where(filters, where, conn.dialect.name))
+        inner = inner.where(*self._where(self.filters(filters), where, conn.dialect.name))
         return bool((await conn.execute(sa.select(inner.exists()))).scalar_one())
 
     async def page(
@@ -835,7 +841,7 @@ class Query:
         _check_limit(limit, optional=False)
         dialect = conn.dialect.name
         keys = self._keys(order_by)
-        conds = self._where(filters, where, dialect)
+        conds = self._where(self.filters(filters), where, dialect)
         if after is not None:
             conds.append(_after(keys, self._decode(after, keys), dialect))
         stmt = (
