@@ -18,6 +18,7 @@ from typing import Any
 from domain import projects, sessions, tasks, users
 from domain.base import Event, encode_event
 from eventstore import EventContext, EventStore, NewEvent
+from eventstore.records import uuid7_of
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 PASSWORD_HASH = "$2b$04$" + "x" * 53  # shaped like a bcrypt hash; never checked here
@@ -65,10 +66,7 @@ class Scenario:
         millisecond, then seeded random bits. Random (v4) ids put every new task on a
         random leaf of the read model's key index, which a log of tiu's own ids does
         not do."""
-        value = int(self._now().timestamp() * 1000) << 80 | self.rng.getrandbits(80)
-        value = value & ~(0xF << 76) | 0x7 << 76  # version 7
-        value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
-        return uuid.UUID(int=value).hex
+        return uuid7_of(int(self._now().timestamp() * 1000), self.rng.getrandbits(80)).hex
 
     def _now(self) -> datetime:
         return START + timedelta(seconds=self.count)

@@ -26,7 +26,14 @@ def uuid7() -> uuid.UUID:
     random bits. The default event id: ids of new events land at the right edge of the
     ``event_id`` index instead of on a random page of it, which at a million events no
     longer sits in the cache (random v4 ids made every append touch a cold page)."""
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10))
+    return uuid7_of(time.time_ns() // 1_000_000, int.from_bytes(os.urandom(10)))
+
+
+def uuid7_of(milliseconds: int, random_bits: int) -> uuid.UUID:
+    """The version 7 UUID of a Unix millisecond and 80 random bits (6 of which the
+    version and variant overwrite): :func:`uuid7` with a clock and randomness of the
+    caller's, such as a seeded scenario's."""
+    value = milliseconds << 80 | random_bits
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
     return uuid.UUID(int=value)

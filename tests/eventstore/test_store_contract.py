@@ -33,6 +33,7 @@ from eventstore import (
     pool_status,
     verify,
 )
+from eventstore.records import uuid7_of
 
 # These storage tests also run as the least-privilege role of sql/app_role.sql.
 pytestmark = pytest.mark.least_privilege
@@ -659,3 +660,15 @@ async def test_integers_beyond_64_bits_read_back_exactly_and_verify(store):
     assert type(stored.data["below_i64"]) is int
     assert page.data == data
     assert report.ok, report
+
+
+@given(milliseconds=st.integers(0, 2**48 - 1), random_bits=st.integers(0, 2**80 - 1))
+def test_uuid7_of_keeps_the_millisecond_on_top_and_marks_version_and_variant(
+    milliseconds: int, random_bits: int
+) -> None:
+    made = uuid7_of(milliseconds, random_bits)
+    assert made.version == 7
+    assert made.variant == uuid.RFC_4122
+    assert made.int >> 80 == milliseconds
+    kept = ~(0xF << 76) & ~(0x3 << 62) & (2**80 - 1)
+    assert made.int & kept == random_bits & kept
