@@ -122,13 +122,13 @@ async def case5(ctx: Context) -> list[Result]:
             await fill(store, scenario, point - size)
             size = point
             if point in append_at:
-                for ids, new_id in GROWTH_IDS.items():
+                for ids, make_id in GROWTH_IDS.items():
                     label = (
                         f"7 growth: append {GROWTH_APPENDS} streams x 1 event, {ids} ids, "
                         f"{point:,} events in log"
                     )
                     await _settle(ctx)
-                    times = await _tiu_streams(ctx.place("tiu"), GROWTH_APPENDS, 1, runs, new_id)
+                    times = await _tiu_streams(ctx.place("tiu"), GROWTH_APPENDS, 1, runs, make_id)
                     out.append(summarise(label, ctx.backend, "tiu", times, GROWTH_APPENDS))
             for what in replays.get(point, ()):
                 head = await _head(ctx)
