@@ -32,6 +32,7 @@ from eventstore.grouping import GroupQueue, Waiting, settle
 from eventstore.hashing import GENESIS, canonical_json, hash_tail, json_text, link_hash
 from eventstore.records import (
     ANY,
+    DECODED,
     NO_STREAM,
     STREAM_EXISTS,
     AppendResult,
@@ -68,10 +69,6 @@ _EVENT_COLUMNS: Final = (
     events.c.recorded_at,
     events.c.hash,
 )
-
-
-def _to_event(row: Any) -> RecordedEvent:
-    return RecordedEvent(*row)  # the selected columns are the fields, in order
 
 
 class _PendingAppend:
@@ -527,7 +524,8 @@ class EventStore:
             query = query.limit(limit)
         with translate_errors(self.dialect.database_label):
             result = await conn.execute(query)
-            return [_to_event(row) for row in result]
+            # the selected columns are the fields, in order, decoded by SQLAlchemy
+            return RecordedEvent.from_rows(result, DECODED)
 
     async def load_streams(
         self,

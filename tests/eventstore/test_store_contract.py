@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -26,6 +27,7 @@ from eventstore import (
     KeyAlreadyClaimed,
     LogIntegrityError,
     NewEvent,
+    RecordedEvent,
     UnknownCategory,
     WrongExpectedVersion,
     create_engine,
@@ -79,6 +81,42 @@ async def test_json_payloads_round_trip_unchanged(store):
         (stored,) = await store.read_stream(conn, "task-1")
         assert stored.data == payload
         assert (await verify(conn)).ok
+
+
+async def test_a_record_read_by_either_path_equals_one_built_from_its_fields(store):
+    ctx = EventContext(actor_id="u1", command_id="cmd-7")
+    meta = {"ip": "10.0.0.1"}
+    await store.append(
+        "task-7", "task", [NewEvent("Created", {"n": 1}, 1, meta)], NO_STREAM, context=ctx
+    )
+    async with store.engine.connect() as conn:
+        (whole,) = await store.read_stream(conn, "task-7")  # on the driver, decoded lazily
+        (ranged,) = await store.read_stream(conn, "task-7", to_version=1)  # SQLAlchemy
+        (logged,) = await store.read_all(conn)
+    assert whole == ranged == logged
+    built = RecordedEvent(*whole.fields())
+    assert built == whole
+    assert built.fields() == whole.fields()
+    assert isinstance(whole.event_id, uuid.UUID)
+    assert whole.recorded_at.tzinfo is not None
+    assert (whole.data, whole.metadata, whole.actor_id) == ({"n": 1}, meta, "u1")
+    assert repr(built) == repr(whole)
+    assert repr(whole).startswith("RecordedEvent(position=1, event_id=UUID(")
+    assert built != RecordedEvent(*whole.fields()[:7], {"n": 2}, *whole.fields()[8:])
+    with pytest.raises(TypeError):
+        hash(whole)
+
+
+async def test_a_record_keeps_its_json_text_until_its_data_is_read(store, engine):
+    await store.append("task-8", "task", [ev(n=1)], NO_STREAM)
+    async with store.engine.connect() as conn:
+        (record,) = await store.read_all(conn)
+    if engine.dialect.name == "sqlite":
+        assert json.loads(record.stored_data) == {"n": 1}  # the text as stored
+    data = record.data
+    assert data == {"n": 1}
+    assert record.data is data  # decoded once, then kept
+    assert record.stored_data is data
 
 
 async def test_expected_version_modes_accept_and_refuse(store):
