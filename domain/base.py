@@ -8,6 +8,7 @@ upcaster lifting the old dict one version up; ``decode_event`` chains them on re
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import unicodedata
@@ -97,13 +98,17 @@ def encode_event(event: Event) -> tuple[str, int, dict[str, Any]]:
 def decode_event(
     event_type: str,
     schema_version: int,
-    data: Mapping[str, Any],
+    data: Mapping[str, Any] | str | bytes,
     erased: Collection[str] = (),
 ) -> Event:
     """Rebuild a stored event, upcasting it to the current schema version first.
 
-    ``erased`` names stored fields whose personal data was shredded; each decodes to
-    the erased value of its field's type (``erased_value``)."""
+    ``data`` is the stored dict, or its JSON text: an event at the current version is
+    then validated straight from the text (pydantic's JSON mode, ~2 us instead of ~4.5
+    for parsing, then validating, a task event), and read as ``json.loads`` reads it
+    wherever JSON mode refuses it (a lone surrogate in a string, say). ``erased`` names
+    stored fields whose personal data was shredded; each decodes to the erased value of
+    its field's type (``erased_value``)."""
     cls = _EVENT_TYPES.get(event_type)
     if cls is None:
         raise UnknownEventType(event_type, schema_version, "no such event type")
@@ -111,9 +116,18 @@ def decode_event(
         raise UnknownEventType(
             event_type, schema_version, f"this code knows versions 1..{cls.schema_version}"
         )
-    if schema_version == cls.schema_version and not erased and type(data) is dict:
+    current = schema_version == cls.schema_version and not erased
+    if isinstance(data, str | bytes):
+        if current:
+            try:
+                return cls.model_validate_json(data)
+            except ValidationError:
+                pass  # decided below, on the document as the stdlib reads it
+        payload = json.loads(data)
+    elif current and type(data) is dict:
         return cls.model_validate(data)  # the common case: nothing to change, no copy
-    payload = dict(data)
+    else:
+        payload = dict(data)
     for version in range(schema_version, cls.schema_version):
         upcaster = _UPCASTERS.get((event_type, version))
         if upcaster is None:

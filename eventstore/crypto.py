@@ -64,6 +64,18 @@ _NONCE: Final = 12
 _IN_CHUNK: Final = 500
 
 
+def may_be_sealed(document: Mapping[str, Any] | str | bytes) -> bool:
+    """Whether a stored document may hold an encrypted field (a ``{"$pd": ...}`` value),
+    told without parsing JSON text: the store writes ``$`` as itself, so text without
+    ``$pd`` and without ``\\u`` escapes holds no such field. A dict is looked at as
+    :meth:`SubjectKeys.open_many` looks at it first."""
+    if isinstance(document, str):
+        return MARK in document or "\\u" in document
+    if isinstance(document, bytes):
+        return b"$pd" in document or b"\\u" in document
+    return dict in map(type, document.values())
+
+
 class Opened(NamedTuple):
     """An event's data with its personal fields decrypted; ``erased`` names the fields
     whose key is gone (their value in ``data`` is :data:`ERASED`)."""
@@ -219,7 +231,7 @@ class SubjectKeys:
         keys: dict[str, _Key | None] = {}  # this call's view: one cache lookup per key
         key_of = self.cache.key
         for index, (_, data) in enumerate(items):
-            if dict not in map(type, data.values()):  # the common case, at C speed
+            if not may_be_sealed(data):  # the common case
                 continue
             fields = [(k, v) for k, v in data.items() if type(v) is dict and MARK in v]
             if not fields:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 import weakref
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, NamedTuple
 
@@ -21,7 +21,7 @@ from sqlalchemy import MetaData, Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain.base import Event, decode_event
-from eventstore.crypto import Opened, keyring
+from eventstore.crypto import Opened, keyring, may_be_sealed
 from eventstore.records import RecordedEvent
 from eventstore.schema import NAMING_CONVENTION
 
@@ -73,8 +73,13 @@ class Envelope(NamedTuple):
     @classmethod
     def from_record(cls, record: RecordedEvent, opened: Opened | None = None) -> Envelope:
         """Decode ``record``; ``opened`` is its data with personal fields decrypted
-        (:func:`decode_records`), needed whenever the record has encrypted fields."""
-        data, erased = (opened.data, opened.erased) if opened is not None else (record.data, ())
+        (:func:`decode_records`), needed whenever the record has encrypted fields.
+        Without it the event is validated from the stored JSON text where the record
+        still holds it (:attr:`RecordedEvent.stored_data`)."""
+        data: Mapping[str, Any] | str | bytes = record.stored_data
+        erased: Collection[str] = ()
+        if opened is not None:
+            data, erased = opened.data, opened.erased
         return cls(
             decode_event(record.event_type, record.schema_version, data, erased),
             record.stream_id,
@@ -89,8 +94,16 @@ class Envelope(NamedTuple):
 async def decode_records(conn: AsyncConnection, records: Sequence[RecordedEvent]) -> list[Envelope]:
     """Envelopes of ``records``, their personal fields decrypted with the keys of
     ``conn``'s engine (loaded in one query for the whole page; erased ones decode as
-    erased)."""
-    opened = await keyring(conn).open_many(conn, [(r.event_type, r.data) for r in records])
+    erased). Only records that may hold such fields are parsed to be opened; the
+    others are validated from their JSON text."""
+    opened: list[Opened | None] = [None] * len(records)
+    sealed = [i for i, record in enumerate(records) if may_be_sealed(record.stored_data)]
+    if sealed:
+        found = await keyring(conn).open_many(
+            conn, [(records[i].event_type, records[i].data) for i in sealed]
+        )
+        for i, o in zip(sealed, found, strict=True):
+            opened[i] = o
     return [Envelope.from_record(r, o) for r, o in zip(records, opened, strict=True)]
 
 

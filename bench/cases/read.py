@@ -188,8 +188,9 @@ async def _tiu_log(place: Place, runs: int, *, decode: bool = True) -> list[floa
                 async with store.engine.connect() as conn:
                     while True:
                         page = await store.read_all(conn, position, PAGE)
-                        for record in page if decode else ():
-                            decode_event(record.event_type, record.schema_version, record.data)
+                        for r in page if decode else ():
+                            # the text as stored, validated without building a dict
+                            decode_event(r.event_type, r.schema_version, r.stored_data)
                         if len(page) < PAGE:
                             break
                         position = page[-1].position

@@ -1,4 +1,5 @@
 import itertools
+import json
 import types
 import uuid
 from datetime import datetime, timedelta
@@ -83,6 +84,30 @@ def test_a_v1_user_registered_is_upcast_name_to_display_name():
     decoded = decode_event("UserRegistered", 1, v1)
     assert decoded == current.model_copy(update={"display_name": "Alice A."})
     assert "name" in v1  # the stored dict is not mutated
+
+
+def test_a_v1_user_registered_stored_as_text_is_parsed_then_upcast():
+    current = registered("alice")
+    v1 = current.model_dump(mode="json", exclude={"display_name"}) | {"name": "Alice A."}
+    decoded = decode_event("UserRegistered", 1, json.dumps(v1))
+    assert decoded == current.model_copy(update={"display_name": "Alice A."})
+
+
+def test_text_that_json_mode_refuses_decodes_as_the_stdlib_reads_it():
+    # pydantic's JSON mode refuses a lone surrogate; json.loads keeps it, as the dict
+    # path always did, so the stored text decodes to what the stored dict decodes to.
+    stored = registered("alice").model_dump(mode="json") | {"display_name": "A\ud800"}
+    text = json.dumps(stored)  # ...A\\ud800...
+    assert json.loads(text)["display_name"] == "A\ud800"
+    from_text = decode_event("UserRegistered", 2, text)
+    assert from_text == decode_event("UserRegistered", 2, json.loads(text))
+    assert from_text.display_name == "A\ud800"
+
+
+def test_text_refused_by_both_readings_raises_the_validation_error():
+    stored = registered("alice").model_dump(mode="json") | {"user_id": "no spaces allowed"}
+    with pytest.raises(ValidationError, match="user_id"):
+        decode_event("UserRegistered", 2, json.dumps(stored))
 
 
 def test_a_v1_user_registered_with_an_empty_name_has_no_display_name():

@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 import pytest
 
 from domain.base import ERASED, erased_value, registered_event_types
-from eventstore.crypto import MARK, KeyCache, SubjectKeys, keyring
+from eventstore.crypto import MARK, KeyCache, SubjectKeys, keyring, may_be_sealed
 from eventstore.errors import SubjectKeysDestroyed, UndecryptableField
+from eventstore.hashing import canonical_json
 from eventstore.schema import subject_keys
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -50,6 +51,22 @@ async def test_seal_and_open_round_trip_and_none_stays_plain(engine):
     assert opened.erased == frozenset()
     # a fresh ring (cold cache) opens it from the table too
     assert (await _open(engine, SubjectKeys(), "Ev", sealed)).data == data
+
+
+async def test_a_sealed_document_is_told_from_its_stored_text_without_parsing(engine):
+    ring = SubjectKeys()
+    data = {"user_id": "u1", "email": "a@example.org"}
+    sealed = await _seal(engine, ring, "u1", "Ev", data, {"email"})
+    assert may_be_sealed(sealed)
+    assert may_be_sealed(canonical_json(sealed))
+    assert may_be_sealed(canonical_json(sealed).encode())
+    assert not may_be_sealed(data)
+    assert not may_be_sealed(canonical_json(data))
+    assert not may_be_sealed(canonical_json(data).encode())
+    # a nested dict without the mark still counts as a candidate (open_many looks closer)
+    assert may_be_sealed({"details": {"x": 1}})
+    # an escaped key could spell the mark: text with escapes is parsed to be sure
+    assert may_be_sealed('{"email":{"\\u0024pd":"k1","ct":"..."}}')
 
 
 async def test_no_subject_means_plaintext(engine):
