@@ -92,6 +92,18 @@ _COLUMN_LIST: Final = ", ".join(EVENT_ROW_COLUMNS)
 _loads = parse_json
 
 
+def _selected(postgres: bool) -> str:
+    """The columns a record is read from. On PostgreSQL the documents are selected as
+    jsonb's text, which the record parses only if it is read and which ``decode_event``
+    validates without building a dict: the driver's JSONB codec parsed both documents of
+    every row (100k records: 1.11 s with the codec, 0.61 s as text; raw asyncpg 0.54)."""
+    if not postgres:
+        return _COLUMN_LIST
+    return ", ".join(
+        f"{c}::text AS {c}" if c in {"data", "metadata"} else c for c in EVENT_ROW_COLUMNS
+    )
+
+
 def _same(value: Any) -> Any:
     return value
 
@@ -136,7 +148,7 @@ def _read_all_sql(postgres: bool, until: bool, categories: int | None, types: in
     if types is not None:
         where.append(f"{no_index}event_type {any_of(types)}")
     return (
-        f"SELECT {_COLUMN_LIST} FROM events WHERE {' AND '.join(where)} "  # noqa: S608
+        f"SELECT {_selected(postgres)} FROM events WHERE {' AND '.join(where)} "  # noqa: S608
         f"ORDER BY position LIMIT {param()}"
     )
 
@@ -449,8 +461,7 @@ _SQLITE_INSERT: Final = (
 
 
 _READ_STREAM: Final = (
-    f"SELECT {_COLUMN_LIST} FROM events "  # noqa: S608  # constant column names
-    "WHERE stream_id = $1 AND version >= $2 ORDER BY version"
+    "SELECT {} FROM events WHERE stream_id = $1 AND version >= $2 ORDER BY version"
 )
 _DATA_COLUMNS: Final = ("stream_id", "version", "event_type", "schema_version", "data")
 _STREAM_DATA: Final = (
@@ -494,7 +505,7 @@ def _numbered_qmarks(sql: str) -> str:
 
 class SQLiteDialect(Dialect):
     name = "sqlite"
-    _read_stream_sql = _numbered_qmarks(_READ_STREAM)
+    _read_stream_sql = _numbered_qmarks(_READ_STREAM.format(_selected(postgres=False)))
     _stream_data_sql = _numbered_qmarks(_STREAM_DATA)
     _load_sql = _numbered_qmarks(_SQLITE_LOAD)
     _document = staticmethod(_loads)  # JSON text
@@ -631,12 +642,13 @@ def _pg_heads(rows: Sequence[Any]) -> tuple[dict[str, StreamHead], int]:
 
 class PostgresDialect(Dialect):
     name = "postgresql"
-    _read_stream_sql = _READ_STREAM
+    _read_stream_sql = _READ_STREAM.format(_selected(postgres=True))
     _stream_data_sql = _STREAM_DATA
     _load_sql = _PG_LOAD
     _document = staticmethod(_pg_document)
     # asyncpg's UUID subclasses uuid.UUID (equal, same hash): kept as it is (~0.7 us an
-    # event to copy); the JSONB codec parses documents already; timestamps come aware.
+    # event to copy); documents are read as text (or parsed by the JSONB codec where a
+    # statement selects them as jsonb); timestamps come aware.
     _codec = RowCodec(_same, _pg_document, _utc_time)
 
     def __init__(self, engine: AsyncEngine) -> None:
