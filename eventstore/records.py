@@ -94,6 +94,9 @@ def _as_is(value: Any) -> Any:
 DECODED: Final = RowCodec(_as_is, _as_is, _as_is)
 
 
+_UNREAD: Final[Any] = object()  # a field not decoded yet
+
+
 class RecordedEvent:
     """An event as stored in the log.
 
@@ -151,6 +154,8 @@ class RecordedEvent:
             hash,
         )
         self._codec = DECODED
+        self._event_id, self._data, self._metadata = event_id, data, metadata
+        self._recorded_at = recorded_at
 
     @classmethod
     def from_rows(cls, rows: Iterable[Sequence[Any]], codec: RowCodec) -> list[RecordedEvent]:
@@ -162,6 +167,8 @@ class RecordedEvent:
             record = new(cls)
             record._row = row
             record._codec = codec
+            record._event_id = record._data = record._metadata = _UNREAD
+            record._recorded_at = _UNREAD
             out.append(record)
         return out
 
@@ -171,12 +178,10 @@ class RecordedEvent:
 
     @property
     def event_id(self) -> uuid.UUID:
-        try:
-            return self._event_id
-        except AttributeError:
-            value: uuid.UUID = self._codec.event_id(self._row[1])
-            self._event_id = value
-            return value
+        value = self._event_id
+        if value is _UNREAD:
+            value = self._event_id = self._codec.event_id(self._row[1])
+        return value
 
     @property
     def stream_id(self) -> str:
@@ -200,31 +205,25 @@ class RecordedEvent:
 
     @property
     def data(self) -> dict[str, Any]:
-        try:
-            return self._data
-        except AttributeError:
-            value: dict[str, Any] = self._codec.document(self._row[7])
-            self._data = value
-            return value
+        value = self._data
+        if value is _UNREAD:
+            value = self._data = self._codec.document(self._row[7])
+        return value
 
     @property
     def stored_data(self) -> dict[str, Any] | str | bytes:
         """``data`` as far as it was decoded: the stored JSON text until :attr:`data`
         is first read (a dict where the driver parses JSON itself, as on PostgreSQL).
         ``domain.decode_event`` validates the text without building the dict."""
-        try:
-            return self._data
-        except AttributeError:
-            return self._row[7]  # type: ignore[no-any-return]
+        value = self._data
+        return self._row[7] if value is _UNREAD else value
 
     @property
     def metadata(self) -> dict[str, Any]:
-        try:
-            return self._metadata
-        except AttributeError:
-            value: dict[str, Any] = self._codec.document(self._row[8])
-            self._metadata = value
-            return value
+        value = self._metadata
+        if value is _UNREAD:
+            value = self._metadata = self._codec.document(self._row[8])
+        return value
 
     @property
     def actor_id(self) -> str | None:
@@ -244,12 +243,10 @@ class RecordedEvent:
 
     @property
     def recorded_at(self) -> datetime:
-        try:
-            return self._recorded_at
-        except AttributeError:
-            value: datetime = self._codec.timestamp(self._row[13])
-            self._recorded_at = value
-            return value
+        value = self._recorded_at
+        if value is _UNREAD:
+            value = self._recorded_at = self._codec.timestamp(self._row[13])
+        return value
 
     @property
     def hash(self) -> str:

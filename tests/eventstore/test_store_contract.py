@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic_core import TzInfo
 from sqlalchemy import text
 
 from eventstore import (
@@ -545,7 +546,14 @@ def test_ids_read_back_from_sqlite_text_are_the_uuids_written(value):
 
 @given(
     value=st.datetimes(
-        timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))]),
+        timezones=st.sampled_from(
+            [
+                UTC,
+                timezone(timedelta(hours=5, minutes=30)),
+                timezone(timedelta(0), "Z"),  # offset zero, not the UTC object
+                TzInfo(0),  # what pydantic gives decoded events' timestamps
+            ]
+        ),
         allow_imaginary=False,
     ).filter(lambda v: datetime.min.replace(tzinfo=UTC) + timedelta(days=1) < v)
 )
@@ -560,6 +568,8 @@ def test_sqlite_timestamps_are_written_as_sqlalchemys_datetime_text(value):
     expected = reference(value.astimezone(UTC).replace(tzinfo=None))
     assert sqlite_text(value) == expected
     assert UTCDateTime().bind_processor(dialect())(value) == expected
+    with pytest.raises(ValueError, match="naive datetime"):
+        sqlite_text(value.replace(tzinfo=None))
 
 
 @pytest.mark.parametrize(
