@@ -40,6 +40,7 @@ from eventstore.errors import KeyAlreadyClaimed, WrongExpectedVersion
 from eventstore.hashing import json_text, parse_json
 from eventstore.records import (
     ANY,
+    EVENT_FIELDS,
     NO_STREAM,
     STREAM_EXISTS,
     AppendResult,
@@ -70,23 +71,10 @@ NOTIFY_INTERVAL: Final = 0.01
 _NUMBERED: Final = re.compile(r"\$(\d+)")
 
 
-#: The columns of an appended row, in the order :meth:`Dialect.insert_events` takes them.
-EVENT_ROW_COLUMNS: Final = (
-    "position",
-    "event_id",
-    "stream_id",
-    "stream_category",
-    "version",
-    "event_type",
-    "schema_version",
-    "data",
-    "metadata",
-    "actor_id",
-    "correlation_id",
-    "causation_id",
-    "command_id",
-    "recorded_at",
-    "hash",
+#: The columns of an appended row, in the order :meth:`Dialect.insert_events` takes them:
+#: a record's fields (the category is kept in ``stream_category``).
+EVENT_ROW_COLUMNS: Final = tuple(
+    "stream_category" if name == "category" else name for name in EVENT_FIELDS
 )
 _COLUMN_LIST: Final = ", ".join(EVENT_ROW_COLUMNS)
 _loads = parse_json

@@ -263,6 +263,10 @@ class RecordedEvent:
 
     __hash__ = None  # type: ignore[assignment]  # data and metadata are dicts
 
+    def __reduce__(self) -> tuple[type[RecordedEvent], tuple[Any, ...]]:
+        # pickled and copied decoded: the not-yet-decoded marker is this process's object
+        return (RecordedEvent, self.fields())
+
     def __repr__(self) -> str:
         shown = ", ".join(f"{n}={v!r}" for n, v in zip(EVENT_FIELDS, self.fields(), strict=True))
         return f"RecordedEvent({shown})"

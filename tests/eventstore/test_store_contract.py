@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import pickle
 import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -106,6 +108,15 @@ async def test_a_record_read_by_either_path_equals_one_built_from_its_fields(sto
     assert built != RecordedEvent(*whole.fields()[:7], {"n": 2}, *whole.fields()[8:])
     with pytest.raises(TypeError):
         hash(whole)
+    (fresh,) = await read_fresh(store)  # nothing decoded yet
+    assert pickle.loads(pickle.dumps(fresh)) == whole
+    assert copy.copy(fresh) == whole
+    assert copy.deepcopy(fresh) == whole
+
+
+async def read_fresh(store):
+    async with store.engine.connect() as conn:
+        return await store.read_all(conn)
 
 
 async def test_a_record_keeps_its_json_text_until_its_data_is_read(store):
