@@ -42,7 +42,7 @@ CASES: dict[str, Callable[[Context], Awaitable[list[Result]]]] = {
     "2": store.case2,
     "3": command.case3,
     "4": read.case4,
-    "5": replay.case5,  # also case 7 (growth): they share one growing log
+    "5": replay.case5,  # also case 7 (growth): it measures on the log case 5 grows
     "6": queries.case6,
 }
 

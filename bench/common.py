@@ -163,11 +163,13 @@ async def pg_version() -> str:
 class Place:
     """Where one system keeps its data on one backend, for one case."""
 
-    def __init__(self, cfg: Config, backend: str, system: str, tmpdir: Path) -> None:
+    def __init__(
+        self, cfg: Config, backend: str, system: str, tmpdir: Path, schema: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.backend = backend
         self.system = system
-        self.schema = {"tiu": "tiu", "eventsourcing": "es", "raw": "raw"}[system]
+        self.schema = schema or {"tiu": "tiu", "eventsourcing": "es", "raw": "raw"}[system]
         self.sqlite_path = tmpdir / f"{self.schema}.db"
 
     @property

@@ -15,12 +15,19 @@ its peak RSS:
 
 Events/s is the log's size over the replay's wall time, the same denominator for all.
 
-Before the append rate is measured at a size, the log is settled: the bulk fill just
-before it leaves deferred work proportional to the fill, not to the log (SQLite: a
-WAL of the whole fill waiting for its checkpoint; PostgreSQL: dirty buffers and
-unvacuumed pages), which the first measured appends would otherwise pay for. Both
-sizes are settled the same way: ``PRAGMA wal_checkpoint(TRUNCATE)``, or ``VACUUM
-ANALYZE events`` then ``CHECKPOINT``.
+Growth is measured in pairs: a second log (``tiu_small``) holds the same first 10k
+scenario events, and once the main log is at 1M, runs alternate between the two, one
+run on each per round. Measured minutes apart, as they were, the two rates moved with
+the machine (the 10k rate alone differed by 24% between two full runs); side by side
+they share its state. Each measurement appends to its log, so the small one ends a
+full run at ~28k events.
+
+Before each measurement its log is settled: the bulk fill before it leaves deferred
+work proportional to the fill, not to the log (SQLite: a WAL of the whole fill
+waiting for its checkpoint; PostgreSQL: dirty buffers and unvacuumed pages), which
+the first measured appends would otherwise pay for. Both logs are settled the same
+way: ``PRAGMA wal_checkpoint(TRUNCATE)``, or ``VACUUM ANALYZE events`` then
+``CHECKPOINT``.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import Any
 
 from bench import es
 from bench.cases.store import _tiu_streams, random_id
-from bench.common import Result, summarise
+from bench.common import Place, Result, summarise
 from bench.context import Context
 from bench.scenario import Scenario, es_fill, fill
 from domain import new_id
@@ -81,8 +88,7 @@ async def _head(ctx: Context) -> int:
         await store.engine.dispose()
 
 
-async def _settle(ctx: Context) -> None:
-    place = ctx.place("tiu")
+async def _settle(place: Place) -> None:
     if place.postgres:
         conn = await place.asyncpg_conn()
         try:
@@ -109,10 +115,17 @@ async def case5(ctx: Context) -> list[Result]:
         if quick
         else {100_000: ("tiu", "all", "raw", "eventsourcing"), 1_000_000: ("tiu", "raw")}
     )
-    append_at = {points[0], points[-1]}
-    runs = ctx.cfg.runs
     out: list[Result] = []
     await ctx.fresh(migrate=("tiu",))
+    small = Place(ctx.cfg, ctx.backend, "tiu", ctx.ws.tmpdir, schema="tiu_small")
+    await small.reset()
+    await small.migrate()
+    store = await small.store()
+    try:
+        await fill(store, Scenario(SEED), points[0])
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
     store = await ctx.place("tiu").store()
     scenario = Scenario(SEED)
     size = 0
@@ -121,15 +134,8 @@ async def case5(ctx: Context) -> list[Result]:
             print(f"  log: appending {point - size} scenario events (up to {point})", flush=True)
             await fill(store, scenario, point - size)
             size = point
-            if point in append_at:
-                for ids, make_id in GROWTH_IDS.items():
-                    label = (
-                        f"7 growth: append {GROWTH_APPENDS} streams x 1 event, {ids} ids, "
-                        f"{point:,} events in log"
-                    )
-                    await _settle(ctx)
-                    times = await _tiu_streams(ctx.place("tiu"), GROWTH_APPENDS, 1, runs, make_id)
-                    out.append(summarise(label, ctx.backend, "tiu", times, GROWTH_APPENDS))
+            if point == points[-1]:
+                out.extend(await _growth(ctx, small, points[0], point))
             for what in replays.get(point, ()):
                 head = await _head(ctx)
                 if what == "eventsourcing":
@@ -165,4 +171,25 @@ async def case5(ctx: Context) -> list[Result]:
     finally:
         await store.aclose()
         await store.engine.dispose()
+        await small.reset()
+    return out
+
+
+async def _growth(ctx: Context, small: Place, small_size: int, size: int) -> list[Result]:
+    """Append rates on the small log and on the big one, alternating run by run."""
+    big = ctx.place("tiu")
+    out = []
+    for ids, make_id in GROWTH_IDS.items():
+        times: dict[int, list[float]] = {small_size: [], size: []}
+        for _ in range(ctx.cfg.runs):
+            for place, at in ((small, small_size), (big, size)):
+                await _settle(place)
+                times[at] += await _tiu_streams(place, GROWTH_APPENDS, 1, 1, make_id)
+        for at, measured in times.items():
+            label = (
+                f"7 growth: append {GROWTH_APPENDS} streams x 1 event, {ids} ids, "
+                f"{at:,} events in log"
+            )
+            note = "paired with the other size, run by run"
+            out.append(summarise(label, ctx.backend, "tiu", measured, GROWTH_APPENDS, note=note))
     return out
