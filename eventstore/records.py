@@ -212,9 +212,10 @@ class RecordedEvent:
 
     @property
     def stored_data(self) -> dict[str, Any] | str | bytes:
-        """``data`` as far as it was decoded: the stored JSON text until :attr:`data`
-        is first read (a dict where the driver parses JSON itself, as on PostgreSQL).
-        ``domain.decode_event`` validates the text without building the dict."""
+        """``data`` as far as it was decoded: its JSON text until :attr:`data` is first
+        read (on SQLite the text as written; on PostgreSQL jsonb's rendering of it), and
+        the dict after, or where the read went through SQLAlchemy, which parses JSON
+        itself. ``domain.decode_event`` validates the text without building the dict."""
         value = self._data
         return self._row[7] if value is _UNREAD else value
 
