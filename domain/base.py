@@ -112,22 +112,25 @@ def decode_event(
     cls = _EVENT_TYPES.get(event_type)
     if cls is None:
         raise UnknownEventType(event_type, schema_version, "no such event type")
-    if not 1 <= schema_version <= cls.schema_version:
-        raise UnknownEventType(
-            event_type, schema_version, f"this code knows versions 1..{cls.schema_version}"
-        )
-    current = schema_version == cls.schema_version and not erased
-    if isinstance(data, str | bytes):
-        if current:
+    latest = cls.schema_version
+    event: Event
+    if schema_version == latest and not erased:
+        # The common case: nothing to change. Validated by the model's validator itself
+        # (model_validate_json's wrapper was 0.45 of its 1.7 us), without a copy.
+        kind = type(data)
+        if kind is str or kind is bytes:
             try:
-                return cls.model_validate_json(data)
+                event = cls.__pydantic_validator__.validate_json(data)  # type: ignore[arg-type]
             except ValidationError:
                 pass  # decided below, on the document as the stdlib reads it
-        payload = json.loads(data)
-    elif current and type(data) is dict:
-        return cls.model_validate(data)  # the common case: nothing to change, no copy
-    else:
-        payload = dict(data)
+            else:
+                return event
+        elif kind is dict:
+            event = cls.__pydantic_validator__.validate_python(data)
+            return event
+    elif not 1 <= schema_version <= latest:
+        raise UnknownEventType(event_type, schema_version, f"this code knows versions 1..{latest}")
+    payload = json.loads(data) if isinstance(data, str | bytes) else dict(data)
     for version in range(schema_version, cls.schema_version):
         upcaster = _UPCASTERS.get((event_type, version))
         if upcaster is None:
