@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
@@ -40,6 +40,7 @@ from eventstore.errors import KeyAlreadyClaimed, WrongExpectedVersion
 from eventstore.hashing import json_text, parse_json
 from eventstore.records import (
     ANY,
+    DECODED,
     EVENT_FIELDS,
     NO_STREAM,
     STREAM_EXISTS,
@@ -80,20 +81,17 @@ _COLUMN_LIST: Final = ", ".join(EVENT_ROW_COLUMNS)
 _loads = parse_json
 
 
-def _selected(postgres: bool) -> str:
-    """The columns a record is read from. On PostgreSQL the documents are selected as
-    jsonb's text, which the record parses only if it is read and which ``decode_event``
-    validates without building a dict: the driver's JSONB codec parsed both documents of
-    every row (100k records: 1.11 s with the codec, 0.61 s as text; raw asyncpg 0.54)."""
-    if not postgres:
-        return _COLUMN_LIST
-    return ", ".join(
+#: The columns a record is read from, by "is it PostgreSQL". There the documents are
+#: selected as jsonb's text, which the record parses only if it is read and which
+#: ``decode_event`` validates without building a dict: the driver's JSONB codec parsed
+#: both documents of every row (100k records: 1.11 s with the codec, 0.61 s as text;
+#: raw asyncpg 0.54).
+_READ_COLUMNS: Final = {
+    False: _COLUMN_LIST,
+    True: ", ".join(
         f"{c}::text AS {c}" if c in {"data", "metadata"} else c for c in EVENT_ROW_COLUMNS
-    )
-
-
-def _same(value: Any) -> Any:
-    return value
+    ),
+}
 
 
 def _utc_time(value: datetime) -> datetime:
@@ -136,7 +134,7 @@ def _read_all_sql(postgres: bool, until: bool, categories: int | None, types: in
     if types is not None:
         where.append(f"{no_index}event_type {any_of(types)}")
     return (
-        f"SELECT {_selected(postgres)} FROM events WHERE {' AND '.join(where)} "  # noqa: S608
+        f"SELECT {_READ_COLUMNS[postgres]} FROM events WHERE {' AND '.join(where)} "  # noqa: S608
         f"ORDER BY position LIMIT {param()}"
     )
 
@@ -310,7 +308,7 @@ class Dialect:
             rows = await self._fetch(
                 raw.driver_connection, sql, (command_id, *self._wanted(wanted))
             )
-        document = self._document
+        document = self._codec.document
         processed = None
         snapshots: dict[str, tuple[int, Any]] = {}
         events: list[StreamData] = []
@@ -344,7 +342,7 @@ class Dialect:
         return sql
 
     def _stream_data(self, rows: Sequence[Any]) -> list[StreamData]:
-        document = self._document
+        document = self._codec.document
         return [StreamData(r[0], r[1], r[2], r[3], document(r[4])) for r in rows]
 
     # What differs in a read: the SQL of one stream, how an IN list is passed, how rows
@@ -359,8 +357,8 @@ class Dialect:
     async def _fetch(self, driver: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
         raise NotImplementedError
 
-    _document: Callable[[Any], Any]
-    #: How a read row's event id, documents and timestamp are decoded (on first access).
+    #: How a read row's event id, documents and timestamp are decoded (a record does
+    #: it on first access; a fold's and a command's reads decode documents at once).
     _codec: RowCodec
 
     async def _select(
@@ -493,10 +491,9 @@ def _numbered_qmarks(sql: str) -> str:
 
 class SQLiteDialect(Dialect):
     name = "sqlite"
-    _read_stream_sql = _numbered_qmarks(_READ_STREAM.format(_selected(postgres=False)))
+    _read_stream_sql = _numbered_qmarks(_READ_STREAM.format(_READ_COLUMNS[False]))
     _stream_data_sql = _numbered_qmarks(_STREAM_DATA)
     _load_sql = _numbered_qmarks(_SQLITE_LOAD)
-    _document = staticmethod(_loads)  # JSON text
     _codec = RowCodec(uuid_from_hex, _loads, sqlite_datetime)  # CHAR(32) hex, JSON, UTC text
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -630,14 +627,13 @@ def _pg_heads(rows: Sequence[Any]) -> tuple[dict[str, StreamHead], int]:
 
 class PostgresDialect(Dialect):
     name = "postgresql"
-    _read_stream_sql = _READ_STREAM.format(_selected(postgres=True))
+    _read_stream_sql = _READ_STREAM.format(_READ_COLUMNS[True])
     _stream_data_sql = _STREAM_DATA
     _load_sql = _PG_LOAD
-    _document = staticmethod(_pg_document)
     # asyncpg's UUID subclasses uuid.UUID (equal, same hash): kept as it is (~0.7 us an
     # event to copy); documents are read as text (or parsed by the JSONB codec where a
     # statement selects them as jsonb); timestamps come aware.
-    _codec = RowCodec(_same, _pg_document, _utc_time)
+    _codec = DECODED._replace(document=_pg_document, timestamp=_utc_time)
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
