@@ -35,8 +35,46 @@ def _normalise(value: Any) -> Any:
 
 
 def canonical_json(value: Any) -> str:
-    """Deterministic JSON: sorted keys, no spaces, UTF-8 kept, integral floats as ints."""
+    """Deterministic JSON: sorted keys, no spaces, UTF-8 kept, integral floats as ints.
+
+    The text is defined by the stdlib (:func:`_stdlib_canonical`): stored hashes are
+    computed over it, so it must never change. A document of plain values only (dicts
+    with string keys, lists, strings, ints, booleans, None: every event the domain
+    writes) is written by orjson, which gives the same text 15x faster (6.4 -> 0.4 us
+    for a TaskCreated, timeit; a property test holds the two equal). Everything else
+    takes the stdlib path: floats (``repr`` and orjson spell exponents differently),
+    subclasses, other types (which orjson would serialise and the stdlib refuses), and
+    what orjson refuses (integers beyond 64 bits, lone surrogates).
+    """
+    if _plain(value):
+        try:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+        except orjson.JSONEncodeError:
+            pass
+    return _stdlib_canonical(value)
+
+
+def _stdlib_canonical(value: Any) -> str:
     return json.dumps(_normalise(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` holds only exact dicts with string keys, lists, tuples,
+    strings, ints, booleans and None (~0.5 us for a flat event payload)."""
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return False
+            k = type(item)
+            if k is str or k is int or item is None or k is bool:
+                continue
+            if not _plain(item):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        return all(_plain(item) for item in value)
+    return kind is str or kind is int or kind is bool or value is None
 
 
 def parse_json(text: str | bytes) -> Any:
@@ -189,9 +227,16 @@ def link_hash(prev_hash: str, stream_json: str, version: int, tail: str) -> str:
 
 def json_text(value: str | None) -> str:
     """One scalar as the hashed text writes it."""
-    return json.dumps(value, ensure_ascii=False)
+    return _dumps(value)
 
 
-def _dumps(items: list[Any]) -> str:
-    # Scalars only: nothing to normalise, and no float can occur in these fields.
-    return json.dumps(items, separators=(",", ":"), ensure_ascii=False)
+def _dumps(value: Any) -> str:
+    # Strings, ints and None, or a list of them: nothing to normalise, and no float
+    # can occur in these fields. orjson where it gives the stdlib's text (see
+    # canonical_json): ~2 us less per event, three calls an event.
+    if _plain(value):
+        try:
+            return orjson.dumps(value).decode()
+        except orjson.JSONEncodeError:
+            pass
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
