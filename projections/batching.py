@@ -239,7 +239,7 @@ class KeyedRows:
         shapes = {}
         updates = []
         key_names = self._key_names
-        for key, row in self._current.items():
+        for key, row in _in_key_order(self._current):
             if key not in self._in_db:
                 if row is not None:
                     inserts.append(row)
@@ -287,6 +287,18 @@ class KeyedRows:
         self._in_db = {k for k, v in self._current.items() if v is not None}
         self._dirty.clear()
         self._conflicts.clear()
+
+
+def _in_key_order(rows: dict[Key, Row | None]) -> Iterable[tuple[Key, Row | None]]:
+    """``rows`` by key, where the keys sort (a key column of mixed types does not)."""
+    try:
+        return sorted(rows.items(), key=_first)
+    except TypeError:
+        return rows.items()
+
+
+def _first(item: tuple[Key, Any]) -> Any:
+    return item[0]
 
 
 def _by_key(table: Table) -> ColumnElement[bool]:
