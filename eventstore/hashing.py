@@ -73,7 +73,13 @@ def _plain(value: Any) -> bool:
                 return False
         return True
     if kind is list or kind is tuple:
-        return all(_plain(item) for item in value)
+        for item in value:
+            k = type(item)
+            if k is str or k is int or item is None or k is bool:
+                continue
+            if not _plain(item):
+                return False
+        return True
     return kind is str or kind is int or kind is bool or value is None
 
 
