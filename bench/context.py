@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Generator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,6 +51,35 @@ class Context:
             path = RESULTS / f"profile-{slug}.txt"
             path.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
             print(f"  profile written to {path}")
+
+    async def take_turns(
+        self, label: str, *systems: AsyncIterator[T] | Iterator[T]
+    ) -> list[list[T]]:
+        """``cfg.runs`` rounds of one timed run per system, the systems in turn.
+
+        Each system is an iterator of its runs' results (times): it sets up before
+        its first run, outside the clock, and cleans up when closed. Run after run,
+        this machine's speed drifted by up to ~1.7x within a case, which skewed the
+        ratios of runs taken one system after the other; in turns, every system sees
+        each state of the machine. Synchronous systems (eventsourcing) step on a
+        worker thread; the first system (tiu) runs under ``--profile``'s profiler.
+        """
+        out: list[list[T]] = [[] for _ in systems]
+        try:
+            for _ in range(self.cfg.runs):
+                for i, system in enumerate(systems):
+                    if isinstance(system, AsyncIterator):
+                        step = anext(system)
+                        out[i].append(await (self.profiled(label, step) if i == 0 else step))
+                    else:
+                        out[i].append(await asyncio.to_thread(next, system))
+        finally:
+            for system in systems:
+                if isinstance(system, AsyncGenerator):
+                    await system.aclose()
+                elif isinstance(system, Generator):
+                    await asyncio.to_thread(system.close)
+        return out
 
 
 def noop(*_: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,11 +53,10 @@ async def _service(place: Place) -> tuple[DatabaseService, str, str]:
     return service, owner, project
 
 
-async def _tiu(place: Place, n: int, callers: int, runs: int) -> list[float]:
+async def _tiu(place: Place, n: int, callers: int) -> AsyncIterator[float]:
     service, owner, project = await _service(place)
-    times = []
     try:
-        for _ in range(runs):
+        while True:
 
             async def caller(k: int) -> None:
                 for i in range(n // callers):
@@ -68,18 +68,17 @@ async def _tiu(place: Place, n: int, callers: int, runs: int) -> list[float]:
             async def go() -> None:
                 await asyncio.gather(*(caller(k) for k in range(callers)))
 
-            times.append(await timed(go))
+            yield await timed(go)
     finally:
         await service.aclose()
-    return times
 
 
-def _es(place: Place, n: int, callers: int, runs: int) -> list[float]:
+def _es(place: Place, n: int, callers: int) -> Iterator[float]:
     app = es.BenchApp(env=place.es_env())
     owner, project = uuid.uuid4().hex, uuid.uuid4().hex
-    times = []
     try:
-        for _ in range(runs):
+        app.recorder.max_notification_id()  # connected before the clock
+        while True:
 
             def caller(k: int) -> None:
                 for i in range(n // callers):
@@ -92,10 +91,9 @@ def _es(place: Place, n: int, callers: int, runs: int) -> list[float]:
                 for t in threads:
                     t.join()
 
-            times.append(timed_sync(go))
+            yield timed_sync(go)
     finally:
         app.close()
-    return times
 
 
 PG_TASK = (
@@ -109,18 +107,19 @@ PG_CHECKPOINT = (
 )
 
 
-async def _raw(place: Place, n: int, callers: int, runs: int) -> list[float]:
+async def _raw(place: Place, n: int, callers: int) -> AsyncIterator[float]:
     owner, project = uuid.uuid4().hex, uuid.uuid4().hex
-    times = []
     if not place.postgres:
-        return await asyncio.to_thread(_raw_sqlite, place, n, callers, runs, owner, project)
+        await asyncio.to_thread(_raw_sqlite_setup, place)
+        while True:
+            yield await asyncio.to_thread(_raw_sqlite, place, n, callers, owner, project)
     setup = await place.asyncpg_conn()
     await setup.execute(
         "INSERT INTO projection_checkpoints (name, version, position, active, updated_at) "
         "VALUES ('tasks', 1, 0, true, now()) ON CONFLICT DO NOTHING"
     )
     await setup.close()
-    for _ in range(runs):
+    while True:
         conns = [await place.asyncpg_conn() for _ in range(callers)]
 
         async def caller(conn: Any, k: int) -> None:
@@ -138,51 +137,49 @@ async def _raw(place: Place, n: int, callers: int, runs: int) -> list[float]:
         async def go(conns: list[Any] = conns) -> None:
             await asyncio.gather(*(caller(c, k) for k, c in enumerate(conns)))
 
-        times.append(await timed(go))
+        took = await timed(go)
         for c in conns:
             await c.close()
-    return times
+        yield took
 
 
-def _raw_sqlite(
-    place: Place, n: int, callers: int, runs: int, owner: str, project: str
-) -> list[float]:
-    task_sql = PG_TASK.replace("$1", "?").replace("$2", "?").replace("$3", "?")
-    task_sql = task_sql.replace("$4", "?").replace("$5, $5", "?, ?")
-    cp_sql = PG_CHECKPOINT.replace("$1", "?")
+def _raw_sqlite_setup(place: Place) -> None:
     setup = place.sqlite_conn()
     setup.execute(
         "INSERT OR IGNORE INTO projection_checkpoints (name, version, position, active, "
         "updated_at) VALUES ('tasks', 1, 0, 1, '2026-01-01 00:00:00.000000')"
     )
     setup.close()
-    times = []
-    for _ in range(runs):
 
-        def caller(k: int) -> None:
-            conn = place.sqlite_conn()
-            for i in range(n // callers):
-                task_id = uuid.uuid4().hex
-                r = raw.row(
-                    f"task-{task_id}", "task", 1, "TaskCreated", task_data(i), raw.GENESIS, owner
-                )
-                now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute(task_sql, (task_id, project, f"Task {k}.{i}", owner, now, now))
-                conn.execute(raw.SQLITE_INSERT, raw.sqlite_params(r))
-                conn.execute(cp_sql, (now,))
-                conn.execute("COMMIT")
-            conn.close()
 
-        def go() -> None:
-            threads = [threading.Thread(target=caller, args=(k,)) for k in range(callers)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+def _raw_sqlite(place: Place, n: int, callers: int, owner: str, project: str) -> float:
+    task_sql = PG_TASK.replace("$1", "?").replace("$2", "?").replace("$3", "?")
+    task_sql = task_sql.replace("$4", "?").replace("$5, $5", "?, ?")
+    cp_sql = PG_CHECKPOINT.replace("$1", "?")
 
-        times.append(timed_sync(go))
-    return times
+    def caller(k: int) -> None:
+        conn = place.sqlite_conn()
+        for i in range(n // callers):
+            task_id = uuid.uuid4().hex
+            r = raw.row(
+                f"task-{task_id}", "task", 1, "TaskCreated", task_data(i), raw.GENESIS, owner
+            )
+            now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(task_sql, (task_id, project, f"Task {k}.{i}", owner, now, now))
+            conn.execute(raw.SQLITE_INSERT, raw.sqlite_params(r))
+            conn.execute(cp_sql, (now,))
+            conn.execute("COMMIT")
+        conn.close()
+
+    def go() -> None:
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(callers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    return timed_sync(go)
 
 
 async def case3(ctx: Context) -> list[Result]:
@@ -191,17 +188,15 @@ async def case3(ctx: Context) -> list[Result]:
     for callers in CALLERS:
         label = f"3 command CreateTask: {n} commands, {callers} caller(s)"
         await ctx.fresh(migrate=("raw",))
-        runs = ctx.cfg.runs
-        t = await ctx.profiled(label, _tiu(ctx.place("tiu"), n, callers, runs))
-        out.append(
-            summarise(label, ctx.backend, "tiu", t, n, "ops/s", "dispatch + inline projections")
+        t, e, r = await ctx.take_turns(
+            label,
+            _tiu(ctx.place("tiu"), n, callers),
+            _es(ctx.place("eventsourcing"), n, callers),
+            _raw(ctx.place("raw"), n, callers),
         )
-        e = await asyncio.to_thread(_es, ctx.place("eventsourcing"), n, callers, runs)
-        out.append(
-            summarise(label, ctx.backend, "eventsourcing", e, n, "ops/s", "Application.save")
-        )
-        r = await _raw(ctx.place("raw"), n, callers, runs)
-        out.append(
-            summarise(label, ctx.backend, "raw", r, n, "ops/s", "event + tasks row + checkpoint")
-        )
+        out += [
+            summarise(label, ctx.backend, "tiu", t, n, "ops/s", "dispatch + inline projections"),
+            summarise(label, ctx.backend, "eventsourcing", e, n, "ops/s", "Application.save"),
+            summarise(label, ctx.backend, "raw", r, n, "ops/s", "event + tasks row + checkpoint"),
+        ]
     return out

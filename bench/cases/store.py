@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -160,11 +160,12 @@ async def case1(ctx: Context) -> list[Result]:
 # -- eight writers ----------------------------------------------------------------------------
 
 
-async def _tiu_concurrent(place: Place, per_writer: int, runs: int) -> list[float]:
+async def _tiu_concurrent(place: Place, per_writer: int) -> AsyncIterator[float]:
     store = await place.store()
-    times = []
     try:
-        for _ in range(runs):
+        async with store.engine.connect() as conn:  # connected before the clock
+            await store.head_position(conn)
+        while True:
 
             async def writer(w: int) -> None:
                 stream_id = f"task-{uuid.uuid4().hex}"
@@ -180,18 +181,17 @@ async def _tiu_concurrent(place: Place, per_writer: int, runs: int) -> list[floa
             async def go() -> None:
                 await asyncio.gather(*(writer(w) for w in range(WRITERS)))
 
-            times.append(await timed(go))
+            yield await timed(go)
     finally:
         await store.aclose()
         await store.engine.dispose()
-    return times
 
 
-def _es_concurrent(place: Place, per_writer: int, runs: int) -> list[float]:
+def _es_concurrent(place: Place, per_writer: int) -> Iterator[float]:
     app = es.BenchApp(env=place.es_env())
-    times = []
     try:
-        for _ in range(runs):
+        app.recorder.max_notification_id()  # connected before the clock
+        while True:
 
             def writer() -> None:
                 stream = uuid.uuid4()
@@ -206,15 +206,13 @@ def _es_concurrent(place: Place, per_writer: int, runs: int) -> list[float]:
                 for t in threads:
                     t.join()
 
-            times.append(timed_sync(go))
+            yield timed_sync(go)
     finally:
         app.close()
-    return times
 
 
-async def _raw_concurrent(place: Place, per_writer: int, runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
+async def _raw_concurrent(place: Place, per_writer: int) -> AsyncIterator[float]:
+    while True:
         if place.postgres:
             conns = [await place.asyncpg_conn() for _ in range(WRITERS)]
 
@@ -228,9 +226,10 @@ async def _raw_concurrent(place: Place, per_writer: int, runs: int) -> list[floa
             async def go(conns: list[Any] = conns) -> None:
                 await asyncio.gather(*(writer(c) for c in conns))
 
-            times.append(await timed(go))
+            took = await timed(go)
             for c in conns:
                 await c.close()
+            yield took
         else:
 
             def swriter() -> None:
@@ -249,29 +248,23 @@ async def _raw_concurrent(place: Place, per_writer: int, runs: int) -> list[floa
                 for t in threads:
                     t.join()
 
-            times.append(timed_sync(sgo))
-    return times
+            yield timed_sync(sgo)
 
 
 async def case2(ctx: Context) -> list[Result]:
     per = 100 if ctx.cfg.quick else 500
     label = f"2 append: {WRITERS} writers x {per} commands, 1 event each"
     await ctx.fresh(migrate=("tiu", "raw"))
-    runs = ctx.cfg.runs
     total = WRITERS * per
-    out = [
-        summarise(
-            label,
-            ctx.backend,
-            "tiu",
-            await ctx.profiled(label, _tiu_concurrent(ctx.place("tiu"), per, runs)),
-            total,
-            note="asyncio tasks, pooled connections",
-        )
-    ]
-    e = await asyncio.to_thread(_es_concurrent, ctx.place("eventsourcing"), per, runs)
-    out.append(summarise(label, ctx.backend, "eventsourcing", e, total, note="8 threads"))
-    r = await _raw_concurrent(ctx.place("raw"), per, runs)
+    t, e, r = await ctx.take_turns(
+        label,
+        _tiu_concurrent(ctx.place("tiu"), per),
+        _es_concurrent(ctx.place("eventsourcing"), per),
+        _raw_concurrent(ctx.place("raw"), per),
+    )
     note = "asyncpg, 8 connections" if ctx.postgres else "sqlite3, 8 threads"
-    out.append(summarise(label, ctx.backend, "raw", r, total, note=note))
-    return out
+    return [
+        summarise(label, ctx.backend, "tiu", t, total, note="asyncio tasks, pooled connections"),
+        summarise(label, ctx.backend, "eventsourcing", e, total, note="8 threads"),
+        summarise(label, ctx.backend, "raw", r, total, note=note),
+    ]
