@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -64,22 +65,21 @@ def _task_events(task_id: str, project_id: str) -> list[tasks.Event]:
     return out
 
 
-async def _tiu_streams(place: Place, k: int, runs: int) -> tuple[list[float], list[float]]:
-    """Times to fold each stream (``Dispatcher.fold``), then to read its records."""
+async def _tiu_streams(place: Place, k: int) -> AsyncIterator[tuple[float, float]]:
+    """Per run: the time to fold each stream (``Dispatcher.fold``), then to read its records."""
     store = await place.store()
-    ids = []
-    for _ in range(k):
-        task_id = uuid.uuid4().hex
-        stored = [
-            NewEvent(t, d, v, {})
-            for t, v, d in (encode_event(e) for e in _task_events(task_id, "p1"))
-        ]
-        await store.append(tasks.stream_id(task_id), "task", stored, NO_STREAM)
-        ids.append(tasks.stream_id(task_id))
-    dispatcher = Dispatcher(store, snapshot_every=0)
-    times, record_times = [], []
     try:
-        for _ in range(runs):
+        ids = []
+        for _ in range(k):
+            task_id = uuid.uuid4().hex
+            stored = [
+                NewEvent(t, d, v, {})
+                for t, v, d in (encode_event(e) for e in _task_events(task_id, "p1"))
+            ]
+            await store.append(tasks.stream_id(task_id), "task", stored, NO_STREAM)
+            ids.append(tasks.stream_id(task_id))
+        dispatcher = Dispatcher(store, snapshot_every=0)
+        while True:
 
             async def go() -> None:
                 async with store.engine.connect() as conn:
@@ -92,29 +92,26 @@ async def _tiu_streams(place: Place, k: int, runs: int) -> tuple[list[float], li
                     for stream_id in ids:
                         assert len(await store.read_stream(conn, stream_id)) == STREAM_EVENTS
 
-            times.append(await timed(go))
-            record_times.append(await timed(records))
+            yield await timed(go), await timed(records)
     finally:
         await store.aclose()
         await store.engine.dispose()
-    return times, record_times
 
 
-def _es_streams(place: Place, k: int, runs: int) -> tuple[list[float], list[float]]:
-    """Times to rebuild each aggregate (``repository.get``), then to read its stored
-    events from the recorder (``select_events``)."""
+def _es_streams(place: Place, k: int) -> Iterator[tuple[float, float]]:
+    """Per run: the time to rebuild each aggregate (``repository.get``), then to read
+    its stored events from the recorder (``select_events``)."""
     app = es.BenchApp(env=place.es_env())
-    ids = []
-    for _ in range(k):
-        task = es.EsTask("p1", "A long-lived task", "Moved back and forth.", "medium", "owner")
-        for i in range(1, STREAM_EVENTS):
-            to = "in_progress" if i % 2 else "todo"
-            task.change_status(task.status, to, "owner")
-        app.save(task)
-        ids.append(task.id)
-    times, record_times = [], []
     try:
-        for _ in range(runs):
+        ids = []
+        for _ in range(k):
+            task = es.EsTask("p1", "A long-lived task", "Moved back and forth.", "medium", "owner")
+            for i in range(1, STREAM_EVENTS):
+                to = "in_progress" if i % 2 else "todo"
+                task.change_status(task.status, to, "owner")
+            app.save(task)
+            ids.append(task.id)
+        while True:
 
             def go() -> None:
                 for aggregate_id in ids:
@@ -125,11 +122,9 @@ def _es_streams(place: Place, k: int, runs: int) -> tuple[list[float], list[floa
                 for aggregate_id in ids:
                     assert len(app.recorder.select_events(aggregate_id)) == STREAM_EVENTS
 
-            times.append(timed_sync(go))
-            record_times.append(timed_sync(records))
+            yield timed_sync(go), timed_sync(records)
     finally:
         app.close()
-    return times, record_times
 
 
 def _fold_raw(rows: list[Any]) -> dict[str, Any]:
@@ -143,35 +138,36 @@ def _fold_raw(rows: list[Any]) -> dict[str, Any]:
     return state
 
 
-async def _raw_streams(tiu_place: Place, runs: int) -> list[float]:
-    # reads the streams tiu wrote (same table), so it runs after _tiu_streams
+async def _raw_streams(tiu_place: Place) -> AsyncIterator[float]:
+    """Reads the streams tiu wrote (same table): its first run follows tiu's first."""
     sql = "SELECT event_type, data FROM events WHERE stream_id = {} ORDER BY version"
-    times = []
     if tiu_place.postgres:
         conn = await tiu_place.asyncpg_conn()
-        ids = [r[0] for r in await conn.fetch("SELECT DISTINCT stream_id FROM events")]
-        stmt = await conn.prepare(sql.format("$1"))
-        for _ in range(runs):
+        try:
+            ids = [r[0] for r in await conn.fetch("SELECT DISTINCT stream_id FROM events")]
+            stmt = await conn.prepare(sql.format("$1"))
+            while True:
 
-            async def go(conn: Any = conn) -> None:
-                for stream_id in ids:
-                    rows = await stmt.fetch(stream_id)
-                    _fold_raw([(r[0], r[1]) for r in rows])
+                async def go() -> None:
+                    for stream_id in ids:
+                        rows = await stmt.fetch(stream_id)
+                        _fold_raw([(r[0], r[1]) for r in rows])
 
-            times.append(await timed(go))
-        await conn.close()
-        return times
+                yield await timed(go)
+        finally:
+            await conn.close()
     sconn = tiu_place.sqlite_conn()
-    ids = [r[0] for r in sconn.execute("SELECT DISTINCT stream_id FROM events")]
-    for _ in range(runs):
+    try:
+        ids = [r[0] for r in sconn.execute("SELECT DISTINCT stream_id FROM events")]
+        while True:
 
-        def sgo() -> None:
-            for stream_id in ids:
-                _fold_raw(sconn.execute(sql.format("?"), (stream_id,)).fetchall())
+            def sgo() -> None:
+                for stream_id in ids:
+                    _fold_raw(sconn.execute(sql.format("?"), (stream_id,)).fetchall())
 
-        times.append(timed_sync(sgo))
-    sconn.close()
-    return times
+            yield timed_sync(sgo)
+    finally:
+        sconn.close()
 
 
 # -- the global log ----------------------------------------------------------------------------
@@ -274,11 +270,16 @@ async def case4(ctx: Context) -> list[Result]:
     label = f"4a rebuild state: {k} streams x {STREAM_EVENTS} events"
     await ctx.fresh(migrate=("tiu",))
     items = k * STREAM_EVENTS
-    t, t_records = await _tiu_streams(ctx.place("tiu"), k, runs)
+    tiu_runs, es_runs, r = await ctx.take_turns(
+        label,
+        _tiu_streams(ctx.place("tiu"), k),
+        _es_streams(ctx.place("eventsourcing"), k),
+        _raw_streams(ctx.place("tiu")),
+    )
+    t, t_records = [fold for fold, _ in tiu_runs], [read for _, read in tiu_runs]
+    e, e_records = [fold for fold, _ in es_runs], [read for _, read in es_runs]
     out.append(summarise(label, ctx.backend, "tiu", t, items, note="Dispatcher.fold, no snapshot"))
-    e, e_records = await asyncio.to_thread(_es_streams, ctx.place("eventsourcing"), k, runs)
     out.append(summarise(label, ctx.backend, "eventsourcing", e, items, note="repository.get"))
-    r = await _raw_streams(ctx.place("tiu"), runs)
     out.append(summarise(label, ctx.backend, "raw", r, items, note="fetch + json.loads"))
     # The store level: records as the store gives them (id, documents and timestamp
     # decoded when first read), against the recorder's stored events (bytes, not
