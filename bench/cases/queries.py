@@ -265,19 +265,22 @@ async def case6(ctx: Context) -> list[Result]:
             ("6c query: count (status)", tiu_count, core_count),
             ("6d query: validate session by token", tiu_session, core_session),
         ]
+        notes = {"tiu": "repository", "raw": "hand-written SQLAlchemy Core"}
         for label, tiu_fn, core_fn in pairs:
-            for system, fn in (("tiu", tiu_fn), ("raw", core_fn)):
+            systems = {"tiu": tiu_fn, "raw": core_fn}
+            for fn in systems.values():
                 await fn()  # warm caches and compiled statements
+            times: dict[str, list[float]] = {system: [] for system in systems}
+            for _ in range(ctx.cfg.runs):  # in turns, as the other cases
+                for system, fn in systems.items():
 
-                async def go(fn: Callable[[], Awaitable[None]] = fn) -> None:
-                    for _ in range(k):
-                        await fn()
+                    async def go(fn: Callable[[], Awaitable[None]] = fn) -> None:
+                        for _ in range(k):
+                            await fn()
 
-                times = []
-                for _ in range(ctx.cfg.runs):
-                    times.append(await timed(go))
-                note = "repository" if system == "tiu" else "hand-written SQLAlchemy Core"
-                out.append(summarise(label, ctx.backend, system, times, k, "ops/s", note))
+                    times[system].append(await timed(go))
+            for system, taken in times.items():
+                out.append(summarise(label, ctx.backend, system, taken, k, "ops/s", notes[system]))
     finally:
         await service.aclose()
     return out
