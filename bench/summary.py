@@ -89,9 +89,10 @@ def table(records: list[dict[str, Any]]) -> str:
     for name, points in replays.items():
         points.sort(key=lambda p: p[0])
         (small, first), (big, last) = points[0], points[-1]
-        if small == big:
+        if small == big or "tiu" not in first or "tiu" not in last:
             continue
-        parts = [f"{name}: {big / small:.1f}x the events"]
+        events = last["tiu"]["items"] / first["tiu"]["items"]  # the logs' real sizes
+        parts = [f"{name}: {events:.1f}x the events"]
         for system in ("tiu", "raw"):
             if system in first and system in last:
                 grew = last[system]["median"] / first[system]["median"]
