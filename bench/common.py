@@ -19,6 +19,7 @@ import shutil
 import sqlite3
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -109,6 +110,19 @@ def timed_sync(fn: Callable[[], Any]) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
+
+
+def timed_threads(target: Callable[[int], Any], count: int) -> float:
+    """The time for ``count`` threads running ``target(k)`` to finish, started together."""
+
+    def go() -> None:
+        threads = [threading.Thread(target=target, args=(k,)) for k in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    return timed_sync(go)
 
 
 # -- PostgreSQL -------------------------------------------------------------------------

@@ -11,7 +11,6 @@ command makes that matter for the result (event row, tasks row, checkpoint move)
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -21,7 +20,7 @@ from pydantic import SecretStr
 
 from bench import es, raw
 from bench.cases.store import task_data
-from bench.common import Place, Result, summarise, timed, timed_sync
+from bench.common import Place, Result, summarise, timed, timed_threads
 from bench.context import Context
 from domain import projects, tasks, users
 from domain.passwords import BcryptHasher
@@ -84,14 +83,7 @@ def _es(place: Place, n: int, callers: int) -> Iterator[float]:
                 for i in range(n // callers):
                     app.save(es.EsTask(project, f"Task {k}.{i}", "", "medium", owner))
 
-            def go() -> None:
-                threads = [threading.Thread(target=caller, args=(k,)) for k in range(callers)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-
-            yield timed_sync(go)
+            yield timed_threads(caller, callers)
     finally:
         app.close()
 
@@ -172,14 +164,7 @@ def _raw_sqlite(place: Place, n: int, callers: int, owner: str, project: str) ->
             conn.execute("COMMIT")
         conn.close()
 
-    def go() -> None:
-        threads = [threading.Thread(target=caller, args=(k,)) for k in range(callers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    return timed_sync(go)
+    return timed_threads(caller, callers)
 
 
 async def case3(ctx: Context) -> list[Result]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from bench import es, raw
-from bench.common import Place, Result, summarise, timed, timed_sync
+from bench.common import Place, Result, summarise, timed, timed_sync, timed_threads
 from bench.context import Context
 from domain import tasks
 from domain.base import encode_event
@@ -193,20 +192,13 @@ def _es_concurrent(place: Place, per_writer: int) -> Iterator[float]:
         app.recorder.max_notification_id()  # connected before the clock
         while True:
 
-            def writer() -> None:
+            def writer(_: int) -> None:
                 stream = uuid.uuid4()
                 for v in range(1, per_writer + 1):
                     stored = app.mapper.to_stored_event(es_event(task_data(v), stream, v))
                     app.recorder.insert_events([stored])
 
-            def go() -> None:
-                threads = [threading.Thread(target=writer) for _ in range(WRITERS)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-
-            yield timed_sync(go)
+            yield timed_threads(writer, WRITERS)
     finally:
         app.close()
 
@@ -232,7 +224,7 @@ async def _raw_concurrent(place: Place, per_writer: int) -> AsyncIterator[float]
             yield took
         else:
 
-            def swriter() -> None:
+            def swriter(_: int) -> None:
                 conn = place.sqlite_conn()
                 stream_id, prev = f"task-{uuid.uuid4().hex}", raw.GENESIS
                 for v in range(1, per_writer + 1):
@@ -241,14 +233,7 @@ async def _raw_concurrent(place: Place, per_writer: int) -> AsyncIterator[float]
                     raw.sqlite_append(conn, [r])
                 conn.close()
 
-            def sgo() -> None:
-                threads = [threading.Thread(target=swriter) for _ in range(WRITERS)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-
-            yield timed_sync(sgo)
+            yield timed_threads(swriter, WRITERS)
 
 
 async def case2(ctx: Context) -> list[Result]:
