@@ -148,6 +148,22 @@ async def raw_connection(conn: AsyncConnection) -> Any:
     return await conn.get_raw_connection()
 
 
+class HeldConnection:
+    """The pooled driver connection the store's group writer keeps from one group to
+    the next while callers keep it busy (:class:`eventstore.grouping.GroupQueue`),
+    given back when the writer goes idle. Only the writer task touches it."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self) -> None:
+        self.raw: Any = None
+
+    def release(self) -> None:
+        raw, self.raw = self.raw, None
+        if raw is not None:
+            raw.close()  # back to the pool
+
+
 @contextlib.contextmanager
 def driver_errors(engine: AsyncEngine, raw: Any, statement: str) -> Iterator[None]:
     """Re-raise a driver error of ``statement`` as the SQLAlchemy exception
@@ -211,7 +227,10 @@ class Dialect:
     direct_appends = True
 
     async def append_group(
-        self, store: EventStore, pending: list[_PendingAppend]
+        self,
+        store: EventStore,
+        pending: list[_PendingAppend],
+        held: HeldConnection | None = None,
     ) -> list[AppendResult | WrongExpectedVersion] | None:
         """Appends in a transaction of their own, run on a pooled driver connection
         without an SQLAlchemy ``Connection`` around it: the general path's statements
@@ -221,21 +240,32 @@ class Dialect:
         (profiled). ``None`` where it cannot be used: the store then takes the general
         path. A connection whose state is unknown after an error (lost, or cancelled
         mid-statement) is invalidated, not returned to the pool.
+
+        With ``held`` (the group writer's), the connection is taken from it and left in
+        it for the next group; after an error it goes back to the pool instead.
         """
         if not self.direct_appends:
             return None
         with translate_errors(self.database_label):
-            raw = await self.engine.raw_connection()
+            raw = held.raw if held is not None and held.raw is not None else None
+            if raw is None:
+                raw = await self.engine.raw_connection()
+            elif held is not None:
+                held.raw = None  # the writer's again only if this group succeeds
             try:
-                return await self._append_on(raw, store, pending)
+                outcomes = await self._append_on(raw, store, pending)
             except BaseException as error:
                 if not isinstance(error, Exception) or getattr(
                     error, "connection_invalidated", False
                 ):
                     raw.invalidate()
-                raise
-            finally:
                 raw.close()  # back to the pool (a no-op once invalidated)
+                raise
+            if held is None:
+                raw.close()
+            else:
+                held.raw = raw
+            return outcomes
 
     async def _append_on(
         self, raw: Any, store: EventStore, pending: list[_PendingAppend]

@@ -6,6 +6,12 @@ and the dispatcher's commands) queue here instead: the first caller starts a wri
 task, which takes up to ``max_group`` waiting items per transaction until the queue
 is empty. Items that arrive while a group is written form the next group.
 
+When the queue is empty the writer waits one turn of the event loop before it ends:
+a caller woken by its result that writes again at once (a loop of appends) joins the
+same writer instead of starting a new task, and the store's writer keeps its pooled
+connection for it (``idle`` is called when the writer ends: one checkout per burst
+instead of one per transaction, ~20 us of a ~300 us SQLite append, measured).
+
 The writer is a task of its own, never a caller: a caller cancelled while waiting
 does not stop the transaction others share. Its item is dropped if no group has taken
 it yet; otherwise the group's transaction completes and that outcome is discarded
@@ -32,10 +38,13 @@ class GroupQueue(Generic[Item, Result]):
         self,
         write: Callable[[list[Waiting[Item, Result]]], Awaitable[None]],
         max_group: int,
+        *,
+        idle: Callable[[], None] | None = None,
     ) -> None:
         if max_group < 1:
             raise ValueError(f"max_group must be at least 1, not {max_group}")
         self._write = write
+        self._idle = idle
         self.max_group = max_group
         self._queue: list[Waiting[Item, Result]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -58,13 +67,23 @@ class GroupQueue(Generic[Item, Result]):
     async def _write_all(self) -> None:
         group: list[Waiting[Item, Result]] = []
         try:
-            while self._queue:
-                group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
-                await self._write(group)
+            while True:
+                while self._queue:
+                    group = self._queue[: self.max_group]
+                    self._queue = self._queue[self.max_group :]
+                    await self._write(group)
+                group = []
+                await asyncio.sleep(0)  # one turn for the callers just answered
+                if not self._queue:
+                    break
         finally:
             # Cancelled (the loop is shutting down): no caller may wait forever.
             _fail([*group, *self._queue])
             self._queue = []
+            # Synchronous: nothing may run between the last look at the queue and the
+            # end of this task, or a caller could queue behind a writer that is gone.
+            if self._idle is not None:
+                self._idle()
 
     def _abandoned(self, writer: asyncio.Task[None]) -> None:
         # A writer cancelled before it ran never reaches its own clean-up.

@@ -17,7 +17,7 @@ from typing import Any, Final
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from eventstore.dialects import Dialect, dialect_for
+from eventstore.dialects import Dialect, HeldConnection, dialect_for
 from eventstore.engine import begin_write
 from eventstore.errors import (
     InvalidEventData,
@@ -233,8 +233,12 @@ class EventStore:
         self.dialect: Dialect = dialect_for(engine)
         #: Test seam: awaited after the append statements and before COMMIT.
         self.before_commit: BeforeCommitHook | None = None
+        #: The group writer's pooled connection, kept from one group to the next.
+        self._held = HeldConnection()
         self._group: GroupQueue[_PendingAppend, AppendResult] | None = (
-            GroupQueue(self._write_group, max_group) if group_appends else None
+            GroupQueue(self._write_group, max_group, idle=self._held.release)
+            if group_appends
+            else None
         )
 
     def now(self) -> datetime:
@@ -298,8 +302,10 @@ class EventStore:
         # cancelled caller never abandons a half-done transaction or connection.
         return await asyncio.shield(self._append_alone(pending))
 
-    async def _append_alone(self, pending: _PendingAppend) -> AppendResult:
-        (outcome,) = await self._append_group([pending])
+    async def _append_alone(
+        self, pending: _PendingAppend, held: HeldConnection | None = None
+    ) -> AppendResult:
+        (outcome,) = await self._append_group([pending], held)
         if isinstance(outcome, WrongExpectedVersion):
             raise outcome
         return outcome
@@ -308,10 +314,10 @@ class EventStore:
         """The group committer's writer: one transaction for the group; if it fails as a
         whole (whoever caused it), each append is retried alone and gets its own outcome."""
         try:
-            outcomes = await self._append_group([p for p, _ in group])
+            outcomes = await self._append_group([p for p, _ in group], self._held)
         except Exception:
             for pending, future in group:
-                await settle(future, self._append_alone(pending))
+                await settle(future, self._append_alone(pending, self._held))
             return
         for (_, future), outcome in zip(group, outcomes, strict=True):
             if future.done():
@@ -322,11 +328,12 @@ class EventStore:
                 future.set_result(outcome)
 
     async def _append_group(
-        self, pending: list[_PendingAppend]
+        self, pending: list[_PendingAppend], held: HeldConnection | None = None
     ) -> list[AppendResult | WrongExpectedVersion]:
-        """Several appends in one transaction; one whose version check fails is left out."""
+        """Several appends in one transaction; one whose version check fails is left out.
+        ``held``: the group writer's connection (only the writer task passes it)."""
         if self.before_commit is None:  # the test seam needs the general path
-            outcomes = await self.dialect.append_group(self, pending)
+            outcomes = await self.dialect.append_group(self, pending, held)
             if outcomes is not None:
                 written = [o.last_position for o in outcomes if isinstance(o, AppendResult)]
                 if written:

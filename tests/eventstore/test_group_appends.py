@@ -9,7 +9,14 @@ import uuid
 import pytest
 from sqlalchemy import event
 
-from eventstore import NO_STREAM, EventStore, NewEvent, WrongExpectedVersion, verify
+from eventstore import (
+    NO_STREAM,
+    DuplicateEventId,
+    EventStore,
+    NewEvent,
+    WrongExpectedVersion,
+    verify,
+)
 
 
 def ev(n: int = 0, event_id: uuid.UUID | None = None) -> NewEvent:
@@ -153,3 +160,35 @@ async def test_cancelled_appends_leave_no_transaction_or_busy_connection_behind(
     assert per_stream.pop("user-after") == 1
     assert set(per_stream.values()) == {2}  # whole appends only
     assert report.ok, report
+
+
+async def test_appends_one_after_another_share_the_writers_connection_and_give_it_back(store):
+    """A caller appending again as soon as it is answered joins the same group writer,
+    which keeps its pooled connection between groups (one checkout, not one per
+    append) and returns it to the pool when no one is waiting."""
+    checkouts: list[int] = []
+    event.listen(store.engine.sync_engine, "checkout", lambda *_: checkouts.append(1))
+    results = [await store.append(f"user-{n}", "user", [ev(n)], NO_STREAM) for n in range(20)]
+    assert [r.last_position for r in results] == list(range(1, 21))
+    # The writer's one (PostgreSQL also checks one out now and then to NOTIFY
+    # listeners of new events); one per append before.
+    assert len(checkouts) < 5
+    await store.aclose()  # waits for the writer to go idle
+    assert store.engine.pool.checkedout() == 0
+
+
+async def test_the_group_writer_returns_its_connection_after_a_failed_append(store):
+    """A group that fails gives its connection back to the pool; the next group takes
+    a fresh one, and nothing stays checked out once the writer is idle."""
+    taken = uuid.uuid4()
+    await store.append("user-first", "user", [ev(event_id=taken)])
+    checkouts: list[int] = []
+    event.listen(store.engine.sync_engine, "checkout", lambda *_: checkouts.append(1))
+    with pytest.raises(DuplicateEventId):
+        await store.append("user-dup", "user", [ev(event_id=taken)])
+    after = await store.append("user-after", "user", [ev()])
+    assert after.last_position == 2
+    assert len(checkouts) >= 2  # the failed group's connection was not kept
+    await store.aclose()
+    assert store.engine.pool.checkedout() == 0
+    assert await _positions(store) == [1, 2]
