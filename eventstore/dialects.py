@@ -263,11 +263,11 @@ class Dialect:
         if not self.direct_appends:
             return None
         with translate_errors(self.database_label):
-            raw = held.raw if held is not None and held.raw is not None else None
+            raw = None
+            if held is not None:
+                raw, held.raw = held.raw, None  # the writer's again if this group succeeds
             if raw is None:
                 raw = await self.engine.raw_connection()
-            elif held is not None:
-                held.raw = None  # the writer's again only if this group succeeds
             try:
                 outcomes = await self._append_on(raw, store, pending)
             except BaseException as error:
@@ -416,7 +416,7 @@ class Dialect:
         return RecordedEvent.from_rows(rows, self._codec)
 
     def driver_errors(self, raw: Any, statement: str) -> _DriverErrors:
-        return _DriverErrors(self.engine, raw, statement)
+        return driver_errors(self.engine, raw, statement)
 
     def _insert_keys(self) -> Any:
         return sqlite_insert(unique_keys).on_conflict_do_nothing()

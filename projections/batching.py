@@ -38,6 +38,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from functools import partial
+from operator import itemgetter
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
@@ -292,13 +293,9 @@ class KeyedRows:
 def _in_key_order(rows: dict[Key, Row | None]) -> Iterable[tuple[Key, Row | None]]:
     """``rows`` by key, where the keys sort (a key column of mixed types does not)."""
     try:
-        return sorted(rows.items(), key=_first)
+        return sorted(rows.items(), key=itemgetter(0))
     except TypeError:
         return rows.items()
-
-
-def _first(item: tuple[Key, Any]) -> Any:
-    return item[0]
 
 
 def _by_key(table: Table) -> ColumnElement[bool]:
