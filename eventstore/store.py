@@ -50,6 +50,9 @@ from eventstore.translate import translate_errors
 
 _CATEGORY_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,49}")
 _EVENT_TYPE_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,199}")
+#: A NUL in JSON text: ``\u0000`` whose backslash is not itself escaped (an even
+#: run of backslashes before it). The text ``\\u0000`` is a backslash, then "u0000".
+_NUL_ESCAPE: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 DEFAULT_MAX_EVENT_BYTES: Final = 1_000_000
 
 _EVENT_COLUMNS: Final = (
@@ -380,7 +383,7 @@ class EventStore:
             meta = canonical_json(event.metadata)
         except (TypeError, ValueError) as error:
             raise InvalidEventData(name, f"not JSON-serialisable: {error}") from error
-        if "\\u0000" in data or "\\u0000" in meta:
+        if _has_nul(data) or _has_nul(meta):
             # PostgreSQL cannot store NUL in text or JSONB; refuse it on every backend.
             raise InvalidEventData(name, "strings must not contain NUL (\\u0000) characters")
         size = len(data.encode()) + len(meta.encode())
@@ -662,6 +665,11 @@ class EventStore:
         if self._group is not None:
             await self._group.aclose()
         await self.dialect.aclose()
+
+
+def _has_nul(text: str) -> bool:
+    """Whether canonical JSON ``text`` holds a NUL character (written ``\\u0000``)."""
+    return "\\u0000" in text and _NUL_ESCAPE.search(text) is not None
 
 
 def _check_stream_id(stream_id: object, category: str) -> None:

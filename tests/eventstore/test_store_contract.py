@@ -333,11 +333,22 @@ async def test_bad_stream_ids_and_categories_are_refused_before_writing(
         NewEvent("Bad", {"when": object()}),
         NewEvent("Bad", {"nan": float("nan")}),
         NewEvent("Bad", {"nul": "a\x00b"}),
+        NewEvent("Bad", {"nul": "\\\x00"}),
+        NewEvent("Bad", {}, {"nul\x00key": 1}),
         NewEvent("Bad", {"big": "x" * 2_000_000}),
         NewEvent("bad type!", {}),
         NewEvent("Bad", {}, schema_version=0),
     ],
-    ids=["object", "nan", "nul", "oversized", "type-name", "schema-version"],
+    ids=[
+        "object",
+        "nan",
+        "nul",
+        "nul-after-backslash",
+        "nul-in-metadata-key",
+        "oversized",
+        "type-name",
+        "schema-version",
+    ],
 )
 async def test_non_serialisable_or_oversized_data_is_refused_with_nothing_written(store, event):
     with pytest.raises(InvalidEventData):
@@ -346,6 +357,17 @@ async def test_non_serialisable_or_oversized_data_is_refused_with_nothing_writte
             uow.append("user-1", "user", [event])
     async with store.engine.connect() as conn:
         assert await store.head_position(conn) == 0
+
+
+@pytest.mark.parametrize("text", ["\\u0000", "a\\\\u0000", "\\\\\\u0000b"])
+async def test_the_text_of_a_nul_escape_is_stored_and_read_back_as_written(store, text):
+    """A backslash followed by "u0000" is ordinary text (its JSON escapes the backslash),
+    not a NUL: it is stored, not refused."""
+    await store.append("user-1", "user", [NewEvent("Happened", {"text": text}, 1, {"m": text})])
+    async with store.engine.connect() as conn:
+        (record,) = await store.read_stream(conn, "user-1")
+    assert record.data == {"text": text}
+    assert record.metadata == {"m": text}
 
 
 @pytest.mark.parametrize("expected", [-1, "latest", 1.5, True, None])
