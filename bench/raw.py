@@ -29,12 +29,12 @@ PG_LOCK = "SELECT pg_advisory_xact_lock(7629173, 'events'::regclass::oid::int)"
 PG_INSERT = (
     f"INSERT INTO events ({COLUMNS}) VALUES ("
     "(SELECT coalesce(max(position), 0) + 1 FROM events), "
-    "$1, $2, $3, $4, $5, 1, $6::jsonb, $7::jsonb, $8, NULL, NULL, NULL, $9, $10)"
+    "$1, $2, $3, $4, $5, 1, $6::jsonb, $7::jsonb, $8, NULL, NULL, $9, $10, $11)"
 )
 SQLITE_INSERT = (
     f"INSERT INTO events ({COLUMNS}) VALUES ("
     "(SELECT coalesce(max(position), 0) + 1 FROM events), "
-    "?, ?, ?, ?, ?, 1, ?, ?, ?, NULL, NULL, NULL, ?, ?)"
+    "?, ?, ?, ?, ?, 1, ?, ?, ?, NULL, NULL, ?, ?, ?)"
 )
 
 
@@ -46,7 +46,10 @@ def row(
     data: dict[str, Any],
     prev: str,
     actor: str | None = None,
+    command_id: str | None = None,
 ) -> tuple[Any, ...]:
+    """One event row; ``actor`` and ``command_id`` as tiu's counterpart in the case writes
+    them (both columns are indexed: a random command id is a random index leaf)."""
     payload = json.dumps(data, separators=(",", ":"))
     meta = '{"command":"Raw"}'
     digest = hashlib.sha256(f"{prev}|{stream_id}|{version}|{payload}".encode()).hexdigest()
@@ -59,6 +62,7 @@ def row(
         payload,
         meta,
         actor,
+        command_id,
         datetime.now(UTC),
         digest,
     )
@@ -66,7 +70,7 @@ def row(
 
 def sqlite_params(r: tuple[Any, ...]) -> tuple[Any, ...]:
     # tiu's SQLite columns: uuid as 32-hex CHAR, datetimes as ISO text (UTCDateTime).
-    return (r[0].hex, *r[1:8], r[8].strftime("%Y-%m-%d %H:%M:%S.%f"), r[9])
+    return (r[0].hex, *r[1:9], r[9].strftime("%Y-%m-%d %H:%M:%S.%f"), r[10])
 
 
 async def pg_append(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:

@@ -118,7 +118,9 @@ async def _raw(place: Place, n: int, callers: int) -> AsyncIterator[float]:
             for i in range(n // callers):
                 task_id = uuid.uuid4().hex
                 data = task_data(i)
-                r = raw.row(f"task-{task_id}", "task", 1, "TaskCreated", data, raw.GENESIS, owner)
+                r = raw.row(
+                    f"task-{task_id}", "task", 1, "TaskCreated", data, raw.GENESIS, owner, task_id
+                )
                 now = datetime.now(UTC)
                 async with conn.transaction():
                     await conn.execute(PG_TASK, task_id, project, f"Task {k}.{i}", owner, now)
@@ -154,7 +156,14 @@ def _raw_sqlite(place: Place, n: int, callers: int, owner: str, project: str) ->
         for i in range(n // callers):
             task_id = uuid.uuid4().hex
             r = raw.row(
-                f"task-{task_id}", "task", 1, "TaskCreated", task_data(i), raw.GENESIS, owner
+                f"task-{task_id}",
+                "task",
+                1,
+                "TaskCreated",
+                task_data(i),
+                raw.GENESIS,
+                owner,
+                task_id,  # a command id, as tiu's command writes one
             )
             now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
             conn.execute("BEGIN IMMEDIATE")

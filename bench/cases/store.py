@@ -104,9 +104,9 @@ async def _raw_streams(place: Place, n: int, per: int, runs: int) -> list[float]
         work = [(f"task-{uuid.uuid4().hex}", [task_data(i) for _ in range(per)]) for i in range(n)]
 
         def rows(stream_id: str, datas: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-            out, prev = [], raw.GENESIS
+            out, prev, command_id = [], raw.GENESIS, uuid.uuid4().hex  # as tiu's append
             for v, d in enumerate(datas, start=1):
-                r = raw.row(stream_id, "task", v, "TaskCreated", d, prev, "bench")
+                r = raw.row(stream_id, "task", v, "TaskCreated", d, prev, "bench", command_id)
                 prev = r[-1]
                 out.append(r)
             return out
@@ -208,15 +208,16 @@ async def _raw_concurrent(place: Place, per_writer: int) -> AsyncIterator[float]
         if place.postgres:
             conns = [await place.asyncpg_conn() for _ in range(WRITERS)]
 
-            async def writer(conn: Any) -> None:
+            async def writer(conn: Any, w: int) -> None:
                 stream_id, prev = f"task-{uuid.uuid4().hex}", raw.GENESIS
                 for v in range(1, per_writer + 1):
-                    r = raw.row(stream_id, "task", v, "TaskCreated", task_data(v), prev)
+                    data = task_data(v)
+                    r = raw.row(stream_id, "task", v, "TaskCreated", data, prev, f"writer{w}")
                     prev = r[-1]
                     await raw.pg_append(conn, [r])
 
             async def go(conns: list[Any] = conns) -> None:
-                await asyncio.gather(*(writer(c) for c in conns))
+                await asyncio.gather(*(writer(c, w) for w, c in enumerate(conns)))
 
             took = await timed(go)
             for c in conns:
@@ -224,11 +225,12 @@ async def _raw_concurrent(place: Place, per_writer: int) -> AsyncIterator[float]
             yield took
         else:
 
-            def swriter(_: int) -> None:
+            def swriter(w: int) -> None:
                 conn = place.sqlite_conn()
                 stream_id, prev = f"task-{uuid.uuid4().hex}", raw.GENESIS
                 for v in range(1, per_writer + 1):
-                    r = raw.row(stream_id, "task", v, "TaskCreated", task_data(v), prev)
+                    data = task_data(v)
+                    r = raw.row(stream_id, "task", v, "TaskCreated", data, prev, f"writer{w}")
                     prev = r[-1]
                     raw.sqlite_append(conn, [r])
                 conn.close()
