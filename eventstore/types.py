@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timezone, tzinfo
+from typing import Any, Final
 
+from pydantic_core import TzInfo
 from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Integer
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -90,9 +91,27 @@ def sqlite_text(value: datetime) -> str:
 
     A value at offset zero under another tzinfo (pydantic's ``TzInfo(UTC)``, which every
     decoded event's timestamps have) is written as it is: the text is the same, and
-    converting it first was a third of the time (a replay binds several per row)."""
-    if value.tzinfo is not UTC:
+    converting it first was a third of the time (a replay binds several per row). The
+    last fixed-offset zone found at zero is remembered, and so is the last value's text:
+    a read-model row often holds one timestamp twice (created and updated at once).
+    """
+    global _last_text, _zero_zone  # noqa: PLW0603  # swapped whole: safe across threads
+    last = _last_text
+    if value is last[0]:
+        return last[1]
+    given, zone = value, value.tzinfo
+    if zone is not UTC and zone is not _zero_zone:
         offset = value.utcoffset()
         if offset is None or offset:  # naive (refused) or another offset
             value = _utc(value)
-    return value.isoformat(" ", "microseconds")[:26]
+        elif zone is not None and type(zone) in _FIXED_OFFSET_ZONES:  # zero at every instant
+            _zero_zone = zone
+    text = value.isoformat(" ", "microseconds")[:26]
+    _last_text = (given, text)
+    return text
+
+
+_last_text: tuple[datetime | None, str] = (None, "")
+_zero_zone: tzinfo = UTC
+#: Zone types whose offset never changes (a ``ZoneInfo`` at zero in winter is not).
+_FIXED_OFFSET_ZONES: Final = frozenset({timezone, TzInfo})

@@ -605,6 +605,28 @@ def test_sqlite_timestamps_are_written_as_sqlalchemys_datetime_text(value):
         sqlite_text(value.replace(tzinfo=None))
 
 
+def test_sqlite_text_of_a_zone_at_zero_only_in_winter_is_converted_in_summer():
+    """The text remembers fixed zones found at offset zero; a zone that is at zero in
+    winter (London) must still be converted when it is not."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from eventstore.types import sqlite_text
+
+    try:
+        london = ZoneInfo("Europe/London")
+    except ZoneInfoNotFoundError:
+        pytest.skip("no time zone database")
+    fixed_zero = datetime(2026, 1, 5, 12, 0, tzinfo=TzInfo(0))
+    winter = datetime(2026, 1, 5, 12, 0, tzinfo=london)
+    summer = datetime(2026, 7, 5, 12, 0, tzinfo=london)
+
+    assert sqlite_text(fixed_zero) == "2026-01-05 12:00:00.000000"
+    assert sqlite_text(winter) == "2026-01-05 12:00:00.000000"
+    assert sqlite_text(summer) == "2026-07-05 11:00:00.000000"
+    assert sqlite_text(summer) == "2026-07-05 11:00:00.000000"  # the same value again
+    assert sqlite_text(winter) == "2026-01-05 12:00:00.000000"
+
+
 @pytest.mark.parametrize(
     ("stored", "expected"),
     [
