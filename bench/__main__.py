@@ -106,7 +106,7 @@ def write_markdown(results: list[Result], machine: dict[str, str], cfg: Config, 
         "# tiu-core benchmark results",
         "",
         f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {'quick' if cfg.quick else 'full'} run, "
-        f"{cfg.runs} runs per measurement (replays: 1), {secs / 60:.1f} minutes in all.",
+        f"{cfg.runs} runs per measurement, {secs / 60:.1f} minutes in all.",
         "",
         "Machine: "
         + ", ".join(f"{k} {v}" for k, v in machine.items() if k != "os")

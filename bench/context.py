@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Generator, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+)
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,7 +60,10 @@ class Context:
             print(f"  profile written to {path}")
 
     async def take_turns(
-        self, label: str, *systems: AsyncIterator[T] | Iterator[T]
+        self,
+        label: str,
+        *systems: AsyncIterator[T] | Iterator[T],
+        before_run: Callable[[int], Awaitable[None]] | None = None,
     ) -> list[list[T]]:
         """``cfg.runs`` rounds of one timed run per system, the systems in turn.
 
@@ -63,11 +73,15 @@ class Context:
         ratios of runs taken one system after the other; in turns, every system sees
         each state of the machine. Synchronous systems (eventsourcing) step on a
         worker thread; the first system (tiu) runs under ``--profile``'s profiler.
+        ``before_run(i)`` is awaited before each run of system ``i``, off the clock
+        (case 7 settles the database there).
         """
         out: list[list[T]] = [[] for _ in systems]
         try:
             for _ in range(self.cfg.runs):
                 for i, system in enumerate(systems):
+                    if before_run is not None:
+                        await before_run(i)
                     if isinstance(system, AsyncIterator):
                         step = anext(system)
                         out[i].append(await (self.profiled(label, step) if i == 0 else step))

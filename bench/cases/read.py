@@ -12,7 +12,6 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import Any
 
 from bench import es
@@ -156,6 +155,7 @@ async def _raw_streams(tiu_place: Place) -> AsyncIterator[float]:
                 yield await timed(go)
         finally:
             await conn.close()
+        return
     sconn = tiu_place.sqlite_conn()
     try:
         ids = [r[0] for r in sconn.execute("SELECT DISTINCT stream_id FROM events")]
@@ -173,11 +173,10 @@ async def _raw_streams(tiu_place: Place) -> AsyncIterator[float]:
 # -- the global log ----------------------------------------------------------------------------
 
 
-async def _tiu_log(place: Place, runs: int, *, decode: bool = True) -> list[float]:
+async def _tiu_log(place: Place, *, decode: bool = True) -> AsyncIterator[float]:
     store = await place.store()
-    times = []
     try:
-        for _ in range(runs):
+        while True:
 
             async def go() -> None:
                 position = 0
@@ -191,18 +190,16 @@ async def _tiu_log(place: Place, runs: int, *, decode: bool = True) -> list[floa
                             break
                         position = page[-1].position
 
-            times.append(await timed(go))
+            yield await timed(go)
     finally:
         await store.aclose()
         await store.engine.dispose()
-    return times
 
 
-def _es_log(place: Place, runs: int, *, decode: bool = True) -> list[float]:
+def _es_log(place: Place, *, decode: bool = True) -> Iterator[float]:
     app = es.BenchApp(env=place.es_env())
-    times = []
     try:
-        for _ in range(runs):
+        while True:
 
             def go() -> None:
                 start = 1
@@ -214,58 +211,59 @@ def _es_log(place: Place, runs: int, *, decode: bool = True) -> list[float]:
                         break
                     start = page[-1].id + 1
 
-            times.append(timed_sync(go))
+            yield timed_sync(go)
     finally:
         app.close()
-    return times
 
 
-async def _raw_log(tiu_place: Place, runs: int) -> list[float]:
-    sql = (
-        "SELECT position, event_type, data FROM events WHERE position > {} "
-        "ORDER BY position LIMIT {}"
-    )
-    times = []
+_RAW_LOG = (
+    "SELECT position, event_type, data FROM events WHERE position > {} ORDER BY position LIMIT {}"
+)
+
+
+async def _raw_log(tiu_place: Place) -> AsyncIterator[float]:
     if tiu_place.postgres:
         conn = await tiu_place.asyncpg_conn()
-        stmt = await conn.prepare(sql.format("$1", "$2"))
-        for _ in range(runs):
+        try:
+            stmt = await conn.prepare(_RAW_LOG.format("$1", "$2"))
+            while True:
 
-            async def go() -> None:
+                async def go() -> None:
+                    position = 0
+                    while True:
+                        page = await stmt.fetch(position, PAGE)
+                        for r in page:
+                            json.loads(r[2])
+                        if len(page) < PAGE:
+                            break
+                        position = page[-1][0]
+
+                yield await timed(go)
+        finally:
+            await conn.close()
+        return
+    sconn = tiu_place.sqlite_conn()
+    try:
+        while True:
+
+            def sgo() -> None:
                 position = 0
                 while True:
-                    page = await stmt.fetch(position, PAGE)
+                    page = sconn.execute(_RAW_LOG.format("?", "?"), (position, PAGE)).fetchall()
                     for r in page:
                         json.loads(r[2])
                     if len(page) < PAGE:
                         break
                     position = page[-1][0]
 
-            times.append(await timed(go))
-        await conn.close()
-        return times
-    sconn = tiu_place.sqlite_conn()
-    for _ in range(runs):
-
-        def sgo() -> None:
-            position = 0
-            while True:
-                page = sconn.execute(sql.format("?", "?"), (position, PAGE)).fetchall()
-                for r in page:
-                    json.loads(r[2])
-                if len(page) < PAGE:
-                    break
-                position = page[-1][0]
-
-        times.append(timed_sync(sgo))
-    sconn.close()
-    return times
+            yield timed_sync(sgo)
+    finally:
+        sconn.close()
 
 
 async def case4(ctx: Context) -> list[Result]:
     k = 20 if ctx.cfg.quick else 100
     log = 20_000 if ctx.cfg.quick else 100_000
-    runs = ctx.cfg.runs
     out: list[Result] = []
     label = f"4a rebuild state: {k} streams x {STREAM_EVENTS} events"
     await ctx.fresh(migrate=("tiu",))
@@ -302,17 +300,15 @@ async def case4(ctx: Context) -> list[Result]:
     app = es.BenchApp(env=ctx.place("eventsourcing").es_env())
     await asyncio.to_thread(es_fill, app, Scenario(7), log)
     app.close()
-    # The systems take turns, one run each per round: run after run, this machine's
-    # speed drifted by up to ~1.7x within a case, which skewed ratios of runs taken
-    # one system after the other.
     tiu, es_place = ctx.place("tiu"), ctx.place("eventsourcing")
-    t, e, r, t_records, e_records = [], [], [], [], []
-    for _ in range(runs):
-        t += await _tiu_log(tiu, 1)
-        e += await asyncio.to_thread(_es_log, es_place, 1)
-        r += await _raw_log(tiu, 1)
-        t_records += await _tiu_log(tiu, 1, decode=False)
-        e_records += await asyncio.to_thread(partial(_es_log, decode=False), es_place, 1)
+    t, e, r, t_records, e_records = await ctx.take_turns(
+        label,
+        _tiu_log(tiu),
+        _es_log(es_place),
+        _raw_log(tiu),
+        _tiu_log(tiu, decode=False),
+        _es_log(es_place, decode=False),
+    )
     out.append(summarise(label, ctx.backend, "tiu", t, log, note="read_all + decode_event"))
     out.append(
         summarise(label, ctx.backend, "eventsourcing", e, log, note="select_notifications + mapper")

@@ -55,6 +55,15 @@ GROWTH_APPENDS = 3000
 GROWTH_IDS = {"new_id": new_id, "uuid4": random_id}
 
 
+#: What case 5 replays: the system and its mode.
+_REPLAYS: dict[str, tuple[str, str]] = {
+    "tiu": ("tiu", "tasks"),
+    "all": ("tiu", "all"),
+    "raw": ("raw", "tasks"),
+    "eventsourcing": ("eventsourcing", "tasks"),
+}
+
+
 async def _child(ctx: Context, system: str, mode: str = "tasks") -> dict[str, Any]:
     args = {
         "backend": ctx.backend,
@@ -136,36 +145,40 @@ async def case5(ctx: Context) -> list[Result]:
             size = point
             if point == points[-1]:
                 out.extend(await _growth(ctx, small, points[0], point))
-            for what in replays.get(point, ()):
-                head = await _head(ctx)
-                if what == "eventsourcing":
-                    app = es.BenchApp(env=ctx.place("eventsourcing").es_env())
-                    await asyncio.to_thread(es_fill, app, Scenario(SEED), point)
-                    app.close()
-                    head = point
-                system, mode = {
-                    "tiu": ("tiu", "tasks"),
-                    "all": ("tiu", "all"),
-                    "raw": ("raw", "tasks"),
-                    "eventsourcing": ("eventsourcing", "tasks"),
-                }[what]
+            chosen = replays.get(point, ())
+            if not chosen:
+                continue
+            head = await _head(ctx)
+            if "eventsourcing" in chosen:
+                app = es.BenchApp(env=ctx.place("eventsourcing").es_env())
+                await asyncio.to_thread(es_fill, app, Scenario(SEED), point)
+                app.close()
+            # Every replay ``runs`` times, the systems in turns (as the other cases):
+            # one replay each varied by up to 20% between full runs.
+            runs: dict[str, list[dict[str, Any]]] = {what: [] for what in chosen}
+            for round_ in range(1, ctx.cfg.runs + 1):
+                for what in chosen:
+                    system, mode = _REPLAYS[what]
+                    print(f"  replay {what} at {point:,}, run {round_}", flush=True)
+                    runs[what].append(await _child(ctx, system, mode))
+            for what, done in runs.items():
+                system, mode = _REPLAYS[what]
                 label = (
                     f"5b replay all 6 projections, log {point:,}"
                     if mode == "all"
                     else f"5 replay tasks read model, log {point:,}"
                 )
-                print(f"  replay {what} at {point:,}", flush=True)
-                res = await _child(ctx, system, mode)
+                peak = max(r["maxrss_mb"] for r in done)
                 out.append(
                     summarise(
                         label,
                         ctx.backend,
                         system,
-                        [res["seconds"]],
-                        head,
-                        note=f"peak RSS {res['maxrss_mb']} MB; 1 run",
-                        peak_rss_mb=res["maxrss_mb"],
-                        applied=res["applied"],
+                        [r["seconds"] for r in done],
+                        point if system == "eventsourcing" else head,
+                        note=f"peak RSS {peak} MB; {len(done)} runs in turns",
+                        peak_rss_mb=peak,
+                        applied=done[0]["applied"],
                     )
                 )
     finally:
@@ -180,12 +193,17 @@ async def _growth(ctx: Context, small: Place, small_size: int, size: int) -> lis
     big = ctx.place("tiu")
     out = []
     for ids, make_id in GROWTH_IDS.items():
-        times: dict[int, list[float]] = {small_size: [], size: []}
-        for _ in range(ctx.cfg.runs):
-            for place, at in ((small, small_size), (big, size)):
-                await _settle(place)
-                times[at] += await _tiu_streams(place, GROWTH_APPENDS, 1, 1, make_id)
-        for at, measured in times.items():
+        places = (small, big)
+
+        async def settle(i: int, places: tuple[Place, Place] = places) -> None:
+            await _settle(places[i])
+
+        runs = await ctx.take_turns(
+            f"7 growth {ids}",
+            *(_tiu_streams(place, GROWTH_APPENDS, 1, make_id) for place in places),
+            before_run=settle,
+        )
+        for at, measured in zip((small_size, size), runs, strict=True):
             label = (
                 f"7 growth: append {GROWTH_APPENDS} streams x 1 event, {ids} ids, "
                 f"{at:,} events in log"

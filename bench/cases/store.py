@@ -47,16 +47,16 @@ def random_id() -> str:
 
 
 async def _tiu_streams(
-    place: Place, n: int, per: int, runs: int, new_id: Callable[[], str] = random_id
-) -> list[float]:
-    """tiu's appends; stream ids and command ids from ``new_id`` (default: uuid4, as the
-    other systems'; case 7 also measures ``domain.new_id``, what tiu's commands use)."""
+    place: Place, n: int, per: int, new_id: Callable[[], str] = random_id
+) -> AsyncIterator[float]:
+    """tiu's appends, run after run; stream ids and command ids from ``new_id``
+    (default: uuid4, as the other systems'; case 7 also measures ``domain.new_id``,
+    what tiu's commands use)."""
     store = await place.store()
-    times = []
     try:
         async with store.engine.connect() as conn:  # connected before the clock, as raw is
             await store.head_position(conn)
-        for _ in range(runs):
+        while True:
             work = [(f"task-{new_id()}", [task_data(i) for _ in range(per)]) for i in range(n)]
 
             async def go(work: list[tuple[str, list[dict[str, Any]]]] = work) -> None:
@@ -69,19 +69,17 @@ async def _tiu_streams(
                         context=EventContext(actor_id="bench", command_id=new_id()),
                     )
 
-            times.append(await timed(go))
+            yield await timed(go)
     finally:
         await store.aclose()
         await store.engine.dispose()
-    return times
 
 
-def _es_streams(place: Place, n: int, per: int, runs: int) -> list[float]:
+def _es_streams(place: Place, n: int, per: int) -> Iterator[float]:
     app = es.BenchApp(env=place.es_env())
-    times = []
     try:
-        app.recorder.max_notification_id()  # connected before the clock, as raw is
-        for _ in range(runs):
+        app.recorder.max_notification_id()  # connected before the clock
+        while True:
             work = [(uuid.uuid4(), [task_data(i) for _ in range(per)]) for i in range(n)]
 
             def go(work: list[tuple[uuid.UUID, list[dict[str, Any]]]] = work) -> None:
@@ -92,44 +90,47 @@ def _es_streams(place: Place, n: int, per: int, runs: int) -> list[float]:
                     ]
                     app.recorder.insert_events(stored)
 
-            times.append(timed_sync(go))
+            yield timed_sync(go)
     finally:
         app.close()
-    return times
 
 
-async def _raw_streams(place: Place, n: int, per: int, runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        work = [(f"task-{uuid.uuid4().hex}", [task_data(i) for _ in range(per)]) for i in range(n)]
+def _raw_rows(stream_id: str, datas: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    out, prev, command_id = [], raw.GENESIS, uuid.uuid4().hex  # as tiu's append
+    for v, d in enumerate(datas, start=1):
+        r = raw.row(stream_id, "task", v, "TaskCreated", d, prev, "bench", command_id)
+        prev = r[-1]
+        out.append(r)
+    return out
 
-        def rows(stream_id: str, datas: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-            out, prev, command_id = [], raw.GENESIS, uuid.uuid4().hex  # as tiu's append
-            for v, d in enumerate(datas, start=1):
-                r = raw.row(stream_id, "task", v, "TaskCreated", d, prev, "bench", command_id)
-                prev = r[-1]
-                out.append(r)
-            return out
 
-        if place.postgres:
-            conn = await place.asyncpg_conn()
+async def _raw_streams(place: Place, n: int, per: int) -> AsyncIterator[float]:
+    conn = await place.asyncpg_conn() if place.postgres else None
+    sconn = None if place.postgres else place.sqlite_conn()
+    try:
+        while True:
+            work = [
+                (f"task-{uuid.uuid4().hex}", [task_data(i) for _ in range(per)]) for i in range(n)
+            ]
+            if conn is not None:
 
-            async def go(conn: Any = conn, work: Any = work) -> None:
-                for stream_id, datas in work:
-                    await raw.pg_append(conn, rows(stream_id, datas))
+                async def go(work: Any = work) -> None:
+                    for stream_id, datas in work:
+                        await raw.pg_append(conn, _raw_rows(stream_id, datas))
 
-            times.append(await timed(go))
+                yield await timed(go)
+            else:
+
+                def sgo(work: Any = work) -> None:
+                    for stream_id, datas in work:
+                        raw.sqlite_append(sconn, _raw_rows(stream_id, datas))
+
+                yield timed_sync(sgo)
+    finally:
+        if conn is not None:
             await conn.close()
-        else:
-            sconn = place.sqlite_conn()
-
-            def sgo(sconn: Any = sconn, work: Any = work) -> None:
-                for stream_id, datas in work:
-                    raw.sqlite_append(sconn, rows(stream_id, datas))
-
-            times.append(timed_sync(sgo))
+        if sconn is not None:
             sconn.close()
-    return times
 
 
 async def case1(ctx: Context) -> list[Result]:
@@ -141,15 +142,12 @@ async def case1(ctx: Context) -> list[Result]:
         (f"1b append: {streams10} streams x 10 events, 1 append each", streams10, 10),
     ):
         await ctx.fresh(migrate=("tiu", "raw"))
-        # The systems take turns, one run each per round (as in case 4): back to back,
-        # a system's runs saw this machine in another state than the next system's.
-        tiu: list[float] = []
-        e: list[float] = []
-        r: list[float] = []
-        for _ in range(ctx.cfg.runs):
-            tiu += await ctx.profiled(label, _tiu_streams(ctx.place("tiu"), count, per, 1))
-            e += await asyncio.to_thread(_es_streams, ctx.place("eventsourcing"), count, per, 1)
-            r += await _raw_streams(ctx.place("raw"), count, per, 1)
+        tiu, e, r = await ctx.take_turns(
+            label,
+            _tiu_streams(ctx.place("tiu"), count, per),
+            _es_streams(ctx.place("eventsourcing"), count, per),
+            _raw_streams(ctx.place("raw"), count, per),
+        )
         results.append(summarise(label, ctx.backend, "tiu", tiu, count * per))
         results.append(summarise(label, ctx.backend, "eventsourcing", e, count * per))
         results.append(summarise(label, ctx.backend, "raw", r, count * per))
