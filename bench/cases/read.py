@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -137,37 +137,57 @@ def _fold_raw(rows: list[Any]) -> dict[str, Any]:
     return state
 
 
-async def _raw_streams(tiu_place: Place) -> AsyncIterator[float]:
-    """Reads the streams tiu wrote (same table): its first run follows tiu's first."""
-    sql = "SELECT event_type, data FROM events WHERE stream_id = {} ORDER BY version"
-    if tiu_place.postgres:
-        conn = await tiu_place.asyncpg_conn()
+async def _raw_runs(
+    place: Place,
+    pg: Callable[[Any], Awaitable[Callable[[], Awaitable[None]]]],
+    lite: Callable[[Any], Callable[[], None]],
+) -> AsyncIterator[float]:
+    """Timed runs of a raw reader on tiu's table: connected once (asyncpg or sqlite3),
+    ``pg`` or ``lite`` sets up on the connection, off the clock, and returns a run."""
+    if place.postgres:
+        conn = await place.asyncpg_conn()
         try:
-            ids = [r[0] for r in await conn.fetch("SELECT DISTINCT stream_id FROM events")]
-            stmt = await conn.prepare(sql.format("$1"))
+            go = await pg(conn)
             while True:
-
-                async def go() -> None:
-                    for stream_id in ids:
-                        rows = await stmt.fetch(stream_id)
-                        _fold_raw([(r[0], r[1]) for r in rows])
-
                 yield await timed(go)
         finally:
             await conn.close()
         return
-    sconn = tiu_place.sqlite_conn()
+    sconn = place.sqlite_conn()
     try:
-        ids = [r[0] for r in sconn.execute("SELECT DISTINCT stream_id FROM events")]
+        sgo = lite(sconn)
         while True:
-
-            def sgo() -> None:
-                for stream_id in ids:
-                    _fold_raw(sconn.execute(sql.format("?"), (stream_id,)).fetchall())
-
             yield timed_sync(sgo)
     finally:
         sconn.close()
+
+
+def _raw_streams(tiu_place: Place) -> AsyncIterator[float]:
+    """Reads the streams tiu wrote (same table): its first run follows tiu's first."""
+    sql = "SELECT event_type, data FROM events WHERE stream_id = {} ORDER BY version"
+    distinct = "SELECT DISTINCT stream_id FROM events"
+
+    async def pg(conn: Any) -> Callable[[], Awaitable[None]]:
+        ids = [r[0] for r in await conn.fetch(distinct)]
+        stmt = await conn.prepare(sql.format("$1"))
+
+        async def go() -> None:
+            for stream_id in ids:
+                rows = await stmt.fetch(stream_id)
+                _fold_raw([(r[0], r[1]) for r in rows])
+
+        return go
+
+    def lite(sconn: Any) -> Callable[[], None]:
+        ids = [r[0] for r in sconn.execute(distinct)]
+
+        def go() -> None:
+            for stream_id in ids:
+                _fold_raw(sconn.execute(sql.format("?"), (stream_id,)).fetchall())
+
+        return go
+
+    return _raw_runs(tiu_place, pg, lite)
 
 
 # -- the global log ----------------------------------------------------------------------------
@@ -221,44 +241,35 @@ _RAW_LOG = (
 )
 
 
-async def _raw_log(tiu_place: Place) -> AsyncIterator[float]:
-    if tiu_place.postgres:
-        conn = await tiu_place.asyncpg_conn()
-        try:
-            stmt = await conn.prepare(_RAW_LOG.format("$1", "$2"))
-            while True:
+def _loaded(page: Sequence[Any]) -> int | None:
+    """``json.loads`` of each row's data; the position after the page, None at the end."""
+    for r in page:
+        json.loads(r[2])
+    return page[-1][0] if len(page) == PAGE else None
 
-                async def go() -> None:
-                    position = 0
-                    while True:
-                        page = await stmt.fetch(position, PAGE)
-                        for r in page:
-                            json.loads(r[2])
-                        if len(page) < PAGE:
-                            break
-                        position = page[-1][0]
 
-                yield await timed(go)
-        finally:
-            await conn.close()
-        return
-    sconn = tiu_place.sqlite_conn()
-    try:
-        while True:
+def _raw_log(tiu_place: Place) -> AsyncIterator[float]:
+    async def pg(conn: Any) -> Callable[[], Awaitable[None]]:
+        stmt = await conn.prepare(_RAW_LOG.format("$1", "$2"))
 
-            def sgo() -> None:
-                position = 0
-                while True:
-                    page = sconn.execute(_RAW_LOG.format("?", "?"), (position, PAGE)).fetchall()
-                    for r in page:
-                        json.loads(r[2])
-                    if len(page) < PAGE:
-                        break
-                    position = page[-1][0]
+        async def go() -> None:
+            position: int | None = 0
+            while position is not None:
+                position = _loaded(await stmt.fetch(position, PAGE))
 
-            yield timed_sync(sgo)
-    finally:
-        sconn.close()
+        return go
+
+    def lite(sconn: Any) -> Callable[[], None]:
+        sql = _RAW_LOG.format("?", "?")
+
+        def go() -> None:
+            position: int | None = 0
+            while position is not None:
+                position = _loaded(sconn.execute(sql, (position, PAGE)).fetchall())
+
+        return go
+
+    return _raw_runs(tiu_place, pg, lite)
 
 
 async def case4(ctx: Context) -> list[Result]:
