@@ -193,6 +193,7 @@ async def run_harness(engine: AsyncEngine, *, seed: int, appender: str = "tiu") 
     finally:
         stop.set()
         await asyncio.gather(*readers)
+        await store.aclose()  # its NOTIFY task may still hold a pooled connection
     return outcome
 
 

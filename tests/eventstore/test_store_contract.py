@@ -482,13 +482,19 @@ async def test_grouped_appends_chain_hashes_that_verify_and_refuse_only_their_ow
 @pytest.mark.postgres
 async def test_postgres_refuses_update_and_delete_of_events(postgres_engine):
     store = EventStore(postgres_engine)
-    await store.append("user-1", "user", [ev()])
-    for statement in ("UPDATE events SET event_type = 'X'", "DELETE FROM events"):
-        with pytest.raises(Exception, match="append-only"):
-            async with postgres_engine.begin() as conn:
-                await conn.execute(text(statement))
-    async with postgres_engine.connect() as conn:
-        assert await store.head_position(conn) == 1
+    try:
+        await store.append("user-1", "user", [ev()])
+        for statement in ("UPDATE events SET event_type = 'X'", "DELETE FROM events"):
+            with pytest.raises(Exception, match="append-only"):
+                async with postgres_engine.begin() as conn:
+                    await conn.execute(text(statement))
+        async with postgres_engine.connect() as conn:
+            assert await store.head_position(conn) == 1
+    finally:
+        # Closed before the engine is disposed: after an append, the store's NOTIFY task
+        # holds a pooled connection for a moment; left running past the test, it was
+        # cancelled with the event loop mid-statement and its connection leaked.
+        await store.aclose()
 
 
 async def test_subscription_catches_up_then_follows_live_appends(store):
