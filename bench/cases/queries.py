@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -142,6 +142,18 @@ def _visible(actor: str) -> Any:
     return tasks_table.c.project_id.in_(projects)
 
 
+async def _runs(query: Callable[[], Awaitable[None]], k: int) -> AsyncIterator[float]:
+    """Timed runs of ``k`` calls of ``query``, warmed once first (caches, compiled SQL)."""
+    await query()
+
+    async def go() -> None:
+        for _ in range(k):
+            await query()
+
+    while True:
+        yield await timed(go)
+
+
 async def case6(ctx: Context) -> list[Result]:
     n_tasks = 100_000
     k = 50 if ctx.cfg.quick else 200
@@ -265,22 +277,11 @@ async def case6(ctx: Context) -> list[Result]:
             ("6c query: count (status)", tiu_count, core_count),
             ("6d query: validate session by token", tiu_session, core_session),
         ]
-        notes = {"tiu": "repository", "raw": "hand-written SQLAlchemy Core"}
         for label, tiu_fn, core_fn in pairs:
-            systems = {"tiu": tiu_fn, "raw": core_fn}
-            for fn in systems.values():
-                await fn()  # warm caches and compiled statements
-            times: dict[str, list[float]] = {system: [] for system in systems}
-            for _ in range(ctx.cfg.runs):  # in turns, as the other cases
-                for system, fn in systems.items():
-
-                    async def go(fn: Callable[[], Awaitable[None]] = fn) -> None:
-                        for _ in range(k):
-                            await fn()
-
-                    times[system].append(await timed(go))
-            for system, taken in times.items():
-                out.append(summarise(label, ctx.backend, system, taken, k, "ops/s", notes[system]))
+            t, r = await ctx.take_turns(label, _runs(tiu_fn, k), _runs(core_fn, k))
+            out.append(summarise(label, ctx.backend, "tiu", t, k, "ops/s", "repository"))
+            note = "hand-written SQLAlchemy Core"
+            out.append(summarise(label, ctx.backend, "raw", r, k, "ops/s", note))
     finally:
         await service.aclose()
     return out
