@@ -47,16 +47,23 @@ def canonical_json(value: Any) -> str:
     subclasses, other types (which orjson would serialise and the stdlib refuses), and
     what orjson refuses (integers beyond 64 bits, lone surrogates).
     """
-    if _plain(value):
-        try:
-            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-        except orjson.JSONEncodeError:
-            pass
-    return _stdlib_canonical(value)
+    text = _orjson_text(value, orjson.OPT_SORT_KEYS)
+    return _stdlib_canonical(value) if text is None else text
 
 
 def _stdlib_canonical(value: Any) -> str:
     return json.dumps(_normalise(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _orjson_text(value: Any, option: int = 0) -> str | None:
+    """orjson's text of a plain value (:func:`_plain`), the same as the stdlib's; None
+    where the stdlib must write it (not plain, or refused by orjson)."""
+    if _plain(value):
+        try:
+            return orjson.dumps(value, option=option).decode()
+        except orjson.JSONEncodeError:
+            pass
+    return None
 
 
 def _plain(value: Any) -> bool:
@@ -238,9 +245,5 @@ def _dumps(value: Any) -> str:
     # Strings, ints and None, or a list of them: nothing to normalise, and no float
     # can occur in these fields. orjson where it gives the stdlib's text (see
     # canonical_json): ~2 us less per event, three calls an event.
-    if _plain(value):
-        try:
-            return orjson.dumps(value).decode()
-        except orjson.JSONEncodeError:
-            pass
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    text = _orjson_text(value)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False) if text is None else text
