@@ -99,13 +99,13 @@ class Envelope:
         actor_id: str | None,
         event_id: uuid.UUID,
     ) -> None:
-        self.event, self.stream_id, self.version, self.position = (
-            event,
-            stream_id,
-            version,
-            position,
-        )
-        self._recorded_at, self.actor_id, self._event_id = recorded_at, actor_id, event_id
+        self.event = event
+        self.stream_id = stream_id
+        self.version = version
+        self.position = position
+        self._recorded_at = recorded_at
+        self.actor_id = actor_id
+        self._event_id = event_id
         self._record = None
 
     @property
@@ -143,15 +143,7 @@ class Envelope:
 
     def fields(self) -> tuple[Any, ...]:
         """Every field, in :attr:`FIELDS` (and the constructor's) order."""
-        return (
-            self.event,
-            self.stream_id,
-            self.version,
-            self.position,
-            self.recorded_at,
-            self.actor_id,
-            self.event_id,
-        )
+        return tuple(getattr(self, name) for name in self.FIELDS)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Envelope):
