@@ -1,4 +1,4 @@
-"""The ``tiu`` command: migrate, health, stats, demo, replay, worker, audit, verify.
+"""The ``tiu`` command: migrate, health, stats, demo, replay, worker, publish, audit, verify.
 
 Every subcommand takes ``--database-url`` (default ``TIU_DATABASE_URL``, else the
 embedded ``sqlite+aiosqlite:///./tiu.db``) and ``--schema`` (PostgreSQL search path,
@@ -51,6 +51,7 @@ from projections.readmodels import ALL_PROJECTORS, by_name
 from projections.runner import Worker, lowest_position
 from tiu import audit as audit_queries
 from tiu import privacy
+from tiu.publishing import build_publisher
 from tiu.service import CATEGORIES, DatabaseService
 from tiu.settings import Settings
 
@@ -258,8 +259,10 @@ def health(
     if as_json:
         emit_json(report)
     else:
-        rows = [[k, v] for k, v in report.items() if k not in ("details", "pool")]
+        rows = [[k, v] for k, v in report.items() if k not in ("details", "pool", "publishers")]
         rows += [[f"pool.{k}", v] for k, v in report["pool"].items()]
+        for n, p in report.get("publishers", {}).items():
+            rows += [[f"publisher.{n}.{k}", p[k]] for k in ("lag_events", "lag_seconds")]
         out.print(_table("health", ["check", "value"], rows))
     if not report["healthy"]:
         fail(str(report["error"]))
@@ -309,6 +312,17 @@ def stats(
             ],
         )
     )
+    if data["publishers"]:
+        out.print(
+            _table(
+                "publishers",
+                ["publisher", "position", "lag (events)", "lag (s)"],
+                [
+                    [n, p["position"], p["lag_events"], p["lag_seconds"]]
+                    for n, p in data["publishers"].items()
+                ],
+            )
+        )
 
 
 # -- demo --------------------------------------------------------------------------------
@@ -574,6 +588,99 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
             "worker stopped: %d events in %d batches", runner.stats.events, runner.stats.batches
         )
         return {"events": runner.stats.events, "batches": runner.stats.batches}
+
+    run(work)
+
+
+# -- publish -----------------------------------------------------------------------------
+
+
+@app.command()
+def publish(  # noqa: PLR0917  # typer maps each parameter to an option
+    nats_url: Annotated[
+        str | None, typer.Option("--nats-url", envvar="TIU_NATS_URL", show_default=False)
+    ] = None,
+    stream: Annotated[
+        str | None, typer.Option("--stream", help="JetStream stream (created if missing).")
+    ] = None,
+    subject_prefix: Annotated[str | None, typer.Option("--subject-prefix")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Publisher name (its checkpoint).")
+    ] = None,
+    category: Annotated[
+        list[str] | None, typer.Option("--category", help="Only this category (repeatable).")
+    ] = None,
+    event_type: Annotated[
+        list[str] | None, typer.Option("--type", help="Only this event type (repeatable).")
+    ] = None,
+    personal_data: Annotated[
+        str | None, typer.Option("--personal-data", help="encrypted (default) or omit.")
+    ] = None,
+    log_interval: Annotated[
+        float, typer.Option("--log-interval", min=0.1, help="Seconds between status lines.")
+    ] = 10.0,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+) -> None:
+    """Publish the log to NATS JetStream until SIGTERM/SIGINT; acknowledgements in
+    flight are awaited and the checkpoint written before exiting (docs/publishing.md)."""
+    overrides = {
+        key: value
+        for key, value in {
+            "nats_url": nats_url,
+            "publish_stream": stream,
+            "publish_subject_prefix": subject_prefix,
+            "publish_name": name,
+            "publish_categories": frozenset(category) if category else None,
+            "publish_types": frozenset(event_type) if event_type else None,
+            "publish_personal_data": personal_data,
+        }.items()
+        if value is not None
+    }
+    settings = _settings(database_url, schema, **overrides)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    log = logging.getLogger("tiu.publish")
+
+    async def work() -> dict[str, Any]:
+        engine = _engine(settings)
+        store = EventStore(engine, categories=CLI_CATEGORIES)
+        publisher = build_publisher(store, settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        async def report() -> None:
+            while True:
+                status = publisher.status
+                log.info(
+                    "publisher %s: acknowledged %d, checkpoint %d, published %d, %s",
+                    status.name,
+                    status.acknowledged,
+                    status.checkpoint,
+                    status.published,
+                    "connected" if status.connected else f"not connected ({status.last_error})",
+                )
+                await asyncio.sleep(log_interval)
+
+        log.info("publishing to %s, stream %s", settings.nats_url, settings.publish_stream)
+        reporter = asyncio.create_task(report())
+        try:
+            await publisher.run(stop)
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await store.aclose()
+            await engine.dispose()
+        status = publisher.status
+        log.info("publisher stopped: checkpoint %d, %d published", status.checkpoint,
+                 status.published)  # fmt: skip
+        return status.as_dict()
 
     run(work)
 

@@ -23,9 +23,11 @@ from eventstore.schema import events
 from migrations import runner as migrations
 from projections import checkpoints, replay
 from projections.projector import Projector
+from projections.publishing import Publisher, publisher_lag
 from projections.readmodels import ALL_PROJECTORS
 from projections.runner import InlineRunner, Worker, lowest_position, wait_for
 from tiu.dispatch import CommandResult, Dispatcher
+from tiu.publishing import build_publisher
 from tiu.repositories import Caller, Channel, Repositories
 from tiu.settings import Settings
 
@@ -107,6 +109,10 @@ class DatabaseService:
         )
         self._worker_task: asyncio.Task[None] | None = None
         self._worker_stop: asyncio.Event | None = None
+        #: The in-process event publisher (``run_publisher=True``), else None.
+        self.publisher: Publisher | None = None
+        self._publisher_task: asyncio.Task[None] | None = None
+        self._publisher_stop = asyncio.Event()
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------
@@ -128,6 +134,9 @@ class DatabaseService:
             self._worker_stop = asyncio.Event()
             worker = Worker(self.store, self.projectors, batch_size=500, poll_interval=0.5)
             self._worker_task = asyncio.create_task(worker.run(self._worker_stop))
+        if self.settings.run_publisher:
+            self.publisher = build_publisher(self.store, self.settings)
+            self._publisher_task = asyncio.create_task(self.publisher.run(self._publisher_stop))
 
     async def aclose(self) -> None:
         if self._closed:
@@ -136,6 +145,9 @@ class DatabaseService:
         if self._worker_task is not None and self._worker_stop is not None:
             self._worker_stop.set()
             await self._worker_task
+        if self._publisher_task is not None:
+            self._publisher_stop.set()  # acknowledgements in flight are awaited
+            await self._publisher_task
         if self.dispatcher.group is not None:
             await self.dispatcher.group.aclose()  # commands already queued are written
         await self.store.aclose()
@@ -234,7 +246,20 @@ class DatabaseService:
 
     async def health_check(self) -> dict[str, Any]:
         report = await health_check(self.engine, head_revision=migrations.head_revision())
-        return report.as_dict()
+        data = report.as_dict()
+        if report.healthy:
+            data["publishers"] = await self._publishers()
+        return data
+
+    async def _publishers(self) -> dict[str, dict[str, Any]]:
+        """Each publisher's lag (from its checkpoint), with this process's own status."""
+        async with self.engine.connect() as conn:
+            lag = await publisher_lag(self.store, conn, self.now())
+        if self.publisher is not None:
+            status = self.publisher.status
+            entry = lag.setdefault(status.name, {})
+            entry.update(status.as_dict())
+        return lag
 
     def get_pool_status(self) -> dict[str, Any]:
         return pool_status(self.engine).as_dict()
@@ -270,6 +295,7 @@ class DatabaseService:
             "projectors": lag,
             "max_lag": head - lowest,
             "projection_mode": self.projection_mode.value,
+            "publishers": await self._publishers(),
         }
 
     async def cleanup_expired_sessions(self) -> int:

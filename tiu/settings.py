@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +48,23 @@ class Settings(BaseSettings):
     max_group: int = Field(64, ge=1)
     command_retries: int = Field(5, ge=0)
     auto_migrate: bool = True
+
+    #: Publish the log to NATS JetStream from inside the service (docs/publishing.md);
+    #: ``tiu publish`` runs the same publisher as a process of its own.
+    run_publisher: bool = False
+    nats_url: str = "nats://127.0.0.1:4222"
+    publish_name: str = Field("default", min_length=1, max_length=80)
+    publish_stream: str = "TIU_EVENTS"
+    publish_subject_prefix: str = Field("tiu", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+    publish_categories: frozenset[str] | None = None
+    publish_types: frozenset[str] | None = None
+    publish_personal_data: Literal["encrypted", "omit"] = "encrypted"
+    publish_max_in_flight: int = Field(1000, ge=1)
+    publish_ack_timeout: float = Field(10.0, gt=0)
+    #: Seconds between checkpoint writes (each a short write transaction).
+    publish_checkpoint_interval: float = Field(1.0, gt=0)
+    #: Fields of the JetStream stream created when missing (nats-py's StreamConfig).
+    publish_stream_config: dict[str, Any] = Field(default_factory=dict)
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(
