@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import orjson
@@ -39,6 +38,7 @@ CAUSATION_HEADER: Final = "Tiu-Causation-Id"
 TRACE_KEYS: Final = ("traceparent", "tracestate")
 
 _UNSAFE_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+_MAX_SUBJECTS: Final = 10_000  # categories x types seen; bounded all the same
 
 
 def subject_token(text: str) -> str:
@@ -47,10 +47,10 @@ def subject_token(text: str) -> str:
     return _UNSAFE_TOKEN.sub("_", text) or "_"
 
 
-def _header_value(value: object) -> str | None:
-    # A header value with a line break would end the header block early.
+def _add_header(headers: dict[str, str], name: str, value: object) -> None:
     text = str(value)
-    return text if text.isprintable() else None
+    if text.isprintable():  # a line break would end the header block early
+        headers[name] = text
 
 
 def _dumps(value: Any) -> bytes:
@@ -69,15 +69,23 @@ def _as_bytes(document: Mapping[str, Any] | str | bytes) -> bytes:
     return _dumps(document)
 
 
-@dataclass(frozen=True, slots=True)
 class Encoder:
     """Turns records into :class:`Message` s; see the module docstring for the body."""
 
-    prefix: str = "tiu"
-    personal_data: PersonalData = "encrypted"
+    def __init__(self, prefix: str = "tiu", personal_data: PersonalData = "encrypted") -> None:
+        self.prefix = prefix
+        self.personal_data = personal_data
+        self._subjects: dict[tuple[str, str], str] = {}
+        self._personal: dict[str, Collection[str]] = {}
 
     def subject(self, category: str, event_type: str) -> str:
-        return f"{self.prefix}.{subject_token(category)}.{subject_token(event_type)}"
+        key = (category, event_type)
+        subject = self._subjects.get(key)
+        if subject is None:
+            subject = f"{self.prefix}.{subject_token(category)}.{subject_token(event_type)}"
+            if len(self._subjects) < _MAX_SUBJECTS:
+                self._subjects[key] = subject
+        return subject
 
     def encode(self, record: RecordedEvent) -> Message:
         event_id = str(record.event_id)
@@ -109,13 +117,14 @@ class Encoder:
             VERSION_HEADER: str(record.version),
             POSITION_HEADER: str(record.position),
         }
-        for name, value in (
-            (CORRELATION_HEADER, record.correlation_id),
-            (CAUSATION_HEADER, record.causation_id),
-            *((key, metadata.get(key)) for key in TRACE_KEYS),
-        ):
-            if value is not None and (text := _header_value(value)) is not None:
-                headers[name] = text
+        if record.correlation_id is not None:
+            _add_header(headers, CORRELATION_HEADER, record.correlation_id)
+        if record.causation_id is not None:
+            _add_header(headers, CAUSATION_HEADER, record.causation_id)
+        if metadata:
+            for key in TRACE_KEYS:
+                if (value := metadata.get(key)) is not None:
+                    _add_header(headers, key, value)
         return Message(
             subject=self.subject(record.category, record.event_type),
             payload=payload,
@@ -125,7 +134,11 @@ class Encoder:
         )
 
     def _data(self, record: RecordedEvent) -> tuple[bytes, list[str]]:
-        personal = _personal_fields(record.event_type)
+        personal = self._personal.get(record.event_type)
+        if personal is None:
+            personal = _personal_fields(record.event_type)
+            if len(self._personal) < _MAX_SUBJECTS:
+                self._personal[record.event_type] = personal
         if not personal:
             return _as_bytes(record.stored_data), []
         data = dict(record.data)

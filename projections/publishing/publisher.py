@@ -111,6 +111,9 @@ class Publisher:
         self._seen = 0
         self._written = 0
         self._space = asyncio.Event()
+        # A full window is refilled once a quarter of it is acknowledged, in one burst:
+        # waking the reader at every acknowledgement cost a loop turn per message.
+        self._resume_at = self.options.max_in_flight * 3 // 4
         self._empty = asyncio.Event()
         self._broken: asyncio.Future[BaseException] | None = None
 
@@ -231,7 +234,7 @@ class Publisher:
             sent = window.popleft()
             self.status.acknowledged = sent.position
             self.status.published += 1
-        if len(window) < self.options.max_in_flight:
+        if len(window) <= self._resume_at:
             self._space.set()
         if not window:
             self._empty.set()

@@ -24,12 +24,14 @@ NATS_HOST, NATS_PORT = "127.0.0.1", 4222
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to the NATS server. :meth:`cut` drops every connection
     through it (as a broker restart or a network failure would, for this client only);
-    :meth:`freeze` stops forwarding without closing anything (a stalled network)."""
+    :meth:`freeze` stops forwarding without closing anything (a stalled network);
+    ``delay`` holds each chunk from the server for that many seconds (slow acks)."""
 
     def __init__(self, upstream: tuple[str, int] = (NATS_HOST, NATS_PORT)) -> None:
         self.upstream = upstream
         self.port = 0
         self.connections = 0
+        self.delay = 0.0
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._flowing = asyncio.Event()
@@ -53,8 +55,8 @@ class TcpProxy:
         self.connections += 1
         pair = (writer, up_writer)
         self._pairs.add(pair)
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst, pair))
+        for src, dst, delayed in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.create_task(self._pipe(src, dst, pair, delayed))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -63,10 +65,13 @@ class TcpProxy:
         src: asyncio.StreamReader,
         dst: asyncio.StreamWriter,
         pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+        delayed: bool,
     ) -> None:
         try:
             while data := await src.read(65536):
                 await self._flowing.wait()
+                if delayed and self.delay:
+                    await asyncio.sleep(self.delay)
                 if pair not in self._pairs:
                     return
                 dst.write(data)
