@@ -60,6 +60,10 @@ class NatsSink:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._pending: set[asyncio.Future[Any]] = set()
+        try:
+            self.config()
+        except (TypeError, ValueError) as error:
+            raise PublishError(f"invalid stream_config: {error}") from error
 
     def config(self) -> StreamConfig:
         fields: dict[str, Any] = {

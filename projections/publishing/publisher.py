@@ -224,7 +224,9 @@ class Publisher:
             self._fail(PublishError("publish cancelled"))
             return
         if (error := future.exception()) is not None:
-            self._fail(error if isinstance(error, PublishError) else PublishError(str(error)))
+            if not isinstance(error, PublishError):
+                error = PublishError(f"refused: {type(error).__name__}: {error}")
+            self._fail(error)
             return
         window = self._window
         while window and window[0].future.done():

@@ -3,9 +3,11 @@ publisher in ``health_check`` and ``get_statistics``; closing it awaits the acks
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain.passwords import BcryptHasher
+from projections.publishing import PublishError
 from tests.conftest import PASSWORD
 from tests.publishing.support import JetStreamTarget, check_delivery
 from tests.publishing.test_publisher import head_of, log_of, until
@@ -49,3 +51,17 @@ async def test_a_service_with_run_publisher_publishes_its_events_and_reports_lag
     finally:
         await service.aclose()  # stops the publisher first; the fixture's engine is disposed twice
     assert check_delivery(await jetstream.messages(), records) == []
+
+
+async def test_invalid_stream_settings_are_a_typed_error_at_start(engine: AsyncEngine) -> None:
+    settings = Settings(
+        database_url=str(engine.url),
+        run_publisher=True,
+        publish_stream_config={"no_such_field": 1},
+    )
+    service = DatabaseService(settings, engine=engine, hasher=BcryptHasher(rounds=4))
+    try:
+        with pytest.raises(PublishError, match="invalid stream_config"):
+            await service.start(migrate=False)
+    finally:
+        await service.aclose()
