@@ -105,17 +105,21 @@ async def _tiu(
         yield elapsed
 
 
+async def _messages(store: EventStore, prefix: str, n: int) -> list[Message]:
+    encoder = Encoder(prefix)
+    async with store.engine.connect() as conn:
+        return [encoder.encode(r) for r in await store.read_all(conn, 0, n)]
+
+
 async def _raw(
-    store: EventStore,
-    broker: Broker,
-    nc: Any,
-    messages: list[Message],
-    live: Scenario | None,
-    live_n: int,
+    store: EventStore, broker: Broker, nc: Any, n: int, live: Scenario | None, live_n: int
 ) -> AsyncIterator[float]:
     js = nc.jetstream(publish_async_max_pending=IN_FLIGHT)
     while True:
         stream = await broker.stream()
+        # Built for each run and dropped after it: held through the other system's
+        # runs, 100k messages made every full garbage collection there longer.
+        messages = await _messages(store, broker.prefix, n)
         started = time.perf_counter()
         futures = []
         if live is None:
@@ -128,6 +132,7 @@ async def _raw(
                     futures.append(await js.publish_async(m.subject, m.payload, headers=m.headers))
         await asyncio.gather(*futures)
         elapsed = time.perf_counter() - started
+        del messages, futures
         await broker.drop(stream)
         yield elapsed
 
@@ -142,12 +147,9 @@ async def case8(ctx: Context) -> list[Result]:
     out: list[Result] = []
     try:
         await fill(store, Scenario(7), n)
-        encoder = Encoder(broker.prefix)
-        async with store.engine.connect() as conn:
-            messages = [encoder.encode(r) for r in await store.read_all(conn, 0, n)]
         label = f"8a publish to JetStream, catch-up: log of {n} events"
         t, r = await ctx.take_turns(
-            label, _tiu(store, broker, None, 0), _raw(store, broker, nc, messages, None, 0)
+            label, _tiu(store, broker, None, 0), _raw(store, broker, nc, n, None, 0)
         )
         out.append(summarise(label, ctx.backend, "tiu", t, n, note="Publisher from position 0"))
         out.append(summarise(label, ctx.backend, "raw", r, n, note="nats-py publish_async loop"))
@@ -156,7 +158,7 @@ async def case8(ctx: Context) -> list[Result]:
         t, r = await ctx.take_turns(
             label,
             _tiu(store, broker, live, live_n),
-            _raw(store, broker, nc, messages, live, live_n),
+            _raw(store, broker, nc, live_n, live, live_n),
         )
         out.append(summarise(label, ctx.backend, "tiu", t, live_n, note="appends + Publisher"))
         out.append(
