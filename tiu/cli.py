@@ -262,7 +262,7 @@ def health(
         rows = [[k, v] for k, v in report.items() if k not in ("details", "pool", "publishers")]
         rows += [[f"pool.{k}", v] for k, v in report["pool"].items()]
         for n, p in report.get("publishers", {}).items():
-            rows += [[f"publisher.{n}.{k}", p[k]] for k in ("lag_events", "lag_seconds")]
+            rows += [[f"publisher.{n}.{k}", p.get(k)] for k in ("lag_events", "lag_seconds")]
         out.print(_table("health", ["check", "value"], rows))
     if not report["healthy"]:
         fail(str(report["error"]))

@@ -247,8 +247,12 @@ class DatabaseService:
     async def health_check(self) -> dict[str, Any]:
         report = await health_check(self.engine, head_revision=migrations.head_revision())
         data = report.as_dict()
-        if report.healthy:
-            data["publishers"] = await self._publishers()
+        if report.healthy and report.current_revision is not None:
+            try:
+                data["publishers"] = await self._publishers()
+            except Exception as error:  # health is reported, not raised
+                data["publishers"] = {}
+                data["publishers_error"] = f"{type(error).__name__}: {error}"
         return data
 
     async def _publishers(self) -> dict[str, dict[str, Any]]:

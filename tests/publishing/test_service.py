@@ -4,6 +4,7 @@ publisher in ``health_check`` and ``get_statistics``; closing it awaits the acks
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain.passwords import BcryptHasher
@@ -65,3 +66,22 @@ async def test_invalid_stream_settings_are_a_typed_error_at_start(engine: AsyncE
             await service.start(migrate=False)
     finally:
         await service.aclose()
+
+
+@pytest.mark.sqlite
+async def test_health_reports_a_failed_publisher_lag_query_as_data(sqlite_engine: AsyncEngine):
+    service = DatabaseService(
+        Settings(database_url=str(sqlite_engine.url)),
+        engine=sqlite_engine,
+        hasher=BcryptHasher(rounds=4),
+    )
+    await service.start(migrate=False)
+    try:
+        async with sqlite_engine.begin() as conn:
+            await conn.execute(text("DROP TABLE projection_checkpoints"))
+        health = await service.health_check()
+    finally:
+        await service.aclose()
+    assert health["healthy"] is True
+    assert health["publishers"] == {}
+    assert "projection_checkpoints" in health["publishers_error"]
