@@ -5,6 +5,13 @@ A repository is bound to an *actor* (who is acting; ``None`` is an anonymous cal
 and to a *channel*: standalone (each write is its own transaction, each read a short
 connection) or a unit of work (``execute_in_transaction``: every write joins one
 transaction and reads see its writes).
+
+Every write method takes an optional keyword ``command_id``: the idempotency key of the
+command it issues (a client's Idempotency-Key, at most 64 characters). Sent again, it
+returns what the first call returned and appends nothing; a refused first call is
+refused again the same way (see :mod:`tiu.idempotency`). A method that issues several
+commands (a bulk method, a login and its session) takes one key per call and derives
+one per command from it (:func:`tiu.idempotency.derived_command_id`).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from domain import audit, projects, sessions, tasks, users
 from domain.base import Command, CommandContext
 from domain.errors import (
+    AlreadyExists,
     DomainError,
     InvalidCommand,
     NotFound,
@@ -43,6 +51,7 @@ from projections.readmodels.tasks import tasks_table
 from projections.readmodels.users import lookup_key, user_permissions, user_roles, users_table
 from tiu import audit as audit_queries
 from tiu.dispatch import CommandResult, CommandUnit
+from tiu.idempotency import derived_command_id, leaves_trace
 from tiu.models import (
     AuditEntry,
     Member,
@@ -59,6 +68,7 @@ if TYPE_CHECKING:
     from tiu.service import DatabaseService
 
 V = TypeVar("V")
+C = TypeVar("C", bound=Command)
 
 USERS_Q = Query(users_table)
 PROJECTS_Q = Query(projects_table)
@@ -71,15 +81,35 @@ OPEN_STATUSES = (tasks.TaskStatus.TODO, tasks.TaskStatus.IN_PROGRESS, tasks.Task
 
 
 class BulkOperationError(DomainError):
-    """One item of a bulk operation was refused; nothing of the batch was applied."""
+    """One item of a bulk operation was refused; nothing of the batch was applied.
+    ``command`` is the refused item's command (None when it was refused before one was
+    issued, e.g. an unknown task)."""
 
     code = "bulk_refused"
 
-    def __init__(self, index: int, item: str, error: DomainError) -> None:
+    def __init__(
+        self, index: int, item: str, error: DomainError, command: Command | None = None
+    ) -> None:
         super().__init__(f"item {index} ({item}) refused: {error}")
         self.index = index
         self.item = item
         self.error = error
+        self.command = command
+
+
+def _keyed(command_id: str | None) -> dict[str, str]:
+    """The ``command_id`` argument of a command: the caller's key, or a fresh one."""
+    return {} if command_id is None else {"command_id": command_id}
+
+
+def _item_key(command_id: str | None, part: object) -> dict[str, str]:
+    """The key of one command of a call that issues several (one key per call)."""
+    return {} if command_id is None else {"command_id": derived_command_id(command_id, part)}
+
+
+def _entity_id(result: CommandResult) -> str:
+    """The id of the aggregate a command wrote: the first call's for a resend."""
+    return result.stream_id.split("-", 1)[1]
 
 
 @dataclass(frozen=True)
@@ -145,6 +175,25 @@ class Channel:
             await self.service.wait_for(max(positions))
         return value
 
+    async def bulk(self, work: Callable[[Channel], Awaitable[V]]) -> V:
+        """:meth:`batch` for a bulk method: when an item is refused (and the batch rolled
+        back), its refusal is still recorded as a lone command's would be: in the
+        idempotency record of its command id and, if security relevant, in the
+        actor's security stream. Inside ``execute_in_transaction`` the caller's
+        transaction decides, as for every refusal there."""
+        try:
+            return await self.batch(work)
+        except BulkOperationError as failed:
+            command, refusal = failed.command, failed.error
+            if self.unit is None and command is not None and leaves_trace(command, refusal):
+                ctx = self.context()
+
+                async def record(unit: CommandUnit) -> None:
+                    await unit.record_refusal(command, ctx, refusal)
+
+                await self.service.dispatcher.run(record)
+            raise
+
     async def actor_permissions(self, conn: AsyncConnection | None = None) -> frozenset[str]:
         """The actor's permissions as they are now (on ``conn`` if given, which saves a
         connection checkout)."""
@@ -200,6 +249,7 @@ class UserRepository(_Repository):
         display_name: str | None = None,
         roles: Sequence[str] | None = None,
         user_id: str | None = None,
+        command_id: str | None = None,
     ) -> User | None:
         """Register a user (unique email and username, password policy, bcrypt)."""
         command = users.RegisterUser(
@@ -209,9 +259,10 @@ class UserRepository(_Repository):
             display_name=display_name,
             **({"roles": tuple(roles)} if roles is not None else {}),
             **({"user_id": user_id} if user_id is not None else {}),
+            **_keyed(command_id),
         )
-        await self._channel.send(command)
-        return await self.get_by_id(command.user_id)
+        result = await self._channel.send(command)
+        return await self.get_by_id(_entity_id(result))
 
     async def get_by_id(self, user_id: str) -> User | None:
         async with self._channel.read() as conn:
@@ -256,85 +307,117 @@ class UserRepository(_Repository):
             )
         return stream.removeprefix(f"{users.CATEGORY}-") if stream else None
 
-    async def authenticate(self, email: str, password: str) -> User:
+    async def authenticate(
+        self, email: str, password: str, *, command_id: str | None = None
+    ) -> User:
         """Check a password. Unknown emails cost the same bcrypt work and get the same
-        ``InvalidCredentials``; repeated failures lock the account (``AccountLocked``)."""
+        ``InvalidCredentials``; repeated failures lock the account (``AccountLocked``).
+        A resent ``command_id`` counts no second failure."""
         user_id = await self.user_id_for_email(email) if "@" in email else None
-        await self._channel.send(users.AttemptLogin(user_id=user_id, password=SecretStr(password)))
+        await self._channel.send(
+            users.AttemptLogin(user_id=user_id, password=SecretStr(password), **_keyed(command_id))
+        )
         assert user_id is not None  # an unknown email was refused above
         user = await self.get_by_id(user_id)
         assert user is not None
         return user
 
-    async def change_password(self, user_id: str, old_password: str, new_password: str) -> None:
+    async def change_password(
+        self,
+        user_id: str,
+        old_password: str,
+        new_password: str,
+        *,
+        command_id: str | None = None,
+    ) -> None:
         """Also revokes every session of the user."""
         await self._channel.send(
             users.ChangePassword(
                 user_id=user_id,
                 old_password=SecretStr(old_password),
                 new_password=SecretStr(new_password),
+                **_keyed(command_id),
             ),
             actor_id=self.actor_id or user_id,
         )
 
-    async def request_password_reset(self, email: str) -> str | None:
+    async def request_password_reset(
+        self, email: str, *, command_id: str | None = None
+    ) -> str | None:
         """A single-use reset token (``<user_id>.<secret>``), shown once; only its hash is
-        stored. ``None`` when the email is unknown: tell the end user the same either way."""
+        stored. ``None`` when the email is unknown: tell the end user the same either way.
+        ``None`` too for a resent ``command_id``: the first call's token stays the valid
+        one, and it cannot be shown again."""
         user_id = await self.user_id_for_email(email)
         if user_id is None:
             return None
         token = f"{user_id}.{secrets.token_urlsafe(32)}"
-        await self._channel.send(
-            users.RequestPasswordReset(user_id=user_id, token=SecretStr(token)),
+        result = await self._channel.send(
+            users.RequestPasswordReset(
+                user_id=user_id, token=SecretStr(token), **_keyed(command_id)
+            ),
             actor_id=self.actor_id or user_id,
         )
-        return token
+        return None if result.duplicate else token
 
-    async def complete_password_reset(self, token: str, new_password: str) -> None:
+    async def complete_password_reset(
+        self, token: str, new_password: str, *, command_id: str | None = None
+    ) -> None:
         user_id = token.split(".", 1)[0] if "." in token else ""
         if not user_id:
             raise InvalidCommand("token", "malformed reset token")
         await self._channel.send(
             users.CompletePasswordReset(
-                user_id=user_id, token=SecretStr(token), new_password=SecretStr(new_password)
+                user_id=user_id,
+                token=SecretStr(token),
+                new_password=SecretStr(new_password),
+                **_keyed(command_id),
             ),
             actor_id=self.actor_id or user_id,
         )
 
-    async def assign_role(self, user_id: str, role: str) -> None:
-        await self._channel.send(users.AssignRole(user_id=user_id, role=role))
+    async def assign_role(self, user_id: str, role: str, *, command_id: str | None = None) -> None:
+        await self._channel.send(users.AssignRole(user_id=user_id, role=role, **_keyed(command_id)))
 
-    async def revoke_role(self, user_id: str, role: str) -> None:
-        await self._channel.send(users.RevokeRole(user_id=user_id, role=role))
+    async def revoke_role(self, user_id: str, role: str, *, command_id: str | None = None) -> None:
+        await self._channel.send(users.RevokeRole(user_id=user_id, role=role, **_keyed(command_id)))
 
     async def get_user_permissions(self, user_id: str) -> frozenset[str]:
         async with self._channel.read() as conn:
             return await self._channel.permissions_of(conn, user_id)
 
-    async def unlock(self, user_id: str) -> None:
-        await self._channel.send(users.UnlockUser(user_id=user_id))
+    async def unlock(self, user_id: str, *, command_id: str | None = None) -> None:
+        await self._channel.send(users.UnlockUser(user_id=user_id, **_keyed(command_id)))
 
-    async def deactivate(self, user_id: str) -> None:
-        await self._channel.send(users.DeactivateUser(user_id=user_id))
+    async def deactivate(self, user_id: str, *, command_id: str | None = None) -> None:
+        await self._channel.send(users.DeactivateUser(user_id=user_id, **_keyed(command_id)))
 
-    async def reactivate(self, user_id: str) -> None:
-        await self._channel.send(users.ReactivateUser(user_id=user_id))
+    async def reactivate(self, user_id: str, *, command_id: str | None = None) -> None:
+        await self._channel.send(users.ReactivateUser(user_id=user_id, **_keyed(command_id)))
 
-    async def change_email(self, user_id: str, new_email: str, password: str | None = None) -> None:
+    async def change_email(
+        self,
+        user_id: str,
+        new_email: str,
+        password: str | None = None,
+        *,
+        command_id: str | None = None,
+    ) -> None:
         await self._channel.send(
             users.ChangeEmail(
                 user_id=user_id,
                 new_email=new_email,
                 password=SecretStr(password) if password is not None else None,
+                **_keyed(command_id),
             )
         )
 
-    async def forget_user(self, user_id: str) -> bool:
+    async def forget_user(self, user_id: str, *, command_id: str | None = None) -> bool:
         """Erase the user's personal data (right to erasure; see docs/privacy.md):
         their keys are destroyed, so every personal field of theirs in the log and the
         read models reads as erased; ids, times and the hash chain stay. Needs
         users:manage (or the system actor). True if forgotten now, False if already."""
-        result = await self._channel.send(users.ForgetUser(user_id=user_id))
+        result = await self._channel.send(users.ForgetUser(user_id=user_id, **_keyed(command_id)))
         return bool(result.events)
 
     async def rotate_key(self, user_id: str) -> str:
@@ -443,16 +526,33 @@ class ProjectRepository(_Repository):
         description: str = "",
         visibility: str = "private",
         *,
+        owner_id: str | None = None,
         project_id: str | None = None,
+        command_id: str | None = None,
     ) -> Project | None:
+        """Create a project owned by the actor, or by ``owner_id``: naming another owner
+        is allowed to the trusted service context (repositories without an actor, as
+        in ``execute_in_transaction``) and to holders of ``projects:manage_all``, and
+        refused with ``PermissionDenied`` for anyone else."""
         command = projects.CreateProject(
             name=name,
             description=description,
             visibility=visibility,
+            owner_id=owner_id,
             **({"project_id": project_id} if project_id is not None else {}),
+            **_keyed(command_id),
         )
-        await self._channel.send(command)
-        return await self.get_project(command.project_id)
+        result = await self._channel.send(command)
+        return await self._created(_entity_id(result))
+
+    async def _created(self, project_id: str) -> Project | None:
+        """The project just created, as the system sees it: an actor-less creator sees
+        a private project it created for someone else."""
+        if self.actor_id is not None:
+            return await self.get_project(project_id)
+        async with self._channel.read() as conn:
+            row = await PROJECTS_Q.get(conn, project_id)
+        return Project.from_row(row) if row is not None else None
 
     async def get_project(self, project_id: str) -> Project | None:
         async with self._channel.read() as conn:
@@ -523,30 +623,93 @@ class ProjectRepository(_Repository):
             )
 
     async def update_project(
-        self, project_id: str, *, name: str | None = None, description: str | None = None
+        self,
+        project_id: str,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        command_id: str | None = None,
     ) -> None:
         await self._channel.send(
-            projects.UpdateProject(project_id=project_id, name=name, description=description)
+            projects.UpdateProject(
+                project_id=project_id, name=name, description=description, **_keyed(command_id)
+            )
         )
 
-    async def change_visibility(self, project_id: str, visibility: str) -> None:
+    async def change_visibility(
+        self, project_id: str, visibility: str, *, command_id: str | None = None
+    ) -> None:
         await self._channel.send(
-            projects.ChangeVisibility(project_id=project_id, visibility=visibility)
+            projects.ChangeVisibility(
+                project_id=project_id, visibility=visibility, **_keyed(command_id)
+            )
         )
 
-    async def archive_project(self, project_id: str) -> None:
-        await self._channel.send(projects.ArchiveProject(project_id=project_id))
-
-    async def restore_project(self, project_id: str) -> None:
-        await self._channel.send(projects.RestoreProject(project_id=project_id))
-
-    async def add_member(self, project_id: str, user_id: str, role: str = "editor") -> None:
+    async def archive_project(self, project_id: str, *, command_id: str | None = None) -> None:
         await self._channel.send(
-            projects.AddMember(project_id=project_id, user_id=user_id, role=role)
+            projects.ArchiveProject(project_id=project_id, **_keyed(command_id))
         )
 
-    async def remove_member(self, project_id: str, user_id: str) -> None:
-        await self._channel.send(projects.RemoveMember(project_id=project_id, user_id=user_id))
+    async def restore_project(self, project_id: str, *, command_id: str | None = None) -> None:
+        await self._channel.send(
+            projects.RestoreProject(project_id=project_id, **_keyed(command_id))
+        )
+
+    async def delete_project(self, project_id: str, *, command_id: str | None = None) -> None:
+        """Delete the project and its tasks (``ProjectDeleted``; the owner, managers and
+        ``projects:manage_all``): they leave the read models, their history stays in
+        the log, and every later command on them is refused with ``NotFound``."""
+        await self._channel.send(
+            projects.DeleteProject(project_id=project_id, **_keyed(command_id))
+        )
+
+    async def bulk_delete_projects(
+        self, project_ids: Iterable[str], *, command_id: str | None = None
+    ) -> int:
+        """Delete several projects in one transaction, all or none (``BulkOperationError``
+        names the refused one); ``command_id`` is one key for the whole call."""
+
+        async def work(channel: Channel) -> int:
+            count = 0
+            for index, project_id in enumerate(project_ids):
+                command = projects.DeleteProject(
+                    project_id=project_id, **_item_key(command_id, index)
+                )
+                await _bulk_step(index, project_id, channel, command)
+                count += 1
+            return count
+
+        return await self._channel.bulk(work)
+
+    async def add_member(
+        self,
+        project_id: str,
+        user_id: str,
+        role: str = "editor",
+        *,
+        command_id: str | None = None,
+    ) -> None:
+        await self._channel.send(
+            projects.AddMember(
+                project_id=project_id, user_id=user_id, role=role, **_keyed(command_id)
+            )
+        )
+
+    async def change_member_role(
+        self, project_id: str, user_id: str, role: str, *, command_id: str | None = None
+    ) -> None:
+        await self._channel.send(
+            projects.ChangeMemberRole(
+                project_id=project_id, user_id=user_id, role=role, **_keyed(command_id)
+            )
+        )
+
+    async def remove_member(
+        self, project_id: str, user_id: str, *, command_id: str | None = None
+    ) -> None:
+        await self._channel.send(
+            projects.RemoveMember(project_id=project_id, user_id=user_id, **_keyed(command_id))
+        )
 
     async def get_members(self, project_id: str) -> list[Member]:
         if await self.get_project(project_id) is None:
@@ -616,6 +779,7 @@ class TaskRepository(_Repository):
         due_date: datetime | None = None,
         assignee_id: str | None = None,
         task_id: str | None = None,
+        command_id: str | None = None,
     ) -> Task | None:
         command = tasks.CreateTask(
             project_id=project_id,
@@ -625,9 +789,10 @@ class TaskRepository(_Repository):
             due_date=due_date,
             assignee_id=assignee_id,
             **({"task_id": task_id} if task_id is not None else {}),
+            **_keyed(command_id),
         )
-        await self._channel.send(command)
-        return await self.get_task(command.task_id)
+        result = await self._channel.send(command)
+        return await self.get_task(_entity_id(result))
 
     async def get_task(self, task_id: str) -> Task | None:
         async with self._channel.read() as conn:
@@ -637,35 +802,60 @@ class TaskRepository(_Repository):
             )
         return Task.from_row(rows[0]) if rows else None
 
-    async def edit_task(self, task_id: str, **fields: Any) -> Task | None:
+    async def edit_task(
+        self, task_id: str, *, command_id: str | None = None, **fields: Any
+    ) -> Task | None:
         await self._channel.send(
-            tasks.EditTask(task_id=task_id, project_id=await self._project_of(task_id), **fields)
-        )
-        return await self.get_task(task_id)
-
-    async def assign_task(self, task_id: str, user_id: str) -> Task | None:
-        await self._channel.send(
-            tasks.AssignTask(
-                task_id=task_id, project_id=await self._project_of(task_id), assignee_id=user_id
-            )
-        )
-        return await self.get_task(task_id)
-
-    async def unassign_task(self, task_id: str) -> Task | None:
-        await self._channel.send(
-            tasks.UnassignTask(task_id=task_id, project_id=await self._project_of(task_id))
-        )
-        return await self.get_task(task_id)
-
-    async def update_task_status(self, task_id: str, status: str) -> Task | None:
-        await self._channel.send(
-            tasks.ChangeTaskStatus(
+            tasks.EditTask(
                 task_id=task_id,
                 project_id=await self._project_of(task_id),
-                to=status,
+                **fields,
+                **_keyed(command_id),
             )
         )
         return await self.get_task(task_id)
+
+    async def assign_task(
+        self, task_id: str, user_id: str, *, command_id: str | None = None
+    ) -> Task | None:
+        await self._channel.send(await self._assign_command(task_id, user_id, _keyed(command_id)))
+        return await self.get_task(task_id)
+
+    async def _assign_command(
+        self, task_id: str, user_id: str, key: dict[str, str]
+    ) -> tasks.AssignTask:
+        project_id = await self._project_of(task_id)
+        return tasks.AssignTask(task_id=task_id, project_id=project_id, assignee_id=user_id, **key)
+
+    async def unassign_task(self, task_id: str, *, command_id: str | None = None) -> Task | None:
+        await self._channel.send(
+            tasks.UnassignTask(
+                task_id=task_id, project_id=await self._project_of(task_id), **_keyed(command_id)
+            )
+        )
+        return await self.get_task(task_id)
+
+    async def update_task_status(
+        self, task_id: str, status: str, *, command_id: str | None = None
+    ) -> Task | None:
+        await self._channel.send(await self._status_command(task_id, status, _keyed(command_id)))
+        return await self.get_task(task_id)
+
+    async def _status_command(
+        self, task_id: str, status: str, key: dict[str, str]
+    ) -> tasks.ChangeTaskStatus:
+        project_id = await self._project_of(task_id)
+        return tasks.ChangeTaskStatus(task_id=task_id, project_id=project_id, to=status, **key)
+
+    async def delete_task(self, task_id: str, *, command_id: str | None = None) -> None:
+        """Delete the task (``TaskDeleted``; anyone who may write the project's tasks):
+        it leaves the read models, its history stays in the log, and every later
+        command on it is refused with ``NotFound``."""
+        await self._channel.send(await self._delete_command(task_id, _keyed(command_id)))
+
+    async def _delete_command(self, task_id: str, key: dict[str, str]) -> tasks.DeleteTask:
+        project_id = await self._project_of(task_id)
+        return tasks.DeleteTask(task_id=task_id, project_id=project_id, **key)
 
     async def list_tasks(
         self,
@@ -742,59 +932,113 @@ class TaskRepository(_Repository):
         return await self.list_tasks(filters, order_by=["due_at"], **options)
 
     # -- bulk: many commands, one transaction, all or nothing ------------------------
+    # ``command_id`` is one key per call: item i's command gets
+    # derived_command_id(command_id, i), so a resent call returns the first outcome.
 
-    async def create_tasks(self, items: Sequence[Mapping[str, Any]]) -> list[Task | None]:
+    async def create_tasks(
+        self, items: Sequence[Mapping[str, Any]], *, command_id: str | None = None
+    ) -> list[Task | None]:
+        """Create several tasks (each item: ``create_task``'s keyword arguments)."""
+
         async def work(channel: Channel) -> list[str]:
             ids = []
             for index, item in enumerate(items):
-                repo = TaskRepository(channel)
-                command = tasks.CreateTask(**item)
-                await _bulk_step(index, command.task_id, channel.send(command))
-                ids.append(command.task_id)
-                del repo
+                command = tasks.CreateTask(**{**item, **_item_key(command_id, index)})
+                result = await _bulk_step(index, command.task_id, channel, command)
+                ids.append(_entity_id(result))
             return ids
 
-        ids = await self._channel.batch(work)
+        ids = await self._channel.bulk(work)
         return [await self.get_task(i) for i in ids]
 
-    async def bulk_update_task_status(self, task_ids: Iterable[str], status: str) -> int:
+    async def bulk_update_task_status(
+        self, task_ids: Iterable[str], status: str, *, command_id: str | None = None
+    ) -> int:
         async def work(channel: Channel) -> int:
             repo = TaskRepository(channel)
             count = 0
             for index, task_id in enumerate(task_ids):
-                step = repo.update_task_status(task_id, status)
-                await _bulk_step(index, task_id, step)
+                command = await _bulk_command(
+                    index,
+                    task_id,
+                    repo._status_command(task_id, status, _item_key(command_id, index)),
+                )
+                await _bulk_step(index, task_id, channel, command)
                 count += 1
             return count
 
-        return await self._channel.batch(work)
+        return await self._channel.bulk(work)
 
-    async def bulk_assign(self, task_ids: Iterable[str], user_id: str) -> int:
+    async def bulk_assign(
+        self, task_ids: Iterable[str], user_id: str, *, command_id: str | None = None
+    ) -> int:
         async def work(channel: Channel) -> int:
             repo = TaskRepository(channel)
             count = 0
             for index, task_id in enumerate(task_ids):
-                await _bulk_step(index, task_id, repo.assign_task(task_id, user_id))
+                command = await _bulk_command(
+                    index,
+                    task_id,
+                    repo._assign_command(task_id, user_id, _item_key(command_id, index)),
+                )
+                await _bulk_step(index, task_id, channel, command)
                 count += 1
             return count
 
-        return await self._channel.batch(work)
+        return await self._channel.bulk(work)
+
+    async def bulk_delete_tasks(
+        self, task_ids: Iterable[str], *, command_id: str | None = None
+    ) -> int:
+        """Delete several tasks (see :meth:`delete_task`)."""
+
+        async def work(channel: Channel) -> int:
+            repo = TaskRepository(channel)
+            count = 0
+            for index, task_id in enumerate(task_ids):
+                command = await _bulk_command(
+                    index, task_id, repo._delete_command(task_id, _item_key(command_id, index))
+                )
+                await _bulk_step(index, task_id, channel, command)
+                count += 1
+            return count
+
+        return await self._channel.bulk(work)
 
 
-async def _bulk_step(index: int, item: str, step: Awaitable[Any]) -> None:
+async def _bulk_command(index: int, item: str, build: Awaitable[C]) -> C:
+    """The command of a bulk item, whose building may refuse it (an unknown task)."""
     try:
-        await step
+        return await build
     except DomainError as error:
         raise BulkOperationError(index, item, error) from error
 
 
+async def _bulk_step(index: int, item: str, channel: Channel, command: Command) -> CommandResult:
+    try:
+        return await channel.send(command)
+    except DomainError as error:
+        raise BulkOperationError(index, item, error, command) from error
+
+
 class SessionRepository(_Repository):
-    async def create_session(self, email: str, password: str) -> NewSession:
-        """Authenticate, then start a session; the token is returned once."""
-        user = await UserRepository(self._channel).authenticate(email, password)
+    async def create_session(
+        self, email: str, password: str, *, command_id: str | None = None
+    ) -> NewSession:
+        """Authenticate, then start a session; the token is returned once. A resent
+        ``command_id`` answers a refused login with the first refusal (and counts no
+        second failure); after a session was started it raises ``AlreadyExists``
+        naming the session, since its token cannot be shown again."""
+        user = await UserRepository(self._channel).authenticate(
+            email, password, **_item_key(command_id, "login")
+        )
         token = secrets.token_urlsafe(32)  # 256 bits
-        command = sessions.StartSession(user_id=user.user_id, token=SecretStr(token))
-        await self._channel.send(command, actor_id=user.user_id)
+        command = sessions.StartSession(
+            user_id=user.user_id, token=SecretStr(token), **_item_key(command_id, "session")
+        )
+        result = await self._channel.send(command, actor_id=user.user_id)
+        if result.duplicate:
+            raise AlreadyExists("session", _entity_id(result))
         session = await self.get_session(command.session_id)
         assert session is not None
         return NewSession(token=token, session=session, user=user)
@@ -850,39 +1094,53 @@ class SessionRepository(_Repository):
             )
         return SessionValidation(valid=True, user=user, permissions=permissions, session=session)
 
-    async def touch(self, session_id: str) -> None:
+    async def touch(self, session_id: str, *, command_id: str | None = None) -> None:
         session = await self.get_session(session_id)
         if session is None:
             raise NotFound("session", session_id)
         await self._channel.send(
-            sessions.TouchSession(session_id=session_id, user_id=session.user_id),
+            sessions.TouchSession(
+                session_id=session_id, user_id=session.user_id, **_keyed(command_id)
+            ),
             actor_id=self.actor_id or session.user_id,
         )
 
-    async def revoke(self, session_id: str) -> None:
+    async def revoke(self, session_id: str, *, command_id: str | None = None) -> None:
+        command = await self._revoke_command(session_id, _keyed(command_id))
+        await self._channel.send(command, actor_id=self.actor_id or command.user_id)
+
+    async def _revoke_command(self, session_id: str, key: dict[str, str]) -> sessions.RevokeSession:
         session = await self.get_session(session_id)
         if session is None:
             raise NotFound("session", session_id)
+        return sessions.RevokeSession(session_id=session_id, user_id=session.user_id, **key)
+
+    async def revoke_all(self, user_id: str, *, command_id: str | None = None) -> None:
         await self._channel.send(
-            sessions.RevokeSession(session_id=session_id, user_id=session.user_id),
-            actor_id=self.actor_id or session.user_id,
+            users.RevokeAllSessions(user_id=user_id, **_keyed(command_id)),
+            actor_id=self.actor_id or user_id,
         )
 
-    async def revoke_all(self, user_id: str) -> None:
-        await self._channel.send(
-            users.RevokeAllSessions(user_id=user_id), actor_id=self.actor_id or user_id
-        )
+    async def bulk_revoke_sessions(
+        self, session_ids: Iterable[str], *, command_id: str | None = None
+    ) -> int:
+        """Revoke several sessions in one transaction, all or none; ``command_id`` is one
+        key for the whole call."""
 
-    async def bulk_revoke_sessions(self, session_ids: Iterable[str]) -> int:
         async def work(channel: Channel) -> int:
             repo = SessionRepository(channel)
             count = 0
             for index, session_id in enumerate(session_ids):
-                await _bulk_step(index, session_id, repo.revoke(session_id))
+                command = await _bulk_command(
+                    index,
+                    session_id,
+                    repo._revoke_command(session_id, _item_key(command_id, index)),
+                )
+                await _bulk_step(index, session_id, channel, command)
                 count += 1
             return count
 
-        return await self._channel.batch(work)
+        return await self._channel.bulk(work)
 
     async def get_user_sessions(self, user_id: str, *, active_only: bool = True) -> list[Session]:
         filters: dict[str, Any] = {"user_id": user_id}
@@ -893,9 +1151,10 @@ class SessionRepository(_Repository):
             rows = await SESSIONS_Q.list(conn, filters, order_by=["-started_at"], limit=None)
         return Session.from_rows(rows)
 
-    async def cleanup_expired_sessions(self) -> int:
+    async def cleanup_expired_sessions(self, *, command_id: str | None = None) -> int:
         """Revoke (as the system) sessions past their absolute or idle expiry that are
-        still open; returns how many. Rows stay in the read model: the log is history."""
+        still open; returns how many. Rows stay in the read model: the log is history.
+        With ``command_id`` (one key per call), a resent call revokes nothing twice."""
         policy = self._channel.service.policy
         now = self._now()
         async with self._channel.read() as conn:
@@ -915,7 +1174,11 @@ class SessionRepository(_Repository):
         async def work(channel: Channel) -> int:
             for row in expired:
                 await channel.send(
-                    sessions.RevokeSession(session_id=row.session_id, user_id=row.user_id),
+                    sessions.RevokeSession(
+                        session_id=row.session_id,
+                        user_id=row.user_id,
+                        **_item_key(command_id, row.session_id),
+                    ),
                     actor_id=SYSTEM_ACTOR,
                 )
             return len(expired)
@@ -944,6 +1207,7 @@ class AuditRepository(_Repository):
         details: Mapping[str, Any] | None = None,
         *,
         actor_id: str | None = None,
+        command_id: str | None = None,
     ) -> CommandResult:
         """Record an action outside the domain model (an export, a download) in the log."""
         return await self._channel.send(
@@ -952,6 +1216,7 @@ class AuditRepository(_Repository):
                 resource_type=resource_type,
                 resource_id=resource_id,
                 details=dict(details or {}),
+                **_keyed(command_id),
             ),
             actor_id=actor_id,
         )

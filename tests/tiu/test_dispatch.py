@@ -28,7 +28,6 @@ from eventstore import EventStore
 from eventstore.schema import events, snapshots
 from tests.conftest import PASSWORD
 from tiu.dispatch import Dispatcher
-from tiu.errors import DuplicateRejectedCommand
 
 # These storage tests also run as the least-privilege role of sql/app_role.sql.
 pytestmark = pytest.mark.least_privilege
@@ -157,9 +156,11 @@ async def test_a_repeated_refused_login_is_not_counted_twice(dispatcher, store):
     command = users.AttemptLogin(user_id="erin", password=SecretStr("not-the-password-1"))
     with pytest.raises(InvalidCredentials):
         await dispatcher.dispatch(command, ctx())
-    with pytest.raises(DuplicateRejectedCommand):
+    with pytest.raises(InvalidCredentials) as resent:
         await dispatcher.dispatch(command, ctx())
+    assert resent.value.replayed == command.command_id
     assert (await log_types(store, "user")).count("LoginFailed") == 1
+    assert (await log_types(store, "security")).count("LoginRejected") == 1
 
 
 async def test_a_unit_of_work_that_fails_half_way_leaves_no_events(dispatcher, store):
