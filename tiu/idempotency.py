@@ -66,6 +66,7 @@ def replayed_refusal(command_id: str, outcome: dict[str, Any]) -> DomainError:
         error = cls.__new__(cls)
         Exception.__init__(error, message)
         error.message = message
+        error.record = ()  # the facts it carried were appended the first time
         for name, value in fields.items():
             setattr(error, name, _load(value))
     error.replayed = command_id  # type: ignore[attr-defined]

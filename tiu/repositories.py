@@ -17,6 +17,7 @@ one per command from it (:func:`tiu.idempotency.derived_command_id`).
 from __future__ import annotations
 
 import functools
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -452,6 +453,7 @@ async def _with_roles(conn: AsyncConnection, row: Mapping[str, Any]) -> User:
     return User.from_row({**row, "roles": tuple(roles.scalars())})
 
 
+_ENTITY_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _USER_LABEL: Final = "user__"
 #: A session by its token hash, with its user's row (``user__<column>``, NULL if gone).
 _SESSION_AND_USER: Final = (
@@ -761,10 +763,20 @@ class TaskRepository(_Repository):
         return _visible_tasks(self.actor_id, await self._reads_all(conn))
 
     async def _project_of(self, task_id: str) -> str:
+        """The project a task command names. Not in the read model (a deleted task, or
+        one a worker has not projected yet), it comes from the task's ``TaskCreated``:
+        the write side then decides (``NotFound`` for a deleted task) or, for a resent
+        ``command_id``, returns the first outcome."""
         async with self._channel.read() as conn:
             project_id = await conn.scalar(
                 select(tasks_table.c.project_id).where(tasks_table.c.task_id == task_id)
             )
+            if project_id is None and _ENTITY_ID.fullmatch(task_id):
+                first = await self._channel.service.store.read_stream(
+                    conn, tasks.stream_id(task_id), limit=1
+                )
+                if first and first[0].event_type == tasks.TaskCreated.event_type:
+                    project_id = first[0].data.get("project_id")
         if project_id is None:
             raise NotFound("task", task_id)
         return str(project_id)
