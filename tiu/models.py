@@ -98,6 +98,10 @@ class Session(View):
     last_seen_at: datetime
     revoked_at: datetime | None
     revoked_reason: str | None
+    ip: str | None = None
+    """The login's IP and user agent, as the service passed them to
+    ``get_repositories``; ``"[erased]"`` once the user is forgotten."""
+    user_agent: str | None = None
 
     @property
     def id(self) -> str:
