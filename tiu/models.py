@@ -108,6 +108,19 @@ class Session(View):
         return self.session_id
 
 
+class UserActivity(View):
+    """Counters of the ``user_activity`` read model; they only grow (they count events,
+    not current state)."""
+
+    user_id: str
+    logins: int
+    failed_logins: int
+    tasks_created: int
+    tasks_completed: int
+    tasks_assigned: int
+    last_active_at: datetime | None
+
+
 class NewSession(BaseModel):
     """A started session. ``token`` is shown this once; only its SHA-256 is stored."""
 

@@ -23,13 +23,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from pydantic import SecretStr
 from sqlalchemy import ColumnElement, Select, and_, bindparam, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from domain import audit, projects, sessions, tasks, users
+from domain import audit, projects, security, sessions, tasks, users
 from domain.base import Command, CommandContext
 from domain.errors import (
     AlreadyExists,
@@ -41,6 +42,7 @@ from domain.errors import (
 )
 from domain.passwords import hash_token
 from domain.permissions import SYSTEM_ACTOR, Permission
+from eventstore import retention
 from eventstore.errors import SubjectKeysDestroyed
 from eventstore.schema import unique_keys
 from eventstore.translate import translate_errors
@@ -49,6 +51,7 @@ from projections.readmodels.project_stats import project_stats
 from projections.readmodels.projects import project_members, projects_table
 from projections.readmodels.sessions import sessions_table
 from projections.readmodels.tasks import tasks_table
+from projections.readmodels.user_activity import user_activity
 from projections.readmodels.users import lookup_key, user_permissions, user_roles, users_table
 from tiu import audit as audit_queries
 from tiu.dispatch import CommandResult, CommandUnit
@@ -63,6 +66,7 @@ from tiu.models import (
     SessionValidation,
     Task,
     User,
+    UserActivity,
 )
 
 if TYPE_CHECKING:
@@ -75,9 +79,12 @@ USERS_Q = Query(users_table)
 PROJECTS_Q = Query(projects_table)
 MEMBERS_Q = Query(project_members)
 TASKS_Q = Query(tasks_table)
+ACTIVITY_Q = Query(user_activity)
 SESSIONS_Q = Query(
     sessions_table, fields=[c.name for c in sessions_table.c if c.name != "token_hash"]
 )
+#: The only category retention may archive: nothing is rebuilt from it.
+ARCHIVABLE_CATEGORY: Final = security.CATEGORY
 OPEN_STATUSES = (tasks.TaskStatus.TODO, tasks.TaskStatus.IN_PROGRESS, tasks.TaskStatus.REVIEW)
 
 
@@ -296,6 +303,29 @@ class UserRepository(_Repository):
     async def count_users(self, filters: Mapping[str, Any] | None = None) -> int:
         async with self._channel.read() as conn:
             return await USERS_Q.count(conn, filters)
+
+    async def get_user_activity(self, user_id: str) -> UserActivity | None:
+        """The user's activity counters (logins, failed logins, tasks created, completed
+        and assigned, last activity); None for an unknown user."""
+        async with self._channel.read() as conn:
+            row = await ACTIVITY_Q.get(conn, user_id)
+        return UserActivity.from_row(row) if row is not None else None
+
+    async def list_user_activity(
+        self,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        order_by: Sequence[str] | None = ("-last_active_at",),
+        limit: int | None = 100,
+        offset: int | None = None,
+    ) -> list[UserActivity]:
+        """Activity counters of many users, e.g. ``{"failed_logins__gte": 3}`` or the
+        most recently active first (the default order)."""
+        async with self._channel.read() as conn:
+            rows = await ACTIVITY_Q.list(
+                conn, filters, order_by=order_by, limit=limit, offset=offset
+            )
+        return UserActivity.from_rows(rows)
 
     async def user_id_for_email(self, email: str) -> str | None:
         """Resolve an email through the unique-key table (the write side's truth)."""
@@ -1231,6 +1261,26 @@ class AuditRepository(_Repository):
                 **_keyed(command_id),
             ),
             actor_id=actor_id,
+        )
+
+    async def archive(
+        self, *, before: datetime, output: str | Path | None = None
+    ) -> retention.ArchiveReport:
+        """Retention, as ``tiu audit archive`` does it: move security events recorded
+        before ``before`` to a gzip JSONL file (``output``, default
+        ``tiu-security-before-<cutoff>.jsonl.gz`` in the working directory), then
+        remove them from the log in one transaction that appends an ``AuditArchived``
+        record naming the actor (``tiu verify`` accepts exactly those holes). Each
+        stream keeps its newest event. Needs ``audit:read`` (or the system actor)."""
+        if before.tzinfo is None or before.utcoffset() is None:
+            raise InvalidCommand("before", "must be timezone-aware")
+        await self._require(f"archive before {before.isoformat()}")
+        return await retention.archive(
+            self._channel.service.store,
+            before=before,
+            output=Path(output) if output is not None else None,
+            category=ARCHIVABLE_CATEGORY,
+            actor_id=self.actor_id,
         )
 
     async def get_events(
