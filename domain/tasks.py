@@ -293,6 +293,7 @@ def decide(
     if (
         not isinstance(project, projects.State)
         or not project.created
+        or project.deleted
         or project.project_id != command.project_id
     ):
         raise errors.NotFound("project", command.project_id)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from pydantic import SecretStr
 from sqlalchemy import ColumnElement, Select, and_, bindparam, func, or_, select, true
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import audit, projects, security, sessions, tasks, users
@@ -45,7 +46,7 @@ from domain.permissions import SYSTEM_ACTOR, Permission
 from eventstore import retention
 from eventstore.errors import SubjectKeysDestroyed
 from eventstore.schema import unique_keys
-from eventstore.translate import translate_errors
+from eventstore.translate import sqlstate, translate_errors
 from projections.query import Page, Query
 from projections.readmodels.project_stats import project_stats
 from projections.readmodels.projects import project_members, projects_table
@@ -83,6 +84,7 @@ ACTIVITY_Q = Query(user_activity)
 SESSIONS_Q = Query(
     sessions_table, fields=[c.name for c in sessions_table.c if c.name != "token_hash"]
 )
+_PG_INSUFFICIENT_PRIVILEGE: Final = "42501"
 #: The only category retention may archive: nothing is rebuilt from it.
 ARCHIVABLE_CATEGORY: Final = security.CATEGORY
 OPEN_STATUSES = (tasks.TaskStatus.TODO, tasks.TaskStatus.IN_PROGRESS, tasks.TaskStatus.REVIEW)
@@ -1271,17 +1273,29 @@ class AuditRepository(_Repository):
         ``tiu-security-before-<cutoff>.jsonl.gz`` in the working directory), then
         remove them from the log in one transaction that appends an ``AuditArchived``
         record naming the actor (``tiu verify`` accepts exactly those holes). Each
-        stream keeps its newest event. Needs ``audit:read`` (or the system actor)."""
+        stream keeps its newest event. Needs ``audit:read`` (or the system actor), and a
+        database role that may delete from ``events`` (the owner; the least-privilege
+        role of ``sql/app_role.sql`` gets ``RetentionError``, and nothing changes)."""
         if before.tzinfo is None or before.utcoffset() is None:
             raise InvalidCommand("before", "must be timezone-aware")
         await self._require(f"archive before {before.isoformat()}")
-        return await retention.archive(
-            self._channel.service.store,
-            before=before,
-            output=Path(output) if output is not None else None,
-            category=ARCHIVABLE_CATEGORY,
-            actor_id=self.actor_id,
-        )
+        store = self._channel.service.store
+        try:
+            with translate_errors(store.dialect.database_label):
+                return await retention.archive(
+                    store,
+                    before=before,
+                    output=Path(output) if output is not None else None,
+                    category=ARCHIVABLE_CATEGORY,
+                    actor_id=self.actor_id,
+                )
+        except DBAPIError as error:
+            if sqlstate(error) != _PG_INSUFFICIENT_PRIVILEGE:
+                raise
+            raise retention.RetentionError(
+                "this database role may not remove events (the least-privilege role of "
+                "sql/app_role.sql); run retention as the schema's owner"
+            ) from error
 
     async def get_events(
         self,
