@@ -39,7 +39,7 @@ from eventstore.crypto import SubjectKeys, keyring
 from eventstore.errors import ConcurrencyError, KeyAlreadyClaimed
 from eventstore.grouping import GroupQueue, Waiting, settle
 from eventstore.prepared import execute
-from eventstore.records import EventContext, NewEvent
+from eventstore.records import AppendResult, EventContext, NewEvent
 from eventstore.schema import events as events_table
 from eventstore.schema import processed_commands, snapshots, unique_keys
 from eventstore.store import EventStore, UnitOfWork
@@ -330,6 +330,9 @@ class CommandUnit:
 
     def finish(self) -> list[CommandResult]:
         """Attach the global positions allocated at commit to the results."""
+        appends: dict[str, list[AppendResult]] = {}
+        for appended in self.uow.results:
+            appends.setdefault(appended.stream_id, []).append(appended)
         finished = []
         for result in self.results:
             position = None
@@ -339,9 +342,8 @@ class CommandUnit:
                 # versions map to positions one-to-one.
                 appended = next(
                     a
-                    for a in self.uow.results
-                    if a.stream_id == result.stream_id
-                    and a.first_version <= result.version <= a.last_version
+                    for a in appends[result.stream_id]
+                    if a.first_version <= result.version <= a.last_version
                 )
                 position = appended.first_position + (result.version - appended.first_version)
             finished.append(
