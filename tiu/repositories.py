@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import re
 import secrets
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ SESSIONS_Q = Query(
     sessions_table, fields=[c.name for c in sessions_table.c if c.name != "token_hash"]
 )
 _PG_INSUFFICIENT_PRIVILEGE: Final = "42501"
+#: The longest idempotency key a caller may pass (``Command.command_id``'s limit).
+MAX_KEY_LENGTH: Final = 64
 #: The only category retention may archive: nothing is rebuilt from it.
 ARCHIVABLE_CATEGORY: Final = security.CATEGORY
 OPEN_STATUSES = (tasks.TaskStatus.TODO, tasks.TaskStatus.IN_PROGRESS, tasks.TaskStatus.REVIEW)
@@ -109,12 +112,26 @@ class BulkOperationError(DomainError):
 
 def _keyed(command_id: str | None) -> dict[str, str]:
     """The ``command_id`` argument of a command: the caller's key, or a fresh one."""
-    return {} if command_id is None else {"command_id": command_id}
+    return {} if command_id is None else {"command_id": _checked_key(command_id)}
 
 
 def _item_key(command_id: str | None, part: object) -> dict[str, str]:
     """The key of one command of a call that issues several (one key per call)."""
-    return {} if command_id is None else {"command_id": derived_command_id(command_id, part)}
+    if command_id is None:
+        return {}
+    return {"command_id": derived_command_id(_checked_key(command_id), part)}
+
+
+def _checked_key(command_id: object) -> str:
+    """A caller's idempotency key: 1 to 64 characters, none of them a control
+    character or a lone surrogate (it is stored as text and echoed in the log)."""
+    if (
+        not isinstance(command_id, str)
+        or not 1 <= len(command_id) <= MAX_KEY_LENGTH
+        or any(unicodedata.category(c).startswith("C") for c in command_id)
+    ):
+        raise InvalidCommand("command_id", f"must be 1 to {MAX_KEY_LENGTH} printable characters")
+    return command_id
 
 
 def _entity_id(result: CommandResult) -> str:

@@ -21,6 +21,7 @@ from tiu import (
     AccountLocked,
     AlreadyExists,
     BulkOperationError,
+    InvalidCommand,
     InvalidCredentials,
     NotFound,
     PermissionDenied,
@@ -322,3 +323,16 @@ async def test_resending_any_command_with_its_key_returns_the_same_outcome_and_a
         assert again[0] == first[0]
         if first[0] != "ok":
             assert again == first
+
+
+@pytest.mark.parametrize("key", ["", "k" * 65, "a\x00b", "\ud800", "tab\there", 7])
+async def test_a_malformed_key_is_an_invalid_command_and_writes_nothing(service, key):
+    owner = await make_user(service)
+    before = await log_size(service)
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        with pytest.raises(InvalidCommand) as refused:
+            await repos.projects.create_project("Keyed", command_id=key)
+        with pytest.raises(InvalidCommand):
+            await repos.tasks.bulk_delete_tasks(["t"], command_id=key)
+    assert refused.value.field == "command_id"
+    assert await log_size(service) == before
