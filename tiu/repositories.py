@@ -999,7 +999,8 @@ class TaskRepository(_Repository):
     async def create_tasks(
         self, items: Sequence[Mapping[str, Any]], *, command_id: str | None = None
     ) -> list[Task | None]:
-        """Create several tasks (each item: ``create_task``'s keyword arguments)."""
+        """Create several tasks (each item: ``create_task``'s keyword arguments) in one
+        transaction, all or none; ``command_id`` is one key for the whole call."""
 
         async def work(channel: Channel) -> list[str]:
             ids = []
@@ -1015,6 +1016,10 @@ class TaskRepository(_Repository):
     async def bulk_update_task_status(
         self, task_ids: Iterable[str], status: str, *, command_id: str | None = None
     ) -> int:
+        """Move several tasks to ``status`` in one transaction, all or none
+        (``BulkOperationError`` names the refused item); ``command_id`` is one key for
+        the whole call. Returns how many."""
+
         async def work(channel: Channel) -> int:
             repo = TaskRepository(channel)
             count = 0
@@ -1033,6 +1038,9 @@ class TaskRepository(_Repository):
     async def bulk_assign(
         self, task_ids: Iterable[str], user_id: str, *, command_id: str | None = None
     ) -> int:
+        """Assign several tasks to ``user_id`` in one transaction, all or none;
+        ``command_id`` is one key for the whole call. Returns how many."""
+
         async def work(channel: Channel) -> int:
             repo = TaskRepository(channel)
             count = 0
@@ -1051,7 +1059,8 @@ class TaskRepository(_Repository):
     async def bulk_delete_tasks(
         self, task_ids: Iterable[str], *, command_id: str | None = None
     ) -> int:
-        """Delete several tasks (see :meth:`delete_task`)."""
+        """Delete several tasks (see :meth:`delete_task`) in one transaction, all or
+        none; ``command_id`` is one key for the whole call. Returns how many."""
 
         async def work(channel: Channel) -> int:
             repo = TaskRepository(channel)
@@ -1075,9 +1084,11 @@ async def _bulk_command(index: int, item: str, build: Awaitable[C]) -> C:
         raise BulkOperationError(index, item, error) from error
 
 
-async def _bulk_step(index: int, item: str, channel: Channel, command: Command) -> CommandResult:
+async def _bulk_step(
+    index: int, item: str, channel: Channel, command: Command, *, actor_id: str | None = None
+) -> CommandResult:
     try:
-        return await channel.send(command)
+        return await channel.send(command, actor_id=actor_id)
     except DomainError as error:
         raise BulkOperationError(index, item, error, command) from error
 
@@ -1197,7 +1208,9 @@ class SessionRepository(_Repository):
                     session_id,
                     repo._revoke_command(session_id, _item_key(command_id, index)),
                 )
-                await _bulk_step(index, session_id, channel, command)
+                # As revoke: without an actor, the session's own user revokes it.
+                actor = self.actor_id or command.user_id
+                await _bulk_step(index, session_id, channel, command, actor_id=actor)
                 count += 1
             return count
 

@@ -277,3 +277,19 @@ async def test_the_seed_repository_tour(service, clock):
     assert await service.cleanup_expired_sessions() == 0
     assert (await service.health_check())["healthy"] is True
     assert (await service.get_statistics())["events_by_type"]["TaskCreated"] == 2
+
+
+async def test_bulk_revoking_sessions_is_all_or_nothing_and_a_logout_by_their_user(service):
+    async with service.get_repositories() as repos:
+        await repos.users.create_user(email="s@example.com", username="sam", password=PASSWORD)
+        first = await repos.sessions.create_session("s@example.com", PASSWORD)
+        second = await repos.sessions.create_session("s@example.com", PASSWORD)
+        ids = [first.session.id, second.session.id]
+        with pytest.raises(BulkOperationError) as refused:
+            await repos.sessions.bulk_revoke_sessions([*ids, "no-such-session"])
+        assert (refused.value.index, type(refused.value.error)) == (2, NotFound)
+        assert len(await repos.sessions.get_user_sessions(first.user.id)) == 2
+        assert await repos.sessions.bulk_revoke_sessions(ids, command_id="logout-all") == 2
+        assert await repos.sessions.bulk_revoke_sessions(ids, command_id="logout-all") == 2
+        gone = await repos.sessions.get_user_sessions(first.user.id, active_only=False)
+    assert {s.revoked_reason for s in gone} == {"logout"}
