@@ -815,12 +815,15 @@ class TaskRepository(_Repository):
         """The project a task command names. Not in the read model (a deleted task, or
         one a worker has not projected yet), it comes from the task's ``TaskCreated``:
         the write side then decides (``NotFound`` for a deleted task) or, for a resent
-        ``command_id``, returns the first outcome."""
+        ``command_id``, returns the first outcome. An id no task can have (not an entity
+        id: a NUL, a lone surrogate, too long) is ``NotFound`` without a query."""
+        if not isinstance(task_id, str) or not _ENTITY_ID.fullmatch(task_id):
+            raise NotFound("task", task_id[:64] if isinstance(task_id, str) else None)
         async with self._channel.read() as conn:
             project_id = await conn.scalar(
                 select(tasks_table.c.project_id).where(tasks_table.c.task_id == task_id)
             )
-            if project_id is None and _ENTITY_ID.fullmatch(task_id):
+            if project_id is None:
                 first = await self._channel.service.store.read_stream(
                     conn, tasks.stream_id(task_id), limit=1
                 )

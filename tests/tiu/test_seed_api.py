@@ -293,3 +293,15 @@ async def test_bulk_revoking_sessions_is_all_or_nothing_and_a_logout_by_their_us
         assert await repos.sessions.bulk_revoke_sessions(ids, command_id="logout-all") == 2
         gone = await repos.sessions.get_user_sessions(first.user.id, active_only=False)
     assert {s.revoked_reason for s in gone} == {"logout"}
+
+
+@pytest.mark.parametrize("task_id", ["a\x00b", "\ud800", "x" * 65, ""])
+async def test_task_commands_on_an_id_no_task_can_have_are_not_found(service, task_id):
+    async with service.get_repositories(SYSTEM_ACTOR) as repos:
+        for call in (
+            lambda: repos.tasks.delete_task(task_id),
+            lambda: repos.tasks.update_task_status(task_id, "done"),
+            lambda: repos.tasks.bulk_delete_tasks([task_id]),
+        ):
+            with pytest.raises((NotFound, BulkOperationError)):
+                await call()
