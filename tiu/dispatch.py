@@ -301,7 +301,7 @@ class CommandUnit:
             if self._writing:
                 raise GroupRerun(command.command_id) from error
             self.restore(mark)
-            if leaves_trace(command, error):
+            if leaves_trace(error):
                 await self.record_refusal(command, ctx, error)
             raise
 
@@ -450,7 +450,7 @@ class Dispatcher:
             try:
                 return await unit.handle(command, ctx)
             except DomainError as error:
-                if not leaves_trace(command, error):
+                if not leaves_trace(error):
                     raise
                 rejected.append(error)
                 await unit.record_refusal(command, ctx, error)

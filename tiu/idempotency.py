@@ -18,7 +18,6 @@ import uuid
 from datetime import datetime
 from typing import Any, Final
 
-from domain.base import Command
 from domain.errors import DomainError, InvalidCommand
 from tiu.errors import DuplicateRejectedCommand
 
@@ -34,8 +33,8 @@ def derived_command_id(command_id: str, part: object) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{command_id}\x1f{part}"))
 
 
-def leaves_trace(command: Command, error: DomainError) -> bool:
-    """Whether refusing ``command`` with ``error`` writes anything: the facts and the
+def leaves_trace(error: DomainError) -> bool:
+    """Whether a refusal with ``error`` writes anything: the facts and the
     security event the refusal carries, and the idempotency record of the refusal.
     A refusal given back from that record (``replayed``) writes nothing again."""
     if getattr(error, "replayed", None) is not None:

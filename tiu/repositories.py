@@ -212,7 +212,7 @@ class Channel:
             return await self.batch(work)
         except BulkOperationError as failed:
             command, refusal = failed.command, failed.error
-            if self.unit is None and command is not None and leaves_trace(command, refusal):
+            if self.unit is None and command is not None and leaves_trace(refusal):
                 ctx = self.context()
 
                 async def record(unit: CommandUnit) -> None:
