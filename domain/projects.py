@@ -12,8 +12,19 @@ Stream ``project-<project_id>``. The acting user's state comes as
 - manage members and settings, archive and restore: the owner, manager members and
   holders of ``projects:manage_all``.
 
-An archived project refuses every change except ``RestoreProject``. Removing a member
-does not unassign their tasks; the read side can show such assignments as stale.
+An archived project refuses every change except ``RestoreProject`` and
+``DeleteProject``. Removing a member does not unassign their tasks; the read side can
+show such assignments as stale.
+
+``CreateProject(owner_id=...)`` creates a project for someone else (the seed's
+``create_project(owner_id=user.id)``): allowed for the trusted service context (a
+context without an actor) and for holders of ``projects:manage_all``; the owner,
+``related["owner"]``, must be a registered, active user.
+
+``DeleteProject`` (the owner, managers, ``projects:manage_all``) appends
+``ProjectDeleted``: the read models drop the project, its members and its tasks; the
+log keeps every event. A deleted project refuses every command (``NotFound``), and so
+do its tasks, whose decisions read the project.
 """
 
 from __future__ import annotations
@@ -118,13 +129,25 @@ class ProjectRestored(Event):
     at: AwareDatetime
 
 
+class ProjectDeleted(Event):
+    """The project and its tasks are gone from the read models; its history stays."""
+
+    event_type = "ProjectDeleted"
+
+    project_id: EntityId
+    by: str
+    at: AwareDatetime
+
+
 # --- commands -----------------------------------------------------------------------
 
 
 class CreateProject(Command):
-    """The acting user becomes the owner; needs ``projects:create``."""
+    """The acting user becomes the owner (needs ``projects:create``), or ``owner_id``
+    when given (see the module docstring)."""
 
     project_id: EntityId = Field(default_factory=new_id)
+    owner_id: EntityId | None = None
     name: str
     description: str = ""
     visibility: Visibility = Visibility.PRIVATE
@@ -170,6 +193,10 @@ class RestoreProject(Command):
     project_id: EntityId
 
 
+class DeleteProject(Command):
+    project_id: EntityId
+
+
 # --- state and access ---------------------------------------------------------------
 
 
@@ -184,6 +211,7 @@ class State(BaseModel):
     visibility: Visibility = Visibility.PRIVATE
     archived: bool = False
     archived_at: datetime | None = None
+    deleted: bool = False
     members: dict[str, ProjectRole] = Field(default_factory=dict)
     """Member user id -> role; never holds the owner. Replaced, never mutated."""
 
@@ -256,6 +284,8 @@ def evolve(state: State, event: Event) -> State:
             return state.model_copy(update={"archived": True, "archived_at": event.at})
         case ProjectRestored():
             return state.model_copy(update={"archived": False, "archived_at": None})
+        case ProjectDeleted():
+            return state.model_copy(update={"deleted": True})
         case _:
             return state
 
@@ -264,7 +294,7 @@ def evolve(state: State, event: Event) -> State:
 
 
 def _existing(state: State, project_id: str) -> State:
-    if not state.created:
+    if not state.created or state.deleted:
         raise errors.NotFound("project", project_id)
     return state
 
@@ -277,6 +307,7 @@ _MANAGING: Final = (
     ChangeMemberRole,
     ArchiveProject,
     RestoreProject,
+    DeleteProject,
 )
 
 
@@ -285,7 +316,7 @@ def decide(
 ) -> list[Event]:
     actor_id, roles = users.acting_user(ctx, related)
     if isinstance(command, CreateProject):
-        return _create(command, state, ctx, actor_id, roles)
+        return _create(command, state, ctx, related, actor=(actor_id, roles))
     if not isinstance(command, _MANAGING):
         raise TypeError(f"projects.decide cannot handle {type(command).__name__}")
     _existing(state, command.project_id)
@@ -293,10 +324,13 @@ def decide(
     if not leaving and not can_manage(state, actor_id, roles):
         raise errors.PermissionDenied(ctx.actor_id, "manage", f"project {command.project_id}")
     assert actor_id is not None
-    if state.archived and not isinstance(command, ArchiveProject | RestoreProject):
+    if state.archived and not isinstance(command, ArchiveProject | RestoreProject | DeleteProject):
         raise errors.Conflict(f"project {command.project_id!r} is archived")
     project_id, by = command.project_id, actor_id
     match command:
+        case DeleteProject():
+            return [ProjectDeleted(project_id=project_id, by=by, at=ctx.now)]
+
         case ArchiveProject():
             return (
                 []
@@ -376,17 +410,32 @@ def _create(
     command: CreateProject,
     state: State,
     ctx: CommandContext,
-    actor_id: str | None,
-    roles: frozenset[Role],
+    related: Mapping[str, Any],
+    *,
+    actor: tuple[str | None, frozenset[Role]],
 ) -> list[Event]:
-    if actor_id is None or Permission.PROJECTS_CREATE not in permissions_for(roles):
-        raise errors.PermissionDenied(ctx.actor_id, "create", "projects")
+    actor_id, roles = actor
+    owner_id = command.owner_id or actor_id
+    if command.owner_id is None or command.owner_id == actor_id:
+        if actor_id is None or Permission.PROJECTS_CREATE not in permissions_for(roles):
+            raise errors.PermissionDenied(ctx.actor_id, "create", "projects")
+    elif ctx.actor_id is not None and Permission.PROJECTS_MANAGE_ALL not in permissions_for(roles):
+        # A context without an actor is the service itself; anyone else naming another
+        # owner must manage all projects.
+        raise errors.PermissionDenied(ctx.actor_id, "create projects for", f"user {owner_id}")
     if state.created:
         raise errors.AlreadyExists("project", command.project_id)
+    if command.owner_id is not None and command.owner_id != actor_id:
+        owner = related.get("owner")
+        if not isinstance(owner, users.State) or not owner.registered:
+            raise errors.NotFound("user", command.owner_id)
+        if not owner.active:
+            raise errors.Conflict(f"user {command.owner_id!r} is deactivated")
+    assert owner_id is not None
     return [
         ProjectCreated(
             project_id=command.project_id,
-            owner_id=actor_id,
+            owner_id=owner_id,
             name=clean_text(command.name, "name", max_length=NAME_MAX),
             description=_description(command.description),
             visibility=command.visibility,

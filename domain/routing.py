@@ -50,9 +50,9 @@ class Decider:
 
 USERS: Final = Decider("users", users.CATEGORY, 2, users.initial_state, users.evolve, users.decide)
 PROJECTS: Final = Decider(
-    "projects", projects.CATEGORY, 1, projects.initial_state, projects.evolve, projects.decide
+    "projects", projects.CATEGORY, 2, projects.initial_state, projects.evolve, projects.decide
 )
-TASKS: Final = Decider("tasks", tasks.CATEGORY, 1, tasks.initial_state, tasks.evolve, tasks.decide)
+TASKS: Final = Decider("tasks", tasks.CATEGORY, 2, tasks.initial_state, tasks.evolve, tasks.decide)
 SESSIONS: Final = Decider(
     "sessions", sessions.CATEGORY, 1, sessions.initial_state, sessions.evolve, sessions.decide
 )
@@ -116,6 +116,9 @@ def route(command: Command, ctx: CommandContext) -> Route:
         case projects.AddMember():
             related = _with_actor(ctx, member=_user(command.user_id))
             return Route(PROJECTS, projects.stream_id(command.project_id), related)
+        case projects.CreateProject() if command.owner_id is not None:
+            related = _with_actor(ctx, owner=_user(command.owner_id))
+            return Route(PROJECTS, projects.stream_id(command.project_id), related)
         case (
             projects.CreateProject()
             | projects.UpdateProject()
@@ -124,6 +127,7 @@ def route(command: Command, ctx: CommandContext) -> Route:
             | projects.ChangeMemberRole()
             | projects.ArchiveProject()
             | projects.RestoreProject()
+            | projects.DeleteProject()
         ):
             return Route(PROJECTS, projects.stream_id(command.project_id), _with_actor(ctx))
         case (
@@ -132,6 +136,7 @@ def route(command: Command, ctx: CommandContext) -> Route:
             | tasks.AssignTask()
             | tasks.UnassignTask()
             | tasks.ChangeTaskStatus()
+            | tasks.DeleteTask()
         ):
             extra = {"project": (PROJECTS, projects.stream_id(command.project_id))}
             assignee = getattr(command, "assignee_id", None)

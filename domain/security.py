@@ -6,18 +6,21 @@ raises an error whose ``security_relevant`` is true, so that
 failed actions are in the log even though the command appended nothing else. There is
 no decider: nothing is ever decided on this stream, it is only written and audited.
 
-``ip`` and ``user_agent`` are personal data of the actor; for an anonymous actor they
-have no subject id, so the erasure issue must treat them by retention instead.
+``ip`` and ``user_agent`` are personal data. In a ``CommandRejected`` they are the
+actor's; in a ``LoginRejected`` they belong to the account the login targeted when the
+email matched one (``subject_id``: forgetting that user erases them), else to the
+actor. With neither (an unknown email, nobody signed in) they have no subject and are
+kept in plaintext, under retention (``tiu audit archive``).
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from pydantic import AwareDatetime
 
 from domain import users
-from domain.base import Command, CommandContext, Event
+from domain.base import Command, CommandContext, Event, register_upcaster
 from domain.errors import DomainError
 
 CATEGORY: Final = "security"
@@ -31,14 +34,18 @@ def stream_id(actor_id: str | None) -> str:
 
 class LoginRejected(Event):
     """A refused ``AttemptLogin``; ``user_id`` is the account targeted, None when the
-    email matched nobody."""
+    email matched nobody. ``subject_id``, whose key encrypts ``ip`` and ``user_agent``,
+    is that account, else the actor (v2; v1 encrypted them for the actor only, so a
+    failed login on a known account kept them in plaintext)."""
 
     event_type = "LoginRejected"
+    schema_version = 2
     personal_fields = frozenset({"ip", "user_agent"})
-    subject_field = "actor_id"
+    subject_field = "subject_id"
 
     command_id: str
     user_id: str | None
+    subject_id: str | None
     error_code: str
     reason: str
     actor_id: str | None
@@ -66,6 +73,12 @@ class CommandRejected(Event):
     at: AwareDatetime
 
 
+@register_upcaster("LoginRejected", 1)
+def _login_rejected_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    # v1 sealed the IP and user agent for the actor (when there was one).
+    return {**data, "subject_id": data.get("actor_id")}
+
+
 def _target(command: Command) -> str | None:
     for name in _TARGET_FIELDS:
         value = getattr(command, name, None)
@@ -83,6 +96,7 @@ def rejection_event(command: Command, error: DomainError, ctx: CommandContext) -
         return LoginRejected(
             command_id=command.command_id,
             user_id=command.user_id,
+            subject_id=command.user_id or ctx.actor_id,
             error_code=error.code,
             reason=error.message,
             actor_id=ctx.actor_id,

@@ -7,6 +7,11 @@ The actor needs write access to the project (``projects.can_write``), the projec
 not be archived, and an assignee must be the project's owner or a member with an
 active account. Every task event carries ``project_id`` so read models can group.
 
+``DeleteTask`` (anyone who may write the project's tasks) appends ``TaskDeleted``: the
+read models drop the task, the log keeps its history, and the task refuses every
+further command (``NotFound``). A deleted project (``projects.ProjectDeleted``) takes
+its tasks with it: their commands find no project.
+
 Priority is a named level (low < medium < high < urgent; ``Priority.rank`` orders
 them). Status moves only along ``TRANSITIONS``::
 
@@ -136,6 +141,18 @@ class TaskStatusChanged(Event):
     at: AwareDatetime
 
 
+class TaskDeleted(Event):
+    """``status`` is the task's status when deleted (read models keep counts by it)."""
+
+    event_type = "TaskDeleted"
+
+    task_id: EntityId
+    project_id: EntityId
+    status: TaskStatus
+    by: str
+    at: AwareDatetime
+
+
 # --- commands -----------------------------------------------------------------------
 
 
@@ -177,6 +194,11 @@ class ChangeTaskStatus(Command):
     to: TaskStatus
 
 
+class DeleteTask(Command):
+    task_id: EntityId
+    project_id: EntityId
+
+
 # --- state --------------------------------------------------------------------------
 
 
@@ -193,6 +215,7 @@ class State(BaseModel):
     due_date: datetime | None = None
     assignee_id: str | None = None
     created_by: str | None = None
+    deleted: bool = False
 
 
 def initial_state() -> State:
@@ -228,6 +251,8 @@ def evolve(state: State, event: Event) -> State:
             return state.model_copy(update={"assignee_id": None})
         case TaskStatusChanged():
             return state.model_copy(update={"status": event.to_status})
+        case TaskDeleted():
+            return state.model_copy(update={"deleted": True})
         case _:
             return state
 
@@ -261,13 +286,14 @@ def decide(
     command: Command, state: State, ctx: CommandContext, related: Mapping[str, Any] = EMPTY
 ) -> list[Event]:
     if not isinstance(
-        command, CreateTask | EditTask | AssignTask | UnassignTask | ChangeTaskStatus
+        command, CreateTask | EditTask | AssignTask | UnassignTask | ChangeTaskStatus | DeleteTask
     ):
         raise TypeError(f"tasks.decide cannot handle {type(command).__name__}")
     project = related.get("project")
     if (
         not isinstance(project, projects.State)
         or not project.created
+        or project.deleted
         or project.project_id != command.project_id
     ):
         raise errors.NotFound("project", command.project_id)
@@ -298,10 +324,13 @@ def decide(
             )
         ]
 
-    if not state.created or state.project_id != command.project_id:
+    if not state.created or state.deleted or state.project_id != command.project_id:
         raise errors.NotFound("task", command.task_id)
     ids = {"task_id": command.task_id, "project_id": command.project_id, "by": actor_id}
     match command:
+        case DeleteTask():
+            return [TaskDeleted(**ids, status=state.status, at=ctx.now)]
+
         case EditTask():
             given = command.model_fields_set
             title = _title(command.title) if command.title is not None else state.title

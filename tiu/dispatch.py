@@ -39,7 +39,7 @@ from eventstore.crypto import SubjectKeys, keyring
 from eventstore.errors import ConcurrencyError, KeyAlreadyClaimed
 from eventstore.grouping import GroupQueue, Waiting, settle
 from eventstore.prepared import execute
-from eventstore.records import EventContext, NewEvent
+from eventstore.records import AppendResult, EventContext, NewEvent
 from eventstore.schema import events as events_table
 from eventstore.schema import processed_commands, snapshots, unique_keys
 from eventstore.store import EventStore, UnitOfWork
@@ -47,7 +47,7 @@ from eventstore.translate import translate_errors
 from projections.errors import InlineProjectionBehind
 from projections.projector import Envelope
 from projections.runner import InlineRunner, Worker
-from tiu.errors import DuplicateRejectedCommand
+from tiu.idempotency import leaves_trace, refusal_outcome, replayed_refusal
 
 # Statements of every command, built once (building them per command was a third of a
 # command's time, profiled); executed with parameters, they hit the compiled cache.
@@ -301,7 +301,7 @@ class CommandUnit:
             if self._writing:
                 raise GroupRerun(command.command_id) from error
             self.restore(mark)
-            if error.record or error.security_relevant:
+            if leaves_trace(error):
                 await self.record_refusal(command, ctx, error)
             raise
 
@@ -309,17 +309,17 @@ class CommandUnit:
         self, command: Command, ctx: CommandContext, error: DomainError
     ) -> None:
         """Append what a refusal must leave in the log: ``error.record`` to the command's
-        stream and the security event to the actor's security stream."""
+        stream and the security event to the actor's security stream; and remember the
+        refusal under the command's id, so a resend answers with it and appends
+        nothing (no second audit event, no second failed login)."""
         target = route(command, ctx)
+        outcome = refusal_outcome(error)
         if error.record:
             await self.record(
-                command,
-                ctx,
-                target.decider,
-                target.stream_id,
-                error.record,
-                outcome={"ok": False, "code": error.code, "message": error.message},
+                command, ctx, target.decider, target.stream_id, error.record, outcome=outcome
             )
+        else:
+            await self.dispatcher.remember(self.conn, command, target.stream_id, outcome, ctx.now)
         await self.append_security(command, error, ctx)
 
     def before_flush(self) -> None:
@@ -330,13 +330,21 @@ class CommandUnit:
 
     def finish(self) -> list[CommandResult]:
         """Attach the global positions allocated at commit to the results."""
-        by_stream = {r.stream_id: r for r in self.uow.results}
+        appends: dict[str, list[AppendResult]] = {}
+        for appended in self.uow.results:
+            appends.setdefault(appended.stream_id, []).append(appended)
         finished = []
         for result in self.results:
-            appended = by_stream.get(result.stream_id)
             position = None
-            if appended is not None and result.events:
-                # versions map to positions one-to-one within one stream's append
+            if result.events:
+                # A stream written by two commands of this unit has two appends: the
+                # command's own last version lies in exactly one of them, where
+                # versions map to positions one-to-one.
+                appended = next(
+                    a
+                    for a in appends[result.stream_id]
+                    if a.first_version <= result.version <= a.last_version
+                )
                 position = appended.first_position + (result.version - appended.first_version)
             finished.append(
                 CommandResult(
@@ -442,7 +450,7 @@ class Dispatcher:
             try:
                 return await unit.handle(command, ctx)
             except DomainError as error:
-                if not error.record and not error.security_relevant:
+                if not leaves_trace(error):
                     raise
                 rejected.append(error)
                 await unit.record_refusal(command, ctx, error)
@@ -553,11 +561,10 @@ class Dispatcher:
         self, conn: AsyncConnection, command_id: str, stream_id: str, outcome: dict[str, Any]
     ) -> CommandResult:
         """The first result of ``command_id``, processed already (``outcome`` is what
-        its idempotency record holds); a refusal is raised again."""
+        its idempotency record holds); a refusal is raised again, as its own class
+        (:func:`tiu.idempotency.replayed_refusal`)."""
         if not outcome.get("ok", False):
-            raise DuplicateRejectedCommand(
-                command_id, outcome.get("code", "?"), outcome.get("message", "")
-            )
+            raise replayed_refusal(command_id, outcome)
         records = await conn.execute(
             select(
                 events_table.c.event_type,

@@ -98,10 +98,27 @@ class Session(View):
     last_seen_at: datetime
     revoked_at: datetime | None
     revoked_reason: str | None
+    ip: str | None = None
+    """The login's IP and user agent, as the service passed them to
+    ``get_repositories``; ``"[erased]"`` once the user is forgotten."""
+    user_agent: str | None = None
 
     @property
     def id(self) -> str:
         return self.session_id
+
+
+class UserActivity(View):
+    """Counters of the ``user_activity`` read model; they only grow (they count events,
+    not current state)."""
+
+    user_id: str
+    logins: int
+    failed_logins: int
+    tasks_created: int
+    tasks_completed: int
+    tasks_assigned: int
+    last_active_at: datetime | None
 
 
 class NewSession(BaseModel):

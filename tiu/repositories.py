@@ -5,25 +5,37 @@ A repository is bound to an *actor* (who is acting; ``None`` is an anonymous cal
 and to a *channel*: standalone (each write is its own transaction, each read a short
 connection) or a unit of work (``execute_in_transaction``: every write joins one
 transaction and reads see its writes).
+
+Every write method takes an optional keyword ``command_id``: the idempotency key of the
+command it issues (a client's Idempotency-Key, at most 64 characters). Sent again, it
+returns what the first call returned and appends nothing; a refused first call is
+refused again the same way (see :mod:`tiu.idempotency`). A method that issues several
+commands (a bulk method, a login and its session) takes one key per call and derives
+one per command from it (:func:`tiu.idempotency.derived_command_id`).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import secrets
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from pydantic import SecretStr
 from sqlalchemy import ColumnElement, Select, and_, bindparam, func, or_, select, true
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from domain import audit, projects, sessions, tasks, users
+from domain import audit, projects, security, sessions, tasks, users
 from domain.base import Command, CommandContext
 from domain.errors import (
+    AlreadyExists,
     DomainError,
     InvalidCommand,
     NotFound,
@@ -32,17 +44,20 @@ from domain.errors import (
 )
 from domain.passwords import hash_token
 from domain.permissions import SYSTEM_ACTOR, Permission
+from eventstore import retention
 from eventstore.errors import SubjectKeysDestroyed
 from eventstore.schema import unique_keys
-from eventstore.translate import translate_errors
+from eventstore.translate import sqlstate, translate_errors
 from projections.query import Page, Query
 from projections.readmodels.project_stats import project_stats
 from projections.readmodels.projects import project_members, projects_table
 from projections.readmodels.sessions import sessions_table
 from projections.readmodels.tasks import tasks_table
+from projections.readmodels.user_activity import user_activity
 from projections.readmodels.users import lookup_key, user_permissions, user_roles, users_table
 from tiu import audit as audit_queries
 from tiu.dispatch import CommandResult, CommandUnit
+from tiu.idempotency import derived_command_id, leaves_trace
 from tiu.models import (
     AuditEntry,
     Member,
@@ -53,33 +68,75 @@ from tiu.models import (
     SessionValidation,
     Task,
     User,
+    UserActivity,
 )
 
 if TYPE_CHECKING:
     from tiu.service import DatabaseService
 
 V = TypeVar("V")
+C = TypeVar("C", bound=Command)
 
 USERS_Q = Query(users_table)
 PROJECTS_Q = Query(projects_table)
 MEMBERS_Q = Query(project_members)
 TASKS_Q = Query(tasks_table)
+ACTIVITY_Q = Query(user_activity)
 SESSIONS_Q = Query(
     sessions_table, fields=[c.name for c in sessions_table.c if c.name != "token_hash"]
 )
+_PG_INSUFFICIENT_PRIVILEGE: Final = "42501"
+#: The longest idempotency key a caller may pass (``Command.command_id``'s limit).
+MAX_KEY_LENGTH: Final = 64
+#: The only category retention may archive: nothing is rebuilt from it.
+ARCHIVABLE_CATEGORY: Final = security.CATEGORY
 OPEN_STATUSES = (tasks.TaskStatus.TODO, tasks.TaskStatus.IN_PROGRESS, tasks.TaskStatus.REVIEW)
 
 
 class BulkOperationError(DomainError):
-    """One item of a bulk operation was refused; nothing of the batch was applied."""
+    """One item of a bulk operation was refused; nothing of the batch was applied.
+    ``command`` is the refused item's command (None when it was refused before one was
+    issued, e.g. an unknown task)."""
 
     code = "bulk_refused"
 
-    def __init__(self, index: int, item: str, error: DomainError) -> None:
+    def __init__(
+        self, index: int, item: str, error: DomainError, command: Command | None = None
+    ) -> None:
         super().__init__(f"item {index} ({item}) refused: {error}")
         self.index = index
         self.item = item
         self.error = error
+        self.command = command
+
+
+def _keyed(command_id: str | None) -> dict[str, str]:
+    """The ``command_id`` argument of a command: the caller's key, or a fresh one."""
+    return {} if command_id is None else {"command_id": _checked_key(command_id)}
+
+
+def _item_key(command_id: str | None, part: object) -> dict[str, str]:
+    """The key of one command of a call that issues several (one key per call)."""
+    if command_id is None:
+        return {}
+    return {"command_id": derived_command_id(_checked_key(command_id), part)}
+
+
+def _checked_key(command_id: object) -> str:
+    """A caller's idempotency key: 1 to 64 characters, none of them a control
+    character or a lone surrogate (it is stored as text and echoed in the log)."""
+    if (
+        not isinstance(command_id, str)
+        or not 1 <= len(command_id) <= MAX_KEY_LENGTH
+        or any(unicodedata.category(c).startswith("C") for c in command_id)
+    ):
+        raise InvalidCommand("command_id", f"must be 1 to {MAX_KEY_LENGTH} printable characters")
+    return command_id
+
+
+def _entity_id(result: CommandResult) -> str:
+    """The id of the aggregate a command wrote: the first call's for a resend."""
+    return result.stream_id.split("-", 1)[1]
 
 
 @dataclass(frozen=True)
@@ -145,6 +202,25 @@ class Channel:
             await self.service.wait_for(max(positions))
         return value
 
+    async def bulk(self, work: Callable[[Channel], Awaitable[V]]) -> V:
+        """:meth:`batch` for a bulk method: when an item is refused (and the batch rolled
+        back), its refusal is still recorded as a lone command's would be: in the
+        idempotency record of its command id and, if security relevant, in the
+        actor's security stream. Inside ``execute_in_transaction`` the caller's
+        transaction decides, as for every refusal there."""
+        try:
+            return await self.batch(work)
+        except BulkOperationError as failed:
+            command, refusal = failed.command, failed.error
+            if self.unit is None and command is not None and leaves_trace(refusal):
+                ctx = self.context()
+
+                async def record(unit: CommandUnit) -> None:
+                    await unit.record_refusal(command, ctx, refusal)
+
+                await self.service.dispatcher.run(record)
+            raise
+
     async def actor_permissions(self, conn: AsyncConnection | None = None) -> frozenset[str]:
         """The actor's permissions as they are now (on ``conn`` if given, which saves a
         connection checkout)."""
@@ -200,6 +276,7 @@ class UserRepository(_Repository):
         display_name: str | None = None,
         roles: Sequence[str] | None = None,
         user_id: str | None = None,
+        command_id: str | None = None,
     ) -> User | None:
         """Register a user (unique email and username, password policy, bcrypt)."""
         command = users.RegisterUser(
@@ -209,9 +286,10 @@ class UserRepository(_Repository):
             display_name=display_name,
             **({"roles": tuple(roles)} if roles is not None else {}),
             **({"user_id": user_id} if user_id is not None else {}),
+            **_keyed(command_id),
         )
-        await self._channel.send(command)
-        return await self.get_by_id(command.user_id)
+        result = await self._channel.send(command)
+        return await self.get_by_id(_entity_id(result))
 
     async def get_by_id(self, user_id: str) -> User | None:
         async with self._channel.read() as conn:
@@ -245,6 +323,29 @@ class UserRepository(_Repository):
         async with self._channel.read() as conn:
             return await USERS_Q.count(conn, filters)
 
+    async def get_user_activity(self, user_id: str) -> UserActivity | None:
+        """The user's activity counters (logins, failed logins, tasks created, completed
+        and assigned, last activity); None for an unknown user."""
+        async with self._channel.read() as conn:
+            row = await ACTIVITY_Q.get(conn, user_id)
+        return UserActivity.from_row(row) if row is not None else None
+
+    async def list_user_activity(
+        self,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        order_by: Sequence[str] | None = ("-last_active_at",),
+        limit: int | None = 100,
+        offset: int | None = None,
+    ) -> list[UserActivity]:
+        """Activity counters of many users, e.g. ``{"failed_logins__gte": 3}`` or the
+        most recently active first (the default order)."""
+        async with self._channel.read() as conn:
+            rows = await ACTIVITY_Q.list(
+                conn, filters, order_by=order_by, limit=limit, offset=offset
+            )
+        return UserActivity.from_rows(rows)
+
     async def user_id_for_email(self, email: str) -> str | None:
         """Resolve an email through the unique-key table (the write side's truth)."""
         key = users.email_claim_key(email)
@@ -256,85 +357,117 @@ class UserRepository(_Repository):
             )
         return stream.removeprefix(f"{users.CATEGORY}-") if stream else None
 
-    async def authenticate(self, email: str, password: str) -> User:
+    async def authenticate(
+        self, email: str, password: str, *, command_id: str | None = None
+    ) -> User:
         """Check a password. Unknown emails cost the same bcrypt work and get the same
-        ``InvalidCredentials``; repeated failures lock the account (``AccountLocked``)."""
+        ``InvalidCredentials``; repeated failures lock the account (``AccountLocked``).
+        A resent ``command_id`` counts no second failure."""
         user_id = await self.user_id_for_email(email) if "@" in email else None
-        await self._channel.send(users.AttemptLogin(user_id=user_id, password=SecretStr(password)))
+        await self._channel.send(
+            users.AttemptLogin(user_id=user_id, password=SecretStr(password), **_keyed(command_id))
+        )
         assert user_id is not None  # an unknown email was refused above
         user = await self.get_by_id(user_id)
         assert user is not None
         return user
 
-    async def change_password(self, user_id: str, old_password: str, new_password: str) -> None:
+    async def change_password(
+        self,
+        user_id: str,
+        old_password: str,
+        new_password: str,
+        *,
+        command_id: str | None = None,
+    ) -> None:
         """Also revokes every session of the user."""
         await self._channel.send(
             users.ChangePassword(
                 user_id=user_id,
                 old_password=SecretStr(old_password),
                 new_password=SecretStr(new_password),
+                **_keyed(command_id),
             ),
             actor_id=self.actor_id or user_id,
         )
 
-    async def request_password_reset(self, email: str) -> str | None:
+    async def request_password_reset(
+        self, email: str, *, command_id: str | None = None
+    ) -> str | None:
         """A single-use reset token (``<user_id>.<secret>``), shown once; only its hash is
-        stored. ``None`` when the email is unknown: tell the end user the same either way."""
+        stored. ``None`` when the email is unknown: tell the end user the same either way.
+        ``None`` too for a resent ``command_id``: the first call's token stays the valid
+        one, and it cannot be shown again."""
         user_id = await self.user_id_for_email(email)
         if user_id is None:
             return None
         token = f"{user_id}.{secrets.token_urlsafe(32)}"
-        await self._channel.send(
-            users.RequestPasswordReset(user_id=user_id, token=SecretStr(token)),
+        result = await self._channel.send(
+            users.RequestPasswordReset(
+                user_id=user_id, token=SecretStr(token), **_keyed(command_id)
+            ),
             actor_id=self.actor_id or user_id,
         )
-        return token
+        return None if result.duplicate else token
 
-    async def complete_password_reset(self, token: str, new_password: str) -> None:
+    async def complete_password_reset(
+        self, token: str, new_password: str, *, command_id: str | None = None
+    ) -> None:
         user_id = token.split(".", 1)[0] if "." in token else ""
         if not user_id:
             raise InvalidCommand("token", "malformed reset token")
         await self._channel.send(
             users.CompletePasswordReset(
-                user_id=user_id, token=SecretStr(token), new_password=SecretStr(new_password)
+                user_id=user_id,
+                token=SecretStr(token),
+                new_password=SecretStr(new_password),
+                **_keyed(command_id),
             ),
             actor_id=self.actor_id or user_id,
         )
 
-    async def assign_role(self, user_id: str, role: str) -> None:
-        await self._channel.send(users.AssignRole(user_id=user_id, role=role))
+    async def assign_role(self, user_id: str, role: str, *, command_id: str | None = None) -> None:
+        await self._channel.send(users.AssignRole(user_id=user_id, role=role, **_keyed(command_id)))
 
-    async def revoke_role(self, user_id: str, role: str) -> None:
-        await self._channel.send(users.RevokeRole(user_id=user_id, role=role))
+    async def revoke_role(self, user_id: str, role: str, *, command_id: str | None = None) -> None:
+        await self._channel.send(users.RevokeRole(user_id=user_id, role=role, **_keyed(command_id)))
 
     async def get_user_permissions(self, user_id: str) -> frozenset[str]:
         async with self._channel.read() as conn:
             return await self._channel.permissions_of(conn, user_id)
 
-    async def unlock(self, user_id: str) -> None:
-        await self._channel.send(users.UnlockUser(user_id=user_id))
+    async def unlock(self, user_id: str, *, command_id: str | None = None) -> None:
+        await self._channel.send(users.UnlockUser(user_id=user_id, **_keyed(command_id)))
 
-    async def deactivate(self, user_id: str) -> None:
-        await self._channel.send(users.DeactivateUser(user_id=user_id))
+    async def deactivate(self, user_id: str, *, command_id: str | None = None) -> None:
+        await self._channel.send(users.DeactivateUser(user_id=user_id, **_keyed(command_id)))
 
-    async def reactivate(self, user_id: str) -> None:
-        await self._channel.send(users.ReactivateUser(user_id=user_id))
+    async def reactivate(self, user_id: str, *, command_id: str | None = None) -> None:
+        await self._channel.send(users.ReactivateUser(user_id=user_id, **_keyed(command_id)))
 
-    async def change_email(self, user_id: str, new_email: str, password: str | None = None) -> None:
+    async def change_email(
+        self,
+        user_id: str,
+        new_email: str,
+        password: str | None = None,
+        *,
+        command_id: str | None = None,
+    ) -> None:
         await self._channel.send(
             users.ChangeEmail(
                 user_id=user_id,
                 new_email=new_email,
                 password=SecretStr(password) if password is not None else None,
+                **_keyed(command_id),
             )
         )
 
-    async def forget_user(self, user_id: str) -> bool:
+    async def forget_user(self, user_id: str, *, command_id: str | None = None) -> bool:
         """Erase the user's personal data (right to erasure; see docs/privacy.md):
         their keys are destroyed, so every personal field of theirs in the log and the
         read models reads as erased; ids, times and the hash chain stay. Needs
         users:manage (or the system actor). True if forgotten now, False if already."""
-        result = await self._channel.send(users.ForgetUser(user_id=user_id))
+        result = await self._channel.send(users.ForgetUser(user_id=user_id, **_keyed(command_id)))
         return bool(result.events)
 
     async def rotate_key(self, user_id: str) -> str:
@@ -369,6 +502,7 @@ async def _with_roles(conn: AsyncConnection, row: Mapping[str, Any]) -> User:
     return User.from_row({**row, "roles": tuple(roles.scalars())})
 
 
+_ENTITY_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _USER_LABEL: Final = "user__"
 #: A session by its token hash, with its user's row (``user__<column>``, NULL if gone).
 _SESSION_AND_USER: Final = (
@@ -443,16 +577,33 @@ class ProjectRepository(_Repository):
         description: str = "",
         visibility: str = "private",
         *,
+        owner_id: str | None = None,
         project_id: str | None = None,
+        command_id: str | None = None,
     ) -> Project | None:
+        """Create a project owned by the actor, or by ``owner_id``: naming another owner
+        is allowed to the trusted service context (repositories without an actor, as
+        in ``execute_in_transaction``) and to holders of ``projects:manage_all``, and
+        refused with ``PermissionDenied`` for anyone else."""
         command = projects.CreateProject(
             name=name,
             description=description,
             visibility=visibility,
+            owner_id=owner_id,
             **({"project_id": project_id} if project_id is not None else {}),
+            **_keyed(command_id),
         )
-        await self._channel.send(command)
-        return await self.get_project(command.project_id)
+        result = await self._channel.send(command)
+        return await self._created(_entity_id(result))
+
+    async def _created(self, project_id: str) -> Project | None:
+        """The project just created, as the system sees it: an actor-less creator sees
+        a private project it created for someone else."""
+        if self.actor_id is not None:
+            return await self.get_project(project_id)
+        async with self._channel.read() as conn:
+            row = await PROJECTS_Q.get(conn, project_id)
+        return Project.from_row(row) if row is not None else None
 
     async def get_project(self, project_id: str) -> Project | None:
         async with self._channel.read() as conn:
@@ -523,30 +674,93 @@ class ProjectRepository(_Repository):
             )
 
     async def update_project(
-        self, project_id: str, *, name: str | None = None, description: str | None = None
+        self,
+        project_id: str,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        command_id: str | None = None,
     ) -> None:
         await self._channel.send(
-            projects.UpdateProject(project_id=project_id, name=name, description=description)
+            projects.UpdateProject(
+                project_id=project_id, name=name, description=description, **_keyed(command_id)
+            )
         )
 
-    async def change_visibility(self, project_id: str, visibility: str) -> None:
+    async def change_visibility(
+        self, project_id: str, visibility: str, *, command_id: str | None = None
+    ) -> None:
         await self._channel.send(
-            projects.ChangeVisibility(project_id=project_id, visibility=visibility)
+            projects.ChangeVisibility(
+                project_id=project_id, visibility=visibility, **_keyed(command_id)
+            )
         )
 
-    async def archive_project(self, project_id: str) -> None:
-        await self._channel.send(projects.ArchiveProject(project_id=project_id))
-
-    async def restore_project(self, project_id: str) -> None:
-        await self._channel.send(projects.RestoreProject(project_id=project_id))
-
-    async def add_member(self, project_id: str, user_id: str, role: str = "editor") -> None:
+    async def archive_project(self, project_id: str, *, command_id: str | None = None) -> None:
         await self._channel.send(
-            projects.AddMember(project_id=project_id, user_id=user_id, role=role)
+            projects.ArchiveProject(project_id=project_id, **_keyed(command_id))
         )
 
-    async def remove_member(self, project_id: str, user_id: str) -> None:
-        await self._channel.send(projects.RemoveMember(project_id=project_id, user_id=user_id))
+    async def restore_project(self, project_id: str, *, command_id: str | None = None) -> None:
+        await self._channel.send(
+            projects.RestoreProject(project_id=project_id, **_keyed(command_id))
+        )
+
+    async def delete_project(self, project_id: str, *, command_id: str | None = None) -> None:
+        """Delete the project and its tasks (``ProjectDeleted``; the owner, managers and
+        ``projects:manage_all``): they leave the read models, their history stays in
+        the log, and every later command on them is refused with ``NotFound``."""
+        await self._channel.send(
+            projects.DeleteProject(project_id=project_id, **_keyed(command_id))
+        )
+
+    async def bulk_delete_projects(
+        self, project_ids: Iterable[str], *, command_id: str | None = None
+    ) -> int:
+        """Delete several projects in one transaction, all or none (``BulkOperationError``
+        names the refused one); ``command_id`` is one key for the whole call."""
+
+        async def work(channel: Channel) -> int:
+            count = 0
+            for index, project_id in enumerate(project_ids):
+                command = projects.DeleteProject(
+                    project_id=project_id, **_item_key(command_id, index)
+                )
+                await _bulk_step(index, project_id, channel, command)
+                count += 1
+            return count
+
+        return await self._channel.bulk(work)
+
+    async def add_member(
+        self,
+        project_id: str,
+        user_id: str,
+        role: str = "editor",
+        *,
+        command_id: str | None = None,
+    ) -> None:
+        await self._channel.send(
+            projects.AddMember(
+                project_id=project_id, user_id=user_id, role=role, **_keyed(command_id)
+            )
+        )
+
+    async def change_member_role(
+        self, project_id: str, user_id: str, role: str, *, command_id: str | None = None
+    ) -> None:
+        await self._channel.send(
+            projects.ChangeMemberRole(
+                project_id=project_id, user_id=user_id, role=role, **_keyed(command_id)
+            )
+        )
+
+    async def remove_member(
+        self, project_id: str, user_id: str, *, command_id: str | None = None
+    ) -> None:
+        await self._channel.send(
+            projects.RemoveMember(project_id=project_id, user_id=user_id, **_keyed(command_id))
+        )
 
     async def get_members(self, project_id: str) -> list[Member]:
         if await self.get_project(project_id) is None:
@@ -598,10 +812,23 @@ class TaskRepository(_Repository):
         return _visible_tasks(self.actor_id, await self._reads_all(conn))
 
     async def _project_of(self, task_id: str) -> str:
+        """The project a task command names. Not in the read model (a deleted task, or
+        one a worker has not projected yet), it comes from the task's ``TaskCreated``:
+        the write side then decides (``NotFound`` for a deleted task) or, for a resent
+        ``command_id``, returns the first outcome. An id no task can have (not an entity
+        id: a NUL, a lone surrogate, too long) is ``NotFound`` without a query."""
+        if not isinstance(task_id, str) or not _ENTITY_ID.fullmatch(task_id):
+            raise NotFound("task", task_id[:64] if isinstance(task_id, str) else None)
         async with self._channel.read() as conn:
             project_id = await conn.scalar(
                 select(tasks_table.c.project_id).where(tasks_table.c.task_id == task_id)
             )
+            if project_id is None:
+                first = await self._channel.service.store.read_stream(
+                    conn, tasks.stream_id(task_id), limit=1
+                )
+                if first and first[0].event_type == tasks.TaskCreated.event_type:
+                    project_id = first[0].data.get("project_id")
         if project_id is None:
             raise NotFound("task", task_id)
         return str(project_id)
@@ -616,6 +843,7 @@ class TaskRepository(_Repository):
         due_date: datetime | None = None,
         assignee_id: str | None = None,
         task_id: str | None = None,
+        command_id: str | None = None,
     ) -> Task | None:
         command = tasks.CreateTask(
             project_id=project_id,
@@ -625,9 +853,10 @@ class TaskRepository(_Repository):
             due_date=due_date,
             assignee_id=assignee_id,
             **({"task_id": task_id} if task_id is not None else {}),
+            **_keyed(command_id),
         )
-        await self._channel.send(command)
-        return await self.get_task(command.task_id)
+        result = await self._channel.send(command)
+        return await self.get_task(_entity_id(result))
 
     async def get_task(self, task_id: str) -> Task | None:
         async with self._channel.read() as conn:
@@ -637,35 +866,60 @@ class TaskRepository(_Repository):
             )
         return Task.from_row(rows[0]) if rows else None
 
-    async def edit_task(self, task_id: str, **fields: Any) -> Task | None:
+    async def edit_task(
+        self, task_id: str, *, command_id: str | None = None, **fields: Any
+    ) -> Task | None:
         await self._channel.send(
-            tasks.EditTask(task_id=task_id, project_id=await self._project_of(task_id), **fields)
-        )
-        return await self.get_task(task_id)
-
-    async def assign_task(self, task_id: str, user_id: str) -> Task | None:
-        await self._channel.send(
-            tasks.AssignTask(
-                task_id=task_id, project_id=await self._project_of(task_id), assignee_id=user_id
-            )
-        )
-        return await self.get_task(task_id)
-
-    async def unassign_task(self, task_id: str) -> Task | None:
-        await self._channel.send(
-            tasks.UnassignTask(task_id=task_id, project_id=await self._project_of(task_id))
-        )
-        return await self.get_task(task_id)
-
-    async def update_task_status(self, task_id: str, status: str) -> Task | None:
-        await self._channel.send(
-            tasks.ChangeTaskStatus(
+            tasks.EditTask(
                 task_id=task_id,
                 project_id=await self._project_of(task_id),
-                to=status,
+                **fields,
+                **_keyed(command_id),
             )
         )
         return await self.get_task(task_id)
+
+    async def assign_task(
+        self, task_id: str, user_id: str, *, command_id: str | None = None
+    ) -> Task | None:
+        await self._channel.send(await self._assign_command(task_id, user_id, _keyed(command_id)))
+        return await self.get_task(task_id)
+
+    async def _assign_command(
+        self, task_id: str, user_id: str, key: dict[str, str]
+    ) -> tasks.AssignTask:
+        project_id = await self._project_of(task_id)
+        return tasks.AssignTask(task_id=task_id, project_id=project_id, assignee_id=user_id, **key)
+
+    async def unassign_task(self, task_id: str, *, command_id: str | None = None) -> Task | None:
+        await self._channel.send(
+            tasks.UnassignTask(
+                task_id=task_id, project_id=await self._project_of(task_id), **_keyed(command_id)
+            )
+        )
+        return await self.get_task(task_id)
+
+    async def update_task_status(
+        self, task_id: str, status: str, *, command_id: str | None = None
+    ) -> Task | None:
+        await self._channel.send(await self._status_command(task_id, status, _keyed(command_id)))
+        return await self.get_task(task_id)
+
+    async def _status_command(
+        self, task_id: str, status: str, key: dict[str, str]
+    ) -> tasks.ChangeTaskStatus:
+        project_id = await self._project_of(task_id)
+        return tasks.ChangeTaskStatus(task_id=task_id, project_id=project_id, to=status, **key)
+
+    async def delete_task(self, task_id: str, *, command_id: str | None = None) -> None:
+        """Delete the task (``TaskDeleted``; anyone who may write the project's tasks):
+        it leaves the read models, its history stays in the log, and every later
+        command on it is refused with ``NotFound``."""
+        await self._channel.send(await self._delete_command(task_id, _keyed(command_id)))
+
+    async def _delete_command(self, task_id: str, key: dict[str, str]) -> tasks.DeleteTask:
+        project_id = await self._project_of(task_id)
+        return tasks.DeleteTask(task_id=task_id, project_id=project_id, **key)
 
     async def list_tasks(
         self,
@@ -742,59 +996,124 @@ class TaskRepository(_Repository):
         return await self.list_tasks(filters, order_by=["due_at"], **options)
 
     # -- bulk: many commands, one transaction, all or nothing ------------------------
+    # ``command_id`` is one key per call: item i's command gets
+    # derived_command_id(command_id, i), so a resent call returns the first outcome.
 
-    async def create_tasks(self, items: Sequence[Mapping[str, Any]]) -> list[Task | None]:
+    async def create_tasks(
+        self, items: Sequence[Mapping[str, Any]], *, command_id: str | None = None
+    ) -> list[Task | None]:
+        """Create several tasks (each item: ``create_task``'s keyword arguments) in one
+        transaction, all or none; ``command_id`` is one key for the whole call."""
+
         async def work(channel: Channel) -> list[str]:
             ids = []
             for index, item in enumerate(items):
-                repo = TaskRepository(channel)
-                command = tasks.CreateTask(**item)
-                await _bulk_step(index, command.task_id, channel.send(command))
-                ids.append(command.task_id)
-                del repo
+                command = tasks.CreateTask(**{**item, **_item_key(command_id, index)})
+                result = await _bulk_step(index, command.task_id, channel, command)
+                ids.append(_entity_id(result))
             return ids
 
-        ids = await self._channel.batch(work)
+        ids = await self._channel.bulk(work)
         return [await self.get_task(i) for i in ids]
 
-    async def bulk_update_task_status(self, task_ids: Iterable[str], status: str) -> int:
+    async def bulk_update_task_status(
+        self, task_ids: Iterable[str], status: str, *, command_id: str | None = None
+    ) -> int:
+        """Move several tasks to ``status`` in one transaction, all or none
+        (``BulkOperationError`` names the refused item); ``command_id`` is one key for
+        the whole call. Returns how many."""
+
         async def work(channel: Channel) -> int:
             repo = TaskRepository(channel)
             count = 0
             for index, task_id in enumerate(task_ids):
-                step = repo.update_task_status(task_id, status)
-                await _bulk_step(index, task_id, step)
+                command = await _bulk_command(
+                    index,
+                    task_id,
+                    repo._status_command(task_id, status, _item_key(command_id, index)),
+                )
+                await _bulk_step(index, task_id, channel, command)
                 count += 1
             return count
 
-        return await self._channel.batch(work)
+        return await self._channel.bulk(work)
 
-    async def bulk_assign(self, task_ids: Iterable[str], user_id: str) -> int:
+    async def bulk_assign(
+        self, task_ids: Iterable[str], user_id: str, *, command_id: str | None = None
+    ) -> int:
+        """Assign several tasks to ``user_id`` in one transaction, all or none;
+        ``command_id`` is one key for the whole call. Returns how many."""
+
         async def work(channel: Channel) -> int:
             repo = TaskRepository(channel)
             count = 0
             for index, task_id in enumerate(task_ids):
-                await _bulk_step(index, task_id, repo.assign_task(task_id, user_id))
+                command = await _bulk_command(
+                    index,
+                    task_id,
+                    repo._assign_command(task_id, user_id, _item_key(command_id, index)),
+                )
+                await _bulk_step(index, task_id, channel, command)
                 count += 1
             return count
 
-        return await self._channel.batch(work)
+        return await self._channel.bulk(work)
+
+    async def bulk_delete_tasks(
+        self, task_ids: Iterable[str], *, command_id: str | None = None
+    ) -> int:
+        """Delete several tasks (see :meth:`delete_task`) in one transaction, all or
+        none; ``command_id`` is one key for the whole call. Returns how many."""
+
+        async def work(channel: Channel) -> int:
+            repo = TaskRepository(channel)
+            count = 0
+            for index, task_id in enumerate(task_ids):
+                command = await _bulk_command(
+                    index, task_id, repo._delete_command(task_id, _item_key(command_id, index))
+                )
+                await _bulk_step(index, task_id, channel, command)
+                count += 1
+            return count
+
+        return await self._channel.bulk(work)
 
 
-async def _bulk_step(index: int, item: str, step: Awaitable[Any]) -> None:
+async def _bulk_command(index: int, item: str, build: Awaitable[C]) -> C:
+    """The command of a bulk item, whose building may refuse it (an unknown task)."""
     try:
-        await step
+        return await build
     except DomainError as error:
         raise BulkOperationError(index, item, error) from error
 
 
+async def _bulk_step(
+    index: int, item: str, channel: Channel, command: Command, *, actor_id: str | None = None
+) -> CommandResult:
+    try:
+        return await channel.send(command, actor_id=actor_id)
+    except DomainError as error:
+        raise BulkOperationError(index, item, error, command) from error
+
+
 class SessionRepository(_Repository):
-    async def create_session(self, email: str, password: str) -> NewSession:
-        """Authenticate, then start a session; the token is returned once."""
-        user = await UserRepository(self._channel).authenticate(email, password)
+    async def create_session(
+        self, email: str, password: str, *, command_id: str | None = None
+    ) -> NewSession:
+        """Authenticate, then start a session; the token is returned once. A resent
+        ``command_id`` answers a refused login with the first refusal (and counts no
+        second failure); after a session was started it raises ``AlreadyExists``
+        naming the session, since its token cannot be shown again."""
+        user = await UserRepository(self._channel).authenticate(
+            email, password, **_item_key(command_id, "login")
+        )
         token = secrets.token_urlsafe(32)  # 256 bits
-        command = sessions.StartSession(user_id=user.user_id, token=SecretStr(token))
-        await self._channel.send(command, actor_id=user.user_id)
+        command = sessions.StartSession(
+            user_id=user.user_id, token=SecretStr(token), **_item_key(command_id, "session")
+        )
+        result = await self._channel.send(command, actor_id=user.user_id)
+        if result.duplicate:
+            raise AlreadyExists("session", _entity_id(result))
         session = await self.get_session(command.session_id)
         assert session is not None
         return NewSession(token=token, session=session, user=user)
@@ -850,39 +1169,55 @@ class SessionRepository(_Repository):
             )
         return SessionValidation(valid=True, user=user, permissions=permissions, session=session)
 
-    async def touch(self, session_id: str) -> None:
+    async def touch(self, session_id: str, *, command_id: str | None = None) -> None:
         session = await self.get_session(session_id)
         if session is None:
             raise NotFound("session", session_id)
         await self._channel.send(
-            sessions.TouchSession(session_id=session_id, user_id=session.user_id),
+            sessions.TouchSession(
+                session_id=session_id, user_id=session.user_id, **_keyed(command_id)
+            ),
             actor_id=self.actor_id or session.user_id,
         )
 
-    async def revoke(self, session_id: str) -> None:
+    async def revoke(self, session_id: str, *, command_id: str | None = None) -> None:
+        command = await self._revoke_command(session_id, _keyed(command_id))
+        await self._channel.send(command, actor_id=self.actor_id or command.user_id)
+
+    async def _revoke_command(self, session_id: str, key: dict[str, str]) -> sessions.RevokeSession:
         session = await self.get_session(session_id)
         if session is None:
             raise NotFound("session", session_id)
+        return sessions.RevokeSession(session_id=session_id, user_id=session.user_id, **key)
+
+    async def revoke_all(self, user_id: str, *, command_id: str | None = None) -> None:
         await self._channel.send(
-            sessions.RevokeSession(session_id=session_id, user_id=session.user_id),
-            actor_id=self.actor_id or session.user_id,
+            users.RevokeAllSessions(user_id=user_id, **_keyed(command_id)),
+            actor_id=self.actor_id or user_id,
         )
 
-    async def revoke_all(self, user_id: str) -> None:
-        await self._channel.send(
-            users.RevokeAllSessions(user_id=user_id), actor_id=self.actor_id or user_id
-        )
+    async def bulk_revoke_sessions(
+        self, session_ids: Iterable[str], *, command_id: str | None = None
+    ) -> int:
+        """Revoke several sessions in one transaction, all or none; ``command_id`` is one
+        key for the whole call."""
 
-    async def bulk_revoke_sessions(self, session_ids: Iterable[str]) -> int:
         async def work(channel: Channel) -> int:
             repo = SessionRepository(channel)
             count = 0
             for index, session_id in enumerate(session_ids):
-                await _bulk_step(index, session_id, repo.revoke(session_id))
+                command = await _bulk_command(
+                    index,
+                    session_id,
+                    repo._revoke_command(session_id, _item_key(command_id, index)),
+                )
+                # As revoke: without an actor, the session's own user revokes it.
+                actor = self.actor_id or command.user_id
+                await _bulk_step(index, session_id, channel, command, actor_id=actor)
                 count += 1
             return count
 
-        return await self._channel.batch(work)
+        return await self._channel.bulk(work)
 
     async def get_user_sessions(self, user_id: str, *, active_only: bool = True) -> list[Session]:
         filters: dict[str, Any] = {"user_id": user_id}
@@ -893,9 +1228,10 @@ class SessionRepository(_Repository):
             rows = await SESSIONS_Q.list(conn, filters, order_by=["-started_at"], limit=None)
         return Session.from_rows(rows)
 
-    async def cleanup_expired_sessions(self) -> int:
+    async def cleanup_expired_sessions(self, *, command_id: str | None = None) -> int:
         """Revoke (as the system) sessions past their absolute or idle expiry that are
-        still open; returns how many. Rows stay in the read model: the log is history."""
+        still open; returns how many. Rows stay in the read model: the log is history.
+        With ``command_id`` (one key per call), a resent call revokes nothing twice."""
         policy = self._channel.service.policy
         now = self._now()
         async with self._channel.read() as conn:
@@ -915,7 +1251,11 @@ class SessionRepository(_Repository):
         async def work(channel: Channel) -> int:
             for row in expired:
                 await channel.send(
-                    sessions.RevokeSession(session_id=row.session_id, user_id=row.user_id),
+                    sessions.RevokeSession(
+                        session_id=row.session_id,
+                        user_id=row.user_id,
+                        **_item_key(command_id, row.session_id),
+                    ),
                     actor_id=SYSTEM_ACTOR,
                 )
             return len(expired)
@@ -944,6 +1284,7 @@ class AuditRepository(_Repository):
         details: Mapping[str, Any] | None = None,
         *,
         actor_id: str | None = None,
+        command_id: str | None = None,
     ) -> CommandResult:
         """Record an action outside the domain model (an export, a download) in the log."""
         return await self._channel.send(
@@ -952,9 +1293,42 @@ class AuditRepository(_Repository):
                 resource_type=resource_type,
                 resource_id=resource_id,
                 details=dict(details or {}),
+                **_keyed(command_id),
             ),
             actor_id=actor_id,
         )
+
+    async def archive(
+        self, *, before: datetime, output: str | Path | None = None
+    ) -> retention.ArchiveReport:
+        """Retention, as ``tiu audit archive`` does it: move security events recorded
+        before ``before`` to a gzip JSONL file (``output``, default
+        ``tiu-security-before-<cutoff>.jsonl.gz`` in the working directory), then
+        remove them from the log in one transaction that appends an ``AuditArchived``
+        record naming the actor (``tiu verify`` accepts exactly those holes). Each
+        stream keeps its newest event. Needs ``audit:read`` (or the system actor), and a
+        database role that may delete from ``events`` (the owner; the least-privilege
+        role of ``sql/app_role.sql`` gets ``RetentionError``, and nothing changes)."""
+        if before.tzinfo is None or before.utcoffset() is None:
+            raise InvalidCommand("before", "must be timezone-aware")
+        await self._require(f"archive before {before.isoformat()}")
+        store = self._channel.service.store
+        try:
+            with translate_errors(store.dialect.database_label):
+                return await retention.archive(
+                    store,
+                    before=before,
+                    output=Path(output) if output is not None else None,
+                    category=ARCHIVABLE_CATEGORY,
+                    actor_id=self.actor_id,
+                )
+        except DBAPIError as error:
+            if sqlstate(error) != _PG_INSUFFICIENT_PRIVILEGE:
+                raise
+            raise retention.RetentionError(
+                "this database role may not remove events (the least-privilege role of "
+                "sql/app_role.sql); run retention as the schema's owner"
+            ) from error
 
     async def get_events(
         self,

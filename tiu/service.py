@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
@@ -16,9 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from domain import audit, projects, security, sessions, tasks, users
 from domain.base import Command, CommandContext, SecurityPolicy
 from domain.passwords import BcryptHasher, PasswordHasher
+from domain.permissions import SYSTEM_ACTOR
 from eventstore import EventStore, create_engine, health_check, pool_status
 from eventstore.engine import begin_write
-from eventstore.retention import RETENTION_CATEGORY
+from eventstore.retention import RETENTION_CATEGORY, ArchiveReport
 from eventstore.schema import events
 from migrations import runner as migrations
 from projections import checkpoints, replay
@@ -302,9 +304,17 @@ class DatabaseService:
             "publishers": await self._publishers(),
         }
 
-    async def cleanup_expired_sessions(self) -> int:
+    async def cleanup_expired_sessions(self, *, command_id: str | None = None) -> int:
         async with self.get_repositories() as repos:
-            return await repos.sessions.cleanup_expired_sessions()
+            return await repos.sessions.cleanup_expired_sessions(command_id=command_id)
+
+    async def archive_audit_log(
+        self, *, before: datetime, output: str | Path | None = None
+    ) -> ArchiveReport:
+        """Audit retention as the operator (the system actor), with the rules of
+        ``tiu audit archive``: see :meth:`tiu.repositories.AuditRepository.archive`."""
+        async with self.get_repositories(SYSTEM_ACTOR) as repos:
+            return await repos.audit.archive(before=before, output=output)
 
 
 async def _counts(conn: AsyncConnection, column: ColumnElement[str]) -> dict[str, int]:

@@ -7,7 +7,8 @@ not done or cancelled).
 
 No task -> (project, status) helper table is kept: every ``TaskStatusChanged``
 carries its ``project_id`` and ``from_status``, so each event moves one count to
-another on its own.
+another on its own; a ``TaskDeleted`` carries the status it leaves. A deleted project
+(``ProjectDeleted``) loses its row.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from sqlalchemy import Column, Integer, String, Table, bindparam, insert, update
+from sqlalchemy import Column, Integer, String, Table, bindparam, delete, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import projects, tasks
@@ -45,7 +46,13 @@ class ProjectStatsProjector(BatchedProjector):
     tables: ClassVar = (project_stats,)
     handles = frozenset(
         cls.event_type
-        for cls in (projects.ProjectCreated, tasks.TaskCreated, tasks.TaskStatusChanged)
+        for cls in (
+            projects.ProjectCreated,
+            projects.ProjectDeleted,
+            tasks.TaskCreated,
+            tasks.TaskStatusChanged,
+            tasks.TaskDeleted,
+        )
     )
 
     async def apply(self, conn: AsyncConnection, envelope: Envelope, t: Tables) -> None:
@@ -62,8 +69,14 @@ class ProjectStatsProjector(BatchedProjector):
                     {"project_id": event.project_id, "total": 0, "updated_at": at, **zeros},
                 )
                 return
+            case projects.ProjectDeleted():
+                query = statement(table, "delete", _delete_statement)
+                await execute(conn, query, {"key_project_id": event.project_id})
+                return
             case tasks.TaskCreated():
                 changes = (("total", 1), (TaskStatus.TODO.value, 1))
+            case tasks.TaskDeleted():
+                changes = (("total", -1), (event.status.value, -1))
             case tasks.TaskStatusChanged():
                 old, new = event.from_status.value, event.to_status.value
                 # As a dict: when old == new, the increment wins (as in fold).
@@ -97,6 +110,18 @@ class ProjectStatsProjector(BatchedProjector):
                             total=row["total"] + 1,
                             **{todo: row[todo] + 1},
                         )
+                case projects.ProjectDeleted():
+                    rows.delete(event.project_id)
+                case tasks.TaskDeleted():
+                    row = rows.get(event.project_id)
+                    if row is not None:
+                        status = event.status.value
+                        rows.update(
+                            event.project_id,
+                            updated_at=at,
+                            total=row["total"] - 1,
+                            **{status: row[status] - 1},
+                        )
                 case tasks.TaskStatusChanged():
                     row = rows.get(event.project_id)
                     if row is not None:
@@ -105,6 +130,10 @@ class ProjectStatsProjector(BatchedProjector):
                         changes = {old: row[old] - 1, new: row[new] + 1}
                         rows.update(event.project_id, updated_at=at, **changes)
         await rows.flush(conn)
+
+
+def _delete_statement(table: Table) -> Any:
+    return delete(table).where(table.c.project_id == bindparam("key_project_id"))
 
 
 def _count_statement(table: Table, changes: tuple[tuple[str, int], ...]) -> Any:

@@ -1,7 +1,8 @@
 """The ``projects`` read model: one row per project, and its members.
 
 ``project_members`` holds members only, as the decider does: the owner is
-``projects.owner_id`` and never a member row.
+``projects.owner_id`` and never a member row. A deleted project (``ProjectDeleted``)
+loses its row and its members' rows; the log keeps its history.
 """
 
 from __future__ import annotations
@@ -10,12 +11,23 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Boolean, Column, Index, String, Table, Text, delete, insert, update
+from sqlalchemy import (
+    Boolean,
+    Column,
+    ColumnElement,
+    Index,
+    String,
+    Table,
+    Text,
+    delete,
+    insert,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import projects
 from eventstore.types import UTCDateTime
-from projections.batching import BatchedProjector, KeyedRows, field
+from projections.batching import BatchedProjector, KeyedRows, field, keys_param
 from projections.projector import Envelope, Tables, metadata
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
@@ -70,6 +82,7 @@ class ProjectsProjector(BatchedProjector):
             projects.MemberRoleChanged,
             projects.ProjectArchived,
             projects.ProjectRestored,
+            projects.ProjectDeleted,
         )
     )
 
@@ -101,6 +114,11 @@ class ProjectsProjector(BatchedProjector):
                 await _update(conn, t, event.project_id, at, archived=True, archived_at=at)
             case projects.ProjectRestored():
                 await _update(conn, t, event.project_id, at, archived=False, archived_at=None)
+            case projects.ProjectDeleted():
+                members = t["project_members"]
+                await conn.execute(delete(members).where(members.c.project_id == event.project_id))
+                table = t["projects"]
+                await conn.execute(delete(table).where(table.c.project_id == event.project_id))
             case projects.MemberAdded():
                 await conn.execute(
                     insert(t["project_members"]).values(
@@ -135,13 +153,18 @@ class ProjectsProjector(BatchedProjector):
     async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
         rows = KeyedRows(t["projects"])
         members = KeyedRows(t["project_members"])
+        deleted = []
         for envelope in envelopes:
             project_id = field(envelope, "project_id")
             rows.want(project_id)
             if isinstance(envelope.event, _MEMBER_EVENTS):
                 members.want((project_id, field(envelope, "user_id")))
+            elif isinstance(envelope.event, projects.ProjectDeleted):
+                deleted.append(project_id)
         await rows.load(conn)
         await members.load(conn)
+        # A deleted project's members are found by project.
+        await members.load_by(conn, "by_project", _by_project, deleted)
         for envelope in envelopes:
             at = occurred_at(envelope)
             event = envelope.event
@@ -189,8 +212,17 @@ class ProjectsProjector(BatchedProjector):
                 case projects.MemberRemoved():
                     members.delete((event.project_id, event.user_id))
                     rows.update(event.project_id, updated_at=at)
+                case projects.ProjectDeleted():
+                    rows.delete(event.project_id)
+                    for member in list(members.rows()):
+                        if member["project_id"] == event.project_id:
+                            members.delete(members.key_of(member))
         await members.flush(conn)
         await rows.flush(conn)
+
+
+def _by_project(table: Table) -> ColumnElement[bool]:
+    return table.c.project_id.in_(keys_param())
 
 
 _MEMBER_EVENTS = (projects.MemberAdded, projects.MemberRoleChanged, projects.MemberRemoved)

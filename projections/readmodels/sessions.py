@@ -4,8 +4,9 @@ Besides a session's own revocation, the user-wide revocations (password change,
 deactivation, revoke-all) mark every session the user started before them as revoked,
 with the reason, so that validating a token needs this table alone. Idle and absolute
 expiry depend on "now" and the policy and are decided by the reader
-(``domain.sessions.session_status``). The login's IP and user agent are not copied:
-they stay in the event log as personal data under its retention.
+(``domain.sessions.session_status``). The login's IP and user agent are copied
+(``ip``, ``user_agent``); forgetting the user (``UserForgotten``) sets them to
+``domain.base.ERASED``, as a replay after the erasure reads them from the log.
 """
 
 from __future__ import annotations
@@ -15,10 +16,22 @@ from datetime import datetime
 from enum import StrEnum
 from typing import ClassVar
 
-from sqlalchemy import Column, ColumnElement, Index, String, Table, and_, insert, update
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Index,
+    String,
+    Table,
+    Text,
+    and_,
+    case,
+    insert,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import sessions, users
+from domain.base import ERASED
 from eventstore.types import UTCDateTime
 from projections.batching import BatchedProjector, KeyedRows, field, keys_param
 from projections.projector import Envelope, Tables, metadata
@@ -51,6 +64,8 @@ sessions_table = Table(
     Column("revoked_at", UTCDateTime),
     Column("revoked_by", String(ID_LENGTH)),
     Column("revoked_reason", String(50)),
+    Column("ip", Text),
+    Column("user_agent", Text),
     Index(None, "token_hash", unique=True),
     Index(None, "user_id", "started_at"),
     Index(None, "expires_at"),
@@ -60,6 +75,7 @@ sessions_table = Table(
 
 class SessionsProjector(BatchedProjector):
     name = "sessions"
+    version = 2  # v2: ip, user_agent
     tables: ClassVar = (sessions_table,)
     handles = frozenset(
         cls.event_type
@@ -93,6 +109,8 @@ class SessionsProjector(BatchedProjector):
                         revoked_at=None,
                         revoked_by=None,
                         revoked_reason=None,
+                        ip=event.ip,
+                        user_agent=event.user_agent,
                     )
                 )
             case sessions.SessionTouched():
@@ -134,21 +152,34 @@ class SessionsProjector(BatchedProjector):
                 await _revoke_all(
                     conn, t, event.user_id, at, by=event.by, reason=RevokedReason.USER_FORGOTTEN
                 )
+                await conn.execute(
+                    update(table)
+                    .where(table.c.user_id == event.user_id)
+                    .values(
+                        ip=case((table.c.ip.is_(None), None), else_=ERASED),
+                        user_agent=case((table.c.user_agent.is_(None), None), else_=ERASED),
+                    )
+                )
 
     async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
         table = t["sessions"]
-        rows = KeyedRows(table, load=("user_id", "started_at", "revoked_at"))
+        rows = KeyedRows(table, load=("user_id", "started_at", "revoked_at", "ip", "user_agent"))
         revoking: set[str] = set()
+        forgotten: set[str] = set()
         for envelope in envelopes:
             event = envelope.event
             if isinstance(event, _SESSION_EVENTS):
                 rows.want(event.session_id)
             else:
                 revoking.add(field(envelope, "user_id"))
+                if isinstance(event, users.UserForgotten):
+                    forgotten.add(event.user_id)
         await rows.load(conn)
         # A user-wide revocation revokes the user's live sessions started before it:
-        # load those by user (sessions already revoked stay as they are).
+        # load those by user (sessions already revoked stay as they are). Forgetting
+        # erases the IP and user agent of every session of the user: load them all.
         await rows.load_by(conn, "live_by_user", _live_by_user, revoking)
+        await rows.load_by(conn, "by_user", _by_user, forgotten)
         by_user: dict[str, list[str]] = {u: [] for u in revoking}
         for found in rows.rows():
             if found["user_id"] in by_user:
@@ -178,6 +209,8 @@ class SessionsProjector(BatchedProjector):
                             "revoked_at": None,
                             "revoked_by": None,
                             "revoked_reason": None,
+                            "ip": event.ip,
+                            "user_agent": event.user_agent,
                         }
                     )
                     if event.user_id in by_user:
@@ -211,10 +244,22 @@ class SessionsProjector(BatchedProjector):
                     revoke_all(event.user_id, at, event.by, RevokedReason.ALL_SESSIONS_REVOKED)
                 case users.UserForgotten():
                     revoke_all(event.user_id, at, event.by, RevokedReason.USER_FORGOTTEN)
+                    for session_id in by_user[event.user_id]:
+                        row = rows.get(session_id)
+                        if row is not None:
+                            rows.update(
+                                session_id,
+                                ip=None if row["ip"] is None else ERASED,
+                                user_agent=None if row["user_agent"] is None else ERASED,
+                            )
         await rows.flush(conn)
 
 
 _SESSION_EVENTS = (sessions.SessionStarted, sessions.SessionTouched, sessions.SessionRevoked)
+
+
+def _by_user(table: Table) -> ColumnElement[bool]:
+    return table.c.user_id.in_(keys_param())
 
 
 def _live_by_user(table: Table) -> ColumnElement[bool]:

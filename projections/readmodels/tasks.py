@@ -2,6 +2,8 @@
 
 ``priority_rank`` (1 low .. 4 urgent) sorts by priority, which the names cannot.
 ``completed_at`` is set when a task reaches ``done`` and cleared when it leaves it.
+A deleted task (``TaskDeleted``) and the tasks of a deleted project
+(``ProjectDeleted``) lose their rows; the log keeps their history.
 """
 
 from __future__ import annotations
@@ -10,15 +12,27 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Column, Index, SmallInteger, String, Table, Text, bindparam, insert, update
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Index,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    bindparam,
+    delete,
+    insert,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from domain import tasks
+from domain import projects, tasks
 from domain.base import Event
 from domain.tasks import Priority, TaskStatus
 from eventstore.prepared import execute
 from eventstore.types import UTCDateTime
-from projections.batching import BatchedProjector, KeyedRows, field
+from projections.batching import BatchedProjector, KeyedRows, field, keys_param
 from projections.projector import Envelope, Tables, metadata, statement
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
@@ -63,12 +77,23 @@ class TasksProjector(BatchedProjector):
             tasks.TaskAssigned,
             tasks.TaskUnassigned,
             tasks.TaskStatusChanged,
+            tasks.TaskDeleted,
+            projects.ProjectDeleted,
         )
     )
 
     async def apply(self, conn: AsyncConnection, envelope: Envelope, t: Tables) -> None:
+        event = envelope.event
+        table = t["tasks"]
+        if isinstance(event, tasks.TaskDeleted):
+            await execute(conn, statement(table, "delete", _delete_task), {"key": event.task_id})
+            return
+        if isinstance(event, projects.ProjectDeleted):
+            query = statement(table, "delete-project", _delete_project_tasks)
+            await execute(conn, query, {"key": event.project_id})
+            return
         at = occurred_at(envelope)
-        change = _change(envelope.event, at)
+        change = _change(event, at)
         if change is None:
             return
         created, task_id, values = change
@@ -78,11 +103,27 @@ class TasksProjector(BatchedProjector):
             await _update(conn, t, task_id, at, **values)
 
     async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
-        rows = KeyedRows(t["tasks"])
+        deleted_projects = [
+            e.event.project_id for e in envelopes if isinstance(e.event, projects.ProjectDeleted)
+        ]
+        # The tasks of a deleted project are found by project: load them, with their
+        # project_id, to drop them with the ones this batch creates.
+        rows = KeyedRows(t["tasks"], load=("project_id",) if deleted_projects else ())
         for envelope in envelopes:
-            rows.want(field(envelope, "task_id"))
+            if not isinstance(envelope.event, projects.ProjectDeleted):
+                rows.want(field(envelope, "task_id"))
         await rows.load(conn)
+        await rows.load_by(conn, "by_project", _by_project, deleted_projects)
         for envelope in envelopes:
+            event = envelope.event
+            if isinstance(event, tasks.TaskDeleted):
+                rows.delete(event.task_id)
+                continue
+            if isinstance(event, projects.ProjectDeleted):
+                for row in list(rows.rows()):
+                    if row["project_id"] == event.project_id:
+                        rows.delete(rows.key_of(row))
+                continue
             at = occurred_at(envelope)
             change = _change(envelope.event, at)
             if change is None:
@@ -154,6 +195,18 @@ async def _update(
 ) -> None:
     query = statement(t["tasks"], "update", _update_statement)
     await execute(conn, query, {"key_task_id": task_id, "updated_at": at, **values})
+
+
+def _by_project(table: Table) -> ColumnElement[bool]:
+    return table.c.project_id.in_(keys_param())
+
+
+def _delete_task(table: Table) -> Any:
+    return delete(table).where(table.c.task_id == bindparam("key"))
+
+
+def _delete_project_tasks(table: Table) -> Any:
+    return delete(table).where(table.c.project_id == bindparam("key"))
 
 
 def _update_statement(table: Table) -> Any:

@@ -195,3 +195,50 @@ def test_write_access_follows_project_role_and_global_role():
 def test_evolve_ignores_events_of_other_aggregates():
     state = project_state()
     assert projects.evolve(state, registered("alice")) == state
+
+
+def test_deleting_a_project_is_for_managers_and_then_it_takes_no_command():
+    delete = projects.DeleteProject(project_id="p1")
+    deleted = projects.ProjectDeleted(project_id="p1", by="owen", at=T0)
+    given(project_created()).when(delete, ctx=ctx("owen"), related=actor("owen")).then(deleted)
+    given(project_created(), ARCHIVED).when(delete, ctx=ctx("owen"), related=actor("owen")).then(
+        projects.ProjectDeleted(project_id="p1", by="owen", at=T0)
+    )
+    editor = member_added("ed", ProjectRole.EDITOR)
+    given(project_created(), editor).when(delete, ctx=ctx("ed"), related=actor("ed")).then_raises(
+        PermissionDenied
+    )
+    for command in (
+        delete,
+        projects.RestoreProject(project_id="p1"),
+        projects.UpdateProject(project_id="p1", name="Back"),
+    ):
+        given(project_created(), deleted).when(
+            command, ctx=ctx("owen"), related=actor("owen")
+        ).then_raises(NotFound)
+    again = projects.CreateProject(project_id="p1", name="Again")
+    given(project_created(), deleted).when(
+        again, ctx=ctx("owen"), related=actor("owen")
+    ).then_raises(AlreadyExists)
+
+
+def test_naming_another_owner_is_for_the_service_context_and_project_admins():
+    command = projects.CreateProject(project_id="p1", name="Apollo", owner_id="ada")
+    created = projects.ProjectCreated(
+        project_id="p1",
+        owner_id="ada",
+        name="Apollo",
+        description="",
+        visibility=Visibility.PRIVATE,
+        at=T0,
+    )
+    ada = {"owner": user_state("ada")}
+    given().when(command, ctx=ctx(), related=ada).then(created)  # no actor: the service
+    given().when(command, ctx=ctx(ADMIN_ID), related={**admin(), **ada}).then(created)
+    given().when(command, ctx=ctx(SYSTEM_ACTOR), related=ada).then(created)
+    given().when(command, ctx=ctx("bob"), related={**actor("bob"), **ada}).then_raises(
+        PermissionDenied
+    )
+    given().when(command, ctx=ctx(), related={}).then_raises(NotFound)
+    inactive = {"owner": user_state("ada", users.UserDeactivated(user_id="ada", by="root", at=T0))}
+    given().when(command, ctx=ctx(), related=inactive).then_raises(Conflict)

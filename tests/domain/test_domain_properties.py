@@ -169,6 +169,7 @@ task_actions = st.lists(
         st.tuples(st.just("assign"), st.sampled_from(PEOPLE)),
         st.tuples(st.just("unassign"), st.none()),
         st.tuples(st.just("edit"), st.sampled_from(list(tasks.Priority))),
+        st.tuples(st.just("delete"), st.none()),
     ),
     max_size=30,
 )
@@ -189,6 +190,8 @@ def task_steps(actions):
                 yield tasks.UnassignTask(**ids), ctx("ed"), related
             case "edit":
                 yield tasks.EditTask(**ids, priority=value), ctx("ed"), related
+            case "delete":
+                yield tasks.DeleteTask(**ids), ctx("ed"), related
 
 
 def reachable_from_todo():
@@ -206,6 +209,7 @@ def test_tasks_only_move_along_the_machine_and_assignees_are_participants(action
     log = run(TASKS, [], task_steps(actions))
     state = tasks.initial_state()
     for event in log:
+        assert not state.deleted, "a deleted task decided something"
         match event:
             case tasks.TaskStatusChanged():
                 assert event.from_status == state.status

@@ -22,6 +22,7 @@ from domain import (
     tasks,
     users,
 )
+from domain.base import decode_event
 
 
 def test_a_refused_login_becomes_a_login_rejected_audit_event():
@@ -30,6 +31,7 @@ def test_a_refused_login_becomes_a_login_rejected_audit_event():
     assert event == security.LoginRejected(
         command_id="c1",
         user_id="alice",
+        subject_id="alice",  # the targeted account's key seals the IP and user agent
         error_code="invalid_credentials",
         reason="invalid email or password",
         actor_id=None,
@@ -38,6 +40,24 @@ def test_a_refused_login_becomes_a_login_rejected_audit_event():
         at=T0,
     )
     assert security.stream_id(None) == "security-anonymous"
+    unknown = users.AttemptLogin(user_id=None, password=SecretStr("x"), command_id="c3")
+    assert security.rejection_event(unknown, InvalidCredentials(), ctx()).subject_id is None
+
+
+def test_a_version_1_login_rejected_reads_with_the_actor_as_its_subject():
+    stored = {
+        "command_id": "c1",
+        "user_id": "alice",
+        "error_code": "invalid_credentials",
+        "reason": "invalid email or password",
+        "actor_id": "bob",
+        "ip": "203.0.113.7",
+        "user_agent": "pytest",
+        "at": T0.isoformat(),
+    }
+    event = decode_event("LoginRejected", 1, stored)
+    assert isinstance(event, security.LoginRejected)
+    assert (event.subject_id, event.user_id, event.ip) == ("bob", "alice", "203.0.113.7")
 
 
 def test_a_permission_denial_becomes_a_command_rejected_event_naming_the_target():

@@ -20,6 +20,7 @@ from domain import (
     PermissionDenied,
     ProjectRole,
     Role,
+    projects,
     tasks,
     users,
 )
@@ -215,3 +216,37 @@ def test_illegal_status_changes_name_both_ends(path, to):
 def test_the_transition_table_covers_every_status():
     assert set(TRANSITIONS) == set(TaskStatus)
     assert [p.rank for p in Priority] == [1, 2, 3, 4]
+
+
+def test_deleting_a_task_records_who_and_the_status_it_leaves_then_refuses_everything():
+    started = status(TaskStatus.TODO, TaskStatus.IN_PROGRESS)
+    delete = tasks.DeleteTask(task_id="t1", project_id="p1")
+    deleted = tasks.TaskDeleted(
+        task_id="t1", project_id="p1", status=TaskStatus.IN_PROGRESS, by="ed", at=T0
+    )
+    given(CREATED, started).when(delete, ctx=ctx("ed"), related=AS_ED).then(deleted)
+    for command in (
+        delete,
+        move(TaskStatus.REVIEW),
+        tasks.EditTask(task_id="t1", project_id="p1", title="Back"),
+    ):
+        given(CREATED, started, deleted).when(command, ctx=ctx("ed"), related=AS_ED).then_raises(
+            NotFound
+        )
+    again = tasks.CreateTask(task_id="t1", project_id="p1", title="Again")
+    given(CREATED, deleted).when(again, ctx=ctx("ed"), related=AS_ED).then_raises(AlreadyExists)
+    as_vic = {"project": PROJECT, **actor("vic")}
+    given(CREATED).when(delete, ctx=ctx("vic"), related=as_vic).then_raises(PermissionDenied)
+
+
+def test_the_tasks_of_a_deleted_project_take_no_command():
+    gone = project_state(
+        member_added("ed", ProjectRole.EDITOR),
+        projects.ProjectDeleted(project_id="p1", by="owen", at=T0),
+    )
+    related = {"project": gone, **actor("ed")}
+    given(CREATED).when(move(TaskStatus.IN_PROGRESS), ctx=ctx("ed"), related=related).then_raises(
+        NotFound
+    )
+    create = tasks.CreateTask(task_id="t2", project_id="p1", title="New")
+    given().when(create, ctx=ctx("ed"), related=related).then_raises(NotFound)

@@ -110,13 +110,16 @@ async def count_events(service, event_type: str) -> int:
 async def test_personal_data_is_stored_encrypted_and_reads_back_in_plaintext(service):
     _admin, alice_id, _bob = await populate(service)
     hits = await scan(service, ALICE_NEEDLES)
-    # only the users read model holds it in plaintext; the log holds ciphertext
+    # only the users and sessions read models hold it in plaintext; the log holds
+    # ciphertext
     assert {where for found in hits.values() for where in found} <= {
         "users.email",
         "users.email_lower",
         "users.username",
         "users.username_lower",
         "users.display_name",
+        "sessions.ip",
+        "sessions.user_agent",
     }
     async with service.get_repositories(SYSTEM_ACTOR) as repos:
         alice = await repos.users.get_by_id(alice_id)
@@ -303,3 +306,33 @@ async def test_security_events_of_an_anonymous_actor_have_no_subject_and_stay_pl
 
 def test_user_forgotten_is_a_plain_event_without_personal_fields():
     assert user_domain.UserForgotten.personal_fields == frozenset()
+
+
+async def test_a_failed_login_on_a_known_account_is_sealed_for_that_account_and_forgotten(
+    service,
+):
+    admin_id, alice_id, _bob = await populate(service)
+    stranger_ip, stranger_ua = "192.0.2.201", "Prober/1.0 (erasure test)"
+    async with service.get_repositories(ip=stranger_ip, user_agent=stranger_ua) as repos:
+        with pytest.raises(InvalidCredentials):
+            await repos.users.authenticate(ALICE["email"], "not-her-password-1")
+        with pytest.raises(InvalidCredentials):  # an unknown email: no subject
+            await repos.users.authenticate("nobody@example.org", "not-a-password-1")
+    async with service.engine.connect() as conn:
+        rows = (
+            await conn.execute(select(events.c.data).where(events.c.event_type == "LoginRejected"))
+        ).all()
+    by_user = {row.data["user_id"]: row.data for row in rows}
+    assert set(by_user[alice_id]["ip"]) == {"$pd", "ct"}
+    assert by_user[alice_id]["subject_id"] == alice_id
+    assert by_user[None]["ip"] == stranger_ip  # kept in plaintext, under retention
+
+    async with service.get_repositories(admin_id) as repos:
+        entries = await repos.audit.failed(event_types=["LoginRejected"])
+        seen = {e.data["user_id"]: e.data for e in entries}
+        assert (seen[alice_id]["ip"], seen[alice_id]["user_agent"]) == (stranger_ip, stranger_ua)
+        await repos.users.forget_user(alice_id)
+        entries = await repos.audit.failed(event_types=["LoginRejected"])
+    seen = {e.data["user_id"]: e.data for e in entries}
+    assert (seen[alice_id]["ip"], seen[alice_id]["user_agent"]) == (ERASED, ERASED)
+    assert seen[None]["ip"] == stranger_ip

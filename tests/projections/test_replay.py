@@ -77,7 +77,7 @@ async def test_live_tables_serve_during_a_rebuild_which_ends_equal_at_the_head(
     assert await read_models(store.engine) == before
     top = await head(store)
     assert all(r.position == top for r in reports)
-    assert await active_positions(store) == {p.name: (1, top) for p in ALL_PROJECTORS}
+    assert await active_positions(store) == {p.name: (p.version, top) for p in ALL_PROJECTORS}
     async with store.engine.connect() as conn:
         names = {c.name for c in await checkpoints.all_checkpoints(conn)}
     assert names == {p.name for p in ALL_PROJECTORS}  # no "#rebuild" row left

@@ -60,6 +60,8 @@ operation = st.one_of(
     st.tuples(st.just("status"), user, task, st.sampled_from(TaskStatus)),
     st.tuples(st.just("session"), user, session),
     st.tuples(st.just("revoke"), user, user, session),
+    st.tuples(st.just("delete_task"), user, task),
+    st.tuples(st.just("delete_project"), user, project),
     st.tuples(st.just("tick"), st.integers(1, 4000)),
 )
 
@@ -215,6 +217,16 @@ class Run:
                     sessions.RevokeSession(session_id=f"{p}s{u}x{s}", user_id=self.uid(u)),
                     self.uid(actor),
                 )
+            case ("delete_task", actor, t):
+                await self.issue(
+                    tasks.DeleteTask(
+                        task_id=f"{p}t{t}",
+                        project_id=self.task_project.get(f"{p}t{t}", f"{p}p0"),
+                    ),
+                    self.uid(actor),
+                )
+            case ("delete_project", actor, n):
+                await self.issue(projects.DeleteProject(project_id=f"{p}p{n}"), self.uid(actor))
             case ("tick", seconds):
                 self.clock.now += timedelta(seconds=seconds)
             case _:

@@ -1,6 +1,6 @@
 """A hypothesis state machine drives the public API and checks it, after every step,
 against a plain in-memory model of the rules (users, logins, projects, members, tasks,
-sessions), on both backends."""
+deletes, sessions), on both backends."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from tiu import (
     DatabaseService,
     IllegalTransition,
     InvalidCredentials,
+    NotFound,
     PermissionDenied,
     Settings,
 )
@@ -46,8 +47,11 @@ class ModelProject:
     public: bool
     members: dict[str, str] = field(default_factory=dict)
     archived: bool = False
+    deleted: bool = False
 
     def readable(self, user: str) -> bool:
+        if self.deleted:
+            return False
         return self.public or user == self.owner or user in self.members
 
     def writable(self, user: str) -> bool:
@@ -58,6 +62,7 @@ class ModelProject:
 class ModelTask:
     project: int
     status: str = "todo"
+    deleted: bool = False
 
 
 class ApiMachine(RuleBasedStateMachine):
@@ -163,7 +168,13 @@ class ApiMachine(RuleBasedStateMachine):
                 await repos.projects.add_member(self.project_ids[project], self.ids[member], role)
 
         allowed = actor == model.owner or model.members.get(actor) == "manager"
-        if not allowed or model.archived or member == model.owner or member in model.members:
+        if (
+            not allowed
+            or model.archived
+            or model.deleted
+            or member == model.owner
+            or member in model.members
+        ):
             with pytest.raises(DomainError):
                 self.run(go())
             return
@@ -180,7 +191,7 @@ class ApiMachine(RuleBasedStateMachine):
             async with await self.repos(actor) as repos:
                 await repos.projects.archive_project(self.project_ids[project])
 
-        if actor == model.owner or model.members.get(actor) == "manager":
+        if not model.deleted and (actor == model.owner or model.members.get(actor) == "manager"):
             self.run(go())
             model.archived = True
         else:
@@ -198,7 +209,10 @@ class ApiMachine(RuleBasedStateMachine):
                 task = await repos.tasks.create_task(self.project_ids[project], "T")
                 return task.id
 
-        if not model.writable(actor):
+        if model.deleted:
+            with pytest.raises(NotFound):
+                self.run(go())
+        elif not model.writable(actor):
             with pytest.raises(PermissionDenied):
                 self.run(go())
         elif model.archived:
@@ -221,7 +235,10 @@ class ApiMachine(RuleBasedStateMachine):
             async with await self.repos(project.owner) as repos:
                 await repos.tasks.update_task_status(self.task_ids[task], to)
 
-        if project.archived:
+        if model.deleted or project.deleted:
+            with pytest.raises(NotFound):
+                self.run(go())
+        elif project.archived:
             with pytest.raises(DomainError):
                 self.run(go())
         elif TaskStatus(to) in TRANSITIONS[TaskStatus(model.status)]:
@@ -229,6 +246,50 @@ class ApiMachine(RuleBasedStateMachine):
             model.status = to
         else:
             with pytest.raises(IllegalTransition):
+                self.run(go())
+
+    @rule(task=tasks, actor=st.sampled_from(NAMES))
+    def delete_task(self, task: int, actor: str) -> None:
+        if task < 0 or actor not in self.ids:
+            return
+        model = self.model_tasks[task]
+        project = self.model_projects[model.project]
+
+        async def go() -> None:
+            async with await self.repos(actor) as repos:
+                await repos.tasks.delete_task(self.task_ids[task])
+
+        if model.deleted or project.deleted:
+            with pytest.raises(NotFound):
+                self.run(go())
+        elif not project.writable(actor):
+            with pytest.raises(PermissionDenied):
+                self.run(go())
+        elif project.archived:
+            with pytest.raises(DomainError):
+                self.run(go())
+        else:
+            self.run(go())
+            model.deleted = True
+
+    @rule(project=projects, actor=st.sampled_from(NAMES))
+    def delete_project(self, project: int, actor: str) -> None:
+        if project < 0 or actor not in self.ids:
+            return
+        model = self.model_projects[project]
+
+        async def go() -> None:
+            async with await self.repos(actor) as repos:
+                await repos.projects.delete_project(self.project_ids[project])
+
+        if model.deleted:
+            with pytest.raises(NotFound):
+                self.run(go())
+        elif actor == model.owner or model.members.get(actor) == "manager":
+            self.run(go())
+            model.deleted = True
+        else:
+            with pytest.raises(PermissionDenied):
                 self.run(go())
 
     # -- the model agrees ------------------------------------------------------------
@@ -249,7 +310,7 @@ class ApiMachine(RuleBasedStateMachine):
                 expected_tasks = {
                     tid: model.status
                     for tid, model in zip(self.task_ids, self.model_tasks, strict=True)
-                    if self.model_projects[model.project].readable(name)
+                    if self.model_projects[model.project].readable(name) and not model.deleted
                 }
                 assert tasks == expected_tasks, name
             for name, token in self.tokens.items():

@@ -28,7 +28,6 @@ from eventstore import EventStore
 from eventstore.schema import events, snapshots
 from tests.conftest import PASSWORD
 from tiu.dispatch import Dispatcher
-from tiu.errors import DuplicateRejectedCommand
 
 # These storage tests also run as the least-privilege role of sql/app_role.sql.
 pytestmark = pytest.mark.least_privilege
@@ -157,9 +156,11 @@ async def test_a_repeated_refused_login_is_not_counted_twice(dispatcher, store):
     command = users.AttemptLogin(user_id="erin", password=SecretStr("not-the-password-1"))
     with pytest.raises(InvalidCredentials):
         await dispatcher.dispatch(command, ctx())
-    with pytest.raises(DuplicateRejectedCommand):
+    with pytest.raises(InvalidCredentials) as resent:
         await dispatcher.dispatch(command, ctx())
+    assert resent.value.replayed == command.command_id
     assert (await log_types(store, "user")).count("LoginFailed") == 1
+    assert (await log_types(store, "security")).count("LoginRejected") == 1
 
 
 async def test_a_unit_of_work_that_fails_half_way_leaves_no_events(dispatcher, store):
@@ -303,3 +304,38 @@ async def test_events_stored_in_an_old_schema_version_are_upcast_when_loaded(dis
         users.AttemptLogin(user_id="olga", password=SecretStr(PASSWORD)), ctx()
     )
     assert [e.event_type for e in result.events] == ["LoginSucceeded"]
+
+
+async def test_two_commands_of_one_unit_on_one_stream_each_get_their_own_last_position(
+    dispatcher, store
+):
+    await register(dispatcher, "olga")
+    await dispatcher.dispatch(
+        projects.CreateProject(project_id="p9", name="Mir", visibility="private"), ctx("olga")
+    )
+
+    async def work(unit):
+        first = await unit.handle(
+            projects.UpdateProject(project_id="p9", name="Mir 2"), ctx("olga")
+        )
+        # Another stream between them, so the stream's two appends are not adjacent.
+        await unit.handle(
+            tasks.CreateTask(task_id="t9", project_id="p9", title="Dock"), ctx("olga")
+        )
+        second = await unit.handle(
+            projects.UpdateProject(project_id="p9", name="Mir 3"), ctx("olga")
+        )
+        return first.command_id, second.command_id
+
+    (first_id, second_id), unit = await dispatcher.run(work)
+    by_id = {r.command_id: r for r in unit.results}
+    async with store.engine.connect() as conn:
+        records = await store.read_stream(conn, "project-p9")
+    names = {r.position: r.data["name"] for r in records if r.event_type == "ProjectUpdated"}
+    assert names[by_id[first_id].position] == "Mir 2"
+    assert names[by_id[second_id].position] == "Mir 3"
+    # A resend answers with the same position.
+    again = await dispatcher.dispatch(
+        projects.UpdateProject(command_id=first_id, project_id="p9", name="Mir 2"), ctx("olga")
+    )
+    assert again.duplicate and again.position == by_id[first_id].position

@@ -206,3 +206,85 @@ async def test_callers_are_answered_even_if_the_group_leader_is_cancelled(servic
         or isinstance(o, ConnectionAbortedError | asyncio.CancelledError)
         for o in outcomes
     ), outcomes
+
+
+async def test_commands_resent_with_their_keys_in_a_group_answer_as_the_first_time(
+    service, commits
+):
+    async with service.get_repositories() as repos:
+        owner = await repos.users.create_user(
+            email="own@example.com", username="owner", password=PASSWORD
+        )
+        stranger = await repos.users.create_user(
+            email="str@example.com", username="stranger", password=PASSWORD
+        )
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        project = await repos.projects.create_project("Grouped")
+        task = await repos.tasks.create_task(project.id, "Existing")
+
+    def commands():
+        owner_ctx, stranger_ctx = service.context(owner.id), service.context(stranger.id)
+        sent = [
+            service.dispatch(
+                projects.UpdateProject(
+                    command_id=f"rename-{n}", project_id=project.id, name=f"Grouped {n}"
+                ),
+                owner_ctx,
+            )
+            for n in range(4)  # four commands of one group on one stream...
+        ]
+        sent.insert(  # ...with another stream's append between them
+            2,
+            service.dispatch(
+                tasks.CreateTask(
+                    command_id="between", task_id="between", project_id=project.id, title="B"
+                ),
+                owner_ctx,
+            ),
+        )
+        sent.append(
+            service.dispatch(
+                tasks.CreateTask(
+                    command_id="intrude", task_id="intruder", project_id=project.id, title="No"
+                ),
+                stranger_ctx,
+            )
+        )
+        sent.append(
+            service.dispatch(
+                tasks.ChangeTaskStatus(
+                    command_id="skip", task_id=task.id, project_id=project.id, to="done"
+                ),
+                owner_ctx,
+            )
+        )
+        return sent
+
+    def answer(outcome):
+        if isinstance(outcome, BaseException):
+            return type(outcome), str(outcome)
+        return outcome.command_id, outcome.position, outcome.version, outcome.events
+
+    commits.clear()
+    first = [answer(o) for o in await asyncio.gather(*commands(), return_exceptions=True)]
+    assert len(commits) < len(first), "no group was formed"
+    async with service.engine.connect() as conn:
+        logged = await conn.scalar(select(func.count()).select_from(events))
+    again = [answer(o) for o in await asyncio.gather(*commands(), return_exceptions=True)]
+    assert again == first
+    assert [kind for kind, _ in first[5:]] == [PermissionDenied, IllegalTransition]
+    async with service.engine.connect() as conn:
+        names = dict(
+            (
+                await conn.execute(
+                    select(events.c.position, events.c.data["name"].as_string()).where(
+                        events.c.event_type == "ProjectUpdated"
+                    )
+                )
+            ).all()
+        )
+    renames = [first[n] for n in (0, 1, 3, 4)]
+    # each its own event, though four commands of one transaction wrote one stream
+    assert [names[position] for _, position, _, _ in renames] == [f"Grouped {n}" for n in range(4)]
+    async with service.engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(events)) == logged
