@@ -91,7 +91,7 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
         }
         if opts.search_path:
             server_settings["search_path"] = opts.search_path
-        return create_async_engine(
+        pg_engine = create_async_engine(
             url,
             pool_size=opts.pool_size,
             max_overflow=opts.max_overflow,
@@ -101,6 +101,8 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
             connect_args={"server_settings": server_settings},
             **common,
         )
+        _install_read_hook(pg_engine)
+        return pg_engine
     if url.drivername != "sqlite+aiosqlite":
         url = url.set(drivername="sqlite+aiosqlite")
     memory = url.database in (None, "", ":memory:")
@@ -135,7 +137,76 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
         **common,
     )
     _install_sqlite_hooks(engine, opts, synchronous=synchronous, memory=memory)
+    _install_read_hook(engine)
     return engine
+
+
+def _install_read_hook(engine: AsyncEngine) -> None:
+    event.listen(
+        engine.sync_engine,
+        "before_cursor_execute",
+        _reads_of_unstorable_text_match_nothing,
+        retval=True,
+    )
+
+
+def _unstorable(text: str) -> bool:
+    if "\x00" in text:
+        return True
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _holds_unstorable(value: Any) -> bool:
+    if type(value) is str:
+        return _unstorable(value)
+    return type(value) is list and any(type(v) is str and _unstorable(v) for v in value)
+
+
+def _unstorable_as_null(value: Any) -> Any:
+    if type(value) is str:
+        return None if _unstorable(value) else value
+    if type(value) is list:
+        return [_unstorable_as_null(v) for v in value]
+    return value
+
+
+def read_parameters(statement: str, parameters: Any) -> Any:
+    """A read's parameters with every string no database can hold sent as NULL.
+
+    No stored value holds NUL (appends refuse it on both backends; PostgreSQL's text
+    cannot) or a lone surrogate (not encodable as UTF-8), yet the drivers refuse such a
+    parameter outright: asyncpg with a server error, both with UnicodeEncodeError. Sent
+    as NULL it equals nothing, so a lookup answers "not found" or an empty result on
+    both backends. Reads only (statements starting with SELECT): the reads of the store
+    and the repositories compare text by equality or ``ANY``, and filters refuse such
+    strings themselves (``projections.query``). Writes keep the value and fail loudly.
+    """
+    if (
+        type(parameters) not in (tuple, list)
+        or not any(_holds_unstorable(p) for p in parameters)
+        or statement.lstrip()[:6].upper() != "SELECT"
+    ):
+        return parameters
+    return type(parameters)(_unstorable_as_null(p) for p in parameters)
+
+
+def _reads_of_unstorable_text_match_nothing(
+    _conn: Any,
+    _cursor: Any,
+    statement: str,
+    parameters: Any,
+    _context: Any,
+    executemany: bool,
+) -> tuple[str, Any]:
+    if executemany:
+        return statement, parameters
+    return statement, read_parameters(statement, parameters)
 
 
 class _DropResultRows(logging.Filter):
