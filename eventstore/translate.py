@@ -100,6 +100,14 @@ def translate_errors(database: str | None = None) -> Iterator[None]:
         raise StoreUnavailable(f"cannot reach the database{where}: {error}") from error
 
 
+def describe(error: BaseException) -> str:
+    """One line saying what went wrong; for a driver error, the driver's own words
+    (never SQLAlchemy's wrapper class, the SQL or a link)."""
+    orig = getattr(error, "orig", None) if isinstance(error, sa_exc.StatementError) else None
+    text = str(orig if orig is not None else error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else "no detail"
 

@@ -37,12 +37,13 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from typer.core import TyperGroup
 
 from domain.errors import DomainError
 from domain.permissions import SYSTEM_ACTOR
 from eventstore import EventStore, create_engine, retention, verify
 from eventstore.errors import EventStoreError
-from eventstore.translate import translate_errors
+from eventstore.translate import describe, translate_errors
 from migrations import runner as migrations
 from projections import replay as replay_mod
 from projections.errors import ProjectionError
@@ -56,8 +57,50 @@ from tiu.settings import Settings
 
 T = TypeVar("T")
 
+
+class _OneLineErrors(TyperGroup):
+    """Where every failure of ``tiu`` becomes one ``error: <reason>`` line on stderr and
+    exit 1 (130 when interrupted), whichever command it comes from: usage errors too
+    (click's default is a box and exit 2) and anything unexpected (no traceback)."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        own = (args, prog_name, complete_var, False, windows_expand_args)
+        if not standalone_mode:
+            return super().main(*own, **extra)
+        try:
+            code = super().main(*own, **extra)
+        except typer.TyperException as error:  # a usage error: bad option, missing value
+            message = error.format_message()
+            if message:  # (none when the help was printed instead: `tiu` alone)
+                context = getattr(error, "ctx", None)
+                hint = f" (see `{context.command_path} --help`)" if context is not None else ""
+                _print_error(f"{message}{hint}")
+            sys.exit(1)
+        except typer.Abort:
+            _print_error("interrupted")
+            sys.exit(130)
+        except Exception as error:
+            expected = isinstance(error, EXPECTED)
+            _print_error(
+                _one_line(error)
+                if expected
+                else f"unexpected {type(error).__name__}: {describe(error)}"
+            )
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="tiu",
+    cls=_OneLineErrors,
     help="tiu-core operations: migrations, health, replay, projection worker, audit, verify.",
     no_args_is_help=True,
     add_completion=False,
@@ -136,12 +179,19 @@ def _one_line(error: BaseException) -> str:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
         return f"invalid setting {where}: {first['msg']}"
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    if isinstance(error, OverflowError):
+        return f"a number, time or duration is out of range ({error})"
+    if isinstance(error, SQLAlchemyError):
+        return f"database error: {describe(error)}"
+    return describe(error)
+
+
+def _print_error(reason: str) -> None:
+    err.print(f"error: {reason}", markup=False, highlight=False)
 
 
 def fail(reason: str, code: int = 1) -> NoReturn:
-    err.print(f"error: {reason}", markup=False, highlight=False)
+    _print_error(reason)
     raise typer.Exit(code)
 
 
@@ -155,6 +205,7 @@ EXPECTED = (
     SQLAlchemyError,
     OSError,
     ValueError,
+    OverflowError,
 )
 
 
