@@ -50,8 +50,8 @@ from projections.errors import ProjectionError
 from projections.projector import Projector
 from projections.readmodels import ALL_PROJECTORS, by_name
 from projections.runner import Worker, lowest_position
+from tiu import __version__, privacy
 from tiu import audit as audit_queries
-from tiu import privacy
 from tiu.service import CATEGORIES, DatabaseService
 from tiu.settings import Settings
 
@@ -112,6 +112,25 @@ audit_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(audit_app, name="audit")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tiu {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _options(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """tiu-core operations: migrations, health, replay, projection worker, audit, verify."""
+
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

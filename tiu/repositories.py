@@ -35,7 +35,7 @@ from domain.permissions import SYSTEM_ACTOR, Permission
 from eventstore.errors import SubjectKeysDestroyed
 from eventstore.schema import unique_keys
 from eventstore.translate import translate_errors
-from projections.query import Page, Query
+from projections.query import Query
 from projections.readmodels.project_stats import project_stats
 from projections.readmodels.projects import project_members, projects_table
 from projections.readmodels.sessions import sessions_table
@@ -47,6 +47,7 @@ from tiu.models import (
     AuditEntry,
     Member,
     NewSession,
+    Page,
     Project,
     ProjectStatistics,
     Session,
@@ -59,11 +60,14 @@ if TYPE_CHECKING:
     from tiu.service import DatabaseService
 
 V = TypeVar("V")
+W = TypeVar("W")
 
 USERS_Q = Query(users_table)
 PROJECTS_Q = Query(projects_table)
 MEMBERS_Q = Query(project_members)
-TASKS_Q = Query(tasks_table)
+TASKS_Q = Query(
+    tasks_table, ranks={"priority": ("priority_rank", {p.value: p.rank for p in tasks.Priority})}
+)
 SESSIONS_Q = Query(
     sessions_table, fields=[c.name for c in sessions_table.c if c.name != "token_hash"]
 )
@@ -80,6 +84,13 @@ class BulkOperationError(DomainError):
         self.index = index
         self.item = item
         self.error = error
+
+
+def _created(view: W | None, kind: str, id: str) -> W:
+    # A create_* returns what it created; None would mean the creator cannot read it.
+    if view is None:
+        raise NotFound(kind, id)
+    return view
 
 
 @dataclass(frozen=True)
@@ -200,7 +211,7 @@ class UserRepository(_Repository):
         display_name: str | None = None,
         roles: Sequence[str] | None = None,
         user_id: str | None = None,
-    ) -> User | None:
+    ) -> User:
         """Register a user (unique email and username, password policy, bcrypt)."""
         command = users.RegisterUser(
             email=email,
@@ -211,7 +222,7 @@ class UserRepository(_Repository):
             **({"user_id": user_id} if user_id is not None else {}),
         )
         await self._channel.send(command)
-        return await self.get_by_id(command.user_id)
+        return _created(await self.get_by_id(command.user_id), "user", command.user_id)
 
     async def get_by_id(self, user_id: str) -> User | None:
         async with self._channel.read() as conn:
@@ -444,7 +455,7 @@ class ProjectRepository(_Repository):
         visibility: str = "private",
         *,
         project_id: str | None = None,
-    ) -> Project | None:
+    ) -> Project:
         command = projects.CreateProject(
             name=name,
             description=description,
@@ -452,7 +463,7 @@ class ProjectRepository(_Repository):
             **({"project_id": project_id} if project_id is not None else {}),
         )
         await self._channel.send(command)
-        return await self.get_project(command.project_id)
+        return _created(await self.get_project(command.project_id), "project", command.project_id)
 
     async def get_project(self, project_id: str) -> Project | None:
         async with self._channel.read() as conn:
@@ -515,12 +526,13 @@ class ProjectRepository(_Repository):
         order_by: Sequence[str] = ("-created_at",),
         after: str | None = None,
         limit: int = 50,
-    ) -> Page:
+    ) -> Page[Project]:
         async with self._channel.read() as conn:
             visible = await self._visible(conn)
-            return await PROJECTS_Q.page(
+            rows = await PROJECTS_Q.page(
                 conn, filters, order_by=order_by, after=after, limit=limit, where=visible
             )
+        return Page(Project.from_rows(rows.items), rows.next_cursor)
 
     async def update_project(
         self, project_id: str, *, name: str | None = None, description: str | None = None
@@ -616,7 +628,7 @@ class TaskRepository(_Repository):
         due_date: datetime | None = None,
         assignee_id: str | None = None,
         task_id: str | None = None,
-    ) -> Task | None:
+    ) -> Task:
         command = tasks.CreateTask(
             project_id=project_id,
             title=title,
@@ -627,7 +639,7 @@ class TaskRepository(_Repository):
             **({"task_id": task_id} if task_id is not None else {}),
         )
         await self._channel.send(command)
-        return await self.get_task(command.task_id)
+        return _created(await self.get_task(command.task_id), "task", command.task_id)
 
     async def get_task(self, task_id: str) -> Task | None:
         async with self._channel.read() as conn:
@@ -692,12 +704,13 @@ class TaskRepository(_Repository):
         order_by: Sequence[str] = ("created_at",),
         after: str | None = None,
         limit: int = 100,
-    ) -> Page:
+    ) -> Page[Task]:
         async with self._channel.read() as conn:
             visible = await self._visible(conn)
-            return await TASKS_Q.page(
+            rows = await TASKS_Q.page(
                 conn, filters, order_by=order_by, after=after, limit=limit, where=visible
             )
+        return Page(Task.from_rows(rows.items), rows.next_cursor)
 
     async def count_tasks(self, filters: Mapping[str, Any] | None = None) -> int:
         async with self._channel.read() as conn:
