@@ -249,6 +249,10 @@ def _install_sqlite_hooks(
             cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # Deleted and overwritten content is zeroed, not left in free pages: a forgotten
+        # person's read-model rows and key material must not survive in the file. Many
+        # builds default to this (SQLITE_SECURE_DELETE); not all do.
+        cursor.execute("PRAGMA secure_delete=ON")
         # No busy_timeout pragma: the driver keeps it at 0 on the loop and waits for a
         # lock held by another process on a worker thread, with opts.busy_timeout.
         cursor.close()
