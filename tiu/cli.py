@@ -565,12 +565,17 @@ def _run_interruptible(factory: Callable[[], Coroutine[Any, Any, T]], message: s
     async def main() -> T:
         task = asyncio.ensure_future(_translated(factory))
         loop = asyncio.get_running_loop()
+        handled = []
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            # Only the main thread receives signals (the CLI run from a thread, as by a
+            # test harness, has none to catch); failing here would orphan the task.
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.add_signal_handler(sig, task.cancel)
+                handled.append(sig)
         try:
             return await task
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in handled:
                 loop.remove_signal_handler(sig)
 
     try:

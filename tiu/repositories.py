@@ -10,6 +10,7 @@ transaction and reads see its writes).
 from __future__ import annotations
 
 import functools
+import inspect
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from domain.errors import (
     NotFound,
     PermissionDenied,
     SubjectForgotten,
+    shown,
 )
 from domain.passwords import hash_token
 from domain.permissions import SYSTEM_ACTOR, Permission
@@ -42,6 +44,7 @@ from projections.readmodels.sessions import sessions_table
 from projections.readmodels.tasks import tasks_table
 from projections.readmodels.users import lookup_key, user_permissions, user_roles, users_table
 from tiu import audit as audit_queries
+from tiu.arguments import checked
 from tiu.dispatch import CommandResult, CommandUnit
 from tiu.models import (
     AuditEntry,
@@ -71,6 +74,8 @@ TASKS_Q = Query(
 SESSIONS_Q = Query(
     sessions_table, fields=[c.name for c in sessions_table.c if c.name != "token_hash"]
 )
+#: The furthest ahead get_due_soon_tasks looks (beyond it, a date would not be a date).
+_MAX_WITHIN: Final = timedelta(days=365_250)
 OPEN_STATUSES = (tasks.TaskStatus.TODO, tasks.TaskStatus.IN_PROGRESS, tasks.TaskStatus.REVIEW)
 
 
@@ -80,7 +85,7 @@ class BulkOperationError(DomainError):
     code = "bulk_refused"
 
     def __init__(self, index: int, item: str, error: DomainError) -> None:
-        super().__init__(f"item {index} ({item}) refused: {error}")
+        super().__init__(f"item {index} ({shown(item)}) refused: {error}")
         self.index = index
         self.item = item
         self.error = error
@@ -189,6 +194,14 @@ class Channel:
 class _Repository:
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A public method refuses an argument of the wrong type with InvalidCommand
+        # naming it, before it reaches a query, a hash or a driver (tiu.arguments).
+        super().__init_subclass__(**kwargs)
+        for name, method in list(vars(cls).items()):
+            if not name.startswith("_") and inspect.iscoroutinefunction(method):
+                setattr(cls, name, checked(method))
 
     @property
     def actor_id(self) -> str | None:
@@ -746,6 +759,8 @@ class TaskRepository(_Repository):
         self, within: timedelta = timedelta(days=3), project_id: str | None = None, **options: Any
     ) -> list[Task]:
         now = self._now()
+        if not timedelta(0) <= within <= _MAX_WITHIN:
+            raise InvalidCommand("within", f"must be within 0..{_MAX_WITHIN.days} days")
         filters: dict[str, Any] = {
             "due_at__between": (now, now + within),
             "status__in": [s.value for s in OPEN_STATUSES],
