@@ -84,6 +84,11 @@ def registered_event_types() -> Mapping[str, type[Event]]:
     return MappingProxyType(_EVENT_TYPES)
 
 
+def registered_upcasters() -> Mapping[tuple[str, int], Upcaster]:
+    """Every registered upcaster by ``(event_type, from_version)`` (read-only view)."""
+    return MappingProxyType(_UPCASTERS)
+
+
 def register_upcaster(event_type: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
     """Register a function lifting ``event_type``'s stored dict from ``from_version`` to
     ``from_version + 1``. It must not mutate its argument."""
