@@ -662,10 +662,22 @@ def forget(
     database_url: DatabaseUrl = None,
     schema: Schema = None,
     json_output: JsonFlag = False,
+    vacuum: Annotated[
+        bool,
+        typer.Option(
+            "--vacuum",
+            help="Then remove the old row versions: VACUUM FULL of the tables forgetting "
+            "overwrote (PostgreSQL; locks them meanwhile), a WAL checkpoint (SQLite).",
+        ),
+    ] = False,
 ) -> None:
     """Erase a person's personal data (crypto-shredding; the audit chain stays intact)."""
     settings = _settings(database_url, schema)
-    report = run(lambda: privacy.forget_with_settings(settings, user, engine=_engine(settings)))
+    report = run(
+        lambda: privacy.forget_with_settings(
+            settings, user, engine=_engine(settings), vacuum=vacuum
+        )
+    )
     if json_output:
         emit_json(report.as_dict())
     else:
