@@ -596,7 +596,7 @@ class SQLiteDialect(Dialect):
         return outcomes
 
     async def _fetch(self, driver: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
-        return driver.execute(sql, read_parameters(sql, params)).fetchall()  # type: ignore[no-any-return]
+        return driver.execute(sql, read_parameters(sql, params, postgresql=False)).fetchall()  # type: ignore[no-any-return]
 
     @staticmethod
     def _wanted(wanted: Sequence[WantedStream]) -> tuple[Any, ...]:
@@ -734,7 +734,7 @@ class PostgresDialect(Dialect):
         return [list(values)]  # one text[] parameter
 
     async def _fetch(self, driver: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
-        return await driver.fetch(sql, *read_parameters(sql, params))  # type: ignore[no-any-return]
+        return await driver.fetch(sql, *read_parameters(sql, params, postgresql=True))  # type: ignore[no-any-return]
 
     @staticmethod
     def _wanted(wanted: Sequence[WantedStream]) -> tuple[Any, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -141,18 +142,7 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
     return engine
 
 
-def _install_read_hook(engine: AsyncEngine) -> None:
-    event.listen(
-        engine.sync_engine,
-        "before_cursor_execute",
-        _reads_of_unstorable_text_match_nothing,
-        retval=True,
-    )
-
-
-def _unstorable(text: str) -> bool:
-    if "\x00" in text:
-        return True
+def _unencodable(text: str) -> bool:
     if text.isascii():
         return False
     try:
@@ -162,51 +152,66 @@ def _unstorable(text: str) -> bool:
     return False
 
 
-def _holds_unstorable(value: Any) -> bool:
-    if type(value) is str:
-        return _unstorable(value)
-    return type(value) is list and any(type(v) is str and _unstorable(v) for v in value)
+def _pg_unstorable(text: str) -> bool:
+    return "\x00" in text or _unencodable(text)
 
 
-def _unstorable_as_null(value: Any) -> Any:
+def _as_null(value: Any, unstorable: Callable[[str], bool]) -> Any:
     if type(value) is str:
-        return None if _unstorable(value) else value
+        return None if unstorable(value) else value
     if type(value) is list:
-        return [_unstorable_as_null(v) for v in value]
+        return [_as_null(v, unstorable) for v in value]
     return value
 
 
-def read_parameters(statement: str, parameters: Any) -> Any:
-    """A read's parameters with every string no database can hold sent as NULL.
+def _holds(value: Any, unstorable: Callable[[str], bool]) -> bool:
+    if type(value) is str:
+        return unstorable(value)
+    return type(value) is list and any(type(v) is str and unstorable(v) for v in value)
 
-    No stored value holds NUL (appends refuse it on both backends; PostgreSQL's text
-    cannot) or a lone surrogate (not encodable as UTF-8), yet the drivers refuse such a
-    parameter outright: asyncpg with a server error, both with UnicodeEncodeError. Sent
-    as NULL it equals nothing, so a lookup answers "not found" or an empty result on
-    both backends. Reads only (statements starting with SELECT): the reads of the store
-    and the repositories compare text by equality or ``ANY``, and filters refuse such
-    strings themselves (``projections.query``). Writes keep the value and fail loudly.
+
+def read_parameters(statement: str, parameters: Any, *, postgresql: bool) -> Any:
+    """A read's parameters with every string the database cannot hold sent as NULL.
+
+    No stored value holds a lone surrogate (not encodable as UTF-8) or, on PostgreSQL,
+    NUL (its text cannot), yet the drivers refuse such a parameter outright: asyncpg
+    with a server error, both with UnicodeEncodeError. Sent as NULL it equals nothing,
+    so a lookup answers "not found" or an empty result on both backends. Reads only
+    (statements starting with SELECT): the reads of the store and the repositories
+    compare text by equality or ``ANY``, and filters refuse such strings themselves
+    (``projections.query``). Writes keep the value and fail loudly.
     """
+    unstorable = _pg_unstorable if postgresql else _unencodable
     if (
         type(parameters) not in (tuple, list)
-        or not any(_holds_unstorable(p) for p in parameters)
+        or not any(_holds(p, unstorable) for p in parameters)
         or statement.lstrip()[:6].upper() != "SELECT"
     ):
         return parameters
-    return type(parameters)(_unstorable_as_null(p) for p in parameters)
+    return type(parameters)(_as_null(p, unstorable) for p in parameters)
 
 
-def _reads_of_unstorable_text_match_nothing(
-    _conn: Any,
-    _cursor: Any,
-    statement: str,
-    parameters: Any,
-    _context: Any,
-    executemany: bool,
-) -> tuple[str, Any]:
-    if executemany:
-        return statement, parameters
-    return statement, read_parameters(statement, parameters)
+def _install_read_hook(engine: AsyncEngine) -> None:
+    postgresql = engine.dialect.name == "postgresql"
+
+    def reads_of_unstorable_text_match_nothing(
+        _conn: Any,
+        _cursor: Any,
+        statement: str,
+        parameters: Any,
+        _context: Any,
+        executemany: bool,
+    ) -> tuple[str, Any]:
+        if executemany:
+            return statement, parameters
+        return statement, read_parameters(statement, parameters, postgresql=postgresql)
+
+    event.listen(
+        engine.sync_engine,
+        "before_cursor_execute",
+        reads_of_unstorable_text_match_nothing,
+        retval=True,
+    )
 
 
 class _DropResultRows(logging.Filter):
