@@ -27,6 +27,10 @@ test: lint ## Lint, then the whole default suite on SQLite and PostgreSQL
 test-all: lint ## Lint, then every test including the slow reliability tests
 	$(BIN)/pytest
 
+docs: $(STAMP) ## Build the API reference and guides into site/ (strict, offline)
+	$(BIN)/python -m pip install --quiet -e '.[dev,docs]'
+	$(BIN)/mkdocs build --strict
+
 demo: $(STAMP) ## Migrate ./tiu.db and play the demo scenario
 	$(BIN)/tiu demo
 
@@ -35,6 +39,6 @@ bench: $(STAMP) ## Benchmarks against eventsourcing and the raw drivers
 	$(BIN)/python -m bench
 
 clean: ## Remove the venv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis site
 
-.PHONY: help venv lint test test-all demo bench clean
+.PHONY: help venv lint test test-all docs demo bench clean

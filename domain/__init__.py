@@ -20,6 +20,7 @@ from domain.base import (
     new_id,
     register_upcaster,
     registered_event_types,
+    registered_upcasters,
 )
 from domain.errors import (
     AccountInactive,
@@ -98,6 +99,7 @@ __all__ = [
     "projects",
     "register_upcaster",
     "registered_event_types",
+    "registered_upcasters",
     "route",
     "security",
     "sessions",

@@ -19,7 +19,15 @@ from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, Final
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 
 from domain.errors import InvalidCommand, UnknownEventType
 from domain.passwords import BcryptHasher, PasswordHasher
@@ -74,6 +82,11 @@ class Event(BaseModel):
 def registered_event_types() -> Mapping[str, type[Event]]:
     """Every registered event class by ``event_type`` (read-only view)."""
     return MappingProxyType(_EVENT_TYPES)
+
+
+def registered_upcasters() -> Mapping[tuple[str, int], Upcaster]:
+    """Every registered upcaster by ``(event_type, from_version)`` (read-only view)."""
+    return MappingProxyType(_UPCASTERS)
 
 
 def register_upcaster(event_type: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
@@ -195,6 +208,57 @@ class Command(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     command_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+
+    def __init__(self, /, **data: Any) -> None:
+        # Commands are built from callers' input: a value the model refuses (a bad enum,
+        # a naive datetime, a None id, an unknown field) is the caller's InvalidCommand,
+        # never pydantic's ValidationError, for every command alike.
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            raise invalid_command(error) from None
+        # Text no database can hold is refused here, before it reaches a key, a hash or
+        # a driver: NUL (PostgreSQL's text cannot hold it; refused on both backends, as
+        # appends refuse it) and lone surrogates (not encodable as UTF-8).
+        for name in type(self).model_fields:
+            reason = _unstorable(getattr(self, name))
+            if reason is not None:
+                raise InvalidCommand(name, reason)
+
+
+def invalid_command(error: ValidationError) -> InvalidCommand:
+    """The first problem pydantic found, as ``InvalidCommand(field, reason)``. The
+    reason is pydantic's message without the input (which may be huge or secret)."""
+    first = error.errors(include_url=False, include_input=False)[0]
+    field = ".".join(str(part) for part in first["loc"]) or "command"
+    return InvalidCommand(field, first["msg"])
+
+
+def _unstorable(value: object) -> str | None:
+    """Why ``value`` (or a string inside it) cannot be stored, or None."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "must not contain NUL characters"
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "must be valid Unicode (it holds a lone surrogate)"
+        return None
+    if isinstance(value, SecretStr):
+        secret = value.get_secret_value()
+        return _unstorable(secret) if isinstance(secret, str) else None
+    if isinstance(value, Mapping):
+        items: Collection[object] = [*value.keys(), *value.values()]
+    elif isinstance(value, tuple | list | frozenset | set):
+        items = value
+    else:
+        return None
+    for item in items:
+        reason = _unstorable(item)
+        if reason is not None:
+            return reason
+    return None
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,16 @@ SessionInvalidReason = Literal["expired", "idle", "revoked", "unknown"]
 ResetTokenInvalidReason = Literal["expired", "unknown"]
 
 
+#: How much of a caller's value a message repeats (an id of 5 MB stays out of logs).
+SHOWN_CHARS = 80
+
+
+def shown(value: object) -> str:
+    """``repr(value)``, cut to :data:`SHOWN_CHARS` characters with ``...`` when longer."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[: SHOWN_CHARS - 3]}..."
+
+
 class DomainError(Exception):
     """Root of every refusal a decider raises."""
 
@@ -151,7 +161,7 @@ class NotFound(DomainError):
     code = "not_found"
 
     def __init__(self, kind: str, id: str | None) -> None:
-        super().__init__(f"{kind} {id!r} not found")
+        super().__init__(f"{kind} {shown(id)} not found")
         self.kind = kind
         self.id = id
 
@@ -164,7 +174,7 @@ class SubjectForgotten(NotFound):
 
     def __init__(self, kind: str, id: str | None) -> None:
         super().__init__(kind, id)
-        self.message = f"{kind} {id!r} was forgotten (personal data erased on request)"
+        self.message = f"{kind} {shown(id)} was forgotten (personal data erased on request)"
         self.args = (self.message,)
 
 
@@ -183,8 +193,12 @@ class AlreadyExists(Conflict):
 
     code = "already_exists"
 
-    def __init__(self, kind: str, id: str) -> None:
-        super().__init__(f"{kind} {id!r} already exists")
+    def __init__(self, kind: str, id: str | None) -> None:
+        # id None: a unique value (an email, a username) that is not named, since it
+        # may be personal data and only its hash is known where the clash is found.
+        super().__init__(
+            f"{kind} {shown(id)} already exists" if id is not None else f"this {kind} is taken"
+        )
         self.kind = kind
         self.id = id
 

@@ -82,7 +82,9 @@ class BcryptHasher:
 def hash_token(token: str) -> str:
     """SHA-256 hex digest of a session or reset token (or a unique key); only this is
     ever stored."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+    # surrogatepass: a lone surrogate (a JSON body can carry "\\ud800") gives a key no
+    # stored value has, so a lookup by it finds nothing instead of raising.
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @cache

@@ -36,6 +36,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
 
+from eventstore.engine import read_parameters
 from eventstore.errors import KeyAlreadyClaimed, WrongExpectedVersion
 from eventstore.hashing import json_text, parse_json
 from eventstore.records import (
@@ -595,7 +596,7 @@ class SQLiteDialect(Dialect):
         return outcomes
 
     async def _fetch(self, driver: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
-        return driver.execute(sql, params).fetchall()  # type: ignore[no-any-return]
+        return driver.execute(sql, read_parameters(sql, params, postgresql=False)).fetchall()  # type: ignore[no-any-return]
 
     @staticmethod
     def _wanted(wanted: Sequence[WantedStream]) -> tuple[Any, ...]:
@@ -733,7 +734,7 @@ class PostgresDialect(Dialect):
         return [list(values)]  # one text[] parameter
 
     async def _fetch(self, driver: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
-        return await driver.fetch(sql, *params)  # type: ignore[no-any-return]
+        return await driver.fetch(sql, *read_parameters(sql, params, postgresql=True))  # type: ignore[no-any-return]
 
     @staticmethod
     def _wanted(wanted: Sequence[WantedStream]) -> tuple[Any, ...]:

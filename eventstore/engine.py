@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -91,7 +92,7 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
         }
         if opts.search_path:
             server_settings["search_path"] = opts.search_path
-        return create_async_engine(
+        pg_engine = create_async_engine(
             url,
             pool_size=opts.pool_size,
             max_overflow=opts.max_overflow,
@@ -101,6 +102,8 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
             connect_args={"server_settings": server_settings},
             **common,
         )
+        _install_read_hook(pg_engine)
+        return pg_engine
     if url.drivername != "sqlite+aiosqlite":
         url = url.set(drivername="sqlite+aiosqlite")
     memory = url.database in (None, "", ":memory:")
@@ -135,7 +138,80 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
         **common,
     )
     _install_sqlite_hooks(engine, opts, synchronous=synchronous, memory=memory)
+    _install_read_hook(engine)
     return engine
+
+
+def _unencodable(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _pg_unstorable(text: str) -> bool:
+    return "\x00" in text or _unencodable(text)
+
+
+def _as_null(value: Any, unstorable: Callable[[str], bool]) -> Any:
+    if type(value) is str:
+        return None if unstorable(value) else value
+    if type(value) is list:
+        return [_as_null(v, unstorable) for v in value]
+    return value
+
+
+def _holds(value: Any, unstorable: Callable[[str], bool]) -> bool:
+    if type(value) is str:
+        return unstorable(value)
+    return type(value) is list and any(type(v) is str and unstorable(v) for v in value)
+
+
+def read_parameters(statement: str, parameters: Any, *, postgresql: bool) -> Any:
+    """A read's parameters with every string the database cannot hold sent as NULL.
+
+    No stored value holds a lone surrogate (not encodable as UTF-8) or, on PostgreSQL,
+    NUL (its text cannot), yet the drivers refuse such a parameter outright: asyncpg
+    with a server error, both with UnicodeEncodeError. Sent as NULL it equals nothing,
+    so a lookup answers "not found" or an empty result on both backends. Reads only
+    (statements starting with SELECT): the reads of the store and the repositories
+    compare text by equality or ``ANY``, and filters refuse such strings themselves
+    (``projections.query``). Writes keep the value and fail loudly.
+    """
+    unstorable = _pg_unstorable if postgresql else _unencodable
+    if (
+        type(parameters) not in (tuple, list)
+        or not any(_holds(p, unstorable) for p in parameters)
+        or statement.lstrip()[:6].upper() != "SELECT"
+    ):
+        return parameters
+    return type(parameters)(_as_null(p, unstorable) for p in parameters)
+
+
+def _install_read_hook(engine: AsyncEngine) -> None:
+    postgresql = engine.dialect.name == "postgresql"
+
+    def reads_of_unstorable_text_match_nothing(
+        _conn: Any,
+        _cursor: Any,
+        statement: str,
+        parameters: Any,
+        _context: Any,
+        executemany: bool,
+    ) -> tuple[str, Any]:
+        if executemany:
+            return statement, parameters
+        return statement, read_parameters(statement, parameters, postgresql=postgresql)
+
+    event.listen(
+        engine.sync_engine,
+        "before_cursor_execute",
+        reads_of_unstorable_text_match_nothing,
+        retval=True,
+    )
 
 
 class _DropResultRows(logging.Filter):
@@ -178,6 +254,10 @@ def _install_sqlite_hooks(
             cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # Deleted and overwritten content is zeroed, not left in free pages: a forgotten
+        # person's read-model rows and key material must not survive in the file. Many
+        # builds default to this (SQLITE_SECURE_DELETE); not all do.
+        cursor.execute("PRAGMA secure_delete=ON")
         # No busy_timeout pragma: the driver keeps it at 0 on the loop and waits for a
         # lock held by another process on a worker thread, with opts.busy_timeout.
         cursor.close()

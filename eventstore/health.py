@@ -11,6 +11,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
+from eventstore.translate import describe
+
 
 @dataclass(frozen=True, slots=True)
 class HealthReport:
@@ -64,7 +66,7 @@ async def health_check(
             server_version=None,
             current_revision=None,
             head_revision=head_revision,
-            error=f"{type(error).__name__}: {_first_line(str(error))}",
+            error=describe(error),
         )
     return HealthReport(
         healthy=True,
@@ -95,8 +97,3 @@ def pool_status(engine: AsyncEngine) -> PoolStatus:
             type(pool).__name__, pool.size(), pool.checkedin(), pool.checkedout(), pool.overflow()
         )
     return PoolStatus(type(pool).__name__, None, None, None, None)
-
-
-def _first_line(text: str) -> str:
-    text = text.strip()
-    return text.splitlines()[0] if text else "no detail"

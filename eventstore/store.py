@@ -386,7 +386,12 @@ class EventStore:
         if _has_nul(data) or _has_nul(meta):
             # PostgreSQL cannot store NUL in text or JSONB; refuse it on every backend.
             raise InvalidEventData(name, "strings must not contain NUL (\\u0000) characters")
-        size = len(data.encode()) + len(meta.encode())
+        try:
+            size = len(data.encode()) + len(meta.encode())
+        except UnicodeEncodeError as error:
+            raise InvalidEventData(
+                name, "strings must be valid Unicode (a lone surrogate cannot be stored)"
+            ) from error
         if size > self.max_event_bytes:
             raise InvalidEventData(
                 name, f"{size} bytes exceeds the limit of {self.max_event_bytes}"

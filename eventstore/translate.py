@@ -26,6 +26,11 @@ _PG_IDLE_TX_TIMEOUT: Final = "25P03"
 _PG_UNDEFINED_TABLE: Final = "42P01"
 _PG_UNDEFINED_FUNCTION: Final = "42883"  # tiu_lock_and_heads before migration 0005
 _PG_RETRYABLE: Final = ("40P01", "40001")  # deadlock detected, serialization failure
+# No such database (3D000), no such role or a refused login (class 28): nothing to retry
+# against until the configuration changes, but to a caller the database is unavailable.
+_PG_CANNOT_CONNECT: Final = ("3D000", "28")
+#: sqlite3's words for a file that is not (or no longer) an SQLite database.
+_SQLITE_NOT_A_DATABASE: Final = ("file is not a database", "database disk image is malformed")
 
 
 def sqlstate(error: BaseException) -> str | None:
@@ -63,6 +68,12 @@ def translate_errors(database: str | None = None) -> Iterator[None]:
             raise AppendTimeout("lock_timeout expired") from error
         if code in _PG_RETRYABLE:
             raise TransactionConflict(_first_line(text)) from error
+        if code is not None and code.startswith(_PG_CANNOT_CONNECT):
+            raise StoreUnavailable(
+                f"cannot connect to the database{where}: {_first_line(text)}"
+            ) from error
+        if code is None and any(words in text for words in _SQLITE_NOT_A_DATABASE):
+            raise StoreUnavailable(f"SQLite error{where}: {_first_line(text)}") from error
         if code in (_PG_UNDEFINED_TABLE, _PG_UNDEFINED_FUNCTION) or "no such table" in text:
             raise SchemaNotReady(text.splitlines()[0]) from error
         if error.connection_invalidated or (
@@ -87,6 +98,14 @@ def translate_errors(database: str | None = None) -> Iterator[None]:
         raise
     except OSError as error:
         raise StoreUnavailable(f"cannot reach the database{where}: {error}") from error
+
+
+def describe(error: BaseException) -> str:
+    """One line saying what went wrong; for a driver error, the driver's own words
+    (never SQLAlchemy's wrapper class, the SQL or a link)."""
+    orig = getattr(error, "orig", None) if isinstance(error, sa_exc.StatementError) else None
+    text = str(orig if orig is not None else error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _first_line(text: str) -> str:

@@ -74,11 +74,17 @@ class InlineProjectionBehind(ProjectionError):
 
 
 class ProjectionTimeout(ProjectionError, TimeoutError):
-    """``wait_for(position)`` gave up before the projections reached the position."""
+    """``wait_for(position)`` gave up before the projections reached the position.
+
+    The write at ``position`` is committed (do not resend it, or resend it with the
+    same ``command_id``); only the read models lag. In worker mode that means no
+    worker is running, or it is behind."""
 
     def __init__(self, position: int, reached: int, timeout: float) -> None:
         super().__init__(
-            f"projections reached position {reached}, not {position}, within {timeout:g}s"
+            f"the write at position {position} is committed, but the read models reached "
+            f"only position {reached} within {timeout:g}s: projections run in a worker, so "
+            "one must be running (`tiu worker`, or run_worker=True)"
         )
         self.position = position
         self.reached = reached

@@ -114,6 +114,7 @@ _CURSOR_VERSION: Final = 1
 _GET_MANY_CHUNK: Final = 500
 _ESC: Final = "\\"
 _EQUALITY_OPS: Final = frozenset({"eq", "ne", "in", "not_in", "isnull"})
+_RANGE_OPS: Final = frozenset({"lt", "lte", "gt", "gte", "between"})
 _PATTERN_OPS: Final = frozenset({"like", "ilike", "startswith", "contains"})
 _INT_BITS: Final = ((sa.SmallInteger, 16), (sa.BigInteger, 64), (sa.Integer, 32))
 
@@ -596,11 +597,21 @@ class Query:
     filters are ANDed with it, so they can only narrow it.
     """
 
-    def __init__(self, table: sa.Table, *, fields: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        table: sa.Table,
+        *,
+        fields: Iterable[str] | None = None,
+        ranks: Mapping[str, tuple[str, Mapping[str, int]]] | None = None,
+    ) -> None:
         if not table.primary_key.columns:
             raise ValueError(f"table {table.name!r} has no primary key")
         self.table = table
         self.fields = _allowed(table, fields)
+        #: Fields whose names do not sort as they rank (a task's priority): field ->
+        #: (column holding the rank, rank of each name). order_by and lt/lte/gt/gte/
+        #: between use the rank column; equality and patterns keep the names.
+        self._ranks = dict(ranks or {})
         self._pk: tuple[sa.Column[Any], ...] = tuple(table.primary_key.columns)
         # Built once: a Select is generative (where() returns a copy).
         self._base: sa.Select[Any] = sa.select(*table.c)
@@ -612,8 +623,23 @@ class Query:
     # -- building blocks
 
     def filters(self, filters: Filters) -> tuple[Filter, ...]:
-        """:func:`parse_filters` restricted to this query's fields."""
-        return parse_filters(self.table, filters, fields=self.fields)
+        """:func:`parse_filters` restricted to this query's fields (ranked fields
+        compared by rank)."""
+        parsed = parse_filters(self.table, filters, fields=self.fields)
+        return tuple(self._by_rank(f) for f in parsed) if self._ranks else parsed
+
+    def _by_rank(self, f: Filter) -> Filter:
+        ranked = self._ranks.get(f.field)
+        if ranked is None or f.op not in _RANGE_OPS:
+            return f
+        column, rank = ranked
+        values = f.value if f.op == "between" else (f.value,)
+        if not all(v in rank for v in values):
+            raise InvalidFilter(
+                f"{f.field} compares by rank: use {', '.join(rank)}", field=f.field, operator=f.op
+            )
+        ranks = tuple(rank[v] for v in values)
+        return Filter(column, f.op, ranks if f.op == "between" else ranks[0])
 
     def _where(
         self,
@@ -672,6 +698,8 @@ class Query:
             if not isinstance(raw, str):
                 raise InvalidOrdering(f"order_by keys must be str, got {_short(raw)}")
             name = raw.removeprefix("-")
+            if name in self._ranks:
+                name = self._ranks[name][0]
             col = _lookup(self.table, name, self.fields)
             if col is None:
                 raise InvalidOrdering(

@@ -72,8 +72,10 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     value = text.strip()
     match = _RELATIVE.fullmatch(value)
     if match:
-        amount, unit = match.groups()
-        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[unit]: int(amount)})
+        try:
+            return (now or datetime.now(UTC)) - parse_duration(value)
+        except OverflowError:
+            raise InvalidTime(f"invalid time {_shown(text)}: before the year 1") from None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -84,11 +86,27 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
 
 
 def parse_duration(text: str) -> timedelta:
+    """``30s``, ``15m``, ``2h``, ``7d`` or ``1w``, at most :data:`MAX_DURATION`."""
     match = _RELATIVE.fullmatch(text.strip())
     if not match:
-        raise InvalidTime(f"invalid duration {text!r}: use 30s, 15m, 2h, 7d or 1w")
+        raise InvalidTime(f"invalid duration {_shown(text)}: use 30s, 15m, 2h, 7d or 1w")
     amount, unit = match.groups()
-    return timedelta(**{_UNITS[unit]: int(amount)})
+    try:
+        duration = timedelta(**{_UNITS[unit]: int(amount)})
+    except (OverflowError, ValueError):  # beyond timedelta, or too many digits for int()
+        duration = timedelta.max
+    if duration > MAX_DURATION:
+        raise InvalidTime(f"invalid duration {_shown(text)}: at most {MAX_DURATION.days} days")
+    return duration
+
+
+#: The longest duration or relative time accepted: 1000 years, which leaves room to
+#: subtract it from any time of this era (a larger one could not be a datetime).
+MAX_DURATION: Final = timedelta(days=365_250)
+
+
+def _shown(text: str) -> str:
+    return repr(text) if len(text) <= 40 else f"{text[:37]!r}..."
 
 
 @dataclass(frozen=True, slots=True)

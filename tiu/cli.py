@@ -37,28 +37,71 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from typer.core import TyperGroup
 
 from domain.errors import DomainError
 from domain.permissions import SYSTEM_ACTOR
 from eventstore import EventStore, create_engine, retention, verify
 from eventstore.errors import EventStoreError
-from eventstore.translate import translate_errors
+from eventstore.translate import describe, translate_errors
 from migrations import runner as migrations
 from projections import replay as replay_mod
 from projections.errors import ProjectionError
 from projections.projector import Projector
 from projections.readmodels import ALL_PROJECTORS, by_name
 from projections.runner import Worker, lowest_position
+from tiu import __version__, privacy
 from tiu import audit as audit_queries
-from tiu import privacy
 from tiu.publishing import build_publisher
 from tiu.service import CATEGORIES, DatabaseService
 from tiu.settings import Settings
 
 T = TypeVar("T")
 
+
+class _OneLineErrors(TyperGroup):
+    """Where every failure of ``tiu`` becomes one ``error: <reason>`` line on stderr and
+    exit 1 (130 when interrupted), whichever command it comes from: usage errors too
+    (click's default is a box and exit 2) and anything unexpected (no traceback)."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        own = (args, prog_name, complete_var, False, windows_expand_args)
+        if not standalone_mode:
+            return super().main(*own, **extra)
+        try:
+            code = super().main(*own, **extra)
+        except typer.TyperException as error:  # a usage error: bad option, missing value
+            message = error.format_message()
+            if message:  # (none when the help was printed instead: `tiu` alone)
+                context = getattr(error, "ctx", None)
+                hint = f" (see `{context.command_path} --help`)" if context is not None else ""
+                _print_error(f"{message}{hint}")
+            sys.exit(1)
+        except typer.Abort:
+            _print_error("interrupted")
+            sys.exit(130)
+        except Exception as error:
+            expected = isinstance(error, EXPECTED)
+            _print_error(
+                _one_line(error)
+                if expected
+                else f"unexpected {type(error).__name__}: {describe(error)}"
+            )
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="tiu",
+    cls=_OneLineErrors,
     help="tiu-core operations: migrations, health, replay, projection worker, audit, verify.",
     no_args_is_help=True,
     add_completion=False,
@@ -70,6 +113,25 @@ audit_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(audit_app, name="audit")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tiu {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _options(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """tiu-core operations: migrations, health, replay, projection worker, audit, verify."""
+
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -137,12 +199,19 @@ def _one_line(error: BaseException) -> str:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
         return f"invalid setting {where}: {first['msg']}"
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    if isinstance(error, OverflowError):
+        return f"a number, time or duration is out of range ({error})"
+    if isinstance(error, SQLAlchemyError):
+        return f"database error: {describe(error)}"
+    return describe(error)
+
+
+def _print_error(reason: str) -> None:
+    err.print(f"error: {reason}", markup=False, highlight=False)
 
 
 def fail(reason: str, code: int = 1) -> NoReturn:
-    err.print(f"error: {reason}", markup=False, highlight=False)
+    _print_error(reason)
     raise typer.Exit(code)
 
 
@@ -156,6 +225,7 @@ EXPECTED = (
     SQLAlchemyError,
     OSError,
     ValueError,
+    OverflowError,
 )
 
 
@@ -509,12 +579,17 @@ def _run_interruptible(factory: Callable[[], Coroutine[Any, Any, T]], message: s
     async def main() -> T:
         task = asyncio.ensure_future(_translated(factory))
         loop = asyncio.get_running_loop()
+        handled = []
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            # Only the main thread receives signals (the CLI run from a thread, as by a
+            # test harness, has none to catch); failing here would orphan the task.
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.add_signal_handler(sig, task.cancel)
+                handled.append(sig)
         try:
             return await task
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in handled:
                 loop.remove_signal_handler(sig)
 
     try:
@@ -694,10 +769,22 @@ def forget(
     database_url: DatabaseUrl = None,
     schema: Schema = None,
     json_output: JsonFlag = False,
+    vacuum: Annotated[
+        bool,
+        typer.Option(
+            "--vacuum",
+            help="Then remove the old row versions: VACUUM FULL of the tables forgetting "
+            "overwrote (PostgreSQL; locks them meanwhile), a WAL checkpoint (SQLite).",
+        ),
+    ] = False,
 ) -> None:
     """Erase a person's personal data (crypto-shredding; the audit chain stays intact)."""
     settings = _settings(database_url, schema)
-    report = run(lambda: privacy.forget_with_settings(settings, user, engine=_engine(settings)))
+    report = run(
+        lambda: privacy.forget_with_settings(
+            settings, user, engine=_engine(settings), vacuum=vacuum
+        )
+    )
     if json_output:
         emit_json(report.as_dict())
     else:

@@ -420,7 +420,7 @@ class Dispatcher:
                     value = await work(unit)
                 return value, unit
             except KeyAlreadyClaimed as error:
-                raise AlreadyExists(error.scope, "(taken)") from error
+                raise AlreadyExists(error.scope, None) from error
             except InlineProjectionBehind:
                 await self.catch_up_inline()
             except ConcurrencyError:

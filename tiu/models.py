@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
@@ -22,6 +23,18 @@ class View(BaseModel):
         """Views of ``rows`` in one validation call: half the time of one call per row
         (measured: 34 us against 66 for 50 tasks)."""
         return _list_adapter(cls).validate_python(rows)  # type: ignore[no-any-return]
+
+
+V = TypeVar("V", bound="View")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[V]):
+    """One keyset page of views (``page_tasks``, ``page_projects``); pass
+    ``next_cursor`` as ``after`` for the next one. ``None`` on the last page."""
+
+    items: list[V]
+    next_cursor: str | None
 
 
 @functools.cache

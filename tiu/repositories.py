@@ -17,6 +17,7 @@ one per command from it (:func:`tiu.idempotency.derived_command_id`).
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import secrets
 import unicodedata
@@ -41,6 +42,7 @@ from domain.errors import (
     NotFound,
     PermissionDenied,
     SubjectForgotten,
+    shown,
 )
 from domain.passwords import hash_token
 from domain.permissions import SYSTEM_ACTOR, Permission
@@ -48,7 +50,7 @@ from eventstore import retention
 from eventstore.errors import SubjectKeysDestroyed
 from eventstore.schema import unique_keys
 from eventstore.translate import sqlstate, translate_errors
-from projections.query import Page, Query
+from projections.query import Query
 from projections.readmodels.project_stats import project_stats
 from projections.readmodels.projects import project_members, projects_table
 from projections.readmodels.sessions import sessions_table
@@ -56,12 +58,14 @@ from projections.readmodels.tasks import tasks_table
 from projections.readmodels.user_activity import user_activity
 from projections.readmodels.users import lookup_key, user_permissions, user_roles, users_table
 from tiu import audit as audit_queries
+from tiu.arguments import checked
 from tiu.dispatch import CommandResult, CommandUnit
 from tiu.idempotency import derived_command_id, leaves_trace
 from tiu.models import (
     AuditEntry,
     Member,
     NewSession,
+    Page,
     Project,
     ProjectStatistics,
     Session,
@@ -76,11 +80,14 @@ if TYPE_CHECKING:
 
 V = TypeVar("V")
 C = TypeVar("C", bound=Command)
+W = TypeVar("W")
 
 USERS_Q = Query(users_table)
 PROJECTS_Q = Query(projects_table)
 MEMBERS_Q = Query(project_members)
-TASKS_Q = Query(tasks_table)
+TASKS_Q = Query(
+    tasks_table, ranks={"priority": ("priority_rank", {p.value: p.rank for p in tasks.Priority})}
+)
 ACTIVITY_Q = Query(user_activity)
 SESSIONS_Q = Query(
     sessions_table, fields=[c.name for c in sessions_table.c if c.name != "token_hash"]
@@ -90,6 +97,8 @@ _PG_INSUFFICIENT_PRIVILEGE: Final = "42501"
 MAX_KEY_LENGTH: Final = 64
 #: The only category retention may archive: nothing is rebuilt from it.
 ARCHIVABLE_CATEGORY: Final = security.CATEGORY
+#: The furthest ahead get_due_soon_tasks looks (beyond it, a date would not be a date).
+_MAX_WITHIN: Final = timedelta(days=365_250)
 OPEN_STATUSES = (tasks.TaskStatus.TODO, tasks.TaskStatus.IN_PROGRESS, tasks.TaskStatus.REVIEW)
 
 
@@ -103,7 +112,7 @@ class BulkOperationError(DomainError):
     def __init__(
         self, index: int, item: str, error: DomainError, command: Command | None = None
     ) -> None:
-        super().__init__(f"item {index} ({item}) refused: {error}")
+        super().__init__(f"item {index} ({shown(item)}) refused: {error}")
         self.index = index
         self.item = item
         self.error = error
@@ -137,6 +146,13 @@ def _checked_key(command_id: object) -> str:
 def _entity_id(result: CommandResult) -> str:
     """The id of the aggregate a command wrote: the first call's for a resend."""
     return result.stream_id.split("-", 1)[1]
+
+
+def _created(view: W | None, kind: str, id: str) -> W:
+    # A create_* returns what it created; None would mean the creator cannot read it.
+    if view is None:
+        raise NotFound(kind, id)
+    return view
 
 
 @dataclass(frozen=True)
@@ -255,6 +271,14 @@ class _Repository:
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A public method refuses an argument of the wrong type with InvalidCommand
+        # naming it, before it reaches a query, a hash or a driver (tiu.arguments).
+        super().__init_subclass__(**kwargs)
+        for name, method in list(vars(cls).items()):
+            if not name.startswith("_") and inspect.iscoroutinefunction(method):
+                setattr(cls, name, checked(method))
+
     @property
     def actor_id(self) -> str | None:
         return self._channel.caller.actor_id
@@ -277,7 +301,7 @@ class UserRepository(_Repository):
         roles: Sequence[str] | None = None,
         user_id: str | None = None,
         command_id: str | None = None,
-    ) -> User | None:
+    ) -> User:
         """Register a user (unique email and username, password policy, bcrypt)."""
         command = users.RegisterUser(
             email=email,
@@ -289,7 +313,8 @@ class UserRepository(_Repository):
             **_keyed(command_id),
         )
         result = await self._channel.send(command)
-        return await self.get_by_id(_entity_id(result))
+        user_id = _entity_id(result)
+        return _created(await self.get_by_id(user_id), "user", user_id)
 
     async def get_by_id(self, user_id: str) -> User | None:
         async with self._channel.read() as conn:
@@ -580,7 +605,7 @@ class ProjectRepository(_Repository):
         owner_id: str | None = None,
         project_id: str | None = None,
         command_id: str | None = None,
-    ) -> Project | None:
+    ) -> Project:
         """Create a project owned by the actor, or by ``owner_id``: naming another owner
         is allowed to the trusted service context (repositories without an actor, as
         in ``execute_in_transaction``) and to holders of ``projects:manage_all``, and
@@ -594,9 +619,10 @@ class ProjectRepository(_Repository):
             **_keyed(command_id),
         )
         result = await self._channel.send(command)
-        return await self._created(_entity_id(result))
+        project_id = _entity_id(result)
+        return _created(await self._creator_view(project_id), "project", project_id)
 
-    async def _created(self, project_id: str) -> Project | None:
+    async def _creator_view(self, project_id: str) -> Project | None:
         """The project just created, as the system sees it: an actor-less creator sees
         a private project it created for someone else."""
         if self.actor_id is not None:
@@ -666,12 +692,13 @@ class ProjectRepository(_Repository):
         order_by: Sequence[str] = ("-created_at",),
         after: str | None = None,
         limit: int = 50,
-    ) -> Page:
+    ) -> Page[Project]:
         async with self._channel.read() as conn:
             visible = await self._visible(conn)
-            return await PROJECTS_Q.page(
+            rows = await PROJECTS_Q.page(
                 conn, filters, order_by=order_by, after=after, limit=limit, where=visible
             )
+        return Page(Project.from_rows(rows.items), rows.next_cursor)
 
     async def update_project(
         self,
@@ -844,7 +871,7 @@ class TaskRepository(_Repository):
         assignee_id: str | None = None,
         task_id: str | None = None,
         command_id: str | None = None,
-    ) -> Task | None:
+    ) -> Task:
         command = tasks.CreateTask(
             project_id=project_id,
             title=title,
@@ -856,7 +883,8 @@ class TaskRepository(_Repository):
             **_keyed(command_id),
         )
         result = await self._channel.send(command)
-        return await self.get_task(_entity_id(result))
+        task_id = _entity_id(result)
+        return _created(await self.get_task(task_id), "task", task_id)
 
     async def get_task(self, task_id: str) -> Task | None:
         async with self._channel.read() as conn:
@@ -946,12 +974,13 @@ class TaskRepository(_Repository):
         order_by: Sequence[str] = ("created_at",),
         after: str | None = None,
         limit: int = 100,
-    ) -> Page:
+    ) -> Page[Task]:
         async with self._channel.read() as conn:
             visible = await self._visible(conn)
-            return await TASKS_Q.page(
+            rows = await TASKS_Q.page(
                 conn, filters, order_by=order_by, after=after, limit=limit, where=visible
             )
+        return Page(Task.from_rows(rows.items), rows.next_cursor)
 
     async def count_tasks(self, filters: Mapping[str, Any] | None = None) -> int:
         async with self._channel.read() as conn:
@@ -987,6 +1016,8 @@ class TaskRepository(_Repository):
         self, within: timedelta = timedelta(days=3), project_id: str | None = None, **options: Any
     ) -> list[Task]:
         now = self._now()
+        if not timedelta(0) <= within <= _MAX_WITHIN:
+            raise InvalidCommand("within", f"must be within 0..{_MAX_WITHIN.days} days")
         filters: dict[str, Any] = {
             "due_at__between": (now, now + within),
             "status__in": [s.value for s in OPEN_STATUSES],

@@ -22,6 +22,7 @@ from eventstore import EventStore, create_engine, health_check, pool_status
 from eventstore.engine import begin_write
 from eventstore.retention import RETENTION_CATEGORY, ArchiveReport
 from eventstore.schema import events
+from eventstore.translate import translate_errors
 from migrations import runner as migrations
 from projections import checkpoints, replay
 from projections.projector import Projector
@@ -121,13 +122,18 @@ class DatabaseService:
 
     async def start(self, *, migrate: bool | None = None, run_worker: bool = False) -> None:
         """Bring the schema to head (unless told not to), register checkpoints, and
-        rebuild projections whose version changed (inline mode)."""
-        if self.settings.auto_migrate if migrate is None else migrate:
-            await migrations.upgrade(self.engine)
-        async with self.engine.connect() as conn:
-            await begin_write(conn)
-            stale = await checkpoints.ensure(conn, self.projectors)
-            await conn.commit()
+        rebuild projections whose version changed (inline mode).
+
+        A database that cannot be reached or opened (no server, no such database or
+        role, a file that is not a database) raises :class:`StoreUnavailable` naming it
+        (without the URL's password)."""
+        with translate_errors(self.store.dialect.database_label):
+            if self.settings.auto_migrate if migrate is None else migrate:
+                await migrations.upgrade(self.engine)
+            async with self.engine.connect() as conn:
+                await begin_write(conn)
+                stale = await checkpoints.ensure(conn, self.projectors)
+                await conn.commit()
         if self.projection_mode is ProjectionMode.INLINE:
             for projector in stale:
                 await replay.rebuild(self.store, projector)

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from eventstore import create_engine
 from migrations import runner as migrations
+from tests.conftest import PG_URL
 
 from .conftest import Cli, sql
 
@@ -159,3 +161,62 @@ def test_forget_erases_a_person_and_verify_still_passes(tmp_path: Path):
     assert tiu("verify", "--database-url", url).returncode == 0
     raw = (tmp_path / "demo.db").read_bytes()
     assert b"linus@example.com" not in raw
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "archive"],  # a required option missing
+        ["audit", "--bogus"],  # an unknown option
+        ["no-such-command"],
+        ["audit", "--limit", "many"],  # a value of the wrong type
+        ["audit", "--limit", "0"],  # out of the option's range
+    ],
+)
+def test_usage_errors_print_one_error_line_and_exit_1(sqlite_cli: Cli, argv):
+    result = sqlite_cli(*argv)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ")
+    assert result.stderr.count("\n") == 1
+    assert "--help" in result.stderr
+    assert "╭" not in result.output  # no usage box
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "--since", "9999999d"],
+        ["audit", "--until", "99999999999999999999999999w"],
+        ["audit", "--suspicious", "--window", "99999999999999d"],
+        ["audit", "--suspicious", "--lockout-lookback", "9" * 5000 + "s"],
+        ["audit", "--suspicious", "--since", "0001-01-01T00:00", "--window", "1000w"],
+        ["audit", "archive", "--before", "9999999d"],
+    ],
+)
+def test_times_and_durations_out_of_range_are_one_error_line(cli: Cli, argv):
+    result = cli(*argv)
+    assert result.exit_code in (0, 1)
+    assert "Traceback" not in result.output
+    if result.exit_code == 1:
+        assert result.stderr.startswith("error: ")
+        assert result.stderr.count("\n") == 1
+
+
+def test_a_driver_error_is_said_in_the_drivers_words_not_sqlalchemys(sqlite_db: Path):
+    sqlite_db.write_text("not a database")
+    result = Cli(["--database-url", f"sqlite+aiosqlite:///{sqlite_db}"])("stats")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ")
+    assert "file is not a database" in result.stderr
+    assert "sqlalchemy" not in result.stderr.lower()
+    assert "sqlalche.me" not in result.stderr
+
+
+@pytest.mark.postgres
+def test_health_reports_a_missing_postgres_database_without_the_driver_wrapper():
+    url = make_url(PG_URL).set(database="tiu_no_such_db").render_as_string(hide_password=False)
+    result = Cli(["--database-url", url])("health", "--json")
+    assert result.exit_code == 1
+    error = json.loads(result.stdout)["error"]
+    assert "tiu_no_such_db" in error
+    assert "sqlalchemy" not in error.lower()

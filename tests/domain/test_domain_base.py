@@ -14,6 +14,7 @@ from domain import (
     Command,
     CommandContext,
     Event,
+    InvalidCommand,
     SecurityPolicy,
     UnknownEventType,
     decode_event,
@@ -129,8 +130,9 @@ def test_events_and_commands_are_immutable():
     event = registered("alice")
     with pytest.raises(ValidationError):
         event.user_id = "mallory"  # type: ignore[misc]
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidCommand) as refused:
         users.UnlockUser(user_id="alice", extra_field=1)  # type: ignore[call-arg]
+    assert refused.value.field == "extra_field"
 
 
 def test_each_command_gets_a_fresh_command_id_unless_given_one():

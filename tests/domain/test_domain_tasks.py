@@ -146,8 +146,9 @@ def test_editing_changes_only_the_given_fields_and_can_clear_the_due_date():
 
 
 def test_due_dates_must_be_timezone_aware():
-    with pytest.raises(ValueError, match="timezone"):
+    with pytest.raises(InvalidCommand, match="timezone") as refused:
         tasks.CreateTask(project_id="p1", title="x", due_date=datetime(2025, 1, 1))
+    assert refused.value.field == "due_date"
 
 
 def test_assigning_needs_an_active_member_and_unassigning_is_idempotent():

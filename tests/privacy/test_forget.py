@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import JSON, String, func, inspect, select
+from sqlalchemy import JSON, String, func, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import users as user_domain
 from domain.base import ERASED
+from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from eventstore import keyring, verify
 from eventstore.schema import events, subject_keys, unique_keys
 from projections import replay
 from projections.readmodels import ALL_PROJECTORS
 from tests.conftest import PASSWORD
-from tiu import InvalidCredentials, NotFound, PermissionDenied, SubjectForgotten
+from tiu import (
+    DatabaseService,
+    InvalidCredentials,
+    NotFound,
+    PermissionDenied,
+    Settings,
+    SubjectForgotten,
+)
 
 ALICE = {
     "email": "alice.private@example.org",
@@ -336,3 +346,57 @@ async def test_a_failed_login_on_a_known_account_is_sealed_for_that_account_and_
     seen = {e.data["user_id"]: e.data for e in entries}
     assert (seen[alice_id]["ip"], seen[alice_id]["user_agent"]) == (ERASED, ERASED)
     assert seen[None]["ip"] == stranger_ip
+
+
+@pytest.mark.sqlite
+async def test_sqlite_zeroes_what_it_deletes_so_forgotten_rows_do_not_survive_in_the_file(
+    sqlite_engine, tmp_path
+):
+    """secure_delete is set on every connection, whatever the build's default: the file
+    keeps no trace of a forgotten person's read-model rows in its free space."""
+    path = sqlite_engine.url.database
+    async with sqlite_engine.connect() as conn:
+        assert await conn.scalar(text("PRAGMA secure_delete")) == 1
+
+    def deleted_marker_survives(connect, marker: bytes) -> bool:
+        db = connect()
+        db.execute("CREATE TABLE IF NOT EXISTS scratch (x TEXT)")
+        db.execute("INSERT INTO scratch VALUES (?)", (marker.decode() * 20,))
+        db.commit()
+        db.execute("DELETE FROM scratch")
+        db.commit()
+        db.close()
+        return marker in _checkpointed_file(path)
+
+    def unprotected() -> sqlite3.Connection:
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA secure_delete=OFF")
+        return db
+
+    # The control: without secure_delete, deleted content stays in the file.
+    assert deleted_marker_survives(unprotected, b"control-marker-4711")
+
+    service = DatabaseService(
+        Settings(database_url=str(sqlite_engine.url), bcrypt_rounds=4),
+        engine=sqlite_engine,
+        hasher=BcryptHasher(rounds=4),
+    )
+    await service.start(migrate=False)
+    try:
+        _admin, alice_id, _bob = await populate(service)
+        async with service.get_repositories(SYSTEM_ACTOR) as repos:
+            assert await repos.users.forget_user(alice_id)
+    finally:
+        await service.store.aclose()
+    await sqlite_engine.dispose()
+    stored = _checkpointed_file(path)
+    for needle in ALICE.values():
+        assert needle.encode() not in stored, needle
+
+
+def _checkpointed_file(path: str) -> bytes:
+    """The database file's bytes once the WAL is written back and emptied."""
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    return Path(path).read_bytes()

@@ -327,9 +327,13 @@ async def test_wait_for_times_out_without_a_worker_and_returns_once_one_runs(
     service = worker_service
     result = await service.dispatcher.dispatch(register("ada"), service.context())
     assert result.position is not None
-    with pytest.raises(ProjectionTimeout):
+    with pytest.raises(ProjectionTimeout) as timed_out:
         await wait_for(service.store, service.projectors, result.position, timeout=0.2)
     assert await user_ids(service.engine) == []
+    # It says what a caller needs to know: the write is in, a worker must run.
+    assert f"write at position {result.position} is committed" in str(timed_out.value)
+    assert "`tiu worker`" in str(timed_out.value)
+    assert "run_worker=True" in str(timed_out.value)
 
     stop = asyncio.Event()
     worker = Worker(service.store, service.projectors, batch_size=10, poll_interval=0.05)

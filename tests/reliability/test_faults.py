@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from eventstore import (
     AppendTimeout,
@@ -27,6 +28,7 @@ from eventstore import (
 from eventstore.dialects import ADVISORY_LOCK_CLASS
 from eventstore.translate import translate_errors
 from tests.conftest import PG_URL
+from tiu import create_database_service
 
 
 def ev(n: int = 0) -> NewEvent:
@@ -173,3 +175,38 @@ async def test_a_sqlite_file_locked_by_another_process_times_out_naming_the_file
         holder.communicate()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM events").fetchone() == (0,)
+
+
+def _pg_url_with(**parts: str | int) -> str:
+    return make_url(PG_URL).set(password="s3cret-pw", **parts).render_as_string(hide_password=False)
+
+
+@pytest.mark.parametrize(
+    ("url", "names"),
+    [
+        pytest.param(lambda: _pg_url_with(port=1), "127.0.0.1:1", marks=pytest.mark.postgres),
+        pytest.param(
+            lambda: _pg_url_with(database="tiu_no_such_db"),
+            "tiu_no_such_db",
+            marks=pytest.mark.postgres,
+        ),
+        pytest.param(
+            lambda: _pg_url_with(username="tiu_no_such_role"),
+            "tiu_no_such_role",
+            marks=pytest.mark.postgres,
+        ),
+    ],
+    ids=["unreachable-host", "missing-database", "missing-role"],
+)
+async def test_a_service_on_a_database_it_cannot_open_is_store_unavailable_naming_it(url, names):
+    with pytest.raises(StoreUnavailable) as refused:
+        await create_database_service(url(), pool_timeout=2)
+    assert names in str(refused.value)
+    assert "s3cret-pw" not in str(refused.value)
+
+
+async def test_a_file_that_is_not_a_database_is_store_unavailable_naming_it(tmp_path):
+    path = tmp_path / "notes.db"
+    path.write_text("these are notes, not an SQLite database\n" * 20)
+    with pytest.raises(StoreUnavailable, match=r"notes\.db"):
+        await create_database_service(f"sqlite+aiosqlite:///{path}")

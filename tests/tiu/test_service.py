@@ -17,7 +17,11 @@ from tiu import (
     InvalidCredentials,
     InvalidFilter,
     NotFound,
+    Page,
     PermissionDenied,
+    Priority,
+    Project,
+    Task,
     WeakPassword,
 )
 
@@ -318,3 +322,51 @@ async def test_reads_take_one_snapshot_on_sqlite_and_skip_begin_on_postgres(serv
             assert driver.in_transaction
         else:
             assert not driver.is_in_transaction()
+
+
+async def test_pages_hold_typed_models_as_lists_do(service):
+    owner = await make_user(service, "pager")
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        project = await repos.projects.create_project("Paged", visibility="public")
+        for n in range(3):
+            await repos.tasks.create_task(project.id, f"task {n}", priority="high")
+        first = await repos.tasks.page_tasks({"project_id": project.id}, limit=2)
+        rest = await repos.tasks.page_tasks(
+            {"project_id": project.id}, limit=2, after=first.next_cursor
+        )
+        projects_page = await repos.projects.page_projects(limit=5)
+    assert isinstance(first, Page)
+    assert all(isinstance(t, Task) for t in first.items + rest.items)
+    assert [t.title for t in first.items + rest.items] == ["task 0", "task 1", "task 2"]
+    assert first.items[0].priority == Priority.HIGH
+    assert rest.next_cursor is None
+    assert project.id in [p.id for p in projects_page.items]
+    assert all(isinstance(p, Project) for p in projects_page.items)
+
+
+async def test_priority_sorts_and_compares_by_rank_not_by_name(service):
+    owner = await make_user(service, "ranker")
+    names = ["medium", "urgent", "low", "high"]  # by name: high < low < medium < urgent
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        project = await repos.projects.create_project("Ranked", visibility="public")
+        for name in names:
+            await repos.tasks.create_task(project.id, name, priority=name)
+        mine = {"project_id": project.id}
+        ascending = await repos.tasks.list_tasks(mine, order_by=["priority"])
+        descending = await repos.tasks.list_tasks(mine, order_by=["-priority"])
+        above_medium = await repos.tasks.list_tasks({**mine, "priority__gt": "medium"})
+        between = await repos.tasks.list_tasks({**mine, "priority__between": ["low", "medium"]})
+        first = await repos.tasks.page_tasks(mine, order_by=["-priority"], limit=2)
+        second = await repos.tasks.page_tasks(
+            mine, order_by=["-priority"], limit=2, after=first.next_cursor
+        )
+        named = await repos.tasks.list_tasks({**mine, "priority": "high"})
+        with pytest.raises(InvalidFilter) as refused:
+            await repos.tasks.list_tasks({**mine, "priority__gt": "extreme"})
+    assert [t.title for t in ascending] == ["low", "medium", "high", "urgent"]
+    assert [t.title for t in descending] == ["urgent", "high", "medium", "low"]
+    assert {t.title for t in above_medium} == {"high", "urgent"}
+    assert {t.title for t in between} == {"low", "medium"}
+    assert [t.title for t in first.items + second.items] == ["urgent", "high", "medium", "low"]
+    assert [t.title for t in named] == ["high"]
+    assert refused.value.field == "priority"
