@@ -221,7 +221,8 @@ class _Pass:
 
     def _leaf(self, position: int, leaf: bytes, stored: list[bytes], first: int) -> bool:
         """Feed the leaf at ``position``; False (and ``broken`` set) if it is wrong."""
-        if position <= self.tree_size and stored[position - first - 1] != leaf:
+        trusted = self.tree_suspect is None
+        if trusted and position <= self.tree_size and stored[position - first - 1] != leaf:
             self.broken = BrokenLink(
                 None, None, position, "leaf differs from the Merkle tree",
                 stored[position - first - 1].hex(), leaf.hex(),
@@ -231,8 +232,11 @@ class _Pass:
         if cp is not None and position <= cp.size:
             self.accumulator.add(leaf)
             if position == cp.size and self.accumulator.root() != cp.root:
-                self.broken = self.tree_suspect or BrokenLink(
-                    None, None, 1, "the log's root differs from the checkpoint's",
+                # With a trusted tree a changed leaf was named above; without one, the
+                # root alone cannot say which leaf changed.
+                also = "" if trusted else ", and the stored tree was altered too"
+                self.broken = BrokenLink(
+                    None, None, 1, f"the log's root differs from the checkpoint's{also}",
                     cp.root_hex, self.accumulator.root().hex(),
                 )  # fmt: skip
                 return False
@@ -328,7 +332,9 @@ class _Pass:
                 return
             self.expected += 1
         limit = self.checkpoint.size if self.checkpoint else self.tree_size
-        if self.expected <= limit:
+        if self.expected > limit:
+            self.broken = self.tree_suspect  # the events are fine; the stored tree is not
+        else:
             self.broken = BrokenLink(
                 None, None, self.expected,
                 "the log ends before the " + ("checkpoint" if self.checkpoint else "tree"),

@@ -159,7 +159,7 @@ class VerifierKey:
     @classmethod
     def parse(cls, text: str) -> VerifierKey:
         try:
-            name, key_id, encoded = text.strip().split("+")
+            name, key_id, encoded = text.strip().split("+", 2)
             public = base64.b64decode(encoded, validate=True)
             wanted = bytes.fromhex(key_id)
         except (ValueError, binascii.Error) as error:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -34,7 +35,7 @@ from eventstore.offline_verify import (
     key_id_of,
     parse_checkpoint,
 )
-from eventstore.retention import row_to_json
+from eventstore.retention import read_archive, row_to_json
 from eventstore.schema import checkpoints, events
 
 log = logging.getLogger("eventstore.transparency")
@@ -52,7 +53,7 @@ class SigningKey:
 
     @classmethod
     def parse(cls, text: str) -> SigningKey:
-        parts = text.strip().split("+")
+        parts = text.strip().split("+", 4)
         if len(parts) != 5 or parts[:2] != ["PRIVATE", "KEY"]:
             raise TransparencyError("not a signing key (PRIVATE+KEY+name+hash+base64)")
         _, _, name, key_id, encoded = parts
@@ -162,10 +163,11 @@ async def status(conn: AsyncConnection) -> dict[str, Any]:
 
 
 async def prove_inclusion(
-    engine: AsyncEngine, position: int, checkpoint: Checkpoint
+    engine: AsyncEngine, position: int, checkpoint: Checkpoint, *, archive: Path | None = None
 ) -> dict[str, Any]:
     """An inclusion proof of the event at ``position`` against ``checkpoint``, with the
-    event itself and the previous hash of its stream, so its content can be rechecked."""
+    event itself and the previous hash of its stream, so its content can be rechecked.
+    An archived event is read from ``archive`` (its leaf stayed in the tree)."""
     if not 1 <= position <= checkpoint.size:
         raise TransparencyError(
             f"position {position} is not covered by the checkpoint (size {checkpoint.size})"
@@ -173,26 +175,28 @@ async def prove_inclusion(
     async with engine.connect() as conn:
         state = await merkle.load_state(conn)
         if state.size < checkpoint.size:
-            raise TransparencyError(
-                "the stored tree is behind the checkpoint: run `tiu checkpoint`"
-            )
+            raise TransparencyError("the stored tree is behind the checkpoint (tampered?)")
         row = (await conn.execute(select(events).where(events.c.position == position))).mappings()
         found = row.one_or_none()
-        if found is None:
+        if found is not None:
+            event = row_to_json(dict(found))
+        elif archive is not None:
+            event, prev = await asyncio.to_thread(_from_archive, archive, position)
+        else:
             raise TransparencyError(
-                f"no event at position {position} (archived events are proven from the archive)"
+                f"no event at position {position}; if it was archived, pass its archive file"
             )
-        event = row_to_json(dict(found))
-        prev = GENESIS
-        if found["version"] > 1:
-            prev = (
-                await conn.scalar(
-                    select(events.c.hash).where(
-                        events.c.stream_id == found["stream_id"],
-                        events.c.version == found["version"] - 1,
+        if found is not None or prev is None:
+            prev = GENESIS
+            if event["version"] > 1:
+                prev = (
+                    await conn.scalar(
+                        select(events.c.hash).where(
+                            events.c.stream_id == event["stream_id"],
+                            events.c.version == event["version"] - 1,
+                        )
                     )
-                )
-            ) or GENESIS
+                ) or GENESIS
         proof = await merkle.inclusion_proof(conn, position - 1, checkpoint.size)
     event["category"] = event.pop("stream_category")
     return {
@@ -201,6 +205,26 @@ async def prove_inclusion(
         "prev_hash": prev,
         "proof": [h.hex() for h in proof],
     }
+
+
+def _from_archive(path: Path, position: int) -> tuple[dict[str, Any], str | None]:
+    """The archived event at ``position`` and, if the archive has it, its stream's
+    previous hash."""
+    rows: dict[tuple[str, int], str] = {}
+    wanted = None
+    try:
+        for row in read_archive(path):
+            rows[(row["stream_id"], row["version"])] = row["hash"]
+            if row["position"] == position:
+                wanted = row
+    except (OSError, ValueError) as error:
+        raise TransparencyError(f"cannot read archive {path}: {error}") from None
+    if wanted is None:
+        raise TransparencyError(f"position {position} is in neither the log nor {path}")
+    wanted["recorded_at"] = wanted["recorded_at"].isoformat(timespec="microseconds")
+    before = (wanted["stream_id"], wanted["version"] - 1)
+    prev = GENESIS if wanted["version"] == 1 else rows.get(before)
+    return wanted, prev
 
 
 async def prove_consistency(

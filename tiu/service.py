@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from domain import audit, projects, security, sessions, tasks, users
 from domain.base import Command, CommandContext, SecurityPolicy
 from domain.passwords import BcryptHasher, PasswordHasher
-from eventstore import EventStore, create_engine, health_check, pool_status
+from eventstore import EventStore, create_engine, health_check, pool_status, transparency
 from eventstore.engine import begin_write
 from eventstore.retention import RETENTION_CATEGORY
 from eventstore.schema import events
@@ -262,6 +262,7 @@ class DatabaseService:
                     "needs_rebuild": active is None or active.version != projector.version,
                 }
             lowest = await lowest_position(conn, self.projectors)
+            tree = await transparency.status(conn)
         return {
             "head_position": head,
             "events_by_category": by_category,
@@ -269,6 +270,7 @@ class DatabaseService:
             "read_model_rows": rows,
             "projectors": lag,
             "max_lag": head - lowest,
+            "transparency": tree,
             "projection_mode": self.projection_mode.value,
         }
 
