@@ -27,15 +27,22 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from eventstore.dialects import dialect_for
 from eventstore.errors import LogIntegrityError
 from eventstore.offline_verify import EMPTY_ROOT, event_leaf, leaf_hash, node_hash
-from eventstore.schema import events, merkle_state, merkle_tiles
+from eventstore.schema import merkle_state, merkle_tiles
 
 TILE_HEIGHT: Final = 8
 TILE_WIDTH: Final = 1 << TILE_HEIGHT
 _MASK: Final = TILE_WIDTH - 1
 #: Leaves hashed and written per round of :func:`extend` (64 level-0 tiles).
 CHUNK: Final = 64 * TILE_WIDTH
+#: Up to this many new leaves are hashed on the event loop (~2 ms), more on a thread.
+INLINE_LEAVES: Final = 2048
+_LEAVES_SQL: Final = (
+    "SELECT position, hash, stream_category FROM events WHERE position > $1 "
+    "ORDER BY position LIMIT $2"
+)
 
 Tiles = dict[tuple[int, int], list[bytes]]
 
@@ -271,8 +278,8 @@ def _edge_tiles(size: int) -> set[tuple[int, int]]:
     return keys
 
 
-def _hash_leaves(rows: Sequence[Any]) -> list[bytes]:
-    return [leaf_hash(event_leaf(h, c)) for _, h, c in rows]
+def _add_rows(tiles: Tiles, size: int, rows: Sequence[Any]) -> int:
+    return _grow(tiles, size, [leaf_hash(event_leaf(h, c)) for _, h, c in rows])
 
 
 async def extend(conn: AsyncConnection, *, until: int | None = None) -> TreeState:
@@ -283,19 +290,13 @@ async def extend(conn: AsyncConnection, *, until: int | None = None) -> TreeStat
     tree would have to cover: events are never removed before the tree holds them.
     """
     state = await load_state(conn, for_update=True)
+    reader = dialect_for(conn.engine)
     size = state.size
     tiles = await load_tiles(conn, _edge_tiles(size))
     grew = False
     while until is None or size < until:
         limit = CHUNK if until is None else min(CHUNK, until - size)
-        rows = (
-            await conn.execute(
-                select(events.c.position, events.c.hash, events.c.stream_category)
-                .where(events.c.position > size)
-                .order_by(events.c.position)
-                .limit(limit)
-            )
-        ).all()
+        rows = await reader.fetch(conn, _LEAVES_SQL, (size, limit))
         if not rows:
             break
         for offset, row in enumerate(rows):
@@ -304,10 +305,13 @@ async def extend(conn: AsyncConnection, *, until: int | None = None) -> TreeStat
                     f"position {size + offset + 1} is missing from the log; the Merkle "
                     "tree cannot grow past it (run `tiu verify`)"
                 )
-        leaves = await asyncio.to_thread(_hash_leaves, rows)
-        touched_before = set(tiles)
-        size = await asyncio.to_thread(_grow, tiles, size, leaves)
-        await _write_tiles(conn, tiles, touched_before, size)
+        # A few thousand leaves hash in a few ms: on the loop, rather than holding the
+        # write lock through two thread hops; a big catch-up goes to a worker thread.
+        if len(rows) > INLINE_LEAVES:
+            size = await asyncio.to_thread(_add_rows, tiles, size, rows)
+        else:
+            size = _add_rows(tiles, size, rows)
+        await _write_tiles(conn, tiles, size)
         grew = True
     if not grew and state.updated_at is not None:
         return state
@@ -323,9 +327,7 @@ async def extend(conn: AsyncConnection, *, until: int | None = None) -> TreeStat
     return TreeState(size, root, now)
 
 
-async def _write_tiles(
-    conn: AsyncConnection, tiles: Tiles, before: set[tuple[int, int]], size: int
-) -> None:
+async def _write_tiles(conn: AsyncConnection, tiles: Tiles, size: int) -> None:
     # Write what changed; then keep only each level's right edge in memory.
     edge = _edge_tiles(size)
     rows = [
@@ -344,7 +346,6 @@ async def _write_tiles(
     for key in list(tiles):
         if key not in edge:
             del tiles[key]
-    del before  # every tile in memory was touched or is an edge tile: all are written
 
 
 __all__ = [
