@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from eventstore import merkle
@@ -49,6 +48,30 @@ from eventstore.types import sqlite_datetime
 _COLUMNS: Final = (
     "position, stream_id, stream_category, version, event_id, event_type, schema_version, "
     "{data}, {metadata}, actor_id, correlation_id, causation_id, command_id, recorded_at, hash"
+)
+_POSTGRES_PAGE: Final = (
+    f"SELECT {_COLUMNS.format(data='data::text', metadata='metadata::text')} FROM events "  # noqa: S608
+    "WHERE position > $1 ORDER BY position LIMIT $2"
+)
+#: SQLite: the hashed text's pieces built by SQLite itself (its JSON is compact and
+#: escapes as Python's does, its UUIDs are 32 hex digits and its timestamps
+#: "YYYY-MM-DD HH:MM:SS.ffffff" UTC); anything that does not hash right this way is
+#: rechecked from all its columns (_FULL_ROW) by the canonical path. The documents are
+#: spliced in as stored, so each must be one valid JSON value: then the text has one
+#: reading, and no stored text can pass for another split of the same bytes.
+_SQLITE_FAST: Final = (
+    "SELECT position, stream_id, stream_category, version, "
+    "json_array(stream_id, version, substr(event_id, 1, 8) || '-' || substr(event_id, 9, 4) "
+    "|| '-' || substr(event_id, 13, 4) || '-' || substr(event_id, 17, 4) || '-' "
+    "|| substr(event_id, 21), event_type, schema_version), data, metadata, "
+    "json_array(actor_id, correlation_id, causation_id, command_id, "
+    "substr(recorded_at, 1, 10) || 'T' || substr(recorded_at, 12) || '+00:00'), hash, "
+    "json_valid(data) AND json_valid(metadata) "
+    "FROM events WHERE position > $1 ORDER BY position LIMIT $2"
+)
+_FULL_ROW: Final = (
+    f"SELECT {_COLUMNS.format(data='data', metadata='metadata')} FROM events "  # noqa: S608
+    "WHERE position = $1"
 )
 
 
@@ -107,12 +130,7 @@ async def verify(
         if broken is not None:
             check.tree_suspect = broken
     dialect = dialect_for(conn.engine)
-    postgres = dialect.name == "postgresql"
-    columns = _COLUMNS.format(
-        data="data::text" if postgres else "data",
-        metadata="metadata::text" if postgres else "metadata",
-    )
-    sql = f"SELECT {columns} FROM events WHERE position > $1 ORDER BY position LIMIT $2"  # noqa: S608
+    sql = _SQLITE_FAST if check.fast else _POSTGRES_PAGE
     fetch = _page_reader(conn, dialect, sql, page_size)
     after = 0
     pending: asyncio.Future[Sequence[Any]] | None = asyncio.ensure_future(fetch(after))
@@ -126,7 +144,16 @@ async def verify(
             stored = await merkle.stored_leaves(conn, after, max(0, min(last, state.size) - after))
             # The next page is read while this one is hashed (both off the loop).
             pending = asyncio.ensure_future(fetch(last))
-            await asyncio.to_thread(check.page, rows, stored, after)
+            start: int | None = 0
+            while start is not None and check.broken is None:
+                slow = await asyncio.to_thread(check.page, rows, stored, after, start)
+                start = None
+                if slow is not None:  # SQLite: the stored text is not what was hashed
+                    await pending  # the connection is free again
+                    full = await dialect.fetch(conn, _FULL_ROW, (rows[slow][0],))
+                    pending = asyncio.ensure_future(fetch(last))
+                    check.slow_row(full[0], stored, after)
+                    start = slow + 1
             if check.broken is not None:
                 break
             after = last
@@ -273,33 +300,26 @@ class _Pass:
                 return False
         return True
 
-    def page(self, rows: Sequence[Any], stored: list[bytes], first: int) -> None:
+    def page(
+        self, rows: Sequence[Any], stored: list[bytes], first: int, start: int = 0
+    ) -> int | None:
+        """Check ``rows[start:]``. On SQLite (``fast``), returns the index of a row whose
+        hash needs the canonical path (:meth:`slow_row`), which needs the database."""
         heads = self.heads
         sha256 = hashlib.sha256
-        for row in rows:
+        fast = self.fast
+        hash_at = 8 if fast else 14
+        for index in range(start, len(rows)):
+            row = rows[index]
             position = row[0]
-            while self.expected < position:  # a hole: archived positions only
-                gap = self.expected
-                if not self._archived(gap):
-                    self.broken = BrokenLink(
-                        None, None, gap, "hole in global positions", str(gap), "missing"
-                    )
-                    return
-                if gap <= self.tree_size:
-                    if not self._leaf(gap, stored[gap - first - 1], stored, first):
-                        return
-                elif self.checkpoint is not None and gap <= self.checkpoint.size:
-                    self.broken = BrokenLink(
-                        None, None, gap, "archived position missing from the tree", "leaf", "-"
-                    )
-                    return
-                self.expected += 1
+            if self.expected < position and not self._holes(position, stored, first):
+                return None
             if self.archived and self._archived(position):
                 self.broken = BrokenLink(
                     None, None, position, "event present at an archived position",
                     "archived", "present",
                 )  # fmt: skip
-                return
+                return None
             stream_id = row[1]
             version = row[3]
             prev_version, prev_hash = heads.get(stream_id, (0, GENESIS))
@@ -308,43 +328,74 @@ class _Pass:
                     stream_id, version, position, "missing version in stream",
                     str(prev_version + 1), str(version),
                 )  # fmt: skip
-                return
-            stored_hash = row[14]
-            quick = self._fast_hash(row, prev_hash) if self.fast else None
-            expected = stored_hash if quick == stored_hash else self._hash(row, prev_hash)
-            if expected != stored_hash:
-                self.broken = BrokenLink(
-                    stream_id, version, position, "hash does not match content",
-                    expected, str(stored_hash),
-                )  # fmt: skip
-                return
+                return None
+            stored_hash = row[hash_at]
+            if fast:
+                # SQLite keeps the canonical text the hash covers, and the query built
+                # the rest of it (_SQLITE_FAST): one string and one SHA-256 per event.
+                text = f'["{prev_hash}",{row[4][1:-1]},{row[5]},{row[6]},{row[7][1:]}'
+                if not row[9] or sha256(text.encode()).hexdigest() != stored_hash:
+                    return index
+            elif (expected := self._hash(row, prev_hash)) != stored_hash:
+                self._mismatch(row, expected, stored_hash)
+                return None
             heads[stream_id] = (version, stored_hash)
             self.count += 1
             leaf = sha256(b"\x00" + bytes.fromhex(stored_hash) + row[2].encode()).digest()
             if not self._leaf(position, leaf, stored, first):
-                return
+                return None
             self.expected = position + 1
+        return None
 
-    @staticmethod
-    def _fast_hash(row: Any, prev_hash: str) -> str | None:
-        """The chain hash from SQLite's stored text, built in two orjson calls (the same
-        text as :func:`eventstore.hashing.link_hash` for the plain values a row holds);
-        None where orjson refuses a value."""
-        try:
-            head = orjson.dumps([prev_hash, row[1], row[3], _dashed(row[4]), row[5], row[6]])
-            tail = orjson.dumps([row[9], row[10], row[11], row[12], _iso(row[13])])
-        except (orjson.JSONEncodeError, TypeError):
-            return None
-        text = b"%b,%b,%b,%b" % (head[:-1], row[7].encode(), row[8].encode(), tail[1:])
-        return hashlib.sha256(text).hexdigest()
+    def slow_row(self, full: Any, stored: list[bytes], first: int) -> None:
+        """The canonical check of a row whose fast hash did not match (its position and
+        version already checked by :meth:`page`), given all its columns."""
+        prev_hash = self.heads.get(full[1], (0, GENESIS))[1]
+        expected = self._hash(full, prev_hash)
+        if expected != full[14]:
+            self._mismatch(full, expected, full[14])
+            return
+        self.heads[full[1]] = (full[3], full[14])
+        self.count += 1
+        leaf = hashlib.sha256(b"\x00" + bytes.fromhex(full[14]) + full[2].encode()).digest()
+        if self._leaf(full[0], leaf, stored, first):
+            self.expected = full[0] + 1
+
+    def _mismatch(self, row: Any, expected: str, found: str) -> None:
+        self.broken = BrokenLink(
+            row[1], row[3], row[0], "hash does not match content", expected, str(found)
+        )
+
+    def _holes(self, position: int, stored: list[bytes], first: int) -> bool:
+        """Walk the hole before ``position``: archived positions only (their leaves from
+        the tree). False (and ``broken`` set) at the first position that is not."""
+        while self.expected < position:
+            gap = self.expected
+            if not self._archived(gap):
+                self.broken = BrokenLink(
+                    None, None, gap, "hole in global positions", str(gap), "missing"
+                )
+                return False
+            if gap <= self.tree_size:
+                if not self._leaf(gap, stored[gap - first - 1], stored, first):
+                    return False
+            elif self.checkpoint is not None and gap <= self.checkpoint.size:
+                self.broken = BrokenLink(
+                    None, None, gap, "archived position missing from the tree", "leaf", "-"
+                )
+                return False
+            self.expected += 1
+        return True
 
     @staticmethod
     def _hash(row: Any, prev_hash: str) -> str:
         # Canonicalise the stored documents (PostgreSQL's jsonb text is not the hashed
         # text; on SQLite, text someone rewrote may not be either).
-        data, metadata = row[7], row[8]
-        data = canonical_json(parse_json(data) if isinstance(data, str) else data)
-        metadata = canonical_json(parse_json(metadata) if isinstance(metadata, str) else metadata)
+        try:
+            data = canonical_json(parse_json(row[7]) if isinstance(row[7], str) else row[7])
+            metadata = canonical_json(parse_json(row[8]) if isinstance(row[8], str) else row[8])
+        except ValueError:  # not JSON at all: it cannot be what was hashed
+            return "not JSON"
         return link_hash(
             prev_hash,
             json_text(row[1]),
