@@ -320,3 +320,45 @@ async def test_a_bad_key_or_a_forged_checkpoint_is_refused(store, engine: AsyncE
     with pytest.raises(EventStoreError):
         transparency.SigningKey.parse("PRIVATE+KEY+x+00000000+AAAA")
     assert transparency.SigningKey.parse(KEY.encoded()).verifier() == KEY.verifier()
+
+
+@pytest.mark.sqlite
+async def test_documents_re_split_over_the_same_bytes_are_caught(sqlite_engine: AsyncEngine):
+    # The fast path hashes the stored text of data and metadata as it is: moving the
+    # boundary between them keeps the bytes (and the stored hash) but not the event.
+    store = EventStore(sqlite_engine)
+    try:
+        await store.append("user-1", "user", [NewEvent("Noted", {"x": "a,b"}, metadata={"m": 1})])
+    finally:
+        await store.aclose()
+    async with sqlite_engine.begin() as conn:
+        await bypass_append_only(conn)
+        await conn.execute(
+            text("UPDATE events SET data = :d, metadata = :m"),
+            {"d": '{"x":"a', "m": 'b"},{"m":1}'},
+        )
+    async with sqlite_engine.connect() as conn:
+        report = await verify(conn)
+    assert report.broken is not None
+    assert (report.first_position, report.broken.reason) == (1, "hash does not match content")
+
+
+async def test_the_worker_step_grows_the_tree_and_signs_checkpoints(store, engine: AsyncEngine):
+    stop = asyncio.Event()
+    keeper = asyncio.create_task(transparency.keep_up(engine, KEY, stop, every=5, interval=0.05))
+    try:
+        await build_log(store, rounds=3)
+        for _ in range(200):
+            async with engine.connect() as conn:
+                status = await transparency.status(conn)
+            if status["checkpoint_lag"] == 0 and status["tree_lag"] == 0:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await keeper
+    assert (status["tree_size"], status["checkpoint_size"]) == (12, 12)
+    async with engine.connect() as conn:
+        note = await transparency.latest_note(conn)
+    assert note is not None
+    assert transparency.read_checkpoint(note, KEY.verifier_key()).size == 12
