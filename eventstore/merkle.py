@@ -289,6 +289,14 @@ async def extend(conn: AsyncConnection, *, until: int | None = None) -> TreeStat
     Raises :class:`LogIntegrityError` naming the position where the log has a hole the
     tree would have to cover: events are never removed before the tree holds them.
     """
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    # The state row is what concurrent extenders queue on (SELECT ... FOR UPDATE on
+    # PostgreSQL; SQLite's write transaction already serialises them), so it must exist.
+    await conn.execute(
+        insert(merkle_state)
+        .values(id=1, size=0, root=EMPTY_ROOT.hex(), updated_at=datetime.now(UTC))
+        .on_conflict_do_nothing(index_elements=["id"])
+    )
     state = await load_state(conn, for_update=True)
     reader = dialect_for(conn.engine)
     size = state.size
@@ -313,12 +321,11 @@ async def extend(conn: AsyncConnection, *, until: int | None = None) -> TreeStat
             size = _add_rows(tiles, size, rows)
         await _write_tiles(conn, tiles, size)
         grew = True
-    if not grew and state.updated_at is not None:
+    if not grew:
         return state
     root = range_hash(tiles, 0, size) if size else EMPTY_ROOT
     now = datetime.now(UTC)
     values = {"size": size, "root": root.hex(), "updated_at": now}
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     await conn.execute(
         insert(merkle_state)
         .values(id=1, **values)

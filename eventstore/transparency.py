@@ -122,7 +122,7 @@ async def write_checkpoint(engine: AsyncEngine, key: SigningKey) -> Checkpoint:
     async with engine.connect() as conn:
         await begin_write(conn)
         state = await merkle.extend(conn)
-        now = datetime.now(UTC).replace(microsecond=0)
+        now = datetime.now(UTC)
         note = key.sign(checkpoint_text(key.name, state.size, state.root, now))
         await conn.execute(
             checkpoints.insert().values(

@@ -800,6 +800,12 @@ def _private_opener(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
+def _uncovered(position: int | None, note: str | None, verifier: VerifierKey) -> bool:
+    if position is None:
+        return False
+    return note is None or transparency.read_checkpoint(note, verifier).size < position
+
+
 @app.command()
 def prove(  # noqa: PLR0917  # typer maps each parameter to an option
     position: Annotated[
@@ -834,6 +840,9 @@ def prove(  # noqa: PLR0917  # typer maps each parameter to an option
             newest = await transparency.latest_note(conn)
         if checkpoint_file is not None:
             newest = _read_note(checkpoint_file)
+        elif _uncovered(position, newest, verifier) and settings.signing_key_text() is not None:
+            # Lazily: an event newer than the newest checkpoint gets a checkpoint first.
+            newest = (await transparency.write_checkpoint(engine, _signing_key(settings))).note
         if newest is None:
             raise CliError("no checkpoint yet: run `tiu checkpoint`")
         against = transparency.read_checkpoint(newest, verifier)

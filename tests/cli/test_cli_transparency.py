@@ -120,6 +120,17 @@ def test_a_checkpoint_signed_by_another_key_is_refused(cli: Cli, key: str, tmp_p
     assert "checkpoint refused" in result.stderr
 
 
+def test_prove_signs_a_checkpoint_first_when_the_newest_does_not_cover_the_event(
+    cli: Cli, key: str, tmp_path: Path
+):
+    head = sql(cli, "SELECT max(position) FROM events")[0][0]
+    proof = cli("prove", str(head))
+    assert proof.exit_code == 0, proof.output
+    (tmp_path / "p.json").write_text(proof.stdout)
+    assert offline(tmp_path, "inclusion", "p.json", "--key", key).returncode == 0
+    assert json.loads(cli("stats", "--json").stdout)["transparency"]["checkpoint_size"] == head
+
+
 def test_stats_show_how_far_the_tree_is_behind(cli: Cli, key: str):
     before = json.loads(cli("stats", "--json").stdout)["transparency"]
     assert before["tree_size"] <= before["tree_size"] + before["tree_lag"]
