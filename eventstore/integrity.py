@@ -53,19 +53,16 @@ _POSTGRES_PAGE: Final = (
     f"SELECT {_COLUMNS.format(data='data::text', metadata='metadata::text')} FROM events "  # noqa: S608
     "WHERE position > $1 ORDER BY position LIMIT $2"
 )
-#: SQLite: the hashed text's pieces built by SQLite itself (its JSON is compact and
-#: escapes as Python's does, its UUIDs are 32 hex digits and its timestamps
-#: "YYYY-MM-DD HH:MM:SS.ffffff" UTC); anything that does not hash right this way is
-#: rechecked from all its columns (_FULL_ROW) by the canonical path. The documents are
-#: spliced in as stored, so each must be one valid JSON value: then the text has one
-#: reading, and no stored text can pass for another split of the same bytes.
+#: SQLite: the JSON pieces of the hashed text built by SQLite itself (compact, escaped
+#: as Python escapes), the rest spliced in by :meth:`_Pass.page`: the documents as
+#: stored (each must be one valid JSON value, so no stored text can pass for another
+#: split of the same bytes), the 32-hex-digit id dashed and the UTC time in ISO form at
+#: fixed offsets. A row that does not hash right this way is rechecked from all its
+#: columns (_FULL_ROW) by the canonical path.
 _SQLITE_FAST: Final = (
-    "SELECT position, stream_id, stream_category, version, "
-    "json_array(stream_id, version, substr(event_id, 1, 8) || '-' || substr(event_id, 9, 4) "
-    "|| '-' || substr(event_id, 13, 4) || '-' || substr(event_id, 17, 4) || '-' "
-    "|| substr(event_id, 21), event_type, schema_version), data, metadata, "
-    "json_array(actor_id, correlation_id, causation_id, command_id, "
-    "substr(recorded_at, 1, 10) || 'T' || substr(recorded_at, 12) || '+00:00'), hash, "
+    "SELECT position, stream_id, stream_category, version, json_array(stream_id, version), "
+    "event_id, json_array(event_type, schema_version), data, metadata, "
+    "json_array(actor_id, correlation_id, causation_id, command_id), recorded_at, hash, "
     "json_valid(data) AND json_valid(metadata) "
     "FROM events WHERE position > $1 ORDER BY position LIMIT $2"
 )
@@ -308,7 +305,7 @@ class _Pass:
         heads = self.heads
         sha256 = hashlib.sha256
         fast = self.fast
-        hash_at = 8 if fast else 14
+        hash_at = 11 if fast else 14
         for index in range(start, len(rows)):
             row = rows[index]
             position = row[0]
@@ -333,8 +330,15 @@ class _Pass:
             if fast:
                 # SQLite keeps the canonical text the hash covers, and the query built
                 # the rest of it (_SQLITE_FAST): one string and one SHA-256 per event.
-                text = f'["{prev_hash}",{row[4][1:-1]},{row[5]},{row[6]},{row[7][1:]}'
-                if not row[9] or sha256(text.encode()).hexdigest() != stored_hash:
+                e, t = row[5], row[10]
+                if not row[12] or len(e) != 32 or len(t) != 26:
+                    return index
+                text = (
+                    f'["{prev_hash}",{row[4][1:-1]},"{e[:8]}-{e[8:12]}-{e[12:16]}-{e[16:20]}-'
+                    f'{e[20:]}",{row[6][1:-1]},{row[7]},{row[8]},{row[9][1:-1]},'
+                    f'"{t[:10]}T{t[11:]}+00:00"]'
+                )
+                if sha256(text.encode()).hexdigest() != stored_hash:
                     return index
             elif (expected := self._hash(row, prev_hash)) != stored_hash:
                 self._mismatch(row, expected, stored_hash)
