@@ -34,7 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import pg_create_database, pg_drop_database, pg_reset_schema, pg_url
+import asyncpg
+
+from bench.common import PG_ADMIN_DB, pg_dsn, pg_url
 from bench.scenario import Scenario, fill
 from eventstore import (
     EngineOptions,
@@ -48,6 +50,17 @@ from eventstore import (
 from migrations import runner
 
 SEED = 23
+PG_DB = "tiu_bench_transparency"
+
+
+async def _admin(statement: str) -> None:
+    conn = await asyncpg.connect(pg_dsn(PG_ADMIN_DB))
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
 KEY = transparency.SigningKey.generate("bench.example/tiu")
 
 
@@ -82,7 +95,7 @@ async def append_cost(engine: Any, n: int, runs: int) -> dict[str, Any]:
     plain: list[float] = []
     kept: list[float] = []
     url = engine.url.render_as_string(hide_password=False)
-    schema = "merkle" if engine.dialect.name == "postgresql" else "-"
+    schema = "-"
     try:
         await _appends(store, 200, "warm")
         await transparency.write_checkpoint(engine, KEY)
@@ -184,15 +197,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 finally:
                     await engine.dispose()
         else:
-            await pg_create_database()
-            await pg_reset_schema("merkle")
-            engine = create_engine(pg_url(), EngineOptions(search_path="merkle"))
+            # A database of its own: other benches create and drop bench.common's.
+            await _admin(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
+            await _admin(f'CREATE DATABASE "{PG_DB}"')
+            engine = create_engine(pg_url(PG_DB))
             try:
                 results[backend] = await measure(engine, args.events, args.appends, args.runs)
             finally:
                 await engine.dispose()
                 if not args.keep:
-                    await pg_drop_database()
+                    await _admin(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
     return results
 
 
