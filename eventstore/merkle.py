@@ -279,7 +279,11 @@ def _edge_tiles(size: int) -> set[tuple[int, int]]:
 
 
 def _add_rows(tiles: Tiles, size: int, rows: Sequence[Any]) -> int:
-    return _grow(tiles, size, [leaf_hash(event_leaf(h, c)) for _, h, c in rows])
+    return _grow(
+        tiles,
+        size,
+        [leaf_hash(ARCHIVED_BEFORE_TREE if h is None else event_leaf(h, c)) for _, h, c in rows],
+    )
 
 
 async def extend(conn: AsyncConnection, *, until: int | None = None) -> TreeState:
@@ -307,12 +311,8 @@ async def extend(conn: AsyncConnection, *, until: int | None = None) -> TreeStat
         rows = await reader.fetch(conn, _LEAVES_SQL, (size, limit))
         if not rows:
             break
-        for offset, row in enumerate(rows):
-            if row[0] != size + offset + 1:
-                raise LogIntegrityError(
-                    f"position {size + offset + 1} is missing from the log; the Merkle "
-                    "tree cannot grow past it (run `tiu verify`)"
-                )
+        if rows[-1][0] != size + len(rows):
+            rows = await _fill_archived(conn, size, rows)
         # A few thousand leaves hash in a few ms: on the loop, rather than holding the
         # write lock through two thread hops; a big catch-up goes to a worker thread.
         if len(rows) > INLINE_LEAVES:
@@ -332,6 +332,34 @@ async def extend(conn: AsyncConnection, *, until: int | None = None) -> TreeStat
         .on_conflict_do_update(index_elements=["id"], set_=values)
     )
     return TreeState(size, root, now)
+
+
+#: The leaf of a position archived before the tree reached it (a log older than the
+#: tree): its event is in the archive file, not in the log, so its own leaf is unknown.
+ARCHIVED_BEFORE_TREE: Final = b"archived before the tree"
+
+
+async def _fill_archived(conn: AsyncConnection, size: int, rows: Sequence[Any]) -> list[Any]:
+    """``rows`` with the holes in positions filled, where retention records say the
+    events were archived (before the tree existed: retention grows it first now);
+    :class:`LogIntegrityError` at the first hole no record explains."""
+    from eventstore.retention import load_records  # noqa: PLC0415  # retention imports this
+
+    archived = [span for record in await load_records(conn) for span in record.positions]
+    out: list[Any] = []
+    expected = size + 1
+    for row in rows:
+        while expected < row[0]:
+            if not any(a <= expected <= b for a, b in archived):
+                raise LogIntegrityError(
+                    f"position {expected} is missing from the log; the Merkle tree cannot "
+                    "grow past it (run `tiu verify`)"
+                )
+            out.append((expected, None, None))
+            expected += 1
+        out.append(row)
+        expected = row[0] + 1
+    return out
 
 
 async def _write_tiles(conn: AsyncConnection, tiles: Tiles, size: int) -> None:

@@ -362,3 +362,35 @@ async def test_the_worker_step_grows_the_tree_and_signs_checkpoints(store, engin
         note = await transparency.latest_note(conn)
     assert note is not None
     assert transparency.read_checkpoint(note, KEY.verifier_key()).size == 12
+
+
+@pytest.mark.needs_owner
+async def test_a_log_archived_before_the_tree_existed_still_grows_a_tree_that_verifies(
+    engine: AsyncEngine, tmp_path
+):
+    # A database upgraded to migration 0009 after retention ran: its archived positions
+    # get a placeholder leaf (their events are only in the archive file).
+    store = EventStore(engine, categories={"security", "user", "retention"})
+    try:
+        for n in range(4):
+            await store.append("security-u1", "security", [NewEvent("LoginRejected", {"n": n})])
+            await store.append("user-u1", "user", [NewEvent("Noted", {"n": n})])
+        await retention.archive(
+            store, before=datetime.now(UTC) + timedelta(seconds=1), output=tmp_path / "a.gz"
+        )
+    finally:
+        await store.aclose()
+    async with engine.begin() as conn:
+        await conn.execute(delete(merkle_tiles))
+        await conn.execute(delete(merkle_state))
+    checkpoint = await transparency.write_checkpoint(engine, KEY)
+    assert checkpoint.size == 9
+    async with engine.connect() as conn:
+        assert (await verify(conn, checkpoint=checkpoint)).ok
+    async with engine.begin() as conn:
+        await bypass_append_only(conn)
+        await conn.execute(delete(events).where(events.c.position == 2))  # not archived
+        await conn.execute(delete(merkle_tiles))
+        await conn.execute(delete(merkle_state))
+    with pytest.raises(EventStoreError, match="position 2 is missing"):
+        await transparency.extend_tree(engine)
