@@ -113,7 +113,7 @@ class VerifyReport:
 
 
 async def verify(
-    conn: AsyncConnection, *, page_size: int = 5000, checkpoint: Checkpoint | None = None
+    conn: AsyncConnection, *, page_size: int | None = None, checkpoint: Checkpoint | None = None
 ) -> VerifyReport:
     """Recheck every event, stream chain, position and Merkle leaf in position order,
     and the log against ``checkpoint`` (already checked for its signature) if given.
@@ -128,7 +128,10 @@ async def verify(
             check.tree_suspect = broken
     dialect = dialect_for(conn.engine)
     sql = _SQLITE_FAST if check.fast else _POSTGRES_PAGE
-    fetch = _page_reader(conn, dialect, sql, page_size)
+    # SQLite's pages are read on a worker thread; asyncpg decodes its rows on the loop,
+    # so PostgreSQL's pages are smaller (the loop's longest wait scales with them).
+    size = page_size or (5000 if check.fast else 1000)
+    fetch = _page_reader(conn, dialect, sql, size)
     after = 0
     pending: asyncio.Future[Sequence[Any]] | None = asyncio.ensure_future(fetch(after))
     try:
