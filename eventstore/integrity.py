@@ -1,23 +1,75 @@
-"""Walk every stream's hash chain and the log's positions; report the first broken link.
+"""Recheck the whole log in one pass in position order; name the first position affected.
+
+Every event's chain hash is recomputed from its content and its stream's previous
+hash, every stream's versions must follow each other, positions must have no hole, and
+every event's Merkle leaf (:mod:`eventstore.merkle`) must equal the stored tree's. With a
+kept checkpoint (:func:`verify` ``checkpoint=``), the root of the log's first
+``checkpoint.size`` leaves must equal the checkpoint's, and the stored tree must prove
+itself an append-only extension of it (an RFC 9162 consistency proof): an operator with
+write access who rewrites, reorders, removes or recomputes anything the checkpoint
+covers is caught, and the first position they changed is named.
 
 Retention (:mod:`eventstore.retention`) is the one path that removes events. Its
-``AuditArchived`` records say which positions left the log and, per archived
-stream, the last archived version and hash: a stream whose start was archived is
-verified from that hash, and a hole in positions is accepted exactly where a record
-says events were removed. A hole anywhere else, or an archived stream that does not
-resume right after its archived prefix, is still a broken link.
+``AuditArchived`` records say which positions left the log and, per archived stream,
+the last archived version and hash: a stream whose start was archived is verified from
+that hash, a hole is accepted exactly where a record says events were removed, and the
+tree keeps their leaves (archived events stay provable).
+
+Memory grows with the number of streams (each one's last version and hash), not with
+the log. Hashing runs on a worker thread, page by page, so the caller's event loop
+stays free.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import hashlib
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
 
-from sqlalchemy import func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from eventstore.hashing import GENESIS, event_hash
+from eventstore import merkle
+from eventstore.dialects import Dialect, dialect_for, raw_connection
+from eventstore.hashing import (
+    GENESIS,
+    canonical_json,
+    hash_tail,
+    json_text,
+    link_hash,
+    parse_json,
+)
+from eventstore.offline_verify import Checkpoint, ProofError, verify_consistency
 from eventstore.retention import ArchiveRecord, load_records
-from eventstore.schema import events
+from eventstore.types import sqlite_datetime
+
+_COLUMNS: Final = (
+    "position, stream_id, stream_category, version, event_id, event_type, schema_version, "
+    "{data}, {metadata}, actor_id, correlation_id, causation_id, command_id, recorded_at, hash"
+)
+_POSTGRES_PAGE: Final = (
+    f"SELECT {_COLUMNS.format(data='data::text', metadata='metadata::text')} FROM events "  # noqa: S608
+    "WHERE position > $1 ORDER BY position LIMIT $2"
+)
+#: SQLite: the JSON pieces of the hashed text built by SQLite itself (compact, escaped
+#: as Python escapes), the rest spliced in by :meth:`_Pass.page`: the documents as
+#: stored (each must be one valid JSON value, so no stored text can pass for another
+#: split of the same bytes), the 32-hex-digit id dashed and the UTC time in ISO form at
+#: fixed offsets. A row that does not hash right this way is rechecked from all its
+#: columns (_FULL_ROW) by the canonical path.
+_SQLITE_FAST: Final = (
+    "SELECT position, stream_id, stream_category, version, json_array(stream_id, version), "
+    "event_id, json_array(event_type, schema_version), data, metadata, "
+    "json_array(actor_id, correlation_id, causation_id, command_id), recorded_at, hash, "
+    "json_valid(data) AND json_valid(metadata) "
+    "FROM events WHERE position > $1 ORDER BY position LIMIT $2"
+)
+_FULL_ROW: Final = (
+    f"SELECT {_COLUMNS.format(data='data', metadata='metadata')} FROM events "  # noqa: S608
+    "WHERE position = $1"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,104 +98,118 @@ class VerifyReport:
     broken: BrokenLink | None
     archived_events: int = 0
     archives: int = 0
+    #: The stored Merkle tree's size, and the kept checkpoint's (None without one).
+    tree_size: int = 0
+    checkpoint_size: int | None = None
 
     @property
     def ok(self) -> bool:
         return self.broken is None
 
+    @property
+    def first_position(self) -> int | None:
+        """The first position affected by what was found (None when nothing was)."""
+        return None if self.broken is None else self.broken.position
 
-async def verify(conn: AsyncConnection, *, page_size: int = 2000) -> VerifyReport:
-    """Recompute every stream's chain in (stream, version) order, then check positions.
 
-    Reads in keyset pages over the ``(stream_id, version)`` unique index, so memory
-    stays flat however long the log is. Stops at the first broken link.
-    """
+async def verify(
+    conn: AsyncConnection, *, page_size: int | None = None, checkpoint: Checkpoint | None = None
+) -> VerifyReport:
+    """Recheck every event, stream chain, position and Merkle leaf in position order,
+    and the log against ``checkpoint`` (already checked for its signature) if given.
+    Stops at the first position affected."""
     records = await load_records(conn)
-    starts = _archived_starts(records)
-    archived = sum(r.count for r in records)
-    streams = 0
-    count = 0
-    current: str | None = None
-    prev_hash = GENESIS
-    prev_version = 0
-    cursor: tuple[str, int] | None = None
-    while True:
-        query = select(events).order_by(events.c.stream_id, events.c.version).limit(page_size)
-        if cursor is not None:
-            query = query.where(tuple_(events.c.stream_id, events.c.version) > cursor)
-        rows = (await conn.execute(query)).mappings().all()
-        if not rows:
-            break
-        for row in rows:
-            if row["stream_id"] != current:
-                current = row["stream_id"]
-                streams += 1
-                prev_version, prev_hash = starts.get(current, (0, GENESIS))
-            count += 1
-            if row["version"] != prev_version + 1:
-                return VerifyReport(
-                    streams,
-                    count,
-                    0,
-                    BrokenLink(
-                        current,
-                        row["version"],
-                        row["position"],
-                        "missing version in stream",
-                        str(prev_version + 1),
-                        str(row["version"]),
-                    ),
-                )
-            expected = event_hash(
-                prev_hash=prev_hash,
-                stream_id=row["stream_id"],
-                version=row["version"],
-                event_id=str(row["event_id"]),
-                event_type=row["event_type"],
-                schema_version=row["schema_version"],
-                data=row["data"],
-                metadata=row["metadata"],
-                actor_id=row["actor_id"],
-                correlation_id=row["correlation_id"],
-                causation_id=row["causation_id"],
-                command_id=row["command_id"],
-                recorded_at=row["recorded_at"],
-            )
-            if expected != row["hash"]:
-                return VerifyReport(
-                    streams,
-                    count,
-                    0,
-                    BrokenLink(
-                        current,
-                        row["version"],
-                        row["position"],
-                        "hash does not match content",
-                        expected,
-                        row["hash"],
-                    ),
-                )
-            prev_hash = row["hash"]
-            prev_version = row["version"]
-        last = rows[-1]
-        cursor = (last["stream_id"], last["version"])
-    head, total = (await conn.execute(select(func.max(events.c.position), func.count()))).one()
-    head = int(head or 0)
-    if head != total or records:
-        broken = await _check_holes(conn, records, head, total)
+    state = await merkle.load_state(conn)
+    check = _Pass(records, state.size, checkpoint, fast=conn.dialect.name == "sqlite")
+    report = check.report
+    if checkpoint is not None:
+        broken = await _check_tree(conn, state, checkpoint)
         if broken is not None:
-            return VerifyReport(streams, count, head, broken, archived, len(records))
-    return VerifyReport(streams, count, head, None, archived, len(records))
+            check.tree_suspect = broken
+    dialect = dialect_for(conn.engine)
+    sql = _SQLITE_FAST if check.fast else _POSTGRES_PAGE
+    # SQLite's pages are read on a worker thread; asyncpg decodes its rows on the loop,
+    # so PostgreSQL's pages are smaller (the loop's longest wait scales with them).
+    size = page_size or (5000 if check.fast else 1000)
+    fetch = _page_reader(conn, dialect, sql, size)
+    after = 0
+    pending: asyncio.Future[Sequence[Any]] | None = asyncio.ensure_future(fetch(after))
+    try:
+        while pending is not None:
+            rows = await pending
+            pending = None
+            if not rows:
+                break
+            last = int(rows[-1][0])
+            stored = await merkle.stored_leaves(conn, after, max(0, min(last, state.size) - after))
+            # The next page is read while this one is hashed (both off the loop).
+            pending = asyncio.ensure_future(fetch(last))
+            start: int | None = 0
+            while start is not None and check.broken is None:
+                slow = await asyncio.to_thread(check.page, rows, stored, after, start)
+                start = None
+                if slow is not None:  # SQLite: the stored text is not what was hashed
+                    await pending  # the connection is free again
+                    full = await dialect.fetch(conn, _FULL_ROW, (rows[slow][0],))
+                    pending = asyncio.ensure_future(fetch(last))
+                    check.slow_row(full[0], stored, after)
+                    start = slow + 1
+            if check.broken is not None:
+                break
+            after = last
+    finally:
+        if pending is not None:
+            await pending  # never leave a read running on the caller's connection
+    if check.broken is None:
+        await check.finish(conn)
+    return report()
 
 
-def _archived_starts(records: list[ArchiveRecord]) -> dict[str, tuple[int, str]]:
-    """Per stream, the last archived version and its hash (the latest archive wins)."""
-    starts: dict[str, tuple[int, str]] = {}
-    for record in records:
-        for s in record.streams:
-            if s.to_version > starts.get(s.stream_id, (0, ""))[0]:
-                starts[s.stream_id] = (s.to_version, s.last_hash)
-    return starts
+async def _check_tree(
+    conn: AsyncConnection, state: merkle.TreeState, checkpoint: Checkpoint
+) -> BrokenLink | None:
+    """Whether the stored tree is an append-only extension of ``checkpoint``: its root
+    at the checkpoint's size, and a consistency proof up to its own size."""
+    if state.size < checkpoint.size:
+        return BrokenLink(
+            None, None, state.size + 1, "the stored tree is smaller than the checkpoint",
+            str(checkpoint.size), str(state.size),
+        )  # fmt: skip
+    try:
+        old_root = await merkle.root_at(conn, checkpoint.size)
+        proof = await merkle.consistency_proof(conn, checkpoint.size, state.size)
+        verify_consistency(checkpoint.size, state.size, checkpoint.root, state.root, proof)
+        if old_root != checkpoint.root:
+            raise ProofError("root differs")
+    except (ProofError, KeyError, ValueError) as error:
+        return BrokenLink(
+            None, None, 1, "the stored tree does not extend the checkpoint",
+            checkpoint.root_hex, str(error),
+        )  # fmt: skip
+    return None
+
+
+def _page_reader(
+    conn: AsyncConnection, dialect: Dialect, sql: str, size: int
+) -> Callable[[int], Awaitable[Sequence[Any]]]:
+    """Read a page of the log after a position. On SQLite, whose driver runs statements
+    on the event loop, the page is read on a worker thread: a page of thousands of rows
+    is milliseconds of work the caller's loop should not wait through."""
+    if dialect.name != "sqlite":
+        return lambda after: dialect.fetch(conn, sql, (after, size))
+    native = sql.replace("$1", "?").replace("$2", "?")
+
+    async def read(after: int) -> Sequence[Any]:
+        raw = await raw_connection(conn)
+        db = raw.driver_connection
+
+        def rows() -> list[Any]:
+            return db.execute(native, (after, size)).fetchall()  # type: ignore[no-any-return]
+
+        with dialect.driver_errors(raw, native):
+            return await raw.dbapi_connection.run(rows, offload=True)  # type: ignore[no-any-return]
+
+    return read
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -156,58 +222,233 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def _covered(span: tuple[int, int], archived: list[tuple[int, int]]) -> int | None:
-    """The first position of ``span`` no archived range covers, or None."""
-    position = span[0]
-    for a, b in archived:
-        if b < position:
-            continue
-        if a > position:
-            break
-        position = b + 1
-        if position > span[1]:
-            return None
-    return position if position <= span[1] else None
+def _dashed(hex_id: str) -> str:
+    if len(hex_id) == 32:
+        return f"{hex_id[:8]}-{hex_id[8:12]}-{hex_id[12:16]}-{hex_id[16:20]}-{hex_id[20:]}"
+    return str(uuid.UUID(hex_id))
 
 
-async def _check_holes(
-    conn: AsyncConnection, records: list[ArchiveRecord], head: int, total: int
-) -> BrokenLink | None:
-    archived = _merge([span for r in records for span in r.positions])
-    gaps: list[tuple[int, int]] = []
-    low = await conn.scalar(select(func.min(events.c.position)))
-    if low is not None and low > 1:
-        gaps.append((1, int(low) - 1))
-    nxt = func.lead(events.c.position).over(order_by=events.c.position).label("next")
-    pairs = select(events.c.position, nxt).subquery()
-    rows = await conn.execute(
-        select(pairs.c.position, pairs.c.next)
-        .where(pairs.c.next > pairs.c.position + 1)
-        .order_by(pairs.c.position)
-    )
-    gaps.extend((int(p) + 1, int(n) - 1) for p, n in rows)
-    for gap in gaps:
-        uncovered = _covered(gap, archived)
-        if uncovered is not None:
-            return BrokenLink(
-                None, None, uncovered, "hole in global positions", str(uncovered), "missing"
-            )
-    missing = head - total
-    removed = sum(b - a + 1 for a, b in archived if a <= head)
-    if missing != removed:
-        # Every hole is archived, yet fewer positions are missing than were archived:
-        # an event reappeared at an archived position.
-        for a, b in archived:
-            present = await conn.scalar(
-                select(func.min(events.c.position)).where(events.c.position.between(a, b))
-            )
-            if present is not None:
-                return BrokenLink(
-                    None,
-                    None,
-                    int(present),
-                    "event present at an archived position",
-                    "archived",
-                    "present",
+def _iso(value: Any) -> str:
+    # SQLite keeps "YYYY-MM-DD HH:MM:SS.ffffff" in UTC; the hash covers its isoformat.
+    if isinstance(value, str):
+        if len(value) == 26 and value[10] == " ":
+            return f"{value[:10]}T{value[11:]}+00:00"
+        value = sqlite_datetime(value)
+    return str(value.isoformat(timespec="microseconds"))
+
+
+@dataclass(slots=True)
+class _Pass:
+    records: list[ArchiveRecord]
+    tree_size: int
+    checkpoint: Checkpoint | None
+    fast: bool
+    heads: dict[str, tuple[int, str]] = field(default_factory=dict)
+    archived: list[tuple[int, int]] = field(default_factory=list)
+    hole: int = 0  # index into `archived` of the first range not wholly behind us
+    expected: int = 1  # the next position
+    count: int = 0
+    broken: BrokenLink | None = None
+    tree_suspect: BrokenLink | None = None
+    accumulator: merkle.RootAccumulator = field(default_factory=merkle.RootAccumulator)
+
+    def __post_init__(self) -> None:
+        for record in self.records:
+            for s in record.streams:
+                if s.to_version > self.heads.get(s.stream_id, (0, ""))[0]:
+                    self.heads[s.stream_id] = (s.to_version, s.last_hash)
+        self.archived = _merge([span for r in self.records for span in r.positions])
+
+    def report(self) -> VerifyReport:
+        return VerifyReport(
+            streams=len(self.heads),
+            events=self.count,
+            head_position=self.expected - 1,
+            broken=self.broken,
+            archived_events=sum(r.count for r in self.records),
+            archives=len(self.records),
+            tree_size=self.tree_size,
+            checkpoint_size=None if self.checkpoint is None else self.checkpoint.size,
+        )
+
+    def _archived(self, position: int) -> bool:
+        ranges = self.archived
+        while self.hole < len(ranges) and ranges[self.hole][1] < position:
+            self.hole += 1
+        return self.hole < len(ranges) and ranges[self.hole][0] <= position
+
+    def _leaf(self, position: int, leaf: bytes, stored: list[bytes], first: int) -> bool:
+        """Feed the leaf at ``position``; False (and ``broken`` set) if it is wrong."""
+        trusted = self.tree_suspect is None
+        if trusted and position <= self.tree_size and stored[position - first - 1] != leaf:
+            self.broken = BrokenLink(
+                None, None, position, "leaf differs from the Merkle tree",
+                stored[position - first - 1].hex(), leaf.hex(),
+            )  # fmt: skip
+            return False
+        cp = self.checkpoint
+        if cp is not None and position <= cp.size:
+            self.accumulator.add(leaf)
+            if position == cp.size and self.accumulator.root() != cp.root:
+                # With a trusted tree a changed leaf was named above; without one, the
+                # root alone cannot say which leaf changed.
+                also = "" if trusted else ", and the stored tree was altered too"
+                self.broken = BrokenLink(
+                    None, None, 1, f"the log's root differs from the checkpoint's{also}",
+                    cp.root_hex, self.accumulator.root().hex(),
+                )  # fmt: skip
+                return False
+        return True
+
+    def page(
+        self, rows: Sequence[Any], stored: list[bytes], first: int, start: int = 0
+    ) -> int | None:
+        """Check ``rows[start:]``. On SQLite (``fast``), returns the index of a row whose
+        hash needs the canonical path (:meth:`slow_row`), which needs the database."""
+        heads = self.heads
+        sha256 = hashlib.sha256
+        fast = self.fast
+        hash_at = 11 if fast else 14
+        for index in range(start, len(rows)):
+            row = rows[index]
+            position = row[0]
+            if self.expected < position and not self._holes(position, stored, first):
+                return None
+            if self.archived and self._archived(position):
+                self.broken = BrokenLink(
+                    None, None, position, "event present at an archived position",
+                    "archived", "present",
+                )  # fmt: skip
+                return None
+            stream_id = row[1]
+            version = row[3]
+            prev_version, prev_hash = heads.get(stream_id, (0, GENESIS))
+            if version != prev_version + 1:
+                self.broken = BrokenLink(
+                    stream_id, version, position, "missing version in stream",
+                    str(prev_version + 1), str(version),
+                )  # fmt: skip
+                return None
+            stored_hash = row[hash_at]
+            if fast:
+                # SQLite keeps the canonical text the hash covers, and the query built
+                # the rest of it (_SQLITE_FAST): one string and one SHA-256 per event.
+                e, t = row[5], row[10]
+                if not row[12] or len(e) != 32 or len(t) != 26:
+                    return index
+                text = (
+                    f'["{prev_hash}",{row[4][1:-1]},"{e[:8]}-{e[8:12]}-{e[12:16]}-{e[16:20]}-'
+                    f'{e[20:]}",{row[6][1:-1]},{row[7]},{row[8]},{row[9][1:-1]},'
+                    f'"{t[:10]}T{t[11:]}+00:00"]'
                 )
-    return None
+                if sha256(text.encode()).hexdigest() != stored_hash:
+                    return index
+            elif (expected := self._hash(row, prev_hash)) != stored_hash:
+                self._mismatch(row, expected, stored_hash)
+                return None
+            heads[stream_id] = (version, stored_hash)
+            self.count += 1
+            leaf = sha256(b"\x00" + bytes.fromhex(stored_hash) + row[2].encode()).digest()
+            if not self._leaf(position, leaf, stored, first):
+                return None
+            self.expected = position + 1
+        return None
+
+    def slow_row(self, full: Any, stored: list[bytes], first: int) -> None:
+        """The canonical check of a row whose fast hash did not match (its position and
+        version already checked by :meth:`page`), given all its columns."""
+        prev_hash = self.heads.get(full[1], (0, GENESIS))[1]
+        expected = self._hash(full, prev_hash)
+        if expected != full[14]:
+            self._mismatch(full, expected, full[14])
+            return
+        self.heads[full[1]] = (full[3], full[14])
+        self.count += 1
+        leaf = hashlib.sha256(b"\x00" + bytes.fromhex(full[14]) + full[2].encode()).digest()
+        if self._leaf(full[0], leaf, stored, first):
+            self.expected = full[0] + 1
+
+    def _mismatch(self, row: Any, expected: str, found: str) -> None:
+        self.broken = BrokenLink(
+            row[1], row[3], row[0], "hash does not match content", expected, str(found)
+        )
+
+    def _holes(self, position: int, stored: list[bytes], first: int) -> bool:
+        """Walk the hole before ``position``: archived positions only (their leaves from
+        the tree). False (and ``broken`` set) at the first position that is not."""
+        while self.expected < position:
+            gap = self.expected
+            if not self._archived(gap):
+                self.broken = BrokenLink(
+                    None, None, gap, "hole in global positions", str(gap), "missing"
+                )
+                return False
+            if gap <= self.tree_size:
+                if not self._leaf(gap, stored[gap - first - 1], stored, first):
+                    return False
+            elif self.checkpoint is not None and gap <= self.checkpoint.size:
+                self.broken = BrokenLink(
+                    None, None, gap, "archived position missing from the tree", "leaf", "-"
+                )
+                return False
+            self.expected += 1
+        return True
+
+    @staticmethod
+    def _hash(row: Any, prev_hash: str) -> str:
+        # Canonicalise the stored documents (PostgreSQL's jsonb text is not the hashed
+        # text; on SQLite, text someone rewrote may not be either).
+        try:
+            data = canonical_json(parse_json(row[7]) if isinstance(row[7], str) else row[7])
+            metadata = canonical_json(parse_json(row[8]) if isinstance(row[8], str) else row[8])
+        except ValueError:  # not JSON at all: it cannot be what was hashed
+            return "not JSON"
+        return link_hash(
+            prev_hash,
+            json_text(row[1]),
+            row[3],
+            hash_tail(
+                event_id=_dashed(str(row[4])),
+                event_type=row[5],
+                schema_version=row[6],
+                data_json=data,
+                metadata_json=metadata,
+                actor_id=row[9],
+                correlation_id=row[10],
+                causation_id=row[11],
+                command_id=row[12],
+                recorded_at=_IsoText(_iso(row[13])),  # type: ignore[arg-type]
+            ),
+        )
+
+    async def finish(self, conn: AsyncConnection) -> None:
+        """After the last event: archived positions at the tail, and a log that ends
+        before the checkpoint's size (truncated)."""
+        end = max(self.tree_size, self.checkpoint.size if self.checkpoint else 0)
+        while self.expected <= end and self._archived(self.expected):
+            gap = self.expected
+            stored = await merkle.stored_leaves(conn, gap - 1, 1)
+            if gap <= self.tree_size and not self._leaf(gap, stored[0], stored, gap - 1):
+                return
+            self.expected += 1
+        limit = self.checkpoint.size if self.checkpoint else self.tree_size
+        if self.expected > limit:
+            self.broken = self.tree_suspect  # the events are fine; the stored tree is not
+        else:
+            self.broken = BrokenLink(
+                None, None, self.expected,
+                "the log ends before the " + ("checkpoint" if self.checkpoint else "tree"),
+                str(limit), str(self.expected - 1),
+            )  # fmt: skip
+
+
+class _IsoText(str):
+    """A timestamp already in the hashed text form: ``isoformat`` gives it back."""
+
+    __slots__ = ()
+
+    def isoformat(self, timespec: str = "auto") -> str:
+        return str(self)
+
+
+__all__ = ["BrokenLink", "VerifyReport", "verify"]

@@ -9,8 +9,10 @@ rebuilt from (``security``), events recorded before a cutoff are
 2. then, in ONE transaction, deleted and replaced by an ``AuditArchived`` record in
    stream ``retention-<archive id>`` (category ``retention``) carrying the removed
    positions, the SHA-256 of the archive file and, per archived stream, the last
-   archived version and its hash. On PostgreSQL the append-only trigger lets the
-   DELETE through only because the transaction sets ``tiu.retention``.
+   archived version and its hash. The append-only trigger lets the DELETE through
+   only because the transaction sets ``tiu.retention`` (PostgreSQL) or holds a row of
+   ``retention_pass`` (SQLite). The Merkle tree is extended first, in the same
+   transaction, so the removed events' leaves stay in it and they stay provable.
 
 Each stream keeps its newest event even when it is older than the cutoff: the head
 row is what the store continues the stream's version and hash chain from, so later
@@ -32,13 +34,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import and_, delete, func, select, text
+from sqlalchemy import and_, delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from eventstore import merkle
 from eventstore.errors import EventStoreError
 from eventstore.hashing import canonical_json
 from eventstore.records import NO_STREAM, EventContext, NewEvent
-from eventstore.schema import events
+from eventstore.schema import events, retention_pass
 from eventstore.store import EventStore
 
 RETENTION_CATEGORY: Final = "retention"
@@ -263,7 +266,13 @@ async def archive(
             entry = streams.setdefault(row["stream_id"], {"from_version": row["version"]})
             entry["to_version"] = row["version"]
             entry["last_hash"] = row["hash"]
-        if conn.dialect.name == "postgresql":
+        # The tree must hold the leaves of the events about to leave the log: archived
+        # events stay provable against every checkpoint (eventstore.merkle).
+        await merkle.extend(conn)
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:  # the append-only trigger lets a DELETE through only while this row is
+            await conn.execute(insert(retention_pass).values(archive_id=archive_id))
+        else:
             await conn.execute(text("SET LOCAL tiu.retention = 'on'"))
         deleted = 0
         for stream_id, entry in streams.items():
@@ -278,6 +287,8 @@ async def archive(
             deleted += int(result.rowcount)
         if deleted != len(rows):  # another archiver got there first: roll back
             raise RetentionError(f"expected to remove {len(rows)} events, removed {deleted}")
+        if sqlite:
+            await conn.execute(delete(retention_pass))
         record = {
             "archive_id": archive_id,
             "category": category,

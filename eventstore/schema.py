@@ -14,6 +14,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    Text,
     UniqueConstraint,
     Uuid,
     text,
@@ -123,4 +124,44 @@ subject_keys = Table(
     Column("active", Boolean, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("destroyed_at", UTCDateTime),
+)
+
+#: The log's Merkle tree in hash tiles (:mod:`eventstore.merkle`): tile ``idx`` of
+#: ``level`` holds up to 256 concatenated 32-byte hashes of subtrees of height 8*level.
+merkle_tiles = Table(
+    "merkle_tiles",
+    metadata,
+    Column("level", SmallInteger, primary_key=True, autoincrement=False),
+    Column("idx", BigInt, primary_key=True, autoincrement=False),
+    Column("hashes", LargeBinary, nullable=False),
+)
+
+#: How far the tree has grown (one row, ``id`` 1), and its root at that size.
+merkle_state = Table(
+    "merkle_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("size", BigInt, nullable=False),
+    Column("root", String(64), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+#: Signed checkpoints (C2SP signed notes) written by ``tiu checkpoint``. A copy here is a
+#: convenience for ``tiu checkpoint export``: the copy an auditor keeps elsewhere is
+#: what proves anything.
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("tree_size", BigInt, primary_key=True, autoincrement=False),
+    Column("signed_at", UTCDateTime, primary_key=True),
+    Column("root", String(64), nullable=False),
+    Column("note", Text, nullable=False),
+)
+
+#: SQLite only uses it: a row exists only inside retention's transaction, and the
+#: append-only trigger lets a DELETE on ``events`` through only then.
+retention_pass = Table(
+    "retention_pass",
+    metadata,
+    Column("archive_id", String(64), primary_key=True),
 )

@@ -1,4 +1,5 @@
-"""The ``tiu`` command: migrate, health, stats, demo, replay, worker, publish, audit, verify.
+"""The ``tiu`` command: migrate, health, stats, demo, replay, worker, publish, audit, verify,
+checkpoint, prove.
 
 Every subcommand takes ``--database-url`` (default ``TIU_DATABASE_URL``, else the
 embedded ``sqlite+aiosqlite:///./tiu.db``) and ``--schema`` (PostgreSQL search path,
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -41,8 +43,9 @@ from typer.core import TyperGroup
 
 from domain.errors import DomainError
 from domain.permissions import SYSTEM_ACTOR
-from eventstore import EventStore, create_engine, retention, verify
+from eventstore import EventStore, create_engine, retention, transparency, verify
 from eventstore.errors import EventStoreError
+from eventstore.offline_verify import Checkpoint, ProofError, VerifierKey
 from eventstore.translate import describe, translate_errors
 from migrations import runner as migrations
 from projections import replay as replay_mod
@@ -155,6 +158,13 @@ Schema = Annotated[
     typer.Option("--schema", envvar="TIU_SEARCH_PATH", help="PostgreSQL search_path (schema)."),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+VerifierKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        help="Verifier key (name+hash+base64); default: derived from the signing key.",
+    ),
+]
 
 
 class CliError(Exception):
@@ -358,6 +368,11 @@ def stats(
         emit_json(data)
         return
     out.print(f"head position {data['head_position']}, max lag {data['max_lag']}")
+    tree = data["transparency"]
+    out.print(
+        f"merkle tree size {tree['tree_size']} (lag {tree['tree_lag']}), newest checkpoint "
+        f"size {tree['checkpoint_size']} (lag {tree['checkpoint_lag']}) at {tree['checkpoint_at']}"
+    )
     out.print(
         _table(
             "events by category", ["category", "events"], sorted(data["events_by_category"].items())
@@ -649,12 +664,16 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
 
         log.info("worker started: %s", ", ".join(p.name for p in chosen))
         reporter = asyncio.create_task(report())
+        text_ = settings.signing_key_text()
+        key = transparency.SigningKey.parse(text_) if text_ is not None else None
+        keeper = asyncio.create_task(_keep_tree(engine, key, settings, stop))
         try:
             await runner.run(stop)
         finally:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
+            await _stop_keeper(keeper)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await store.aclose()
@@ -760,6 +779,37 @@ def publish(  # noqa: PLR0917  # typer maps each parameter to an option
     run(work)
 
 
+async def _keep_tree(
+    engine: AsyncEngine,
+    key: transparency.SigningKey | None,
+    settings: Settings,
+    stop: asyncio.Event,
+) -> None:
+    """The worker's Merkle step: grow the tree and sign checkpoints (given a key) every
+    ``checkpoint_every`` events or ``checkpoint_interval``; a failure is logged and retried."""
+    log = logging.getLogger("tiu.worker")
+    while not stop.is_set():
+        try:
+            await transparency.keep_up(
+                engine,
+                key,
+                stop,
+                every=settings.checkpoint_every,
+                interval=settings.checkpoint_interval.total_seconds(),
+            )
+        except (EventStoreError, SQLAlchemyError) as error:
+            log.error("merkle tree not extended: %s", _one_line(error))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), settings.checkpoint_interval.total_seconds())
+
+
+async def _stop_keeper(keeper: asyncio.Task[None]) -> None:
+    if not keeper.done():
+        keeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await keeper
+
+
 # -- verify ------------------------------------------------------------------------------
 
 
@@ -793,14 +843,30 @@ def forget(
 
 @app.command(name="verify")
 def verify_command(
-    database_url: DatabaseUrl = None, schema: Schema = None, as_json: JsonFlag = False
+    checkpoint_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            help="A kept checkpoint: prove the log is an append-only extension of it.",
+        ),
+    ] = None,
+    key: VerifierKeyOption = None,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Recompute every stream's hash chain and check positions against archive records."""
+    """Recheck every event hash, stream chain, position and Merkle leaf (and, with
+    --checkpoint, the log against a kept signed checkpoint); name the first position
+    affected."""
     settings = _settings(database_url, schema)
 
     async def work(engine: AsyncEngine) -> Any:
+        kept = None
+        if checkpoint_file is not None:
+            note = _read_note(checkpoint_file)
+            kept = transparency.read_checkpoint(note, _verifier(settings, key))
         async with engine.connect() as conn:
-            return await verify(conn)
+            return await verify(conn, checkpoint=kept)
 
     report = run(lambda: _with_engine(settings, work))
     data = {
@@ -810,18 +876,177 @@ def verify_command(
         "head_position": report.head_position,
         "archives": report.archives,
         "archived_events": report.archived_events,
+        "tree_size": report.tree_size,
+        "checkpoint_size": report.checkpoint_size,
+        "first_position": report.first_position,
         "broken": str(report.broken) if report.broken else None,
     }
     if as_json:
         emit_json(data)
     else:
+        against = ""
+        if report.checkpoint_size is not None:
+            against = f", against checkpoint size {report.checkpoint_size}"
         out.print(
             f"{report.streams} streams, {report.events} events, head position "
             f"{report.head_position}, {report.archived_events} archived in "
-            f"{report.archives} archives: " + ("ok" if report.ok else "BROKEN")
+            f"{report.archives} archives, tree size {report.tree_size}{against}: "
+            + ("ok" if report.ok else f"BROKEN at position {report.first_position}")
         )
     if report.broken is not None:
         fail(str(report.broken))
+
+
+# -- checkpoint, prove ------------------------------------------------------------------
+
+checkpoint_app = typer.Typer(
+    help="Signed checkpoints of the log's Merkle tree (see docs/transparency.md).",
+    invoke_without_command=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(checkpoint_app, name="checkpoint")
+
+
+def _signing_key(settings: Settings) -> transparency.SigningKey:
+    text_ = settings.signing_key_text()
+    if text_ is None:
+        raise CliError("no checkpoint key: set TIU_CHECKPOINT_KEY or TIU_CHECKPOINT_KEY_FILE")
+    return transparency.SigningKey.parse(text_)
+
+
+def _verifier(settings: Settings, key: str | None) -> VerifierKey:
+    if key is not None:
+        try:
+            return VerifierKey.parse(key)
+        except ProofError as error:
+            raise CliError(str(error)) from None
+    return _signing_key(settings).verifier_key()
+
+
+def _read_note(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise CliError(f"cannot read {path}: {error.strerror}") from None
+
+
+def _checkpoint_dict(cp: Checkpoint) -> dict[str, Any]:
+    return {"origin": cp.origin, "size": cp.size, "root": cp.root_hex, "time": cp.time}
+
+
+@checkpoint_app.callback()
+def checkpoint(
+    ctx: typer.Context,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Grow the Merkle tree to the head and write a signed checkpoint of it."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = _settings(database_url, schema)
+
+    async def work(engine: AsyncEngine) -> Checkpoint:
+        _require_existing(settings)
+        return await transparency.write_checkpoint(engine, _signing_key(settings))
+
+    cp = run(lambda: _with_engine(settings, work))
+    if as_json:
+        emit_json(_checkpoint_dict(cp))
+    else:
+        out.print(f"checkpoint {cp.origin} size {cp.size} root {cp.root_hex} at {cp.time}")
+
+
+@checkpoint_app.command("export")
+def checkpoint_export(database_url: DatabaseUrl = None, schema: Schema = None) -> None:
+    """Print the newest checkpoint as a signed note, for an auditor to keep elsewhere."""
+    settings = _settings(database_url, schema)
+
+    async def work(engine: AsyncEngine) -> str | None:
+        _require_existing(settings)
+        async with engine.connect() as conn:
+            return await transparency.latest_note(conn)
+
+    note = run(lambda: _with_engine(settings, work))
+    if note is None:
+        fail("no checkpoint yet: run `tiu checkpoint`")
+    typer.echo(note, nl=False)
+
+
+@checkpoint_app.command("keygen")
+def checkpoint_keygen(
+    name: Annotated[str, typer.Option("--name", help="The log's name (the checkpoints' origin).")],
+    output: Annotated[Path, typer.Option("--output", help="File for the signing key (0600).")],
+) -> None:
+    """Make an Ed25519 signing key in a new file; print the verifier key for auditors."""
+    try:
+        key = transparency.SigningKey.generate(name)
+        with open(output, "x", encoding="utf-8", opener=_private_opener) as handle:
+            handle.write(key.encoded() + "\n")
+    except transparency.TransparencyError as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"cannot write {output}: {error.strerror}")
+    typer.echo(key.verifier())
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+def _uncovered(position: int | None, note: str | None, verifier: VerifierKey) -> bool:
+    if position is None:
+        return False
+    return note is None or transparency.read_checkpoint(note, verifier).size < position
+
+
+@app.command()
+def prove(  # noqa: PLR0917  # typer maps each parameter to an option
+    position: Annotated[
+        int | None, typer.Argument(help="Position of the event to prove.", min=1)
+    ] = None,
+    checkpoint_file: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="Prove against this kept checkpoint (default: newest)."),
+    ] = None,
+    since: Annotated[
+        Path | None,
+        typer.Option("--since", help="Prove the newest checkpoint extends this kept one."),
+    ] = None,
+    archive: Annotated[
+        Path | None,
+        typer.Option("--archive", help="Archive file holding POSITION, if it was archived."),
+    ] = None,
+    key: VerifierKeyOption = None,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+) -> None:
+    """Print an inclusion proof of POSITION, or (--since) a consistency proof, as JSON
+    that eventstore/offline_verify.py checks without tiu-core or the database."""
+    if (position is None) == (since is None):
+        fail("give a POSITION or --since KEPT_CHECKPOINT")
+    settings = _settings(database_url, schema)
+
+    async def work(engine: AsyncEngine) -> dict[str, Any]:
+        _require_existing(settings)
+        verifier = _verifier(settings, key)
+        async with engine.connect() as conn:
+            newest = await transparency.latest_note(conn)
+        if checkpoint_file is not None:
+            newest = _read_note(checkpoint_file)
+        elif _uncovered(position, newest, verifier) and settings.signing_key_text() is not None:
+            # Lazily: an event newer than the newest checkpoint gets a checkpoint first.
+            newest = (await transparency.write_checkpoint(engine, _signing_key(settings))).note
+        if newest is None:
+            raise CliError("no checkpoint yet: run `tiu checkpoint`")
+        against = transparency.read_checkpoint(newest, verifier)
+        if since is not None:
+            kept = transparency.read_checkpoint(_read_note(since), verifier)
+            return await transparency.prove_consistency(engine, kept, against)
+        assert position is not None
+        return await transparency.prove_inclusion(engine, position, against, archive=archive)
+
+    emit_json(run(lambda: _with_engine(settings, work)))
 
 
 # -- audit -------------------------------------------------------------------------------

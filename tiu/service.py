@@ -18,7 +18,7 @@ from domain import audit, projects, security, sessions, tasks, users
 from domain.base import Command, CommandContext, SecurityPolicy
 from domain.passwords import BcryptHasher, PasswordHasher
 from domain.permissions import SYSTEM_ACTOR
-from eventstore import EventStore, create_engine, health_check, pool_status
+from eventstore import EventStore, create_engine, health_check, pool_status, transparency
 from eventstore.engine import begin_write
 from eventstore.retention import RETENTION_CATEGORY, ArchiveReport
 from eventstore.schema import events
@@ -299,6 +299,7 @@ class DatabaseService:
                     "needs_rebuild": active is None or active.version != projector.version,
                 }
             lowest = await lowest_position(conn, self.projectors)
+            tree = await transparency.status(conn)
         return {
             "head_position": head,
             "events_by_category": by_category,
@@ -306,6 +307,7 @@ class DatabaseService:
             "read_model_rows": rows,
             "projectors": lag,
             "max_lag": head - lowest,
+            "transparency": tree,
             "projection_mode": self.projection_mode.value,
             "publishers": await self._publishers(),
         }

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from eventstore.engine import EngineOptions
@@ -65,6 +66,22 @@ class Settings(BaseSettings):
     publish_checkpoint_interval: float = Field(1.0, gt=0)
     #: Fields of the JetStream stream created when missing (nats-py's StreamConfig).
     publish_stream_config: dict[str, Any] = Field(default_factory=dict)
+    #: The Ed25519 key that signs checkpoints, kept outside the database: a file holding
+    #: it, or the key itself (``TIU_CHECKPOINT_KEY``). ``tiu checkpoint keygen`` makes one.
+    checkpoint_key_file: Path | None = None
+    checkpoint_key: SecretStr | None = None
+    #: ``tiu worker`` grows the Merkle tree (and signs a checkpoint, given a key) once
+    #: the log has grown by this many events, or this long after the last round.
+    checkpoint_every: int = Field(1000, ge=1)
+    checkpoint_interval: timedelta = timedelta(seconds=60)
+
+    def signing_key_text(self) -> str | None:
+        """The checkpoint signing key's text, from the environment or its file."""
+        if self.checkpoint_key is not None:
+            return self.checkpoint_key.get_secret_value()
+        if self.checkpoint_key_file is not None:
+            return self.checkpoint_key_file.read_text(encoding="utf-8")
+        return None
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(

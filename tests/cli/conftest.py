@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from domain.passwords import BcryptHasher
 from eventstore import EngineOptions, create_engine
 from tests.conftest import PG_URL, _empty_schema
+from tests.tamper import bypass_append_only
 from tiu.cli import app
 from tiu.demo import DemoClock, _scenario
 from tiu.service import DatabaseService
@@ -98,8 +99,8 @@ def sql(cli: Cli, statement: str, *, superuser_bypass: bool = False) -> list[tup
         engine = create_engine(url, EngineOptions(search_path=schema))
         try:
             async with engine.begin() as conn:
-                if superuser_bypass and engine.dialect.name == "postgresql":
-                    await conn.execute(text("SET LOCAL session_replication_role = replica"))
+                if superuser_bypass:
+                    await bypass_append_only(conn)
                 result = await conn.execute(text(statement))
                 return [tuple(r) for r in result] if result.returns_rows else []
         finally:

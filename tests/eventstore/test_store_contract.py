@@ -39,6 +39,7 @@ from eventstore import (
     verify,
 )
 from eventstore.records import uuid7_of
+from tests.tamper import bypass_append_only
 
 # These storage tests also run as the least-privilege role of sql/app_role.sql.
 pytestmark = pytest.mark.least_privilege
@@ -387,9 +388,7 @@ async def test_verify_names_exactly_the_tampered_event(store, engine):
     await store.append("user-2", "user", [ev(n=1)])
     json_type = "jsonb" if engine.dialect.name == "postgresql" else "text"
     async with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            # The append-only trigger refuses the edit; as superuser, switch it off.
-            await conn.execute(text("SET LOCAL session_replication_role = replica"))
+        await bypass_append_only(conn)  # the append-only trigger refuses the edit
         await conn.execute(
             text(
                 f"UPDATE events SET data = CAST(:data AS {json_type}) "
@@ -407,13 +406,12 @@ async def test_verify_names_exactly_the_tampered_event(store, engine):
 async def test_verify_detects_a_removed_event(store, engine):
     await store.append("user-1", "user", [ev(n=1), ev(n=2), ev(n=3)])
     async with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            await conn.execute(text("SET LOCAL session_replication_role = replica"))
+        await bypass_append_only(conn)
         await conn.execute(text("DELETE FROM events WHERE position = 2"))
     async with engine.connect() as conn:
         report = await verify(conn)
     assert report.broken is not None
-    assert (report.broken.stream_id, report.broken.version) == ("user-1", 3)
+    assert (report.broken.position, report.broken.reason) == (2, "hole in global positions")
 
 
 async def test_verify_passes_on_an_intact_log(store):
@@ -750,8 +748,7 @@ async def test_an_unfiltered_subscription_passes_archived_holes_but_not_others(e
 
     assert await read_all_live() == [2, 4, 5, 6, 7, 8]
     async with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            await conn.execute(text("SET LOCAL session_replication_role = replica"))
+        await bypass_append_only(conn)
         await conn.execute(text("DELETE FROM events WHERE position = 4"))
     with pytest.raises(LogIntegrityError, match="position 4"):
         await read_all_live()

@@ -1,0 +1,251 @@
+"""Bench 8: the Merkle tree and signed checkpoints (issue #23), on its own.
+
+    python -m bench.transparency                       # 1M events, SQLite and PostgreSQL
+    python -m bench.transparency --events 50000 --backends sqlite --appends 1000
+
+Per backend, on a log of the seeded scenario (bench.scenario):
+
+* **append cost with the tree maintained**: single-event appends (``EventStore.append``,
+  new streams) with the worker's Merkle step running beside them
+  (``transparency.keep_up``: the tree grown and a checkpoint signed every 1,000 events)
+  against the same appends without it; the two take turns, run by run, and the ratio
+  of medians is reported (target: at most 1.05);
+* **checkpoint time**: the first ``tiu checkpoint`` of the whole log (the tree built
+  from nothing), then one after 1,000 more events;
+* **proof size**: the inclusion proof of the first, a middle and the last event, and the
+  consistency proof from half the log to all of it (hashes and bytes: O(log n));
+* **verify throughput**: ``verify(checkpoint=...)`` of the whole log, events/s (target
+  on SQLite at 1M: at least 200,000/s), and the longest the event loop went without
+  running a 1 ms heartbeat meanwhile (the CPU work runs off the loop).
+
+Results print as a table and land in ``bench/results/transparency-<stamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench.common import PG_ADMIN_DB, pg_dsn, pg_url
+from bench.scenario import Scenario, fill
+from eventstore import (
+    EngineOptions,
+    EventStore,
+    NewEvent,
+    create_engine,
+    merkle,
+    transparency,
+    verify,
+)
+from migrations import runner
+
+SEED = 23
+PG_DB = "tiu_bench_transparency"
+
+
+async def _admin(statement: str) -> None:
+    conn = await asyncpg.connect(pg_dsn(PG_ADMIN_DB))
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+KEY = transparency.SigningKey.generate("bench.example/tiu")
+
+
+async def _appends(store: EventStore, n: int, tag: str) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        await store.append(f"task-{tag}{i}", "task", [NewEvent("Noted", {"i": i})])
+    return time.perf_counter() - start
+
+
+async def _keeper(url: str, schema: str | None, key: str) -> None:
+    """The worker's Merkle step alone (``tiu worker`` runs it beside the projectors),
+    until SIGTERM."""
+    engine = create_engine(url, EngineOptions(search_path=schema))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with engine.connect() as conn:
+        await transparency.status(conn)
+    print("ready", flush=True)
+    try:
+        await transparency.keep_up(
+            engine, transparency.SigningKey.parse(key), stop, every=1000, interval=1.0
+        )
+    finally:
+        await engine.dispose()
+
+
+async def append_cost(engine: Any, n: int, runs: int) -> dict[str, Any]:
+    """Appends with and without the Merkle step running in its own process, as
+    ``tiu worker`` does; the two take turns run by run."""
+    store = EventStore(engine)
+    plain: list[float] = []
+    kept: list[float] = []
+    url = engine.url.render_as_string(hide_password=False)
+    schema = "-"
+    try:
+        await _appends(store, 200, "warm")
+        await transparency.write_checkpoint(engine, KEY)
+        for run in range(runs):
+            plain.append(await _appends(store, n, f"p{run}-"))
+            await transparency.write_checkpoint(engine, KEY)  # both start level
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.transparency", "--keeper", url, schema,
+                KEY.encoded(), stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert child.stdout is not None
+            await child.stdout.readline()  # imported, connected
+            await asyncio.sleep(0.5)
+            kept.append(await _appends(store, n, f"k{run}-"))
+            child.send_signal(signal.SIGTERM)
+            await child.wait()
+            await transparency.write_checkpoint(engine, KEY)
+    finally:
+        await store.aclose()
+    without, with_tree = statistics.median(plain), statistics.median(kept)
+    return {
+        "appends": n,
+        "without_tree_per_s": n / without,
+        "with_tree_per_s": n / with_tree,
+        "ratio": with_tree / without,
+        "runs": runs,
+    }
+
+
+async def measure(engine: Any, events: int, appends: int, runs: int) -> dict[str, Any]:
+    await runner.upgrade(engine)
+    store = EventStore(engine)
+    started = time.perf_counter()
+    await fill(store, Scenario(SEED), events)
+    await store.aclose()
+    filled = time.perf_counter() - started
+
+    start = time.perf_counter()
+    first = await transparency.write_checkpoint(engine, KEY)
+    first_s = time.perf_counter() - start
+    store = EventStore(engine)
+    await fill(store, Scenario(SEED + 1), 1000)
+    await store.aclose()
+    start = time.perf_counter()
+    second = await transparency.write_checkpoint(engine, KEY)
+    incremental_s = time.perf_counter() - start
+
+    async with engine.connect() as conn:
+        sizes = {}
+        for position in (1, second.size // 2, second.size):
+            proof = await merkle.inclusion_proof(conn, position - 1, second.size)
+            sizes[f"inclusion@{position}"] = len(proof)
+        consistency = await merkle.consistency_proof(conn, second.size // 2, second.size)
+        sizes["consistency half->all"] = len(consistency)
+
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def heartbeat() -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while not done.is_set():
+            await asyncio.sleep(0.001)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    beat = asyncio.create_task(heartbeat())
+    start = time.perf_counter()
+    cpu = time.process_time()
+    async with engine.connect() as conn:
+        report = await verify(conn, checkpoint=second)
+    verify_s = time.perf_counter() - start
+    # CPU of this process (every thread): on a shared machine, less noisy than the rate.
+    verify_cpu = time.process_time() - cpu
+    done.set()
+    await beat
+    assert report.ok, report.broken
+    return {
+        "events": second.size,
+        "fill_s": filled,
+        "checkpoint_first_s": first_s,
+        "checkpoint_first_size": first.size,
+        "checkpoint_after_1000_s": incremental_s,
+        "proof_hashes": sizes,
+        "proof_bytes_max": 32 * max(sizes.values()),
+        "verify_s": verify_s,
+        "verify_events_per_s": report.events / verify_s,
+        "verify_cpu_us_per_event": 1e6 * verify_cpu / report.events,
+        "loop_longest_gap_ms": 1000 * max(gaps, default=0.0),
+        "append": await append_cost(engine, appends, runs),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for backend in args.backends.split(","):
+        if backend == "sqlite":
+            with tempfile.TemporaryDirectory() as tmp:
+                engine = create_engine(f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}")
+                try:
+                    results[backend] = await measure(engine, args.events, args.appends, args.runs)
+                finally:
+                    await engine.dispose()
+        else:
+            # A database of its own: other benches create and drop bench.common's.
+            await _admin(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
+            await _admin(f'CREATE DATABASE "{PG_DB}"')
+            engine = create_engine(pg_url(PG_DB))
+            try:
+                results[backend] = await measure(engine, args.events, args.appends, args.runs)
+            finally:
+                await engine.dispose()
+                if not args.keep:
+                    await _admin(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--appends", type=int, default=3000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="Keep the PostgreSQL database.")
+    parser.add_argument(
+        "--keeper", nargs=3, metavar=("URL", "SCHEMA", "KEY"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.keeper:
+        url, schema, key = args.keeper
+        asyncio.run(_keeper(url, None if schema == "-" else schema, key))
+        return
+    results = asyncio.run(main_async(args))
+    for backend, r in results.items():
+        a = r["append"]
+        print(
+            f"{backend}: {r['events']} events | first checkpoint {r['checkpoint_first_s']:.2f}s, "
+            f"after 1000 more {r['checkpoint_after_1000_s'] * 1000:.0f}ms | proofs "
+            f"{r['proof_hashes']} (max {r['proof_bytes_max']} bytes) | verify "
+            f"{r['verify_events_per_s']:,.0f} ev/s ({r['verify_s']:.1f}s, "
+            f"{r['verify_cpu_us_per_event']:.1f} us CPU/event), longest loop gap "
+            f"{r['loop_longest_gap_ms']:.1f}ms | appends {a['without_tree_per_s']:,.0f}/s "
+            f"without the tree, {a['with_tree_per_s']:,.0f}/s with it: ratio {a['ratio']:.3f}"
+        )
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"transparency-{stamp}.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
