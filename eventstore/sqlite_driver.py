@@ -175,9 +175,12 @@ class Cursor:
             await_(self._adapt.off_loop(self._fetch_page))
 
     def executemany(self, operation: str, seq_of_parameters: Sequence[Any]) -> Any:
-        await_(_yield_to_loop())
         try:
-            self._adapt.call(self._cursor.executemany, operation, seq_of_parameters)
+            if self.off_loop:
+                await_(self._adapt.off_loop(self._cursor.executemany, operation, seq_of_parameters))
+            else:
+                await_(_yield_to_loop())
+                self._adapt.call(self._cursor.executemany, operation, seq_of_parameters)
             self._loaded()
         finally:
             self._adapt.release_if_done()
