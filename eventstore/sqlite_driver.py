@@ -132,6 +132,7 @@ class Cursor:
     def execute(self, operation: str, parameters: Sequence[Any] | None = None) -> Any:
         adapt = self._adapt
         if self.off_loop:
+            adapt.heavy = True
             params = () if parameters is None else parameters
             try:
                 await_(adapt.off_loop(self._execute_off_loop, operation, params))
@@ -177,6 +178,7 @@ class Cursor:
     def executemany(self, operation: str, seq_of_parameters: Sequence[Any]) -> Any:
         try:
             if self.off_loop:
+                self._adapt.heavy = True
                 await_(self._adapt.off_loop(self._cursor.executemany, operation, seq_of_parameters))
             else:
                 await_(_yield_to_loop())
@@ -241,7 +243,15 @@ class Cursor:
 class Connection(AdaptedConnection):
     """A ``sqlite3`` connection driven inline from the event loop (see the module doc)."""
 
-    __slots__ = ("_busy_ms", "_db", "_holds_lock", "_lock_key", "_offload_commit", "dbapi")
+    __slots__ = (
+        "_busy_ms",
+        "_db",
+        "_holds_lock",
+        "_lock_key",
+        "_offload_commit",
+        "dbapi",
+        "heavy",
+    )
 
     def __init__(
         self,
@@ -260,6 +270,9 @@ class Connection(AdaptedConnection):
         self._busy_ms = int(busy_timeout * 1000)
         self._offload_commit = offload_commit
         self._holds_lock = False
+        #: A statement of this transaction ran off the loop: its COMMIT may write many
+        #: pages (and run the WAL checkpoint), so it runs off the loop too.
+        self.heavy = False
 
     # -- where the loop waits --------------------------------------------------------------
 
@@ -369,8 +382,9 @@ class Connection(AdaptedConnection):
         return cursor
 
     def commit(self) -> None:
+        heavy, self.heavy = self.heavy, False
         try:
-            self.call(self._db.commit, offload=self._offload_commit)
+            self.call(self._db.commit, offload=self._offload_commit or heavy)
         finally:
             self.release_if_done()
 

@@ -25,6 +25,7 @@ from projections import checkpoints, replay
 from projections.projector import Projector
 from projections.readmodels import ALL_PROJECTORS
 from projections.runner import (
+    SHARED_LOOP_BATCH,
     SHARED_LOOP_CHUNK,
     InlineRunner,
     Worker,
@@ -131,7 +132,12 @@ class DatabaseService:
         # garbage collector alone.
         if self.projection_mode is ProjectionMode.INLINE:
             for projector in stale:
-                await replay.rebuild(self.store, projector, pause_every=SHARED_LOOP_CHUNK)
+                await replay.rebuild(
+                    self.store,
+                    projector,
+                    batch_size=SHARED_LOOP_BATCH,
+                    pause_every=SHARED_LOOP_CHUNK,
+                )
             await Worker(
                 self.store,
                 self.projectors,
