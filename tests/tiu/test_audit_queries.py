@@ -4,6 +4,7 @@ plain-Python reference (``tiu.audit.find_suspicious``, ``stats_of``) on both bac
 from __future__ import annotations
 
 import itertools
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -223,3 +224,57 @@ async def test_attempts_exactly_one_window_apart_count_together(engine: AsyncEng
         ("account_failures", 3, timedelta(minutes=2)),
         ("ip_failures", 3, timedelta(minutes=2)),
     }
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    out = [plan]
+    for child in plan.get("Plans", []):
+        out += _nodes(child)
+    return out
+
+
+@pytest.mark.postgres
+async def test_suspicious_reads_login_events_through_indexes_on_postgres(
+    postgres_engine: AsyncEngine,
+) -> None:
+    """Every statement of the detection reaches ``events`` through an index: the
+    type+time index for the attempts and lockouts, the stream index for a locked
+    account's logins; none scans the whole log."""
+    clock = Clock()
+    store = EventStore(postgres_engine, clock=clock)
+    try:
+        log = _Log(store, clock, "plan")
+        async with store.transaction() as uow:
+            for n in range(6000):
+                uow.append(f"task-plan-{n}", "task", [NewEvent("TaskCreated", {"n": n})])
+        for n in range(60):
+            await log.apply(("fail", n % 7, n % 3, n % 3, n % 2 == 0, 20))
+            if n % 10 == 0:
+                await log.apply(("lock", n % 7, 1))
+                await log.apply(("ok", n % 7, n % 5, 30))
+    finally:
+        await store.aclose()
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _m: bool) -> None:
+        if "events" in statement and not statement.startswith("EXPLAIN"):
+            seen.append((statement, params))
+
+    from sqlalchemy import event, text  # noqa: PLC0415
+
+    async with postgres_engine.connect() as conn:
+        await conn.execute(text("ANALYZE events"))
+        event.listen(postgres_engine.sync_engine, "before_cursor_execute", capture)
+        try:
+            found = await suspicious(conn, AuditFilter(), SuspiciousRules(account_threshold=3))
+        finally:
+            event.remove(postgres_engine.sync_engine, "before_cursor_execute", capture)
+        assert found
+        assert len(seen) >= 3
+        for statement, params in seen:
+            result = await conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, params)
+            doc = result.scalar()
+            nodes = _nodes((json.loads(doc) if isinstance(doc, str) else doc)[0]["Plan"])
+            on_events = {n["Node Type"] for n in nodes if n.get("Relation Name") == "events"}
+            assert on_events, statement
+            assert "Seq Scan" not in on_events, (on_events, statement)
