@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain import users
@@ -259,8 +260,6 @@ async def test_suspicious_reads_login_events_through_indexes_on_postgres(
     def capture(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _m: bool) -> None:
         if "events" in statement and not statement.startswith("EXPLAIN"):
             seen.append((statement, params))
-
-    from sqlalchemy import event, text  # noqa: PLC0415
 
     async with postgres_engine.connect() as conn:
         await conn.execute(text("ANALYZE events"))
