@@ -210,7 +210,9 @@ async def query(
     limit: int | None = 100,
     newest_first: bool = True,
 ) -> list[AuditEntry]:
-    """Events matching ``where``, newest first by default."""
+    """Events matching ``where``, newest first by default: at most ``limit`` of them,
+    and never more than :data:`MAX_LIMIT` (``None`` means that many); a count of the
+    whole range is :func:`stats`'s ``total``."""
     order = events.c.position.desc() if newest_first else events.c.position
     stmt = select(events).where(*where.conditions()).order_by(order).limit(_clamp(limit))
     result = await conn.execute(stmt.execution_options(**{OFF_LOOP: True}))
