@@ -674,15 +674,17 @@ class Query:
     def _grows_with_data(self, kind: Hashable, parsed: Sequence[Filter]) -> bool:
         """Whether a statement's cost may grow with the table, so that SQLite runs it on
         a worker thread (``eventstore.sqlite_driver``): a count, a list without a limit
-        or past a deep offset, a pattern or negated filter, or a filter on a column
-        that leads no index. Other reads cost ~0.1 ms inline, less than the hop."""
+        or past a deep offset, or filters of which no index serves any (patterns,
+        negations, columns that lead no index). Other reads cost ~0.1 ms inline, less
+        than the hop."""
         if kind == "count":
             return True
         if isinstance(kind, tuple) and kind[0] == "list":
             limit, offset = kind[2], kind[3]
             if limit is None or (offset or 0) >= _DEEP_OFFSET:
                 return True
-        return any(f.op in _SCAN_OPS or f.field not in self._leading for f in parsed)
+        served = any(f.op not in _SCAN_OPS and f.field in self._leading for f in parsed)
+        return bool(parsed) and not served
 
     def _rows(self, result: sa.CursorResult[Any]) -> Rows:
         keys = self.table.c.keys()

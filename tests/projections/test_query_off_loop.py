@@ -70,6 +70,7 @@ async def test_indexed_reads_stay_inline(conn):
         lambda: query.get(conn, 7),
         lambda: query.list(conn, {"owner": "owner-7"}, limit=5),
         lambda: query.list(conn, {"id__in": [1, 2, 3]}, limit=5),
+        lambda: query.list(conn, {"owner": "owner-7", "title__contains": "7"}, limit=5),
     ):
         work = asyncio.ensure_future(call())
         assert await _ticks_while(work) <= 1  # the tick before the task started
