@@ -8,7 +8,10 @@ Usable beside any case::
         lag = probe.since(mark)   # Lag(max_ms, p99_ms, wakes)
 
 A wake that comes late by L ms means the loop was held for about L ms by something
-else: a library call that did not suspend. The probe itself costs ~1,000 wakes per
+else: a library call that did not suspend, a garbage collection (the probe records
+the longest collection of the window too: its length depends on the whole heap, the
+host's objects included), or, on a shared machine, the CPU given to other processes
+(measure the probe alone for the floor). The probe itself costs ~1,000 wakes per
 second.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,12 +34,14 @@ class Lag:
     max_ms: float
     p99_ms: float
     wakes: int
+    gc_max_ms: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {
             "max_ms": round(self.max_ms, 2),
             "p99_ms": round(self.p99_ms, 2),
             "wakes": self.wakes,
+            "gc_max_ms": round(self.gc_max_ms, 2),
         }
 
 
@@ -43,7 +49,16 @@ class LoopProbe:
     def __init__(self, period: float = PERIOD) -> None:
         self.period = period
         self.lags: list[float] = []
+        self.collections: list[tuple[float, float]] = []  # (ended at, seconds)
         self._task: asyncio.Task[None] | None = None
+        self._gc_started = 0.0
+
+    def _on_gc(self, phase: str, _info: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._gc_started = now
+        else:
+            self.collections.append((now, now - self._gc_started))
 
     async def _run(self) -> None:
         clock = time.perf_counter
@@ -57,19 +72,21 @@ class LoopProbe:
         lateness is recorded only when it wakes)."""
         await asyncio.sleep(self.period * 3)
 
-    def mark(self) -> int:
-        return len(self.lags)
+    def mark(self) -> tuple[int, float]:
+        return len(self.lags), time.perf_counter()
 
-    def since(self, mark: int) -> Lag:
-        lags = self.lags[mark:]
+    def since(self, mark: tuple[int, float]) -> Lag:
+        lags = self.lags[mark[0] :]
+        gc_max = max((s for end, s in self.collections if end >= mark[1]), default=0.0)
         if not lags:
-            return Lag(0.0, 0.0, 0)
+            return Lag(0.0, 0.0, 0, gc_max * 1000)
         p99 = (
             statistics.quantiles(lags, n=100, method="inclusive")[98] if len(lags) >= 2 else lags[0]
         )
-        return Lag(max(lags) * 1000, p99 * 1000, len(lags))
+        return Lag(max(lags) * 1000, p99 * 1000, len(lags), gc_max * 1000)
 
     async def __aenter__(self) -> LoopProbe:
+        gc.callbacks.append(self._on_gc)
         self._task = asyncio.create_task(self._run())
         await asyncio.sleep(0)
         return self
@@ -80,6 +97,8 @@ class LoopProbe:
         _e: BaseException | None,
         _tb: TracebackType | None,
     ) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -82,7 +82,8 @@ class _Run:
         self.rows.append(row)
         print(
             f"    {label:34} {seconds:8.3f}s  lag max {lag.max_ms:7.1f} ms"
-            f"  p99 {lag.p99_ms:6.1f} ms  peak RSS {row['peak_rss_mb']:7.1f} MB",
+            f"  p99 {lag.p99_ms:6.1f} ms  longest gc {lag.gc_max_ms:6.1f} ms"
+            f"  peak RSS {row['peak_rss_mb']:7.1f} MB",
             flush=True,
         )
 
