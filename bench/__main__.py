@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import es
-from bench.cases import command, publish, queries, read, replay, store
+from bench.cases import command, publish, queries, read, replay, service, store
 from bench.common import (
     BACKENDS,
     Config,
@@ -45,6 +45,7 @@ CASES: dict[str, Callable[[Context], Awaitable[list[Result]]]] = {
     "5": replay.case5,  # also case 7 (growth): it measures on the log case 5 grows
     "6": queries.case6,
     "8": publish.case8,
+    "9": service.case9,  # the embedded service under a loop probe
 }
 
 

@@ -35,9 +35,9 @@ async def _tiu(place: Place, mode: str) -> int:
     store = await place.store()
     try:
         if mode == "tasks":
-            report = await replay.rebuild(store, TasksProjector())
+            report = await replay.rebuild(store, TasksProjector(), freeze_heap=True)
             return report.applied
-        reports = await replay.rebuild_all(store, ALL_PROJECTORS)
+        reports = await replay.rebuild_all(store, ALL_PROJECTORS, freeze_heap=True)
         return sum(r.applied for r in reports)
     finally:
         await store.aclose()

@@ -51,8 +51,12 @@ class _Task:
 class Scenario:
     """An endless, deterministic stream of plausible events."""
 
-    def __init__(self, seed: int = 42) -> None:
+    def __init__(self, seed: int = 42, *, failed_logins: float = 0.0) -> None:
+        """``failed_logins``: the share of events that are failed logins (from a pool
+        of 500 IPs) or, one in 20 of them, lockouts; 0 keeps the scenario of cases
+        1-7 as it was."""
         self.rng = random.Random(seed)
+        self.failed_logins = failed_logins
         self.users: list[str] = []
         self.projects: list[tuple[str, str]] = []  # (project_id, owner_id)
         self.owners: dict[str, str] = {}
@@ -187,6 +191,21 @@ class Scenario:
         )
         return self._emit(users.stream_id(user_id), users.CATEGORY, event, user_id)
 
+    def _failed_login(self) -> Generated:
+        user_id = self.rng.choice(self.users)
+        if self.rng.random() < 0.05:
+            event: Event = users.AccountLocked(
+                user_id=user_id, until=self._now() + timedelta(minutes=15), failed_attempts=5
+            )
+        else:
+            event = users.LoginFailed(
+                user_id=user_id,
+                at=self._now(),
+                ip=f"198.51.{self.rng.randrange(2)}.{self.rng.randrange(250)}",
+                user_agent="bench/1.0",
+            )
+        return self._emit(users.stream_id(user_id), users.CATEGORY, event, user_id)
+
     def __iter__(self) -> Iterator[Generated]:
         return self
 
@@ -197,6 +216,8 @@ class Scenario:
             return self._project()
         if len(self.open_tasks) < 50:
             return self._task()
+        if self.failed_logins and self.rng.random() < self.failed_logins:
+            return self._failed_login()
         r = self.rng.random()
         if r < 0.01:
             return self._register()

@@ -24,7 +24,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
 from eventstore.errors import StoreUnavailable
 from eventstore.hashing import canonical_json, parse_json
-from eventstore.sqlite_driver import InlineSQLiteDBAPI, file_path
+from eventstore.sqlite_driver import OFF_LOOP, InlineSQLiteDBAPI, file_path
 
 #: Execution option that makes a SQLite transaction take the write lock at BEGIN.
 WRITE_OPTION: Final = "tiu_write"
@@ -261,6 +261,15 @@ def _install_sqlite_hooks(
         # No busy_timeout pragma: the driver keeps it at 0 on the loop and waits for a
         # lock held by another process on a worker thread, with opts.busy_timeout.
         cursor.close()
+
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def _off_loop(
+        _conn: Any, cursor: Any, _sql: str, _params: Any, context: Any, _many: bool
+    ) -> None:
+        # Statements whose cost grows with the data ask for a worker thread (see
+        # eventstore.sqlite_driver); the rest run inline.
+        if context is not None and context.execution_options.get(OFF_LOOP):
+            cursor.off_loop = True
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:

@@ -593,9 +593,12 @@ class EventStore:
         types: Iterable[str] | None = None,
         until_position: int | None = None,
     ) -> list[RecordedEvent]:
-        """Events of the whole log with ``position > after_position``, in position order."""
+        """Events of the whole log with ``position > after_position``, in position order.
+
+        Suspends once per call, so a loop reading page after page lets the event
+        loop's other tasks run between pages (the inline SQLite driver never waits)."""
         with translate_errors(self.dialect.database_label):
-            return await self.dialect.read_events(
+            page = await self.dialect.read_events(
                 conn,
                 after_position=after_position,
                 limit=limit,
@@ -603,6 +606,8 @@ class EventStore:
                 categories=None if categories is None else list(categories),
                 types=None if types is None else list(types),
             )
+        await asyncio.sleep(0)
+        return page
 
     async def subscribe(
         self,

@@ -80,6 +80,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
+from eventstore.sqlite_driver import OFF_LOOP
 from projections.errors import InvalidCursor, InvalidFilter, InvalidOrdering, InvalidPagination
 
 __all__ = [
@@ -116,6 +117,9 @@ _ESC: Final = "\\"
 _EQUALITY_OPS: Final = frozenset({"eq", "ne", "in", "not_in", "isnull"})
 _RANGE_OPS: Final = frozenset({"lt", "lte", "gt", "gte", "between"})
 _PATTERN_OPS: Final = frozenset({"like", "ilike", "startswith", "contains"})
+#: Filters no index serves: the statement scans (see ``Query._grows_with_data``).
+_SCAN_OPS: Final = frozenset({"ne", "not_in", "like", "ilike", "contains"})
+_DEEP_OFFSET: Final = 1_000
 _INT_BITS: Final = ((sa.SmallInteger, 16), (sa.BigInteger, 64), (sa.Integer, 32))
 
 
@@ -613,6 +617,11 @@ class Query:
         #: between use the rank column; equality and patterns keep the names.
         self._ranks = dict(ranks or {})
         self._pk: tuple[sa.Column[Any], ...] = tuple(table.primary_key.columns)
+        #: Columns an index (or the primary key) starts with: filters a lookup serves.
+        self._leading = frozenset(
+            [self._pk[0].name]
+            + [next(iter(i.columns)).name for i in table.indexes if len(i.columns)]
+        )
         # Built once: a Select is generative (where() returns a copy).
         self._base: sa.Select[Any] = sa.select(*table.c)
         self._statements: dict[Hashable, tuple[Any, sa.Select[Any]]] = {}
@@ -681,10 +690,27 @@ class Query:
         if found is not None and found[0] is where:
             return found[1], binder.params
         statement = build(conds)
+        if self._grows_with_data(kind, parsed):
+            statement = statement.execution_options(**{OFF_LOOP: True})
         if len(self._statements) >= _STATEMENTS_KEPT:
             self._statements.clear()
         self._statements[key] = (where, statement)
         return statement, binder.params
+
+    def _grows_with_data(self, kind: Hashable, parsed: Sequence[Filter]) -> bool:
+        """Whether a statement's cost may grow with the table, so that SQLite runs it on
+        a worker thread (``eventstore.sqlite_driver``): a count, a list without a limit
+        or past a deep offset, or filters of which no index serves any (patterns,
+        negations, columns that lead no index). Other reads cost ~0.1 ms inline, less
+        than the hop."""
+        if kind == "count":
+            return True
+        if isinstance(kind, tuple) and kind[0] == "list":
+            limit, offset = kind[2], kind[3]
+            if limit is None or (offset or 0) >= _DEEP_OFFSET:
+                return True
+        served = any(f.op not in _SCAN_OPS and f.field in self._leading for f in parsed)
+        return bool(parsed) and not served
 
     def _rows(self, result: sa.CursorResult[Any]) -> Rows:
         keys = self.table.c.keys()
@@ -869,7 +895,8 @@ class Query:
         _check_limit(limit, optional=False)
         dialect = conn.dialect.name
         keys = self._keys(order_by)
-        conds = self._where(self.filters(filters), where, dialect)
+        parsed = self.filters(filters)
+        conds = self._where(parsed, where, dialect)
         if after is not None:
             conds.append(_after(keys, self._decode(after, keys), dialect))
         stmt = (
@@ -878,6 +905,8 @@ class Query:
             .order_by(*(_sort(k, dialect) for k in keys))
             .limit(limit + 1)
         )
+        if self._grows_with_data("page", parsed):
+            stmt = stmt.execution_options(**{OFF_LOOP: True})
         rows = self._rows(await conn.execute(stmt))
         items = rows[:limit]
         cursor = self._encode(keys, items[-1]) if len(rows) > limit else None

@@ -34,7 +34,7 @@ from eventstore.store import EventStore
 from eventstore.translate import translate_errors
 from projections import checkpoints
 from projections.projector import Projector, Tables
-from projections.runner import apply_records, long_lived_heap
+from projections.runner import apply_records, maybe_frozen_heap, sharing_the_loop
 
 SHADOW_SUFFIX = "__rebuild"
 #: Events read and applied per transaction. Larger batches fold more events per row
@@ -155,11 +155,12 @@ async def _shadows_exist(conn: AsyncConnection, projector: Projector) -> bool:
     return await conn.run_sync(check)
 
 
-async def _prepare(store: EventStore, projector: Projector) -> int:
+async def _prepare(store: EventStore, projector: Projector, pause: int | None = None) -> int:
     """Create (or keep, when resuming) the shadow tables; return the start position."""
     shadows = shadow_tables(projector)
     name = _rebuild_name(projector)
     async with store.engine.connect() as conn:
+        await sharing_the_loop(conn, pause)
         await begin_write(conn)
         state = await checkpoints.load(conn, name, projector.version)
         if state is not None and await _shadows_exist(conn, projector):
@@ -190,6 +191,7 @@ async def _apply_batch(
     position: int,
     batch_size: int,
     until: int,
+    pause_every: int | None,
 ) -> tuple[int, int]:
     records = await store.read_all(
         conn, position, batch_size, types=sorted(projector.handles), until_position=until
@@ -197,7 +199,7 @@ async def _apply_batch(
     new = records[-1].position if len(records) == batch_size else until
     if new == position:
         return position, 0
-    await apply_records(conn, projector, records, shadows)
+    await apply_records(conn, projector, records, shadows, pause_every=pause_every)
     await checkpoints.move(
         conn, _rebuild_name(projector), old=position, new=new, version=projector.version
     )
@@ -227,10 +229,20 @@ async def rebuild(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_progress: ProgressCallback | None = None,
+    pause_every: int | None = None,
+    freeze_heap: bool = False,
 ) -> RebuildReport:
-    """Rebuild ``projector`` from the log and swap it in; resumable after a crash."""
-    with long_lived_heap():
-        return await _rebuild(store, projector, batch_size=batch_size, on_progress=on_progress)
+    """Rebuild ``projector`` from the log and swap it in; resumable after a crash.
+
+    Inside a service, pass ``pause_every`` (``runner.SHARED_LOOP_CHUNK``): the Python
+    work suspends every that many events and, on SQLite, statements (index builds
+    included) run on a worker thread, so the host's loop keeps answering.
+    ``freeze_heap`` (``runner.long_lived_heap``) is for a process of its own, such as
+    ``tiu replay``: it changes the whole process's garbage collector."""
+    with maybe_frozen_heap(freeze_heap):
+        return await _rebuild(
+            store, projector, batch_size=batch_size, on_progress=on_progress, pause=pause_every
+        )
 
 
 async def _rebuild(
@@ -239,15 +251,17 @@ async def _rebuild(
     *,
     batch_size: int,
     on_progress: ProgressCallback | None,
+    pause: int | None,
 ) -> RebuildReport:
     started = time.monotonic()
-    position = resumed = await _prepare(store, projector)
+    position = resumed = await _prepare(store, projector, pause)
     shadows = shadow_tables(projector)
     applied = 0
     batches = 0
     next_analyze = 1
     while True:
         async with store.engine.connect() as conn:
+            await sharing_the_loop(conn, pause)
             await begin_write(conn)
             head = await store.head_position(conn)
             if head - position <= min(batch_size, SWAP_WITHIN):
@@ -261,6 +275,7 @@ async def _rebuild(
                 position=position,
                 batch_size=batch_size,
                 until=head,
+                pause_every=pause,
             )
             await conn.commit()
         applied += count
@@ -273,7 +288,9 @@ async def _rebuild(
                 RebuildProgress(projector.name, position, head, applied, time.monotonic() - started)
             )
     await _build_deferred(store, projector, shadows)
-    position, count = await _swap_with_retries(store, projector, shadows, position, batch_size)
+    position, count = await _swap_with_retries(
+        store, projector, shadows, position, batch_size, pause=pause
+    )
     applied += count
     if on_progress is not None:
         on_progress(
@@ -288,14 +305,20 @@ SWAP_ATTEMPTS = 10
 
 
 async def _swap_with_retries(
-    store: EventStore, projector: Projector, shadows: Tables, position: int, batch_size: int
+    store: EventStore,
+    projector: Projector,
+    shadows: Tables,
+    position: int,
+    batch_size: int,
+    *,
+    pause: int | None,
 ) -> tuple[int, int]:
     # The swap waits at most 2 s for its ACCESS EXCLUSIVE lock, so readers never queue
     # long behind it; when busy readers keep it from the lock, it tries again.
     for attempt in range(1, SWAP_ATTEMPTS + 1):
         try:
             with translate_errors(store.dialect.database_label):
-                return await _swap(store, projector, shadows, position, batch_size)
+                return await _swap(store, projector, shadows, position, batch_size, pause=pause)
         except AppendTimeout:
             if attempt == SWAP_ATTEMPTS:
                 raise
@@ -304,12 +327,19 @@ async def _swap_with_retries(
 
 
 async def _swap(
-    store: EventStore, projector: Projector, shadows: Tables, position: int, batch_size: int
+    store: EventStore,
+    projector: Projector,
+    shadows: Tables,
+    position: int,
+    batch_size: int,
+    *,
+    pause: int | None,
 ) -> tuple[int, int]:
     postgres = store.engine.dialect.name == "postgresql"
     live_names = [t.name for t in projector.tables]
     applied = 0
     async with store.engine.connect() as conn:
+        await sharing_the_loop(conn, pause)  # SQLite builds the live indexes in the swap
         await begin_write(conn)  # SQLite: the write lock holds every writer off
         if postgres:
             # Readers must not queue behind our ACCESS EXCLUSIVE for long: give up fast.
@@ -332,6 +362,7 @@ async def _swap(
                 position=position,
                 batch_size=batch_size,
                 until=head,
+                pause_every=pause,
             )
             applied += count
         grants = {t.name: await conn.run_sync(_grants_of, t.name) for t in projector.tables}
@@ -445,9 +476,19 @@ async def rebuild_all(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_progress: ProgressCallback | None = None,
+    pause_every: int | None = None,
+    freeze_heap: bool = False,
 ) -> list[RebuildReport]:
     return [
-        await rebuild(store, p, batch_size=batch_size, on_progress=on_progress) for p in projectors
+        await rebuild(
+            store,
+            p,
+            batch_size=batch_size,
+            on_progress=on_progress,
+            pause_every=pause_every,
+            freeze_heap=freeze_heap,
+        )
+        for p in projectors
     ]
 
 

@@ -26,6 +26,7 @@ from eventstore.engine import begin_write
 from eventstore.errors import AppendTimeout, StoreUnavailable
 from eventstore.records import RecordedEvent
 from eventstore.schema import projection_checkpoints as cp
+from eventstore.sqlite_driver import OFF_LOOP
 from eventstore.store import EventStore
 from eventstore.translate import translate_errors
 from projections import checkpoints
@@ -48,7 +49,9 @@ def long_lived_heap() -> Iterator[None]:
     ran 23k events/s as it was and 29k with that heap frozen (same run). The
     objects are put back (``gc.unfreeze``) when the loop ends; cyclic garbage among
     them waits until then. An application that froze its heap itself
-    (``gc.get_freeze_count()`` above 0) is left as it is.
+    (``gc.get_freeze_count()`` above 0) is left as it is. The collector is the whole
+    process's: only a caller that owns the process (the ``tiu`` commands) asks for
+    this, never a service's start-up.
     """
     if gc.get_freeze_count():
         yield
@@ -69,11 +72,44 @@ async def apply_records(
     projector: Projector,
     records: Sequence[RecordedEvent],
     tables: Tables | None = None,
+    *,
+    pause_every: int | None = None,
 ) -> None:
+    """Apply ``records`` in one call, or ``pause_every`` events at a time, suspending
+    between chunks so the event loop's other tasks run (see :func:`sharing_the_loop`)."""
     handled = [r for r in records if r.event_type in projector.handles]
-    envelopes = await decode_records(conn, handled) if handled else []
-    if envelopes:
-        await projector.apply_batch(conn, envelopes, tables or projector.live_tables())
+    step = pause_every or len(handled) or 1
+    for start in range(0, len(handled), step):
+        chunk = handled[start : start + step]
+        envelopes = await decode_records(conn, chunk)
+        if envelopes:
+            await projector.apply_batch(conn, envelopes, tables or projector.live_tables())
+        if pause_every:
+            await asyncio.sleep(0)
+
+
+#: Events a batch loop sharing a service's event loop applies between two suspensions:
+#: ~3-8 ms of decoding and folding.
+SHARED_LOOP_CHUNK = 200
+#: Events such a loop reads per batch: a page the driver fetches inline (~3 ms on SQLite).
+SHARED_LOOP_BATCH = 1_000
+
+
+async def sharing_the_loop(conn: AsyncConnection, pause_every: int | None) -> None:
+    """Make ``conn`` fit a batch loop that shares the event loop (``pause_every`` set):
+    on SQLite its statements run on a worker thread (the driver's ``off_loop``)."""
+    if pause_every:
+        await conn.execution_options(**{OFF_LOOP: True})
+
+
+@contextlib.contextmanager
+def maybe_frozen_heap(freeze: bool) -> Iterator[None]:
+    """:func:`long_lived_heap` when the caller owns the process (``freeze``)."""
+    if freeze:
+        with long_lived_heap():
+            yield
+    else:
+        yield
 
 
 class InlineRunner:
@@ -135,8 +171,12 @@ class Worker:
         batch_size: int = 500,
         poll_interval: float = 1.0,
         leader_election: bool = True,
+        pause_every: int | None = None,
     ) -> None:
+        """``pause_every``: share the event loop (:func:`sharing_the_loop`), suspending
+        every that many events; for a worker inside a service."""
         self.store = store
+        self.pause_every = pause_every
         self.projectors = tuple(projectors)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
@@ -151,6 +191,7 @@ class Worker:
         engine = self.store.engine
         postgres = engine.dialect.name == "postgresql"
         async with engine.connect() as conn:
+            await sharing_the_loop(conn, self.pause_every)
             await begin_write(conn)
             query = select(cp.c.position).where(cp.c.name == projector.name, cp.c.active.is_(True))
             if postgres:
@@ -173,20 +214,24 @@ class Worker:
             if new == position:
                 await conn.rollback()
                 return BatchResult(projector.name, 0, position)
-            await apply_records(conn, projector, records)
+            await apply_records(conn, projector, records, pause_every=self.pause_every)
             await checkpoints.move(conn, projector.name, old=position, new=new)
             await conn.commit()
         self.stats.events += len(records)
         self.stats.batches += 1
         return BatchResult(projector.name, len(records), new)
 
-    async def catch_up(self, projectors: Sequence[Projector] | None = None) -> int:
-        """Run batches until every projector has reached the head; returns events applied."""
+    async def catch_up(
+        self, projectors: Sequence[Projector] | None = None, *, freeze_heap: bool = False
+    ) -> int:
+        """Run batches until every projector has reached the head; returns events applied.
+
+        ``freeze_heap``: :func:`long_lived_heap` meanwhile (for a process of its own)."""
         chosen = tuple(projectors or self.projectors)
         # Without a checkpoint row every batch would be "skipped": loop forever.
         await self._ensure_checkpoints(chosen)
         total = 0
-        with long_lived_heap():
+        with maybe_frozen_heap(freeze_heap):
             for projector in chosen:
                 while True:
                     result = await self.run_batch(projector)

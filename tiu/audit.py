@@ -6,35 +6,57 @@ version)``, category ``(stream_category, position)``, time alone ``(recorded_at)
 The same :class:`AuditFilter` runs in SQL against the log and in Python against an
 archive file, so ``tiu audit --archive FILE`` answers like ``tiu audit``.
 
-Suspicious-login rules (:func:`find_suspicious`), evaluated over failed and
-successful login events in the queried time range:
+Statistics and suspicious-login detection run in the database (GROUP BY, window
+functions over indexed ranges) and read only what a finding needs, so their memory
+does not grow with the log and every event in the range counts, whatever the log's
+size. On SQLite their statements run on a worker thread (the driver's ``off_loop``).
+
+Suspicious-login rules (:func:`suspicious`; :func:`find_suspicious` is the same in
+plain Python, for archive files), over the events in the queried range:
 
 ``account_failures``
     at least ``account_threshold`` failed logins for one account (``user_id``)
-    inside any ``window``;
+    inside one ``window``: the most attempts any closed interval ``[t - window, t]``
+    holds, the earliest such interval reported with its attempts as evidence;
 ``ip_failures``
-    at least ``ip_threshold`` failed logins from one IP (any accounts, unknown
-    emails included) inside any ``window``;
+    the same for one IP (any accounts, unknown emails included) with
+    ``ip_threshold``. IPs are encrypted personal data, so this rule reads the failed
+    attempts in time order, page by page, keeping only the attempts inside the
+    current window;
 ``new_ip_after_lockout``
-    a successful login, within ``lockout_lookback`` after the account was locked,
-    from an IP never seen in an earlier successful login of that user.
+    a successful login within ``lockout_lookback`` after the account's latest
+    lockout, both in the range, from an IP that no earlier successful login of that
+    user (in log order, before the range too) came from.
 
 A failed login is one attempt (one ``command_id``): its ``LoginFailed`` (user
 stream) and ``LoginRejected`` (security stream) events count once together, so the
-rules still work after the security stream was archived.
+rules still work after the security stream was archived. The attempt's time and
+position are its first event's, its account and IP the first ones its events name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Integer,
+    String,
+    and_,
+    cast,
+    extract,
+    func,
+    select,
+    true,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import security, users
@@ -42,6 +64,7 @@ from domain.base import ERASED
 from eventstore.crypto import keyring
 from eventstore.retention import read_archive
 from eventstore.schema import events
+from eventstore.sqlite_driver import OFF_LOOP
 from tiu.models import AuditEntry
 
 #: Security failures: refused logins and commands, failed passwords, lockouts.
@@ -58,6 +81,8 @@ _LOGIN_TYPES: Final = (
     users.AccountLocked.event_type,
 )
 MAX_LIMIT: Final = 100_000
+#: Rows decoded (and decrypted) between two suspensions of a long read: ~5 ms of work.
+_CHUNK: Final = 500
 _SECRET_FIELDS: Final = frozenset({"password_hash", "token_hash"})
 _RELATIVE: Final = re.compile(r"(\d+)\s*([smhdw])")
 _UNITS: Final = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -203,13 +228,20 @@ async def query(
     limit: int | None = 100,
     newest_first: bool = True,
 ) -> list[AuditEntry]:
-    """Events matching ``where``, newest first by default."""
+    """Events matching ``where``, newest first by default: at most ``limit`` of them,
+    and never more than :data:`MAX_LIMIT` (``None`` means that many); a count of the
+    whole range is :func:`stats`'s ``total``."""
     order = events.c.position.desc() if newest_first else events.c.position
     stmt = select(events).where(*where.conditions()).order_by(order).limit(_clamp(limit))
-    rows = (await conn.execute(stmt)).mappings().all()
-    # personal fields decrypted; those of forgotten subjects read as "[erased]"
-    opened = await keyring(conn).open_many(conn, [(r["event_type"], r["data"]) for r in rows])
-    return [to_entry(r, o.data) for r, o in zip(rows, opened, strict=True)]
+    result = await conn.execute(stmt.execution_options(**{OFF_LOOP: True}))
+    entries: list[AuditEntry] = []
+    # Rows are decoded and opened a chunk at a time, the loop free between chunks.
+    for rows in result.mappings().partitions(_CHUNK):
+        # personal fields decrypted; those of forgotten subjects read as "[erased]"
+        opened = await keyring(conn).open_many(conn, [(r["event_type"], r["data"]) for r in rows])
+        entries += [to_entry(r, o.data) for r, o in zip(rows, opened, strict=True)]
+        await asyncio.sleep(0)
+    return entries
 
 
 def query_archive(
@@ -238,13 +270,12 @@ class AuditStats:
         return asdict(self)
 
 
-def stats_of(rows: Iterable[tuple[str, datetime]]) -> AuditStats:
-    """Counts by event type and by UTC day of ``(event_type, recorded_at)`` pairs."""
+def _stats(counts: Iterable[tuple[str, str, int]]) -> AuditStats:
     by_type: Counter[str] = Counter()
     by_day: Counter[str] = Counter()
-    for event_type, at in rows:
-        by_type[event_type] += 1
-        by_day[at.astimezone(UTC).date().isoformat()] += 1
+    for event_type, day, count in counts:
+        by_type[event_type] += count
+        by_day[day] += count
     return AuditStats(
         sum(by_type.values()),
         dict(sorted(by_type.items(), key=lambda kv: (-kv[1], kv[0]))),
@@ -252,10 +283,44 @@ def stats_of(rows: Iterable[tuple[str, datetime]]) -> AuditStats:
     )
 
 
+def stats_of(rows: Iterable[tuple[str, datetime]]) -> AuditStats:
+    """Counts by event type and by UTC day of ``(event_type, recorded_at)`` pairs."""
+    return _stats((t, at.astimezone(UTC).date().isoformat(), 1) for t, at in rows)
+
+
+def _utc_day(dialect: str) -> ColumnElement[str]:
+    """``recorded_at``'s UTC day as ``YYYY-MM-DD`` (SQLite stores UTC text)."""
+    if dialect == "sqlite":
+        return func.substr(events.c.recorded_at, 1, 10)
+    return func.to_char(func.timezone("UTC", events.c.recorded_at), "YYYY-MM-DD")
+
+
+def _micros(dialect: str) -> ColumnElement[int]:
+    """``recorded_at`` as whole microseconds since the epoch, for RANGE windows."""
+    at = events.c.recorded_at
+    if dialect == "sqlite":  # "YYYY-MM-DD HH:MM:SS.ffffff"
+        seconds = cast(func.strftime("%s", at), Integer)
+        return seconds * 1_000_000 + cast(func.substr(at, 21, 6), Integer)
+    return cast(extract("epoch", at) * 1_000_000, BigInteger)
+
+
+def _datetime(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 async def stats(conn: AsyncConnection, where: AuditFilter) -> AuditStats:
-    stmt = select(events.c.event_type, events.c.recorded_at).where(*where.conditions())
-    result = await conn.execute(stmt)
-    return stats_of((t, at) for t, at in result)
+    """Counts by event type and UTC day, grouped by the database."""
+    day = _utc_day(conn.dialect.name)
+    stmt = (
+        select(events.c.event_type, day, func.count())
+        .where(*where.conditions())
+        .group_by(events.c.event_type, day)
+    )
+    result = await conn.execute(stmt.execution_options(**{OFF_LOOP: True}))
+    return _stats((t, d, n) for t, d, n in result)
 
 
 def stats_archive(path: str | Path, where: AuditFilter) -> AuditStats:
@@ -296,6 +361,50 @@ class Finding:
         return data
 
 
+def _burst(
+    rule: str, subject: str, window: timedelta, inside: Sequence[tuple[datetime, int]]
+) -> Finding:
+    label = "for this account" if rule == "account_failures" else "from this IP"
+    return Finding(
+        rule,
+        subject,
+        len(inside),
+        inside[0][0],
+        inside[-1][0],
+        f"{len(inside)} failed logins {label} within {window}",
+        tuple(position for _, position in inside),
+    )
+
+
+class _Windows:
+    """The fullest closed window ``[t - window, t]`` per subject, over attempts fed in
+    time order; keeps only the attempts inside each subject's current window."""
+
+    def __init__(self, threshold: int, window: timedelta) -> None:
+        self.threshold = threshold
+        self.window = window
+        self.open: dict[str, deque[tuple[datetime, int]]] = {}
+        self.best: dict[str, list[tuple[datetime, int]]] = {}
+
+    def add(self, subject: str, at: datetime, position: int) -> None:
+        inside = self.open.get(subject)
+        if inside is None:
+            inside = self.open[subject] = deque()
+        inside.append((at, position))
+        while inside[0][0] < at - self.window:
+            inside.popleft()
+        if len(inside) >= self.threshold and len(inside) > len(self.best.get(subject, ())):
+            self.best[subject] = list(inside)
+
+    def sweep(self, now: datetime) -> None:
+        """Forget subjects whose window has closed (their best window is kept)."""
+        for subject in [s for s, inside in self.open.items() if inside[-1][0] < now - self.window]:
+            del self.open[subject]
+
+    def findings(self, rule: str) -> list[Finding]:
+        return [_burst(rule, s, self.window, best) for s, best in sorted(self.best.items())]
+
+
 @dataclass(frozen=True, slots=True)
 class _Attempt:
     position: int
@@ -304,131 +413,274 @@ class _Attempt:
     ip: str | None
 
 
-def _attempts(rows: Iterable[AuditEntry]) -> tuple[list[_Attempt], list[AuditEntry]]:
-    """Failed login attempts (one per command) and the other login events, in order."""
+def _attempts(rows: Iterable[AuditEntry]) -> list[_Attempt]:
+    """Failed login attempts (one per command), in time order."""
     by_command: dict[str, _Attempt] = {}
-    others: list[AuditEntry] = []
     for row in sorted(rows, key=lambda r: r.position):
-        if row.event_type in _FAILED_LOGIN_TYPES:
-            key = row.command_id or f"@{row.position}"
-            seen = by_command.get(key)
-            user_id = row.data.get("user_id") or (seen.user_id if seen else None)
-            ip = row.data.get("ip") or (seen.ip if seen else None)
-            first = seen or _Attempt(row.position, row.recorded_at, None, None)
-            by_command[key] = _Attempt(first.position, first.at, user_id, ip)
-        else:
-            others.append(row)
-    return sorted(by_command.values(), key=lambda a: a.position), others
+        if row.event_type not in _FAILED_LOGIN_TYPES:
+            continue
+        key = row.command_id if row.command_id is not None else f"@{row.position}"
+        seen = by_command.get(key) or _Attempt(row.position, row.recorded_at, None, None)
+        user_id = seen.user_id if seen.user_id is not None else row.data.get("user_id")
+        ip = seen.ip if seen.ip is not None else row.data.get("ip")
+        by_command[key] = _Attempt(seen.position, seen.at, user_id, ip)
+    return sorted(by_command.values(), key=lambda a: (a.at, a.position))
 
 
-def _bursts(
-    rule: str, label: str, groups: Mapping[str, list[_Attempt]], threshold: int, window: timedelta
+def _new_ip_after_lockout(
+    history: Iterable[tuple[int, datetime, str, str, str | None, bool]],
+    rules: SuspiciousRules,
 ) -> list[Finding]:
+    """``history``: (position, at, event type, user id, ip, in range) of lockouts and
+    successful logins, in log order."""
     findings = []
-    for subject, attempts in sorted(groups.items()):
-        inside: deque[_Attempt] = deque()
-        best: list[_Attempt] = []
-        for attempt in attempts:
-            inside.append(attempt)
-            while attempt.at - inside[0].at > window:
-                inside.popleft()
-            if len(inside) >= threshold and len(inside) > len(best):
-                best = list(inside)
-        if best:
+    seen: dict[str, set[str]] = defaultdict(set)
+    locked_at: dict[str, tuple[datetime, int]] = {}
+    for position, at, kind, user_id, ip, in_range in history:
+        if kind == users.AccountLocked.event_type:
+            if in_range:
+                locked_at[user_id] = (at, position)
+            continue
+        lock = locked_at.get(user_id)
+        if (
+            in_range
+            and ip is not None
+            and ip != ERASED
+            and lock is not None
+            and at - lock[0] <= rules.lockout_lookback
+            and ip not in seen[user_id]
+        ):
             findings.append(
                 Finding(
-                    rule,
-                    subject,
-                    len(best),
-                    best[0].at,
-                    best[-1].at,
-                    f"{len(best)} failed logins {label} within {window}",
-                    tuple(a.position for a in best),
+                    "new_ip_after_lockout",
+                    user_id,
+                    1,
+                    lock[0],
+                    at,
+                    f"login from new IP {ip} after a lockout",
+                    (lock[1], position),
                 )
             )
+        if ip is not None:
+            seen[user_id].add(ip)
     return findings
+
+
+def _ordered(findings: Iterable[Finding]) -> list[Finding]:
+    return sorted(findings, key=lambda f: (f.last_at, f.rule, f.subject))
 
 
 def find_suspicious(
     rows: Iterable[AuditEntry],
     rules: SuspiciousRules = SuspiciousRules(),
-    *,
-    known_ips: Mapping[str, set[str]] | None = None,
+    where: AuditFilter = AuditFilter(),
 ) -> list[Finding]:
-    """Apply the rules (module docstring) to login events. ``known_ips`` adds IPs of
-    successful logins before the queried range, per user."""
-    attempts, others = _attempts(rows)
-    per_account: dict[str, list[_Attempt]] = defaultdict(list)
-    per_ip: dict[str, list[_Attempt]] = defaultdict(list)
-    for attempt in attempts:
-        if attempt.user_id:
-            per_account[attempt.user_id].append(attempt)
-        if attempt.ip and attempt.ip != ERASED:  # forgotten people's IPs are not one "IP"
-            per_ip[attempt.ip].append(attempt)
-    findings = _bursts(
-        "account_failures", "for this account", per_account, rules.account_threshold, rules.window
+    """The rules (module docstring) in plain Python over login events with their
+    personal fields opened; events outside ``where`` only tell earlier IPs."""
+    rows = sorted(rows, key=lambda r: r.position)
+    in_range = [r for r in rows if where.matches(_row_of(r))]
+    per_account = _Windows(rules.account_threshold, rules.window)
+    per_ip = _Windows(rules.ip_threshold, rules.window)
+    for attempt in _attempts(in_range):
+        if attempt.user_id is not None:
+            per_account.add(attempt.user_id, attempt.at, attempt.position)
+        if attempt.ip is not None and attempt.ip != ERASED:  # erased IPs are not one "IP"
+            per_ip.add(attempt.ip, attempt.at, attempt.position)
+    kinds = (users.AccountLocked.event_type, users.LoginSucceeded.event_type)
+    history = [
+        (r.position, r.recorded_at, r.event_type, r.data["user_id"], r.data.get("ip"), ok)
+        for r, ok in ((r, where.matches(_row_of(r))) for r in rows)
+        if r.event_type in kinds
+        and isinstance(r.data.get("user_id"), str)
+        and (where.until is None or r.recorded_at < where.until)
+    ]
+    findings = per_account.findings("account_failures") + per_ip.findings("ip_failures")
+    return _ordered(findings + _new_ip_after_lockout(history, rules))
+
+
+def _row_of(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "actor_id": entry.actor_id,
+        "stream_id": entry.stream_id,
+        "stream_category": entry.category,
+        "event_type": entry.event_type,
+        "recorded_at": entry.recorded_at,
+        "correlation_id": entry.correlation_id,
+    }
+
+
+def _attempts_cte(dialect: str, where: AuditFilter) -> Any:
+    """One row per failed login attempt in ``where``: its key, first position, time
+    (microseconds), account, and the position of its first event naming an IP."""
+    c = events.c
+    key = func.coalesce(c.command_id, "@" + cast(c.position, String))
+    user_id = c.data["user_id"].as_string()
+    has_ip = c.data["ip"].as_string().is_not(None)
+    rows = select(
+        key.label("attempt"),
+        func.row_number().over(partition_by=key, order_by=c.position).label("nth"),
+        func.first_value(c.position).over(partition_by=key, order_by=c.position).label("position"),
+        func.first_value(_micros(dialect))
+        .over(partition_by=key, order_by=c.position)
+        .label("at_us"),
+        func.first_value(user_id)
+        .over(partition_by=key, order_by=(user_id.is_(None), c.position))
+        .label("user_id"),
+        func.first_value(c.position)
+        .over(partition_by=key, order_by=(~has_ip, c.position))
+        .label("ip_position"),
+    ).where(*where.narrowed(_FAILED_LOGIN_TYPES).conditions())
+    inner = rows.subquery("failed")
+    return (
+        select(inner.c.position, inner.c.at_us, inner.c.user_id, inner.c.ip_position)
+        .where(inner.c.nth == 1)
+        .cte("attempts")
     )
-    findings += _bursts("ip_failures", "from this IP", per_ip, rules.ip_threshold, rules.window)
-    seen: dict[str, set[str]] = defaultdict(set)
-    for known_user, ips in (known_ips or {}).items():
-        seen[known_user] |= ips
-    locked_at: dict[str, tuple[datetime, int]] = {}
-    for row in others:
-        user_id = row.data.get("user_id")
+
+
+async def _account_failures(
+    conn: AsyncConnection, attempts: Any, rules: SuspiciousRules
+) -> list[Finding]:
+    """The account rule in one statement: a RANGE window counts each account's attempts
+    in ``[t - window, t]``; the fullest (earliest) window per account comes back with
+    its attempts."""
+    width = rules.window // timedelta(microseconds=1)
+    a = attempts.c
+    counted = (
+        select(
+            a.user_id,
+            a.at_us,
+            func.count()
+            .over(partition_by=a.user_id, order_by=a.at_us, range_=(-width, 0))
+            .label("n"),
+        )
+        .where(a.user_id.is_not(None))
+        .subquery("counted")
+    )
+    ranked = (
+        select(
+            counted.c.user_id,
+            counted.c.at_us,
+            counted.c.n,
+            func.row_number()
+            .over(partition_by=counted.c.user_id, order_by=(counted.c.n.desc(), counted.c.at_us))
+            .label("rank"),
+        )
+        .where(counted.c.n >= rules.account_threshold)
+        .subquery("ranked")
+    )
+    best = select(ranked.c.user_id, ranked.c.at_us).where(ranked.c.rank == 1).subquery("best")
+    stmt = (
+        select(best.c.user_id, a.at_us, a.position)
+        .join_from(
+            best,
+            attempts,
+            and_(
+                a.user_id == best.c.user_id,
+                a.at_us >= best.c.at_us - width,
+                a.at_us <= best.c.at_us,
+            ),
+        )
+        .order_by(best.c.user_id, a.at_us, a.position)
+    )
+    result = await conn.execute(stmt.execution_options(**{OFF_LOOP: True}))
+    evidence: dict[str, list[tuple[datetime, int]]] = defaultdict(list)
+    for user_id, at_us, position in result:
+        evidence[user_id].append((_datetime(at_us), position))
+    return [
+        _burst("account_failures", user_id, rules.window, inside)
+        for user_id, inside in evidence.items()
+    ]
+
+
+async def _ip_failures(
+    conn: AsyncConnection, attempts: Any, rules: SuspiciousRules
+) -> list[Finding]:
+    """The IP rule: IPs are encrypted, so attempts come in time order, page by page,
+    to be opened here; only the attempts inside the current window stay in memory."""
+    a = attempts.c
+    stmt = (
+        select(a.position, a.at_us, events.c.event_type, events.c.data["ip"].label("ip"))
+        .join_from(attempts, events, events.c.position == a.ip_position)
+        .where(events.c.data["ip"].as_string().is_not(None))
+        .order_by(a.at_us, a.position)
+    )
+    windows = _Windows(rules.ip_threshold, rules.window)
+    async for page in _pages(conn, stmt):
+        opened = await keyring(conn).open_many(
+            conn, [(kind, {"ip": ip}) for _, _, kind, ip in page]
+        )
+        for (position, at_us, _, _), o in zip(page, opened, strict=True):
+            ip = o.data["ip"]
+            if isinstance(ip, str) and ip != ERASED:  # erased IPs are not one "IP"
+                windows.add(ip, _datetime(at_us), position)
+        windows.sweep(_datetime(page[-1][1]))
+    return windows.findings("ip_failures")
+
+
+async def _pages(conn: AsyncConnection, stmt: Any) -> AsyncIterator[Sequence[Any]]:
+    """The rows of ``stmt`` a chunk at a time, streamed (a server-side cursor; on SQLite
+    fetched off the loop), the loop free between chunks."""
+    result = await conn.stream(stmt)
+    try:
+        async for rows in result.partitions(_CHUNK):
+            yield rows
+            await asyncio.sleep(0)
+    finally:
+        await result.close()
+
+
+async def _lockout_logins(
+    conn: AsyncConnection, where: AuditFilter, rules: SuspiciousRules
+) -> list[Finding]:
+    """The lockout rule, user by user: only accounts locked inside the range are read,
+    each from its own stream."""
+    c = events.c
+    locked_users = (
+        select(c.data["user_id"].as_string())
+        .where(*where.narrowed((users.AccountLocked.event_type,)).conditions())
+        .distinct()
+    )
+    findings: list[Finding] = []
+    kinds = (users.AccountLocked.event_type, users.LoginSucceeded.event_type)
+    in_range = and_(*where.conditions()) if where.conditions() else true()
+    locked = await conn.execute(locked_users.execution_options(**{OFF_LOOP: True}))
+    for (user_id,) in locked.all():
         if not isinstance(user_id, str):
             continue
-        if row.event_type == users.AccountLocked.event_type:
-            locked_at[user_id] = (row.recorded_at, row.position)
-        elif row.event_type == users.LoginSucceeded.event_type:
-            ip = row.data.get("ip")
-            lock = locked_at.get(user_id)
-            if (
-                isinstance(ip, str)
-                and ip != ERASED
-                and lock is not None
-                and row.recorded_at - lock[0] <= rules.lockout_lookback
-                and ip not in seen[user_id]
-            ):
-                findings.append(
-                    Finding(
-                        "new_ip_after_lockout",
-                        user_id,
-                        1,
-                        lock[0],
-                        row.recorded_at,
-                        f"login from new IP {ip} after a lockout",
-                        (lock[1], row.position),
-                    )
-                )
-            if isinstance(ip, str):
-                seen[user_id].add(ip)
-    return sorted(findings, key=lambda f: (f.last_at, f.rule, f.subject))
+        stmt = (
+            select(c.position, c.recorded_at, c.event_type, c.data, in_range.label("in_range"))
+            .where(c.stream_id == users.stream_id(user_id), c.event_type.in_(kinds))
+            .order_by(c.position)
+        )
+        if where.until is not None:
+            stmt = stmt.where(c.recorded_at < where.until)
+        rows = (await conn.execute(stmt)).all()
+        opened = await keyring(conn).open_many(conn, [(r.event_type, r.data) for r in rows])
+        history = [
+            (r.position, r.recorded_at, r.event_type, user_id, o.data.get("ip"), bool(r.in_range))
+            for r, o in zip(rows, opened, strict=True)
+        ]
+        findings += _new_ip_after_lockout(history, rules)
+        await asyncio.sleep(0)
+    return findings
 
 
 async def suspicious(
     conn: AsyncConnection, where: AuditFilter, rules: SuspiciousRules = SuspiciousRules()
 ) -> list[Finding]:
-    """:func:`find_suspicious` over the log's login events matching ``where``."""
-    rows = await query(conn, where.narrowed(_LOGIN_TYPES), limit=None, newest_first=False)
-    known: dict[str, set[str]] = defaultdict(set)
-    if where.since is not None:
-        earlier = await conn.execute(
-            select(events.c.data).where(
-                events.c.event_type == users.LoginSucceeded.event_type,
-                events.c.recorded_at < where.since,
-            )
-        )
-        kind = users.LoginSucceeded.event_type
-        opened = await keyring(conn).open_many(conn, [(kind, d) for (d,) in earlier])
-        for data in (o.data for o in opened):
-            if data.get("user_id") and data.get("ip"):
-                known[data["user_id"]].add(data["ip"])
-    return find_suspicious(rows, rules, known_ips=known)
+    """The suspicious-login rules (module docstring) over the log's events in ``where``.
+
+    Streams a result: on PostgreSQL ``conn`` must not be in autocommit mode."""
+    attempts = _attempts_cte(conn.dialect.name, where)
+    findings = await _account_failures(conn, attempts, rules)
+    findings += await _ip_failures(conn, attempts, rules)
+    findings += await _lockout_logins(conn, where, rules)
+    return _ordered(findings)
 
 
 def suspicious_archive(
     path: str | Path, where: AuditFilter, rules: SuspiciousRules = SuspiciousRules()
 ) -> list[Finding]:
-    return find_suspicious(
-        query_archive(path, where.narrowed(_LOGIN_TYPES), limit=None, newest_first=False), rules
-    )
+    rows = [to_entry(r) for r in read_archive(path) if r["event_type"] in _LOGIN_TYPES]
+    return find_suspicious(rows, rules, where)

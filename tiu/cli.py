@@ -545,7 +545,7 @@ def replay(  # noqa: PLR0917  # typer maps each parameter to an option
                     if plan.resume_from:
                         err.print(f"resuming {projector.name} from position {plan.resume_from}")
                     report = await replay_mod.rebuild(
-                        store, projector, batch_size=batch_size, on_progress=bar
+                        store, projector, batch_size=batch_size, on_progress=bar, freeze_heap=True
                     )
                     result["rebuilt"].append(
                         {

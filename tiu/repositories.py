@@ -187,13 +187,16 @@ class Channel:
         )
 
     @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
+    async def read(self, *, streamed: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A connection to read through; ``streamed``: one whose results may be streamed
+        (PostgreSQL's server-side cursors need a transaction, which the reader skips)."""
         if self.unit is not None:
             yield self.unit.conn
             return
         # Reads fail as the store's writes do: StoreUnavailable, never a driver error.
         with translate_errors(self.service.store.dialect.database_label):
-            async with self.service.reader.connect() as conn:
+            engine = self.service.engine if streamed else self.service.reader
+            async with engine.connect() as conn:
                 yield conn
 
     async def send(self, command: Command, *, actor_id: str | None = None) -> CommandResult:
@@ -1412,7 +1415,7 @@ class AuditRepository(_Repository):
         """Findings of the suspicious-login rules (see :mod:`tiu.audit`)."""
         where = audit_queries.AuditFilter(since=since, until=until)
         await self._require(f"suspicious {where.describe()}")
-        async with self._channel.read() as conn:
+        async with self._channel.read(streamed=True) as conn:
             return await audit_queries.suspicious(
                 conn, where, rules or audit_queries.SuspiciousRules()
             )

@@ -28,7 +28,14 @@ from projections import checkpoints, replay
 from projections.projector import Projector
 from projections.publishing import Publisher, publisher_lag
 from projections.readmodels import ALL_PROJECTORS
-from projections.runner import InlineRunner, Worker, lowest_position, wait_for
+from projections.runner import (
+    SHARED_LOOP_BATCH,
+    SHARED_LOOP_CHUNK,
+    InlineRunner,
+    Worker,
+    lowest_position,
+    wait_for,
+)
 from tiu.dispatch import CommandResult, Dispatcher
 from tiu.publishing import build_publisher
 from tiu.repositories import Caller, Channel, Repositories
@@ -134,13 +141,32 @@ class DatabaseService:
                 await begin_write(conn)
                 stale = await checkpoints.ensure(conn, self.projectors)
                 await conn.commit()
+        # In the host's process: the rebuild and the worker share its event loop
+        # (chunked Python work, SQLite statements on a worker thread) and leave its
+        # garbage collector alone.
         if self.projection_mode is ProjectionMode.INLINE:
             for projector in stale:
-                await replay.rebuild(self.store, projector)
-            await Worker(self.store, self.projectors, leader_election=False).catch_up()
+                await replay.rebuild(
+                    self.store,
+                    projector,
+                    batch_size=SHARED_LOOP_BATCH,
+                    pause_every=SHARED_LOOP_CHUNK,
+                )
+            await Worker(
+                self.store,
+                self.projectors,
+                leader_election=False,
+                pause_every=SHARED_LOOP_CHUNK,
+            ).catch_up()
         if run_worker:
             self._worker_stop = asyncio.Event()
-            worker = Worker(self.store, self.projectors, batch_size=500, poll_interval=0.5)
+            worker = Worker(
+                self.store,
+                self.projectors,
+                batch_size=500,
+                poll_interval=0.5,
+                pause_every=SHARED_LOOP_CHUNK,
+            )
             self._worker_task = asyncio.create_task(worker.run(self._worker_stop))
         if self.settings.run_publisher:
             self.publisher = build_publisher(self.store, self.settings)

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from sqlalchemy import text
 
 from eventstore import (
     AppendTimeout,
@@ -252,3 +253,66 @@ def test_log_pages_are_read_in_position_order_without_sorting_the_log(db_path, c
     with sqlite3.connect(db_path) as db:
         plan = " ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
     assert "TEMP B-TREE" not in plan, plan
+
+
+# -- statements sent off the loop -----------------------------------------------------------
+
+_SLOW_COUNT = (
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000000) "
+    "SELECT count(*) FROM n"
+)
+
+
+async def test_an_off_loop_statement_lets_other_tasks_run_and_returns_its_rows(db_path):
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}")
+    try:
+        async with engine.connect() as conn:
+            slow = text(_SLOW_COUNT).execution_options(off_loop=True)
+            work = asyncio.ensure_future(conn.execute(slow))
+            assert await _ticks_while(work) > 0
+            assert (await work).scalar_one() == 3_000_000
+            # the same statement inline holds the loop for its whole run
+            inline = asyncio.ensure_future(conn.execute(text(_SLOW_COUNT)))
+            assert await _ticks_while(inline) <= 1  # the tick before the task started
+            assert (await inline).scalar_one() == 3_000_000
+    finally:
+        await engine.dispose()
+
+
+async def test_a_streamed_result_fetches_every_page_off_the_loop(db_path):
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}")
+    try:
+        async with engine.connect() as conn:
+            query = text(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500) "
+                "SELECT i FROM n"
+            )
+            result = await conn.stream(query)
+            seen = [row[0] async for row in result]
+            assert seen == list(range(1, 2501))
+            assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_a_cancelled_off_loop_statement_is_interrupted_and_leaves_the_connection_idle(
+    db_path,
+):
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}", EngineOptions(pool_size=1))
+    try:
+        async with engine.connect() as conn:
+            never = text(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) "
+                "SELECT count(*) FROM n"
+            ).execution_options(off_loop=True)
+            work = asyncio.ensure_future(conn.execute(never))
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            work.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await work
+            assert time.monotonic() - started < 1.0  # interrupted, not run to its end
+        async with engine.connect() as conn:  # the pool's only connection, reusable
+            assert (await conn.execute(text("SELECT 2"))).scalar_one() == 2
+    finally:
+        await engine.dispose()

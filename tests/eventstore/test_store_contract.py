@@ -204,6 +204,33 @@ async def test_read_all_filters_by_category_type_and_position(store):
     assert [e.event_type for e in both] == ["LoggedIn"]
 
 
+async def test_a_read_all_loop_lets_other_tasks_run_between_pages(store):
+    async with store.transaction() as uow:
+        for n in range(40):
+            uow.append(f"user-{n}", "user", [ev("Registered") for _ in range(5)])
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    pages, position = 0, 0
+    try:
+        async with store.engine.connect() as conn:
+            while page := await store.read_all(conn, position, limit=10):
+                position = page[-1].position
+                pages += 1
+        seen = ticks
+    finally:
+        task.cancel()
+    assert pages == 20
+    assert seen >= pages  # the other task ran at least once per page read
+
+
 async def test_unit_of_work_commits_several_streams_atomically(store):
     async with store.transaction() as uow:
         uow.append("user-1", "user", [ev()], NO_STREAM)

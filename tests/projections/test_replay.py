@@ -4,6 +4,7 @@ interrupted rebuild resumes, a version bump is reported and fixed, names survive
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -273,3 +274,46 @@ async def test_a_swap_blocked_by_a_long_reader_waits_and_retries(
 async def _head(store: EventStore) -> int:
     async with store.engine.connect() as conn:
         return await store.head_position(conn)
+
+
+async def test_a_rebuild_sharing_the_loop_lets_other_tasks_run_and_leaves_the_gc_alone(
+    store: EventStore,
+) -> None:
+    """Inside a service (``pause_every``) the Python work suspends every that many
+    events, and the host's garbage collector is left as it is; only a caller owning
+    the process (``freeze_heap``, as ``tiu replay``) freezes it."""
+    await append_events(store, workload(600, seed=9))
+    await project_all(store)
+    tasks = next(p for p in ALL_PROJECTORS if p.name == "tasks")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    frozen: list[int] = []
+    running = asyncio.create_task(ticker())
+    try:
+        shared = await replay.rebuild(
+            store,
+            tasks,
+            batch_size=10_000,
+            pause_every=20,
+            on_progress=lambda _: frozen.append(gc.get_freeze_count()),
+        )
+        shared_ticks, ticks = ticks, 0
+        alone = await replay.rebuild(
+            store,
+            tasks,
+            batch_size=10_000,
+            freeze_heap=True,
+            on_progress=lambda _: frozen.append(gc.get_freeze_count()),
+        )
+    finally:
+        running.cancel()
+    handled = shared.applied
+    assert handled == alone.applied > 100
+    assert shared_ticks >= handled // 20  # at least once per chunk of 20 events
+    assert frozen[0] == 0 and frozen[-1] > 0

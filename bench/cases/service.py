@@ -1,0 +1,268 @@
+"""Case 8: an embedded service, its event loop watched by a probe.
+
+One process holds a ``DatabaseService`` on a generated log (1,000,000 events on
+SQLite, 300,000 on PostgreSQL; 20,000 with ``--quick``; 1% of them failed logins or
+lockouts) with its read models built, and serves, while :class:`bench.probe.LoopProbe`
+wakes every 1 ms:
+
+* ``commands x8``: ``create_task`` from 8 concurrent callers (25 each);
+* ``logins x8``: ``authenticate`` at bcrypt cost 12 from 8 concurrent callers (2 each),
+  ``login x1`` one caller (4 in a row);
+* admin queries over every task (the system actor): ``contains`` filter, ``in`` filter
+  at a deep offset, count, count by status;
+* audit: ``get_events(types=[LoginFailed], limit=10000)``, ``stats``, ``suspicious``
+  (also at 100,000 events while the log grows, for the memory comparison);
+* ``replay tasks``: a rebuild of the tasks read model inside the service
+  (``pause_every``, as ``DatabaseService.start`` runs one);
+* ``mixed``: all of the above at once.
+
+Each operation runs alone first (its lag is its own), then all together. Reported per
+operation: duration, the probe's max and p99 lateness while it ran, and the process's
+peak RSS during it (``VmHWM``, reset before each operation). Write-lock hold time per
+command: HOOK(write) - the "write" developer's branch exposes the measurement; until it
+is merged this case reports ``n/a``.
+
+    python -m bench --cases 8 --backends sqlite --runs 1
+    python -m bench.cases.service --backend sqlite --events 200000   # alone, own JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from bench.common import Config, Place, Result, Workspace, pg_create_database, pg_drop_database
+from bench.context import RESULTS, Context
+from bench.probe import LoopProbe, peak_rss_mb, reset_peak_rss
+from bench.scenario import Scenario, fill
+from domain.passwords import BcryptHasher
+from domain.permissions import SYSTEM_ACTOR
+from projections import replay
+from projections.readmodels import ALL_PROJECTORS, TasksProjector
+from projections.runner import SHARED_LOOP_BATCH, SHARED_LOOP_CHUNK
+from tiu import DatabaseService, InvalidCredentials, Settings
+
+SIZES = {"sqlite": 1_000_000, "postgresql": 300_000}
+QUICK = 20_000
+MEMORY_POINT = 100_000
+PASSWORD = "violet-harbour-lantern-42"
+CALLERS = 8
+
+
+class _Run:
+    def __init__(self, probe: LoopProbe) -> None:
+        self.probe = probe
+        self.rows: list[dict[str, Any]] = []
+
+    async def measure(self, label: str, items: int, work: Callable[[], Awaitable[Any]]) -> None:
+        await self.probe.settle()
+        reset_peak_rss()
+        mark = self.probe.mark()
+        started = time.perf_counter()
+        await work()
+        seconds = time.perf_counter() - started
+        await self.probe.settle()
+        lag = self.probe.since(mark)
+        row = {
+            "operation": label,
+            "seconds": round(seconds, 4),
+            "items": items,
+            **lag.as_dict(),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            # HOOK(write): write-lock hold per command, from the "write" developer's
+            # measurement once merged.
+            "write_lock_hold_ms": None,
+        }
+        self.rows.append(row)
+        print(
+            f"    {label:34} {seconds:8.3f}s  lag max {lag.max_ms:7.1f} ms"
+            f"  p99 {lag.p99_ms:6.1f} ms  longest gc {lag.gc_max_ms:6.1f} ms"
+            f"  peak RSS {row['peak_rss_mb']:7.1f} MB",
+            flush=True,
+        )
+
+
+async def _audit(service: DatabaseService, run: _Run, suffix: str = "") -> None:
+    async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+        audit = repos.audit
+        await run.measure(
+            f"audit get_events LoginFailed{suffix}",
+            1,
+            lambda: audit.get_events(event_types=["LoginFailed"], limit=10_000),
+        )
+        await run.measure(f"audit stats{suffix}", 1, audit.stats)
+        await run.measure(f"audit suspicious{suffix}", 1, audit.suspicious)
+
+
+async def _serve(place: Place, n: int) -> list[dict[str, Any]]:
+    store = await place.store()
+    scenario = Scenario(failed_logins=0.01)
+    first = min(n, MEMORY_POINT)
+    started = time.monotonic()
+    await fill(store, scenario, first)
+    settings = Settings(database_url=place.url(), bcrypt_rounds=12)
+    rows: list[dict[str, Any]] = []
+    async with LoopProbe() as probe:
+        run = _Run(probe)
+        if n > MEMORY_POINT:  # the audit at 100k, for the memory comparison with n
+            early = DatabaseService(settings, engine=store.engine)
+            await _audit(early, run, f" @{first:,}")
+            await fill(store, scenario, n - first)
+        # The generator's state (one entry per stream) is not the service's: a host
+        # holding a million objects more would lengthen every full collection.
+        del scenario
+        gc.collect()
+        print(f"    log of {n:,} events in {time.monotonic() - started:.0f}s", flush=True)
+        started = time.monotonic()
+        await replay.rebuild_all(store, ALL_PROJECTORS)
+        print(f"    read models built in {time.monotonic() - started:.0f}s", flush=True)
+        service = DatabaseService(settings, engine=store.engine, hasher=BcryptHasher(rounds=12))
+        await service.start(migrate=False)
+        try:
+            await _operations(service, run)
+        finally:
+            await service.store.aclose()
+        rows = run.rows
+    await store.engine.dispose()
+    return rows
+
+
+async def _operations(service: DatabaseService, run: _Run) -> None:
+    async with service.get_repositories() as repos:
+        owner = await repos.users.create_user(
+            email="owner@bench.example", username="bench-owner", password=PASSWORD
+        )
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        project = await repos.projects.create_project("Bench", "embedded service")
+
+    async def commands() -> None:
+        async def caller(c: int) -> None:
+            async with service.get_repositories(actor_id=owner.id) as repos:
+                for i in range(25):
+                    await repos.tasks.create_task(project.id, f"caller {c} task {i}")
+
+        await asyncio.gather(*(caller(c) for c in range(CALLERS)))
+
+    async def login(times: int) -> None:
+        async with service.get_repositories(ip="192.0.2.1") as repos:
+            for _ in range(times):
+                await repos.users.authenticate("owner@bench.example", PASSWORD)
+
+    async def logins() -> None:
+        await asyncio.gather(*(login(2) for _ in range(CALLERS)))
+
+    async def wrong_password() -> None:
+        async with service.get_repositories(ip="192.0.2.66") as repos:
+            with contextlib.suppress(InvalidCredentials):
+                await repos.users.authenticate("nobody@bench.example", "not-the-password")
+
+    async def admin_queries() -> None:
+        async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+            total = await repos.tasks.count_tasks()
+            await repos.tasks.list_tasks({"title__contains": "999"}, limit=50)
+            await repos.tasks.list_tasks(
+                {"status__in": ["todo", "review"]}, limit=50, offset=total // 2
+            )
+            await repos.tasks.count_tasks({"status": "done"})
+
+    async def rebuild() -> None:
+        await replay.rebuild(
+            service.store,
+            TasksProjector(),
+            batch_size=SHARED_LOOP_BATCH,
+            pause_every=SHARED_LOOP_CHUNK,
+        )
+
+    # The machine's own noise: the probe alone (a shared machine delays wakes too).
+    await run.measure("idle: the probe alone for 1 s", 0, lambda: asyncio.sleep(1))
+    await run.measure(f"commands x{CALLERS} (create_task)", CALLERS * 25, commands)
+    await run.measure("login x1 (bcrypt 12)", 4, lambda: login(4))
+    await run.measure(f"logins x{CALLERS} (bcrypt 12)", CALLERS * 2, logins)
+    await run.measure("failed login, unknown email", 1, wrong_password)
+    await run.measure("admin list/count over all tasks", 4, admin_queries)
+    await _audit(service, run)
+    await run.measure("replay tasks in the service", 1, rebuild)
+
+    async def audit_all() -> None:
+        async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+            await repos.audit.get_events(event_types=["LoginFailed"], limit=10_000)
+            await repos.audit.stats()
+            await repos.audit.suspicious()
+
+    async def mixed() -> None:
+        await asyncio.gather(commands(), logins(), admin_queries(), audit_all(), rebuild())
+
+    await run.measure("mixed: all of the above at once", 1, mixed)
+
+
+def _results(backend: str, n: int, rows: list[dict[str, Any]]) -> list[Result]:
+    out = []
+    for row in rows:
+        note = (
+            f"lag max {row['max_ms']} ms, p99 {row['p99_ms']} ms, "
+            f"peak RSS {row['peak_rss_mb']} MB, write-lock hold n/a"
+        )
+        out.append(
+            Result(
+                f"9 service {n:,}: {row['operation']}",
+                backend,
+                "tiu",
+                "s",
+                row["seconds"],
+                row["seconds"],
+                row["seconds"],
+                1,
+                row["items"],
+                "ops/s",
+                note,
+                row,
+            )
+        )
+    return out
+
+
+async def case9(ctx: Context) -> list[Result]:
+    n = QUICK if ctx.cfg.quick else SIZES[ctx.backend]
+    await ctx.fresh()
+    return _results(ctx.backend, n, await _serve(ctx.place("tiu"), n))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.cases.service")
+    parser.add_argument("--backend", default="sqlite", choices=["sqlite", "postgresql"])
+    parser.add_argument("--events", type=int, default=QUICK)
+    args = parser.parse_args()
+    cfg = Config(quick=True, runs=1, backends=(args.backend,))
+    ws = Workspace(cfg)
+
+    async def go() -> list[dict[str, Any]]:
+        if args.backend == "postgresql":
+            await pg_create_database()
+        try:
+            ctx = Context(cfg, ws, args.backend)
+            await ctx.fresh()
+            return await _serve(ctx.place("tiu"), args.events)
+        finally:
+            if args.backend == "postgresql":
+                await pg_drop_database()
+
+    try:
+        rows = asyncio.run(go())
+    finally:
+        ws.cleanup()
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    path = RESULTS / f"service-{args.backend}-{args.events}-{stamp}.json"
+    path.write_text(json.dumps({"backend": args.backend, "events": args.events, "rows": rows}))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Audit statistics and suspicious-login detection computed by the database equal the
+plain-Python reference (``tiu.audit.find_suspicious``, ``stats_of``) on both backends."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from domain import users
+from domain.permissions import SYSTEM_ACTOR
+from eventstore import EventContext, EventStore, NewEvent
+from tests.conftest import PASSWORD, Clock
+from tiu import InvalidCredentials
+from tiu.audit import (
+    AuditFilter,
+    SuspiciousRules,
+    find_suspicious,
+    query,
+    stats,
+    stats_of,
+    suspicious,
+)
+
+_examples = itertools.count()
+_LOGIN_TYPES = ("LoginFailed", "LoginRejected", "LoginSucceeded", "AccountLocked")
+
+user = st.integers(0, 3)
+ip = st.one_of(st.none(), st.integers(0, 3))
+step = st.sampled_from([0, 1, 59, 60, 61, 120, 300, 600])  # seconds: window edges hit
+operation = st.one_of(
+    # a failed attempt: user stream and/or security stream, one command id
+    st.tuples(st.just("fail"), st.one_of(st.none(), user), ip, ip, st.booleans(), step),
+    st.tuples(st.just("ok"), user, ip, step),
+    st.tuples(st.just("lock"), user, step),
+    st.tuples(st.just("other"), user, step),
+)
+
+
+class _Log:
+    """Appends generated login events at a settable time, each example in a namespace
+    (ids, IPs and a time span) of its own."""
+
+    def __init__(self, store: EventStore, clock: Clock, tag: str) -> None:
+        self.store, self.clock, self.tag = store, clock, tag
+        self.commands = itertools.count()
+
+    def user(self, n: int) -> str:
+        return f"{self.tag}-u{n}"
+
+    def ip(self, n: int | None) -> str | None:
+        return None if n is None else f"10.{self.tag}.0.{n}"
+
+    async def apply(self, op: tuple[Any, ...]) -> None:
+        self.clock.advance(seconds=op[-1])
+        at = self.clock.now.isoformat()
+        match op:
+            case ("fail", who, ip_user, ip_security, both, _):
+                command = f"{self.tag}-c{next(self.commands)}"
+                ctx = EventContext(command_id=command)
+                uid = None if who is None else self.user(who)
+                if uid is not None:
+                    data = {"user_id": uid, "at": at, "ip": self.ip(ip_user), "user_agent": None}
+                    await self.store.append(
+                        users.stream_id(uid), "user", [NewEvent("LoginFailed", data)], context=ctx
+                    )
+                if uid is None or both:
+                    rejected = {
+                        "command_id": command,
+                        "user_id": uid,
+                        "error_code": "invalid_credentials",
+                        "reason": "wrong password",
+                        "actor_id": None,
+                        "ip": self.ip(ip_security),
+                        "user_agent": None,
+                        "at": at,
+                    }
+                    await self.store.append(
+                        f"security-{self.tag}",
+                        "security",
+                        [NewEvent("LoginRejected", rejected)],
+                        context=ctx,
+                    )
+            case ("ok", who, n, _):
+                uid = self.user(who)
+                data = {"user_id": uid, "at": at, "ip": self.ip(n), "user_agent": None}
+                await self.store.append(
+                    users.stream_id(uid), "user", [NewEvent("LoginSucceeded", data)]
+                )
+            case ("lock", who, _):
+                uid = self.user(who)
+                data = {"user_id": uid, "until": at, "failed_attempts": 3}
+                await self.store.append(
+                    users.stream_id(uid), "user", [NewEvent("AccountLocked", data)]
+                )
+            case ("other", who, _):
+                await self.store.append(
+                    f"task-{self.tag}-{who}", "task", [NewEvent("TaskCreated", {"n": who})]
+                )
+
+
+async def _reference_rows(conn: Any, tag: str) -> list[Any]:
+    everything = await query(
+        conn, AuditFilter(event_types=_LOGIN_TYPES), limit=None, newest_first=False
+    )
+    return [e for e in everything if tag in e.stream_id]
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    ops=st.lists(operation, min_size=5, max_size=40),
+    account_threshold=st.integers(1, 4),
+    ip_threshold=st.integers(1, 4),
+    window=st.integers(1, 20),
+    lookback=st.integers(1, 60),
+    start=st.integers(0, 40),
+    span=st.one_of(st.none(), st.integers(1, 40)),
+)
+async def test_suspicious_and_stats_in_the_database_equal_the_python_reference(
+    engine: AsyncEngine,
+    ops: list[tuple[Any, ...]],
+    account_threshold: int,
+    ip_threshold: int,
+    window: int,
+    lookback: int,
+    start: int,
+    span: int | None,
+) -> None:
+    n = next(_examples)
+    tag = f"{n}"
+    clock = Clock()
+    clock.now = datetime(2027, 1, 1, tzinfo=UTC) + timedelta(days=30 * n)
+    base = clock.now
+    store = EventStore(engine, clock=clock)
+    try:
+        log = _Log(store, clock, tag)
+        for op in ops:
+            await log.apply(op)
+        # The range is this example's time span, cut at generated points: events
+        # before it only tell earlier IPs; events after it are out.
+        since = base + timedelta(minutes=start)
+        until = None if span is None else since + timedelta(minutes=span)
+        end = clock.now + timedelta(days=1)
+        where = AuditFilter(since=since, until=until or end)
+        rules = SuspiciousRules(
+            account_threshold=account_threshold,
+            ip_threshold=ip_threshold,
+            window=timedelta(minutes=window),
+            lockout_lookback=timedelta(minutes=lookback),
+        )
+        async with engine.connect() as conn:
+            found = await suspicious(conn, where, rules)
+            reference = find_suspicious(await _reference_rows(conn, tag), rules, where)
+            counted = await stats(conn, AuditFilter(since=base, until=end))
+            every = await query(conn, AuditFilter(since=base, until=end), limit=None)
+    finally:
+        await store.aclose()
+    assert found == reference
+    assert counted == stats_of((e.event_type, e.recorded_at) for e in every)
+
+
+async def test_stats_count_every_event_by_type_and_utc_day(store: EventStore) -> None:
+    async with store.transaction() as uow:
+        for n in range(30):
+            uow.append(
+                f"task-s{n}", "task", [NewEvent("TaskCreated", {"n": n}) for _ in range(n % 3 + 1)]
+            )
+    async with store.engine.connect() as conn:
+        counted = await stats(conn, AuditFilter())
+        every = await query(conn, AuditFilter(), limit=None)
+    assert counted.total == 60 == len(every)
+    assert counted == stats_of((e.event_type, e.recorded_at) for e in every)
+
+
+async def test_failed_logins_with_encrypted_ips_are_found_by_account_and_by_ip(
+    service: Any, clock: Clock
+) -> None:
+    async with service.get_repositories() as repos:
+        ada = await repos.users.create_user(
+            email="ada@example.com", username="ada", password=PASSWORD
+        )
+    for n in range(4):
+        clock.advance(seconds=30)
+        async with service.get_repositories(ip="203.0.113.9") as repos:
+            with pytest.raises(InvalidCredentials):
+                await repos.users.authenticate("ada@example.com", f"wrong-password-{n}")
+            with pytest.raises(InvalidCredentials):
+                await repos.users.authenticate("nobody@example.com", "wrong-password")
+    rules = SuspiciousRules(account_threshold=3, ip_threshold=6, window=timedelta(minutes=5))
+    async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+        found = await repos.audit.suspicious(rules=rules)
+    async with service.engine.connect() as conn:
+        reference = find_suspicious(await _reference_rows(conn, ""), rules)
+    assert found == reference
+    assert {(f.rule, f.subject, f.count) for f in found} == {
+        ("account_failures", ada.id, 4),
+        ("ip_failures", "203.0.113.9", 8),
+    }
+
+
+async def test_attempts_exactly_one_window_apart_count_together(engine: AsyncEngine) -> None:
+    clock = Clock()
+    store = EventStore(engine, clock=clock)
+    try:
+        log = _Log(store, clock, "edge")
+        for _ in range(3):
+            await log.apply(("fail", 1, 2, 2, True, 60))
+        rules = SuspiciousRules(account_threshold=3, ip_threshold=3, window=timedelta(minutes=2))
+        async with engine.connect() as conn:
+            found = await suspicious(conn, AuditFilter(), rules)
+    finally:
+        await store.aclose()
+    assert {(f.rule, f.count, f.last_at - f.first_at) for f in found} == {
+        ("account_failures", 3, timedelta(minutes=2)),
+        ("ip_failures", 3, timedelta(minutes=2)),
+    }
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    out = [plan]
+    for child in plan.get("Plans", []):
+        out += _nodes(child)
+    return out
+
+
+@pytest.mark.postgres
+async def test_suspicious_reads_login_events_through_indexes_on_postgres(
+    postgres_engine: AsyncEngine,
+) -> None:
+    """Every statement of the detection reaches ``events`` through an index: the
+    type+time index for the attempts and lockouts, the stream index for a locked
+    account's logins; none scans the whole log."""
+    clock = Clock()
+    store = EventStore(postgres_engine, clock=clock)
+    try:
+        log = _Log(store, clock, "plan")
+        async with store.transaction() as uow:
+            for n in range(6000):
+                uow.append(f"task-plan-{n}", "task", [NewEvent("TaskCreated", {"n": n})])
+        for n in range(60):
+            await log.apply(("fail", n % 7, n % 3, n % 3, n % 2 == 0, 20))
+            if n % 10 == 0:
+                await log.apply(("lock", n % 7, 1))
+                await log.apply(("ok", n % 7, n % 5, 30))
+    finally:
+        await store.aclose()
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _m: bool) -> None:
+        if "events" in statement and not statement.startswith("EXPLAIN"):
+            seen.append((statement, params))
+
+    async with postgres_engine.connect() as conn:
+        await conn.execute(text("ANALYZE events"))
+        event.listen(postgres_engine.sync_engine, "before_cursor_execute", capture)
+        try:
+            found = await suspicious(conn, AuditFilter(), SuspiciousRules(account_threshold=3))
+        finally:
+            event.remove(postgres_engine.sync_engine, "before_cursor_execute", capture)
+        assert found
+        assert len(seen) >= 3
+        for statement, params in seen:
+            result = await conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, params)
+            doc = result.scalar()
+            nodes = _nodes((json.loads(doc) if isinstance(doc, str) else doc)[0]["Plan"])
+            on_events = {n["Node Type"] for n in nodes if n.get("Relation Name") == "events"}
+            assert on_events, statement
+            assert "Seq Scan" not in on_events, (on_events, statement)
