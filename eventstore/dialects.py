@@ -68,6 +68,12 @@ log = logging.getLogger("eventstore")
 #: (different databases or schemas) never serialise each other.
 ADVISORY_LOCK_CLASS: Final = 0x746975
 NOTIFY_CHANNEL: Final = "tiu_events"
+#: Session-level advisory locks of the projection workers take one bigint key hashed
+#: from a scope, the current schema and a name, so that tenants (schemas) of one
+#: database never contend for them. Bigint keys and the append lock's two-int keys are
+#: apart in ``pg_locks`` (``objsubid`` 1 and 2), so the two can never collide.
+LEADER_SCOPE: Final = "tiu-leader"
+_SCHEMA_KEY: Final = "hashtextextended(:scope || ':' || current_schema() || ':' || :name, 0)"
 NOTIFY_INTERVAL: Final = 0.01
 _NUMBERED: Final = re.compile(r"\$(\d+)")
 
@@ -146,6 +152,21 @@ async def raw_connection(conn: AsyncConnection) -> Any:
         # Connected: no I/O needed, so no greenlet hop (get_raw_connection makes one).
         return sync.connection
     return await conn.get_raw_connection()
+
+
+async def try_advisory_lock(conn: AsyncConnection, name: str, scope: str = LEADER_SCOPE) -> bool:
+    """PostgreSQL: take the session lock ``(scope, current schema, name)`` if free."""
+    got = await conn.scalar(
+        text(f"SELECT pg_try_advisory_lock({_SCHEMA_KEY})"), {"scope": scope, "name": name}
+    )
+    return bool(got)
+
+
+async def advisory_unlock(conn: AsyncConnection, name: str, scope: str = LEADER_SCOPE) -> None:
+    """PostgreSQL: give back a lock :func:`try_advisory_lock` took on this session."""
+    await conn.execute(
+        text(f"SELECT pg_advisory_unlock({_SCHEMA_KEY})"), {"scope": scope, "name": name}
+    )
 
 
 class HeldConnection:

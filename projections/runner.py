@@ -5,8 +5,9 @@ the same transaction. A worker batch on PostgreSQL claims its checkpoint row wit
 ``FOR UPDATE SKIP LOCKED`` (ORDERING.md, "Checkpoints and several workers"), so two
 workers never apply the same batch; on SQLite ``BEGIN IMMEDIATE`` gives the same
 exclusivity. Leadership (one worker per projector, others standing by) is an
-optimisation on top: a session-level advisory lock on PostgreSQL, released when the
-leader's connection dies.
+optimisation on top: a session-level advisory lock on PostgreSQL, keyed by schema
+and projector (``eventstore.dialects.try_advisory_lock``: tenants in other schemas
+never contend for it), released when the leader's connection dies.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from eventstore.dialects import try_advisory_lock
 from eventstore.engine import begin_write
 from eventstore.errors import AppendTimeout, StoreUnavailable
 from eventstore.records import RecordedEvent
@@ -33,8 +35,6 @@ from projections.errors import InlineProjectionBehind, ProjectionTimeout
 from projections.projector import Envelope, Projector, Tables, decode_records
 
 log = logging.getLogger("projections")
-
-LEADER_LOCK_CLASS = 0x746976  # "tiv": leadership locks, apart from the append lock
 
 
 @contextlib.contextmanager
@@ -209,11 +209,7 @@ class Worker:
         for projector in self.projectors:
             if projector.name in self._leading:
                 continue
-            got = await self._leader_conn.scalar(
-                text("SELECT pg_try_advisory_lock(:k1, hashtext(:name))"),
-                {"k1": LEADER_LOCK_CLASS, "name": projector.name},
-            )
-            if got:
+            if await try_advisory_lock(self._leader_conn, projector.name):
                 log.info("leading projector %s", projector.name)
                 self._leading.add(projector.name)
         return [p for p in self.projectors if p.name in self._leading]

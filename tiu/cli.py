@@ -53,6 +53,7 @@ from tiu import audit as audit_queries
 from tiu import privacy
 from tiu.service import CATEGORIES, DatabaseService
 from tiu.settings import Settings
+from tiu.tenants import TenantRegistry
 
 T = TypeVar("T")
 
@@ -574,6 +575,75 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
             "worker stopped: %d events in %d batches", runner.stats.events, runner.stats.batches
         )
         return {"events": runner.stats.events, "batches": runner.stats.batches}
+
+    run(work)
+
+
+# -- tenants -----------------------------------------------------------------------------
+
+tenants_app = typer.Typer(
+    help="Tenants: one schema each in one PostgreSQL database (docs/scaling.md).",
+    no_args_is_help=True,
+)
+app.add_typer(tenants_app, name="tenants")
+
+
+@tenants_app.command("list")
+def tenants_list(database_url: DatabaseUrl = None, as_json: JsonFlag = False) -> None:
+    """Every schema of the database that holds a tiu store."""
+    registry = TenantRegistry(_settings(database_url, None))
+    names = run(registry.tenants)
+    if as_json:
+        emit_json(names)
+        return
+    for name in names:
+        out.print(name, markup=False, highlight=False)
+
+
+@tenants_app.command("create")
+def tenants_create(
+    names: Annotated[list[str], typer.Argument(help="Tenant (schema) names.")],
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create each tenant's schema if absent and migrate it to head (also brings an
+    existing tenant up to date)."""
+    registry = TenantRegistry(_settings(database_url, None))
+
+    async def work() -> None:
+        for name in names:
+            await registry.create_tenant(name)
+            out.print(f"tenant {name}: at head", markup=False, highlight=False)
+
+    run(work)
+
+
+@tenants_app.command("worker")
+def tenants_worker(
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 500,
+    poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.01)] = 1.0,
+    rescan: Annotated[
+        float, typer.Option("--rescan", min=0.1, help="Seconds between looks for new tenants.")
+    ] = 5.0,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Project every tenant's log until SIGTERM/SIGINT (one worker per tenant)."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    registry = TenantRegistry(_settings(database_url, None))
+
+    async def work() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await registry.run_workers_until(
+                stop, batch_size=batch_size, poll_interval=poll_interval, rescan=rescan
+            )
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
 
     run(work)
 
