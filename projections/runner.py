@@ -17,7 +17,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
@@ -30,8 +30,13 @@ from eventstore.records import RecordedEvent
 from eventstore.schema import projection_checkpoints as cp
 from eventstore.store import EventStore
 from eventstore.translate import translate_errors
-from projections import checkpoints
-from projections.errors import InlineProjectionBehind, ProjectionTimeout
+from projections import checkpoints, parking
+from projections.errors import (
+    InlineProjectionBehind,
+    ProjectionFailed,
+    ProjectionParked,
+    ProjectionTimeout,
+)
 from projections.projector import Envelope, Projector, Tables, decode_records
 
 log = logging.getLogger("projections")
@@ -70,10 +75,26 @@ async def apply_records(
     records: Sequence[RecordedEvent],
     tables: Tables | None = None,
 ) -> None:
+    """Apply the records ``projector`` handles. Anything the projector raises (decoding
+    included) becomes :class:`ProjectionFailed` naming the records; a lost connection or
+    a lock timeout stays what it is, since no event is at fault."""
     handled = [r for r in records if r.event_type in projector.handles]
-    envelopes = await decode_records(conn, handled) if handled else []
-    if envelopes:
-        await projector.apply_batch(conn, envelopes, tables or projector.live_tables())
+    if not handled:
+        return
+    try:
+        with translate_errors():
+            envelopes = await decode_records(conn, handled)
+            await projector.apply_batch(conn, envelopes, tables or projector.live_tables())
+    except (StoreUnavailable, AppendTimeout):
+        raise
+    except Exception as error:
+        raise ProjectionFailed(
+            projector.name,
+            handled[0].position,
+            handled[-1].position,
+            error,
+            handled[0].event_type if len(handled) == 1 else "several types",
+        ) from error
 
 
 class InlineRunner:
@@ -86,7 +107,15 @@ class InlineRunner:
         for projector in self.projectors:
             relevant = [e for e in envelopes if e.event_type in projector.handles]
             if relevant:
-                await projector.apply_batch(conn, relevant, projector.live_tables())
+                try:
+                    with translate_errors():
+                        await projector.apply_batch(conn, relevant, projector.live_tables())
+                except (StoreUnavailable, AppendTimeout):
+                    raise
+                except Exception as error:  # the command is refused: nothing is appended
+                    raise ProjectionFailed(
+                        projector.name, None, None, error, relevant[0].event_type
+                    ) from error
 
     async def advance(self, conn: AsyncConnection, first: int, last: int) -> None:
         """After the append: move every inline checkpoint from ``first - 1`` to ``last``.
@@ -101,6 +130,10 @@ class InlineRunner:
                 row = await checkpoints.load_active(conn, p.name)
                 if row is None or row.position != first - 1:
                     behind.append(p.name)
+            # A parked projector stays behind whatever a catch-up does: refuse.
+            parked = await parking.load(conn, behind)
+            if parked:
+                raise ProjectionParked({n: p.position for n, p in parked.items()})
             raise InlineProjectionBehind(behind)
 
 
@@ -135,19 +168,30 @@ class Worker:
         batch_size: int = 500,
         poll_interval: float = 1.0,
         leader_election: bool = True,
+        retries: int = 3,
+        retry_delay: float = 0.5,
     ) -> None:
         self.store = store
         self.projectors = tuple(projectors)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
+        #: A failing batch is tried again ``retries`` times, ``retry_delay`` doubling
+        #: each time (0.5, 1, 2 s by default), before its projector is parked.
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self._failures: dict[str, int] = {}
+        self._not_before: dict[str, float] = {}
         self.leader_election = leader_election and store.engine.dialect.name == "postgresql"
         self.stats = WorkerStats()
         self._leader_conn: AsyncConnection | None = None
         self._ready = False
         self._leading: set[str] = set()
 
-    async def run_batch(self, projector: Projector) -> BatchResult:
-        """Apply at most one batch for ``projector``; skipped if another worker holds it."""
+    async def run_batch(self, projector: Projector, limit: int | None = None) -> BatchResult:
+        """Apply at most one batch (of ``limit`` events, default the batch size) for
+        ``projector``; skipped if another worker holds it. Events an operator skipped
+        for it are left out. Raises :class:`ProjectionFailed` if the projector raises."""
+        limit = limit or self.batch_size
         engine = self.store.engine
         postgres = engine.dialect.name == "postgresql"
         async with engine.connect() as conn:
@@ -163,16 +207,20 @@ class Worker:
             records = await self.store.read_all(
                 conn,
                 position,
-                self.batch_size,
+                limit,
                 types=sorted(projector.handles),
                 until_position=head,
             )
             # Every position up to head is committed (gap-free order), so when the
             # batch is not full the checkpoint may move straight to head.
-            new = records[-1].position if len(records) == self.batch_size else head
+            new = records[-1].position if len(records) == limit else head
             if new == position:
                 await conn.rollback()
                 return BatchResult(projector.name, 0, position)
+            if records:
+                skip = await parking.skipped(conn, projector.name, position, new)
+                if skip:
+                    records = [r for r in records if r.position not in skip]
             await apply_records(conn, projector, records)
             await checkpoints.move(conn, projector.name, old=position, new=new)
             await conn.commit()
@@ -189,7 +237,13 @@ class Worker:
         with long_lived_heap():
             for projector in chosen:
                 while True:
-                    result = await self.run_batch(projector)
+                    result = await self._guarded_batch(projector)
+                    if result is None:  # failed: parked, or to be retried after a pause
+                        delay = self._not_before.get(projector.name)
+                        if delay is None:
+                            break
+                        await asyncio.sleep(max(0.0, delay - time.monotonic()))
+                        continue
                     total += result.applied
                     if result.skipped:
                         await asyncio.sleep(0.01)
@@ -239,12 +293,16 @@ class Worker:
                 await self._ensure_checkpoints()
                 self._ready = True
             leading = await self._acquire_leadership()
+            async with self.store.engine.connect() as conn:
+                parked = await parking.load(conn)
             progressed = False
             for projector in leading:
                 if stop.is_set():
                     return
-                result = await self.run_batch(projector)
-                progressed = progressed or result.applied > 0
+                if projector.name in parked:
+                    continue
+                result = await self._guarded_batch(projector)
+                progressed = progressed or (result is not None and result.applied > 0)
             if progressed:
                 return
             async with self.store.engine.connect() as conn:
@@ -254,6 +312,62 @@ class Worker:
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         for task in (waiter, stopper):
             task.cancel()
+
+    async def _guarded_batch(self, projector: Projector) -> BatchResult | None:
+        """:meth:`run_batch`, with a failing projector retried after a back-off and
+        parked once the retries run out; ``None`` when no batch was applied for that
+        reason (the other projectors are not held up)."""
+        name = projector.name
+        if self._not_before.get(name, 0.0) > time.monotonic():
+            return None
+        try:
+            result = await self.run_batch(projector)
+        except ProjectionFailed as failure:
+            attempts = self._failures[name] = self._failures.get(name, 0) + 1
+            if attempts <= self.retries:
+                delay = self.retry_delay * 2 ** (attempts - 1)
+                log.warning(
+                    "projector %s failed (attempt %d of %d), retrying in %.1fs: %s",
+                    name,
+                    attempts,
+                    self.retries + 1,
+                    delay,
+                    failure,
+                )
+                self._not_before[name] = time.monotonic() + delay
+                return None
+            self._failures.pop(name, None)
+            self._not_before.pop(name, None)
+            await self._park(projector, attempts)
+            return None
+        self._failures.pop(name, None)
+        self._not_before.pop(name, None)
+        return result
+
+    async def _park(self, projector: Projector, attempts: int) -> None:
+        # Apply event by event up to the one that fails, so the projector parks on
+        # that event and every event before it is applied. A batch holds at most
+        # batch_size events; if none fails now, the failure has passed.
+        for _ in range(self.batch_size):
+            try:
+                result = await self.run_batch(projector, limit=1)
+            except ProjectionFailed as failure:
+                parked = await parking.park(self.store.engine, failure, attempts)
+                log.error(
+                    "projector %s parked at position %d (%s) after %d attempts: %s; "
+                    "run `tiu projections retry %s` or `tiu projections skip %s %d`",
+                    parked.name,
+                    parked.position,
+                    parked.event_type,
+                    attempts,
+                    parked.error,
+                    parked.name,
+                    parked.name,
+                    parked.position,
+                )
+                return
+            if result.skipped or result.applied == 0:
+                return
 
     async def _drop_leadership(self) -> None:
         try:
@@ -293,18 +407,47 @@ async def lowest_position(conn: AsyncConnection, projectors: Sequence[Projector]
 
 
 async def wait_for(
-    store: EventStore, projectors: Sequence[Projector], position: int, timeout: float = 5.0
+    store: EventStore,
+    projectors: Sequence[Projector],
+    position: int,
+    timeout: float = 5.0,
+    *,
+    event_types: Collection[str] | None = None,
 ) -> None:
     """Return once every projector's checkpoint is at least ``position``.
 
-    Exact, because positions have no gaps. Raises :class:`ProjectionTimeout`.
+    Exact, because positions have no gaps. Raises :class:`ProjectionTimeout`, and
+    :class:`ProjectionParked` at once for a parked projector that cannot reach
+    ``position``. With ``event_types`` (what the caller wrote), a parked projector
+    that handles none of them is not waited for: its read model holds nothing of the
+    caller's write.
     """
     deadline = time.monotonic() + timeout
     delay = 0.005
+    waiting = list(projectors)
     while True:
         with translate_errors(store.dialect.database_label):
             async with store.engine.connect() as conn:
-                reached = await lowest_position(conn, projectors)
+                reached = await lowest_position(conn, waiting)
+                if reached < position:
+                    blocked = {
+                        n: p.position
+                        for n, p in (await parking.load(conn, [p.name for p in waiting])).items()
+                        if p.position <= position
+                    }
+                    if blocked:
+                        touching = {
+                            n: at
+                            for n, at in blocked.items()
+                            if event_types is None
+                            or any(
+                                t in p.handles for p in waiting if p.name == n for t in event_types
+                            )
+                        }
+                        if touching:
+                            raise ProjectionParked(touching)
+                        waiting = [p for p in waiting if p.name not in blocked]
+                        reached = await lowest_position(conn, waiting) if waiting else position
         if reached >= position:
             return
         if time.monotonic() >= deadline:

@@ -31,7 +31,15 @@ from eventstore.errors import (
     StoreUnavailable,
     WrongExpectedVersion,
 )
-from projections.errors import InvalidCursor, InvalidFilter, ProjectionError, ProjectionTimeout
+from projections.errors import (
+    InvalidCursor,
+    InvalidFilter,
+    InvalidSkip,
+    ProjectionError,
+    ProjectionFailed,
+    ProjectionParked,
+    ProjectionTimeout,
+)
 from tiu.dispatch import CommandResult
 from tiu.errors import DuplicateRejectedCommand
 from tiu.repositories import BulkOperationError, Repositories
@@ -56,11 +64,14 @@ __all__ = [
     "InvalidCredentials",
     "InvalidCursor",
     "InvalidFilter",
+    "InvalidSkip",
     "NotFound",
     "PermissionDenied",
     "PoolExhausted",
     "ProjectionError",
+    "ProjectionFailed",
     "ProjectionMode",
+    "ProjectionParked",
     "ProjectionTimeout",
     "Repositories",
     "ResetTokenInvalid",

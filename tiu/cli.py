@@ -44,6 +44,7 @@ from eventstore import EventStore, create_engine, retention, verify
 from eventstore.errors import EventStoreError
 from eventstore.translate import translate_errors
 from migrations import runner as migrations
+from projections import parking
 from projections import replay as replay_mod
 from projections.errors import ProjectionError
 from projections.projector import Projector
@@ -310,6 +311,19 @@ def stats(
             ],
         )
     )
+    parked = [
+        [n, p["parked"]["position"], p["parked"]["event_type"], p["parked"]["error"]]
+        for n, p in data["projectors"].items()
+        if p["parked"] is not None
+    ]
+    if parked:
+        out.print(
+            _table(
+                "parked projectors (tiu projections retry NAME | skip NAME POSITION)",
+                ["projector", "position", "event type", "error"],
+                parked,
+            )
+        )
 
 
 # -- demo --------------------------------------------------------------------------------
@@ -577,6 +591,81 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
         return {"events": runner.stats.events, "batches": runner.stats.batches}
 
     run(work)
+
+
+# -- projections: parked projectors ------------------------------------------------------
+
+projections_app = typer.Typer(
+    help="Projectors parked at an event they cannot apply: retry, or skip the event.",
+    no_args_is_help=True,
+)
+app.add_typer(projections_app, name="projections")
+Actor = Annotated[
+    str | None,
+    typer.Option("--actor", help="Who acts (recorded in the log as the event's actor)."),
+]
+
+
+@projections_app.command("retry")
+def projections_retry(
+    name: Annotated[str, typer.Argument(help="Projector name.")],
+    actor: Actor = None,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+) -> None:
+    """Unpark NAME: workers apply it again from its checkpoint (recorded in the log)."""
+    settings = _settings(database_url, schema)
+
+    async def work() -> parking.Parked | None:
+        projector = _select([name])[0]
+        engine = _engine(settings)
+        store = EventStore(engine, categories=CLI_CATEGORIES)
+        try:
+            return await parking.retry(store, projector.name, actor_id=actor)
+        finally:
+            await store.aclose()
+            await engine.dispose()
+
+    found = run(work)
+    if found is None:
+        out.print(f"{name} is not parked", markup=False, highlight=False)
+    else:
+        out.print(
+            f"{name} unparked (was parked at position {found.position}, {found.event_type})",
+            markup=False,
+            highlight=False,
+        )
+
+
+@projections_app.command("skip")
+def projections_skip(  # noqa: PLR0917  # typer maps each parameter to an option
+    name: Annotated[str, typer.Argument(help="Projector name.")],
+    position: Annotated[int, typer.Argument(help="Position of the event to skip.", min=1)],
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the log).")],
+    actor: Actor = None,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+) -> None:
+    """Skip the event at POSITION for NAME, for good (replays too), and unpark NAME
+    if it was parked there; the skip and its reason are recorded in the log."""
+    settings = _settings(database_url, schema)
+
+    async def work() -> int:
+        projector = _select([name])[0]
+        engine = _engine(settings)
+        store = EventStore(engine, categories=CLI_CATEGORIES)
+        try:
+            return await parking.skip(store, projector, position, reason=reason, actor_id=actor)
+        finally:
+            await store.aclose()
+            await engine.dispose()
+
+    recorded = run(work)
+    out.print(
+        f"{name}: position {position} skipped; recorded at position {recorded}",
+        markup=False,
+        highlight=False,
+    )
 
 
 # -- tenants -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from eventstore.engine import begin_write
 from eventstore.retention import RETENTION_CATEGORY
 from eventstore.schema import events
 from migrations import runner as migrations
-from projections import checkpoints, replay
+from projections import checkpoints, parking, replay
 from projections.projector import Projector
 from projections.readmodels import ALL_PROJECTORS
 from projections.runner import InlineRunner, Worker, lowest_position, wait_for
@@ -40,6 +40,7 @@ CATEGORIES = frozenset(
         security.CATEGORY,
         audit.CATEGORY,
         RETENTION_CATEGORY,
+        parking.OPERATIONS_CATEGORY,
     }
 )
 
@@ -222,19 +223,32 @@ class DatabaseService:
 
     async def caught_up(self, result: CommandResult) -> None:
         if result.position is not None:
-            await self.wait_for(result.position)
+            await self.wait_for(result.position, event_types={e.event_type for e in result.events})
 
-    async def wait_for(self, position: int, timeout: float = 10.0) -> None:
-        """Return once the read models reflect ``position`` (immediate in inline mode)."""
+    async def wait_for(
+        self, position: int, timeout: float = 10.0, *, event_types: set[str] | None = None
+    ) -> None:
+        """Return once the read models reflect ``position`` (immediate in inline mode).
+
+        Raises :class:`ProjectionParked` at once when a parked projector cannot reach
+        it (with ``event_types``, only one that handles a type among them)."""
         if self.projection_mode is ProjectionMode.INLINE:
             return
-        await wait_for(self.store, self.projectors, position, timeout)
+        await wait_for(self.store, self.projectors, position, timeout, event_types=event_types)
 
     # -- operations -------------------------------------------------------------------
 
     async def health_check(self) -> dict[str, Any]:
+        """Connection, latency, revision; ``parked_projectors`` names the projectors
+        stopped at an event they cannot apply (the service is healthy otherwise, but
+        what waits for them fails)."""
         report = await health_check(self.engine, head_revision=migrations.head_revision())
-        return report.as_dict()
+        data = report.as_dict()
+        if report.healthy:
+            async with self.engine.connect() as conn:
+                found = await parking.load(conn, [p.name for p in self.projectors])
+            data["parked_projectors"] = {n: p.as_dict() for n, p in sorted(found.items())}
+        return data
 
     def get_pool_status(self) -> dict[str, Any]:
         return pool_status(self.engine).as_dict()
@@ -262,6 +276,9 @@ class DatabaseService:
                     "needs_rebuild": active is None or active.version != projector.version,
                 }
             lowest = await lowest_position(conn, self.projectors)
+            parked = await parking.load(conn, [p.name for p in self.projectors])
+            for name, entry in lag.items():
+                entry["parked"] = parked[name].as_dict() if name in parked else None
         return {
             "head_position": head,
             "events_by_category": by_category,
@@ -269,6 +286,7 @@ class DatabaseService:
             "read_model_rows": rows,
             "projectors": lag,
             "max_lag": head - lowest,
+            "parked": sorted(parked),
             "projection_mode": self.projection_mode.value,
         }
 
