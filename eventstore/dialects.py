@@ -169,6 +169,45 @@ async def advisory_unlock(conn: AsyncConnection, name: str, scope: str = LEADER_
     )
 
 
+#: Projection workers of one schema each hold one of these slots (a session lock,
+#: ``(WORKER_SCOPE, schema, slot)``) while they run, so each can count the others in
+#: ``pg_locks`` and lead its share of the projectors; more workers than slots still
+#: run, uncounted.
+WORKER_SCOPE: Final = "tiu-worker"
+WORKER_SLOTS: Final = 64
+_SLOT_KEY: Final = "hashtextextended(:scope || ':' || current_schema() || ':' || g, 0)"
+
+
+async def join_workers(conn: AsyncConnection) -> int | None:
+    """PostgreSQL: take the lowest free worker slot on this session; ``None`` if all
+    are taken. LIMIT 1 stops the scan at the first slot granted."""
+    slot = await conn.scalar(
+        text(
+            f"SELECT g FROM generate_series(0, {WORKER_SLOTS - 1}) g "  # noqa: S608  # constants
+            f"WHERE pg_try_advisory_lock({_SLOT_KEY}) LIMIT 1"
+        ),
+        {"scope": WORKER_SCOPE},
+    )
+    return None if slot is None else int(slot)
+
+
+async def count_workers(conn: AsyncConnection) -> int:
+    """PostgreSQL: how many sessions hold a worker slot of the current schema. A
+    bigint advisory key shows in ``pg_locks`` as ``classid`` (high 32 bits) and
+    ``objid`` (low 32 bits) with ``objsubid`` 1."""
+    count = await conn.scalar(
+        text(
+            "SELECT count(*) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted "  # noqa: S608  # constants
+            "AND l.objsubid = 1 "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND ((l.classid::bigint << 32) | l.objid::bigint) IN "
+            f"(SELECT {_SLOT_KEY} FROM generate_series(0, {WORKER_SLOTS - 1}) g)"
+        ),
+        {"scope": WORKER_SCOPE},
+    )
+    return int(count or 0)
+
+
 class HeldConnection:
     """The pooled driver connection the store's group writer keeps from one group to
     the next while callers keep it busy (:class:`eventstore.grouping.GroupQueue`),

@@ -4,10 +4,17 @@ Both apply events through :meth:`Projector.apply_batch` and move the checkpoint 
 the same transaction. A worker batch on PostgreSQL claims its checkpoint row with
 ``FOR UPDATE SKIP LOCKED`` (ORDERING.md, "Checkpoints and several workers"), so two
 workers never apply the same batch; on SQLite ``BEGIN IMMEDIATE`` gives the same
-exclusivity. Leadership (one worker per projector, others standing by) is an
+exclusivity. Leadership (one worker per projector) is an
 optimisation on top: a session-level advisory lock on PostgreSQL, keyed by schema
 and projector (``eventstore.dialects.try_advisory_lock``: tenants in other schemas
 never contend for it), released when the leader's connection dies.
+
+Leadership is spread: each worker holds a worker slot (another session lock), counts
+the workers of its schema at every step and leads ``ceil(projectors / workers)`` of
+them, preferring a different run of projectors per slot. A worker over its share
+hands projectors back between batches; one under it takes free ones. A worker that
+dies loses its locks with its session, and the others take its projectors at their
+next step (docs/scaling.md states the bound).
 """
 
 from __future__ import annotations
@@ -20,10 +27,10 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from eventstore.dialects import try_advisory_lock
+from eventstore.dialects import advisory_unlock, count_workers, join_workers, try_advisory_lock
 from eventstore.engine import begin_write
 from eventstore.errors import AppendTimeout, StoreUnavailable
 from eventstore.records import RecordedEvent
@@ -184,6 +191,7 @@ class Worker:
         self.leader_election = leader_election and store.engine.dialect.name == "postgresql"
         self.stats = WorkerStats()
         self._leader_conn: AsyncConnection | None = None
+        self._slot: int | None = None
         self._ready = False
         self._leading: set[str] = set()
 
@@ -254,17 +262,49 @@ class Worker:
                         break
         return total
 
+    @property
+    def leading(self) -> frozenset[str]:
+        """The projectors this worker leads now (all of them without leader election)."""
+        if not self.leader_election:
+            return frozenset(p.name for p in self.projectors)
+        return frozenset(self._leading)
+
     async def _acquire_leadership(self) -> list[Projector]:
         if not self.leader_election:
             return list(self.projectors)
-        if self._leader_conn is None:
-            self._leader_conn = await self.store.engine.connect()
-            await self._leader_conn.execution_options(isolation_level="AUTOCOMMIT")
-        for projector in self.projectors:
+        conn = self._leader_conn
+        if conn is None:
+            conn = self._leader_conn = await self.store.engine.connect()
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            # The server notices a leader whose host vanished (no FIN) by TCP
+            # keepalives: ~5 + 3 x 2 s, after which its locks are free.
+            await conn.execute(
+                text(
+                    "SELECT set_config('tcp_keepalives_idle', '5', false), "
+                    "set_config('tcp_keepalives_interval', '2', false), "
+                    "set_config('tcp_keepalives_count', '3', false)"
+                )
+            )
+            self._slot = await join_workers(conn)
+        workers = max(1, await count_workers(conn))
+        count = len(self.projectors)
+        share = -(-count // workers)
+        start = ((self._slot or 0) * share) % max(count, 1)
+        preferred = self.projectors[start:] + self.projectors[:start]
+        for projector in reversed(preferred):  # hand back the least preferred first
+            if len(self._leading) <= share:
+                break
             if projector.name in self._leading:
-                continue
-            if await try_advisory_lock(self._leader_conn, projector.name):
-                log.info("leading projector %s", projector.name)
+                await advisory_unlock(conn, projector.name)
+                self._leading.discard(projector.name)
+                log.info("handing projector %s over (%d workers)", projector.name, workers)
+        for projector in preferred:
+            if len(self._leading) >= share:
+                break
+            if projector.name not in self._leading and await try_advisory_lock(
+                conn, projector.name
+            ):
+                log.info("leading projector %s (%d workers)", projector.name, workers)
                 self._leading.add(projector.name)
         return [p for p in self.projectors if p.name in self._leading]
 
@@ -384,6 +424,7 @@ class Worker:
     async def aclose(self) -> None:
         conn, self._leader_conn = self._leader_conn, None
         self._leading.clear()
+        self._slot = None
         if conn is not None:
             # Session-level locks survive close(): the pool would keep the session, and
             # its locks, alive. Invalidating ends the session, so standbys can lead.
