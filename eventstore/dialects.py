@@ -536,6 +536,16 @@ class Dialect:
     async def _ensure_listening(self) -> None:
         """Start cross-process wake-ups, where the dialect has them."""
 
+    @property
+    def known_head(self) -> int:
+        """The highest position this process has seen committed: its own appends, and
+        other processes' as NOTIFY (PostgreSQL) or a wait's polling report them."""
+        return self._head
+
+    async def follow_head(self) -> None:
+        """Keep :attr:`known_head` up with other processes (PostgreSQL: LISTEN)."""
+        await self._ensure_listening()
+
     async def aclose(self) -> None:
         for _, future in self._waiters:
             future.cancel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
@@ -124,6 +124,22 @@ class SessionValidation(BaseModel):
     user: User | None = None
     permissions: frozenset[str] = frozenset()
     session: Session | None = None
+
+
+class TokenCheck(BaseModel):
+    """The answer of ``check_token``: whom a token acts for, or why it may not act.
+
+    ``source`` names the read model that answered: ``redis`` (the session cache) or
+    ``sql``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    valid: bool
+    reason: str | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    expires_at: datetime | None = None
+    source: Literal["redis", "sql"]
 
 
 class ProjectStatistics(BaseModel):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -29,7 +30,11 @@ from tiu.dispatch import CommandResult, Dispatcher
 from tiu.repositories import Caller, Channel, Repositories
 from tiu.settings import Settings
 
+if TYPE_CHECKING:
+    from projections.redis_sessions import SessionCache
+
 T = TypeVar("T")
+log = logging.getLogger("tiu")
 
 CATEGORIES = frozenset(
     {
@@ -108,6 +113,19 @@ class DatabaseService:
         )
         self._worker_task: asyncio.Task[None] | None = None
         self._worker_stop: asyncio.Event | None = None
+        #: The Redis session read model (``redis_url``); ``None`` when not configured.
+        self.session_cache: SessionCache | None = None
+        if settings.redis_url:
+            # redis is an optional extra: imported only when configured.
+            from projections.redis_sessions import SessionCache  # noqa: PLC0415
+
+            self.session_cache = SessionCache.from_url(
+                settings.redis_url,
+                prefix=settings.redis_prefix,
+                idle_timeout=settings.session_idle_timeout,
+            )
+        self._cache_task: asyncio.Task[None] | None = None
+        self._cache_stop = asyncio.Event()
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------
@@ -125,15 +143,32 @@ class DatabaseService:
             for projector in stale:
                 await replay.rebuild(self.store, projector)
             await Worker(self.store, self.projectors, leader_election=False).catch_up()
+        if self.session_cache is not None:
+            await self._start_session_cache(self.session_cache)
         if run_worker:
             self._worker_stop = asyncio.Event()
             worker = Worker(self.store, self.projectors, batch_size=500, poll_interval=0.5)
             self._worker_task = asyncio.create_task(worker.run(self._worker_stop))
 
+    async def _start_session_cache(self, cache: SessionCache) -> None:
+        from projections.redis_sessions import CACHE_ERRORS  # noqa: PLC0415
+
+        await self.store.dialect.follow_head()
+        try:
+            await cache.catch_up(self.store)
+        except CACHE_ERRORS as error:  # readers use SQL until it is back
+            log.warning("session cache unavailable at start: %r", error)
+        self._cache_task = asyncio.create_task(cache.run(self.store, self._cache_stop))
+
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._cache_task is not None:
+            self._cache_stop.set()
+            await self._cache_task
+        if self.session_cache is not None:
+            await self.session_cache.aclose()
         if self._worker_task is not None and self._worker_stop is not None:
             self._worker_stop.set()
             await self._worker_task
@@ -219,11 +254,29 @@ class DatabaseService:
         positions = [r.position for r in unit.results if r.position is not None]
         if positions:
             await self.wait_for(max(positions))
+            await self.session_cache_caught_up(max(positions))
         return value
 
     async def caught_up(self, result: CommandResult) -> None:
         if result.position is not None:
-            await self.wait_for(result.position, event_types={e.event_type for e in result.events})
+            types = {e.event_type for e in result.events}
+            await self.wait_for(result.position, event_types=types)
+            if self.session_cache is not None and types & self.session_cache.handles:
+                await self.session_cache_caught_up(result.position)
+
+    async def session_cache_caught_up(self, position: int) -> bool:
+        """Wait (up to ``session_cache_wait``) until the Redis session cache reflects
+        ``position``: a revocation then holds in every instance when its call returns.
+        ``False`` if it did not (Redis down or slow): readers then use SQL, because the
+        cache is behind the head they know."""
+        from projections.redis_sessions import CACHE_ERRORS  # noqa: PLC0415
+
+        if self.session_cache is None:
+            return False
+        try:
+            return await self.session_cache.wait_for(position, self.settings.session_cache_wait)
+        except CACHE_ERRORS:
+            return False
 
     async def wait_for(
         self, position: int, timeout: float = 10.0, *, event_types: set[str] | None = None
