@@ -122,7 +122,7 @@ class Channel:
             return
         # Reads fail as the store's writes do: StoreUnavailable, never a driver error.
         with translate_errors(self.service.store.dialect.database_label):
-            async with self.service.reader.connect() as conn:
+            async with self.service.read_connection() as conn:
                 yield conn
 
     async def send(self, command: Command, *, actor_id: str | None = None) -> CommandResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from projections.projector import Projector
 from projections.readmodels import ALL_PROJECTORS
 from projections.runner import InlineRunner, Worker, lowest_position, wait_for
 from tiu.dispatch import CommandResult, Dispatcher
+from tiu.replicas import ReplicaReads
 from tiu.repositories import Caller, Channel, Repositories
 from tiu.settings import Settings
 
@@ -89,6 +91,20 @@ class DatabaseService:
         )
         self._clock = clock or (lambda: datetime.now(UTC))
         self.store = EventStore(self.engine, categories=CATEGORIES, clock=self._clock)
+        #: Reads from ``read_database_url`` with read-your-writes (``None``: no replica).
+        self.replica_reads: ReplicaReads | None = None
+        if settings.read_database_url:
+            if self.engine.dialect.name != "postgresql":
+                raise ValueError("read_database_url needs a PostgreSQL primary")
+            replica = create_engine(settings.read_database_url, settings.engine_options())
+            if replica.dialect.name != "postgresql":
+                raise ValueError("read_database_url must be a PostgreSQL streaming replica")
+            self.replica_reads = ReplicaReads(
+                self.store,
+                self.reader,
+                replica.execution_options(isolation_level="AUTOCOMMIT"),
+                wait=settings.replica_wait,
+            )
         self.projectors = tuple(projectors)
         self.hasher: PasswordHasher = hasher or BcryptHasher(rounds=settings.bcrypt_rounds)
         self.policy = SecurityPolicy(
@@ -176,6 +192,8 @@ class DatabaseService:
             await self.dispatcher.group.aclose()  # commands already queued are written
         await self.store.aclose()
         await self.engine.dispose()
+        if self.replica_reads is not None:
+            await self.replica_reads.replica.dispose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -187,6 +205,13 @@ class DatabaseService:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    def read_connection(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        """A connection for a repository read: the replica when configured and caught
+        up with this process's writes, else the primary (``service.reader``)."""
+        if self.replica_reads is not None:
+            return self.replica_reads.connect()
+        return self.reader.connect()
 
     # -- commands ---------------------------------------------------------------------
 

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     session_touch_interval: timedelta = timedelta(minutes=1)
     password_reset_ttl: timedelta = timedelta(hours=1)
 
+    #: A PostgreSQL streaming replica that repositories and audit queries read from
+    #: (``tiu.replicas``); commands and projections always use ``database_url``.
+    read_database_url: str | None = None
+    #: How long a read after a write waits for the replica to replay it before it
+    #: reads the primary instead.
+    replica_wait: float = Field(1.0, ge=0)
     #: A Redis server for the session cache (``redis://127.0.0.1:6379/0``); off when unset.
     redis_url: str | None = None
     #: Prefix of the cache's keys: one per store sharing the server (a tenant, a test run).
