@@ -34,7 +34,8 @@ log = logging.getLogger("tiu.replicas")
 _PRIMARY_LSN: Final = text("SELECT pg_current_wal_lsn()::text")
 # NULL outside recovery: a "replica" that is a primary has nothing to wait for.
 _REPLAYED: Final = text(
-    "SELECT coalesce(pg_last_wal_replay_lsn() >= CAST(CAST(:lsn AS text) AS pg_lsn), NOT pg_is_in_recovery())"
+    "SELECT coalesce(pg_last_wal_replay_lsn() >= CAST(CAST(:lsn AS text) AS pg_lsn), "
+    "NOT pg_is_in_recovery())"
 )
 _FAILURES: Final = (StoreUnavailable, SQLAlchemyError, OSError, TimeoutError)
 

@@ -36,7 +36,7 @@ async def _in_recovery() -> bool | str:
     try:
         async with asyncio.timeout(5), engine.connect() as conn:
             return bool(await conn.scalar(text("SELECT pg_is_in_recovery()")))
-    except Exception as error:  # noqa: BLE001  # any failure: not there
+    except Exception as error:  # any failure: not there
         return repr(error)
     finally:
         await engine.dispose()
