@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from eventstore.dialects import advisory_unlock, count_workers, join_workers, try_advisory_lock
 from eventstore.engine import begin_write
-from eventstore.errors import AppendTimeout, StoreUnavailable
+from eventstore.errors import AppendTimeout, EventStoreError, StoreUnavailable, TransactionConflict
 from eventstore.records import RecordedEvent
 from eventstore.schema import projection_checkpoints as cp
 from eventstore.store import EventStore
@@ -83,8 +83,9 @@ async def apply_records(
     tables: Tables | None = None,
 ) -> None:
     """Apply the records ``projector`` handles. Anything the projector raises (decoding
-    included) becomes :class:`ProjectionFailed` naming the records; a lost connection or
-    a lock timeout stays what it is, since no event is at fault."""
+    included) becomes :class:`ProjectionFailed` naming the records; the database's own
+    failures (a lost connection, a lock timeout, a deadlock) stay what they are, since
+    no event is at fault."""
     handled = [r for r in records if r.event_type in projector.handles]
     if not handled:
         return
@@ -92,7 +93,7 @@ async def apply_records(
         with translate_errors():
             envelopes = await decode_records(conn, handled)
             await projector.apply_batch(conn, envelopes, tables or projector.live_tables())
-    except (StoreUnavailable, AppendTimeout):
+    except EventStoreError:  # the database's failure (lost, timed out, deadlocked)
         raise
     except Exception as error:
         raise ProjectionFailed(
@@ -117,7 +118,7 @@ class InlineRunner:
                 try:
                     with translate_errors():
                         await projector.apply_batch(conn, relevant, projector.live_tables())
-                except (StoreUnavailable, AppendTimeout):
+                except EventStoreError:  # a deadlock is retried by the dispatcher
                     raise
                 except Exception as error:  # the command is refused: nothing is appended
                     raise ProjectionFailed(
@@ -316,10 +317,11 @@ class Worker:
                 try:
                     await self._step(stop)
                     backoff = 0.1
-                except (StoreUnavailable, AppendTimeout) as error:
-                    # The database went away (a restart, a failover) or a lock timed
-                    # out: nothing of the batch was committed. Drop leadership (its
-                    # session may be gone) and try again, backing off.
+                except (StoreUnavailable, AppendTimeout, TransactionConflict) as error:
+                    # The database went away (a restart, a failover), a lock timed
+                    # out or a deadlock was broken: nothing of the batch was committed.
+                    # Drop leadership (its session may be gone) and try again, backing
+                    # off.
                     log.warning("worker paused: %s; retrying in %.1fs", error, backoff)
                     await self._drop_leadership()
                     await _sleep_unless(stop, backoff)

@@ -97,7 +97,11 @@ class TenantRegistry:
         self._closed = False
 
     def settings_for(self, tenant: str) -> Settings:
-        return self.settings.model_copy(update={"search_path": check_tenant_name(tenant)})
+        """The shared settings with the tenant's schema (and its own Redis key prefix)."""
+        name = check_tenant_name(tenant)
+        return self.settings.model_copy(
+            update={"search_path": name, "redis_prefix": f"{self.settings.redis_prefix}{name}:"}
+        )
 
     @contextlib.asynccontextmanager
     async def tenant(self, name: str, *, create: bool = True) -> AsyncIterator[DatabaseService]:

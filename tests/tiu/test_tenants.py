@@ -264,3 +264,10 @@ def test_tiu_tenants_create_and_list(tenant_names: tuple[str, str]) -> None:
     refused = runner.invoke(app, ["tenants", "create", "Bad-Name", "--database-url", PG_URL])
     assert refused.exit_code == 1
     assert "invalid tenant name" in refused.output
+
+
+def test_each_tenant_has_its_schema_and_its_own_redis_prefix() -> None:
+    tenants = TenantRegistry(Settings(database_url=PG_URL, redis_prefix="app:"))
+    acme = tenants.settings_for("acme")
+    assert (acme.search_path, acme.redis_prefix) == ("acme", "app:acme:")
+    assert tenants.settings_for("globex").redis_prefix == "app:globex:"
