@@ -6,9 +6,12 @@ rows. A stopped replica makes reads fall back to the primary."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -46,26 +49,56 @@ def _script(*args: str) -> None:
     subprocess.run([str(SCRIPT), *args], check=True, capture_output=True, timeout=300)
 
 
+#: Test runs on this machine that use the standby register here; the last one to
+#: finish drops it if a test run made it (other runs may share it meanwhile).
+USERS = Path(tempfile.gettempdir()) / "tiu_replica_users"
+MADE = USERS / "made-by-tests"
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    USERS.mkdir(exist_ok=True)
+    with (USERS / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @pytest.fixture(scope="session")
 def replica_url(pg_schema: str) -> Iterator[str]:
-    """The standby on REPLICA_PORT; made (and dropped afterwards) when absent."""
-    made = False
-    found = asyncio.run(_in_recovery())
-    if found is not True and os.geteuid() == 0 and shutil.which("pg_createcluster"):
-        try:
-            _script("up")
-            made = True
-        except subprocess.SubprocessError as error:
-            found = repr(error)
-        else:
-            found = asyncio.run(_in_recovery())
+    """The standby on REPLICA_PORT; made when absent, dropped by the last run using it."""
+    with _locked():
+        found = asyncio.run(_in_recovery())
+        if found is not True and os.geteuid() == 0 and shutil.which("pg_createcluster"):
+            try:
+                _script("up")
+                MADE.touch()
+            except subprocess.SubprocessError as error:
+                found = repr(error)
+            else:
+                found = asyncio.run(_in_recovery())
+        if found is True:
+            (USERS / str(os.getpid())).touch()
     if found is not True:
         if REQUIRE_REPLICA:
             pytest.fail(f"replica required (TIU_REQUIRE_REPLICA=1) but not there: {found}")
         pytest.skip(f"no PostgreSQL standby on port {REPLICA_PORT}: {found}")
     yield REPLICA_URL
-    if made:
-        _script("down")
+    with _locked():
+        (USERS / str(os.getpid())).unlink(missing_ok=True)
+        others = [p for p in USERS.iterdir() if p.name.isdigit() and _alive(int(p.name))]
+        if not others and MADE.exists():
+            _script("down")
+            MADE.unlink()
 
 
 @pytest.fixture
