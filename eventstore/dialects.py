@@ -69,6 +69,12 @@ log = logging.getLogger("eventstore")
 #: (different databases or schemas) never serialise each other.
 ADVISORY_LOCK_CLASS: Final = 0x746975
 NOTIFY_CHANNEL: Final = "tiu_events"
+#: Session-level advisory locks of the projection workers take one bigint key hashed
+#: from a scope, the current schema and a name, so that tenants (schemas) of one
+#: database never contend for them. Bigint keys and the append lock's two-int keys are
+#: apart in ``pg_locks`` (``objsubid`` 1 and 2), so the two can never collide.
+LEADER_SCOPE: Final = "tiu-leader"
+_SCHEMA_KEY: Final = "hashtextextended(:scope || ':' || current_schema() || ':' || :name, 0)"
 NOTIFY_INTERVAL: Final = 0.01
 _NUMBERED: Final = re.compile(r"\$(\d+)")
 
@@ -147,6 +153,60 @@ async def raw_connection(conn: AsyncConnection) -> Any:
         # Connected: no I/O needed, so no greenlet hop (get_raw_connection makes one).
         return sync.connection
     return await conn.get_raw_connection()
+
+
+async def try_advisory_lock(conn: AsyncConnection, name: str, scope: str = LEADER_SCOPE) -> bool:
+    """PostgreSQL: take the session lock ``(scope, current schema, name)`` if free."""
+    got = await conn.scalar(
+        text(f"SELECT pg_try_advisory_lock({_SCHEMA_KEY})"), {"scope": scope, "name": name}
+    )
+    return bool(got)
+
+
+async def advisory_unlock(conn: AsyncConnection, name: str, scope: str = LEADER_SCOPE) -> None:
+    """PostgreSQL: give back a lock :func:`try_advisory_lock` took on this session."""
+    await conn.execute(
+        text(f"SELECT pg_advisory_unlock({_SCHEMA_KEY})"), {"scope": scope, "name": name}
+    )
+
+
+#: Projection workers of one schema each hold one of these slots (a session lock,
+#: ``(WORKER_SCOPE, schema, slot)``) while they run, so each can count the others in
+#: ``pg_locks`` and lead its share of the projectors; more workers than slots still
+#: run, uncounted.
+WORKER_SCOPE: Final = "tiu-worker"
+WORKER_SLOTS: Final = 64
+_SLOT_KEY: Final = "hashtextextended(:scope || ':' || current_schema() || ':' || g, 0)"
+
+
+async def join_workers(conn: AsyncConnection) -> int | None:
+    """PostgreSQL: take the lowest free worker slot on this session; ``None`` if all
+    are taken. LIMIT 1 stops the scan at the first slot granted."""
+    slot = await conn.scalar(
+        text(
+            f"SELECT g FROM generate_series(0, {WORKER_SLOTS - 1}) g "  # noqa: S608  # constants
+            f"WHERE pg_try_advisory_lock({_SLOT_KEY}) LIMIT 1"
+        ),
+        {"scope": WORKER_SCOPE},
+    )
+    return None if slot is None else int(slot)
+
+
+async def count_workers(conn: AsyncConnection) -> int:
+    """PostgreSQL: how many sessions hold a worker slot of the current schema. A
+    bigint advisory key shows in ``pg_locks`` as ``classid`` (high 32 bits) and
+    ``objid`` (low 32 bits) with ``objsubid`` 1."""
+    count = await conn.scalar(
+        text(
+            "SELECT count(*) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted "  # noqa: S608  # constants
+            "AND l.objsubid = 1 "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND ((l.classid::bigint << 32) | l.objid::bigint) IN "
+            f"(SELECT {_SLOT_KEY} FROM generate_series(0, {WORKER_SLOTS - 1}) g)"
+        ),
+        {"scope": WORKER_SCOPE},
+    )
+    return int(count or 0)
 
 
 class HeldConnection:
@@ -476,6 +536,16 @@ class Dialect:
 
     async def _ensure_listening(self) -> None:
         """Start cross-process wake-ups, where the dialect has them."""
+
+    @property
+    def known_head(self) -> int:
+        """The highest position this process has seen committed: its own appends, and
+        other processes' as NOTIFY (PostgreSQL) or a wait's polling report them."""
+        return self._head
+
+    async def follow_head(self) -> None:
+        """Keep :attr:`known_head` up with other processes (PostgreSQL: LISTEN)."""
+        await self._ensure_listening()
 
     async def aclose(self) -> None:
         for _, future in self._waiters:

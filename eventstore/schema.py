@@ -87,6 +87,29 @@ projection_checkpoints = Table(
     Column("updated_at", UTCDateTime, nullable=False),
 )
 
+#: A projector stopped at an event it could not apply (after retries): no runner applies
+#: it again until an operator retries it or skips the event (``projections.parking``).
+projection_parking = Table(
+    "projection_parking",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("position", BigInt, nullable=False),
+    Column("event_type", String(200), nullable=False),
+    Column("error", String(2000), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("parked_at", UTCDateTime, nullable=False),
+)
+
+#: Events an operator chose to skip for one projector; the reason is in the log too.
+projection_skips = Table(
+    "projection_skips",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("position", BigInt, primary_key=True, autoincrement=False),
+    Column("reason", String(2000), nullable=False),
+    Column("skipped_at", UTCDateTime, nullable=False),
+)
+
 #: The outcome of each processed command, so a retried ``command_id`` appends nothing.
 processed_commands = Table(
     "processed_commands",

@@ -6,6 +6,9 @@
           │    └── InvalidOrdering       bad order_by key
           ├── InvalidCursor              a page cursor that is malformed, tampered or foreign
           └── InvalidPagination          limit/offset out of range
+     ├── ProjectionFailed                a projector raised on events; its batch rolled back
+     ├── ProjectionParked                a projector stopped at an event it cannot apply
+     └── InvalidSkip (ValueError)        an operator's skip names no skippable event
 
 Projector, checkpoint and replay errors belong under ProjectionError too.
 Every InvalidQuery is the caller's fault and safe to show them: messages name
@@ -93,3 +96,37 @@ class ProjectionTimeout(ProjectionError, TimeoutError):
 
 class RebuildError(ProjectionError):
     """A rebuild could not finish; live tables are untouched."""
+
+
+class ProjectionFailed(ProjectionError):
+    """A projector raised while applying events ``first``..``last`` (one event when
+    they are equal); nothing of the batch was committed. ``error`` is the cause."""
+
+    def __init__(
+        self, name: str, first: int | None, last: int | None, error: BaseException, event_type: str
+    ) -> None:
+        where = "a new event" if first is None else f"position {first}"
+        if last is not None and last != first:
+            where = f"positions {first}-{last}"
+        super().__init__(f"projector {name} failed on {where} ({event_type}): {error!r}")
+        self.name = name
+        self.first = first
+        self.last = last
+        self.error = error
+        self.event_type = event_type
+
+
+class ProjectionParked(ProjectionError):
+    """Projectors stopped at an event they could not apply, after retries: nothing that
+    waits for them can succeed until an operator runs ``tiu projections retry NAME`` or
+    skips the event. ``parked`` maps each projector's name to its event's position."""
+
+    def __init__(self, parked: dict[str, int]) -> None:
+        names = ", ".join(f"{n} at position {p}" for n, p in sorted(parked.items()))
+        super().__init__(f"projections parked: {names}")
+        self.parked = parked
+        self.names = sorted(parked)
+
+
+class InvalidSkip(ProjectionError, ValueError):
+    """A skip that names no event the projector has still to apply, or gives no reason."""

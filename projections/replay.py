@@ -32,7 +32,8 @@ from eventstore.schema import NAMING_CONVENTION, events
 from eventstore.schema import projection_checkpoints as cp
 from eventstore.store import EventStore
 from eventstore.translate import translate_errors
-from projections import checkpoints
+from projections import checkpoints, parking
+from projections.errors import ProjectionFailed
 from projections.projector import Projector, Tables
 from projections.runner import apply_records, maybe_frozen_heap, sharing_the_loop
 
@@ -199,6 +200,10 @@ async def _apply_batch(
     new = records[-1].position if len(records) == batch_size else until
     if new == position:
         return position, 0
+    if records:
+        skip = await parking.skipped(conn, projector.name, position, new)
+        if skip:
+            records = [r for r in records if r.position not in skip]
     await apply_records(conn, projector, records, shadows, pause_every=pause_every)
     await checkpoints.move(
         conn, _rebuild_name(projector), old=position, new=new, version=projector.version
@@ -260,24 +265,28 @@ async def _rebuild(
     batches = 0
     next_analyze = 1
     while True:
-        async with store.engine.connect() as conn:
-            await sharing_the_loop(conn, pause)
-            await begin_write(conn)
-            head = await store.head_position(conn)
-            if head - position <= min(batch_size, SWAP_WITHIN):
-                await conn.rollback()
-                break
-            position, count = await _apply_batch(
-                store,
-                conn,
-                projector,
-                shadows,
-                position=position,
-                batch_size=batch_size,
-                until=head,
-                pause_every=pause,
-            )
-            await conn.commit()
+        try:
+            async with store.engine.connect() as conn:
+                await sharing_the_loop(conn, pause)
+                await begin_write(conn)
+                head = await store.head_position(conn)
+                if head - position <= min(batch_size, SWAP_WITHIN):
+                    await conn.rollback()
+                    break
+                position, count = await _apply_batch(
+                    store,
+                    conn,
+                    projector,
+                    shadows,
+                    position=position,
+                    batch_size=batch_size,
+                    until=head,
+                    pause_every=pause,
+                )
+                await conn.commit()
+        except ProjectionFailed:
+            await _pinpoint(store, projector, shadows, position, batch_size)
+            raise
         applied += count
         batches += 1
         if batches == next_analyze:
@@ -288,9 +297,13 @@ async def _rebuild(
                 RebuildProgress(projector.name, position, head, applied, time.monotonic() - started)
             )
     await _build_deferred(store, projector, shadows)
-    position, count = await _swap_with_retries(
-        store, projector, shadows, position, batch_size, pause=pause
-    )
+    try:
+        position, count = await _swap_with_retries(
+            store, projector, shadows, position, batch_size, pause=pause
+        )
+    except ProjectionFailed:
+        await _pinpoint(store, projector, shadows, position, SWAP_WITHIN)
+        raise
     applied += count
     if on_progress is not None:
         on_progress(
@@ -299,6 +312,32 @@ async def _rebuild(
     return RebuildReport(
         projector.name, projector.version, position, applied, time.monotonic() - started, resumed
     )
+
+
+async def _pinpoint(
+    store: EventStore, projector: Projector, shadows: Tables, position: int, batch_size: int
+) -> None:
+    """After a failed batch: apply its events one by one (each committed: the rebuild
+    resumes after them) and raise :class:`ProjectionFailed` naming the one event that
+    fails. Returns if none does (a passing failure); the caller then raises its own."""
+    for _ in range(batch_size):
+        async with store.engine.connect() as conn:
+            await begin_write(conn)
+            head = await store.head_position(conn)
+            new, _ = await _apply_batch(
+                store,
+                conn,
+                projector,
+                shadows,
+                position=position,
+                batch_size=1,
+                until=head,
+                pause_every=None,
+            )
+            await conn.commit()
+        if new == position:
+            return
+        position = new
 
 
 SWAP_ATTEMPTS = 10
@@ -345,7 +384,8 @@ async def _swap(
             # Readers must not queue behind our ACCESS EXCLUSIVE for long: give up fast.
             await conn.execute(text("SET LOCAL lock_timeout = '2s'"))
             quoted = ", ".join(conn.dialect.identifier_preparer.quote(n) for n in live_names)
-            await conn.execute(text(f"LOCK TABLE {quoted} IN ACCESS EXCLUSIVE MODE"))
+            if quoted:  # a projector may keep its read model outside these tables
+                await conn.execute(text(f"LOCK TABLE {quoted} IN ACCESS EXCLUSIVE MODE"))
             # Hold inline writers' checkpoint moves until the swap commits.
             await conn.execute(
                 select(cp.c.position)

@@ -4,9 +4,17 @@ Both apply events through :meth:`Projector.apply_batch` and move the checkpoint 
 the same transaction. A worker batch on PostgreSQL claims its checkpoint row with
 ``FOR UPDATE SKIP LOCKED`` (ORDERING.md, "Checkpoints and several workers"), so two
 workers never apply the same batch; on SQLite ``BEGIN IMMEDIATE`` gives the same
-exclusivity. Leadership (one worker per projector, others standing by) is an
-optimisation on top: a session-level advisory lock on PostgreSQL, released when the
-leader's connection dies.
+exclusivity. Leadership (one worker per projector) is an
+optimisation on top: a session-level advisory lock on PostgreSQL, keyed by schema
+and projector (``eventstore.dialects.try_advisory_lock``: tenants in other schemas
+never contend for it), released when the leader's connection dies.
+
+Leadership is spread: each worker holds a worker slot (another session lock), counts
+the workers of its schema at every step and leads ``ceil(projectors / workers)`` of
+them, preferring a different run of projectors per slot. A worker over its share
+hands projectors back between batches; one under it takes free ones. A worker that
+dies loses its locks with its session, and the others take its projectors at their
+next step (docs/scaling.md states the bound).
 """
 
 from __future__ import annotations
@@ -16,26 +24,30 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from eventstore.dialects import advisory_unlock, count_workers, join_workers, try_advisory_lock
 from eventstore.engine import begin_write
-from eventstore.errors import AppendTimeout, StoreUnavailable
+from eventstore.errors import AppendTimeout, EventStoreError, StoreUnavailable, TransactionConflict
 from eventstore.records import RecordedEvent
 from eventstore.schema import projection_checkpoints as cp
 from eventstore.sqlite_driver import OFF_LOOP
 from eventstore.store import EventStore
 from eventstore.translate import translate_errors
-from projections import checkpoints
-from projections.errors import InlineProjectionBehind, ProjectionTimeout
+from projections import checkpoints, parking
+from projections.errors import (
+    InlineProjectionBehind,
+    ProjectionFailed,
+    ProjectionParked,
+    ProjectionTimeout,
+)
 from projections.projector import Envelope, Projector, Tables, decode_records
 
 log = logging.getLogger("projections")
-
-LEADER_LOCK_CLASS = 0x746976  # "tiv": leadership locks, apart from the append lock
 
 
 @contextlib.contextmanager
@@ -75,15 +87,30 @@ async def apply_records(
     *,
     pause_every: int | None = None,
 ) -> None:
-    """Apply ``records`` in one call, or ``pause_every`` events at a time, suspending
-    between chunks so the event loop's other tasks run (see :func:`sharing_the_loop`)."""
+    """Apply the records ``projector`` handles, in one call or ``pause_every`` events at a
+    time, suspending between chunks so the event loop's other tasks run (see
+    :func:`sharing_the_loop`). Anything the projector raises (decoding included) becomes
+    :class:`ProjectionFailed` naming the records; the database's own failures (a lost
+    connection, a lock timeout, a deadlock) stay what they are, since no event is at
+    fault."""
     handled = [r for r in records if r.event_type in projector.handles]
     step = pause_every or len(handled) or 1
     for start in range(0, len(handled), step):
         chunk = handled[start : start + step]
-        envelopes = await decode_records(conn, chunk)
-        if envelopes:
-            await projector.apply_batch(conn, envelopes, tables or projector.live_tables())
+        try:
+            with translate_errors():
+                envelopes = await decode_records(conn, chunk)
+                await projector.apply_batch(conn, envelopes, tables or projector.live_tables())
+        except EventStoreError:  # the database's failure (lost, timed out, deadlocked)
+            raise
+        except Exception as error:
+            raise ProjectionFailed(
+                projector.name,
+                chunk[0].position,
+                chunk[-1].position,
+                error,
+                chunk[0].event_type if len(chunk) == 1 else "several types",
+            ) from error
         if pause_every:
             await asyncio.sleep(0)
 
@@ -122,7 +149,15 @@ class InlineRunner:
         for projector in self.projectors:
             relevant = [e for e in envelopes if e.event_type in projector.handles]
             if relevant:
-                await projector.apply_batch(conn, relevant, projector.live_tables())
+                try:
+                    with translate_errors():
+                        await projector.apply_batch(conn, relevant, projector.live_tables())
+                except EventStoreError:  # a deadlock is retried by the dispatcher
+                    raise
+                except Exception as error:  # the command is refused: nothing is appended
+                    raise ProjectionFailed(
+                        projector.name, None, None, error, relevant[0].event_type
+                    ) from error
 
     async def advance(self, conn: AsyncConnection, first: int, last: int) -> None:
         """After the append: move every inline checkpoint from ``first - 1`` to ``last``.
@@ -137,6 +172,10 @@ class InlineRunner:
                 row = await checkpoints.load_active(conn, p.name)
                 if row is None or row.position != first - 1:
                     behind.append(p.name)
+            # A parked projector stays behind whatever a catch-up does: refuse.
+            parked = await parking.load(conn, behind)
+            if parked:
+                raise ProjectionParked({n: p.position for n, p in parked.items()})
             raise InlineProjectionBehind(behind)
 
 
@@ -172,6 +211,8 @@ class Worker:
         poll_interval: float = 1.0,
         leader_election: bool = True,
         pause_every: int | None = None,
+        retries: int = 3,
+        retry_delay: float = 0.5,
     ) -> None:
         """``pause_every``: share the event loop (:func:`sharing_the_loop`), suspending
         every that many events; for a worker inside a service."""
@@ -180,14 +221,24 @@ class Worker:
         self.projectors = tuple(projectors)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
+        #: A failing batch is tried again ``retries`` times, ``retry_delay`` doubling
+        #: each time (0.5, 1, 2 s by default), before its projector is parked.
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self._failures: dict[str, int] = {}
+        self._not_before: dict[str, float] = {}
         self.leader_election = leader_election and store.engine.dialect.name == "postgresql"
         self.stats = WorkerStats()
         self._leader_conn: AsyncConnection | None = None
+        self._slot: int | None = None
         self._ready = False
         self._leading: set[str] = set()
 
-    async def run_batch(self, projector: Projector) -> BatchResult:
-        """Apply at most one batch for ``projector``; skipped if another worker holds it."""
+    async def run_batch(self, projector: Projector, limit: int | None = None) -> BatchResult:
+        """Apply at most one batch (of ``limit`` events, default the batch size) for
+        ``projector``; skipped if another worker holds it. Events an operator skipped
+        for it are left out. Raises :class:`ProjectionFailed` if the projector raises."""
+        limit = limit or self.batch_size
         engine = self.store.engine
         postgres = engine.dialect.name == "postgresql"
         async with engine.connect() as conn:
@@ -204,16 +255,20 @@ class Worker:
             records = await self.store.read_all(
                 conn,
                 position,
-                self.batch_size,
+                limit,
                 types=sorted(projector.handles),
                 until_position=head,
             )
             # Every position up to head is committed (gap-free order), so when the
             # batch is not full the checkpoint may move straight to head.
-            new = records[-1].position if len(records) == self.batch_size else head
+            new = records[-1].position if len(records) == limit else head
             if new == position:
                 await conn.rollback()
                 return BatchResult(projector.name, 0, position)
+            if records:
+                skip = await parking.skipped(conn, projector.name, position, new)
+                if skip:
+                    records = [r for r in records if r.position not in skip]
             await apply_records(conn, projector, records, pause_every=self.pause_every)
             await checkpoints.move(conn, projector.name, old=position, new=new)
             await conn.commit()
@@ -234,7 +289,13 @@ class Worker:
         with maybe_frozen_heap(freeze_heap):
             for projector in chosen:
                 while True:
-                    result = await self.run_batch(projector)
+                    result = await self._guarded_batch(projector)
+                    if result is None:  # failed: parked, or to be retried after a pause
+                        delay = self._not_before.get(projector.name)
+                        if delay is None:
+                            break
+                        await asyncio.sleep(max(0.0, delay - time.monotonic()))
+                        continue
                     total += result.applied
                     if result.skipped:
                         await asyncio.sleep(0.01)
@@ -245,21 +306,49 @@ class Worker:
                         break
         return total
 
+    @property
+    def leading(self) -> frozenset[str]:
+        """The projectors this worker leads now (all of them without leader election)."""
+        if not self.leader_election:
+            return frozenset(p.name for p in self.projectors)
+        return frozenset(self._leading)
+
     async def _acquire_leadership(self) -> list[Projector]:
         if not self.leader_election:
             return list(self.projectors)
-        if self._leader_conn is None:
-            self._leader_conn = await self.store.engine.connect()
-            await self._leader_conn.execution_options(isolation_level="AUTOCOMMIT")
-        for projector in self.projectors:
-            if projector.name in self._leading:
-                continue
-            got = await self._leader_conn.scalar(
-                text("SELECT pg_try_advisory_lock(:k1, hashtext(:name))"),
-                {"k1": LEADER_LOCK_CLASS, "name": projector.name},
+        conn = self._leader_conn
+        if conn is None:
+            conn = self._leader_conn = await self.store.engine.connect()
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            # The server notices a leader whose host vanished (no FIN) by TCP
+            # keepalives: ~5 + 3 x 2 s, after which its locks are free.
+            await conn.execute(
+                text(
+                    "SELECT set_config('tcp_keepalives_idle', '5', false), "
+                    "set_config('tcp_keepalives_interval', '2', false), "
+                    "set_config('tcp_keepalives_count', '3', false)"
+                )
             )
-            if got:
-                log.info("leading projector %s", projector.name)
+            self._slot = await join_workers(conn)
+        workers = max(1, await count_workers(conn))
+        count = len(self.projectors)
+        share = -(-count // workers)
+        start = ((self._slot or 0) * share) % max(count, 1)
+        preferred = self.projectors[start:] + self.projectors[:start]
+        for projector in reversed(preferred):  # hand back the least preferred first
+            if len(self._leading) <= share:
+                break
+            if projector.name in self._leading:
+                await advisory_unlock(conn, projector.name)
+                self._leading.discard(projector.name)
+                log.info("handing projector %s over (%d workers)", projector.name, workers)
+        for projector in preferred:
+            if len(self._leading) >= share:
+                break
+            if projector.name not in self._leading and await try_advisory_lock(
+                conn, projector.name
+            ):
+                log.info("leading projector %s (%d workers)", projector.name, workers)
                 self._leading.add(projector.name)
         return [p for p in self.projectors if p.name in self._leading]
 
@@ -271,10 +360,11 @@ class Worker:
                 try:
                     await self._step(stop)
                     backoff = 0.1
-                except (StoreUnavailable, AppendTimeout) as error:
-                    # The database went away (a restart, a failover) or a lock timed
-                    # out: nothing of the batch was committed. Drop leadership (its
-                    # session may be gone) and try again, backing off.
+                except (StoreUnavailable, AppendTimeout, TransactionConflict) as error:
+                    # The database went away (a restart, a failover), a lock timed
+                    # out or a deadlock was broken: nothing of the batch was committed.
+                    # Drop leadership (its session may be gone) and try again, backing
+                    # off.
                     log.warning("worker paused: %s; retrying in %.1fs", error, backoff)
                     await self._drop_leadership()
                     await _sleep_unless(stop, backoff)
@@ -288,12 +378,16 @@ class Worker:
                 await self._ensure_checkpoints()
                 self._ready = True
             leading = await self._acquire_leadership()
+            async with self.store.engine.connect() as conn:
+                parked = await parking.load(conn)
             progressed = False
             for projector in leading:
                 if stop.is_set():
                     return
-                result = await self.run_batch(projector)
-                progressed = progressed or result.applied > 0
+                if projector.name in parked:
+                    continue
+                result = await self._guarded_batch(projector)
+                progressed = progressed or (result is not None and result.applied > 0)
             if progressed:
                 return
             async with self.store.engine.connect() as conn:
@@ -303,6 +397,62 @@ class Worker:
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         for task in (waiter, stopper):
             task.cancel()
+
+    async def _guarded_batch(self, projector: Projector) -> BatchResult | None:
+        """:meth:`run_batch`, with a failing projector retried after a back-off and
+        parked once the retries run out; ``None`` when no batch was applied for that
+        reason (the other projectors are not held up)."""
+        name = projector.name
+        if self._not_before.get(name, 0.0) > time.monotonic():
+            return None
+        try:
+            result = await self.run_batch(projector)
+        except ProjectionFailed as failure:
+            attempts = self._failures[name] = self._failures.get(name, 0) + 1
+            if attempts <= self.retries:
+                delay = self.retry_delay * 2 ** (attempts - 1)
+                log.warning(
+                    "projector %s failed (attempt %d of %d), retrying in %.1fs: %s",
+                    name,
+                    attempts,
+                    self.retries + 1,
+                    delay,
+                    failure,
+                )
+                self._not_before[name] = time.monotonic() + delay
+                return None
+            self._failures.pop(name, None)
+            self._not_before.pop(name, None)
+            await self._park(projector, attempts)
+            return None
+        self._failures.pop(name, None)
+        self._not_before.pop(name, None)
+        return result
+
+    async def _park(self, projector: Projector, attempts: int) -> None:
+        # Apply event by event up to the one that fails, so the projector parks on
+        # that event and every event before it is applied. A batch holds at most
+        # batch_size events; if none fails now, the failure has passed.
+        for _ in range(self.batch_size):
+            try:
+                result = await self.run_batch(projector, limit=1)
+            except ProjectionFailed as failure:
+                parked = await parking.park(self.store.engine, failure, attempts)
+                log.error(
+                    "projector %s parked at position %d (%s) after %d attempts: %s; "
+                    "run `tiu projections retry %s` or `tiu projections skip %s %d`",
+                    parked.name,
+                    parked.position,
+                    parked.event_type,
+                    attempts,
+                    parked.error,
+                    parked.name,
+                    parked.name,
+                    parked.position,
+                )
+                return
+            if result.skipped or result.applied == 0:
+                return
 
     async def _drop_leadership(self) -> None:
         try:
@@ -319,6 +469,7 @@ class Worker:
     async def aclose(self) -> None:
         conn, self._leader_conn = self._leader_conn, None
         self._leading.clear()
+        self._slot = None
         if conn is not None:
             # Session-level locks survive close(): the pool would keep the session, and
             # its locks, alive. Invalidating ends the session, so standbys can lead.
@@ -342,18 +493,47 @@ async def lowest_position(conn: AsyncConnection, projectors: Sequence[Projector]
 
 
 async def wait_for(
-    store: EventStore, projectors: Sequence[Projector], position: int, timeout: float = 5.0
+    store: EventStore,
+    projectors: Sequence[Projector],
+    position: int,
+    timeout: float = 5.0,
+    *,
+    event_types: Collection[str] | None = None,
 ) -> None:
     """Return once every projector's checkpoint is at least ``position``.
 
-    Exact, because positions have no gaps. Raises :class:`ProjectionTimeout`.
+    Exact, because positions have no gaps. Raises :class:`ProjectionTimeout`, and
+    :class:`ProjectionParked` at once for a parked projector that cannot reach
+    ``position``. With ``event_types`` (what the caller wrote), a parked projector
+    that handles none of them is not waited for: its read model holds nothing of the
+    caller's write.
     """
     deadline = time.monotonic() + timeout
     delay = 0.005
+    waiting = list(projectors)
     while True:
         with translate_errors(store.dialect.database_label):
             async with store.engine.connect() as conn:
-                reached = await lowest_position(conn, projectors)
+                reached = await lowest_position(conn, waiting)
+                if reached < position:
+                    blocked = {
+                        n: p.position
+                        for n, p in (await parking.load(conn, [p.name for p in waiting])).items()
+                        if p.position <= position
+                    }
+                    if blocked:
+                        touching = {
+                            n: at
+                            for n, at in blocked.items()
+                            if event_types is None
+                            or any(
+                                t in p.handles for p in waiting if p.name == n for t in event_types
+                            )
+                        }
+                        if touching:
+                            raise ProjectionParked(touching)
+                        waiting = [p for p in waiting if p.name not in blocked]
+                        reached = await lowest_position(conn, waiting) if waiting else position
         if reached >= position:
             return
         if time.monotonic() >= deadline:

@@ -48,6 +48,7 @@ from eventstore.errors import EventStoreError
 from eventstore.offline_verify import Checkpoint, ProofError, VerifierKey
 from eventstore.translate import describe, translate_errors
 from migrations import runner as migrations
+from projections import parking
 from projections import replay as replay_mod
 from projections.errors import ProjectionError
 from projections.projector import Projector
@@ -58,6 +59,7 @@ from tiu import audit as audit_queries
 from tiu.publishing import build_publisher
 from tiu.service import CATEGORIES, DatabaseService
 from tiu.settings import Settings
+from tiu.tenants import TenantRegistry
 
 T = TypeVar("T")
 
@@ -406,6 +408,19 @@ def stats(
                     [n, p["position"], p["lag_events"], p["lag_seconds"]]
                     for n, p in data["publishers"].items()
                 ],
+            )
+        )
+    parked = [
+        [n, p["parked"]["position"], p["parked"]["event_type"], p["parked"]["error"]]
+        for n, p in data["projectors"].items()
+        if p["parked"] is not None
+    ]
+    if parked:
+        out.print(
+            _table(
+                "parked projectors (tiu projections retry NAME | skip NAME POSITION)",
+                ["projector", "position", "event type", "error"],
+                parked,
             )
         )
 
@@ -779,6 +794,119 @@ def publish(  # noqa: PLR0917  # typer maps each parameter to an option
     run(work)
 
 
+# -- projections: parked projectors ------------------------------------------------------
+
+projections_app = typer.Typer(
+    help="Projectors parked at an event they cannot apply: retry, or skip the event.",
+    no_args_is_help=True,
+)
+app.add_typer(projections_app, name="projections")
+Actor = Annotated[
+    str | None,
+    typer.Option("--actor", help="Who acts (recorded in the log as the event's actor)."),
+]
+
+
+@projections_app.command("retry")
+def projections_retry(
+    name: Annotated[str, typer.Argument(help="Projector name.")],
+    actor: Actor = None,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+) -> None:
+    """Unpark NAME: workers apply it again from its checkpoint (recorded in the log)."""
+    settings = _settings(database_url, schema)
+
+    async def work() -> parking.Parked | None:
+        projector = _select([name])[0]
+        engine = _engine(settings)
+        store = EventStore(engine, categories=CLI_CATEGORIES)
+        try:
+            return await parking.retry(store, projector.name, actor_id=actor)
+        finally:
+            await store.aclose()
+            await engine.dispose()
+
+    found = run(work)
+    if found is None:
+        out.print(f"{name} is not parked", markup=False, highlight=False)
+    else:
+        out.print(
+            f"{name} unparked (was parked at position {found.position}, {found.event_type})",
+            markup=False,
+            highlight=False,
+        )
+
+
+@projections_app.command("skip")
+def projections_skip(  # noqa: PLR0917  # typer maps each parameter to an option
+    name: Annotated[str, typer.Argument(help="Projector name.")],
+    position: Annotated[int, typer.Argument(help="Position of the event to skip.", min=1)],
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the log).")],
+    actor: Actor = None,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+) -> None:
+    """Skip the event at POSITION for NAME, for good (replays too), and unpark NAME
+    if it was parked there; the skip and its reason are recorded in the log."""
+    settings = _settings(database_url, schema)
+
+    async def work() -> int:
+        projector = _select([name])[0]
+        engine = _engine(settings)
+        store = EventStore(engine, categories=CLI_CATEGORIES)
+        try:
+            return await parking.skip(store, projector, position, reason=reason, actor_id=actor)
+        finally:
+            await store.aclose()
+            await engine.dispose()
+
+    recorded = run(work)
+    out.print(
+        f"{name}: position {position} skipped; recorded at position {recorded}",
+        markup=False,
+        highlight=False,
+    )
+
+
+# -- tenants -----------------------------------------------------------------------------
+
+tenants_app = typer.Typer(
+    help="Tenants: one schema each in one PostgreSQL database (docs/scaling.md).",
+    no_args_is_help=True,
+)
+app.add_typer(tenants_app, name="tenants")
+
+
+@tenants_app.command("list")
+def tenants_list(database_url: DatabaseUrl = None, as_json: JsonFlag = False) -> None:
+    """Every schema of the database that holds a tiu store."""
+    registry = TenantRegistry(_settings(database_url, None))
+    names = run(registry.tenants)
+    if as_json:
+        emit_json(names)
+        return
+    for name in names:
+        out.print(name, markup=False, highlight=False)
+
+
+@tenants_app.command("create")
+def tenants_create(
+    names: Annotated[list[str], typer.Argument(help="Tenant (schema) names.")],
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create each tenant's schema if absent and migrate it to head (also brings an
+    existing tenant up to date)."""
+    registry = TenantRegistry(_settings(database_url, None))
+
+    async def work() -> None:
+        for name in names:
+            await registry.create_tenant(name)
+            out.print(f"tenant {name}: at head", markup=False, highlight=False)
+
+    run(work)
+
+
 async def _keep_tree(
     engine: AsyncEngine,
     key: transparency.SigningKey | None,
@@ -808,6 +936,37 @@ async def _stop_keeper(keeper: asyncio.Task[None]) -> None:
         keeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await keeper
+
+
+@tenants_app.command("worker")
+def tenants_worker(
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 500,
+    poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.01)] = 1.0,
+    rescan: Annotated[
+        float, typer.Option("--rescan", min=0.1, help="Seconds between looks for new tenants.")
+    ] = 5.0,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Project every tenant's log until SIGTERM/SIGINT (one worker per tenant)."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    registry = TenantRegistry(_settings(database_url, None))
+
+    async def work() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await registry.run_workers_until(
+                stop, batch_size=batch_size, poll_interval=poll_interval, rescan=rescan
+            )
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    run(work)
 
 
 # -- verify ------------------------------------------------------------------------------

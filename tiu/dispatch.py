@@ -44,7 +44,7 @@ from eventstore.schema import events as events_table
 from eventstore.schema import processed_commands, snapshots, unique_keys
 from eventstore.store import EventStore, UnitOfWork
 from eventstore.translate import translate_errors
-from projections.errors import InlineProjectionBehind
+from projections.errors import InlineProjectionBehind, ProjectionFailed
 from projections.projector import Envelope
 from projections.runner import InlineRunner, Worker
 from tiu.idempotency import leaves_trace, refusal_outcome, replayed_refusal
@@ -668,9 +668,9 @@ class GroupCommitter:
                         outcomes.append(await unit.isolated(command, ctx))
                     except DomainError as error:
                         outcomes.append(error)
-        except (ConcurrencyError, InlineProjectionBehind, GroupRerun):
-            # Another process got in between, or a command failed after writing: settle
-            # each command alone, with retries.
+        except (ConcurrencyError, InlineProjectionBehind, GroupRerun, ProjectionFailed):
+            # Another process got in between, or a command failed after writing (an
+            # inline projector raised): settle each command alone, with retries.
             for (command, ctx), future in group:
                 await settle(future, self.dispatcher.dispatch_alone(command, ctx))
             return

@@ -6,7 +6,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
@@ -154,6 +154,22 @@ class SessionValidation(BaseModel):
     user: User | None = None
     permissions: frozenset[str] = frozenset()
     session: Session | None = None
+
+
+class TokenCheck(BaseModel):
+    """The answer of ``check_token``: whom a token acts for, or why it may not act.
+
+    ``source`` names the read model that answered: ``redis`` (the session cache) or
+    ``sql``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    valid: bool
+    reason: str | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    expires_at: datetime | None = None
+    source: Literal["redis", "sql"]
 
 
 class ProjectStatistics(BaseModel):

@@ -71,11 +71,13 @@ from tiu.models import (
     Session,
     SessionValidation,
     Task,
+    TokenCheck,
     User,
     UserActivity,
 )
 
 if TYPE_CHECKING:
+    from projections.redis_sessions import CachedSession
     from tiu.service import DatabaseService
 
 V = TypeVar("V")
@@ -195,8 +197,8 @@ class Channel:
             return
         # Reads fail as the store's writes do: StoreUnavailable, never a driver error.
         with translate_errors(self.service.store.dialect.database_label):
-            engine = self.service.engine if streamed else self.service.reader
-            async with engine.connect() as conn:
+            opened = self.service.engine.connect() if streamed else self.service.read_connection()
+            async with opened as conn:
                 yield conn
 
     async def send(self, command: Command, *, actor_id: str | None = None) -> CommandResult:
@@ -540,6 +542,33 @@ _SESSION_AND_USER: Final = (
     )
     .where(sessions_table.c.token_hash == bindparam("token_hash"))
 )
+
+
+def _session_and_user(found: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    row = {c.name: found[c.name] for c in sessions_table.c}
+    if found[_USER_LABEL + "user_id"] is None:
+        return row, None
+    return row, {c.name: found[_USER_LABEL + c.name] for c in users_table.c}
+
+
+def _refusal(
+    row: Mapping[str, Any], user_row: Mapping[str, Any] | None, now: datetime, policy: Any
+) -> str | None:
+    """Why the session row may not act at ``now`` (``None``: it may)."""
+    valid_after = user_row["sessions_valid_after"] if user_row is not None else None
+    if row["revoked_at"] is not None or (
+        valid_after is not None and row["started_at"] < valid_after
+    ):
+        return "revoked"
+    if user_row is None or not user_row["active"]:
+        return "inactive"
+    if now >= row["expires_at"]:
+        return "expired"
+    if now - row["last_seen_at"] >= policy.session_idle_timeout:
+        return "idle"
+    return None
+
+
 _PERMISSIONS_SQL: Final = f"SELECT permission FROM {user_permissions.name} WHERE user_id = $1"  # noqa: S608  # constant
 _PUBLIC: Final = projects_table.c.visibility == projects.Visibility.PUBLIC.value
 
@@ -1160,40 +1189,42 @@ class SessionRepository(_Repository):
     async def validate_session(self, token: str, *, touch: bool = True) -> SessionValidation:
         """Who the token belongs to and what they may do, or why it is refused
         (``unknown``, ``revoked``, ``expired``, ``idle``, ``inactive``). Activity is
-        recorded at most once per ``session_touch_interval``."""
+        recorded at most once per ``session_touch_interval``. With the Redis session
+        cache, a refusal is answered from Redis alone (see :meth:`check_token`)."""
         service = self._channel.service
         now = service.now()
+        token_hash = hash_token(token)
+        answered, cached = await self._cached(token_hash)
+        if answered:
+            if cached is None:
+                return SessionValidation(valid=False, reason="unknown")
+            refused = cached.refusal(now)
+            if refused is not None:
+                view = Session(
+                    session_id=cached.session_id,
+                    user_id=cached.user_id,
+                    started_at=cached.started_at,
+                    expires_at=cached.expires_at,
+                    last_seen_at=cached.last_seen_at,
+                    revoked_at=cached.revoked_at,
+                    revoked_reason=cached.revoked_reason,
+                )
+                return SessionValidation(valid=False, reason=refused, session=view)
         policy = service.policy
         async with self._channel.read() as conn:
             # The session and its user in one statement (they were two round trips).
             found = (
-                (await conn.execute(_SESSION_AND_USER, {"token_hash": hash_token(token)}))
+                (await conn.execute(_SESSION_AND_USER, {"token_hash": token_hash}))
                 .mappings()
                 .first()
             )
             if found is None:
                 return SessionValidation(valid=False, reason="unknown")
-            row = {c.name: found[c.name] for c in sessions_table.c}
-            user_row = (
-                {c.name: found[_USER_LABEL + c.name] for c in users_table.c}
-                if found[_USER_LABEL + "user_id"] is not None
-                else None
-            )
+            row, user_row = _session_and_user(found)
             permissions = await self._channel.permissions_of(conn, row["user_id"])
             user = await _with_roles(conn, user_row) if user_row is not None else None
         session = Session.from_row(row)
-        reason: str | None = None
-        valid_after = user_row["sessions_valid_after"] if user_row is not None else None
-        if row["revoked_at"] is not None or (
-            valid_after is not None and row["started_at"] < valid_after
-        ):
-            reason = "revoked"
-        elif user is None or not user.active:
-            reason = "inactive"
-        elif now >= row["expires_at"]:
-            reason = "expired"
-        elif now - row["last_seen_at"] >= policy.session_idle_timeout:
-            reason = "idle"
+        reason = _refusal(row, user_row, now, policy)
         if reason is not None:
             return SessionValidation(valid=False, reason=reason, session=session)
         if touch and now - row["last_seen_at"] >= policy.session_touch_interval:
@@ -1202,6 +1233,69 @@ class SessionRepository(_Repository):
                 actor_id=row["user_id"],
             )
         return SessionValidation(valid=True, user=user, permissions=permissions, session=session)
+
+    async def check_token(self, token: str) -> TokenCheck:
+        """Whom ``token`` acts for, or why it may not (``unknown``, ``revoked``,
+        ``expired``, ``idle``, ``inactive``): the hot path of a request, without the
+        user's row or permissions and without recording activity.
+
+        With ``redis_url`` set it is answered from the Redis session cache, one round
+        trip, whenever the cache has reached the head this process has seen committed;
+        otherwise, and whenever Redis fails, from the SQL read model. A revoked session
+        is therefore never accepted: a revocation is in Redis before its command
+        returns, or Redis is behind the head this process knows and SQL answers."""
+        service = self._channel.service
+        now = service.now()
+        token_hash = hash_token(token)
+        answered, cached = await self._cached(token_hash)
+        if answered:
+            if cached is None:
+                return TokenCheck(valid=False, reason="unknown", source="redis")
+            reason = cached.refusal(now)
+            return TokenCheck(
+                valid=reason is None,
+                reason=reason,
+                user_id=cached.user_id,
+                session_id=cached.session_id,
+                expires_at=cached.expires_at,
+                source="redis",
+            )
+        async with self._channel.read() as conn:
+            found = (
+                (await conn.execute(_SESSION_AND_USER, {"token_hash": token_hash}))
+                .mappings()
+                .first()
+            )
+        if found is None:
+            return TokenCheck(valid=False, reason="unknown", source="sql")
+        row, user_row = _session_and_user(found)
+        reason = _refusal(row, user_row, now, service.policy)
+        return TokenCheck(
+            valid=reason is None,
+            reason=reason,
+            user_id=row["user_id"],
+            session_id=row["session_id"],
+            expires_at=row["expires_at"],
+            source="sql",
+        )
+
+    async def _cached(self, token_hash: str) -> tuple[bool, CachedSession | None]:
+        """``(answered, session)`` from the Redis cache. It answers only when configured,
+        reachable and at least at the head this process has seen committed; inside a
+        unit of work, reads must see its own writes, so SQL answers."""
+        service = self._channel.service
+        cache = service.session_cache
+        if cache is None or self._channel.unit is not None:
+            return False, None
+        from projections.redis_sessions import CACHE_ERRORS  # noqa: PLC0415  # optional extra
+
+        try:
+            session, checkpoint = await cache.lookup(token_hash)
+        except CACHE_ERRORS:
+            return False, None
+        if checkpoint < service.store.dialect.known_head:
+            return False, None
+        return True, session
 
     async def touch(self, session_id: str, *, command_id: str | None = None) -> None:
         session = await self.get_session(session_id)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -24,7 +26,7 @@ from eventstore.retention import RETENTION_CATEGORY, ArchiveReport
 from eventstore.schema import events
 from eventstore.translate import translate_errors
 from migrations import runner as migrations
-from projections import checkpoints, replay
+from projections import checkpoints, parking, replay
 from projections.projector import Projector
 from projections.publishing import Publisher, publisher_lag
 from projections.readmodels import ALL_PROJECTORS
@@ -38,10 +40,15 @@ from projections.runner import (
 )
 from tiu.dispatch import CommandResult, Dispatcher
 from tiu.publishing import build_publisher
+from tiu.replicas import ReplicaReads
 from tiu.repositories import Caller, Channel, Repositories
 from tiu.settings import Settings
 
+if TYPE_CHECKING:
+    from projections.redis_sessions import SessionCache
+
 T = TypeVar("T")
+log = logging.getLogger("tiu")
 
 CATEGORIES = frozenset(
     {
@@ -52,6 +59,7 @@ CATEGORIES = frozenset(
         security.CATEGORY,
         audit.CATEGORY,
         RETENTION_CATEGORY,
+        parking.OPERATIONS_CATEGORY,
     }
 )
 
@@ -95,6 +103,20 @@ class DatabaseService:
         )
         self._clock = clock or (lambda: datetime.now(UTC))
         self.store = EventStore(self.engine, categories=CATEGORIES, clock=self._clock)
+        #: Reads from ``read_database_url`` with read-your-writes (``None``: no replica).
+        self.replica_reads: ReplicaReads | None = None
+        if settings.read_database_url:
+            if self.engine.dialect.name != "postgresql":
+                raise ValueError("read_database_url needs a PostgreSQL primary")
+            replica = create_engine(settings.read_database_url, settings.engine_options())
+            if replica.dialect.name != "postgresql":
+                raise ValueError("read_database_url must be a PostgreSQL streaming replica")
+            self.replica_reads = ReplicaReads(
+                self.store,
+                self.reader,
+                replica.execution_options(isolation_level="AUTOCOMMIT"),
+                wait=settings.replica_wait,
+            )
         self.projectors = tuple(projectors)
         self.hasher: PasswordHasher = hasher or BcryptHasher(rounds=settings.bcrypt_rounds)
         self.policy = SecurityPolicy(
@@ -123,6 +145,19 @@ class DatabaseService:
         self.publisher: Publisher | None = None
         self._publisher_task: asyncio.Task[None] | None = None
         self._publisher_stop = asyncio.Event()
+        #: The Redis session read model (``redis_url``); ``None`` when not configured.
+        self.session_cache: SessionCache | None = None
+        if settings.redis_url:
+            # redis is an optional extra: imported only when configured.
+            from projections.redis_sessions import SessionCache  # noqa: PLC0415
+
+            self.session_cache = SessionCache.from_url(
+                settings.redis_url,
+                prefix=settings.redis_prefix,
+                idle_timeout=settings.session_idle_timeout,
+            )
+        self._cache_task: asyncio.Task[None] | None = None
+        self._cache_stop = asyncio.Event()
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------
@@ -158,6 +193,8 @@ class DatabaseService:
                 leader_election=False,
                 pause_every=SHARED_LOOP_CHUNK,
             ).catch_up()
+        if self.session_cache is not None:
+            await self._start_session_cache(self.session_cache)
         if run_worker:
             self._worker_stop = asyncio.Event()
             worker = Worker(
@@ -172,10 +209,25 @@ class DatabaseService:
             self.publisher = build_publisher(self.store, self.settings)
             self._publisher_task = asyncio.create_task(self.publisher.run(self._publisher_stop))
 
+    async def _start_session_cache(self, cache: SessionCache) -> None:
+        from projections.redis_sessions import CACHE_ERRORS  # noqa: PLC0415
+
+        await self.store.dialect.follow_head()
+        try:
+            await cache.catch_up(self.store)
+        except CACHE_ERRORS as error:  # readers use SQL until it is back
+            log.warning("session cache unavailable at start: %r", error)
+        self._cache_task = asyncio.create_task(cache.run(self.store, self._cache_stop))
+
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._cache_task is not None:
+            self._cache_stop.set()
+            await self._cache_task
+        if self.session_cache is not None:
+            await self.session_cache.aclose()
         if self._worker_task is not None and self._worker_stop is not None:
             self._worker_stop.set()
             await self._worker_task
@@ -186,6 +238,8 @@ class DatabaseService:
             await self.dispatcher.group.aclose()  # commands already queued are written
         await self.store.aclose()
         await self.engine.dispose()
+        if self.replica_reads is not None:
+            await self.replica_reads.replica.dispose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -197,6 +251,13 @@ class DatabaseService:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    def read_connection(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        """A connection for a repository read: the replica when configured and caught
+        up with this process's writes, else the primary (``service.reader``)."""
+        if self.replica_reads is not None:
+            return self.replica_reads.connect()
+        return self.reader.connect()
 
     # -- commands ---------------------------------------------------------------------
 
@@ -264,23 +325,53 @@ class DatabaseService:
         positions = [r.position for r in unit.results if r.position is not None]
         if positions:
             await self.wait_for(max(positions))
+            await self.session_cache_caught_up(max(positions))
         return value
 
     async def caught_up(self, result: CommandResult) -> None:
         if result.position is not None:
-            await self.wait_for(result.position)
+            types = {e.event_type for e in result.events}
+            await self.wait_for(result.position, event_types=types)
+            if self.session_cache is not None and types & self.session_cache.handles:
+                await self.session_cache_caught_up(result.position)
 
-    async def wait_for(self, position: int, timeout: float = 10.0) -> None:
-        """Return once the read models reflect ``position`` (immediate in inline mode)."""
+    async def session_cache_caught_up(self, position: int) -> bool:
+        """Wait (up to ``session_cache_wait``) until the Redis session cache reflects
+        ``position``: a revocation then holds in every instance when its call returns.
+        ``False`` if it did not (Redis down or slow): readers then use SQL, because the
+        cache is behind the head they know."""
+        from projections.redis_sessions import CACHE_ERRORS  # noqa: PLC0415
+
+        if self.session_cache is None:
+            return False
+        try:
+            return await self.session_cache.wait_for(position, self.settings.session_cache_wait)
+        except CACHE_ERRORS:
+            return False
+
+    async def wait_for(
+        self, position: int, timeout: float = 10.0, *, event_types: set[str] | None = None
+    ) -> None:
+        """Return once the read models reflect ``position`` (immediate in inline mode).
+
+        Raises :class:`ProjectionParked` at once when a parked projector cannot reach
+        it (with ``event_types``, only one that handles a type among them)."""
         if self.projection_mode is ProjectionMode.INLINE:
             return
-        await wait_for(self.store, self.projectors, position, timeout)
+        await wait_for(self.store, self.projectors, position, timeout, event_types=event_types)
 
     # -- operations -------------------------------------------------------------------
 
     async def health_check(self) -> dict[str, Any]:
+        """Connection, latency, revision; ``parked_projectors`` names the projectors
+        stopped at an event they cannot apply (the service is healthy otherwise, but
+        what waits for them fails)."""
         report = await health_check(self.engine, head_revision=migrations.head_revision())
         data = report.as_dict()
+        if report.healthy:
+            async with self.engine.connect() as conn:
+                found = await parking.load(conn, [p.name for p in self.projectors])
+            data["parked_projectors"] = {n: p.as_dict() for n, p in sorted(found.items())}
         if report.healthy and report.current_revision is not None:
             try:
                 data["publishers"] = await self._publishers()
@@ -326,6 +417,9 @@ class DatabaseService:
                 }
             lowest = await lowest_position(conn, self.projectors)
             tree = await transparency.status(conn)
+            parked = await parking.load(conn, [p.name for p in self.projectors])
+            for name, entry in lag.items():
+                entry["parked"] = parked[name].as_dict() if name in parked else None
         return {
             "head_position": head,
             "events_by_category": by_category,
@@ -334,6 +428,7 @@ class DatabaseService:
             "projectors": lag,
             "max_lag": head - lowest,
             "transparency": tree,
+            "parked": sorted(parked),
             "projection_mode": self.projection_mode.value,
             "publishers": await self._publishers(),
         }

@@ -43,6 +43,19 @@ class Settings(BaseSettings):
     session_touch_interval: timedelta = timedelta(minutes=1)
     password_reset_ttl: timedelta = timedelta(hours=1)
 
+    #: A PostgreSQL streaming replica that repositories and audit queries read from
+    #: (``tiu.replicas``); commands and projections always use ``database_url``.
+    read_database_url: str | None = None
+    #: How long a read after a write waits for the replica to replay it before it
+    #: reads the primary instead.
+    replica_wait: float = Field(1.0, ge=0)
+    #: A Redis server for the session cache (``redis://127.0.0.1:6379/0``); off when unset.
+    redis_url: str | None = None
+    #: Prefix of the cache's keys: one per store sharing the server (a tenant, a test run).
+    redis_prefix: str = Field("tiu:", min_length=1, max_length=100)
+    #: How long a revoking command waits for the cache to reflect it before returning.
+    session_cache_wait: float = Field(2.0, ge=0)
+
     snapshot_every: int = Field(100, ge=0)
     #: Concurrent commands of this process share one transaction (each in a savepoint).
     group_commit: bool = True

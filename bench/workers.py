@@ -1,0 +1,181 @@
+"""Case 8: catch-up of all six projections by 1, 2 and 3 worker processes (PostgreSQL).
+
+    python -m bench.workers --events 1000000 --workers 1,2,3 --runs 1
+
+A seeded scenario log (bench.scenario, as case 5) is written once into a schema of
+its own in the test database (``TIU_TEST_POSTGRES_URL``, dropped at the end). For
+each run and worker count the read models are emptied and every checkpoint set back
+to 0; then N ``projections.runner.Worker`` processes start, each connected with its
+checkpoints registered before the clock starts, and are told to go at once. The
+time is until the slowest checkpoint reaches the head. Leadership spreads the six
+projectors over the workers (2 workers: 3 each; 3 workers: 2 each), so the speed-up
+is bounded by the slowest projector's share, and by the machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text, update
+
+from bench.scenario import Scenario, fill
+from eventstore import EngineOptions, EventStore, create_engine
+from eventstore.schema import projection_checkpoints
+from migrations import runner as migrations
+from projections import checkpoints
+from projections.readmodels import ALL_PROJECTORS
+from projections.runner import Worker, lowest_position
+
+PG_URL = os.environ.get(
+    "TIU_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+async def _child(url: str, schema: str, batch: int) -> None:
+    engine = create_engine(url, EngineOptions(search_path=schema))
+    store = EventStore(engine)
+    worker = Worker(store, ALL_PROJECTORS, batch_size=batch, poll_interval=0.2)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+    print("ready", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)  # "go"
+    try:
+        await worker.run(stop)
+    finally:
+        await store.aclose()
+        await engine.dispose()
+
+
+async def _prepare(schema: str, events: int) -> int:
+    admin = create_engine(PG_URL)
+    async with admin.begin() as conn:
+        await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    await admin.dispose()
+    engine = create_engine(PG_URL, EngineOptions(search_path=schema))
+    await migrations.upgrade(engine)
+    store = EventStore(engine)
+    started = time.monotonic()
+    await fill(store, Scenario(seed=42), events)
+    print(f"log of {events:,} events written in {time.monotonic() - started:.0f}s", flush=True)
+    async with engine.connect() as conn:
+        await checkpoints.ensure(conn, ALL_PROJECTORS)
+        await conn.commit()
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(text("VACUUM ANALYZE events"))
+        head = await store.head_position(conn)
+    await store.aclose()
+    await engine.dispose()
+    return head
+
+
+async def _reset(engine: Any) -> None:
+    tables = ", ".join(f'"{t.name}"' for p in ALL_PROJECTORS for t in p.tables)
+    async with engine.begin() as conn:
+        await conn.execute(text(f"TRUNCATE {tables}"))
+        await conn.execute(update(projection_checkpoints).values(position=0))
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(text(f"VACUUM ANALYZE {tables}"))
+
+
+async def _measure(schema: str, head: int, workers: int, batch: int) -> float:
+    engine = create_engine(PG_URL, EngineOptions(search_path=schema))
+    await _reset(engine)
+    procs = []
+    for _ in range(workers):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.workers",
+            "--child",
+            "--schema",
+            schema,
+            "--batch",
+            str(batch),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert line.strip() == b"ready", line
+        procs.append(proc)
+    started = time.monotonic()
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+    while True:
+        async with engine.connect() as conn:
+            if await lowest_position(conn, ALL_PROJECTORS) >= head:
+                break
+        await asyncio.sleep(0.05)
+    elapsed = time.monotonic() - started
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        await proc.wait()
+    await engine.dispose()
+    return elapsed
+
+
+async def _main(events: int, counts: list[int], runs: int, batch: int) -> None:
+    schema = f"bench_workers_{os.getpid()}"
+    try:
+        head = await _prepare(schema, events)
+        times: dict[int, list[float]] = {n: [] for n in counts}
+        for _ in range(runs):  # the worker counts take turns, run by run
+            for n in counts:
+                seconds = await _measure(schema, head, n, batch)
+                times[n].append(seconds)
+                print(f"{n} worker(s): {seconds:.1f}s, {head / seconds:,.0f} events/s", flush=True)
+    finally:
+        admin = create_engine(PG_URL)
+        async with admin.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await admin.dispose()
+    base = sorted(times[counts[0]])[len(times[counts[0]]) // 2]
+    rows = []
+    print(f"\ncatch-up of all six projections, log of {head:,} events, PostgreSQL")
+    print("| workers | median s | events/s | vs first |")
+    print("|---:|---:|---:|---:|")
+    for n in counts:
+        median = sorted(times[n])[len(times[n]) // 2]
+        rows.append({"workers": n, "seconds": times[n], "median": median, "rate": head / median})
+        print(f"| {n} | {median:.1f} | {head / median:,.0f} | {base / median:.2f}x |")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "workers-latest.json"
+    out.write_text(json.dumps({"events": head, "batch": batch, "rows": rows}, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--workers", default="1,2,3")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--schema", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        asyncio.run(_child(PG_URL, args.schema, args.batch))
+        return
+    counts = [int(n) for n in args.workers.split(",")]
+    asyncio.run(_main(args.events, counts, args.runs, args.batch))
+
+
+if __name__ == "__main__":
+    main()
