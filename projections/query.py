@@ -80,6 +80,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
+from eventstore import telemetry
 from projections.errors import InvalidCursor, InvalidFilter, InvalidOrdering, InvalidPagination
 
 __all__ = [
@@ -716,6 +717,7 @@ class Query:
 
     # -- the public contract
 
+    @telemetry.traced_query("get")
     async def get(
         self, conn: AsyncConnection, key: Any, *, where: ColumnElement[bool] | None = None
     ) -> Row | None:
@@ -729,6 +731,7 @@ class Query:
         rows = self._rows(await conn.execute(stmt))
         return rows[0] if rows else None
 
+    @telemetry.traced_query("get_many")
     async def get_many(
         self,
         conn: AsyncConnection,
@@ -747,6 +750,7 @@ class Query:
         found.sort(key=lambda r: tuple(r[c.key] for c in self._pk))
         return found
 
+    @telemetry.traced_query("list")
     async def list(
         self,
         conn: AsyncConnection,
@@ -790,6 +794,7 @@ class Query:
         )
         return self._rows(await conn.execute(stmt, params))
 
+    @telemetry.traced_query("count")
     async def count(
         self,
         conn: AsyncConnection,
@@ -807,6 +812,7 @@ class Query:
         )
         return int((await conn.execute(stmt, params)).scalar_one())
 
+    @telemetry.traced_query("exists")
     async def exists(
         self,
         conn: AsyncConnection,
@@ -819,6 +825,7 @@ class Query:
         inner = inner.where(*self._where(self.filters(filters), where, conn.dialect.name))
         return bool((await conn.execute(sa.select(inner.exists()))).scalar_one())
 
+    @telemetry.traced_query("page")
     async def page(
         self,
         conn: AsyncConnection,

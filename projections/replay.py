@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlalchemy.sql.elements import conv
 
+from eventstore import telemetry
 from eventstore.engine import begin_write
 from eventstore.errors import AppendTimeout
 from eventstore.schema import NAMING_CONVENTION, events
@@ -230,6 +231,7 @@ async def rebuild(
 ) -> RebuildReport:
     """Rebuild ``projector`` from the log and swap it in; resumable after a crash."""
     with long_lived_heap():
+        on_progress = telemetry.replay_progress(on_progress)
         return await _rebuild(store, projector, batch_size=batch_size, on_progress=on_progress)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from eventstore import telemetry
 from eventstore.engine import begin_write
 from eventstore.errors import AppendTimeout, StoreUnavailable
 from eventstore.records import RecordedEvent
@@ -71,9 +72,10 @@ async def apply_records(
     tables: Tables | None = None,
 ) -> None:
     handled = [r for r in records if r.event_type in projector.handles]
-    envelopes = await decode_records(conn, handled) if handled else []
-    if envelopes:
-        await projector.apply_batch(conn, envelopes, tables or projector.live_tables())
+    with telemetry.projector_batch(conn, projector.name, handled, replay=tables is not None):
+        envelopes = await decode_records(conn, handled) if handled else []
+        if envelopes:
+            await projector.apply_batch(conn, envelopes, tables or projector.live_tables())
 
 
 class InlineRunner:
@@ -170,6 +172,7 @@ class Worker:
             # Every position up to head is committed (gap-free order), so when the
             # batch is not full the checkpoint may move straight to head.
             new = records[-1].position if len(records) == self.batch_size else head
+            telemetry.projector_lag(projector.name, head - new, records[-1:])
             if new == position:
                 await conn.rollback()
                 return BatchResult(projector.name, 0, position)

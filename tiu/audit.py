@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import security, users
 from domain.base import ERASED
+from eventstore import telemetry
 from eventstore.crypto import keyring
 from eventstore.retention import read_archive
 from eventstore.schema import events
@@ -178,6 +179,7 @@ def _clamp(limit: int | None) -> int:
     return MAX_LIMIT if limit is None else max(1, min(limit, MAX_LIMIT))
 
 
+@telemetry.traced_audit("query")
 async def query(
     conn: AsyncConnection,
     where: AuditFilter,
@@ -234,6 +236,7 @@ def stats_of(rows: Iterable[tuple[str, datetime]]) -> AuditStats:
     )
 
 
+@telemetry.traced_audit("stats")
 async def stats(conn: AsyncConnection, where: AuditFilter) -> AuditStats:
     stmt = select(events.c.event_type, events.c.recorded_at).where(*where.conditions())
     result = await conn.execute(stmt)
@@ -387,6 +390,7 @@ def find_suspicious(
     return sorted(findings, key=lambda f: (f.last_at, f.rule, f.subject))
 
 
+@telemetry.traced_audit("suspicious")
 async def suspicious(
     conn: AsyncConnection, where: AuditFilter, rules: SuspiciousRules = SuspiciousRules()
 ) -> list[Finding]:
