@@ -641,15 +641,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(*, json_lines: bool = False, level: int = logging.INFO) -> None:
-    """Log the library's loggers to stderr, as text or as JSON lines
-    (:class:`JsonFormatter`). For hosts without logging of their own (the CLI)."""
+    """Log to stderr, as text or as JSON lines (:class:`JsonFormatter`), unless the
+    process has set up logging already. For hosts without logging of their own (the
+    CLI)."""
     handler = logging.StreamHandler()
     handler.setFormatter(
         JsonFormatter() if json_lines else logging.Formatter("%(asctime)s %(name)s %(message)s")
     )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    logging.basicConfig(level=level, handlers=[handler])  # a no-op if logging is set up
 
 
 if ENABLED:

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain.errors import DomainError
 from domain.permissions import SYSTEM_ACTOR
-from eventstore import EventStore, create_engine, retention, verify
+from eventstore import EventStore, create_engine, retention, telemetry, verify
 from eventstore.errors import EventStoreError
 from eventstore.translate import translate_errors
 from migrations import runner as migrations
@@ -524,15 +523,26 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
     log_interval: Annotated[
         float, typer.Option("--log-interval", min=0.1, help="Seconds between lag reports.")
     ] = 10.0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=1,
+            max=65535,
+            help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics (needs the otel extra).",
+        ),
+    ] = None,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="Log JSON lines with trace and correlation ids.")
+    ] = False,
     database_url: DatabaseUrl = None,
     schema: Schema = None,
 ) -> None:
     """Project the log until SIGTERM/SIGINT; the batch in progress finishes and commits."""
     settings = _settings(database_url, schema)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
-    )
+    telemetry.configure_logging(json_lines=log_json)
     log = logging.getLogger("tiu.worker")
+    server = _serve_metrics(metrics_port) if metrics_port is not None else None
 
     async def work() -> dict[str, Any]:
         engine = _engine(settings)
@@ -575,7 +585,20 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
         )
         return {"events": runner.stats.events, "batches": runner.stats.batches}
 
-    run(work)
+    try:
+        run(work)
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def _serve_metrics(port: int) -> Any:
+    if not telemetry.ENABLED:
+        fail("--metrics-port needs the otel extra: pip install 'tiu-core[otel]'")
+    try:
+        return telemetry.serve_prometheus(port)
+    except OSError as error:
+        fail(f"cannot serve metrics on port {port}: {error.strerror or error}")
 
 
 # -- verify ------------------------------------------------------------------------------
