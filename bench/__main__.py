@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import es
-from bench.cases import command, queries, read, replay, store
+from bench.cases import command, queries, read, replay, store, telemetry
 from bench.common import (
     BACKENDS,
     Config,
@@ -44,6 +44,7 @@ CASES: dict[str, Callable[[Context], Awaitable[list[Result]]]] = {
     "4": read.case4,
     "5": replay.case5,  # also case 7 (growth): it measures on the log case 5 grows
     "6": queries.case6,
+    "8": telemetry.case8,
 }
 
 

@@ -197,7 +197,7 @@ class CommandUnit:
                 for i, (e, s) in enumerate(zip(new_events, stored, strict=True), start=1)
             ]
             if self.dispatcher.inline is not None:
-                with telemetry.step("tiu.project", command):
+                with telemetry.write_stage("project", self.conn):
                     await self.dispatcher.inline.apply(self.conn, envelopes)
             self.uow.append(
                 stream_id,
