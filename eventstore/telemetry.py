@@ -160,7 +160,13 @@ def configure(*, tracer_provider: Any = None, meter_provider: Any = None) -> Non
     set by the host with ``opentelemetry.trace.set_tracer_provider``). Tests pass the
     SDK's in-memory exporters here."""
     global _state  # noqa: PLW0603  # the module's one switch
-    if ENABLED:
+    if not ENABLED:
+        return
+    if tracer_provider is None and meter_provider is None:
+        # The global providers' state, built once: instruments made again on the same
+        # provider would report every gauge twice.
+        _state = _GLOBAL
+    else:
         _state = _State(tracer_provider, meter_provider)
 
 
@@ -616,19 +622,17 @@ _prometheus: Any = None
 
 
 def prometheus_reader() -> Any:
-    """The process's Prometheus reader: made once, with a meter provider of its own
-    that :func:`configure` installs (the text is then ``prometheus_client.
-    generate_latest()``)."""
+    """The process's Prometheus reader, made once with the global meter provider (the
+    text is then ``prometheus_client.generate_latest()``)."""
     global _prometheus  # noqa: PLW0603  # one per process: it registers in prometheus-client
     if _prometheus is None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader  # noqa: PLC0415
         from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415
 
         _prometheus = PrometheusMetricReader()
-        provider = MeterProvider(metric_readers=[_prometheus])
-        configure(
-            tracer_provider=_state.tracer_provider if _state else None, meter_provider=provider
-        )
+        # Global, so that the instruments built at import (the API's proxies) report to
+        # it; a host that set a meter provider of its own keeps it (and a warning).
+        metrics.set_meter_provider(MeterProvider(metric_readers=[_prometheus]))
     return _prometheus
 
 
@@ -668,7 +672,7 @@ def configure_logging(*, json_lines: bool = False, level: int = logging.INFO) ->
 
 
 if ENABLED:
-    _state = _State()
+    _state = _GLOBAL = _State()
 
 __all__ = [
     "ENABLED",
