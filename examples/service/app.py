@@ -19,7 +19,7 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -226,10 +226,26 @@ def create_app(
     )
     app.state.service = service
     errors.install(app)
+    app.middleware("http")(traced)
     if telemetry.ENABLED:
         telemetry.prometheus_reader()
     _routes(app)
     return app
+
+
+async def traced(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """A server span per request (without an SDK, nothing): the commands and queries the
+    request causes become its children."""
+    with telemetry.span(
+        f"{request.method}", {"http.request.method": request.method, "url.path": request.url.path}
+    ) as span:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        if route is not None:
+            span.update_name(f"{request.method} {getattr(route, 'path', '')}")
+            span.set_attribute("http.route", getattr(route, "path", ""))
+        span.set_attribute("http.response.status_code", response.status_code)
+        return response
 
 
 async def clean_sessions(service: DatabaseService, interval: float) -> None:

@@ -239,6 +239,22 @@ async def test_audit_queries_are_for_admins_and_carry_the_request_id(api: Api):
     assert any(e["data"]["error_code"] == "permission_denied" for e in refused.json())
 
 
+async def test_a_request_is_a_server_span_with_its_commands_and_queries_below(api: Api):
+    from tests.telemetry.support import in_memory
+
+    with in_memory() as otel:
+        answer = await api.client.post(
+            "/users",
+            json={"email": "ada@example.com", "username": "ada", "password": PASSWORD},
+        )
+    assert answer.status_code == 201
+    (request,) = otel.named("POST /users")
+    assert request.attributes["http.route"] == "/users"
+    assert request.attributes["http.response.status_code"] == 201
+    below = {s.name for s in otel.descendants(request)}
+    assert {"tiu.command RegisterUser", "SELECT users"} <= below
+
+
 async def test_health_and_metrics(api: Api):
     assert (await api.client.get("/health/live")).json() == {"status": "ok"}
     ready = await api.client.get("/health/ready")
