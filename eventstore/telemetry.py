@@ -294,8 +294,9 @@ async def command(command: Any, ctx: Any, work: Awaitable[R]) -> R:
 def traced_group(
     write: Callable[[list[Any]], Awaitable[None]], key: Callable[[Any], object]
 ) -> Callable[[list[Any]], Awaitable[None]]:
-    """Wrap a group committer's ``write``: its group runs in the context of the first
-    command's span, links the others' spans and tells each its group size."""
+    """Wrap a group committer's ``write``: the group's transaction runs in the context
+    of its first command's span (each command's own stages find their own span, see
+    :func:`step`), and every command's span is told the group's size."""
 
     async def traced(group: list[Any]) -> None:
         state = _state
