@@ -28,6 +28,7 @@ import contextvars
 import functools
 import json
 import logging
+import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -54,6 +55,7 @@ MAX_LINKS: Final = 32
 #: Error codes that count as a failed login (``tiu.logins.failed``).
 LOGIN_FAILURES: Final = frozenset({"invalid_credentials", "account_locked", "account_inactive"})
 _SCOPE: Final = "tiu"
+_TRACEPARENT: Final = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 class _NoSpan:
@@ -148,6 +150,8 @@ _state: _State | None = None  # built at the end of the module, once its callbac
 _open_commands: dict[int, Any] = {}
 _lag: dict[str, tuple[int, datetime | None]] = {}
 _replays: dict[str, float] = {}
+#: The providers last passed to :func:`configure`, and the state built for them.
+_explicit: list[Any] = [(None, None), None]
 _pools: weakref.WeakSet[Any] = weakref.WeakSet()
 #: The correlation id of the command being handled, for :class:`JsonFormatter`.
 correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -162,12 +166,15 @@ def configure(*, tracer_provider: Any = None, meter_provider: Any = None) -> Non
     global _state  # noqa: PLW0603  # the module's one switch
     if not ENABLED:
         return
+    # Each state is built once for its providers: instruments made again on the same
+    # provider would report every gauge twice (and cost each record twice).
     if tracer_provider is None and meter_provider is None:
-        # The global providers' state, built once: instruments made again on the same
-        # provider would report every gauge twice.
         _state = _GLOBAL
+    elif (tracer_provider, meter_provider) == _explicit[0]:
+        _state = _explicit[1]
     else:
         _state = _State(tracer_provider, meter_provider)
+        _explicit[:] = [(tracer_provider, meter_provider), _state]
 
 
 def _tracer() -> Any:
@@ -444,20 +451,14 @@ def trace_metadata(command: object = None) -> dict[str, str]:
 
 
 def _link(traceparent: object) -> Any:
-    if not isinstance(traceparent, str):
+    if not isinstance(traceparent, str) or not _TRACEPARENT.fullmatch(traceparent):
         return None
-    parts = traceparent.split("-")
-    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
-        return None
-    try:
-        context = SpanContext(
-            int(parts[1], 16),
-            int(parts[2], 16),
-            is_remote=True,
-            trace_flags=TraceFlags(TraceFlags.SAMPLED),
-        )
-    except ValueError:
-        return None
+    context = SpanContext(
+        int(traceparent[3:35], 16),
+        int(traceparent[36:52], 16),
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
     return Link(context) if context.is_valid else None
 
 
