@@ -166,8 +166,8 @@ def configure(*, tracer_provider: Any = None, meter_provider: Any = None) -> Non
     global _state  # noqa: PLW0603  # the module's one switch
     if not ENABLED:
         return
-    # Each state is built once for its providers: instruments made again on the same
-    # provider would report every gauge twice (and cost each record twice).
+    # One state per set of providers, kept: switching back and forth (bench case 8,
+    # tests) finds it instead of looking every instrument up again.
     if tracer_provider is None and meter_provider is None:
         _state = _GLOBAL
     elif (tracer_provider, meter_provider) == _explicit[0]:
