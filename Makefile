@@ -34,6 +34,9 @@ docs: $(STAMP) ## Build the API reference and guides into site/ (strict, offline
 demo: $(STAMP) ## Migrate ./tiu.db and play the demo scenario
 	$(BIN)/tiu demo
 
+serve: $(STAMP) ## Serve examples/service on 127.0.0.1:8000 over ./tiu.db (TIU_DATABASE_URL)
+	$(BIN)/python -m examples.service
+
 bench: $(STAMP) ## Benchmarks against eventsourcing and the raw drivers
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench
@@ -41,4 +44,4 @@ bench: $(STAMP) ## Benchmarks against eventsourcing and the raw drivers
 clean: ## Remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis site
 
-.PHONY: help venv lint test test-all docs demo bench clean
+.PHONY: help venv lint test test-all docs demo serve bench clean

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import es
-from bench.cases import command, publish, queries, read, replay, service, store
+from bench.cases import command, publish, queries, read, replay, service, store, telemetry
 from bench.common import (
     BACKENDS,
     Config,
@@ -46,6 +46,7 @@ CASES: dict[str, Callable[[Context], Awaitable[list[Result]]]] = {
     "6": queries.case6,
     "8": publish.case8,
     "9": service.case9,  # the embedded service under a loop probe
+    "10": telemetry.case10,
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any, Final
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from eventstore import telemetry
 from eventstore.dialects import Dialect, HeldConnection, dialect_for
 from eventstore.engine import begin_write
 from eventstore.errors import (
@@ -263,16 +264,23 @@ class EventStore:
         with translate_errors(self.dialect.database_label):
             conn = await self.engine.connect()
         try:
-            with translate_errors(self.dialect.database_label):
+            with (
+                translate_errors(self.dialect.database_label),
+                telemetry.write_stage("begin", conn),
+            ):
                 await begin_write(conn)
             uow = UnitOfWork(self, conn)
             yield uow
-            await uow.flush()
+            with telemetry.write_stage("append", conn):
+                await uow.flush()
             if after_flush is not None and uow.results:
                 await after_flush(uow)
             if self.before_commit is not None:
                 await self.before_commit(uow)
-            with translate_errors(self.dialect.database_label):
+            with (
+                translate_errors(self.dialect.database_label),
+                telemetry.write_stage("commit", conn),
+            ):
                 await conn.commit()
         finally:
             with translate_errors(self.dialect.database_label):
@@ -280,6 +288,7 @@ class EventStore:
         if uow.results:
             self.dialect.appended(self, max(r.last_position for r in uow.results))
 
+    @telemetry.traced_append
     async def append(
         self,
         stream_id: str,
@@ -316,6 +325,7 @@ class EventStore:
     async def _write_group(self, group: list[Waiting[_PendingAppend, AppendResult]]) -> None:
         """The group committer's writer: one transaction for the group; if it fails as a
         whole (whoever caused it), each append is retried alone and gets its own outcome."""
+        telemetry.group_size("append", len(group))
         try:
             outcomes = await self._append_group([p for p, _ in group], self._held)
         except Exception:
@@ -424,9 +434,10 @@ class EventStore:
         refuse: bool,
     ) -> list[AppendResult | WrongExpectedVersion]:
         with translate_errors(self.dialect.database_label):
-            heads, position = await self.dialect.heads_and_position(
-                conn, self.lock_list(pending, expected)
-            )
+            with telemetry.write_stage("lock", conn):
+                heads, position = await self.dialect.heads_and_position(
+                    conn, self.lock_list(pending, expected)
+                )
             rows, results = self.plan(pending, expected, heads, position, refuse=refuse)
             if rows:
                 await self.dialect.insert_events(conn, rows)

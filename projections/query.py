@@ -80,6 +80,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
+from eventstore import telemetry
 from eventstore.sqlite_driver import OFF_LOOP
 from projections.errors import InvalidCursor, InvalidFilter, InvalidOrdering, InvalidPagination
 
@@ -770,6 +771,7 @@ class Query:
 
     # -- the public contract
 
+    @telemetry.traced_query("get")
     async def get(
         self, conn: AsyncConnection, key: Any, *, where: ColumnElement[bool] | None = None
     ) -> Row | None:
@@ -783,6 +785,7 @@ class Query:
         rows = self._rows(await conn.execute(stmt))
         return rows[0] if rows else None
 
+    @telemetry.traced_query("get_many")
     async def get_many(
         self,
         conn: AsyncConnection,
@@ -801,6 +804,7 @@ class Query:
         found.sort(key=lambda r: tuple(r[c.key] for c in self._pk))
         return found
 
+    @telemetry.traced_query("list")
     async def list(
         self,
         conn: AsyncConnection,
@@ -844,6 +848,7 @@ class Query:
         )
         return self._rows(await conn.execute(stmt, params))
 
+    @telemetry.traced_query("count")
     async def count(
         self,
         conn: AsyncConnection,
@@ -861,6 +866,7 @@ class Query:
         )
         return int((await conn.execute(stmt, params)).scalar_one())
 
+    @telemetry.traced_query("exists")
     async def exists(
         self,
         conn: AsyncConnection,
@@ -873,6 +879,7 @@ class Query:
         inner = inner.where(*self._where(self.filters(filters), where, conn.dialect.name))
         return bool((await conn.execute(sa.select(inner.exists()))).scalar_one())
 
+    @telemetry.traced_query("page")
     async def page(
         self,
         conn: AsyncConnection,

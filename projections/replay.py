@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlalchemy.sql.elements import conv
 
+from eventstore import telemetry
 from eventstore.engine import begin_write
 from eventstore.errors import AppendTimeout
 from eventstore.schema import NAMING_CONVENTION, events
@@ -245,6 +246,7 @@ async def rebuild(
     ``freeze_heap`` (``runner.long_lived_heap``) is for a process of its own, such as
     ``tiu replay``: it changes the whole process's garbage collector."""
     with maybe_frozen_heap(freeze_heap):
+        on_progress = telemetry.replay_progress(on_progress)
         return await _rebuild(
             store, projector, batch_size=batch_size, on_progress=on_progress, pause=pause_every
         )

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from eventstore import telemetry
 from eventstore.dialects import advisory_unlock, count_workers, join_workers, try_advisory_lock
 from eventstore.engine import begin_write
 from eventstore.errors import AppendTimeout, EventStoreError, StoreUnavailable, TransactionConflict
@@ -95,24 +96,25 @@ async def apply_records(
     fault."""
     handled = [r for r in records if r.event_type in projector.handles]
     step = pause_every or len(handled) or 1
-    for start in range(0, len(handled), step):
-        chunk = handled[start : start + step]
-        try:
-            with translate_errors():
-                envelopes = await decode_records(conn, chunk)
-                await projector.apply_batch(conn, envelopes, tables or projector.live_tables())
-        except EventStoreError:  # the database's failure (lost, timed out, deadlocked)
-            raise
-        except Exception as error:
-            raise ProjectionFailed(
-                projector.name,
-                chunk[0].position,
-                chunk[-1].position,
-                error,
-                chunk[0].event_type if len(chunk) == 1 else "several types",
-            ) from error
-        if pause_every:
-            await asyncio.sleep(0)
+    with telemetry.projector_batch(conn, projector.name, handled, replay=tables is not None):
+        for start in range(0, len(handled), step):
+            chunk = handled[start : start + step]
+            try:
+                with translate_errors():
+                    envelopes = await decode_records(conn, chunk)
+                    await projector.apply_batch(conn, envelopes, tables or projector.live_tables())
+            except EventStoreError:  # the database's failure (lost, timed out, deadlocked)
+                raise
+            except Exception as error:
+                raise ProjectionFailed(
+                    projector.name,
+                    chunk[0].position,
+                    chunk[-1].position,
+                    error,
+                    chunk[0].event_type if len(chunk) == 1 else "several types",
+                ) from error
+            if pause_every:
+                await asyncio.sleep(0)
 
 
 #: Events a batch loop sharing a service's event loop applies between two suspensions:
@@ -262,6 +264,7 @@ class Worker:
             # Every position up to head is committed (gap-free order), so when the
             # batch is not full the checkpoint may move straight to head.
             new = records[-1].position if len(records) == limit else head
+            telemetry.projector_lag(projector.name, head - new, records[-1:])
             if new == position:
                 await conn.rollback()
                 return BatchResult(projector.name, 0, position)

@@ -61,6 +61,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import security, users
 from domain.base import ERASED
+from eventstore import telemetry
 from eventstore.crypto import keyring
 from eventstore.retention import read_archive
 from eventstore.schema import events
@@ -221,6 +222,7 @@ def _clamp(limit: int | None) -> int:
     return MAX_LIMIT if limit is None else max(1, min(limit, MAX_LIMIT))
 
 
+@telemetry.traced_audit("query")
 async def query(
     conn: AsyncConnection,
     where: AuditFilter,
@@ -311,6 +313,7 @@ def _datetime(micros: int) -> datetime:
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+@telemetry.traced_audit("stats")
 async def stats(conn: AsyncConnection, where: AuditFilter) -> AuditStats:
     """Counts by event type and UTC day, grouped by the database."""
     day = _utc_day(conn.dialect.name)
@@ -666,6 +669,7 @@ async def _lockout_logins(
     return findings
 
 
+@telemetry.traced_audit("suspicious")
 async def suspicious(
     conn: AsyncConnection, where: AuditFilter, rules: SuspiciousRules = SuspiciousRules()
 ) -> list[Finding]:

@@ -43,7 +43,7 @@ from typer.core import TyperGroup
 
 from domain.errors import DomainError
 from domain.permissions import SYSTEM_ACTOR
-from eventstore import EventStore, create_engine, retention, transparency, verify
+from eventstore import EventStore, create_engine, retention, telemetry, transparency, verify
 from eventstore.errors import EventStoreError
 from eventstore.offline_verify import Checkpoint, ProofError, VerifierKey
 from eventstore.translate import describe, translate_errors
@@ -643,15 +643,26 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
     log_interval: Annotated[
         float, typer.Option("--log-interval", min=0.1, help="Seconds between lag reports.")
     ] = 10.0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=1,
+            max=65535,
+            help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics (needs the otel extra).",
+        ),
+    ] = None,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="Log JSON lines with trace and correlation ids.")
+    ] = False,
     database_url: DatabaseUrl = None,
     schema: Schema = None,
 ) -> None:
     """Project the log until SIGTERM/SIGINT; the batch in progress finishes and commits."""
     settings = _settings(database_url, schema)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
-    )
+    telemetry.configure_logging(json_lines=log_json)
     log = logging.getLogger("tiu.worker")
+    server = _serve_metrics(metrics_port) if metrics_port is not None else None
 
     async def work() -> dict[str, Any]:
         engine = _engine(settings)
@@ -698,7 +709,20 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
         )
         return {"events": runner.stats.events, "batches": runner.stats.batches}
 
-    run(work)
+    try:
+        run(work)
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def _serve_metrics(port: int) -> Any:
+    if not telemetry.ENABLED:
+        fail("--metrics-port needs the otel extra: pip install 'tiu-core[otel]'")
+    try:
+        return telemetry.serve_prometheus(port)
+    except OSError as error:
+        fail(f"cannot serve metrics on port {port}: {error.strerror or error}")
 
 
 # -- publish -----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from domain import security
 from domain.base import Command, CommandContext, Event, decode_event, encode_event
 from domain.errors import AlreadyExists, DomainError
 from domain.routing import Decider, claims, erasures, route
+from eventstore import telemetry
 from eventstore.crypto import SubjectKeys, keyring
 from eventstore.errors import ConcurrencyError, KeyAlreadyClaimed
 from eventstore.grouping import GroupQueue, Waiting, settle
@@ -145,10 +146,11 @@ class CommandUnit:
         target = route(command, ctx)
         # Whether it was processed, the target and the streams the decision reads:
         # one statement.
-        previous = await self.load_many(
-            [(target.decider, target.stream_id), *target.related.values()],
-            command_id=command.command_id,
-        )
+        with telemetry.step("tiu.load", command):
+            previous = await self.load_many(
+                [(target.decider, target.stream_id), *target.related.values()],
+                command_id=command.command_id,
+            )
         if previous is not None:
             return previous
         loaded = await self.load(target.decider, target.stream_id)
@@ -156,7 +158,8 @@ class CommandUnit:
             name: (await self.load(decider, stream)).state
             for name, (decider, stream) in target.related.items()
         }
-        new_events = target.decider.decide(command, loaded.state, ctx, related)
+        with telemetry.step("tiu.decide", command):
+            new_events = target.decider.decide(command, loaded.state, ctx, related)
         return await self.record(command, ctx, target.decider, target.stream_id, new_events)
 
     async def record(
@@ -194,7 +197,8 @@ class CommandUnit:
                 for i, (e, s) in enumerate(zip(new_events, stored, strict=True), start=1)
             ]
             if self.dispatcher.inline is not None:
-                await self.dispatcher.inline.apply(self.conn, envelopes)
+                with telemetry.write_stage("project", self.conn):
+                    await self.dispatcher.inline.apply(self.conn, envelopes)
             self.uow.append(
                 stream_id,
                 decider.category,
@@ -397,7 +401,10 @@ class Dispatcher:
         try:
             # Projector and key statements run on the unit's connection too: their
             # deadlocks and lost connections become typed (and retryable) errors.
-            with translate_errors(self.store.dialect.database_label):
+            with (
+                telemetry.span("tiu.write"),
+                translate_errors(self.store.dialect.database_label),
+            ):
                 async with self.store.transaction(after_flush=after_flush) as uow:
                     unit = CommandUnit(self, uow)
                     yield unit
@@ -425,6 +432,7 @@ class Dispatcher:
                 await self.catch_up_inline()
             except ConcurrencyError:
                 attempt += 1
+                telemetry.note(command_retries=attempt)
                 if attempt > self.retries:
                     raise
                 # jittered backoff so that colliding writers spread out
@@ -438,9 +446,9 @@ class Dispatcher:
         also appends an audit event to the actor's security stream. Both are
         committed before the error is re-raised.
         """
-        if self.group is not None:
-            return await self.group.dispatch(command, ctx)
-        return await self.dispatch_alone(command, ctx)
+        group = self.group
+        work = group.dispatch(command, ctx) if group else self.dispatch_alone(command, ctx)
+        return await telemetry.command(command, ctx, work)
 
     async def dispatch_alone(self, command: Command, ctx: CommandContext) -> CommandResult:
         """:meth:`dispatch` in a transaction of its own, never grouped."""
@@ -621,7 +629,8 @@ def _event_context(command: Command, ctx: CommandContext) -> EventContext:
 
 def _to_new_event(event: Event, command: Command) -> NewEvent:
     event_type, schema_version, data = encode_event(event)
-    return NewEvent(event_type, data, schema_version, {"command": type(command).__name__})
+    metadata = {"command": type(command).__name__, **telemetry.trace_metadata(command)}
+    return NewEvent(event_type, data, schema_version, metadata)
 
 
 class GroupCommitter:
@@ -640,7 +649,7 @@ class GroupCommitter:
     def __init__(self, dispatcher: Dispatcher, max_group: int = 64) -> None:
         self.dispatcher = dispatcher
         self._queue: GroupQueue[tuple[Command, CommandContext], CommandResult] = GroupQueue(
-            self._write, max_group
+            telemetry.traced_group(self._write, lambda item: item[0]), max_group
         )
 
     @property

@@ -20,7 +20,14 @@ from domain import audit, projects, security, sessions, tasks, users
 from domain.base import Command, CommandContext, SecurityPolicy
 from domain.passwords import BcryptHasher, PasswordHasher
 from domain.permissions import SYSTEM_ACTOR
-from eventstore import EventStore, create_engine, health_check, pool_status, transparency
+from eventstore import (
+    EventStore,
+    create_engine,
+    health_check,
+    pool_status,
+    telemetry,
+    transparency,
+)
 from eventstore.engine import begin_write
 from eventstore.retention import RETENTION_CATEGORY, ArchiveReport
 from eventstore.schema import events
@@ -91,6 +98,7 @@ class DatabaseService:
         self.settings = settings
         self.projection_mode = ProjectionMode(projection_mode)
         self.engine = engine or create_engine(settings.database_url, settings.engine_options())
+        telemetry.watch_pool(self.engine)
         #: What repositories read through. On PostgreSQL it runs without BEGIN and
         #: ROLLBACK (two round trips of a three-statement read): under READ COMMITTED
         #: every statement of a transaction takes its own snapshot anyway, so an

@@ -16,6 +16,7 @@ from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from domain.routing import USERS
 from tests.conftest import PASSWORD
+from tests.telemetry.support import Telemetry, in_memory
 from tiu import (
     AccountLocked,
     DatabaseService,
@@ -175,11 +176,15 @@ async def test_v3_3_sessions_die_on_logout_expiry_idle_and_password_change(servi
         assert (await sessions.validate_session(fresh.token)).reason == "revoked"
 
 
-async def test_v7_no_password_token_or_hash_reaches_logs_or_error_messages(service, clock, caplog):
+async def test_v7_no_password_token_or_hash_reaches_logs_spans_metrics_or_errors(
+    service, clock, caplog
+):
     caplog.set_level(logging.DEBUG)
     logging.getLogger("sqlalchemy.engine").setLevel(logging.DEBUG)
     secrets_seen: list[str] = [PASSWORD, PASSWORD + "-changed"]
     messages: list[str] = []
+    otel_context = in_memory()
+    otel = otel_context.__enter__()
     try:
         user = await register(service, "secretive")
         secrets_seen.append(await _password_hash(service, user.id))
@@ -195,6 +200,8 @@ async def test_v7_no_password_token_or_hash_reaches_logs_or_error_messages(servi
                 "secretive@example.com", PASSWORD
             )
             secrets_seen.append(started.token)
+            sessions = repos.get_session_repository()
+            assert (await sessions.validate_session(started.token)).valid
             reset = await users.request_password_reset("secretive@example.com")
             secrets_seen.append(reset)
         async with service.get_repositories(actor_id=user.id) as repos:
@@ -205,15 +212,37 @@ async def test_v7_no_password_token_or_hash_reaches_logs_or_error_messages(servi
         async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
             audit = await repos.get_audit_repository().get_events(limit=1000)
             messages.extend(entry.model_dump_json() for entry in audit)
+        telemetry_text = _telemetry_text(otel)
     finally:
         logging.getLogger("sqlalchemy.engine").setLevel(logging.WARNING)
+        otel_context.__exit__(None, None, None)
     secrets_seen.extend(hashlib.sha256(s.encode()).hexdigest() for s in list(secrets_seen))
-    logged = [record.getMessage() for record in caplog.records] + messages
+    assert any("tiu.command StartSession" in line for line in telemetry_text), "no span seen"
+    assert any("tiu.logins.failed" in line for line in telemetry_text), "no metric seen"
+    logged = [record.getMessage() for record in caplog.records] + messages + telemetry_text
     assert any("INSERT INTO events" in line for line in logged), "SQL logging was not captured"
     for line in logged:
         for secret in secrets_seen:
             assert secret not in line, f"a secret leaked into: {line[:200]}"
         assert "$2b$" not in line
+
+
+def _telemetry_text(otel: Telemetry) -> list[str]:
+    """Every span's name, attributes, events and links, and every metric's labels."""
+    lines = []
+    for span in otel.finished():
+        lines.append(f"{span.name} {dict(span.attributes)!r}")
+        lines.extend(f"{e.name} {dict(e.attributes or {})!r}" for e in span.events)
+        lines.extend(repr(dict(link.attributes or {})) for link in span.links)
+    data = otel.reader.get_metrics_data()
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                lines.extend(
+                    f"{metric.name} {dict(point.attributes or {})!r}"
+                    for point in metric.data.data_points
+                )
+    return lines
 
 
 async def _password_hash(service, user_id: str) -> str:

@@ -1,0 +1,1 @@
+"""A FastAPI service over tiu-core (``make serve``); see README.md beside this file."""

@@ -1,0 +1,270 @@
+"""Spans of commands, queries and projector batches, on both backends, read back from
+the SDK's in-memory exporter."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from opentelemetry.trace import StatusCode
+from pydantic import SecretStr
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from domain import CommandContext, projects, users
+from domain.passwords import BcryptHasher
+from domain.permissions import SYSTEM_ACTOR
+from projections.runner import Worker
+from tests.conftest import PASSWORD, Clock
+from tiu import DatabaseService, Settings
+
+HASHER = BcryptHasher(rounds=4)
+
+
+def ctx(service: DatabaseService, actor: str | None) -> CommandContext:
+    return CommandContext(now=service.now(), actor_id=actor, correlation_id="corr-7", hasher=HASHER)
+
+
+async def register(service: DatabaseService, user_id: str) -> None:
+    await service.dispatcher.dispatch(
+        users.RegisterUser(
+            user_id=user_id,
+            email=f"{user_id}@example.com",
+            username=user_id,
+            password=SecretStr(PASSWORD),
+        ),
+        ctx(service, SYSTEM_ACTOR),
+    )
+
+
+def create_project(project_id: str, owner: str) -> projects.CreateProject:
+    del owner  # the acting user becomes the owner
+    return projects.CreateProject(project_id=project_id, name=f"P {project_id}")
+
+
+async def test_a_command_is_a_child_of_the_active_span_with_load_decide_and_write_stages(
+    service, otel
+):
+    await register(service, "ada")
+    otel.spans.clear()
+    tracer = otel.tracer_provider.get_tracer("host")
+    with tracer.start_as_current_span("POST /projects") as request:
+        await service.dispatcher.dispatch(create_project("p1", "ada"), ctx(service, "ada"))
+
+    (command,) = otel.named("tiu.command CreateProject")
+    assert command.parent is not None
+    assert command.parent.span_id == request.get_span_context().span_id
+    assert command.context.trace_id == request.get_span_context().trace_id
+    attributes = dict(command.attributes)
+    assert attributes["tiu.command.type"] == "CreateProject"
+    assert attributes["tiu.command.outcome"] == "ok"
+    assert attributes["tiu.stream.ids"] == ("project-p1",)
+    assert attributes["tiu.correlation_id"] == "corr-7"
+
+    below = {s.name for s in otel.descendants(command)}
+    assert {"tiu.load", "tiu.decide", "tiu.write"} <= below
+    (write,) = [s for s in otel.descendants(command) if s.name == "tiu.write"]
+    stages = [e.name for e in write.events]
+    # lock (inside append) ends before append does; events are stamped at their start
+    assert stages == ["tiu.begin", "tiu.project", "tiu.lock", "tiu.append", "tiu.commit"]
+    starts = {e.name: e.timestamp for e in write.events}
+    assert starts["tiu.begin"] <= starts["tiu.project"] <= starts["tiu.append"]
+    assert starts["tiu.append"] <= starts["tiu.lock"] <= starts["tiu.commit"]
+    assert all(e.attributes["tiu.duration"] >= 0 for e in write.events)
+
+
+async def test_a_refused_command_says_its_outcome_and_counts_it(service, otel):
+    await register(service, "ada")
+    with pytest.raises(Exception, match="already"):
+        await register(service, "ada")
+    (refused,) = [
+        s
+        for s in otel.named("tiu.command RegisterUser")
+        if s.attributes["tiu.command.outcome"] != "ok"
+    ]
+    assert refused.status.status_code is StatusCode.ERROR
+    outcomes = {
+        p.attributes["tiu.command.outcome"]: p.count for p in otel.points("tiu.command.duration")
+    }
+    assert outcomes["ok"] == 1
+    assert sum(outcomes.values()) == 2
+    (duration,) = [
+        p
+        for p in otel.points("tiu.command.duration")
+        if p.attributes["tiu.command.outcome"] == "ok"
+    ]
+    assert duration.count == 1
+    assert duration.sum > 0
+
+
+async def test_events_carry_the_trace_of_the_command_that_appended_them(service, otel):
+    await register(service, "ada")
+    (command,) = otel.named("tiu.command RegisterUser")
+    async with service.engine.connect() as conn:
+        records = await service.store.read_all(conn)
+    parents = {r.metadata.get("traceparent") for r in records if r.stream_id == "user-ada"}
+    (parent,) = parents
+    assert parent.split("-")[1] == f"{command.context.trace_id:032x}"
+    assert parent.split("-")[2] == f"{command.context.span_id:016x}"
+
+
+async def test_concurrent_commands_share_a_group_and_each_keeps_its_own_trace(service, otel):
+    for name in ("ada", "bob", "cyd", "dan"):
+        await register(service, name)
+    otel.spans.clear()
+    tracer = otel.tracer_provider.get_tracer("host")
+
+    async def issue(name: str) -> None:
+        with tracer.start_as_current_span(f"request {name}"):
+            await service.dispatcher.dispatch(create_project(f"p-{name}", name), ctx(service, name))
+
+    await asyncio.gather(*(issue(n) for n in ("ada", "bob", "cyd", "dan")))
+    commands = otel.named("tiu.command CreateProject")
+    assert len(commands) == 4
+    assert max(c.attributes.get("tiu.command.group_size", 1) for c in commands) > 1
+    for command in commands:
+        decides = [s for s in otel.descendants(command) if s.name == "tiu.decide"]
+        assert len(decides) == 1, "each command's decision sits under its own span"
+    sizes = [
+        p for p in otel.points("tiu.group.size") if p.attributes["tiu.group.kind"] == "command"
+    ]
+    assert sizes and sizes[0].max > 1
+
+
+async def test_repository_and_audit_queries_are_database_client_spans(service, otel):
+    await register(service, "ada")
+    async with service.get_repositories(actor_id="ada") as repos:
+        project = await repos.get_project_repository().create_project("Secret plan", "x")
+        otel.spans.clear()
+        await repos.get_task_repository().list_tasks(
+            {"project_id": project.id, "title__contains": "needle-value"}
+        )
+    async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+        await repos.get_audit_repository().get_events(actor_id="ada", limit=5)
+    system = service.engine.dialect.name
+    (tasks,) = otel.named("SELECT tasks")
+    assert tasks.attributes["db.system.name"] == system
+    assert tasks.attributes["db.operation.name"] == "SELECT"
+    assert tasks.attributes["db.collection.name"] == "tasks"
+    (audit,) = otel.named("SELECT events")
+    assert audit.attributes["db.collection.name"] == "events"
+    assert audit.attributes["tiu.audit.kind"] == "query"
+    for span in otel.finished():
+        for value in span.attributes.values():
+            assert "needle-value" not in str(value), "a parameter value reached a span"
+            assert project.id not in str(value)
+
+
+@pytest.fixture
+async def worker_service(engine: AsyncEngine, clock: Clock):
+    """Projections left to a worker (none runs until the test drives it)."""
+    svc = DatabaseService(
+        Settings(database_url=str(engine.url), bcrypt_rounds=4),
+        engine=engine,
+        hasher=HASHER,
+        clock=clock,
+        projection_mode="worker",
+    )
+    await svc.start(migrate=False)
+    yield svc
+    await svc.store.aclose()
+
+
+async def test_a_worker_batch_links_back_to_the_commands_whose_events_it_applies(
+    worker_service, otel
+):
+    await register(worker_service, "ada")
+    await register(worker_service, "bob")
+    commands = otel.named("tiu.command RegisterUser")
+    assert len(commands) == 2
+    otel.spans.clear()
+    tracer = otel.tracer_provider.get_tracer("host")
+    with tracer.start_as_current_span("unrelated"):
+        await Worker(worker_service.store, worker_service.projectors).catch_up()
+
+    batches = [s for s in otel.finished() if s.name == "tiu.project users"]
+    assert batches, [s.name for s in otel.finished()]
+    batch = batches[0]
+    assert batch.parent is None, "a batch is caused by the log, not by the current span"
+    linked = {(link.context.trace_id, link.context.span_id) for link in batch.links}
+    for command in commands:
+        assert (command.context.trace_id, command.context.span_id) in linked
+    attributes = dict(batch.attributes)
+    assert attributes["tiu.projector"] == "users"
+    assert attributes["tiu.projector.replay"] is False
+    assert attributes["tiu.batch.events"] >= 2
+    assert attributes["tiu.batch.first_position"] <= attributes["tiu.batch.last_position"]
+    assert otel.value("tiu.projector.events", **{"tiu.projector": "users"}) >= 2
+
+
+async def test_projector_lag_metrics_fall_to_zero_as_the_worker_catches_up(
+    worker_service, otel, clock
+):
+    for n in range(5):
+        await register(worker_service, f"user{n}")
+    worker = Worker(worker_service.store, worker_service.projectors, batch_size=2)
+    await worker.catch_up([p for p in worker.projectors if p.name != "users"])
+    users_projector = next(p for p in worker.projectors if p.name == "users")
+    seen = []
+    while True:
+        result = await worker.run_batch(users_projector)
+        seen.append(
+            (
+                otel.value("tiu.projector.lag.events", **{"tiu.projector": "users"}),
+                otel.value("tiu.projector.lag.seconds", **{"tiu.projector": "users"}),
+            )
+        )
+        if result.applied == 0:
+            break
+    lags = [events for events, _ in seen]
+    assert lags[0] > 0
+    assert lags == sorted(lags, reverse=True) and lags[-1] == 0
+    assert all(seconds > 0 for events, seconds in seen if events > 0)
+    assert seen[-1][1] == 0
+
+
+async def test_a_rebuild_reports_its_progress(service, otel):
+    from projections import replay
+
+    await register(service, "ada")
+    users_projector = next(p for p in service.projectors if p.name == "users")
+    report = await replay.rebuild(service.store, users_projector, batch_size=1)
+    assert report.applied >= 1
+    assert otel.value("tiu.replay.progress", **{"tiu.projector": "users"}) == 1.0
+    batches = [s for s in otel.named("tiu.project users") if s.attributes["tiu.projector.replay"]]
+    assert batches
+
+
+async def test_failed_logins_and_lockouts_are_counted(service, otel):
+    await register(service, "ada")
+    async with service.get_repositories(ip="203.0.113.9") as repos:
+        users_repo = repos.get_user_repository()
+        for _ in range(6):
+            with pytest.raises(Exception):  # InvalidCredentials, then AccountLocked
+                await users_repo.authenticate("ada@example.com", "not-the-password-1")
+    failed = {p.attributes["tiu.login.reason"]: p.value for p in otel.points("tiu.logins.failed")}
+    assert failed["invalid_credentials"] == 5
+    assert failed["account_locked"] == 1
+    (lockouts,) = otel.points("tiu.lockouts")
+    assert lockouts.value == 1
+
+
+async def test_lock_wait_append_duration_and_pool_gauges_are_reported(service, otel):
+    await register(service, "ada")
+    system = service.engine.dialect.name
+    (lock,) = otel.points("tiu.lock.wait")
+    assert lock.attributes["db.system.name"] == system and lock.count >= 1
+    assert sum(p.count for p in otel.points("tiu.append.duration")) >= 1
+    states = {
+        p.attributes["db.client.connection.state"]
+        for p in otel.points("db.client.connection.count")
+    }
+    if system == "postgresql":
+        assert states == {"used", "idle"}
+
+
+async def test_without_an_sdk_nothing_records_and_events_carry_no_trace(service):
+    await register(service, "ada")
+    async with service.engine.connect() as conn:
+        records = await service.store.read_all(conn)
+    assert records
+    assert all("traceparent" not in r.metadata for r in records)
