@@ -44,13 +44,12 @@ def ctx(actor: str | None = None, *, at: datetime = T0, **policy) -> CommandCont
         ip="198.51.100.4",
         user_agent="pytest",
         policy=SecurityPolicy(**policy),
-        hasher=HASHER,
     )
 
 
 @pytest.fixture
 def dispatcher(store: EventStore) -> Dispatcher:
-    return Dispatcher(store, snapshot_every=5, retries=10)
+    return Dispatcher(store, snapshot_every=5, retries=10, hasher=HASHER)
 
 
 async def register(d: Dispatcher, user_id: str, email: str | None = None, **extra) -> None:
