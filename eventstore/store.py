@@ -289,7 +289,11 @@ class EventStore:
 
     @asynccontextmanager
     async def transaction(
-        self, *, after_flush: BeforeCommitHook | None = None, lazy: bool = False
+        self,
+        *,
+        after_flush: BeforeCommitHook | None = None,
+        lazy: bool = False,
+        conn: AsyncConnection | None = None,
     ) -> AsyncIterator[UnitOfWork]:
         """A write transaction. Buffered appends are flushed at the end, then COMMIT.
 
@@ -300,10 +304,12 @@ class EventStore:
 
         ``lazy``: the write transaction begins only at :meth:`UnitOfWork.begin` (or
         the flush), so what the block reads first holds no write lock; a block that
-        never begins writing commits nothing.
+        never begins writing commits nothing. ``conn``: a connection of this engine to
+        run on (not in a write transaction), closed at the end as the store's own is.
         """
-        with translate_errors(self.dialect.database_label):
-            conn = await self.engine.connect()
+        if conn is None:
+            with translate_errors(self.dialect.database_label):
+                conn = await self.engine.connect()
         try:
             uow = UnitOfWork(self, conn)
             if not lazy:

@@ -155,9 +155,9 @@ async def test_a_group_that_conflicts_with_another_process_is_retried_command_by
     retried: list[str] = []
     alone = service.dispatcher.write
 
-    async def count_alone(decision):
+    async def count_alone(decision, conn=None):
         retried.append(decision.command.command_id)
-        return await alone(decision)
+        return await alone(decision, conn)
 
     monkeypatch.setattr(service.dispatcher, "write", count_alone)
     ctx = service.context(owner.id)
