@@ -13,11 +13,18 @@ and leaves the loop only where SQLite would *wait*:
   by the busy timeout, after which the usual "database is locked" error is raised).
 * **Writers of other processes**: connections run with ``busy_timeout=0``, so a lock
   held elsewhere makes a statement fail at once with ``SQLITE_BUSY`` instead of
-  sleeping on the loop; that statement is then run again on a worker thread with the
-  configured busy timeout, and the loop stays free while it waits.
+  sleeping on the loop. ``BEGIN IMMEDIATE`` is then tried again from the loop after
+  growing sleeps (1 ms doubling to 25 ms, as SQLite's own busy handler sleeps) until
+  the busy timeout: a caller cancelled while it waits leaves nothing behind (a
+  thread waiting for the lock could not be stopped, and would take the lock later on
+  a connection already back in the pool). Any other statement refused that way is
+  run again on a worker thread with the busy timeout.
 * **Durable commits**: with ``synchronous=FULL`` or ``EXTRA`` every COMMIT fsyncs, so
   COMMIT runs on a worker thread (``offload_commit``). With the default ``NORMAL`` a
   WAL commit does not fsync and runs inline.
+* **Cancellation**: work sent to a thread cannot be interrupted; a caller cancelled
+  while it runs waits for it to end (so the connection is never used by two callers
+  at once) and is then cancelled.
 
 What still runs on the loop: statement execution and row fetching (a 1,000-row page
 is ~1-3 ms), and the automatic WAL checkpoint a commit triggers every ~1,000 pages.
@@ -105,12 +112,15 @@ class Cursor:
 
     def execute(self, operation: str, parameters: Sequence[Any] | None = None) -> Any:
         adapt = self._adapt
-        if operation.lstrip()[:15].upper() in _WRITE_BEGINS:
+        lock = operation.lstrip()[:15].upper() in _WRITE_BEGINS
+        if lock:
             adapt.acquire_writer()
         else:
             await_(_yield_to_loop())
         try:
-            adapt.call(self._cursor.execute, operation, () if parameters is None else parameters)
+            adapt.call(
+                self._cursor.execute, operation, () if parameters is None else parameters, lock=lock
+            )
             self._loaded()
         finally:
             adapt.release_if_done()
@@ -185,24 +195,53 @@ class Connection(AdaptedConnection):
 
     # -- where the loop waits --------------------------------------------------------------
 
-    def call(self, fn: Callable[..., T], *args: Any, offload: bool = False) -> T:
-        """Run ``fn`` inline; if another process holds the lock, wait on a worker thread.
+    def call(
+        self, fn: Callable[..., T], *args: Any, offload: bool = False, lock: bool = False
+    ) -> T:
+        """Run ``fn`` inline; if another process holds the lock, wait for it (``lock``:
+        ``fn`` takes the write lock, retried from the loop; else on a worker thread).
 
         For SQLAlchemy's side of the driver (it runs in SQLAlchemy's greenlet)."""
         if not offload:
             result = self._inline(fn, args)
             if result is not _BUSY:
                 return result  # type: ignore[return-value]
-        waited: T = await_(asyncio.to_thread(self._waiting, fn, *args))
+        waited: T = await_(self._wait(fn, args, lock=lock))
         return waited
 
-    async def run(self, fn: Callable[..., T], *args: Any, offload: bool = False) -> T:
+    async def run(
+        self, fn: Callable[..., T], *args: Any, offload: bool = False, lock: bool = False
+    ) -> T:
         """:meth:`call` for a caller on the event loop (the store's direct append)."""
         if not offload:
             result = self._inline(fn, args)
             if result is not _BUSY:
                 return result  # type: ignore[return-value]
-        return await asyncio.to_thread(self._waiting, fn, *args)
+        return await self._wait(fn, args, lock=lock)
+
+    async def _wait(self, fn: Callable[..., T], args: tuple[Any, ...], *, lock: bool) -> T:
+        if lock:
+            return await self._retry_lock(fn, args)
+        worker = asyncio.ensure_future(asyncio.to_thread(self._waiting, fn, *args))
+        try:
+            return await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            await _until_done(worker)
+            raise
+
+    async def _retry_lock(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_ms / 1000
+        delay = 0.001
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise sqlite3.OperationalError("database is locked")
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.025)
+            result = self._inline(fn, args)
+            if result is not _BUSY:
+                return result  # type: ignore[return-value]
 
     @staticmethod
     def _inline(fn: Callable[..., T], args: tuple[Any, ...]) -> T | object:
@@ -235,7 +274,10 @@ class Connection(AdaptedConnection):
             await lock.acquire()
         else:
             try:
-                await asyncio.wait_for(lock.acquire(), self._busy_ms / 1000)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that arrives as the lock is granted.
+                async with asyncio.timeout(self._busy_ms / 1000):
+                    await lock.acquire()
             except TimeoutError:
                 raise sqlite3.OperationalError(
                     "database is locked (a writer of this process held it past the busy timeout)"
@@ -246,7 +288,7 @@ class Connection(AdaptedConnection):
         """``BEGIN IMMEDIATE`` from the event loop: the process's writer lock, then the file's."""
         await self.acquire_writer_async()
         try:
-            await self.run(self._db.execute, "BEGIN IMMEDIATE")
+            await self.run(self._db.execute, "BEGIN IMMEDIATE", lock=True)
         finally:
             self.release_if_done()
 
@@ -311,6 +353,20 @@ class Connection(AdaptedConnection):
     @property
     def in_transaction(self) -> bool:
         return self._db.in_transaction
+
+
+async def _until_done(worker: asyncio.Future[Any]) -> None:
+    """Wait for ``worker`` to end, through further cancellations, and retrieve its
+    outcome (so that no "exception was never retrieved" is left)."""
+    while not worker.done():
+        try:
+            await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            continue
+        except Exception:  # noqa: S110  # its caller is cancelled: the outcome is moot
+            pass
+    if not worker.cancelled():
+        worker.exception()
 
 
 class InlineSQLiteDBAPI:
