@@ -121,3 +121,18 @@ async def settle(future: asyncio.Future[Result], work: Awaitable[Result]) -> Non
     else:
         if not future.done():
             future.set_result(result)
+
+
+async def until_done(task: asyncio.Future[Result]) -> None:
+    """Wait for ``task`` to end, through further cancellations of the waiter, and
+    retrieve its outcome (so that no "exception was never retrieved" is left): for a
+    caller cancelled while work it must not abandon is in flight."""
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            continue
+        except Exception:  # noqa: S110  # the waiter is cancelled: the outcome is moot
+            pass
+    if not task.cancelled():
+        task.exception()

@@ -46,6 +46,8 @@ from typing import Any, Final, TypeVar
 from sqlalchemy.engine.interfaces import AdaptedConnection
 from sqlalchemy.util import concurrency as _concurrency
 
+from eventstore.grouping import until_done
+
 T = TypeVar("T")
 #: Await from SQLAlchemy's greenlet (``await_only`` before SQLAlchemy 2.1).
 await_: Callable[[Any], Any] = getattr(_concurrency, "await_", None) or _concurrency.await_only
@@ -226,7 +228,7 @@ class Connection(AdaptedConnection):
         try:
             return await asyncio.shield(worker)
         except asyncio.CancelledError:
-            await _until_done(worker)
+            await until_done(worker)
             raise
 
     async def _retry_lock(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
@@ -353,20 +355,6 @@ class Connection(AdaptedConnection):
     @property
     def in_transaction(self) -> bool:
         return self._db.in_transaction
-
-
-async def _until_done(worker: asyncio.Future[Any]) -> None:
-    """Wait for ``worker`` to end, through further cancellations, and retrieve its
-    outcome (so that no "exception was never retrieved" is left)."""
-    while not worker.done():
-        try:
-            await asyncio.shield(worker)
-        except asyncio.CancelledError:
-            continue
-        except Exception:  # noqa: S110  # its caller is cancelled: the outcome is moot
-            pass
-    if not worker.cancelled():
-        worker.exception()
 
 
 class InlineSQLiteDBAPI:

@@ -52,7 +52,7 @@ from domain.passwords import (
 from domain.routing import Decider, Route, claims, erasures, route
 from eventstore.crypto import SubjectKeys, keyring
 from eventstore.errors import ConcurrencyError, KeyAlreadyClaimed, WrongExpectedVersion
-from eventstore.grouping import GroupQueue, Waiting, settle
+from eventstore.grouping import GroupQueue, Waiting, settle, until_done
 from eventstore.prepared import execute
 from eventstore.records import EventContext, NewEvent
 from eventstore.schema import events as events_table
@@ -177,6 +177,8 @@ class CommandUnit:
         self._writing = False  # whether the current command has begun writing rows
         #: Password outcomes by command id, kept across the retries of a unit.
         self.passwords: dict[str, PasswordOutcomes] = {} if passwords is None else passwords
+        #: Set when the unit's caller was cancelled: stop at the next command.
+        self.stop: asyncio.Event | None = None
 
     @property
     def conn(self) -> AsyncConnection:
@@ -219,7 +221,12 @@ class CommandUnit:
 
     async def prepare(self, command: Command, ctx: CommandContext) -> Decision:
         """Stage one in this unit: its streams, its connection (see :meth:`Dispatcher.prepare`)."""
+        self.check_stop()
         return await self.dispatcher.prepare(command, ctx, self)
+
+    def check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise asyncio.CancelledError
 
     async def handle(self, command: Command, ctx: CommandContext) -> CommandResult:
         """Prepare ``command`` and buffer its events in this unit; a refusal is raised."""
@@ -237,6 +244,7 @@ class CommandUnit:
         prepare."""
         if decision.previous is not None:
             return decision.previous
+        self.check_stop()
         await self.begin()
         stale = False
         for stream_id, seen in decision.streams.items():
@@ -609,12 +617,31 @@ class Dispatcher:
 
         Returns what ``work`` returned and the committed unit, whose ``results`` carry
         the positions allocated at commit.
+
+        The unit runs in a task of its own: a caller cancelled while a statement is
+        in flight would otherwise abandon a connection mid-round-trip (on PostgreSQL
+        its reset then fails and the connection is dropped under the driver's feet).
+        The unit stops at its next command instead (rolled back, with no round trip
+        in flight), and the caller is cancelled once it has.
         """
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(self._run(work, stop))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            stop.set()
+            await until_done(task)
+            raise
+
+    async def _run(
+        self, work: Callable[[CommandUnit], Awaitable[T]], stop: asyncio.Event
+    ) -> tuple[T, CommandUnit]:
         attempt = 0
         passwords: dict[str, PasswordOutcomes] = {}
         while True:
             try:
                 async with self.unit(passwords) as unit:
+                    unit.stop = stop
                     value = await work(unit)
                 return value, unit
             except KeyAlreadyClaimed as error:

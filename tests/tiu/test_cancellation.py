@@ -19,9 +19,12 @@ from eventstore.schema import events
 from tests.conftest import PASSWORD
 from tiu import DatabaseService, Settings
 
-#: Enough turns of the loop to cross every await point of a command (or an append),
-#: from before its preparation to after its COMMIT.
-TURNS = 60
+#: Cancel after 0..TURNS-1 turns of the loop (every await point that does not wait
+#: for I/O), then after 0.5 ms steps up to STEPS (every round trip of a command on
+#: PostgreSQL, every wait on SQLite), from before its preparation to after its COMMIT.
+TURNS = 40
+STEPS = 40
+POINTS = [("turns", n) for n in range(TURNS)] + [("ms", n * 0.5) for n in range(STEPS)]
 
 
 async def _setup(service: DatabaseService) -> tuple[str, str]:
@@ -34,10 +37,14 @@ async def _setup(service: DatabaseService) -> tuple[str, str]:
     return owner.id, project.id
 
 
-async def _cancel_after(work, turns: int) -> object:
+async def _cancel_after(work, point: tuple[str, float]) -> object:
     task = asyncio.ensure_future(work)
-    for _ in range(turns):
-        await asyncio.sleep(0)
+    kind, amount = point
+    if kind == "turns":
+        for _ in range(int(amount)):
+            await asyncio.sleep(0)
+    else:
+        await asyncio.sleep(amount / 1000)
     task.cancel()
     return (await asyncio.gather(task, return_exceptions=True))[0]
 
@@ -79,9 +86,9 @@ async def test_a_command_cancelled_at_any_point_completed_or_left_nothing(servic
     owner, project = await _setup(service)
     ctx = service.context(owner)
     outcomes = {}
-    for turns in range(TURNS):
-        command = tasks.CreateTask(task_id=f"t{turns}", project_id=project, title=f"T{turns}")
-        outcomes[command.task_id] = await _cancel_after(service.dispatch(command, ctx), turns)
+    for n, point in enumerate(POINTS):
+        command = tasks.CreateTask(task_id=f"t{n}", project_id=project, title=f"T{n}")
+        outcomes[command.task_id] = await _cancel_after(service.dispatch(command, ctx), point)
     await _settled(service, engine)
     async with engine.connect() as conn:
         created = set(
@@ -106,14 +113,14 @@ async def test_a_command_cancelled_at_any_point_completed_or_left_nothing(servic
 
 async def test_a_unit_of_work_cancelled_at_any_point_is_all_or_nothing(service, engine, caplog):
     owner, project = await _setup(service)
-    for turns in range(TURNS):
+    for n, point in enumerate(POINTS):
 
-        async def two(repos, n=turns):
+        async def two(repos, n=n):
             repo = repos.get_task_repository()
             await repo.create_task(project, f"First {n}")
             await repo.create_task(project, f"Second {n}")
 
-        await _cancel_after(service.execute_in_transaction(two, actor_id=owner), turns)
+        await _cancel_after(service.execute_in_transaction(two, actor_id=owner), point)
     await _settled(service, engine)
     async with engine.connect() as conn:
         titles = list((await conn.execute(text("SELECT title FROM tasks"))).scalars())
@@ -124,8 +131,8 @@ async def test_a_unit_of_work_cancelled_at_any_point_is_all_or_nothing(service, 
 
 
 async def test_an_append_cancelled_at_any_point_completed_or_left_nothing(store, engine, caplog):
-    for turns in range(TURNS):
-        await _cancel_after(store.append(f"c-{turns}", "c", [NewEvent("E", {"n": turns})]), turns)
+    for n, point in enumerate(POINTS):
+        await _cancel_after(store.append(f"c-{n}", "c", [NewEvent("E", {"n": n})]), point)
     await store.aclose()
     for _ in range(500):
         if engine.pool.checkedout() == 0:  # type: ignore[attr-defined]
