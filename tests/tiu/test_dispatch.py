@@ -302,3 +302,16 @@ async def test_events_stored_in_an_old_schema_version_are_upcast_when_loaded(dis
         users.AttemptLogin(user_id="olga", password=SecretStr(PASSWORD)), ctx()
     )
     assert [e.event_type for e in result.events] == ["LoginSucceeded"]
+
+
+async def test_write_lock_hold_times_are_recorded_per_committed_transaction(
+    dispatcher: Dispatcher,
+):
+    await register(dispatcher, "timed")
+    await register(dispatcher, "timed2")
+    samples = list(dispatcher.lock_times.samples)
+    assert len(samples) == 2
+    assert all(seconds > 0 and commands == 1 for seconds, commands in samples)
+    with pytest.raises(AlreadyExists):  # refused before writing: no write transaction
+        await register(dispatcher, "timed")
+    assert len(dispatcher.lock_times.samples) == 2
