@@ -570,11 +570,14 @@ class SQLiteDialect(Dialect):
 
     async def check_versions(self, conn: AsyncConnection, expected: Mapping[str, int]) -> None:
         # Under BEGIN IMMEDIATE nobody else writes: the heads read now are final.
-        heads, _ = self._heads_and_position(await raw_connection(conn), list(expected))
-        for stream_id, version in expected.items():
-            actual = heads[stream_id].version if stream_id in heads else 0
-            if actual != version:
-                raise WrongExpectedVersion(stream_id, version, actual)
+        raw = await raw_connection(conn)
+        db = raw.driver_connection
+        with self.driver_errors(raw, _SQLITE_HEAD):
+            for stream_id, version in expected.items():
+                row = db.execute(_SQLITE_HEAD, (stream_id,)).fetchone()
+                actual = 0 if row is None else row[0]
+                if actual != version:
+                    raise WrongExpectedVersion(stream_id, version, actual)
 
     async def heads_and_position(
         self, conn: AsyncConnection, stream_ids: Sequence[str]
