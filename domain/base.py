@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from domain.errors import InvalidCommand, UnknownEventType
-from domain.passwords import BcryptHasher, PasswordHasher
+from domain.passwords import NO_PASSWORD_WORK, PasswordOutcomes
 
 EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
 
@@ -296,7 +296,9 @@ class SecurityPolicy:
 @dataclass(frozen=True)
 class CommandContext:
     """Everything a command is issued with besides itself. ``now`` is the only clock the
-    domain sees and must be timezone-aware."""
+    domain sees and must be timezone-aware. ``passwords`` holds the outcomes of the
+    password work the decision asked for (computed off the event loop before it is
+    decided again; see :class:`domain.passwords.PasswordWorkNeeded`)."""
 
     now: datetime
     actor_id: str | None = None
@@ -305,7 +307,7 @@ class CommandContext:
     ip: str | None = None
     user_agent: str | None = None
     policy: SecurityPolicy = field(default_factory=SecurityPolicy)
-    hasher: PasswordHasher = field(default_factory=BcryptHasher)
+    passwords: PasswordOutcomes = NO_PASSWORD_WORK
 
     def __post_init__(self) -> None:
         if self.now.tzinfo is None or self.now.utcoffset() is None:

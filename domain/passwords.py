@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import unicodedata
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING, Protocol
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import bcrypt
 
@@ -26,7 +28,9 @@ MIN_IDENTITY_LENGTH = 3  # shorter usernames / email local parts are not checked
 
 
 class PasswordHasher(Protocol):
-    """Hashes and verifies passwords; deciders reach it only through ``ctx.hasher``.
+    """Hashes and verifies passwords. Deciders never call it: the dispatcher runs the
+    work a decision asks for (:class:`PasswordWorkNeeded`) on a worker thread and
+    hands the outcomes in as ``ctx.passwords``.
 
     ``dummy_hash`` is a valid hash at this hasher's cost, verified against when the
     account is unknown so that a login for an unknown email costs the same work.
@@ -77,6 +81,114 @@ class BcryptHasher:
     def dummy_hash(self) -> str:
         """A valid hash at this cost, computed once per ``rounds`` value."""
         return _dummy_hash(self.rounds)
+
+
+# --- password work: computed before a decision, handed to it as data -------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Verify:
+    """Check the command's password field ``field`` against ``hashed``; ``None`` stands
+    for the hasher's dummy hash (an unknown account costs the same work)."""
+
+    field: str
+    hashed: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewHash:
+    """Hash the command's password field ``field`` for storage."""
+
+    field: str
+
+
+PasswordTask = Verify | NewHash
+
+
+class PasswordWorkNeeded(Exception):  # a request, not an error anyone sees
+    """Raised by a decider that needs password outcomes it was not given. The caller
+    computes ``tasks`` (off the event loop) and decides again with them; the decider
+    stays pure: the same inputs always ask for the same work or give the same events."""
+
+    def __init__(self, *tasks: PasswordTask) -> None:
+        super().__init__(*tasks)
+        self.tasks = tasks
+
+
+_NO_MATCHES: Mapping[tuple[str, str | None], bool] = MappingProxyType({})
+_NO_HASHES: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class PasswordOutcomes:
+    """The outcomes of a command's password work: which field matched which hash, and
+    the new hashes. Kept across retries of a command: a password verified against a
+    hash the stream still holds is not verified again."""
+
+    matched: Mapping[tuple[str, str | None], bool] = field(default_factory=lambda: _NO_MATCHES)
+    hashes: Mapping[str, str] = field(default_factory=lambda: _NO_HASHES)
+
+    def matches(self, name: str, hashed: str | None) -> bool:
+        """Whether the command's ``name`` field matched ``hashed``."""
+        try:
+            return self.matched[(name, hashed)]
+        except KeyError:
+            raise PasswordWorkNeeded(Verify(name, hashed)) from None
+
+    def hash_of(self, name: str) -> str:
+        """The bcrypt hash of the command's ``name`` field."""
+        try:
+            return self.hashes[name]
+        except KeyError:
+            raise PasswordWorkNeeded(NewHash(name)) from None
+
+    def require(self, *tasks: PasswordTask) -> None:
+        """Ask for every task of ``tasks`` not done yet, all at once."""
+        missing = [t for t in tasks if not self._done(t)]
+        if missing:
+            raise PasswordWorkNeeded(*missing)
+
+    def _done(self, task: PasswordTask) -> bool:
+        if isinstance(task, Verify):
+            return (task.field, task.hashed) in self.matched
+        return task.field in self.hashes
+
+
+NO_PASSWORD_WORK: PasswordOutcomes = PasswordOutcomes()
+
+
+def perform(
+    tasks: tuple[PasswordTask, ...], command: Any, hasher: PasswordHasher, done: PasswordOutcomes
+) -> PasswordOutcomes:
+    """``done`` with ``tasks`` computed: blocking bcrypt work, to run on a worker thread
+    (bcrypt releases the GIL, so concurrent commands use every core). The passwords are
+    read from ``command``'s fields (``SecretStr``)."""
+    matched = dict(done.matched)
+    hashes = dict(done.hashes)
+    for task in tasks:
+        plain = getattr(command, task.field).get_secret_value()
+        if isinstance(task, Verify):
+            hashed = hasher.dummy_hash if task.hashed is None else task.hashed
+            matched[(task.field, task.hashed)] = hasher.verify(plain, hashed)
+        else:
+            hashes[task.field] = hasher.hash(plain)
+    return PasswordOutcomes(MappingProxyType(matched), MappingProxyType(hashes))
+
+
+T = TypeVar("T")
+
+
+def with_password_work(
+    decide: Callable[[PasswordOutcomes], T], command: Any, hasher: PasswordHasher
+) -> T:
+    """Run ``decide(outcomes)`` until it asks for no more password work, doing that work
+    inline: for tests and tools; the dispatcher does the same off the event loop."""
+    outcomes = NO_PASSWORD_WORK
+    while True:
+        try:
+            return decide(outcomes)
+        except PasswordWorkNeeded as needed:
+            outcomes = perform(needed.tasks, command, hasher, outcomes)
 
 
 def hash_token(token: str) -> str:

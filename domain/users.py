@@ -5,8 +5,11 @@ Stream ``user-<user_id>``. Commands acting on another user take the acting user'
 state as ``related["actor"]``. Email and username uniqueness is not decided here: the
 events imply unique-key claims (``domain.routing.claims``) that the store enforces.
 
-Login for an unknown account still runs one bcrypt verification against the hasher's
-dummy hash, and answers exactly like a wrong password. A wrong password is refused but
+Deciders never hash: a decision that needs a password verified or hashed raises
+``PasswordWorkNeeded``, and the dispatcher computes it off the event loop and decides
+again with the outcomes in ``ctx.passwords``. Login for an unknown account still asks
+for one verification (against the hasher's dummy hash) and answers exactly like a
+wrong password. A wrong password is refused but
 its ``LoginFailed`` is recorded (``DomainError.record``); reaching
 ``lockout_threshold`` failures within ``lockout_window`` also records
 ``AccountLocked``. A lock expires on its own or is lifted by an admin or a password
@@ -41,7 +44,7 @@ from domain.base import (
     new_id,
     register_upcaster,
 )
-from domain.passwords import check_password_strength, hash_token
+from domain.passwords import NewHash, Verify, check_password_strength, hash_token
 from domain.permissions import SYSTEM_ACTOR, Permission, Role, permissions_for
 
 CATEGORY: Final = "user"
@@ -521,18 +524,19 @@ def _login_failure(state: State, ctx: CommandContext) -> tuple[Event, ...]:
     return failed, AccountLocked(user_id=state.user_id, until=until, failed_attempts=attempts)
 
 
-def _authenticate(state: State, password: SecretStr, ctx: CommandContext) -> None:
-    """Refuse a locked account, then verify ``password`` recording a failure."""
+def _authenticate(state: State, field: str, ctx: CommandContext) -> None:
+    """Refuse a locked account, then check the command's password ``field`` against
+    the stored hash, recording a failure."""
     assert state.password_hash is not None
     if state.locked_until is not None and state.is_locked(ctx.now):
         raise errors.AccountLocked(state.locked_until)
-    if not ctx.hasher.verify(password.get_secret_value(), state.password_hash):
+    if not ctx.passwords.matches(field, state.password_hash):
         raise errors.InvalidCredentials(record=_login_failure(state, ctx))
 
 
 def _new_password(password: SecretStr, state: State, ctx: CommandContext, *, field: str) -> str:
-    """Policy-check a replacement password (it must also differ from the current one)
-    and hash it."""
+    """Policy-check the replacement password in the command's ``field`` (it must also
+    differ from the current one); its hash."""
     assert state.password_hash is not None
     plain = password.get_secret_value()
     reasons: list[str] = []
@@ -542,11 +546,14 @@ def _new_password(password: SecretStr, state: State, ctx: CommandContext, *, fie
         )
     except errors.WeakPassword as weak:
         reasons.extend(weak.reasons)
-    if ctx.hasher.verify(plain, state.password_hash):
+    current = Verify(field, state.password_hash)
+    # A strong password will be hashed: ask for both at once (one trip off the loop).
+    ctx.passwords.require(current, *([] if reasons else [NewHash(field)]))
+    if ctx.passwords.matches(field, state.password_hash):
         reasons.append("must differ from the current password")
     if reasons:
         raise errors.WeakPassword(reasons, field=field)
-    return ctx.hasher.hash(plain)
+    return ctx.passwords.hash_of(field)
 
 
 def _actor(ctx: CommandContext) -> str:
@@ -573,9 +580,9 @@ def decide(
                 or state.user_id != command.user_id
             ):
                 # Same bcrypt work and the same answer as a wrong password.
-                ctx.hasher.verify(command.password.get_secret_value(), ctx.hasher.dummy_hash)
+                ctx.passwords.matches("password", None)
                 raise errors.InvalidCredentials()
-            _authenticate(state, command.password, ctx)
+            _authenticate(state, "password", ctx)
             if not state.active:
                 raise errors.AccountInactive(command.user_id)
             return [
@@ -592,7 +599,7 @@ def decide(
             _registered(state, command.user_id)
             if not state.active:
                 raise errors.AccountInactive(command.user_id)
-            _authenticate(state, command.old_password, ctx)
+            _authenticate(state, "old_password", ctx)
             password_hash = _new_password(command.new_password, state, ctx, field="new_password")
             return [
                 PasswordChanged(
@@ -695,7 +702,7 @@ def decide(
             if ctx.actor_id == command.user_id:
                 if command.password is None:
                     raise errors.InvalidCommand("password", "is required to change your own email")
-                _authenticate(state, command.password, ctx)
+                _authenticate(state, "password", ctx)
             email = normalize_email(command.new_email)
             if email == state.email:
                 return []
@@ -744,7 +751,7 @@ def _register(
             email=email,
             username=username,
             display_name=display_name,
-            password_hash=ctx.hasher.hash(password),
+            password_hash=ctx.passwords.hash_of("password"),
             roles=tuple(sorted(set(command.roles))),
             at=ctx.now,
         )

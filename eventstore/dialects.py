@@ -36,7 +36,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
 
-from eventstore.engine import read_parameters
+from eventstore.engine import begin_write, read_parameters
 from eventstore.errors import KeyAlreadyClaimed, WrongExpectedVersion
 from eventstore.hashing import json_text, parse_json
 from eventstore.records import (
@@ -288,6 +288,18 @@ class Dialect:
     # SQLAlchemy transaction, with SQL prepared once: SQLAlchemy's per-execution work
     # (~90 us a statement, profiled) was most of an append. Driver errors are wrapped
     # back into SQLAlchemy's exceptions, so translate_errors sees what it always saw.
+
+    async def begin_write(self, conn: AsyncConnection) -> None:
+        """Begin ``conn``'s write transaction. PostgreSQL takes no lock at BEGIN (the
+        append lock comes with the append), so a transaction the connection's reads
+        already began is kept."""
+        if not conn.in_transaction():
+            await begin_write(conn)
+
+    async def check_versions(self, conn: AsyncConnection, expected: Mapping[str, int]) -> None:
+        """Raise :class:`WrongExpectedVersion` for a stream not at its expected version,
+        where the transaction's lock makes the answer final. Not on PostgreSQL: before
+        the append lock a read proves nothing, and the append checks them under it."""
 
     async def heads_and_position(
         self, conn: AsyncConnection, stream_ids: Sequence[str]
@@ -619,6 +631,24 @@ class SQLiteDialect(Dialect):
         # A shared :memory: database has one connection, which readers use too.
         self.direct_appends = not isinstance(engine.pool, StaticPool)
 
+    async def begin_write(self, conn: AsyncConnection) -> None:
+        # A read transaction cannot become the writer safely (SQLITE_BUSY_SNAPSHOT once
+        # another connection committed since it began): end it, then BEGIN IMMEDIATE.
+        if conn.in_transaction():
+            await conn.rollback()
+        await begin_write(conn)
+
+    async def check_versions(self, conn: AsyncConnection, expected: Mapping[str, int]) -> None:
+        # Under BEGIN IMMEDIATE nobody else writes: the heads read now are final.
+        raw = await raw_connection(conn)
+        db = raw.driver_connection
+        with self.driver_errors(raw, _SQLITE_HEAD):
+            for stream_id, version in expected.items():
+                row = db.execute(_SQLITE_HEAD, (stream_id,)).fetchone()
+                actual = 0 if row is None else row[0]
+                if actual != version:
+                    raise WrongExpectedVersion(stream_id, version, actual)
+
     async def heads_and_position(
         self, conn: AsyncConnection, stream_ids: Sequence[str]
     ) -> tuple[dict[str, StreamHead], int]:
@@ -658,6 +688,8 @@ class SQLiteDialect(Dialect):
             rows, outcomes = store.plan(pending, {}, heads, position, refuse=True)
             if rows:
                 self._insert_events(raw, rows)
+            if store.before_commit is not None:
+                await store.before_commit(store.lock_list(pending))
             with self.driver_errors(raw, "COMMIT"):
                 await driver.commit_async()
         finally:
@@ -786,6 +818,8 @@ class PostgresDialect(Dialect):
         # statement sent outside a transaction, so its commit ends it: one round trip
         # where BEGIN, lock and heads, INSERT and COMMIT took four.
         driver = raw.driver_connection  # asyncpg's, outside SQLAlchemy's adapter state
+        if store.before_commit is not None:
+            await store.before_commit(store.lock_list(pending))
         with self.driver_errors(raw, _PG_APPEND):
             found = await driver.fetch(_PG_APPEND, *_append_arguments(store, pending))
         outcomes: list[AppendResult | WrongExpectedVersion] = []

@@ -49,6 +49,12 @@ class GroupQueue(Generic[Item, Result]):
         self._queue: list[Waiting[Item, Result]] = []
         self._writer: asyncio.Task[None] | None = None
 
+    @property
+    def busy(self) -> bool:
+        """Whether a writer is running or items are waiting: a new item may share a
+        group."""
+        return bool(self._queue) or (self._writer is not None and not self._writer.done())
+
     async def submit(self, item: Item) -> Result:
         """Queue ``item`` and wait for its outcome (its result, or its own error)."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -90,6 +96,8 @@ class GroupQueue(Generic[Item, Result]):
         if writer is self._writer and writer.cancelled():
             _fail(self._queue)
             self._queue = []
+            if self._idle is not None:
+                self._idle()
 
     async def aclose(self) -> None:
         """Wait for the groups already queued to be written."""
@@ -113,3 +121,18 @@ async def settle(future: asyncio.Future[Result], work: Awaitable[Result]) -> Non
     else:
         if not future.done():
             future.set_result(result)
+
+
+async def until_done(task: asyncio.Future[Result]) -> None:
+    """Wait for ``task`` to end, through further cancellations of the waiter, and
+    retrieve its outcome (so that no "exception was never retrieved" is left): for a
+    caller cancelled while work it must not abandon is in flight."""
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            continue
+        except Exception:  # noqa: S110  # the waiter is cancelled: the outcome is moot
+            pass
+    if not task.cancelled():
+        task.exception()

@@ -13,11 +13,18 @@ and leaves the loop only where SQLite would *wait*:
   by the busy timeout, after which the usual "database is locked" error is raised).
 * **Writers of other processes**: connections run with ``busy_timeout=0``, so a lock
   held elsewhere makes a statement fail at once with ``SQLITE_BUSY`` instead of
-  sleeping on the loop; that statement is then run again on a worker thread with the
-  configured busy timeout, and the loop stays free while it waits.
+  sleeping on the loop. ``BEGIN IMMEDIATE`` is then tried again from the loop after
+  growing sleeps (1 ms doubling to 25 ms, as SQLite's own busy handler sleeps) until
+  the busy timeout: a caller cancelled while it waits leaves nothing behind (a
+  thread waiting for the lock could not be stopped, and would take the lock later on
+  a connection already back in the pool). Any other statement refused that way is
+  run again on a worker thread with the busy timeout.
 * **Durable commits**: with ``synchronous=FULL`` or ``EXTRA`` every COMMIT fsyncs, so
   COMMIT runs on a worker thread (``offload_commit``). With the default ``NORMAL`` a
   WAL commit does not fsync and runs inline.
+* **Cancellation**: work sent to a thread cannot be interrupted; a caller cancelled
+  while it runs waits for it to end (so the connection is never used by two callers
+  at once) and is then cancelled.
 
 * **Statements whose cost grows with the data** (a count over a large table, a scan
   for a ``contains`` filter, an audit aggregate) run on a worker thread when the
@@ -47,6 +54,8 @@ from typing import Any, Final, TypeVar
 
 from sqlalchemy.engine.interfaces import AdaptedConnection
 from sqlalchemy.util import concurrency as _concurrency
+
+from eventstore.grouping import until_done
 
 T = TypeVar("T")
 #: Await from SQLAlchemy's greenlet (``await_only`` before SQLAlchemy 2.1).
@@ -139,12 +148,15 @@ class Cursor:
             finally:
                 adapt.release_if_done()
             return self
-        if operation.lstrip()[:15].upper() in _WRITE_BEGINS:
+        lock = operation.lstrip()[:15].upper() in _WRITE_BEGINS
+        if lock:
             adapt.acquire_writer()
         else:
             await_(_yield_to_loop())
         try:
-            adapt.call(self._cursor.execute, operation, () if parameters is None else parameters)
+            adapt.call(
+                self._cursor.execute, operation, () if parameters is None else parameters, lock=lock
+            )
             self._loaded()
         finally:
             adapt.release_if_done()
@@ -276,24 +288,53 @@ class Connection(AdaptedConnection):
 
     # -- where the loop waits --------------------------------------------------------------
 
-    def call(self, fn: Callable[..., T], *args: Any, offload: bool = False) -> T:
-        """Run ``fn`` inline; if another process holds the lock, wait on a worker thread.
+    def call(
+        self, fn: Callable[..., T], *args: Any, offload: bool = False, lock: bool = False
+    ) -> T:
+        """Run ``fn`` inline; if another process holds the lock, wait for it (``lock``:
+        ``fn`` takes the write lock, retried from the loop; else on a worker thread).
 
         For SQLAlchemy's side of the driver (it runs in SQLAlchemy's greenlet)."""
         if not offload:
             result = self._inline(fn, args)
             if result is not _BUSY:
                 return result  # type: ignore[return-value]
-        waited: T = await_(asyncio.to_thread(self._waiting, fn, *args))
+        waited: T = await_(self._wait(fn, args, lock=lock))
         return waited
 
-    async def run(self, fn: Callable[..., T], *args: Any, offload: bool = False) -> T:
+    async def run(
+        self, fn: Callable[..., T], *args: Any, offload: bool = False, lock: bool = False
+    ) -> T:
         """:meth:`call` for a caller on the event loop (the store's direct append)."""
         if not offload:
             result = self._inline(fn, args)
             if result is not _BUSY:
                 return result  # type: ignore[return-value]
-        return await asyncio.to_thread(self._waiting, fn, *args)
+        return await self._wait(fn, args, lock=lock)
+
+    async def _wait(self, fn: Callable[..., T], args: tuple[Any, ...], *, lock: bool) -> T:
+        if lock:
+            return await self._retry_lock(fn, args)
+        worker = asyncio.ensure_future(asyncio.to_thread(self._waiting, fn, *args))
+        try:
+            return await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            await until_done(worker)
+            raise
+
+    async def _retry_lock(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_ms / 1000
+        delay = 0.001
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise sqlite3.OperationalError("database is locked")
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.025)
+            result = self._inline(fn, args)
+            if result is not _BUSY:
+                return result  # type: ignore[return-value]
 
     @staticmethod
     def _inline(fn: Callable[..., T], args: tuple[Any, ...]) -> T | object:
@@ -340,7 +381,10 @@ class Connection(AdaptedConnection):
             await lock.acquire()
         else:
             try:
-                await asyncio.wait_for(lock.acquire(), self._busy_ms / 1000)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that arrives as the lock is granted.
+                async with asyncio.timeout(self._busy_ms / 1000):
+                    await lock.acquire()
             except TimeoutError:
                 raise sqlite3.OperationalError(
                     "database is locked (a writer of this process held it past the busy timeout)"
@@ -351,7 +395,7 @@ class Connection(AdaptedConnection):
         """``BEGIN IMMEDIATE`` from the event loop: the process's writer lock, then the file's."""
         await self.acquire_writer_async()
         try:
-            await self.run(self._db.execute, "BEGIN IMMEDIATE")
+            await self.run(self._db.execute, "BEGIN IMMEDIATE", lock=True)
         finally:
             self.release_if_done()
 

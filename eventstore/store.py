@@ -12,6 +12,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from time import perf_counter
 from typing import Any, Final
 
 from sqlalchemy import delete, func, select
@@ -19,7 +20,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from eventstore import telemetry
 from eventstore.dialects import Dialect, HeldConnection, dialect_for
-from eventstore.engine import begin_write
 from eventstore.errors import (
     InvalidEventData,
     InvalidExpectedVersion,
@@ -126,6 +126,38 @@ class UnitOfWork:
         self.results: list[AppendResult] = []
         self._pending: list[_PendingAppend] = []
         self._expected: dict[str, int] = {}
+        #: Whether the write transaction has begun (:meth:`begin`).
+        self.writing = False
+        #: When the write lock was taken (``perf_counter``): at BEGIN IMMEDIATE on
+        #: SQLite, at the append on PostgreSQL (its advisory lock).
+        self.locked_at: float | None = None
+        #: Seconds the write lock was held, from :attr:`locked_at` to the end of COMMIT.
+        self.lock_held: float | None = None
+
+    async def begin(self) -> None:
+        """Begin the write transaction, if it has not begun: ``BEGIN IMMEDIATE`` on
+        SQLite (the database's write lock). What the connection read before ran
+        without the write lock; :meth:`check_versions` and the append's version checks
+        make sure no decision rests on it if it changed since."""
+        if self.writing:
+            return
+        with (
+            translate_errors(self.store.dialect.database_label),
+            telemetry.write_stage("begin", self.conn),
+        ):
+            await self.store.dialect.begin_write(self.conn)
+        self.writing = True
+        if self.store.dialect.name == "sqlite":
+            self.locked_at = perf_counter()
+
+    async def check_versions(self, expected: Mapping[str, int]) -> None:
+        """Raise :class:`WrongExpectedVersion` if a stream is no longer at the version
+        given, where that can be known now: on SQLite, under the write lock this
+        transaction holds. Every such stream is also checked under the append lock
+        (:meth:`expect`), which is what PostgreSQL relies on."""
+        if expected:
+            with translate_errors(self.store.dialect.database_label):
+                await self.store.dialect.check_versions(self.conn, expected)
 
     @property
     def pending_streams(self) -> list[str]:
@@ -203,6 +235,9 @@ class UnitOfWork:
         """Write every buffered append: lock, check versions, allocate positions, insert."""
         if not self._pending:
             return []
+        await self.begin()
+        if self.locked_at is None:
+            self.locked_at = perf_counter()
         pending, self._pending = self._pending, []
         expected, self._expected = self._expected, {}
         results = await self.store.write(self.conn, pending, expected)
@@ -215,6 +250,8 @@ class UnitOfWork:
 
 
 BeforeCommitHook = Callable[[UnitOfWork], Awaitable[None]]
+#: A fault point: awaited with the streams being appended to.
+FaultHook = Callable[[Sequence[str]], Awaitable[None]]
 
 
 class EventStore:
@@ -235,8 +272,12 @@ class EventStore:
         self.max_event_bytes = max_event_bytes
         self._clock = clock or (lambda: datetime.now(UTC))
         self.dialect: Dialect = dialect_for(engine)
-        #: Test seam: awaited after the append statements and before COMMIT.
-        self.before_commit: BeforeCommitHook | None = None
+        #: Fault point for tests, on every append path (``None`` in production): awaited
+        #: with the appended streams once their positions are allocated, while the
+        #: append lock is held, just before COMMIT. PostgreSQL's direct append
+        #: (``tiu_append``) allocates and commits in one statement, so there it is
+        #: awaited just before that statement. An exception it raises rolls back.
+        self.before_commit: FaultHook | None = None
         #: The group writer's pooled connection, kept from one group to the next.
         self._held = HeldConnection()
         self._group: GroupQueue[_PendingAppend, AppendResult] | None = (
@@ -252,7 +293,11 @@ class EventStore:
 
     @asynccontextmanager
     async def transaction(
-        self, *, after_flush: BeforeCommitHook | None = None
+        self,
+        *,
+        after_flush: BeforeCommitHook | None = None,
+        lazy: bool = False,
+        conn: AsyncConnection | None = None,
     ) -> AsyncIterator[UnitOfWork]:
         """A write transaction. Buffered appends are flushed at the end, then COMMIT.
 
@@ -260,28 +305,34 @@ class EventStore:
         row of this transaction remains. ``after_flush`` runs after the append and
         before COMMIT, while the append lock is held: keep it to one short statement
         on rows no other transaction locks before appending (checkpoints).
+
+        ``lazy``: the write transaction begins only at :meth:`UnitOfWork.begin` (or
+        the flush), so what the block reads first holds no write lock; a block that
+        never begins writing commits nothing. ``conn``: a connection of this engine to
+        run on (not in a write transaction), closed at the end as the store's own is.
         """
-        with translate_errors(self.dialect.database_label):
-            conn = await self.engine.connect()
+        if conn is None:
+            with translate_errors(self.dialect.database_label):
+                conn = await self.engine.connect()
         try:
-            with (
-                translate_errors(self.dialect.database_label),
-                telemetry.write_stage("begin", conn),
-            ):
-                await begin_write(conn)
             uow = UnitOfWork(self, conn)
+            if not lazy:
+                await uow.begin()
             yield uow
-            with telemetry.write_stage("append", conn):
-                await uow.flush()
-            if after_flush is not None and uow.results:
-                await after_flush(uow)
-            if self.before_commit is not None:
-                await self.before_commit(uow)
-            with (
-                translate_errors(self.dialect.database_label),
-                telemetry.write_stage("commit", conn),
-            ):
-                await conn.commit()
+            if uow.writing or uow.pending_streams:
+                with telemetry.write_stage("append", conn):
+                    await uow.flush()
+                if after_flush is not None and uow.results:
+                    await after_flush(uow)
+                if self.before_commit is not None:
+                    await self.before_commit([r.stream_id for r in uow.results])
+                with (
+                    translate_errors(self.dialect.database_label),
+                    telemetry.write_stage("commit", conn),
+                ):
+                    await conn.commit()
+                if uow.locked_at is not None:
+                    uow.lock_held = perf_counter() - uow.locked_at
         finally:
             with translate_errors(self.dialect.database_label):
                 await conn.close()  # rolls back anything not committed
@@ -345,13 +396,13 @@ class EventStore:
     ) -> list[AppendResult | WrongExpectedVersion]:
         """Several appends in one transaction; one whose version check fails is left out.
         ``held``: the group writer's connection (only the writer task passes it)."""
-        if self.before_commit is None:  # the test seam needs the general path
-            outcomes = await self.dialect.append_group(self, pending, held)
-            if outcomes is not None:
-                written = [o.last_position for o in outcomes if isinstance(o, AppendResult)]
-                if written:
-                    self.dialect.appended(self, max(written))
-                return outcomes
+        outcomes = await self.dialect.append_group(self, pending, held)
+        if outcomes is not None:
+            written = [o.last_position for o in outcomes if isinstance(o, AppendResult)]
+            if written:
+                self.dialect.appended(self, max(written))
+            return outcomes
+        # Only a shared :memory: database (one connection, readers included) gets here.
         async with self.transaction() as uow:
             outcomes = await self.write_each(uow.conn, pending)
             uow.results.extend(o for o in outcomes if isinstance(o, AppendResult))
@@ -719,6 +770,7 @@ def _check_expected(stream_id: str, expected: ExpectedVersion, actual: int) -> N
 __all__ = [
     "BeforeCommitHook",
     "EventStore",
+    "FaultHook",
     "KeyAlreadyClaimed",
     "UnitOfWork",
 ]

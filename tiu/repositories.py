@@ -515,6 +515,7 @@ class UserRepository(_Repository):
 
         async def work(channel: Channel) -> str:
             assert channel.unit is not None
+            await channel.unit.begin()  # the key is written in the unit's write transaction
             try:
                 return await channel.unit.keys.rotate(user_id)
             except SubjectKeysDestroyed as error:

@@ -146,6 +146,7 @@ class DatabaseService:
             retries=settings.command_retries,
             group_commit=settings.group_commit,
             max_group=settings.max_group,
+            hasher=self.hasher,
         )
         self._worker_task: asyncio.Task[None] | None = None
         self._worker_stop: asyncio.Event | None = None
@@ -290,7 +291,6 @@ class DatabaseService:
             ip=ip,
             user_agent=user_agent,
             policy=self.policy,
-            hasher=self.hasher,
         )
 
     async def dispatch(self, command: Command, ctx: CommandContext | None = None) -> CommandResult:

@@ -1,14 +1,15 @@
 """Fixtures-as-functions for the domain tests: a fast deterministic hasher, contexts,
-and the usual histories."""
+deciding with password work done, and the usual histories."""
 
 import hashlib
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import reduce
 from typing import Any
 
-from domain import CommandContext, Event, Role, SecurityPolicy, projects, users
+from domain import Command, CommandContext, Event, Role, SecurityPolicy, projects, users
+from domain.passwords import with_password_work
 from domain.permissions import ProjectRole
 from domain.routing import Decider
 
@@ -40,7 +41,6 @@ def ctx(
     *,
     at: datetime = T0,
     policy: SecurityPolicy | None = None,
-    hasher: Any = FAKE,
 ) -> CommandContext:
     return CommandContext(
         now=at,
@@ -48,7 +48,25 @@ def ctx(
         ip="203.0.113.7",
         user_agent="pytest",
         policy=policy or SecurityPolicy(),
-        hasher=hasher,
+    )
+
+
+def decide(
+    decider: Decider,
+    command: Command,
+    state: Any,
+    context: CommandContext,
+    related: Any,
+    hasher: Any = FAKE,
+) -> list[Event]:
+    """``decider.decide`` with the password work it asks for done by ``hasher``, as the
+    dispatcher does it (off the loop there)."""
+    return with_password_work(
+        lambda outcomes: decider.decide(
+            command, state, replace(context, passwords=outcomes), related
+        ),
+        command,
+        hasher,
     )
 
 

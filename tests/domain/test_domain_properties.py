@@ -9,6 +9,7 @@ from domain_support import (
     T0,
     admin,
     ctx,
+    decide,
     member_added,
     project_state,
     registered,
@@ -43,7 +44,7 @@ def run(decider, events, steps):
     for command, context, related in steps:
         state = reduce(decider.evolve, log, decider.initial_state())
         try:
-            log.extend(decider.decide(command, state, context, related))
+            log.extend(decide(decider, command, state, context, related))
         except DomainError as error:
             log.extend(error.record)
     return log
@@ -93,7 +94,7 @@ def test_user_decisions_are_deterministic(actions):
         outcomes = []
         for _ in range(2):
             try:
-                outcomes.append(("ok", users.decide(command, state, context, related)))
+                outcomes.append(("ok", decide(USERS, command, state, context, related)))
             except DomainError as error:
                 outcomes.append((type(error), error.record))
         assert outcomes[0] == outcomes[1]

@@ -127,7 +127,7 @@ def test_an_unknown_user_costs_a_dummy_verification_and_reads_like_a_wrong_passw
     hasher = FakeHasher()
     unknown = (
         given()
-        .when(login(user_id=None), ctx=ctx(hasher=hasher))
+        .when(login(user_id=None), ctx=ctx(), hasher=hasher)
         .then_raises(InvalidCredentials, record=())
     )
     assert hasher.verified == [(PASSWORD, hasher.dummy_hash)]

@@ -1,7 +1,9 @@
 """No reader can skip an event: the harness of ORDERING.md, on both backends.
 
-Writers append with random delays between allocating positions and committing, and
-some roll back; two checkpointing readers (one projector, batch 25) run throughout,
+Writers on two stores append through both production paths (the direct append and
+the unit of work), with random delays at the store's fault point (between allocating
+positions and committing, or just before PostgreSQL's one-statement append), and some
+roll back; two checkpointing readers (one projector, batch 25) run throughout,
 writing every event id they apply into ``seen(event_id PRIMARY KEY)`` so a double
 apply fails loudly. Afterwards the readers must have seen exactly the committed
 events, in position order, at positions 1..N.
@@ -32,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from eventstore import AppendTimeout, EventStore, NewEvent, WrongExpectedVersion
+from eventstore import AppendResult, AppendTimeout, EventStore, NewEvent, WrongExpectedVersion
 from eventstore.engine import begin_write
 from eventstore.schema import events
 
@@ -127,35 +129,53 @@ async def reader(
 async def run_harness(engine: AsyncEngine, *, seed: int, appender: str = "tiu") -> Outcome:
     rng = random.Random(seed)
     outcome = Outcome()
-    store = EventStore(engine)
+    # Two stores (two processes' worth of group writers), each racing both of its
+    # production paths: the direct append (tiu_append on PostgreSQL, the inline SQLite
+    # transaction) and the unit of work commands use. The fault point sits on both.
+    stores = [EventStore(engine), EventStore(engine)]
 
     async def delay_and_maybe_fail() -> None:
         await asyncio.sleep(rng.uniform(0, 0.015))
         if rng.random() < 0.10:
             raise InjectedFailure
 
-    async def hook(_uow: object) -> None:
+    async def hook(_streams: object) -> None:
         await delay_and_maybe_fail()
 
-    store.before_commit = hook
+    for store in stores:
+        store.before_commit = hook
+
+    async def append_directly(store: EventStore, n: int, own: list[NewEvent]) -> None:
+        await store.append(f"w-{n}", "w", own)
+        outcome.committed.update(e.event_id for e in own)
+        if rng.random() < 0.2:
+            async with engine.connect() as conn:
+                version = await store.stream_version(conn, "hot-1")
+            hot = [NewEvent("H", {"w": n})]
+            await store.append("hot-1", "hot", hot, version)
+            outcome.committed.update(e.event_id for e in hot)
+
+    async def append_in_unit(store: EventStore, n: int, own: list[NewEvent]) -> None:
+        hot: list[NewEvent] = []
+        async with store.transaction() as uow:
+            uow.append(f"w-{n}", "w", own)
+            if rng.random() < 0.2:
+                version = await store.stream_version(uow.conn, "hot-1")
+                hot = [NewEvent("H", {"w": n})]
+                uow.append("hot-1", "hot", hot, version)
+        outcome.committed.update(e.event_id for e in own + hot)
 
     async def tiu_writer(n: int) -> None:
+        store = stores[n % 2]
+        append = append_directly if n % 4 < 2 else append_in_unit
         for k in range(40):
             own = [NewEvent("E", {"w": n, "k": k}) for _ in range(rng.randint(1, 3))]
-            hot: list[NewEvent] = []
             try:
-                async with store.transaction() as uow:
-                    uow.append(f"w-{n}", "w", own)
-                    if rng.random() < 0.2:
-                        version = await store.stream_version(uow.conn, "hot-1")
-                        hot = [NewEvent("H", {"w": n})]
-                        uow.append("hot-1", "hot", hot, version)
+                await append(store, n, own)
             except (InjectedFailure, WrongExpectedVersion):
                 pass
             except AppendTimeout:
                 outcome.busy_errors += 1
-            else:
-                outcome.committed.update(e.event_id for e in own + hot)
             await asyncio.sleep(rng.uniform(0, 0.002))
 
     async def naive_writer(n: int) -> None:
@@ -193,7 +213,8 @@ async def run_harness(engine: AsyncEngine, *, seed: int, appender: str = "tiu") 
     finally:
         stop.set()
         await asyncio.gather(*readers)
-        await store.aclose()  # its NOTIFY task may still hold a pooled connection
+        for store in stores:
+            await store.aclose()  # its NOTIFY task may still hold a pooled connection
     return outcome
 
 
@@ -250,19 +271,26 @@ async def test_harness_catches_a_naive_identity_column_appender(postgres_engine:
 
 
 async def test_a_paused_allocation_holds_back_later_appends_and_readers(store: EventStore):
-    """Deterministic companion: T1 allocates and pauses; T2 must wait; order is kept."""
+    """Deterministic companion: T1 (a unit of work, as commands write) allocates and
+    pauses; T2 (a direct append, on another store) must wait; order is kept."""
     paused = asyncio.Event()
     release = asyncio.Event()
 
-    async def hold_first(uow: object) -> None:
+    async def hold_first(_streams: object) -> None:
         if not paused.is_set():
             paused.set()
             await release.wait()
 
+    async def first_in_unit() -> AppendResult:
+        async with store.transaction() as uow:
+            uow.append("a-1", "a", [NewEvent("First", {})])
+        return uow.results[0]
+
     store.before_commit = hold_first
-    t1 = asyncio.create_task(store.append("a-1", "a", [NewEvent("First", {})]))
+    other = EventStore(store.engine)
+    t1 = asyncio.create_task(first_in_unit())
     await asyncio.wait_for(paused.wait(), 5)
-    t2 = asyncio.create_task(store.append("b-1", "b", [NewEvent("Second", {})]))
+    t2 = asyncio.create_task(other.append("b-1", "b", [NewEvent("Second", {})]))
     done, _ = await asyncio.wait({t2}, timeout=0.2)
     assert not done, "T2 appended while T1 held the append lock"
     async with store.engine.connect() as conn:
@@ -273,3 +301,4 @@ async def test_a_paused_allocation_holds_back_later_appends_and_readers(store: E
         log = await store.read_all(conn)
     assert [(e.event_type, e.position) for e in log] == [("First", 1), ("Second", 2)]
     assert (first.first_position, second.first_position) == (1, 2)
+    await other.aclose()

@@ -28,7 +28,7 @@ def _count_commits(store: EventStore) -> list[int]:
     inline SQLite append never waits, so without it nothing would ever be queued)."""
     commits: list[int] = []
 
-    async def count(uow: object) -> None:
+    async def count(_streams: object) -> None:
         commits.append(1)
         await asyncio.sleep(0.005)
 
@@ -99,8 +99,8 @@ async def test_groups_never_exceed_max_group(engine, max_group):
     store = EventStore(engine, max_group=max_group)
     sizes: list[int] = []
 
-    async def size(uow: object) -> None:
-        sizes.append(len(uow.results))  # type: ignore[attr-defined]
+    async def size(streams: list[str]) -> None:
+        sizes.append(len(streams))
         await asyncio.sleep(0.005)
 
     store.before_commit = size
@@ -122,7 +122,7 @@ async def test_a_group_whose_every_append_is_refused_writes_nothing(store):
 
 
 async def test_appends_on_the_direct_driver_path_are_grouped_and_gap_free(store):
-    """Without the before_commit seam, appends run on a bare pooled driver connection:
+    """Appends run on a bare pooled driver connection:
     one checkout per transaction, so fewer checkouts than appends means grouping."""
     checkouts: list[int] = []
     event.listen(store.engine.sync_engine, "checkout", lambda *_: checkouts.append(1))

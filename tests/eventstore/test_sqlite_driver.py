@@ -42,11 +42,11 @@ def db_path(sqlite_template, tmp_path):
 
 
 def _hold_the_lock(store: EventStore) -> tuple[asyncio.Event, asyncio.Event]:
-    """Make ``store``'s appends (the general path) stop before COMMIT, holding the write
-    lock: ``holding`` is set then, and they go on when ``release`` is set."""
+    """Make ``store``'s appends stop before COMMIT, holding the write lock: ``holding``
+    is set then, and they go on when ``release`` is set."""
     holding, release = asyncio.Event(), asyncio.Event()
 
-    async def hold(_uow: object) -> None:
+    async def hold(_streams: object) -> None:
         holding.set()
         await release.wait()
 

@@ -27,6 +27,7 @@ from domain import projects as projects_domain
 from domain import sessions as sessions_domain
 from domain import tasks as tasks_domain
 from domain.permissions import ROLE_PERMISSIONS, SYSTEM_ACTOR
+from domain.routing import USERS
 from domain.tasks import TRANSITIONS, Priority, TaskStatus
 from eventstore.schema import NAMING_CONVENTION
 from migrations.metadata import target_metadata
@@ -38,7 +39,7 @@ from projections.readmodels.sessions import sessions_table
 from projections.readmodels.tasks import tasks_table
 from projections.readmodels.user_activity import user_activity
 from projections.readmodels.users import user_permissions, user_roles, users_table
-from tests.domain.domain_support import PASSWORD, T0, ctx
+from tests.domain.domain_support import PASSWORD, T0, ctx, decide
 
 RECORDED = T0 + timedelta(hours=1)
 """``recorded_at`` of every envelope; what events without an ``at`` are timed by."""
@@ -264,7 +265,7 @@ async def test_registration_creates_the_user_with_roles_and_derived_permissions(
         display_name="Alice Smith",
         roles=(Role.MEMBER, Role.VIEWER),
     )
-    events = users.decide(command, users.initial_state(), ctx())
+    events = decide(USERS, command, users.initial_state(), ctx(), {})
     await log.apply(*events)
 
     user = await one(engine, users_table, user_id="alice")

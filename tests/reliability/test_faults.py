@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from eventstore import (
+    AppendResult,
     AppendTimeout,
     EngineOptions,
     EventStore,
@@ -65,13 +66,21 @@ async def test_a_stuck_lock_holder_makes_other_appends_time_out_with_a_retryable
     release = asyncio.Event()
     holding = asyncio.Event()
 
-    async def hang(_uow: object) -> None:
+    async def hang(_streams: object) -> None:
         holding.set()
         await release.wait()
 
     stuck.before_commit = hang
+
+    async def stuck_command() -> AppendResult:
+        # A command's transaction (the append lock is taken by its append and held
+        # until COMMIT; the hook holds it there).
+        async with stuck.transaction() as uow:
+            uow.append(f"stuck-{uuid.uuid4()}", "stuck", [ev(1)])
+        return uow.results[0]
+
     try:
-        first = asyncio.create_task(stuck.append(f"stuck-{uuid.uuid4()}", "stuck", [ev(1)]))
+        first = asyncio.create_task(stuck_command())
         await asyncio.wait_for(holding.wait(), 5)
         with pytest.raises(AppendTimeout):
             await other.append(f"other-{uuid.uuid4()}", "other", [ev(2)])

@@ -7,6 +7,8 @@ import asyncio
 import hashlib
 import logging
 import re
+import sqlite3
+import threading
 from dataclasses import dataclass, field
 
 import pytest
@@ -31,22 +33,41 @@ pytestmark = pytest.mark.least_privilege
 
 @dataclass
 class CountingHasher:
-    """The real bcrypt hasher, counting its work."""
+    """The real bcrypt hasher, counting its work and noting where it ran: on which
+    thread, and whether (SQLite) the database's write lock was free meanwhile."""
 
     inner: BcryptHasher = field(default_factory=lambda: BcryptHasher(rounds=4))
     hashes: int = 0
     verifies: int = 0
+    threads: set[int] = field(default_factory=set)
+    lock_free: list[bool] = field(default_factory=list)
+    sqlite_file: str | None = None
 
     @property
     def dummy_hash(self) -> str:
         return self.inner.dummy_hash
 
+    def _note(self) -> None:
+        self.threads.add(threading.get_ident())
+        if self.sqlite_file is not None:
+            other = sqlite3.connect(self.sqlite_file, isolation_level=None, timeout=0)
+            try:
+                other.execute("BEGIN IMMEDIATE")  # fails at once if anyone holds the lock
+                other.execute("ROLLBACK")
+                self.lock_free.append(True)
+            except sqlite3.OperationalError:
+                self.lock_free.append(False)
+            finally:
+                other.close()
+
     def hash(self, password: str) -> str:
         self.hashes += 1
+        self._note()
         return self.inner.hash(password)
 
     def verify(self, password: str, hashed: str) -> bool:
         self.verifies += 1
+        self._note()
         return self.inner.verify(password, hashed)
 
 
@@ -115,7 +136,7 @@ async def test_v2_2_unknown_emails_cost_the_same_bcrypt_work_and_get_the_same_er
 
 
 async def test_v2_2_1_lockout_holds_under_a_burst_of_50_concurrent_wrong_attempts(counted):
-    service, _ = counted
+    service, hasher = counted
     await register(service, "target")
 
     async def attempt(n: int) -> BaseException | None:
@@ -128,12 +149,34 @@ async def test_v2_2_1_lockout_holds_under_a_burst_of_50_concurrent_wrong_attempt
                 return error
         return None
 
+    verified_before = hasher.verifies
     outcomes = await asyncio.gather(*(attempt(n) for n in range(50)))
     assert sum(isinstance(o, InvalidCredentials) for o in outcomes) == 5
     assert sum(isinstance(o, AccountLocked) for o in outcomes) == 45
     stats = await service.get_statistics()
     assert stats["events_by_type"]["LoginFailed"] == 5
     assert stats["events_by_type"]["AccountLocked"] == 1
+    # The attempts conflict and are decided again, but a password verified against a
+    # hash the stream still holds is not verified again: at most one bcrypt each.
+    assert hasher.verifies - verified_before <= 50
+
+
+async def test_password_work_runs_on_worker_threads_outside_every_transaction(counted, engine):
+    service, hasher = counted
+    if engine.dialect.name == "sqlite":
+        hasher.sqlite_file = engine.url.database
+    await register(service, "threads")
+    async with service.get_repositories() as repos:
+        users = repos.get_user_repository()
+        assert await users.authenticate("threads@example.com", PASSWORD)
+        with pytest.raises(InvalidCredentials):
+            await users.authenticate("threads@example.com", "not-the-password-1")
+        with pytest.raises(InvalidCredentials):
+            await users.authenticate("nobody@example.com", "not-the-password-1")
+    assert hasher.hashes == 1
+    assert hasher.verifies == 3
+    assert threading.get_ident() not in hasher.threads  # never on the event loop
+    assert all(hasher.lock_free)  # SQLite: nobody held the write lock meanwhile
 
 
 async def test_v3_2_session_tokens_are_long_random_and_stored_only_hashed(service, engine):

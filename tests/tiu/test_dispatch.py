@@ -17,6 +17,7 @@ from domain import (
     PermissionDenied,
     Role,
     SecurityPolicy,
+    WeakPassword,
     projects,
     tasks,
     users,
@@ -43,13 +44,12 @@ def ctx(actor: str | None = None, *, at: datetime = T0, **policy) -> CommandCont
         ip="198.51.100.4",
         user_agent="pytest",
         policy=SecurityPolicy(**policy),
-        hasher=HASHER,
     )
 
 
 @pytest.fixture
 def dispatcher(store: EventStore) -> Dispatcher:
-    return Dispatcher(store, snapshot_every=5, retries=10)
+    return Dispatcher(store, snapshot_every=5, retries=10, hasher=HASHER)
 
 
 async def register(d: Dispatcher, user_id: str, email: str | None = None, **extra) -> None:
@@ -339,3 +339,25 @@ async def test_two_commands_of_one_unit_on_one_stream_each_get_their_own_last_po
         projects.UpdateProject(command_id=first_id, project_id="p9", name="Mir 2"), ctx("olga")
     )
     assert again.duplicate and again.position == by_id[first_id].position
+
+
+async def test_write_lock_hold_times_are_recorded_per_committed_transaction(
+    dispatcher: Dispatcher,
+):
+    await register(dispatcher, "timed")
+    await register(dispatcher, "timed2")
+    samples = list(dispatcher.lock_times.samples)
+    assert len(samples) == 2
+    assert all(seconds > 0 and commands == 1 for seconds, commands in samples)
+    with pytest.raises(WeakPassword):  # refused before writing: no write transaction
+        await dispatcher.dispatch(
+            users.RegisterUser(
+                user_id="weak", email="weak@example.com", username="weak", password="short"
+            ),
+            ctx(SYSTEM_ACTOR),
+        )
+    assert len(dispatcher.lock_times.samples) == 2
+    # A refusal against state is remembered under its command id: one short write.
+    with pytest.raises(AlreadyExists):
+        await register(dispatcher, "timed")
+    assert len(dispatcher.lock_times.samples) == 3

@@ -32,8 +32,8 @@ pytestmark = pytest.mark.least_privilege
 def commits(service) -> list[int]:
     counted: list[int] = []
 
-    async def count(uow) -> None:
-        counted.append(len(uow.results))
+    async def count(streams) -> None:
+        counted.append(len(streams))
 
     service.store.before_commit = count
     return counted
@@ -129,7 +129,7 @@ async def test_a_group_that_conflicts_with_another_process_is_retried_command_by
     engine, service, monkeypatch
 ):
     if engine.dialect.name != "postgresql":
-        pytest.skip("on SQLite the group holds the write lock: no one can get in between")
+        pytest.skip("on SQLite the group's flush holds the write lock: no one can get in")
     async with service.get_repositories() as repos:
         owner = await repos.users.create_user(
             email="own@example.com", username="owner", password=PASSWORD
@@ -153,13 +153,13 @@ async def test_a_group_that_conflicts_with_another_process_is_retried_command_by
 
     monkeypatch.setattr(store_module.UnitOfWork, "flush", interfere)
     retried: list[str] = []
-    alone = service.dispatcher.dispatch_alone
+    alone = service.dispatcher.write
 
-    async def count_alone(command, ctx):
-        retried.append(command.command_id)
-        return await alone(command, ctx)
+    async def count_alone(decision, conn=None):
+        retried.append(decision.command.command_id)
+        return await alone(decision, conn)
 
-    monkeypatch.setattr(service.dispatcher, "dispatch_alone", count_alone)
+    monkeypatch.setattr(service.dispatcher, "write", count_alone)
     ctx = service.context(owner.id)
     outcomes = await asyncio.gather(
         *(
@@ -197,8 +197,10 @@ async def test_callers_are_answered_even_if_the_group_leader_is_cancelled(servic
         )
         for n in range(6)
     ]
-    await asyncio.sleep(0)  # the leader has started
-    service.dispatcher.group._queue._writer.cancel()
+    queue = service.dispatcher.group._queue
+    while queue._writer is None:  # noqa: ASYNC110  # callers prepare, then start the writer
+        await asyncio.sleep(0)
+    queue._writer.cancel()
     outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
     assert len(outcomes) == 6  # nobody is left waiting
     assert all(

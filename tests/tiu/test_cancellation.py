@@ -1,0 +1,230 @@
+"""A caller cancelled at any await point leaves no lock, transaction or connection
+behind: the command either completed or left nothing, on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from domain import projects, tasks
+from domain.permissions import SYSTEM_ACTOR
+from eventstore import NewEvent
+from eventstore.schema import events
+from tests.conftest import PASSWORD
+from tiu import DatabaseService, Settings
+
+#: Cancel after 0..TURNS-1 turns of the loop (every await point that does not wait
+#: for I/O), then after 0.5 ms steps up to STEPS (every round trip of a command on
+#: PostgreSQL, every wait on SQLite), from before its preparation to after its COMMIT.
+TURNS = 40
+STEPS = 40
+POINTS = [("turns", n) for n in range(TURNS)] + [("ms", n * 0.5) for n in range(STEPS)]
+
+
+async def _setup(service: DatabaseService) -> tuple[str, str]:
+    async with service.get_repositories() as repos:
+        owner = await repos.users.create_user(
+            email="owner@example.com", username="owner", password=PASSWORD
+        )
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        project = await repos.projects.create_project("Cancelled")
+    return owner.id, project.id
+
+
+async def _cancel_after(work, point: tuple[str, float]) -> object:
+    task = asyncio.ensure_future(work)
+    kind, amount = point
+    if kind == "turns":
+        for _ in range(int(amount)):
+            await asyncio.sleep(0)
+    else:
+        await asyncio.sleep(amount / 1000)
+    task.cancel()
+    return (await asyncio.gather(task, return_exceptions=True))[0]
+
+
+async def _settled(service: DatabaseService, engine: AsyncEngine) -> None:
+    """Every connection back in the pool once the writers are idle, none left in a
+    transaction, and the write lock free (another process could write at once)."""
+    if service.dispatcher.group is not None:
+        await service.dispatcher.group.aclose()
+    for _ in range(500):
+        if engine.pool.checkedout() == 0:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.01)
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    if engine.dialect.name == "sqlite":
+        other = sqlite3.connect(engine.url.database, isolation_level=None, timeout=0)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # "database is locked" if a lock were left
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+    else:
+        async with engine.connect() as conn:
+            stuck = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND objid = 'events'::regclass::oid::int AND granted"
+                )
+            )
+        assert stuck == 0
+
+
+def _no_loop_errors(caplog: pytest.LogCaptureFixture) -> None:
+    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+async def test_a_command_cancelled_at_any_point_completed_or_left_nothing(service, engine, caplog):
+    owner, project = await _setup(service)
+    ctx = service.context(owner)
+    outcomes = {}
+    for n, point in enumerate(POINTS):
+        command = tasks.CreateTask(task_id=f"t{n}", project_id=project, title=f"T{n}")
+        outcomes[command.task_id] = await _cancel_after(service.dispatch(command, ctx), point)
+    await _settled(service, engine)
+    async with engine.connect() as conn:
+        created = set(
+            (
+                await conn.execute(
+                    select(events.c.stream_id).where(events.c.event_type == "TaskCreated")
+                )
+            ).scalars()
+        )
+        rows = set((await conn.execute(text("SELECT task_id FROM tasks"))).scalars())
+    assert {f"task-{t}" for t in rows} == created  # read model and log agree
+    for task_id, outcome in outcomes.items():
+        if not isinstance(outcome, BaseException):
+            assert f"task-{task_id}" in created  # answered: committed
+    assert any(isinstance(o, asyncio.CancelledError) for o in outcomes.values())
+    # ... and the service goes on: nothing left in a transaction on a pooled connection.
+    await service.dispatch(
+        tasks.CreateTask(task_id="after", project_id=project, title="After"), ctx
+    )
+    _no_loop_errors(caplog)
+
+
+async def test_a_unit_of_work_cancelled_at_any_point_is_all_or_nothing(service, engine, caplog):
+    owner, project = await _setup(service)
+    for n, point in enumerate(POINTS):
+
+        async def two(repos, n=n):
+            repo = repos.get_task_repository()
+            await repo.create_task(project, f"First {n}")
+            await repo.create_task(project, f"Second {n}")
+
+        await _cancel_after(service.execute_in_transaction(two, actor_id=owner), point)
+    await _settled(service, engine)
+    async with engine.connect() as conn:
+        titles = list((await conn.execute(text("SELECT title FROM tasks"))).scalars())
+    firsts = {t.removeprefix("First ") for t in titles if t.startswith("First")}
+    seconds = {t.removeprefix("Second ") for t in titles if t.startswith("Second")}
+    assert firsts == seconds  # never one without the other
+    _no_loop_errors(caplog)
+
+
+async def test_an_append_cancelled_at_any_point_completed_or_left_nothing(store, engine, caplog):
+    for n, point in enumerate(POINTS):
+        await _cancel_after(store.append(f"c-{n}", "c", [NewEvent("E", {"n": n})]), point)
+    await store.aclose()
+    for _ in range(500):
+        if engine.pool.checkedout() == 0:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.01)
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    async with engine.connect() as conn:
+        positions = list(
+            (await conn.execute(select(events.c.position).order_by(events.c.position))).scalars()
+        )
+        count = await conn.scalar(select(func.count()).select_from(events))
+    assert positions == list(range(1, count + 1))  # gap-free: nothing half-written
+    _no_loop_errors(caplog)
+
+
+@pytest.mark.sqlite
+async def test_a_command_cancelled_while_another_process_holds_the_lock_leaves_it_free(
+    sqlite_engine, clock, caplog
+):
+    service = DatabaseService(
+        Settings(database_url=str(sqlite_engine.url), bcrypt_rounds=4, busy_timeout=5),
+        engine=sqlite_engine,
+        clock=clock,
+    )
+    await service.start(migrate=False)
+    owner, project = await _setup(service)
+    locked, release, released = threading.Event(), threading.Event(), threading.Event()
+
+    def other_process() -> None:
+        db = sqlite3.connect(sqlite_engine.url.database, isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(10)
+        db.execute("COMMIT")
+        db.close()
+        released.set()
+
+    holder = threading.Thread(target=other_process)
+    holder.start()
+    try:
+        await asyncio.to_thread(locked.wait, 5)
+        waiting = [
+            asyncio.create_task(
+                service.dispatch(
+                    tasks.CreateTask(task_id=f"w{n}", project_id=project, title="W"),
+                    service.context(owner),
+                )
+            )
+            for n in range(3)
+        ]
+        waiting.append(
+            asyncio.create_task(service.store.append("audit-c1", "audit", [NewEvent("E", {})]))
+        )
+
+        async def one(repos):
+            await repos.get_task_repository().create_task(project, "In a unit")
+
+        # In the caller's own task: a unit of work, and a command without group commit.
+        waiting.append(asyncio.create_task(service.execute_in_transaction(one, actor_id=owner)))
+        waiting.append(
+            asyncio.create_task(
+                service.dispatcher.dispatch_alone(
+                    tasks.CreateTask(task_id="alone", project_id=project, title="Alone"),
+                    service.context(owner),
+                )
+            )
+        )
+        await asyncio.sleep(0.2)  # all of them wait for the other process's lock
+        assert not any(t.done() for t in waiting)
+        for t in waiting:
+            t.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        release.set()
+        await asyncio.to_thread(released.wait, 5)
+        await asyncio.sleep(0.2)  # a waiter left on a thread would take the lock now
+        await _settled(service, sqlite_engine)
+        # The pooled connections are usable (no "transaction within a transaction").
+        for n in range(3):
+            await service.dispatch(
+                projects.CreateProject(project_id=f"p{n}", name="After"),
+                service.context(SYSTEM_ACTOR),
+            )
+        async with sqlite_engine.connect() as conn:
+            created = await conn.scalar(
+                select(func.count()).where(events.c.event_type == "TaskCreated")
+            )
+            rows = await conn.scalar(text("SELECT count(*) FROM tasks"))
+        # A command already taken by the group writer completes (as any cancelled
+        # database call may); one not taken yet left nothing. Either way, whole.
+        assert rows == created
+    finally:
+        release.set()
+        holder.join()
+        await service.store.aclose()
+    _no_loop_errors(caplog)
