@@ -314,6 +314,9 @@ class Dialect:
 
     #: Whether :meth:`append_group` may run appends on a bare pooled driver connection.
     direct_appends = True
+    #: Whether a statement can be in flight while its caller awaits (a network round
+    #: trip); not with the inline SQLite driver, which waits only for locks.
+    round_trips = True
 
     async def append_group(
         self,
@@ -620,6 +623,7 @@ def _numbered_qmarks(sql: str) -> str:
 
 class SQLiteDialect(Dialect):
     name = "sqlite"
+    round_trips = False
     _read_stream_sql = _numbered_qmarks(_READ_STREAM.format(_READ_COLUMNS[False]))
     _stream_data_sql = _numbered_qmarks(_STREAM_DATA)
     _load_sql = _numbered_qmarks(_SQLITE_LOAD)

@@ -537,15 +537,15 @@ class Dispatcher:
             elif conn is not None:
                 streams = {}
                 with translate_errors(self.store.dialect.database_label):
-                    previous = await self.load_into(
-                        conn, streams, wanted, command_id=command.command_id
+                    previous = await self._whole(
+                        self.load_into(conn, streams, wanted, command_id=command.command_id)
                     )
             else:
                 streams = {}
                 with translate_errors(self.store.dialect.database_label):
                     async with self.store.engine.connect() as own:
-                        previous = await self.load_into(
-                            own, streams, wanted, command_id=command.command_id
+                        previous = await self._whole(
+                            self.load_into(own, streams, wanted, command_id=command.command_id)
                         )
         if previous is not None:
             return Decision(command, ctx, target, {}, previous=previous)
@@ -565,6 +565,19 @@ class Dispatcher:
                 ctx = replace(ctx, passwords=outcomes)
                 if unit is not None:
                     unit.passwords[command.command_id] = outcomes
+
+    async def _whole(self, load: Awaitable[T]) -> T:
+        """``load`` on a caller's connection, never abandoned mid-round-trip: a caller
+        cancelled meanwhile waits for it to end (on SQLite nothing is ever in flight
+        at an await, so it runs as it is)."""
+        if not self.store.dialect.round_trips:
+            return await load
+        task = asyncio.ensure_future(load)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await until_done(task)
+            raise
 
     @staticmethod
     def decide(

@@ -160,6 +160,12 @@ async def test_a_group_that_conflicts_with_another_process_is_retried_command_by
         return await alone(decision, conn)
 
     monkeypatch.setattr(service.dispatcher, "write", count_alone)
+
+    async def slow_first(_streams) -> None:
+        service.store.before_commit = None
+        await asyncio.sleep(0.1)  # the first group is written: the others queue behind it
+
+    service.store.before_commit = slow_first
     ctx = service.context(owner.id)
     outcomes = await asyncio.gather(
         *(
