@@ -105,6 +105,11 @@ class _Instruments:
         self.projected = meter.create_counter(
             "tiu.projector.events", unit="{event}", description="Events applied by projectors"
         )
+        self.pool_exhausted = meter.create_counter(
+            "tiu.pool.exhausted",
+            unit="{request}",
+            description="Requests for a pooled connection that gave up waiting (PoolExhausted)",
+        )
         self.failed_logins = meter.create_counter(
             "tiu.logins.failed", unit="{attempt}", description="Refused logins, by reason"
         )
@@ -323,6 +328,12 @@ def traced_group(
             otel_context.detach(token)
 
     return traced
+
+
+def pool_exhausted() -> None:
+    """A request for a pooled connection waited ``pool_timeout`` and gave up."""
+    if _state is not None:
+        _state.instruments.pool_exhausted.add(1)
 
 
 def group_size(kind: str, size: int) -> None:
@@ -685,6 +696,7 @@ __all__ = [
     "correlation_id",
     "links_of",
     "note",
+    "pool_exhausted",
     "projector_batch",
     "projector_lag",
     "prometheus_reader",

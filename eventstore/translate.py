@@ -8,6 +8,7 @@ from typing import Final
 
 from sqlalchemy import exc as sa_exc
 
+from eventstore import telemetry
 from eventstore.errors import (
     AppendTimeout,
     DuplicateEventId,
@@ -60,6 +61,7 @@ def translate_errors(database: str | None = None) -> Iterator[None]:
     except EventStoreError:
         raise  # already ours (StoreUnavailable is also an OSError)
     except sa_exc.TimeoutError as error:
+        telemetry.pool_exhausted()
         raise PoolExhausted(_pool_timeout(error)) from error
     except sa_exc.DBAPIError as error:
         code = sqlstate(error)

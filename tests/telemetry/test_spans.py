@@ -262,6 +262,27 @@ async def test_lock_wait_append_duration_and_pool_gauges_are_reported(service, o
         assert states == {"used", "idle"}
 
 
+@pytest.mark.postgres
+async def test_requests_that_gave_up_waiting_for_the_pool_are_counted(pg_schema, otel):
+    from eventstore import EngineOptions, EventStore, NewEvent, PoolExhausted, create_engine
+    from tests.conftest import PG_URL
+
+    options = EngineOptions(pool_size=1, max_overflow=0, pool_timeout=0.2, search_path=pg_schema)
+    engine = create_engine(PG_URL, options)
+    store = EventStore(engine, group_appends=False)  # one checkout per append, no retry
+    try:
+        holder = await engine.connect()  # the only connection
+        for _ in range(2):
+            with pytest.raises(PoolExhausted):
+                await store.append("pool-x", "pool", [NewEvent("Happened", {})])
+        await holder.close()
+    finally:
+        await store.aclose()
+        await engine.dispose()
+    (exhausted,) = otel.points("tiu.pool.exhausted")
+    assert exhausted.value == 2
+
+
 async def test_without_an_sdk_nothing_records_and_events_carry_no_trace(service):
     await register(service, "ada")
     async with service.engine.connect() as conn:
