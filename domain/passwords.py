@@ -111,7 +111,9 @@ class PasswordWorkNeeded(Exception):  # a request, not an error anyone sees
     stays pure: the same inputs always ask for the same work or give the same events."""
 
     def __init__(self, *tasks: PasswordTask) -> None:
-        super().__init__(*tasks)
+        # The message names the kinds of work only: a task holds a password hash, and
+        # this exception may be recorded (a span's exception event, a log line).
+        super().__init__("password work needed: " + ", ".join(type(t).__name__ for t in tasks))
         self.tasks = tasks
 
 

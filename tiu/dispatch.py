@@ -435,6 +435,7 @@ class CommandUnit:
         stream and the security event to the actor's security stream; and remember the
         refusal under the command's id, so a resend answers with it and appends
         nothing (no second audit event, no second failed login)."""
+        await self.begin()  # these are writes: a unit that only records one must commit
         target = route(command, ctx)
         outcome = refusal_outcome(error)
         if error.record:

@@ -878,7 +878,7 @@ class TaskRepository(_Repository):
         ``command_id``, returns the first outcome. An id no task can have (not an entity
         id: a NUL, a lone surrogate, too long) is ``NotFound`` without a query."""
         if not isinstance(task_id, str) or not _ENTITY_ID.fullmatch(task_id):
-            raise NotFound("task", task_id[:64] if isinstance(task_id, str) else None)
+            raise NotFound("task", task_id if isinstance(task_id, str) else None)
         async with self._channel.read() as conn:
             project_id = await conn.scalar(
                 select(tasks_table.c.project_id).where(tasks_table.c.task_id == task_id)

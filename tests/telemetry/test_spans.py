@@ -21,7 +21,7 @@ HASHER = BcryptHasher(rounds=4)
 
 
 def ctx(service: DatabaseService, actor: str | None) -> CommandContext:
-    return CommandContext(now=service.now(), actor_id=actor, correlation_id="corr-7", hasher=HASHER)
+    return CommandContext(now=service.now(), actor_id=actor, correlation_id="corr-7")
 
 
 async def register(service: DatabaseService, user_id: str) -> None:

@@ -357,7 +357,3 @@ async def test_write_lock_hold_times_are_recorded_per_committed_transaction(
             ctx(SYSTEM_ACTOR),
         )
     assert len(dispatcher.lock_times.samples) == 2
-    # A refusal against state is remembered under its command id: one short write.
-    with pytest.raises(AlreadyExists):
-        await register(dispatcher, "timed")
-    assert len(dispatcher.lock_times.samples) == 3
