@@ -1,4 +1,4 @@
-"""Case 8: an embedded service, its event loop watched by a probe.
+"""Case 9: an embedded service, its event loop watched by a probe.
 
 One process holds a ``DatabaseService`` on a generated log (1,000,000 events on
 SQLite, 300,000 on PostgreSQL; 20,000 with ``--quick``; 1% of them failed logins or
@@ -18,11 +18,11 @@ wakes every 1 ms:
 
 Each operation runs alone first (its lag is its own), then all together. Reported per
 operation: duration, the probe's max and p99 lateness while it ran, and the process's
-peak RSS during it (``VmHWM``, reset before each operation). Write-lock hold time per
-command: HOOK(write) - the "write" developer's branch exposes the measurement; until it
-is merged this case reports ``n/a``.
+peak RSS during it (``VmHWM``, reset before each operation), and the write lock's
+hold per command transaction while it ran (``service.dispatcher.lock_times``: p99 and
+max, on SQLite from ``BEGIN IMMEDIATE`` to the end of COMMIT).
 
-    python -m bench --cases 8 --backends sqlite --runs 1
+    python -m bench --cases 9 --backends sqlite --runs 1
     python -m bench.cases.service --backend sqlite --events 200000   # alone, own JSON
 """
 
@@ -48,6 +48,7 @@ from projections import replay
 from projections.readmodels import ALL_PROJECTORS, TasksProjector
 from projections.runner import SHARED_LOOP_BATCH, SHARED_LOOP_CHUNK
 from tiu import DatabaseService, InvalidCredentials, Settings
+from tiu.dispatch import WriteLockTimes
 
 SIZES = {"sqlite": 1_000_000, "postgresql": 300_000}
 QUICK = 20_000
@@ -60,10 +61,13 @@ class _Run:
     def __init__(self, probe: LoopProbe) -> None:
         self.probe = probe
         self.rows: list[dict[str, Any]] = []
+        self.lock_times: WriteLockTimes | None = None  # the service's, once it runs
 
     async def measure(self, label: str, items: int, work: Callable[[], Awaitable[Any]]) -> None:
         await self.probe.settle()
         reset_peak_rss()
+        if self.lock_times is not None:
+            self.lock_times.clear()
         mark = self.probe.mark()
         started = time.perf_counter()
         await work()
@@ -76,17 +80,26 @@ class _Run:
             "items": items,
             **lag.as_dict(),
             "peak_rss_mb": round(peak_rss_mb(), 1),
-            # HOOK(write): write-lock hold per command, from the "write" developer's
-            # measurement once merged.
-            "write_lock_hold_ms": None,
+            **self._lock_hold(),
         }
         self.rows.append(row)
         print(
             f"    {label:34} {seconds:8.3f}s  lag max {lag.max_ms:7.1f} ms"
             f"  p99 {lag.p99_ms:6.1f} ms  longest gc {lag.gc_max_ms:6.1f} ms"
-            f"  peak RSS {row['peak_rss_mb']:7.1f} MB",
+            f"  peak RSS {row['peak_rss_mb']:7.1f} MB"
+            f"  write lock p99 {row['write_lock_p99_ms']} ms",
             flush=True,
         )
+
+    def _lock_hold(self) -> dict[str, float | None]:
+        held = sorted(s for s, _ in self.lock_times.samples) if self.lock_times else []
+        if not held:
+            return {"write_lock_p99_ms": None, "write_lock_max_ms": None}
+        p99 = held[min(len(held) - 1, int(len(held) * 0.99))]
+        return {
+            "write_lock_p99_ms": round(p99 * 1000, 3),
+            "write_lock_max_ms": round(held[-1] * 1000, 3),
+        }
 
 
 async def _audit(service: DatabaseService, run: _Run, suffix: str = "") -> None:
@@ -125,6 +138,7 @@ async def _serve(place: Place, n: int) -> list[dict[str, Any]]:
         print(f"    read models built in {time.monotonic() - started:.0f}s", flush=True)
         service = DatabaseService(settings, engine=store.engine, hasher=BcryptHasher(rounds=12))
         await service.start(migrate=False)
+        run.lock_times = service.dispatcher.lock_times
         try:
             await _operations(service, run)
         finally:
