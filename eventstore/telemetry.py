@@ -129,6 +129,18 @@ class _Instruments:
             description="Age of the newest event a lagging projector applied (0: caught up)",
         )
         meter.create_observable_gauge(
+            "tiu.publisher.lag.events",
+            [_observe_publisher_events],
+            unit="{event}",
+            description="Events in the log a publisher has not had acknowledged by its broker",
+        )
+        meter.create_observable_gauge(
+            "tiu.publisher.lag.seconds",
+            [_observe_publisher_seconds],
+            unit="s",
+            description="How long a lagging publisher has been behind (0: caught up)",
+        )
+        meter.create_observable_gauge(
             "tiu.replay.progress",
             [_observe_replay],
             unit="1",
@@ -155,6 +167,7 @@ _state: _State | None = None  # built at the end of the module, once its callbac
 _open_commands: dict[int, Any] = {}
 _lag: dict[str, tuple[int, datetime | None]] = {}
 _replays: dict[str, float] = {}
+_publishers: dict[str, tuple[int, datetime | None]] = {}
 #: The providers last passed to :func:`configure`, and the state built for them.
 _explicit: list[Any] = [(None, None), None]
 _pools: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -545,6 +558,19 @@ def projector_lag(projector: str, events: int, newest: Sequence[Any]) -> None:
         _lag[projector] = (max(events, 0), since)
 
 
+def publisher_lag(publisher: str, events: int) -> None:
+    """A publisher is ``events`` behind the head this process knows; the seconds gauge
+    counts from when it fell behind."""
+    if ENABLED:
+        behind = max(events, 0)
+        _, since = _publishers.get(publisher, (0, None))
+        if behind == 0:
+            since = None
+        elif since is None:
+            since = datetime.now(UTC)
+        _publishers[publisher] = (behind, since)
+
+
 class _Progress(Protocol):
     @property
     def projector(self) -> str: ...
@@ -586,6 +612,23 @@ def _observe_lag_seconds(_options: Any) -> Iterable[Any]:
             (now - since).total_seconds() if since is not None else 0.0, {"tiu.projector": name}
         )
         for name, (_, since) in _lag.items()
+    ]
+
+
+def _observe_publisher_events(_options: Any) -> Iterable[Any]:
+    return [
+        metrics.Observation(events, {"tiu.publisher": name})
+        for name, (events, _) in _publishers.items()
+    ]
+
+
+def _observe_publisher_seconds(_options: Any) -> Iterable[Any]:
+    now = datetime.now(UTC)
+    return [
+        metrics.Observation(
+            (now - since).total_seconds() if since is not None else 0.0, {"tiu.publisher": name}
+        )
+        for name, (_, since) in _publishers.items()
     ]
 
 
@@ -700,6 +743,7 @@ __all__ = [
     "projector_batch",
     "projector_lag",
     "prometheus_reader",
+    "publisher_lag",
     "replay_progress",
     "serve_prometheus",
     "span",

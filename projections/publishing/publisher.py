@@ -32,6 +32,7 @@ from typing import Any, Final, NamedTuple
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from eventstore import telemetry
 from eventstore.engine import begin_write
 from eventstore.errors import AppendTimeout, LogIntegrityError, StoreUnavailable
 from eventstore.records import RecordedEvent
@@ -267,6 +268,8 @@ class Publisher:
             if now - last_write >= options.checkpoint_interval:
                 await self._write_checkpoint()
                 last_write = now
+            behind = self.store.dialect.known_head - self.done_position()
+            telemetry.publisher_lag(options.name, behind)
 
     async def _drain(self) -> None:
         waiter: asyncio.Future[Any] = asyncio.ensure_future(self._empty.wait())

@@ -9,12 +9,13 @@ import time
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from eventstore import EventStore
+from eventstore import EventStore, telemetry
 from eventstore.records import EventContext, NewEvent, RecordedEvent
 from projections.publishing import Publisher, PublisherOptions
 from projections.publishing.nats import NatsSink
 from projections.publishing.publisher import load_position, publisher_lag
 from tests.publishing.support import JetStreamTarget, TcpProxy, check_delivery
+from tests.telemetry.support import in_memory
 
 
 async def append_round(store: EventStore, round_no: int, streams: int = 5, per: int = 4) -> int:
@@ -202,3 +203,24 @@ async def test_lag_counts_events_and_seconds_behind(
     assert lag["lag_events"] == 20
     assert lag["lag_seconds"] >= 0
     assert lag["position"] == 20
+
+
+async def test_lag_metrics_report_a_publisher_falling_behind_and_catching_up(
+    store: EventStore, jetstream: JetStreamTarget
+) -> None:
+    with in_memory() as otel:
+        telemetry.publisher_lag("measured", 20)
+        assert otel.value("tiu.publisher.lag.events", **{"tiu.publisher": "measured"}) == 20
+        assert otel.value("tiu.publisher.lag.seconds", **{"tiu.publisher": "measured"}) >= 0
+
+        await append_round(store, 0)
+        running = Running(publisher_for(store, jetstream, name="measured"))
+        await running.caught_up(store)
+
+        async def caught_up() -> bool:
+            lag = otel.value("tiu.publisher.lag.events", **{"tiu.publisher": "measured"})
+            return bool(lag == 0)
+
+        await until(caught_up)
+        assert otel.value("tiu.publisher.lag.seconds", **{"tiu.publisher": "measured"}) == 0
+        await running.finish()
