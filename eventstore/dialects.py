@@ -1,13 +1,13 @@
 """What differs between SQLite and PostgreSQL: serialising appends, claims, wake-ups.
 
 PostgreSQL: a transaction-scoped advisory lock, taken just before the insert,
-serialises appends so positions follow commit order (ORDERING.md). A store append is
+serialises appends so positions follow commit order (docs/ordering.md). A store append is
 one call of ``tiu_append`` (migration 0008), sent outside a transaction: lock, heads,
 version checks, hash chain and insert in one statement, committed as it ends. In a
 unit of work the lock and the read of the stream heads are one call of
 ``tiu_lock_and_heads`` (migration 0005), and the insert follows. Either way the heads
 are read by a later statement of the function than the lock, with a snapshot taken
-after the lock was granted, as ORDERING.md requires. Readers in other processes
+after the lock was granted, as docs/ordering.md requires. Readers in other processes
 are woken by NOTIFY, sent by a throttled background task after commit, never
 inside the append transaction.
 

@@ -1,6 +1,6 @@
 """Group commit: callers queue work and wait; one writer task writes the queue in groups.
 
-Appends are serialised (ORDERING.md), so one piece of work per transaction caps the
+Appends are serialised (docs/ordering.md), so one piece of work per transaction caps the
 rate at one commit per caller. Both group committers of tiu (the store's ``append``
 and the dispatcher's commands) queue here instead: the first caller starts a writer
 task, which takes up to ``max_group`` waiting items per transaction until the queue

@@ -38,7 +38,7 @@ events = Table(
     "events",
     metadata,
     # Positions are allocated under the append lock as max(position)+1..n: no sequence,
-    # no identity, so they follow commit order without holes (see ORDERING.md).
+    # no identity, so they follow commit order without holes (see docs/ordering.md).
     Column("position", BigInt, primary_key=True, autoincrement=False),
     Column("event_id", Uuid(), nullable=False, unique=True),
     Column("stream_id", String(MAX_STREAM_ID_LENGTH), nullable=False),

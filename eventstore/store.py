@@ -116,7 +116,7 @@ class UnitOfWork:
     """One write transaction: reads, key claims and buffered appends, committed once.
 
     Appends are buffered and flushed by the store as the last statement before
-    COMMIT (ORDERING.md: nothing may run while the append lock is held). Obtain one
+    COMMIT (docs/ordering.md: nothing may run while the append lock is held). Obtain one
     from :meth:`EventStore.transaction`; it is not safe to share between tasks.
     """
 

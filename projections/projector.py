@@ -52,7 +52,7 @@ class Envelope:
     """A decoded event with where it sits in the log.
 
     ``position`` is ``None`` when an inline projector runs before the append has
-    allocated it (ORDERING.md: positions are assigned as the last statement).
+    allocated it (docs/ordering.md: positions are assigned as the last statement).
     ``recorded_at`` is then the command's clock.
 
     A slotted class whose ``recorded_at`` and ``event_id`` are read from the record it

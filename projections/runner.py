@@ -2,7 +2,7 @@
 
 Both apply events through :meth:`Projector.apply_batch` and move the checkpoint in
 the same transaction. A worker batch on PostgreSQL claims its checkpoint row with
-``FOR UPDATE SKIP LOCKED`` (ORDERING.md, "Checkpoints and several workers"), so two
+``FOR UPDATE SKIP LOCKED`` (docs/ordering.md, "Checkpoints and several workers"), so two
 workers never apply the same batch; on SQLite ``BEGIN IMMEDIATE`` gives the same
 exclusivity. Leadership (one worker per projector) is an
 optimisation on top: a session-level advisory lock on PostgreSQL, keyed by schema

@@ -935,7 +935,7 @@ class GroupCommitter:
     one write transaction (queued on :class:`eventstore.grouping.GroupQueue`), never
     their preparation.
 
-    Appends are serialised (ORDERING.md), so one command per transaction caps the
+    Appends are serialised (docs/ordering.md), so one command per transaction caps the
     write rate at one commit (and one append lock) per command. Each caller prepares
     its command in its own task (load, password work off the loop, decide) and queues
     the decision; decisions that arrive while a group is being written form the next

@@ -2,7 +2,7 @@
 
 An append used to send the advisory lock and the heads query as two statements, so
 that the heads are read with a snapshot taken after the lock was granted
-(ORDERING.md). ``tiu_lock_and_heads`` keeps that order inside one call: a VOLATILE
+(docs/ordering.md). ``tiu_lock_and_heads`` keeps that order inside one call: a VOLATILE
 plpgsql function takes a fresh snapshot for each statement it runs, so the query
 after ``PERFORM pg_advisory_xact_lock`` sees every append committed before the lock.
 One round trip fewer per append (and per command). SQLite needs nothing.

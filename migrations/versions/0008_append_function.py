@@ -4,7 +4,7 @@ A store append used to take four round trips on PostgreSQL: BEGIN, the lock and 
 heads (``tiu_lock_and_heads``), the INSERT and COMMIT. ``tiu_append`` does the lock,
 the version checks, the positions, the hash chain and the insert in one call, sent
 outside any explicit transaction, so PostgreSQL commits it as the statement ends:
-one round trip. ORDERING.md's order is kept inside the call: the advisory lock is
+one round trip. docs/ordering.md's order is kept inside the call: the advisory lock is
 its own statement, and every read after it (a VOLATILE plpgsql function takes a
 fresh snapshot per statement under READ COMMITTED) sees each append committed before
 the lock was granted; the lock is released by the commit that ends the statement.

@@ -1,4 +1,4 @@
-"""No reader can skip an event: the harness of ORDERING.md, on both backends.
+"""No reader can skip an event: the harness of docs/ordering.md, on both backends.
 
 Writers on two stores append through both production paths (the direct append and
 the unit of work), with random delays at the store's fault point (between allocating

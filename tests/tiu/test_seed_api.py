@@ -1,4 +1,4 @@
-"""The seed's API as written (shared/seed: its usage examples and repository methods),
+"""The seed API as written (the original specification's usage examples and repository methods),
 as event-sourced commands and queries, on both backends."""
 
 from __future__ import annotations
