@@ -165,6 +165,30 @@ class RootAccumulator:
         stack.append(node)
         self.size += 1
 
+    def extend(self, leaves: Sequence[bytes]) -> None:
+        """``add`` each of ``leaves``, hashing aligned runs level by level (the same
+        nodes, without a Python loop per merge)."""
+        i, n = 0, len(leaves)
+        while i < n:
+            size = self.size
+            height = (size & -size).bit_length() - 1 if size else (n - i).bit_length() - 1
+            while 1 << height > n - i:
+                height -= 1
+            if height == 0:
+                self.add(leaves[i])
+                i += 1
+                continue
+            row = list(leaves[i : i + (1 << height)])
+            while len(row) > 1:
+                row = [node_hash(row[j], row[j + 1]) for j in range(0, len(row), 2)]
+            node, rest, stack = row[0], size >> height, self.stack
+            while rest & 1:
+                node = node_hash(stack.pop(), node)
+                rest >>= 1
+            stack.append(node)
+            self.size += 1 << height
+            i += 1 << height
+
     def root(self) -> bytes:
         if not self.stack:
             return EMPTY_ROOT
