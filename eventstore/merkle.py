@@ -35,8 +35,9 @@ from eventstore.schema import merkle_state, merkle_tiles
 TILE_HEIGHT: Final = 8
 TILE_WIDTH: Final = 1 << TILE_HEIGHT
 _MASK: Final = TILE_WIDTH - 1
-#: Leaves hashed and written per round of :func:`extend` (64 level-0 tiles).
-CHUNK: Final = 64 * TILE_WIDTH
+#: Leaves hashed and written per round of :func:`extend` (16 level-0 tiles: on
+#: PostgreSQL asyncpg decodes a round on the loop, ~2 ms).
+CHUNK: Final = 16 * TILE_WIDTH
 #: Up to this many new leaves are hashed on the event loop (~2 ms), more on a thread.
 INLINE_LEAVES: Final = 2048
 _LEAVES_SQL: Final = (
@@ -332,7 +333,9 @@ async def extend(conn: AsyncConnection, *, until: int | None = None) -> TreeStat
     grew = False
     while until is None or size < until:
         limit = CHUNK if until is None else min(CHUNK, until - size)
-        rows = await reader.fetch(conn, _LEAVES_SQL, (size, limit))
+        # Plain tuples (untracked by the collector at once): asyncpg's records, held
+        # while the chunk is hashed, would be promoted and bring on full collections.
+        rows = [tuple(r) for r in await reader.fetch(conn, _LEAVES_SQL, (size, limit))]
         if not rows:
             break
         if rows[-1][0] != size + len(rows):
