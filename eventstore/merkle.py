@@ -17,6 +17,7 @@ removes events (whose leaves must stay). It is never silently behind: ``tiu stat
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -169,7 +170,7 @@ class RootAccumulator:
     def extend(self, leaves: Sequence[bytes]) -> None:
         """``add`` each of ``leaves``, hashing aligned runs level by level (the same
         nodes, without a Python loop per merge)."""
-        i, n = 0, len(leaves)
+        i, n, sha256 = 0, len(leaves), hashlib.sha256
         while i < n:
             size = self.size
             height = (size & -size).bit_length() - 1 if size else (n - i).bit_length() - 1
@@ -180,8 +181,10 @@ class RootAccumulator:
                 i += 1
                 continue
             row = list(leaves[i : i + (1 << height)])
-            while len(row) > 1:
-                row = [node_hash(row[j], row[j + 1]) for j in range(0, len(row), 2)]
+            while len(row) > 1:  # node_hash, inlined: a call per node is a third of it
+                row = [
+                    sha256(b"\x01" + row[j] + row[j + 1]).digest() for j in range(0, len(row), 2)
+                ]
             node, rest, stack = row[0], size >> height, self.stack
             while rest & 1:
                 node = node_hash(stack.pop(), node)
