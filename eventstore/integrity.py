@@ -177,7 +177,7 @@ async def verify(
 
 
 async def _drop(heads: dict[str, tuple[int, str]]) -> None:
-    """Empty a stream's-heads map in slices: freeing one of a million streams at once
+    """Empty the map of streams' heads in slices: freeing one of a million streams at once
     holds the loop for tens of ms (one C call, no switch between threads)."""
     while heads:
         for _ in range(min(len(heads), 2_000)):
