@@ -200,3 +200,24 @@ def test_tiles_of_a_third_level_give_the_same_roots_and_proofs():
             for i in (0, 255, 256, 65535, size - 1):
                 path = [merkle.range_hash(tiles, a, b) for a, b in merkle.inclusion_ranges(i, size)]
                 assert root_from_inclusion(i, size, hashes[i], path) == root
+
+
+@given(
+    st.integers(min_value=0, max_value=300),
+    st.lists(st.integers(min_value=1, max_value=200), max_size=8),
+)
+@settings(max_examples=60, deadline=None)
+def test_accumulator_extended_in_runs_has_the_root_of_leaves_added_one_by_one(
+    before: int, runs: list[int]
+) -> None:
+    leaves = [hashlib.sha256(str(i).encode()).digest() for i in range(before + sum(runs))]
+    one_by_one, in_runs = merkle.RootAccumulator(), merkle.RootAccumulator()
+    for leaf in leaves:
+        one_by_one.add(leaf)
+    for leaf in leaves[:before]:
+        in_runs.add(leaf)
+    at = before
+    for run in runs:
+        in_runs.extend(leaves[at : at + run])
+        at += run
+    assert (in_runs.size, in_runs.root()) == (one_by_one.size, one_by_one.root())
