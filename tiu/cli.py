@@ -10,7 +10,6 @@ system actor: operators have database access anyway. See docs/cli.md.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -31,6 +30,8 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 if TYPE_CHECKING:
+    import asyncio
+
     from rich.progress import Progress
     from rich.table import Table
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -256,6 +257,8 @@ def _expected() -> tuple[type[Exception], ...]:
 
 def run(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine; typed failures become ``error: <reason>`` and exit 1."""
+    import asyncio
+
     try:
         return asyncio.run(_translated(factory))
     except _expected() as error:
@@ -642,6 +645,7 @@ def _plan_dict(p: replay_mod.RebuildPlan) -> dict[str, Any]:
 def _run_interruptible(factory: Callable[[], Coroutine[Any, Any, T]], message: str) -> T:
     """Like :func:`run`, but SIGTERM/SIGINT cancel the work so its transaction rolls
     back cleanly (committed batches stay), then exit 130 with ``message``."""
+    import asyncio
 
     async def main() -> T:
         task = asyncio.ensure_future(_translated(factory))
@@ -696,6 +700,8 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
     schema: Schema = None,
 ) -> None:
     """Project the log until SIGTERM/SIGINT; the batch in progress finishes and commits."""
+    import asyncio
+
     from eventstore import telemetry, transparency
     from projections.readmodels import ALL_PROJECTORS
     from projections.runner import Worker, lowest_position
@@ -800,6 +806,8 @@ def publish(  # noqa: PLR0917  # typer maps each parameter to an option
 ) -> None:
     """Publish the log to NATS JetStream until SIGTERM/SIGINT; acknowledgements in
     flight are awaited and the checkpoint written before exiting (docs/publishing.md)."""
+    import asyncio
+
     from tiu.publishing import build_publisher
 
     overrides = {
@@ -992,6 +1000,8 @@ async def _keep_tree(
 ) -> None:
     """The worker's Merkle step: grow the tree and sign checkpoints (given a key) every
     ``checkpoint_every`` events or ``checkpoint_interval``; a failure is logged and retried."""
+    import asyncio
+
     from sqlalchemy.exc import SQLAlchemyError
 
     from eventstore import transparency
@@ -1014,6 +1024,8 @@ async def _keep_tree(
 
 
 async def _stop_keeper(keeper: asyncio.Task[None]) -> None:
+    import asyncio
+
     if not keeper.done():
         keeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -1030,6 +1042,8 @@ def tenants_worker(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Project every tenant's log until SIGTERM/SIGINT (one worker per tenant)."""
+    import asyncio
+
     from tiu.tenants import TenantRegistry
 
     logging.basicConfig(
