@@ -19,11 +19,12 @@ from tiu.cli import app
 
 @pytest.mark.parametrize("module", [tiu, eventstore, domain], ids=lambda m: m.__name__)
 def test_all_lists_exactly_the_public_names(module):
+    # dir() and getattr(), not vars(): tiu imports its names on first use (PEP 562).
     public = {
         name
-        for name, value in vars(module).items()
+        for name in dir(module)
         if not name.startswith("_")
-        and not (isinstance(value, types.ModuleType) and name not in module.__all__)
+        and not (isinstance(getattr(module, name), types.ModuleType) and name not in module.__all__)
     }
     assert set(module.__all__) == public
     assert len(module.__all__) == len(set(module.__all__))

@@ -10,7 +10,6 @@ system actor: operators have database access anyway. See docs/cli.md.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -22,44 +21,28 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
+# Only typer and rich's console at the top: `tiu --help` must not pay for SQLAlchemy,
+# pydantic, the store or OpenTelemetry (issue #20); each command imports what it runs.
 import typer
-from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.core import TyperGroup
 
-from domain.errors import DomainError
-from domain.permissions import SYSTEM_ACTOR
-from eventstore import EventStore, create_engine, retention, telemetry, transparency, verify
-from eventstore.errors import EventStoreError
-from eventstore.offline_verify import Checkpoint, ProofError, VerifierKey
-from eventstore.translate import describe, translate_errors
-from migrations import runner as migrations
-from projections import parking
-from projections import replay as replay_mod
-from projections.errors import ProjectionError
-from projections.projector import Projector
-from projections.readmodels import ALL_PROJECTORS, by_name
-from projections.runner import Worker, lowest_position
-from tiu import __version__, privacy
-from tiu import audit as audit_queries
-from tiu.publishing import build_publisher
-from tiu.service import CATEGORIES, DatabaseService
-from tiu.settings import Settings
-from tiu.tenants import TenantRegistry
+if TYPE_CHECKING:
+    import asyncio
+
+    from rich.progress import Progress
+    from rich.table import Table
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from eventstore import EventStore, retention, transparency
+    from eventstore.offline_verify import Checkpoint, VerifierKey
+    from projections import parking
+    from projections import replay as replay_mod
+    from projections.projector import Projector
+    from tiu import audit as audit_queries
+    from tiu.settings import Settings
 
 T = TypeVar("T")
 
@@ -94,7 +77,9 @@ class _OneLineErrors(TyperGroup):
             _print_error("interrupted")
             sys.exit(130)
         except Exception as error:
-            expected = isinstance(error, EXPECTED)
+            from eventstore.translate import describe
+
+            expected = isinstance(error, _expected())
             _print_error(
                 _one_line(error)
                 if expected
@@ -122,6 +107,8 @@ app.add_typer(audit_app, name="audit")
 
 def _print_version(value: bool) -> None:
     if value:
+        from tiu import __version__
+
         typer.echo(f"tiu {__version__}")
         raise typer.Exit
 
@@ -141,8 +128,6 @@ def _options(
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-#: The categories the CLI's store accepts: the service's plus retention records.
-CLI_CATEGORIES = CATEGORIES | {retention.RETENTION_CATEGORY}
 #: The only category retention may archive: nothing is rebuilt from it.
 ARCHIVABLE_CATEGORY = "security"
 
@@ -188,11 +173,15 @@ def _settings(database_url: str | None, schema: str | None, **extra: Any) -> Set
         overrides["database_url"] = database_url
     if schema:
         overrides["search_path"] = schema
+    from tiu.settings import Settings
+
     return Settings(**overrides)
 
 
 def _require_existing(settings: Settings) -> None:
     """A SQLite file that does not exist is an error, not a new empty database."""
+    from sqlalchemy.engine import make_url
+
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         path = Path(str(url.database))
@@ -203,10 +192,25 @@ def _require_existing(settings: Settings) -> None:
 def _engine(settings: Settings, *, must_exist: bool = True) -> AsyncEngine:
     if must_exist:
         _require_existing(settings)
+    from eventstore import create_engine
+
     return create_engine(settings.database_url, settings.engine_options())
 
 
+def _store(engine: AsyncEngine) -> EventStore:
+    """The CLI's store: it accepts the service's categories plus retention records."""
+    from eventstore import EventStore, retention
+    from tiu.service import CATEGORIES
+
+    return EventStore(engine, categories=CATEGORIES | {retention.RETENTION_CATEGORY})
+
+
 def _one_line(error: BaseException) -> str:
+    from pydantic import ValidationError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from eventstore.translate import describe
+
     if isinstance(error, ValidationError):
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
@@ -227,31 +231,45 @@ def fail(reason: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-EXPECTED = (
-    CliError,
-    EventStoreError,
-    DomainError,
-    ProjectionError,
-    ValidationError,
-    audit_queries.InvalidTime,
-    SQLAlchemyError,
-    OSError,
-    ValueError,
-    OverflowError,
-)
+def _expected() -> tuple[type[Exception], ...]:
+    """The failures printed as one line (imported only once something failed)."""
+    from pydantic import ValidationError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from domain.errors import DomainError
+    from eventstore.errors import EventStoreError
+    from projections.errors import ProjectionError
+    from tiu.audit import InvalidTime
+
+    return (
+        CliError,
+        EventStoreError,
+        DomainError,
+        ProjectionError,
+        ValidationError,
+        InvalidTime,
+        SQLAlchemyError,
+        OSError,
+        ValueError,
+        OverflowError,
+    )
 
 
 def run(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine; typed failures become ``error: <reason>`` and exit 1."""
+    import asyncio
+
     try:
         return asyncio.run(_translated(factory))
-    except EXPECTED as error:
+    except _expected() as error:
         fail(_one_line(error))
     except KeyboardInterrupt:
         fail("interrupted", 130)
 
 
 async def _translated(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    from eventstore.translate import translate_errors
+
     with translate_errors():
         return await factory()
 
@@ -261,6 +279,8 @@ def emit_json(data: Any) -> None:
 
 
 def _table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for column in columns:
         table.add_column(column)
@@ -291,6 +311,8 @@ def migrate(
 ) -> None:
     """Upgrade the schema to the head revision (or --check whether that is needed)."""
     settings = _settings(database_url, schema)
+
+    from migrations import runner as migrations
 
     async def work() -> dict[str, Any]:
         if check:
@@ -325,6 +347,8 @@ def health(
     database_url: DatabaseUrl = None, schema: Schema = None, as_json: JsonFlag = False
 ) -> None:
     """Connect, time a query, report the schema revision and the pool."""
+    from tiu.service import DatabaseService
+
     settings = _settings(database_url, schema)
 
     async def work() -> dict[str, Any]:
@@ -355,6 +379,8 @@ def stats(
     database_url: DatabaseUrl = None, schema: Schema = None, as_json: JsonFlag = False
 ) -> None:
     """Events by category and type, read-model rows, projector lag and needs_rebuild."""
+    from tiu.service import DatabaseService
+
     settings = _settings(database_url, schema)
 
     async def work() -> dict[str, Any]:
@@ -434,7 +460,7 @@ def demo(
     as_json: JsonFlag = False,
 ) -> None:
     """Play a realistic scenario on a fresh SQLite file (deleted first on every run)."""
-    from tiu.demo import run_demo  # noqa: PLC0415  # keeps other commands' start-up light
+    from tiu.demo import run_demo  # keeps other commands' start-up light
 
     settings = _settings(database_url, None)
     console = err if as_json else out
@@ -449,6 +475,8 @@ def demo(
 
 
 def _select(names: Sequence[str]) -> list[Projector]:
+    from projections.readmodels import by_name
+
     try:
         return [by_name(n) for n in dict.fromkeys(names)]
     except KeyError as error:
@@ -478,7 +506,7 @@ def replay(  # noqa: PLR0917  # typer maps each parameter to an option
     ] = False,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Events applied per transaction.")
-    ] = replay_mod.DEFAULT_BATCH_SIZE,
+    ] = 10_000,  # projections.replay.DEFAULT_BATCH_SIZE (a test keeps them equal)
     database_url: DatabaseUrl = None,
     schema: Schema = None,
     as_json: JsonFlag = False,
@@ -488,11 +516,23 @@ def replay(  # noqa: PLR0917  # typer maps each parameter to an option
     The live tables serve reads until the one-transaction swap. Interrupted, the
     next run resumes from the rebuild's own checkpoint.
     """
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from projections import replay as replay_mod
+    from projections.readmodels import ALL_PROJECTORS
+
     settings = _settings(database_url, schema)
 
     async def work() -> dict[str, Any]:
         engine = _engine(settings)
-        store = EventStore(engine, categories=CLI_CATEGORIES)
+        store = _store(engine)
         try:
             if projections and rebuild_all:
                 raise CliError("name projections or pass --all, not both")
@@ -605,6 +645,7 @@ def _plan_dict(p: replay_mod.RebuildPlan) -> dict[str, Any]:
 def _run_interruptible(factory: Callable[[], Coroutine[Any, Any, T]], message: str) -> T:
     """Like :func:`run`, but SIGTERM/SIGINT cancel the work so its transaction rolls
     back cleanly (committed batches stay), then exit 130 with ``message``."""
+    import asyncio
 
     async def main() -> T:
         task = asyncio.ensure_future(_translated(factory))
@@ -626,7 +667,7 @@ def _run_interruptible(factory: Callable[[], Coroutine[Any, Any, T]], message: s
         return asyncio.run(main())
     except (asyncio.CancelledError, KeyboardInterrupt):
         fail(message, 130)
-    except EXPECTED as error:
+    except _expected() as error:
         fail(_one_line(error))
 
 
@@ -659,6 +700,12 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
     schema: Schema = None,
 ) -> None:
     """Project the log until SIGTERM/SIGINT; the batch in progress finishes and commits."""
+    import asyncio
+
+    from eventstore import telemetry, transparency
+    from projections.readmodels import ALL_PROJECTORS
+    from projections.runner import Worker, lowest_position
+
     settings = _settings(database_url, schema)
     telemetry.configure_logging(json_lines=log_json)
     log = logging.getLogger("tiu.worker")
@@ -666,7 +713,7 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
 
     async def work() -> dict[str, Any]:
         engine = _engine(settings)
-        store = EventStore(engine, categories=CLI_CATEGORIES)
+        store = _store(engine)
         chosen = _select(projections) if projections else list(ALL_PROJECTORS)
         runner = Worker(store, chosen, batch_size=batch_size, poll_interval=poll_interval)
         stop = asyncio.Event()
@@ -717,6 +764,8 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
 
 
 def _serve_metrics(port: int) -> Any:
+    from eventstore import telemetry
+
     if not telemetry.ENABLED:
         fail("--metrics-port needs the otel extra: pip install 'tiu-core[otel]'")
     try:
@@ -757,6 +806,10 @@ def publish(  # noqa: PLR0917  # typer maps each parameter to an option
 ) -> None:
     """Publish the log to NATS JetStream until SIGTERM/SIGINT; acknowledgements in
     flight are awaited and the checkpoint written before exiting (docs/publishing.md)."""
+    import asyncio
+
+    from tiu.publishing import build_publisher
+
     overrides = {
         key: value
         for key, value in {
@@ -778,7 +831,7 @@ def publish(  # noqa: PLR0917  # typer maps each parameter to an option
 
     async def work() -> dict[str, Any]:
         engine = _engine(settings)
-        store = EventStore(engine, categories=CLI_CATEGORIES)
+        store = _store(engine)
         publisher = build_publisher(store, settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -839,12 +892,14 @@ def projections_retry(
     schema: Schema = None,
 ) -> None:
     """Unpark NAME: workers apply it again from its checkpoint (recorded in the log)."""
+    from projections import parking
+
     settings = _settings(database_url, schema)
 
     async def work() -> parking.Parked | None:
         projector = _select([name])[0]
         engine = _engine(settings)
-        store = EventStore(engine, categories=CLI_CATEGORIES)
+        store = _store(engine)
         try:
             return await parking.retry(store, projector.name, actor_id=actor)
         finally:
@@ -873,12 +928,14 @@ def projections_skip(  # noqa: PLR0917  # typer maps each parameter to an option
 ) -> None:
     """Skip the event at POSITION for NAME, for good (replays too), and unpark NAME
     if it was parked there; the skip and its reason are recorded in the log."""
+    from projections import parking
+
     settings = _settings(database_url, schema)
 
     async def work() -> int:
         projector = _select([name])[0]
         engine = _engine(settings)
-        store = EventStore(engine, categories=CLI_CATEGORIES)
+        store = _store(engine)
         try:
             return await parking.skip(store, projector, position, reason=reason, actor_id=actor)
         finally:
@@ -905,6 +962,8 @@ app.add_typer(tenants_app, name="tenants")
 @tenants_app.command("list")
 def tenants_list(database_url: DatabaseUrl = None, as_json: JsonFlag = False) -> None:
     """Every schema of the database that holds a tiu store."""
+    from tiu.tenants import TenantRegistry
+
     registry = TenantRegistry(_settings(database_url, None))
     names = run(registry.tenants)
     if as_json:
@@ -921,6 +980,8 @@ def tenants_create(
 ) -> None:
     """Create each tenant's schema if absent and migrate it to head (also brings an
     existing tenant up to date)."""
+    from tiu.tenants import TenantRegistry
+
     registry = TenantRegistry(_settings(database_url, None))
 
     async def work() -> None:
@@ -939,6 +1000,13 @@ async def _keep_tree(
 ) -> None:
     """The worker's Merkle step: grow the tree and sign checkpoints (given a key) every
     ``checkpoint_every`` events or ``checkpoint_interval``; a failure is logged and retried."""
+    import asyncio
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from eventstore import transparency
+    from eventstore.errors import EventStoreError
+
     log = logging.getLogger("tiu.worker")
     while not stop.is_set():
         try:
@@ -956,6 +1024,8 @@ async def _keep_tree(
 
 
 async def _stop_keeper(keeper: asyncio.Task[None]) -> None:
+    import asyncio
+
     if not keeper.done():
         keeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -972,6 +1042,10 @@ def tenants_worker(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Project every tenant's log until SIGTERM/SIGINT (one worker per tenant)."""
+    import asyncio
+
+    from tiu.tenants import TenantRegistry
+
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
@@ -1012,6 +1086,8 @@ def forget(
     ] = False,
 ) -> None:
     """Erase a person's personal data (crypto-shredding; the audit chain stays intact)."""
+    from tiu import privacy
+
     settings = _settings(database_url, schema)
     report = run(
         lambda: privacy.forget_with_settings(
@@ -1041,6 +1117,8 @@ def verify_command(
     """Recheck every event hash, stream chain, position and Merkle leaf (and, with
     --checkpoint, the log against a kept signed checkpoint); name the first position
     affected."""
+    from eventstore import transparency, verify
+
     settings = _settings(database_url, schema)
 
     async def work(engine: AsyncEngine) -> Any:
@@ -1091,6 +1169,8 @@ app.add_typer(checkpoint_app, name="checkpoint")
 
 
 def _signing_key(settings: Settings) -> transparency.SigningKey:
+    from eventstore import transparency
+
     text_ = settings.signing_key_text()
     if text_ is None:
         raise CliError("no checkpoint key: set TIU_CHECKPOINT_KEY or TIU_CHECKPOINT_KEY_FILE")
@@ -1098,6 +1178,8 @@ def _signing_key(settings: Settings) -> transparency.SigningKey:
 
 
 def _verifier(settings: Settings, key: str | None) -> VerifierKey:
+    from eventstore.offline_verify import ProofError, VerifierKey
+
     if key is not None:
         try:
             return VerifierKey.parse(key)
@@ -1127,6 +1209,8 @@ def checkpoint(
     """Grow the Merkle tree to the head and write a signed checkpoint of it."""
     if ctx.invoked_subcommand is not None:
         return
+    from eventstore import transparency
+
     settings = _settings(database_url, schema)
 
     async def work(engine: AsyncEngine) -> Checkpoint:
@@ -1143,6 +1227,8 @@ def checkpoint(
 @checkpoint_app.command("export")
 def checkpoint_export(database_url: DatabaseUrl = None, schema: Schema = None) -> None:
     """Print the newest checkpoint as a signed note, for an auditor to keep elsewhere."""
+    from eventstore import transparency
+
     settings = _settings(database_url, schema)
 
     async def work(engine: AsyncEngine) -> str | None:
@@ -1162,6 +1248,8 @@ def checkpoint_keygen(
     output: Annotated[Path, typer.Option("--output", help="File for the signing key (0600).")],
 ) -> None:
     """Make an Ed25519 signing key in a new file; print the verifier key for auditors."""
+    from eventstore import transparency
+
     try:
         key = transparency.SigningKey.generate(name)
         with open(output, "x", encoding="utf-8", opener=_private_opener) as handle:
@@ -1178,6 +1266,8 @@ def _private_opener(path: str, flags: int) -> int:
 
 
 def _uncovered(position: int | None, note: str | None, verifier: VerifierKey) -> bool:
+    from eventstore import transparency
+
     if position is None:
         return False
     return note is None or transparency.read_checkpoint(note, verifier).size < position
@@ -1206,6 +1296,8 @@ def prove(  # noqa: PLR0917  # typer maps each parameter to an option
 ) -> None:
     """Print an inclusion proof of POSITION, or (--since) a consistency proof, as JSON
     that eventstore/offline_verify.py checks without tiu-core or the database."""
+    from eventstore import transparency
+
     if (position is None) == (since is None):
         fail("give a POSITION or --since KEPT_CHECKPOINT")
     settings = _settings(database_url, schema)
@@ -1277,6 +1369,9 @@ def audit(  # noqa: PLR0917  # typer maps each parameter to an option
         return
     if sum((failed, suspicious, show_stats)) > 1:
         fail("choose one of --failed, --suspicious, --stats")
+    from domain.permissions import SYSTEM_ACTOR
+    from tiu import audit as audit_queries
+    from tiu.service import DatabaseService
 
     def build() -> tuple[audit_queries.AuditFilter, audit_queries.SuspiciousRules]:
         now = datetime.now(UTC)
@@ -1356,7 +1451,7 @@ def _print_audit(result: Any, output: OutputFormat, *, suspicious: bool, show_st
     if suspicious:
         items = [f.as_dict() for f in result]
         if output is OutputFormat.TABLE:
-            from tiu.demo import findings_table  # noqa: PLC0415
+            from tiu.demo import findings_table
 
             if not result:
                 out.print("no suspicious activity found")
@@ -1365,7 +1460,7 @@ def _print_audit(result: Any, output: OutputFormat, *, suspicious: bool, show_st
     else:
         items = [e.model_dump(mode="json") for e in result]
         if output is OutputFormat.TABLE:
-            from tiu.demo import audit_table  # noqa: PLC0415
+            from tiu.demo import audit_table
 
             out.print(audit_table(f"{len(result)} events", result))
     if output is OutputFormat.JSON:
@@ -1389,11 +1484,15 @@ def audit_archive(
 ) -> None:
     """Move security events older than --before into a gzip JSONL file, then remove
     them from the log in one audited transaction (an AuditArchived record)."""
+    from domain.permissions import SYSTEM_ACTOR
+    from eventstore import retention
+    from tiu import audit as audit_queries
+
     settings = _settings(database_url, schema)
 
     async def work(engine: AsyncEngine) -> retention.ArchiveReport:
         cutoff = audit_queries.parse_time(before)
-        store = EventStore(engine, categories=CLI_CATEGORIES)
+        store = _store(engine)
         try:
             return await retention.archive(
                 store,
