@@ -117,7 +117,18 @@ async def test_concurrent_commands_share_a_group_and_each_keeps_its_own_trace(se
         with tracer.start_as_current_span(f"request {name}"):
             await service.dispatcher.dispatch(create_project(f"p-{name}", name), ctx(service, name))
 
+    commits: list[object] = []
+
+    async def hold_the_first(streams: object) -> None:
+        # Callers prepare in tasks of their own: holding the first commit a moment lets
+        # the others queue into one group however the machine schedules them.
+        commits.append(streams)
+        if len(commits) == 1:
+            await asyncio.sleep(0.2)
+
+    service.store.before_commit = hold_the_first
     await asyncio.gather(*(issue(n) for n in ("ada", "bob", "cyd", "dan")))
+    service.store.before_commit = None
     commands = otel.named("tiu.command CreateProject")
     assert len(commands) == 4
     assert max(c.attributes.get("tiu.command.group_size", 1) for c in commands) > 1
