@@ -7,6 +7,7 @@ from eventstore.crypto import SubjectKeys, keyring
 from eventstore.engine import EngineOptions, backend_name, create_engine
 from eventstore.errors import (
     AppendTimeout,
+    CommandInFlight,
     ConcurrencyError,
     DuplicateEventId,
     EventStoreError,
@@ -48,6 +49,7 @@ __all__ = [
     "AppendResult",
     "AppendTimeout",
     "BrokenLink",
+    "CommandInFlight",
     "ConcurrencyError",
     "DuplicateEventId",
     "EngineOptions",

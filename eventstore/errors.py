@@ -14,6 +14,7 @@ does not recognise pass unchanged::
     ├── ConcurrencyError                     retry after reloading
     │   ├── WrongExpectedVersion             stream, expected, actual
     │   ├── KeyAlreadyClaimed                a unique key belongs to another stream
+    │   ├── CommandInFlight                  one command id sent twice at once
     │   ├── TransactionConflict              deadlock or serialization failure
     │   └── AppendTimeout (TimeoutError)     the append lock was not granted in time
     ├── StoreUnavailable (ConnectionError)   cannot reach or keep the database
@@ -103,6 +104,16 @@ class AppendTimeout(ConcurrencyError, TimeoutError):
 
     def __init__(self, detail: str = "lock_timeout expired") -> None:
         super().__init__(f"append timed out waiting for a lock: {detail}")
+
+
+class CommandInFlight(ConcurrencyError):
+    """A concurrent transaction recorded the same command id first (two sends of one
+    idempotency key at once); nothing of this one was written. Prepare again: the
+    command then answers with the first one's outcome."""
+
+    def __init__(self, command_id: str) -> None:
+        self.command_id = command_id
+        super().__init__("the same command id was processed concurrently; retry it")
 
 
 class TransactionConflict(ConcurrencyError):

@@ -362,9 +362,9 @@ class Connection(AdaptedConnection):
             return await asyncio.shield(work)
         except asyncio.CancelledError:
             self._db.interrupt()
-            await asyncio.wait([work])
-            if not work.cancelled():
-                work.exception()  # retrieved: "interrupted" is the cancellation's doing
+            # Through further cancellations too: the thread holds the connection until
+            # it returns ("interrupted" is then the cancellation's doing).
+            await until_done(work)
             raise
 
     def acquire_writer(self) -> None:

@@ -288,9 +288,15 @@ class Worker:
         chosen = tuple(projectors or self.projectors)
         # Without a checkpoint row every batch would be "skipped": loop forever.
         await self._ensure_checkpoints(chosen)
+        # A parked projector stays parked until an operator acts: retrying its event
+        # here (at every start-up) would only repeat the back-off and the failure.
+        async with self.store.engine.connect() as conn:
+            parked = await parking.load(conn, [p.name for p in chosen])
         total = 0
         with maybe_frozen_heap(freeze_heap):
             for projector in chosen:
+                if projector.name in parked:
+                    continue
                 while True:
                     result = await self._guarded_batch(projector)
                     if result is None:  # failed: parked, or to be retried after a pause

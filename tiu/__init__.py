@@ -38,6 +38,7 @@ if _typing.TYPE_CHECKING:
     from domain.tasks import Priority, TaskStatus
     from eventstore.errors import (
         AppendTimeout,
+        CommandInFlight,
         ConcurrencyError,
         DuplicateEventId,
         EventStoreError,
@@ -126,6 +127,7 @@ _SOURCES: dict[str, str] = {
     "Priority": "domain.tasks",
     "TaskStatus": "domain.tasks",
     "AppendTimeout": "eventstore.errors",
+    "CommandInFlight": "eventstore.errors",
     "ConcurrencyError": "eventstore.errors",
     "DuplicateEventId": "eventstore.errors",
     "EventStoreError": "eventstore.errors",
@@ -219,6 +221,7 @@ __all__ = [
     "AuthenticationError",
     "BulkOperationError",
     "CheckpointMoved",
+    "CommandInFlight",
     "CommandResult",
     "ConcurrencyError",
     "Conflict",

@@ -52,7 +52,12 @@ from domain.passwords import (
 from domain.routing import Decider, Route, claims, erasures, route
 from eventstore import telemetry
 from eventstore.crypto import SubjectKeys, keyring
-from eventstore.errors import ConcurrencyError, KeyAlreadyClaimed, WrongExpectedVersion
+from eventstore.errors import (
+    CommandInFlight,
+    ConcurrencyError,
+    KeyAlreadyClaimed,
+    WrongExpectedVersion,
+)
 from eventstore.grouping import GroupQueue, Waiting, settle, until_done
 from eventstore.prepared import execute
 from eventstore.records import AppendResult, EventContext, NewEvent
@@ -68,8 +73,9 @@ from tiu.idempotency import leaves_trace, refusal_outcome, replayed_refusal
 # Statements of every command, built once (building them per command was a third of a
 # command's time, profiled); executed with parameters, they hit the compiled cache.
 _REMEMBER = {
-    # DO NOTHING keeps the transaction usable; a concurrent duplicate then loses on its
-    # events' versions and, retried, finds this row.
+    # DO NOTHING keeps the transaction usable; a concurrent duplicate finds no row
+    # inserted and raises CommandInFlight (see Dispatcher.remember), and, prepared again,
+    # finds this row.
     "postgresql": pg_insert(processed_commands).on_conflict_do_nothing(),
     "sqlite": sqlite_insert(processed_commands).on_conflict_do_nothing(),
 }
@@ -423,7 +429,13 @@ class CommandUnit:
             if isinstance(error, DomainError) and leaves_trace(error):
                 # Recorded against the versions it was decided on (kept, not restored):
                 # a refusal decided on a stream that moved must fail its version check.
-                await self.record_refusal(decision.command, decision.ctx, error)
+                try:
+                    await self.record_refusal(decision.command, decision.ctx, error)
+                except ConcurrencyError as conflict:  # its key recorded by another send
+                    if self._writing:
+                        raise GroupRerun(decision.command.command_id) from conflict
+                    self.restore(mark)
+                    raise conflict from error
             else:
                 self.restore(mark)
             raise
@@ -559,7 +571,8 @@ class Dispatcher:
                 if unit is not None:
                     await unit.end_read()
                 elif release is not None:
-                    await release()
+                    # Shielded: a cancelled caller must not abandon the close mid-way.
+                    await asyncio.shield(release())
                 outcomes = await asyncio.to_thread(
                     perform, needed.tasks, command, self.hasher, ctx.passwords
                 )
@@ -902,7 +915,10 @@ class Dispatcher:
         outcome: dict[str, Any],
         now: datetime,
     ) -> None:
-        await execute(
+        """Record ``command``'s outcome under its id. A row already there was written by
+        a concurrent send of the same id that committed first (DO NOTHING waited for
+        it): this transaction must not write the command a second time."""
+        inserted = await execute(
             conn,
             _REMEMBER[conn.dialect.name],
             {
@@ -913,6 +929,8 @@ class Dispatcher:
                 "recorded_at": now,
             },
         )
+        if inserted == 0:
+            raise CommandInFlight(command.command_id)
 
 
 def _event_context(command: Command, ctx: CommandContext) -> EventContext:
@@ -997,7 +1015,7 @@ class GroupCommitter:
                 queued.decision = decision
                 if self._queue.busy and queued.conn is not None:
                     # It will share a group: only the group's writer needs a connection.
-                    await self._put_back(queued.take())  # type: ignore[arg-type]
+                    await asyncio.shield(self._put_back(queued.take()))  # type: ignore[arg-type]
                 return await self._queue.submit(queued)
             except ConcurrencyError:
                 attempt += 1

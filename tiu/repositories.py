@@ -39,6 +39,7 @@ from domain.errors import (
     AlreadyExists,
     DomainError,
     InvalidCommand,
+    InvalidCredentials,
     NotFound,
     PermissionDenied,
     SubjectForgotten,
@@ -394,13 +395,16 @@ class UserRepository(_Repository):
         ``InvalidCredentials``; repeated failures lock the account (``AccountLocked``).
         A resent ``command_id`` counts no second failure."""
         user_id = await self.user_id_for_email(email) if "@" in email else None
-        await self._channel.send(
+        result = await self._channel.send(
             users.AttemptLogin(user_id=user_id, password=SecretStr(password), **_keyed(command_id))
         )
-        assert user_id is not None  # an unknown email was refused above
-        user = await self.get_by_id(user_id)
-        assert user is not None
-        return user
+        # The user the login was for: a resent key answers with the first login's
+        # account, whatever the email resolves to now (it may have changed since).
+        if result.stream_id.startswith(f"{users.CATEGORY}-"):
+            user = await self.get_by_id(_entity_id(result))
+            if user is not None:
+                return user
+        raise InvalidCredentials
 
     async def change_password(
         self,

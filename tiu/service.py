@@ -232,17 +232,18 @@ class DatabaseService:
         if self._closed:
             return
         self._closed = True
+        # A background task that died is logged, not raised: the rest must still close.
         if self._cache_task is not None:
             self._cache_stop.set()
-            await self._cache_task
+            await _ended(self._cache_task, "session cache")
         if self.session_cache is not None:
             await self.session_cache.aclose()
         if self._worker_task is not None and self._worker_stop is not None:
             self._worker_stop.set()
-            await self._worker_task
+            await _ended(self._worker_task, "worker")
         if self._publisher_task is not None:
             self._publisher_stop.set()  # acknowledgements in flight are awaited
-            await self._publisher_task
+            await _ended(self._publisher_task, "publisher")
         if self.dispatcher.group is not None:
             await self.dispatcher.group.aclose()  # commands already queued are written
         await self.store.aclose()
@@ -378,9 +379,13 @@ class DatabaseService:
         data = report.as_dict()
         # Parked projectors live in a table of migration 0010: not there before it runs.
         if report.healthy and not report.pending_migrations:
-            async with self.engine.connect() as conn:
-                found = await parking.load(conn, [p.name for p in self.projectors])
-            data["parked_projectors"] = {n: p.as_dict() for n, p in sorted(found.items())}
+            try:
+                async with self.engine.connect() as conn:
+                    found = await parking.load(conn, [p.name for p in self.projectors])
+            except Exception as error:  # health is reported, not raised
+                data["parked_projectors_error"] = f"{type(error).__name__}: {error}"
+            else:
+                data["parked_projectors"] = {n: p.as_dict() for n, p in sorted(found.items())}
         if report.healthy and report.current_revision is not None:
             try:
                 data["publishers"] = await self._publishers()
@@ -453,6 +458,15 @@ class DatabaseService:
         ``tiu audit archive``: see :meth:`tiu.repositories.AuditRepository.archive`."""
         async with self.get_repositories(SYSTEM_ACTOR) as repos:
             return await repos.audit.archive(before=before, output=output)
+
+
+async def _ended(task: asyncio.Task[None], what: str) -> None:
+    """Wait for a stopped background task; its failure is logged (it was already the
+    reason it stopped), so that closing goes on."""
+    try:
+        await task
+    except Exception:
+        log.exception("the %s had failed; closing the service anyway", what)
 
 
 async def _counts(conn: AsyncConnection, column: ColumnElement[str]) -> dict[str, int]:

@@ -4,6 +4,7 @@ included."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 from collections.abc import Awaitable, Callable
@@ -338,3 +339,63 @@ async def test_a_malformed_key_is_an_invalid_command_and_writes_nothing(service,
             await repos.tasks.bulk_delete_tasks(["t"], command_id=key)
     assert refused.value.field == "command_id"
     assert await log_size(service) == before
+
+
+async def test_a_resent_login_answers_for_the_first_logins_account_whatever_the_email_says_now(
+    service,
+):
+    user = await make_user(service)
+    async with service.get_repositories() as repos:
+        first = await repos.users.authenticate(
+            f"{user.username}@example.com", PASSWORD, command_id="login-key"
+        )
+        before = await log_size(service)
+        # The same key with an email that resolves to no one: the first outcome, no trace.
+        again = await repos.users.authenticate("not-an-email", PASSWORD, command_id="login-key")
+    assert again.id == first.id == user.id
+    assert await log_size(service) == before
+
+
+async def test_one_key_sent_twice_at_once_is_written_once(service):
+    owner = await make_user(service)
+    stranger = await make_user(service)
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        project = await repos.projects.create_project("Race")
+
+    async def intrude(key: str):
+        async with service.get_repositories(actor_id=stranger.id) as repos:
+            return await repos.tasks.create_task(project.id, "No", command_id=key)
+
+    async def wrong_password(key: str):
+        async with service.get_repositories() as repos:
+            return await repos.users.authenticate(
+                f"{owner.username}@example.com", "not-the-password-1", command_id=key
+            )
+
+    # What one of each leaves in the log, sent alone.
+    before = await log_size(service)
+    with pytest.raises(PermissionDenied):
+        await intrude("alone")
+    one_refusal = await log_size(service) - before
+    before = await log_size(service)
+    with pytest.raises(InvalidCredentials):
+        await wrong_password("alone-login")
+    one_failure = await log_size(service) - before
+    assert one_refusal > 0 and one_failure > 0
+
+    # The same keys sent twice at once: each written once, both callers refused alike.
+    before = await log_size(service)
+    outcomes = await asyncio.gather(
+        intrude("race-refused"),
+        intrude("race-refused"),
+        wrong_password("race-login"),
+        wrong_password("race-login"),
+        return_exceptions=True,
+    )
+    assert [type(o) for o in outcomes] == [
+        PermissionDenied,
+        PermissionDenied,
+        InvalidCredentials,
+        InvalidCredentials,
+    ]
+    assert await log_size(service) - before == one_refusal + one_failure
