@@ -235,11 +235,16 @@ class ApiMachine(RuleBasedStateMachine):
             async with await self.repos(project.owner) as repos:
                 await repos.tasks.update_task_status(self.task_ids[task], to)
 
-        if model.deleted or project.deleted:
+        # The decider's order: the project, the actor's right to write it, its archive
+        # state, then the task (a deleted task is as missing as one never created).
+        if project.deleted:
             with pytest.raises(NotFound):
                 self.run(go())
         elif project.archived:
             with pytest.raises(DomainError):
+                self.run(go())
+        elif model.deleted:
+            with pytest.raises(NotFound):
                 self.run(go())
         elif TaskStatus(to) in TRANSITIONS[TaskStatus(model.status)]:
             self.run(go())
@@ -259,7 +264,9 @@ class ApiMachine(RuleBasedStateMachine):
             async with await self.repos(actor) as repos:
                 await repos.tasks.delete_task(self.task_ids[task])
 
-        if model.deleted or project.deleted:
+        # The decider's order (see change_status): a non-member is refused before the
+        # task is looked at, so a deleted task's existence is not given away.
+        if project.deleted:
             with pytest.raises(NotFound):
                 self.run(go())
         elif not project.writable(actor):
@@ -267,6 +274,9 @@ class ApiMachine(RuleBasedStateMachine):
                 self.run(go())
         elif project.archived:
             with pytest.raises(DomainError):
+                self.run(go())
+        elif model.deleted:
+            with pytest.raises(NotFound):
                 self.run(go())
         else:
             self.run(go())
