@@ -1090,55 +1090,43 @@ class TaskRepository(_Repository):
         """Move several tasks to ``status`` in one transaction, all or none
         (``BulkOperationError`` names the refused item); ``command_id`` is one key for
         the whole call. Returns how many."""
-
-        async def work(channel: Channel) -> int:
-            repo = TaskRepository(channel)
-            count = 0
-            for index, task_id in enumerate(task_ids):
-                command = await _bulk_command(
-                    index,
-                    task_id,
-                    repo._status_command(task_id, status, _item_key(command_id, index)),
-                )
-                await _bulk_step(index, task_id, channel, command)
-                count += 1
-            return count
-
-        return await self._channel.bulk(work)
+        return await self._bulk(
+            task_ids, command_id, lambda repo, t, key: repo._status_command(t, status, key)
+        )
 
     async def bulk_assign(
         self, task_ids: Iterable[str], user_id: str, *, command_id: str | None = None
     ) -> int:
         """Assign several tasks to ``user_id`` in one transaction, all or none;
         ``command_id`` is one key for the whole call. Returns how many."""
-
-        async def work(channel: Channel) -> int:
-            repo = TaskRepository(channel)
-            count = 0
-            for index, task_id in enumerate(task_ids):
-                command = await _bulk_command(
-                    index,
-                    task_id,
-                    repo._assign_command(task_id, user_id, _item_key(command_id, index)),
-                )
-                await _bulk_step(index, task_id, channel, command)
-                count += 1
-            return count
-
-        return await self._channel.bulk(work)
+        return await self._bulk(
+            task_ids, command_id, lambda repo, t, key: repo._assign_command(t, user_id, key)
+        )
 
     async def bulk_delete_tasks(
         self, task_ids: Iterable[str], *, command_id: str | None = None
     ) -> int:
         """Delete several tasks (see :meth:`delete_task`) in one transaction, all or
         none; ``command_id`` is one key for the whole call. Returns how many."""
+        return await self._bulk(
+            task_ids, command_id, lambda repo, t, key: repo._delete_command(t, key)
+        )
+
+    async def _bulk(
+        self,
+        task_ids: Iterable[str],
+        command_id: str | None,
+        build: Callable[[TaskRepository, str, dict[str, str]], Awaitable[Command]],
+    ) -> int:
+        """One command per task, built by ``build`` (item ``index`` keyed from
+        ``command_id``), all in one transaction; returns how many."""
 
         async def work(channel: Channel) -> int:
             repo = TaskRepository(channel)
             count = 0
             for index, task_id in enumerate(task_ids):
                 command = await _bulk_command(
-                    index, task_id, repo._delete_command(task_id, _item_key(command_id, index))
+                    index, task_id, build(repo, task_id, _item_key(command_id, index))
                 )
                 await _bulk_step(index, task_id, channel, command)
                 count += 1
