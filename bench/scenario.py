@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from domain import projects, sessions, tasks, users
-from domain.base import Event, encode_event
+from domain.base import Event, encode_event, new_id
 from eventstore import EventContext, EventStore, NewEvent
 from eventstore.records import uuid7_of
 
@@ -244,29 +244,38 @@ def to_new_event(g: Generated) -> NewEvent:
     return NewEvent(event_type, data, schema_version, {"command": "BenchScenario"})
 
 
-async def append_batch(store: EventStore, batch: list[Generated]) -> None:
-    """One transaction: one ``uow.append`` per stream, at the version it must be at."""
+async def append_batch(
+    store: EventStore, batch: list[Generated], *, as_commands: bool = False
+) -> None:
+    """One transaction: one ``uow.append`` per stream, at the version it must be at.
+    ``as_commands``: each append carries a command id (and it as correlation id), as
+    the events of a dispatched command do; otherwise those columns stay empty."""
     by_stream: dict[str, list[Generated]] = {}
     for g in batch:
         by_stream.setdefault(g.stream_id, []).append(g)
     async with store.transaction() as uow:
         for stream_id, items in by_stream.items():
             first = items[0]
+            command_id = new_id() if as_commands else None
             uow.append(
                 stream_id,
                 first.category,
                 [to_new_event(g) for g in items],
                 first.version - 1,
-                context=EventContext(actor_id=first.actor_id, command_id=None),
+                context=EventContext(
+                    actor_id=first.actor_id, command_id=command_id, correlation_id=command_id
+                ),
             )
 
 
-async def fill(store: EventStore, scenario: Scenario, n: int, batch: int = 2000) -> None:
+async def fill(
+    store: EventStore, scenario: Scenario, n: int, batch: int = 2000, *, as_commands: bool = False
+) -> None:
     """Append the scenario's next ``n`` events to ``store``."""
     done = 0
     while done < n:
         size = min(batch, n - done)
-        await append_batch(store, scenario.take(size))
+        await append_batch(store, scenario.take(size), as_commands=as_commands)
         done += size
 
 
