@@ -172,7 +172,8 @@ def report(result: dict[str, Any]) -> str:
         total = sum(sizes.values())
         lines.append(f"  {system}: {total / events:,.0f} bytes/event ({total / 2**20:,.1f} MiB)")
         for name, size in sizes.items():
-            lines.append(f"    {name:<40} {size / events:>7,.1f} bytes/event {size / 2**20:>9,.1f} MiB")
+            per_event, mib = size / events, size / 2**20
+            lines.append(f"    {name:<40} {per_event:>7,.1f} bytes/event {mib:>9,.1f} MiB")
     return "\n".join(lines)
 
 
