@@ -91,9 +91,7 @@ def _sqlite_sizes(path: Path, table: str | None = None) -> dict[str, int]:
                 "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = ?", (table,)
             )
         ]
-        sizes = dict(
-            conn.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name").fetchall()
-        )
+        sizes = dict(conn.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name").fetchall())
         return {name: int(sizes.get(name, 0)) for name in names}
     finally:
         conn.close()
