@@ -154,6 +154,16 @@ async def pg_drop_database() -> None:
         await conn.close()
 
 
+async def pg_execute(statement: str, db: str = PG_ADMIN_DB) -> None:
+    """One statement on its own connection (CREATE/DROP DATABASE cannot run in a
+    transaction, nor on the database they drop)."""
+    conn = await asyncpg.connect(pg_dsn(db))
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
 async def pg_reset_schema(schema: str) -> None:
     conn = await asyncpg.connect(pg_dsn())
     try:

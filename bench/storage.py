@@ -32,7 +32,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import PG_ADMIN_DB, pg_dsn, pg_url
+from bench.common import pg_dsn, pg_execute, pg_url
 from bench.context import RESULTS
 from bench.scenario import Scenario, es_fill, fill
 from eventstore import EngineOptions, EventStore, create_engine
@@ -43,14 +43,6 @@ SEED = 7
 #: eventsourcing names its table of stored events after the application on PostgreSQL
 #: (``benchapp_events``) and ``stored_events`` on SQLite: found by this suffix.
 ES_SUFFIX = "_events"
-
-
-async def _admin(statement: str) -> None:
-    conn = await asyncpg.connect(pg_dsn(PG_ADMIN_DB))
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 async def _fill_tiu(url: str, options: EngineOptions, events: int) -> None:
@@ -133,10 +125,10 @@ async def measure(backend: str, events: int, tmp: Path) -> dict[str, Any]:
         tiu = _sqlite_sizes(tiu_path, "events")
         es = _sqlite_sizes(es_path)
     else:
-        await _admin(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        await _admin(f'CREATE DATABASE "{DATABASE}"')
+        await pg_execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+        await pg_execute(f'CREATE DATABASE "{DATABASE}"')
         for schema in ("tiu", "es"):
-            await _admin_in(f'CREATE SCHEMA "{schema}"')
+            await pg_execute(f'CREATE SCHEMA "{schema}"', DATABASE)
         await _fill_tiu(pg_url(DATABASE), EngineOptions(search_path="tiu"), events)
         host, port = pg_dsn().split("@", 1)[1].split("/", 1)[0].split(":")
         env = {
@@ -152,14 +144,6 @@ async def measure(backend: str, events: int, tmp: Path) -> dict[str, Any]:
         tiu = await _pg_sizes("tiu", "events")
         es = await _pg_sizes("es")
     return {"backend": backend, "events": events, "tiu": tiu, "eventsourcing": es}
-
-
-async def _admin_in(statement: str) -> None:
-    conn = await asyncpg.connect(pg_dsn(DATABASE))
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 def report(result: dict[str, Any]) -> str:
@@ -184,7 +168,7 @@ async def main_async(backends: list[str], events: int) -> list[dict[str, Any]]:
                 result = await measure(backend, events, Path(tmp))
             finally:
                 if backend == "postgresql":
-                    await _admin(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+                    await pg_execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
             print(report(result), flush=True)
             out.append(result)
     return out
