@@ -130,8 +130,8 @@ def write_markdown(results: list[Result], machine: dict[str, str], cfg: Config, 
     return "\n".join(lines) + "\n"
 
 
-async def main_async(cfg: Config, cases: list[str]) -> list[Result]:
-    results: list[Result] = []
+async def main_async(cfg: Config, cases: list[str], results: list[Result]) -> None:
+    """Run ``cases``, adding to ``results`` as each case ends (kept if a later one fails)."""
     ws = Workspace(cfg)
     try:
         if "postgresql" in cfg.backends:
@@ -154,7 +154,6 @@ async def main_async(cfg: Config, cases: list[str]) -> list[Result]:
         if "postgresql" in cfg.backends and not cfg.keep:
             await pg_drop_database()
         ws.cleanup()
-    return results
 
 
 def main() -> None:
@@ -165,7 +164,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sqlite-synchronous", default="NORMAL", choices=["NORMAL", "FULL"])
     parser.add_argument("--profile", action="store_true", help="pyinstrument the tiu runs")
-    parser.add_argument("--keep", action="store_true", help="keep the tiu_bench database")
+    parser.add_argument("--keep", action="store_true", help="keep the run's database")
     args = parser.parse_args()
     cases = [c.strip().replace("7", "5") for c in args.cases.split(",") if c.strip()]
     cases = list(dict.fromkeys(cases))
@@ -182,8 +181,15 @@ def main() -> None:
     )
     es.set_sqlite_synchronous(cfg.sqlite_synchronous)
     started = time.monotonic()
-    results = asyncio.run(main_async(cfg, cases))
-    secs = time.monotonic() - started
+    results: list[Result] = []
+    try:
+        asyncio.run(main_async(cfg, cases, results))
+    finally:
+        if results:
+            _write(cfg, results, time.monotonic() - started)
+
+
+def _write(cfg: Config, results: list[Result], secs: float) -> None:
     pg = asyncio.run(pg_version()) if "postgresql" in cfg.backends else None
     machine = machine_info(pg)
     print_table(results)

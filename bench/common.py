@@ -2,7 +2,7 @@
 
 Every system gets a place of its own, reset per case:
 
-* PostgreSQL: database ``tiu_bench`` (created by the bench, dropped at the end), one
+* PostgreSQL: database ``tiu_bench_<pid>`` (created by the run, dropped at its end), one
   schema per system: ``tiu`` (tiu-core, built by its Alembic migrations), ``es``
   (eventsourcing's own tables), ``raw`` (the tiu schema again, written by hand-written
   asyncpg statements).
@@ -34,7 +34,9 @@ PG_HOST = os.environ.get("BENCH_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("BENCH_PG_PORT", "5432"))
 PG_USER = os.environ.get("BENCH_PG_USER", "postgres")
 PG_ADMIN_DB = os.environ.get("BENCH_PG_ADMIN_DB", "test")
-PG_DB = os.environ.get("BENCH_PG_DB", "tiu_bench")
+#: A database per run (set in the environment, so child processes use the same one):
+#: a bench run drops its database at the end, and must never drop another run's.
+PG_DB = os.environ.setdefault("BENCH_PG_DB", f"tiu_bench_{os.getpid()}")
 SYSTEMS = ("tiu", "eventsourcing", "raw")
 BACKENDS = ("sqlite", "postgresql")
 
@@ -267,7 +269,7 @@ class Place:
 
 
 class Workspace:
-    """The temporary directory for SQLite files; PostgreSQL schemas live in ``tiu_bench``."""
+    """The temporary directory for SQLite files; PostgreSQL schemas live in :data:`PG_DB`."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
