@@ -591,12 +591,13 @@ _STREAM_DATA: Final = (
 # A command's reads before it decides, in one statement: its idempotency record (kind
 # 0), the snapshots of the streams it loads that match their decider (kind 1), and the
 # events after them (kind 2). "w" is the wanted streams: id, decider name (NULL: no
-# snapshot), decider version.
+# snapshot), decider version, and the version the caller already holds folded (0:
+# none): a snapshot at or below it is not read, nor are the events up to it.
 _LOAD_TAIL: Final = """,
 s AS (
     SELECT s.stream_id, s.version, s.state FROM w
     JOIN snapshots s ON s.stream_id = w.id AND s.decider = w.decider
-        AND s.decider_version = w.dv
+        AND s.decider_version = w.dv AND s.version > w.since
 )
 SELECT 0, stream_id, 0, NULL, 0, outcome FROM processed_commands WHERE command_id = $1
 UNION ALL
@@ -604,15 +605,16 @@ SELECT 1, stream_id, version, NULL, 0, state FROM s
 UNION ALL
 SELECT 2, e.stream_id, e.version, e.event_type, e.schema_version, e.data FROM w
 JOIN events e ON e.stream_id = w.id
-    AND e.version > coalesce((SELECT s.version FROM s WHERE s.stream_id = w.id), 0)
+    AND e.version > coalesce((SELECT s.version FROM s WHERE s.stream_id = w.id), w.since)
 ORDER BY 1, 2, 3"""
 _SQLITE_LOAD: Final = (
-    "WITH w AS (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS "  # noqa: S608
-    "decider, json_extract(value, '$[2]') AS dv FROM json_each($2))" + _LOAD_TAIL
+    "WITH w AS (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS "
+    "decider, json_extract(value, '$[2]') AS dv, json_extract(value, '$[3]') AS since "
+    "FROM json_each($2))" + _LOAD_TAIL
 )
 _PG_LOAD: Final = (
-    "WITH w AS (SELECT * FROM unnest($2::text[], $3::text[], $4::int[]) AS w(id, decider, dv))"  # noqa: S608
-    + _LOAD_TAIL
+    "WITH w AS (SELECT * FROM unnest($2::text[], $3::text[], $4::int[], $5::int[]) "  # noqa: S608
+    "AS w(id, decider, dv, since))" + _LOAD_TAIL
 )
 
 
@@ -846,7 +848,7 @@ class PostgresDialect(Dialect):
 
     @staticmethod
     def _wanted(wanted: Sequence[WantedStream]) -> tuple[Any, ...]:
-        return ([w[0] for w in wanted], [w[1] for w in wanted], [w[2] for w in wanted])
+        return tuple([w[i] for w in wanted] for i in range(4))
 
     async def read_streams_data(
         self, conn: AsyncConnection, from_versions: Mapping[str, int]
