@@ -53,8 +53,8 @@ async def test_one_statement_equals_the_records_snapshots_and_streams_read_apart
     wanted = []
     expected_snapshots = {}
     expected_events = []
-    for n, (count, snap, with_decider, held) in enumerate(streams):
-        held = min(held, count)
+    for n, (count, snap, with_decider, drawn) in enumerate(streams):
+        held = min(drawn, count)
         stream_id = f"task-{base}-{n}"
         for i in range(count):
             await store.append(stream_id, "task", [NewEvent("Happened", {"i": i, "s": "é\n"})])
