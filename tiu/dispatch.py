@@ -161,15 +161,20 @@ class FoldedStates:
     ``(decider, version, state, snapshot version)``, the least recently used dropped
     beyond ``maxsize`` (0: none kept).
 
-    A command's load starts from the state held here and reads only the events after
-    it (and a snapshot only if newer), so it decides on what the log holds at its
-    read, as a full fold would, without reading and folding the stream again; the
-    write's version check then rejects the decision if the stream moved before its
-    commit. Only states of committed events are put: those a load folded, and the
-    states of streams a committed write appended to. A stream whose new events erase
-    a data subject is folded again from the log, where the personal data reads as
-    erased; a stream that failed its version check is dropped (the next load folds
-    it from the log, whatever happened to it).
+    A command prepared on its own (not inside a unit of work) decides on the kept
+    state without reading the stream, and its write checks, under the write lock,
+    that the stream is still at the kept version: a decision on a state the log has
+    moved past is never committed, and goes back to prepare. Every decision reaches
+    the write, refusals included (they are recorded), except one refused with
+    ``InvalidCommand``, which by its definition needs no stored state. Elsewhere a
+    load starts from the kept state and reads only the events after it (and a
+    snapshot only if newer).
+
+    Only states of committed events are put: those a load folded, and the states of
+    streams a committed write appended to. A stream whose new events erase a data
+    subject is folded again from the log, where the personal data reads as erased;
+    a stream that failed its version check is dropped (the next load folds it from
+    the log, whatever happened to it).
     """
 
     __slots__ = ("_entries", "maxsize")
@@ -624,14 +629,18 @@ class Dispatcher:
                 streams = {}
                 with translate_errors(self.store.dialect.database_label):
                     previous = await self._whole(
-                        self.load_into(conn, streams, wanted, command_id=command.command_id)
+                        self.load_into(
+                            conn, streams, wanted, command_id=command.command_id, held=True
+                        )
                     )
             else:
                 streams = {}
                 with translate_errors(self.store.dialect.database_label):
                     async with self.store.engine.connect() as own:
                         previous = await self._whole(
-                            self.load_into(own, streams, wanted, command_id=command.command_id)
+                            self.load_into(
+                                own, streams, wanted, command_id=command.command_id, held=True
+                            )
                         )
         if previous is not None:
             return Decision(command, ctx, target, {}, previous=previous)
@@ -870,10 +879,24 @@ class Dispatcher:
         wanted: Sequence[tuple[Decider, str]],
         *,
         command_id: str | None = None,
+        held: bool = False,
     ) -> CommandResult | None:
         """Fold into ``streams`` those of ``wanted`` not in it yet, in one statement,
-        which also tells whether ``command_id`` was processed: its first result if so."""
+        which also tells whether ``command_id`` was processed: its first result if so.
+
+        ``held``: take a stream whose state is kept (:attr:`states`) as it is kept,
+        without reading the log (see :class:`FoldedStates` for why that is safe)."""
         missing = [(d, s) for d, s in wanted if s not in streams]
+        if held:
+            to_read = []
+            for decider, stream_id in missing:
+                kept = self.states.get(decider, stream_id)
+                if kept is None:
+                    to_read.append((decider, stream_id))
+                else:
+                    version, state, snap = kept
+                    streams[stream_id] = _Loaded(decider, state, version, version, snap)
+            missing = to_read
         if not missing and command_id is None:
             return None
         folded, processed = await self.fold_many(conn, missing, command_id=command_id, cached=True)

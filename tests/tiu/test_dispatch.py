@@ -430,3 +430,30 @@ def test_kept_states_are_bounded_least_recently_used_first():
     assert kept.get(USERS, "task-0") is None  # kept for another decider
     kept.put(SESSIONS, "session-1", 1, "state", 0)
     assert kept.get(SESSIONS, "session-1") is None  # its user's erasure is elsewhere
+
+
+async def test_a_refusal_decided_on_a_kept_state_the_log_moved_past_is_decided_again(
+    dispatcher, store
+):
+    """The kept project state predates the membership another process added: decided
+    on it, the member's CreateTask is refused, but a refusal is recorded by the write,
+    whose version check sends it back to be decided on the log: it is accepted."""
+    await register(dispatcher, "ola")
+    await register(dispatcher, "pia")
+    await dispatcher.dispatch(
+        projects.CreateProject(project_id="p6", name="Ola's", visibility="private"), ctx("ola")
+    )
+    with pytest.raises(PermissionDenied):
+        await dispatcher.dispatch(
+            tasks.CreateTask(task_id="t60", project_id="p6", title="Not yet"), ctx("pia")
+        )
+    kept_version = dispatcher.states.get(PROJECTS, "project-p6")[0]  # type: ignore[index]
+    other = Dispatcher(store, snapshot_every=5, hasher=HASHER)
+    await other.dispatch(
+        projects.AddMember(project_id="p6", user_id="pia", role="editor"), ctx("ola")
+    )
+    assert dispatcher.states.get(PROJECTS, "project-p6")[0] == kept_version  # type: ignore[index]
+    result = await dispatcher.dispatch(
+        tasks.CreateTask(task_id="t61", project_id="p6", title="Now"), ctx("pia")
+    )
+    assert result.version == 1
