@@ -590,9 +590,10 @@ _STREAM_DATA: Final = (
 # PostgreSQL: a command's reads before it decides, in one statement (one round trip;
 # SQLite runs index seeks one by one instead, see SQLiteDialect.load_streams): its
 # idempotency record (kind 0), the snapshots of the streams it loads that match their
-# decider (kind 1), and the events after them (kind 2). "w" is the wanted streams: id, decider name (NULL: no
-# snapshot), decider version, and the version the caller already holds folded (0:
-# none): a snapshot at or below it is not read, nor are the events up to it.
+# decider (kind 1), and the events after them (kind 2). "w" is the wanted streams: id,
+# decider name (NULL: no snapshot), decider version, and the version the caller already
+# holds folded (0: none): a snapshot at or below it is not read, nor are the events up
+# to it.
 _LOAD_TAIL: Final = """,
 s AS (
     SELECT s.stream_id, s.version, s.state FROM w
