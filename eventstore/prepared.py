@@ -7,7 +7,9 @@ costs SQLAlchemy's per-execution work, ~50 us on SQLite and ~130 us on PostgreSQ
 more than the statements themselves. :func:`execute` compiles a statement once per
 dialect and set of parameter names, with SQLAlchemy's own compiler, and then only
 binds values (with the same bind processors SQLAlchemy would apply) and calls the
-driver:
+driver. Only public SQLAlchemy API is used (a compiled statement's ``positiontup``,
+``binds`` and ``construct_expanded_state``, each type's ``bind_processor`` for the
+dialect), so it works on any SQLAlchemy 2.x:
 
 * SQLite: ``sqlite3`` inline, with the busy handling of :mod:`eventstore.sqlite_driver`;
 * PostgreSQL: asyncpg, whose per-connection statement cache prepares each SQL once.
@@ -37,6 +39,7 @@ from sqlalchemy.engine import Dialect as SADialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.types import TupleType
 
 from eventstore.dialects import driver_errors, raw_connection
 
@@ -54,6 +57,8 @@ class _Compiled:
     sql: str
     compiled: SQLCompiler
     slots: tuple[_Slot, ...]
+    #: Each parameter's bind processor (``None``: its value is passed as it is).
+    processors: Mapping[str, Callable[[Any], Any] | None]
     #: The names of the expanding (``IN``) parameters; their SQL depends on the
     #: lengths of their lists, so it is expanded once per combination of lengths.
     expanding: tuple[str, ...]
@@ -103,7 +108,7 @@ class _Compiled:
         if any(isinstance(v, tuple) for name in self.expanding for v in params[name]):
             return None
         state = self.compiled.construct_expanded_state(params)
-        processors: dict[str, Any] = {**self.compiled._bind_processors, **state.processors}
+        processors: dict[str, Any] = {**self.processors, **state.processors}
         element = {
             expanded: (name, i)
             for name, names in state.parameter_expansion.items()
@@ -118,7 +123,7 @@ class _Compiled:
 
     def _expanded(self, params: Params) -> tuple[str, tuple[Any, ...]]:
         state = self.compiled.construct_expanded_state(params)
-        processors: dict[str, Any] = {**self.compiled._bind_processors, **state.processors}
+        processors: dict[str, Any] = {**self.processors, **state.processors}
         out = []
         for name, value in zip(state.positiontup or (), state.positional_parameters, strict=True):
             process = processors.get(name)
@@ -140,7 +145,12 @@ def _compile(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) -
     if compiled.effective_returning or compiled.insert_prefetch or compiled.update_prefetch:
         return None  # SQLAlchemy would fetch or compute values around the statement
     expanding = tuple(name for name, b in compiled.binds.items() if b.expanding)
-    processors = compiled._bind_processors
+    if any(isinstance(b.type, TupleType) for b in compiled.binds.values()):
+        return None  # a tuple-typed parameter: processed per element
+    processors = {
+        name: bind.type.dialect_impl(dialect).bind_processor(dialect)
+        for name, bind in compiled.binds.items()
+    }
     slots: list[_Slot] = []
     for name in compiled.positiontup or ():
         bind = compiled.binds[name]
@@ -148,12 +158,12 @@ def _compile(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) -
         if bind.required and name not in keys:
             return None  # let SQLAlchemy raise its error for the missing value
         process = processors.get(name)
-        if process is not None and not callable(process):
-            return None  # a tuple-typed parameter: processed per element
         slots.append((name, None, default, process))
     values = None if expanding or not slots else _getter(tuple(name for name, *_ in slots))
     processed = tuple((i, slot[3]) for i, slot in enumerate(slots) if slot[3] is not None)
-    return _Compiled(str(compiled), compiled, tuple(slots), expanding, {}, values, processed)
+    return _Compiled(
+        str(compiled), compiled, tuple(slots), processors, expanding, {}, values, processed
+    )
 
 
 def _getter(names: tuple[str, ...]) -> Callable[[Params], tuple[Any, ...]]:

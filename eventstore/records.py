@@ -304,8 +304,9 @@ class StreamData(NamedTuple):
 
 
 #: A stream a command loads (``EventStore.load_streams``): its id, the name of the
-#: decider whose snapshot of it may be used (``None``: none), and that decider's version.
-WantedStream = tuple[str, str | None, int]
+#: decider whose snapshot of it may be used (``None``: none), that decider's version,
+#: and the version up to which the caller holds the stream folded already (0: none).
+WantedStream = tuple[str, str | None, int, int]
 
 
 class StreamsLoad(NamedTuple):

@@ -612,8 +612,10 @@ class EventStore:
     ) -> StreamsLoad:
         """What a command reads before it decides, in one statement: whether
         ``command_id`` was processed (and its outcome), and for each wanted stream
-        ``(stream id, decider name, decider version)`` its snapshot, if one was taken
-        by that decider and version (a ``None`` name: never), and its events after it.
+        ``(stream id, decider name, decider version, held)`` its snapshot, if one was
+        taken by that decider and version (a ``None`` name: never) after version
+        ``held``, and its events after that snapshot, else after ``held`` (the version
+        up to which the caller holds the stream folded already; 0: none).
 
         On PostgreSQL it may run before the transaction's BEGIN, on its own snapshot:
         under READ COMMITTED each statement takes a new one anyway, and the append's

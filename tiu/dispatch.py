@@ -25,12 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import delete, select
@@ -49,7 +49,7 @@ from domain.passwords import (
     PasswordWorkNeeded,
     perform,
 )
-from domain.routing import Decider, Route, claims, erasures, route
+from domain.routing import SESSIONS, Decider, Route, claims, erasures, route
 from eventstore import telemetry
 from eventstore.crypto import SubjectKeys, keyring
 from eventstore.errors import (
@@ -150,6 +150,71 @@ class WriteLockTimes:
         self.samples.clear()
 
 
+#: Deciders whose folded states are not kept in :class:`FoldedStates`: a session's
+#: events hold its user's personal data, whose erasure is appended to the user's
+#: stream, not the session's, so a kept session state could outlive the erasure.
+UNCACHED_DECIDERS: Final = frozenset({SESSIONS.name})
+
+
+class FoldedStates:
+    """The folded states of the streams this process's commands read: stream id ->
+    ``(decider, version, state, snapshot version)``, the least recently used dropped
+    beyond ``maxsize`` (0: none kept).
+
+    A command prepared on its own (not inside a unit of work) decides on the kept
+    state without reading the stream, and its write checks, under the write lock,
+    that the stream is still at the kept version: a decision on a state the log has
+    moved past is never committed, and goes back to prepare. Every decision reaches
+    the write, refusals included (they are recorded), except one refused with
+    ``InvalidCommand``, which by its definition needs no stored state. Elsewhere a
+    load starts from the kept state and reads only the events after it (and a
+    snapshot only if newer).
+
+    Only states of committed events are put: those a load folded, and the states of
+    streams a committed write appended to. A stream whose new events erase a data
+    subject is folded again from the log, where the personal data reads as erased;
+    a stream that failed its version check is dropped (the next load folds it from
+    the log, whatever happened to it).
+    """
+
+    __slots__ = ("_entries", "maxsize")
+
+    def __init__(self, maxsize: int = 10_000) -> None:
+        self.maxsize = maxsize
+        self._entries: OrderedDict[str, tuple[Decider, int, Any, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, decider: Decider, stream_id: str) -> tuple[int, Any, int] | None:
+        """``(version, state, snapshot version)`` of ``stream_id`` folded by ``decider``."""
+        entry = self._entries.get(stream_id)
+        if entry is None or entry[0] is not decider:
+            return None
+        self._entries.move_to_end(stream_id)
+        return entry[1], entry[2], entry[3]
+
+    def put(
+        self, decider: Decider, stream_id: str, version: int, state: Any, snapshot: int
+    ) -> None:
+        if version == 0 or self.maxsize <= 0 or decider.name in UNCACHED_DECIDERS:
+            return
+        entries = self._entries
+        known = entries.get(stream_id)
+        if known is not None and known[0] is decider and known[1] > version:
+            return  # a load that began before a later write put its state
+        entries[stream_id] = (decider, version, state, snapshot)
+        entries.move_to_end(stream_id)
+        while len(entries) > self.maxsize:
+            entries.popitem(last=False)
+
+    def discard(self, stream_id: str) -> None:
+        self._entries.pop(stream_id, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class GroupRerun(Exception):  # a signal, not an error anyone sees
     """A command of a group failed after it began writing rows: roll the group back
     and run its commands one by one."""
@@ -181,6 +246,8 @@ class CommandUnit:
         self.passwords: dict[str, PasswordOutcomes] = {} if passwords is None else passwords
         #: Set when the unit's caller was cancelled: stop at the next command.
         self.stop: asyncio.Event | None = None
+        #: Streams whose events in this unit erase a data subject.
+        self.erased: set[str] = set()
 
     @property
     def conn(self) -> AsyncConnection:
@@ -189,6 +256,11 @@ class CommandUnit:
     @property
     def streams(self) -> dict[str, _Loaded]:
         return self._streams
+
+    @property
+    def appended(self) -> set[str]:
+        """The streams this unit appends to (as far as its commands got)."""
+        return self._appended
 
     async def begin(self) -> None:
         """Begin the write transaction (and hold the write lock), if not yet."""
@@ -356,6 +428,8 @@ class CommandUnit:
         """Shred ``subject_id``'s keys, free the unique keys of ``stream_id`` (hashes of
         their email and username) and drop its snapshots (folded plaintext state)."""
         await self.keys.destroy(subject_id)
+        self.erased.add(stream_id)
+        self.dispatcher.states.discard(stream_id)
         await self.conn.execute(delete(unique_keys).where(unique_keys.c.stream_id == stream_id))
         await self.conn.execute(delete(snapshots).where(snapshots.c.stream_id == stream_id))
 
@@ -510,7 +584,9 @@ class Dispatcher:
         group_commit: bool = False,
         max_group: int = 64,
         hasher: PasswordHasher | None = None,
+        cached_states: int = 10_000,
     ) -> None:
+        """``cached_states``: how many folded stream states to keep (:class:`FoldedStates`)."""
         self.store = store
         self.group = GroupCommitter(self, max_group) if group_commit else None
         self.keys = keys or keyring(store.engine)
@@ -520,6 +596,8 @@ class Dispatcher:
         self.hasher: PasswordHasher = hasher or BcryptHasher()
         #: Write-lock hold times of committed command transactions (see the class).
         self.lock_times = WriteLockTimes()
+        #: The folded states commands start their loads from (see the class).
+        self.states = FoldedStates(cached_states)
 
     # -- stage one: prepare -------------------------------------------------------------
 
@@ -551,14 +629,18 @@ class Dispatcher:
                 streams = {}
                 with translate_errors(self.store.dialect.database_label):
                     previous = await self._whole(
-                        self.load_into(conn, streams, wanted, command_id=command.command_id)
+                        self.load_into(
+                            conn, streams, wanted, command_id=command.command_id, held=True
+                        )
                     )
             else:
                 streams = {}
                 with translate_errors(self.store.dialect.database_label):
                     async with self.store.engine.connect() as own:
                         previous = await self._whole(
-                            self.load_into(own, streams, wanted, command_id=command.command_id)
+                            self.load_into(
+                                own, streams, wanted, command_id=command.command_id, held=True
+                            )
                         )
         if previous is not None:
             return Decision(command, ctx, target, {}, previous=previous)
@@ -648,6 +730,12 @@ class Dispatcher:
         if uow.lock_held is not None:
             self.lock_times.samples.append((uow.lock_held, len(unit.results)))
         unit.finish()
+        for stream_id in unit.appended - unit.erased:  # committed: the log holds them now
+            loaded = unit.streams.get(stream_id)
+            if loaded is not None:
+                self.states.put(
+                    loaded.decider, stream_id, loaded.version, loaded.state, loaded.snapshot_version
+                )
 
     async def run(self, work: Callable[[CommandUnit], Awaitable[T]]) -> tuple[T, CommandUnit]:
         """Run ``work`` in a unit, retrying the whole unit on a version conflict.
@@ -685,12 +773,18 @@ class Dispatcher:
                 raise AlreadyExists(error.scope, None) from error
             except InlineProjectionBehind:
                 await self.catch_up_inline()
-            except ConcurrencyError:
+            except ConcurrencyError as error:
+                self.forget(error)
                 attempt += 1
                 telemetry.note(command_retries=attempt)
                 if attempt > self.retries:
                     raise
                 await self.backoff(attempt)
+
+    def forget(self, error: ConcurrencyError) -> None:
+        """After a conflict: drop the held state of the stream that moved."""
+        if isinstance(error, WrongExpectedVersion):
+            self.states.discard(error.stream_id)
 
     @staticmethod
     async def backoff(attempt: int) -> None:
@@ -785,13 +879,27 @@ class Dispatcher:
         wanted: Sequence[tuple[Decider, str]],
         *,
         command_id: str | None = None,
+        held: bool = False,
     ) -> CommandResult | None:
         """Fold into ``streams`` those of ``wanted`` not in it yet, in one statement,
-        which also tells whether ``command_id`` was processed: its first result if so."""
+        which also tells whether ``command_id`` was processed: its first result if so.
+
+        ``held``: take a stream whose state is kept (:attr:`states`) as it is kept,
+        without reading the log (see :class:`FoldedStates` for why that is safe)."""
         missing = [(d, s) for d, s in wanted if s not in streams]
+        if held:
+            to_read = []
+            for decider, stream_id in missing:
+                kept = self.states.get(decider, stream_id)
+                if kept is None:
+                    to_read.append((decider, stream_id))
+                else:
+                    version, state, snap = kept
+                    streams[stream_id] = _Loaded(decider, state, version, version, snap)
+            missing = to_read
         if not missing and command_id is None:
             return None
-        folded, processed = await self.fold_many(conn, missing, command_id=command_id)
+        folded, processed = await self.fold_many(conn, missing, command_id=command_id, cached=True)
         for decider, stream_id in missing:
             state, version, snap = folded[stream_id]
             streams[stream_id] = _Loaded(decider, state, version, version, snap)
@@ -811,14 +919,25 @@ class Dispatcher:
         wanted: Sequence[tuple[Decider, str]],
         *,
         command_id: str | None = None,
+        cached: bool = False,
     ) -> tuple[dict[str, tuple[Any, int, int]], tuple[str, Any] | None]:
         """Fold several streams (a command loads its target and the streams its
         decision reads) from their snapshots and the events since, and tell whether
-        ``command_id`` was processed (``(stream id, outcome)``): one statement."""
+        ``command_id`` was processed (``(stream id, outcome)``): one statement.
+
+        ``cached``: start from the states in :attr:`states` and read only the events
+        after them (and a snapshot only if newer), and keep what was folded there."""
         deciders = {stream_id: decider for decider, stream_id in wanted}
-        folded: dict[str, list[Any]] = {
-            stream_id: [decider.initial_state(), 0, 0] for stream_id, decider in deciders.items()
-        }
+        folded: dict[str, list[Any]] = {}
+        held: dict[str, int] = {}
+        for stream_id, decider in deciders.items():
+            kept = self.states.get(decider, stream_id) if cached else None
+            if kept is None:
+                folded[stream_id] = [decider.initial_state(), 0, 0]
+            else:
+                version, state, snap = kept
+                folded[stream_id] = [state, version, snap]
+                held[stream_id] = version
         snapshotted = [  # a decider's snapshot is used only by that decider and version
             (
                 stream_id,
@@ -826,14 +945,17 @@ class Dispatcher:
                 if self.snapshot_every and isinstance(entry[0], BaseModel)
                 else None,
                 deciders[stream_id].version,
+                entry[1],
             )
             for stream_id, entry in folded.items()
         ]
         processed = None
-        if command_id is None and all(decider is None for _, decider, _ in snapshotted):
+        if command_id is None and all(w[1] is None for w in snapshotted):
             # Nothing but events to read: the plain per-stream read is the lighter
             # statement (the combined one cost ~2x per event on 100-event streams).
-            records = await self.store.read_streams_data(conn, dict.fromkeys(folded, 1))
+            records = await self.store.read_streams_data(
+                conn, {stream_id: entry[1] + 1 for stream_id, entry in folded.items()}
+            )
         else:
             loaded = await self.store.load_streams(conn, command_id, snapshotted)
             for stream_id, (version, state) in loaded.snapshots.items():
@@ -841,12 +963,23 @@ class Dispatcher:
                 entry[:] = [type(entry[0]).model_validate(state), version, version]
             records, processed = loaded.events, loaded.processed
         opened = await self.keys.open_many(conn, [(r.event_type, r.data) for r in records])
+        refold: list[tuple[Decider, str]] = []
         for record, data in zip(records, opened, strict=True):
             entry = folded[record.stream_id]
             event = decode_event(record.event_type, record.schema_version, data.data, data.erased)
+            if record.stream_id in held and erasures(event):
+                # The held state was folded from the personal data this event erases:
+                # fold the stream again from the log, where it reads as erased.
+                refold.append((deciders[record.stream_id], record.stream_id))
+                self.states.discard(record.stream_id)
             entry[0] = deciders[record.stream_id].evolve(entry[0], event)
             entry[1] = record.version
         states = {stream_id: (state, v, snap) for stream_id, (state, v, snap) in folded.items()}
+        if refold:
+            states.update((await self.fold_many(conn, list(dict.fromkeys(refold))))[0])
+        if cached:
+            for stream_id, (state, version, snap) in states.items():
+                self.states.put(deciders[stream_id], stream_id, version, state, snap)
         return states, processed
 
     async def maybe_snapshot(self, conn: AsyncConnection, stream_id: str, loaded: _Loaded) -> None:
@@ -1017,7 +1150,8 @@ class GroupCommitter:
                     # It will share a group: only the group's writer needs a connection.
                     await asyncio.shield(self._put_back(queued.take()))  # type: ignore[arg-type]
                 return await self._queue.submit(queued)
-            except ConcurrencyError:
+            except ConcurrencyError as error:
+                self.dispatcher.forget(error)
                 attempt += 1
                 if attempt > self.dispatcher.retries:
                     raise

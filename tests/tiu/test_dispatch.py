@@ -13,6 +13,7 @@ from domain import (
     AccountLocked,
     AlreadyExists,
     CommandContext,
+    DomainError,
     InvalidCredentials,
     PermissionDenied,
     Role,
@@ -24,7 +25,7 @@ from domain import (
 )
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
-from domain.routing import USERS
+from domain.routing import PROJECTS, SESSIONS, TASKS, USERS
 from eventstore import EventStore
 from eventstore.schema import events, snapshots
 from tests.conftest import PASSWORD
@@ -357,3 +358,102 @@ async def test_write_lock_hold_times_are_recorded_per_committed_transaction(
             ctx(SYSTEM_ACTOR),
         )
     assert len(dispatcher.lock_times.samples) == 2
+
+
+async def test_a_command_decides_on_what_another_process_committed_after_it_kept_a_state(
+    dispatcher, store
+):
+    """The kept (cached) project state is at version 1; another dispatcher (another
+    process) archives the project: the next CreateTask reads the archive and is refused."""
+    await register(dispatcher, "nia")
+    await dispatcher.dispatch(projects.CreateProject(project_id="p9", name="Nyx"), ctx("nia"))
+    await dispatcher.dispatch(
+        tasks.CreateTask(task_id="t90", project_id="p9", title="Kept"), ctx("nia")
+    )
+    assert dispatcher.states.get(PROJECTS, "project-p9") is not None
+    other = Dispatcher(store, snapshot_every=5, hasher=HASHER)
+    await other.dispatch(projects.ArchiveProject(project_id="p9"), ctx("nia"))
+    with pytest.raises(DomainError):
+        await dispatcher.dispatch(
+            tasks.CreateTask(task_id="t91", project_id="p9", title="Refused"), ctx("nia")
+        )
+    async with store.engine.connect() as conn:
+        assert await store.read_stream(conn, "task-t91") == []
+    version, _, _ = dispatcher.states.get(PROJECTS, "project-p9")  # type: ignore[misc]
+    assert version == 2
+
+
+async def test_a_kept_state_equals_a_full_fold_after_another_process_forgets_the_user(
+    dispatcher, store
+):
+    """A state folded from a user's personal data is not carried past their erasure:
+    the load that reads ``UserForgotten`` folds the stream again from the log."""
+    await register(dispatcher, "uma")
+    await dispatcher.dispatch(projects.CreateProject(project_id="p8", name="Uma's"), ctx("uma"))
+    kept = dispatcher.states.get(USERS, "user-uma")
+    assert kept is not None and kept[1].email == "uma@example.com"
+    other = Dispatcher(store, snapshot_every=5, hasher=HASHER)
+    await other.dispatch(users.ForgetUser(user_id="uma"), ctx(SYSTEM_ACTOR))
+    async with store.engine.connect() as conn:
+        (loaded, _) = await dispatcher.fold_many(conn, [(USERS, "user-uma")], cached=True)
+        full = await Dispatcher(store, snapshot_every=0).fold(conn, USERS, "user-uma")
+    assert loaded["user-uma"][:2] == full[:2]
+    assert loaded["user-uma"][0].email != "uma@example.com"
+
+
+async def test_a_stream_that_fails_its_version_check_is_folded_again_from_the_log(
+    dispatcher, store
+):
+    """A kept state the log no longer agrees with (here: planted one version ahead) is
+    dropped when the write's version check refuses it, and the retry decides on the log."""
+    await register(dispatcher, "lea")
+    await dispatcher.dispatch(projects.CreateProject(project_id="p7", name="Lea"), ctx("lea"))
+    version, state, snap = dispatcher.states.get(PROJECTS, "project-p7")  # type: ignore[misc]
+    dispatcher.states.put(PROJECTS, "project-p7", version + 1, state, snap)
+    result = await dispatcher.dispatch(
+        tasks.CreateTask(task_id="t70", project_id="p7", title="After"), ctx("lea")
+    )
+    assert result.version == 1
+    assert dispatcher.states.get(PROJECTS, "project-p7")[0] == version  # type: ignore[index]
+
+
+def test_kept_states_are_bounded_least_recently_used_first():
+    from tiu.dispatch import FoldedStates
+
+    kept = FoldedStates(maxsize=2)
+    for n in range(3):
+        kept.put(TASKS, f"task-{n}", 1, n, 0)
+        kept.get(TASKS, "task-0")
+    assert len(kept) == 2
+    assert kept.get(TASKS, "task-0") == (1, 0, 0)
+    assert kept.get(TASKS, "task-1") is None
+    assert kept.get(USERS, "task-0") is None  # kept for another decider
+    kept.put(SESSIONS, "session-1", 1, "state", 0)
+    assert kept.get(SESSIONS, "session-1") is None  # its user's erasure is elsewhere
+
+
+async def test_a_refusal_decided_on_a_kept_state_the_log_moved_past_is_decided_again(
+    dispatcher, store
+):
+    """The kept project state predates the membership another process added: decided
+    on it, the member's CreateTask is refused, but a refusal is recorded by the write,
+    whose version check sends it back to be decided on the log: it is accepted."""
+    await register(dispatcher, "ola")
+    await register(dispatcher, "pia")
+    await dispatcher.dispatch(
+        projects.CreateProject(project_id="p6", name="Ola's", visibility="private"), ctx("ola")
+    )
+    with pytest.raises(PermissionDenied):
+        await dispatcher.dispatch(
+            tasks.CreateTask(task_id="t60", project_id="p6", title="Not yet"), ctx("pia")
+        )
+    kept_version = dispatcher.states.get(PROJECTS, "project-p6")[0]  # type: ignore[index]
+    other = Dispatcher(store, snapshot_every=5, hasher=HASHER)
+    await other.dispatch(
+        projects.AddMember(project_id="p6", user_id="pia", role="editor"), ctx("ola")
+    )
+    assert dispatcher.states.get(PROJECTS, "project-p6")[0] == kept_version  # type: ignore[index]
+    result = await dispatcher.dispatch(
+        tasks.CreateTask(task_id="t61", project_id="p6", title="Now"), ctx("pia")
+    )
+    assert result.version == 1
