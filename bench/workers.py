@@ -40,10 +40,12 @@ PG_URL = os.environ.get(
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-async def _child(url: str, schema: str, batch: int) -> None:
+async def _child(url: str, schema: str, batch: int, catch_up: int | None) -> None:
     engine = create_engine(url, EngineOptions(search_path=schema))
     store = EventStore(engine)
-    worker = Worker(store, ALL_PROJECTORS, batch_size=batch, poll_interval=0.2)
+    worker = Worker(
+        store, ALL_PROJECTORS, batch_size=batch, catch_up_batch_size=catch_up, poll_interval=0.2
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -92,7 +94,9 @@ async def _reset(engine: Any) -> None:
         await conn.execute(text(f"VACUUM ANALYZE {tables}"))
 
 
-async def _measure(schema: str, head: int, workers: int, batch: int) -> float:
+async def _measure(
+    schema: str, head: int, workers: int, batch: int, catch_up: int | None
+) -> tuple[float, float]:
     engine = create_engine(PG_URL, EngineOptions(search_path=schema))
     await _reset(engine)
     procs = []
@@ -106,6 +110,7 @@ async def _measure(schema: str, head: int, workers: int, batch: int) -> float:
             schema,
             "--batch",
             str(batch),
+            *(["--catch-up-batch", str(catch_up)] if catch_up else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -113,6 +118,7 @@ async def _measure(schema: str, head: int, workers: int, batch: int) -> float:
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
         assert line.strip() == b"ready", line
         procs.append(proc)
+    cpu = _children_cpu()
     started = time.monotonic()
     for proc in procs:
         assert proc.stdin is not None
@@ -129,33 +135,65 @@ async def _measure(schema: str, head: int, workers: int, batch: int) -> float:
     for proc in procs:
         await proc.wait()
     await engine.dispose()
-    return elapsed
+    return elapsed, _children_cpu() - cpu
 
 
-async def _main(events: int, counts: list[int], runs: int, batch: int) -> None:
+def _children_cpu() -> float:
+    """CPU seconds of the waited-for worker processes (the database server's not included)."""
+    usage = os.times()
+    return usage.children_user + usage.children_system
+
+
+async def _main(
+    events: int, counts: list[int], runs: int, batch: int, catch_ups: list[int | None]
+) -> None:
     schema = f"bench_workers_{os.getpid()}"
+    setups = [(n, c) for c in catch_ups for n in counts]
+    times: dict[tuple[int, int | None], list[float]] = {s: [] for s in setups}
+    cpus: dict[tuple[int, int | None], list[float]] = {s: [] for s in setups}
     try:
         head = await _prepare(schema, events)
-        times: dict[int, list[float]] = {n: [] for n in counts}
-        for _ in range(runs):  # the worker counts take turns, run by run
-            for n in counts:
-                seconds = await _measure(schema, head, n, batch)
-                times[n].append(seconds)
-                print(f"{n} worker(s): {seconds:.1f}s, {head / seconds:,.0f} events/s", flush=True)
+        for _ in range(runs):  # the set-ups take turns, run by run
+            for n, catch_up in setups:
+                seconds, cpu = await _measure(schema, head, n, batch, catch_up)
+                times[n, catch_up].append(seconds)
+                cpus[n, catch_up].append(cpu)
+                print(
+                    f"{n} worker(s), catch-up batch {catch_up or 'default'}: {seconds:.1f}s, "
+                    f"{head / seconds:,.0f} events/s, workers' CPU {cpu:.1f}s",
+                    flush=True,
+                )
     finally:
         admin = create_engine(PG_URL)
         async with admin.begin() as conn:
             await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         await admin.dispose()
-    base = sorted(times[counts[0]])[len(times[counts[0]]) // 2]
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    base = median(times[setups[0]])
     rows = []
     print(f"\ncatch-up of all six projections, log of {head:,} events, PostgreSQL")
-    print("| workers | median s | events/s | vs first |")
-    print("|---:|---:|---:|---:|")
-    for n in counts:
-        median = sorted(times[n])[len(times[n]) // 2]
-        rows.append({"workers": n, "seconds": times[n], "median": median, "rate": head / median})
-        print(f"| {n} | {median:.1f} | {head / median:,.0f} | {base / median:.2f}x |")
+    print("| workers | catch-up batch | median s | events/s | vs first | workers' CPU s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n, catch_up in setups:
+        took = median(times[n, catch_up])
+        cpu = median(cpus[n, catch_up])
+        rows.append(
+            {
+                "workers": n,
+                "catch_up_batch": catch_up,
+                "seconds": times[n, catch_up],
+                "cpu": cpus[n, catch_up],
+                "median": took,
+                "rate": head / took,
+            }
+        )
+        print(
+            f"| {n} | {catch_up or 'default'} | {took:.1f} | {head / took:,.0f} "
+            f"| {base / took:.2f}x | {cpu:.1f} |"
+        )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "workers-latest.json"
     out.write_text(json.dumps({"events": head, "batch": batch, "rows": rows}, indent=2))
@@ -166,15 +204,22 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--workers", default="1,2,3")
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=500, help="batch size at the head")
+    parser.add_argument(
+        "--catch-up-batch",
+        default="",
+        help="batch sizes while behind, compared run by run (e.g. 500,10000; default: "
+        "the worker's own; with --batch 500, 500 reads batches of 500 throughout)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--schema", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        asyncio.run(_child(PG_URL, args.schema, args.batch))
+        asyncio.run(_child(PG_URL, args.schema, args.batch, int(args.catch_up_batch or 0) or None))
         return
     counts = [int(n) for n in args.workers.split(",")]
-    asyncio.run(_main(args.events, counts, args.runs, args.batch))
+    catch_ups: list[int | None] = [int(c) for c in args.catch_up_batch.split(",") if c] or [None]
+    asyncio.run(_main(args.events, counts, args.runs, args.batch, catch_ups))
 
 
 if __name__ == "__main__":
