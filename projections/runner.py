@@ -122,12 +122,15 @@ async def apply_records(
 SHARED_LOOP_CHUNK = 200
 #: Events such a loop reads per batch: a page the driver fetches inline (~3 ms on SQLite).
 SHARED_LOOP_BATCH = 1_000
-#: Events a worker of its own process reads per batch while it catches up (its last
-#: batch was full). Each batch costs a fixed handful of round trips, and a fold writes
-#: each touched row once per batch however many events touched it: catching up from
-#: 0 over a 100k-event scenario log took 78 s in batches of 500 and 19 s in batches
-#: of 10,000 (one worker, all six projectors, PostgreSQL). Live tailing keeps
-#: ``batch_size``, so a batch that follows a command stays short.
+#: Events a worker reads per batch while it catches up (its last batch was full),
+#: unless it shares a service's loop. Each batch costs a fixed handful of round trips,
+#: and a fold writes each touched row once per batch however many events touched it.
+#: One worker process catching all six projections up from 0 over a 100k-event
+#: scenario log on PostgreSQL, two runs each, alternating: 44.8 and 47.9 s in batches
+#: of 500, 25.5 and 15.6 s in catch-up batches of 10,000, the worker's CPU 11-13 s
+#: against 7-8 s (``python -m bench.workers --events 100000 --workers 1
+#: --catch-up-batch 500,10000 --runs 2``). Live tailing keeps ``batch_size``, so a
+#: batch that follows a command stays short.
 CATCH_UP_BATCH = 10_000
 
 
