@@ -964,8 +964,11 @@ def tenants_list(database_url: DatabaseUrl = None, as_json: JsonFlag = False) ->
     """Every schema of the database that holds a tiu store."""
     from tiu.tenants import TenantRegistry
 
-    registry = TenantRegistry(_settings(database_url, None))
-    names = run(registry.tenants)
+    async def listed() -> list[str]:
+        async with TenantRegistry(_settings(database_url, None)) as registry:
+            return await registry.tenants()
+
+    names = run(listed)
     if as_json:
         emit_json(names)
         return
@@ -982,12 +985,11 @@ def tenants_create(
     existing tenant up to date)."""
     from tiu.tenants import TenantRegistry
 
-    registry = TenantRegistry(_settings(database_url, None))
-
     async def work() -> None:
-        for name in names:
-            await registry.create_tenant(name)
-            out.print(f"tenant {name}: at head", markup=False, highlight=False)
+        async with TenantRegistry(_settings(database_url, None)) as registry:
+            for name in names:
+                await registry.create_tenant(name)
+                out.print(f"tenant {name}: at head", markup=False, highlight=False)
 
     run(work)
 
@@ -1049,7 +1051,6 @@ def tenants_worker(
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
-    registry = TenantRegistry(_settings(database_url, None))
 
     async def work() -> None:
         stop = asyncio.Event()
@@ -1057,9 +1058,10 @@ def tenants_worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await registry.run_workers_until(
-                stop, batch_size=batch_size, poll_interval=poll_interval, rescan=rescan
-            )
+            async with TenantRegistry(_settings(database_url, None)) as registry:
+                await registry.run_workers_until(
+                    stop, batch_size=batch_size, poll_interval=poll_interval, rescan=rescan
+                )
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

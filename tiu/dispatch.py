@@ -67,7 +67,7 @@ from eventstore.store import EventStore, UnitOfWork
 from eventstore.translate import translate_errors
 from projections.errors import InlineProjectionBehind, ProjectionFailed
 from projections.projector import Envelope
-from projections.runner import InlineRunner, Worker
+from projections.runner import SHARED_LOOP_CHUNK, InlineRunner, Worker
 from tiu.idempotency import leaves_trace, refusal_outcome, replayed_refusal
 
 # Statements of every command, built once (building them per command was a third of a
@@ -868,7 +868,10 @@ class Dispatcher:
         if self.inline is None:
             return
         log.warning("inline projections were behind the log; catching up")
-        await Worker(self.store, self.inline.projectors, leader_election=False).catch_up()
+        # On the host's loop: pages of SHARED_LOOP_BATCH, suspending between chunks.
+        await Worker(
+            self.store, self.inline.projectors, leader_election=False, pause_every=SHARED_LOOP_CHUNK
+        ).catch_up()
 
     # -- loading ------------------------------------------------------------------------
 

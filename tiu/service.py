@@ -94,11 +94,17 @@ class DatabaseService:
         hasher: PasswordHasher | None = None,
         clock: Callable[[], datetime] | None = None,
         engine: AsyncEngine | None = None,
+        own_engine: bool = True,
     ) -> None:
+        """``own_engine=False``: ``engine`` is shared (a tenant's view of one pool,
+        :mod:`tiu.tenants`); :meth:`aclose` leaves it open and its pool is watched by
+        its owner."""
         self.settings = settings
         self.projection_mode = ProjectionMode(projection_mode)
         self.engine = engine or create_engine(settings.database_url, settings.engine_options())
-        telemetry.watch_pool(self.engine)
+        self._own_engine = own_engine or engine is None
+        if self._own_engine:
+            telemetry.watch_pool(self.engine)
         #: What repositories read through. On PostgreSQL it runs without BEGIN and
         #: ROLLBACK (two round trips of a three-statement read): under READ COMMITTED
         #: every statement of a transaction takes its own snapshot anyway, so an
@@ -247,7 +253,8 @@ class DatabaseService:
         if self.dispatcher.group is not None:
             await self.dispatcher.group.aclose()  # commands already queued are written
         await self.store.aclose()
-        await self.engine.dispose()
+        if self._own_engine:
+            await self.engine.dispose()
         if self.replica_reads is not None:
             await self.replica_reads.replica.dispose()
 

@@ -5,30 +5,38 @@ migrations). Nothing crosses schemas: the append lock is keyed by the OID of the
 tenant's ``events`` table, worker leadership by the schema's name, NOTIFY uses a
 channel per schema. See ``docs/scaling.md``.
 
-Each open tenant has an engine of its own whose connections are opened with the
-tenant's ``search_path``: the store's hot path (prepared statements on the driver,
-the plpgsql append functions) resolves ``events`` through it, so switching one
-pooled connection between schemas would cost a ``SET`` per transaction. The
-registry bounds what that costs instead: at most ``max_open`` tenants are open,
-each with a pool of ``pool_size`` (+ ``max_overflow``) connections, and the least
-recently used idle tenant is closed to open another.
+Every tenant of a registry works on one engine, so one pool bounds the registry's
+connections however many tenants are open. A tenant's engine is a view of it
+(``engine.execution_options(tiu_tenant_schema=name)``: same pool, same dialect); a
+connection checked out through the view is set to the tenant's ``search_path`` before
+use, with one ``SET`` only when it last served another schema (:func:`shared_engine`).
+The search path, not SQLAlchemy's ``schema_translate_map``, is what has to change:
+the store's hot path runs prepared SQL on the driver and calls the plpgsql append
+functions, and the lock keys and NOTIFY channel use ``current_schema()``, none of
+which a translate map reaches. PostgreSQL re-plans a prepared statement whose search
+path changed since it was prepared, so statement caches stay per connection and
+correct.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.engine import AdaptedConnection, Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain.passwords import PasswordHasher
-from eventstore import EventStore, create_engine
+from eventstore import EventStore, create_engine, telemetry
+from eventstore.dialects import driver_errors
 from eventstore.errors import PoolExhausted
 from migrations import runner as migrations
 from projections.projector import Projector
@@ -52,6 +60,53 @@ def check_tenant_name(name: str) -> str:
     return name
 
 
+#: Execution option of a tenant's view of a shared engine: the schema it works in.
+SCHEMA_OPTION: Final = "tiu_tenant_schema"
+
+
+def shared_engine(settings: Settings, *, max_overflow: int | None = None) -> AsyncEngine:
+    """One engine for many tenants' schemas (``settings.search_path`` is ignored;
+    ``max_overflow`` overrides the setting's, -1 for no bound).
+
+    :func:`tenant_engine` gives a tenant's view of it. Each connection checked out
+    through a view is first set to the view's schema (connections checked out through
+    the engine itself, to the server's default path), with one ``SET search_path``
+    only when the pooled connection last served another schema.
+    """
+    if not settings.database_url.startswith("postgresql"):
+        raise ValueError("tenants are schemas of one PostgreSQL database")
+    options = dataclasses.replace(settings.engine_options(), search_path=None)
+    if max_overflow is not None:
+        options = dataclasses.replace(options, max_overflow=max_overflow)
+    engine = create_engine(settings.database_url, options)
+
+    def set_search_path(conn: Connection) -> None:
+        wanted = conn.get_execution_options().get(SCHEMA_OPTION)
+        pooled = conn.connection
+        if pooled.info.get(SCHEMA_OPTION) == wanted:
+            return
+        # Outside any transaction, so the setting is the session's (a SET inside one
+        # would be undone by its rollback). The name was checked by tenant_engine.
+        statement = f'SET search_path TO "{wanted}"' if wanted else "SET search_path TO DEFAULT"
+        try:
+            with driver_errors(engine, pooled, statement):
+                adapted = cast(AdaptedConnection, pooled.dbapi_connection)
+                adapted.run_async(lambda driver: driver.execute(statement))
+        except BaseException as error:
+            # Its path is unknown now: the pool must not hand it out again.
+            conn.invalidate(error if isinstance(error, Exception) else None)
+            raise
+        pooled.info[SCHEMA_OPTION] = wanted
+
+    event.listen(engine.sync_engine, "engine_connect", set_search_path)
+    return engine
+
+
+def tenant_engine(engine: AsyncEngine, tenant: str) -> AsyncEngine:
+    """``tenant``'s view of a :func:`shared_engine`: the same pool, its schema's path."""
+    return engine.execution_options(**{SCHEMA_OPTION: check_tenant_name(tenant)})
+
+
 @dataclass
 class _Open:
     service: DatabaseService
@@ -67,6 +122,12 @@ class TenantRegistry:
     least recently used service nobody holds, and waits (up to the pool timeout, then
     :class:`PoolExhausted`) while every open one is held. ``settings`` are shared by
     every tenant; only the search path differs.
+
+    Every service runs on :attr:`engine`, one pool of ``pool_size`` (+
+    ``max_overflow``) connections for all tenants (:func:`shared_engine`). A service
+    in worker mode with ``run_workers=True`` holds one of them for as long as it is
+    open (its worker's leadership session). Closing a service leaves the engine open;
+    :meth:`aclose` disposes it.
     """
 
     def __init__(
@@ -95,6 +156,9 @@ class TenantRegistry:
         self._opening: dict[str, asyncio.Future[_Open]] = {}
         self._changed = asyncio.Condition()
         self._closed = False
+        #: The engine every tenant's service runs on (a view per tenant).
+        self.engine = shared_engine(settings)
+        telemetry.watch_pool(self.engine)
 
     def settings_for(self, tenant: str) -> Settings:
         """The shared settings with the tenant's schema (and its own Redis key prefix)."""
@@ -121,34 +185,21 @@ class TenantRegistry:
 
     async def tenants(self) -> list[str]:
         """Every schema of the database that holds a tiu store, by name."""
-        engine = create_engine(self.settings.database_url, self.settings.engine_options())
-        try:
-            async with engine.connect() as conn:
-                rows = await conn.execute(
-                    text(
-                        "SELECT table_schema FROM information_schema.tables "
-                        "WHERE table_name = 'projection_checkpoints' ORDER BY 1"
-                    )
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT table_schema FROM information_schema.tables "
+                    "WHERE table_name = 'projection_checkpoints' ORDER BY 1"
                 )
-                return [str(r[0]) for r in rows if TENANT_NAME.fullmatch(str(r[0]))]
-        finally:
-            await engine.dispose()
+            )
+            return [str(r[0]) for r in rows if TENANT_NAME.fullmatch(str(r[0]))]
 
     async def create_tenant(self, name: str) -> None:
         """Create ``name``'s schema if absent and bring it to the head migration."""
         check_tenant_name(name)
-        settings = self.settings_for(name)
-        admin = create_engine(settings.database_url, self.settings.engine_options())
-        try:
-            async with admin.begin() as conn:
-                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{name}"'))
-        finally:
-            await admin.dispose()
-        engine = create_engine(settings.database_url, settings.engine_options())
-        try:
-            await migrations.upgrade(engine)
-        finally:
-            await engine.dispose()
+        async with self.engine.begin() as conn:
+            await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{name}"'))
+        await migrations.upgrade(tenant_engine(self.engine, name))
 
     async def close_tenant(self, name: str) -> bool:
         """Close ``name``'s service now if nobody holds it; ``False`` if it is held."""
@@ -163,13 +214,17 @@ class TenantRegistry:
         return True
 
     async def aclose(self) -> None:
-        """Close every open service (their workers finish their batch first)."""
+        """Close every open service (their workers finish their batch first), then the
+        engine."""
         self._closed = True
         async with self._changed:
             entries = list(self._open.values())
             self._open.clear()
-        for entry in entries:
-            await entry.service.aclose()
+        try:
+            for entry in entries:
+                await entry.service.aclose()
+        finally:
+            await self.engine.dispose()
 
     async def __aenter__(self) -> TenantRegistry:
         return self
@@ -237,6 +292,8 @@ class TenantRegistry:
             projection_mode=self.projection_mode,
             hasher=self._hasher,
             clock=self._clock,
+            engine=tenant_engine(self.engine, name),
+            own_engine=False,
         )
         try:
             await service.start(migrate=create, run_worker=self.run_workers)
@@ -246,32 +303,36 @@ class TenantRegistry:
         return service
 
     async def run_workers_until(self, stop: asyncio.Event, **worker: Any) -> None:
-        """Project every tenant's log until ``stop`` is set (``tiu worker --all-tenants``).
+        """Project every tenant's log until ``stop`` is set (``tiu tenants worker``).
 
-        One :class:`Worker` per tenant, on an engine of its own (a leader connection
-        and a pool of two), apart from the services' pools: a tenant's projections
-        run whether or not its service is open. Tenants created later are picked up
-        every ``rescan`` seconds.
+        One :class:`Worker` per tenant, all on one engine of their own, apart from the
+        services' (a tenant's projections run whether or not its service is open).
+        Each worker holds one connection for as long as it runs (its leadership
+        session: those are not bounded, one per tenant); their batches share a pool of
+        ``pool_size``. Tenants created later are picked up every ``rescan`` seconds.
         """
         rescan = float(worker.pop("rescan", 5.0))
         running: dict[str, asyncio.Task[None]] = {}
+        engine = shared_engine(self.settings, max_overflow=-1)
         try:
             while not stop.is_set():
                 for name in await self.tenants():
                     if name not in running or running[name].done():
-                        running[name] = asyncio.create_task(self._work(name, stop, worker))
+                        running[name] = asyncio.create_task(
+                            self._work(tenant_engine(engine, name), stop, worker)
+                        )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), rescan)
         finally:
             stop.set()
             await asyncio.gather(*running.values(), return_exceptions=True)
+            await engine.dispose()
 
-    async def _work(self, name: str, stop: asyncio.Event, options: dict[str, Any]) -> None:
-        settings = self.settings_for(name).model_copy(update={"pool_size": 2, "max_overflow": 0})
-        engine = create_engine(settings.database_url, settings.engine_options())
+    async def _work(
+        self, engine: AsyncEngine, stop: asyncio.Event, options: dict[str, Any]
+    ) -> None:
         store = EventStore(engine)
         try:
             await Worker(store, self.projectors, **options).run(stop)
         finally:
             await store.aclose()
-            await engine.dispose()

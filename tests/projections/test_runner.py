@@ -419,3 +419,44 @@ def test_a_batch_loop_freezes_the_heap_only_while_it_runs_and_leaves_an_applicat
         assert gc.get_freeze_count() == frozen  # the application's freeze is untouched
     finally:
         gc.unfreeze()
+
+
+# -- batch sizes: large while behind, small at the head -------------------------------------
+
+
+async def handled_up_to(store: EventStore, projector: Projector, position: int) -> int:
+    async with store.engine.connect() as conn:
+        records = await store.read_all(conn, 0, 1_000_000, types=sorted(projector.handles))
+    return sum(1 for r in records if r.position <= position)
+
+
+async def test_a_projector_behind_reads_catch_up_batches_and_the_batch_size_at_the_head(
+    store: EventStore,
+) -> None:
+    projector = next(p for p in ALL_PROJECTORS if p.name == "tasks")
+    items = workload(600)
+    await append_events(store, items[:400])
+    handled = await handled_up_to(store, projector, await head(store.engine))
+    assert handled > 5 + 40
+    worker = Worker(store, [projector], batch_size=5, catch_up_batch_size=40)
+    await worker._ensure_checkpoints()
+    applied = []
+    while not applied or applied[-1] in (5, 40):
+        applied.append((await worker.run_batch(projector)).applied)
+    # The first batch finds the projector behind; every later full one reads 40.
+    rest = handled - 5
+    assert applied == [5] + [40] * (rest // 40) + [rest % 40]
+    assert await lowest_position_of(store, projector) == await head(store.engine)
+
+    # At the head again: a batch reads the batch size, and a full one sends it back to
+    # catch-up batches.
+    await append_events(store, items[400:])
+    more = await handled_up_to(store, projector, await head(store.engine)) - handled
+    assert more > 5
+    assert (await worker.run_batch(projector)).applied == 5
+    assert (await worker.run_batch(projector)).applied == min(40, more - 5)
+
+
+async def lowest_position_of(store: EventStore, projector: Projector) -> int:
+    async with store.engine.connect() as conn:
+        return await lowest_position(conn, [projector])

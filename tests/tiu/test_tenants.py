@@ -89,6 +89,44 @@ async def test_two_tenants_inline_each_see_only_their_own_log(
         assert sorted(set(await tenants.tenants()) & {a, b}) == [a, b]
 
 
+async def test_tenants_share_one_pool_and_its_connection_follows_the_tenant_using_it(
+    tenant_names: tuple[str, str], clock: Clock
+) -> None:
+    # One connection in all: every command below runs on it, switched between the
+    # schemas, and the prepared statements and plpgsql append functions it has cached
+    # resolve in the schema of the tenant using it.
+    a, b = tenant_names
+    settings = Settings(
+        database_url=PG_URL, bcrypt_rounds=4, pool_size=1, max_overflow=0, pool_timeout=5
+    )
+    async with TenantRegistry(settings, hasher=BcryptHasher(rounds=4), clock=clock) as tenants:
+        async with tenants.tenant(a) as ta, tenants.tenant(b) as tb:
+            assert ta.engine.pool is tb.engine.pool is tenants.engine.pool
+            for who, service in [("ada", ta), ("bob", tb), ("cyd", ta), ("dee", tb)]:
+                await register(service, who)
+            assert await emails(ta) == {"ada@example.com", "cyd@example.com"}
+            assert await emails(tb) == {"bob@example.com", "dee@example.com"}
+            for name, service in ((a, ta), (b, tb), (a, ta)):
+                async with service.engine.connect() as conn:
+                    assert await conn.scalar(text("SELECT current_schema()")) == name
+            async with tenants.engine.connect() as conn:  # the engine itself: the default path
+                assert await conn.scalar(text("SELECT current_schema()")) == "public"
+            for service, who in ((ta, "ada"), (tb, "bob"), (ta, "cyd")):
+                async with service.get_repositories() as repos:
+                    await repos.get_session_repository().create_session(
+                        f"{who}@example.com", PASSWORD
+                    )
+                async with service.get_repositories() as repos:  # not the other tenant's
+                    with pytest.raises(InvalidCredentials):
+                        await repos.get_session_repository().create_session(
+                            "dee@example.com" if service is ta else "cyd@example.com", PASSWORD
+                        )
+            assert tenants.engine.pool.checkedin() == 1  # never a second connection
+        assert await tenants.close_tenant(a)
+        async with tenants.tenant(b, create=False) as tb:  # the engine outlived a
+            assert await emails(tb) == {"bob@example.com", "dee@example.com"}
+
+
 async def test_two_tenants_in_worker_mode_both_project(
     tenant_names: tuple[str, str], clock: Clock
 ) -> None:
@@ -97,6 +135,7 @@ async def test_two_tenants_in_worker_mode_both_project(
     a, b = tenant_names
     tenants = registry(clock, projection_mode="worker", run_workers=True)
     async with tenants, tenants.tenant(a) as ta, tenants.tenant(b) as tb:
+        assert ta.engine.pool is tb.engine.pool  # one engine; leadership per schema
         await asyncio.wait_for(asyncio.gather(register(ta, "ada"), register(tb, "bob")), timeout=30)
         await register(tb, "cyd")
         assert await emails(ta) == {"ada@example.com"}
