@@ -198,8 +198,11 @@ async def test_every_single_change_after_a_checkpoint_is_detected_at_its_first_p
         await mutate(conn)
     async with engine.connect() as conn:
         report = await verify(conn, checkpoint=checkpoint)
+        # Read in pages of 5 (holes, slices and leaves at page edges), the same finding.
+        paged = await verify(conn, checkpoint=checkpoint, page_size=5)
     assert report.broken is not None, kind
     assert report.first_position == first, (kind, str(report.broken))
+    assert paged.broken == report.broken, kind
 
 
 @pytest.mark.needs_owner
@@ -341,6 +344,61 @@ async def test_documents_re_split_over_the_same_bytes_are_caught(sqlite_engine: 
         report = await verify(conn)
     assert report.broken is not None
     assert (report.first_position, report.broken.reason) == (1, "hash does not match content")
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("recorded_at", 20260101000000), ("event_id", 1234), ("data", b"{}"), ("metadata", 7)],
+)
+async def test_a_column_stored_as_another_type_is_rechecked_canonically(
+    sqlite_engine: AsyncEngine, column: str, value: object
+):
+    # SQLite keeps any type in any column: the fast path's text cannot be built from an
+    # integer or a blob, so that row is hashed the canonical way, and does not match.
+    store = EventStore(sqlite_engine)
+    try:
+        await build_log(store, rounds=2)
+    finally:
+        await store.aclose()
+    async with sqlite_engine.begin() as conn:
+        await bypass_append_only(conn)
+        await conn.execute(
+            text(f"UPDATE events SET {column} = :v WHERE position = 6"), {"v": value}
+        )
+    async with sqlite_engine.connect() as conn:
+        report = await verify(conn)
+    assert report.broken is not None
+    assert report.first_position == 6
+
+
+async def test_a_missing_or_cut_tile_is_named_at_its_first_leaf(store, engine: AsyncEngine):
+    # Leaves 257-300 live in the second level-0 tile: cut it short, then remove it.
+    for n in range(300):
+        await store.append(f"user-{n % 7}", "user", [NewEvent("Noted", {"n": n})])
+    await transparency.extend_tree(engine)
+    async with engine.begin() as conn:
+        blob = await conn.scalar(
+            select(merkle_tiles.c.hashes).where(merkle_tiles.c.level == 0, merkle_tiles.c.idx == 1)
+        )
+        await conn.execute(
+            update(merkle_tiles)
+            .where(merkle_tiles.c.level == 0, merkle_tiles.c.idx == 1)
+            .values(hashes=bytes(blob)[: 32 * 10])
+        )
+    async with engine.connect() as conn:
+        report = await verify(conn, page_size=100)
+    assert (report.first_position, report.broken and report.broken.reason) == (
+        267,
+        "leaf differs from the Merkle tree",
+    )
+    async with engine.begin() as conn:
+        await conn.execute(
+            delete(merkle_tiles).where(merkle_tiles.c.level == 0, merkle_tiles.c.idx == 1)
+        )
+    async with engine.connect() as conn:
+        report = await verify(conn)
+    assert report.first_position == 257
 
 
 async def test_the_worker_step_grows_the_tree_and_signs_checkpoints(store, engine: AsyncEngine):
