@@ -13,9 +13,18 @@ import pytest
 from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from eventstore import EventStore, NewEvent, merkle, retention, transparency, verify
+from eventstore import (
+    EventStore,
+    NewEvent,
+    create_engine,
+    merkle,
+    retention,
+    transparency,
+    verify,
+)
 from eventstore.errors import EventStoreError
 from eventstore.hashing import GENESIS, event_hash
+from eventstore.health import health_check
 from eventstore.offline_verify import (
     check_consistency,
     check_inclusion,
@@ -399,6 +408,33 @@ async def test_a_missing_or_cut_tile_is_named_at_its_first_leaf(store, engine: A
     async with engine.connect() as conn:
         report = await verify(conn)
     assert report.first_position == 257
+
+
+async def test_health_reports_how_far_the_tree_is_behind_the_log(store, engine: AsyncEngine):
+    await build_log(store, rounds=2)
+    await transparency.extend_tree(engine)
+    report = await health_check(engine)
+    assert (report.tree_lag, report.tree_status) == (0, "ok")
+    await build_log(store, rounds=3)  # 12 more
+    grades = {}
+    for amber, red in ((13, 20), (12, 20), (5, 12)):
+        report = await health_check(engine, tree_amber=amber, tree_red=red)
+        assert report.healthy  # lag is graded, never unhealthy
+        grades[(amber, red)] = (report.tree_lag, report.tree_status)
+    assert grades == {(13, 20): (12, "ok"), (12, 20): (12, "amber"), (5, 12): (12, "red")}
+    assert report.as_dict()["tree_lag"] == 12
+    await transparency.extend_tree(engine)
+    assert (await health_check(engine)).tree_lag == 0
+
+
+async def test_health_before_the_tree_migration_has_no_tree_lag(tmp_path):
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/empty.db")
+    try:
+        report = await health_check(engine)
+    finally:
+        await engine.dispose()
+    assert report.healthy
+    assert (report.tree_lag, report.tree_status) == (None, None)
 
 
 async def test_the_worker_step_grows_the_tree_and_signs_checkpoints(store, engine: AsyncEngine):
