@@ -108,6 +108,9 @@ class VerifyReport:
     #: The stored Merkle tree's size, and the kept checkpoint's (None without one).
     tree_size: int = 0
     checkpoint_size: int | None = None
+    #: Archived positions whose leaf is the stand-in for events archived before the
+    #: tree existed (:data:`eventstore.merkle.PLACEHOLDER_LEAF`): not provable one by one.
+    placeholder_leaves: int = 0
 
     @property
     def ok(self) -> bool:
@@ -290,6 +293,7 @@ class _Pass:
     hole: int = 0  # index into `archived` of the first range not wholly behind us
     expected: int = 1  # the next position
     count: int = 0
+    placeholders: int = 0
     broken: BrokenLink | None = None
     tree_suspect: BrokenLink | None = None
     accumulator: merkle.RootAccumulator = field(default_factory=merkle.RootAccumulator)
@@ -312,6 +316,7 @@ class _Pass:
             archives=len(self.records),
             tree_size=self.tree_size,
             checkpoint_size=None if self.checkpoint is None else self.checkpoint.size,
+            placeholder_leaves=self.placeholders,
         )
 
     def _archived(self, position: int) -> bool:
@@ -346,6 +351,12 @@ class _Pass:
                 )  # fmt: skip
                 return False
         return True
+
+    def _archived_leaf(self, position: int, leaf: bytes, stored: bytes, first: int) -> bool:
+        """:meth:`_leaf` for an archived position, whose leaf only the tree holds."""
+        if leaf == merkle.PLACEHOLDER_LEAF:
+            self.placeholders += 1
+        return self._leaf(position, leaf, stored, first)
 
     def _gap(self, position: int, leaves: list[bytes], stored: bytes, first: int) -> bool:
         """What must hold before the row at ``position`` is checked, when it is not simply
@@ -528,7 +539,7 @@ class _Pass:
                 return False
             if gap <= self.tree_size:
                 at = (gap - first - 1) * 32
-                if not self._leaf(gap, stored[at : at + 32], stored, first):
+                if not self._archived_leaf(gap, stored[at : at + 32], stored, first):
                     return False
             elif self.checkpoint is not None and gap <= self.checkpoint.size:
                 self.broken = BrokenLink(
@@ -574,7 +585,7 @@ class _Pass:
         while self.expected <= end and self._archived(self.expected):
             gap = self.expected
             stored = await merkle.stored_leaf_run(conn, gap - 1, 1)
-            if gap <= self.tree_size and not self._leaf(gap, stored[:32], stored, gap - 1):
+            if gap <= self.tree_size and not self._archived_leaf(gap, stored, stored, gap - 1):
                 return
             self.expected += 1
         limit = self.checkpoint.size if self.checkpoint else self.tree_size

@@ -394,9 +394,15 @@ async def extend(conn: AsyncConnection, *, until: int | None = None) -> TreeStat
     return TreeState(size, root, now)
 
 
-#: The leaf of a position archived before the tree reached it (a log older than the
-#: tree): its event is in the archive file, not in the log, so its own leaf is unknown.
+#: The leaf of a position archived before the tree reached it (retention run before
+#: migration 0009 built the tree): its event is only in the archive file, which the
+#: tree is not built from, so the tree holds this stand-in. Such a position is counted
+#: by ``verify`` (``placeholder_leaves``) and refused by ``tiu prove``: the tree proves
+#: that the position was archived before it existed, nothing about the event. The
+#: retention record (``AuditArchived``: each stream's last archived hash) chains the
+#: stream's remaining events to the archive file's.
 ARCHIVED_BEFORE_TREE: Final = b"archived before the tree"
+PLACEHOLDER_LEAF: Final = leaf_hash(ARCHIVED_BEFORE_TREE)
 
 
 async def _fill_archived(conn: AsyncConnection, size: int, rows: Sequence[Any]) -> list[Any]:
@@ -446,6 +452,7 @@ async def _write_tiles(conn: AsyncConnection, tiles: Tiles, size: int) -> None:
 __all__ = [
     "CHUNK",
     "LEVEL0_SQL",
+    "PLACEHOLDER_LEAF",
     "TILE_HEIGHT",
     "RootAccumulator",
     "TreeState",

@@ -296,7 +296,9 @@ async def test_archived_security_events_stay_provable_and_verify(engine: AsyncEn
     verifier = KEY.verifier_key()
     async with engine.connect() as conn:
         assert (await verify(conn, checkpoint=before)).ok
-        assert (await verify(conn, checkpoint=after)).ok
+        report_after = await verify(conn, checkpoint=after)
+    assert report_after.ok
+    assert (report_after.archived_events, report_after.placeholder_leaves) == (5, 0)
     check_consistency(await transparency.prove_consistency(engine, before, after), verifier)
     with pytest.raises(transparency.TransparencyError, match="archived"):
         await transparency.prove_inclusion(engine, 1, after)
@@ -480,7 +482,22 @@ async def test_a_log_archived_before_the_tree_existed_still_grows_a_tree_that_ve
     checkpoint = await transparency.write_checkpoint(engine, KEY)
     assert checkpoint.size == 9
     async with engine.connect() as conn:
-        assert (await verify(conn, checkpoint=checkpoint)).ok
+        report = await verify(conn, checkpoint=checkpoint)
+    assert report.ok
+    # Honest about it: the archived positions are counted as placeholders, and no
+    # inclusion proof is offered for them (the tree does not hold their events' leaves).
+    async with engine.connect() as conn:
+        present = set((await conn.execute(select(events.c.position))).scalars())
+    archived = sorted(set(range(1, 10)) - present)
+    assert archived
+    assert report.archived_events == report.placeholder_leaves == len(archived)
+    for position in archived:
+        with pytest.raises(transparency.TransparencyError, match="archived before the Merkle"):
+            await transparency.prove_inclusion(
+                engine, position, checkpoint, archive=tmp_path / "a.gz"
+            )
+    proof = await transparency.prove_inclusion(engine, 9, checkpoint)  # the retention record
+    assert check_inclusion(proof, KEY.verifier_key())
     async with engine.begin() as conn:
         await bypass_append_only(conn)
         await conn.execute(delete(events).where(events.c.position == 2))  # not archived
