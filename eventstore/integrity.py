@@ -47,12 +47,16 @@ from eventstore.retention import ArchiveRecord, load_records
 from eventstore.types import sqlite_datetime
 
 _COLUMNS: Final = (
-    "position, stream_id, stream_category, version, event_id, event_type, schema_version, "
+    "position, stream_id, stream_category, version, {event_id}, event_type, schema_version, "
     "{data}, {metadata}, actor_id, correlation_id, causation_id, command_id, recorded_at, hash"
 )
+#: The id as text: asyncpg's UUID objects are tracked by the collector, so a page of
+#: rows holding them survives into the oldest generation and brings on full
+#: collections (120-200 ms pauses of every thread at 100k events, measured).
 _POSTGRES_PAGE: Final = (
-    f"SELECT {_COLUMNS.format(data='data::text', metadata='metadata::text')} FROM events "  # noqa: S608
-    "WHERE position > $1 ORDER BY position LIMIT $2"
+    "SELECT "  # noqa: S608
+    + _COLUMNS.format(event_id="event_id::text", data="data::text", metadata="metadata::text")
+    + " FROM events WHERE position > $1 ORDER BY position LIMIT $2"
 )
 #: SQLite: the JSON pieces of the hashed text built by SQLite itself (compact, escaped
 #: as Python escapes), the rest spliced in by :meth:`_Pass.sqlite_rows`: the documents
@@ -82,8 +86,9 @@ _YIELD_FAST: Final = 256
 _YIELD_CANONICAL: Final = 64
 _HOP_CANONICAL: Final = 128
 _FULL_ROW: Final = (
-    f"SELECT {_COLUMNS.format(data='data', metadata='metadata')} FROM events "  # noqa: S608
-    "WHERE position = $1"
+    "SELECT "  # noqa: S608
+    + _COLUMNS.format(event_id="event_id", data="data", metadata="metadata")
+    + " FROM events WHERE position = $1"
 )
 
 
