@@ -267,6 +267,12 @@ async def _check_tree(
     return None
 
 
+def _category(value: Any) -> bytes:
+    """A stored category's bytes in the leaf: its UTF-8 text; a value of another type
+    (SQLite keeps anything) gets a first byte no UTF-8 text has, so its leaf differs."""
+    return value.encode() if isinstance(value, str) else b"\xff" + repr(value).encode()
+
+
 def _let_go() -> None:
     """Give the GIL to a thread waiting for it (the caller's event loop) now, rather than
     after it has waited the 5 ms switch interval. Letting go of the GIL alone is not
@@ -446,6 +452,8 @@ class _Pass:
                     ).hexdigest()
                     == stored_hash
                 )
+                if same:
+                    leaf = sha256(b"\x00" + fromhex(stored_hash) + category.encode()).digest()
             except (TypeError, AttributeError):  # a column of another type
                 same = False
             if not same:
@@ -453,7 +461,7 @@ class _Pass:
                 return index if self._flush(leaves, stored, first) else None
             versions[stream_id] = version
             hashes[stream_id] = stored_hash
-            add(sha256(b"\x00" + fromhex(stored_hash) + category.encode()).digest())
+            add(leaf)
             expected = position + 1
             count += 1
         self.expected, self.count = expected, count
@@ -544,7 +552,7 @@ class _Pass:
         self.versions[full[1]] = full[3]
         self.hashes[full[1]] = full[14]
         self.count += 1
-        leaf = hashlib.sha256(b"\x00" + bytes.fromhex(full[14]) + full[2].encode()).digest()
+        leaf = hashlib.sha256(b"\x00" + bytes.fromhex(full[14]) + _category(full[2])).digest()
         if self._leaf(full[0], leaf, stored, first):
             self.expected = full[0] + 1
 

@@ -360,18 +360,26 @@ async def test_documents_re_split_over_the_same_bytes_are_caught(sqlite_engine: 
 @pytest.mark.sqlite
 @pytest.mark.parametrize(
     ("column", "value"),
-    [("recorded_at", 20260101000000), ("event_id", 1234), ("data", b"{}"), ("metadata", 7)],
+    [
+        ("recorded_at", 20260101000000),
+        ("event_id", 1234),
+        ("data", b"{}"),
+        ("metadata", 7),
+        ("stream_category", b"user"),
+    ],
 )
 async def test_a_column_stored_as_another_type_is_rechecked_canonically(
     sqlite_engine: AsyncEngine, column: str, value: object
 ):
     # SQLite keeps any type in any column: the fast path's text cannot be built from an
-    # integer or a blob, so that row is hashed the canonical way, and does not match.
+    # integer or a blob, so that row is hashed the canonical way, and does not match
+    # (the category, outside the chain hash, through its leaf in the tree).
     store = EventStore(sqlite_engine)
     try:
         await build_log(store, rounds=2)
     finally:
         await store.aclose()
+    await transparency.extend_tree(sqlite_engine)
     async with sqlite_engine.begin() as conn:
         await bypass_append_only(conn)
         await conn.execute(
