@@ -6,10 +6,11 @@
 Per backend, on a log of the seeded scenario (bench.scenario):
 
 * **append cost with the tree maintained**: single-event appends (``EventStore.append``,
-  new streams) with the worker's Merkle step running beside them
+  new streams) with the worker's Merkle step running beside them in its own process
   (``transparency.keep_up``: the tree grown and a checkpoint signed every 1,000 events)
-  against the same appends without it; the two take turns, run by run, and the ratio
-  of medians is reported (target: at most 1.05);
+  against the same appends without it; the two take turns in alternating order, and the
+  median of the pairs' ratios is reported (target: at most 1.05), with the appends' CPU
+  time with and without, and the keeper's CPU time an event;
 * **checkpoint time**: the first ``tiu checkpoint`` of the whole log (the tree built
   from nothing), then one after 1,000 more events;
 * **proof size**: the inclusion proof of the first, a middle and the last event, and the
@@ -75,60 +76,89 @@ async def _appends(store: EventStore, n: int, tag: str) -> float:
 
 async def _keeper(url: str, schema: str | None, key: str) -> None:
     """The worker's Merkle step alone (``tiu worker`` runs it beside the projectors),
-    until SIGTERM."""
+    until SIGTERM; prints its CPU time when ready and when it stops."""
     engine = create_engine(url, EngineOptions(search_path=schema))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     async with engine.connect() as conn:
         await transparency.status(conn)
-    print("ready", flush=True)
+    print("ready", time.process_time(), flush=True)
     try:
         await transparency.keep_up(
             engine, transparency.SigningKey.parse(key), stop, every=1000, interval=1.0
         )
     finally:
         await engine.dispose()
+        print("done", time.process_time(), flush=True)
+
+
+async def _keeper_run(store: EventStore, url: str, n: int, tag: str) -> tuple[float, float, float]:
+    """``n`` appends with the Merkle step running in a process of its own: (wall s, this
+    process's CPU s, the keeper's CPU s while it ran, start-up excluded)."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.transparency", "--keeper", url, "-",
+        KEY.encoded(), stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdout is not None
+    ready = float((await child.stdout.readline()).split()[1])  # imported, connected
+    await asyncio.sleep(0.5)
+    cpu = time.process_time()
+    wall = await _appends(store, n, tag)
+    cpu = time.process_time() - cpu
+    child.send_signal(signal.SIGTERM)
+    done = float((await child.stdout.readline()).split()[1])
+    await child.wait()
+    return wall, cpu, done - ready
 
 
 async def append_cost(engine: Any, n: int, runs: int) -> dict[str, Any]:
-    """Appends with and without the Merkle step running in its own process, as
-    ``tiu worker`` does; the two take turns run by run."""
+    """Appends with and without the Merkle step running in its own process, as ``tiu
+    worker`` does. The two take turns, in alternating order (ABBA...), so a drift in the
+    machine's load weighs on both; each pair's ratio is kept, and their median is the
+    figure (on a shared machine, the ratio of medians moves with the load between
+    runs). CPU times: this process's (the appends'), and the keeper's while it ran."""
     store = EventStore(engine)
-    plain: list[float] = []
-    kept: list[float] = []
     url = engine.url.render_as_string(hide_password=False)
-    schema = "-"
+    plain: list[tuple[float, float]] = []
+    kept: list[tuple[float, float, float]] = []
     try:
         await _appends(store, 200, "warm")
         await transparency.write_checkpoint(engine, KEY)
         for run in range(runs):
-            plain.append(await _appends(store, n, f"p{run}-"))
-            await transparency.write_checkpoint(engine, KEY)  # both start level
-            child = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.transparency", "--keeper", url, schema,
-                KEY.encoded(), stdout=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            assert child.stdout is not None
-            await child.stdout.readline()  # imported, connected
-            await asyncio.sleep(0.5)
-            kept.append(await _appends(store, n, f"k{run}-"))
-            child.send_signal(signal.SIGTERM)
-            await child.wait()
-            await transparency.write_checkpoint(engine, KEY)
+            order = ("plain", "kept") if run % 2 == 0 else ("kept", "plain")
+            for which in order:
+                await transparency.write_checkpoint(engine, KEY)  # both start level
+                if which == "plain":
+                    cpu = time.process_time()
+                    wall = await _appends(store, n, f"p{run}-")
+                    plain.append((wall, time.process_time() - cpu))
+                else:
+                    kept.append(await _keeper_run(store, url, n, f"k{run}-"))
     finally:
         await store.aclose()
-    without, with_tree = statistics.median(plain), statistics.median(kept)
+    ratios = [k[0] / p[0] for p, k in zip(plain, kept, strict=True)]
+    without = statistics.median(p[0] for p in plain)
+    with_tree = statistics.median(k[0] for k in kept)
     return {
         "appends": n,
+        "runs": runs,
         "without_tree_per_s": n / without,
         "with_tree_per_s": n / with_tree,
-        "ratio": with_tree / without,
-        "runs": runs,
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "ratio_of_medians": with_tree / without,
+        "append_cpu_us_without": 1e6 * statistics.median(p[1] for p in plain) / n,
+        "append_cpu_us_with": 1e6 * statistics.median(k[1] for k in kept) / n,
+        "keeper_cpu_us_per_event": 1e6 * statistics.median(k[2] for k in kept) / n,
     }
 
 
-async def measure(engine: Any, events: int, appends: int, runs: int) -> dict[str, Any]:
+async def measure(
+    engine: Any, events: int, appends: int, runs: int, *, append_only: bool = False
+) -> dict[str, Any]:
     await runner.upgrade(engine)
+    if append_only:
+        return {"append": await append_cost(engine, appends, runs)}
     store = EventStore(engine)
     started = time.perf_counter()
     await fill(store, Scenario(SEED), events)
@@ -191,7 +221,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             with tempfile.TemporaryDirectory() as tmp:
                 engine = create_engine(f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}")
                 try:
-                    results[backend] = await measure(engine, args.events, args.appends, args.runs)
+                    results[backend] = await measure(
+                        engine, args.events, args.appends, args.runs, append_only=args.append_only
+                    )
                 finally:
                     await engine.dispose()
         else:
@@ -200,7 +232,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await _admin(f'CREATE DATABASE "{PG_DB}"')
             engine = create_engine(pg_url(PG_DB))
             try:
-                results[backend] = await measure(engine, args.events, args.appends, args.runs)
+                results[backend] = await measure(
+                    engine, args.events, args.appends, args.runs, append_only=args.append_only
+                )
             finally:
                 await engine.dispose()
                 if not args.keep:
@@ -212,8 +246,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--backends", default="sqlite,postgresql")
-    parser.add_argument("--appends", type=int, default=3000)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--appends", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument(
+        "--append-only", action="store_true", help="Measure the append cost alone (no log)."
+    )
     parser.add_argument("--keep", action="store_true", help="Keep the PostgreSQL database.")
     parser.add_argument(
         "--keeper", nargs=3, metavar=("URL", "SCHEMA", "KEY"), help=argparse.SUPPRESS
@@ -226,16 +263,23 @@ def main() -> None:
     results = asyncio.run(main_async(args))
     for backend, r in results.items():
         a = r["append"]
+        line = f"{backend}: "
+        if "events" in r:
+            line += (
+                f"{r['events']} events | first checkpoint {r['checkpoint_first_s']:.2f}s, "
+                f"after 1000 more {r['checkpoint_after_1000_s'] * 1000:.0f}ms | proofs "
+                f"{r['proof_hashes']} (max {r['proof_bytes_max']} bytes) | verify "
+                f"{r['verify_events_per_s']:,.0f} ev/s ({r['verify_s']:.1f}s, "
+                f"{r['verify_cpu_us_per_event']:.1f} us CPU/event), loop late by max "
+                f"{r['verify_loop']['max_ms']:.1f}ms, p99 {r['verify_loop']['p99_ms']:.1f}ms "
+                f"(longest GC {r['verify_loop']['gc_max_ms']:.1f}ms) | "
+            )
         print(
-            f"{backend}: {r['events']} events | first checkpoint {r['checkpoint_first_s']:.2f}s, "
-            f"after 1000 more {r['checkpoint_after_1000_s'] * 1000:.0f}ms | proofs "
-            f"{r['proof_hashes']} (max {r['proof_bytes_max']} bytes) | verify "
-            f"{r['verify_events_per_s']:,.0f} ev/s ({r['verify_s']:.1f}s, "
-            f"{r['verify_cpu_us_per_event']:.1f} us CPU/event), loop late by max "
-            f"{r['verify_loop']['max_ms']:.1f}ms, p99 {r['verify_loop']['p99_ms']:.1f}ms "
-            f"(longest GC {r['verify_loop']['gc_max_ms']:.1f}ms) | appends "
-            f"{a['without_tree_per_s']:,.0f}/s "
-            f"without the tree, {a['with_tree_per_s']:,.0f}/s with it: ratio {a['ratio']:.3f}"
+            line + f"appends {a['without_tree_per_s']:,.0f}/s "
+            f"without the tree, {a['with_tree_per_s']:,.0f}/s with it: ratio {a['ratio']:.3f} "
+            f"(pairs {', '.join(f'{x:.3f}' for x in a['ratios'])}); CPU an append "
+            f"{a['append_cpu_us_without']:.0f} / {a['append_cpu_us_with']:.0f} us, the "
+            f"tree's {a['keeper_cpu_us_per_event']:.1f} us an event"
         )
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

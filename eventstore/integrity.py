@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from eventstore import merkle
-from eventstore.dialects import Dialect, dialect_for, raw_connection
+from eventstore.dialects import dialect_for, raw_connection
 from eventstore.hashing import (
     GENESIS,
     canonical_json,
@@ -46,33 +47,48 @@ from eventstore.retention import ArchiveRecord, load_records
 from eventstore.types import sqlite_datetime
 
 _COLUMNS: Final = (
-    "position, stream_id, stream_category, version, event_id, event_type, schema_version, "
+    "position, stream_id, stream_category, version, {event_id}, event_type, schema_version, "
     "{data}, {metadata}, actor_id, correlation_id, causation_id, command_id, recorded_at, hash"
 )
+#: The id as text: asyncpg's UUID objects are tracked by the collector, so a page of
+#: rows holding them survives into the oldest generation and brings on full
+#: collections (120-200 ms pauses of every thread at 100k events, measured).
 _POSTGRES_PAGE: Final = (
-    f"SELECT {_COLUMNS.format(data='data::text', metadata='metadata::text')} FROM events "  # noqa: S608
-    "WHERE position > $1 ORDER BY position LIMIT $2"
+    "SELECT "  # noqa: S608
+    + _COLUMNS.format(event_id="event_id::text", data="data::text", metadata="metadata::text")
+    + " FROM events WHERE position > $1 ORDER BY position LIMIT $2"
 )
 #: SQLite: the JSON pieces of the hashed text built by SQLite itself (compact, escaped
-#: as Python escapes), the rest spliced in by :meth:`_Pass.page`: the documents as
-#: stored (each must be one valid JSON value, so no stored text can pass for another
+#: as Python escapes), the rest spliced in by :meth:`_Pass.sqlite_rows`: the documents
+#: as stored (each must be one valid JSON value, so no stored text can pass for another
 #: split of the same bytes), the 32-hex-digit id dashed and the UTC time in ISO form at
 #: fixed offsets. A row that does not hash right this way is rechecked from all its
-#: columns (_FULL_ROW) by the canonical path.
+#: columns (_FULL_ROW) by the canonical path. Building the whole text in SQL (``||``)
+#: was measured slower: each concatenation copies the row's text again.
 _SQLITE_FAST: Final = (
-    "SELECT position, stream_id, stream_category, version, json_array(stream_id, version), "
-    "event_id, json_array(event_type, schema_version), data, metadata, "
-    "json_array(actor_id, correlation_id, causation_id, command_id), recorded_at, hash, "
-    "json_valid(data) AND json_valid(metadata) "
-    "FROM events WHERE position > $1 ORDER BY position LIMIT $2"
+    "SELECT position, stream_id, version, hash, stream_category, "
+    "json_array(stream_id, version), event_id, json_array(event_type, schema_version), "
+    "data, metadata, json_array(actor_id, correlation_id, causation_id, command_id), "
+    "recorded_at, json_valid(data) AND json_valid(metadata) AND length(event_id) = 32 "
+    "AND length(recorded_at) = 26 "
+    "FROM events WHERE position > ? ORDER BY position LIMIT ?"
 )
-#: Rows checked per trip to a worker thread (~2 ms each: ~3.5 us a row on the fast
-#: path, ~15 us canonicalising the documents).
-_HOP_FAST: Final = 512
+#: SQLite: rows read and checked per trip to a worker thread (~3 ms at ~6 us a row,
+#: reading included); PostgreSQL: rows checked per trip (~2 ms, ~15 us a row
+#: canonicalising the documents).
+_TRIP_SQLITE: Final = 512
+#: Rows checked between two moments a worker thread hands the GIL over (:func:`_let_go`):
+#: ~1 ms of work. A thread running Python otherwise keeps the GIL until the caller's
+#: loop has waited the whole 5 ms switch interval for it, at every wake of the loop
+#: (200k events, side by side: every 256 rows, loop late by max 11-22 ms, p99 6-12;
+#: never, 15-35 / 10-14; every 128 or 512 rows, worse on one or the other).
+_YIELD_FAST: Final = 256
+_YIELD_CANONICAL: Final = 64
 _HOP_CANONICAL: Final = 128
 _FULL_ROW: Final = (
-    f"SELECT {_COLUMNS.format(data='data', metadata='metadata')} FROM events "  # noqa: S608
-    "WHERE position = $1"
+    "SELECT "  # noqa: S608
+    + _COLUMNS.format(event_id="event_id", data="data", metadata="metadata")
+    + " FROM events WHERE position = $1"
 )
 
 
@@ -105,6 +121,9 @@ class VerifyReport:
     #: The stored Merkle tree's size, and the kept checkpoint's (None without one).
     tree_size: int = 0
     checkpoint_size: int | None = None
+    #: Archived positions whose leaf is the stand-in for events archived before the
+    #: tree existed (:data:`eventstore.merkle.PLACEHOLDER_LEAF`): not provable one by one.
+    placeholder_leaves: int = 0
 
     @property
     def ok(self) -> bool:
@@ -125,23 +144,73 @@ async def verify(
     records = await load_records(conn)
     state = await merkle.load_state(conn)
     check = _Pass(records, state.size, checkpoint, fast=conn.dialect.name == "sqlite")
-    report = check.report
     if checkpoint is not None:
         broken = await _check_tree(conn, state, checkpoint)
         if broken is not None:
             check.tree_suspect = broken
+    try:
+        if check.fast:
+            await _sqlite_pass(conn, check, page_size or _TRIP_SQLITE)
+        else:
+            await _canonical_pass(conn, check, page_size or 1000)
+        if check.broken is None:
+            await check.finish(conn)
+        return check.report()
+    finally:
+        await _drop(check.versions)
+        await _drop(check.hashes)
+
+
+async def _sqlite_pass(conn: AsyncConnection, check: _Pass, size: int) -> None:
+    """SQLite: each trip to a worker thread reads the next rows and their stored leaves
+    and checks them (~3 ms), so the caller's loop does nothing per row and waits for
+    no more than one other thread: it runs between trips at once, rather than waiting
+    for the GIL (up to the 5 ms switch interval per turn, per runnable thread)."""
     dialect = dialect_for(conn.engine)
-    sql = _SQLITE_FAST if check.fast else _POSTGRES_PAGE
-    # SQLite's pages are read on a worker thread; asyncpg decodes its rows on the loop,
-    # so PostgreSQL's pages are smaller (the loop's longest wait scales with them).
-    size = page_size or (5000 if check.fast else 1000)
-    # A page is checked in slices of ~2 ms, each its own trip to a worker thread: between
-    # them the caller's loop runs at once, rather than waiting for the GIL (up to the
-    # 5 ms switch interval per turn, more when the page reader wants it too).
-    hop = _HOP_FAST if check.fast else _HOP_CANONICAL
-    fetch = _page_reader(conn, dialect, sql, size)
+    raw = await raw_connection(conn)
+    db = raw.driver_connection
+    page = _SQLITE_FAST
+    full_row = _FULL_ROW.replace("$1", "?")
+
+    def trip(after: int) -> int | None:
+        rows = db.execute(page, (after, size)).fetchall()
+        if not rows:
+            return None
+        last = int(rows[-1][0])
+        count = max(0, min(last, check.tree_size) - after)
+        tiles = db.execute(merkle.LEVEL0_SQL, merkle.level0_span(after, count))
+        stored = merkle.leaf_run(tiles, after, count)
+        start = 0
+        while start < len(rows):
+            slow = check.sqlite_rows(rows, stored, after, start)
+            if slow is None:
+                break
+            check.slow_row(db.execute(full_row, (rows[slow][0],)).fetchone(), stored, after)
+            if check.broken is not None:
+                break
+            start = slow + 1
+        return last
+
+    after: int | None = 0
+    while after is not None and check.broken is None:
+        with dialect.driver_errors(raw, page):
+            after = await raw.dbapi_connection.run(trip, after, offload=True)
+
+
+async def _canonical_pass(conn: AsyncConnection, check: _Pass, size: int) -> None:
+    """PostgreSQL: pages read on the loop (asyncpg decodes there, so pages are smaller:
+    the loop's longest wait scales with them), the next one while this one is checked
+    on a worker thread in slices of ~2 ms (see :func:`_sqlite_pass`)."""
+    dialect = dialect_for(conn.engine)
+
+    async def fetch(after: int) -> list[tuple[Any, ...]]:
+        # Plain tuples of plain values: the collector untracks them at once, where
+        # asyncpg's records, held while the page is checked, would be promoted and
+        # bring on full collections (tens of ms each, on whichever thread).
+        return [tuple(r) for r in await dialect.fetch(conn, _POSTGRES_PAGE, (after, size))]
+
     after = 0
-    pending: asyncio.Future[Sequence[Any]] | None = asyncio.ensure_future(fetch(after))
+    pending: asyncio.Future[list[tuple[Any, ...]]] | None = asyncio.ensure_future(fetch(after))
     try:
         while pending is not None:
             rows = await pending
@@ -149,35 +218,24 @@ async def verify(
             if not rows:
                 break
             last = int(rows[-1][0])
-            stored = await merkle.stored_leaves(conn, after, max(0, min(last, state.size) - after))
-            # The next page is read while this one is hashed (both off the loop).
+            count = max(0, min(last, check.tree_size) - after)
+            stored = await merkle.stored_leaf_run(conn, after, count)
             pending = asyncio.ensure_future(fetch(last))
-            start = 0
-            while start < len(rows) and check.broken is None:
-                end = min(len(rows), start + hop)
-                slow = await asyncio.to_thread(check.page, rows, stored, after, start, end)
-                start = end
-                if slow is not None:  # SQLite: the stored text is not what was hashed
-                    await pending  # the connection is free again
-                    full = await dialect.fetch(conn, _FULL_ROW, (rows[slow][0],))
-                    pending = asyncio.ensure_future(fetch(last))
-                    check.slow_row(full[0], stored, after)
-                    start = slow + 1
+            for start in range(0, len(rows), _HOP_CANONICAL):
+                end = min(len(rows), start + _HOP_CANONICAL)
+                await asyncio.to_thread(check.canonical_rows, rows, stored, after, start, end)
+                if check.broken is not None:
+                    break
             if check.broken is not None:
                 break
             after = last
     finally:
         if pending is not None:
             await pending  # never leave a read running on the caller's connection
-    if check.broken is None:
-        await check.finish(conn)
-    done = report()
-    await _drop(check.heads)
-    return done
 
 
-async def _drop(heads: dict[str, tuple[int, str]]) -> None:
-    """Empty the map of streams' heads in slices: freeing one of a million streams at once
+async def _drop(heads: dict[str, Any]) -> None:
+    """Empty a map of streams' heads in slices: freeing one of a million streams at once
     holds the loop for tens of ms (one C call, no switch between threads)."""
     while heads:
         for _ in range(min(len(heads), 2_000)):
@@ -209,34 +267,19 @@ async def _check_tree(
     return None
 
 
-def _page_reader(
-    conn: AsyncConnection, dialect: Dialect, sql: str, size: int
-) -> Callable[[int], Awaitable[Sequence[Any]]]:
-    """Read a page of the log after a position. On SQLite, whose driver runs statements
-    on the event loop, the page is read on a worker thread: a page of thousands of rows
-    is milliseconds of work the caller's loop should not wait through."""
-    if dialect.name != "sqlite":
+def _category(value: Any) -> bytes:
+    """A stored category's bytes in the leaf: its UTF-8 text; a value of another type
+    (SQLite keeps anything) gets a first byte no UTF-8 text has, so its leaf differs."""
+    return value.encode() if isinstance(value, str) else b"\xff" + repr(value).encode()
 
-        async def records(after: int) -> Sequence[Any]:
-            # Plain tuples of plain values: the collector untracks them at once, where
-            # asyncpg's records, held while the page is checked, would be promoted and
-            # bring on full collections (tens of ms each, on whichever thread).
-            return [tuple(r) for r in await dialect.fetch(conn, sql, (after, size))]
 
-        return records
-    native = sql.replace("$1", "?").replace("$2", "?")
-
-    async def read(after: int) -> Sequence[Any]:
-        raw = await raw_connection(conn)
-        db = raw.driver_connection
-
-        def rows() -> list[Any]:
-            return db.execute(native, (after, size)).fetchall()  # type: ignore[no-any-return]
-
-        with dialect.driver_errors(raw, native):
-            return await raw.dbapi_connection.run(rows, offload=True)  # type: ignore[no-any-return]
-
-    return read
+def _let_go() -> None:
+    """Give the GIL to a thread waiting for it (the caller's event loop) now, rather than
+    after it has waited the 5 ms switch interval. Letting go of the GIL alone is not
+    enough (this thread takes it back before the waiting one has woken, measured with
+    ``select`` of nothing): ``sleep(0)`` gives up the CPU too, so the waiting thread
+    runs. It costs nothing on an idle machine; on a busy one, other processes' turn."""
+    time.sleep(0)
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -270,11 +313,15 @@ class _Pass:
     tree_size: int
     checkpoint: Checkpoint | None
     fast: bool
-    heads: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: Each stream's last version and hash, in two maps of plain values: no object is
+    #: made per event to hold them, and the collector never walks either map.
+    versions: dict[str, int] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
     archived: list[tuple[int, int]] = field(default_factory=list)
     hole: int = 0  # index into `archived` of the first range not wholly behind us
     expected: int = 1  # the next position
     count: int = 0
+    placeholders: int = 0
     broken: BrokenLink | None = None
     tree_suspect: BrokenLink | None = None
     accumulator: merkle.RootAccumulator = field(default_factory=merkle.RootAccumulator)
@@ -282,13 +329,14 @@ class _Pass:
     def __post_init__(self) -> None:
         for record in self.records:
             for s in record.streams:
-                if s.to_version > self.heads.get(s.stream_id, (0, ""))[0]:
-                    self.heads[s.stream_id] = (s.to_version, s.last_hash)
+                if s.to_version > self.versions.get(s.stream_id, 0):
+                    self.versions[s.stream_id] = s.to_version
+                    self.hashes[s.stream_id] = s.last_hash
         self.archived = _merge([span for r in self.records for span in r.positions])
 
     def report(self) -> VerifyReport:
         return VerifyReport(
-            streams=len(self.heads),
+            streams=len(self.versions),
             events=self.count,
             head_position=self.expected - 1,
             broken=self.broken,
@@ -296,6 +344,7 @@ class _Pass:
             archives=len(self.records),
             tree_size=self.tree_size,
             checkpoint_size=None if self.checkpoint is None else self.checkpoint.size,
+            placeholder_leaves=self.placeholders,
         )
 
     def _archived(self, position: int) -> bool:
@@ -304,15 +353,19 @@ class _Pass:
             self.hole += 1
         return self.hole < len(ranges) and ranges[self.hole][0] <= position
 
-    def _leaf(self, position: int, leaf: bytes, stored: list[bytes], first: int) -> bool:
-        """Feed the leaf at ``position``; False (and ``broken`` set) if it is wrong."""
+    def _leaf(self, position: int, leaf: bytes, stored: bytes, first: int) -> bool:
+        """Feed the leaf at ``position``; False (and ``broken`` set) if it is wrong.
+        ``stored`` holds the stored tree's leaves from position ``first + 1``, 32 bytes
+        each."""
         trusted = self.tree_suspect is None
-        if trusted and position <= self.tree_size and stored[position - first - 1] != leaf:
-            self.broken = BrokenLink(
-                None, None, position, "leaf differs from the Merkle tree",
-                stored[position - first - 1].hex(), leaf.hex(),
-            )  # fmt: skip
-            return False
+        if trusted and position <= self.tree_size:
+            at = (position - first - 1) * 32
+            if stored[at : at + 32] != leaf:
+                self.broken = BrokenLink(
+                    None, None, position, "leaf differs from the Merkle tree",
+                    stored[at : at + 32].hex(), leaf.hex(),
+                )  # fmt: skip
+                return False
         cp = self.checkpoint
         if cp is not None and position <= cp.size:
             self.accumulator.add(leaf)
@@ -327,81 +380,146 @@ class _Pass:
                 return False
         return True
 
-    def page(
-        self, rows: Sequence[Any], stored: list[bytes], first: int, start: int, end: int
-    ) -> int | None:
-        """Check ``rows[start:end]``. On SQLite (``fast``), returns the index of a row whose
-        hash needs the canonical path (:meth:`slow_row`), which needs the database.
+    def _archived_leaf(self, position: int, leaf: bytes, stored: bytes, first: int) -> bool:
+        """:meth:`_leaf` for an archived position, whose leaf only the tree holds."""
+        if leaf == merkle.PLACEHOLDER_LEAF:
+            self.placeholders += 1
+        return self._leaf(position, leaf, stored, first)
 
-        The rows' leaves are checked together (:meth:`_flush`) before anything that
-        stops the page, so the first position affected is still the one named."""
-        heads = self.heads
+    def _gap(self, position: int, leaves: list[bytes], stored: bytes, first: int) -> bool:
+        """What must hold before the row at ``position`` is checked, when it is not simply
+        the next one or lies in an archived range: the leaves so far flushed, and the
+        hole before it archived. False (and ``broken`` set) if not."""
+        if not self._flush(leaves, stored, first):
+            return False
+        leaves.clear()
+        if self.expected < position and not self._holes(position, stored, first):
+            return False
+        if self.archived and self._archived(position):
+            self.broken = BrokenLink(
+                None, None, position, "event present at an archived position",
+                "archived", "present",
+            )  # fmt: skip
+            return False
+        return True
+
+    def _version_gap(self, stream_id: str, version: int, position: int, prev: int) -> None:
+        self.broken = BrokenLink(
+            stream_id, version, position, "missing version in stream", str(prev + 1), str(version)
+        )
+
+    def sqlite_rows(self, rows: Sequence[Any], stored: bytes, first: int, start: int) -> int | None:
+        """Check ``rows[start:]`` (read by _SQLITE_FAST); the index of a row whose hash
+        needs the canonical path (:meth:`slow_row`), or None (``broken`` set if a
+        check failed). The rows' leaves are checked together (:meth:`_flush`) before
+        anything that stops the slice, so the first position affected is still the one
+        named. ``expected`` and ``count`` are kept in locals, written back before any
+        other method runs."""
+        versions, hashes = self.versions, self.hashes
         sha256 = hashlib.sha256
         fromhex = bytes.fromhex
-        fast = self.fast
-        hash_at = 11 if fast else 14
         leaves: list[bytes] = []
-        flush = self._flush
-        for index in range(start, end):
+        add = leaves.append
+        archived = bool(self.archived)
+        expected, count = self.expected, self.count
+        for index in range(start, len(rows)):
+            if not index & (_YIELD_FAST - 1):
+                _let_go()
             row = rows[index]
-            position = row[0]
-            if self.expected < position:
-                if not flush(leaves, stored, first) or not self._holes(position, stored, first):
+            position, stream_id, version, stored_hash, category, a, e, b, data, meta, c, t, ok = row
+            if position != expected or archived:
+                self.expected, self.count = expected, count
+                if (position != expected or self._archived(position)) and not self._gap(
+                    position, leaves, stored, first
+                ):
                     return None
-                leaves = []
-            if self.archived and self._archived(position):
-                if flush(leaves, stored, first):
-                    self.broken = BrokenLink(
-                        None, None, position, "event present at an archived position",
-                        "archived", "present",
-                    )  # fmt: skip
-                return None
-            stream_id = row[1]
-            version = row[3]
-            prev_version, prev_hash = heads.get(stream_id, _NO_HEAD)
+                expected = self.expected
+            prev_version = versions.get(stream_id, 0)
             if version != prev_version + 1:
-                if flush(leaves, stored, first):
-                    self.broken = BrokenLink(
-                        stream_id, version, position, "missing version in stream",
-                        str(prev_version + 1), str(version),
-                    )  # fmt: skip
+                self.expected, self.count = expected, count
+                if self._flush(leaves, stored, first):
+                    self._version_gap(stream_id, version, position, prev_version)
                 return None
-            stored_hash = row[hash_at]
-            if fast:
-                # SQLite keeps the canonical text the hash covers, and the query built
-                # the rest of it (_SQLITE_FAST): one string and one SHA-256 per event.
-                e, t = row[5], row[10]
-                if not row[12] or len(e) != 32 or len(t) != 26:
-                    return index if flush(leaves, stored, first) else None
-                text = (
-                    f'["{prev_hash}",{row[4][1:-1]},"{e[:8]}-{e[8:12]}-{e[12:16]}-{e[16:20]}-'
-                    f'{e[20:]}",{row[6][1:-1]},{row[7]},{row[8]},{row[9][1:-1]},'
-                    f'"{t[:10]}T{t[11:]}+00:00"]'
+            # SQLite keeps the canonical text the hash covers, and the query built the
+            # rest of it: one string and one SHA-256 per event.
+            try:
+                same = (
+                    ok
+                    and sha256(
+                        f'["{hashes.get(stream_id, GENESIS)}",{a[1:-1]},"{e[:8]}-{e[8:12]}-'
+                        f'{e[12:16]}-{e[16:20]}-{e[20:]}",{b[1:-1]},{data},{meta},{c[1:-1]},'
+                        f'"{t[:10]}T{t[11:]}+00:00"]'.encode()
+                    ).hexdigest()
+                    == stored_hash
                 )
-                if sha256(text.encode()).hexdigest() != stored_hash:
-                    return index if flush(leaves, stored, first) else None
-            elif (expected := self._hash(row, prev_hash)) != stored_hash:
-                if flush(leaves, stored, first):
+                if same:
+                    leaf = sha256(b"\x00" + fromhex(stored_hash) + category.encode()).digest()
+            except (TypeError, AttributeError):  # a column of another type
+                same = False
+            if not same:
+                self.expected, self.count = expected, count
+                return index if self._flush(leaves, stored, first) else None
+            versions[stream_id] = version
+            hashes[stream_id] = stored_hash
+            add(leaf)
+            expected = position + 1
+            count += 1
+        self.expected, self.count = expected, count
+        self._flush(leaves, stored, first)
+        return None
+
+    def canonical_rows(
+        self, rows: Sequence[Any], stored: bytes, first: int, start: int, end: int
+    ) -> None:
+        """Check ``rows[start:end]`` (read by _POSTGRES_PAGE), each event's hash from its
+        documents canonicalised again (PostgreSQL's jsonb text is not the hashed text)."""
+        versions, hashes = self.versions, self.hashes
+        sha256 = hashlib.sha256
+        fromhex = bytes.fromhex
+        leaves: list[bytes] = []
+        archived = bool(self.archived)
+        for index in range(start, end):
+            if not index & (_YIELD_CANONICAL - 1):
+                _let_go()
+            row = rows[index]
+            position, stream_id, version = row[0], row[1], row[3]
+            if (
+                (position != self.expected or archived)
+                and (position != self.expected or self._archived(position))
+                and not self._gap(position, leaves, stored, first)
+            ):
+                return
+            prev_version = versions.get(stream_id, 0)
+            if version != prev_version + 1:
+                if self._flush(leaves, stored, first):
+                    self._version_gap(stream_id, version, position, prev_version)
+                return
+            stored_hash = row[14]
+            expected = self._hash(row, hashes.get(stream_id, GENESIS))
+            if expected != stored_hash:
+                if self._flush(leaves, stored, first):
                     self._mismatch(row, expected, stored_hash)
-                return None
-            heads[stream_id] = (version, stored_hash)
+                return
+            versions[stream_id] = version
+            hashes[stream_id] = stored_hash
             self.count += 1
             leaves.append(sha256(b"\x00" + fromhex(stored_hash) + row[2].encode()).digest())
             self.expected = position + 1
-        flush(leaves, stored, first)
-        return None
+        self._flush(leaves, stored, first)
 
-    def _flush(self, leaves: list[bytes], stored: list[bytes], first: int) -> bool:
+    def _flush(self, leaves: list[bytes], stored: bytes, first: int) -> bool:
         """Check the leaves of the positions just before ``expected`` against the stored
-        tree and feed the checkpoint's root: one list comparison and aligned runs of
+        tree and feed the checkpoint's root: one comparison of bytes and aligned runs of
         node hashes (:meth:`merkle.RootAccumulator.extend`) when all is well, leaf by
         leaf (:meth:`_leaf`) to name the first one that is not. False if one is wrong."""
         if not leaves:
             return True
         base = self.expected - len(leaves)  # the position of leaves[0]
         in_tree = min(len(leaves), max(0, self.tree_size - base + 1))
-        at = base - first - 1
-        if self.tree_suspect is None and stored[at : at + in_tree] != leaves[:in_tree]:
+        at = (base - first - 1) * 32
+        if self.tree_suspect is None and stored[at : at + 32 * in_tree] != b"".join(
+            leaves[:in_tree]
+        ):
             for offset, leaf in enumerate(leaves):
                 if not self._leaf(base + offset, leaf, stored, first):
                     self.count -= len(leaves) - offset - 1
@@ -423,17 +541,18 @@ class _Pass:
                 return False
         return True
 
-    def slow_row(self, full: Any, stored: list[bytes], first: int) -> None:
+    def slow_row(self, full: Any, stored: bytes, first: int) -> None:
         """The canonical check of a row whose fast hash did not match (its position and
-        version already checked by :meth:`page`), given all its columns."""
-        prev_hash = self.heads.get(full[1], (0, GENESIS))[1]
+        version already checked by :meth:`sqlite_rows`), given all its columns."""
+        prev_hash = self.hashes.get(full[1], GENESIS)
         expected = self._hash(full, prev_hash)
         if expected != full[14]:
             self._mismatch(full, expected, full[14])
             return
-        self.heads[full[1]] = (full[3], full[14])
+        self.versions[full[1]] = full[3]
+        self.hashes[full[1]] = full[14]
         self.count += 1
-        leaf = hashlib.sha256(b"\x00" + bytes.fromhex(full[14]) + full[2].encode()).digest()
+        leaf = hashlib.sha256(b"\x00" + bytes.fromhex(full[14]) + _category(full[2])).digest()
         if self._leaf(full[0], leaf, stored, first):
             self.expected = full[0] + 1
 
@@ -442,7 +561,7 @@ class _Pass:
             row[1], row[3], row[0], "hash does not match content", expected, str(found)
         )
 
-    def _holes(self, position: int, stored: list[bytes], first: int) -> bool:
+    def _holes(self, position: int, stored: bytes, first: int) -> bool:
         """Walk the hole before ``position``: archived positions only (their leaves from
         the tree). False (and ``broken`` set) at the first position that is not."""
         while self.expected < position:
@@ -453,7 +572,8 @@ class _Pass:
                 )
                 return False
             if gap <= self.tree_size:
-                if not self._leaf(gap, stored[gap - first - 1], stored, first):
+                at = (gap - first - 1) * 32
+                if not self._archived_leaf(gap, stored[at : at + 32], stored, first):
                     return False
             elif self.checkpoint is not None and gap <= self.checkpoint.size:
                 self.broken = BrokenLink(
@@ -466,29 +586,31 @@ class _Pass:
     @staticmethod
     def _hash(row: Any, prev_hash: str) -> str:
         # Canonicalise the stored documents (PostgreSQL's jsonb text is not the hashed
-        # text; on SQLite, text someone rewrote may not be either).
+        # text; on SQLite, text someone rewrote may not be either). A value no append
+        # could have written (not JSON, not an id or a time, another type: SQLite keeps
+        # anything) cannot be what was hashed.
         try:
             data = canonical_json(parse_json(row[7]) if isinstance(row[7], str) else row[7])
             metadata = canonical_json(parse_json(row[8]) if isinstance(row[8], str) else row[8])
-        except ValueError:  # not JSON at all: it cannot be what was hashed
-            return "not JSON"
-        return link_hash(
-            prev_hash,
-            json_text(row[1]),
-            row[3],
-            hash_tail(
-                event_id=_dashed(str(row[4])),
-                event_type=row[5],
-                schema_version=row[6],
-                data_json=data,
-                metadata_json=metadata,
-                actor_id=row[9],
-                correlation_id=row[10],
-                causation_id=row[11],
-                command_id=row[12],
-                recorded_at=_IsoText(_iso(row[13])),  # type: ignore[arg-type]
-            ),
-        )
+            return link_hash(
+                prev_hash,
+                json_text(row[1]),
+                row[3],
+                hash_tail(
+                    event_id=_dashed(str(row[4])),
+                    event_type=row[5],
+                    schema_version=row[6],
+                    data_json=data,
+                    metadata_json=metadata,
+                    actor_id=row[9],
+                    correlation_id=row[10],
+                    causation_id=row[11],
+                    command_id=row[12],
+                    recorded_at=_IsoText(_iso(row[13])),  # type: ignore[arg-type]
+                ),
+            )
+        except (ValueError, TypeError, AttributeError) as error:
+            return f"not the hashed form ({type(error).__name__})"
 
     async def finish(self, conn: AsyncConnection) -> None:
         """After the last event: archived positions at the tail, and a log that ends
@@ -496,8 +618,8 @@ class _Pass:
         end = max(self.tree_size, self.checkpoint.size if self.checkpoint else 0)
         while self.expected <= end and self._archived(self.expected):
             gap = self.expected
-            stored = await merkle.stored_leaves(conn, gap - 1, 1)
-            if gap <= self.tree_size and not self._leaf(gap, stored[0], stored, gap - 1):
+            stored = await merkle.stored_leaf_run(conn, gap - 1, 1)
+            if gap <= self.tree_size and not self._archived_leaf(gap, stored, stored, gap - 1):
                 return
             self.expected += 1
         limit = self.checkpoint.size if self.checkpoint else self.tree_size
@@ -509,9 +631,6 @@ class _Pass:
                 "the log ends before the " + ("checkpoint" if self.checkpoint else "tree"),
                 str(limit), str(self.expected - 1),
             )  # fmt: skip
-
-
-_NO_HEAD: Final = (0, GENESIS)
 
 
 class _IsoText(str):

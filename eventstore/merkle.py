@@ -255,18 +255,48 @@ async def consistency_proof(conn: AsyncConnection, size1: int, size2: int) -> li
     return [range_hash(tiles, lo, hi) for lo, hi in ranges]
 
 
-async def stored_leaves(conn: AsyncConnection, first: int, count: int) -> list[bytes]:
-    """Leaf hashes ``first .. first + count - 1`` as the stored tree holds them."""
+#: The level-0 tiles ``$1 .. $2`` (:func:`level0_span`), for :func:`leaf_run`; ``?``
+#: parameters, for a driver connection used off the loop.
+LEVEL0_SQL: Final = (
+    "SELECT idx, hashes FROM merkle_tiles WHERE level = 0 AND idx BETWEEN ? AND ? ORDER BY idx"
+)
+_FULL_TILE: Final = 32 * TILE_WIDTH
+
+
+def level0_span(first: int, count: int) -> tuple[int, int]:
+    """The indexes of the level-0 tiles holding leaves ``first .. first + count - 1``."""
+    return first >> TILE_HEIGHT, (first + max(count, 1) - 1) >> TILE_HEIGHT
+
+
+def leaf_run(rows: Any, first: int, count: int) -> bytes:
+    """Leaves ``first .. first + count - 1`` as one string of 32-byte hashes, from the
+    level-0 tiles ``rows`` (``idx, hashes``, read by ``LEVEL0_SQL``). A missing or
+    short tile reads as zero bytes in its place (no SHA-256 output), so every leaf
+    keeps its offset and a missing one differs from any computed leaf."""
     if count <= 0:
-        return []
-    keys = {(0, i) for i in range(first >> TILE_HEIGHT, ((first + count - 1) >> TILE_HEIGHT) + 1)}
-    tiles = await load_tiles(conn, keys)
-    out: list[bytes] = []
-    for i in range(first, first + count):
-        hashes = tiles.get((0, i >> TILE_HEIGHT), [])
-        offset = i & _MASK
-        out.append(hashes[offset] if offset < len(hashes) else b"")
-    return out
+        return b""
+    low, _ = level0_span(first, count)
+    parts: list[bytes] = []
+    for idx, blob in rows:
+        while low + len(parts) < idx:
+            parts.append(bytes(_FULL_TILE))
+        hashes = bytes(blob)
+        parts.append(hashes.ljust(_FULL_TILE, b"\x00")[:_FULL_TILE])
+    start = (first & _MASK) * 32
+    return b"".join(parts)[start : start + 32 * count].ljust(32 * count, b"\x00")
+
+
+async def stored_leaf_run(conn: AsyncConnection, first: int, count: int) -> bytes:
+    """:func:`leaf_run` read on ``conn``."""
+    if count <= 0:
+        return b""
+    low, high = level0_span(first, count)
+    rows = await conn.execute(
+        select(merkle_tiles.c.idx, merkle_tiles.c.hashes)
+        .where(merkle_tiles.c.level == 0, merkle_tiles.c.idx.between(low, high))
+        .order_by(merkle_tiles.c.idx)
+    )
+    return leaf_run(rows.all(), first, count)
 
 
 # -- extending the tree ----------------------------------------------------------------
@@ -364,9 +394,15 @@ async def extend(conn: AsyncConnection, *, until: int | None = None) -> TreeStat
     return TreeState(size, root, now)
 
 
-#: The leaf of a position archived before the tree reached it (a log older than the
-#: tree): its event is in the archive file, not in the log, so its own leaf is unknown.
+#: The leaf of a position archived before the tree reached it (retention run before
+#: migration 0009 built the tree): its event is only in the archive file, which the
+#: tree is not built from, so the tree holds this stand-in. Such a position is counted
+#: by ``verify`` (``placeholder_leaves``) and refused by ``tiu prove``: the tree proves
+#: that the position was archived before it existed, nothing about the event. The
+#: retention record (``AuditArchived``: each stream's last archived hash) chains the
+#: stream's remaining events to the archive file's.
 ARCHIVED_BEFORE_TREE: Final = b"archived before the tree"
+PLACEHOLDER_LEAF: Final = leaf_hash(ARCHIVED_BEFORE_TREE)
 
 
 async def _fill_archived(conn: AsyncConnection, size: int, rows: Sequence[Any]) -> list[Any]:
@@ -415,13 +451,17 @@ async def _write_tiles(conn: AsyncConnection, tiles: Tiles, size: int) -> None:
 
 __all__ = [
     "CHUNK",
+    "LEVEL0_SQL",
+    "PLACEHOLDER_LEAF",
     "TILE_HEIGHT",
     "RootAccumulator",
     "TreeState",
     "consistency_proof",
     "extend",
     "inclusion_proof",
+    "leaf_run",
+    "level0_span",
     "load_state",
     "root_at",
-    "stored_leaves",
+    "stored_leaf_run",
 ]

@@ -176,6 +176,12 @@ async def prove_inclusion(
         state = await merkle.load_state(conn)
         if state.size < checkpoint.size:
             raise TransparencyError("the stored tree is behind the checkpoint (tampered?)")
+        if await merkle.stored_leaf_run(conn, position - 1, 1) == merkle.PLACEHOLDER_LEAF:
+            raise TransparencyError(
+                f"position {position} was archived before the Merkle tree existed: the "
+                "tree holds a placeholder leaf there, not the event's, so the event cannot "
+                "be proven on its own (its archive file and the retention record vouch for it)"
+            )
         row = (await conn.execute(select(events).where(events.c.position == position))).mappings()
         found = row.one_or_none()
         if found is not None:

@@ -1141,6 +1141,7 @@ def verify_command(
         "archived_events": report.archived_events,
         "tree_size": report.tree_size,
         "checkpoint_size": report.checkpoint_size,
+        "placeholder_leaves": report.placeholder_leaves,
         "first_position": report.first_position,
         "broken": str(report.broken) if report.broken else None,
     }
@@ -1150,6 +1151,11 @@ def verify_command(
         against = ""
         if report.checkpoint_size is not None:
             against = f", against checkpoint size {report.checkpoint_size}"
+        if report.placeholder_leaves:
+            against += (
+                f" ({report.placeholder_leaves} archived before the tree existed: "
+                "placeholder leaves, not provable one by one)"
+            )
         out.print(
             f"{report.streams} streams, {report.events} events, head position "
             f"{report.head_position}, {report.archived_events} archived in "

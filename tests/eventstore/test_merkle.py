@@ -221,3 +221,30 @@ def test_accumulator_extended_in_runs_has_the_root_of_leaves_added_one_by_one(
         in_runs.extend(leaves[at : at + run])
         at += run
     assert (in_runs.size, in_runs.root()) == (one_by_one.size, one_by_one.root())
+
+
+@given(
+    lengths=st.lists(st.one_of(st.none(), st.integers(0, 256)), min_size=1, max_size=5),
+    first=st.integers(0, 1279),
+    count=st.integers(0, 600),
+)
+def test_a_run_of_stored_leaves_keeps_every_leaf_at_its_offset(lengths, first, count):
+    # Level-0 tiles of any length, some missing (None): each leaf of the run is the
+    # stored one where its tile holds it, and 32 zero bytes (no SHA-256 output) where not.
+    def leaf(i: int) -> bytes:
+        return hashlib.sha256(i.to_bytes(4, "big")).digest()
+
+    tiles = [
+        (idx, b"".join(leaf(idx * 256 + j) for j in range(n)))
+        for idx, n in enumerate(lengths)
+        if n is not None
+    ]
+    low, high = merkle.level0_span(first, count)
+    rows = [(idx, blob) for idx, blob in tiles if low <= idx <= high]
+    run = merkle.leaf_run(rows, first, count)
+    assert len(run) == 32 * count
+    for k in range(count):
+        i = first + k
+        n = lengths[i >> 8] if (i >> 8) < len(lengths) else None
+        held = n is not None and (i & 255) < n
+        assert run[32 * k : 32 * k + 32] == (leaf(i) if held else bytes(32))

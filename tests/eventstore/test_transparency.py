@@ -13,9 +13,18 @@ import pytest
 from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from eventstore import EventStore, NewEvent, merkle, retention, transparency, verify
+from eventstore import (
+    EventStore,
+    NewEvent,
+    create_engine,
+    merkle,
+    retention,
+    transparency,
+    verify,
+)
 from eventstore.errors import EventStoreError
 from eventstore.hashing import GENESIS, event_hash
+from eventstore.health import health_check
 from eventstore.offline_verify import (
     check_consistency,
     check_inclusion,
@@ -198,8 +207,11 @@ async def test_every_single_change_after_a_checkpoint_is_detected_at_its_first_p
         await mutate(conn)
     async with engine.connect() as conn:
         report = await verify(conn, checkpoint=checkpoint)
+        # Read in pages of 5 (holes, slices and leaves at page edges), the same finding.
+        paged = await verify(conn, checkpoint=checkpoint, page_size=5)
     assert report.broken is not None, kind
     assert report.first_position == first, (kind, str(report.broken))
+    assert paged.broken == report.broken, kind
 
 
 @pytest.mark.needs_owner
@@ -284,7 +296,9 @@ async def test_archived_security_events_stay_provable_and_verify(engine: AsyncEn
     verifier = KEY.verifier_key()
     async with engine.connect() as conn:
         assert (await verify(conn, checkpoint=before)).ok
-        assert (await verify(conn, checkpoint=after)).ok
+        report_after = await verify(conn, checkpoint=after)
+    assert report_after.ok
+    assert (report_after.archived_events, report_after.placeholder_leaves) == (5, 0)
     check_consistency(await transparency.prove_consistency(engine, before, after), verifier)
     with pytest.raises(transparency.TransparencyError, match="archived"):
         await transparency.prove_inclusion(engine, 1, after)
@@ -343,6 +357,96 @@ async def test_documents_re_split_over_the_same_bytes_are_caught(sqlite_engine: 
     assert (report.first_position, report.broken.reason) == (1, "hash does not match content")
 
 
+@pytest.mark.sqlite
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("recorded_at", 20260101000000),
+        ("event_id", 1234),
+        ("data", b"{}"),
+        ("metadata", 7),
+        ("stream_category", b"user"),
+    ],
+)
+async def test_a_column_stored_as_another_type_is_rechecked_canonically(
+    sqlite_engine: AsyncEngine, column: str, value: object
+):
+    # SQLite keeps any type in any column: the fast path's text cannot be built from an
+    # integer or a blob, so that row is hashed the canonical way, and does not match
+    # (the category, outside the chain hash, through its leaf in the tree).
+    store = EventStore(sqlite_engine)
+    try:
+        await build_log(store, rounds=2)
+    finally:
+        await store.aclose()
+    await transparency.extend_tree(sqlite_engine)
+    async with sqlite_engine.begin() as conn:
+        await bypass_append_only(conn)
+        await conn.execute(
+            text(f"UPDATE events SET {column} = :v WHERE position = 6"), {"v": value}
+        )
+    async with sqlite_engine.connect() as conn:
+        report = await verify(conn)
+    assert report.broken is not None
+    assert report.first_position == 6
+
+
+async def test_a_missing_or_cut_tile_is_named_at_its_first_leaf(store, engine: AsyncEngine):
+    # Leaves 257-300 live in the second level-0 tile: cut it short, then remove it.
+    for n in range(300):
+        await store.append(f"user-{n % 7}", "user", [NewEvent("Noted", {"n": n})])
+    await transparency.extend_tree(engine)
+    async with engine.begin() as conn:
+        blob = await conn.scalar(
+            select(merkle_tiles.c.hashes).where(merkle_tiles.c.level == 0, merkle_tiles.c.idx == 1)
+        )
+        await conn.execute(
+            update(merkle_tiles)
+            .where(merkle_tiles.c.level == 0, merkle_tiles.c.idx == 1)
+            .values(hashes=bytes(blob)[: 32 * 10])
+        )
+    async with engine.connect() as conn:
+        report = await verify(conn, page_size=100)
+    assert (report.first_position, report.broken and report.broken.reason) == (
+        267,
+        "leaf differs from the Merkle tree",
+    )
+    async with engine.begin() as conn:
+        await conn.execute(
+            delete(merkle_tiles).where(merkle_tiles.c.level == 0, merkle_tiles.c.idx == 1)
+        )
+    async with engine.connect() as conn:
+        report = await verify(conn)
+    assert report.first_position == 257
+
+
+async def test_health_reports_how_far_the_tree_is_behind_the_log(store, engine: AsyncEngine):
+    await build_log(store, rounds=2)
+    await transparency.extend_tree(engine)
+    report = await health_check(engine)
+    assert (report.tree_lag, report.tree_status) == (0, "ok")
+    await build_log(store, rounds=3)  # 12 more
+    grades = {}
+    for amber, red in ((13, 20), (12, 20), (5, 12)):
+        report = await health_check(engine, tree_amber=amber, tree_red=red)
+        assert report.healthy  # lag is graded, never unhealthy
+        grades[(amber, red)] = (report.tree_lag, report.tree_status)
+    assert grades == {(13, 20): (12, "ok"), (12, 20): (12, "amber"), (5, 12): (12, "red")}
+    assert report.as_dict()["tree_lag"] == 12
+    await transparency.extend_tree(engine)
+    assert (await health_check(engine)).tree_lag == 0
+
+
+async def test_health_before_the_tree_migration_has_no_tree_lag(tmp_path):
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/empty.db")
+    try:
+        report = await health_check(engine)
+    finally:
+        await engine.dispose()
+    assert report.healthy
+    assert (report.tree_lag, report.tree_status) == (None, None)
+
+
 async def test_the_worker_step_grows_the_tree_and_signs_checkpoints(store, engine: AsyncEngine):
     stop = asyncio.Event()
     keeper = asyncio.create_task(transparency.keep_up(engine, KEY, stop, every=5, interval=0.05))
@@ -386,7 +490,22 @@ async def test_a_log_archived_before_the_tree_existed_still_grows_a_tree_that_ve
     checkpoint = await transparency.write_checkpoint(engine, KEY)
     assert checkpoint.size == 9
     async with engine.connect() as conn:
-        assert (await verify(conn, checkpoint=checkpoint)).ok
+        report = await verify(conn, checkpoint=checkpoint)
+    assert report.ok
+    # Honest about it: the archived positions are counted as placeholders, and no
+    # inclusion proof is offered for them (the tree does not hold their events' leaves).
+    async with engine.connect() as conn:
+        present = set((await conn.execute(select(events.c.position))).scalars())
+    archived = sorted(set(range(1, 10)) - present)
+    assert archived
+    assert report.archived_events == report.placeholder_leaves == len(archived)
+    for position in archived:
+        with pytest.raises(transparency.TransparencyError, match="archived before the Merkle"):
+            await transparency.prove_inclusion(
+                engine, position, checkpoint, archive=tmp_path / "a.gz"
+            )
+    proof = await transparency.prove_inclusion(engine, 9, checkpoint)  # the retention record
+    assert check_inclusion(proof, KEY.verifier_key())
     async with engine.begin() as conn:
         await bypass_append_only(conn)
         await conn.execute(delete(events).where(events.c.position == 2))  # not archived
