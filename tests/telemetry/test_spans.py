@@ -15,6 +15,7 @@ from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from projections.runner import Worker
 from tests.conftest import PASSWORD, Clock
+from tests.telemetry.support import in_memory
 from tiu import DatabaseService, Settings
 
 HASHER = BcryptHasher(rounds=4)
@@ -41,9 +42,10 @@ def create_project(project_id: str, owner: str) -> projects.CreateProject:
     return projects.CreateProject(project_id=project_id, name=f"P {project_id}")
 
 
-async def test_a_command_is_a_child_of_the_active_span_with_load_decide_and_write_stages(
-    service, otel
-):
+STAGES = ("load", "decide", "write", "begin", "project", "lock", "append", "commit")
+
+
+async def test_a_command_is_one_span_under_the_active_one_timing_each_of_its_stages(service, otel):
     await register(service, "ada")
     otel.spans.clear()
     tracer = otel.tracer_provider.get_tracer("host")
@@ -59,17 +61,39 @@ async def test_a_command_is_a_child_of_the_active_span_with_load_decide_and_writ
     assert attributes["tiu.command.outcome"] == "ok"
     assert attributes["tiu.stream.ids"] == ("project-p1",)
     assert attributes["tiu.correlation_id"] == "corr-7"
+    assert otel.descendants(command) == [], "stages are durations, not spans, by default"
+    durations = {stage: attributes[f"tiu.duration.{stage}"] for stage in STAGES}
+    assert all(seconds >= 0 for seconds in durations.values())
+    # the write's stages happen inside it; on PostgreSQL the lock is taken in the append
+    inside = ("begin", "project", "append", "commit")
+    assert sum(durations[stage] for stage in inside) <= durations["write"]
+    assert durations["lock"] <= durations["append"]
 
-    below = {s.name for s in otel.descendants(command)}
-    assert {"tiu.load", "tiu.decide", "tiu.write"} <= below
-    (write,) = [s for s in otel.descendants(command) if s.name == "tiu.write"]
-    stages = [e.name for e in write.events]
-    # lock (inside append) ends before append does; events are stamped at their start
-    assert stages == ["tiu.begin", "tiu.project", "tiu.lock", "tiu.append", "tiu.commit"]
-    starts = {e.name: e.timestamp for e in write.events}
-    assert starts["tiu.begin"] <= starts["tiu.project"] <= starts["tiu.append"]
-    assert starts["tiu.append"] <= starts["tiu.lock"] <= starts["tiu.commit"]
-    assert all(e.attributes["tiu.duration"] >= 0 for e in write.events)
+
+async def test_with_stage_spans_load_decide_and_write_are_children_and_the_write_has_its_stages(
+    service, otel_stages
+):
+    otel = otel_stages
+    await register(service, "ada")
+    otel.spans.clear()
+    tracer = otel.tracer_provider.get_tracer("host")
+    with tracer.start_as_current_span("POST /projects"):
+        await service.dispatcher.dispatch(create_project("p1", "ada"), ctx(service, "ada"))
+
+    (command,) = otel.named("tiu.command CreateProject")
+    below = otel.descendants(command)
+    assert {s.name for s in below} == {f"tiu.{stage}" for stage in STAGES}
+    (write,) = [s for s in below if s.name == "tiu.write"]
+    stages = sorted(otel.children(write), key=lambda s: s.start_time)
+    assert [s.name for s in stages if s.name.startswith(("tiu.load", "tiu.decide"))] in (
+        [],  # prepared before the write began (group commit)
+        ["tiu.load", "tiu.decide"],  # prepared in its transaction
+    )
+    written = [s.name for s in stages if s.name not in ("tiu.load", "tiu.decide")]
+    assert written == ["tiu.begin", "tiu.project", "tiu.append", "tiu.commit"]
+    (append,) = [s for s in stages if s.name == "tiu.append"]
+    assert [s.name for s in otel.children(append)] == ["tiu.lock"]
+    assert "tiu.duration.write" not in command.attributes
 
 
 async def test_a_refused_command_says_its_outcome_and_counts_it(service, otel):
@@ -107,7 +131,15 @@ async def test_events_carry_the_trace_of_the_command_that_appended_them(service,
     assert parent.split("-")[2] == f"{command.context.span_id:016x}"
 
 
-async def test_concurrent_commands_share_a_group_and_each_keeps_its_own_trace(service, otel):
+@pytest.mark.parametrize("stage_spans", [False, True], ids=["durations", "stage-spans"])
+async def test_concurrent_commands_share_a_group_and_each_keeps_its_own_trace(
+    service, stage_spans
+):
+    with in_memory(stage_spans=stage_spans) as otel:
+        await _share_a_group(service, otel, stage_spans=stage_spans)
+
+
+async def _share_a_group(service, otel, *, stage_spans: bool) -> None:
     for name in ("ada", "bob", "cyd", "dan"):
         await register(service, name)
     otel.spans.clear()
@@ -132,9 +164,16 @@ async def test_concurrent_commands_share_a_group_and_each_keeps_its_own_trace(se
     commands = otel.named("tiu.command CreateProject")
     assert len(commands) == 4
     assert max(c.attributes.get("tiu.command.group_size", 1) for c in commands) > 1
+    grouped = [c for c in commands if c.attributes.get("tiu.command.group_size", 1) > 1]
     for command in commands:
-        decides = [s for s in otel.descendants(command) if s.name == "tiu.decide"]
-        assert len(decides) == 1, "each command's decision sits under its own span"
+        if stage_spans:
+            decides = [s for s in otel.descendants(command) if s.name == "tiu.decide"]
+            assert len(decides) == 1, "each command's decision sits under its own span"
+        else:
+            assert command.attributes["tiu.duration.decide"] >= 0
+            assert command.attributes["tiu.duration.write"] > 0
+    if not stage_spans:  # one transaction wrote the group: its commands report its commit
+        assert len({c.attributes["tiu.duration.commit"] for c in grouped}) == 1
     sizes = [
         p for p in otel.points("tiu.group.size") if p.attributes["tiu.group.kind"] == "command"
     ]
