@@ -153,6 +153,12 @@ class _Instruments:
             unit="{connection}",
             description="Pooled connections by state (used, idle)",
         )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.pending_requests",
+            [_observe_pending],
+            unit="{request}",
+            description="Requests for a pooled connection waiting for one",
+        )
 
 
 class _State:
@@ -844,18 +850,31 @@ def _pool_name(engine: Any) -> str:
 
 
 def _observe_pool(_options: Any) -> Iterable[Any]:
-    found = []
+    return _pool_observations(lambda pool: {"used": pool.checkedout(), "idle": pool.checkedin()})
+
+
+def _observe_pending(_options: Any) -> Iterable[Any]:
+    return _pool_observations(lambda pool: {None: getattr(pool, "pending", 0)})
+
+
+def _pool_observations(read: Callable[[Any], dict[str | None, int]]) -> list[Any]:
+    """One observation per pool name and state, summed over the engines of this process
+    on one database (public pool status only; a pool without one, SQLite's
+    ``:memory:``, is left out)."""
+    totals: dict[tuple[str, str | None], int] = {}
     for engine in list(_pools):
         pool = engine.sync_engine.pool
         if not hasattr(pool, "checkedout"):
             continue
-        name = {"db.client.connection.pool.name": _pool_name(engine)}
-        found.append(
-            metrics.Observation(pool.checkedout(), {**name, "db.client.connection.state": "used"})
-        )
-        found.append(
-            metrics.Observation(pool.checkedin(), {**name, "db.client.connection.state": "idle"})
-        )
+        name = _pool_name(engine)
+        for state, count in read(pool).items():
+            totals[name, state] = totals.get((name, state), 0) + count
+    found = []
+    for (name, state), count in totals.items():
+        attributes = {"db.client.connection.pool.name": name}
+        if state is not None:
+            attributes["db.client.connection.state"] = state
+        found.append(metrics.Observation(count, attributes))
     return found
 
 

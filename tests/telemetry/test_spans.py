@@ -308,8 +308,7 @@ async def test_lock_wait_append_duration_and_pool_gauges_are_reported(service, o
         p.attributes["db.client.connection.state"]
         for p in otel.points("db.client.connection.count")
     }
-    if system == "postgresql":
-        assert states == {"used", "idle"}
+    assert states == {"used", "idle"}
 
 
 @pytest.mark.postgres
