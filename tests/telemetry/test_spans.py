@@ -204,6 +204,47 @@ async def test_repository_and_audit_queries_are_database_client_spans(service, o
             assert project.id not in str(value)
 
 
+async def test_reads_outside_the_query_layer_are_database_client_spans_without_values(
+    service, otel
+):
+    await register(service, "ada")
+    async with service.get_repositories() as repos:
+        started = await repos.get_session_repository().create_session(
+            "ada@example.com", PASSWORD
+        )
+    async with service.get_repositories(actor_id="ada") as repos:
+        project = await repos.get_project_repository().create_project("Plan", "x")
+        otel.spans.clear()
+        assert (await repos.get_session_repository().validate_session(started.token)).valid
+        assert await repos.get_user_repository().user_id_for_email("ada@example.com") == "ada"
+        await repos.get_project_repository().get_project_statistics(project.id)
+        with pytest.raises(Exception, match="task"):
+            await repos.get_task_repository().assign_task("no-such-task", "ada")
+    async with service.get_repositories() as repos:
+        await repos.get_session_repository().cleanup_expired_sessions()
+    system = service.engine.dialect.name
+    seen = {}
+    for span in otel.finished():
+        if span.name.startswith("SELECT "):
+            attributes = dict(span.attributes)
+            assert attributes["db.system.name"] == system
+            assert attributes["db.operation.name"] == "SELECT"
+            assert span.name == f"SELECT {attributes['db.collection.name']}"
+            kind = attributes.get("tiu.query.kind") or attributes.get("tiu.audit.kind")
+            seen.setdefault(attributes["db.collection.name"], set()).add(kind)
+    assert {"get_with_user", "expired"} <= seen["sessions"]
+    assert "permissions" in seen["user_permissions"]
+    assert "list" in seen["user_roles"]
+    assert "get" in seen["unique_keys"]
+    assert "get" in seen["project_stats"]
+    assert {"get", "count"} <= seen["tasks"]
+    assert "stream" in seen["events"]
+    for span in otel.finished():
+        for value in span.attributes.values():
+            for secret in (started.token, "ada@example.com", project.id, "no-such-task"):
+                assert secret not in str(value), f"a parameter value reached {span.name}"
+
+
 @pytest.fixture
 async def worker_service(engine: AsyncEngine, clock: Clock):
     """Projections left to a worker (none runs until the test drives it)."""
