@@ -132,9 +132,7 @@ async def test_events_carry_the_trace_of_the_command_that_appended_them(service,
 
 
 @pytest.mark.parametrize("stage_spans", [False, True], ids=["durations", "stage-spans"])
-async def test_concurrent_commands_share_a_group_and_each_keeps_its_own_trace(
-    service, stage_spans
-):
+async def test_concurrent_commands_share_a_group_and_each_keeps_its_own_trace(service, stage_spans):
     with in_memory(stage_spans=stage_spans) as otel:
         await _share_a_group(service, otel, stage_spans=stage_spans)
 
@@ -209,9 +207,7 @@ async def test_reads_outside_the_query_layer_are_database_client_spans_without_v
 ):
     await register(service, "ada")
     async with service.get_repositories() as repos:
-        started = await repos.get_session_repository().create_session(
-            "ada@example.com", PASSWORD
-        )
+        started = await repos.get_session_repository().create_session("ada@example.com", PASSWORD)
     async with service.get_repositories(actor_id="ada") as repos:
         project = await repos.get_project_repository().create_project("Plan", "x")
         otel.spans.clear()
