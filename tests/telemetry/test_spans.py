@@ -375,3 +375,40 @@ async def test_without_an_sdk_nothing_records_and_events_carry_no_trace(service)
         records = await service.store.read_all(conn)
     assert records
     assert all("traceparent" not in r.metadata for r in records)
+
+
+async def test_an_unsampled_command_records_no_span_and_no_traceparent_but_is_counted(service):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    from eventstore import telemetry
+
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider(sampler=ALWAYS_OFF)
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    telemetry.configure(
+        tracer_provider=tracer_provider, meter_provider=meter_provider, stage_spans=True
+    )
+    try:
+        await register(service, "ada")
+    finally:
+        telemetry.configure()
+    assert spans.get_finished_spans() == ()
+    async with service.engine.connect() as conn:
+        records = await service.store.read_all(conn)
+    assert records and all("traceparent" not in r.metadata for r in records)
+    counted = [
+        point.count
+        for resource in reader.get_metrics_data().resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "tiu.command.duration"
+        for point in metric.data.data_points
+    ]
+    assert counted == [1]
