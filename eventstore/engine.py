@@ -30,6 +30,23 @@ from eventstore.sqlite_driver import OFF_LOOP, InlineSQLiteDBAPI, file_path
 WRITE_OPTION: Final = "tiu_write"
 
 
+class CountingQueuePool(AsyncAdaptedQueuePool):
+    """SQLAlchemy's async queue pool, also counting the requests for a connection in
+    progress (:attr:`pending`: waiting for one to come back, or for a new one to
+    open), which its public status (``checkedout()``, ``checkedin()``) does not say.
+    Read by the ``db.client.connection.pending_requests`` gauge."""
+
+    pending = 0
+
+    def connect(self) -> Any:
+        # Checkouts run on the event loop (in SQLAlchemy's greenlets): no lock needed.
+        self.pending += 1
+        try:
+            return super().connect()
+        finally:
+            self.pending -= 1
+
+
 @dataclass(frozen=True, slots=True)
 class EngineOptions:
     """Pool and timeout settings (pre-ping and recycle apply to PostgreSQL only).
@@ -94,6 +111,7 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
             server_settings["search_path"] = opts.search_path
         pg_engine = create_async_engine(
             url,
+            poolclass=CountingQueuePool,
             pool_size=opts.pool_size,
             max_overflow=opts.max_overflow,
             pool_timeout=opts.pool_timeout,
@@ -114,7 +132,7 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
         {"poolclass": StaticPool}
         if memory
         else {
-            "poolclass": AsyncAdaptedQueuePool,
+            "poolclass": CountingQueuePool,
             "pool_size": opts.pool_size,
             "max_overflow": opts.max_overflow,
             "pool_timeout": opts.pool_timeout,

@@ -33,6 +33,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, TypeVar
 
 try:
@@ -152,19 +153,89 @@ class _Instruments:
             unit="{connection}",
             description="Pooled connections by state (used, idle)",
         )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.pending_requests",
+            [_observe_pending],
+            unit="{request}",
+            description="Requests for a pooled connection waiting for one",
+        )
 
 
 class _State:
+    """What the module reports to: a tracer and the instruments of one pair of providers."""
+
     def __init__(self, tracer_provider: Any = None, meter_provider: Any = None) -> None:
         self.tracer_provider = tracer_provider
         self.tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(_SCOPE)
         self.instruments = _Instruments(meter_provider)
+        #: Child spans for the stages of a command (see :func:`configure`).
+        self.stage_spans = False
+        self._live = tracer_provider is not None
+        # Attribute sets and names built once and reused: the SDK copies what it keeps.
+        self._labels: dict[tuple[str, str], dict[str, str]] = {}
+        self._names: dict[str, str] = {}
+
+    def live(self) -> Any:
+        """The tracer, or None while no SDK is configured (nothing would record). A
+        global provider, once set, is never unset: found once, it is not looked for
+        again, and its own tracer replaces the API's proxy."""
+        if self._live:
+            return self.tracer
+        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            return None
+        self.tracer = trace.get_tracer_provider().get_tracer(_SCOPE)
+        self._live = True
+        return self.tracer
+
+    def command_labels(self, name: str, outcome: str) -> dict[str, str]:
+        labels = self._labels.get((name, outcome))
+        if labels is None:
+            labels = {"tiu.command.type": name, "tiu.command.outcome": outcome}
+            self._labels[(name, outcome)] = labels
+        return labels
+
+    def command_span_name(self, name: str) -> str:
+        found = self._names.get(name)
+        if found is None:
+            found = self._names[name] = f"tiu.command {name}"
+        return found
 
 
 _state: _State | None = None  # built at the end of the module, once its callbacks exist
-#: Spans of commands in progress, by ``id(command)``: the group writer and the
-#: events' metadata find a command's span here, whatever task handles the command.
-_open_commands: dict[int, Any] = {}
+
+
+class _Command:
+    """A recording command span, and what its stages measured (set on it at its end)."""
+
+    __slots__ = ("metadata", "span", "timings")
+
+    def __init__(self, span: Any) -> None:
+        self.span = span
+        #: Seconds by attribute name (``tiu.duration.load``...), summed over retries.
+        self.timings: dict[str, Any] = {}
+        context = span.get_span_context()
+        #: What each of its events carries in its metadata (W3C ``traceparent``).
+        self.metadata = {"traceparent": f"00-{context.trace_id:032x}-{context.span_id:016x}-01"}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+
+
+#: Commands in progress, by ``id(command)``: the group writer and the events' metadata
+#: find a command's span here, whatever task handles the command.
+_open_commands: dict[int, _Command] = {}
+#: The command this task handles (its span is current here too).
+_current_command: contextvars.ContextVar[_Command | None] = contextvars.ContextVar(
+    "tiu_command", default=None
+)
+#: The commands whose group the current task writes (set by :func:`traced_group`).
+_group: contextvars.ContextVar[list[_Command] | None] = contextvars.ContextVar(
+    "tiu_group", default=None
+)
+#: The stage timings of the write transaction in progress (see :func:`write`).
+_write_timings: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "tiu_write", default=None
+)
 _lag: dict[str, tuple[int, datetime | None]] = {}
 _replays: dict[str, float] = {}
 _publishers: dict[str, tuple[int, datetime | None]] = {}
@@ -175,16 +246,30 @@ _pools: weakref.WeakSet[Any] = weakref.WeakSet()
 correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "tiu_correlation_id", default=None
 )
+_DURATION: Final = {
+    stage: f"tiu.duration.{stage}"
+    for stage in ("load", "decide", "write", "begin", "lock", "project", "append", "commit")
+}
+_SYSTEMS: dict[str, dict[str, str]] = {}
+_GROUP_OF_COMMANDS: Final = {"tiu.group.kind": "command"}
+_GROUP_OF_APPENDS: Final = {"tiu.group.kind": "append"}
 
 
-def configure(*, tracer_provider: Any = None, meter_provider: Any = None) -> None:
+def configure(
+    *, tracer_provider: Any = None, meter_provider: Any = None, stage_spans: bool = False
+) -> None:
     """Report to these providers instead of the global ones (``None``: the global one,
     set by the host with ``opentelemetry.trace.set_tracer_provider``). Tests pass the
-    SDK's in-memory exporters here."""
+    SDK's in-memory exporters here.
+
+    ``stage_spans``: a command's stages (load, decide, write, and the write's begin,
+    lock, inline projections, append and commit) become child spans of its span.
+    Off, they are durations on the command's span (``tiu.duration.<stage>``): a span
+    costs the SDK about as much as 5% of a SQLite command (docs/observability.md)."""
     global _state  # noqa: PLW0603  # the module's one switch
     if not ENABLED:
         return
-    # One state per set of providers, kept: switching back and forth (bench case 8,
+    # One state per set of providers, kept: switching back and forth (bench case 10,
     # tests) finds it instead of looking every instrument up again.
     if tracer_provider is None and meter_provider is None:
         _state = _GLOBAL
@@ -193,24 +278,31 @@ def configure(*, tracer_provider: Any = None, meter_provider: Any = None) -> Non
     else:
         _state = _State(tracer_provider, meter_provider)
         _explicit[:] = [(tracer_provider, meter_provider), _state]
+    _state.stage_spans = stage_spans
 
 
 def _tracer() -> Any:
     """The tracer, or None when no SDK is configured (nothing would record)."""
     state = _state
-    if state is None:
-        return None
-    if state.tracer_provider is None and isinstance(
-        trace.get_tracer_provider(), trace.ProxyTracerProvider
-    ):
-        return None
-    return state.tracer
+    return None if state is None else state.live()
+
+
+def _system(conn: AsyncConnection | AsyncEngine) -> dict[str, str]:
+    """``{"db.system.name": ...}`` of ``conn``'s database, one dict per system."""
+    name = conn.dialect.name
+    found = _SYSTEMS.get(name)
+    if found is None:
+        found = _SYSTEMS[name] = {"db.system.name": name}
+    return found
 
 
 def _db(conn: AsyncConnection | AsyncEngine | None) -> dict[str, str]:
-    if conn is None:
-        return {}
-    return {"db.system.name": conn.dialect.name}
+    return {} if conn is None else _system(conn)
+
+
+def _failed(span: Any, error: BaseException) -> None:
+    # The type only: an error's message may quote a parameter value.
+    span.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__name__))
 
 
 # -- spans -----------------------------------------------------------------------------
@@ -220,39 +312,63 @@ def _db(conn: AsyncConnection | AsyncEngine | None) -> dict[str, str]:
 def span(
     name: str, attributes: Mapping[str, Any] | None = None, *, links: Sequence[Any] = ()
 ) -> Iterator[Any]:
-    """A span under the current one, current while the block runs."""
+    """A span under the current one, current while the block runs. An exception marks
+    it as an error, by type (no exception event: its message may quote a value)."""
     tracer = _tracer()
     if tracer is None:
         yield NO_SPAN
         return
-    with tracer.start_as_current_span(name, attributes=attributes, links=links) as current:
+    current = tracer.start_span(name, attributes=attributes, links=links)
+    token = otel_context.attach(trace.set_span_in_context(current))
+    try:
         yield current
+    except BaseException as error:
+        _failed(current, error)
+        raise
+    finally:
+        otel_context.detach(token)
+        current.end()
 
 
 @contextlib.contextmanager
 def step(name: str, command: object) -> Iterator[None]:
-    """A stage of ``command`` with nothing traced inside (``tiu.load``, ``tiu.decide``):
-    a span under the current one, or under the command's own span when the current
-    span belongs to another trace (a group writer handling several commands). Not made
-    current: that would cost a context switch in and out for nothing."""
-    tracer = _tracer()
-    if tracer is None:
+    """A stage of ``command`` (``tiu.load``, ``tiu.decide``): its duration on the
+    command's span, or with ``stage_spans`` a child span. The child sits under the
+    current span, or under the command's own span when the current span belongs to
+    another trace (a group writer handling several commands). Nothing when the command
+    is not recorded (no SDK, or not sampled)."""
+    state = _state
+    owner = _open_commands.get(id(command)) if state is not None else None
+    if owner is None:
         yield
         return
-    current = trace.get_current_span()
-    owner = _open_commands.get(id(command))
-    if owner is not None and (
-        owner.get_span_context().trace_id != current.get_span_context().trace_id
-    ):
-        current = owner
-    leaf = tracer.start_span(name, context=trace.set_span_in_context(current))
+    if state is not None and state.stage_spans:
+        current = trace.get_current_span()
+        if current.get_span_context().trace_id != owner.span.get_span_context().trace_id:
+            current = owner.span
+        with _child(state, name, trace.set_span_in_context(current)):
+            yield
+        return
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        owner.add(_DURATION[name[4:]], time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _child(state: _State, name: str, parent: Any = None) -> Iterator[None]:
+    """A child span of ``parent`` (a context; default: the current one), current
+    while the block runs."""
+    leaf = state.tracer.start_span(name, context=parent)
+    token = otel_context.attach(trace.set_span_in_context(leaf))
     try:
         yield
     except BaseException as error:
-        leaf.record_exception(error)
-        leaf.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__name__))
+        _failed(leaf, error)
         raise
     finally:
+        otel_context.detach(token)
         leaf.end()
 
 
@@ -261,13 +377,14 @@ def note(**attributes: Any) -> None:
     if _tracer() is None:
         return
     current = trace.get_current_span()
-    for key, value in attributes.items():
-        current.set_attribute("tiu." + key.replace("_", ".", 1), value)
+    if current.is_recording():
+        for key, value in attributes.items():
+            current.set_attribute("tiu." + key.replace("_", ".", 1), value)
 
 
 async def command(command: Any, ctx: Any, work: Awaitable[R]) -> R:
-    """Await ``work``, the dispatch of ``command`` issued with ``ctx``, inside its span;
-    count it."""
+    """Await ``work``, the dispatch of ``command`` issued with ``ctx``, inside its span
+    (current while it runs); count it in ``tiu.command.duration``."""
     state = _state
     if state is None:
         return await work
@@ -275,44 +392,56 @@ async def command(command: Any, ctx: Any, work: Awaitable[R]) -> R:
     correlation = str(getattr(ctx, "correlation_id", None) or command.command_id)
     correlation_token = correlation_id.set(correlation)
     started = time.perf_counter()
-    outcome = "ok"
-    tracer = _tracer()
-    span_cm: contextlib.AbstractContextManager[Any] = (
-        tracer.start_as_current_span(
-            f"tiu.command {name}",
+    tracer = state.live()
+    opened: _Command | None = None
+    if tracer is not None:
+        current = tracer.start_span(
+            state.command_span_name(name),
             attributes={
                 "tiu.command.type": name,
                 "tiu.command.id": str(command.command_id),
                 "tiu.correlation_id": correlation,
             },
         )
-        if tracer is not None
-        else contextlib.nullcontext(NO_SPAN)
-    )
-    with span_cm as current:
+        # Not sampled: nothing more is done for it (no stages, no traceparent).
         if current.is_recording():
-            _open_commands[id(command)] = current
-        try:
-            result = await work
-            if getattr(result, "duplicate", False):
-                outcome = "duplicate"
+            opened = _Command(current)
+            _open_commands[id(command)] = opened
+            context_token = otel_context.attach(trace.set_span_in_context(current))
+            command_token = _current_command.set(opened)
+    outcome = "ok"
+    try:
+        result = await work
+        if getattr(result, "duplicate", False):
+            outcome = "duplicate"
+        if opened is not None:
             stream = getattr(result, "stream_id", None)
-            if stream and current.is_recording():
-                current.set_attribute("tiu.stream.ids", [stream])
-            return result
-        except BaseException as error:
-            outcome = str(getattr(error, "code", None) or type(error).__name__)
-            if outcome in LOGIN_FAILURES:
-                state.instruments.failed_logins.add(1, {"tiu.login.reason": outcome})
-            locks = sum(type(e).__name__ == "AccountLocked" for e in getattr(error, "record", ()))
-            if locks:
-                state.instruments.lockouts.add(locks)
-            raise
-        finally:
-            correlation_id.reset(correlation_token)
+            if stream:
+                opened.timings["tiu.stream.ids"] = (stream,)
+        return result
+    except BaseException as error:
+        outcome = str(getattr(error, "code", None) or type(error).__name__)
+        if outcome in LOGIN_FAILURES:
+            state.instruments.failed_logins.add(1, {"tiu.login.reason": outcome})
+        locks = sum(type(e).__name__ == "AccountLocked" for e in getattr(error, "record", ()))
+        if locks:
+            state.instruments.lockouts.add(locks)
+        if opened is not None:
+            _failed(opened.span, error)
+        raise
+    finally:
+        correlation_id.reset(correlation_token)
+        labels = state.command_labels(name, outcome)
+        if opened is not None:
+            _current_command.reset(command_token)
             _open_commands.pop(id(command), None)
-            current.set_attribute("tiu.command.outcome", outcome)
-            labels = {"tiu.command.type": name, "tiu.command.outcome": outcome}
+            opened.timings["tiu.command.outcome"] = outcome
+            opened.span.set_attributes(opened.timings)
+            # Recorded while the span is current: an exemplar can point at it.
+            state.instruments.command_duration.record(time.perf_counter() - started, labels)
+            otel_context.detach(context_token)
+            opened.span.end()
+        else:
             state.instruments.command_duration.record(time.perf_counter() - started, labels)
 
 
@@ -321,26 +450,66 @@ def traced_group(
 ) -> Callable[[list[Any]], Awaitable[None]]:
     """Wrap a group committer's ``write``: the group's transaction runs in the context
     of its first command's span (each command's own stages find their own span, see
-    :func:`step`), and every command's span is told the group's size."""
+    :func:`step`), and every command's span is told the group's size and the write's
+    stage durations."""
 
     async def traced(group: list[Any]) -> None:
         state = _state
-        if state is not None:
-            state.instruments.group_size.record(len(group), {"tiu.group.kind": "command"})
-        found = (_open_commands.get(id(key(item))) for item, _ in group)
-        owners = [o for o in found if o is not None]
+        if state is None:
+            await write(group)
+            return
+        state.instruments.group_size.record(len(group), _GROUP_OF_COMMANDS)
+        owners = []
+        for item, _ in group:
+            owner = _open_commands.get(id(key(item)))
+            if owner is not None:
+                owner.timings["tiu.command.group_size"] = len(group)
+                owners.append(owner)
         if not owners:
             await write(group)
             return
-        for owner in owners:
-            owner.set_attribute("tiu.command.group_size", len(group))
-        token = otel_context.attach(trace.set_span_in_context(owners[0]))
+        token = otel_context.attach(trace.set_span_in_context(owners[0].span))
+        group_token = _group.set(owners)
         try:
             await write(group)
         finally:
+            _group.reset(group_token)
             otel_context.detach(token)
 
     return traced
+
+
+@contextlib.contextmanager
+def write() -> Iterator[None]:
+    """A command's write transaction (one for a whole group): with ``stage_spans`` the
+    ``tiu.write`` span, else its duration and those of its stages (see
+    :func:`write_stage`) added to the span of every command it writes."""
+    state = _state
+    if state is None:
+        yield
+        return
+    owners = _group.get()
+    if owners is None:
+        own = _current_command.get()
+        owners = [own] if own is not None else None
+    if not owners:
+        yield
+        return
+    if state.stage_spans:
+        with _child(state, "tiu.write"):
+            yield
+        return
+    timings: dict[str, float] = {}
+    token = _write_timings.set(timings)
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _write_timings.reset(token)
+        timings[_DURATION["write"]] = time.perf_counter() - started
+        for owner in owners:
+            for key, seconds in timings.items():
+                owner.add(key, seconds)
 
 
 def pool_exhausted() -> None:
@@ -351,7 +520,8 @@ def pool_exhausted() -> None:
 
 def group_size(kind: str, size: int) -> None:
     if _state is not None:
-        _state.instruments.group_size.record(size, {"tiu.group.kind": kind})
+        labels = _GROUP_OF_APPENDS if kind == "append" else {"tiu.group.kind": kind}
+        _state.instruments.group_size.record(size, labels)
 
 
 def traced_append(
@@ -365,13 +535,12 @@ def traced_append(
         if state is None:
             return await method(*args, **kwargs)
         started = time.perf_counter()
-        attributes = {"db.operation.name": "INSERT", "db.collection.name": "events"}
-        attributes.update(_db(getattr(args[0], "engine", None)))
-        with span("INSERT events", attributes):
+        engine = getattr(args[0], "engine", None)
+        with span("INSERT events", _database_attributes("INSERT", "events", None, engine)):
             try:
                 return await method(*args, **kwargs)
             finally:
-                state.instruments.append_duration.record(time.perf_counter() - started)
+                state.instruments.append_duration.record(time.perf_counter() - started, _db(engine))
 
     return traced
 
@@ -379,34 +548,76 @@ def traced_append(
 @contextlib.contextmanager
 def write_stage(stage: str, conn: AsyncConnection) -> Iterator[None]:
     """A stage of a write transaction: ``begin``, ``lock``, ``project`` (inline
-    projections), ``append`` or ``commit``; an event on the current span (the write),
-    stamped when the stage began, with its duration in ``tiu.duration`` (seconds).
+    projections), ``append`` or ``commit``. Its duration goes to the write of the
+    commands in progress (``tiu.duration.<stage>`` on their spans), or with
+    ``stage_spans`` it is a child span ``tiu.<stage>``.
 
-    Events, not child spans: a span costs ~8x an event in the SDK, and five more spans
-    per command were most of tracing's cost on the command path (bench case 8).
     The append lock is waited for at ``begin`` on SQLite (``BEGIN IMMEDIATE``) and at
-    ``lock`` on PostgreSQL (``tiu_lock_and_heads``): that stage feeds ``tiu.lock.wait``.
+    ``lock`` on PostgreSQL (``tiu_lock_and_heads``): that stage feeds ``tiu.lock.wait``;
+    ``append`` feeds ``tiu.append.duration``.
     """
     state = _state
     if state is None:
         yield
         return
-    system = conn.dialect.name
-    started_ns = time.time_ns()
-    started = time.perf_counter()
-    yield
+    system = _system(conn)
+    name = system["db.system.name"]
+    waited = (stage == "begin" and name == "sqlite") or (stage == "lock" and name == "postgresql")
+    timings = _write_timings.get()
+    if state.stage_spans and state.live() is not None and trace.get_current_span().is_recording():
+        started = time.perf_counter()
+        with _child(state, f"tiu.{stage}"):
+            yield
+    else:
+        started = time.perf_counter()
+        yield
     elapsed = time.perf_counter() - started
-    if _tracer() is not None:
-        trace.get_current_span().add_event(
-            f"tiu.{stage}", {"tiu.duration": elapsed}, timestamp=started_ns
-        )
-    waited = (stage == "begin" and system == "sqlite") or (
-        stage == "lock" and system == "postgresql"
-    )
+    if timings is not None:
+        key = _DURATION[stage]
+        timings[key] = timings.get(key, 0.0) + elapsed
     if waited:
-        state.instruments.lock_wait.record(elapsed, {"db.system.name": system})
+        state.instruments.lock_wait.record(elapsed, system)
     elif stage == "append":
-        state.instruments.append_duration.record(elapsed, {"db.system.name": system})
+        state.instruments.append_duration.record(elapsed, system)
+
+
+# -- reads -------------------------------------------------------------------------------
+
+_READS: dict[tuple[str, str, str, str], dict[str, str]] = {}
+
+
+def _database_attributes(
+    operation: str, collection: str, kind: str | None, conn: Any
+) -> dict[str, str]:
+    """The attributes of a database client span, one dict per combination (the SDK
+    copies what it keeps)."""
+    system = conn.dialect.name if conn is not None else ""
+    key = (operation, collection, kind or "", system)
+    found = _READS.get(key)
+    if found is None:
+        found = {"db.operation.name": operation, "db.collection.name": collection}
+        if system:
+            found["db.system.name"] = system
+        if kind is not None:
+            found[_KIND_ATTRIBUTE.get(collection, "tiu.query.kind")] = kind
+        _READS[key] = found
+    return found
+
+
+#: Reads of the log say ``tiu.audit.kind``; reads of read models ``tiu.query.kind``.
+_KIND_ATTRIBUTE: Final = {"events": "tiu.audit.kind"}
+
+
+@contextlib.contextmanager
+def read(conn: AsyncConnection, collection: str, kind: str) -> Iterator[None]:
+    """A read outside the query layer: a database client span ``SELECT <collection>``
+    (the statement's first table) with ``tiu.query.kind`` (or ``tiu.audit.kind`` for
+    the log) saying which read it is."""
+    if _tracer() is None:
+        yield
+        return
+    with span(f"SELECT {collection}", _database_attributes("SELECT", collection, kind, conn)):
+        yield
 
 
 def traced_query(
@@ -421,12 +632,7 @@ def traced_query(
             if _tracer() is None:
                 return await method(*args, **kwargs)
             table = str(getattr(getattr(args[0], "table", None), "name", "?"))
-            attributes = {
-                "db.operation.name": "SELECT",
-                "db.collection.name": table,
-                "tiu.query.kind": operation,
-                **_db(args[1]),  # type: ignore[arg-type]
-            }
+            attributes = _database_attributes("SELECT", table, operation, args[1])
             with span(f"SELECT {table}", attributes):
                 return await method(*args, **kwargs)
 
@@ -445,13 +651,7 @@ def traced_audit(
         async def traced(*args: P.args, **kwargs: P.kwargs) -> R:
             if _tracer() is None:
                 return await function(*args, **kwargs)
-            attributes = {
-                "db.operation.name": "SELECT",
-                "db.collection.name": "events",
-                "tiu.audit.kind": kind,
-                **_db(args[0]),  # type: ignore[arg-type]
-            }
-            with span("SELECT events", attributes):
+            with span("SELECT events", _database_attributes("SELECT", "events", kind, args[0])):
                 return await function(*args, **kwargs)
 
         return traced
@@ -462,16 +662,24 @@ def traced_audit(
 # -- the command's trace in its events ---------------------------------------------------
 
 
-def trace_metadata(command: object = None) -> dict[str, str]:
+def trace_metadata(command: object = None) -> Mapping[str, str]:
     """``{"traceparent": ...}`` (W3C) of ``command``'s span, or of the current span;
-    empty when nothing records. Stored in each event's metadata."""
+    empty when nothing records. Stored in each event's metadata (read-only: the same
+    mapping serves every event of a command)."""
+    if _state is None:
+        return _NOTHING
+    if command is not None:
+        opened = _open_commands.get(id(command))
+        return opened.metadata if opened is not None else _NOTHING
     if _tracer() is None:
-        return {}
-    owner = _open_commands.get(id(command)) if command is not None else None
-    context = (owner or trace.get_current_span()).get_span_context()
-    if not context.is_valid:
-        return {}
+        return _NOTHING
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid or not context.trace_flags.sampled:
+        return _NOTHING
     return {"traceparent": f"00-{context.trace_id:032x}-{context.span_id:016x}-01"}
+
+
+_NOTHING: Final[Mapping[str, str]] = MappingProxyType({})
 
 
 def _link(traceparent: object) -> Any:
@@ -642,18 +850,31 @@ def _pool_name(engine: Any) -> str:
 
 
 def _observe_pool(_options: Any) -> Iterable[Any]:
-    found = []
+    return _pool_observations(lambda pool: {"used": pool.checkedout(), "idle": pool.checkedin()})
+
+
+def _observe_pending(_options: Any) -> Iterable[Any]:
+    return _pool_observations(lambda pool: {None: getattr(pool, "pending", 0)})
+
+
+def _pool_observations(read: Callable[[Any], dict[str | None, int]]) -> list[Any]:
+    """One observation per pool name and state, summed over the engines of this process
+    on one database (public pool status only; a pool without one, SQLite's
+    ``:memory:``, is left out)."""
+    totals: dict[tuple[str, str | None], int] = {}
     for engine in list(_pools):
         pool = engine.sync_engine.pool
         if not hasattr(pool, "checkedout"):
             continue
-        name = {"db.client.connection.pool.name": _pool_name(engine)}
-        found.append(
-            metrics.Observation(pool.checkedout(), {**name, "db.client.connection.state": "used"})
-        )
-        found.append(
-            metrics.Observation(pool.checkedin(), {**name, "db.client.connection.state": "idle"})
-        )
+        name = _pool_name(engine)
+        for state, count in read(pool).items():
+            totals[name, state] = totals.get((name, state), 0) + count
+    found = []
+    for (name, state), count in totals.items():
+        attributes = {"db.client.connection.pool.name": name}
+        if state is not None:
+            attributes["db.client.connection.state"] = state
+        found.append(metrics.Observation(count, attributes))
     return found
 
 
@@ -744,6 +965,7 @@ __all__ = [
     "projector_lag",
     "prometheus_reader",
     "publisher_lag",
+    "read",
     "replay_progress",
     "serve_prometheus",
     "span",
@@ -754,5 +976,6 @@ __all__ = [
     "traced_group",
     "traced_query",
     "watch_pool",
+    "write",
     "write_stage",
 ]

@@ -715,7 +715,7 @@ class Dispatcher:
             # Projector and key statements run on the unit's connection too: their
             # deadlocks and lost connections become typed (and retryable) errors.
             with (
-                telemetry.span("tiu.write"),
+                telemetry.write(),
                 translate_errors(self.store.dialect.database_label),
             ):
                 async with self.store.transaction(

@@ -47,7 +47,7 @@ from domain.errors import (
 )
 from domain.passwords import hash_token
 from domain.permissions import SYSTEM_ACTOR, Permission
-from eventstore import retention
+from eventstore import retention, telemetry
 from eventstore.errors import SubjectKeysDestroyed
 from eventstore.schema import unique_keys
 from eventstore.translate import sqlstate, translate_errors
@@ -260,7 +260,8 @@ class Channel:
         """``user_id``'s permissions, read on ``conn``."""
         # On the driver: this lookup precedes most reads, and SQLAlchemy's execution
         # was most of its cost (~110 of ~870 us of a 50-task list on SQLite, profiled).
-        rows = await self.service.store.dialect.fetch(conn, _PERMISSIONS_SQL, (user_id,))
+        with telemetry.read(conn, user_permissions.name, "permissions"):
+            rows = await self.service.store.dialect.fetch(conn, _PERMISSIONS_SQL, (user_id,))
         return frozenset(row[0] for row in rows)
 
     async def reads_all_projects(self, conn: AsyncConnection) -> bool:
@@ -381,11 +382,12 @@ class UserRepository(_Repository):
         """Resolve an email through the unique-key table (the write side's truth)."""
         key = users.email_claim_key(email)
         async with self._channel.read() as conn:
-            stream = await conn.scalar(
-                select(unique_keys.c.stream_id).where(
-                    unique_keys.c.scope == "email", unique_keys.c.key == key
+            with telemetry.read(conn, unique_keys.name, "get"):
+                stream = await conn.scalar(
+                    select(unique_keys.c.stream_id).where(
+                        unique_keys.c.scope == "email", unique_keys.c.key == key
+                    )
                 )
-            )
         return stream.removeprefix(f"{users.CATEGORY}-") if stream else None
 
     async def authenticate(
@@ -529,11 +531,12 @@ class UserRepository(_Repository):
 
 
 async def _with_roles(conn: AsyncConnection, row: Mapping[str, Any]) -> User:
-    roles = await conn.execute(
-        select(user_roles.c.role)
-        .where(user_roles.c.user_id == row["user_id"])
-        .order_by(user_roles.c.role)
-    )
+    with telemetry.read(conn, user_roles.name, "list"):
+        roles = await conn.execute(
+            select(user_roles.c.role)
+            .where(user_roles.c.user_id == row["user_id"])
+            .order_by(user_roles.c.role)
+        )
     return User.from_row({**row, "roles": tuple(roles.scalars())})
 
 
@@ -840,24 +843,26 @@ class ProjectRepository(_Repository):
             raise NotFound("project", project_id)
         now = self._now()
         async with self._channel.read() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        select(project_stats).where(project_stats.c.project_id == project_id)
+            with telemetry.read(conn, project_stats.name, "get"):
+                row = (
+                    (
+                        await conn.execute(
+                            select(project_stats).where(project_stats.c.project_id == project_id)
+                        )
+                    )
+                    .mappings()
+                    .first()
+                )
+            with telemetry.read(conn, tasks_table.name, "count"):
+                overdue = await conn.scalar(
+                    select(func.count())
+                    .select_from(tasks_table)
+                    .where(
+                        tasks_table.c.project_id == project_id,
+                        tasks_table.c.status.in_([s.value for s in OPEN_STATUSES]),
+                        tasks_table.c.due_at < now,
                     )
                 )
-                .mappings()
-                .first()
-            )
-            overdue = await conn.scalar(
-                select(func.count())
-                .select_from(tasks_table)
-                .where(
-                    tasks_table.c.project_id == project_id,
-                    tasks_table.c.status.in_([s.value for s in OPEN_STATUSES]),
-                    tasks_table.c.due_at < now,
-                )
-            )
         by_status = {s.value: int(row[s.value]) if row else 0 for s in tasks.TaskStatus}
         total = int(row["total"]) if row else 0
         counted = total - by_status[tasks.TaskStatus.CANCELLED.value]
@@ -884,13 +889,15 @@ class TaskRepository(_Repository):
         if not isinstance(task_id, str) or not _ENTITY_ID.fullmatch(task_id):
             raise NotFound("task", task_id if isinstance(task_id, str) else None)
         async with self._channel.read() as conn:
-            project_id = await conn.scalar(
-                select(tasks_table.c.project_id).where(tasks_table.c.task_id == task_id)
-            )
-            if project_id is None:
-                first = await self._channel.service.store.read_stream(
-                    conn, tasks.stream_id(task_id), limit=1
+            with telemetry.read(conn, tasks_table.name, "get"):
+                project_id = await conn.scalar(
+                    select(tasks_table.c.project_id).where(tasks_table.c.task_id == task_id)
                 )
+            if project_id is None:
+                with telemetry.read(conn, "events", "stream"):
+                    first = await self._channel.service.store.read_stream(
+                        conn, tasks.stream_id(task_id), limit=1
+                    )
                 if first and first[0].event_type == tasks.TaskCreated.event_type:
                     project_id = first[0].data.get("project_id")
         if project_id is None:
@@ -1206,11 +1213,12 @@ class SessionRepository(_Repository):
         policy = service.policy
         async with self._channel.read() as conn:
             # The session and its user in one statement (they were two round trips).
-            found = (
-                (await conn.execute(_SESSION_AND_USER, {"token_hash": token_hash}))
-                .mappings()
-                .first()
-            )
+            with telemetry.read(conn, sessions_table.name, "get_with_user"):
+                found = (
+                    (await conn.execute(_SESSION_AND_USER, {"token_hash": token_hash}))
+                    .mappings()
+                    .first()
+                )
             if found is None:
                 return SessionValidation(valid=False, reason="unknown")
             row, user_row = _session_and_user(found)
@@ -1254,11 +1262,12 @@ class SessionRepository(_Repository):
                 source="redis",
             )
         async with self._channel.read() as conn:
-            found = (
-                (await conn.execute(_SESSION_AND_USER, {"token_hash": token_hash}))
-                .mappings()
-                .first()
-            )
+            with telemetry.read(conn, sessions_table.name, "get_with_user"):
+                found = (
+                    (await conn.execute(_SESSION_AND_USER, {"token_hash": token_hash}))
+                    .mappings()
+                    .first()
+                )
         if found is None:
             return TokenCheck(valid=False, reason="unknown", source="sql")
         row, user_row = _session_and_user(found)
@@ -1356,16 +1365,17 @@ class SessionRepository(_Repository):
         policy = self._channel.service.policy
         now = self._now()
         async with self._channel.read() as conn:
-            rows = await conn.execute(
-                select(sessions_table.c.session_id, sessions_table.c.user_id).where(
-                    sessions_table.c.revoked_at.is_(None),
-                    or_(
-                        sessions_table.c.expires_at <= now,
-                        sessions_table.c.last_seen_at <= now - policy.session_idle_timeout,
-                    ),
+            with telemetry.read(conn, sessions_table.name, "expired"):
+                rows = await conn.execute(
+                    select(sessions_table.c.session_id, sessions_table.c.user_id).where(
+                        sessions_table.c.revoked_at.is_(None),
+                        or_(
+                            sessions_table.c.expires_at <= now,
+                            sessions_table.c.last_seen_at <= now - policy.session_idle_timeout,
+                        ),
+                    )
                 )
-            )
-            expired = rows.all()
+                expired = rows.all()
         if not expired:
             return 0
 

@@ -5,10 +5,11 @@
 
 Bearer session tokens resolve to the acting user through ``SessionRepository`` (one
 read; a session's idle clock is touched at most once per ``TIU_SESSION_TOUCH_INTERVAL``).
-Writes issue commands; an ``Idempotency-Key`` header becomes the command id (see
-:func:`issue`). Errors are answered by :mod:`examples.service.errors`, the README's
-table. ``/health/live``, ``/health/ready``, ``/metrics``; expired sessions are cleaned
-up by a background task.
+Writes call the repositories' write methods; an ``Idempotency-Key`` header becomes
+their ``command_id`` (see :func:`command_id`). Errors are answered by
+:mod:`examples.service.errors`, the README's table, and nowhere else.
+``/health/live``, ``/health/ready``, ``/metrics``; expired sessions are cleaned up by a
+background task.
 """
 
 from __future__ import annotations
@@ -23,14 +24,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Any, Final
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import SecretStr, ValidationError
 
-from domain import Command, projects, sessions, tasks, users
 from domain.tasks import Priority, TaskStatus
 from eventstore import telemetry
 from examples.service import errors
@@ -55,7 +54,6 @@ from examples.service.schemas import (
 )
 from tiu import (
     AccountInactive,
-    CommandResult,
     DatabaseService,
     InvalidCommand,
     NotFound,
@@ -63,10 +61,9 @@ from tiu import (
     SessionInvalid,
     create_database_service,
 )
-from tiu.models import User
+from tiu.models import Task, User
 
 log = logging.getLogger("examples.service")
-C = TypeVar("C", bound=Command)
 
 #: An Idempotency-Key: what a client may send (a UUID, a ULID, a counter...).
 IDEMPOTENCY_KEY: Final = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
@@ -137,46 +134,25 @@ async def acting(request: Request, actor: Actor | None) -> AsyncIterator[Reposit
         yield repos
 
 
-def command(kind: type[C], **fields: Any) -> C:
-    """Build a command; a field the command refuses is an ``InvalidCommand`` (400)."""
-    try:
-        return kind(**fields)
-    except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or kind.__name__
-        raise InvalidCommand(field, first["msg"]) from None
-
-
-async def issue(request: Request, actor: Actor | None, cmd: Command) -> CommandResult:
-    """Issue ``cmd`` as ``actor``; with an ``Idempotency-Key``, a retried request returns
-    the first result and appends nothing.
-
-    The key becomes the command id, scoped to the caller and the route (a key is the
-    client's; two clients, or two endpoints, may pick the same one). Until repository
-    write methods take a ``command_id``, commands go through ``DatabaseService.dispatch``
-    here; the endpoints read their results back through the repositories.
-    """
+def command_id(request: Request, actor: Actor | None) -> str | None:
+    """The ``command_id`` for a write from the request's ``Idempotency-Key``: a retried
+    request then returns the first result and appends nothing. The key is scoped to
+    the caller and the route (a key is the client's; two clients, or two endpoints, may
+    pick the same one), hashed to fit the repositories' 64 characters."""
     key = request.headers.get("Idempotency-Key")
-    if key is not None:
-        if not IDEMPOTENCY_KEY.fullmatch(key):
-            raise InvalidCommand("Idempotency-Key", "1-200 letters, digits or _.:-")
-        scope = f"{actor.user.user_id if actor else '-'}|{request.method} {request.url.path}"
-        command_id = hashlib.sha256(f"{scope}|{key}".encode()).hexdigest()[:48]
-        cmd = cmd.model_copy(update={"command_id": command_id})
-    service = _service(request)
-    ip = request.client.host if request.client else None
-    ctx = service.context(
-        actor.user.user_id if actor else None,
-        ip=actor.ip if actor else ip,
-        user_agent=request.headers.get("User-Agent"),
-        correlation_id=actor.correlation_id if actor else _correlation(request),
-    )
-    return await service.dispatch(cmd, ctx)
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidCommand("Idempotency-Key", "1-200 letters, digits or _.:-")
+    scope = f"{actor.user.user_id if actor else '-'}|{request.method} {request.url.path}"
+    return hashlib.sha256(f"{scope}|{key}".encode()).hexdigest()[:48]
 
 
-def _id_of(result: CommandResult) -> str:
-    # "task-<id>": the stream of the first result, also on a replayed command id
-    return result.stream_id.split("-", 1)[1]
+def _visible_task(task: Task | None, task_id: str) -> TaskOut:
+    """A task as the caller sees it; one it may not see (or a deleted one) is a 404."""
+    if task is None:
+        raise NotFound("task", task_id)
+    return TaskOut.model_validate(task.model_dump())
 
 
 def _user(user: User) -> UserOut:
@@ -222,7 +198,6 @@ def create_app(
         version="0.1.0",
         description="Users, sessions, projects, members, tasks and the audit log over tiu-core.",
         lifespan=lifespan,
-        responses={**errors.RESPONSES},
     )
     app.state.service = service
     errors.install(app)
@@ -262,31 +237,32 @@ async def clean_sessions(service: DatabaseService, interval: float) -> None:
 
 
 def _routes(app: FastAPI) -> None:  # one place that lists every route
+    # Every route of the API may answer with the error table; the operations routes
+    # (health, metrics) answer only as they declare.
+    api = APIRouter(responses=errors.RESPONSES)
+
     # -- users and sessions --------------------------------------------------------------
 
-    @app.post("/users", status_code=201, tags=["users"])
+    @api.post("/users", status_code=201, tags=["users"])
     async def register(request: Request, body: Register) -> UserOut:
         """Register; the password must pass the strength policy."""
-        cmd = command(
-            users.RegisterUser,
-            email=body.email,
-            username=body.username,
-            password=SecretStr(body.password),
-            display_name=body.display_name,
-        )
-        result = await issue(request, None, cmd)
-        user_id = _id_of(result)
-        async with _service(request).get_repositories(user_id) as repos:
-            user = await repos.get_user_repository().get_by_id(user_id)
-        if user is None:
-            raise NotFound("user", user_id)
+        async with acting(request, None) as repos:
+            user = await repos.get_user_repository().create_user(
+                email=body.email,
+                username=body.username,
+                password=body.password,
+                display_name=body.display_name,
+                command_id=command_id(request, None),
+            )
         return _user(user)
 
-    @app.post("/sessions", status_code=201, tags=["sessions"])
+    @api.post("/sessions", status_code=201, tags=["sessions"])
     async def login(request: Request, body: Login) -> LoginOut:
         """Log in: a new session and its token (shown once)."""
         async with acting(request, None) as repos:
-            started = await repos.get_session_repository().create_session(body.email, body.password)
+            started = await repos.get_session_repository().create_session(
+                body.email, body.password, command_id=command_id(request, None)
+            )
         return LoginOut.model_validate(
             {
                 "token": started.token,
@@ -295,33 +271,33 @@ def _routes(app: FastAPI) -> None:  # one place that lists every route
             }
         )
 
-    @app.delete("/sessions/current", status_code=204, tags=["sessions"])
+    @api.delete("/sessions/current", status_code=204, tags=["sessions"])
     async def logout(request: Request, actor: CurrentActor) -> Response:
         """End the calling session."""
-        cmd = command(
-            sessions.RevokeSession, session_id=actor.session_id, user_id=actor.user.user_id
-        )
-        await issue(request, actor, cmd)
+        async with acting(request, actor) as repos:
+            await repos.get_session_repository().revoke(
+                actor.session_id, command_id=command_id(request, actor)
+            )
         return Response(status_code=204)
 
-    @app.get("/me", tags=["users"])
+    @api.get("/me", tags=["users"])
     async def me(actor: CurrentActor) -> UserOut:
         return _user(actor.user)
 
     # -- projects and members ------------------------------------------------------------
 
-    @app.post("/projects", status_code=201, tags=["projects"])
+    @api.post("/projects", status_code=201, tags=["projects"])
     async def create_project(request: Request, actor: CurrentActor, body: NewProject) -> ProjectOut:
-        cmd = command(
-            projects.CreateProject,
-            name=body.name,
-            description=body.description,
-            visibility=body.visibility,
-        )
-        project_id = _id_of(await issue(request, actor, cmd))
-        return await get_project(request, actor, project_id)
+        async with acting(request, actor) as repos:
+            project = await repos.get_project_repository().create_project(
+                body.name,
+                body.description,
+                body.visibility.value,
+                command_id=command_id(request, actor),
+            )
+        return ProjectOut.model_validate(project.model_dump())
 
-    @app.get("/projects", tags=["projects"])
+    @api.get("/projects", tags=["projects"])
     async def list_projects(
         request: Request,
         actor: CurrentActor,
@@ -345,7 +321,7 @@ def _routes(app: FastAPI) -> None:  # one place that lists every route
             next_cursor=page.next_cursor,
         )
 
-    @app.get("/projects/{project_id}", tags=["projects"])
+    @api.get("/projects/{project_id}", tags=["projects"])
     async def get_project(
         request: Request, actor: CurrentActor, project_id: Annotated[str, Id]
     ) -> ProjectOut:
@@ -355,20 +331,20 @@ def _routes(app: FastAPI) -> None:  # one place that lists every route
             raise NotFound("project", project_id)
         return ProjectOut.model_validate(project.model_dump())
 
-    @app.post("/projects/{project_id}/members", status_code=201, tags=["projects"])
+    @api.post("/projects/{project_id}/members", status_code=201, tags=["projects"])
     async def add_member(
         request: Request, actor: CurrentActor, project_id: Annotated[str, Id], body: NewMember
     ) -> MemberOut:
-        cmd = command(
-            projects.AddMember, project_id=project_id, user_id=body.user_id, role=body.role
-        )
-        await issue(request, actor, cmd)
+        async with acting(request, actor) as repos:
+            await repos.get_project_repository().add_member(
+                project_id, body.user_id, body.role.value, command_id=command_id(request, actor)
+            )
         for member in await members(request, actor, project_id):
             if member.user_id == body.user_id:
                 return member
         raise NotFound("member", body.user_id)
 
-    @app.get("/projects/{project_id}/members", tags=["projects"])
+    @api.get("/projects/{project_id}/members", tags=["projects"])
     async def members(
         request: Request, actor: CurrentActor, project_id: Annotated[str, Id]
     ) -> list[MemberOut]:
@@ -376,36 +352,38 @@ def _routes(app: FastAPI) -> None:  # one place that lists every route
             found = await repos.get_project_repository().get_members(project_id)
         return [MemberOut.model_validate(m.model_dump()) for m in found]
 
-    @app.delete("/projects/{project_id}/members/{user_id}", status_code=204, tags=["projects"])
+    @api.delete("/projects/{project_id}/members/{user_id}", status_code=204, tags=["projects"])
     async def remove_member(
         request: Request,
         actor: CurrentActor,
         project_id: Annotated[str, Id],
         user_id: Annotated[str, Id],
     ) -> Response:
-        cmd = command(projects.RemoveMember, project_id=project_id, user_id=user_id)
-        await issue(request, actor, cmd)
+        async with acting(request, actor) as repos:
+            await repos.get_project_repository().remove_member(
+                project_id, user_id, command_id=command_id(request, actor)
+            )
         return Response(status_code=204)
 
     # -- tasks ---------------------------------------------------------------------------
 
-    @app.post("/projects/{project_id}/tasks", status_code=201, tags=["tasks"])
+    @api.post("/projects/{project_id}/tasks", status_code=201, tags=["tasks"])
     async def create_task(
         request: Request, actor: CurrentActor, project_id: Annotated[str, Id], body: NewTask
     ) -> TaskOut:
-        cmd = command(
-            tasks.CreateTask,
-            project_id=project_id,
-            title=body.title,
-            description=body.description,
-            priority=body.priority,
-            due_date=body.due_date,
-            assignee_id=body.assignee_id,
-        )
-        task_id = _id_of(await issue(request, actor, cmd))
-        return await get_task(request, actor, task_id)
+        async with acting(request, actor) as repos:
+            task = await repos.get_task_repository().create_task(
+                project_id,
+                body.title,
+                body.description,
+                priority=body.priority.value,
+                due_date=body.due_date,
+                assignee_id=body.assignee_id,
+                command_id=command_id(request, actor),
+            )
+        return TaskOut.model_validate(task.model_dump())
 
-    @app.get("/tasks", tags=["tasks"])
+    @api.get("/tasks", tags=["tasks"])
     async def list_tasks(
         request: Request,
         actor: CurrentActor,
@@ -437,44 +415,37 @@ def _routes(app: FastAPI) -> None:  # one place that lists every route
             next_cursor=page.next_cursor,
         )
 
-    @app.get("/tasks/{task_id}", tags=["tasks"])
+    @api.get("/tasks/{task_id}", tags=["tasks"])
     async def get_task(
         request: Request, actor: CurrentActor, task_id: Annotated[str, Id]
     ) -> TaskOut:
         async with acting(request, actor) as repos:
             task = await repos.get_task_repository().get_task(task_id)
-        if task is None:
-            raise NotFound("task", task_id)
-        return TaskOut.model_validate(task.model_dump())
+        return _visible_task(task, task_id)
 
-    @app.put("/tasks/{task_id}/assignee", tags=["tasks"])
+    @api.put("/tasks/{task_id}/assignee", tags=["tasks"])
     async def assign(
         request: Request, actor: CurrentActor, task_id: Annotated[str, Id], body: Assignment
     ) -> TaskOut:
-        task = await get_task(request, actor, task_id)
-        cmd = command(
-            tasks.AssignTask,
-            task_id=task_id,
-            project_id=task.project_id,
-            assignee_id=body.user_id,
-        )
-        await issue(request, actor, cmd)
-        return await get_task(request, actor, task_id)
+        async with acting(request, actor) as repos:
+            task = await repos.get_task_repository().assign_task(
+                task_id, body.user_id, command_id=command_id(request, actor)
+            )
+        return _visible_task(task, task_id)
 
-    @app.put("/tasks/{task_id}/status", tags=["tasks"])
+    @api.put("/tasks/{task_id}/status", tags=["tasks"])
     async def change_status(
         request: Request, actor: CurrentActor, task_id: Annotated[str, Id], body: StatusChange
     ) -> TaskOut:
-        task = await get_task(request, actor, task_id)
-        cmd = command(
-            tasks.ChangeTaskStatus, task_id=task_id, project_id=task.project_id, to=body.status
-        )
-        await issue(request, actor, cmd)
-        return await get_task(request, actor, task_id)
+        async with acting(request, actor) as repos:
+            task = await repos.get_task_repository().update_task_status(
+                task_id, body.status.value, command_id=command_id(request, actor)
+            )
+        return _visible_task(task, task_id)
 
     # -- audit ---------------------------------------------------------------------------
 
-    @app.get("/audit/events", tags=["audit"])
+    @api.get("/audit/events", tags=["audit"])
     async def audit_events(
         request: Request,
         actor: CurrentActor,
@@ -501,6 +472,8 @@ def _routes(app: FastAPI) -> None:  # one place that lists every route
             )
         return [AuditEntryOut.model_validate(e.model_dump()) for e in entries]
 
+    app.include_router(api)
+
     # -- operations ----------------------------------------------------------------------
 
     @app.get("/health/live", tags=["operations"])
@@ -511,7 +484,10 @@ def _routes(app: FastAPI) -> None:  # one place that lists every route
     @app.get(
         "/health/ready",
         tags=["operations"],
-        responses={503: {"model": Readiness, "description": "Not ready"}},
+        responses={
+            200: {"model": Readiness, "description": "Ready"},
+            503: {"model": Readiness, "description": "Not ready"},
+        },
     )
     async def ready(request: Request) -> JSONResponse:
         """Ready when the store answers and its schema is at the code's migration head."""

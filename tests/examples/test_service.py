@@ -222,6 +222,37 @@ async def test_an_idempotency_key_makes_a_retried_write_apply_once(api: Api):
     assert bad.status_code == 400 and bad.json()["field"] == "Idempotency-Key"
 
 
+async def test_an_idempotency_key_passes_through_registration_login_and_status_changes(api: Api):
+    body = {"email": "kim@example.com", "username": "kim", "password": PASSWORD}
+    key = {"Idempotency-Key": "signup-1"}
+    first = await api.client.post("/users", json=body, headers=key)
+    again = await api.client.post("/users", json=body, headers=key)
+    assert first.status_code == again.status_code == 201
+    assert first.json()["user_id"] == again.json()["user_id"]
+    login = {"email": "kim@example.com", "password": PASSWORD}
+    started = await api.client.post("/sessions", json=login, headers={"Idempotency-Key": "in-1"})
+    assert started.status_code == 201
+    # the first login's token cannot be shown again: the resent one is refused
+    resent = await api.client.post("/sessions", json=login, headers={"Idempotency-Key": "in-1"})
+    assert resent.status_code == 409 and resent.json()["error"] == "already_exists"
+    kim = {"Authorization": f"Bearer {started.json()['token']}"}
+    pid = (await api.client.post("/projects", json={"name": "K"}, headers=kim)).json()["project_id"]
+    tid = (
+        await api.client.post(f"/projects/{pid}/tasks", json={"title": "T"}, headers=kim)
+    ).json()["task_id"]
+    change = {**kim, "Idempotency-Key": "status-1"}
+    moved = await api.client.put(
+        f"/tasks/{tid}/status", json={"status": "in_progress"}, headers=change
+    )
+    assert moved.status_code == 200 and moved.json()["status"] == "in_progress"
+    await api.client.put(f"/tasks/{tid}/status", json={"status": "todo"}, headers=kim)
+    # resent after another change: the first outcome, not a second transition
+    resent_change = await api.client.put(
+        f"/tasks/{tid}/status", json={"status": "in_progress"}, headers=change
+    )
+    assert resent_change.status_code == 200 and resent_change.json()["status"] == "todo"
+
+
 async def test_audit_queries_are_for_admins_and_carry_the_request_id(api: Api):
     _, ada = await api.user("ada")
     root = await api.admin()
@@ -333,3 +364,33 @@ def test_the_error_table_answers_retry_after_where_waiting_helps():
     # most specific first: no row is shadowed by an earlier, broader one
     for i, row in enumerate(TABLE):
         assert not any(issubclass(row.error, earlier.error) for earlier in TABLE[:i]), row
+
+
+def test_the_openapi_schema_declares_every_body_and_every_error_answer():
+    schema = create_app().openapi()
+    error_body = "#/components/schemas/ErrorBody"
+    operations = [
+        (f"{method.upper()} {path}", operation)
+        for path, methods in schema["paths"].items()
+        for method, operation in methods.items()
+    ]
+    assert len(operations) >= 17
+    for name, operation in operations:
+        answers = operation["responses"]
+        success = [code for code in answers if code.startswith("2")]
+        assert success, f"{name} declares no success"
+        for code in success:
+            if code != "204":
+                content = answers[code]["content"]
+                media = next(iter(content.values()))
+                assert media["schema"], f"{name} {code} has no schema"
+        if "operations" in operation["tags"]:  # health and metrics: no error table
+            assert not {"400", "401", "403", "404", "409"} & set(answers), name
+            continue
+        for code in ("400", "401", "403", "404", "409", "503"):
+            body = answers[code]["content"]["application/json"]["schema"]
+            assert body == {"$ref": error_body}, f"{name} {code}"
+        if "requestBody" in operation:
+            content = operation["requestBody"]["content"]["application/json"]
+            assert content["schema"]["$ref"].startswith("#/components/schemas/"), name
+    assert {"error", "message"} <= set(schema["components"]["schemas"]["ErrorBody"]["required"])

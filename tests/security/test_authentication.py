@@ -262,6 +262,12 @@ async def test_v7_no_password_token_or_hash_reaches_logs_spans_metrics_or_errors
     secrets_seen.extend(hashlib.sha256(s.encode()).hexdigest() for s in list(secrets_seen))
     assert any("tiu.command StartSession" in line for line in telemetry_text), "no span seen"
     assert any("tiu.logins.failed" in line for line in telemetry_text), "no metric seen"
+    # ...and what the spans carry besides: stage durations, reads outside the query
+    # layer (the session by its token hash, the email's key), the pool's gauges
+    assert any("tiu.duration.write" in line for line in telemetry_text)
+    assert any(line.startswith("SELECT sessions") for line in telemetry_text)
+    assert any(line.startswith("SELECT unique_keys") for line in telemetry_text)
+    assert any("db.client.connection.pending_requests" in line for line in telemetry_text)
     logged = [record.getMessage() for record in caplog.records] + messages + telemetry_text
     assert any("INSERT INTO events" in line for line in logged), "SQL logging was not captured"
     for line in logged:

@@ -11,3 +11,10 @@ from tests.telemetry.support import Telemetry, in_memory
 def otel() -> Iterator[Telemetry]:
     with in_memory() as telemetry:
         yield telemetry
+
+
+@pytest.fixture
+def otel_stages() -> Iterator[Telemetry]:
+    """As ``otel``, with a child span for each stage of a command."""
+    with in_memory(stage_spans=True) as telemetry:
+        yield telemetry

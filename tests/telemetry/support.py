@@ -60,14 +60,16 @@ class Telemetry:
 
 
 @contextmanager
-def in_memory() -> Iterator[Telemetry]:
+def in_memory(*, stage_spans: bool = False) -> Iterator[Telemetry]:
     """Report to the SDK's in-memory exporter and reader while the block runs."""
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
-    telemetry.configure(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    telemetry.configure(
+        tracer_provider=tracer_provider, meter_provider=meter_provider, stage_spans=stage_spans
+    )
     try:
         yield Telemetry(spans, reader, tracer_provider)
     finally:

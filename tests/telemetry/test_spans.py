@@ -15,6 +15,7 @@ from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from projections.runner import Worker
 from tests.conftest import PASSWORD, Clock
+from tests.telemetry.support import in_memory
 from tiu import DatabaseService, Settings
 
 HASHER = BcryptHasher(rounds=4)
@@ -41,9 +42,10 @@ def create_project(project_id: str, owner: str) -> projects.CreateProject:
     return projects.CreateProject(project_id=project_id, name=f"P {project_id}")
 
 
-async def test_a_command_is_a_child_of_the_active_span_with_load_decide_and_write_stages(
-    service, otel
-):
+STAGES = ("load", "decide", "write", "begin", "project", "lock", "append", "commit")
+
+
+async def test_a_command_is_one_span_under_the_active_one_timing_each_of_its_stages(service, otel):
     await register(service, "ada")
     otel.spans.clear()
     tracer = otel.tracer_provider.get_tracer("host")
@@ -59,17 +61,39 @@ async def test_a_command_is_a_child_of_the_active_span_with_load_decide_and_writ
     assert attributes["tiu.command.outcome"] == "ok"
     assert attributes["tiu.stream.ids"] == ("project-p1",)
     assert attributes["tiu.correlation_id"] == "corr-7"
+    assert otel.descendants(command) == [], "stages are durations, not spans, by default"
+    durations = {stage: attributes[f"tiu.duration.{stage}"] for stage in STAGES}
+    assert all(seconds >= 0 for seconds in durations.values())
+    # the write's stages happen inside it; on PostgreSQL the lock is taken in the append
+    inside = ("begin", "project", "append", "commit")
+    assert sum(durations[stage] for stage in inside) <= durations["write"]
+    assert durations["lock"] <= durations["append"]
 
-    below = {s.name for s in otel.descendants(command)}
-    assert {"tiu.load", "tiu.decide", "tiu.write"} <= below
-    (write,) = [s for s in otel.descendants(command) if s.name == "tiu.write"]
-    stages = [e.name for e in write.events]
-    # lock (inside append) ends before append does; events are stamped at their start
-    assert stages == ["tiu.begin", "tiu.project", "tiu.lock", "tiu.append", "tiu.commit"]
-    starts = {e.name: e.timestamp for e in write.events}
-    assert starts["tiu.begin"] <= starts["tiu.project"] <= starts["tiu.append"]
-    assert starts["tiu.append"] <= starts["tiu.lock"] <= starts["tiu.commit"]
-    assert all(e.attributes["tiu.duration"] >= 0 for e in write.events)
+
+async def test_with_stage_spans_load_decide_and_write_are_children_and_the_write_has_its_stages(
+    service, otel_stages
+):
+    otel = otel_stages
+    await register(service, "ada")
+    otel.spans.clear()
+    tracer = otel.tracer_provider.get_tracer("host")
+    with tracer.start_as_current_span("POST /projects"):
+        await service.dispatcher.dispatch(create_project("p1", "ada"), ctx(service, "ada"))
+
+    (command,) = otel.named("tiu.command CreateProject")
+    below = otel.descendants(command)
+    assert {s.name for s in below} == {f"tiu.{stage}" for stage in STAGES}
+    (write,) = [s for s in below if s.name == "tiu.write"]
+    stages = sorted(otel.children(write), key=lambda s: s.start_time)
+    assert [s.name for s in stages if s.name.startswith(("tiu.load", "tiu.decide"))] in (
+        [],  # prepared before the write began (group commit)
+        ["tiu.load", "tiu.decide"],  # prepared in its transaction
+    )
+    written = [s.name for s in stages if s.name not in ("tiu.load", "tiu.decide")]
+    assert written == ["tiu.begin", "tiu.project", "tiu.append", "tiu.commit"]
+    (append,) = [s for s in stages if s.name == "tiu.append"]
+    assert [s.name for s in otel.children(append)] == ["tiu.lock"]
+    assert "tiu.duration.write" not in command.attributes
 
 
 async def test_a_refused_command_says_its_outcome_and_counts_it(service, otel):
@@ -107,7 +131,13 @@ async def test_events_carry_the_trace_of_the_command_that_appended_them(service,
     assert parent.split("-")[2] == f"{command.context.span_id:016x}"
 
 
-async def test_concurrent_commands_share_a_group_and_each_keeps_its_own_trace(service, otel):
+@pytest.mark.parametrize("stage_spans", [False, True], ids=["durations", "stage-spans"])
+async def test_concurrent_commands_share_a_group_and_each_keeps_its_own_trace(service, stage_spans):
+    with in_memory(stage_spans=stage_spans) as otel:
+        await _share_a_group(service, otel, stage_spans=stage_spans)
+
+
+async def _share_a_group(service, otel, *, stage_spans: bool) -> None:
     for name in ("ada", "bob", "cyd", "dan"):
         await register(service, name)
     otel.spans.clear()
@@ -132,9 +162,16 @@ async def test_concurrent_commands_share_a_group_and_each_keeps_its_own_trace(se
     commands = otel.named("tiu.command CreateProject")
     assert len(commands) == 4
     assert max(c.attributes.get("tiu.command.group_size", 1) for c in commands) > 1
+    grouped = [c for c in commands if c.attributes.get("tiu.command.group_size", 1) > 1]
     for command in commands:
-        decides = [s for s in otel.descendants(command) if s.name == "tiu.decide"]
-        assert len(decides) == 1, "each command's decision sits under its own span"
+        if stage_spans:
+            decides = [s for s in otel.descendants(command) if s.name == "tiu.decide"]
+            assert len(decides) == 1, "each command's decision sits under its own span"
+        else:
+            assert command.attributes["tiu.duration.decide"] >= 0
+            assert command.attributes["tiu.duration.write"] > 0
+    if not stage_spans:  # one transaction wrote the group: its commands report its commit
+        assert len({c.attributes["tiu.duration.commit"] for c in grouped}) == 1
     sizes = [
         p for p in otel.points("tiu.group.size") if p.attributes["tiu.group.kind"] == "command"
     ]
@@ -163,6 +200,45 @@ async def test_repository_and_audit_queries_are_database_client_spans(service, o
         for value in span.attributes.values():
             assert "needle-value" not in str(value), "a parameter value reached a span"
             assert project.id not in str(value)
+
+
+async def test_reads_outside_the_query_layer_are_database_client_spans_without_values(
+    service, otel
+):
+    await register(service, "ada")
+    async with service.get_repositories() as repos:
+        started = await repos.get_session_repository().create_session("ada@example.com", PASSWORD)
+    async with service.get_repositories(actor_id="ada") as repos:
+        project = await repos.get_project_repository().create_project("Plan", "x")
+        otel.spans.clear()
+        assert (await repos.get_session_repository().validate_session(started.token)).valid
+        assert await repos.get_user_repository().user_id_for_email("ada@example.com") == "ada"
+        await repos.get_project_repository().get_project_statistics(project.id)
+        with pytest.raises(Exception, match="task"):
+            await repos.get_task_repository().assign_task("no-such-task", "ada")
+    async with service.get_repositories() as repos:
+        await repos.get_session_repository().cleanup_expired_sessions()
+    system = service.engine.dialect.name
+    seen = {}
+    for span in otel.finished():
+        if span.name.startswith("SELECT "):
+            attributes = dict(span.attributes)
+            assert attributes["db.system.name"] == system
+            assert attributes["db.operation.name"] == "SELECT"
+            assert span.name == f"SELECT {attributes['db.collection.name']}"
+            kind = attributes.get("tiu.query.kind") or attributes.get("tiu.audit.kind")
+            seen.setdefault(attributes["db.collection.name"], set()).add(kind)
+    assert {"get_with_user", "expired"} <= seen["sessions"]
+    assert "permissions" in seen["user_permissions"]
+    assert "list" in seen["user_roles"]
+    assert "get" in seen["unique_keys"]
+    assert "get" in seen["project_stats"]
+    assert {"get", "count"} <= seen["tasks"]
+    assert "stream" in seen["events"]
+    for span in otel.finished():
+        for value in span.attributes.values():
+            for secret in (started.token, "ada@example.com", project.id, "no-such-task"):
+                assert secret not in str(value), f"a parameter value reached {span.name}"
 
 
 @pytest.fixture
@@ -269,8 +345,7 @@ async def test_lock_wait_append_duration_and_pool_gauges_are_reported(service, o
         p.attributes["db.client.connection.state"]
         for p in otel.points("db.client.connection.count")
     }
-    if system == "postgresql":
-        assert states == {"used", "idle"}
+    assert states == {"used", "idle"}
 
 
 @pytest.mark.postgres
@@ -300,3 +375,40 @@ async def test_without_an_sdk_nothing_records_and_events_carry_no_trace(service)
         records = await service.store.read_all(conn)
     assert records
     assert all("traceparent" not in r.metadata for r in records)
+
+
+async def test_an_unsampled_command_records_no_span_and_no_traceparent_but_is_counted(service):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    from eventstore import telemetry
+
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider(sampler=ALWAYS_OFF)
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    telemetry.configure(
+        tracer_provider=tracer_provider, meter_provider=meter_provider, stage_spans=True
+    )
+    try:
+        await register(service, "ada")
+    finally:
+        telemetry.configure()
+    assert spans.get_finished_spans() == ()
+    async with service.engine.connect() as conn:
+        records = await service.store.read_all(conn)
+    assert records and all("traceparent" not in r.metadata for r in records)
+    counted = [
+        point.count
+        for resource in reader.get_metrics_data().resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "tiu.command.duration"
+        for point in metric.data.data_points
+    ]
+    assert counted == [1]
