@@ -35,7 +35,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
 
-from eventstore.engine import begin_write, read_parameters
+from eventstore.engine import SCHEMA_OPTION, begin_write, read_parameters, search_path_statement
 from eventstore.errors import KeyAlreadyClaimed, WrongExpectedVersion
 from eventstore.hashing import json_text, parse_json
 from eventstore.records import (
@@ -152,6 +152,20 @@ async def raw_connection(conn: AsyncConnection) -> Any:
         # Connected: no I/O needed, so no greenlet hop (get_raw_connection makes one).
         return sync.connection
     return await conn.get_raw_connection()
+
+
+async def follow_schema(engine: AsyncEngine, raw: Any) -> None:
+    """Set ``raw``, checked out bare through ``engine`` (``engine.raw_connection()``,
+    which fires no ``engine_connect`` event), to the schema of ``engine``'s view
+    (:data:`eventstore.engine.SCHEMA_OPTION`) if it last served another: the pool may be
+    shared with other schemas' views. A no-op for an engine that is no such view."""
+    wanted = engine.get_execution_options().get(SCHEMA_OPTION)
+    if raw.info.get(SCHEMA_OPTION) == wanted:
+        return
+    statement = search_path_statement(wanted)
+    with driver_errors(engine, raw, statement):
+        await raw.driver_connection.execute(statement)
+    raw.info[SCHEMA_OPTION] = wanted
 
 
 async def try_advisory_lock(conn: AsyncConnection, name: str, scope: str = LEADER_SCOPE) -> bool:
@@ -344,6 +358,7 @@ class Dialect:
             if raw is None:
                 raw = await self.engine.raw_connection()
             try:
+                await follow_schema(self.engine, raw)
                 outcomes = await self._append_on(raw, store, pending)
             except BaseException as error:
                 if not isinstance(error, Exception) or getattr(

@@ -29,6 +29,21 @@ from eventstore.sqlite_driver import OFF_LOOP, InlineSQLiteDBAPI, file_path
 #: Execution option that makes a SQLite transaction take the write lock at BEGIN.
 WRITE_OPTION: Final = "tiu_write"
 
+#: Execution option of a view of a PostgreSQL engine whose connections work in one
+#: schema (``tiu.tenants``): a pooled connection is set to that schema's path before
+#: the view uses it, whether through a ``Connection`` (an ``engine_connect`` hook) or
+#: checked out bare (:func:`eventstore.dialects.follow_schema`). The pooled
+#: connection's ``info`` under this key is the schema it was last set to.
+SCHEMA_OPTION: Final = "tiu_tenant_schema"
+
+
+def search_path_statement(schema: str | None) -> str:
+    """The ``SET`` that gives a session ``schema``'s path (``None``: the server's
+    default), the name quoted as an identifier whatever it holds."""
+    if not schema:
+        return "SET search_path TO DEFAULT"
+    return 'SET search_path TO "{}"'.format(schema.replace('"', '""'))
+
 
 class CountingQueuePool(AsyncAdaptedQueuePool):
     """SQLAlchemy's async queue pool, also counting the requests for a connection in

@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from domain.passwords import PasswordHasher
 from eventstore import EventStore, create_engine, telemetry
 from eventstore.dialects import driver_errors
+from eventstore.engine import SCHEMA_OPTION, search_path_statement
 from eventstore.errors import PoolExhausted
 from migrations import runner as migrations
 from projections.projector import Projector
@@ -58,10 +59,6 @@ def check_tenant_name(name: str) -> str:
             "at most 63, not starting with a digit or pg_, not public"
         )
     return name
-
-
-#: Execution option of a tenant's view of a shared engine: the schema it works in.
-SCHEMA_OPTION: Final = "tiu_tenant_schema"
 
 
 def shared_engine(settings: Settings, *, max_overflow: int | None = None) -> AsyncEngine:
@@ -86,8 +83,9 @@ def shared_engine(settings: Settings, *, max_overflow: int | None = None) -> Asy
         if pooled.info.get(SCHEMA_OPTION) == wanted:
             return
         # Outside any transaction, so the setting is the session's (a SET inside one
-        # would be undone by its rollback). The name was checked by tenant_engine.
-        statement = f'SET search_path TO "{wanted}"' if wanted else "SET search_path TO DEFAULT"
+        # would be undone by its rollback). A bare checkout (the store's direct
+        # appends) fires no engine_connect: eventstore.dialects.follow_schema sets it.
+        statement = search_path_statement(wanted)
         try:
             with driver_errors(engine, pooled, statement):
                 adapted = cast(AdaptedConnection, pooled.dbapi_connection)

@@ -310,3 +310,32 @@ def test_each_tenant_has_its_schema_and_its_own_redis_prefix() -> None:
     acme = tenants.settings_for("acme")
     assert (acme.search_path, acme.redis_prefix) == ("acme", "app:acme:")
     assert tenants.settings_for("globex").redis_prefix == "app:globex:"
+
+
+async def test_an_append_through_the_store_lands_in_its_own_tenant_on_a_shared_connection(
+    tenant_names: tuple[str, str], clock: Clock
+) -> None:
+    # EventStore.append runs on a pooled driver connection, without an SQLAlchemy
+    # Connection around it: the one pooled connection served tenant b last, and an
+    # append of tenant a's store must still go to a's log.
+    a, b = tenant_names
+    settings = Settings(
+        database_url=PG_URL, bcrypt_rounds=4, pool_size=1, max_overflow=0, pool_timeout=5
+    )
+    async with (
+        TenantRegistry(settings, hasher=BcryptHasher(rounds=4), clock=clock) as tenants,
+        tenants.tenant(a) as ta,
+        tenants.tenant(b) as tb,
+    ):
+        for service, other in ((ta, tb), (tb, ta), (ta, tb)):
+            async with other.engine.connect() as conn:  # the connection serves the other
+                await conn.scalar(text("SELECT 1"))
+            note = [NewEvent(event_type="Noted", data={"n": 1})]
+            await service.store.append(f"user-{secrets.token_hex(4)}", "user", note)
+        counts = []
+        for service in (ta, tb):
+            async with service.engine.connect() as conn:
+                counts.append(
+                    await conn.scalar(select(func.count()).where(events.c.event_type == "Noted"))
+                )
+        assert counts == [2, 1]
