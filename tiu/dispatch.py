@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -51,7 +52,7 @@ from domain.passwords import (
 )
 from domain.routing import SESSIONS, Decider, Route, claims, erasures, route
 from eventstore import telemetry
-from eventstore.crypto import SubjectKeys, keyring
+from eventstore.crypto import DEFAULT_TTL, SubjectKeys, keyring
 from eventstore.errors import (
     CommandInFlight,
     ConcurrencyError,
@@ -175,13 +176,31 @@ class FoldedStates:
     subject is folded again from the log, where the personal data reads as erased;
     a stream that failed its version check is dropped (the next load folds it from
     the log, whatever happened to it).
+
+    A kept state holds the personal data its events opened to, so it lives no longer
+    than a cached key (``ttl`` seconds from its fold, as
+    :class:`eventstore.crypto.KeyCache`): an erasure another process commits reaches
+    this one as its keys do. This process's own erasure evicts the stream (:meth:`evict`)
+    when it destroys the keys and again when its transaction ends; a load that began
+    before an eviction puts nothing (``generation``), since it may have opened the
+    data just before the keys went.
     """
 
-    __slots__ = ("_entries", "maxsize")
+    __slots__ = ("_clock", "_entries", "_swept", "generation", "maxsize", "ttl")
 
-    def __init__(self, maxsize: int = 10_000) -> None:
+    def __init__(
+        self,
+        maxsize: int = 10_000,
+        ttl: float = DEFAULT_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.maxsize = maxsize
-        self._entries: OrderedDict[str, tuple[Decider, int, Any, int]] = OrderedDict()
+        self.ttl = ttl
+        self._clock = clock
+        #: Bumped by every :meth:`evict`: a load that began before one must not put.
+        self.generation = 0
+        self._entries: OrderedDict[str, tuple[Decider, int, Any, int, float]] = OrderedDict()
+        self._swept = clock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -191,24 +210,47 @@ class FoldedStates:
         entry = self._entries.get(stream_id)
         if entry is None or entry[0] is not decider:
             return None
+        if self._clock() - entry[4] > self.ttl:
+            del self._entries[stream_id]
+            return None
         self._entries.move_to_end(stream_id)
         return entry[1], entry[2], entry[3]
 
     def put(
-        self, decider: Decider, stream_id: str, version: int, state: Any, snapshot: int
+        self,
+        decider: Decider,
+        stream_id: str,
+        version: int,
+        state: Any,
+        snapshot: int,
+        *,
+        generation: int | None = None,
     ) -> None:
+        """Keep a state; ``generation``: :attr:`generation` when its load began."""
         if version == 0 or self.maxsize <= 0 or decider.name in UNCACHED_DECIDERS:
             return
+        if generation is not None and generation != self.generation:
+            return  # a load that began before an erasure's eviction
         entries = self._entries
+        now = self._clock()
+        if now - self._swept > self.ttl:  # entries nobody asks for expire too
+            self._swept = now
+            for key in [k for k, e in entries.items() if now - e[4] > self.ttl]:
+                del entries[key]
         known = entries.get(stream_id)
         if known is not None and known[0] is decider and known[1] > version:
             return  # a load that began before a later write put its state
-        entries[stream_id] = (decider, version, state, snapshot)
+        entries[stream_id] = (decider, version, state, snapshot, now)
         entries.move_to_end(stream_id)
         while len(entries) > self.maxsize:
             entries.popitem(last=False)
 
     def discard(self, stream_id: str) -> None:
+        self._entries.pop(stream_id, None)
+
+    def evict(self, stream_id: str) -> None:
+        """Drop ``stream_id``'s state, and keep out the states of loads running now."""
+        self.generation += 1
         self._entries.pop(stream_id, None)
 
     def clear(self) -> None:
@@ -429,7 +471,7 @@ class CommandUnit:
         their email and username) and drop its snapshots (folded plaintext state)."""
         await self.keys.destroy(subject_id)
         self.erased.add(stream_id)
-        self.dispatcher.states.discard(stream_id)
+        self.dispatcher.states.evict(stream_id)
         await self.conn.execute(delete(unique_keys).where(unique_keys.c.stream_id == stream_id))
         await self.conn.execute(delete(snapshots).where(snapshots.c.stream_id == stream_id))
 
@@ -727,6 +769,8 @@ class Dispatcher:
         finally:
             if unit is not None:
                 unit.keys.close()  # after COMMIT or ROLLBACK: its keys may be cached now
+                for stream_id in unit.erased:  # loads that read it before the COMMIT
+                    self.states.evict(stream_id)
         if uow.lock_held is not None:
             self.lock_times.samples.append((uow.lock_held, len(unit.results)))
         unit.finish()
@@ -931,6 +975,7 @@ class Dispatcher:
         ``cached``: start from the states in :attr:`states` and read only the events
         after them (and a snapshot only if newer), and keep what was folded there."""
         deciders = {stream_id: decider for decider, stream_id in wanted}
+        generation = self.states.generation
         folded: dict[str, list[Any]] = {}
         held: dict[str, int] = {}
         for stream_id, decider in deciders.items():
@@ -982,7 +1027,9 @@ class Dispatcher:
             states.update((await self.fold_many(conn, list(dict.fromkeys(refold))))[0])
         if cached:
             for stream_id, (state, version, snap) in states.items():
-                self.states.put(deciders[stream_id], stream_id, version, state, snap)
+                self.states.put(
+                    deciders[stream_id], stream_id, version, state, snap, generation=generation
+                )
         return states, processed
 
     async def maybe_snapshot(self, conn: AsyncConnection, stream_id: str, loaded: _Loaded) -> None:

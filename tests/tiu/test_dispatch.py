@@ -27,9 +27,10 @@ from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from domain.routing import PROJECTS, SESSIONS, TASKS, USERS
 from eventstore import EventStore
+from eventstore.crypto import DEFAULT_TTL
 from eventstore.schema import events, snapshots
 from tests.conftest import PASSWORD
-from tiu.dispatch import Dispatcher
+from tiu.dispatch import CommandUnit, Dispatcher, FoldedStates
 
 # These storage tests also run as the least-privilege role of sql/app_role.sql.
 pytestmark = pytest.mark.least_privilege
@@ -457,3 +458,41 @@ async def test_a_refusal_decided_on_a_kept_state_the_log_moved_past_is_decided_a
         tasks.CreateTask(task_id="t61", project_id="p6", title="Now"), ctx("pia")
     )
     assert result.version == 1
+
+
+async def test_a_load_while_a_user_is_forgotten_keeps_no_state_with_their_personal_data(
+    dispatcher, store
+):
+    """A command of this process loads the user's stream while their erasure is being
+    written (after its keys were destroyed in that transaction, before its COMMIT): what
+    it reads still opens, and must not stay kept once the erasure committed."""
+    await register(dispatcher, "vic")
+
+    async def forget(unit: CommandUnit) -> None:
+        await unit.handle(users.ForgetUser(user_id="vic"), ctx(SYSTEM_ACTOR))
+        async with store.engine.connect() as conn:
+            decision = await dispatcher.prepare(
+                users.AssignRole(user_id="vic", role=Role.MEMBER), ctx(SYSTEM_ACTOR), conn=conn
+            )
+        assert decision.streams["user-vic"].state.email == "vic@example.com"
+
+    await dispatcher.run(forget)
+    kept = dispatcher.states.get(USERS, "user-vic")
+    assert kept is None or kept[1].email is None
+
+
+async def test_kept_states_expire_like_cached_keys_so_another_process_s_erasure_reaches_them(
+    dispatcher, store
+):
+    """Another process forgets a user whose state this one keeps: the kept state (their
+    email, username, password hash) lives no longer than a cached key would."""
+    clock = [0.0]
+    dispatcher.states = FoldedStates(clock=lambda: clock[0])
+    await register(dispatcher, "wes")
+    assert dispatcher.states.get(USERS, "user-wes")[1].email == "wes@example.com"  # type: ignore[index]
+    other = Dispatcher(store, snapshot_every=5, hasher=HASHER)
+    await other.dispatch(users.ForgetUser(user_id="wes"), ctx(SYSTEM_ACTOR))
+    clock[0] += DEFAULT_TTL + 1
+    dispatcher.states.put(TASKS, "task-1", 1, "state", 0)  # a put sweeps what expired
+    assert len(dispatcher.states) == 1
+    assert dispatcher.states.get(USERS, "user-wes") is None
