@@ -27,7 +27,7 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -106,6 +106,7 @@ class _Loaded:
     version: int
     loaded_version: int  # what the log held when this unit first read the stream
     snapshot_version: int = 0
+    kept: bool = False  # taken from Dispatcher.states without reading the log
 
 
 @dataclass
@@ -825,10 +826,14 @@ class Dispatcher:
                     raise
                 await self.backoff(attempt)
 
-    def forget(self, error: ConcurrencyError) -> None:
-        """After a conflict: drop the held state of the stream that moved."""
+    def forget(self, error: ConcurrencyError, read: Iterable[str] = ()) -> None:
+        """After a conflict: drop the held state of the stream that moved, and those of
+        the streams ``read`` (the failed decision's: others of them may have moved too,
+        and the check names one)."""
         if isinstance(error, WrongExpectedVersion):
             self.states.discard(error.stream_id)
+            for stream_id in read:
+                self.states.discard(stream_id)
 
     @staticmethod
     async def backoff(attempt: int) -> None:
@@ -942,7 +947,7 @@ class Dispatcher:
                     to_read.append((decider, stream_id))
                 else:
                     version, state, snap = kept
-                    streams[stream_id] = _Loaded(decider, state, version, version, snap)
+                    streams[stream_id] = _Loaded(decider, state, version, version, snap, True)
             missing = to_read
         if not missing and command_id is None:
             return None
@@ -1186,6 +1191,10 @@ class GroupCommitter:
 
     async def dispatch(self, command: Command, ctx: CommandContext) -> CommandResult:
         attempt = 0
+        # A decision on kept states (read from no log) that fails its version check
+        # found them stale, not contended: the first such retry, on states all read
+        # from the log, is not counted against ``retries``.
+        free_retry = True
         while True:
             queued = _Queued(await self._connect())
             try:
@@ -1201,8 +1210,12 @@ class GroupCommitter:
                     await asyncio.shield(self._put_back(queued.take()))  # type: ignore[arg-type]
                 return await self._queue.submit(queued)
             except ConcurrencyError as error:
-                self.dispatcher.forget(error)
-                attempt += 1
+                read = queued.decision.streams if queued.decision is not None else {}
+                self.dispatcher.forget(error, read)
+                if free_retry and any(loaded.kept for loaded in read.values()):
+                    free_retry = False
+                else:
+                    attempt += 1
                 if attempt > self.dispatcher.retries:
                     raise
             finally:

@@ -496,3 +496,25 @@ async def test_kept_states_expire_like_cached_keys_so_another_process_s_erasure_
     dispatcher.states.put(TASKS, "task-1", 1, "state", 0)  # a put sweeps what expired
     assert len(dispatcher.states) == 1
     assert dispatcher.states.get(USERS, "user-wes") is None
+
+
+async def test_a_grouped_command_whose_kept_states_moved_is_decided_again_without_a_retry(
+    store,
+):
+    """Another process moved both streams a grouped CreateTask decides on from kept
+    states (the project and the acting user): the first write's version check sends it
+    back, and it is decided again on both read from the log (not one stream per
+    attempt), which costs none of its retries: with none allowed, it still succeeds."""
+    grouped = Dispatcher(store, snapshot_every=5, retries=0, group_commit=True, hasher=HASHER)
+    await register(grouped, "quy")
+    await grouped.dispatch(projects.CreateProject(project_id="p5", name="Quy"), ctx("quy"))
+    assert grouped.states.get(USERS, "user-quy") is not None
+    other = Dispatcher(store, snapshot_every=5, hasher=HASHER)
+    await other.dispatch(projects.UpdateProject(project_id="p5", name="Moved"), ctx("quy"))
+    await other.dispatch(users.AssignRole(user_id="quy", role=Role.ADMIN), ctx(SYSTEM_ACTOR))
+    result = await grouped.dispatch(
+        tasks.CreateTask(task_id="t50", project_id="p5", title="Once"), ctx("quy")
+    )
+    assert result.version == 1
+    assert grouped.group is not None
+    await grouped.group.aclose()
