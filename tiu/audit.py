@@ -50,12 +50,17 @@ from sqlalchemy import (
     ColumnElement,
     Integer,
     String,
+    TextClause,
     and_,
+    bindparam,
     cast,
     extract,
     func,
     select,
     true,
+)
+from sqlalchemy import (
+    text as sql_text,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -66,6 +71,7 @@ from eventstore.crypto import keyring
 from eventstore.retention import read_archive
 from eventstore.schema import events
 from eventstore.sqlite_driver import OFF_LOOP
+from eventstore.types import UTCDateTime
 from tiu.models import AuditEntry
 
 #: Security failures: refused logins and commands, failed passwords, lockouts.
@@ -313,17 +319,110 @@ def _datetime(micros: int) -> datetime:
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+#: Counts by (event type, UTC day) over index ranges, for a filter of types and times
+#: only. The types come from a loose scan of the ``(event_type, recorded_at)`` index (one
+#: seek per distinct type), each type's first and last event in the range from two
+#: seeks, and each (type, day) count from a range of that index: no table row is read
+#: and nothing is sorted. A plain ``GROUP BY event_type, <day of recorded_at>`` over
+#: the same index sorted every event of the log by the day expression (SQLite: a temp
+#: B-tree; 1M events: 0.45 s of CPU against 0.08 s this way, measured with the sqlite3
+#: shell).
+_STATS_BY_RANGES: Final = """
+WITH RECURSIVE types(t) AS (
+    SELECT {min_type} FROM events WHERE {types}
+    UNION ALL
+    SELECT (SELECT {min_type} FROM events WHERE event_type > types.t AND {types})
+    FROM types WHERE types.t IS NOT NULL
+),
+spans(t, first_at, last_at) AS (
+    SELECT t,
+        (SELECT min(recorded_at) FROM events WHERE event_type = types.t AND {times}),
+        (SELECT max(recorded_at) FROM events WHERE event_type = types.t AND {times})
+    FROM types WHERE t IS NOT NULL
+),
+days(t, lo, last_day) AS (
+    SELECT t, {day_of_first}, {day_of_last} FROM spans WHERE first_at IS NOT NULL
+    UNION ALL
+    SELECT t, {next_day}, last_day FROM days WHERE lo < last_day
+)
+SELECT t, {day_text}, (
+    SELECT count(*) FROM events
+    WHERE event_type = days.t AND recorded_at >= days.lo AND recorded_at < {next_day}
+        AND {times}
+) FROM days
+"""
+#: The day arithmetic of :data:`_STATS_BY_RANGES`: SQLite keeps UTC text, so a day is
+#: its ``YYYY-MM-DD`` prefix (which sorts before every time of that day); PostgreSQL
+#: takes UTC midnights as ``timestamptz``.
+_DAY_SQL: Final = {
+    "sqlite": {
+        "min_type": "min(event_type)",
+        "day_of_first": "substr(first_at, 1, 10)",
+        "day_of_last": "substr(last_at, 1, 10)",
+        "next_day": "date(days.lo, '+1 day')",
+        "day_text": "days.lo",
+    },
+    "postgresql": {
+        # a recursive CTE's column has one type: text, not min()'s varchar(200)
+        "min_type": "CAST(min(event_type) AS text)",
+        "day_of_first": "timezone('UTC', date_trunc('day', timezone('UTC', first_at)))",
+        "day_of_last": "timezone('UTC', date_trunc('day', timezone('UTC', last_at)))",
+        "next_day": "days.lo + interval '1 day'",
+        "day_text": "to_char(timezone('UTC', days.lo), 'YYYY-MM-DD')",
+    },
+}
+
+
+def _stats_by_ranges(dialect: str, where: AuditFilter) -> TextClause:
+    times = []
+    if where.since is not None:
+        times.append("recorded_at >= :since")
+    if where.until is not None:
+        times.append("recorded_at < :until")
+    sql = _STATS_BY_RANGES.format(
+        types="event_type IN :types" if where.event_types else "TRUE",
+        times=" AND ".join(times) or "TRUE",
+        **_DAY_SQL[dialect],
+    )
+    stmt = sql_text(sql)
+    params: dict[str, Any] = {}
+    if where.event_types:
+        stmt = stmt.bindparams(bindparam("types", expanding=True))
+        params["types"] = list(where.event_types)
+    for name in ("since", "until"):
+        value = getattr(where, name)
+        if value is not None:
+            stmt = stmt.bindparams(bindparam(name, value, type_=UTCDateTime()))
+    return stmt.bindparams(**params) if params else stmt
+
+
+def _by_types_and_times(where: AuditFilter) -> bool:
+    """Whether ``where`` narrows by event type and time only (an index range)."""
+    return (
+        where.actor_id is None
+        and where.stream_id is None
+        and where.category is None
+        and where.correlation_id is None
+    )
+
+
 @telemetry.traced_audit("stats")
 async def stats(conn: AsyncConnection, where: AuditFilter) -> AuditStats:
-    """Counts by event type and UTC day, grouped by the database."""
-    day = _utc_day(conn.dialect.name)
-    stmt = (
-        select(events.c.event_type, day, func.count())
-        .where(*where.conditions())
-        .group_by(events.c.event_type, day)
-    )
+    """Counts by event type and UTC day, counted by the database: over index ranges
+    (:data:`_STATS_BY_RANGES`) for a filter of types and times, else grouped over the
+    rows the filter's own index selects (an actor's, a stream's, a category's events)."""
+    dialect = conn.dialect.name
+    if _by_types_and_times(where):
+        stmt: Any = _stats_by_ranges(dialect, where)
+    else:
+        day = _utc_day(dialect)
+        stmt = (
+            select(events.c.event_type, day, func.count())
+            .where(*where.conditions())
+            .group_by(events.c.event_type, day)
+        )
     result = await conn.execute(stmt.execution_options(**{OFF_LOOP: True}))
-    return _stats((t, d, n) for t, d, n in result)
+    return _stats((t, d, n) for t, d, n in result if n)
 
 
 def stats_archive(path: str | Path, where: AuditFilter) -> AuditStats:
