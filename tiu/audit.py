@@ -60,6 +60,9 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy import (
+    literal as sql_literal,
+)
+from sqlalchemy import (
     text as sql_text,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -643,15 +646,18 @@ def _attempts_cte(dialect: str, where: AuditFilter) -> Any:
 async def _account_failures(
     conn: AsyncConnection, attempts: Any, rules: SuspiciousRules
 ) -> list[Finding]:
-    """The account rule in one statement: a RANGE window counts each account's attempts
-    in ``[t - window, t]``; the fullest (earliest) window per account comes back with
-    its attempts."""
+    """The account rule in one statement of windows, no join: a RANGE window counts
+    each account's attempts in ``[t - window, t]``, two more give each account's
+    fullest count and the end of its earliest fullest window, and the attempts inside
+    that window come back as its evidence (a join of the windows' ends back to the
+    attempts compared every end with every attempt: 1M events, 0.19 s of CPU)."""
     width = rules.window // timedelta(microseconds=1)
     a = attempts.c
     counted = (
         select(
             a.user_id,
             a.at_us,
+            a.position,
             func.count()
             .over(partition_by=a.user_id, order_by=a.at_us, range_=(-width, 0))
             .label("n"),
@@ -659,31 +665,25 @@ async def _account_failures(
         .where(a.user_id.is_not(None))
         .subquery("counted")
     )
-    ranked = (
-        select(
-            counted.c.user_id,
-            counted.c.at_us,
-            counted.c.n,
-            func.row_number()
-            .over(partition_by=counted.c.user_id, order_by=(counted.c.n.desc(), counted.c.at_us))
-            .label("rank"),
-        )
-        .where(counted.c.n >= rules.account_threshold)
-        .subquery("ranked")
-    )
-    best = select(ranked.c.user_id, ranked.c.at_us).where(ranked.c.rank == 1).subquery("best")
+    k = counted.c
+    ranked = select(
+        k.user_id,
+        k.at_us,
+        k.position,
+        func.max(k.n).over(partition_by=k.user_id).label("best_n"),
+        func.first_value(k.at_us)
+        .over(partition_by=k.user_id, order_by=(k.n.desc(), k.at_us))
+        .label("best_at"),
+    ).subquery("ranked")
+    r = ranked.c
     stmt = (
-        select(best.c.user_id, a.at_us, a.position)
-        .join_from(
-            best,
-            attempts,
-            and_(
-                a.user_id == best.c.user_id,
-                a.at_us >= best.c.at_us - width,
-                a.at_us <= best.c.at_us,
-            ),
+        select(r.user_id, r.at_us, r.position)
+        .where(
+            r.best_n >= rules.account_threshold,
+            r.at_us >= r.best_at - width,
+            r.at_us <= r.best_at,
         )
-        .order_by(best.c.user_id, a.at_us, a.position)
+        .order_by(r.user_id, r.at_us, r.position)
     )
     result = await conn.execute(stmt.execution_options(**{OFF_LOOP: True}))
     evidence: dict[str, list[tuple[datetime, int]]] = defaultdict(list)
@@ -735,37 +735,43 @@ async def _pages(conn: AsyncConnection, stmt: Any) -> AsyncIterator[Sequence[Any
 async def _lockout_logins(
     conn: AsyncConnection, where: AuditFilter, rules: SuspiciousRules
 ) -> list[Finding]:
-    """The lockout rule, user by user: only accounts locked inside the range are read,
-    each from its own stream."""
+    """The lockout rule in one streamed statement: the lockouts and successful logins
+    of the accounts locked inside the range, read from their streams (an index range
+    each), stream by stream in log order; Python opens their IPs a page at a time and
+    keeps one account's history at a time."""
     c = events.c
-    locked_users = (
-        select(c.data["user_id"].as_string())
-        .where(*where.narrowed((users.AccountLocked.event_type,)).conditions())
-        .distinct()
+    prefix = users.stream_id("")
+    locked_streams = select(sql_literal(prefix, String) + c.data["user_id"].as_string()).where(
+        *where.narrowed((users.AccountLocked.event_type,)).conditions()
     )
-    findings: list[Finding] = []
     kinds = (users.AccountLocked.event_type, users.LoginSucceeded.event_type)
     in_range = and_(*where.conditions()) if where.conditions() else true()
-    locked = await conn.execute(locked_users.execution_options(**{OFF_LOOP: True}))
-    for (user_id,) in locked.all():
-        if not isinstance(user_id, str):
-            continue
-        stmt = (
-            select(c.position, c.recorded_at, c.event_type, c.data, in_range.label("in_range"))
-            .where(c.stream_id == users.stream_id(user_id), c.event_type.in_(kinds))
-            .order_by(c.position)
+    stmt = (
+        select(
+            c.stream_id,
+            c.position,
+            c.recorded_at,
+            c.event_type,
+            c.data["ip"].label("ip"),
+            in_range.label("in_range"),
         )
-        if where.until is not None:
-            stmt = stmt.where(c.recorded_at < where.until)
-        rows = (await conn.execute(stmt)).all()
-        opened = await keyring(conn).open_many(conn, [(r.event_type, r.data) for r in rows])
-        history = [
-            (r.position, r.recorded_at, r.event_type, user_id, o.data.get("ip"), bool(r.in_range))
-            for r, o in zip(rows, opened, strict=True)
-        ]
-        findings += _new_ip_after_lockout(history, rules)
-        await asyncio.sleep(0)
-    return findings
+        .where(c.stream_id.in_(locked_streams), c.event_type.in_(kinds))
+        .order_by(c.stream_id, c.position)
+    )
+    if where.until is not None:
+        stmt = stmt.where(c.recorded_at < where.until)
+    findings: list[Finding] = []
+    history: list[tuple[int, datetime, str, str, str | None, bool]] = []
+    async for page in _pages(conn, stmt):
+        opened = await keyring(conn).open_many(conn, [(r.event_type, {"ip": r.ip}) for r in page])
+        for r, o in zip(page, opened, strict=True):
+            user_id = r.stream_id.removeprefix(prefix)
+            if history and history[-1][3] != user_id:
+                findings += _new_ip_after_lockout(history, rules)
+                history = []
+            ip = o.data["ip"]
+            history.append((r.position, r.recorded_at, r.event_type, user_id, ip, bool(r.in_range)))
+    return findings + _new_ip_after_lockout(history, rules)
 
 
 @telemetry.traced_audit("suspicious")
