@@ -281,13 +281,13 @@ async def test_stats_over_the_whole_log_read_only_index_ranges(engine: AsyncEngi
         finally:
             event.remove(engine.sync_engine, "before_cursor_execute", capture)
         assert counted.total >= 300
-        (statement, params), *_ = [s for s in seen if "events" in s[0]]
+        statement, params = next(s for s in seen if "events" in s[0])
         if engine.dialect.name == "sqlite":
             rows = await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)
             steps = [r[3] for r in rows]
-            on_events = [s for s in steps if " events " in f"{s} "]
-            assert on_events, steps
-            assert all(s.startswith("SEARCH events USING COVERING INDEX") for s in on_events), steps
+            reads = [s for s in steps if " events " in f"{s} "]
+            assert reads, steps
+            assert all(s.startswith("SEARCH events USING COVERING INDEX") for s in reads), steps
             assert not [s for s in steps if "TEMP B-TREE" in s], steps
         else:
             result = await conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, params)
