@@ -701,10 +701,10 @@ async def _account_failures(
         )
         .order_by(r.user_id, r.at_us, r.position)
     )
-    result = await conn.execute(stmt.execution_options(**{OFF_LOOP: True}))
     evidence: dict[str, list[tuple[datetime, int]]] = defaultdict(list)
-    for user_id, at_us, position in result:
-        evidence[user_id].append((_datetime(at_us), position))
+    async for page in _pages(conn, stmt):
+        for user_id, at_us, position in page:
+            evidence[user_id].append((_datetime(at_us), position))
     return [
         _burst("account_failures", user_id, rules.window, inside)
         for user_id, inside in evidence.items()
