@@ -343,6 +343,40 @@ async def test_attempts_exactly_one_window_apart_count_together(engine: AsyncEng
     }
 
 
+async def test_suspicious_makes_three_statements_however_many_accounts_were_locked(
+    engine: AsyncEngine,
+) -> None:
+    """The lockout rule reads every locked account's logins in one statement: the
+    detection's statements do not grow with the log or with the findings."""
+    clock = Clock()
+    store = EventStore(engine, clock=clock)
+    try:
+        log = _Log(store, clock, "many")
+        for who in range(12):
+            await log.apply(("ok", who, 1, 10))
+            await log.apply(("lock", who, 10))
+            await log.apply(("ok", who, 2, 10))  # a new IP after the lockout
+            await log.apply(("fail", who, 3, 3, True, 10))
+    finally:
+        await store.aclose()
+    seen: list[str] = []
+
+    def capture(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
+        if "FROM events" in statement:
+            seen.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        async with engine.connect() as conn, conn.begin():
+            found = await suspicious(conn, AuditFilter(), SuspiciousRules(account_threshold=1))
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+    rules = {f.rule for f in found}
+    assert [f.rule for f in found].count("new_ip_after_lockout") == 12
+    assert rules == {"account_failures", "ip_failures", "new_ip_after_lockout"}
+    assert len(seen) == 3
+
+
 def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     out = [plan]
     for child in plan.get("Plans", []):
