@@ -428,3 +428,44 @@ async def test_suspicious_reads_login_events_through_indexes_on_postgres(
             on_events = {n["Node Type"] for n in nodes if n.get("Relation Name") == "events"}
             assert on_events, statement
             assert "Seq Scan" not in on_events, (on_events, statement)
+
+
+@pytest.mark.sqlite
+async def test_suspicious_reads_login_events_through_indexes_on_sqlite(
+    sqlite_engine: AsyncEngine,
+) -> None:
+    """On SQLite too every statement of the detection searches ``events`` by an index
+    (none scans it), and the lockout statement reads the locked accounts' streams by
+    the stream index, not every successful login by the type's."""
+    clock = Clock()
+    store = EventStore(sqlite_engine, clock=clock)
+    try:
+        log = _Log(store, clock, "plan")
+        for n in range(40):
+            await log.apply(("fail", n % 7, n % 3, n % 3, n % 2 == 0, 20))
+            await log.apply(("ok", n % 5, n % 4, 5))
+            if n % 10 == 0:
+                await log.apply(("lock", n % 7, 1))
+    finally:
+        await store.aclose()
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _m: bool) -> None:
+        if "FROM events" in statement and not statement.startswith("EXPLAIN"):
+            seen.append((statement, params))
+
+    async with sqlite_engine.connect() as conn:
+        event.listen(sqlite_engine.sync_engine, "before_cursor_execute", capture)
+        try:
+            found = await suspicious(conn, AuditFilter(), SuspiciousRules(account_threshold=3))
+        finally:
+            event.remove(sqlite_engine.sync_engine, "before_cursor_execute", capture)
+        assert found
+        assert len(seen) == 2
+        plans = []
+        for statement, params in seen:
+            rows = await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)
+            steps = [str(r[3]) for r in rows]
+            assert not [s for s in steps if s.startswith("SCAN events")], steps
+            plans.append(steps)
+        assert any(s.startswith("SEARCH events USING INDEX sqlite_autoindex") for s in plans[1])
