@@ -86,6 +86,7 @@ class _Run:
         print(
             f"    {label:34} {seconds:8.3f}s  lag max {lag.max_ms:7.1f} ms"
             f"  p99 {lag.p99_ms:6.1f} ms  longest gc {lag.gc_max_ms:6.1f} ms"
+            f" ({lag.gc_cpu_max_ms:5.1f} ms CPU)"
             f"  peak RSS {row['peak_rss_mb']:7.1f} MB"
             f"  write lock p99 {row['write_lock_p99_ms']} ms",
             flush=True,
