@@ -6,10 +6,12 @@ version)``, category ``(stream_category, position)``, time alone ``(recorded_at)
 The same :class:`AuditFilter` runs in SQL against the log and in Python against an
 archive file, so ``tiu audit --archive FILE`` answers like ``tiu audit``.
 
-Statistics and suspicious-login detection run in the database (GROUP BY, window
-functions over indexed ranges) and read only what a finding needs, so their memory
-does not grow with the log and every event in the range counts, whatever the log's
-size. On SQLite their statements run on a worker thread (the driver's ``off_loop``).
+Statistics and suspicious-login detection run in the database (counts over index
+ranges, window functions over the login events an index finds) and read only what a
+finding needs, so their memory does not grow with the log and every event in the
+range counts, whatever the log's size. On SQLite their statements run on a worker
+thread (the driver's ``off_loop``, or a streamed result); the loop decodes, opens
+IPs and builds findings in slices of ~100 rows, suspending between them.
 
 Suspicious-login rules (:func:`suspicious`; :func:`find_suspicious` is the same in
 plain Python, for archive files), over the events in the queried range:
