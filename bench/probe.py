@@ -9,10 +9,11 @@ Usable beside any case::
 
 A wake that comes late by L ms means the loop was held for about L ms by something
 else: a library call that did not suspend, a garbage collection (the probe records
-the longest collection of the window too: its length depends on the whole heap, the
-host's objects included), or, on a shared machine, the CPU given to other processes
-(measure the probe alone for the floor). The probe itself costs ~1,000 wakes per
-second.
+the longest collection of the window too, by the clock and by the collecting thread's
+CPU: its work grows with the whole heap, the host's objects included; a clock time far
+above the CPU time is the collecting thread waiting for a core or for the GIL), or, on a
+shared machine, the CPU given to other processes (measure the probe alone for the
+floor). The probe itself costs ~1,000 wakes per second.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Lag:
     p99_ms: float
     wakes: int
     gc_max_ms: float = 0.0
+    gc_cpu_max_ms: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -42,6 +44,7 @@ class Lag:
             "p99_ms": round(self.p99_ms, 2),
             "wakes": self.wakes,
             "gc_max_ms": round(self.gc_max_ms, 2),
+            "gc_cpu_max_ms": round(self.gc_cpu_max_ms, 2),
         }
 
 
@@ -49,16 +52,18 @@ class LoopProbe:
     def __init__(self, period: float = PERIOD) -> None:
         self.period = period
         self.lags: list[float] = []
-        self.collections: list[tuple[float, float]] = []  # (ended at, seconds)
+        # (ended at, seconds, seconds of the collecting thread's CPU)
+        self.collections: list[tuple[float, float, float]] = []
         self._task: asyncio.Task[None] | None = None
-        self._gc_started = 0.0
+        self._gc_started = (0.0, 0.0)
 
     def _on_gc(self, phase: str, _info: dict[str, int]) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.thread_time()
         if phase == "start":
-            self._gc_started = now
+            self._gc_started = (now, cpu)
         else:
-            self.collections.append((now, now - self._gc_started))
+            started, cpu_started = self._gc_started
+            self.collections.append((now, now - started, cpu - cpu_started))
 
     async def _run(self) -> None:
         clock = time.perf_counter
@@ -77,13 +82,15 @@ class LoopProbe:
 
     def since(self, mark: tuple[int, float]) -> Lag:
         lags = self.lags[mark[0] :]
-        gc_max = max((s for end, s in self.collections if end >= mark[1]), default=0.0)
+        mine = [(s, c) for end, s, c in self.collections if end >= mark[1]]
+        gc_max = max((s for s, _ in mine), default=0.0) * 1000
+        gc_cpu_max = max((c for _, c in mine), default=0.0) * 1000
         if not lags:
-            return Lag(0.0, 0.0, 0, gc_max * 1000)
+            return Lag(0.0, 0.0, 0, gc_max, gc_cpu_max)
         p99 = (
             statistics.quantiles(lags, n=100, method="inclusive")[98] if len(lags) >= 2 else lags[0]
         )
-        return Lag(max(lags) * 1000, p99 * 1000, len(lags), gc_max * 1000)
+        return Lag(max(lags) * 1000, p99 * 1000, len(lags), gc_max, gc_cpu_max)
 
     async def __aenter__(self) -> LoopProbe:
         gc.callbacks.append(self._on_gc)

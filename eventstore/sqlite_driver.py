@@ -27,16 +27,19 @@ and leaves the loop only where SQLite would *wait*:
   at once) and is then cancelled.
 
 * **Statements whose cost grows with the data** (a count over a large table, a scan
-  for a ``contains`` filter, an audit aggregate) run on a worker thread when the
-  caller says so: the execution option ``off_loop=True`` (:data:`OFF_LOOP`) runs the
-  statement and fetches its rows there, and a streamed result (``conn.stream()``,
-  a server-side cursor) fetches every page there. A cancelled caller interrupts the
+  for a ``contains`` filter, an audit aggregate, a page of the log) run on a worker
+  thread when the caller says so: the execution option ``off_loop=True``
+  (:data:`OFF_LOOP`) runs the statement and fetches its rows there, a streamed result
+  (``conn.stream()``, a server-side cursor) fetches every page there, and
+  :meth:`Connection.off_loop` does it for a statement sent to the driver directly
+  (``EventStore.read_all``'s pages). A cancelled caller interrupts the
   statement (``sqlite3.Connection.interrupt``) and waits for the thread to let go of
   the connection before the cancellation goes on, so the connection goes back to the
   pool idle. One hop costs ~0.1 ms, so point reads and the command path stay inline.
 
-What still runs on the loop: other statements and their row fetching (a 1,000-row page
-is ~1-3 ms), and the automatic WAL checkpoint a commit triggers every ~1,000 pages.
+What still runs on the loop: other statements and their row fetching (point and
+indexed reads of a few rows), and the automatic WAL checkpoint a commit triggers every
+~1,000 pages.
 
 It plugs into SQLAlchemy as the DBAPI ``module`` of the aiosqlite dialect (see
 :func:`eventstore.engine.create_engine`): the SQL dialect is SQLite's; only the driver

@@ -659,10 +659,12 @@ class EventStore:
     ) -> list[RecordedEvent]:
         """Events of the whole log with ``position > after_position``, in position order.
 
-        Suspends once per call, so a loop reading page after page lets the event
-        loop's other tasks run between pages (the inline SQLite driver never waits)."""
+        The page is fetched off the event loop (SQLite: on a worker thread, see
+        :mod:`eventstore.sqlite_driver`; PostgreSQL: the driver awaits the server), so
+        each call suspends and a loop reading page after page lets the event loop's
+        other tasks run while each page is read."""
         with translate_errors(self.dialect.database_label):
-            page = await self.dialect.read_events(
+            return await self.dialect.read_events(
                 conn,
                 after_position=after_position,
                 limit=limit,
@@ -670,8 +672,6 @@ class EventStore:
                 categories=None if categories is None else list(categories),
                 types=None if types is None else list(types),
             )
-        await asyncio.sleep(0)
-        return page
 
     async def subscribe(
         self,

@@ -6,10 +6,12 @@ version)``, category ``(stream_category, position)``, time alone ``(recorded_at)
 The same :class:`AuditFilter` runs in SQL against the log and in Python against an
 archive file, so ``tiu audit --archive FILE`` answers like ``tiu audit``.
 
-Statistics and suspicious-login detection run in the database (GROUP BY, window
-functions over indexed ranges) and read only what a finding needs, so their memory
-does not grow with the log and every event in the range counts, whatever the log's
-size. On SQLite their statements run on a worker thread (the driver's ``off_loop``).
+Statistics and suspicious-login detection run in the database (counts over index
+ranges, window functions over the login events an index finds) and read only what a
+finding needs, so their memory does not grow with the log and every event in the
+range counts, whatever the log's size. On SQLite their statements run on a worker
+thread (the driver's ``off_loop``, or a streamed result); the loop decodes, opens
+IPs and builds findings in slices of ~100 rows, suspending between them.
 
 Suspicious-login rules (:func:`suspicious`; :func:`find_suspicious` is the same in
 plain Python, for archive files), over the events in the queried range:
@@ -49,13 +51,24 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Integer,
+    Select,
     String,
+    TextClause,
     and_,
+    bindparam,
     cast,
     extract,
     func,
+    null,
     select,
     true,
+    union_all,
+)
+from sqlalchemy import (
+    literal as sql_literal,
+)
+from sqlalchemy import (
+    text as sql_text,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -66,6 +79,7 @@ from eventstore.crypto import keyring
 from eventstore.retention import read_archive
 from eventstore.schema import events
 from eventstore.sqlite_driver import OFF_LOOP
+from eventstore.types import UTCDateTime
 from tiu.models import AuditEntry
 
 #: Security failures: refused logins and commands, failed passwords, lockouts.
@@ -82,8 +96,24 @@ _LOGIN_TYPES: Final = (
     users.AccountLocked.event_type,
 )
 MAX_LIMIT: Final = 100_000
-#: Rows decoded (and decrypted) between two suspensions of a long read: ~5 ms of work.
-_CHUNK: Final = 500
+#: Rows decoded (and decrypted) between two suspensions of a long read: 1-3 ms of work
+#: (an audit entry is 10-25 us of Python on the loop on a loaded 2-core machine).
+_CHUNK: Final = 100
+#: What an :class:`AuditEntry` shows: the event id, metadata and hash are left in the
+#: log (decoding them was a third of an entry's cost).
+_ENTRY_COLUMNS: Final = (
+    events.c.position,
+    events.c.recorded_at,
+    events.c.stream_id,
+    events.c.stream_category,
+    events.c.version,
+    events.c.event_type,
+    events.c.actor_id,
+    events.c.correlation_id,
+    events.c.causation_id,
+    events.c.command_id,
+    events.c.data,
+)
 _SECRET_FIELDS: Final = frozenset({"password_hash", "token_hash"})
 _RELATIVE: Final = re.compile(r"(\d+)\s*([smhdw])")
 _UNITS: Final = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -234,7 +264,7 @@ async def query(
     and never more than :data:`MAX_LIMIT` (``None`` means that many); a count of the
     whole range is :func:`stats`'s ``total``."""
     order = events.c.position.desc() if newest_first else events.c.position
-    stmt = select(events).where(*where.conditions()).order_by(order).limit(_clamp(limit))
+    stmt = select(*_ENTRY_COLUMNS).where(*where.conditions()).order_by(order).limit(_clamp(limit))
     result = await conn.execute(stmt.execution_options(**{OFF_LOOP: True}))
     entries: list[AuditEntry] = []
     # Rows are decoded and opened a chunk at a time, the loop free between chunks.
@@ -313,17 +343,110 @@ def _datetime(micros: int) -> datetime:
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+#: Counts by (event type, UTC day) over index ranges, for a filter of types and times
+#: only. The types come from a loose scan of the ``(event_type, recorded_at)`` index (one
+#: seek per distinct type), each type's first and last event in the range from two
+#: seeks, and each (type, day) count from a range of that index: no table row is read
+#: and nothing is sorted. A plain ``GROUP BY event_type, <day of recorded_at>`` over
+#: the same index sorted every event of the log by the day expression (SQLite: a temp
+#: B-tree; 1M events: 0.45 s of CPU against 0.08 s this way, measured with the sqlite3
+#: shell).
+_STATS_BY_RANGES: Final = """
+WITH RECURSIVE types(t) AS (
+    SELECT {min_type} FROM events WHERE {types}
+    UNION ALL
+    SELECT (SELECT {min_type} FROM events WHERE event_type > types.t AND {types})
+    FROM types WHERE types.t IS NOT NULL
+),
+spans(t, first_at, last_at) AS (
+    SELECT t,
+        (SELECT min(recorded_at) FROM events WHERE event_type = types.t AND {times}),
+        (SELECT max(recorded_at) FROM events WHERE event_type = types.t AND {times})
+    FROM types WHERE t IS NOT NULL
+),
+days(t, lo, last_day) AS (
+    SELECT t, {day_of_first}, {day_of_last} FROM spans WHERE first_at IS NOT NULL
+    UNION ALL
+    SELECT t, {next_day}, last_day FROM days WHERE lo < last_day
+)
+SELECT t, {day_text}, (
+    SELECT count(*) FROM events
+    WHERE event_type = days.t AND recorded_at >= days.lo AND recorded_at < {next_day}
+        AND {times}
+) FROM days
+"""
+#: The day arithmetic of :data:`_STATS_BY_RANGES`: SQLite keeps UTC text, so a day is
+#: its ``YYYY-MM-DD`` prefix (which sorts before every time of that day); PostgreSQL
+#: takes UTC midnights as ``timestamptz``.
+_DAY_SQL: Final = {
+    "sqlite": {
+        "min_type": "min(event_type)",
+        "day_of_first": "substr(first_at, 1, 10)",
+        "day_of_last": "substr(last_at, 1, 10)",
+        "next_day": "date(days.lo, '+1 day')",
+        "day_text": "days.lo",
+    },
+    "postgresql": {
+        # a recursive CTE's column has one type: text, not min()'s varchar(200)
+        "min_type": "CAST(min(event_type) AS text)",
+        "day_of_first": "timezone('UTC', date_trunc('day', timezone('UTC', first_at)))",
+        "day_of_last": "timezone('UTC', date_trunc('day', timezone('UTC', last_at)))",
+        "next_day": "days.lo + interval '1 day'",
+        "day_text": "to_char(timezone('UTC', days.lo), 'YYYY-MM-DD')",
+    },
+}
+
+
+def _stats_by_ranges(dialect: str, where: AuditFilter) -> TextClause:
+    times = []
+    if where.since is not None:
+        times.append("recorded_at >= :since")
+    if where.until is not None:
+        times.append("recorded_at < :until")
+    sql = _STATS_BY_RANGES.format(
+        types="event_type IN :types" if where.event_types else "TRUE",
+        times=" AND ".join(times) or "TRUE",
+        **_DAY_SQL[dialect],
+    )
+    stmt = sql_text(sql)
+    params: dict[str, Any] = {}
+    if where.event_types:
+        stmt = stmt.bindparams(bindparam("types", expanding=True))
+        params["types"] = list(where.event_types)
+    for name in ("since", "until"):
+        value = getattr(where, name)
+        if value is not None:
+            stmt = stmt.bindparams(bindparam(name, value, type_=UTCDateTime()))
+    return stmt.bindparams(**params) if params else stmt
+
+
+def _by_types_and_times(where: AuditFilter) -> bool:
+    """Whether ``where`` narrows by event type and time only (an index range)."""
+    return (
+        where.actor_id is None
+        and where.stream_id is None
+        and where.category is None
+        and where.correlation_id is None
+    )
+
+
 @telemetry.traced_audit("stats")
 async def stats(conn: AsyncConnection, where: AuditFilter) -> AuditStats:
-    """Counts by event type and UTC day, grouped by the database."""
-    day = _utc_day(conn.dialect.name)
-    stmt = (
-        select(events.c.event_type, day, func.count())
-        .where(*where.conditions())
-        .group_by(events.c.event_type, day)
-    )
+    """Counts by event type and UTC day, counted by the database: over index ranges
+    (:data:`_STATS_BY_RANGES`) for a filter of types and times, else grouped over the
+    rows the filter's own index selects (an actor's, a stream's, a category's events)."""
+    dialect = conn.dialect.name
+    if _by_types_and_times(where):
+        stmt: Any = _stats_by_ranges(dialect, where)
+    else:
+        day = _utc_day(dialect)
+        stmt = (
+            select(events.c.event_type, day, func.count())
+            .where(*where.conditions())
+            .group_by(events.c.event_type, day)
+        )
     result = await conn.execute(stmt.execution_options(**{OFF_LOOP: True}))
-    return _stats((t, d, n) for t, d, n in result)
+    return _stats((t, d, n) for t, d, n in result if n)
 
 
 def stats_archive(path: str | Path, where: AuditFilter) -> AuditStats:
@@ -541,18 +664,40 @@ def _attempts_cte(dialect: str, where: AuditFilter) -> Any:
     )
 
 
-async def _account_failures(
-    conn: AsyncConnection, attempts: Any, rules: SuspiciousRules
-) -> list[Finding]:
-    """The account rule in one statement: a RANGE window counts each account's attempts
-    in ``[t - window, t]``; the fullest (earliest) window per account comes back with
-    its attempts."""
+_IP_ROW: Final = 0
+_ACCOUNT_ROW: Final = 1
+
+
+def _ip_attempts(attempts: Any) -> Select[Any]:
+    """The IP rule's rows: each attempt naming an IP, with that IP (encrypted)."""
+    a = attempts.c
+    return (
+        select(
+            sql_literal(_IP_ROW).label("rule"),
+            cast(null(), String).label("user_id"),
+            a.at_us,
+            a.position,
+            events.c.event_type,
+            events.c.data["ip"].label("ip"),
+        )
+        .join_from(attempts, events, events.c.position == a.ip_position)
+        .where(events.c.data["ip"].as_string().is_not(None))
+    )
+
+
+def _account_evidence(attempts: Any, rules: SuspiciousRules) -> Select[Any]:
+    """The account rule's rows, by window functions alone: a RANGE window counts each
+    account's attempts in ``[t - window, t]``, two more give each account's fullest
+    count and the end of its earliest fullest window, and the attempts inside that
+    window are its evidence (a join of the windows' ends back to the attempts compared
+    every end with every attempt: 1M events, 0.19 s of CPU)."""
     width = rules.window // timedelta(microseconds=1)
     a = attempts.c
     counted = (
         select(
             a.user_id,
             a.at_us,
+            a.position,
             func.count()
             .over(partition_by=a.user_id, order_by=a.at_us, range_=(-width, 0))
             .label("n"),
@@ -560,65 +705,63 @@ async def _account_failures(
         .where(a.user_id.is_not(None))
         .subquery("counted")
     )
-    ranked = (
-        select(
-            counted.c.user_id,
-            counted.c.at_us,
-            counted.c.n,
-            func.row_number()
-            .over(partition_by=counted.c.user_id, order_by=(counted.c.n.desc(), counted.c.at_us))
-            .label("rank"),
-        )
-        .where(counted.c.n >= rules.account_threshold)
-        .subquery("ranked")
+    k = counted.c
+    ranked = select(
+        k.user_id,
+        k.at_us,
+        k.position,
+        func.max(k.n).over(partition_by=k.user_id).label("best_n"),
+        func.first_value(k.at_us)
+        .over(partition_by=k.user_id, order_by=(k.n.desc(), k.at_us))
+        .label("best_at"),
+    ).subquery("ranked")
+    r = ranked.c
+    return select(
+        sql_literal(_ACCOUNT_ROW),
+        r.user_id,
+        r.at_us,
+        r.position,
+        null(),
+        null(),
+    ).where(
+        r.best_n >= rules.account_threshold,
+        r.at_us >= r.best_at - width,
+        r.at_us <= r.best_at,
     )
-    best = select(ranked.c.user_id, ranked.c.at_us).where(ranked.c.rank == 1).subquery("best")
-    stmt = (
-        select(best.c.user_id, a.at_us, a.position)
-        .join_from(
-            best,
-            attempts,
-            and_(
-                a.user_id == best.c.user_id,
-                a.at_us >= best.c.at_us - width,
-                a.at_us <= best.c.at_us,
-            ),
-        )
-        .order_by(best.c.user_id, a.at_us, a.position)
+
+
+async def _failure_bursts(
+    conn: AsyncConnection, attempts: Any, rules: SuspiciousRules
+) -> list[Finding]:
+    """The account and IP rules in one streamed statement, so the failed attempts are
+    found once: the IP rule's attempts in time order (IPs are encrypted, so they are
+    opened here, page by page, keeping only the attempts inside each IP's current
+    window), then each account's evidence."""
+    stmt = union_all(_ip_attempts(attempts), _account_evidence(attempts, rules)).order_by(
+        "rule", "user_id", "at_us", "position"
     )
-    result = await conn.execute(stmt.execution_options(**{OFF_LOOP: True}))
+    windows = _Windows(rules.ip_threshold, rules.window)
     evidence: dict[str, list[tuple[datetime, int]]] = defaultdict(list)
-    for user_id, at_us, position in result:
-        evidence[user_id].append((_datetime(at_us), position))
-    return [
+    async for page in _pages(conn, stmt):
+        ips = [row for row in page if row.rule == _IP_ROW]
+        if ips:
+            opened = await keyring(conn).open_many(
+                conn, [(row.event_type, {"ip": row.ip}) for row in ips]
+            )
+            for row, o in zip(ips, opened, strict=True):
+                ip = o.data["ip"]
+                if isinstance(ip, str) and ip != ERASED:  # erased IPs are not one "IP"
+                    windows.add(ip, _datetime(row.at_us), row.position)
+            windows.sweep(_datetime(ips[-1].at_us))
+        for row in page:
+            if row.rule == _ACCOUNT_ROW:
+                evidence[row.user_id].append((_datetime(row.at_us), row.position))
+    accounts = [
         _burst("account_failures", user_id, rules.window, inside)
         for user_id, inside in evidence.items()
     ]
-
-
-async def _ip_failures(
-    conn: AsyncConnection, attempts: Any, rules: SuspiciousRules
-) -> list[Finding]:
-    """The IP rule: IPs are encrypted, so attempts come in time order, page by page,
-    to be opened here; only the attempts inside the current window stay in memory."""
-    a = attempts.c
-    stmt = (
-        select(a.position, a.at_us, events.c.event_type, events.c.data["ip"].label("ip"))
-        .join_from(attempts, events, events.c.position == a.ip_position)
-        .where(events.c.data["ip"].as_string().is_not(None))
-        .order_by(a.at_us, a.position)
-    )
-    windows = _Windows(rules.ip_threshold, rules.window)
-    async for page in _pages(conn, stmt):
-        opened = await keyring(conn).open_many(
-            conn, [(kind, {"ip": ip}) for _, _, kind, ip in page]
-        )
-        for (position, at_us, _, _), o in zip(page, opened, strict=True):
-            ip = o.data["ip"]
-            if isinstance(ip, str) and ip != ERASED:  # erased IPs are not one "IP"
-                windows.add(ip, _datetime(at_us), position)
-        windows.sweep(_datetime(page[-1][1]))
-    return windows.findings("ip_failures")
+    await asyncio.sleep(0)  # findings are built in slices of the loop too (~1-2 ms each)
+    return accounts + windows.findings("ip_failures")
 
 
 async def _pages(conn: AsyncConnection, stmt: Any) -> AsyncIterator[Sequence[Any]]:
@@ -636,37 +779,46 @@ async def _pages(conn: AsyncConnection, stmt: Any) -> AsyncIterator[Sequence[Any
 async def _lockout_logins(
     conn: AsyncConnection, where: AuditFilter, rules: SuspiciousRules
 ) -> list[Finding]:
-    """The lockout rule, user by user: only accounts locked inside the range are read,
-    each from its own stream."""
+    """The lockout rule in one streamed statement: the lockouts and successful logins
+    of the accounts locked inside the range, read from their streams (an index range
+    each), stream by stream in log order; Python opens their IPs a page at a time and
+    keeps one account's history at a time."""
     c = events.c
-    locked_users = (
-        select(c.data["user_id"].as_string())
-        .where(*where.narrowed((users.AccountLocked.event_type,)).conditions())
-        .distinct()
+    prefix = users.stream_id("")
+    locked_streams = select(sql_literal(prefix, String) + c.data["user_id"].as_string()).where(
+        *where.narrowed((users.AccountLocked.event_type,)).conditions()
     )
-    findings: list[Finding] = []
     kinds = (users.AccountLocked.event_type, users.LoginSucceeded.event_type)
     in_range = and_(*where.conditions()) if where.conditions() else true()
-    locked = await conn.execute(locked_users.execution_options(**{OFF_LOOP: True}))
-    for (user_id,) in locked.all():
-        if not isinstance(user_id, str):
-            continue
-        stmt = (
-            select(c.position, c.recorded_at, c.event_type, c.data, in_range.label("in_range"))
-            .where(c.stream_id == users.stream_id(user_id), c.event_type.in_(kinds))
-            .order_by(c.position)
+    stmt = (
+        select(
+            c.stream_id,
+            c.position,
+            c.recorded_at,
+            c.event_type,
+            c.data["ip"].label("ip"),
+            in_range.label("in_range"),
         )
-        if where.until is not None:
-            stmt = stmt.where(c.recorded_at < where.until)
-        rows = (await conn.execute(stmt)).all()
-        opened = await keyring(conn).open_many(conn, [(r.event_type, r.data) for r in rows])
-        history = [
-            (r.position, r.recorded_at, r.event_type, user_id, o.data.get("ip"), bool(r.in_range))
-            for r, o in zip(rows, opened, strict=True)
-        ]
-        findings += _new_ip_after_lockout(history, rules)
-        await asyncio.sleep(0)
-    return findings
+        # The type as an expression, which no index serves: the planner then reads each
+        # locked stream's range of the (stream_id, version) index rather than every
+        # successful login of the log by the type's index (SQLite chose that).
+        .where(c.stream_id.in_(locked_streams), (c.event_type + "").in_(kinds))
+        .order_by(c.stream_id, c.position)
+    )
+    if where.until is not None:
+        stmt = stmt.where(c.recorded_at < where.until)
+    findings: list[Finding] = []
+    history: list[tuple[int, datetime, str, str, str | None, bool]] = []
+    async for page in _pages(conn, stmt):
+        opened = await keyring(conn).open_many(conn, [(r.event_type, {"ip": r.ip}) for r in page])
+        for r, o in zip(page, opened, strict=True):
+            user_id = r.stream_id.removeprefix(prefix)
+            if history and history[-1][3] != user_id:
+                findings += _new_ip_after_lockout(history, rules)
+                history = []
+            ip = o.data["ip"]
+            history.append((r.position, r.recorded_at, r.event_type, user_id, ip, bool(r.in_range)))
+    return findings + _new_ip_after_lockout(history, rules)
 
 
 @telemetry.traced_audit("suspicious")
@@ -677,9 +829,10 @@ async def suspicious(
 
     Streams a result: on PostgreSQL ``conn`` must not be in autocommit mode."""
     attempts = _attempts_cte(conn.dialect.name, where)
-    findings = await _account_failures(conn, attempts, rules)
-    findings += await _ip_failures(conn, attempts, rules)
+    findings = await _failure_bursts(conn, attempts, rules)
+    await asyncio.sleep(0)
     findings += await _lockout_logins(conn, where, rules)
+    await asyncio.sleep(0)
     return _ordered(findings)
 
 

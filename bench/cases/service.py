@@ -86,6 +86,7 @@ class _Run:
         print(
             f"    {label:34} {seconds:8.3f}s  lag max {lag.max_ms:7.1f} ms"
             f"  p99 {lag.p99_ms:6.1f} ms  longest gc {lag.gc_max_ms:6.1f} ms"
+            f" ({lag.gc_cpu_max_ms:5.1f} ms CPU)"
             f"  peak RSS {row['peak_rss_mb']:7.1f} MB"
             f"  write lock p99 {row['write_lock_p99_ms']} ms",
             flush=True,
@@ -114,7 +115,7 @@ async def _audit(service: DatabaseService, run: _Run, suffix: str = "") -> None:
         await run.measure(f"audit suspicious{suffix}", 1, audit.suspicious)
 
 
-async def _serve(place: Place, n: int) -> list[dict[str, Any]]:
+async def _serve(place: Place, n: int, *, freeze_gc: bool = False) -> list[dict[str, Any]]:
     store = await place.store()
     scenario = Scenario(failed_logins=0.01)
     first = min(n, MEMORY_POINT)
@@ -138,6 +139,11 @@ async def _serve(place: Place, n: int) -> list[dict[str, Any]]:
         print(f"    read models built in {time.monotonic() - started:.0f}s", flush=True)
         service = DatabaseService(settings, engine=store.engine, hasher=BcryptHasher(rounds=12))
         await service.start(migrate=False)
+        # A full collection visits every object the GC tracks: its length (the probe's
+        # "longest gc") grows with the process's heap, whoever's objects they are.
+        print(f"    objects tracked by the GC: {len(gc.get_objects()):,}", flush=True)
+        if freeze_gc:  # what a host may do after start-up: later collections skip these
+            gc.freeze()
         run.lock_times = service.dispatcher.lock_times
         try:
             await _operations(service, run)
@@ -252,6 +258,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cases.service")
     parser.add_argument("--backend", default="sqlite", choices=["sqlite", "postgresql"])
     parser.add_argument("--events", type=int, default=QUICK)
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() once the service has started, as a host may (longest gc shrinks)",
+    )
     args = parser.parse_args()
     cfg = Config(quick=True, runs=1, backends=(args.backend,))
     ws = Workspace(cfg)
@@ -262,7 +273,7 @@ def main() -> None:
         try:
             ctx = Context(cfg, ws, args.backend)
             await ctx.fresh()
-            return await _serve(ctx.place("tiu"), args.events)
+            return await _serve(ctx.place("tiu"), args.events, freeze_gc=args.gc_freeze)
         finally:
             if args.backend == "postgresql":
                 await pg_drop_database()
@@ -273,7 +284,8 @@ def main() -> None:
         ws.cleanup()
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    path = RESULTS / f"service-{args.backend}-{args.events}-{stamp}.json"
+    frozen = "-gc-frozen" if args.gc_freeze else ""
+    path = RESULTS / f"service-{args.backend}-{args.events}{frozen}-{stamp}.json"
     path.write_text(json.dumps({"backend": args.backend, "events": args.events, "rows": rows}))
     print(f"wrote {path}")
 

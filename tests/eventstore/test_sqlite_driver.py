@@ -316,3 +316,49 @@ async def test_a_cancelled_off_loop_statement_is_interrupted_and_leaves_the_conn
             assert (await conn.execute(text("SELECT 2"))).scalar_one() == 2
     finally:
         await engine.dispose()
+
+
+async def test_log_pages_are_fetched_on_a_worker_thread(db_path):
+    """``read_all`` runs its page's statement (and builds its rows) off the event loop's
+    thread, so a loop paging through a large log is free while each page is read."""
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    try:
+        await store.append("s-1", "s", [ev(n) for n in range(20)])
+        threads: list[int] = []
+        async with store.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            raw.driver_connection.set_trace_callback(
+                lambda sql: threads.append(threading.get_ident()) if "FROM events" in sql else None
+            )
+            try:
+                page = await store.read_all(conn, 0, 15)
+                rest = await store.read_all(conn, page[-1].position, 15)
+            finally:
+                raw.driver_connection.set_trace_callback(None)
+        assert [e.version for e in page + rest] == list(range(1, 21))
+        assert len(threads) == 2
+        assert threading.get_ident() not in threads
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
+
+
+async def test_a_cancelled_log_read_leaves_its_connection_idle(db_path):
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}", EngineOptions(pool_size=1)))
+    try:
+        async with store.transaction() as uow:
+            for n in range(200):
+                uow.append(f"s-{n}", "s", [ev(i) for i in range(50)])
+        async with store.engine.connect() as conn:
+            read = asyncio.ensure_future(store.read_all(conn, 0, 10_000))
+            await asyncio.sleep(0)  # on its worker thread now
+            read.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await read
+            assert len(await store.read_all(conn, 0, 10)) == 10
+        async with store.engine.connect() as conn:  # the pool's only connection
+            assert not conn.sync_connection.connection.dbapi_connection.in_transaction
+            assert (await conn.execute(text("SELECT count(*) FROM events"))).scalar_one() == 10_000
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
