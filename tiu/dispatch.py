@@ -168,7 +168,9 @@ class FoldedStates:
     that the stream is still at the kept version: a decision on a state the log has
     moved past is never committed, and goes back to prepare. Every decision reaches
     the write, refusals included (they are recorded), except one refused with
-    ``InvalidCommand``, which by its definition needs no stored state. Elsewhere a
+    ``InvalidCommand``, which can depend on the state too (a password that contains
+    the user's email): decided on kept states, it is decided again on them brought
+    up to the log before it is raised. Elsewhere a
     load starts from the kept state and reads only the events after it (and a
     snapshot only if newer).
 
@@ -692,6 +694,18 @@ class Dispatcher:
             try:
                 with telemetry.step("tiu.decide", command):
                     return self.decide(command, ctx, target, read)
+            except DomainError:
+                # Raised here, the refusal meets no version check (what is weak in a
+                # password depends on the user's state): one decided on kept states
+                # is decided again on them brought up to the log.
+                kept = [(loaded.decider, s) for s, loaded in read.items() if loaded.kept]
+                if not kept:
+                    raise
+                fresh: dict[str, _Loaded] = {}
+                with translate_errors(self.store.dialect.database_label):
+                    async with self.store.engine.connect() as own:
+                        await self._whole(self.load_into(own, fresh, kept))
+                read = {**read, **fresh}
             except PasswordWorkNeeded as needed:
                 if unit is not None:
                     await unit.end_read()

@@ -518,3 +518,25 @@ async def test_a_grouped_command_whose_kept_states_moved_is_decided_again_withou
     assert result.version == 1
     assert grouped.group is not None
     await grouped.group.aclose()
+
+
+async def test_a_refusal_raised_before_the_write_is_never_decided_on_a_stale_kept_state(store):
+    """A weak password is refused before the write (no version check follows), and
+    what is weak depends on the user's state (their email): another process changed
+    the email this process keeps, so the refusal is decided again on the log, where
+    the password is fine."""
+    grouped = Dispatcher(store, snapshot_every=5, group_commit=True, hasher=HASHER)
+    await register(grouped, "zed", email="alphaomega@example.com")
+    assert grouped.states.get(USERS, "user-zed") is not None
+    other = Dispatcher(store, snapshot_every=5, hasher=HASHER)
+    await other.dispatch(
+        users.ChangeEmail(user_id="zed", new_email="zz@example.com"), ctx(SYSTEM_ACTOR)
+    )
+    new_password = SecretStr("alphaomega-river-lantern-77")
+    change = users.ChangePassword(
+        user_id="zed", old_password=SecretStr(PASSWORD), new_password=new_password
+    )
+    result = await grouped.dispatch(change, ctx("zed"))
+    assert result.version == 3
+    assert grouped.group is not None
+    await grouped.group.aclose()
