@@ -174,7 +174,11 @@ async def append_events(
 async def _main(url: str, schema: str | None, batch: int) -> None:
     engine = create_engine(url, EngineOptions(search_path=schema))
     store = EventStore(engine)
-    worker = Worker(store, ALL_PROJECTORS, batch_size=batch, poll_interval=0.05)
+    # Batches of ``batch`` while behind too (a worker reads CATCH_UP_BATCH then): the
+    # crash tests kill it mid-run, which batches of 10,000 would leave no time for.
+    worker = Worker(
+        store, ALL_PROJECTORS, batch_size=batch, catch_up_batch_size=batch, poll_interval=0.05
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
