@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain.errors import NotFound
 from domain.permissions import SYSTEM_ACTOR
+from eventstore.dialects import follow_schema
 from eventstore.translate import translate_errors
 from tiu.service import DatabaseService
 from tiu.settings import Settings
@@ -57,6 +58,7 @@ async def reclaim(engine: AsyncEngine) -> str:
         try:
             driver: Any = raw.driver_connection
             if engine.dialect.name == "postgresql":
+                await follow_schema(engine, raw)  # a tenant's view: its own tables
                 tables = ", ".join(OVERWRITTEN_TABLES)
                 await driver.execute(f"VACUUM (FULL) {tables}")
                 return f"VACUUM FULL of {tables}"

@@ -28,6 +28,7 @@ from projections.readmodels.users import users_table
 from tests.conftest import PASSWORD, PG_URL, Clock
 from tiu import InvalidCredentials, Settings
 from tiu.cli import app
+from tiu.privacy import reclaim
 from tiu.service import CATEGORIES, DatabaseService
 from tiu.tenants import TenantRegistry, check_tenant_name
 
@@ -339,3 +340,29 @@ async def test_an_append_through_the_store_lands_in_its_own_tenant_on_a_shared_c
                     await conn.scalar(select(func.count()).where(events.c.event_type == "Noted"))
                 )
         assert counts == [2, 1]
+
+
+async def test_reclaim_through_a_tenant_rewrites_that_tenant_s_tables_only(
+    tenant_names: tuple[str, str], clock: Clock
+) -> None:
+    # privacy.reclaim runs VACUUM FULL on a bare pooled connection: on a pool shared
+    # with another tenant, it must still rewrite its own tenant's tables.
+    a, b = tenant_names
+    settings = Settings(
+        database_url=PG_URL, bcrypt_rounds=4, pool_size=1, max_overflow=0, pool_timeout=5
+    )
+
+    async def users_file(service: DatabaseService) -> int:
+        async with service.engine.connect() as conn:
+            return int(await conn.scalar(text("SELECT pg_relation_filenode('users')")))
+
+    async with (
+        TenantRegistry(settings, hasher=BcryptHasher(rounds=4), clock=clock) as tenants,
+        tenants.tenant(a) as ta,
+        tenants.tenant(b) as tb,
+    ):
+        before = (await users_file(ta), await users_file(tb))  # tb served the connection last
+        await reclaim(ta.engine)
+        after = (await users_file(ta), await users_file(tb))
+    assert after[0] != before[0], "tenant a's users table was not rewritten"
+    assert after[1] == before[1], "tenant b's users table was rewritten"
