@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -716,10 +716,6 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
         store = _store(engine)
         chosen = _select(projections) if projections else list(ALL_PROJECTORS)
         runner = Worker(store, chosen, batch_size=batch_size, poll_interval=poll_interval)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
 
         async def report() -> None:
             while True:
@@ -736,19 +732,15 @@ def worker(  # noqa: PLR0917  # typer maps each parameter to an option
                 await asyncio.sleep(log_interval)
 
         log.info("worker started: %s", ", ".join(p.name for p in chosen))
-        reporter = asyncio.create_task(report())
         text_ = settings.signing_key_text()
         key = transparency.SigningKey.parse(text_) if text_ is not None else None
-        keeper = asyncio.create_task(_keep_tree(engine, key, settings, stop))
         try:
-            await runner.run(stop)
+            async with (
+                _until_signalled() as stop,
+                _alongside(report(), _keep_tree(engine, key, settings, stop)),
+            ):
+                await runner.run(stop)
         finally:
-            reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
-            await _stop_keeper(keeper)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             await store.aclose()
             await engine.dispose()
         log.info(
@@ -833,10 +825,6 @@ def publish(  # noqa: PLR0917  # typer maps each parameter to an option
         engine = _engine(settings)
         store = _store(engine)
         publisher = build_publisher(store, settings)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
 
         async def report() -> None:
             while True:
@@ -852,15 +840,10 @@ def publish(  # noqa: PLR0917  # typer maps each parameter to an option
                 await asyncio.sleep(log_interval)
 
         log.info("publishing to %s, stream %s", settings.nats_url, settings.publish_stream)
-        reporter = asyncio.create_task(report())
         try:
-            await publisher.run(stop)
+            async with _until_signalled() as stop, _alongside(report()):
+                await publisher.run(stop)
         finally:
-            reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             await store.aclose()
             await engine.dispose()
         status = publisher.status
@@ -1025,13 +1008,38 @@ async def _keep_tree(
                 await asyncio.wait_for(stop.wait(), settings.checkpoint_interval.total_seconds())
 
 
-async def _stop_keeper(keeper: asyncio.Task[None]) -> None:
+@contextlib.asynccontextmanager
+async def _until_signalled() -> AsyncIterator[asyncio.Event]:
+    """An event that SIGTERM and SIGINT set while the block runs: how the commands that
+    run until stopped (``worker``, ``publish``, ``tenants worker``) end cleanly."""
     import asyncio
 
-    if not keeper.done():
-        keeper.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await keeper
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield stop
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+@contextlib.asynccontextmanager
+async def _alongside(*jobs: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """Run ``jobs`` (progress logging, the tree keeper) as tasks while the block runs;
+    cancel them and wait for them when it ends."""
+    import asyncio
+
+    tasks = [asyncio.create_task(job) for job in jobs]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 @tenants_app.command("worker")
@@ -1044,8 +1052,6 @@ def tenants_worker(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Project every tenant's log until SIGTERM/SIGINT (one worker per tenant)."""
-    import asyncio
-
     from tiu.tenants import TenantRegistry
 
     logging.basicConfig(
@@ -1053,18 +1059,13 @@ def tenants_worker(
     )
 
     async def work() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            async with TenantRegistry(_settings(database_url, None)) as registry:
-                await registry.run_workers_until(
-                    stop, batch_size=batch_size, poll_interval=poll_interval, rescan=rescan
-                )
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+        async with (
+            _until_signalled() as stop,
+            TenantRegistry(_settings(database_url, None)) as registry,
+        ):
+            await registry.run_workers_until(
+                stop, batch_size=batch_size, poll_interval=poll_interval, rescan=rescan
+            )
 
     run(work)
 
