@@ -38,7 +38,7 @@ from typing import Any, Final
 from sqlalchemy import and_, delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from eventstore import merkle
+from eventstore import merkle, telemetry
 from eventstore.errors import EventStoreError
 from eventstore.hashing import canonical_json
 from eventstore.records import NO_STREAM, EventContext, NewEvent
@@ -257,6 +257,15 @@ async def archive(
     path = (output or default_archive_path(category, before)).resolve()
     if path.exists():
         raise RetentionError(f"archive file {path} already exists; choose another --output")
+    with telemetry.archive(store.engine, category) as span:
+        report = await _archive(store, before, path, category, actor_id)
+        span.set_attribute("tiu.archive.events", report.count)
+    return report
+
+
+async def _archive(
+    store: EventStore, before: datetime, path: Path, category: str, actor_id: str | None
+) -> ArchiveReport:
     archive_id = uuid.uuid4().hex
     report = ArchiveReport(None, None, 0, 0, None, None)
     # Lazy: the candidates are read and the archive written (on a worker thread: gzip

@@ -620,6 +620,22 @@ def read(conn: AsyncConnection, collection: str, kind: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def archive(engine: AsyncEngine, category: str) -> Iterator[Any]:
+    """Retention's archive of ``category``: a database client span ``DELETE events``
+    (``tiu.audit.kind`` ``archive``, ``tiu.archive.category``); the caller sets
+    ``tiu.archive.events`` on it once it knows how many left the log."""
+    if _tracer() is None:
+        yield NO_SPAN
+        return
+    attributes = {
+        **_database_attributes("DELETE", "events", "archive", engine),
+        "tiu.archive.category": category,
+    }
+    with span("DELETE events", attributes) as current:
+        yield current
+
+
 def traced_query(
     operation: str,
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:

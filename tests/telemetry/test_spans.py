@@ -4,6 +4,7 @@ the SDK's in-memory exporter."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 from opentelemetry.trace import StatusCode
@@ -16,7 +17,7 @@ from domain.permissions import SYSTEM_ACTOR
 from projections.runner import Worker
 from tests.conftest import PASSWORD, Clock
 from tests.telemetry.support import in_memory
-from tiu import DatabaseService, Settings
+from tiu import DatabaseService, InvalidCredentials, Settings
 
 HASHER = BcryptHasher(rounds=4)
 
@@ -412,3 +413,25 @@ async def test_an_unsampled_command_records_no_span_and_no_traceparent_but_is_co
         for point in metric.data.data_points
     ]
     assert counted == [1]
+
+
+async def test_an_audit_archive_is_a_database_client_span_counting_what_left_the_log(
+    service, clock, otel, tmp_path
+):
+    await register(service, "ada")
+    async with service.get_repositories(ip="203.0.113.9") as repos:
+        for _ in range(3):
+            with pytest.raises(InvalidCredentials):
+                await repos.get_user_repository().authenticate("ada@example.com", "wrong-pass-1")
+    clock.advance(days=2)
+    otel.spans.clear()
+    report = await service.archive_audit_log(
+        before=clock.now - timedelta(days=1), output=tmp_path / "security.jsonl.gz"
+    )
+    assert report.count == 2  # the stream keeps its newest event
+    (archived,) = otel.named("DELETE events")
+    assert archived.attributes["db.system.name"] == service.engine.dialect.name
+    assert archived.attributes["db.operation.name"] == "DELETE"
+    assert archived.attributes["tiu.audit.kind"] == "archive"
+    assert archived.attributes["tiu.archive.category"] == "security"
+    assert archived.attributes["tiu.archive.events"] == 2
