@@ -3,8 +3,10 @@ plain-Python reference (``tiu.audit.find_suspicious``, ``stats_of``) on both bac
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +24,7 @@ from tiu import InvalidCredentials
 from tiu.audit import (
     AuditFilter,
     SuspiciousRules,
+    _row_of,
     find_suspicious,
     query,
     stats,
@@ -170,6 +173,22 @@ async def test_suspicious_and_stats_in_the_database_equal_the_python_reference(
     assert counted == stats_of((e.event_type, e.recorded_at) for e in every)
 
 
+@contextlib.contextmanager
+def statements_on_events(engine: AsyncEngine) -> Iterator[list[tuple[str, Any]]]:
+    """The statements (and their parameters) the block sends that read ``events``."""
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _m: bool) -> None:
+        if "FROM events" in statement and not statement.startswith("EXPLAIN"):
+            seen.append((statement, params))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        yield seen
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+
+
 async def test_stats_count_every_event_by_type_and_utc_day(store: EventStore) -> None:
     async with store.transaction() as uow:
         for n in range(30):
@@ -242,19 +261,8 @@ async def test_stats_equal_a_python_count_of_the_filtered_log(
     async with engine.connect() as conn:
         counted = await stats(conn, where)
         every = await query(conn, AuditFilter(since=base), limit=None)
-    matching = [e for e in every if where.matches(_row(e))]
+    matching = [e for e in every if where.matches(_row_of(e))]
     assert counted == stats_of((e.event_type, e.recorded_at) for e in matching)
-
-
-def _row(entry: Any) -> dict[str, Any]:
-    return {
-        "actor_id": entry.actor_id,
-        "stream_id": entry.stream_id,
-        "stream_category": entry.category,
-        "event_type": entry.event_type,
-        "recorded_at": entry.recorded_at,
-        "correlation_id": entry.correlation_id,
-    }
 
 
 async def test_stats_over_the_whole_log_read_only_index_ranges(engine: AsyncEngine) -> None:
@@ -268,20 +276,11 @@ async def test_stats_over_the_whole_log_read_only_index_ranges(engine: AsyncEngi
                 uow.append(f"task-plan-{n}", "task", [NewEvent(_STAT_TYPES[n % 4], {"n": n})])
     finally:
         await store.aclose()
-    seen: list[tuple[str, Any]] = []
-
-    def capture(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _m: bool) -> None:
-        if not statement.startswith("EXPLAIN"):
-            seen.append((statement, params))
-
     async with engine.connect() as conn:
-        event.listen(engine.sync_engine, "before_cursor_execute", capture)
-        try:
+        with statements_on_events(engine) as seen:
             counted = await stats(conn, AuditFilter())
-        finally:
-            event.remove(engine.sync_engine, "before_cursor_execute", capture)
         assert counted.total >= 300
-        statement, params = next(s for s in seen if "events" in s[0])
+        statement, params = seen[0]
         if engine.dialect.name == "sqlite":
             rows = await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)
             steps = [r[3] for r in rows]
@@ -360,18 +359,9 @@ async def test_suspicious_makes_two_statements_however_many_accounts_were_locked
             await log.apply(("fail", who, 3, 3, True, 10))
     finally:
         await store.aclose()
-    seen: list[str] = []
-
-    def capture(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
-        if "FROM events" in statement:
-            seen.append(statement)
-
-    event.listen(engine.sync_engine, "before_cursor_execute", capture)
-    try:
+    with statements_on_events(engine) as seen:
         async with engine.connect() as conn, conn.begin():
             found = await suspicious(conn, AuditFilter(), SuspiciousRules(account_threshold=1))
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", capture)
     rules = {f.rule for f in found}
     assert [f.rule for f in found].count("new_ip_after_lockout") == 12
     assert rules == {"account_failures", "ip_failures", "new_ip_after_lockout"}
@@ -406,19 +396,10 @@ async def test_suspicious_reads_login_events_through_indexes_on_postgres(
                 await log.apply(("ok", n % 7, n % 5, 30))
     finally:
         await store.aclose()
-    seen: list[tuple[str, Any]] = []
-
-    def capture(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _m: bool) -> None:
-        if "events" in statement and not statement.startswith("EXPLAIN"):
-            seen.append((statement, params))
-
     async with postgres_engine.connect() as conn:
         await conn.execute(text("ANALYZE events"))
-        event.listen(postgres_engine.sync_engine, "before_cursor_execute", capture)
-        try:
+        with statements_on_events(postgres_engine) as seen:
             found = await suspicious(conn, AuditFilter(), SuspiciousRules(account_threshold=3))
-        finally:
-            event.remove(postgres_engine.sync_engine, "before_cursor_execute", capture)
         assert found
         assert len(seen) >= 2
         for statement, params in seen:
@@ -448,18 +429,9 @@ async def test_suspicious_reads_login_events_through_indexes_on_sqlite(
                 await log.apply(("lock", n % 7, 1))
     finally:
         await store.aclose()
-    seen: list[tuple[str, Any]] = []
-
-    def capture(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _m: bool) -> None:
-        if "FROM events" in statement and not statement.startswith("EXPLAIN"):
-            seen.append((statement, params))
-
     async with sqlite_engine.connect() as conn:
-        event.listen(sqlite_engine.sync_engine, "before_cursor_execute", capture)
-        try:
+        with statements_on_events(sqlite_engine) as seen:
             found = await suspicious(conn, AuditFilter(), SuspiciousRules(account_threshold=3))
-        finally:
-            event.remove(sqlite_engine.sync_engine, "before_cursor_execute", capture)
         assert found
         assert len(seen) == 2
         plans = []
