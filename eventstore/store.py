@@ -610,7 +610,8 @@ class EventStore:
         command_id: str | None,
         wanted: Sequence[WantedStream],
     ) -> StreamsLoad:
-        """What a command reads before it decides, in one statement: whether
+        """What a command reads before it decides (one statement on PostgreSQL, index
+        seeks one by one on SQLite, where a statement has no round trip to save): whether
         ``command_id`` was processed (and its outcome), and for each wanted stream
         ``(stream id, decider name, decider version, held)`` its snapshot, if one was
         taken by that decider and version (a ``None`` name: never) after version
