@@ -391,7 +391,9 @@ _DAY_SQL: Final = {
         "min_type": "CAST(min(event_type) AS text)",
         "day_of_first": "timezone('UTC', date_trunc('day', timezone('UTC', first_at)))",
         "day_of_last": "timezone('UTC', date_trunc('day', timezone('UTC', last_at)))",
-        "next_day": "days.lo + interval '1 day'",
+        # on UTC's clock: a timestamptz plus a day is a day of the session's zone,
+        # 23 or 25 hours across its summer time change
+        "next_day": "timezone('UTC', timezone('UTC', days.lo) + interval '1 day')",
         "day_text": "to_char(timezone('UTC', days.lo), 'YYYY-MM-DD')",
     },
 }

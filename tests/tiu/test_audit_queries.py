@@ -441,3 +441,31 @@ async def test_suspicious_reads_login_events_through_indexes_on_sqlite(
             assert not [s for s in steps if s.startswith("SCAN events")], steps
             plans.append(steps)
         assert any(s.startswith("SEARCH events USING INDEX sqlite_autoindex") for s in plans[1])
+
+
+async def test_stats_days_are_utc_days_whatever_the_sessions_time_zone(
+    engine: AsyncEngine,
+) -> None:
+    """A PostgreSQL session in a zone with summer time (a server's default TimeZone may
+    be one) still counts by UTC day: days crossing the zone's DST change are 24 hours."""
+    clock = Clock()
+    store = EventStore(engine, clock=clock)
+    times = [
+        datetime(2026, 3, 28, 12, tzinfo=UTC),
+        datetime(2026, 3, 29, 23, 30, tzinfo=UTC),  # after 23:00: the DST-shortened day
+        datetime(2026, 3, 30, 12, tzinfo=UTC),
+        datetime(2026, 4, 1, 0, 30, tzinfo=UTC),
+    ]
+    try:
+        for n, at in enumerate(times):
+            clock.now = at
+            await store.append(f"task-dst-{n}", "task", [NewEvent("DstProbe", {"n": n})])
+    finally:
+        await store.aclose()
+    async with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execute(text("SET TIME ZONE 'Europe/Berlin'"))
+        counted = await stats(conn, AuditFilter(event_types=("DstProbe",)))
+        await conn.rollback()
+    assert counted.by_day == {"2026-03-28": 1, "2026-03-29": 1, "2026-03-30": 1, "2026-04-01": 1}
+    assert counted.total == 4
