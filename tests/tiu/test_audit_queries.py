@@ -469,3 +469,31 @@ async def test_stats_days_are_utc_days_whatever_the_sessions_time_zone(
         await conn.rollback()
     assert counted.by_day == {"2026-03-28": 1, "2026-03-29": 1, "2026-03-30": 1, "2026-04-01": 1}
     assert counted.total == 4
+
+
+async def test_stats_count_an_event_at_since_not_one_at_until_and_midnight_opens_its_day(
+    engine: AsyncEngine,
+) -> None:
+    clock = Clock()
+    store = EventStore(engine, clock=clock)
+    midnight = datetime(2027, 5, 2, tzinfo=UTC)
+    times = [
+        midnight - timedelta(microseconds=1),
+        midnight,
+        midnight + timedelta(hours=1),
+        midnight + timedelta(days=1),
+    ]
+    try:
+        for n, at in enumerate(times):
+            clock.now = at
+            await store.append(f"task-edge-{n}", "task", [NewEvent("EdgeProbe", {"n": n})])
+    finally:
+        await store.aclose()
+    kinds = ("EdgeProbe",)
+    async with engine.connect() as conn:
+        whole = await stats(conn, AuditFilter(event_types=kinds))
+        edges = await stats(conn, AuditFilter(event_types=kinds, since=midnight, until=times[-1]))
+        before = await stats(conn, AuditFilter(event_types=kinds, until=midnight))
+    assert whole.by_day == {"2027-05-01": 1, "2027-05-02": 2, "2027-05-03": 1}
+    assert edges.by_day == {"2027-05-02": 2}
+    assert before.by_day == {"2027-05-01": 1}
