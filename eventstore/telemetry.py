@@ -207,10 +207,12 @@ _state: _State | None = None  # built at the end of the module, once its callbac
 class _Command:
     """A recording command span, and what its stages measured (set on it at its end)."""
 
-    __slots__ = ("metadata", "span", "timings")
+    __slots__ = ("key", "metadata", "span", "timings")
 
-    def __init__(self, span: Any) -> None:
+    def __init__(self, span: Any, key: int) -> None:
         self.span = span
+        #: ``id()`` of the command object (:data:`_open_commands`'s key).
+        self.key = key
         #: Seconds by attribute name (``tiu.duration.load``...), summed over retries.
         self.timings: dict[str, Any] = {}
         context = span.get_span_context()
@@ -330,6 +332,16 @@ def span(
         current.end()
 
 
+def _owner(command: object) -> _Command | None:
+    """``command``'s recording span: the one of the dispatch running in this context if
+    it is of this object (the same object may be dispatched twice at once), else the
+    registered one (a group writer handles other tasks' commands)."""
+    own = _current_command.get()
+    if own is not None and own.key == id(command):
+        return own
+    return _open_commands.get(id(command))
+
+
 @contextlib.contextmanager
 def step(name: str, command: object) -> Iterator[None]:
     """A stage of ``command`` (``tiu.load``, ``tiu.decide``): its duration on the
@@ -338,7 +350,7 @@ def step(name: str, command: object) -> Iterator[None]:
     another trace (a group writer handling several commands). Nothing when the command
     is not recorded (no SDK, or not sampled)."""
     state = _state
-    owner = _open_commands.get(id(command)) if state is not None else None
+    owner = _owner(command) if state is not None else None
     if owner is None:
         yield
         return
@@ -405,8 +417,10 @@ async def command(command: Any, ctx: Any, work: Awaitable[R]) -> R:
         )
         # Not sampled: nothing more is done for it (no stages, no traceparent).
         if current.is_recording():
-            opened = _Command(current)
-            _open_commands[id(command)] = opened
+            opened = _Command(current, id(command))
+            # The same command object dispatched again while in flight keeps the first
+            # registration: its own stages find it in its context (see _owner).
+            _open_commands.setdefault(id(command), opened)
             context_token = otel_context.attach(trace.set_span_in_context(current))
             command_token = _current_command.set(opened)
     outcome = "ok"
@@ -434,7 +448,8 @@ async def command(command: Any, ctx: Any, work: Awaitable[R]) -> R:
         labels = state.command_labels(name, outcome)
         if opened is not None:
             _current_command.reset(command_token)
-            _open_commands.pop(id(command), None)
+            if _open_commands.get(id(command)) is opened:
+                del _open_commands[id(command)]
             opened.timings["tiu.command.outcome"] = outcome
             opened.span.set_attributes(opened.timings)
             # Recorded while the span is current: an exemplar can point at it.
@@ -462,7 +477,7 @@ def traced_group(
         owners = []
         for item, _ in group:
             owner = _open_commands.get(id(key(item)))
-            if owner is not None:
+            if owner is not None and owner not in owners:
                 owner.timings["tiu.command.group_size"] = len(group)
                 owners.append(owner)
         if not owners:
@@ -685,7 +700,7 @@ def trace_metadata(command: object = None) -> Mapping[str, str]:
     if _state is None:
         return _NOTHING
     if command is not None:
-        opened = _open_commands.get(id(command))
+        opened = _owner(command)
         return opened.metadata if opened is not None else _NOTHING
     if _tracer() is None:
         return _NOTHING

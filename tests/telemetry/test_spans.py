@@ -179,6 +179,23 @@ async def _share_a_group(service, otel, *, stage_spans: bool) -> None:
     assert sizes and sizes[0].max > 1
 
 
+async def test_one_command_object_dispatched_twice_at_once_keeps_each_span_its_own(service, otel):
+    await register(service, "ada")
+    otel.spans.clear()
+    command = create_project("p-twice", "ada")
+    await asyncio.gather(
+        service.dispatcher.dispatch(command, ctx(service, "ada")),
+        service.dispatcher.dispatch(command, ctx(service, "ada")),
+    )
+    spans = otel.named("tiu.command CreateProject")
+    (wrote,) = [s for s in spans if s.attributes["tiu.command.outcome"] == "ok"]
+    assert wrote.attributes["tiu.duration.write"] > 0
+    async with service.engine.connect() as conn:
+        records = await service.store.read_all(conn)
+    (parent,) = {r.metadata["traceparent"] for r in records if r.stream_id == "project-p-twice"}
+    assert parent.split("-")[2] == f"{wrote.context.span_id:016x}"
+
+
 async def test_repository_and_audit_queries_are_database_client_spans(service, otel):
     await register(service, "ada")
     async with service.get_repositories(actor_id="ada") as repos:
