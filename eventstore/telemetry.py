@@ -335,9 +335,11 @@ def span(
 def _owner(command: object) -> _Command | None:
     """``command``'s recording span: the one of the dispatch running in this context if
     it is of this object (the same object may be dispatched twice at once), else the
-    registered one (a group writer handles other tasks' commands)."""
+    registered one (a group writer handles other tasks' commands). A group writer's
+    context holds the command of the caller that started it, which may have ended and
+    its id gone to another object: only a span still recording is this dispatch's."""
     own = _current_command.get()
-    if own is not None and own.key == id(command):
+    if own is not None and own.key == id(command) and own.span.is_recording():
         return own
     return _open_commands.get(id(command))
 
