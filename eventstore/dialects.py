@@ -669,6 +669,10 @@ class SQLiteDialect(Dialect):
         self.database_label = engine.url.database or ":memory:"
         # A shared :memory: database has one connection, which readers use too.
         self.direct_appends = not isinstance(engine.pool, StaticPool)
+        # Nor are its log pages read on a worker thread: every caller's statements run on
+        # that one connection, and a cancelled page interrupts whatever statement another
+        # caller's page is running on it at the time.
+        self._pages_off_loop = self.direct_appends
 
     async def begin_write(self, conn: AsyncConnection) -> None:
         # A read transaction cannot become the writer safely (SQLITE_BUSY_SNAPSHOT once
@@ -776,6 +780,8 @@ class SQLiteDialect(Dialect):
     async def _fetch_off_loop(self, raw: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
         # On a worker thread (eventstore.sqlite_driver): a page of 1,000 events is
         # ~2-5 ms of SQLite and row building, which inline held the loop for.
+        if not self._pages_off_loop:
+            return await self._fetch(raw.driver_connection, sql, params)
         driver: InlineConnection = raw.dbapi_connection
         values = read_parameters(sql, params, postgresql=False)
         return await driver.off_loop(_fetch_all, raw.driver_connection, sql, values)

@@ -26,6 +26,7 @@ from eventstore import (
 )
 from eventstore.hashing import canonical_json, chain_hash, event_hash, parse_json
 from eventstore.integrity import verify
+from eventstore.schema import metadata
 
 pytestmark = pytest.mark.sqlite
 
@@ -359,6 +360,30 @@ async def test_a_cancelled_log_read_leaves_its_connection_idle(db_path):
         async with store.engine.connect() as conn:  # the pool's only connection
             assert not conn.sync_connection.connection.dbapi_connection.in_transaction
             assert (await conn.execute(text("SELECT count(*) FROM events"))).scalar_one() == 10_000
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
+
+
+async def test_a_cancelled_log_read_on_a_shared_memory_database_leaves_other_readers_alone():
+    # :memory: has one connection for every caller: a page read on a worker thread and
+    # cancelled would interrupt another caller's page running on it.
+    store = EventStore(create_engine("sqlite+aiosqlite:///:memory:"))
+    try:
+        async with store.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        for n in range(10):
+            await store.append(f"s-{n}", "s", [ev(i) for i in range(1_000)])
+
+        async def read() -> int:
+            async with store.engine.connect() as conn:
+                return len(await store.read_all(conn, 0, 10_000))
+
+        cancelled, other = asyncio.ensure_future(read()), asyncio.ensure_future(read())
+        await asyncio.sleep(0.005)
+        cancelled.cancel()
+        results = await asyncio.gather(cancelled, other, return_exceptions=True)
+        assert results[1] == 10_000
     finally:
         await store.aclose()
         await store.engine.dispose()
