@@ -781,7 +781,9 @@ class SQLiteDialect(Dialect):
         # On a worker thread (eventstore.sqlite_driver): a page of 1,000 events is
         # ~2-5 ms of SQLite and row building, which inline held the loop for.
         if not self._pages_off_loop:
-            return await self._fetch(raw.driver_connection, sql, params)
+            rows = await self._fetch(raw.driver_connection, sql, params)
+            await asyncio.sleep(0)  # a loop reading page after page lets others run
+            return rows
         driver: InlineConnection = raw.dbapi_connection
         values = read_parameters(sql, params, postgresql=False)
         return await driver.off_loop(_fetch_all, raw.driver_connection, sql, values)

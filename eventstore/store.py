@@ -661,9 +661,10 @@ class EventStore:
         """Events of the whole log with ``position > after_position``, in position order.
 
         The page is fetched off the event loop (SQLite: on a worker thread, see
-        :mod:`eventstore.sqlite_driver`; PostgreSQL: the driver awaits the server), so
-        each call suspends and a loop reading page after page lets the event loop's
-        other tasks run while each page is read."""
+        :mod:`eventstore.sqlite_driver`, but for a shared ``:memory:`` database, whose
+        one connection serves every caller; PostgreSQL: the driver awaits the server),
+        so each call suspends and a loop reading page after page lets the event loop's
+        other tasks run."""
         with translate_errors(self.dialect.database_label):
             return await self.dialect.read_events(
                 conn,

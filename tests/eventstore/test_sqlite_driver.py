@@ -387,3 +387,30 @@ async def test_a_cancelled_log_read_on_a_shared_memory_database_leaves_other_rea
     finally:
         await store.aclose()
         await store.engine.dispose()
+
+
+async def test_log_pages_of_a_shared_memory_database_suspend_between_pages():
+    store = EventStore(create_engine("sqlite+aiosqlite:///:memory:"))
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    try:
+        async with store.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        await store.append("s-1", "s", [ev(i) for i in range(50)])
+        other = asyncio.ensure_future(other_task())
+        await asyncio.sleep(0)
+        async with store.engine.connect() as conn:
+            before, after = turns, 0
+            for _ in range(5):
+                after = (await store.read_all(conn, after, 10))[-1].position
+            assert turns - before >= 5
+        other.cancel()
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
