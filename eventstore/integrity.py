@@ -144,6 +144,8 @@ class VerifyReport:
     #: Archived positions whose leaf is the stand-in for events archived before the
     #: tree existed (:data:`eventstore.merkle.PLACEHOLDER_LEAF`): not provable one by one.
     placeholder_leaves: int = 0
+    #: How many processes checked the events: 1 when this one did (:func:`verify`).
+    processes: int = 1
 
     @property
     def ok(self) -> bool:
@@ -227,7 +229,7 @@ def _sqlite_trip(db: Any, check: _Pass, after: int, end: int, size: int) -> int 
     rows = db.execute(_SQLITE_FAST, (after, end, size)).fetchall()
     if not rows:
         return None
-    if check.start > 1:
+    if not check.whole:
         fresh = check.unseen(rows)
         found = [r for s in fresh for r in db.execute(_SEED_SQLITE, (s, check.start)).fetchall()]
         check.seed(fresh, found)
@@ -419,6 +421,7 @@ async def _ranges_pass(
     if len(spans) < 2:
         return False
     context = multiprocessing.get_context("spawn")
+    check.processes = len(spans)
     started: list[tuple[Any, Any]] = []
     try:
         for start, end in spans:
@@ -648,12 +651,14 @@ class _Pass:
     #: The first position checked: a range of the log (:func:`_check_range`)
     #: starts each stream from its last event before it (:meth:`seed`).
     start: int = 1
-    #: Whether this pass sees every leaf up to the checkpoint's size, so compares their
-    #: root with the checkpoint's (a range's leaves are joined by the caller).
+    #: False for a range of the log checked by a child process: it starts each stream
+    #: from its last event before ``start`` (:meth:`seed`), and compares no root with
+    #: the checkpoint's (the caller joins the ranges' leaves).
     whole: bool = True
     looked: set[Any] = field(default_factory=set)
     #: Streams first seen by this pass with no event before ``start`` nor archived.
     new_streams: int = 0
+    processes: int = 1
 
     def __post_init__(self) -> None:
         for record in self.records:
@@ -694,6 +699,7 @@ class _Pass:
             tree_size=self.tree_size,
             checkpoint_size=None if self.checkpoint is None else self.checkpoint.size,
             placeholder_leaves=self.placeholders,
+            processes=self.processes,
         )
 
     def _archived(self, position: int) -> bool:
