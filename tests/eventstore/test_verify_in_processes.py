@@ -10,8 +10,11 @@ import os
 import signal
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from eventstore import (
@@ -19,10 +22,12 @@ from eventstore import (
     NewEvent,
     VerifyReport,
     create_engine,
+    merkle,
     retention,
     transparency,
     verify,
 )
+from eventstore.integrity import _Chunks, _join, _ranges
 from migrations import runner
 
 KEY = transparency.SigningKey.generate("test.example/ranges")
@@ -133,3 +138,42 @@ async def test_cancelling_verify_ends_its_child_processes(store, engine: AsyncEn
 
 def _with_processes(report: VerifyReport, processes: int) -> VerifyReport:
     return replace(report, processes=processes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(head=st.integers(2, 10**7), processes=st.integers(2, 64))
+def test_the_ranges_cover_every_position_once_and_start_after_whole_chunks(
+    head: int, processes: int
+):
+    chunk, spans = _ranges(head, processes)
+    assert chunk & (chunk - 1) == 0
+    assert 1 <= len(spans) <= processes
+    assert (spans[0][0], spans[-1][1]) == (1, head)
+    assert all(c == b + 1 for (_, b), (c, _) in pairwise(spans))
+    assert all((start - 1) % chunk == 0 and start <= end for start, end in spans)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_the_ranges_leaves_joined_have_the_root_of_every_leaf(data: st.DataObject):
+    # Each range folds its leaves into whole chunks' roots and a compact rest; joined in
+    # order they give the root of the whole log's leaves, whatever the cuts.
+    size = data.draw(st.integers(1, 300))
+    processes = data.draw(st.integers(2, 6))
+    leaves = [bytes([i % 251]) * 32 for i in range(size)]
+    chunk, spans = _ranges(max(size, 2), processes)
+    whole, joined = merkle.RootAccumulator(), merkle.RootAccumulator()
+    whole.extend(leaves)
+    for start, end in spans:
+        part = _Chunks(chunk)
+        run = leaves[start - 1 : min(end, size)]
+        cut = data.draw(st.integers(0, len(run)))
+        part.extend(run[:cut])
+        for leaf in run[cut:]:
+            part.add(leaf)
+        for root in part.roots:
+            _join(joined, root, chunk.bit_length() - 1)
+        heights = [h for h in reversed(range(part.size.bit_length())) if part.size >> h & 1]
+        for node, height in zip(part.stack, heights, strict=True):
+            _join(joined, node, height)
+    assert (joined.size, joined.root()) == (whole.size, whole.root())
