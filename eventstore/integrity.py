@@ -114,7 +114,7 @@ _SEED_SQLITE: Final = (
     "ON e.position = (SELECT max(position) FROM events WHERE stream_id = s.value "
     "AND position < ?)"
 )
-SEED_POSTGRES: Final = (
+_SEED_POSTGRES: Final = (
     "SELECT DISTINCT ON (stream_id) stream_id, version, hash FROM events "
     "WHERE stream_id = ANY($1::text[]) AND position < $2 ORDER BY stream_id, position DESC"
 )
@@ -182,7 +182,7 @@ async def verify(
     Stops at the first position affected.
 
     The events are checked by ``processes`` child processes at once (at most one per
-    CPU; by default one per CPU from a log of 200,000 events), each over its own
+    CPU; by default one per CPU, up to 8, from a log of 200,000 events), each over its own
     read-only connection and a contiguous range of positions, so the caller's process
     does no per-event work. A database another process cannot open (an in-memory SQLite
     database, an engine with a ``StaticPool``), one process, or a child that fails
@@ -306,6 +306,8 @@ async def _canonical_pass(conn: AsyncConnection, check: _Pass, size: int) -> Non
 #: Below this many events, the default is to check in this process: starting a child
 #: (a new interpreter importing this package) costs about what checking ~50k events does.
 _RANGES_FROM: Final = 200_000
+#: At most this many children by default (measured with two, on a 2-core machine).
+_PROCESSES_DEFAULT: Final = 8
 #: The position of the last event, where the ranges end.
 _HEAD_SQL: Final = "SELECT max(position) FROM events"
 
@@ -426,7 +428,7 @@ async def _ranges_pass(
     return, error or cancellation, ends every child still running."""
     cpus = os.cpu_count() or 1
     head = int((await conn.execute(text(_HEAD_SQL))).scalar() or 0)
-    wanted = min(cpus, processes if processes is not None else 8)
+    wanted = min(cpus, processes if processes is not None else _PROCESSES_DEFAULT)
     if wanted < 2 or head < 2 or (processes is None and head < _RANGES_FROM):
         return False
     location = await _child_location(conn)
@@ -565,7 +567,7 @@ async def _postgres_range(spec: _Range, check: _Pass) -> None:
             fresh = check.unseen(rows)
             found = []
             if fresh and check.start > 1:
-                found = [tuple(r) for r in await db.fetch(SEED_POSTGRES, fresh, check.start)]
+                found = [tuple(r) for r in await db.fetch(_SEED_POSTGRES, fresh, check.start)]
             check.seed(fresh, found)
             last = int(rows[-1][0])
             count = max(0, min(last, check.tree_size) - after)
