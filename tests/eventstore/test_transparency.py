@@ -5,6 +5,7 @@ detected by ``verify(checkpoint=...)``, which names the first position affected.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -209,9 +210,13 @@ async def test_every_single_change_after_a_checkpoint_is_detected_at_its_first_p
         report = await verify(conn, checkpoint=checkpoint)
         # Read in pages of 5 (holes, slices and leaves at page edges), the same finding.
         paged = await verify(conn, checkpoint=checkpoint, page_size=5)
+        # Checked in two ranges by two child processes (positions 1-16 and 17 on, streams
+        # crossing the cut), the same finding.
+        in_ranges = await verify(conn, checkpoint=checkpoint, processes=2)
     assert report.broken is not None, kind
     assert report.first_position == first, (kind, str(report.broken))
     assert paged.broken == report.broken, kind
+    assert (in_ranges.processes, in_ranges.broken) == (min(2, os.cpu_count() or 1), report.broken)
 
 
 @pytest.mark.needs_owner
