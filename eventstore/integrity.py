@@ -18,12 +18,13 @@ tree keeps their leaves (archived events stay provable).
 Memory grows with the number of streams (each one's last version and hash), not with
 the log. The events can be checked in child processes (:func:`verify` ``processes=``;
 ``tiu verify`` does), a contiguous range of positions each, over their own read-only
-connections: the caller's process does no per-event work and shares no GIL with them. Each range starts every
-stream from its last event before the range, read as stored; the ranges' results are
-taken in order, so the first range with a failure names the first position affected,
-as one pass would: every range before it checked out, so the heads it started from
-were sound. Without children (a database no other process can open, one CPU, a small
-log), the check runs on a worker thread, page by page, so the caller's loop stays free.
+connections: the caller's process does no per-event work and shares no GIL with them.
+Each range starts every stream from its last event before the range, read as stored;
+the ranges' results are taken in order, so the first range with a failure names the
+first position affected, as one pass would: every range before it checked out, so the
+heads it started from were sound. Without children (the default; a database no other
+process can open, one CPU, a small log), the check runs on a worker thread, page by
+page, so the caller's loop stays free.
 Children are started by ``spawn`` (never a fork of a process running an event loop):
 as with any ``spawn``, the host's main module must guard what it runs with
 ``if __name__ == "__main__"``.
