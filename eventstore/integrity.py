@@ -63,7 +63,7 @@ from eventstore.hashing import (
 )
 from eventstore.offline_verify import Checkpoint, ProofError, node_hash, verify_consistency
 from eventstore.retention import ArchiveRecord, load_records
-from eventstore.types import sqlite_datetime
+from eventstore.types import sqlite_datetime, sqlite_text
 
 _COLUMNS: Final = (
     "position, stream_id, stream_category, version, {event_id}, event_type, schema_version, "
@@ -89,7 +89,7 @@ _SQLITE_FAST: Final = (
     "json_array(stream_id, version), event_id, json_array(event_type, schema_version), "
     "data, metadata, json_array(actor_id, correlation_id, causation_id, command_id), "
     "recorded_at, json_valid(data) AND json_valid(metadata) AND length(event_id) = 32 "
-    "AND length(recorded_at) = 26 "
+    "AND length(recorded_at) = 26 AND substr(recorded_at, 11, 1) = ' ' "
     "FROM events WHERE position > ? AND position <= ? ORDER BY position LIMIT ?"
 )
 #: _SQLITE_FAST for a page holding a blob where it builds a JSON array (json_array
@@ -669,7 +669,12 @@ def _iso(value: Any) -> str:
     if isinstance(value, str):
         if len(value) == 26 and value[10] == " ":
             return f"{value[:10]}T{value[11:]}+00:00"
-        value = sqlite_datetime(value)
+        parsed = sqlite_datetime(value)
+        # Only the text the store writes (sqlite_text) stands for a time: another
+        # separator, say, parses to the same time but is not what was written.
+        if sqlite_text(parsed) != value:
+            raise ValueError("a stored time in another form than the store writes")
+        value = parsed
     return str(value.isoformat(timespec="microseconds"))
 
 

@@ -523,3 +523,32 @@ async def test_a_log_archived_before_the_tree_existed_still_grows_a_tree_that_ve
         await conn.execute(delete(merkle_state))
     with pytest.raises(EventStoreError, match="position 2 is missing"):
         await transparency.extend_tree(engine)
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("separator", ["T", "X", "_"])
+async def test_a_stored_time_rewritten_in_another_form_is_found(
+    sqlite_engine: AsyncEngine, separator: str
+):
+    # SQLite stores "YYYY-MM-DD HH:MM:SS.ffffff"; the hash covers its ISO form, where the
+    # date and time are joined by "T". A stored time with another separator is not what
+    # was written (reads of it would fail), so it is found even though every other
+    # character of the hashed text is unchanged.
+    store = EventStore(sqlite_engine)
+    try:
+        await build_log(store, rounds=2)
+    finally:
+        await store.aclose()
+    async with sqlite_engine.begin() as conn:
+        await bypass_append_only(conn)
+        await conn.execute(
+            text(
+                "UPDATE events SET recorded_at = substr(recorded_at, 1, 10) || :s "
+                "|| substr(recorded_at, 12) WHERE position = 6"
+            ),
+            {"s": separator},
+        )
+    async with sqlite_engine.connect() as conn:
+        report = await verify(conn)
+    assert report.first_position == 6
+    assert report.broken is not None
