@@ -40,9 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
-from bench.common import PG_ADMIN_DB, pg_dsn, pg_url
+from bench.common import pg_execute, pg_url
 from bench.probe import LoopProbe
 from bench.scenario import Scenario, fill
 from eventstore import (
@@ -58,14 +56,6 @@ from migrations import runner
 
 SEED = 23
 PG_DB = "tiu_bench_transparency"
-
-
-async def _admin(statement: str) -> None:
-    conn = await asyncpg.connect(pg_dsn(PG_ADMIN_DB))
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 KEY = transparency.SigningKey.generate("bench.example/tiu")
@@ -252,8 +242,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     await engine.dispose()
         else:
             # A database of its own: other benches create and drop bench.common's.
-            await _admin(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
-            await _admin(f'CREATE DATABASE "{PG_DB}"')
+            await pg_execute(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
+            await pg_execute(f'CREATE DATABASE "{PG_DB}"')
             engine = create_engine(pg_url(PG_DB))
             try:
                 results[backend] = await measure(
@@ -262,7 +252,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 await engine.dispose()
                 if not args.keep:
-                    await _admin(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
+                    await pg_execute(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
     return results
 
 
