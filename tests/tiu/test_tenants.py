@@ -61,6 +61,14 @@ def registry(clock: Clock, **options: object) -> TenantRegistry:
     )
 
 
+def one_connection_registry(clock: Clock) -> TenantRegistry:
+    """Tenants sharing a pool of exactly one connection: each use switches it."""
+    settings = Settings(
+        database_url=PG_URL, bcrypt_rounds=4, pool_size=1, max_overflow=0, pool_timeout=5
+    )
+    return TenantRegistry(settings, hasher=BcryptHasher(rounds=4), clock=clock)
+
+
 async def emails(service: DatabaseService) -> set[str]:
     async with service.engine.connect() as conn:
         return set((await conn.execute(select(users_table.c.email))).scalars())
@@ -97,10 +105,7 @@ async def test_tenants_share_one_pool_and_its_connection_follows_the_tenant_usin
     # schemas, and the prepared statements and plpgsql append functions it has cached
     # resolve in the schema of the tenant using it.
     a, b = tenant_names
-    settings = Settings(
-        database_url=PG_URL, bcrypt_rounds=4, pool_size=1, max_overflow=0, pool_timeout=5
-    )
-    async with TenantRegistry(settings, hasher=BcryptHasher(rounds=4), clock=clock) as tenants:
+    async with one_connection_registry(clock) as tenants:
         async with tenants.tenant(a) as ta, tenants.tenant(b) as tb:
             assert ta.engine.pool is tb.engine.pool is tenants.engine.pool
             for who, service in [("ada", ta), ("bob", tb), ("cyd", ta), ("dee", tb)]:
@@ -320,11 +325,8 @@ async def test_an_append_through_the_store_lands_in_its_own_tenant_on_a_shared_c
     # Connection around it: the one pooled connection served tenant b last, and an
     # append of tenant a's store must still go to a's log.
     a, b = tenant_names
-    settings = Settings(
-        database_url=PG_URL, bcrypt_rounds=4, pool_size=1, max_overflow=0, pool_timeout=5
-    )
     async with (
-        TenantRegistry(settings, hasher=BcryptHasher(rounds=4), clock=clock) as tenants,
+        one_connection_registry(clock) as tenants,
         tenants.tenant(a) as ta,
         tenants.tenant(b) as tb,
     ):
@@ -348,16 +350,13 @@ async def test_reclaim_through_a_tenant_rewrites_that_tenant_s_tables_only(
     # privacy.reclaim runs VACUUM FULL on a bare pooled connection: on a pool shared
     # with another tenant, it must still rewrite its own tenant's tables.
     a, b = tenant_names
-    settings = Settings(
-        database_url=PG_URL, bcrypt_rounds=4, pool_size=1, max_overflow=0, pool_timeout=5
-    )
 
     async def users_file(service: DatabaseService) -> int:
         async with service.engine.connect() as conn:
             return int(await conn.scalar(text("SELECT pg_relation_filenode('users')")))
 
     async with (
-        TenantRegistry(settings, hasher=BcryptHasher(rounds=4), clock=clock) as tenants,
+        one_connection_registry(clock) as tenants,
         tenants.tenant(a) as ta,
         tenants.tenant(b) as tb,
     ):
