@@ -163,9 +163,16 @@ async def follow_schema(engine: AsyncEngine, raw: Any) -> None:
     if raw.info.get(SCHEMA_OPTION) == wanted:
         return
     statement = search_path_statement(wanted)
+    # Unknown until the SET is known to have run: one cut off after the server ran it
+    # (a cancellation) must not leave the connection passing for its former schema.
+    raw.info[SCHEMA_OPTION] = _PATH_UNKNOWN
     with driver_errors(engine, raw, statement):
         await raw.driver_connection.execute(statement)
     raw.info[SCHEMA_OPTION] = wanted
+
+
+#: A pooled connection's path while a SET of it is in flight: equal to no schema.
+_PATH_UNKNOWN: Final = object()
 
 
 async def try_advisory_lock(conn: AsyncConnection, name: str, scope: str = LEADER_SCOPE) -> bool:

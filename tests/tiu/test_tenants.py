@@ -10,13 +10,16 @@ import secrets
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import func, select, text
 from typer.testing import CliRunner
 
 from domain.passwords import BcryptHasher
 from eventstore import EngineOptions, EventStore, create_engine
+from eventstore.dialects import follow_schema
 from eventstore.errors import AppendTimeout, PoolExhausted
 from eventstore.integrity import verify
 from eventstore.records import NO_STREAM, NewEvent
@@ -368,3 +371,40 @@ async def test_reclaim_through_a_tenant_rewrites_that_tenant_s_tables_only(
         after = (await users_file(ta), await users_file(tb))
     assert after[0] != before[0], "tenant a's users table was not rewritten"
     assert after[1] == before[1], "tenant b's users table was rewritten"
+
+
+async def test_a_schema_switch_cut_off_midway_is_made_again_at_the_next_bare_checkout(
+    tenant_names: tuple[str, str], clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A SET cancelled after the server ran it leaves the session on the new path: the
+    # connection, back in the pool, must not still pass for the schema it served before.
+    a, b = tenant_names
+    real = asyncpg.connection.Connection.execute
+    cut: list[str] = []
+
+    async def execute_then_cancel(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        result = await real(self, query, *args, **kwargs)
+        if query.startswith("SET search_path") and not cut:
+            cut.append(query)
+            raise asyncio.CancelledError
+        return result
+
+    async with (
+        one_connection_registry(clock) as tenants,
+        tenants.tenant(a) as ta,
+        tenants.tenant(b) as tb,
+    ):
+        async with tb.engine.connect() as conn:  # the one connection serves b
+            assert await conn.scalar(text("SELECT current_schema()")) == b
+        monkeypatch.setattr(asyncpg.connection.Connection, "execute", execute_then_cancel)
+        raw = await ta.engine.raw_connection()
+        with pytest.raises(asyncio.CancelledError):
+            await follow_schema(ta.engine, raw)
+        raw.close()  # back to the pool, its session now on a's path
+        assert cut
+        raw = await tb.engine.raw_connection()
+        try:
+            await follow_schema(tb.engine, raw)
+            assert await raw.driver_connection.fetchval("SELECT current_schema()") == b
+        finally:
+            raw.close()
