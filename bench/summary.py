@@ -51,6 +51,8 @@ def table(records: list[dict[str, Any]]) -> str:
     for (case, backend), systems in by_case.items():
         name = BACKEND_NAMES.get(backend, backend)
         tiu = _rate(systems.get("tiu"))
+        if case.startswith(("9 ", "10 ")):
+            continue  # a service's loop lag and telemetry's CPU: not rates, listed apart
         if case.startswith("6"):
             queries[name].append((tiu or 0.0, _rate(systems.get("raw")) or 0.0))
             continue

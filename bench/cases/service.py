@@ -227,7 +227,8 @@ def _results(backend: str, n: int, rows: list[dict[str, Any]]) -> list[Result]:
     for row in rows:
         note = (
             f"lag max {row['max_ms']} ms, p99 {row['p99_ms']} ms, "
-            f"peak RSS {row['peak_rss_mb']} MB, write-lock hold n/a"
+            f"peak RSS {row['peak_rss_mb']} MB, write-lock hold p99 "
+            + (f"{held} ms" if (held := row.get("write_lock_p99_ms")) is not None else "n/a")
         )
         out.append(
             Result(
