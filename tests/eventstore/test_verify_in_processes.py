@@ -27,7 +27,8 @@ from eventstore import (
     transparency,
     verify,
 )
-from eventstore.integrity import _Chunks, _join, _ranges
+from eventstore.integrity import _join, _ranges
+from eventstore.log_check import _Chunks
 from migrations import runner
 
 KEY = transparency.SigningKey.generate("test.example/ranges")
