@@ -25,6 +25,7 @@ first position affected, as one pass would: every range before it checked out, s
 heads it started from were sound. Without children (the default; a database no other
 process can open, one CPU, a small log), the check runs on a worker thread, page by
 page, so the caller's loop stays free.
+The rows' checks live in :mod:`eventstore.log_check`, which a child imports alone.
 Children are started by ``spawn`` (never a fork of a process running an event loop):
 as with any ``spawn``, the host's main module must guard what it runs with
 ``if __name__ == "__main__"``.

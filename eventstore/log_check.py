@@ -743,3 +743,6 @@ class _IsoText(str):
 
     def isoformat(self, timespec: str = "auto") -> str:
         return str(self)
+
+
+__all__ = ["Archive", "BrokenLink", "VerifyReport"]
