@@ -17,7 +17,6 @@ removes events (whose leaves must stay). It is never silently behind: ``tiu stat
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,10 +31,18 @@ from eventstore.dialects import dialect_for
 from eventstore.errors import LogIntegrityError
 from eventstore.offline_verify import EMPTY_ROOT, event_leaf, leaf_hash, node_hash
 from eventstore.schema import merkle_state, merkle_tiles
+from eventstore.tiles import (
+    ARCHIVED_BEFORE_TREE,
+    LEVEL0_SQL,
+    PLACEHOLDER_LEAF,
+    TILE_HEIGHT,
+    TILE_WIDTH,
+    RootAccumulator,
+    leaf_run,
+    level0_span,
+)
+from eventstore.tiles import TILE_MASK as _MASK
 
-TILE_HEIGHT: Final = 8
-TILE_WIDTH: Final = 1 << TILE_HEIGHT
-_MASK: Final = TILE_WIDTH - 1
 #: Leaves hashed and written per round of :func:`extend` (16 level-0 tiles: on
 #: PostgreSQL asyncpg decodes a round on the loop, ~2 ms).
 CHUNK: Final = 16 * TILE_WIDTH
@@ -148,60 +155,6 @@ def tiles_for(ranges: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
     return {tile_of(h, i) for lo, hi in ranges for h, i in blocks(lo, hi)}
 
 
-class RootAccumulator:
-    """The root of leaves fed one at a time, in O(log n) memory (a compact range)."""
-
-    __slots__ = ("size", "stack")
-
-    def __init__(self) -> None:
-        self.stack: list[bytes] = []
-        self.size = 0
-
-    def add(self, leaf: bytes) -> None:
-        node = leaf
-        size = self.size
-        stack = self.stack
-        while size & 1:
-            node = node_hash(stack.pop(), node)
-            size >>= 1
-        stack.append(node)
-        self.size += 1
-
-    def extend(self, leaves: Sequence[bytes]) -> None:
-        """``add`` each of ``leaves``, hashing aligned runs level by level (the same
-        nodes, without a Python loop per merge)."""
-        i, n, sha256 = 0, len(leaves), hashlib.sha256
-        while i < n:
-            size = self.size
-            height = (size & -size).bit_length() - 1 if size else (n - i).bit_length() - 1
-            while 1 << height > n - i:
-                height -= 1
-            if height == 0:
-                self.add(leaves[i])
-                i += 1
-                continue
-            row = list(leaves[i : i + (1 << height)])
-            while len(row) > 1:  # node_hash, inlined: a call per node is a third of it
-                row = [
-                    sha256(b"\x01" + row[j] + row[j + 1]).digest() for j in range(0, len(row), 2)
-                ]
-            node, rest, stack = row[0], size >> height, self.stack
-            while rest & 1:
-                node = node_hash(stack.pop(), node)
-                rest >>= 1
-            stack.append(node)
-            self.size += 1 << height
-            i += 1 << height
-
-    def root(self) -> bytes:
-        if not self.stack:
-            return EMPTY_ROOT
-        node = self.stack[-1]
-        for left in reversed(self.stack[:-1]):
-            node = node_hash(left, node)
-        return node
-
-
 # -- stored tiles ----------------------------------------------------------------------
 
 
@@ -253,37 +206,6 @@ async def consistency_proof(conn: AsyncConnection, size1: int, size2: int) -> li
     ranges = consistency_ranges(size1, size2)
     tiles = await load_tiles(conn, tiles_for(ranges))
     return [range_hash(tiles, lo, hi) for lo, hi in ranges]
-
-
-#: The level-0 tiles ``$1 .. $2`` (:func:`level0_span`), for :func:`leaf_run`; ``?``
-#: parameters, for a driver connection used off the loop.
-LEVEL0_SQL: Final = (
-    "SELECT idx, hashes FROM merkle_tiles WHERE level = 0 AND idx BETWEEN ? AND ? ORDER BY idx"
-)
-_FULL_TILE: Final = 32 * TILE_WIDTH
-
-
-def level0_span(first: int, count: int) -> tuple[int, int]:
-    """The indexes of the level-0 tiles holding leaves ``first .. first + count - 1``."""
-    return first >> TILE_HEIGHT, (first + max(count, 1) - 1) >> TILE_HEIGHT
-
-
-def leaf_run(rows: Any, first: int, count: int) -> bytes:
-    """Leaves ``first .. first + count - 1`` as one string of 32-byte hashes, from the
-    level-0 tiles ``rows`` (``idx, hashes``, read by ``LEVEL0_SQL``). A missing or
-    short tile reads as zero bytes in its place (no SHA-256 output), so every leaf
-    keeps its offset and a missing one differs from any computed leaf."""
-    if count <= 0:
-        return b""
-    low, _ = level0_span(first, count)
-    parts: list[bytes] = []
-    for idx, blob in rows:
-        while low + len(parts) < idx:
-            parts.append(bytes(_FULL_TILE))
-        hashes = bytes(blob)
-        parts.append(hashes.ljust(_FULL_TILE, b"\x00")[:_FULL_TILE])
-    start = (first & _MASK) * 32
-    return b"".join(parts)[start : start + 32 * count].ljust(32 * count, b"\x00")
 
 
 async def stored_leaf_run(conn: AsyncConnection, first: int, count: int) -> bytes:
@@ -392,17 +314,6 @@ async def extend(conn: AsyncConnection, *, until: int | None = None) -> TreeStat
         .on_conflict_do_update(index_elements=["id"], set_=values)
     )
     return TreeState(size, root, now)
-
-
-#: The leaf of a position archived before the tree reached it (retention run before
-#: migration 0009 built the tree): its event is only in the archive file, which the
-#: tree is not built from, so the tree holds this stand-in. Such a position is counted
-#: by ``verify`` (``placeholder_leaves``) and refused by ``tiu prove``: the tree proves
-#: that the position was archived before it existed, nothing about the event. The
-#: retention record (``AuditArchived``: each stream's last archived hash) chains the
-#: stream's remaining events to the archive file's.
-ARCHIVED_BEFORE_TREE: Final = b"archived before the tree"
-PLACEHOLDER_LEAF: Final = leaf_hash(ARCHIVED_BEFORE_TREE)
 
 
 async def _fill_archived(conn: AsyncConnection, size: int, rows: Sequence[Any]) -> list[Any]:
