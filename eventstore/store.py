@@ -298,6 +298,7 @@ class EventStore:
         after_flush: BeforeCommitHook | None = None,
         lazy: bool = False,
         conn: AsyncConnection | None = None,
+        keep_open: bool = False,
     ) -> AsyncIterator[UnitOfWork]:
         """A write transaction. Buffered appends are flushed at the end, then COMMIT.
 
@@ -309,11 +310,14 @@ class EventStore:
         ``lazy``: the write transaction begins only at :meth:`UnitOfWork.begin` (or
         the flush), so what the block reads first holds no write lock; a block that
         never begins writing commits nothing. ``conn``: a connection of this engine to
-        run on (not in a write transaction), closed at the end as the store's own is.
+        run on (not in a write transaction), closed at the end as the store's own is,
+        unless ``keep_open``: then, if the block succeeds, it is left open and out of
+        any transaction for the caller to close (after an error it is closed).
         """
         if conn is None:
             with translate_errors(self.dialect.database_label):
                 conn = await self.engine.connect()
+        kept = False
         try:
             uow = UnitOfWork(self, conn)
             if not lazy:
@@ -330,12 +334,18 @@ class EventStore:
                     translate_errors(self.dialect.database_label),
                     telemetry.write_stage("commit", conn),
                 ):
-                    await conn.commit()
+                    await self.dialect.commit(conn)
                 if uow.locked_at is not None:
                     uow.lock_held = perf_counter() - uow.locked_at
+            if keep_open:
+                if conn.in_transaction():  # what a block that wrote nothing read
+                    with translate_errors(self.dialect.database_label):
+                        await conn.rollback()
+                kept = True
         finally:
-            with translate_errors(self.dialect.database_label):
-                await conn.close()  # rolls back anything not committed
+            if not kept:
+                with translate_errors(self.dialect.database_label):
+                    await conn.close()  # rolls back anything not committed
         if uow.results:
             self.dialect.appended(self, max(r.last_position for r in uow.results))
 

@@ -160,9 +160,9 @@ async def test_a_group_that_conflicts_with_another_process_is_retried_command_by
     retried: list[str] = []
     alone = service.dispatcher.write
 
-    async def count_alone(decision, conn=None):
+    async def count_alone(decision, conn=None, **options):
         retried.append(decision.command.command_id)
-        return await alone(decision, conn)
+        return await alone(decision, conn, **options)
 
     monkeypatch.setattr(service.dispatcher, "write", count_alone)
 
