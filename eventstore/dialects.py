@@ -320,10 +320,14 @@ class Dialect:
         """COMMIT the write transaction :meth:`begin_write` began on ``conn``."""
         await conn.commit()
 
-    async def check_versions(self, conn: AsyncConnection, expected: Mapping[str, int]) -> None:
+    async def check_versions(
+        self, conn: AsyncConnection, expected: Mapping[str, int]
+    ) -> dict[str, StreamHead]:
         """Raise :class:`WrongExpectedVersion` for a stream not at its expected version,
-        where the transaction's lock makes the answer final. Not on PostgreSQL: before
-        the append lock a read proves nothing, and the append checks them under it."""
+        where the transaction's lock makes the answer final, and return the heads read
+        (final too: the append takes them as they are). Not on PostgreSQL: before the
+        append lock a read proves nothing, and the append checks them under it."""
+        return {}
 
     async def heads_and_position(
         self, conn: AsyncConnection, stream_ids: Sequence[str]
@@ -605,6 +609,7 @@ _SQLITE_HEAD: Final = (
     "SELECT version, hash FROM events WHERE stream_id = ? ORDER BY version DESC LIMIT 1"
 )
 _SQLITE_POSITION: Final = "SELECT coalesce(max(position), 0) FROM events"
+_NO_HEAD: Final = StreamHead(0, None)  # a stream with no event
 _SQLITE_INSERT: Final = (
     f"INSERT INTO events ({_COLUMN_LIST}) "  # noqa: S608  # constant column names
     f"VALUES ({', '.join('?' * len(EVENT_ROW_COLUMNS))})"
@@ -711,16 +716,21 @@ class SQLiteDialect(Dialect):
             with self.driver_errors(raw, "COMMIT"):
                 await driver.commit_async()
 
-    async def check_versions(self, conn: AsyncConnection, expected: Mapping[str, int]) -> None:
+    async def check_versions(
+        self, conn: AsyncConnection, expected: Mapping[str, int]
+    ) -> dict[str, StreamHead]:
         # Under BEGIN IMMEDIATE nobody else writes: the heads read now are final.
         raw = await raw_connection(conn)
         db = raw.driver_connection
+        heads: dict[str, StreamHead] = {}
         with self.driver_errors(raw, _SQLITE_HEAD):
             for stream_id, version in expected.items():
                 row = db.execute(_SQLITE_HEAD, (stream_id,)).fetchone()
-                actual = 0 if row is None else row[0]
-                if actual != version:
-                    raise WrongExpectedVersion(stream_id, version, actual)
+                head = _NO_HEAD if row is None else StreamHead(row[0], row[1])
+                if head.version != version:
+                    raise WrongExpectedVersion(stream_id, version, head.version)
+                heads[stream_id] = head
+        return heads
 
     async def heads_and_position(
         self, conn: AsyncConnection, stream_ids: Sequence[str]
