@@ -108,6 +108,17 @@ class _Loaded:
     snapshot_version: int = 0
     kept: bool = False  # taken from Dispatcher.states without reading the log
 
+    def copy(self) -> _Loaded:
+        # dataclasses.replace inspects the fields on every call (~5 us, profiled)
+        return _Loaded(
+            self.decider,
+            self.state,
+            self.version,
+            self.loaded_version,
+            self.snapshot_version,
+            self.kept,
+        )
+
 
 @dataclass
 class _Mark:
@@ -369,7 +380,7 @@ class CommandUnit:
         for stream_id, seen in decision.streams.items():
             mine = self._streams.get(stream_id)
             if mine is None:
-                self._streams[stream_id] = replace(seen)
+                self._streams[stream_id] = seen.copy()
                 self._unverified.add(stream_id)
             elif mine is not seen and mine.version != seen.version:
                 stale = True
@@ -509,7 +520,7 @@ class CommandUnit:
     def mark(self) -> _Mark:
         """This unit's in-memory state, to :meth:`restore` when a command is refused."""
         return _Mark(
-            {k: replace(v) for k, v in self._streams.items()},
+            {k: v.copy() for k, v in self._streams.items()},
             set(self._unverified),
             set(self._appended),
             len(self.results),
@@ -518,7 +529,7 @@ class CommandUnit:
         )
 
     def restore(self, mark: _Mark) -> None:
-        self._streams = {k: replace(v) for k, v in mark.streams.items()}
+        self._streams = {k: v.copy() for k, v in mark.streams.items()}
         self._unverified = set(mark.unverified)
         self._appended = set(mark.appended)
         del self.results[mark.results :]
