@@ -196,12 +196,14 @@ async def execute(
     if isinstance(params, Mapping):  # one row: the common case, kept short
         compiled = _compiled(statement, conn.dialect, tuple(params))
         raw = await raw_connection(conn)
-        if compiled is None or not _in_transaction(raw.driver_connection):
+        driver = raw.driver_connection  # a chain of pool properties: read once
+        if compiled is None or not _in_transaction(driver):
             return int((await conn.execute(statement, params)).rowcount)
         sql, one = compiled.bind(params)
         with driver_errors(conn.engine, raw, sql):
-            if isinstance(raw.driver_connection, sqlite3.Connection):
-                return await _sqlite(raw, sql, [one], False)
+            if type(driver) is sqlite3.Connection:
+                cursor = await raw.dbapi_connection.run(driver.execute, sql, one)
+                return int(cursor.rowcount)
             return await _asyncpg(raw, sql, [one], False)
     rows: Sequence[Params] = params
     if not rows:
