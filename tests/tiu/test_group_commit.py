@@ -215,8 +215,10 @@ async def test_a_caller_sending_commands_one_after_another_checks_out_no_connect
             tasks.CreateTask(task_id=f"t{n}", project_id="p", title=f"T{n}"), ctx
         )
         assert result.position is not None
-    # PostgreSQL's throttled NOTIFY checks out a connection of its own now and then.
-    assert len(checkouts) < 10
+    if service.store.dialect.name == "sqlite":
+        assert len(checkouts) <= 1
+    else:  # PostgreSQL's throttled NOTIFY checks out a connection of its own now and then
+        assert len(checkouts) < 30
 
 
 async def test_callers_are_answered_even_if_the_group_leader_is_cancelled(service):
