@@ -306,11 +306,16 @@ def _install_sqlite_hooks(
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
+        driver = conn.connection.dbapi_connection
+        if driver.write_begun and driver.in_transaction:
+            # A write transaction begun on the driver (SQLiteDialect.begin_write):
+            # SQLAlchemy's statements join it, and its COMMIT or ROLLBACK ends it.
+            return
         # Straight to the driver (a statement through SQLAlchemy costs ~50 us more);
         # errors are wrapped as SQLAlchemy would, for translate_errors.
         statement = "BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN"
         try:
-            conn.connection.dbapi_connection.execute(statement)
+            driver.execute(statement)
         except sqlite3.Error as error:
             raise sa_exc.DBAPIError.instance(statement, None, error, sqlite3.Error) from error
 

@@ -132,7 +132,7 @@ class _Compiled:
 
 
 _MISSING = object()
-_cache: weakref.WeakKeyDictionary[UpdateBase, dict[tuple[str, tuple[str, ...]], _Compiled | None]]
+_cache: weakref.WeakKeyDictionary[UpdateBase, dict[tuple[type, tuple[str, ...]], _Compiled | None]]
 _cache = weakref.WeakKeyDictionary()
 
 
@@ -177,7 +177,7 @@ def _compiled(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) 
     forms = _cache.get(statement)
     if forms is None:
         forms = _cache[statement] = {}
-    tag = (f"{dialect.name}+{dialect.driver}", keys)
+    tag = (type(dialect), keys)  # a dialect class compiles one way
     found = forms.get(tag, _MISSING)
     if found is _MISSING:
         found = forms[tag] = _compile(statement, dialect, keys)
@@ -193,8 +193,19 @@ async def execute(
     the count is then the driver's total, -1 where it does not report one). Same
     result, same errors and same transaction as ``conn.execute``.
     """
-    many = not isinstance(params, Mapping)
-    rows: Sequence[Params] = params if many else (params,)  # type: ignore[assignment]
+    if isinstance(params, Mapping):  # one row: the common case, kept short
+        compiled = _compiled(statement, conn.dialect, tuple(params))
+        raw = await raw_connection(conn)
+        driver = raw.driver_connection  # a chain of pool properties: read once
+        if compiled is None or not _in_transaction(driver):
+            return int((await conn.execute(statement, params)).rowcount)
+        sql, one = compiled.bind(params)
+        with driver_errors(conn.engine, raw, sql):
+            if type(driver) is sqlite3.Connection:
+                cursor = await raw.dbapi_connection.run(driver.execute, sql, one)
+                return int(cursor.rowcount)
+            return await _asyncpg(raw, sql, [one], False)
+    rows: Sequence[Params] = params
     if not rows:
         return 0
     names = rows[0].keys()
@@ -202,7 +213,8 @@ async def execute(
     raw = await raw_connection(conn)
     if (
         compiled is None
-        or (many and (compiled.expanding or any(r.keys() != names for r in rows)))
+        or compiled.expanding
+        or any(r.keys() != names for r in rows)
         or not _in_transaction(raw.driver_connection)
     ):
         return int((await conn.execute(statement, params)).rowcount)
@@ -210,8 +222,8 @@ async def execute(
     sql, values = bound[0][0], [v for _, v in bound]
     with driver_errors(conn.engine, raw, sql):
         if conn.dialect.name == "sqlite":
-            return await _sqlite(raw, sql, values, many)
-        return await _asyncpg(raw, sql, values, many)
+            return await _sqlite(raw, sql, values, True)
+        return await _asyncpg(raw, sql, values, True)
 
 
 def _in_transaction(driver: Any) -> bool:

@@ -266,6 +266,7 @@ class Connection(AdaptedConnection):
         "_offload_commit",
         "dbapi",
         "heavy",
+        "write_begun",
     )
 
     def __init__(
@@ -288,6 +289,10 @@ class Connection(AdaptedConnection):
         #: A statement of this transaction ran off the loop: its COMMIT may write many
         #: pages (and run the WAL checkpoint), so it runs off the loop too.
         self.heavy = False
+        #: The write transaction in progress was begun here (:meth:`begin_write`), not
+        #: through SQLAlchemy: a SQLAlchemy ``Connection`` on this connection that
+        #: begins one meanwhile joins it (see ``eventstore.engine``).
+        self.write_begun = False
 
     # -- where the loop waits --------------------------------------------------------------
 
@@ -401,17 +406,22 @@ class Connection(AdaptedConnection):
             await self.run(self._db.execute, "BEGIN IMMEDIATE", lock=True)
         finally:
             self.release_if_done()
+        self.write_begun = True
 
     async def commit_async(self) -> None:
-        """``COMMIT`` from the event loop (on a worker thread if commits fsync)."""
+        """``COMMIT`` from the event loop (on a worker thread if commits fsync, or if a
+        statement of the transaction ran there: see :attr:`heavy`)."""
+        heavy, self.heavy = self.heavy, False
         try:
-            await self.run(self._db.commit, offload=self._offload_commit)
+            await self.run(self._db.commit, offload=self._offload_commit or heavy)
         finally:
             self.release_if_done()
 
     def release_if_done(self) -> None:
-        if self._holds_lock and not self._db.in_transaction:
-            self._release()
+        if not self._db.in_transaction:
+            self.write_begun = False
+            if self._holds_lock:
+                self._release()
 
     def _release(self) -> None:
         if self._holds_lock:

@@ -133,6 +133,9 @@ class UnitOfWork:
         self.locked_at: float | None = None
         #: Seconds the write lock was held, from :attr:`locked_at` to the end of COMMIT.
         self.lock_held: float | None = None
+        #: Stream heads read under the write lock (SQLite's version checks), kept up to
+        #: date by the flush: the append does not read them again.
+        self._heads: dict[str, StreamHead] = {}
 
     async def begin(self) -> None:
         """Begin the write transaction, if it has not begun: ``BEGIN IMMEDIATE`` on
@@ -157,7 +160,9 @@ class UnitOfWork:
         (:meth:`expect`), which is what PostgreSQL relies on."""
         if expected:
             with translate_errors(self.store.dialect.database_label):
-                await self.store.dialect.check_versions(self.conn, expected)
+                heads = await self.store.dialect.check_versions(self.conn, expected)
+            if self.writing:
+                self._heads.update(heads)
 
     @property
     def pending_streams(self) -> list[str]:
@@ -240,7 +245,7 @@ class UnitOfWork:
             self.locked_at = perf_counter()
         pending, self._pending = self._pending, []
         expected, self._expected = self._expected, {}
-        results = await self.store.write(self.conn, pending, expected)
+        results = await self.store.write(self.conn, pending, expected, heads=self._heads)
         self.results.extend(results)
         return results
 
@@ -298,6 +303,7 @@ class EventStore:
         after_flush: BeforeCommitHook | None = None,
         lazy: bool = False,
         conn: AsyncConnection | None = None,
+        keep_open: bool = False,
     ) -> AsyncIterator[UnitOfWork]:
         """A write transaction. Buffered appends are flushed at the end, then COMMIT.
 
@@ -309,11 +315,14 @@ class EventStore:
         ``lazy``: the write transaction begins only at :meth:`UnitOfWork.begin` (or
         the flush), so what the block reads first holds no write lock; a block that
         never begins writing commits nothing. ``conn``: a connection of this engine to
-        run on (not in a write transaction), closed at the end as the store's own is.
+        run on (not in a write transaction), closed at the end as the store's own is,
+        unless ``keep_open``: then, if the block succeeds, it is left open and out of
+        any transaction for the caller to close (after an error it is closed).
         """
         if conn is None:
             with translate_errors(self.dialect.database_label):
                 conn = await self.engine.connect()
+        kept = False
         try:
             uow = UnitOfWork(self, conn)
             if not lazy:
@@ -330,12 +339,18 @@ class EventStore:
                     translate_errors(self.dialect.database_label),
                     telemetry.write_stage("commit", conn),
                 ):
-                    await conn.commit()
+                    await self.dialect.commit(conn)
                 if uow.locked_at is not None:
                     uow.lock_held = perf_counter() - uow.locked_at
+            if keep_open:
+                if conn.in_transaction():  # what a block that wrote nothing read
+                    with translate_errors(self.dialect.database_label):
+                        await conn.rollback()
+                kept = True
         finally:
-            with translate_errors(self.dialect.database_label):
-                await conn.close()  # rolls back anything not committed
+            if not kept:
+                with translate_errors(self.dialect.database_label):
+                    await conn.close()  # rolls back anything not committed
         if uow.results:
             self.dialect.appended(self, max(r.last_position for r in uow.results))
 
@@ -464,9 +479,14 @@ class EventStore:
         conn: AsyncConnection,
         pending: list[_PendingAppend],
         expected: Mapping[str, int] | None = None,
+        *,
+        heads: dict[str, StreamHead] | None = None,
     ) -> list[AppendResult]:
-        """Lock, check every version, allocate positions and insert; all or nothing."""
-        outcomes = await self._write(conn, pending, expected or {}, refuse=False)
+        """Lock, check every version, allocate positions and insert; all or nothing.
+
+        ``heads``: stream heads this transaction already read under the append lock
+        (not read again), brought up to date with what is appended."""
+        outcomes = await self._write(conn, pending, expected or {}, refuse=False, known=heads)
         return [o for o in outcomes if isinstance(o, AppendResult)]
 
     async def write_each(
@@ -483,15 +503,20 @@ class EventStore:
         expected: Mapping[str, int],
         *,
         refuse: bool,
+        known: dict[str, StreamHead] | None = None,
     ) -> list[AppendResult | WrongExpectedVersion]:
+        streams = self.lock_list(pending, expected)
+        known = {} if known is None else known
         with translate_errors(self.dialect.database_label):
             with telemetry.write_stage("lock", conn):
                 heads, position = await self.dialect.heads_and_position(
-                    conn, self.lock_list(pending, expected)
+                    conn, [s for s in streams if s not in known]
                 )
+            heads.update((s, known[s]) for s in streams if s in known)
             rows, results = self.plan(pending, expected, heads, position, refuse=refuse)
             if rows:
                 await self.dialect.insert_events(conn, rows)
+            known.update(heads)  # the plan moved the heads of the streams it appends to
             return results
 
     @staticmethod

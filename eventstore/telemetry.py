@@ -562,8 +562,7 @@ def traced_append(
     return traced
 
 
-@contextlib.contextmanager
-def write_stage(stage: str, conn: AsyncConnection) -> Iterator[None]:
+class write_stage:  # named as the function it was: ``with write_stage(...):``
     """A stage of a write transaction: ``begin``, ``lock``, ``project`` (inline
     projections), ``append`` or ``commit``. Its duration goes to the write of the
     commands in progress (``tiu.duration.<stage>`` on their spans), or with
@@ -572,30 +571,56 @@ def write_stage(stage: str, conn: AsyncConnection) -> Iterator[None]:
     The append lock is waited for at ``begin`` on SQLite (``BEGIN IMMEDIATE``) and at
     ``lock`` on PostgreSQL (``tiu_lock_and_heads``): that stage feeds ``tiu.lock.wait``;
     ``append`` feeds ``tiu.append.duration``.
+
+    A class, not a generator-based context manager: a command's write enters several
+    stages, and without telemetry each should cost next to nothing.
     """
-    state = _state
-    if state is None:
-        yield
-        return
-    system = _system(conn)
-    name = system["db.system.name"]
-    waited = (stage == "begin" and name == "sqlite") or (stage == "lock" and name == "postgresql")
-    timings = _write_timings.get()
-    if state.stage_spans and state.live() is not None and trace.get_current_span().is_recording():
-        started = time.perf_counter()
-        with _child(state, f"tiu.{stage}"):
-            yield
-    else:
-        started = time.perf_counter()
-        yield
-    elapsed = time.perf_counter() - started
-    if timings is not None:
-        key = _DURATION[stage]
-        timings[key] = timings.get(key, 0.0) + elapsed
-    if waited:
-        state.instruments.lock_wait.record(elapsed, system)
-    elif stage == "append":
-        state.instruments.append_duration.record(elapsed, system)
+
+    __slots__ = ("_child", "_started", "_state", "_timings", "conn", "stage")
+
+    def __init__(self, stage: str, conn: AsyncConnection) -> None:
+        self.stage = stage
+        self.conn = conn
+        self._state: _State | None = None
+        self._child: contextlib.AbstractContextManager[None] | None = None
+
+    def __enter__(self) -> None:
+        state = self._state = _state
+        if state is None:
+            return
+        self._timings = _write_timings.get()
+        if (
+            state.stage_spans
+            and state.live() is not None
+            and trace.get_current_span().is_recording()
+        ):
+            self._child = _child(state, f"tiu.{self.stage}")
+            self._started = time.perf_counter()
+            self._child.__enter__()
+            return
+        self._started = time.perf_counter()
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
+        state = self._state
+        if state is None:
+            return
+        child, self._child = self._child, None
+        if child is not None:
+            child.__exit__(kind, error, traceback)
+        if error is not None:
+            return  # a stage that failed is not measured
+        elapsed = time.perf_counter() - self._started
+        system = _system(self.conn)
+        name = system["db.system.name"]
+        stage = self.stage
+        timings = self._timings
+        if timings is not None:
+            key = _DURATION[stage]
+            timings[key] = timings.get(key, 0.0) + elapsed
+        if (stage == "begin" and name == "sqlite") or (stage == "lock" and name == "postgresql"):
+            state.instruments.lock_wait.record(elapsed, system)
+        elif stage == "append":
+            state.instruments.append_duration.record(elapsed, system)
 
 
 # -- reads -------------------------------------------------------------------------------

@@ -156,14 +156,16 @@ class InlineRunner:
 
     def __init__(self, projectors: Sequence[Projector]) -> None:
         self.projectors = tuple(projectors)
+        # Built once: every command applies its events to each of them.
+        self._live = tuple((p, p.handles, p.live_tables()) for p in self.projectors)
 
     async def apply(self, conn: AsyncConnection, envelopes: Sequence[Envelope]) -> None:
-        for projector in self.projectors:
-            relevant = [e for e in envelopes if e.event_type in projector.handles]
+        for projector, handles, tables in self._live:
+            relevant = [e for e in envelopes if e.event.event_type in handles]
             if relevant:
                 try:
                     with translate_errors():
-                        await projector.apply_batch(conn, relevant, projector.live_tables())
+                        await projector.apply_batch(conn, relevant, tables)
                 except EventStoreError:  # a deadlock is retried by the dispatcher
                     raise
                 except Exception as error:  # the command is refused: nothing is appended

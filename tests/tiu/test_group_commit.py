@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 
 from domain import (
     AlreadyExists,
@@ -160,9 +160,9 @@ async def test_a_group_that_conflicts_with_another_process_is_retried_command_by
     retried: list[str] = []
     alone = service.dispatcher.write
 
-    async def count_alone(decision, conn=None):
+    async def count_alone(decision, conn=None, **options):
         retried.append(decision.command.command_id)
-        return await alone(decision, conn)
+        return await alone(decision, conn, **options)
 
     monkeypatch.setattr(service.dispatcher, "write", count_alone)
 
@@ -198,6 +198,27 @@ async def test_a_lone_command_takes_the_ordinary_path(service, commits):
     )
     assert result.position == 1
     assert commits == [1]
+
+
+async def test_a_caller_sending_commands_one_after_another_checks_out_no_connection_each(
+    service,
+):
+    """The group writer keeps its connection from one group to the next, and a caller's
+    next command is queued before the writer, answered, goes idle: a loop of commands
+    does not pay a pool checkout (and return) per command."""
+    ctx = service.context(SYSTEM_ACTOR)
+    await service.dispatch(projects.CreateProject(project_id="p", name="Loop"), ctx)
+    checkouts: list[int] = []
+    event.listen(service.store.engine.sync_engine, "checkout", lambda *_: checkouts.append(1))
+    for n in range(30):
+        result = await service.dispatch(
+            tasks.CreateTask(task_id=f"t{n}", project_id="p", title=f"T{n}"), ctx
+        )
+        assert result.position is not None
+    if service.store.dialect.name == "sqlite":
+        assert len(checkouts) <= 1
+    else:  # PostgreSQL's throttled NOTIFY checks out a connection of its own now and then
+        assert len(checkouts) < 30
 
 
 async def test_callers_are_answered_even_if_the_group_leader_is_cancelled(service):
