@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
 
 from eventstore.engine import SCHEMA_OPTION, begin_write, read_parameters, search_path_statement
-from eventstore.errors import KeyAlreadyClaimed, WrongExpectedVersion
+from eventstore.errors import EventStoreError, KeyAlreadyClaimed, WrongExpectedVersion
 from eventstore.hashing import json_text, parse_json
 from eventstore.records import (
     ANY,
@@ -59,6 +59,7 @@ from eventstore.translate import translate_errors
 from eventstore.types import sqlite_datetime, sqlite_text
 
 if TYPE_CHECKING:
+    from eventstore.prepared import Deferred, DeferredStatement
     from eventstore.store import EventStore, _PendingAppend
 
 log = logging.getLogger("eventstore")
@@ -229,6 +230,11 @@ async def count_workers(conn: AsyncConnection) -> int:
     return int(count or 0)
 
 
+class CheckpointsNotMoved(Exception):  # a signal inside the library, never raised to callers
+    """An inline checkpoint was not where a unit's append started: it missed events
+    (:meth:`Dialect.command_write`); the write was rolled back."""
+
+
 class HeldConnection:
     """The pooled driver connection the store's group writer keeps from one group to
     the next while callers keep it busy (:class:`eventstore.grouping.GroupQueue`),
@@ -330,6 +336,29 @@ class Dialect:
 
     async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
         """Insert rows given in :data:`EVENT_ROW_COLUMNS` order (JSON as canonical text)."""
+        raise NotImplementedError
+
+    #: Whether a write transaction holds writes back to send them with its append
+    #: (:class:`eventstore.prepared.Deferred`, :meth:`command_write`).
+    holds_writes = False
+
+    async def command_write(
+        self,
+        conn: AsyncConnection,
+        store: EventStore,
+        appends: list[_PendingAppend],
+        *,
+        checks: int,
+        held: Deferred,
+        checkpoints: Sequence[str],
+    ) -> tuple[list[AppendResult], bool]:
+        """A unit of work's flush where :attr:`holds_writes`: the writes ``held`` back,
+        the appends, all or nothing (the first ``checks`` of them append no events:
+        version checks of streams only read) and the move of the ``checkpoints`` from
+        just before the first appended position to the last (:class:`CheckpointsNotMoved`
+        if one was elsewhere). Returns the appends' results (checks left out) and
+        whether it committed (sent outside a transaction: then ``before_commit`` was
+        awaited before it)."""
         raise NotImplementedError
 
     #: Whether :meth:`append_group` may run appends on a bare pooled driver connection.
@@ -847,6 +876,31 @@ def _append_arguments(store: EventStore, pending: list[_PendingAppend]) -> tuple
     )  # fmt: skip
 
 
+_PG_NOTIFY: Final = "SELECT pg_notify($1, $2)"
+_PG_COMMAND: Final = (
+    "SELECT * FROM tiu_command($1::text[], $2::int[], $3::text[], $4::int[], "
+    "$5::text[], $6::text[], $7::bigint[], $8::int[], $9::text[], $10::text[], $11::text[], "
+    "$12::text[], $13::text[], $14::timestamptz[], $15::uuid[], $16::text[], $17::int[], "
+    "$18::text[], $19::text[], $20::text[], $21::text[], $22::timestamptz)"
+)
+#: tiu_command's SQLSTATEs (migration 0012).
+_TOO_FEW_ROWS: Final = "TIU01"
+_WRONG_VERSION: Final = "TIU02"
+_CHECKPOINT_ELSEWHERE: Final = "TIU03"
+
+
+def _held_arguments(held: Deferred) -> tuple[list[Any], ...]:
+    """``tiu_command``'s first four arguments: the held statements, the number of values
+    of each, their values (as text, one array) and the rows each must change."""
+    sqls, counts, args, least = [], [], [], []
+    for statement in held.statements:
+        sqls.append(statement.sql)
+        counts.append(len(statement.args))
+        args.extend(statement.args)
+        least.append(0 if statement.none_changed is None else 1)
+    return sqls, counts, args, least
+
+
 _PG_INSERT: Final = (
     f"INSERT INTO events ({_COLUMN_LIST}) VALUES "  # noqa: S608  # constant column names
     f"({', '.join(f'${i}' for i in range(1, len(EVENT_ROW_COLUMNS) + 1))})"
@@ -924,6 +978,43 @@ class PostgresDialect(Dialect):
             )
         return outcomes
 
+    holds_writes = True
+
+    async def command_write(
+        self,
+        conn: AsyncConnection,
+        store: EventStore,
+        appends: list[_PendingAppend],
+        *,
+        checks: int,
+        held: Deferred,
+        checkpoints: Sequence[str],
+    ) -> tuple[list[AppendResult], bool]:
+        # tiu_command (migration 0012): the held writes, then tiu_append and the
+        # checkpoints' move, one statement. Sent outside a transaction (nothing of the
+        # unit reached the server yet), it commits as it ends and the COMMIT that
+        # follows has nothing to send; inside one, it is the last statement.
+        raw = await raw_connection(conn)
+        driver = raw.driver_connection
+        commits = not driver.is_in_transaction()
+        if commits and store.before_commit is not None:
+            await store.before_commit([p.stream_id for p in appends[checks:]])
+        statements = held.statements
+        arguments = (*_held_arguments(held), *_append_arguments(store, appends))
+        held.statements = []
+        try:
+            with self.driver_errors(raw, _PG_COMMAND):
+                found = await driver.fetch(_PG_COMMAND, *arguments, list(checkpoints), store.now())
+        except sa_exc.DBAPIError as error:
+            raise _command_failure(error, statements, appends) from error
+        results: list[AppendResult] = []
+        for p, (before, first) in zip(appends[checks:], found[checks:], strict=True):
+            count = len(p.events)
+            results.append(
+                AppendResult(p.stream_id, before + 1, before + count, first, first + count - 1)
+            )
+        return results, commits
+
     @staticmethod
     def _any_of(values: Sequence[str]) -> list[Any]:
         return [list(values)]  # one text[] parameter
@@ -970,11 +1061,14 @@ class PostgresDialect(Dialect):
         head = self._notify_pending
         try:
             async with self.engine.connect() as conn:
-                await conn.execute(
-                    text("SELECT pg_notify(:channel, :head)"),
-                    {"channel": await self.channel(conn), "head": str(head)},
-                )
-                await conn.commit()
+                channel = await self.channel(conn)
+                if conn.in_transaction():  # the first, which read the schema's name
+                    await conn.rollback()
+                # On the driver, outside a transaction: one round trip, where BEGIN,
+                # NOTIFY and COMMIT through SQLAlchemy took three.
+                raw = await raw_connection(conn)
+                with self.driver_errors(raw, _PG_NOTIFY):
+                    await raw.driver_connection.execute(_PG_NOTIFY, channel, str(head))
         except Exception:  # a lost hint only delays readers until their next poll
             log.warning("NOTIFY failed; readers fall back to polling", exc_info=True)
 
@@ -1021,6 +1115,37 @@ class PostgresDialect(Dialect):
             with contextlib.suppress(Exception):
                 await self._listener.close()
             self._listener = None
+
+
+def _command_failure(
+    error: sa_exc.DBAPIError,
+    statements: Sequence[DeferredStatement],
+    appends: Sequence[_PendingAppend],
+) -> BaseException:
+    """What a failed ``tiu_command`` raises: a version conflict, a held statement's
+    own error (as the code that ran it raises it), or the database's failure."""
+    code = getattr(error.orig, "sqlstate", None)
+    detail = getattr(error.__cause__, "detail", None) or ""
+    if code == _TOO_FEW_ROWS:
+        held = statements[int(detail) - 1]
+        return held.none_changed or error
+    if code == _WRONG_VERSION:
+        index, version = (int(part) for part in detail.split())
+        append = appends[index - 1]
+        return WrongExpectedVersion(append.stream_id, append.expected, version)
+    if code == _CHECKPOINT_ELSEWHERE:
+        return CheckpointsNotMoved()
+    context = getattr(error.__cause__, "context", None) or ""
+    for held in statements:
+        if held.failed is not None and f'"{held.sql}"' in context:
+            try:
+                with translate_errors():
+                    raise error
+            except EventStoreError as translated:  # the database's failure
+                return translated
+            except sa_exc.DBAPIError:
+                return held.failed(error)
+    return error
 
 
 def dialect_for(engine: AsyncEngine) -> Dialect:
