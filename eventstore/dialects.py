@@ -35,6 +35,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
 
+from eventstore import telemetry
 from eventstore.engine import SCHEMA_OPTION, begin_write, read_parameters, search_path_statement
 from eventstore.errors import EventStoreError, KeyAlreadyClaimed, WrongExpectedVersion
 from eventstore.hashing import json_text, parse_json
@@ -1003,7 +1004,9 @@ class PostgresDialect(Dialect):
         arguments = (*_held_arguments(held), *_append_arguments(store, appends))
         held.statements = []
         try:
-            with self.driver_errors(raw, _PG_COMMAND):
+            # Its "lock" stage is the whole statement: the wait for the append lock is
+            # inside it, with what it writes before and after.
+            with telemetry.write_stage("lock", conn), self.driver_errors(raw, _PG_COMMAND):
                 found = await driver.fetch(_PG_COMMAND, *arguments, list(checkpoints), store.now())
         except sa_exc.DBAPIError as error:
             raise _command_failure(error, statements, appends) from error

@@ -570,8 +570,10 @@ def write_stage(stage: str, conn: AsyncConnection) -> Iterator[None]:
     ``stage_spans`` it is a child span ``tiu.<stage>``.
 
     The append lock is waited for at ``begin`` on SQLite (``BEGIN IMMEDIATE``) and at
-    ``lock`` on PostgreSQL (``tiu_lock_and_heads``): that stage feeds ``tiu.lock.wait``;
-    ``append`` feeds ``tiu.append.duration``.
+    ``lock`` on PostgreSQL: that stage feeds ``tiu.lock.wait``; ``append`` feeds
+    ``tiu.append.duration``. On PostgreSQL a command's ``lock`` is the one statement
+    that writes it (``tiu_command``: its held rows, the lock, the append and the
+    checkpoints), so its wait for the lock is at most that.
     """
     state = _state
     if state is None:
