@@ -3,11 +3,13 @@
 PostgreSQL: a transaction-scoped advisory lock, taken just before the insert,
 serialises appends so positions follow commit order (docs/ordering.md). A store append is
 one call of ``tiu_append`` (migration 0008), sent outside a transaction: lock, heads,
-version checks, hash chain and insert in one statement, committed as it ends. In a
-unit of work the lock and the read of the stream heads are one call of
-``tiu_lock_and_heads`` (migration 0005), and the insert follows. Either way the heads
-are read by a later statement of the function than the lock, with a snapshot taken
-after the lock was granted, as docs/ordering.md requires. Readers in other processes
+version checks, hash chain and insert in one statement, committed as it ends. A unit
+of work (a command's write) flushes in one call of ``tiu_command`` (migration 0012):
+the writes it held back, then ``tiu_append``, then the inline checkpoints' move; sent
+outside a transaction when nothing of the unit reached the server before, so that it
+commits as it ends, else as the transaction's last statement before COMMIT. Either
+way the heads are read by a later statement of the function than the lock, with a
+snapshot taken after the lock was granted, as docs/ordering.md requires. Readers in other processes
 are woken by NOTIFY, sent by a throttled background task after commit, never
 inside the append transaction.
 
@@ -828,7 +830,6 @@ class SQLiteDialect(Dialect):
     _native = staticmethod(functools.lru_cache(maxsize=64)(_numbered_qmarks))
 
 
-_PG_LOCK_AND_HEADS: Final = "SELECT * FROM tiu_lock_and_heads($1::text[])"
 _PG_STREAMS_DATA: Final = (
     f"SELECT {', '.join(f'e.{c}' for c in _DATA_COLUMNS)} "  # noqa: S608
     "FROM unnest($1::text[], $2::int[]) AS s(id, v) "
@@ -902,24 +903,6 @@ def _held_arguments(held: Deferred) -> tuple[list[Any], ...]:
     return sqls, counts, args, least
 
 
-_PG_INSERT: Final = (
-    f"INSERT INTO events ({_COLUMN_LIST}) VALUES "  # noqa: S608  # constant column names
-    f"({', '.join(f'${i}' for i in range(1, len(EVENT_ROW_COLUMNS) + 1))})"
-)
-
-
-def _pg_heads(rows: Sequence[Any]) -> tuple[dict[str, StreamHead], int]:
-    """``tiu_lock_and_heads``'s rows: one per existing stream, then the highest position."""
-    heads: dict[str, StreamHead] = {}
-    position = 0
-    for stream_id, version, digest in rows:
-        if stream_id is None:
-            position = int(version)
-        else:
-            heads[stream_id] = StreamHead(int(version), digest)
-    return heads, position
-
-
 class PostgresDialect(Dialect):
     name = "postgresql"
     _read_stream_sql = _READ_STREAM.format(_READ_COLUMNS[True])
@@ -932,7 +915,6 @@ class PostgresDialect(Dialect):
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
-        self._lock_and_heads = text("SELECT * FROM tiu_lock_and_heads(:ids)")
         self._channel: str | None = None
         self._notify_task: asyncio.Task[None] | None = None
         self._notify_pending = 0
@@ -941,21 +923,6 @@ class PostgresDialect(Dialect):
 
     def _insert_keys(self) -> Any:
         return pg_insert(unique_keys).on_conflict_do_nothing()
-
-    async def heads_and_position(
-        self, conn: AsyncConnection, stream_ids: Sequence[str]
-    ) -> tuple[dict[str, StreamHead], int]:
-        # tiu_lock_and_heads (migration 0005): the append lock, then the heads and the
-        # highest position read with a snapshot taken after it, in one round trip.
-        raw = await raw_connection(conn)
-        ids = list(stream_ids)
-        if raw.driver_connection.is_in_transaction():
-            with self.driver_errors(raw, _PG_LOCK_AND_HEADS):
-                rows = await raw.driver_connection.fetch(_PG_LOCK_AND_HEADS, ids)
-        else:  # SQLAlchemy's asyncpg adapter sends BEGIN lazily, with its first statement
-            result = await conn.execute(self._lock_and_heads, {"ids": ids})
-            rows = [tuple(row) for row in result]
-        return _pg_heads(rows)
 
     async def _append_on(
         self, raw: Any, store: EventStore, pending: list[_PendingAppend]
@@ -1042,14 +1009,6 @@ class PostgresDialect(Dialect):
                 (list(from_versions), list(from_versions.values())),
             )
         return self._stream_data(rows)
-
-    async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
-        raw = await raw_connection(conn)
-        with self.driver_errors(raw, _PG_INSERT):
-            if len(rows) == 1:
-                await raw.driver_connection.execute(_PG_INSERT, *rows[0])
-            else:
-                await raw.driver_connection.executemany(_PG_INSERT, rows)
 
     def appended(self, store: EventStore, head: int) -> None:
         super().appended(store, head)

@@ -310,7 +310,8 @@ class EventStore:
         #: Fault point for tests, on every append path (``None`` in production): awaited
         #: with the appended streams once their positions are allocated, while the
         #: append lock is held, just before COMMIT. PostgreSQL's direct append
-        #: (``tiu_append``) allocates and commits in one statement, so there it is
+        #: (``tiu_append``), and a unit of work whose flush is its only statement
+        #: (``tiu_command``), allocate and commit in one statement, so there it is
         #: awaited just before that statement. An exception it raises rolls back.
         self.before_commit: FaultHook | None = None
         #: The group writer's pooled connection, kept from one group to the next.
