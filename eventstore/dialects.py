@@ -948,6 +948,12 @@ class PostgresDialect(Dialect):
 
     holds_writes = True
 
+    async def begin_write(self, conn: AsyncConnection) -> None:
+        # Nothing to send: PostgreSQL takes no lock at BEGIN, and a unit of work's
+        # transaction begins with its first statement (SQLAlchemy's autobegin; the
+        # driver's BEGIN goes with it), or is its flush's one statement.
+        return
+
     async def command_write(
         self,
         conn: AsyncConnection,
@@ -976,6 +982,7 @@ class PostgresDialect(Dialect):
             with telemetry.write_stage("lock", conn), self.driver_errors(raw, _PG_COMMAND):
                 found = await driver.fetch(_PG_COMMAND, *arguments, list(checkpoints), store.now())
         except sa_exc.DBAPIError as error:
+            print("DBG", checks, [(p.stream_id[:12], p.expected, len(p.events)) for p in appends])
             raise _command_failure(error, statements, appends) from error
         results: list[AppendResult] = []
         for p, (before, first) in zip(appends[checks:], found[checks:], strict=True):

@@ -370,7 +370,8 @@ class EventStore:
                     translate_errors(self.dialect.database_label),
                     telemetry.write_stage("commit", conn),
                 ):
-                    await conn.commit()
+                    if conn.in_transaction():  # not if the flush was the transaction
+                        await conn.commit()
                 if uow.locked_at is not None:
                     uow.lock_held = perf_counter() - uow.locked_at
         finally:
