@@ -3,11 +3,13 @@
 PostgreSQL: a transaction-scoped advisory lock, taken just before the insert,
 serialises appends so positions follow commit order (docs/ordering.md). A store append is
 one call of ``tiu_append`` (migration 0008), sent outside a transaction: lock, heads,
-version checks, hash chain and insert in one statement, committed as it ends. In a
-unit of work the lock and the read of the stream heads are one call of
-``tiu_lock_and_heads`` (migration 0005), and the insert follows. Either way the heads
-are read by a later statement of the function than the lock, with a snapshot taken
-after the lock was granted, as docs/ordering.md requires. Readers in other processes
+version checks, hash chain and insert in one statement, committed as it ends. A unit
+of work (a command's write) flushes in one call of ``tiu_command`` (migration 0012):
+the writes it held back, then ``tiu_append``, then the inline checkpoints' move; sent
+outside a transaction when nothing of the unit reached the server before, so that it
+commits as it ends, else as the transaction's last statement before COMMIT. Either
+way the heads are read by a later statement of the function than the lock, with a
+snapshot taken after the lock was granted, as docs/ordering.md requires. Readers in other processes
 are woken by NOTIFY, sent by a throttled background task after commit, never
 inside the append transaction.
 
@@ -36,8 +38,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
 
+from eventstore import telemetry
 from eventstore.engine import SCHEMA_OPTION, begin_write, read_parameters, search_path_statement
-from eventstore.errors import KeyAlreadyClaimed, WrongExpectedVersion
+from eventstore.errors import EventStoreError, KeyAlreadyClaimed, WrongExpectedVersion
 from eventstore.hashing import json_text, parse_json
 from eventstore.records import (
     ANY,
@@ -60,6 +63,7 @@ from eventstore.translate import translate_errors
 from eventstore.types import sqlite_datetime, sqlite_text
 
 if TYPE_CHECKING:
+    from eventstore.prepared import Deferred, DeferredStatement
     from eventstore.store import EventStore, _PendingAppend
 
 log = logging.getLogger("eventstore")
@@ -230,6 +234,11 @@ async def count_workers(conn: AsyncConnection) -> int:
     return int(count or 0)
 
 
+class CheckpointsNotMoved(Exception):  # a signal inside the library, never raised to callers
+    """An inline checkpoint was not where a unit's append started: it missed events
+    (:meth:`Dialect.command_write`); the write was rolled back."""
+
+
 class HeldConnection:
     """The pooled driver connection the store's group writer keeps from one group to
     the next while callers keep it busy (:class:`eventstore.grouping.GroupQueue`),
@@ -318,8 +327,10 @@ class Dialect:
             await begin_write(conn)
 
     async def commit(self, conn: AsyncConnection) -> None:
-        """COMMIT the write transaction :meth:`begin_write` began on ``conn``."""
-        await conn.commit()
+        """COMMIT the write transaction on ``conn``: none is open where the flush was
+        the whole transaction (PostgreSQL's ``tiu_command`` sent outside one)."""
+        if conn.in_transaction():
+            await conn.commit()
 
     async def check_versions(
         self, conn: AsyncConnection, expected: Mapping[str, int]
@@ -339,6 +350,29 @@ class Dialect:
 
     async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
         """Insert rows given in :data:`EVENT_ROW_COLUMNS` order (JSON as canonical text)."""
+        raise NotImplementedError
+
+    #: Whether a write transaction holds writes back to send them with its append
+    #: (:class:`eventstore.prepared.Deferred`, :meth:`command_write`).
+    holds_writes = False
+
+    async def command_write(
+        self,
+        conn: AsyncConnection,
+        store: EventStore,
+        appends: list[_PendingAppend],
+        *,
+        checks: int,
+        held: Deferred,
+        checkpoints: Sequence[str],
+    ) -> tuple[list[AppendResult], bool]:
+        """A unit of work's flush where :attr:`holds_writes`: the writes ``held`` back,
+        the appends, all or nothing (the first ``checks`` of them append no events:
+        version checks of streams only read) and the move of the ``checkpoints`` from
+        just before the first appended position to the last (:class:`CheckpointsNotMoved`
+        if one was elsewhere). Returns the appends' results (checks left out) and
+        whether it committed (sent outside a transaction: then ``before_commit`` was
+        awaited before it)."""
         raise NotImplementedError
 
     #: Whether :meth:`append_group` may run appends on a bare pooled driver connection.
@@ -864,7 +898,6 @@ class SQLiteDialect(Dialect):
     _native = staticmethod(functools.lru_cache(maxsize=64)(_numbered_qmarks))
 
 
-_PG_LOCK_AND_HEADS: Final = "SELECT * FROM tiu_lock_and_heads($1::text[])"
 _PG_STREAMS_DATA: Final = (
     f"SELECT {', '.join(f'e.{c}' for c in _DATA_COLUMNS)} "  # noqa: S608
     "FROM unnest($1::text[], $2::int[]) AS s(id, v) "
@@ -913,22 +946,29 @@ def _append_arguments(store: EventStore, pending: list[_PendingAppend]) -> tuple
     )  # fmt: skip
 
 
-_PG_INSERT: Final = (
-    f"INSERT INTO events ({_COLUMN_LIST}) VALUES "  # noqa: S608  # constant column names
-    f"({', '.join(f'${i}' for i in range(1, len(EVENT_ROW_COLUMNS) + 1))})"
+_PG_NOTIFY: Final = "SELECT pg_notify($1, $2)"
+_PG_COMMAND: Final = (
+    "SELECT * FROM tiu_command($1::text[], $2::int[], $3::text[], $4::int[], "
+    "$5::text[], $6::text[], $7::bigint[], $8::int[], $9::text[], $10::text[], $11::text[], "
+    "$12::text[], $13::text[], $14::timestamptz[], $15::uuid[], $16::text[], $17::int[], "
+    "$18::text[], $19::text[], $20::text[], $21::text[], $22::timestamptz)"
 )
+#: tiu_command's SQLSTATEs (migration 0012).
+_TOO_FEW_ROWS: Final = "TIU01"
+_WRONG_VERSION: Final = "TIU02"
+_CHECKPOINT_ELSEWHERE: Final = "TIU03"
 
 
-def _pg_heads(rows: Sequence[Any]) -> tuple[dict[str, StreamHead], int]:
-    """``tiu_lock_and_heads``'s rows: one per existing stream, then the highest position."""
-    heads: dict[str, StreamHead] = {}
-    position = 0
-    for stream_id, version, digest in rows:
-        if stream_id is None:
-            position = int(version)
-        else:
-            heads[stream_id] = StreamHead(int(version), digest)
-    return heads, position
+def _held_arguments(held: Deferred) -> tuple[list[Any], ...]:
+    """``tiu_command``'s first four arguments: the held statements, the number of values
+    of each, their values (as text, one array) and the rows each must change."""
+    sqls, counts, args, least = [], [], [], []
+    for statement in held.statements:
+        sqls.append(statement.sql)
+        counts.append(len(statement.args))
+        args.extend(statement.args)
+        least.append(0 if statement.none_changed is None else 1)
+    return sqls, counts, args, least
 
 
 class PostgresDialect(Dialect):
@@ -943,7 +983,6 @@ class PostgresDialect(Dialect):
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
-        self._lock_and_heads = text("SELECT * FROM tiu_lock_and_heads(:ids)")
         self._channel: str | None = None
         self._notify_task: asyncio.Task[None] | None = None
         self._notify_pending = 0
@@ -952,21 +991,6 @@ class PostgresDialect(Dialect):
 
     def _insert_keys(self) -> Any:
         return pg_insert(unique_keys).on_conflict_do_nothing()
-
-    async def heads_and_position(
-        self, conn: AsyncConnection, stream_ids: Sequence[str]
-    ) -> tuple[dict[str, StreamHead], int]:
-        # tiu_lock_and_heads (migration 0005): the append lock, then the heads and the
-        # highest position read with a snapshot taken after it, in one round trip.
-        raw = await raw_connection(conn)
-        ids = list(stream_ids)
-        if raw.driver_connection.is_in_transaction():
-            with self.driver_errors(raw, _PG_LOCK_AND_HEADS):
-                rows = await raw.driver_connection.fetch(_PG_LOCK_AND_HEADS, ids)
-        else:  # SQLAlchemy's asyncpg adapter sends BEGIN lazily, with its first statement
-            result = await conn.execute(self._lock_and_heads, {"ids": ids})
-            rows = [tuple(row) for row in result]
-        return _pg_heads(rows)
 
     async def _append_on(
         self, raw: Any, store: EventStore, pending: list[_PendingAppend]
@@ -989,6 +1013,52 @@ class PostgresDialect(Dialect):
                 AppendResult(p.stream_id, before + 1, before + count, first, first + count - 1)
             )
         return outcomes
+
+    holds_writes = True
+
+    async def begin_write(self, conn: AsyncConnection) -> None:
+        # Nothing to send: PostgreSQL takes no lock at BEGIN, and a unit of work's
+        # transaction begins with its first statement (SQLAlchemy's autobegin; the
+        # driver's BEGIN goes with it), or is its flush's one statement.
+        return
+
+    async def command_write(
+        self,
+        conn: AsyncConnection,
+        store: EventStore,
+        appends: list[_PendingAppend],
+        *,
+        checks: int,
+        held: Deferred,
+        checkpoints: Sequence[str],
+    ) -> tuple[list[AppendResult], bool]:
+        # tiu_command (migration 0012): the held writes, then tiu_append and the
+        # checkpoints' move, one statement. Sent outside a transaction (nothing of the
+        # unit reached the server yet), it commits as it ends and the COMMIT that
+        # follows has nothing to send; inside one, it is the last statement.
+        raw = await raw_connection(conn)
+        driver = raw.driver_connection
+        commits = not driver.is_in_transaction()
+        if commits and store.before_commit is not None:
+            await store.before_commit([p.stream_id for p in appends[checks:]])
+        statements = held.statements
+        arguments = (*_held_arguments(held), *_append_arguments(store, appends))
+        held.statements = []
+        try:
+            # Its "lock" stage is the whole statement: the wait for the append lock is
+            # inside it, with what it writes before and after.
+            with telemetry.write_stage("lock", conn), self.driver_errors(raw, _PG_COMMAND):
+                found = await driver.fetch(_PG_COMMAND, *arguments, list(checkpoints), store.now())
+        except sa_exc.DBAPIError as error:
+            print("DBG", checks, [(p.stream_id[:12], p.expected, len(p.events)) for p in appends])
+            raise _command_failure(error, statements, appends) from error
+        results: list[AppendResult] = []
+        for p, (before, first) in zip(appends[checks:], found[checks:], strict=True):
+            count = len(p.events)
+            results.append(
+                AppendResult(p.stream_id, before + 1, before + count, first, first + count - 1)
+            )
+        return results, commits
 
     @staticmethod
     def _any_of(values: Sequence[str]) -> list[Any]:
@@ -1015,14 +1085,6 @@ class PostgresDialect(Dialect):
             )
         return self._stream_data(rows)
 
-    async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
-        raw = await raw_connection(conn)
-        with self.driver_errors(raw, _PG_INSERT):
-            if len(rows) == 1:
-                await raw.driver_connection.execute(_PG_INSERT, *rows[0])
-            else:
-                await raw.driver_connection.executemany(_PG_INSERT, rows)
-
     def appended(self, store: EventStore, head: int) -> None:
         super().appended(store, head)
         self._notify_pending = max(self._notify_pending, head)
@@ -1036,11 +1098,14 @@ class PostgresDialect(Dialect):
         head = self._notify_pending
         try:
             async with self.engine.connect() as conn:
-                await conn.execute(
-                    text("SELECT pg_notify(:channel, :head)"),
-                    {"channel": await self.channel(conn), "head": str(head)},
-                )
-                await conn.commit()
+                channel = await self.channel(conn)
+                if conn.in_transaction():  # the first, which read the schema's name
+                    await conn.rollback()
+                # On the driver, outside a transaction: one round trip, where BEGIN,
+                # NOTIFY and COMMIT through SQLAlchemy took three.
+                raw = await raw_connection(conn)
+                with self.driver_errors(raw, _PG_NOTIFY):
+                    await raw.driver_connection.execute(_PG_NOTIFY, channel, str(head))
         except Exception:  # a lost hint only delays readers until their next poll
             log.warning("NOTIFY failed; readers fall back to polling", exc_info=True)
 
@@ -1087,6 +1152,37 @@ class PostgresDialect(Dialect):
             with contextlib.suppress(Exception):
                 await self._listener.close()
             self._listener = None
+
+
+def _command_failure(
+    error: sa_exc.DBAPIError,
+    statements: Sequence[DeferredStatement],
+    appends: Sequence[_PendingAppend],
+) -> BaseException:
+    """What a failed ``tiu_command`` raises: a version conflict, a held statement's
+    own error (as the code that ran it raises it), or the database's failure."""
+    code = getattr(error.orig, "sqlstate", None)
+    detail = getattr(error.__cause__, "detail", None) or ""
+    if code == _TOO_FEW_ROWS:
+        held = statements[int(detail) - 1]
+        return held.none_changed or error
+    if code == _WRONG_VERSION:
+        index, version = (int(part) for part in detail.split())
+        append = appends[index - 1]
+        return WrongExpectedVersion(append.stream_id, append.expected, version)
+    if code == _CHECKPOINT_ELSEWHERE:
+        return CheckpointsNotMoved()
+    context = getattr(error.__cause__, "context", None) or ""
+    for held in statements:
+        if held.failed is not None and f'"{held.sql}"' in context:
+            try:
+                with translate_errors():
+                    raise error
+            except EventStoreError as translated:  # the database's failure
+                return translated
+            except sa_exc.DBAPIError:
+                return held.failed(error)
+    return error
 
 
 def dialect_for(engine: AsyncEngine) -> Dialect:

@@ -18,6 +18,10 @@ Driver errors are re-raised as the SQLAlchemy exceptions ``conn.execute`` would 
 (so :func:`eventstore.translate.translate_errors` sees no difference), and with
 ``echo`` on, each statement is logged.
 
+On PostgreSQL a write transaction can also hold writes back (:class:`Deferred`): a
+command's read-model rows and idempotency record are then sent with its append, in
+one statement (``tiu_command``, migration 0012), instead of a round trip each.
+
 It is for statements built once and reused (module constants, or per table through
 :func:`projections.projector.statement`): compiled forms are cached per statement
 object. Anything it cannot run exactly as SQLAlchemy would, it hands to
@@ -28,12 +32,18 @@ Python-side column defaults, and the first statement of a PostgreSQL transaction
 
 from __future__ import annotations
 
+import math
 import operator
+import re
 import sqlite3
+import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, Final
 
 from sqlalchemy.engine import Dialect as SADialect
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -42,6 +52,8 @@ from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.types import TupleType
 
 from eventstore.dialects import driver_errors, raw_connection
+from eventstore.errors import EventStoreError
+from eventstore.translate import translate_errors
 
 Params = Mapping[str, Any]
 
@@ -69,6 +81,10 @@ class _Compiled:
     #: replay's rows, which name every column and process only the timestamps.
     values: Callable[[Params], tuple[Any, ...]] | None
     processed: tuple[tuple[int, Callable[[Any], Any]], ...]
+    #: Whether it can be deferred (:class:`Deferred`): PostgreSQL, not expanding, at
+    #: most :data:`MAX_DEFERRED_PARAMS` parameters, each with a cast in the SQL (so
+    #: that a value passed as text is read as the type it was bound as).
+    deferrable: bool = False
 
     def bind(self, params: Params) -> tuple[str, tuple[Any, ...]]:
         """The SQL and its positional values for ``params``."""
@@ -161,8 +177,15 @@ def _compile(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) -
         slots.append((name, None, default, process))
     values = None if expanding or not slots else _getter(tuple(name for name, *_ in slots))
     processed = tuple((i, slot[3]) for i, slot in enumerate(slots) if slot[3] is not None)
+    sql = str(compiled)
+    deferrable = (
+        dialect.name == "postgresql"
+        and not expanding
+        and len(slots) <= MAX_DEFERRED_PARAMS
+        and all(m.group(1) for m in _PARAMETER.finditer(sql))
+    )
     return _Compiled(
-        str(compiled), compiled, tuple(slots), processors, expanding, {}, values, processed
+        sql, compiled, tuple(slots), processors, expanding, {}, values, processed, deferrable
     )
 
 
@@ -185,31 +208,82 @@ def _compiled(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) 
 
 
 async def execute(
-    conn: AsyncConnection, statement: UpdateBase, params: Params | Sequence[Params]
+    conn: AsyncConnection,
+    statement: UpdateBase,
+    params: Params | Sequence[Params],
+    *,
+    none_changed: BaseException | None = None,
 ) -> int:
     """Run a prebuilt INSERT, UPDATE or DELETE on ``conn`` and return its row count.
 
     ``params`` is one mapping, or a list of mappings with the same names (executemany;
     the count is then the driver's total, -1 where it does not report one). Same
     result, same errors and same transaction as ``conn.execute``.
+
+    ``none_changed`` is raised if the statement changes no row. Where ``conn`` holds
+    writes back (:func:`deferring`) and takes this one, it is held, and -1 returned:
+    it runs later in the same transaction, before the append, and raises
+    ``none_changed`` then.
     """
-    if isinstance(params, Mapping):  # one row: the common case, kept short
-        compiled = _compiled(statement, conn.dialect, tuple(params))
-        raw = await raw_connection(conn)
-        driver = raw.driver_connection  # a chain of pool properties: read once
-        if compiled is None or not _in_transaction(driver):
-            return int((await conn.execute(statement, params)).rowcount)
-        sql, one = compiled.bind(params)
-        with driver_errors(conn.engine, raw, sql):
-            if type(driver) is sqlite3.Connection:
-                cursor = await raw.dbapi_connection.run(driver.execute, sql, one)
-                return int(cursor.rowcount)
-            return await _asyncpg(raw, sql, [one], False)
-    rows: Sequence[Params] = params
-    if not rows:
+    one = isinstance(params, Mapping)
+    if not one and not params:
         return 0
-    names = rows[0].keys()
+    names = params.keys() if one else params[0].keys()  # type: ignore[union-attr, index]
     compiled = _compiled(statement, conn.dialect, tuple(names))
+    held = _held.get(conn) if _held else None
+    if held is not None:
+        if (
+            (held.taking or none_changed is not None)
+            and one
+            and compiled is not None
+            and compiled.deferrable
+        ):
+            args = _texts(compiled.bind(params)[1])  # type: ignore[arg-type]
+            if args is not None:
+                held.statements.append(
+                    DeferredStatement(
+                        compiled.sql,
+                        args,
+                        statement,
+                        params,  # type: ignore[arg-type]
+                        none_changed,
+                        held.failed,
+                    )
+                )
+                return -1
+        await held.run(conn)  # what is held first, in order
+    if one:
+        count = await _execute_one(conn, statement, params, compiled)  # type: ignore[arg-type]
+    else:
+        count = await _execute_many(conn, statement, params, compiled)  # type: ignore[arg-type]
+    if none_changed is not None and count == 0:
+        raise none_changed
+    return count
+
+
+async def _execute_one(
+    conn: AsyncConnection, statement: UpdateBase, params: Params, compiled: _Compiled | None
+) -> int:
+    # One row: the common case (a command's projection rows), kept short.
+    raw = await raw_connection(conn)
+    driver = raw.driver_connection  # a chain of pool properties: read once
+    if compiled is None or not _in_transaction(driver):
+        return int((await conn.execute(statement, params)).rowcount)
+    sql, one = compiled.bind(params)
+    with driver_errors(conn.engine, raw, sql):
+        if type(driver) is sqlite3.Connection:
+            cursor = await raw.dbapi_connection.run(driver.execute, sql, one)
+            return int(cursor.rowcount)
+        return await _asyncpg(raw, sql, [one], False)
+
+
+async def _execute_many(
+    conn: AsyncConnection,
+    statement: UpdateBase,
+    rows: Sequence[Params],
+    compiled: _Compiled | None,
+) -> int:
+    names = rows[0].keys()
     raw = await raw_connection(conn)
     if (
         compiled is None
@@ -217,7 +291,7 @@ async def execute(
         or any(r.keys() != names for r in rows)
         or not _in_transaction(raw.driver_connection)
     ):
-        return int((await conn.execute(statement, params)).rowcount)
+        return int((await conn.execute(statement, rows)).rowcount)
     bound = [compiled.bind(r) for r in rows]
     sql, values = bound[0][0], [v for _, v in bound]
     with driver_errors(conn.engine, raw, sql):
@@ -252,3 +326,117 @@ async def _asyncpg(raw: Any, sql: str, values: list[tuple[Any, ...]], many: bool
     status: str = await driver.execute(sql, *values[0])
     count = status.rsplit(" ", 1)[-1]
     return int(count) if count.isdigit() else -1
+
+
+# -- writes held back for the append (PostgreSQL) -----------------------------------------
+
+#: Most parameters a deferred statement may have: the USING list of ``tiu_command``.
+MAX_DEFERRED_PARAMS: Final = 48
+#: A ``$n`` parameter, and whether a cast follows it.
+_PARAMETER: Final = re.compile(r"\$\d+(::)?")
+
+
+@dataclass(slots=True)
+class DeferredStatement:
+    """A write held back: its SQL, its values as text (each read through the cast the
+    SQL puts on it), and what it was run with, to run it as it is where it cannot wait."""
+
+    sql: str
+    args: list[str | None]
+    statement: UpdateBase
+    params: Params
+    #: Raised when it changes no row (see :func:`execute`).
+    none_changed: BaseException | None
+    #: What its failure becomes (``None``: the failure itself): the projector's error.
+    failed: Callable[[BaseException], BaseException] | None
+
+
+class Deferred:
+    """The writes a PostgreSQL write transaction holds back to send with its append, in
+    one statement (``tiu_command``, see :meth:`eventstore.dialects.Dialect.command_write`).
+
+    Only statements that may run later in the transaction are taken: those of code that
+    says so (:meth:`taking`: an inline projector whose ``apply`` only writes, through
+    :func:`execute`), and the idempotency record (``none_changed``). Any other statement
+    run through :func:`execute` on the connection first runs what is held, in order;
+    code that reads what it wrote runs what is held first (:meth:`run`).
+    """
+
+    __slots__ = ("failed", "statements", "taking")
+
+    def __init__(self) -> None:
+        self.statements: list[DeferredStatement] = []
+        self.taking = False
+        self.failed: Callable[[BaseException], BaseException] | None = None
+
+    @contextmanager
+    def taking_from(
+        self, failed: Callable[[BaseException], BaseException] | None
+    ) -> Iterator[None]:
+        """Hold back the writes run through :func:`execute` in the block; ``failed``
+        says what their failure becomes when they run."""
+        self.taking, self.failed = True, failed
+        try:
+            yield
+        finally:
+            self.taking, self.failed = False, None
+
+    async def run(self, conn: AsyncConnection) -> None:
+        """Run what is held now, in order, as :func:`execute` would have."""
+        statements, self.statements = self.statements, []
+        for held in statements:
+            compiled = _compiled(held.statement, conn.dialect, tuple(held.params))
+            try:
+                with translate_errors():
+                    count = await _execute_one(conn, held.statement, held.params, compiled)
+            except EventStoreError:  # the database's failure
+                raise
+            except Exception as error:
+                if held.failed is None:
+                    raise
+                raise held.failed(error) from error
+            if held.none_changed is not None and count == 0:
+                raise held.none_changed
+
+
+_held: weakref.WeakKeyDictionary[AsyncConnection, Deferred] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def deferring(conn: AsyncConnection, held: Deferred) -> Iterator[None]:
+    """While the block runs, :func:`execute` on ``conn`` may hold writes in ``held``."""
+    _held[conn] = held
+    try:
+        yield
+    finally:
+        _held.pop(conn, None)
+
+
+def held_back(conn: AsyncConnection) -> Deferred | None:
+    """The writes ``conn`` holds back, if it does (:func:`deferring`)."""
+    return _held.get(conn) if _held else None
+
+
+def _texts(values: Sequence[Any]) -> list[str | None] | None:
+    """``values`` as PostgreSQL reads them from text, or ``None`` if one has no text
+    form known to read back exactly (the statement then runs as it is)."""
+    out: list[str | None] = []
+    for value in values:
+        kind = type(value)
+        if value is None or kind is str:
+            out.append(value)
+        elif kind is bool:
+            out.append("true" if value else "false")
+        elif kind is int:
+            out.append(str(value))
+        elif kind is datetime:
+            if value.tzinfo is None:
+                return None  # asyncpg and a text cast could read a naive time differently
+            out.append(value.isoformat())
+        elif kind is float and math.isfinite(value):
+            out.append(repr(value))
+        elif kind in (date, Decimal, uuid.UUID):
+            out.append(str(value))
+        else:
+            return None
+    return out

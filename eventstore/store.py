@@ -31,6 +31,7 @@ from eventstore.errors import (
 )
 from eventstore.grouping import GroupQueue, Waiting, settle
 from eventstore.hashing import GENESIS, canonical_json, hash_tail, json_text, link_hash
+from eventstore.prepared import Deferred, deferring
 from eventstore.records import (
     ANY,
     DECODED,
@@ -126,6 +127,16 @@ class UnitOfWork:
         self.results: list[AppendResult] = []
         self._pending: list[_PendingAppend] = []
         self._expected: dict[str, int] = {}
+        #: The writes held back to go with the append, where the dialect does that
+        #: (PostgreSQL: :meth:`Dialect.command_write`); ``None`` elsewhere.
+        self.held: Deferred | None = Deferred() if store.dialect.holds_writes else None
+        #: Checkpoints to move with the append where :attr:`held` is set: from just
+        #: before its first position to its last (:attr:`checkpoints_moved` then).
+        self.checkpoints: tuple[str, ...] = ()
+        self.checkpoints_moved = False
+        #: Whether the flush committed the transaction itself (one statement sent
+        #: outside a transaction): COMMIT then has nothing left to send.
+        self.committed = False
         #: Whether the write transaction has begun (:meth:`begin`).
         self.writing = False
         #: When the write lock was taken (``perf_counter``): at BEGIN IMMEDIATE on
@@ -193,14 +204,17 @@ class UnitOfWork:
             pending.recorded_at = recorded_at
         self._pending.append(pending)
 
-    def mark(self) -> tuple[int, dict[str, int]]:
+    def mark(self) -> tuple[int, dict[str, int], int]:
         """Where the buffer stands, to :meth:`restore` after a rolled-back savepoint."""
-        return len(self._pending), dict(self._expected)
+        held = 0 if self.held is None else len(self.held.statements)
+        return len(self._pending), dict(self._expected), held
 
-    def restore(self, mark: tuple[int, dict[str, int]]) -> None:
-        pending, expected = mark
+    def restore(self, mark: tuple[int, dict[str, int], int]) -> None:
+        pending, expected, held = mark
         del self._pending[pending:]
         self._expected = dict(expected)
+        if self.held is not None:
+            del self.held.statements[held:]
 
     def expect(self, stream_id: str, version: int) -> None:
         """Require ``stream_id`` to still be at ``version`` when this transaction appends.
@@ -237,15 +251,36 @@ class UnitOfWork:
             )
 
     async def flush(self) -> list[AppendResult]:
-        """Write every buffered append: lock, check versions, allocate positions, insert."""
-        if not self._pending:
+        """Write every buffered append: lock, check versions, allocate positions, insert;
+        with the writes held back (:attr:`held`) and the checkpoints' move where the
+        dialect sends them together."""
+        held = self.held
+        if not self._pending and not (held is not None and held.statements):
             return []
         await self.begin()
-        if self.locked_at is None:
+        if self.locked_at is None and self._pending:
             self.locked_at = perf_counter()
         pending, self._pending = self._pending, []
         expected, self._expected = self._expected, {}
-        results = await self.store.write(self.conn, pending, expected, heads=self._heads)
+        if held is None:
+            results = await self.store.write(self.conn, pending, expected, heads=self._heads)
+        else:
+            # Streams only read are checked as appends of no events, first (as plan()
+            # checks them), and only where something is appended.
+            checks = [
+                _PendingAppend(stream_id, "", [], version, EventContext())
+                for stream_id, version in (expected.items() if pending else ())
+            ]
+            with translate_errors(self.store.dialect.database_label):
+                results, self.committed = await self.store.dialect.command_write(
+                    self.conn,
+                    self.store,
+                    [*checks, *pending],
+                    checks=len(checks),
+                    held=held,
+                    checkpoints=self.checkpoints if pending else (),
+                )
+            self.checkpoints_moved = bool(self.checkpoints and pending)
         self.results.extend(results)
         return results
 
@@ -280,7 +315,8 @@ class EventStore:
         #: Fault point for tests, on every append path (``None`` in production): awaited
         #: with the appended streams once their positions are allocated, while the
         #: append lock is held, just before COMMIT. PostgreSQL's direct append
-        #: (``tiu_append``) allocates and commits in one statement, so there it is
+        #: (``tiu_append``), and a unit of work whose flush is its only statement
+        #: (``tiu_command``), allocate and commit in one statement, so there it is
         #: awaited just before that statement. An exception it raises rolls back.
         self.before_commit: FaultHook | None = None
         #: The group writer's pooled connection, kept from one group to the next.
@@ -327,13 +363,17 @@ class EventStore:
             uow = UnitOfWork(self, conn)
             if not lazy:
                 await uow.begin()
-            yield uow
-            if uow.writing or uow.pending_streams:
+            if uow.held is None:
+                yield uow
+            else:
+                with deferring(conn, uow.held):
+                    yield uow
+            if uow.writing or uow.pending_streams or (uow.held and uow.held.statements):
                 with telemetry.write_stage("append", conn):
                     await uow.flush()
                 if after_flush is not None and uow.results:
                     await after_flush(uow)
-                if self.before_commit is not None:
+                if self.before_commit is not None and not uow.committed:
                     await self.before_commit([r.stream_id for r in uow.results])
                 with (
                     translate_errors(self.dialect.database_label),

@@ -569,8 +569,10 @@ class write_stage:  # named as the function it was: ``with write_stage(...):``
     ``stage_spans`` it is a child span ``tiu.<stage>``.
 
     The append lock is waited for at ``begin`` on SQLite (``BEGIN IMMEDIATE``) and at
-    ``lock`` on PostgreSQL (``tiu_lock_and_heads``): that stage feeds ``tiu.lock.wait``;
-    ``append`` feeds ``tiu.append.duration``.
+    ``lock`` on PostgreSQL: that stage feeds ``tiu.lock.wait``; ``append`` feeds
+    ``tiu.append.duration``. On PostgreSQL a command's ``lock`` is the one statement
+    that writes it (``tiu_command``: its held rows, the lock, the append and the
+    checkpoints), so its wait for the lock is at most that.
 
     A class, not a generator-based context manager: a command's write enters several
     stages, and without telemetry each should cost next to nothing.

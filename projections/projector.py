@@ -215,6 +215,10 @@ class Projector:
     #: while a rebuild fills its shadow tables; the others are built once, after the
     #: bulk of the log is in (:mod:`projections.replay`). Unique ones are always kept.
     rebuild_indexes: ClassVar[frozenset[tuple[str, ...]]] = frozenset()
+    #: Whether :meth:`apply` only writes, through :func:`eventstore.prepared.execute`,
+    #: and reads nothing: inline, its rows may then be sent with the command's append
+    #: (PostgreSQL, one statement with it; see :class:`eventstore.prepared.Deferred`).
+    only_writes: ClassVar[bool] = False
 
     def live_tables(self) -> Tables:
         return Tables({t.name: t for t in self.tables})

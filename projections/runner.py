@@ -27,14 +27,16 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from eventstore import telemetry
 from eventstore.dialects import advisory_unlock, count_workers, join_workers, try_advisory_lock
 from eventstore.engine import begin_write
 from eventstore.errors import AppendTimeout, EventStoreError, StoreUnavailable, TransactionConflict
+from eventstore.prepared import held_back
 from eventstore.records import RecordedEvent
+from eventstore.schema import events
 from eventstore.schema import projection_checkpoints as cp
 from eventstore.sqlite_driver import OFF_LOOP
 from eventstore.store import EventStore
@@ -160,37 +162,65 @@ class InlineRunner:
         self._live = tuple((p, p.handles, p.live_tables()) for p in self.projectors)
 
     async def apply(self, conn: AsyncConnection, envelopes: Sequence[Envelope]) -> None:
+        """Apply ``envelopes`` in the command's transaction on ``conn``. Where ``conn``
+        holds writes back for the append (PostgreSQL, :func:`eventstore.prepared.held_back`),
+        a projector that only writes (:attr:`Projector.only_writes`) has its rows held
+        too, and sent with the append; any other runs after what is held has run."""
+        held = held_back(conn)
         for projector, handles, tables in self._live:
             relevant = [e for e in envelopes if e.event.event_type in handles]
             if relevant:
+
+                def failed(
+                    error: BaseException,
+                    name: str = projector.name,
+                    event_type: str = relevant[0].event_type,
+                ) -> ProjectionFailed:
+                    return ProjectionFailed(name, None, None, error, event_type)
+
                 try:
                     with translate_errors():
-                        await projector.apply_batch(conn, relevant, tables)
-                except EventStoreError:  # a deadlock is retried by the dispatcher
+                        if held is None:
+                            await projector.apply_batch(conn, relevant, tables)
+                        elif len(relevant) == 1 and projector.only_writes:
+                            with held.taking_from(failed):
+                                await projector.apply(conn, relevant[0], tables)
+                        else:  # it may read what is held: run that first
+                            await held.run(conn)
+                            await projector.apply_batch(conn, relevant, tables)
+                except (EventStoreError, ProjectionFailed):  # a deadlock is retried
                     raise
                 except Exception as error:  # the command is refused: nothing is appended
-                    raise ProjectionFailed(
-                        projector.name, None, None, error, relevant[0].event_type
-                    ) from error
+                    raise failed(error) from error
 
     async def advance(self, conn: AsyncConnection, first: int, last: int) -> None:
         """After the append: move every inline checkpoint from ``first - 1`` to ``last``.
 
         A checkpoint that was not at ``first - 1`` missed an event appended by some
         other path; raising rolls the command back so the caller can catch up first.
+        (Where the append moves them itself, :meth:`behind` tells why it could not.)
         """
         moved = await checkpoints.advance(conn, self.projectors, expected=first - 1, position=last)
         if moved != len(self.projectors):
-            behind = []
-            for p in self.projectors:
-                row = await checkpoints.load_active(conn, p.name)
-                if row is None or row.position != first - 1:
-                    behind.append(p.name)
-            # A parked projector stays behind whatever a catch-up does: refuse.
-            parked = await parking.load(conn, behind)
-            if parked:
-                raise ProjectionParked({n: p.position for n, p in parked.items()})
-            raise InlineProjectionBehind(behind)
+            raise await self.behind(conn, first - 1)
+
+    async def behind(
+        self, conn: AsyncConnection, expected: int | None = None
+    ) -> InlineProjectionBehind | ProjectionParked:
+        """The error for inline checkpoints not where an append started (at
+        ``expected``; ``None``: not where the log's head is, the append rolled back)."""
+        if expected is None:
+            expected = int(await conn.scalar(select(func.max(events.c.position))) or 0)
+        behind = []
+        for p in self.projectors:
+            row = await checkpoints.load_active(conn, p.name)
+            if row is None or row.position != expected:
+                behind.append(p.name)
+        # A parked projector stays behind whatever a catch-up does: refuse.
+        parked = await parking.load(conn, behind)
+        if parked:
+            return ProjectionParked({n: p.position for n, p in parked.items()})
+        return InlineProjectionBehind(behind)
 
 
 @dataclass

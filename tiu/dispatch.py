@@ -53,6 +53,7 @@ from domain.passwords import (
 from domain.routing import SESSIONS, Decider, Route, claims, erasures, route
 from eventstore import telemetry
 from eventstore.crypto import DEFAULT_TTL, SubjectKeys, keyring
+from eventstore.dialects import CheckpointsNotMoved
 from eventstore.errors import (
     CommandInFlight,
     ConcurrencyError,
@@ -126,7 +127,7 @@ class _Mark:
     unverified: set[str]
     appended: set[str]
     results: int
-    uow: tuple[int, dict[str, int]]
+    uow: tuple[int, dict[str, int], int]
     keys: Any
 
 
@@ -775,7 +776,7 @@ class Dispatcher:
         first write, commits on exit, rolls back on any error."""
 
         async def after_flush(uow: UnitOfWork) -> None:
-            if self.inline is not None:
+            if self.inline is not None and not uow.checkpoints_moved:
                 first = min(r.first_position for r in uow.results)
                 last = max(r.last_position for r in uow.results)
                 await self.inline.advance(uow.conn, first, last)
@@ -788,12 +789,19 @@ class Dispatcher:
                 telemetry.write(),
                 translate_errors(self.store.dialect.database_label),
             ):
-                async with self.store.transaction(
-                    after_flush=after_flush, lazy=True, conn=conn, keep_open=keep_open
-                ) as uow:
-                    unit = CommandUnit(self, uow, passwords)
-                    yield unit
-                    unit.before_flush()
+                try:
+                    async with self.store.transaction(
+                        after_flush=after_flush, lazy=True, conn=conn, keep_open=keep_open
+                    ) as uow:
+                        if self.inline is not None:  # moved with the append where it can
+                            uow.checkpoints = tuple(p.name for p in self.inline.projectors)
+                        unit = CommandUnit(self, uow, passwords)
+                        yield unit
+                        unit.before_flush()
+                except CheckpointsNotMoved:
+                    assert self.inline is not None
+                    async with self.store.engine.connect() as own:
+                        raise await self.inline.behind(own) from None
         finally:
             if unit is not None:
                 unit.keys.close()  # after COMMIT or ROLLBACK: its keys may be cached now
@@ -1134,8 +1142,10 @@ class Dispatcher:
     ) -> None:
         """Record ``command``'s outcome under its id. A row already there was written by
         a concurrent send of the same id that committed first (DO NOTHING waited for
-        it): this transaction must not write the command a second time."""
-        inserted = await execute(
+        it): this transaction must not write the command a second time. On PostgreSQL
+        the record is sent with the append (:class:`eventstore.prepared.Deferred`), and
+        ``CommandInFlight`` raised from there."""
+        await execute(
             conn,
             _REMEMBER[conn.dialect.name],
             {
@@ -1145,9 +1155,8 @@ class Dispatcher:
                 "outcome": outcome,
                 "recorded_at": now,
             },
+            none_changed=CommandInFlight(command.command_id),
         )
-        if inserted == 0:
-            raise CommandInFlight(command.command_id)
 
 
 def _event_context(command: Command, ctx: CommandContext) -> EventContext:

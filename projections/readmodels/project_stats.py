@@ -44,6 +44,7 @@ _COUNTS = ("total", *(status.value for status in TaskStatus))
 class ProjectStatsProjector(BatchedProjector):
     name = "project_stats"
     tables: ClassVar = (project_stats,)
+    only_writes = True  # apply: prepared writes, no reads
     handles = frozenset(
         cls.event_type
         for cls in (

@@ -69,6 +69,7 @@ tasks_table = Table(
 class TasksProjector(BatchedProjector):
     name = "tasks"
     tables: ClassVar = (tasks_table,)
+    only_writes = True  # apply: prepared writes, no reads
     handles = frozenset(
         cls.event_type
         for cls in (

@@ -44,6 +44,7 @@ _COUNTERS = ("logins", "failed_logins", "tasks_created", "tasks_completed", "tas
 class UserActivityProjector(BatchedProjector):
     name = "user_activity"
     tables: ClassVar = (user_activity,)
+    only_writes = True  # apply: prepared writes, no reads
     handles = frozenset(
         cls.event_type
         for cls in (

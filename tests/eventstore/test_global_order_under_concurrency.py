@@ -272,7 +272,12 @@ async def test_harness_catches_a_naive_identity_column_appender(postgres_engine:
 
 async def test_a_paused_allocation_holds_back_later_appends_and_readers(store: EventStore):
     """Deterministic companion: T1 (a unit of work, as commands write) allocates and
-    pauses; T2 (a direct append, on another store) must wait; order is kept."""
+    pauses; T2 (a direct append, on another store) must wait; order is kept.
+
+    T1's transaction has run a statement before its append (a command that claims a
+    key does): on PostgreSQL a unit whose only statement is its append sends it
+    outside a transaction, allocating and committing at once, with nothing to pause
+    in between (see the next test)."""
     paused = asyncio.Event()
     release = asyncio.Event()
 
@@ -283,6 +288,7 @@ async def test_a_paused_allocation_holds_back_later_appends_and_readers(store: E
 
     async def first_in_unit() -> AppendResult:
         async with store.transaction() as uow:
+            await uow.conn.execute(select(events.c.position).limit(1))
             uow.append("a-1", "a", [NewEvent("First", {})])
         return uow.results[0]
 
@@ -301,4 +307,39 @@ async def test_a_paused_allocation_holds_back_later_appends_and_readers(store: E
         log = await store.read_all(conn)
     assert [(e.event_type, e.position) for e in log] == [("First", 1), ("Second", 2)]
     assert (first.first_position, second.first_position) == (1, 2)
+    await other.aclose()
+
+
+async def test_a_unit_whose_only_statement_is_its_append_commits_it_as_it_allocates(
+    store: EventStore,
+):
+    """Where a unit of work sends its append (with what it held back) as one statement
+    outside a transaction (PostgreSQL), the fault point comes before that statement:
+    paused there, T1 holds no lock and has allocated nothing, so T2 goes first."""
+    if store.dialect.name != "postgresql":
+        pytest.skip("SQLite's unit holds the write lock from BEGIN IMMEDIATE on")
+    paused = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold_first(_streams: object) -> None:
+        if not paused.is_set():
+            paused.set()
+            await release.wait()
+
+    async def first_in_unit() -> AppendResult:
+        async with store.transaction() as uow:
+            uow.append("a-1", "a", [NewEvent("First", {})])
+        return uow.results[0]
+
+    store.before_commit = hold_first
+    other = EventStore(store.engine)
+    t1 = asyncio.create_task(first_in_unit())
+    await asyncio.wait_for(paused.wait(), 5)
+    second = await asyncio.wait_for(other.append("b-1", "b", [NewEvent("Second", {})]), 5)
+    release.set()
+    first = await t1
+    async with store.engine.connect() as conn:
+        log = await store.read_all(conn)
+    assert [(e.event_type, e.position) for e in log] == [("Second", 1), ("First", 2)]
+    assert (second.first_position, first.first_position) == (1, 2)
     await other.aclose()

@@ -304,7 +304,11 @@ async def test_commands_resent_with_their_keys_in_a_group_answer_as_the_first_ti
     if service.engine.dialect.name == "postgresql":
         # On SQLite a loaded run once wrote these seven one by one although the first
         # commit was held (not understood yet); the answers below hold either way.
-        assert len(commits) < len(first), "no group was formed"
+        # A transaction appended to several streams: some of these commands shared one.
+        # (Counting transactions says less: those whose decisions the first commit made
+        # stale are written alone, fail, and prepare again, as quickly as the machine
+        # lets them.)
+        assert max(commits) > 1, "no group was formed"
     async with service.engine.connect() as conn:
         logged = await conn.scalar(select(func.count()).select_from(events))
     again = [answer(o) for o in await asyncio.gather(*commands(), return_exceptions=True)]
