@@ -84,6 +84,11 @@ _REMEMBER = {
 log = logging.getLogger("tiu.dispatch")
 T = TypeVar("T")
 
+#: On SQLite a group takes no further command once its transaction has held the write
+#: lock this long (seconds): its commands run inline, so the group holds the host's
+#: event loop as long as it holds the lock. The rest lead the next group.
+GROUP_BUDGET: Final = 0.002
+
 
 @dataclass(frozen=True, slots=True)
 class CommandResult:
@@ -628,12 +633,15 @@ class Dispatcher:
         keys: SubjectKeys | None = None,
         group_commit: bool = False,
         max_group: int = 64,
+        group_budget: float | None = GROUP_BUDGET,
         hasher: PasswordHasher | None = None,
         cached_states: int = 10_000,
     ) -> None:
-        """``cached_states``: how many folded stream states to keep (:class:`FoldedStates`)."""
+        """``cached_states``: how many folded stream states to keep (:class:`FoldedStates`);
+        ``group_budget``: see :class:`GroupCommitter` (``None``: groups end only at
+        ``max_group``)."""
         self.store = store
-        self.group = GroupCommitter(self, max_group) if group_commit else None
+        self.group = GroupCommitter(self, max_group, group_budget) if group_commit else None
         self.keys = keys or keyring(store.engine)
         self.inline = inline
         self.snapshot_every = snapshot_every
@@ -1165,10 +1173,19 @@ class GroupCommitter:
     the group's COMMIT. If the group as a whole fails (a conflict with another process,
     or a command that failed after writing), each decision is written alone, so no
     caller sees an error caused by another caller's command.
+
+    ``budget`` (seconds, SQLite only): a group whose transaction has held the write
+    lock that long takes no further command; the decisions left go back to the queue,
+    ahead of the others, and the loop turns before the next group.
     """
 
-    def __init__(self, dispatcher: Dispatcher, max_group: int = 64) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, max_group: int = 64, budget: float | None = GROUP_BUDGET
+    ) -> None:
         self.dispatcher = dispatcher
+        # On PostgreSQL the write awaits its round trips and the lock is taken at the
+        # append: there is nothing to bound.
+        self.budget = None if dispatcher.store.dialect.round_trips else budget
         self._queue: GroupQueue[_Queued, CommandResult] = GroupQueue(
             telemetry.traced_group(self._write, _queued_command), max_group, idle=self._idle
         )
@@ -1266,8 +1283,13 @@ class GroupCommitter:
         decisions = [queued.decision for queued, _ in group]
         try:
             async with self.dispatcher.unit(conn=conn) as unit:
-                for decision in decisions:
+                for index, decision in enumerate(decisions):
                     assert decision is not None
+                    if index and self._spent(unit):
+                        self._queue.put_back(group[index:])
+                        telemetry.leave_group([_queued_command(q) for q, _ in group[index:]])
+                        group, decisions = group[:index], decisions[:index]
+                        break
                     try:
                         outcomes.append(await unit.isolated(decision))
                     except (DomainError, ConcurrencyError) as error:
@@ -1295,6 +1317,15 @@ class GroupCommitter:
             else:
                 assert queued.decision is not None
                 future.set_result(positioned.get(queued.decision.command.command_id, outcome))
+
+    def _spent(self, unit: CommandUnit) -> bool:
+        """Whether ``unit`` has held the write lock for the group's budget."""
+        locked_at = unit.uow.locked_at
+        return (
+            self.budget is not None
+            and locked_at is not None
+            and time.perf_counter() - locked_at >= self.budget
+        )
 
 
 async def _close_all(conns: list[AsyncConnection]) -> None:
