@@ -64,6 +64,7 @@ class Stall:
     held (the wake's lateness once it woke) and the stacks sampled meanwhile."""
 
     started: float
+    wake: int  # the index of the late wake in the probe's lags
     ms: float = 0.0
     samples: list[str] = field(default_factory=list)
 
@@ -95,22 +96,27 @@ class StallTracer:
         while not self._stop.wait(self.interval):
             beats, due = probe.beats, probe.due
             if current is not None and beats != seen:
-                current.ms = probe.lags[-1] * 1000 if probe.lags else 0.0
+                current.ms = probe.lags[current.wake] * 1000
                 self.stalls.append(current)
                 current = None
             seen = beats
             late = time.perf_counter() - due
             if late > self.threshold:
                 if current is None:
-                    current = Stall(due)
+                    current = Stall(due, beats)
                 current.samples.append(self._sample())
 
     def _sample(self) -> str:
         frames = sys._current_frames()  # the only way to see another thread
         loop = frames.pop(self._loop_thread, None)
         me = threading.get_ident()
-        stack = traceback.extract_stack(loop, limit=14) if loop is not None else []
-        lines = [f"{_short(f.filename)}:{f.lineno} {f.name}" for f in reversed(stack)]
+        stack = traceback.extract_stack(loop, limit=16) if loop is not None else []
+        lines = []
+        for frame in reversed(stack):
+            if frame.name == "_run_once":  # below it: the loop's own runner
+                lines.append("(loop)")
+                break
+            lines.append(f"{_short(frame.filename)}:{frame.lineno} {frame.name}")
         others = sorted(
             f"{_short(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}"
             for ident, frame in frames.items()
