@@ -70,6 +70,7 @@ from projections.errors import InlineProjectionBehind, ProjectionFailed
 from projections.projector import Envelope
 from projections.runner import SHARED_LOOP_CHUNK, InlineRunner, Worker
 from tiu.idempotency import leaves_trace, refusal_outcome, replayed_refusal
+from tiu.password_threads import PASSWORD_THREADS
 
 # Statements of every command, built once (building them per command was a third of a
 # command's time, profiled); executed with parameters, they hit the compiled cache.
@@ -720,7 +721,7 @@ class Dispatcher:
                 elif release is not None:
                     # Shielded: a cancelled caller must not abandon the close mid-way.
                     await asyncio.shield(release())
-                outcomes = await asyncio.to_thread(
+                outcomes = await PASSWORD_THREADS.run(
                     perform, needed.tasks, command, self.hasher, ctx.passwords
                 )
                 ctx = replace(ctx, passwords=outcomes)
