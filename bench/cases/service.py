@@ -17,7 +17,8 @@ wakes every 1 ms:
 * ``mixed``: all of the above at once.
 
 Each operation runs alone first (its lag is its own), then all together. Reported per
-operation: duration, the probe's max and p99 lateness while it ran, and the process's
+operation: duration and the process's CPU time, the probe's max and p99 lateness while
+it ran, and the process's
 peak RSS during it (``VmHWM``, reset before each operation), and the write lock's
 hold per command transaction while it ran (``service.dispatcher.lock_times``: p99 and
 max, on SQLite from ``BEGIN IMMEDIATE`` to the end of COMMIT).
@@ -73,15 +74,17 @@ class _Run:
         if self.lock_times is not None:
             self.lock_times.clear()
         mark = self.probe.mark()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await work()
         seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu
         await self.probe.settle()
         lag = self.probe.since(mark)
         stalls = self.probe.tracer.since(mark[1]) if self.probe.tracer is not None else []
         row = {
             "operation": label,
             "seconds": round(seconds, 4),
+            "cpu_seconds": round(cpu, 4),
             "items": items,
             **lag.as_dict(),
             "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -89,7 +92,7 @@ class _Run:
         }
         self.rows.append(row)
         print(
-            f"    {label:34} {seconds:8.3f}s  lag max {lag.max_ms:7.1f} ms"
+            f"    {label:34} {seconds:8.3f}s ({cpu:6.3f}s CPU)  lag max {lag.max_ms:7.1f} ms"
             f"  p99 {lag.p99_ms:6.1f} ms  longest gc {lag.gc_max_ms:6.1f} ms"
             f" ({lag.gc_cpu_max_ms:5.1f} ms CPU)"
             f"  peak RSS {row['peak_rss_mb']:7.1f} MB"
