@@ -65,7 +65,11 @@ class Stall:
 
     started: float
     wake: int  # the index of the late wake in the probe's lags
+    cpu_started: float  # the loop thread's CPU clock when the stall was first seen
     ms: float = 0.0
+    #: The loop thread's CPU time from the first sample to the wake: near the stall's
+    #: length, the loop ran code; far below, it waited (for the GIL, or for a core).
+    cpu_ms: float = 0.0
     samples: list[str] = field(default_factory=list)
 
 
@@ -79,6 +83,7 @@ class StallTracer:
         self.interval = interval
         self.stalls: list[Stall] = []
         self._loop_thread = threading.get_ident()
+        self._loop_clock = time.pthread_getcpuclockid(self._loop_thread)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stall-tracer", daemon=True)
 
@@ -97,13 +102,15 @@ class StallTracer:
             beats, due = probe.beats, probe.due
             if current is not None and beats != seen:
                 current.ms = probe.lags[current.wake] * 1000
+                cpu = time.clock_gettime(self._loop_clock) - current.cpu_started
+                current.cpu_ms = cpu * 1000
                 self.stalls.append(current)
                 current = None
             seen = beats
             late = time.perf_counter() - due
             if late > self.threshold:
                 if current is None:
-                    current = Stall(due, beats)
+                    current = Stall(due, beats, time.clock_gettime(self._loop_clock))
                 current.samples.append(self._sample())
 
     def _sample(self) -> str:
@@ -138,7 +145,10 @@ def summarize(stalls: list[Stall], top: int = 5) -> str:
     out = []
     for stall in sorted(stalls, key=lambda s: s.ms, reverse=True)[:top]:
         counts = collections.Counter(stall.samples).most_common(2)
-        out.append(f"      stall {stall.ms:6.1f} ms, {len(stall.samples)} samples")
+        out.append(
+            f"      stall {stall.ms:6.1f} ms (loop thread CPU {stall.cpu_ms:5.1f} ms since"
+            f" seen), {len(stall.samples)} samples"
+        )
         out.extend(f"        {n}x {stack}" for stack, n in counts)
     return "\n".join(out)
 
