@@ -11,7 +11,10 @@ driver. Only public SQLAlchemy API is used (a compiled statement's ``positiontup
 ``binds`` and ``construct_expanded_state``, each type's ``bind_processor`` for the
 dialect), so it works on any SQLAlchemy 2.x:
 
-* SQLite: ``sqlite3`` inline, with the busy handling of :mod:`eventstore.sqlite_driver`;
+* SQLite: ``sqlite3`` inline, with the busy handling of :mod:`eventstore.sqlite_driver`,
+  or on a worker thread when the connection's execution options say ``off_loop``
+  (a batch loop sharing a service's event loop: a projector's flush writes hundreds
+  of rows at once);
 * PostgreSQL: asyncpg, whose per-connection statement cache prepares each SQL once.
 
 Driver errors are re-raised as the SQLAlchemy exceptions ``conn.execute`` would raise
@@ -42,6 +45,7 @@ from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.types import TupleType
 
 from eventstore.dialects import driver_errors, raw_connection
+from eventstore.sqlite_driver import OFF_LOOP
 
 Params = Mapping[str, Any]
 
@@ -210,7 +214,9 @@ async def execute(
     sql, values = bound[0][0], [v for _, v in bound]
     with driver_errors(conn.engine, raw, sql):
         if conn.dialect.name == "sqlite":
-            return await _sqlite(raw, sql, values, many)
+            sync = conn.sync_connection
+            off_loop = sync is not None and bool(sync.get_execution_options().get(OFF_LOOP))
+            return await _sqlite(raw, sql, values, many, off_loop=off_loop)
         return await _asyncpg(raw, sql, values, many)
 
 
@@ -223,12 +229,17 @@ def _in_transaction(driver: Any) -> bool:
     return bool(driver.is_in_transaction())
 
 
-async def _sqlite(raw: Any, sql: str, values: list[tuple[Any, ...]], many: bool) -> int:
+async def _sqlite(
+    raw: Any, sql: str, values: list[tuple[Any, ...]], many: bool, *, off_loop: bool
+) -> int:
     db = raw.driver_connection
-    if many:
-        cursor = await raw.dbapi_connection.run(db.executemany, sql, values)
+    adapted = raw.dbapi_connection
+    fn, args = (db.executemany, (sql, values)) if many else (db.execute, (sql, values[0]))
+    if off_loop:
+        adapted.heavy = True  # as the driver's own off-loop statements: COMMIT off it too
+        cursor = await adapted.off_loop(fn, *args)
     else:
-        cursor = await raw.dbapi_connection.run(db.execute, sql, values[0])
+        cursor = await adapted.run(fn, *args)
     return int(cursor.rowcount)
 
 
