@@ -14,16 +14,26 @@ CPU: its work grows with the whole heap, the host's objects included; a clock ti
 above the CPU time is the collecting thread waiting for a core or for the GIL), or, on a
 shared machine, the CPU given to other processes (measure the probe alone for the
 floor). The probe itself costs ~1,000 wakes per second.
+
+``LoopProbe(trace_over=0.005)`` also starts a :class:`StallTracer`: a watchdog thread
+that, while the probe's wake is more than that late, samples the loop thread's stack
+(and the other threads' innermost frames), so a stall can be traced to the code that
+held the loop, or to a loop idle in its selector but not running (a thread holding
+the GIL, or no free core).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import statistics
+import sys
+import threading
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -48,10 +58,109 @@ class Lag:
         }
 
 
+@dataclass(slots=True)
+class Stall:
+    """One late wake, as the watchdog saw it: when it began, how long the loop was
+    held (the wake's lateness once it woke) and the stacks sampled meanwhile."""
+
+    started: float
+    wake: int  # the index of the late wake in the probe's lags
+    cpu_started: float  # the loop thread's CPU clock when the stall was first seen
+    ms: float = 0.0
+    #: The loop thread's CPU time from the first sample to the wake: near the stall's
+    #: length, the loop ran code; far below, it waited (for the GIL, or for a core).
+    cpu_ms: float = 0.0
+    samples: list[str] = field(default_factory=list)
+
+
+class StallTracer:
+    """A watchdog thread sampling the loop thread's stack every ``interval`` while the
+    probe's next wake is more than ``threshold`` late."""
+
+    def __init__(self, probe: LoopProbe, threshold: float, interval: float = 0.001) -> None:
+        self.probe = probe
+        self.threshold = threshold
+        self.interval = interval
+        self.stalls: list[Stall] = []
+        self._loop_thread = threading.get_ident()
+        self._loop_clock = time.pthread_getcpuclockid(self._loop_thread)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="stall-tracer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        probe = self.probe
+        current: Stall | None = None
+        seen = probe.beats
+        while not self._stop.wait(self.interval):
+            beats, due = probe.beats, probe.due
+            if current is not None and beats != seen:
+                current.ms = probe.lags[current.wake] * 1000
+                cpu = time.clock_gettime(self._loop_clock) - current.cpu_started
+                current.cpu_ms = cpu * 1000
+                self.stalls.append(current)
+                current = None
+            seen = beats
+            late = time.perf_counter() - due
+            if late > self.threshold:
+                if current is None:
+                    current = Stall(due, beats, time.clock_gettime(self._loop_clock))
+                current.samples.append(self._sample())
+
+    def _sample(self) -> str:
+        frames = sys._current_frames()  # the only way to see another thread
+        loop = frames.pop(self._loop_thread, None)
+        me = threading.get_ident()
+        stack = traceback.extract_stack(loop, limit=16) if loop is not None else []
+        lines = []
+        for frame in reversed(stack):
+            if frame.name == "_run_once":  # below it: the loop's own runner
+                lines.append("(loop)")
+                break
+            lines.append(f"{_short(frame.filename)}:{frame.lineno} {frame.name}")
+        others = sorted(
+            f"{_short(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}"
+            for ident, frame in frames.items()
+            if ident != me
+        )
+        return " < ".join(lines) + ("  || threads: " + "; ".join(others) if others else "")
+
+    def since(self, started: float) -> list[Stall]:
+        return [s for s in self.stalls if s.started >= started]
+
+
+def _short(filename: str) -> str:
+    parts = filename.replace("\\", "/").split("/")
+    return "/".join(parts[-2:])
+
+
+def summarize(stalls: list[Stall], top: int = 5) -> str:
+    """The longest stalls, each with its most frequent sampled stack."""
+    out = []
+    for stall in sorted(stalls, key=lambda s: s.ms, reverse=True)[:top]:
+        counts = collections.Counter(stall.samples).most_common(2)
+        out.append(
+            f"      stall {stall.ms:6.1f} ms (loop thread CPU {stall.cpu_ms:5.1f} ms since"
+            f" seen), {len(stall.samples)} samples"
+        )
+        out.extend(f"        {n}x {stack}" for stack, n in counts)
+    return "\n".join(out)
+
+
 class LoopProbe:
-    def __init__(self, period: float = PERIOD) -> None:
+    def __init__(self, period: float = PERIOD, trace_over: float | None = None) -> None:
         self.period = period
         self.lags: list[float] = []
+        #: Wakes so far and when the next one is due (read by the stall tracer).
+        self.beats = 0
+        self.due = time.perf_counter() + period
+        self.tracer = StallTracer(self, trace_over) if trace_over else None
         # (ended at, seconds, seconds of the collecting thread's CPU)
         self.collections: list[tuple[float, float, float]] = []
         self._task: asyncio.Task[None] | None = None
@@ -69,8 +178,10 @@ class LoopProbe:
         clock = time.perf_counter
         while True:
             started = clock()
+            self.due = started + self.period
             await asyncio.sleep(self.period)
             self.lags.append(max(0.0, clock() - started - self.period))
+            self.beats += 1
 
     async def settle(self) -> None:
         """Let the probe wake once, so a late wake is counted where it belongs (its
@@ -95,6 +206,8 @@ class LoopProbe:
     async def __aenter__(self) -> LoopProbe:
         gc.callbacks.append(self._on_gc)
         self._task = asyncio.create_task(self._run())
+        if self.tracer is not None:
+            self.tracer.start()
         await asyncio.sleep(0)
         return self
 
@@ -104,6 +217,8 @@ class LoopProbe:
         _e: BaseException | None,
         _tb: TracebackType | None,
     ) -> None:
+        if self.tracer is not None:
+            self.tracer.stop()
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
         if self._task is not None:

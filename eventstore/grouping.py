@@ -4,7 +4,9 @@ Appends are serialised (docs/ordering.md), so one piece of work per transaction 
 rate at one commit per caller. Both group committers of tiu (the store's ``append``
 and the dispatcher's commands) queue here instead: the first caller starts a writer
 task, which takes up to ``max_group`` waiting items per transaction until the queue
-is empty. Items that arrive while a group is written form the next group.
+is empty, letting the loop turn between groups. Items that arrive while a group is
+written form the next group; a writer may also end a group early and put the rest
+back (:meth:`GroupQueue.put_back`), ahead of them.
 
 When the queue is empty the writer waits one turn of the event loop before it ends:
 a caller woken by its result that writes again at once (a loop of appends) joins the
@@ -73,15 +75,15 @@ class GroupQueue(Generic[Item, Result]):
     async def _write_all(self) -> None:
         group: list[Waiting[Item, Result]] = []
         try:
-            while True:
-                while self._queue:
-                    group = self._queue[: self.max_group]
-                    self._queue = self._queue[self.max_group :]
-                    await self._write(group)
+            while self._queue:
+                group = self._queue[: self.max_group]
+                self._queue = self._queue[self.max_group :]
+                await self._write(group)
                 group = []
-                await asyncio.sleep(0)  # one turn for the callers just answered
-                if not self._queue:
-                    break
+                # One turn of the loop after each group: for the callers just answered,
+                # and for every other task, since a write that never suspends (SQLite's
+                # inline driver) would otherwise run group after group in one stretch.
+                await asyncio.sleep(0)
         finally:
             # Cancelled (the loop is shutting down): no caller may wait forever.
             _fail([*group, *self._queue])
@@ -90,6 +92,11 @@ class GroupQueue(Generic[Item, Result]):
             # end of this task, or a caller could queue behind a writer that is gone.
             if self._idle is not None:
                 self._idle()
+
+    def put_back(self, waiting: list[Waiting[Item, Result]]) -> None:
+        """From ``write``: items of its group it did not write, to lead the next group
+        (those whose caller has gone are dropped, as if never taken)."""
+        self._queue[:0] = [w for w in waiting if not w[1].done()]
 
     def _abandoned(self, writer: asyncio.Task[None]) -> None:
         # A writer cancelled before it ran never reaches its own clean-up.

@@ -11,7 +11,10 @@ driver. Only public SQLAlchemy API is used (a compiled statement's ``positiontup
 ``binds`` and ``construct_expanded_state``, each type's ``bind_processor`` for the
 dialect), so it works on any SQLAlchemy 2.x:
 
-* SQLite: ``sqlite3`` inline, with the busy handling of :mod:`eventstore.sqlite_driver`;
+* SQLite: ``sqlite3`` inline, with the busy handling of :mod:`eventstore.sqlite_driver`,
+  or on a worker thread when the connection's execution options say ``off_loop``
+  (a batch loop sharing a service's event loop: a projector's flush writes hundreds
+  of rows at once);
 * PostgreSQL: asyncpg, whose per-connection statement cache prepares each SQL once.
 
 Driver errors are re-raised as the SQLAlchemy exceptions ``conn.execute`` would raise
@@ -47,12 +50,14 @@ from typing import Any, Final
 
 from sqlalchemy.engine import Dialect as SADialect
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.types import TupleType
 
 from eventstore.dialects import driver_errors, raw_connection
 from eventstore.errors import EventStoreError
+from eventstore.sqlite_driver import OFF_LOOP
 from eventstore.translate import translate_errors
 
 Params = Mapping[str, Any]
@@ -272,6 +277,8 @@ async def _execute_one(
     sql, one = compiled.bind(params)
     with driver_errors(conn.engine, raw, sql):
         if type(driver) is sqlite3.Connection:
+            if _off_loop(conn):
+                return await _sqlite(raw, sql, [one], False, off_loop=True)
             cursor = await raw.dbapi_connection.run(driver.execute, sql, one)
             return int(cursor.rowcount)
         return await _asyncpg(raw, sql, [one], False)
@@ -296,8 +303,20 @@ async def _execute_many(
     sql, values = bound[0][0], [v for _, v in bound]
     with driver_errors(conn.engine, raw, sql):
         if conn.dialect.name == "sqlite":
-            return await _sqlite(raw, sql, values, True)
+            return await _sqlite(raw, sql, values, True, off_loop=_off_loop(conn))
         return await _asyncpg(raw, sql, values, True)
+
+
+def _off_loop(conn: AsyncConnection) -> bool:
+    """Whether the caller sent ``conn``'s statements off the loop (the SQLite driver's
+    :data:`OFF_LOOP` option: a rebuild or catch-up sharing a service's loop). Not on a
+    shared connection (a ``StaticPool``: SQLite's ``:memory:``), where interrupting a
+    cancelled caller's statement would fail another caller's: those stay inline, as
+    that database's log pages do."""
+    sync = conn.sync_connection
+    if sync is None or not sync.get_execution_options().get(OFF_LOOP):
+        return False
+    return not isinstance(conn.engine.pool, StaticPool)
 
 
 def _in_transaction(driver: Any) -> bool:
@@ -309,12 +328,17 @@ def _in_transaction(driver: Any) -> bool:
     return bool(driver.is_in_transaction())
 
 
-async def _sqlite(raw: Any, sql: str, values: list[tuple[Any, ...]], many: bool) -> int:
+async def _sqlite(
+    raw: Any, sql: str, values: list[tuple[Any, ...]], many: bool, *, off_loop: bool
+) -> int:
     db = raw.driver_connection
-    if many:
-        cursor = await raw.dbapi_connection.run(db.executemany, sql, values)
+    adapted = raw.dbapi_connection
+    fn, args = (db.executemany, (sql, values)) if many else (db.execute, (sql, values[0]))
+    if off_loop:
+        adapted.heavy = True  # as the driver's own off-loop statements: COMMIT off it too
+        cursor = await adapted.off_loop(fn, *args)
     else:
-        cursor = await raw.dbapi_connection.run(db.execute, sql, values[0])
+        cursor = await adapted.run(fn, *args)
     return int(cursor.rowcount)
 
 

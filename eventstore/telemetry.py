@@ -234,6 +234,10 @@ _current_command: contextvars.ContextVar[_Command | None] = contextvars.ContextV
 _group: contextvars.ContextVar[list[_Command] | None] = contextvars.ContextVar(
     "tiu_group", default=None
 )
+#: The size of that group, less the commands its writer put back (:func:`leave_group`).
+_group_written: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "tiu_group_written", default=None
+)
 #: The stage timings of the write transaction in progress (see :func:`write`).
 _write_timings: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
     "tiu_write", default=None
@@ -475,25 +479,48 @@ def traced_group(
         if state is None:
             await write(group)
             return
-        state.instruments.group_size.record(len(group), _GROUP_OF_COMMANDS)
+        written = [len(group)]
+        written_token = _group_written.set(written)
         owners = []
         for item, _ in group:
             owner = _open_commands.get(id(key(item)))
             if owner is not None and owner not in owners:
                 owner.timings["tiu.command.group_size"] = len(group)
                 owners.append(owner)
-        if not owners:
-            await write(group)
-            return
-        token = otel_context.attach(trace.set_span_in_context(owners[0].span))
-        group_token = _group.set(owners)
         try:
-            await write(group)
+            if not owners:
+                await write(group)
+                return
+            token = otel_context.attach(trace.set_span_in_context(owners[0].span))
+            group_token = _group.set(owners)
+            try:
+                await write(group)
+            finally:
+                _group.reset(group_token)
+                otel_context.detach(token)
         finally:
-            _group.reset(group_token)
-            otel_context.detach(token)
+            _group_written.reset(written_token)
+            state.instruments.group_size.record(written[0], _GROUP_OF_COMMANDS)
 
     return traced
+
+
+def leave_group(commands: Sequence[object]) -> None:
+    """From a group writer: ``commands`` leave the group being written (put back to
+    lead the next group); its transaction and its size are not theirs."""
+    written = _group_written.get()
+    if written is None:
+        return
+    written[0] -= len(commands)
+    owners = _group.get()
+    if owners is None:
+        return
+    for command in commands:
+        owner = _open_commands.get(id(command))
+        if owner is not None and owner in owners:
+            owners.remove(owner)
+    for owner in owners:
+        owner.timings["tiu.command.group_size"] = written[0]
 
 
 @contextlib.contextmanager
@@ -1018,6 +1045,7 @@ __all__ = [
     "configure",
     "configure_logging",
     "correlation_id",
+    "leave_group",
     "links_of",
     "note",
     "pool_exhausted",

@@ -71,6 +71,7 @@ from projections.errors import InlineProjectionBehind, ProjectionFailed
 from projections.projector import Envelope
 from projections.runner import SHARED_LOOP_CHUNK, InlineRunner, Worker
 from tiu.idempotency import leaves_trace, refusal_outcome, replayed_refusal
+from tiu.password_threads import PASSWORD_THREADS
 
 # Statements of every command, built once (building them per command was a third of a
 # command's time, profiled); executed with parameters, they hit the compiled cache.
@@ -84,6 +85,14 @@ _REMEMBER = {
 
 log = logging.getLogger("tiu.dispatch")
 T = TypeVar("T")
+
+#: On SQLite a group takes no further command once its commands have used this much of
+#: the loop thread's CPU (seconds): they run inline, so the group holds the host's event
+#: loop (and the write lock) that long. The rest lead the next group. CPU time, not the
+#: clock: on a busy machine a command's clock time grows with the time its thread waits
+#: for a core, and a budget by the clock shrank groups to ~1.3 commands there (8 callers,
+#: 2 ms), which cost ~50% more CPU per command without shortening any stall.
+GROUP_BUDGET: Final = 0.004
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,12 +649,15 @@ class Dispatcher:
         keys: SubjectKeys | None = None,
         group_commit: bool = False,
         max_group: int = 64,
+        group_budget: float | None = GROUP_BUDGET,
         hasher: PasswordHasher | None = None,
         cached_states: int = 10_000,
     ) -> None:
-        """``cached_states``: how many folded stream states to keep (:class:`FoldedStates`)."""
+        """``cached_states``: how many folded stream states to keep (:class:`FoldedStates`);
+        ``group_budget``: see :class:`GroupCommitter` (``None``: groups end only at
+        ``max_group``)."""
         self.store = store
-        self.group = GroupCommitter(self, max_group) if group_commit else None
+        self.group = GroupCommitter(self, max_group, group_budget) if group_commit else None
         self.keys = keys or keyring(store.engine)
         self.inline = inline
         self.snapshot_every = snapshot_every
@@ -724,7 +736,7 @@ class Dispatcher:
                 elif release is not None:
                     # Shielded: a cancelled caller must not abandon the close mid-way.
                     await asyncio.shield(release())
-                outcomes = await asyncio.to_thread(
+                outcomes = await PASSWORD_THREADS.run(
                     perform, needed.tasks, command, self.hasher, ctx.passwords
                 )
                 ctx = replace(ctx, passwords=outcomes)
@@ -1189,10 +1201,20 @@ class GroupCommitter:
     the group's COMMIT. If the group as a whole fails (a conflict with another process,
     or a command that failed after writing), each decision is written alone, so no
     caller sees an error caused by another caller's command.
+
+    ``budget`` (seconds of the loop thread's CPU, SQLite only; see :data:`GROUP_BUDGET`):
+    a group whose commands have used that much takes no further command; the decisions
+    left go back to the queue, ahead of the others, and the loop turns before the next
+    group.
     """
 
-    def __init__(self, dispatcher: Dispatcher, max_group: int = 64) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, max_group: int = 64, budget: float | None = GROUP_BUDGET
+    ) -> None:
         self.dispatcher = dispatcher
+        # On PostgreSQL the write awaits its round trips and the lock is taken at the
+        # append: there is nothing to bound.
+        self.budget = None if dispatcher.store.dialect.round_trips else budget
         self._queue: GroupQueue[_Queued, CommandResult] = GroupQueue(
             telemetry.traced_group(self._write, _queued_command), max_group, idle=self._idle
         )
@@ -1310,10 +1332,16 @@ class GroupCommitter:
             return
         outcomes: list[CommandResult | BaseException] = []
         decisions = [queued.decision for queued, _ in group]
+        started = time.thread_time()
         try:
             async with self.dispatcher.unit(conn=conn, keep_open=conn is not None) as unit:
-                for decision in decisions:
+                for index, decision in enumerate(decisions):
                     assert decision is not None
+                    if index and self._spent(started):
+                        self._queue.put_back(group[index:])
+                        telemetry.leave_group([_queued_command(q) for q, _ in group[index:]])
+                        group, decisions = group[:index], decisions[:index]
+                        break
                     try:
                         outcomes.append(await unit.isolated(decision))
                     except (DomainError, ConcurrencyError) as error:
@@ -1341,6 +1369,11 @@ class GroupCommitter:
             else:
                 assert queued.decision is not None
                 future.set_result(positioned.get(queued.decision.command.command_id, outcome))
+
+    def _spent(self, started: float) -> bool:
+        """Whether the group begun at ``started`` (``time.thread_time()``) has used its
+        budget of the loop thread's CPU."""
+        return self.budget is not None and time.thread_time() - started >= self.budget
 
 
 async def _close_all(conns: list[AsyncConnection]) -> None:

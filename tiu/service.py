@@ -152,6 +152,7 @@ class DatabaseService:
             retries=settings.command_retries,
             group_commit=settings.group_commit,
             max_group=settings.max_group,
+            group_budget=settings.group_budget,
             hasher=self.hasher,
         )
         self._worker_task: asyncio.Task[None] | None = None

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     #: Concurrent commands of this process share one transaction (each in a savepoint).
     group_commit: bool = True
     max_group: int = Field(64, ge=1)
+    #: SQLite: a group takes no further command once its commands have used this many
+    #: seconds of the event loop thread's CPU (they run on the loop, holding the write
+    #: lock); ``None``: only ``max_group``.
+    group_budget: float | None = Field(0.004, ge=0)
     command_retries: int = Field(5, ge=0)
     auto_migrate: bool = True
 

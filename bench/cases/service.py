@@ -17,7 +17,8 @@ wakes every 1 ms:
 * ``mixed``: all of the above at once.
 
 Each operation runs alone first (its lag is its own), then all together. Reported per
-operation: duration, the probe's max and p99 lateness while it ran, and the process's
+operation: duration and the process's CPU time, the probe's max and p99 lateness while
+it ran, and the process's
 peak RSS during it (``VmHWM``, reset before each operation), and the write lock's
 hold per command transaction while it ran (``service.dispatcher.lock_times``: p99 and
 max, on SQLite from ``BEGIN IMMEDIATE`` to the end of COMMIT).
@@ -33,17 +34,21 @@ import asyncio
 import contextlib
 import gc
 import json
+import shutil
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from bench.common import Config, Place, Result, Workspace, pg_create_database, pg_drop_database
 from bench.context import RESULTS, Context
-from bench.probe import LoopProbe, peak_rss_mb, reset_peak_rss
+from bench.probe import LoopProbe, peak_rss_mb, reset_peak_rss, summarize
 from bench.scenario import Scenario, fill
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
+from eventstore.store import EventStore
 from projections import replay
 from projections.readmodels import ALL_PROJECTORS, TasksProjector
 from projections.runner import SHARED_LOOP_BATCH, SHARED_LOOP_CHUNK
@@ -69,14 +74,17 @@ class _Run:
         if self.lock_times is not None:
             self.lock_times.clear()
         mark = self.probe.mark()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await work()
         seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu
         await self.probe.settle()
         lag = self.probe.since(mark)
+        stalls = self.probe.tracer.since(mark[1]) if self.probe.tracer is not None else []
         row = {
             "operation": label,
             "seconds": round(seconds, 4),
+            "cpu_seconds": round(cpu, 4),
             "items": items,
             **lag.as_dict(),
             "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -84,13 +92,15 @@ class _Run:
         }
         self.rows.append(row)
         print(
-            f"    {label:34} {seconds:8.3f}s  lag max {lag.max_ms:7.1f} ms"
+            f"    {label:34} {seconds:8.3f}s ({cpu:6.3f}s CPU)  lag max {lag.max_ms:7.1f} ms"
             f"  p99 {lag.p99_ms:6.1f} ms  longest gc {lag.gc_max_ms:6.1f} ms"
             f" ({lag.gc_cpu_max_ms:5.1f} ms CPU)"
             f"  peak RSS {row['peak_rss_mb']:7.1f} MB"
             f"  write lock p99 {row['write_lock_p99_ms']} ms",
             flush=True,
         )
+        if stalls:
+            print(summarize(stalls), flush=True)
 
     def _lock_hold(self) -> dict[str, float | None]:
         held = sorted(s for s, _ in self.lock_times.samples) if self.lock_times else []
@@ -115,28 +125,30 @@ async def _audit(service: DatabaseService, run: _Run, suffix: str = "") -> None:
         await run.measure(f"audit suspicious{suffix}", 1, audit.suspicious)
 
 
-async def _serve(place: Place, n: int, *, freeze_gc: bool = False) -> list[dict[str, Any]]:
+async def _serve(
+    place: Place,
+    n: int,
+    *,
+    freeze_gc: bool = False,
+    trace_over: float | None = None,
+    log_cache: Path | None = None,
+) -> list[dict[str, Any]]:
+    cached = log_cache / f"service-sqlite-{n}.db" if log_cache and not place.postgres else None
+    reused = cached is not None and cached.exists()
+    if reused:  # the log and read models of an earlier run (no audit at 100k then)
+        assert cached is not None
+        await place.reset()
+        shutil.copyfile(cached, place.sqlite_path)
     store = await place.store()
-    scenario = Scenario(failed_logins=0.01)
-    first = min(n, MEMORY_POINT)
-    started = time.monotonic()
-    await fill(store, scenario, first)
     settings = Settings(database_url=place.url(), bcrypt_rounds=12)
     rows: list[dict[str, Any]] = []
-    async with LoopProbe() as probe:
+    async with LoopProbe(trace_over=trace_over) as probe:
         run = _Run(probe)
-        if n > MEMORY_POINT:  # the audit at 100k, for the memory comparison with n
-            early = DatabaseService(settings, engine=store.engine)
-            await _audit(early, run, f" @{first:,}")
-            await fill(store, scenario, n - first)
-        # The generator's state (one entry per stream) is not the service's: a host
-        # holding a million objects more would lengthen every full collection.
-        del scenario
-        gc.collect()
-        print(f"    log of {n:,} events in {time.monotonic() - started:.0f}s", flush=True)
-        started = time.monotonic()
-        await replay.rebuild_all(store, ALL_PROJECTORS)
-        print(f"    read models built in {time.monotonic() - started:.0f}s", flush=True)
+        if not reused:
+            await _build(store, settings, run, n)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                _backup(place.sqlite_path, cached)
         service = DatabaseService(settings, engine=store.engine, hasher=BcryptHasher(rounds=12))
         await service.start(migrate=False)
         # A full collection visits every object the GC tracks: its length (the probe's
@@ -152,6 +164,36 @@ async def _serve(place: Place, n: int, *, freeze_gc: bool = False) -> list[dict[
         rows = run.rows
     await store.engine.dispose()
     return rows
+
+
+async def _build(store: EventStore, settings: Settings, run: _Run, n: int) -> None:
+    """Generate the log (the audit measured at 100,000 events on the way) and build
+    the read models."""
+    scenario = Scenario(failed_logins=0.01)
+    first = min(n, MEMORY_POINT)
+    started = time.monotonic()
+    await fill(store, scenario, first)
+    if n > MEMORY_POINT:  # the audit at 100k, for the memory comparison with n
+        early = DatabaseService(settings, engine=store.engine)
+        await _audit(early, run, f" @{first:,}")
+        await fill(store, scenario, n - first)
+    # The generator's state (one entry per stream) is not the service's: a host
+    # holding a million objects more would lengthen every full collection.
+    del scenario
+    gc.collect()
+    print(f"    log of {n:,} events in {time.monotonic() - started:.0f}s", flush=True)
+    started = time.monotonic()
+    await replay.rebuild_all(store, ALL_PROJECTORS)
+    print(f"    read models built in {time.monotonic() - started:.0f}s", flush=True)
+
+
+def _backup(source: Path, target: Path) -> None:
+    """A consistent copy of the SQLite file (its WAL folded in)."""
+    with (
+        contextlib.closing(sqlite3.connect(source)) as src,
+        contextlib.closing(sqlite3.connect(target)) as dst,
+    ):
+        src.backup(dst)
 
 
 async def _operations(service: DatabaseService, run: _Run) -> None:
@@ -264,6 +306,20 @@ def main() -> None:
         action="store_true",
         help="gc.freeze() once the service has started, as a host may (longest gc shrinks)",
     )
+    parser.add_argument(
+        "--trace-stalls",
+        type=float,
+        metavar="MS",
+        help="sample the loop thread's stack while the probe is more than MS late; "
+        "print each operation's longest stalls with their most frequent stacks",
+    )
+    parser.add_argument(
+        "--log-cache",
+        type=Path,
+        metavar="DIR",
+        help="SQLite: keep the generated log with its read models in DIR and reuse it "
+        "in later runs of the same size (no audit at 100,000 events then)",
+    )
     args = parser.parse_args()
     cfg = Config(quick=True, runs=1, backends=(args.backend,))
     ws = Workspace(cfg)
@@ -274,7 +330,13 @@ def main() -> None:
         try:
             ctx = Context(cfg, ws, args.backend)
             await ctx.fresh()
-            return await _serve(ctx.place("tiu"), args.events, freeze_gc=args.gc_freeze)
+            return await _serve(
+                ctx.place("tiu"),
+                args.events,
+                freeze_gc=args.gc_freeze,
+                trace_over=args.trace_stalls / 1000 if args.trace_stalls else None,
+                log_cache=args.log_cache,
+            )
         finally:
             if args.backend == "postgresql":
                 await pg_drop_database()

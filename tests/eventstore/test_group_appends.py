@@ -17,6 +17,7 @@ from eventstore import (
     WrongExpectedVersion,
     verify,
 )
+from eventstore.grouping import GroupQueue, Waiting
 
 
 def ev(n: int = 0, event_id: uuid.UUID | None = None) -> NewEvent:
@@ -202,3 +203,43 @@ async def test_the_group_writer_returns_its_connection_after_a_failed_append(sto
     await store.aclose()
     assert store.engine.pool.checkedout() == 0
     assert await _positions(store) == [1, 2]
+
+
+async def test_other_tasks_run_between_two_groups_of_a_writer_that_never_suspends():
+    turns = 0
+    seen: list[int] = []
+
+    async def write(group: list[Waiting[int, int]]) -> None:
+        seen.append(turns)  # no await: like a group of inline SQLite statements
+        for item, future in group:
+            future.set_result(item)
+
+    queue: GroupQueue[int, int] = GroupQueue(write, max_group=1)
+    done = False
+
+    async def other() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    ticking = asyncio.ensure_future(other())
+    assert await asyncio.gather(*(queue.submit(n) for n in range(4))) == [0, 1, 2, 3]
+    done = True
+    await ticking
+    assert seen == sorted(set(seen))  # the other task ran between every two groups
+
+
+async def test_items_put_back_by_the_writer_lead_the_next_group():
+    groups: list[list[int]] = []
+
+    async def write(group: list[Waiting[int, int]]) -> None:
+        groups.append([item for item, _ in group])
+        written, rest = group[:2], group[2:]
+        queue.put_back(rest)
+        for item, future in written:
+            future.set_result(item)
+
+    queue: GroupQueue[int, int] = GroupQueue(write, max_group=64)
+    assert await asyncio.gather(*(queue.submit(n) for n in range(5))) == [0, 1, 2, 3, 4]
+    assert groups == [[0, 1, 2, 3, 4], [2, 3, 4], [4]]

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-from sqlalchemy import text
+from sqlalchemy import Column, Integer, MetaData, Table, func, insert, select, text
 
 from eventstore import (
     AppendTimeout,
@@ -24,9 +24,12 @@ from eventstore import (
     NewEvent,
     create_engine,
 )
+from eventstore.engine import begin_write
 from eventstore.hashing import canonical_json, chain_hash, event_hash, parse_json
 from eventstore.integrity import verify
+from eventstore.prepared import execute
 from eventstore.schema import metadata
+from projections.runner import sharing_the_loop
 
 pytestmark = pytest.mark.sqlite
 
@@ -411,6 +414,46 @@ async def test_log_pages_of_a_shared_memory_database_suspend_between_pages():
                 after = (await store.read_all(conn, after, 10))[-1].position
             assert turns - before >= 5
         other.cancel()
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
+
+
+async def test_prebuilt_statements_of_a_connection_sent_off_the_loop_run_off_it(db_path):
+    """A batch loop sharing a service's loop (``sharing_the_loop``) writes its read-model
+    rows with prebuilt statements (``eventstore.prepared``): those run on a worker
+    thread too, and the same statements on another connection inline."""
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    tables = MetaData()
+    table = Table("rows", tables, Column("id", Integer, primary_key=True))
+    statement = insert(table)
+    try:
+        async with store.engine.begin() as conn:
+            await conn.run_sync(tables.create_all)
+        threads: dict[bool, list[int]] = {True: [], False: []}
+        for shared in (True, False):
+            async with store.engine.connect() as conn:
+                await sharing_the_loop(conn, 200 if shared else None)
+                await begin_write(conn)
+                raw = await conn.get_raw_connection()
+                raw.driver_connection.set_trace_callback(
+                    lambda sql, seen=threads[shared]: (
+                        seen.append(threading.get_ident())
+                        if sql.startswith("INSERT INTO rows")
+                        else None
+                    )
+                )
+                try:
+                    await execute(conn, statement, [{"id": n + 10 * shared} for n in range(3)])
+                    await execute(conn, statement, {"id": 99 - shared})
+                finally:
+                    raw.driver_connection.set_trace_callback(None)
+                await conn.commit()
+        assert len(threads[True]) == 4
+        assert threading.get_ident() not in threads[True]
+        assert threads[False] == [threading.get_ident()] * 4
+        async with store.engine.connect() as conn:
+            assert (await conn.execute(select(func.count()).select_from(table))).scalar() == 8
     finally:
         await store.aclose()
         await store.engine.dispose()

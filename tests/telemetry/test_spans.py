@@ -452,3 +452,44 @@ async def test_an_audit_archive_is_a_database_client_span_counting_what_left_the
     assert archived.attributes["tiu.audit.kind"] == "archive"
     assert archived.attributes["tiu.archive.category"] == "security"
     assert archived.attributes["tiu.archive.events"] == 2
+
+
+async def test_a_command_put_back_by_a_spent_group_reports_the_group_that_wrote_it(
+    engine: AsyncEngine, clock: Clock, otel
+):
+    if engine.dialect.name != "sqlite":
+        pytest.skip("the group budget bounds SQLite's groups only")
+    svc = DatabaseService(
+        Settings(database_url=str(engine.url), bcrypt_rounds=4, group_budget=0.0),
+        engine=engine,
+        hasher=HASHER,
+        clock=clock,
+    )
+    await svc.start(migrate=False)
+    try:
+        names = ("ada", "bob", "cyd", "dan")
+        for name in names:
+            await register(svc, name)
+        otel.spans.clear()
+        held: list[object] = []
+
+        async def hold_the_first(streams: object) -> None:
+            if not held:  # the others queue meanwhile, into a group spent at once
+                held.append(streams)
+                await asyncio.sleep(0.2)
+
+        svc.store.before_commit = hold_the_first
+        await asyncio.gather(
+            *(svc.dispatcher.dispatch(create_project(f"p-{n}", n), ctx(svc, n)) for n in names)
+        )
+    finally:
+        await svc.store.aclose()
+    commands = otel.named("tiu.command CreateProject")
+    assert [c.attributes.get("tiu.command.group_size", 1) for c in commands] == [1] * 4
+    # Each command's write duration is that of its own transaction only.
+    assert len({c.attributes["tiu.duration.commit"] for c in commands}) == 4
+    sizes = [
+        p for p in otel.points("tiu.group.size") if p.attributes["tiu.group.kind"] == "command"
+    ]
+    assert sizes[0].max == 1
+    assert sizes[0].sum == sizes[0].count

@@ -17,11 +17,13 @@ from domain import (
     tasks,
     users,
 )
+from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from eventstore import EventStore
 from eventstore import store as store_module
 from eventstore.schema import events
 from tests.conftest import PASSWORD
+from tiu import DatabaseService, Settings
 from tiu.dispatch import Dispatcher
 
 # These storage tests also run as the least-privilege role of sql/app_role.sql.
@@ -329,3 +331,72 @@ async def test_commands_resent_with_their_keys_in_a_group_answer_as_the_first_ti
     assert [names[position] for _, position, _, _ in renames] == [f"Grouped {n}" for n in range(4)]
     async with service.engine.connect() as conn:
         assert await conn.scalar(select(func.count()).select_from(events)) == logged
+
+
+@pytest.fixture
+def budgeted(engine, clock):
+    """Services on the backend under test whose groups have the given budget."""
+
+    async def make(budget: float | None, max_group: int = 64) -> DatabaseService:
+        svc = DatabaseService(
+            Settings(
+                database_url=str(engine.url),
+                bcrypt_rounds=4,
+                group_budget=budget,
+                max_group=max_group,
+            ),
+            engine=engine,
+            hasher=BcryptHasher(rounds=4),
+            clock=clock,
+        )
+        await svc.start(migrate=False)
+        return svc
+
+    return make
+
+
+async def _create_projects(svc: DatabaseService, prefix: str, count: int) -> list[int | None]:
+    """``count`` concurrent commands; the first commit held a moment so the rest queue."""
+    held: list[bool] = []
+
+    async def hold(_streams) -> None:
+        if not held:
+            held.append(True)
+            await asyncio.sleep(0.2)
+
+    svc.store.before_commit = hold
+    ctx = svc.context(SYSTEM_ACTOR)
+    results = await asyncio.gather(
+        *(
+            svc.dispatch(projects.CreateProject(project_id=f"{prefix}{n}", name=f"P{n}"), ctx)
+            for n in range(count)
+        )
+    )
+    svc.store.before_commit = None
+    return [r.position for r in results]
+
+
+async def test_a_sqlite_group_takes_no_further_command_once_its_budget_is_spent(budgeted):
+    svc = await budgeted(0.0)  # spent by the first command of every group
+    try:
+        positions = await _create_projects(svc, "b", 8)
+        committed = [commands for _, commands in svc.dispatcher.lock_times.samples]
+    finally:
+        await svc.store.aclose()
+    assert sorted(positions) == list(range(1, 9))  # every caller answered, each once
+    if svc.store.dialect.round_trips:  # PostgreSQL's write does not hold the loop
+        assert max(committed) > 1
+    else:
+        assert committed == [1] * 8
+
+
+async def test_groups_of_commands_never_exceed_max_group(budgeted):
+    svc = await budgeted(None, max_group=3)
+    try:
+        positions = await _create_projects(svc, "m", 10)
+        committed = [commands for _, commands in svc.dispatcher.lock_times.samples]
+    finally:
+        await svc.store.aclose()
+    assert sorted(positions) == list(range(1, 11))
+    assert sum(committed) == 10
+    assert max(committed) == 3
