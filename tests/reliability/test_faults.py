@@ -74,8 +74,12 @@ async def test_a_stuck_lock_holder_makes_other_appends_time_out_with_a_retryable
 
     async def stuck_command() -> AppendResult:
         # A command's transaction (the append lock is taken by its append and held
-        # until COMMIT; the hook holds it there).
+        # until COMMIT; the hook holds it there). It reads before it appends, as a
+        # command that claims a key does: a unit whose only statement is its append
+        # sends it as one statement outside a transaction, committed as it
+        # allocates, with no lock held at the hook.
         async with stuck.transaction() as uow:
+            await uow.conn.execute(text("SELECT 1"))
             uow.append(f"stuck-{uuid.uuid4()}", "stuck", [ev(1)])
         return uow.results[0]
 
