@@ -353,7 +353,7 @@ class CommandUnit:
         tells whether ``command_id`` was processed: its first result if so."""
         before = len(self._streams)
         previous = await self.dispatcher.load_into(
-            self.conn, self._streams, wanted, command_id=command_id
+            await self.uow.reading(), self._streams, wanted, command_id=command_id
         )
         if not self.uow.writing and len(self._streams) != before:
             self._unverified.update(s for _, s in wanted)
