@@ -1050,7 +1050,6 @@ class PostgresDialect(Dialect):
             with telemetry.write_stage("lock", conn), self.driver_errors(raw, _PG_COMMAND):
                 found = await driver.fetch(_PG_COMMAND, *arguments, list(checkpoints), store.now())
         except sa_exc.DBAPIError as error:
-            print("DBG", checks, [(p.stream_id[:12], p.expected, len(p.events)) for p in appends])
             raise _command_failure(error, statements, appends) from error
         results: list[AppendResult] = []
         for p, (before, first) in zip(appends[checks:], found[checks:], strict=True):

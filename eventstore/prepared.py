@@ -383,7 +383,9 @@ class Deferred:
     says so (:meth:`taking`: an inline projector whose ``apply`` only writes, through
     :func:`execute`), and the idempotency record (``none_changed``). Any other statement
     run through :func:`execute` on the connection first runs what is held, in order;
-    code that reads what it wrote runs what is held first (:meth:`run`).
+    so does a read in a unit of work (:meth:`eventstore.store.UnitOfWork.reading`: the
+    repositories' reads, a command's load that must see an idempotency record held),
+    and code that reads on the connection otherwise runs what is held first (:meth:`run`).
     """
 
     __slots__ = ("failed", "statements", "taking")

@@ -228,8 +228,16 @@ class UnitOfWork:
             raise WrongExpectedVersion(stream_id, version, current)
         self._expected[stream_id] = version
 
+    async def reading(self) -> AsyncConnection:
+        """:attr:`conn`, to read through: the writes it holds back for the append
+        (:attr:`held`) are sent first, so that a read sees every write before it."""
+        held = self.held
+        if held is not None and held.statements:
+            await held.run(self.conn)
+        return self.conn
+
     async def read_stream(self, stream_id: str, **kwargs: Any) -> list[RecordedEvent]:
-        return await self.store.read_stream(self.conn, stream_id, **kwargs)
+        return await self.store.read_stream(await self.reading(), stream_id, **kwargs)
 
     async def claim(self, scope: str, key: str, stream_id: str) -> None:
         """Claim a unique key for ``stream_id`` in this transaction.

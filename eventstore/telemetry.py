@@ -98,7 +98,9 @@ class _Instruments:
             "tiu.group.size", unit="{item}", description="Commands or appends per group commit"
         )
         self.lock_wait = meter.create_histogram(
-            "tiu.lock.wait", unit="s", description="Waiting for the append lock"
+            "tiu.lock.wait",
+            unit="s",
+            description="Waiting for the append lock (PostgreSQL: the whole tiu_command)",
         )
         self.batch_duration = meter.create_histogram(
             "tiu.projector.batch.duration", unit="s", description="One projector batch"
@@ -599,7 +601,8 @@ class write_stage:  # named as the function it was: ``with write_stage(...):``
     ``lock`` on PostgreSQL: that stage feeds ``tiu.lock.wait``; ``append`` feeds
     ``tiu.append.duration``. On PostgreSQL a command's ``lock`` is the one statement
     that writes it (``tiu_command``: its held rows, the lock, the append and the
-    checkpoints), so its wait for the lock is at most that.
+    checkpoints), so its wait for the lock is at most that; it also holds any wait for
+    row locks the held rows meet (a read-model row another transaction is writing).
 
     A class, not a generator-based context manager: a command's write enters several
     stages, and without telemetry each should cost next to nothing.

@@ -314,6 +314,8 @@ class CommandUnit:
         self.stop: asyncio.Event | None = None
         #: Streams whose events in this unit erase a data subject.
         self.erased: set[str] = set()
+        #: Command ids this unit recorded (:meth:`remember`): their records may be held.
+        self._remembered: set[str] = set()
 
     @property
     def conn(self) -> AsyncConnection:
@@ -352,8 +354,14 @@ class CommandUnit:
         """Load the streams not loaded yet by this unit, in one statement, which also
         tells whether ``command_id`` was processed: its first result if so."""
         before = len(self._streams)
+        # Of what a unit holds back, a load reads only the idempotency record (it reads
+        # the log, snapshots and keys otherwise): that is sent first when the command
+        # id was recorded in this unit, so a resend answers as the first send did.
+        # Sending it for every load would cost a multi-command unit (a bulk call) a
+        # round trip per held row.
+        conn = await self.uow.reading() if command_id in self._remembered else self.conn
         previous = await self.dispatcher.load_into(
-            self.conn, self._streams, wanted, command_id=command_id
+            conn, self._streams, wanted, command_id=command_id
         )
         if not self.uow.writing and len(self._streams) != before:
             self._unverified.update(s for _, s in wanted)
@@ -466,15 +474,18 @@ class CommandUnit:
             self._appended.add(stream_id)
             result = CommandResult(command.command_id, stream_id, tuple(new_events), loaded.version)
             await self.dispatcher.maybe_snapshot(self.conn, stream_id, loaded)
-        await self.dispatcher.remember(
-            self.conn,
-            command,
-            stream_id,
-            outcome or {"ok": True, "version": result.version},
-            ctx.now,
+        await self.remember(
+            command, stream_id, outcome or {"ok": True, "version": result.version}, ctx.now
         )
         self.results.append(result)
         return result
+
+    async def remember(
+        self, command: Command, stream_id: str, outcome: dict[str, Any], now: datetime
+    ) -> None:
+        """Record ``command``'s outcome under its id, in this unit."""
+        self._remembered.add(command.command_id)
+        await self.dispatcher.remember(self.conn, command, stream_id, outcome, now)
 
     async def encode(self, event: Event, command: Command) -> NewEvent:
         """``event`` as stored: its personal fields encrypted for its subject."""
@@ -595,7 +606,7 @@ class CommandUnit:
                 command, ctx, target.decider, target.stream_id, error.record, outcome=outcome
             )
         else:
-            await self.dispatcher.remember(self.conn, command, target.stream_id, outcome, ctx.now)
+            await self.remember(command, target.stream_id, outcome, ctx.now)
         await self.append_security(command, error, ctx)
 
     def before_flush(self) -> None:

@@ -194,7 +194,7 @@ class Channel:
         """A connection to read through; ``streamed``: one whose results may be streamed
         (PostgreSQL's server-side cursors need a transaction, which the reader skips)."""
         if self.unit is not None:
-            yield self.unit.conn
+            yield await self.unit.uow.reading()
             return
         # Reads fail as the store's writes do: StoreUnavailable, never a driver error.
         with translate_errors(self.service.store.dialect.database_label):

@@ -261,6 +261,17 @@ async def test_unit_of_work_that_fails_leaves_no_trace(store):
     assert result.first_position == 2
 
 
+async def test_a_unit_whose_read_stream_moved_fails_typed_and_prints_nothing(store, capsys):
+    """A library writes nothing to its host's stdout, on the failure path neither."""
+    await store.append("user-1", "user", [ev()], NO_STREAM)
+    with pytest.raises(WrongExpectedVersion) as raised:
+        async with store.transaction() as uow:
+            uow.expect("user-1", 0)
+            uow.append("project-1", "project", [ev()], NO_STREAM)
+    assert (raised.value.stream_id, raised.value.actual) == ("user-1", 1)
+    assert capsys.readouterr().out == ""
+
+
 async def test_same_stream_twice_in_one_unit_of_work_chains_versions(store):
     async with store.transaction() as uow:
         uow.append("task-1", "task", [ev(n=1)], NO_STREAM)

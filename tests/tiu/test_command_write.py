@@ -100,6 +100,30 @@ async def test_on_postgresql_a_command_is_its_load_and_one_statement(service, st
     assert checkpoint == result.position
 
 
+async def test_on_postgresql_a_bulk_call_writes_all_its_commands_in_one_statement(
+    service, statements
+):
+    """Each command of a multi-command unit loads what it decides on, but the rows the
+    commands before it hold back are not sent for that (a load reads none of them):
+    every row goes with the append."""
+    if service.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has no round trips to save")
+    owner, project = await _owner_and_project(service)
+    async with service.get_repositories(actor_id=owner) as repos:
+        task_repo = repos.get_task_repository()
+        await task_repo.create_tasks([{"project_id": project, "title": "first"}])
+        await asyncio.sleep(0.1)  # the wake-up NOTIFY that follows a commit has gone
+        statements.clear()
+        created = await task_repo.create_tasks(
+            [{"project_id": project, "title": f"t{n}"} for n in range(4)]
+        )
+    sent = [s for s in statements if "pg_notify" not in s]
+    writes = [s for s in sent if s.startswith(("INSERT", "UPDATE", "DELETE"))]
+    assert writes == [], sent
+    assert [s for s in sent if "tiu_command" in s] == [sent[4]], sent
+    assert [t.title for t in created if t is not None] == ["t0", "t1", "t2", "t3"]
+
+
 async def test_a_row_an_inline_projector_cannot_write_refuses_the_command_naming_it(service):
     owner, project = await _owner_and_project(service)
     task_id = uuid.uuid4().hex

@@ -370,3 +370,48 @@ async def test_priority_sorts_and_compares_by_rank_not_by_name(service):
     assert [t.title for t in first.items + second.items] == ["urgent", "high", "medium", "low"]
     assert [t.title for t in named] == ["high"]
     assert refused.value.field == "priority"
+
+
+async def test_reads_in_a_transaction_see_the_read_model_rows_written_before_them(service):
+    """execute_in_transaction's promise: reads inside see the writes before them, the
+    rows of the inline projectors included (tasks, project_stats, user_activity)."""
+    user = await make_user(service, "tessa")
+
+    async def work(repos):
+        projects, task_repo = repos.get_project_repository(), repos.get_task_repository()
+        project = await projects.create_project("Inside")
+        created = await task_repo.create_task(project.id, "inside")
+        edited = await task_repo.edit_task(created.id, title="renamed")
+        assigned = await task_repo.assign_task(created.id, user.id)
+        done = await task_repo.update_task_status(created.id, "in_progress")
+        stats = await projects.get_project_statistics(project.id)
+        activity = await repos.get_user_repository().get_user_activity(user.id)
+        return created, edited, assigned, done, stats, activity
+
+    created, edited, assigned, done, stats, activity = await service.execute_in_transaction(
+        work, actor_id=user.id
+    )
+    assert created.title == "inside"
+    assert edited is not None and edited.title == "renamed"
+    assert assigned is not None and assigned.assignee_id == user.id
+    assert done is not None and done.status == "in_progress"
+    assert (stats.total, stats.by_status["in_progress"]) == (1, 1)
+    assert activity is not None
+    assert (activity.tasks_created, activity.tasks_assigned) == (1, 1)
+
+
+async def test_a_command_id_sent_twice_in_one_transaction_answers_as_the_first(service):
+    user = await make_user(service, "kay")
+
+    async def twice(repos):
+        projects = repos.get_project_repository()
+        first = await projects.create_project("Once", command_id="same-key")
+        again = await projects.create_project("Once", command_id="same-key")
+        return first, again
+
+    first, again = await service.execute_in_transaction(twice, actor_id=user.id)
+    assert first == again
+    async with service.get_repositories(actor_id=user.id) as repos:
+        assert [p.id for p in await repos.get_project_repository().get_user_projects(user.id)] == [
+            first.id
+        ]
