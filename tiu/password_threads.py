@@ -15,6 +15,10 @@ everything else in the host's process:
   cores, the loop thread woke from its selector up to 60-90 ms late on 2 cores: it
   was ready to run and given no core. At a lower priority the hashes yield a core to
   the loop as soon as it wakes, and still take every core that is idle.
+
+A process forked after password work keeps the parent's record that the threads are
+started, but not the threads: its hashes would wait for ever. The child starts with a
+new, empty pool instead (``os.register_at_fork``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import functools
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, TypeVar
@@ -56,6 +61,20 @@ class PasswordThreads:
 
     def __init__(self, size: int | None = None) -> None:
         self.size = size or _cores()
+        self._new_pool()
+        if hasattr(os, "register_at_fork"):
+            method = weakref.WeakMethod(self._new_pool)
+
+            def in_child() -> None:
+                new_pool = method()
+                if new_pool is not None:
+                    new_pool()
+
+            os.register_at_fork(after_in_child=in_child)
+
+    def _new_pool(self) -> None:
+        """A pool with no thread started yet (at creation, and in a forked child, which
+        has none of its parent's threads)."""
         self._pool = ThreadPoolExecutor(
             self.size, thread_name_prefix="tiu-password", initializer=_lower_priority
         )

@@ -14,6 +14,7 @@ from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from tests.conftest import PASSWORD
 from tiu import DatabaseService, Settings
+from tiu.password_threads import PASSWORD_THREADS
 
 
 @dataclass
@@ -81,3 +82,34 @@ async def test_statements_sent_off_the_loop_do_not_wait_behind_password_work(gat
         assert await asyncio.wait_for(repos.tasks.count_tasks(), 5) == 0
     hasher.gate.set()
     await asyncio.gather(*logins)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
+async def test_password_work_in_a_process_forked_after_password_work_completes():
+    """The child of a fork has none of its parent's password threads; its password
+    work still runs (on threads of its own) instead of waiting for ever."""
+    assert await PASSWORD_THREADS.run(lambda: 1) == 1  # the parent's threads are started
+    hasher = BcryptHasher(rounds=4)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a new event loop, exit status 0 only if the hash completed
+        status = 1
+        try:
+            os.close(read)
+
+            async def in_child() -> bool:
+                hashed = await asyncio.wait_for(PASSWORD_THREADS.run(hasher.hash, PASSWORD), 5)
+                return hasher.verify(PASSWORD, hashed)
+
+            status = 0 if asyncio.run(in_child()) else 2
+        finally:
+            os.write(write, bytes([status]))
+            os._exit(status)
+    os.close(write)
+    try:
+        outcome = await asyncio.to_thread(os.read, read, 1)
+    finally:
+        os.close(read)
+        _, wait_status = await asyncio.to_thread(os.waitpid, pid, 0)
+    assert outcome == b"\x00"
+    assert os.waitstatus_to_exitcode(wait_status) == 0
