@@ -159,9 +159,12 @@ class SessionCache:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SessionCache:
-        # Short timeouts: a reader falls back to SQL rather than wait on a dead server.
+        # A short socket timeout: a reader falls back to SQL rather than wait on a dead
+        # server. Connecting gets longer: a refused connection fails at once anyway, and
+        # 0.5 s timed out a runner's connect on a loaded 2-core CI machine (the timer
+        # counts loop time, which other work on the loop delays).
         client = Redis.from_url(
-            url, decode_responses=True, socket_timeout=0.5, socket_connect_timeout=0.5
+            url, decode_responses=True, socket_timeout=0.5, socket_connect_timeout=2.0
         )
         return cls(client, **options)
 
