@@ -591,7 +591,7 @@ def traced_append(
     return traced
 
 
-class write_stage:  # named as the function it was: ``with write_stage(...):``
+class write_stage:  # lower case: it reads as a function, ``with write_stage(...):``
     """A stage of a write transaction: ``begin``, ``lock``, ``project`` (inline
     projections), ``append`` or ``commit``. Its duration goes to the write of the
     commands in progress (``tiu.duration.<stage>`` on their spans), or with

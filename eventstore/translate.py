@@ -23,7 +23,7 @@ _PG_DISCONNECT_PREFIXES: Final = ("08", "57P01", "57P02", "57P03", "53300")
 _PG_LOCK_NOT_AVAILABLE: Final = "55P03"
 _PG_IDLE_TX_TIMEOUT: Final = "25P03"
 _PG_UNDEFINED_TABLE: Final = "42P01"
-_PG_UNDEFINED_FUNCTION: Final = "42883"  # tiu_lock_and_heads before migration 0005
+_PG_UNDEFINED_FUNCTION: Final = "42883"  # tiu_append / tiu_command before their migration
 _PG_RETRYABLE: Final = ("40P01", "40001")  # deadlock detected, serialization failure
 # No such database (3D000), no such role or a refused login (class 28): nothing to retry
 # against until the configuration changes, but to a caller the database is unavailable.
