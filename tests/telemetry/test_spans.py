@@ -149,16 +149,22 @@ async def _share_a_group(service, otel, *, stage_spans: bool) -> None:
             await service.dispatcher.dispatch(create_project(f"p-{name}", name), ctx(service, name))
 
     commits: list[object] = []
+    holding = asyncio.Event()
 
     async def hold_the_first(streams: object) -> None:
         # Callers prepare in tasks of their own: holding the first commit a moment lets
         # the others queue into one group however the machine schedules them.
         commits.append(streams)
         if len(commits) == 1:
+            holding.set()
             await asyncio.sleep(0.2)
 
     service.store.before_commit = hold_the_first
-    await asyncio.gather(*(issue(n) for n in ("ada", "bob", "cyd", "dan")))
+    # The first command alone, then the rest while its commit is held: they form one
+    # group (started together, the first two could form a group of their own).
+    first = asyncio.create_task(issue("ada"))
+    await asyncio.wait_for(holding.wait(), 5)
+    await asyncio.gather(first, *(issue(n) for n in ("bob", "cyd", "dan")))
     service.store.before_commit = None
     commands = otel.named("tiu.command CreateProject")
     assert len(commands) == 4
