@@ -245,11 +245,16 @@ async def test_a_swap_blocked_by_a_long_reader_waits_and_retries(
     from sqlalchemy import text
 
     attempts: list[int] = []
+    timed_out = asyncio.Event()
     swap = replay._swap
 
     async def counted(*args, **kwargs):
         attempts.append(1)
-        return await swap(*args, **kwargs)
+        try:
+            return await swap(*args, **kwargs)
+        except Exception:
+            timed_out.set()
+            raise
 
     monkeypatch.setattr(replay, "_swap", counted)
 
@@ -260,8 +265,12 @@ async def test_a_swap_blocked_by_a_long_reader_waits_and_retries(
     await reader.execute(text("SELECT count(*) FROM tasks"))  # holds ACCESS SHARE
 
     async def finish_reading() -> None:
-        await asyncio.sleep(2.5)  # past the swap's 2 s lock_timeout
-        await reader.rollback()
+        # The reader lets go only once a swap has given up on its 2 s lock_timeout, so a
+        # slow rebuild on a loaded machine cannot reach the swap after the reader left.
+        try:
+            await asyncio.wait_for(timed_out.wait(), timeout=60)
+        finally:
+            await reader.rollback()
         await reader.close()
 
     release = asyncio.create_task(finish_reading())
