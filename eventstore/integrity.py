@@ -176,6 +176,11 @@ async def _canonical_pass(conn: AsyncConnection, check: _Pass, size: int) -> Non
 _RANGES_FROM: Final = 200_000
 #: At most this many children by default (measured with two, on a 2-core machine).
 _PROCESSES_DEFAULT: Final = 8
+#: How much longer the first range is than each of the others: a later range also
+#: looks up the head before it of every stream it meets first (~2.8 us a stream), which
+#: made the second half of a 1M-event SQLite log cost 9.4 us an event against 7.8 for the
+#: first (335k streams; measured per range, in one process).
+_FIRST_RANGE: Final = 1.2
 #: The position of the last event, where the ranges end.
 _HEAD_SQL: Final = "SELECT max(position) FROM events"
 
@@ -211,13 +216,15 @@ async def _child_location(conn: AsyncConnection) -> tuple[str, str | None] | Non
 
 def _ranges(head: int, processes: int) -> tuple[int, list[tuple[int, int]]]:
     """Positions ``1 .. head`` in at most ``processes`` contiguous ranges of near equal
-    size, each starting after a multiple of the chunk (a power of two, ~1/16 of one)."""
+    cost, each starting after a multiple of the chunk (a power of two, ~1/16 of one):
+    the first range, which looks up no stream's earlier head, is :data:`_FIRST_RANGE`
+    times as long as each of the others."""
     per = -(-head // processes)
     chunk = 1 << max(0, (per // 16).bit_length() - 1)
     chunks = -(-head // chunk)
-    bounds = sorted(
-        {min(head, round(i * chunks / processes) * chunk) for i in range(processes + 1)}
-    )
+    shares = _FIRST_RANGE + processes - 1
+    cuts = [0.0] + [_FIRST_RANGE + i for i in range(processes)]
+    bounds = sorted({min(head, round(cut * chunks / shares) * chunk) for cut in cuts})
     return chunk, [(a + 1, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 

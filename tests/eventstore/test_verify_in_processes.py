@@ -168,6 +168,15 @@ def test_the_ranges_cover_every_position_once_and_start_after_whole_chunks(
     assert all((start - 1) % chunk == 0 and start <= end for start, end in spans)
 
 
+@settings(max_examples=200, deadline=None)
+@given(head=st.integers(10**5, 10**7), processes=st.integers(2, 8))
+def test_the_first_range_is_the_longest_as_it_looks_up_no_earlier_heads(head: int, processes: int):
+    chunk, spans = _ranges(head, processes)
+    lengths = [end - start + 1 for start, end in spans]
+    assert all(lengths[0] >= n for n in lengths[1:])
+    assert lengths[0] >= 1.2 * max(lengths[1:-1] or lengths[1:]) - 2 * chunk
+
+
 @settings(max_examples=100, deadline=None)
 @given(data=st.data())
 def test_the_ranges_leaves_joined_have_the_root_of_every_leaf(data: st.DataObject):
