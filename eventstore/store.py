@@ -570,11 +570,11 @@ class EventStore:
         known = {} if known is None else known
         unknown = [s for s in streams if s not in known]
         with translate_errors(self.dialect.database_label):
-            if unknown or position is None:
-                with telemetry.write_stage("lock", conn):
+            with telemetry.write_stage("lock", conn):
+                if unknown or position is None:
                     heads, position = await self.dialect.heads_and_position(conn, unknown)
-            else:
-                heads = {}
+                else:  # all read under the write lock already (SQLite's version checks)
+                    heads = {}
             heads.update((s, known[s]) for s in streams if s in known)
             rows, results = self.plan(pending, expected, heads, position, refuse=refuse)
             if rows:
