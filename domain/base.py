@@ -12,7 +12,6 @@ import json
 import os
 import time
 import unicodedata
-import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -198,7 +197,10 @@ def new_id() -> str:
     value = time.time_ns() // 1_000_000 << 80 | int.from_bytes(os.urandom(10))
     value = value & ~(0xF << 76) | 0x7 << 76  # version 7
     value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
-    return str(uuid.UUID(int=value))
+    # str(uuid.UUID(int=value)) without the object: 1.3 us instead of 2.2-3.2 (every
+    # command makes one, a new aggregate's another).
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Command(BaseModel):

@@ -174,6 +174,7 @@ def test_new_ids_are_version_7_uuids_that_sort_by_the_millisecond_they_were_made
     assert ids == sorted(ids)
     assert len(set(ids)) == 200
     parsed = [uuid.UUID(i) for i in ids]
+    assert ids == [str(p) for p in parsed], "the canonical text: lower-case hex, dashed"
     assert {p.version for p in parsed} == {7}
     assert {p.variant for p in parsed} == {uuid.RFC_4122}
     assert [p.int >> 80 for p in parsed] == [start // 1_000_000 + k for k in range(200)]
