@@ -676,17 +676,24 @@ class write_stage:  # lower case: it reads as a function, ``with write_stage(...
         if error is not None:
             return  # a stage that failed is not measured
         elapsed = time.perf_counter() - self._started
-        system = _system(self.conn)
-        name = system["db.system.name"]
         stage = self.stage
         timings = self._timings
         if timings is not None:
             key = _DURATION[stage]
             timings[key] = timings.get(key, 0.0) + elapsed
-        if (stage == "begin" and name == "sqlite") or (stage == "lock" and name == "postgresql"):
-            state.instruments.lock_wait.record(elapsed, system)
-        elif stage == "append":
-            state.instruments.append_duration.record(elapsed, system)
+        if stage in _METERED_STAGES:  # the others only time the command's write
+            system = _system(self.conn)
+            name = system["db.system.name"]
+            if (stage == "begin" and name == "sqlite") or (
+                stage == "lock" and name == "postgresql"
+            ):
+                state.instruments.lock_wait.record(elapsed, system)
+            elif stage == "append":
+                state.instruments.append_duration.record(elapsed, system)
+
+
+#: The write stages that feed a histogram of their own (see :class:`write_stage`).
+_METERED_STAGES: Final = frozenset({"begin", "lock", "append"})
 
 
 # -- reads -------------------------------------------------------------------------------
