@@ -440,8 +440,8 @@ class CommandUnit:
         self._writing = True
         loaded = await self.load(decider, stream_id)
         base = loaded.version
-        result = CommandResult(command.command_id, stream_id, tuple(new_events), base)
-        if new_events:
+        events = tuple(new_events)
+        if events:
             stored = [await self.encode(e, command) for e in new_events]
             for event in new_events:
                 for claim in claims(event):
@@ -472,8 +472,8 @@ class CommandUnit:
                 recorded_at=ctx.now,
             )
             self._appended.add(stream_id)
-            result = CommandResult(command.command_id, stream_id, tuple(new_events), loaded.version)
             await self.dispatcher.maybe_snapshot(self.conn, stream_id, loaded)
+        result = CommandResult(command.command_id, stream_id, events, loaded.version)
         await self.remember(
             command, stream_id, outcome or {"ok": True, "version": result.version}, ctx.now
         )
