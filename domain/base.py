@@ -12,7 +12,6 @@ import json
 import os
 import time
 import unicodedata
-import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -198,7 +197,10 @@ def new_id() -> str:
     value = time.time_ns() // 1_000_000 << 80 | int.from_bytes(os.urandom(10))
     value = value & ~(0xF << 76) | 0x7 << 76  # version 7
     value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
-    return str(uuid.UUID(int=value))
+    # str(uuid.UUID(int=value)) without the object: 1.3 us instead of 2.2-3.2 (every
+    # command makes one, a new aggregate's another).
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Command(BaseModel):
@@ -332,6 +334,10 @@ def clean_text(
         raise InvalidCommand(field, "must not be empty")
     if len(text) > max_length:
         raise InvalidCommand(field, f"must be at most {max_length} characters")
-    if any(unicodedata.category(c).startswith("C") and c not in allowed for c in text):
+    # A printable text holds no character of a "C" category (str.isprintable is false
+    # for every one of them): one C call instead of a category lookup per character.
+    if not text.isprintable() and any(
+        unicodedata.category(c).startswith("C") and c not in allowed for c in text
+    ):
         raise InvalidCommand(field, "must not contain control characters")
     return text

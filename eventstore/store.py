@@ -144,9 +144,11 @@ class UnitOfWork:
         self.locked_at: float | None = None
         #: Seconds the write lock was held, from :attr:`locked_at` to the end of COMMIT.
         self.lock_held: float | None = None
-        #: Stream heads read under the write lock (SQLite's version checks), kept up to
-        #: date by the flush: the append does not read them again.
+        #: Stream heads and the log's highest position read under the write lock
+        #: (SQLite's version checks), kept up to date by the flush: the append does not
+        #: read them again.
         self._heads: dict[str, StreamHead] = {}
+        self._position: int | None = None
 
     async def begin(self) -> None:
         """Begin the write transaction, if it has not begun: ``BEGIN IMMEDIATE`` on
@@ -171,9 +173,11 @@ class UnitOfWork:
         (:meth:`expect`), which is what PostgreSQL relies on."""
         if expected:
             with translate_errors(self.store.dialect.database_label):
-                heads = await self.store.dialect.check_versions(self.conn, expected)
+                heads, position = await self.store.dialect.check_versions(self.conn, expected)
             if self.writing:
                 self._heads.update(heads)
+                if position is not None:
+                    self._position = position
 
     @property
     def pending_streams(self) -> list[str]:
@@ -271,7 +275,11 @@ class UnitOfWork:
         pending, self._pending = self._pending, []
         expected, self._expected = self._expected, {}
         if held is None:
-            results = await self.store.write(self.conn, pending, expected, heads=self._heads)
+            results = await self.store.write(
+                self.conn, pending, expected, heads=self._heads, position=self._position
+            )
+            if results:
+                self._position = results[-1].last_position
         else:
             # Streams only read are checked as appends of no events, first (as plan()
             # checks them), and only where something is appended.
@@ -529,12 +537,16 @@ class EventStore:
         expected: Mapping[str, int] | None = None,
         *,
         heads: dict[str, StreamHead] | None = None,
+        position: int | None = None,
     ) -> list[AppendResult]:
         """Lock, check every version, allocate positions and insert; all or nothing.
 
-        ``heads``: stream heads this transaction already read under the append lock
-        (not read again), brought up to date with what is appended."""
-        outcomes = await self._write(conn, pending, expected or {}, refuse=False, known=heads)
+        ``heads``, ``position``: stream heads and the log's highest position this
+        transaction already read under the append lock (not read again); ``heads`` is
+        brought up to date with what is appended."""
+        outcomes = await self._write(
+            conn, pending, expected or {}, refuse=False, known=heads, position=position
+        )
         return [o for o in outcomes if isinstance(o, AppendResult)]
 
     async def write_each(
@@ -552,14 +564,17 @@ class EventStore:
         *,
         refuse: bool,
         known: dict[str, StreamHead] | None = None,
+        position: int | None = None,
     ) -> list[AppendResult | WrongExpectedVersion]:
         streams = self.lock_list(pending, expected)
         known = {} if known is None else known
+        unknown = [s for s in streams if s not in known]
         with translate_errors(self.dialect.database_label):
             with telemetry.write_stage("lock", conn):
-                heads, position = await self.dialect.heads_and_position(
-                    conn, [s for s in streams if s not in known]
-                )
+                if unknown or position is None:
+                    heads, position = await self.dialect.heads_and_position(conn, unknown)
+                else:  # all read under the write lock already (SQLite's version checks)
+                    heads = {}
             heads.update((s, known[s]) for s in streams if s in known)
             rows, results = self.plan(pending, expected, heads, position, refuse=refuse)
             if rows:

@@ -24,7 +24,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select, text
@@ -153,6 +153,17 @@ def maybe_frozen_heap(freeze: bool) -> Iterator[None]:
         yield
 
 
+def _failed(name: str, event_type: str) -> Callable[[BaseException], ProjectionFailed]:
+    """What a projector's failure on ``event_type`` becomes: the command's refusal,
+    naming the projector. Built where it is needed, not for every projector a command
+    runs."""
+
+    def failed(error: BaseException) -> ProjectionFailed:
+        return ProjectionFailed(name, None, None, error, event_type)
+
+    return failed
+
+
 class InlineRunner:
     """Applies the projectors inside the command's transaction: read-your-writes."""
 
@@ -169,29 +180,22 @@ class InlineRunner:
         held = held_back(conn)
         for projector, handles, tables in self._live:
             relevant = [e for e in envelopes if e.event.event_type in handles]
-            if relevant:
-
-                def failed(
-                    error: BaseException,
-                    name: str = projector.name,
-                    event_type: str = relevant[0].event_type,
-                ) -> ProjectionFailed:
-                    return ProjectionFailed(name, None, None, error, event_type)
-
-                try:
-                    with translate_errors():
-                        if held is None:
-                            await projector.apply_batch(conn, relevant, tables)
-                        elif len(relevant) == 1 and projector.only_writes:
-                            with held.taking_from(failed):
-                                await projector.apply(conn, relevant[0], tables)
-                        else:  # it may read what is held: run that first
-                            await held.run(conn)
-                            await projector.apply_batch(conn, relevant, tables)
-                except (EventStoreError, ProjectionFailed):  # a deadlock is retried
-                    raise
-                except Exception as error:  # the command is refused: nothing is appended
-                    raise failed(error) from error
+            if not relevant:
+                continue
+            try:
+                with translate_errors():
+                    if held is None:
+                        await projector.apply_batch(conn, relevant, tables)
+                    elif len(relevant) == 1 and projector.only_writes:
+                        with held.taking_from(_failed(projector.name, relevant[0].event_type)):
+                            await projector.apply(conn, relevant[0], tables)
+                    else:  # it may read what is held: run that first
+                        await held.run(conn)
+                        await projector.apply_batch(conn, relevant, tables)
+            except (EventStoreError, ProjectionFailed):  # a deadlock is retried
+                raise
+            except Exception as error:  # the command is refused: nothing is appended
+                raise _failed(projector.name, relevant[0].event_type)(error) from error
 
     async def advance(self, conn: AsyncConnection, first: int, last: int) -> None:
         """After the append: move every inline checkpoint from ``first - 1`` to ``last``.

@@ -1,12 +1,15 @@
 import itertools
 import json
 import types
+import unicodedata
 import uuid
 from datetime import datetime, timedelta
 from typing import ClassVar
 
 import pytest
 from domain_support import T0, registered
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import domain
@@ -22,6 +25,7 @@ from domain import (
     registered_event_types,
     users,
 )
+from domain.base import clean_text
 
 PERSONAL_NAMES = {"email", "previous_email", "username", "display_name", "ip", "user_agent"}
 
@@ -174,6 +178,7 @@ def test_new_ids_are_version_7_uuids_that_sort_by_the_millisecond_they_were_made
     assert ids == sorted(ids)
     assert len(set(ids)) == 200
     parsed = [uuid.UUID(i) for i in ids]
+    assert ids == [str(p) for p in parsed], "the canonical text: lower-case hex, dashed"
     assert {p.version for p in parsed} == {7}
     assert {p.variant for p in parsed} == {uuid.RFC_4122}
     assert [p.int >> 80 for p in parsed] == [start // 1_000_000 + k for k in range(200)]
@@ -181,3 +186,24 @@ def test_new_ids_are_version_7_uuids_that_sort_by_the_millisecond_they_were_made
         username="ada", email="ada@example.com", password="correct horse battery staple"
     )
     assert uuid.UUID(command.user_id).version == 7
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=40), multiline=st.booleans())
+def test_clean_text_refuses_exactly_the_texts_holding_a_control_character(text, multiline):
+    """Any character of a Unicode "C" category is refused (line breaks and tabs allowed
+    when ``multiline``), whether or not the text is otherwise printable."""
+    allowed = "\n\r\t" if multiline else ""
+    cleaned = unicodedata.normalize("NFC", text.strip())
+    control = any(unicodedata.category(c).startswith("C") and c not in allowed for c in cleaned)
+    if not cleaned or control:
+        with pytest.raises(InvalidCommand):
+            clean_text(text, "title", max_length=100, multiline=multiline)
+    else:
+        assert clean_text(text, "title", max_length=100, multiline=multiline) == cleaned
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\x7f", "\u200b", "\ud800", "\U000e0001"])
+def test_clean_text_refuses_a_control_character_inside_printable_words(char):
+    with pytest.raises(InvalidCommand):
+        clean_text(f"plan {char}B", "title", max_length=100, multiline=True)

@@ -281,6 +281,30 @@ async def test_same_stream_twice_in_one_unit_of_work_chains_versions(store):
         assert (await verify(conn)).ok
 
 
+async def test_a_unit_of_work_over_more_streams_than_one_heads_statement_checks_them_all(store):
+    """SQLite reads the heads an append checks in statements of at most 200 streams
+    (a compound SELECT has at most 500 arms): 450 streams are checked and chained
+    across three of them, and a wrong version in the last one is still found."""
+    streams = [f"task-{n}" for n in range(450)]
+    async with store.transaction() as uow:
+        for stream_id in streams:
+            uow.append(stream_id, "task", [ev(n=1)], NO_STREAM)
+    async with store.transaction() as uow:
+        await uow.begin()
+        await uow.check_versions(dict.fromkeys(streams, 1))
+        for stream_id in streams:
+            uow.append(stream_id, "task", [ev(n=2)], 1)
+    assert uow.results[-1].last_position == 900
+    with pytest.raises(WrongExpectedVersion) as raised:
+        async with store.transaction() as uow:
+            for stream_id in streams:
+                uow.append(stream_id, "task", [ev(n=3)], 1 if stream_id == streams[-1] else 2)
+    assert (raised.value.stream_id, raised.value.actual) == (streams[-1], 2)
+    async with store.engine.connect() as conn:
+        assert (await verify(conn)).ok
+        assert await store.head_position(conn) == 900
+
+
 async def test_unique_key_claims_are_exclusive_idempotent_and_releasable(store):
     async with store.transaction() as uow:
         await uow.claim("email", "hash-a", "user-1")

@@ -1,6 +1,8 @@
 """A command's write: on PostgreSQL its read-model rows, idempotency record, append and
-checkpoint move are one statement after its load; on every backend a row its inline
-projector cannot write refuses the command, naming the projector, and leaves nothing."""
+checkpoint move are one statement after its load; on SQLite the heads of its streams and
+the log's position are one statement under the write lock; on every backend a row its
+inline projector cannot write refuses the command, naming the projector, and leaves
+nothing."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 from asyncpg.connection import Connection
 from asyncpg.prepared_stmt import PreparedStatement
 from pydantic import SecretStr
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from domain import projects, tasks, users
 from projections.errors import ProjectionFailed
@@ -98,6 +100,53 @@ async def test_on_postgresql_a_command_is_its_load_and_one_statement(service, st
     assert tuple(stats) == (2, 2)
     assert done == 1
     assert checkpoint == result.position
+
+
+@pytest.fixture
+def sqlite_statements(service: Any) -> list[str]:
+    """The statements SQLite runs for the service (its trace callback on every
+    connection checked out), BEGIN and COMMIT included."""
+    if service.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's statements")
+    sent: list[str] = []
+
+    def trace(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        dbapi_connection.driver_connection.set_trace_callback(
+            lambda sql: sent.append(" ".join(sql.split())[:60])
+        )
+
+    event.listen(service.engine.sync_engine, "checkout", trace)
+    yield sent
+    event.remove(service.engine.sync_engine, "checkout", trace)
+
+
+async def test_on_sqlite_a_command_reads_its_heads_and_the_position_in_one_statement(
+    service, sqlite_statements
+):
+    """Under BEGIN IMMEDIATE a CreateTask checks the versions of the three streams it
+    read and finds the log's position in one statement, which the append then uses as
+    it is: the load, BEGIN, that read, the writes (three read-model rows, the
+    idempotency record, the event, the checkpoints) and COMMIT, ten statements."""
+    owner, project = await _owner_and_project(service)
+    await service.dispatch(  # the owner's and the project's states are kept from here on
+        tasks.CreateTask(project_id=project, title="first"), service.context(owner)
+    )
+    sqlite_statements.clear()
+    result = await service.dispatch(
+        tasks.CreateTask(project_id=project, title="second"), service.context(owner)
+    )
+    sent = sqlite_statements
+    begin, commit = sent.index("BEGIN IMMEDIATE"), sent.index("COMMIT")
+    under_lock = sent[begin + 1 : commit]
+    reads = [s for s in under_lock if s.startswith("SELECT")]
+    assert len(reads) == 1, sent
+    assert "max(position)" in reads[0]
+    assert len(sent) == 10, sent
+    async with service.engine.connect() as conn:
+        position = await conn.scalar(
+            text("SELECT position FROM events WHERE stream_id = :s"), {"s": result.stream_id}
+        )
+    assert position == result.position
 
 
 async def test_on_postgresql_a_bulk_call_writes_all_its_commands_in_one_statement(
