@@ -146,7 +146,9 @@ class UnitOfWork:
         self.lock_held: float | None = None
         #: Stream heads and the log's highest position read under the write lock
         #: (SQLite's version checks), kept up to date by the flush: the append does not
-        #: read them again.
+        #: read them again. This holds because only the flush writes to ``events`` in a
+        #: unit's transaction; a unit that wrote there by another path would need them
+        #: read again.
         self._heads: dict[str, StreamHead] = {}
         self._position: int | None = None
 

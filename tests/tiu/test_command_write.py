@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -103,7 +104,7 @@ async def test_on_postgresql_a_command_is_its_load_and_one_statement(service, st
 
 
 @pytest.fixture
-def sqlite_statements(service: Any) -> list[str]:
+def sqlite_statements(service: Any) -> Iterator[list[str]]:
     """The statements SQLite runs for the service (its trace callback on every
     connection checked out), BEGIN and COMMIT included."""
     if service.engine.dialect.name != "sqlite":
