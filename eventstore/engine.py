@@ -156,12 +156,13 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
     synchronous = opts.sqlite_synchronous.upper()
     if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
         raise ValueError(f"invalid sqlite_synchronous {opts.sqlite_synchronous!r}")
+    driver = InlineSQLiteDBAPI()
     engine = create_async_engine(
         url,
         # The SQL dialect stays aiosqlite's; the driver underneath is sqlite3 run inline
         # on the event loop (eventstore.sqlite_driver: a thread hop per call cost more
         # than the SQLite work itself).
-        module=InlineSQLiteDBAPI(),
+        module=driver,
         connect_args={
             "timeout": opts.busy_timeout,
             # An fsync per COMMIT (FULL, EXTRA) is waited for off the event loop.
@@ -170,7 +171,7 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
         **pooling,
         **common,
     )
-    _install_sqlite_hooks(engine, opts, synchronous=synchronous, memory=memory)
+    _install_sqlite_hooks(engine, driver, synchronous=synchronous, memory=memory)
     _install_read_hook(engine)
     return engine
 
@@ -264,9 +265,14 @@ def _quiet_secret_logging() -> None:
 
 
 def _install_sqlite_hooks(
-    engine: AsyncEngine, opts: EngineOptions, *, synchronous: str, memory: bool
+    engine: AsyncEngine, driver: InlineSQLiteDBAPI, *, synchronous: str, memory: bool
 ) -> None:
     database = file_path(engine.url.database or "")
+
+    @event.listens_for(engine.sync_engine, "engine_disposed")
+    def _stop_checkpoints(*_: Any) -> None:
+        # A WAL checkpoint in progress on a worker thread stops, and closes its connection.
+        driver.close_checkpointers()
 
     @event.listens_for(engine.sync_engine, "do_connect")
     def _check_directory(*_: Any) -> None:
@@ -292,7 +298,8 @@ def _install_sqlite_hooks(
         # builds default to this (SQLITE_SECURE_DELETE); not all do.
         cursor.execute("PRAGMA secure_delete=ON")
         # No busy_timeout pragma: the driver keeps it at 0 on the loop and waits for a
-        # lock held by another process on a worker thread, with opts.busy_timeout.
+        # lock held by another process on a worker thread, with the busy timeout. Nor
+        # wal_autocheckpoint: the driver sets it (checkpoints run off the loop).
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "before_cursor_execute")

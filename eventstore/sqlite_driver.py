@@ -37,9 +37,19 @@ and leaves the loop only where SQLite would *wait*:
   the connection before the cancellation goes on, so the connection goes back to the
   pool idle. One hop costs ~0.1 ms, so point reads and the command path stay inline.
 
+* **The WAL checkpoint** (copying the pages committed to the ``-wal`` file back into
+  the database file, and its fsyncs) runs on a worker thread, never inside a COMMIT:
+  SQLite's automatic checkpoint ran in the COMMIT that crossed ~1,000 pages and held
+  the loop for hundreds of ms on a large file. Connections of a file database run
+  with ``wal_autocheckpoint=0``; a write transaction's COMMIT looks at the size of
+  the ``-wal`` file (one ``stat``) and, once it has grown by
+  :data:`WAL_CHECKPOINT_BYTES`, :class:`WalCheckpointer` runs a ``PASSIVE``
+  checkpoint on a thread of its own with a connection of its own: it takes no lock a
+  writer or reader waits for. See :class:`WalCheckpointer` for how the file is kept
+  small.
+
 What still runs on the loop: other statements and their row fetching (point and
-indexed reads of a few rows), and the automatic WAL checkpoint a commit triggers every
-~1,000 pages.
+indexed reads of a few rows).
 
 It plugs into SQLAlchemy as the DBAPI ``module`` of the aiosqlite dialect (see
 :func:`eventstore.engine.create_engine`): the SQL dialect is SQLite's; only the driver
@@ -49,8 +59,10 @@ underneath differs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
@@ -61,6 +73,7 @@ from sqlalchemy.util import concurrency as _concurrency
 from eventstore.grouping import until_done
 
 T = TypeVar("T")
+log = logging.getLogger("eventstore.sqlite")
 #: Await from SQLAlchemy's greenlet (``await_only`` before SQLAlchemy 2.1).
 await_: Callable[[Any], Any] = getattr(_concurrency, "await_", None) or _concurrency.await_only
 
@@ -105,6 +118,130 @@ def _lock_key(database: str, uri: bool, connection: sqlite3.Connection) -> str:
     if path in ("", ":memory:"):
         return f":memory:{id(connection)}"  # a private database: one connection
     return os.path.realpath(path)
+
+
+#: A write transaction's COMMIT that finds the ``-wal`` file grown by this much since the
+#: last checkpoint began has one run off the loop (SQLite's automatic checkpoint ran
+#: at 1,000 pages: 4 MiB of 4 KiB pages).
+WAL_CHECKPOINT_BYTES: Final = 4 * 2**20
+#: ``journal_size_limit``: when a writer restarts the WAL from its beginning (every
+#: frame checkpointed, no reader on an older snapshot), the file is cut back to this.
+#: Below :data:`WAL_CHECKPOINT_BYTES`, so that a restarted WAL reads as small.
+WAL_SIZE_LIMIT: Final = 2**20
+#: Database files (real paths) whose WAL a checkpointer of this process is
+#: checkpointing now: at most one at a time per file, whichever engine started it.
+_CHECKPOINTING: set[str] = set()
+_CHECKPOINTING_LOCK = threading.Lock()
+
+
+class WalCheckpointer:
+    """Checkpoints one database file's WAL on a worker thread, never on the loop.
+
+    :meth:`after_commit` runs on the loop after each write transaction's COMMIT: a
+    ``stat`` of the ``-wal`` file (~2 us). Once the file has grown by
+    :data:`WAL_CHECKPOINT_BYTES` since the last checkpoint began, a thread runs
+    ``PRAGMA wal_checkpoint(PASSIVE)`` on a connection of its own: it copies every
+    frame no reader still needs into the database file and fsyncs it, taking neither
+    the write lock nor any lock a reader waits for, so writers and readers of every
+    process go on meanwhile. Not RESTART or TRUNCATE: those hold the write lock while
+    they wait for readers (a replay reading in batches made writers fail with
+    "database is locked"). The file does not grow for ever without them: once a
+    checkpoint has copied every frame, the next writer starts the WAL again from its
+    beginning (SQLite does this by itself when no reader is on an older snapshot) and
+    ``journal_size_limit`` cuts the file back to :data:`WAL_SIZE_LIMIT`.
+
+    At most one checkpoint per file runs at a time in a process. A failed or refused
+    (``SQLITE_BUSY``: another process is checkpointing) checkpoint is logged and tried
+    again once the file has grown by :data:`WAL_CHECKPOINT_BYTES` more; it never
+    reaches the caller whose COMMIT started it. :meth:`close` (the engine's dispose)
+    interrupts one in progress; its thread then closes its connection and ends.
+    """
+
+    def __init__(self, path: str) -> None:
+        #: The database file (its real path).
+        self.path = path
+        self._wal = f"{path}-wal"
+        #: The size of the ``-wal`` file when the last checkpoint began.
+        self._began_at = 0
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None  # the running checkpoint's connection
+        self._closed = False  # close() came: a checkpoint starting now stops
+        self._mutex = threading.Lock()  # guards _db and _closed between the thread and close()
+        #: The outcome of the last checkpoint: ``PRAGMA wal_checkpoint``'s row (refused,
+        #: frames in the WAL, frames checkpointed), or the error it failed with.
+        self.last: tuple[int, int, int] | BaseException | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether a checkpoint started here is in progress."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def after_commit(self) -> None:
+        """On the loop, after a write transaction committed: start a checkpoint if the
+        WAL has grown enough and none is running for this file."""
+        try:
+            size = os.stat(self._wal).st_size
+        except OSError:
+            return  # no WAL (yet): nothing to checkpoint
+        if size < self._began_at:
+            self._began_at = 0  # the WAL was started again and cut back
+        if size < self._began_at + WAL_CHECKPOINT_BYTES or self.running:
+            return
+        with _CHECKPOINTING_LOCK:
+            if self.path in _CHECKPOINTING:
+                return  # another engine of this process is checkpointing the file
+            _CHECKPOINTING.add(self.path)
+        self._began_at = size
+        self._closed = False  # an engine used again after its dispose
+        # Not a daemon: a process ending waits for the checkpoint rather than cutting it off.
+        thread = threading.Thread(target=self._checkpoint, name=f"wal-checkpoint {self.path}")
+        try:
+            thread.start()
+        except RuntimeError as error:  # no thread to be had: the COMMIT stands regardless
+            self._done()
+            log.warning("WAL checkpoint of %s not started: %s", self.path, error)
+            return
+        self._thread = thread
+
+    def _checkpoint(self) -> None:
+        """On the checkpoint's thread."""
+        db: sqlite3.Connection | None = None
+        try:
+            # mode=rw: never create a file that was removed meanwhile.
+            db = sqlite3.connect(
+                f"file:{self.path}?mode=rw", uri=True, timeout=0, check_same_thread=False
+            )
+            with self._mutex:
+                if self._closed:
+                    return
+                self._db = db
+            row = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self.last = (int(row[0]), int(row[1]), int(row[2]))
+            if row[0]:
+                log.debug("WAL checkpoint of %s refused (busy); tried again later", self.path)
+        except Exception as error:  # noqa: BLE001  # a thread's error has nowhere else to go
+            self.last = error
+            log.warning(
+                "WAL checkpoint of %s failed (tried again later): %s", self.path, error
+            )
+        finally:
+            with self._mutex:
+                self._db = None
+            if db is not None:
+                db.close()
+            self._done()
+
+    def _done(self) -> None:
+        with _CHECKPOINTING_LOCK:
+            _CHECKPOINTING.discard(self.path)
+
+    def close(self) -> None:
+        """Interrupt a checkpoint in progress (its thread closes its connection and
+        ends by itself: the caller does not wait for it)."""
+        with self._mutex:
+            self._closed = True
+            if self._db is not None:
+                self._db.interrupt()
 
 
 async def _yield_to_loop() -> None:
@@ -260,6 +397,7 @@ class Connection(AdaptedConnection):
 
     __slots__ = (
         "_busy_ms",
+        "_checkpointer",
         "_db",
         "_holds_lock",
         "_lock_key",
@@ -277,6 +415,7 @@ class Connection(AdaptedConnection):
         lock_key: str,
         busy_timeout: float,
         offload_commit: bool,
+        checkpointer: WalCheckpointer | None = None,
     ) -> None:
         self.dbapi = dbapi
         self._db = connection
@@ -285,6 +424,8 @@ class Connection(AdaptedConnection):
         self._lock_key = lock_key
         self._busy_ms = int(busy_timeout * 1000)
         self._offload_commit = offload_commit
+        #: Checkpoints the file's WAL off the loop (None: a database in memory).
+        self._checkpointer = checkpointer
         self._holds_lock = False
         #: A statement of this transaction ran off the loop: its COMMIT may write many
         #: pages (and run the WAL checkpoint), so it runs off the loop too.
@@ -412,10 +553,13 @@ class Connection(AdaptedConnection):
         """``COMMIT`` from the event loop (on a worker thread if commits fsync, or if a
         statement of the transaction ran there: see :attr:`heavy`)."""
         heavy, self.heavy = self.heavy, False
+        wrote = self._holds_lock
         try:
             await self.run(self._db.commit, offload=self._offload_commit or heavy)
         finally:
             self.release_if_done()
+        if wrote and self._checkpointer is not None:
+            self._checkpointer.after_commit()
 
     def release_if_done(self) -> None:
         if not self._db.in_transaction:
@@ -440,10 +584,13 @@ class Connection(AdaptedConnection):
 
     def commit(self) -> None:
         heavy, self.heavy = self.heavy, False
+        wrote = self._holds_lock
         try:
             self.call(self._db.commit, offload=self._offload_commit or heavy)
         finally:
             self.release_if_done()
+        if wrote and self._checkpointer is not None:
+            self._checkpointer.after_commit()
 
     def rollback(self) -> None:
         try:
@@ -486,6 +633,8 @@ class InlineSQLiteDBAPI:
 
     def __init__(self) -> None:
         self.sqlite = sqlite3
+        #: The WAL checkpointer of each database file this engine opened (by real path).
+        self.checkpointers: dict[str, WalCheckpointer] = {}
         for name in (
             "DatabaseError",
             "DataError",
@@ -519,10 +668,29 @@ class InlineSQLiteDBAPI:
         conn = sqlite3.connect(
             database, timeout=0, uri=uri, check_same_thread=False, isolation_level=None, **kwargs
         )
+        key = _lock_key(database, uri, conn)
+        checkpointer = None
+        if not key.startswith(":memory:"):
+            checkpointer = self.checkpointers.get(key)
+            if checkpointer is None:
+                checkpointer = self.checkpointers[key] = WalCheckpointer(key)
+            try:
+                # The checkpoint runs off the loop (WalCheckpointer), not in a COMMIT.
+                conn.execute("PRAGMA wal_autocheckpoint=0")
+                conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+            except BaseException:
+                conn.close()
+                raise
         return Connection(
             self,
             conn,
-            lock_key=_lock_key(database, uri, conn),
+            lock_key=key,
             busy_timeout=timeout,
             offload_commit=offload_commit,
+            checkpointer=checkpointer,
         )
+
+    def close_checkpointers(self) -> None:
+        """Interrupt every checkpoint of this engine's in progress (its dispose)."""
+        for checkpointer in self.checkpointers.values():
+            checkpointer.close()
