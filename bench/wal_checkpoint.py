@@ -6,15 +6,20 @@ runs, and a thread samples the size of the ``-wal`` file every 2 ms. Reported pe
 tree: the max and p99 loop lag, appends per second and the largest ``-wal`` seen; then
 the ratios new/old of the medians over the rounds.
 
-    python -m bench.wal_checkpoint --old /work/main --new . [--rounds 3] [--appends 20000]
+    python bench/wal_checkpoint.py --old /work/main --new . [--rounds 3] [--appends 20000]
+        [--prefill 300000]
+
+(run as a script: each child imports ``eventstore`` from its tree, ``PYTHONPATH``.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,7 +30,22 @@ from pathlib import Path
 from typing import Any
 
 
-async def _child(appends: int) -> dict[str, Any]:
+async def _fill(path: Path, events: int) -> None:
+    """A log of ``events`` events (500 to an append), so that a checkpoint writes pages
+    spread over a large file, as on a service's long-lived log."""
+    from eventstore import EventStore, NewEvent, create_engine  # noqa: PLC0415
+    from migrations import runner  # noqa: PLC0415
+
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    await runner.upgrade(engine)
+    store = EventStore(engine)
+    for start in range(0, events, 500):
+        batch = [NewEvent("ItemNoted", {"n": n, "text": "x" * 200}) for n in range(500)]
+        await store.append(f"filler-{start}", "filler", batch)
+    await engine.dispose()
+
+
+async def _child(appends: int, template: Path | None) -> dict[str, Any]:
     from bench.probe import LoopProbe  # noqa: PLC0415
     from eventstore import EventStore, NewEvent, create_engine  # noqa: PLC0415
     from migrations import runner  # noqa: PLC0415
@@ -33,8 +53,12 @@ async def _child(appends: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "wal.db"
         wal = Path(f"{path}-wal")
-        engine = create_engine(f"sqlite+aiosqlite:///{path}")
-        await runner.upgrade(engine)
+        if template is None:
+            engine = create_engine(f"sqlite+aiosqlite:///{path}")
+            await runner.upgrade(engine)
+        else:
+            shutil.copyfile(template, path)
+            engine = create_engine(f"sqlite+aiosqlite:///{path}")
         store = EventStore(engine)
         biggest = 0
         sampling = True
@@ -42,10 +66,8 @@ async def _child(appends: int) -> dict[str, Any]:
         def sample() -> None:
             nonlocal biggest
             while sampling:
-                try:
+                with contextlib.suppress(OSError):
                     biggest = max(biggest, wal.stat().st_size)
-                except OSError:
-                    pass
                 time.sleep(0.002)
 
         sampler = threading.Thread(target=sample)
@@ -67,7 +89,7 @@ async def _child(appends: int) -> dict[str, Any]:
         finally:
             sampling = False
             sampler.join()
-        final = wal.stat().st_size if wal.exists() else 0
+        final = os.stat(wal).st_size if os.path.exists(wal) else 0  # noqa: ASYNC240
         await engine.dispose()
         return {
             "source": str(Path(sys.modules["eventstore"].__file__ or "").parent.parent),
@@ -79,10 +101,11 @@ async def _child(appends: int) -> dict[str, Any]:
         }
 
 
-def _run_child(tree: Path, appends: int) -> dict[str, Any]:
+def _run_child(tree: Path, appends: int, template: Path | None) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(tree))
+    extra = ["--template", str(template)] if template else []
     out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", str(appends)],
+        [sys.executable, str(Path(__file__).resolve()), "--child", str(appends), *extra],
         cwd=tree,
         env=env,
         check=True,
@@ -99,16 +122,27 @@ def main() -> None:
     parser.add_argument("--new", type=Path, default=Path())
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--appends", type=int, default=20_000)
+    parser.add_argument("--prefill", type=int, default=0, help="events in the log first")
     parser.add_argument("--child", type=int)
+    parser.add_argument("--template", type=Path)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(asyncio.run(_child(args.child))))
+        print(json.dumps(asyncio.run(_child(args.child, args.template))))
         return
+    with tempfile.TemporaryDirectory() as tmp:
+        template = None
+        if args.prefill:
+            template = Path(tmp) / "template.db"
+            asyncio.run(_fill(template, args.prefill))
+        _compare(args, template)
+
+
+def _compare(args: argparse.Namespace, template: Path | None) -> None:
     trees = {"old": args.old.resolve(), "new": args.new.resolve()}
     results: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
     for _ in range(args.rounds):
         for name, tree in trees.items():
-            row = _run_child(tree, args.appends)
+            row = _run_child(tree, args.appends, template)
             results[name].append(row)
             print(name, json.dumps(row), flush=True)
     medians = {
