@@ -21,10 +21,11 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
+from sqlalchemy.util.concurrency import in_greenlet
 
 from eventstore.errors import StoreUnavailable
 from eventstore.hashing import canonical_json, parse_json
-from eventstore.sqlite_driver import OFF_LOOP, InlineSQLiteDBAPI, file_path
+from eventstore.sqlite_driver import OFF_LOOP, InlineSQLiteDBAPI, await_, file_path
 
 #: Execution option that makes a SQLite transaction take the write lock at BEGIN.
 WRITE_OPTION: Final = "tiu_write"
@@ -271,8 +272,12 @@ def _install_sqlite_hooks(
 
     @event.listens_for(engine.sync_engine, "engine_disposed")
     def _stop_checkpoints(*_: Any) -> None:
-        # A WAL checkpoint in progress on a worker thread stops, and closes its connection.
+        # A WAL checkpoint in progress on a worker thread is interrupted; AsyncEngine's
+        # dispose (in SQLAlchemy's greenlet) waits, without blocking the loop, for its
+        # thread to close its connection.
         driver.close_checkpointers()
+        if in_greenlet():
+            await_(driver.checkpoints_ended())
 
     @event.listens_for(engine.sync_engine, "do_connect")
     def _check_directory(*_: Any) -> None:
@@ -325,6 +330,15 @@ def _install_sqlite_hooks(
             driver.execute(statement)
         except sqlite3.Error as error:
             raise sa_exc.DBAPIError.instance(statement, None, error, sqlite3.Error) from error
+
+
+async def wal_checkpoints_ended(engine: AsyncEngine) -> None:
+    """Wait for the WAL checkpoints ``engine`` runs off the loop to end (SQLite files;
+    see :class:`eventstore.sqlite_driver.WalCheckpointer`): one in progress makes an
+    explicit checkpoint report itself busy."""
+    driver = engine.dialect.loaded_dbapi
+    if isinstance(driver, InlineSQLiteDBAPI):
+        await driver.checkpoints_ended()
 
 
 async def begin_write(conn: AsyncConnection) -> None:

@@ -268,9 +268,16 @@ class WalCheckpointer:
             if self._db is not None:
                 self._db.interrupt()
 
+    async def ended(self) -> None:
+        """Wait for a checkpoint in progress to end (one started on another loop is
+        not waited for)."""
+        task = self._task
+        if task is not None and task.get_loop() is asyncio.get_running_loop():
+            await until_done(task)
+
     def close(self) -> None:
         """Stop a checkpoint in progress (without waiting: its task ends once its
-        round's thread has closed its connection)."""
+        round's thread has closed its connection; :meth:`ended` waits for that)."""
         with self._mutex:
             self._closed = True
         self._interrupt()
@@ -735,6 +742,11 @@ class InlineSQLiteDBAPI:
         )
 
     def close_checkpointers(self) -> None:
-        """Interrupt every checkpoint of this engine's in progress (its dispose)."""
+        """Stop every checkpoint of this engine's in progress (its dispose)."""
         for checkpointer in self.checkpointers.values():
             checkpointer.close()
+
+    async def checkpoints_ended(self) -> None:
+        """Wait for this engine's checkpoints in progress to end."""
+        for checkpointer in list(self.checkpointers.values()):
+            await checkpointer.ended()
