@@ -13,6 +13,7 @@ from sqlalchemy import text
 
 from eventstore import EventStore, NewEvent, create_engine
 from eventstore.sqlite_driver import WAL_CHECKPOINT_BYTES, WAL_SIZE_LIMIT, WalCheckpointer
+from migrations import runner
 
 pytestmark = pytest.mark.sqlite
 
@@ -101,9 +102,7 @@ async def test_the_wal_is_started_again_and_cut_back_under_a_long_append_run(db_
         await store.engine.dispose()
 
 
-async def test_a_failing_background_checkpoint_does_not_fail_commands(
-    db_path, monkeypatch, caplog
-):
+async def test_a_failing_background_checkpoint_does_not_fail_commands(db_path, monkeypatch, caplog):
     store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
     connect = sqlite3.connect
 
@@ -156,8 +155,6 @@ async def test_disposing_the_engine_stops_its_checkpoint_and_leaves_no_connectio
 
 @pytest.mark.parametrize("url", ["sqlite+aiosqlite://", "sqlite+aiosqlite:///:memory:"])
 async def test_a_database_in_memory_has_no_checkpointer(url):
-    from migrations import runner  # noqa: PLC0415
-
     engine = create_engine(url)
     try:
         await runner.upgrade(engine)
