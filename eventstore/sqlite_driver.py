@@ -123,9 +123,9 @@ def _lock_key(database: str, uri: bool, connection: sqlite3.Connection) -> str:
     return os.path.realpath(path)
 
 
-#: A write transaction's COMMIT that finds the ``-wal`` file grown by this much since the
-#: last checkpoint began starts one off the loop (SQLite's automatic checkpoint ran at
-#: 1,000 pages: 4 MiB of 4 KiB pages).
+#: A COMMIT that finds the ``-wal`` file grown by this much since the last checkpoint
+#: began starts one off the loop (SQLite's automatic checkpoint runs at 1,000 pages:
+#: 4 MiB of 4 KiB pages).
 WAL_CHECKPOINT_BYTES: Final = 4 * 2**20
 #: ``journal_size_limit``: when a writer starts the WAL again from its beginning, the
 #: file is cut back to this. Below :data:`WAL_CHECKPOINT_BYTES`, so that a WAL started
@@ -486,7 +486,7 @@ class Connection(AdaptedConnection):
         self._checkpointer = checkpointer
         self._holds_lock = False
         #: A statement of this transaction ran off the loop: its COMMIT may write many
-        #: pages (and run the WAL checkpoint), so it runs off the loop too.
+        #: pages, so it runs off the loop too.
         self.heavy = False
         #: The write transaction in progress was begun here (:meth:`begin_write`), not
         #: through SQLAlchemy: a SQLAlchemy ``Connection`` on this connection that
@@ -727,7 +727,8 @@ class InlineSQLiteDBAPI:
         )
         key = _lock_key(database, uri, conn)
         checkpointer = None
-        if not key.startswith(":memory:"):
+        read_only = uri and ("mode=ro" in database or "immutable=1" in database)
+        if not key.startswith(":memory:") and not read_only:
             checkpointer = self.checkpointers.get(key)
             if checkpointer is None:
                 checkpointer = self.checkpointers[key] = WalCheckpointer(key)
