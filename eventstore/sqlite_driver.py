@@ -40,7 +40,7 @@ and leaves the loop only where SQLite would *wait*:
 * **The WAL checkpoint** (copying the pages committed to the ``-wal`` file back into
   the database file, and its fsyncs) runs on worker threads, never inside a COMMIT.
   SQLite's automatic checkpoint runs inside the COMMIT that crosses ~1,000 pages; on
-  a large file that COMMIT holds the loop ~100 ms (measured: max loop lag 109 ms
+  a large file that COMMIT holds the loop ~100 ms (measured: max loop lag 97-118 ms
   during 20,000 appends to a 300,000-event log, ``bench/wal_checkpoint.py``).
   Connections of a file database therefore run with ``wal_autocheckpoint=0``, and
   after each COMMIT :class:`WalCheckpointer` looks at the size of
@@ -134,7 +134,7 @@ WAL_SIZE_LIMIT: Final = 2**20
 #: A checkpoint's rounds without a lock go on until one copies at most this many frames
 #: (or :data:`FREE_ROUNDS` have run); the last round, which holds this process's writers
 #: back, then has about as many to copy.
-CATCH_UP_FRAMES: Final = 256
+CATCH_UP_FRAMES: Final = 1024
 FREE_ROUNDS: Final = 4
 #: Database files (real paths) a checkpointer of this process is checkpointing now: at
 #: most one checkpoint at a time per file, whichever engine started it.
