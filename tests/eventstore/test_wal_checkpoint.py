@@ -14,6 +14,7 @@ from sqlalchemy import text
 from eventstore import EventStore, NewEvent, create_engine
 from eventstore.sqlite_driver import WAL_CHECKPOINT_BYTES, WAL_SIZE_LIMIT, WalCheckpointer
 from migrations import runner
+from tiu.privacy import reclaim
 
 pytestmark = pytest.mark.sqlite
 
@@ -164,3 +165,18 @@ async def test_a_database_in_memory_has_no_checkpointer(url):
         assert engine.dialect.loaded_dbapi.checkpointers == {}
     finally:
         await engine.dispose()
+
+
+async def test_reclaim_waits_for_a_checkpoint_in_progress_and_truncates_the_wal(db_path):
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    try:
+        # One large commit: its checkpoint has ~40 MiB to copy, and holds SQLite's
+        # checkpoint lock meanwhile (a TRUNCATE then reports itself busy).
+        big = [NewEvent("Noted", {"n": n, "text": PAYLOAD * 10}) for n in range(2000)]
+        await store.append("item-big", "item", big)
+        assert _checkpointer(store).running
+        await asyncio.sleep(0.005)  # its thread is copying
+        assert await reclaim(store.engine) == "WAL checkpointed and truncated"
+        assert _wal_size(db_path) == 0
+    finally:
+        await store.engine.dispose()
