@@ -21,10 +21,11 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
+from sqlalchemy.util.concurrency import in_greenlet
 
 from eventstore.errors import StoreUnavailable
 from eventstore.hashing import canonical_json, parse_json
-from eventstore.sqlite_driver import OFF_LOOP, InlineSQLiteDBAPI, file_path
+from eventstore.sqlite_driver import OFF_LOOP, InlineSQLiteDBAPI, await_, file_path
 
 #: Execution option that makes a SQLite transaction take the write lock at BEGIN.
 WRITE_OPTION: Final = "tiu_write"
@@ -156,12 +157,13 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
     synchronous = opts.sqlite_synchronous.upper()
     if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
         raise ValueError(f"invalid sqlite_synchronous {opts.sqlite_synchronous!r}")
+    driver = InlineSQLiteDBAPI()
     engine = create_async_engine(
         url,
         # The SQL dialect stays aiosqlite's; the driver underneath is sqlite3 run inline
         # on the event loop (eventstore.sqlite_driver: a thread hop per call cost more
         # than the SQLite work itself).
-        module=InlineSQLiteDBAPI(),
+        module=driver,
         connect_args={
             "timeout": opts.busy_timeout,
             # An fsync per COMMIT (FULL, EXTRA) is waited for off the event loop.
@@ -170,7 +172,7 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
         **pooling,
         **common,
     )
-    _install_sqlite_hooks(engine, opts, synchronous=synchronous, memory=memory)
+    _install_sqlite_hooks(engine, driver, synchronous=synchronous, memory=memory)
     _install_read_hook(engine)
     return engine
 
@@ -264,9 +266,18 @@ def _quiet_secret_logging() -> None:
 
 
 def _install_sqlite_hooks(
-    engine: AsyncEngine, opts: EngineOptions, *, synchronous: str, memory: bool
+    engine: AsyncEngine, driver: InlineSQLiteDBAPI, *, synchronous: str, memory: bool
 ) -> None:
     database = file_path(engine.url.database or "")
+
+    @event.listens_for(engine.sync_engine, "engine_disposed")
+    def _stop_checkpoints(*_: Any) -> None:
+        # A WAL checkpoint in progress on a worker thread is interrupted; AsyncEngine's
+        # dispose (in SQLAlchemy's greenlet) waits, without blocking the loop, for its
+        # thread to close its connection.
+        driver.close_checkpointers()
+        if in_greenlet():
+            await_(driver.checkpoints_ended())
 
     @event.listens_for(engine.sync_engine, "do_connect")
     def _check_directory(*_: Any) -> None:
@@ -292,7 +303,8 @@ def _install_sqlite_hooks(
         # builds default to this (SQLITE_SECURE_DELETE); not all do.
         cursor.execute("PRAGMA secure_delete=ON")
         # No busy_timeout pragma: the driver keeps it at 0 on the loop and waits for a
-        # lock held by another process on a worker thread, with opts.busy_timeout.
+        # lock held by another process on a worker thread, with the busy timeout. Nor
+        # wal_autocheckpoint: the driver sets it (checkpoints run off the loop).
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "before_cursor_execute")
@@ -318,6 +330,15 @@ def _install_sqlite_hooks(
             driver.execute(statement)
         except sqlite3.Error as error:
             raise sa_exc.DBAPIError.instance(statement, None, error, sqlite3.Error) from error
+
+
+async def wal_checkpoints_ended(engine: AsyncEngine) -> None:
+    """Wait for the WAL checkpoints ``engine`` runs off the loop to end (SQLite files;
+    see :class:`eventstore.sqlite_driver.WalCheckpointer`): one in progress makes an
+    explicit checkpoint report itself busy."""
+    driver = engine.dialect.loaded_dbapi
+    if isinstance(driver, InlineSQLiteDBAPI):
+        await driver.checkpoints_ended()
 
 
 async def begin_write(conn: AsyncConnection) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from domain.errors import NotFound
 from domain.permissions import SYSTEM_ACTOR
 from eventstore.dialects import follow_schema
+from eventstore.engine import wal_checkpoints_ended
 from eventstore.translate import translate_errors
 from tiu.service import DatabaseService
 from tiu.settings import Settings
@@ -62,6 +63,7 @@ async def reclaim(engine: AsyncEngine) -> str:
                 tables = ", ".join(OVERWRITTEN_TABLES)
                 await driver.execute(f"VACUUM (FULL) {tables}")
                 return f"VACUUM FULL of {tables}"
+            await wal_checkpoints_ended(engine)  # the engine's own, off the loop: else busy
             busy, _, _ = driver.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if busy:
                 return "WAL checkpoint incomplete: another connection is reading; run again"

@@ -1,0 +1,182 @@
+"""SQLite's WAL checkpoint runs on a worker thread, never inside a COMMIT on the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from eventstore import EventStore, NewEvent, create_engine
+from eventstore.sqlite_driver import WAL_CHECKPOINT_BYTES, WAL_SIZE_LIMIT, WalCheckpointer
+from migrations import runner
+from tiu.privacy import reclaim
+
+pytestmark = pytest.mark.sqlite
+
+#: Text per event: an append then writes ~25 KiB of WAL frames (the event's pages and
+#: its indexes').
+PAYLOAD = "x" * 2000
+
+
+@pytest.fixture
+def db_path(sqlite_template, tmp_path):
+    path = tmp_path / "wal.db"
+    path.write_bytes(sqlite_template.read_bytes())
+    return path
+
+
+def _wal_size(path: Path) -> int:
+    try:
+        return os.stat(f"{path}-wal").st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _checkpointer(store: EventStore) -> WalCheckpointer:
+    (checkpointer,) = store.engine.dialect.loaded_dbapi.checkpointers.values()
+    return checkpointer
+
+
+async def _append(store: EventStore, n: int) -> None:
+    await store.append(f"item-{n % 50}", "item", [NewEvent("Noted", {"n": n, "text": PAYLOAD})])
+
+
+async def _append_until_a_checkpoint_starts(store: EventStore, path: Path, start: int = 0) -> int:
+    await _append(store, start)
+    checkpointer = _checkpointer(store)  # made with the engine's first connection
+    n = start + 1
+    while not checkpointer.running:
+        await _append(store, n)
+        n += 1
+        assert n - start < 5000, f"no checkpoint started; WAL at {_wal_size(path)} bytes"
+    return n
+
+
+async def _pragma(store: EventStore, name: str) -> int:
+    async with store.engine.connect() as conn:
+        return int((await conn.execute(text(f"PRAGMA {name}"))).scalar_one())
+
+
+async def test_commits_leave_the_wal_checkpoint_to_a_worker_thread(db_path):
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    try:
+        assert await _pragma(store, "wal_autocheckpoint") == 0  # no checkpoint in a COMMIT
+        assert await _pragma(store, "journal_size_limit") == WAL_SIZE_LIMIT
+        await _append_until_a_checkpoint_starts(store, db_path)
+        checkpointer = _checkpointer(store)
+        await checkpointer.ended()
+        busy, frames, copied = checkpointer.last  # type: ignore[misc]
+        assert (busy, copied) == (0, frames)
+        # Every frame is in the database file: a checkpoint now has nothing to copy, or
+        # the WAL was started again.
+        db = sqlite3.connect(db_path)
+        try:
+            busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            db.close()
+        assert (busy, copied) == (0, frames)
+    finally:
+        await store.engine.dispose()
+
+
+async def test_the_wal_is_started_again_and_cut_back_under_a_long_append_run(db_path):
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    try:
+        assert await _pragma(store, "wal_autocheckpoint") == 0
+        # The file is cut back after each completed checkpoint, not left to grow: within
+        # appends that write ~20 times WAL_CHECKPOINT_BYTES, it is cut back 3 times.
+        cut_back, size, n = 0, 0, 0
+        while cut_back < 3:
+            await _append(store, n)
+            n, previous, size = n + 1, size, _wal_size(db_path)
+            cut_back += size < previous
+            assert n < 20 * WAL_CHECKPOINT_BYTES // len(PAYLOAD), (cut_back, size)
+        await _checkpointer(store).ended()
+        await _append(store, -1)
+        assert _wal_size(db_path) <= WAL_SIZE_LIMIT
+    finally:
+        await store.engine.dispose()
+
+
+async def test_a_failing_background_checkpoint_does_not_fail_commands(db_path, monkeypatch, caplog):
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    connect = sqlite3.connect
+
+    def refuse_the_checkpointer(database, *args, **kwargs):
+        if "mode=rw" in str(database):  # the checkpointer's own connection
+            raise sqlite3.OperationalError("disk I/O error")
+        return connect(database, *args, **kwargs)
+
+    try:
+        await _append(store, 0)  # the engine's connection is open before the fault
+        monkeypatch.setattr(sqlite3, "connect", refuse_the_checkpointer)
+        with caplog.at_level(logging.WARNING, logger="eventstore.sqlite"):
+            n = await _append_until_a_checkpoint_starts(store, db_path, 1)
+            await _checkpointer(store).ended()
+            await _append(store, n)  # commands go on
+        assert isinstance(_checkpointer(store).last, sqlite3.OperationalError)
+        assert "WAL checkpoint of" in caplog.text
+        assert "disk I/O error" in caplog.text
+        # Tried again once the WAL has grown further, and then it succeeds.
+        monkeypatch.setattr(sqlite3, "connect", connect)
+        await _append_until_a_checkpoint_starts(store, db_path, n + 1)
+        await _checkpointer(store).ended()
+        last = _checkpointer(store).last
+        assert isinstance(last, tuple)
+        assert last[0] == 0
+    finally:
+        await store.engine.dispose()
+
+
+def _open_files(path: Path) -> list[str]:
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            names.append(target)
+    return names
+
+
+async def test_disposing_the_engine_stops_its_checkpoint_and_leaves_no_connection_open(db_path):
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    await _append_until_a_checkpoint_starts(store, db_path)
+    checkpointer = _checkpointer(store)
+    await asyncio.wait_for(store.engine.dispose(), 5)
+    assert not checkpointer.running
+    assert _open_files(db_path) == []
+
+
+@pytest.mark.parametrize("url", ["sqlite+aiosqlite://", "sqlite+aiosqlite:///:memory:"])
+async def test_a_database_in_memory_has_no_checkpointer(url):
+    engine = create_engine(url)
+    try:
+        await runner.upgrade(engine)
+        store = EventStore(engine)
+        for n in range(20):
+            await _append(store, n)
+        assert engine.dialect.loaded_dbapi.checkpointers == {}
+    finally:
+        await engine.dispose()
+
+
+async def test_reclaim_waits_for_a_checkpoint_in_progress_and_truncates_the_wal(db_path):
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    try:
+        # One large commit: its checkpoint has ~40 MiB to copy, and holds SQLite's
+        # checkpoint lock meanwhile (a TRUNCATE then reports itself busy).
+        big = [NewEvent("Noted", {"n": n, "text": PAYLOAD * 10}) for n in range(2000)]
+        await store.append("item-big", "item", big)
+        assert _checkpointer(store).running
+        await asyncio.sleep(0.005)  # its thread is copying
+        assert await reclaim(store.engine) == "WAL checkpointed and truncated"
+        assert _wal_size(db_path) == 0
+    finally:
+        await store.engine.dispose()
