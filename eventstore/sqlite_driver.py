@@ -68,7 +68,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from sqlalchemy.engine.interfaces import AdaptedConnection
 from sqlalchemy.util import concurrency as _concurrency
@@ -98,9 +98,10 @@ def is_busy(message: str) -> bool:
 
 
 def file_path(database: str) -> str:
-    """The file of a SQLite database name, URI filenames (``file:/x.db?mode=ro``) included."""
+    """The file of a SQLite database name, URI filenames (``file:/x.db?mode=ro``) included:
+    a URI's path with its percent-escapes decoded, as SQLite opens it."""
     if database.startswith("file:"):
-        return database.removeprefix("file:").split("?", 1)[0]
+        return unquote(database.removeprefix("file:").split("?", 1)[0])
     return database
 
 
@@ -131,9 +132,11 @@ WAL_CHECKPOINT_BYTES: Final = 4 * 2**20
 #: file is cut back to this. Below :data:`WAL_CHECKPOINT_BYTES`, so that a WAL started
 #: again reads as small.
 WAL_SIZE_LIMIT: Final = 2**20
-#: A checkpoint's rounds without a lock go on until one copies at most this many frames
-#: (or :data:`FREE_ROUNDS` have run); the last round, which holds this process's writers
-#: back, then has about as many to copy.
+#: A checkpoint's rounds without a lock go on until one copied at most this many frames
+#: and left at most this many uncopied (a reader's snapshot keeps frames from being
+#: copied); the last round, which holds this process's writers back, then has about as
+#: many to copy. Past :data:`FREE_ROUNDS` rounds the checkpoint ends without it, and the
+#: next one tries again.
 CATCH_UP_FRAMES: Final = 1024
 FREE_ROUNDS: Final = 4
 #: Database files (real paths) a checkpointer of this process is checkpointing now: at
@@ -158,9 +161,12 @@ class WalCheckpointer:
     :data:`WAL_SIZE_LIMIT`) only at a write that finds every frame copied, and frames
     committed during a checkpoint are left for the next one (measured: 818 MiB of WAL
     after 20,000 appends). So the rounds go on while the last one had many frames to
-    copy, and the last round runs holding this process's writer lock for the file
-    (the ``asyncio.Lock`` its writers queue on before ``BEGIN IMMEDIATE``): it copies
-    the few frames committed since, and the next writer starts the WAL again. No round
+    copy, and once one copied and left at most :data:`CATCH_UP_FRAMES`, a last round
+    runs holding this process's writer lock for the file (the ``asyncio.Lock`` its
+    writers queue on before ``BEGIN IMMEDIATE``; a deferred transaction's writes do
+    not queue there): it copies the few frames committed since, and the next writer
+    starts the WAL again. While a reader's snapshot keeps frames from being copied,
+    no round takes that lock (it could not catch up). No round
     takes SQLite's write lock (``FULL``, ``RESTART`` or ``TRUNCATE`` would: a
     transaction that read and then writes fails at once with "database is locked"
     while another connection holds it, whatever the busy timeout). Writers of other
@@ -192,8 +198,10 @@ class WalCheckpointer:
 
     @property
     def running(self) -> bool:
-        """Whether a checkpoint started here is in progress."""
-        return self._task is not None and not self._task.done()
+        """Whether a checkpoint started here is in progress (a task left on a closed
+        loop never ends: it is not)."""
+        task = self._task
+        return task is not None and not task.done() and not task.get_loop().is_closed()
 
     def after_commit(self) -> None:
         """On the loop, after a COMMIT: start a checkpoint if the WAL has grown enough
@@ -210,13 +218,22 @@ class WalCheckpointer:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop to run the checkpoint's task (the next COMMIT will)
+        if self._task is not None and not self._task.done():
+            self._ended(self._task)  # left on a loop closed since: it never will
         with _CHECKPOINTING_LOCK:
             if self.path in _CHECKPOINTING:
                 return  # another engine of this process is checkpointing the file
             _CHECKPOINTING.add(self.path)
         self._began_at = size
-        self._closed = False  # an engine used again after its dispose
+        with self._mutex:
+            self._closed = False  # an engine used again after its dispose
         self._task = loop.create_task(self._checkpoint())
+        # However the task ends: cancelled before its first step, its body never runs.
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, _task: asyncio.Task[None]) -> None:
+        with _CHECKPOINTING_LOCK:
+            _CHECKPOINTING.discard(self.path)
 
     async def _checkpoint(self) -> None:
         try:
@@ -225,18 +242,21 @@ class WalCheckpointer:
                 row = await self._round()
                 if row is None or row[0]:
                     return  # closed, or another process is checkpointing
-                if row[2] - copied <= CATCH_UP_FRAMES:
+                _, frames, backfilled = row
+                if (
+                    backfilled - copied <= CATCH_UP_FRAMES
+                    and frames - backfilled <= CATCH_UP_FRAMES
+                ):
                     break
-                copied = row[2]
+                copied = backfilled
+            else:
+                return  # writers or a reader kept it from catching up: the next one tries
             async with _writer_lock(self.path):
                 await self._round()
         except Exception as error:  # nobody awaits this task: log it
             self.last = error
             if not self._closed:
                 log.warning("WAL checkpoint of %s failed (tried again later): %s", self.path, error)
-        finally:
-            with _CHECKPOINTING_LOCK:
-                _CHECKPOINTING.discard(self.path)
 
     async def _round(self) -> tuple[int, int, int] | None:
         """One PASSIVE checkpoint on a worker thread; cancelled, it is interrupted and
@@ -277,10 +297,16 @@ class WalCheckpointer:
 
     async def ended(self) -> None:
         """Wait for a checkpoint in progress to end (one started on another loop is
-        not waited for)."""
+        not waited for). Cancelled meanwhile, it still waits for that (a round's
+        thread holds a connection), then raises the cancellation."""
         task = self._task
-        if task is not None and task.get_loop() is asyncio.get_running_loop():
-            await until_done(task)
+        if task is None or task.get_loop() is not asyncio.get_running_loop():
+            return
+        waiter = asyncio.current_task()
+        cancelling = waiter.cancelling() if waiter is not None else 0
+        await until_done(task)
+        if waiter is not None and waiter.cancelling() > cancelling:
+            raise asyncio.CancelledError
 
     def close(self) -> None:
         """Stop a checkpoint in progress (without waiting: its task ends once its

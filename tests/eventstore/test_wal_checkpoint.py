@@ -12,7 +12,12 @@ import pytest
 from sqlalchemy import text
 
 from eventstore import EventStore, NewEvent, create_engine
-from eventstore.sqlite_driver import WAL_CHECKPOINT_BYTES, WAL_SIZE_LIMIT, WalCheckpointer
+from eventstore.sqlite_driver import (
+    WAL_CHECKPOINT_BYTES,
+    WAL_SIZE_LIMIT,
+    WalCheckpointer,
+    _writer_lock,
+)
 from migrations import runner
 from tiu.privacy import reclaim
 
@@ -180,3 +185,107 @@ async def test_reclaim_waits_for_a_checkpoint_in_progress_and_truncates_the_wal(
         assert _wal_size(db_path) == 0
     finally:
         await store.engine.dispose()
+
+
+async def _write_a_checkpoints_worth(engine) -> None:
+    """One transaction writing a little more than WAL_CHECKPOINT_BYTES of new pages."""
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE IF NOT EXISTS t (x BLOB)"))
+        await conn.execute(
+            text(
+                "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < :n) "
+                "INSERT INTO t SELECT randomblob(1000) FROM s"
+            ),
+            {"n": WAL_CHECKPOINT_BYTES // 1000 + 500},
+        )
+
+
+async def test_a_checkpoint_cancelled_before_its_first_step_leaves_the_file_to_the_next_one(
+    tmp_path,
+):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
+    engine = create_engine(url)
+    conn = await engine.connect()
+    await conn.execute(text("CREATE TABLE t (x BLOB)"))
+    await conn.execute(
+        text(
+            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < :n) "
+            "INSERT INTO t SELECT randomblob(1000) FROM s"
+        ),
+        {"n": WAL_CHECKPOINT_BYTES // 1000 + 500},
+    )
+    await conn.commit()  # starts a checkpoint's task
+    await engine.dispose()  # in the same step of the loop: the task never ran
+    await conn.close()
+    again = create_engine(url)
+    try:
+        await _write_a_checkpoints_worth(again)
+        (checkpointer,) = again.dialect.loaded_dbapi.checkpointers.values()
+        assert checkpointer.running
+    finally:
+        await again.dispose()
+
+
+async def test_reclaim_cancelled_while_it_waits_for_a_checkpoint_is_cancelled(tmp_path):
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    try:
+        for _ in range(8):  # ~40 MiB for the checkpoint to copy
+            await _write_a_checkpoints_worth(engine)
+        (checkpointer,) = engine.dialect.loaded_dbapi.checkpointers.values()
+        assert checkpointer.running
+        waiter = asyncio.create_task(reclaim(engine))
+        await asyncio.sleep(0.002)
+        assert checkpointer.running
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter  # not: the checkpoint waited for, then TRUNCATE on the loop
+        assert not checkpointer.running  # it waited for the checkpoint's thread
+    finally:
+        await engine.dispose()
+
+
+async def test_a_uri_filename_with_a_percent_escape_is_checkpointed(tmp_path):
+    # %2541: SQLAlchemy decodes %25 to %, and SQLite opens x%41.db as xA.db.
+    engine = create_engine(f"sqlite+aiosqlite:///file:{tmp_path}/x%2541.db?uri=true")
+    try:
+        await _write_a_checkpoints_worth(engine)
+        assert [p.name for p in tmp_path.iterdir() if p.suffix == ".db"] == ["xA.db"]
+        (checkpointer,) = engine.dialect.loaded_dbapi.checkpointers.values()
+        assert checkpointer.running
+        await checkpointer.ended()
+        assert checkpointer.last is not None
+    finally:
+        await engine.dispose()
+
+
+async def test_a_reader_holding_the_wal_keeps_the_checkpoint_from_holding_writers_back(
+    tmp_path,
+):
+    # A reader's snapshot keeps frames from being copied: a round under the writers'
+    # lock could not catch up, and would hold them for a copy as long as the reader
+    # lasted. The checkpoint ends without it; a later one copies what is left.
+    path = tmp_path / "x.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        await _write_a_checkpoints_worth(engine)
+        (checkpointer,) = engine.dialect.loaded_dbapi.checkpointers.values()
+        await checkpointer.ended()
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM t").fetchone()
+        for _ in range(3):  # until the WAL has grown enough since the last one began
+            await _write_a_checkpoints_worth(engine)
+            if checkpointer.running:
+                break
+        assert checkpointer.running
+        lock = _writer_lock(checkpointer.path)
+        held = False
+        while checkpointer.running:
+            held = held or lock.locked()
+            await asyncio.sleep(0)
+        assert not held
+        _, frames, copied = checkpointer.last  # type: ignore[misc]
+        assert frames - copied > 1000  # the reader's frames stayed behind
+    finally:
+        reader.close()
+        await engine.dispose()
