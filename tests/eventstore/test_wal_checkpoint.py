@@ -187,17 +187,21 @@ async def test_reclaim_waits_for_a_checkpoint_in_progress_and_truncates_the_wal(
         await store.engine.dispose()
 
 
+async def _fill(conn) -> None:
+    """Write a little more than WAL_CHECKPOINT_BYTES of new pages on ``conn``."""
+    await conn.execute(text("CREATE TABLE IF NOT EXISTS t (x BLOB)"))
+    await conn.execute(
+        text(
+            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < :n) "
+            "INSERT INTO t SELECT randomblob(1000) FROM s"
+        ),
+        {"n": WAL_CHECKPOINT_BYTES // 1000 + 500},
+    )
+
+
 async def _write_a_checkpoints_worth(engine) -> None:
-    """One transaction writing a little more than WAL_CHECKPOINT_BYTES of new pages."""
     async with engine.begin() as conn:
-        await conn.execute(text("CREATE TABLE IF NOT EXISTS t (x BLOB)"))
-        await conn.execute(
-            text(
-                "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < :n) "
-                "INSERT INTO t SELECT randomblob(1000) FROM s"
-            ),
-            {"n": WAL_CHECKPOINT_BYTES // 1000 + 500},
-        )
+        await _fill(conn)
 
 
 async def test_a_checkpoint_cancelled_before_its_first_step_leaves_the_file_to_the_next_one(
@@ -206,14 +210,7 @@ async def test_a_checkpoint_cancelled_before_its_first_step_leaves_the_file_to_t
     url = f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
     engine = create_engine(url)
     conn = await engine.connect()
-    await conn.execute(text("CREATE TABLE t (x BLOB)"))
-    await conn.execute(
-        text(
-            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < :n) "
-            "INSERT INTO t SELECT randomblob(1000) FROM s"
-        ),
-        {"n": WAL_CHECKPOINT_BYTES // 1000 + 500},
-    )
+    await _fill(conn)
     await conn.commit()  # starts a checkpoint's task
     await engine.dispose()  # in the same step of the loop: the task never ran
     await conn.close()
