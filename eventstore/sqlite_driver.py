@@ -124,6 +124,22 @@ def _lock_key(database: str, uri: bool, connection: sqlite3.Connection) -> str:
     return os.path.realpath(path)
 
 
+async def _on_thread(
+    fn: Callable[..., T], *args: Any, interrupt: Callable[[], None] | None = None
+) -> T:
+    """``fn(*args)`` on a worker thread. A caller cancelled meanwhile calls ``interrupt``
+    (if given) and waits, through further cancellations too, for the thread to return
+    (it holds a connection until then), and is then cancelled."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        if interrupt is not None:
+            interrupt()
+        await until_done(work)
+        raise
+
+
 #: A COMMIT that finds the ``-wal`` file grown by this much since the last checkpoint
 #: began starts one off the loop (SQLite's automatic checkpoint runs at 1,000 pages:
 #: 4 MiB of 4 KiB pages).
@@ -261,13 +277,7 @@ class WalCheckpointer:
     async def _round(self) -> tuple[int, int, int] | None:
         """One PASSIVE checkpoint on a worker thread; cancelled, it is interrupted and
         waited for (its thread holds a connection until it returns)."""
-        work = asyncio.ensure_future(asyncio.to_thread(self._passive))
-        try:
-            row = await asyncio.shield(work)
-        except asyncio.CancelledError:
-            self._interrupt()
-            await until_done(work)
-            raise
+        row = await _on_thread(self._passive, interrupt=self._interrupt)
         self.last = row
         if row is not None and row[0]:
             log.debug("WAL checkpoint of %s refused (busy): tried again later", self.path)
@@ -548,12 +558,7 @@ class Connection(AdaptedConnection):
     async def _wait(self, fn: Callable[..., T], args: tuple[Any, ...], *, lock: bool) -> T:
         if lock:
             return await self._retry_lock(fn, args)
-        worker = asyncio.ensure_future(asyncio.to_thread(self._waiting, fn, *args))
-        try:
-            return await asyncio.shield(worker)
-        except asyncio.CancelledError:
-            await until_done(worker)
-            raise
+        return await _on_thread(self._waiting, fn, *args)
 
     async def _retry_lock(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         loop = asyncio.get_running_loop()
@@ -590,15 +595,8 @@ class Connection(AdaptedConnection):
         """Run ``fn`` on a worker thread (waiting there for another process's lock);
         cancelled, it interrupts the statement and returns only once the thread has
         let go of the connection."""
-        work = asyncio.ensure_future(asyncio.to_thread(self._waiting, fn, *args))
-        try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            self._db.interrupt()
-            # Through further cancellations too: the thread holds the connection until
-            # it returns ("interrupted" is then the cancellation's doing).
-            await until_done(work)
-            raise
+        # "interrupted" is then the cancellation's doing.
+        return await _on_thread(self._waiting, fn, *args, interrupt=self._db.interrupt)
 
     def acquire_writer(self) -> None:
         if not self._holds_lock:
