@@ -41,7 +41,6 @@ from sqlalchemy.pool import StaticPool
 from eventstore import telemetry
 from eventstore.engine import SCHEMA_OPTION, begin_write, read_parameters, search_path_statement
 from eventstore.errors import EventStoreError, KeyAlreadyClaimed, WrongExpectedVersion
-from eventstore.grouping import until_done
 from eventstore.hashing import json_text, parse_json
 from eventstore.records import (
     ANY,
@@ -1145,39 +1144,24 @@ class PostgresDialect(Dialect):
         async with self._listener_lock:
             if self._listener is not None and not self._listener.is_closed():
                 return
-            setup = asyncio.ensure_future(self._listen())
+            import asyncpg  # noqa: PLC0415  # only PostgreSQL needs the driver here
+
+            url = self.engine.url.set(drivername="postgresql")
             try:
-                self._listener = await asyncio.shield(setup)
-            except asyncio.CancelledError:
-                # A connection cut mid-round-trip leaves its reply's future failed and
-                # unretrieved: the setup ends first, and what it made is kept.
-                await until_done(setup)
-                if not setup.cancelled() and setup.exception() is None:
-                    self._listener = setup.result()
-                raise
+                async with self.engine.connect() as conn:
+                    channel = await self.channel(conn)
+                # A dedicated connection outside the pool: LISTEN needs a session that
+                # is never inside a transaction and never handed to another task.
+                listener = await asyncpg.connect(url.render_as_string(hide_password=False))
+                try:
+                    await listener.add_listener(channel, self._on_notify)
+                except BaseException:
+                    listener.terminate()  # not left for the collector to find open
+                    raise
+                self._listener = listener
             except Exception:  # degrade to polling; the hint is an optimisation
                 log.warning("LISTEN unavailable; readers poll", exc_info=True)
                 self._listener = None
-
-    async def _listen(self) -> Any:
-        """A dedicated connection outside the pool, listening: LISTEN needs a session
-        that is never inside a transaction and never handed to another task."""
-        import asyncpg  # noqa: PLC0415  # only PostgreSQL needs the driver here
-
-        async with self.engine.connect() as conn:
-            channel = await self.channel(conn)
-        url = self.engine.url.set(drivername="postgresql")
-        listener = await asyncpg.connect(url.render_as_string(hide_password=False))
-        try:
-            await listener.add_listener(channel, self._on_notify)
-        except Exception:
-            try:  # not left for the collector to find open
-                await listener.close(timeout=5)
-            finally:
-                if not listener.is_closed():
-                    listener.terminate()
-            raise
-        return listener
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         with contextlib.suppress(ValueError):
