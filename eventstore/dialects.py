@@ -1152,13 +1152,8 @@ class PostgresDialect(Dialect):
                     channel = await self.channel(conn)
                 # A dedicated connection outside the pool: LISTEN needs a session that
                 # is never inside a transaction and never handed to another task.
-                listener = await asyncpg.connect(url.render_as_string(hide_password=False))
-                try:
-                    await listener.add_listener(channel, self._on_notify)
-                except BaseException:
-                    listener.terminate()  # not left for the collector to find open
-                    raise
-                self._listener = listener
+                self._listener = await asyncpg.connect(url.render_as_string(hide_password=False))
+                await self._listener.add_listener(channel, self._on_notify)
             except Exception:  # degrade to polling; the hint is an optimisation
                 log.warning("LISTEN unavailable; readers poll", exc_info=True)
                 self._listener = None

@@ -768,35 +768,6 @@ async def test_a_reader_in_another_process_is_woken_by_notify(postgres_engine, p
         await other_engine.dispose()
 
 
-@pytest.mark.postgres
-async def test_a_listen_connection_that_cannot_listen_is_closed_and_readers_poll(
-    postgres_engine, monkeypatch
-):
-    import asyncpg
-
-    from eventstore.dialects import dialect_for
-
-    opened: list[asyncpg.Connection] = []
-    connect = asyncpg.connect
-
-    async def recorded(*args, **kwargs):
-        opened.append(await connect(*args, **kwargs))
-        return opened[-1]
-
-    async def refuse(*_args, **_kwargs):
-        raise asyncpg.PostgresError("LISTEN refused")
-
-    monkeypatch.setattr(asyncpg, "connect", recorded)
-    monkeypatch.setattr(asyncpg.connection.Connection, "add_listener", refuse)
-    store = EventStore(postgres_engine)
-    try:
-        await dialect_for(postgres_engine).follow_head()
-        assert len(opened) == 1 and opened[0].is_closed()  # not left for the collector
-        await store.append("user-1", "user", [ev()])  # the store still works, polling
-    finally:
-        await store.aclose()
-
-
 async def test_a_missing_sqlite_directory_is_a_clear_error_naming_the_file(tmp_path):
     from eventstore import StoreUnavailable
 
