@@ -1153,7 +1153,16 @@ class PostgresDialect(Dialect):
                 # A dedicated connection outside the pool: LISTEN needs a session that
                 # is never inside a transaction and never handed to another task.
                 self._listener = await asyncpg.connect(url.render_as_string(hide_password=False))
-                await self._listener.add_listener(channel, self._on_notify)
+                try:
+                    await self._listener.add_listener(channel, self._on_notify)
+                except Exception:
+                    # Refused, not cancelled: no round trip is in flight, so the
+                    # connection closes cleanly. A cancelled LISTEN keeps its
+                    # connection for aclose(): closing it now would cut the round trip.
+                    listener, self._listener = self._listener, None
+                    with contextlib.suppress(Exception):
+                        await listener.close(timeout=5)
+                    raise
             except Exception:  # degrade to polling; the hint is an optimisation
                 log.warning("LISTEN unavailable; readers poll", exc_info=True)
                 self._listener = None

@@ -841,3 +841,27 @@ def test_uuid7_of_keeps_the_millisecond_on_top_and_marks_version_and_variant(
     assert made.int >> 80 == milliseconds
     kept = ~(0xF << 76) & ~(0x3 << 62) & (2**80 - 1)
     assert made.int & kept == random_bits & kept
+
+
+@pytest.mark.postgres
+async def test_a_refused_listen_closes_its_connection_and_leaves_readers_polling(
+    postgres_engine, pg_schema, monkeypatch
+):
+    import asyncpg
+
+    opened: list[asyncpg.Connection] = []
+
+    async def refuse(self: asyncpg.Connection, channel: str, callback: object) -> None:
+        opened.append(self)
+        raise asyncpg.PostgresError("LISTEN refused")
+
+    monkeypatch.setattr(asyncpg.Connection, "add_listener", refuse)
+    store = EventStore(postgres_engine)
+    try:
+        assert await store.wait_for_append(0, timeout=0.05) is False
+        assert len(opened) == 1
+        assert opened[0].is_closed()
+        await store.append("user-1", "user", [ev()])
+        assert await store.wait_for_append(0, timeout=0.05) is True
+    finally:
+        await store.aclose()

@@ -226,12 +226,14 @@ async def test_a_checkpoint_cancelled_before_its_first_step_leaves_the_file_to_t
 async def test_reclaim_cancelled_while_it_waits_for_a_checkpoint_is_cancelled(tmp_path):
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
     try:
-        for _ in range(8):  # ~40 MiB for the checkpoint to copy
-            await _write_a_checkpoints_worth(engine)
+        async with engine.begin() as conn:  # ~40 MiB for one checkpoint to copy
+            for _ in range(8):
+                await _fill(conn)
         (checkpointer,) = engine.dialect.loaded_dbapi.checkpointers.values()
         assert checkpointer.running
         waiter = asyncio.create_task(reclaim(engine))
-        await asyncio.sleep(0.002)
+        for _ in range(5):  # reclaim reaches its wait; the copy has barely begun
+            await asyncio.sleep(0)
         assert checkpointer.running
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
