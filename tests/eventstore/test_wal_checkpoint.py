@@ -6,10 +6,11 @@ import asyncio
 import logging
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from eventstore import EventStore, NewEvent, create_engine
 from eventstore.sqlite_driver import (
@@ -185,6 +186,26 @@ async def test_reclaim_waits_for_a_checkpoint_in_progress_and_truncates_the_wal(
         assert _wal_size(db_path) == 0
     finally:
         await store.engine.dispose()
+
+
+async def test_reclaim_truncates_the_wal_on_a_worker_thread_not_the_loop(db_path):
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}")
+    threads: set[int] = set()
+
+    def on_statement(sql: str) -> None:
+        if "wal_checkpoint(TRUNCATE)" in sql:
+            threads.add(threading.get_ident())
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def trace(dbapi_connection, _record) -> None:
+        dbapi_connection.driver_connection.set_trace_callback(on_statement)
+
+    try:
+        await _write_a_checkpoints_worth(engine)
+        assert await reclaim(engine) == "WAL checkpointed and truncated"
+        assert threads and threading.get_ident() not in threads
+    finally:
+        await engine.dispose()
 
 
 async def _fill(conn) -> None:
