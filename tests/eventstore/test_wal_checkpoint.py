@@ -208,6 +208,26 @@ async def test_reclaim_truncates_the_wal_on_a_worker_thread_not_the_loop(db_path
         await engine.dispose()
 
 
+async def test_two_engines_on_one_file_never_checkpoint_it_at_once(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
+    first, second = create_engine(url), create_engine(url)
+    try:
+        async with first.begin() as conn:  # ~40 MiB: its checkpoint is long
+            for _ in range(8):
+                await _fill(conn)
+        (theirs,) = first.dialect.loaded_dbapi.checkpointers.values()
+        assert theirs.running
+        await _write_a_checkpoints_worth(second)
+        (ours,) = second.dialect.loaded_dbapi.checkpointers.values()
+        assert theirs.running and not ours.running  # the file is taken: none started
+        await theirs.ended()
+        await _write_a_checkpoints_worth(second)
+        assert ours.running  # the file is free again
+    finally:
+        await first.dispose()
+        await second.dispose()
+
+
 async def _fill(conn) -> None:
     """Write a little more than WAL_CHECKPOINT_BYTES of new pages on ``conn``."""
     await conn.execute(text("CREATE TABLE IF NOT EXISTS t (x BLOB)"))
