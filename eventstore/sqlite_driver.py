@@ -35,7 +35,11 @@ and leaves the loop only where SQLite would *wait*:
   (``EventStore.read_all``'s pages). A cancelled caller interrupts the
   statement (``sqlite3.Connection.interrupt``) and waits for the thread to let go of
   the connection before the cancellation goes on, so the connection goes back to the
-  pool idle. One hop costs ~0.1 ms, so point reads and the command path stay inline.
+  pool idle. One hop costs ~0.1 ms, so point reads and the command path stay inline,
+  and a ``SELECT`` sent off the loop that ended there within :data:`INLINE_BUDGET`
+  runs inline from then on, for at most that long (SQLite's progress handler
+  interrupts it, and it runs again on the thread): one the data keeps cheap costs no
+  hop.
 
 * **The WAL checkpoint** (copying the pages committed to the ``-wal`` file back into
   the database file, and its fsyncs) runs on worker threads, never inside a COMMIT.
@@ -65,6 +69,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
@@ -83,6 +88,17 @@ await_: Callable[[Any], Any] = getattr(_concurrency, "await_", None) or _concurr
 _WRITE_BEGINS: Final = ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE")
 #: The execution option that sends a statement to a worker thread (module doc).
 OFF_LOOP: Final = "off_loop"
+#: A ``SELECT`` sent off the loop (:data:`OFF_LOOP`) that ended on its worker thread
+#: within this runs inline from then on, for at most this long: a hop to a thread and
+#: back costs ~0.1 ms of wall time, more than a count that an index bounds (bench case
+#: 6c: 0.2 ms of SQLite, 0.58x hand-written Core when every count hopped). One that
+#: outlasts it inline is interrupted there and run again on the thread (see
+#: :meth:`Connection.bounded`).
+INLINE_BUDGET: Final = 0.0005
+#: SQLite virtual-machine steps between two looks at the clock (~20-50 us of work).
+_PROGRESS_STEPS: Final = 1000
+#: Statements an engine remembers as ending within :data:`INLINE_BUDGET`.
+_QUICK_READS_KEPT: Final = 1000
 #: Rows a streamed (server-side) cursor fetches per hop to its worker thread.
 STREAM_PAGE: Final = 1000
 _BUSY: Final = object()  # what an inline call returns when the lock is held elsewhere
@@ -338,6 +354,13 @@ class WalCheckpointer:
             loop.call_soon_threadsafe(task.cancel)
 
 
+def _timed(fn: Callable[..., Any], *args: Any) -> float:
+    """How long ``fn(*args)`` took, in seconds."""
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
+
+
 async def _yield_to_loop() -> None:
     """SQLAlchemy's async layer insists that each execute awaits once (it refuses a
     driver that never does); a no-op coroutine satisfies it for ~1 us."""
@@ -375,12 +398,28 @@ class Cursor:
     def execute(self, operation: str, parameters: Sequence[Any] | None = None) -> Any:
         adapt = self._adapt
         if self.off_loop:
-            adapt.heavy = True
             params = () if parameters is None else parameters
+            quick = adapt.dbapi.quick_reads
+            if (
+                operation in quick
+                and not self.server_side
+                and adapt.bounded(self._execute_off_loop, operation, params)
+            ):
+                await_(_yield_to_loop())
+                return self
+            adapt.heavy = True
             try:
-                await_(adapt.off_loop(self._execute_off_loop, operation, params))
+                took = await_(adapt.off_loop(_timed, self._execute_off_loop, operation, params))
             finally:
                 adapt.release_if_done()
+            if (
+                took <= INLINE_BUDGET
+                and not self.server_side
+                and operation.lstrip()[:6].upper() == "SELECT"
+            ):
+                if len(quick) >= _QUICK_READS_KEPT:
+                    quick.clear()
+                quick.add(operation)
             return self
         lock = operation.lstrip()[:15].upper() in _WRITE_BEGINS
         if lock:
@@ -583,6 +622,33 @@ class Connection(AdaptedConnection):
                 raise
             return _BUSY
 
+    def bounded(self, fn: Callable[[str, Sequence[Any]], Any], sql: str, params: Any) -> bool:
+        """Run ``fn(sql, params)``, a read that ended within :data:`INLINE_BUDGET` last
+        time, inline for at most that long: True if it ended in time. False if SQLite
+        interrupted it at the budget (or the lock is held elsewhere), which leaves
+        nothing behind (an interrupted read-only statement ends alone, not its
+        transaction), so the caller runs it again off the loop; or if it ended late
+        (SQLite looks at the clock between steps of its program, and a step such as a
+        bare ``count(*)``'s count of a whole b-tree is one): either way ``sql`` runs off
+        the loop from then on, until it ends within the budget there."""
+        db = self._db
+        deadline = time.perf_counter() + INLINE_BUDGET
+        db.set_progress_handler(lambda: time.perf_counter() > deadline, _PROGRESS_STEPS)
+        try:
+            fn(sql, params)
+        except sqlite3.OperationalError as error:
+            message = str(error)
+            late = message == "interrupted" and time.perf_counter() > deadline
+            if not late and not is_busy(message):
+                raise
+            self.dbapi.quick_reads.discard(sql)
+            return False
+        finally:
+            db.set_progress_handler(None, 0)
+        if time.perf_counter() > deadline:
+            self.dbapi.quick_reads.discard(sql)
+        return True
+
     def _waiting(self, fn: Callable[..., T], *args: Any) -> T:
         conn = self._db
         conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
@@ -716,6 +782,9 @@ class InlineSQLiteDBAPI:
         self.sqlite = sqlite3
         #: The WAL checkpointer of each database file this engine opened (by real path).
         self.checkpointers: dict[str, WalCheckpointer] = {}
+        #: ``SELECT`` statements sent off the loop that ended within INLINE_BUDGET there:
+        #: they run inline (see Connection.bounded).
+        self.quick_reads: set[str] = set()
         for name in (
             "DatabaseError",
             "DataError",

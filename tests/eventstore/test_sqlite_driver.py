@@ -283,6 +283,109 @@ async def test_an_off_loop_statement_lets_other_tasks_run_and_returns_its_rows(d
         await engine.dispose()
 
 
+def _threads_of(conn_raw: object, marker: str) -> list[int]:
+    """The threads each statement holding ``marker`` runs on, as SQLite traces them."""
+    threads: list[int] = []
+    conn_raw.driver_connection.set_trace_callback(  # type: ignore[attr-defined]
+        lambda sql: threads.append(threading.get_ident()) if marker in sql else None
+    )
+    return threads
+
+
+_COUNT_UP_TO = (
+    "SELECT count(*) FROM (WITH RECURSIVE n(i) AS "
+    "(SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :top) SELECT i FROM n)"
+)
+
+
+async def test_an_off_loop_read_that_ended_within_the_inline_budget_runs_on_the_loop_next(
+    db_path,
+):
+    """A statement whose cost may grow with the data, cheap as the data is now, costs no
+    hop to a worker thread and back (longer than a count bounded by an index)."""
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}")
+    try:
+        async with engine.connect() as conn:
+            threads = _threads_of(await conn.get_raw_connection(), "FROM n")
+            quick = text(_COUNT_UP_TO).execution_options(off_loop=True)
+            for _ in range(3):
+                assert (await conn.execute(quick, {"top": 50})).scalar_one() == 50
+        assert threads[0] != threading.get_ident()  # first on a thread, timed there
+        assert threads[1:] == [threading.get_ident()] * 2
+    finally:
+        await engine.dispose()
+
+
+async def test_an_off_loop_read_past_the_inline_budget_is_run_again_on_a_worker_thread(db_path):
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}")
+    try:
+        async with engine.connect() as conn:
+            count = text(_COUNT_UP_TO).execution_options(off_loop=True)
+            await conn.execute(count, {"top": 50})  # ended within the budget
+            threads = _threads_of(await conn.get_raw_connection(), "FROM n")
+            started = time.perf_counter()
+            work = asyncio.ensure_future(conn.execute(count, {"top": 3_000_000}))
+            await asyncio.sleep(0)
+            held = time.perf_counter() - started  # the inline attempt held the loop this long
+            assert await _ticks_while(work) > 0
+            assert (await work).scalar_one() == 3_000_000
+            assert (await conn.execute(count, {"top": 50})).scalar_one() == 50
+        assert held < 0.1
+        loop_thread = threading.get_ident()
+        assert threads[0] == loop_thread  # interrupted at the budget...
+        assert threads[1] != loop_thread  # ...run again on a thread...
+        assert threads[2] != loop_thread  # ...and sent there until it ends in time again
+    finally:
+        await engine.dispose()
+
+
+async def test_an_off_loop_read_that_ends_late_inline_goes_to_the_thread_next_time(db_path):
+    """SQLite looks at the clock between steps of a statement's program; a bare count
+    is one step (it counts the table's b-tree), so it ends late rather than interrupted."""
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("CREATE TABLE wide (pad BLOB)"))
+            await conn.commit()
+            count = text("SELECT count(*) FROM wide").execution_options(off_loop=True)
+            await conn.execute(count)  # an empty table: ended within the budget
+            await conn.execute(
+                text(
+                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+                    "WHERE i < 100000) INSERT INTO wide SELECT zeroblob(300) FROM n"
+                )
+            )
+            await conn.commit()
+            threads = _threads_of(await conn.get_raw_connection(), "FROM wide")
+            assert (await conn.execute(count)).scalar_one() == 100_000  # inline, late
+            assert (await conn.execute(count)).scalar_one() == 100_000
+        assert threads[0] == threading.get_ident()
+        assert threads[1] != threading.get_ident()
+    finally:
+        await engine.dispose()
+
+
+async def test_a_read_interrupted_at_the_inline_budget_leaves_its_write_transaction_whole(
+    db_path,
+):
+    """SQLite rolls back the transaction of an interrupted write, not of a read."""
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}")
+    try:
+        async with engine.connect() as conn:
+            await begin_write(conn)
+            await conn.execute(text("CREATE TABLE kept (x INTEGER)"))
+            await conn.execute(text("INSERT INTO kept VALUES (1)"))
+            count = text(_COUNT_UP_TO).execution_options(off_loop=True)
+            await conn.execute(count, {"top": 50})  # ended within the budget: inline next
+            assert (await conn.execute(count, {"top": 3_000_000})).scalar_one() == 3_000_000
+            await conn.execute(text("INSERT INTO kept VALUES (2)"))
+            await conn.commit()
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT sum(x) FROM kept"))).scalar_one() == 3
+    finally:
+        await engine.dispose()
+
+
 async def test_a_streamed_result_fetches_every_page_off_the_loop(db_path):
     engine = create_engine(f"sqlite+aiosqlite:///{db_path}")
     try:
