@@ -70,6 +70,11 @@ class Stall:
     #: The loop thread's CPU time from the first sample to the wake: near the stall's
     #: length, the loop ran code; far below, it waited (for the GIL, or for a core).
     cpu_ms: float = 0.0
+    #: Of the rest, the time the loop thread was runnable but given no core (Linux
+    #: schedstat's run delay: the machine's load); what remains it slept, mostly
+    #: waiting for the GIL another thread of the process held.
+    runq_ms: float = 0.0
+    runq_started: float = 0.0
     samples: list[str] = field(default_factory=list)
 
 
@@ -84,6 +89,7 @@ class StallTracer:
         self.stalls: list[Stall] = []
         self._loop_thread = threading.get_ident()
         self._loop_clock = time.pthread_getcpuclockid(self._loop_thread)
+        self._schedstat = Path(f"/proc/self/task/{threading.get_native_id()}/schedstat")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stall-tracer", daemon=True)
 
@@ -104,6 +110,7 @@ class StallTracer:
                 current.ms = probe.lags[current.wake] * 1000
                 cpu = time.clock_gettime(self._loop_clock) - current.cpu_started
                 current.cpu_ms = cpu * 1000
+                current.runq_ms = (self._run_delay() - current.runq_started) * 1000
                 self.stalls.append(current)
                 current = None
             seen = beats
@@ -111,7 +118,16 @@ class StallTracer:
             if late > self.threshold:
                 if current is None:
                     current = Stall(due, beats, time.clock_gettime(self._loop_clock))
+                    current.runq_started = self._run_delay()
                 current.samples.append(self._sample())
+
+    def _run_delay(self) -> float:
+        """The loop thread's time so far runnable but waiting for a core, in seconds
+        (0 where the kernel does not say)."""
+        try:
+            return int(self._schedstat.read_text().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
 
     def _sample(self) -> str:
         frames = sys._current_frames()  # the only way to see another thread
@@ -146,8 +162,8 @@ def summarize(stalls: list[Stall], top: int = 5) -> str:
     for stall in sorted(stalls, key=lambda s: s.ms, reverse=True)[:top]:
         counts = collections.Counter(stall.samples).most_common(2)
         out.append(
-            f"      stall {stall.ms:6.1f} ms (loop thread CPU {stall.cpu_ms:5.1f} ms since"
-            f" seen), {len(stall.samples)} samples"
+            f"      stall {stall.ms:6.1f} ms (loop thread since seen: CPU {stall.cpu_ms:5.1f} ms,"
+            f" waiting for a core {stall.runq_ms:5.1f} ms), {len(stall.samples)} samples"
         )
         out.extend(f"        {n}x {stack}" for stack, n in counts)
     return "\n".join(out)

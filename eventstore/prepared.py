@@ -336,10 +336,22 @@ async def _sqlite(
     fn, args = (db.executemany, (sql, values)) if many else (db.execute, (sql, values[0]))
     if off_loop:
         adapted.heavy = True  # as the driver's own off-loop statements: COMMIT off it too
-        cursor = await adapted.off_loop(fn, *args)
-    else:
-        cursor = await adapted.run(fn, *args)
+        return int(await adapted.off_loop(_rowcount, fn, *args))
+    cursor = await adapted.run(fn, *args)
     return int(cursor.rowcount)
+
+
+def _rowcount(fn: Any, *args: Any) -> int:
+    """On the worker thread: run ``fn``, and close the cursor it returns there.
+    Handed back to the loop, the cursor would be freed wherever its last reference
+    goes (the executor's work item, on that worker thread, at a time of its own), and
+    freeing a cursor resets its statement, which sqlite3's statement cache may have
+    given meanwhile to the connection's next statement on another thread."""
+    cursor = fn(*args)
+    try:
+        return int(cursor.rowcount)
+    finally:
+        cursor.close()
 
 
 async def _asyncpg(raw: Any, sql: str, values: list[tuple[Any, ...]], many: bool) -> int:

@@ -329,3 +329,35 @@ async def test_a_reader_holding_the_wal_keeps_the_checkpoint_from_holding_writer
     finally:
         reader.close()
         await engine.dispose()
+
+
+async def test_the_commit_that_cuts_the_wal_back_runs_on_a_worker_thread(db_path):
+    # Cutting a large WAL back is an ftruncate as long as the file is large (139 ms for
+    # 256 MiB on ext4 with discard): the COMMIT that does it must not hold the loop.
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    commits: list[int] = []
+
+    def trace(statement: str) -> None:
+        if statement.startswith("COMMIT"):
+            commits.append(threading.get_ident())
+
+    @event.listens_for(store.engine.sync_engine, "connect")
+    def on_connect(dbapi_connection, _record):
+        dbapi_connection.driver_connection.set_trace_callback(trace)
+
+    try:
+        n = await _append_until_a_checkpoint_starts(store, db_path)
+        await _checkpointer(store).ended()
+        busy, frames, copied = _checkpointer(store).last  # type: ignore[misc]
+        assert (busy, copied) == (0, frames)
+        assert _wal_size(db_path) > WAL_SIZE_LIMIT
+        loop_thread = threading.get_ident()
+        commits.clear()
+        await _append(store, n)  # starts the WAL again and cuts it back
+        assert _wal_size(db_path) <= WAL_SIZE_LIMIT
+        assert len(commits) == 1
+        assert commits[0] != loop_thread
+        await _append(store, n + 1)  # the next COMMIT stays on the loop
+        assert commits[1:] == [loop_thread]
+    finally:
+        await store.engine.dispose()
