@@ -37,6 +37,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.util import greenlet_spawn
 
 from eventstore import telemetry
 from eventstore.engine import SCHEMA_OPTION, begin_write, read_parameters, search_path_statement
@@ -239,20 +240,48 @@ class CheckpointsNotMoved(Exception):  # a signal inside the library, never rais
     (:meth:`Dialect.command_write`); the write was rolled back."""
 
 
+async def give_back(raw: Any) -> None:
+    """Return ``raw``, checked out bare (``engine.raw_connection()``), to the pool.
+
+    In SQLAlchemy's greenlet, as its own ``AsyncConnection.close`` does: a connection
+    the pool does not keep (an overflow connection coming back to a full pool) is
+    closed there, and closing an asyncpg connection awaits. Returned outside one, the
+    close failed ("MissingGreenlet", logged by the pool) and left the server session
+    open until the object was collected."""
+    await greenlet_spawn(raw.close)
+
+
 class HeldConnection:
     """The pooled driver connection the store's group writer keeps from one group to
     the next while callers keep it busy (:class:`eventstore.grouping.GroupQueue`),
     given back when the writer goes idle. Only the writer task touches it."""
 
-    __slots__ = ("raw",)
+    __slots__ = ("_closing", "_in_task", "raw")
 
-    def __init__(self) -> None:
+    def __init__(self, dialect: Dialect) -> None:
         self.raw: Any = None
+        #: Whether the driver's close awaits (asyncpg), so the connection is given back
+        #: in a task; SQLite's inline driver closes at once, before the writer ends (an
+        #: engine disposed right after finds it back in the pool, and closes it).
+        self._in_task = dialect.round_trips
+        self._closing: set[asyncio.Task[None]] = set()
 
     def release(self) -> None:
+        """Give the connection back (from the writer's synchronous end: where closing
+        it awaits, in a task of its own, which :meth:`aclose` waits for)."""
         raw, self.raw = self.raw, None
-        if raw is not None:
-            raw.close()  # back to the pool
+        if raw is None:
+            return
+        if not self._in_task:
+            raw.close()
+            return
+        task = asyncio.get_running_loop().create_task(give_back(raw))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        if self._closing:
+            await asyncio.gather(*self._closing)
 
 
 def driver_errors(engine: AsyncEngine, raw: Any, statement: str) -> _DriverErrors:
@@ -416,10 +445,10 @@ class Dialect:
                     error, "connection_invalidated", False
                 ):
                     raw.invalidate()
-                raw.close()  # back to the pool (a no-op once invalidated)
+                await asyncio.shield(give_back(raw))  # a no-op once invalidated
                 raise
             if held is None:
-                raw.close()
+                await asyncio.shield(give_back(raw))
             else:
                 held.raw = raw
             return outcomes

@@ -338,7 +338,7 @@ class EventStore:
         #: awaited just before that statement. An exception it raises rolls back.
         self.before_commit: FaultHook | None = None
         #: The group writer's pooled connection, kept from one group to the next.
-        self._held = HeldConnection()
+        self._held = HeldConnection(self.dialect)
         self._group: GroupQueue[_PendingAppend, AppendResult] | None = (
             GroupQueue(self._write_group, max_group, idle=self._held.release)
             if group_appends
@@ -830,6 +830,7 @@ class EventStore:
     async def aclose(self) -> None:
         if self._group is not None:
             await self._group.aclose()
+        await self._held.aclose()
         await self.dialect.aclose()
 
 
