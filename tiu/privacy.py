@@ -6,6 +6,7 @@ database access anyway. ``USER`` is a user id or the email they registered with.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Final
@@ -14,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain.errors import NotFound
 from domain.permissions import SYSTEM_ACTOR
-from eventstore.dialects import follow_schema
+from eventstore.dialects import follow_schema, give_back
 from eventstore.engine import wal_checkpoints_ended
 from eventstore.translate import translate_errors
 from tiu.service import DatabaseService
@@ -73,7 +74,7 @@ async def reclaim(engine: AsyncEngine) -> str:
                 return "WAL checkpoint incomplete: another connection is reading; run again"
             return "WAL checkpointed and truncated"
         finally:
-            raw.close()
+            await asyncio.shield(give_back(raw))
 
 
 def _truncate_wal(db: sqlite3.Connection) -> tuple[int, int, int]:
