@@ -109,6 +109,27 @@ async def test_the_wal_is_started_again_and_cut_back_under_a_long_append_run(db_
         await store.engine.dispose()
 
 
+async def test_a_writer_that_never_pauses_still_lets_the_wal_start_over(db_path):
+    # An import: units of work of many events, one after another, nothing else to wait
+    # for. Each transaction writes more frames (~6 MiB) than a round may leave for the
+    # round that holds writers back, so every round the writer lets run has fallen
+    # behind again: the WAL must still be started again and cut back, not grow for as
+    # long as the import goes on.
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    try:
+        cut_back, size, written, n = 0, 0, 0, 0
+        while cut_back < 2:
+            async with store.transaction() as uow:
+                for i in range(250):
+                    uow.append(f"item-{n}x{i}", "item", [NewEvent("Noted", {"text": PAYLOAD})])
+            n, previous, size = n + 1, size, _wal_size(db_path)
+            cut_back += size < previous
+            written += max(size - previous, 0)
+            assert written < 60 * WAL_CHECKPOINT_BYTES, (n, cut_back, size)
+    finally:
+        await store.engine.dispose()
+
+
 async def test_a_failing_background_checkpoint_does_not_fail_commands(db_path, monkeypatch, caplog):
     store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
     connect = sqlite3.connect
