@@ -149,6 +149,10 @@ class KeyedRows:
         if key not in self._current:
             self._pending.add(key)
 
+    def want_all(self, keys: Iterable[Key]) -> None:
+        """:meth:`want` each of ``keys`` (those loaded already are left out by :meth:`load`)."""
+        self._pending.update(keys)
+
     async def load(self, conn: AsyncConnection) -> None:
         """Load the wanted keys not loaded yet; those not found are absent."""
         pending = [k for k in self._pending if k not in self._current]

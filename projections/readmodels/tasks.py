@@ -32,7 +32,7 @@ from domain.base import Event
 from domain.tasks import Priority, TaskStatus
 from eventstore.prepared import execute
 from eventstore.types import UTCDateTime
-from projections.batching import BatchedProjector, KeyedRows, field, keys_param
+from projections.batching import BatchedProjector, KeyedRows, keys_param
 from projections.projector import Envelope, Tables, metadata, statement
 from projections.readmodels._common import ID_LENGTH, occurred_at
 
@@ -93,55 +93,67 @@ class TasksProjector(BatchedProjector):
             query = statement(table, "delete-project", _delete_project_tasks)
             await execute(conn, query, {"key": event.project_id})
             return
-        at = occurred_at(envelope)
-        change = _change(event, at)
+        change = _change(event, occurred_at(envelope))
         if change is None:
             return
         created, task_id, values = change
         if created:
             await execute(conn, statement(t["tasks"], "insert", insert), values)
         else:
-            await _update(conn, t, task_id, at, **values)
+            await _update(conn, t, task_id, **values)
 
     async def fold(self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables) -> None:
-        deleted_projects = [
-            e.event.project_id for e in envelopes if isinstance(e.event, projects.ProjectDeleted)
-        ]
+        # One pass finds the tasks the batch touches and the projects it deletes (a
+        # replay folds ~100k events: each pass and call per event counts).
+        task_ids: list[str] = []
+        deleted_projects: list[str] = []
+        for envelope in envelopes:
+            event = envelope.event
+            if isinstance(event, projects.ProjectDeleted):
+                deleted_projects.append(event.project_id)
+            else:
+                task_ids.append(event.task_id)  # type: ignore[attr-defined]
         # The tasks of a deleted project are found by project: load them, with their
         # project_id, to drop them with the ones this batch creates.
         rows = KeyedRows(t["tasks"], load=("project_id",) if deleted_projects else ())
-        for envelope in envelopes:
-            if not isinstance(envelope.event, projects.ProjectDeleted):
-                rows.want(field(envelope, "task_id"))
+        rows.want_all(task_ids)
         await rows.load(conn)
         await rows.load_by(conn, "by_project", _by_project, deleted_projects)
+        insert_row, update_row = rows.insert, rows.update
         for envelope in envelopes:
             event = envelope.event
-            if isinstance(event, tasks.TaskDeleted):
+            change = _change(event, occurred_at(envelope))
+            if change is not None:
+                created, task_id, values = change
+                if created:
+                    insert_row(values)
+                else:
+                    update_row(task_id, **values)
+            elif isinstance(event, tasks.TaskDeleted):
                 rows.delete(event.task_id)
-                continue
-            if isinstance(event, projects.ProjectDeleted):
+            elif isinstance(event, projects.ProjectDeleted):
                 for row in list(rows.rows()):
                     if row["project_id"] == event.project_id:
                         rows.delete(rows.key_of(row))
-                continue
-            at = occurred_at(envelope)
-            change = _change(envelope.event, at)
-            if change is None:
-                continue
-            created, task_id, values = change
-            if created:
-                rows.insert(values)
-            else:
-                rows.update(task_id, updated_at=at, **values)
         await rows.flush(conn)
 
 
 def _change(event: Event, at: datetime) -> tuple[bool, str, dict[str, Any]] | None:
     """What ``event`` does to its task's row, for ``apply`` and ``fold`` alike:
-    ``(True, task_id, the new row)`` or ``(False, task_id, the columns it sets)``
-    (``updated_at`` is set by the caller)."""
+    ``(True, task_id, the new row)`` or ``(False, task_id, the columns it sets)``,
+    ``updated_at`` included; None for the deletions. The commonest event first: a
+    status change is most of a task's history."""
     match event:
+        case tasks.TaskStatusChanged():
+            return (
+                False,
+                event.task_id,
+                {
+                    "status": str(event.to_status),
+                    "completed_at": at if event.to_status is _DONE else None,
+                    "updated_at": at,
+                },
+            )
         case tasks.TaskCreated():
             return (
                 True,
@@ -162,6 +174,8 @@ def _change(event: Event, at: datetime) -> tuple[bool, str, dict[str, Any]] | No
                     "completed_at": None,
                 },
             )
+        case tasks.TaskAssigned():
+            return False, event.task_id, {"assignee_id": event.assignee_id, "updated_at": at}
         case tasks.TaskEdited():
             return (
                 False,
@@ -172,30 +186,21 @@ def _change(event: Event, at: datetime) -> tuple[bool, str, dict[str, Any]] | No
                     "priority": str(event.priority),
                     "priority_rank": _RANK[event.priority],
                     "due_at": event.due_date,
+                    "updated_at": at,
                 },
             )
-        case tasks.TaskAssigned():
-            return False, event.task_id, {"assignee_id": event.assignee_id}
         case tasks.TaskUnassigned():
-            return False, event.task_id, {"assignee_id": None}
-        case tasks.TaskStatusChanged():
-            done = event.to_status is TaskStatus.DONE
-            return (
-                False,
-                event.task_id,
-                {"status": str(event.to_status), "completed_at": at if done else None},
-            )
+            return False, event.task_id, {"assignee_id": None, "updated_at": at}
     return None
 
 
 _RANK = {priority: priority.rank for priority in Priority}
+_DONE = TaskStatus.DONE
 
 
-async def _update(
-    conn: AsyncConnection, t: Tables, task_id: str, at: datetime, **values: Any
-) -> None:
+async def _update(conn: AsyncConnection, t: Tables, task_id: str, **values: Any) -> None:
     query = statement(t["tasks"], "update", _update_statement)
-    await execute(conn, query, {"key_task_id": task_id, "updated_at": at, **values})
+    await execute(conn, query, {"key_task_id": task_id, **values})
 
 
 def _by_project(table: Table) -> ColumnElement[bool]:

@@ -30,7 +30,13 @@ from projections.readmodels import ALL_PROJECTORS
 from projections.readmodels.project_stats import project_stats
 from projections.readmodels.user_activity import user_activity
 from projections.readmodels.users import users_table
-from projections.runner import Worker, long_lived_heap, lowest_position, wait_for
+from projections.runner import (
+    BATCH_GC_THRESHOLD,
+    Worker,
+    long_lived_heap,
+    lowest_position,
+    wait_for,
+)
 from tests.conftest import PASSWORD, PG_URL
 from tests.projections.worker_process import T0, append_events, read_models, workload
 from tiu import DatabaseService, Settings
@@ -417,6 +423,19 @@ def test_a_batch_loop_freezes_the_heap_only_while_it_runs_and_leaves_an_applicat
         with long_lived_heap():
             pass
         assert gc.get_freeze_count() == frozen  # the application's freeze is untouched
+    finally:
+        gc.unfreeze()
+
+
+def test_a_batch_loop_collects_young_objects_less_often_only_while_it_runs():
+    before = gc.get_threshold()
+    with long_lived_heap():
+        assert gc.get_threshold() == (BATCH_GC_THRESHOLD, *before[1:])
+    assert gc.get_threshold() == before
+    gc.freeze()
+    try:
+        with long_lived_heap():
+            assert gc.get_threshold() == before  # the application's collector is its own
     finally:
         gc.unfreeze()
 
