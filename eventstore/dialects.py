@@ -42,7 +42,7 @@ from sqlalchemy.util import greenlet_spawn
 from eventstore import telemetry
 from eventstore.engine import SCHEMA_OPTION, begin_write, read_parameters, search_path_statement
 from eventstore.errors import EventStoreError, KeyAlreadyClaimed, WrongExpectedVersion
-from eventstore.hashing import json_text, parse_json
+from eventstore.hashing import json_text, parse_json, recorded_at_text
 from eventstore.records import (
     ANY,
     DECODED,
@@ -965,6 +965,7 @@ _PG_EXPECTED: Final[Mapping[object, int]] = {ANY: -1, STREAM_EXISTS: -2, NO_STRE
 def _append_arguments(store: EventStore, pending: list[_PendingAppend]) -> tuple[list[Any], ...]:
     """``tiu_append``'s arguments: per append, then per event (see migration 0008)."""
     now = store.now()
+    now_text = recorded_at_text(now)  # one stamp for the group, unless given
     stream_ids, categories, expected, counts, stream_jsons = [], [], [], [], []
     actors, correlations, causations, commands, stamps = [], [], [], [], []
     event_ids, event_types, schema_versions, datas, metadatas, tails = [], [], [], [], [], []
@@ -981,13 +982,13 @@ def _append_arguments(store: EventStore, pending: list[_PendingAppend]) -> tuple
         causations.append(ctx.causation_id)
         commands.append(ctx.command_id)
         stamps.append(stamp)
+        tails.extend(p.tails(now_text if p.recorded_at is None else recorded_at_text(stamp)))
         for event, data, meta in p.events:
             event_ids.append(str(event.event_id))
             event_types.append(event.event_type)
             schema_versions.append(event.schema_version)
             datas.append(data)
             metadatas.append(meta)
-            tails.append(p.hash_tail(event, data, meta, stamp))
     return (
         stream_ids, categories, expected, counts, stream_jsons,
         actors, correlations, causations, commands, stamps,
