@@ -515,18 +515,22 @@ class EventStore:
             raise InvalidEventData(str(name), "event_type must be 1-200 letters, digits or _.:-")
         if not isinstance(event.schema_version, int) or not 1 <= event.schema_version <= 32767:
             raise InvalidEventData(name, "schema_version must be an int from 1 to 32767")
-        if not isinstance(event.data, Mapping) or not isinstance(event.metadata, Mapping):
+        data, meta = event.data, event.metadata
+        # A dict first: the ABC's isinstance costs ~0.2 us each.
+        if not (type(data) is dict or isinstance(data, Mapping)) or not (
+            type(meta) is dict or isinstance(meta, Mapping)
+        ):
             raise InvalidEventData(name, "data and metadata must be mappings")
         try:
-            data = canonical_json(event.data)
-            meta = canonical_json(event.metadata)
+            data_json = canonical_json(data)
+            meta_json = canonical_json(meta)
         except (TypeError, ValueError) as error:
             raise InvalidEventData(name, f"not JSON-serialisable: {error}") from error
-        if _has_nul(data) or _has_nul(meta):
+        if _has_nul(data_json) or _has_nul(meta_json):
             # PostgreSQL cannot store NUL in text or JSONB; refuse it on every backend.
             raise InvalidEventData(name, "strings must not contain NUL (\\u0000) characters")
         try:
-            size = len(data.encode()) + len(meta.encode())
+            size = len(data_json.encode()) + len(meta_json.encode())
         except UnicodeEncodeError as error:
             raise InvalidEventData(
                 name, "strings must be valid Unicode (a lone surrogate cannot be stored)"
@@ -535,7 +539,7 @@ class EventStore:
             raise InvalidEventData(
                 name, f"{size} bytes exceeds the limit of {self.max_event_bytes}"
             )
-        return event, data, meta
+        return event, data_json, meta_json
 
     async def write(
         self,

@@ -297,7 +297,7 @@ def _tracer() -> Any:
 
 def _system(conn: AsyncConnection | AsyncEngine) -> dict[str, str]:
     """``{"db.system.name": ...}`` of ``conn``'s database, one dict per system."""
-    name = conn.dialect.name
+    name = conn.sync_engine.dialect.name  # attributes, not the async proxy's properties
     found = _SYSTEMS.get(name)
     if found is None:
         found = _SYSTEMS[name] = {"db.system.name": name}
