@@ -171,8 +171,10 @@ WAL_SIZE_LIMIT: Final = 2**20
 #: A checkpoint's rounds without a lock go on until one copied at most this many frames
 #: and left at most this many uncopied (a reader's snapshot keeps frames from being
 #: copied); the last round, which holds this process's writers back, then has about as
-#: many to copy. Past :data:`FREE_ROUNDS` rounds the checkpoint ends without it, and the
-#: next one tries again.
+#: many to copy. Past :data:`FREE_ROUNDS` rounds, if the last one still copied frames
+#: (this process's writers outran it), the last round runs anyway, however many frames
+#: it has to copy; if it copied none (a reader's snapshot), the checkpoint ends without
+#: it, and the next one tries again.
 CATCH_UP_FRAMES: Final = 1024
 FREE_ROUNDS: Final = 4
 #: Database files (real paths) a checkpointer of this process is checkpointing now: at
@@ -206,8 +208,11 @@ class WalCheckpointer:
     runs holding this process's writer lock for the file (the ``asyncio.Lock`` its
     writers queue on before ``BEGIN IMMEDIATE``; a deferred transaction's writes do
     not queue there): it copies the few frames committed since, and the next writer
-    starts the WAL again. While a reader's snapshot keeps frames from being copied,
-    no round takes that lock (it could not catch up). No round
+    starts the WAL again. If :data:`FREE_ROUNDS` rounds did not catch up but each still
+    copied frames, this process's writers outran them (transactions of many frames),
+    and that last round runs anyway: writers wait for its copy rather than the WAL
+    growing for as long as they write. While a reader's snapshot keeps frames from being
+    copied, no round takes that lock (it could not catch up). No round
     takes SQLite's write lock (``FULL``, ``RESTART`` or ``TRUNCATE`` would: a
     transaction that read and then writes fails at once with "database is locked"
     while another connection holds it, whatever the busy timeout). Writers of other
@@ -298,9 +303,12 @@ class WalCheckpointer:
                     and frames - backfilled <= CATCH_UP_FRAMES
                 ):
                     break
+                if backfilled == copied:
+                    return  # a reader's snapshot holds the rest: the next one tries
                 copied = backfilled
-            else:
-                return  # writers or a reader kept it from catching up: the next one tries
+            # Also when writers kept it from catching up: without this round a writer
+            # that never pauses (an import in transactions of many events) grew the WAL
+            # without bound, 859 MiB for 100,000 events, instead of holding back a moment.
             async with _writer_lock(self.path):
                 await self._round()
         except Exception as error:  # nobody awaits this task: log it

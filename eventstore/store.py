@@ -405,6 +405,11 @@ class EventStore:
                     await self.dialect.commit(conn)
                 if uow.locked_at is not None:
                     uow.lock_held = perf_counter() - uow.locked_at
+                if not self.dialect.round_trips:
+                    # The inline SQLite driver never suspends: one turn of the loop after
+                    # each write transaction, or a loop of them (an import) would keep
+                    # every other task waiting, the WAL's checkpoint included.
+                    await asyncio.sleep(0)
             if keep_open:
                 if conn.in_transaction():  # what a block that wrote nothing read
                     with translate_errors(self.dialect.database_label):

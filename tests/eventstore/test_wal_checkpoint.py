@@ -109,6 +109,27 @@ async def test_the_wal_is_started_again_and_cut_back_under_a_long_append_run(db_
         await store.engine.dispose()
 
 
+async def test_a_writer_that_never_pauses_still_lets_the_wal_start_over(db_path):
+    # An import: units of work of many events, one after another, nothing else to wait
+    # for. Each transaction writes more frames (~6 MiB) than a round may leave for the
+    # round that holds writers back, so every round the writer lets run has fallen
+    # behind again: the WAL must still be started again and cut back, not grow for as
+    # long as the import goes on.
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    try:
+        cut_back, size, written, n = 0, 0, 0, 0
+        while cut_back < 2:
+            async with store.transaction() as uow:
+                for i in range(250):
+                    uow.append(f"item-{n}x{i}", "item", [NewEvent("Noted", {"text": PAYLOAD})])
+            n, previous, size = n + 1, size, _wal_size(db_path)
+            cut_back += size < previous
+            written += max(size - previous, 0)
+            assert written < 60 * WAL_CHECKPOINT_BYTES, (n, cut_back, size)
+    finally:
+        await store.engine.dispose()
+
+
 async def test_a_failing_background_checkpoint_does_not_fail_commands(db_path, monkeypatch, caplog):
     store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
     connect = sqlite3.connect
@@ -262,6 +283,45 @@ async def test_a_checkpoint_cancelled_before_its_first_step_leaves_the_file_to_t
         assert checkpointer.running
     finally:
         await again.dispose()
+
+
+def test_a_checkpoint_left_on_a_closed_loop_does_not_keep_the_next_loop_from_its_own(tmp_path):
+    # A host that closes its loop without cancelling its tasks (``loop.close()`` after
+    # ``run_until_complete``) while a checkpoint is in progress, then uses the engine on
+    # a new loop: that task will never end, and must not keep the file taken.
+    url = f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
+    engine = create_engine(url)
+    first = asyncio.new_event_loop()
+    try:
+
+        async def start_a_long_checkpoint() -> WalCheckpointer:
+            async with engine.begin() as conn:  # ~40 MiB: the copy outlasts this loop
+                for _ in range(8):
+                    await _fill(conn)
+            (checkpointer,) = engine.dialect.loaded_dbapi.checkpointers.values()
+            return checkpointer
+
+        checkpointer = first.run_until_complete(start_a_long_checkpoint())
+        assert checkpointer.running
+    finally:
+        first.close()
+    assert not checkpointer.running  # its task is left on a closed loop
+
+    async def go_on() -> None:
+        try:
+            for _ in range(20):
+                await _write_a_checkpoints_worth(engine)
+                assert checkpointer.running  # a new checkpoint, on this loop
+                await checkpointer.ended()
+                # Refused (busy) while the old loop's round still copies on its thread.
+                if checkpointer.last[0] == 0:  # type: ignore[index]
+                    break
+        finally:
+            await engine.dispose()
+
+    asyncio.run(go_on())
+    busy, frames, copied = checkpointer.last  # type: ignore[misc]
+    assert (busy, copied) == (0, frames)
 
 
 async def test_reclaim_cancelled_while_it_waits_for_a_checkpoint_is_cancelled(tmp_path):
