@@ -42,7 +42,7 @@ from sqlalchemy.util import greenlet_spawn
 from eventstore import telemetry
 from eventstore.engine import SCHEMA_OPTION, begin_write, read_parameters, search_path_statement
 from eventstore.errors import EventStoreError, KeyAlreadyClaimed, WrongExpectedVersion
-from eventstore.hashing import json_text, parse_json
+from eventstore.hashing import json_text, parse_json, recorded_at_text
 from eventstore.records import (
     ANY,
     DECODED,
@@ -160,12 +160,24 @@ async def raw_connection(conn: AsyncConnection) -> Any:
     return await conn.get_raw_connection()
 
 
-async def follow_schema(engine: AsyncEngine, raw: Any) -> None:
+def schema_of(engine: AsyncEngine) -> str | None:
+    """The schema of ``engine``'s view (:data:`eventstore.engine.SCHEMA_OPTION`), or
+    ``None`` for an engine that is no such view (an engine's options never change)."""
+    return engine.get_execution_options().get(SCHEMA_OPTION)
+
+
+#: :func:`follow_schema`'s default: the schema of the engine given.
+_OF_ENGINE: Final[Any] = object()
+
+
+async def follow_schema(engine: AsyncEngine, raw: Any, wanted: str | None = _OF_ENGINE) -> None:
     """Set ``raw``, checked out bare through ``engine`` (``engine.raw_connection()``,
     which fires no ``engine_connect`` event), to the schema of ``engine``'s view
-    (:data:`eventstore.engine.SCHEMA_OPTION`) if it last served another: the pool may be
-    shared with other schemas' views. A no-op for an engine that is no such view."""
-    wanted = engine.get_execution_options().get(SCHEMA_OPTION)
+    (``wanted``, if the caller knows it: :func:`schema_of`) if it last served another:
+    the pool may be shared with other schemas' views. A no-op for an engine that is no
+    such view."""
+    if wanted is _OF_ENGINE:
+        wanted = schema_of(engine)
     if raw.info.get(SCHEMA_OPTION) == wanted:
         return
     statement = search_path_statement(wanted)
@@ -338,6 +350,7 @@ class Dialect:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.database_label = engine.url.render_as_string(hide_password=True)
+        self._schema = schema_of(engine)
         self._head = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
@@ -438,7 +451,7 @@ class Dialect:
             if raw is None:
                 raw = await self.engine.raw_connection()
             try:
-                await follow_schema(self.engine, raw)
+                await follow_schema(self.engine, raw, self._schema)
                 outcomes = await self._append_on(raw, store, pending)
             except BaseException as error:
                 if not isinstance(error, Exception) or getattr(
@@ -841,10 +854,12 @@ class SQLiteDialect(Dialect):
         return self._heads_and_position(await raw_connection(conn), stream_ids)
 
     def _heads_and_position(
-        self, raw: Any, stream_ids: Sequence[str]
+        self, raw: Any, stream_ids: Sequence[str], db: Any = None
     ) -> tuple[dict[str, StreamHead], int]:
+        """``db``: ``raw``'s sqlite3 connection, where the caller has it already."""
         # Inline sqlite3 (eventstore.sqlite_driver): see _sqlite_heads.
-        db = raw.driver_connection
+        if db is None:
+            db = raw.driver_connection
         heads: dict[str, StreamHead] = {}
         position = 0
         for start in range(0, max(len(stream_ids), 1), _HEADS_PER_STATEMENT):
@@ -862,22 +877,23 @@ class SQLiteDialect(Dialect):
     async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
         self._insert_events(await raw_connection(conn), rows)
 
-    def _insert_events(self, raw: Any, rows: list[tuple[Any, ...]]) -> None:
+    def _insert_events(self, raw: Any, rows: list[tuple[Any, ...]], db: Any = None) -> None:
         values = [(*r[:1], r[1].hex, *r[2:13], sqlite_text(r[13]), r[14]) for r in rows]
         with self.driver_errors(raw, _SQLITE_INSERT):
-            raw.driver_connection.executemany(_SQLITE_INSERT, values)
+            (raw.driver_connection if db is None else db).executemany(_SQLITE_INSERT, values)
 
     async def _append_on(
         self, raw: Any, store: EventStore, pending: list[_PendingAppend]
     ) -> list[AppendResult | WrongExpectedVersion]:
         driver: InlineConnection = raw.dbapi_connection
+        db = driver.driver_connection  # once: the pool's proxy reaches it through three calls
         with self.driver_errors(raw, "BEGIN IMMEDIATE"):
             await driver.begin_write()
         try:
-            heads, position = self._heads_and_position(raw, store.lock_list(pending))
+            heads, position = self._heads_and_position(raw, store.lock_list(pending), db)
             rows, outcomes = store.plan(pending, {}, heads, position, refuse=True)
             if rows:
-                self._insert_events(raw, rows)
+                self._insert_events(raw, rows, db)
             if store.before_commit is not None:
                 await store.before_commit(store.lock_list(pending))
             with self.driver_errors(raw, "COMMIT"):
@@ -965,6 +981,7 @@ _PG_EXPECTED: Final[Mapping[object, int]] = {ANY: -1, STREAM_EXISTS: -2, NO_STRE
 def _append_arguments(store: EventStore, pending: list[_PendingAppend]) -> tuple[list[Any], ...]:
     """``tiu_append``'s arguments: per append, then per event (see migration 0008)."""
     now = store.now()
+    now_text = recorded_at_text(now)  # one stamp for the group, unless given
     stream_ids, categories, expected, counts, stream_jsons = [], [], [], [], []
     actors, correlations, causations, commands, stamps = [], [], [], [], []
     event_ids, event_types, schema_versions, datas, metadatas, tails = [], [], [], [], [], []
@@ -981,13 +998,13 @@ def _append_arguments(store: EventStore, pending: list[_PendingAppend]) -> tuple
         causations.append(ctx.causation_id)
         commands.append(ctx.command_id)
         stamps.append(stamp)
+        tails.extend(p.tails(now_text if p.recorded_at is None else recorded_at_text(stamp)))
         for event, data, meta in p.events:
             event_ids.append(str(event.event_id))
             event_types.append(event.event_type)
             schema_versions.append(event.schema_version)
             datas.append(data)
             metadatas.append(meta)
-            tails.append(p.hash_tail(event, data, meta, stamp))
     return (
         stream_ids, categories, expected, counts, stream_jsons,
         actors, correlations, causations, commands, stamps,

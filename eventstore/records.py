@@ -36,7 +36,14 @@ def uuid7_of(milliseconds: int, random_bits: int) -> uuid.UUID:
     value = milliseconds << 80 | random_bits
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
-    return uuid.UUID(int=value)
+    if value < 0 or value >> 128:
+        return uuid.UUID(int=value)  # raises, as for any int out of range
+    # Built as uuid_from_hex builds it: UUID(int=...)'s checks cost 1.1 us of the 1.6
+    # (timeit), and every event appended without an id of its own gets one.
+    made = _new_object(uuid.UUID)
+    _set_attribute(made, "int", value)
+    _set_attribute(made, "is_safe", _UNKNOWN_SAFETY)
+    return made
 
 
 def uuid_from_hex(text: str) -> uuid.UUID:

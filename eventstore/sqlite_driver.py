@@ -126,7 +126,9 @@ def file_path(database: str) -> str:
 def _writer_lock(key: str) -> asyncio.Lock:
     """The lock writers of this process share for one database file (per event loop)."""
     loop = asyncio.get_running_loop()
-    locks = _LOCKS.setdefault(loop, {})
+    locks = _LOCKS.get(loop)  # a get first: WeakKeyDictionary.setdefault costs ~1 us
+    if locks is None:
+        locks = _LOCKS.setdefault(loop, {})
     lock = locks.get(key)
     if lock is None:
         lock = locks[key] = asyncio.Lock()
@@ -568,7 +570,7 @@ class Connection(AdaptedConnection):
         "_busy_ms",
         "_checkpointer",
         "_db",
-        "_holds_lock",
+        "_held_lock",
         "_lock_key",
         "_offload_commit",
         "dbapi",
@@ -595,7 +597,8 @@ class Connection(AdaptedConnection):
         self._offload_commit = offload_commit
         #: Checkpoints the file's WAL off the loop (None: a database in memory).
         self._checkpointer = checkpointer
-        self._holds_lock = False
+        #: This process's writer lock of the file while this connection holds it.
+        self._held_lock: asyncio.Lock | None = None
         #: A statement of this transaction ran off the loop: its COMMIT may write many
         #: pages, so it runs off the loop too.
         self.heavy = False
@@ -701,13 +704,13 @@ class Connection(AdaptedConnection):
         return await _on_thread(self._waiting, fn, *args, interrupt=self._db.interrupt)
 
     def acquire_writer(self) -> None:
-        if not self._holds_lock:
+        if self._held_lock is None:
             await_(self.acquire_writer_async())
 
     async def acquire_writer_async(self) -> None:
         """Queue behind this process's other writers of the file (bounded by the busy
         timeout); held until the transaction ends."""
-        if self._holds_lock:
+        if self._held_lock is not None:
             return
         lock = _writer_lock(self._lock_key)
         if not lock.locked():  # uncontended: no timer, no task
@@ -722,13 +725,15 @@ class Connection(AdaptedConnection):
                 raise sqlite3.OperationalError(
                     "database is locked (a writer of this process held it past the busy timeout)"
                 ) from None
-        self._holds_lock = True
+        self._held_lock = lock
 
     async def begin_write(self) -> None:
         """``BEGIN IMMEDIATE`` from the event loop: the process's writer lock, then the file's."""
         await self.acquire_writer_async()
         try:
-            await self.run(self._db.execute, "BEGIN IMMEDIATE", lock=True)
+            # As run(), without its coroutine: called once per write transaction.
+            if self._inline(self._db.execute, ("BEGIN IMMEDIATE",)) is _BUSY:
+                await self._wait(self._db.execute, ("BEGIN IMMEDIATE",), lock=True)
         finally:
             self.release_if_done()
         self.write_begun = True
@@ -738,7 +743,9 @@ class Connection(AdaptedConnection):
         statement of the transaction ran there: see :attr:`heavy`, or if it may cut the
         WAL back: see :meth:`_offloaded`)."""
         try:
-            await self.run(self._db.commit, offload=self._offloaded())
+            # As run(), without its coroutine: called once per write transaction.
+            if self._offloaded() or self._inline(self._db.commit, ()) is _BUSY:
+                await self._wait(self._db.commit, (), lock=False)
         finally:
             self.release_if_done()
         if self._checkpointer is not None:
@@ -747,13 +754,13 @@ class Connection(AdaptedConnection):
     def release_if_done(self) -> None:
         if not self._db.in_transaction:
             self.write_begun = False
-            if self._holds_lock:
+            if self._held_lock is not None:
                 self._release()
 
     def _release(self) -> None:
-        if self._holds_lock:
-            self._holds_lock = False
-            _writer_lock(self._lock_key).release()
+        lock, self._held_lock = self._held_lock, None
+        if lock is not None:
+            lock.release()
 
     # -- DBAPI -----------------------------------------------------------------------------
 
@@ -771,7 +778,9 @@ class Connection(AdaptedConnection):
         starts the WAL again and cuts the file back (:meth:`WalCheckpointer.restart_due`)."""
         heavy, self.heavy = self.heavy, False
         checkpointer = self._checkpointer
-        restart = self._holds_lock and checkpointer is not None and checkpointer.restart_due()
+        restart = (
+            self._held_lock is not None and checkpointer is not None and checkpointer.restart_due()
+        )
         return self._offload_commit or heavy or restart
 
     def commit(self) -> None:

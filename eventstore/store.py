@@ -30,7 +30,15 @@ from eventstore.errors import (
     WrongExpectedVersion,
 )
 from eventstore.grouping import GroupQueue, Waiting, settle
-from eventstore.hashing import GENESIS, canonical_json, hash_tail, json_text, link_hash
+from eventstore.hashing import (
+    GENESIS,
+    canonical_json,
+    context_tail,
+    event_tail,
+    json_text,
+    link_hash,
+    recorded_at_text,
+)
 from eventstore.prepared import Deferred, deferring
 from eventstore.records import (
     ANY,
@@ -56,6 +64,7 @@ _EVENT_TYPE_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,199}")
 #: run of backslashes before it). The text ``\\u0000`` is a backslash, then "u0000".
 _NUL_ESCAPE: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 DEFAULT_MAX_EVENT_BYTES: Final = 1_000_000
+_NO_HEAD: Final = StreamHead(0, None)  # a stream with no event
 
 _EVENT_COLUMNS: Final = (
     events.c.position,
@@ -96,21 +105,17 @@ class _PendingAppend:
         self.context = context
         self.recorded_at = recorded_at
 
-    def hash_tail(self, event: NewEvent, data: str, meta: str, recorded_at: datetime) -> str:
-        """The hashed text of ``event`` after its version (:func:`hashing.hash_tail`)."""
+    def tails(self, recorded_at: str) -> list[str]:
+        """The hashed text of each event after its version (:func:`hashing.hash_tail`),
+        ``recorded_at`` as :func:`hashing.recorded_at_text` writes it."""
         ctx = self.context
-        return hash_tail(
-            event_id=str(event.event_id),
-            event_type=event.event_type,
-            schema_version=event.schema_version,
-            data_json=data,
-            metadata_json=meta,
-            actor_id=ctx.actor_id,
-            correlation_id=ctx.correlation_id,
-            causation_id=ctx.causation_id,
-            command_id=ctx.command_id,
-            recorded_at=recorded_at,
+        context = context_tail(
+            ctx.actor_id, ctx.correlation_id, ctx.causation_id, ctx.command_id, recorded_at
         )
+        return [
+            event_tail(str(e.event_id), e.event_type, e.schema_version, data, meta, context=context)
+            for e, data, meta in self.events
+        ]
 
 
 class UnitOfWork:
@@ -515,18 +520,22 @@ class EventStore:
             raise InvalidEventData(str(name), "event_type must be 1-200 letters, digits or _.:-")
         if not isinstance(event.schema_version, int) or not 1 <= event.schema_version <= 32767:
             raise InvalidEventData(name, "schema_version must be an int from 1 to 32767")
-        if not isinstance(event.data, Mapping) or not isinstance(event.metadata, Mapping):
+        data, meta = event.data, event.metadata
+        # A dict first: the ABC's isinstance costs ~0.2 us each.
+        if not (type(data) is dict or isinstance(data, Mapping)) or not (
+            type(meta) is dict or isinstance(meta, Mapping)
+        ):
             raise InvalidEventData(name, "data and metadata must be mappings")
         try:
-            data = canonical_json(event.data)
-            meta = canonical_json(event.metadata)
+            data_json = canonical_json(data)
+            meta_json = canonical_json(meta)
         except (TypeError, ValueError) as error:
             raise InvalidEventData(name, f"not JSON-serialisable: {error}") from error
-        if _has_nul(data) or _has_nul(meta):
+        if _has_nul(data_json) or _has_nul(meta_json):
             # PostgreSQL cannot store NUL in text or JSONB; refuse it on every backend.
             raise InvalidEventData(name, "strings must not contain NUL (\\u0000) characters")
         try:
-            size = len(data.encode()) + len(meta.encode())
+            size = len(data_json.encode()) + len(meta_json.encode())
         except UnicodeEncodeError as error:
             raise InvalidEventData(
                 name, "strings must be valid Unicode (a lone surrogate cannot be stored)"
@@ -535,7 +544,7 @@ class EventStore:
             raise InvalidEventData(
                 name, f"{size} bytes exceeds the limit of {self.max_event_bytes}"
             )
-        return event, data, meta
+        return event, data_json, meta_json
 
     async def write(
         self,
@@ -612,12 +621,13 @@ class EventStore:
         and its error returned in its place; otherwise that error is raised.
         """
         for stream_id, version in expected.items():
-            _check_expected(stream_id, version, heads.get(stream_id, StreamHead(0, None)).version)
+            _check_expected(stream_id, version, (heads.get(stream_id) or _NO_HEAD).version)
         now = self.now()
+        now_text = recorded_at_text(now)  # one stamp for the group, unless given
         rows: list[tuple[Any, ...]] = []
         results: list[AppendResult | WrongExpectedVersion] = []
         for p in pending:
-            head = heads.get(p.stream_id, StreamHead(0, None))
+            head = heads.get(p.stream_id) or _NO_HEAD
             try:
                 _check_expected(p.stream_id, p.expected, head.version)
             except WrongExpectedVersion as error:
@@ -627,13 +637,17 @@ class EventStore:
                 continue
             prev = head.hash or GENESIS
             ctx = p.context
-            stamp = p.recorded_at or now
+            if p.recorded_at is None:
+                stamp, tails = now, p.tails(now_text)
+            else:
+                stamp, tails = p.recorded_at, p.tails(recorded_at_text(p.recorded_at))
             stream_json = json_text(p.stream_id)
             first_position = position + 1
-            for offset, (ev, data, meta) in enumerate(p.events, start=1):
-                version = head.version + offset
+            version = head.version
+            for (ev, data, meta), tail in zip(p.events, tails, strict=True):
+                version += 1
                 position += 1
-                prev = link_hash(prev, stream_json, version, p.hash_tail(ev, data, meta, stamp))
+                prev = link_hash(prev, stream_json, version, tail)
                 rows.append(
                     (
                         position,

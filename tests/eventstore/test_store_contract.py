@@ -843,6 +843,23 @@ def test_uuid7_of_keeps_the_millisecond_on_top_and_marks_version_and_variant(
     assert made.int & kept == random_bits & kept
 
 
+@given(milliseconds=st.integers(0, 2**48 - 1), random_bits=st.integers(0, 2**80 - 1))
+def test_uuid7_of_is_the_uuid_of_its_integer_in_every_way(
+    milliseconds: int, random_bits: int
+) -> None:
+    made = uuid7_of(milliseconds, random_bits)
+    same = uuid.UUID(int=made.int)
+    assert type(made) is uuid.UUID
+    assert made == same and hash(made) == hash(same) and str(made) == str(same)
+    assert made.is_safe is same.is_safe
+    assert pickle.loads(pickle.dumps(made)) == same
+
+
+def test_uuid7_of_refuses_a_millisecond_beyond_48_bits() -> None:
+    with pytest.raises(ValueError, match="int is out of range"):
+        uuid7_of(2**48, 0)
+
+
 @pytest.mark.postgres
 async def test_a_refused_listen_closes_its_connection_and_leaves_readers_polling(
     postgres_engine, pg_schema, monkeypatch

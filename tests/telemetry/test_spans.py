@@ -393,6 +393,44 @@ async def test_requests_that_gave_up_waiting_for_the_pool_are_counted(pg_schema,
     assert exhausted.value == 2
 
 
+async def test_a_store_append_is_an_insert_span_and_records_its_duration(store, otel):
+    from eventstore import NewEvent
+
+    await store.append("audit-1", "audit", [NewEvent("Happened", {})])
+    (span,) = otel.named("INSERT events")
+    system = store.engine.dialect.name
+    assert span.attributes["db.system.name"] == system
+    assert span.attributes["db.collection.name"] == "events"
+    (point,) = otel.points("tiu.append.duration")
+    assert point.count == 1 and point.attributes["db.system.name"] == system
+
+
+async def test_without_a_tracer_a_store_append_still_records_its_duration(store):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from eventstore import NewEvent, telemetry
+
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    telemetry.configure(meter_provider=meter_provider)  # the global tracer: the API's no-op
+    try:
+        await store.append("audit-1", "audit", [NewEvent("Happened", {})])
+        data = reader.get_metrics_data()
+    finally:
+        telemetry.configure()
+        meter_provider.shutdown()
+    points = [
+        point
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "tiu.append.duration"
+        for point in metric.data.data_points
+    ]
+    assert [p.count for p in points] == [1]
+
+
 async def test_without_an_sdk_nothing_records_and_events_carry_no_trace(service):
     await register(service, "ada")
     async with service.engine.connect() as conn:
