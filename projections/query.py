@@ -319,7 +319,7 @@ def _like_to_glob(pattern: str) -> str:
 
 def _unknown_field(table: sa.Table, name: str, allowed: Collection[str]) -> InvalidFilter:
     return InvalidFilter(
-        f"unknown field {name!r} on table {table.name!r}; valid fields: {', '.join(allowed)}",
+        f"unknown field {_short(name)} on table {table.name!r}; valid fields: {', '.join(allowed)}",
         field=name,
     )
 
@@ -346,7 +346,7 @@ def _check_filter(table: sa.Table, f: Filter, allowed: Collection[str]) -> Filte
         raise _unknown_field(table, f.field, allowed)
     if f.op not in OPERATORS:
         raise InvalidFilter(
-            f"unknown operator {f.op!r} for field {f.field!r}; "
+            f"unknown operator {_short(f.op)} for field {f.field!r}; "
             f"valid operators: {', '.join(OPERATORS)}",
             field=f.field,
             operator=f.op,
@@ -730,7 +730,7 @@ class Query:
             col = _lookup(self.table, name, self.fields)
             if col is None:
                 raise InvalidOrdering(
-                    f"cannot order by unknown field {name!r} on table {self.table.name!r}; "
+                    f"cannot order by unknown field {_short(name)} on table {self.table.name!r}; "
                     f"valid fields: {', '.join(self.fields)} (prefix '-' for descending)",
                     field=name,
                 )

@@ -614,6 +614,22 @@ async def test_fields_restrict_what_filters_and_order_by_may_name(db: Db) -> Non
         Query(db.tasks, fields=["title", "nope"])
 
 
+async def test_an_unknown_name_of_any_size_is_refused_in_a_short_message_that_keeps_it(
+    db: Db,
+) -> None:
+    huge = "x" * 100_000
+    q = Query(db.tasks)
+    for filters, order_by, error in (
+        ({f"{huge}__eq": 1}, None, InvalidFilter),
+        ({f"title__{huge}": 1}, None, InvalidFilter),
+        (None, [huge], InvalidOrdering),
+    ):
+        with pytest.raises(error) as caught:
+            await q.list(db.conn, filters, order_by=order_by)
+        assert len(str(caught.value)) < 2_000
+        assert huge in (caught.value.field, caught.value.operator)
+
+
 # -- ordering, limit, offset ------------------------------------------------------------
 
 ORDERINGS = [
