@@ -243,3 +243,57 @@ async def test_items_put_back_by_the_writer_lead_the_next_group():
     queue: GroupQueue[int, int] = GroupQueue(write, max_group=64)
     assert await asyncio.gather(*(queue.submit(n) for n in range(5))) == [0, 1, 2, 3, 4]
     assert groups == [[0, 1, 2, 3, 4], [2, 3, 4], [4]]
+
+
+async def test_the_callers_of_a_group_are_answered_one_per_turn_of_the_loop():
+    """Callers woken together would run their next steps in one turn of the loop, every
+    other task waiting for all of them: a group's callers resume one per turn, in order."""
+    turns = 0
+    resumed: list[tuple[int, int]] = []
+
+    async def write(group: list[Waiting[int, int]]) -> None:
+        for item, future in group:  # no await: the whole group settled at once
+            future.set_result(item)
+
+    queue: GroupQueue[int, int] = GroupQueue(write, max_group=64)
+    done = False
+
+    async def other() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    async def caller(n: int) -> int:
+        result = await queue.submit(n)
+        resumed.append((n, turns))
+        return result
+
+    ticking = asyncio.ensure_future(other())
+    assert await asyncio.gather(*(caller(n) for n in range(5))) == [0, 1, 2, 3, 4]
+    done = True
+    await ticking
+    assert [n for n, _ in resumed] == [0, 1, 2, 3, 4]
+    assert len({turn for _, turn in resumed}) == 5  # each on a turn of its own
+
+
+async def test_a_caller_cancelled_before_its_answer_leaves_the_others_answered():
+    """A caller cancelled once its group is written, before its turn to be answered:
+    the others get their own outcomes, and the writer goes idle."""
+    gone: asyncio.Task[int] | None = None
+
+    async def write(group: list[Waiting[int, int]]) -> None:
+        for item, future in group:
+            future.set_result(item)
+        assert gone is not None
+        gone.cancel()
+
+    idled: list[int] = []
+    queue: GroupQueue[int, int] = GroupQueue(write, max_group=64, idle=lambda: idled.append(1))
+    tasks = [asyncio.ensure_future(queue.submit(n)) for n in range(4)]
+    gone = tasks[2]
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert outcomes[:2] == [0, 1] and outcomes[3] == 3
+    assert isinstance(outcomes[2], asyncio.CancelledError)
+    await queue.aclose()
+    assert idled == [1] and not queue.busy
