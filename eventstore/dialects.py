@@ -981,13 +981,13 @@ def _append_arguments(store: EventStore, pending: list[_PendingAppend]) -> tuple
         causations.append(ctx.causation_id)
         commands.append(ctx.command_id)
         stamps.append(stamp)
-        for event, data, meta in p.events:
+        for index, (event, data, meta) in enumerate(p.events):
             event_ids.append(str(event.event_id))
             event_types.append(event.event_type)
             schema_versions.append(event.schema_version)
             datas.append(data)
             metadatas.append(meta)
-            tails.append(p.hash_tail(event, data, meta, stamp))
+            tails.append(p.tail(index, stamp))
     return (
         stream_ids, categories, expected, counts, stream_jsons,
         actors, correlations, causations, commands, stamps,

@@ -77,7 +77,7 @@ _EVENT_COLUMNS: Final = (
 
 
 class _PendingAppend:
-    __slots__ = ("category", "context", "events", "expected", "recorded_at", "stream_id")
+    __slots__ = ("category", "context", "events", "expected", "recorded_at", "stream_id", "tails")
 
     def __init__(
         self,
@@ -95,6 +95,15 @@ class _PendingAppend:
         self.expected = expected
         self.context = context
         self.recorded_at = recorded_at
+        #: Each event's :meth:`hash_tail`, where worked out ahead (for ``recorded_at``).
+        self.tails: list[str] | None = None
+
+    def tail(self, index: int, recorded_at: datetime) -> str:
+        """The hash tail of the ``index``-th event, stamped ``recorded_at``."""
+        if self.tails is not None and recorded_at == self.recorded_at:
+            return self.tails[index]
+        event, data, meta = self.events[index]
+        return self.hash_tail(event, data, meta, recorded_at)
 
     def hash_tail(self, event: NewEvent, data: str, meta: str, recorded_at: datetime) -> str:
         """The hashed text of ``event`` after its version (:func:`hashing.hash_tail`)."""
@@ -111,6 +120,10 @@ class _PendingAppend:
             command_id=ctx.command_id,
             recorded_at=recorded_at,
         )
+
+
+#: An append made ready ahead of its transaction (:meth:`EventStore.encode_append`).
+EncodedAppend = _PendingAppend
 
 
 class UnitOfWork:
@@ -208,6 +221,17 @@ class UnitOfWork:
             if recorded_at.tzinfo is None:
                 raise InvalidEventData("(any)", "recorded_at must be timezone-aware")
             pending.recorded_at = recorded_at
+        self._pending.append(pending)
+
+    def append_encoded(self, pending: _PendingAppend, expected_version: ExpectedVersion) -> None:
+        """:meth:`append` of what :meth:`EventStore.encode_append` made ahead, outside
+        this transaction (its write lock): the events' JSON and hash tails."""
+        if isinstance(expected_version, bool) or not (
+            (isinstance(expected_version, int) and expected_version >= 0)
+            or expected_version in (ANY, NO_STREAM, STREAM_EXISTS)
+        ):
+            raise InvalidExpectedVersion(expected_version)
+        pending.expected = expected_version
         self._pending.append(pending)
 
     def mark(self) -> tuple[int, dict[str, int], int]:
@@ -504,6 +528,23 @@ class EventStore:
         encoded = [self._encode(e) for e in new_events]
         return _PendingAppend(stream_id, category, encoded, expected, context)
 
+    def encode_append(
+        self,
+        stream_id: str,
+        category: str,
+        new_events: Sequence[NewEvent],
+        context: EventContext,
+        recorded_at: datetime,
+    ) -> _PendingAppend:
+        """An append validated and encoded ahead of its transaction (JSON, hash tails),
+        for :meth:`UnitOfWork.append_encoded`: work that then needs no write lock."""
+        if recorded_at.tzinfo is None:
+            raise InvalidEventData("(any)", "recorded_at must be timezone-aware")
+        pending = self.validate_append(stream_id, category, new_events, ANY, context)
+        pending.recorded_at = recorded_at
+        pending.tails = [pending.hash_tail(*encoded, recorded_at) for encoded in pending.events]
+        return pending
+
     def _encode(self, event: NewEvent) -> tuple[NewEvent, str, str]:
         name = event.event_type
         if not isinstance(name, str) or not _EVENT_TYPE_RE.fullmatch(name):
@@ -628,7 +669,7 @@ class EventStore:
             for offset, (ev, data, meta) in enumerate(p.events, start=1):
                 version = head.version + offset
                 position += 1
-                prev = link_hash(prev, stream_json, version, p.hash_tail(ev, data, meta, stamp))
+                prev = link_hash(prev, stream_json, version, p.tail(offset - 1, stamp))
                 rows.append(
                     (
                         position,
@@ -864,6 +905,7 @@ def _check_expected(stream_id: str, expected: ExpectedVersion, actual: int) -> N
 
 __all__ = [
     "BeforeCommitHook",
+    "EncodedAppend",
     "EventStore",
     "FaultHook",
     "KeyAlreadyClaimed",
