@@ -823,7 +823,7 @@ class Dispatcher:
             _event_context(command, ctx),
             ctx.now,
         )
-        return replace(decision, encoded=encoded)
+        return Decision(command, ctx, target, decision.streams, decision.events, encoded=encoded)
 
     # -- stage two: write ---------------------------------------------------------------
 
