@@ -84,7 +84,8 @@ class GroupQueue(Generic[Item, Result]):
         except asyncio.CancelledError:
             self._queue = [w for w in self._queue if w[1] is not outcome]  # if not yet taken
             self._answers.pop(outcome, None)
-            outcome.cancel()  # the writer sees a caller gone: a done future
+            if not outcome.cancel() and not outcome.cancelled():
+                outcome.exception()  # settled before its turn: retrieved, not logged
             raise
 
     async def _write_all(self) -> None:
