@@ -987,7 +987,7 @@ def _append_arguments(store: EventStore, pending: list[_PendingAppend]) -> tuple
     event_ids, event_types, schema_versions, datas, metadatas, tails = [], [], [], [], [], []
     for p in pending:
         ctx = p.context
-        stamp = p.recorded_at or now
+        stamp, event_tails = p.stamped(now, now_text)
         stream_ids.append(p.stream_id)
         categories.append(p.category)
         expected.append(_PG_EXPECTED.get(p.expected, p.expected))
@@ -998,7 +998,7 @@ def _append_arguments(store: EventStore, pending: list[_PendingAppend]) -> tuple
         causations.append(ctx.causation_id)
         commands.append(ctx.command_id)
         stamps.append(stamp)
-        tails.extend(p.tails(now_text if p.recorded_at is None else recorded_at_text(stamp)))
+        tails.extend(event_tails)
         for event, data, meta in p.events:
             event_ids.append(str(event.event_id))
             event_types.append(event.event_type)

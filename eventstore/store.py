@@ -86,7 +86,15 @@ _EVENT_COLUMNS: Final = (
 
 
 class _PendingAppend:
-    __slots__ = ("category", "context", "events", "expected", "recorded_at", "stream_id")
+    __slots__ = (
+        "category",
+        "context",
+        "events",
+        "expected",
+        "recorded_at",
+        "stream_id",
+        "tails_ahead",
+    )
 
     def __init__(
         self,
@@ -104,6 +112,9 @@ class _PendingAppend:
         self.expected = expected
         self.context = context
         self.recorded_at = recorded_at
+        #: :meth:`tails` for ``recorded_at``, worked out ahead of the transaction
+        #: (:meth:`EventStore.encode_append`).
+        self.tails_ahead: list[str] | None = None
 
     def tails(self, recorded_at: str) -> list[str]:
         """The hashed text of each event after its version (:func:`hashing.hash_tail`),
@@ -116,6 +127,19 @@ class _PendingAppend:
             event_tail(str(e.event_id), e.event_type, e.schema_version, data, meta, context=context)
             for e, data, meta in self.events
         ]
+
+    def stamped(self, now: datetime, now_text: str) -> tuple[datetime, list[str]]:
+        """The stamp of this append's events (``recorded_at`` if given, else the
+        group's ``now``) and their hash tails."""
+        if self.recorded_at is None:
+            return now, self.tails(now_text)
+        if self.tails_ahead is not None:
+            return self.recorded_at, self.tails_ahead
+        return self.recorded_at, self.tails(recorded_at_text(self.recorded_at))
+
+
+#: An append made ready ahead of its transaction (:meth:`EventStore.encode_append`).
+EncodedAppend = _PendingAppend
 
 
 class UnitOfWork:
@@ -213,6 +237,17 @@ class UnitOfWork:
             if recorded_at.tzinfo is None:
                 raise InvalidEventData("(any)", "recorded_at must be timezone-aware")
             pending.recorded_at = recorded_at
+        self._pending.append(pending)
+
+    def append_encoded(self, pending: _PendingAppend, expected_version: ExpectedVersion) -> None:
+        """:meth:`append` of what :meth:`EventStore.encode_append` made ahead, outside
+        this transaction (its write lock): the events' JSON and hash tails."""
+        if isinstance(expected_version, bool) or not (
+            (isinstance(expected_version, int) and expected_version >= 0)
+            or expected_version in (ANY, NO_STREAM, STREAM_EXISTS)
+        ):
+            raise InvalidExpectedVersion(expected_version)
+        pending.expected = expected_version
         self._pending.append(pending)
 
     def mark(self) -> tuple[int, dict[str, int], int]:
@@ -514,6 +549,23 @@ class EventStore:
         encoded = [self._encode(e) for e in new_events]
         return _PendingAppend(stream_id, category, encoded, expected, context)
 
+    def encode_append(
+        self,
+        stream_id: str,
+        category: str,
+        new_events: Sequence[NewEvent],
+        context: EventContext,
+        recorded_at: datetime,
+    ) -> _PendingAppend:
+        """An append validated and encoded ahead of its transaction (JSON, hash tails),
+        for :meth:`UnitOfWork.append_encoded`: work that then needs no write lock."""
+        if recorded_at.tzinfo is None:
+            raise InvalidEventData("(any)", "recorded_at must be timezone-aware")
+        pending = self.validate_append(stream_id, category, new_events, ANY, context)
+        pending.recorded_at = recorded_at
+        pending.tails_ahead = pending.tails(recorded_at_text(recorded_at))
+        return pending
+
     def _encode(self, event: NewEvent) -> tuple[NewEvent, str, str]:
         name = event.event_type
         if not isinstance(name, str) or not _EVENT_TYPE_RE.fullmatch(name):
@@ -637,10 +689,7 @@ class EventStore:
                 continue
             prev = head.hash or GENESIS
             ctx = p.context
-            if p.recorded_at is None:
-                stamp, tails = now, p.tails(now_text)
-            else:
-                stamp, tails = p.recorded_at, p.tails(recorded_at_text(p.recorded_at))
+            stamp, tails = p.stamped(now, now_text)
             stream_json = json_text(p.stream_id)
             first_position = position + 1
             version = head.version
@@ -883,6 +932,7 @@ def _check_expected(stream_id: str, expected: ExpectedVersion, actual: int) -> N
 
 __all__ = [
     "BeforeCommitHook",
+    "EncodedAppend",
     "EventStore",
     "FaultHook",
     "KeyAlreadyClaimed",

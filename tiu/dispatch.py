@@ -62,10 +62,10 @@ from eventstore.errors import (
 )
 from eventstore.grouping import GroupQueue, Waiting, settle, until_done
 from eventstore.prepared import execute
-from eventstore.records import AppendResult, EventContext, NewEvent
+from eventstore.records import ANY, AppendResult, EventContext, ExpectedVersion, NewEvent
 from eventstore.schema import events as events_table
 from eventstore.schema import processed_commands, snapshots, unique_keys
-from eventstore.store import EventStore, UnitOfWork
+from eventstore.store import EncodedAppend, EventStore, UnitOfWork
 from eventstore.translate import translate_errors
 from projections.errors import InlineProjectionBehind, ProjectionFailed
 from projections.projector import Envelope
@@ -156,6 +156,9 @@ class Decision:
     events: tuple[Event, ...] = ()
     error: DomainError | None = None
     previous: CommandResult | None = None
+    #: ``events`` validated and encoded for the log ahead of the write transaction
+    #: (:meth:`Dispatcher.encode_ahead`), where they hold no personal field.
+    encoded: EncodedAppend | None = None
 
 
 class WriteLockTimes:
@@ -413,7 +416,12 @@ class CommandUnit:
             raise decision.error
         target = decision.target
         return await self.record(
-            decision.command, decision.ctx, target.decider, target.stream_id, decision.events
+            decision.command,
+            decision.ctx,
+            target.decider,
+            target.stream_id,
+            decision.events,
+            encoded=decision.encoded,
         )
 
     def redecide(self, decision: Decision) -> Decision:
@@ -434,15 +442,20 @@ class CommandUnit:
         new_events: Sequence[Event],
         *,
         outcome: dict[str, Any] | None = None,
+        encoded: EncodedAppend | None = None,
     ) -> CommandResult:
-        """Fold, project and buffer ``new_events`` for ``stream_id``."""
+        """Fold, project and buffer ``new_events`` for ``stream_id`` (``encoded``: as
+        :meth:`Dispatcher.encode_ahead` encoded them)."""
         await self.begin()
         self._writing = True
         loaded = await self.load(decider, stream_id)
         base = loaded.version
         events = tuple(new_events)
         if events:
-            stored = [await self.encode(e, command) for e in new_events]
+            if encoded is not None:
+                stored = [event for event, _, _ in encoded.events]
+            else:
+                stored = [await self.encode(e, command) for e in new_events]
             for event in new_events:
                 for claim in claims(event):
                     if claim.release:
@@ -463,14 +476,20 @@ class CommandUnit:
             if self.dispatcher.inline is not None:
                 with telemetry.write_stage("project", self.conn):
                     await self.dispatcher.inline.apply(self.conn, envelopes)
-            self.uow.append(
-                stream_id,
-                decider.category,
-                stored,
-                loaded.loaded_version if stream_id not in self._appended else "any",
-                context=_event_context(command, ctx),
-                recorded_at=ctx.now,
+            expected: ExpectedVersion = (
+                loaded.loaded_version if stream_id not in self._appended else ANY
             )
+            if encoded is not None:
+                self.uow.append_encoded(encoded, expected)
+            else:
+                self.uow.append(
+                    stream_id,
+                    decider.category,
+                    stored,
+                    expected,
+                    context=_event_context(command, ctx),
+                    recorded_at=ctx.now,
+                )
             self._appended.add(stream_id)
             await self.dispatcher.maybe_snapshot(self.conn, stream_id, loaded)
         result = CommandResult(command.command_id, stream_id, events, loaded.version)
@@ -733,7 +752,7 @@ class Dispatcher:
         while True:
             try:
                 with telemetry.step("tiu.decide", command):
-                    return self.decide(command, ctx, target, read)
+                    return self.encode_ahead(self.decide(command, ctx, target, read))
             except DomainError:
                 # Raised here, the refusal meets no version check (what is weak in a
                 # password depends on the user's state): one decided on kept states
@@ -788,6 +807,23 @@ class Dispatcher:
                 raise
             return Decision(command, ctx, target, streams, error=error)
         return Decision(command, ctx, target, streams, tuple(events))
+
+    def encode_ahead(self, decision: Decision) -> Decision:
+        """``decision`` with its events encoded for the log (JSON, hash tails) now, in
+        the caller's task: in a write transaction that work would hold the write lock
+        (and, on SQLite, the loop in the group's writer). Events with personal fields
+        are sealed with their subject's key in the transaction, as before."""
+        if not decision.events or any(e.personal_fields for e in decision.events):
+            return decision
+        command, ctx, target = decision.command, decision.ctx, decision.target
+        encoded = self.store.encode_append(
+            target.stream_id,
+            target.decider.category,
+            [_to_new_event(e, command) for e in decision.events],
+            _event_context(command, ctx),
+            ctx.now,
+        )
+        return Decision(command, ctx, target, decision.streams, decision.events, encoded=encoded)
 
     # -- stage two: write ---------------------------------------------------------------
 

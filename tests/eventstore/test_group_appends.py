@@ -4,6 +4,7 @@ caller's append is lost or refused because of another caller's."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -17,7 +18,7 @@ from eventstore import (
     WrongExpectedVersion,
     verify,
 )
-from eventstore.grouping import GroupQueue, Waiting
+from eventstore.grouping import ANSWER_SLICE, GroupQueue, Waiting
 
 
 def ev(n: int = 0, event_id: uuid.UUID | None = None) -> NewEvent:
@@ -243,3 +244,76 @@ async def test_items_put_back_by_the_writer_lead_the_next_group():
     queue: GroupQueue[int, int] = GroupQueue(write, max_group=64)
     assert await asyncio.gather(*(queue.submit(n) for n in range(5))) == [0, 1, 2, 3, 4]
     assert groups == [[0, 1, 2, 3, 4], [2, 3, 4], [4]]
+
+
+async def _answered_turns(callers: int, step_cpu: float) -> list[tuple[int, int]]:
+    """(caller, turn of the loop it resumed in) for ``callers`` written in one group,
+    each running ``step_cpu`` seconds of CPU once resumed."""
+    turns = 0
+    resumed: list[tuple[int, int]] = []
+
+    async def write(group: list[Waiting[int, int]]) -> None:
+        for item, future in group:  # no await: the whole group settled at once
+            future.set_result(item)
+
+    queue: GroupQueue[int, int] = GroupQueue(write, max_group=64)
+    done = False
+
+    async def other() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    async def caller(n: int) -> int:
+        result = await queue.submit(n)
+        resumed.append((n, turns))
+        end = time.thread_time() + step_cpu
+        while time.thread_time() < end:  # its next step: work on the loop
+            pass
+        return result
+
+    ticking = asyncio.ensure_future(other())
+    assert await asyncio.gather(*(caller(n) for n in range(callers))) == list(range(callers))
+    done = True
+    await ticking
+    return resumed
+
+
+async def test_callers_with_a_long_next_step_are_woken_one_per_turn_of_the_loop():
+    """Woken together, a group's callers would run their next steps in one turn of the
+    loop, every other task waiting for all of them: callers whose steps are long
+    resume one per turn, in order."""
+    resumed = await _answered_turns(5, step_cpu=2 * ANSWER_SLICE)
+    assert [n for n, _ in resumed] == [0, 1, 2, 3, 4]
+    assert len({turn for _, turn in resumed}) == 5  # each on a turn of its own
+
+
+async def test_callers_with_a_short_next_step_are_woken_several_per_turn():
+    """Callers whose steps are short (a loop of appends) are not given a turn of the
+    loop each: how many resume per turn grows while the turns stay short."""
+    resumed = await _answered_turns(16, step_cpu=0)
+    assert [n for n, _ in resumed] == list(range(16))
+    assert len({turn for _, turn in resumed}) < 16
+
+
+async def test_a_caller_cancelled_before_its_answer_leaves_the_others_answered():
+    """A caller cancelled once its group is written, before its turn to be answered:
+    the others get their own outcomes, and the writer goes idle."""
+    gone: asyncio.Task[int] | None = None
+
+    async def write(group: list[Waiting[int, int]]) -> None:
+        for item, future in group:
+            future.set_result(item)
+        assert gone is not None
+        gone.cancel()
+
+    idled: list[int] = []
+    queue: GroupQueue[int, int] = GroupQueue(write, max_group=64, idle=lambda: idled.append(1))
+    tasks = [asyncio.ensure_future(queue.submit(n)) for n in range(4)]
+    gone = tasks[2]
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert outcomes[:2] == [0, 1] and outcomes[3] == 3
+    assert isinstance(outcomes[2], asyncio.CancelledError)
+    await queue.aclose()
+    assert idled == [1] and not queue.busy

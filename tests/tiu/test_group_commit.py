@@ -19,7 +19,7 @@ from domain import (
 )
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
-from eventstore import EventStore
+from eventstore import EventStore, verify
 from eventstore import store as store_module
 from eventstore.schema import events
 from tests.conftest import PASSWORD
@@ -221,6 +221,48 @@ async def test_a_caller_sending_commands_one_after_another_checks_out_no_connect
         assert len(checkouts) <= 1
     else:  # PostgreSQL's throttled NOTIFY checks out a connection of its own now and then
         assert len(checkouts) < 30
+
+
+async def test_events_without_personal_data_are_encoded_before_the_write_transaction(
+    service, monkeypatch
+):
+    """A command's events are encoded for the log (JSON, hash tails) when it is prepared,
+    in its caller's task: the write transaction, which holds the write lock (and, on
+    SQLite, the loop), only stores them; the log they make verifies."""
+    encoded_in: list[bool] = []  # whether in a task whose write transaction is open
+    writing: set[asyncio.Task[object] | None] = set()
+    dialect = type(service.store.dialect)
+    begin_write, commit = dialect.begin_write, dialect.commit
+    original = store_module.hash_tail
+
+    async def begin(self, conn):
+        await begin_write(self, conn)
+        writing.add(asyncio.current_task())
+
+    async def end(self, conn):
+        await commit(self, conn)
+        writing.discard(asyncio.current_task())
+
+    def hash_tail(*args, **kwargs):
+        encoded_in.append(asyncio.current_task() in writing)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dialect, "begin_write", begin)
+    monkeypatch.setattr(dialect, "commit", end)
+    monkeypatch.setattr(store_module, "hash_tail", hash_tail)
+    ctx = service.context(SYSTEM_ACTOR)
+    await service.dispatch(projects.CreateProject(project_id="p", name="Ahead"), ctx)
+    await asyncio.gather(
+        *(
+            service.dispatch(tasks.CreateTask(task_id=f"a{n}", project_id="p", title=f"A{n}"), ctx)
+            for n in range(8)
+        )
+    )
+    assert len(encoded_in) == 9
+    assert not any(encoded_in)
+    async with service.engine.connect() as conn:
+        report = await verify(conn)
+    assert report.ok, report
 
 
 async def test_callers_are_answered_even_if_the_group_leader_is_cancelled(service):
