@@ -233,7 +233,7 @@ async def test_events_without_personal_data_are_encoded_before_the_write_transac
     writing: set[asyncio.Task[object] | None] = set()
     dialect = type(service.store.dialect)
     begin_write, commit = dialect.begin_write, dialect.commit
-    original = store_module.hash_tail
+    original = store_module.event_tail
 
     async def begin(self, conn):
         await begin_write(self, conn)
@@ -243,13 +243,13 @@ async def test_events_without_personal_data_are_encoded_before_the_write_transac
         await commit(self, conn)
         writing.discard(asyncio.current_task())
 
-    def hash_tail(*args, **kwargs):
+    def event_tail(*args, **kwargs):
         encoded_in.append(asyncio.current_task() in writing)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(dialect, "begin_write", begin)
     monkeypatch.setattr(dialect, "commit", end)
-    monkeypatch.setattr(store_module, "hash_tail", hash_tail)
+    monkeypatch.setattr(store_module, "event_tail", event_tail)
     ctx = service.context(SYSTEM_ACTOR)
     await service.dispatch(projects.CreateProject(project_id="p", name="Ahead"), ctx)
     await asyncio.gather(
