@@ -487,13 +487,20 @@ async def command(command: Any, ctx: Any, work: Awaitable[R]) -> R:
             state.instruments.command_duration.record(time.perf_counter() - started, labels)
 
 
+def dispatch_record() -> object:
+    """What a group writer needs to credit the dispatch running in this context (its
+    span), taken by the caller when it queues: the same command object may be in two
+    dispatches at once, so the writer cannot find the span by the command."""
+    return _current_command.get()
+
+
 def traced_group(
-    write: Callable[[list[Any]], Awaitable[None]], key: Callable[[Any], object]
+    write: Callable[[list[Any]], Awaitable[None]], record: Callable[[Any], object]
 ) -> Callable[[list[Any]], Awaitable[None]]:
     """Wrap a group committer's ``write``: the group's transaction runs in the context
     of its first command's span (each command's own stages find their own span, see
     :func:`step`), and every command's span is told the group's size and the write's
-    stage durations."""
+    stage durations. ``record(item)``: the item's :func:`dispatch_record`."""
 
     async def traced(group: list[Any]) -> None:
         state = _state
@@ -504,8 +511,8 @@ def traced_group(
         written_token = _group_written.set(written)
         owners = []
         for item, _ in group:
-            owner = _open_commands.get(id(key(item)))
-            if owner is not None and owner not in owners:
+            owner = record(item)
+            if isinstance(owner, _Command) and owner not in owners:
                 owner.timings["tiu.command.group_size"] = len(group)
                 owners.append(owner)
         try:
@@ -526,19 +533,19 @@ def traced_group(
     return traced
 
 
-def leave_group(commands: Sequence[object]) -> None:
-    """From a group writer: ``commands`` leave the group being written (put back to
-    lead the next group); its transaction and its size are not theirs."""
+def leave_group(records: Sequence[object]) -> None:
+    """From a group writer: the dispatches of ``records`` (:func:`dispatch_record`)
+    leave the group being written (put back to lead the next group); its transaction
+    and its size are not theirs."""
     written = _group_written.get()
     if written is None:
         return
-    written[0] -= len(commands)
+    written[0] -= len(records)
     owners = _group.get()
     if owners is None:
         return
-    for command in commands:
-        owner = _open_commands.get(id(command))
-        if owner is not None and owner in owners:
+    for owner in records:
+        if owner in owners:
             owners.remove(owner)
     for owner in owners:
         owner.timings["tiu.command.group_size"] = written[0]
@@ -1096,6 +1103,7 @@ __all__ = [
     "configure",
     "configure_logging",
     "correlation_id",
+    "dispatch_record",
     "leave_group",
     "links_of",
     "note",

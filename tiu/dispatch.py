@@ -1268,7 +1268,7 @@ class GroupCommitter:
         # append: there is nothing to bound.
         self.budget = None if dispatcher.store.dialect.round_trips else budget
         self._queue: GroupQueue[_Queued, CommandResult] = GroupQueue(
-            telemetry.traced_group(self._write, _queued_command), max_group, idle=self._idle
+            telemetry.traced_group(self._write, _queued_record), max_group, idle=self._idle
         )
         # Connections callers prepared on, kept for the next caller while the writer
         # runs (a burst), given back to the pool when it goes idle: a checkout and
@@ -1391,7 +1391,7 @@ class GroupCommitter:
                     assert decision is not None
                     if index and self._spent(started):
                         self._queue.put_back(group[index:])
-                        telemetry.leave_group([_queued_command(q) for q, _ in group[index:]])
+                        telemetry.leave_group([q.telemetry for q, _ in group[index:]])
                         group, decisions = group[:index], decisions[:index]
                         break
                     try:
@@ -1438,11 +1438,13 @@ class _Queued:
     while the writer has not taken it (kept only when the queue was idle: a likely
     group of one then writes on it, saving a checkout)."""
 
-    __slots__ = ("conn", "decision")
+    __slots__ = ("conn", "decision", "telemetry")
 
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn: AsyncConnection | None = conn
         self.decision: Decision | None = None
+        #: The caller's dispatch, for the writer's telemetry to credit.
+        self.telemetry = telemetry.dispatch_record()
 
     def take(self) -> AsyncConnection | None:
         conn, self.conn = self.conn, None
@@ -1454,6 +1456,5 @@ class _Queued:
             await conn.close()
 
 
-def _queued_command(queued: _Queued) -> Command | None:
-    """The command a queued decision is for (telemetry finds its span by it)."""
-    return queued.decision.command if queued.decision is not None else None
+def _queued_record(queued: _Queued) -> object:
+    return queued.telemetry

@@ -202,6 +202,37 @@ async def test_one_command_object_dispatched_twice_at_once_keeps_each_span_its_o
     assert parent.split("-")[2] == f"{wrote.context.span_id:016x}"
 
 
+async def test_the_dispatch_that_writes_is_credited_though_one_of_the_same_object_began_first(
+    service, otel, monkeypatch
+):
+    # The first dispatch of the object opens its span, then waits in its preparation;
+    # the second writes, the first then finds the command done (a duplicate). The
+    # group writer must credit the second's span with the write, not the first's.
+    await register(service, "ada")
+    otel.spans.clear()
+    command = create_project("p-late", "ada")
+    prepare = service.dispatcher.prepare
+    first_waits, go_on = asyncio.Event(), asyncio.Event()
+
+    async def prepare_the_first_late(*args, **kwargs):
+        if not first_waits.is_set():
+            first_waits.set()
+            await go_on.wait()
+        return await prepare(*args, **kwargs)
+
+    monkeypatch.setattr(service.dispatcher, "prepare", prepare_the_first_late)
+    first = asyncio.create_task(service.dispatcher.dispatch(command, ctx(service, "ada")))
+    await first_waits.wait()
+    await service.dispatcher.dispatch(command, ctx(service, "ada"))
+    go_on.set()
+    await first
+    spans = otel.named("tiu.command CreateProject")
+    (wrote,) = [s for s in spans if s.attributes["tiu.command.outcome"] == "ok"]
+    (late,) = [s for s in spans if s.attributes["tiu.command.outcome"] == "duplicate"]
+    assert wrote.attributes["tiu.duration.write"] > 0
+    assert "tiu.duration.write" not in late.attributes
+
+
 async def test_repository_and_audit_queries_are_database_client_spans(service, otel):
     await register(service, "ada")
     async with service.get_repositories(actor_id="ada") as repos:
