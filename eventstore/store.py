@@ -413,6 +413,13 @@ class EventStore:
         unless ``keep_open``: then, if the block succeeds, it is left open and out of
         any transaction for the caller to close (after an error it is closed).
         """
+        if not self.dialect.round_trips:
+            # The inline SQLite driver never suspends: one turn of the loop before each
+            # write transaction, or a loop of them (an import) would keep every other
+            # task waiting, the WAL's checkpoint included. Before, not after: cancelled
+            # there, nothing has begun (after its COMMIT, a cancellation would skip
+            # what follows a transaction that committed).
+            await asyncio.sleep(0)
         if conn is None:
             with translate_errors(self.dialect.database_label):
                 conn = await self.engine.connect()
@@ -440,11 +447,6 @@ class EventStore:
                     await self.dialect.commit(conn)
                 if uow.locked_at is not None:
                     uow.lock_held = perf_counter() - uow.locked_at
-                if not self.dialect.round_trips:
-                    # The inline SQLite driver never suspends: one turn of the loop after
-                    # each write transaction, or a loop of them (an import) would keep
-                    # every other task waiting, the WAL's checkpoint included.
-                    await asyncio.sleep(0)
             if keep_open:
                 if conn.in_transaction():  # what a block that wrote nothing read
                     with translate_errors(self.dialect.database_label):

@@ -130,6 +130,26 @@ async def test_a_writer_that_never_pauses_still_lets_the_wal_start_over(db_path)
         await store.engine.dispose()
 
 
+async def test_a_cancellation_requested_in_a_unit_of_work_leaves_its_end_whole(db_path):
+    # The turn of the loop a SQLite unit of work takes comes before it begins: a
+    # cancellation requested in the block reaches its caller only once the COMMIT and
+    # what follows it are done (the head that readers in this process wait on).
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    try:
+
+        async def unit() -> None:
+            async with store.transaction() as uow:
+                uow.append("item-1", "item", [NewEvent("Noted", {"n": 1})])
+                asyncio.current_task().cancel()  # type: ignore[union-attr]
+
+        task = asyncio.create_task(unit())
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert store.dialect.known_head == 1
+    finally:
+        await store.engine.dispose()
+
+
 async def test_a_failing_background_checkpoint_does_not_fail_commands(db_path, monkeypatch, caplog):
     store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
     connect = sqlite3.connect
