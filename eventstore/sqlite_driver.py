@@ -171,12 +171,16 @@ WAL_SIZE_LIMIT: Final = 2**20
 #: A checkpoint's rounds without a lock go on until one copied at most this many frames
 #: and left at most this many uncopied (a reader's snapshot keeps frames from being
 #: copied); the last round, which holds this process's writers back, then has about as
-#: many to copy. Past :data:`FREE_ROUNDS` rounds, if the last one still copied frames
-#: (this process's writers outran it), the last round runs anyway, however many frames
-#: it has to copy; if it copied none (a reader's snapshot), the checkpoint ends without
-#: it, and the next one tries again.
+#: many to copy. Past :data:`FREE_ROUNDS` rounds that each still copied frames (this
+#: process's writers outran them), the last round runs once one leaves at most
+#: :data:`HELD_ROUND_FRAMES`; a round that copied none (a reader's snapshot) ends the
+#: checkpoint without it, and the next one tries again.
 CATCH_UP_FRAMES: Final = 1024
 FREE_ROUNDS: Final = 4
+#: The most frames the round that holds writers back may be left to copy (64 MiB of
+#: 4 KiB pages): its copy and fsync, which this process's writers wait for, stay well
+#: within their busy timeout on a slow disk too.
+HELD_ROUND_FRAMES: Final = 16 * CATCH_UP_FRAMES
 #: Database files (real paths) a checkpointer of this process is checkpointing now: at
 #: most one checkpoint at a time per file, whichever engine started it.
 _CHECKPOINTING: set[str] = set()
@@ -210,8 +214,8 @@ class WalCheckpointer:
     not queue there): it copies the few frames committed since, and the next writer
     starts the WAL again. If :data:`FREE_ROUNDS` rounds did not catch up but each still
     copied frames, this process's writers outran them (transactions of many frames),
-    and that last round runs anyway: writers wait for its copy rather than the WAL
-    growing for as long as they write. While a reader's snapshot keeps frames from being
+    and that last round runs once a round leaves at most :data:`HELD_ROUND_FRAMES`:
+    writers wait for its copy rather than the WAL growing for as long as they write. While a reader's snapshot keeps frames from being
     copied, no round takes that lock (it could not catch up). No round
     takes SQLite's write lock (``FULL``, ``RESTART`` or ``TRUNCATE`` would: a
     transaction that read and then writes fails at once with "database is locked"
@@ -292,23 +296,24 @@ class WalCheckpointer:
 
     async def _checkpoint(self) -> None:
         try:
-            copied = -1
-            for _ in range(FREE_ROUNDS):
+            copied, rounds = -1, 0
+            while True:
                 row = await self._round()
                 if row is None or row[0]:
                     return  # closed, or another process is checkpointing
                 _, frames, backfilled = row
-                if (
-                    backfilled - copied <= CATCH_UP_FRAMES
-                    and frames - backfilled <= CATCH_UP_FRAMES
-                ):
+                rounds += 1
+                left = frames - backfilled
+                if backfilled - copied <= CATCH_UP_FRAMES and left <= CATCH_UP_FRAMES:
                     break
                 if backfilled == copied:
                     return  # a reader's snapshot holds the rest: the next one tries
+                # Writers outran the rounds: without holding them back a writer that
+                # never pauses (an import in transactions of many events) grew the WAL
+                # without bound, 859 MiB for 100,000 events.
+                if rounds >= FREE_ROUNDS and left <= HELD_ROUND_FRAMES:
+                    break
                 copied = backfilled
-            # Also when writers kept it from catching up: without this round a writer
-            # that never pauses (an import in transactions of many events) grew the WAL
-            # without bound, 859 MiB for 100,000 events, instead of holding back a moment.
             async with _writer_lock(self.path):
                 await self._round()
         except Exception as error:  # nobody awaits this task: log it
