@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
@@ -214,7 +214,11 @@ def hash_tail(
 
 
 def recorded_at_text(recorded_at: datetime) -> str:
-    """``recorded_at`` as the hashed text holds it."""
+    """``recorded_at`` as the hashed text holds it: in UTC, as the log stores it and
+    verification reads it back (hashed with another offset, a stamp from a caller's
+    clock would never verify). Verification passes the stored text itself."""
+    if isinstance(recorded_at, datetime) and recorded_at.utcoffset():
+        recorded_at = recorded_at.astimezone(UTC)
     return recorded_at.isoformat(timespec="microseconds")
 
 

@@ -215,8 +215,9 @@ class WalCheckpointer:
     starts the WAL again. If :data:`FREE_ROUNDS` rounds did not catch up but each still
     copied frames, this process's writers outran them (transactions of many frames),
     and that last round runs once a round leaves at most :data:`HELD_ROUND_FRAMES`:
-    writers wait for its copy rather than the WAL growing for as long as they write. While a reader's snapshot keeps frames from being
-    copied, no round takes that lock (it could not catch up). No round
+    writers wait for its copy rather than the WAL growing for as long as they write.
+    While a reader's snapshot keeps frames from being copied, no round takes that lock
+    (it could not catch up). No round
     takes SQLite's write lock (``FULL``, ``RESTART`` or ``TRUNCATE`` would: a
     transaction that read and then writes fails at once with "database is locked"
     while another connection holds it, whatever the busy timeout). Writers of other

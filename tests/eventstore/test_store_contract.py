@@ -485,6 +485,24 @@ async def test_verify_passes_on_an_intact_log(store):
     assert (report.streams, report.events, report.head_position) == (5, 15, 15)
 
 
+async def test_a_stamp_given_with_another_offset_is_hashed_as_stored_and_verifies(store):
+    at = datetime(2026, 1, 1, 12, tzinfo=timezone(timedelta(hours=2)))
+    async with store.transaction() as uow:
+        uow.append("task-tz", "task", [ev(n=1)], recorded_at=at)
+    async with store.engine.connect() as conn:
+        report = await verify(conn)
+        (event,) = await store.read_stream(conn, "task-tz")
+    assert report.ok, report
+    assert event.recorded_at == at
+
+
+async def test_a_schema_version_of_true_is_refused_not_stored_as_1(store):
+    with pytest.raises(InvalidEventData, match="schema_version"):
+        await store.append("task-b", "task", [NewEvent("Happened", {}, True)])  # type: ignore[arg-type]
+    async with store.engine.connect() as conn:
+        assert await store.read_stream(conn, "task-b") == []
+
+
 printable_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), max_size=8)
 group_append = st.tuples(
     st.integers(0, 2),  # which stream of the example
