@@ -85,7 +85,8 @@ def long_lived_heap() -> Iterator[None]:
         return
     thresholds = gc.get_threshold()
     gc.freeze()
-    gc.set_threshold(max(thresholds[0], BATCH_GC_THRESHOLD), *thresholds[1:])
+    if thresholds[0]:  # 0: the application turned automatic collection off
+        gc.set_threshold(max(thresholds[0], BATCH_GC_THRESHOLD), *thresholds[1:])
     try:
         yield
     finally:

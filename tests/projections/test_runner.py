@@ -438,6 +438,12 @@ def test_a_batch_loop_collects_young_objects_less_often_only_while_it_runs():
             assert gc.get_threshold() == before  # the application's collector is its own
     finally:
         gc.unfreeze()
+    gc.set_threshold(0, *before[1:])  # an application that collects only when it says so
+    try:
+        with long_lived_heap():
+            assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)
 
 
 # -- batch sizes: large while behind, small at the head -------------------------------------
