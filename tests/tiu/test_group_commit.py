@@ -344,7 +344,18 @@ async def test_commands_resent_with_their_keys_in_a_group_answer_as_the_first_ti
         return outcome.command_id, outcome.position, outcome.version, outcome.events
 
     commits.clear()
+    # The first commit (held by ``commits``) is another project's: the seven prepare and
+    # queue meanwhile, into one group, on the versions they read (held first, one of
+    # them could be alone in its group, and make the others' decisions stale).
+    blocker = asyncio.create_task(
+        service.dispatch(
+            projects.CreateProject(project_id="blocker", name="B"), service.context(owner.id)
+        )
+    )
+    while not commits:  # noqa: ASYNC110  # until the blocker's commit is held
+        await asyncio.sleep(0)
     first = [answer(o) for o in await asyncio.gather(*commands(), return_exceptions=True)]
+    await blocker
     if service.engine.dialect.name == "postgresql":
         # On SQLite a loaded run once wrote these seven one by one although the first
         # commit was held (not understood yet); the answers below hold either way.
