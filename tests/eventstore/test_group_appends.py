@@ -206,28 +206,40 @@ async def test_the_group_writer_returns_its_connection_after_a_failed_append(sto
     assert await _positions(store) == [1, 2]
 
 
-async def test_other_tasks_run_between_two_groups_of_a_writer_that_never_suspends():
-    turns = 0
-    seen: list[int] = []
+class _Turns:
+    """Counts the turns of the loop while in use (``async with``): another task that
+    adds one each time it runs."""
 
-    async def write(group: list[Waiting[int, int]]) -> None:
-        seen.append(turns)  # no await: like a group of inline SQLite statements
-        for item, future in group:
-            future.set_result(item)
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task[None] | None = None
 
-    queue: GroupQueue[int, int] = GroupQueue(write, max_group=1)
-    done = False
+    async def __aenter__(self) -> _Turns:
+        self._task = asyncio.ensure_future(self._tick())
+        return self
 
-    async def other() -> None:
-        nonlocal turns
-        while not done:
-            turns += 1
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _tick(self) -> None:
+        while True:
+            self.count += 1
             await asyncio.sleep(0)
 
-    ticking = asyncio.ensure_future(other())
-    assert await asyncio.gather(*(queue.submit(n) for n in range(4))) == [0, 1, 2, 3]
-    done = True
-    await ticking
+
+async def test_other_tasks_run_between_two_groups_of_a_writer_that_never_suspends():
+    seen: list[int] = []
+    async with _Turns() as turns:
+
+        async def write(group: list[Waiting[int, int]]) -> None:
+            seen.append(turns.count)  # no await: like a group of inline SQLite statements
+            for item, future in group:
+                future.set_result(item)
+
+        queue: GroupQueue[int, int] = GroupQueue(write, max_group=1)
+        assert await asyncio.gather(*(queue.submit(n) for n in range(4))) == [0, 1, 2, 3]
     assert seen == sorted(set(seen))  # the other task ran between every two groups
 
 
@@ -249,7 +261,6 @@ async def test_items_put_back_by_the_writer_lead_the_next_group():
 async def _answered_turns(callers: int, step_cpu: float) -> list[tuple[int, int]]:
     """(caller, turn of the loop it resumed in) for ``callers`` written in one group,
     each running ``step_cpu`` seconds of CPU once resumed."""
-    turns = 0
     resumed: list[tuple[int, int]] = []
 
     async def write(group: list[Waiting[int, int]]) -> None:
@@ -257,26 +268,17 @@ async def _answered_turns(callers: int, step_cpu: float) -> list[tuple[int, int]
             future.set_result(item)
 
     queue: GroupQueue[int, int] = GroupQueue(write, max_group=64)
-    done = False
+    async with _Turns() as turns:
 
-    async def other() -> None:
-        nonlocal turns
-        while not done:
-            turns += 1
-            await asyncio.sleep(0)
+        async def caller(n: int) -> int:
+            result = await queue.submit(n)
+            resumed.append((n, turns.count))
+            end = time.thread_time() + step_cpu
+            while time.thread_time() < end:  # its next step: work on the loop
+                pass
+            return result
 
-    async def caller(n: int) -> int:
-        result = await queue.submit(n)
-        resumed.append((n, turns))
-        end = time.thread_time() + step_cpu
-        while time.thread_time() < end:  # its next step: work on the loop
-            pass
-        return result
-
-    ticking = asyncio.ensure_future(other())
-    assert await asyncio.gather(*(caller(n) for n in range(callers))) == list(range(callers))
-    done = True
-    await ticking
+        assert await asyncio.gather(*(caller(n) for n in range(callers))) == list(range(callers))
     return resumed
 
 
