@@ -112,9 +112,9 @@ class _PendingAppend:
         self.expected = expected
         self.context = context
         self.recorded_at = recorded_at
-        #: :meth:`tails` for ``recorded_at``, worked out ahead of the transaction
-        #: (:meth:`EventStore.encode_append`).
-        self.tails_ahead: list[str] | None = None
+        #: :meth:`tails` worked out ahead of the transaction, with the stamp they were
+        #: made for (:meth:`EventStore.encode_append`).
+        self.tails_ahead: tuple[datetime, list[str]] | None = None
 
     def tails(self, recorded_at: str) -> list[str]:
         """The hashed text of each event after its version (:func:`hashing.hash_tail`),
@@ -133,8 +133,9 @@ class _PendingAppend:
         group's ``now``) and their hash tails."""
         if self.recorded_at is None:
             return now, self.tails(now_text)
-        if self.tails_ahead is not None:
-            return self.recorded_at, self.tails_ahead
+        ahead = self.tails_ahead
+        if ahead is not None and ahead[0] == self.recorded_at:
+            return self.recorded_at, ahead[1]
         return self.recorded_at, self.tails(recorded_at_text(self.recorded_at))
 
 
@@ -234,19 +235,14 @@ class UnitOfWork:
             stream_id, category, new_events, expected_version, context or EventContext()
         )
         if recorded_at is not None:
-            if recorded_at.tzinfo is None:
-                raise InvalidEventData("(any)", "recorded_at must be timezone-aware")
+            _check_stamp(recorded_at)
             pending.recorded_at = recorded_at
         self._pending.append(pending)
 
     def append_encoded(self, pending: _PendingAppend, expected_version: ExpectedVersion) -> None:
         """:meth:`append` of what :meth:`EventStore.encode_append` made ahead, outside
         this transaction (its write lock): the events' JSON and hash tails."""
-        if isinstance(expected_version, bool) or not (
-            (isinstance(expected_version, int) and expected_version >= 0)
-            or expected_version in (ANY, NO_STREAM, STREAM_EXISTS)
-        ):
-            raise InvalidExpectedVersion(expected_version)
+        _check_expected_version(expected_version)
         pending.expected = expected_version
         self._pending.append(pending)
 
@@ -541,11 +537,7 @@ class EventStore:
         if self.categories is not None and category not in self.categories:
             raise UnknownCategory(category, self.categories)
         _check_stream_id(stream_id, category)
-        if isinstance(expected, bool) or not (
-            (isinstance(expected, int) and expected >= 0)
-            or expected in (ANY, NO_STREAM, STREAM_EXISTS)
-        ):
-            raise InvalidExpectedVersion(expected)
+        _check_expected_version(expected)
         if not new_events:
             raise InvalidEventData("(none)", "an append needs at least one event")
         encoded = [self._encode(e) for e in new_events]
@@ -561,11 +553,10 @@ class EventStore:
     ) -> _PendingAppend:
         """An append validated and encoded ahead of its transaction (JSON, hash tails),
         for :meth:`UnitOfWork.append_encoded`: work that then needs no write lock."""
-        if recorded_at.tzinfo is None:
-            raise InvalidEventData("(any)", "recorded_at must be timezone-aware")
+        _check_stamp(recorded_at)
         pending = self.validate_append(stream_id, category, new_events, ANY, context)
         pending.recorded_at = recorded_at
-        pending.tails_ahead = pending.tails(recorded_at_text(recorded_at))
+        pending.tails_ahead = (recorded_at, pending.tails(recorded_at_text(recorded_at)))
         return pending
 
     def _encode(self, event: NewEvent) -> tuple[NewEvent, str, str]:
@@ -918,6 +909,20 @@ def _check_stream_id(stream_id: object, category: str) -> None:
         raise InvalidStreamId(stream_id, "control characters or surrounding whitespace")
     if not stream_id.startswith(f"{category}-") or len(stream_id) == len(category) + 1:
         raise InvalidStreamId(stream_id, f"must be '{category}-<id>' for category {category!r}")
+
+
+def _check_expected_version(expected: object) -> None:
+    """Refuse what is no expected version: a version (an int from 0, not a bool) or
+    ``ANY``, ``NO_STREAM``, ``STREAM_EXISTS``."""
+    if isinstance(expected, bool) or not (
+        (isinstance(expected, int) and expected >= 0) or expected in (ANY, NO_STREAM, STREAM_EXISTS)
+    ):
+        raise InvalidExpectedVersion(expected)
+
+
+def _check_stamp(recorded_at: datetime) -> None:
+    if recorded_at.tzinfo is None:
+        raise InvalidEventData("(any)", "recorded_at must be timezone-aware")
 
 
 def _check_expected(stream_id: str, expected: ExpectedVersion, actual: int) -> None:
