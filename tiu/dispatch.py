@@ -57,6 +57,7 @@ from eventstore.dialects import CheckpointsNotMoved
 from eventstore.errors import (
     CommandInFlight,
     ConcurrencyError,
+    InvalidAppend,
     KeyAlreadyClaimed,
     WrongExpectedVersion,
 )
@@ -1398,9 +1399,17 @@ class GroupCommitter:
                         outcomes.append(await unit.isolated(decision))
                     except (DomainError, ConcurrencyError) as error:
                         outcomes.append(error)
-        except (ConcurrencyError, InlineProjectionBehind, GroupRerun, ProjectionFailed):
+        except (
+            ConcurrencyError,
+            InlineProjectionBehind,
+            GroupRerun,
+            ProjectionFailed,
+            InvalidAppend,
+        ):
             # Another process got in between, or a command failed after writing (an
-            # inline projector raised): write each decision alone.
+            # inline projector raised, or the store refused an event it could encode only
+            # in the transaction: personal data is encrypted there): write each decision
+            # alone, so only the command at fault fails.
             for decision, (_, future) in zip(decisions, group, strict=True):
                 assert decision is not None
                 await settle(future, self.dispatcher.write(decision))

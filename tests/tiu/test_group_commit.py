@@ -19,7 +19,7 @@ from domain import (
 )
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
-from eventstore import EventStore, verify
+from eventstore import EventStore, InvalidEventData, verify
 from eventstore import store as store_module
 from eventstore.schema import events
 from tests.conftest import PASSWORD
@@ -453,3 +453,34 @@ async def test_groups_of_commands_never_exceed_max_group(budgeted):
     assert sorted(positions) == list(range(1, 11))
     assert sum(committed) == 10
     assert max(committed) == 3
+
+
+async def test_an_event_the_store_refuses_at_the_write_fails_only_its_own_command(service, commits):
+    """A user's events are encrypted and encoded in the write transaction, so the store
+    refuses one (here: over ``max_event_bytes``) only there; its caller gets the error,
+    and the other commands of its group are written."""
+    service.store.max_event_bytes = 550
+    ctx = service.context(SYSTEM_ACTOR)
+    outcomes = await asyncio.gather(
+        *(
+            service.dispatch(
+                users.RegisterUser(
+                    user_id=f"user{n}" + "x" * (50 if n == 3 else 0),
+                    email=f"u{n}@example.com",
+                    username=f"user{n}",
+                    password=SecretStr(PASSWORD),
+                ),
+                ctx,
+            )
+            for n in range(6)
+        ),
+        return_exceptions=True,
+    )
+    assert len(commits) < 6, "no group was formed"
+    assert isinstance(outcomes[3], InvalidEventData), outcomes
+    assert all(not isinstance(o, BaseException) for i, o in enumerate(outcomes) if i != 3), outcomes
+    async with service.engine.connect() as conn:
+        registered = (await conn.execute(text("SELECT user_id FROM users"))).scalars().all()
+        logged = await conn.scalar(select(func.count()).select_from(events))
+    assert sorted(registered) == [f"user{n}" for n in (0, 1, 2, 4, 5)]
+    assert logged == 5
