@@ -390,10 +390,14 @@ class CommandUnit:
         raised (the caller decides whether to record it).
 
         A decision prepared elsewhere (by a caller of the group committer) on a stream
-        an earlier command of this unit has written since is decided again on the
-        unit's state, if the password outcomes it carries still apply; else, and for a
-        stream another transaction moved, ``WrongExpectedVersion`` sends it back to
-        prepare."""
+        an earlier command of this unit has written since, or that a transaction of
+        this process committed since (its state is kept: :class:`FoldedStates`), is
+        decided again on that newer state, if the password outcomes it carries still
+        apply; else, and for a stream another process moved, ``WrongExpectedVersion``
+        sends it back to prepare. Without the kept states, callers that prepare while
+        a group is written decide on the states before it: eight callers creating tasks
+        while the same user logged in (each login moves the user's stream, which every
+        command of that user reads) failed 1-5% of their commands after five retries."""
         if decision.previous is not None:
             return decision.previous
         self.check_stop()
@@ -402,7 +406,14 @@ class CommandUnit:
         for stream_id, seen in decision.streams.items():
             mine = self._streams.get(stream_id)
             if mine is None:
-                self._streams[stream_id] = seen.copy()
+                kept = self.dispatcher.states.get(seen.decider, stream_id)
+                if kept is not None and kept[0] > seen.version:
+                    version, state, snapshot = kept
+                    mine = _Loaded(seen.decider, state, version, version, snapshot, True)
+                    stale = True
+                else:
+                    mine = seen.copy()
+                self._streams[stream_id] = mine
                 self._unverified.add(stream_id)
             elif mine is not seen and mine.version != seen.version:
                 stale = True

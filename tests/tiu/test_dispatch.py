@@ -520,6 +520,53 @@ async def test_a_grouped_command_whose_kept_states_moved_is_decided_again_withou
     await grouped.group.aclose()
 
 
+async def test_a_decision_on_a_stream_this_process_moved_since_is_decided_again_at_the_write(
+    dispatcher,
+):
+    """A CreateTask prepared, then its actor logs in (a write to the user's stream, which
+    the decision read): the write decides it again on the state that login committed,
+    instead of sending it back to prepare (where the next login could move it again)."""
+    await register(dispatcher, "rex")
+    await dispatcher.dispatch(projects.CreateProject(project_id="p7", name="Rex"), ctx("rex"))
+    decision = await dispatcher.prepare(
+        tasks.CreateTask(task_id="t70", project_id="p7", title="Prepared"), ctx("rex")
+    )
+    seen = decision.streams["user-rex"].version
+    await dispatcher.dispatch(
+        users.AttemptLogin(user_id="rex", password=SecretStr(PASSWORD)), ctx()
+    )
+    dispatcher.retries = 0
+    result = await dispatcher.write(decision)
+    assert result.version == 1
+    async with dispatcher.store.engine.connect() as conn:
+        head = await dispatcher.store.stream_version(conn, "user-rex")
+    assert head == seen + 1
+
+
+async def test_a_user_s_commands_succeed_while_the_same_user_logs_in_concurrently(store):
+    """Each login moves the user's stream, which every command of that user reads: the
+    commands of a group decided meanwhile are decided again on what the groups before
+    committed, and none runs out of retries."""
+    busy = Dispatcher(store, snapshot_every=5, group_commit=True, hasher=HASHER)
+    await register(busy, "sam")
+    await busy.dispatch(projects.CreateProject(project_id="p8", name="Sam"), ctx("sam"))
+
+    async def create(caller: int) -> None:
+        for n in range(10):
+            task = tasks.CreateTask(task_id=f"t{caller}-{n}", project_id="p8", title="T")
+            await busy.dispatch(task, ctx("sam"))
+
+    async def log_in() -> None:
+        for _ in range(4):
+            login = users.AttemptLogin(user_id="sam", password=SecretStr(PASSWORD))
+            await busy.dispatch(login, ctx())
+
+    await asyncio.gather(*(create(c) for c in range(8)), *(log_in() for _ in range(8)))
+    assert (await log_types(store, "task")).count("TaskCreated") == 80
+    if busy.group is not None:
+        await busy.group.aclose()
+
+
 async def test_a_refusal_raised_before_the_write_is_never_decided_on_a_stale_kept_state(store):
     """A weak password is refused before the write (no version check follows), and
     what is weak depends on the user's state (their email): another process changed
