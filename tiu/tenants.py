@@ -51,9 +51,16 @@ TENANT_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _RESERVED: Final = frozenset({"public", "information_schema"})
 
 
+def is_tenant_name(name: str) -> bool:
+    """Whether ``name`` can be a tenant's schema."""
+    return (
+        bool(TENANT_NAME.fullmatch(name)) and name not in _RESERVED and not name.startswith("pg_")
+    )
+
+
 def check_tenant_name(name: str) -> str:
     """``name`` if it can be a tenant's schema; else :class:`ValueError` naming it."""
-    if not TENANT_NAME.fullmatch(name) or name in _RESERVED or name.startswith("pg_"):
+    if not is_tenant_name(name):
         raise ValueError(
             f"invalid tenant name {name!r}: lower-case letters, digits and _, "
             "at most 63, not starting with a digit or pg_, not public"
@@ -182,7 +189,8 @@ class TenantRegistry:
         return list(self._open)
 
     async def tenants(self) -> list[str]:
-        """Every schema of the database that holds a tiu store, by name."""
+        """Every schema of the database that holds a tiu store, by name; not ``public``,
+        which holds the store of a database used without tenants."""
         async with self.engine.connect() as conn:
             rows = await conn.execute(
                 text(
@@ -190,7 +198,7 @@ class TenantRegistry:
                     "WHERE table_name = 'projection_checkpoints' ORDER BY 1"
                 )
             )
-            return [str(r[0]) for r in rows if TENANT_NAME.fullmatch(str(r[0]))]
+            return [str(r[0]) for r in rows if is_tenant_name(str(r[0]))]
 
     async def create_tenant(self, name: str) -> None:
         """Create ``name``'s schema if absent and bring it to the head migration."""

@@ -25,6 +25,7 @@ from eventstore.integrity import verify
 from eventstore.records import NO_STREAM, NewEvent
 from eventstore.retention import archive
 from eventstore.schema import events
+from migrations import runner as migrations
 from projections import replay
 from projections.readmodels import ALL_PROJECTORS
 from projections.readmodels.users import users_table
@@ -298,6 +299,31 @@ async def test_the_registry_caps_open_tenants(tenant_names: tuple[str, str], clo
 def test_tenant_names_are_plain_identifiers(name: str) -> None:
     with pytest.raises(ValueError, match="invalid tenant name"):
         check_tenant_name(name)
+
+
+async def test_a_store_in_the_public_schema_is_not_taken_for_a_tenant(
+    tenant_names: tuple[str, str], clock: Clock
+) -> None:
+    """A database used without tenants holds its store in ``public``; a registry on it
+    lists only the tenants' schemas (its workers had failed on the name ``public``)."""
+    database = f"tiu_public_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(PG_URL.replace("+asyncpg", ""))
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    url = PG_URL.rsplit("/", 1)[0] + f"/{database}"
+    plain = create_engine(url)
+    try:
+        await migrations.upgrade(plain)
+        settings = Settings(database_url=url, bcrypt_rounds=4, pool_size=2)
+        tenants = TenantRegistry(settings, hasher=BcryptHasher(rounds=4), clock=clock)
+        try:
+            await tenants.create_tenant(tenant_names[0])
+            assert await tenants.tenants() == [tenant_names[0]]
+        finally:
+            await tenants.aclose()
+    finally:
+        await plain.dispose()
+        await admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+        await admin.close()
 
 
 async def test_tenants_live_in_postgresql_only() -> None:
