@@ -380,6 +380,19 @@ class CommandUnit:
         if self.stop is not None and self.stop.is_set():
             raise asyncio.CancelledError
 
+    async def check_ahead(self, decisions: Iterable[Decision]) -> None:
+        """Begin the write and read the heads of the streams ``decisions`` read that
+        this unit holds no state of, in one statement where the write lock makes them
+        final (:meth:`UnitOfWork.read_heads`): :meth:`apply` then checks each decision's
+        versions against them without a statement of its own."""
+        await self.begin()
+        await self.uow.read_heads(
+            stream_id
+            for decision in decisions
+            for stream_id in decision.streams
+            if stream_id not in self._streams
+        )
+
     async def handle(self, command: Command, ctx: CommandContext) -> CommandResult:
         """Prepare ``command`` and buffer its events in this unit; a refusal is raised."""
         return await self.apply(await self.prepare(command, ctx))
@@ -1460,6 +1473,7 @@ class GroupCommitter:
         started = time.thread_time()
         try:
             async with self.dispatcher.unit(conn=conn, keep_open=conn is not None) as unit:
+                await unit.check_ahead(d for d in decisions if d is not None)
                 for index, decision in enumerate(decisions):
                     assert decision is not None
                     if index and self._spent(started):

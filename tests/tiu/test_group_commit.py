@@ -292,6 +292,44 @@ async def test_a_command_with_minted_ids_sent_again_answers_as_the_first_time(se
     assert created == rows == 4
 
 
+async def test_on_sqlite_a_group_reads_the_heads_of_its_commands_streams_in_one_statement(
+    service, commits
+):
+    """Under the group's BEGIN IMMEDIATE the versions every command read are checked
+    against heads read once for the group, not by a statement per command."""
+    if service.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's statements")
+    ctx = service.context(SYSTEM_ACTOR)
+    await service.dispatch(projects.CreateProject(project_id="p", name="Heads"), ctx)
+    sent: list[str] = []
+
+    def trace(dbapi_connection, _record, _proxy) -> None:
+        dbapi_connection.driver_connection.set_trace_callback(sent.append)
+
+    event.listen(service.engine.sync_engine, "checkout", trace)
+    try:
+        commits.clear()
+        await asyncio.gather(
+            *(
+                service.dispatch(tasks.CreateTask(project_id="p", title=f"H{n}"), ctx)
+                for n in range(6)
+            )
+        )
+    finally:
+        event.remove(service.engine.sync_engine, "checkout", trace)
+    assert max(commits) > 1, "no group was formed"
+    reads, transactions = 0, []
+    for sql in sent:
+        if sql == "BEGIN IMMEDIATE":
+            reads = 0
+        elif "coalesce(max(position), 0)" in sql:
+            reads += 1
+        elif sql == "COMMIT":
+            transactions.append(reads)
+    assert len(transactions) == len(commits)
+    assert all(count == 1 for count in transactions), transactions
+
+
 async def test_events_without_personal_data_are_encoded_before_the_write_transaction(
     service, monkeypatch
 ):
