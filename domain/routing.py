@@ -68,6 +68,10 @@ class Route:
     decider: Decider
     stream_id: str
     related: Mapping[str, tuple[Decider, str]] = field(default_factory=lambda: EMPTY)
+    #: ``stream_id`` names an id minted for this command (a default the caller left
+    #: out, :func:`domain.base.new_id`): no stream holds events yet, unless this
+    #: command (or a copy of it) was sent before, which the write's version check finds.
+    new: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,25 @@ def _with_actor(
     return MappingProxyType(related)
 
 
+#: Commands that create their stream, by the field that names it.
+_CREATES: Final[Mapping[type[Command], str]] = {
+    tasks.CreateTask: "task_id",
+    projects.CreateProject: "project_id",
+    users.RegisterUser: "user_id",
+    sessions.StartSession: "session_id",
+}
+
+
 def route(command: Command, ctx: CommandContext) -> Route:
     """The route of ``command``; a ``TypeError`` for a command no decider handles."""
+    target = _route(command, ctx)
+    created = _CREATES.get(type(command))
+    if created is not None and created not in command.model_fields_set:
+        return Route(target.decider, target.stream_id, target.related, new=True)
+    return target
+
+
+def _route(command: Command, ctx: CommandContext) -> Route:
     match command:
         case users.AttemptLogin():
             target = users.stream_id(command.user_id or users.UNKNOWN_USER)

@@ -380,6 +380,19 @@ class CommandUnit:
         if self.stop is not None and self.stop.is_set():
             raise asyncio.CancelledError
 
+    async def check_ahead(self, decisions: Iterable[Decision]) -> None:
+        """Begin the write and read the heads of the streams ``decisions`` read that
+        this unit holds no state of, in one statement where the write lock makes them
+        final (:meth:`UnitOfWork.read_heads`): :meth:`apply` then checks each decision's
+        versions against them without a statement of its own."""
+        await self.begin()
+        await self.uow.read_heads(
+            stream_id
+            for decision in decisions
+            for stream_id in decision.streams
+            if stream_id not in self._streams
+        )
+
     async def handle(self, command: Command, ctx: CommandContext) -> CommandResult:
         """Prepare ``command`` and buffer its events in this unit; a refusal is raised."""
         return await self.apply(await self.prepare(command, ctx))
@@ -459,10 +472,20 @@ class CommandUnit:
         """Fold, project and buffer ``new_events`` for ``stream_id`` (``encoded``: as
         :meth:`Dispatcher.encode_ahead` encoded them)."""
         await self.begin()
-        self._writing = True
         loaded = await self.load(decider, stream_id)
         base = loaded.version
         events = tuple(new_events)
+        # The idempotency record first: a command sent again whose first send
+        # committed meanwhile (or that was prepared without reading its record,
+        # Dispatcher.assume_minted) is stopped there, before its rows (a read model's
+        # insert would fail on the first send's row), with nothing written.
+        await self.remember(
+            command,
+            stream_id,
+            outcome or {"ok": True, "version": base + len(events)},
+            ctx.now,
+        )
+        self._writing = True
         if events:
             if encoded is not None:
                 stored = [event for event, _, _ in encoded.events]
@@ -505,9 +528,6 @@ class CommandUnit:
             self._appended.add(stream_id)
             await self.dispatcher.maybe_snapshot(self.conn, stream_id, loaded)
         result = CommandResult(command.command_id, stream_id, events, loaded.version)
-        await self.remember(
-            command, stream_id, outcome or {"ok": True, "version": result.version}, ctx.now
-        )
         self.results.append(result)
         return result
 
@@ -725,15 +745,22 @@ class Dispatcher:
         *,
         conn: AsyncConnection | None = None,
         release: Callable[[], Awaitable[None]] | None = None,
+        minted: bool = False,
     ) -> Decision:
         """Load the streams ``command`` reads, do the password work its decision asks
         for on a worker thread, and decide. Holds no write lock: it reads in ``unit``
         (whose write lock it holds only if the unit already wrote), or on ``conn``
         (``release`` gives it back before the slow work), or on a connection of its
         own. A refusal that leaves no record is raised here; one that does is
-        returned, to be recorded by the write stage."""
+        returned, to be recorded by the write stage.
+
+        ``minted`` (not in a unit): take the ids the command minted for itself as new
+        (see :meth:`assume_minted`), reading neither its idempotency record nor the
+        stream it creates."""
         target = route(command, ctx)
         wanted = [(target.decider, target.stream_id), *target.related.values()]
+        #: The command id whose idempotency record was not read (``minted``).
+        unread: str | None = None
         with telemetry.step("tiu.load", command):
             if unit is not None:
                 streams = unit.streams
@@ -741,23 +768,24 @@ class Dispatcher:
                 known = unit.passwords.get(command.command_id)
                 if known is not None and ctx.passwords is NO_PASSWORD_WORK:
                     ctx = replace(ctx, passwords=known)
-            elif conn is not None:
-                streams = {}
-                with translate_errors(self.store.dialect.database_label):
-                    previous = await self._whole(
-                        self.load_into(
-                            conn, streams, wanted, command_id=command.command_id, held=True
-                        )
-                    )
             else:
                 streams = {}
+                command_id: str | None = command.command_id
+                if minted:
+                    command_id = self.assume_minted(command, target, streams)
+                    unread = command.command_id if command_id is None else None
                 with translate_errors(self.store.dialect.database_label):
-                    async with self.store.engine.connect() as own:
+                    if conn is not None:
                         previous = await self._whole(
-                            self.load_into(
-                                own, streams, wanted, command_id=command.command_id, held=True
-                            )
+                            self.load_into(conn, streams, wanted, command_id=command_id, held=True)
                         )
+                    else:
+                        async with self.store.engine.connect() as own:
+                            previous = await self._whole(
+                                self.load_into(
+                                    own, streams, wanted, command_id=command_id, held=True
+                                )
+                            )
         if previous is not None:
             return Decision(command, ctx, target, {}, previous=previous)
         read = {stream_id: streams[stream_id] for _, stream_id in wanted}
@@ -768,27 +796,73 @@ class Dispatcher:
             except DomainError:
                 # Raised here, the refusal meets no version check (what is weak in a
                 # password depends on the user's state): one decided on kept states
-                # is decided again on them brought up to the log.
+                # is decided again on them brought up to the log, and one of a command
+                # whose record was not read answers as the first send did, if any.
                 kept = [(loaded.decider, s) for s, loaded in read.items() if loaded.kept]
-                if not kept:
+                if not kept and unread is None:
                     raise
                 fresh: dict[str, _Loaded] = {}
-                with translate_errors(self.store.dialect.database_label):
-                    async with self.store.engine.connect() as own:
-                        await self._whole(self.load_into(own, fresh, kept))
+                previous = await self._read_again(conn, fresh, kept, unread)
+                if previous is not None:
+                    return Decision(command, ctx, target, {}, previous=previous)
+                unread = None
                 read = {**read, **fresh}
             except PasswordWorkNeeded as needed:
+                if unread is not None:  # no slow work for a command already processed
+                    previous = await self._read_again(conn, {}, [], unread)
+                    if previous is not None:
+                        return Decision(command, ctx, target, {}, previous=previous)
+                    unread = None
                 if unit is not None:
                     await unit.end_read()
                 elif release is not None:
                     # Shielded: a cancelled caller must not abandon the close mid-way.
                     await asyncio.shield(release())
+                    conn = None
                 outcomes = await PASSWORD_THREADS.run(
                     perform, needed.tasks, command, self.hasher, ctx.passwords
                 )
                 ctx = replace(ctx, passwords=outcomes)
                 if unit is not None:
                     unit.passwords[command.command_id] = outcomes
+
+    @staticmethod
+    def assume_minted(command: Command, target: Route, streams: dict[str, _Loaded]) -> str | None:
+        """Put the stream ``command`` creates under an id minted for it
+        (:attr:`domain.routing.Route.new`) into ``streams`` as empty, and return the
+        command id to look up: ``None`` if it was minted for this command (a default
+        the caller left out), which no transaction can have recorded yet.
+
+        Both hold unless this command (or a copy of it) was sent before, and the write
+        finds that: the created stream's version check fails, or its idempotency record
+        conflicts; the command is then prepared again from the log (its caller does not
+        pass ``minted`` again), and answers as the first send did. Such a stream counts
+        as kept (:class:`FoldedStates`): a refusal decided on it is decided again on the
+        log, and its first conflict is not counted against the retries."""
+        if target.new:
+            decider = target.decider
+            streams[target.stream_id] = _Loaded(decider, decider.initial_state(), 0, 0, 0, True)
+        return None if "command_id" not in command.model_fields_set else command.command_id
+
+    async def _read_again(
+        self,
+        conn: AsyncConnection | None,
+        streams: dict[str, _Loaded],
+        wanted: Sequence[tuple[Decider, str]],
+        command_id: str | None,
+    ) -> CommandResult | None:
+        """:meth:`load_into` from the log (no kept state), on ``conn`` while the caller
+        still holds it (a second checkout per caller could exhaust the pool), else on
+        a connection of its own."""
+        with translate_errors(self.store.dialect.database_label):
+            if conn is not None:
+                return await self._whole(
+                    self.load_into(conn, streams, wanted, command_id=command_id)
+                )
+            async with self.store.engine.connect() as own:
+                return await self._whole(
+                    self.load_into(own, streams, wanted, command_id=command_id)
+                )
 
     async def _whole(self, load: Awaitable[T]) -> T:
         """``load`` on a caller's connection, never abandoned mid-round-trip: a caller
@@ -1326,10 +1400,11 @@ class GroupCommitter:
         # from the log, is not counted against ``retries``.
         free_retry = True
         while True:
+            minted = attempt == 0 and free_retry
             queued = _Queued(await self._connect())
             try:
                 decision = await self.dispatcher.prepare(
-                    command, ctx, conn=queued.conn, release=queued.release
+                    command, ctx, conn=queued.conn, release=queued.release, minted=minted
                 )
                 if decision.previous is not None:
                     return decision.previous
@@ -1342,6 +1417,16 @@ class GroupCommitter:
                     if not self._keep(spare):
                         await asyncio.shield(spare.close())
                 return await self._queue.submit(queued)
+            except ProjectionFailed:
+                # On PostgreSQL a read model's row is written before the append checks
+                # the versions: a decision that took its new stream as empty (minted)
+                # fails there if a copy of the command created it. Prepared again from
+                # the log, it is refused as it should be; a projector at fault fails
+                # again.
+                decided = queued.decision
+                if not (minted and decided is not None and decided.target.new):
+                    raise
+                free_retry = False
             except ConcurrencyError as error:
                 read = queued.decision.streams if queued.decision is not None else {}
                 self.dispatcher.forget(error, read)
@@ -1399,6 +1484,7 @@ class GroupCommitter:
         started = time.thread_time()
         try:
             async with self.dispatcher.unit(conn=conn, keep_open=conn is not None) as unit:
+                await unit.check_ahead(d for d in decisions if d is not None)
                 for index, decision in enumerate(decisions):
                     assert decision is not None
                     if index and self._spent(started):

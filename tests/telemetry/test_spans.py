@@ -207,10 +207,12 @@ async def test_the_dispatch_that_writes_is_credited_though_one_of_the_same_objec
 ):
     # The first dispatch of the object opens its span, then waits in its preparation;
     # the second writes, the first then finds the command done (a duplicate). The
-    # group writer must credit the second's span with the write, not the first's.
+    # group writer must credit the second's span with the write, not the first's. The
+    # command id is the caller's (an idempotency key): one minted for the command would
+    # send the first to the write too, to find the duplicate there.
     await register(service, "ada")
     otel.spans.clear()
-    command = create_project("p-late", "ada")
+    command = projects.CreateProject(command_id="late", project_id="p-late", name="P late")
     prepare = service.dispatcher.prepare
     first_waits, go_on = asyncio.Event(), asyncio.Event()
 

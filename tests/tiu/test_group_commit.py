@@ -223,6 +223,113 @@ async def test_a_caller_sending_commands_one_after_another_checks_out_no_connect
         assert len(checkouts) < 30
 
 
+async def test_a_command_that_minted_its_ids_is_prepared_without_reading_the_log(
+    service, monkeypatch
+):
+    """A CreateTask whose task id and command id were left to their defaults (minted for
+    it) names a stream no one can have written and a key no one can have recorded: with
+    its project's state kept, it decides without a read. One given its ids reads."""
+    ctx = service.context(SYSTEM_ACTOR)
+    await service.dispatch(projects.CreateProject(project_id="p", name="Minted"), ctx)
+    reads: list[int] = []
+    store = service.store
+    load_streams, read_streams_data = store.load_streams, store.read_streams_data
+
+    async def counted_load(*args, **kwargs):
+        reads.append(1)
+        return await load_streams(*args, **kwargs)
+
+    async def counted_read(*args, **kwargs):
+        reads.append(1)
+        return await read_streams_data(*args, **kwargs)
+
+    monkeypatch.setattr(store, "load_streams", counted_load)
+    monkeypatch.setattr(store, "read_streams_data", counted_read)
+    minted = await service.dispatch(tasks.CreateTask(project_id="p", title="New"), ctx)
+    assert minted.version == 1
+    assert reads == []
+    given = await service.dispatch(
+        tasks.CreateTask(command_id="c1", task_id="t1", project_id="p", title="Given"), ctx
+    )
+    assert given.version == 1
+    assert reads == [1]
+
+
+async def test_a_command_with_minted_ids_sent_again_answers_as_the_first_time(service, commits):
+    """The same command object sent again (its minted ids the same) is prepared as new,
+    and the write finds it was processed: it answers with the first result, in a group
+    too, and nothing is written twice (not the task's read-model row either). A copy
+    under another command id finds its task stream taken at the version check."""
+    ctx = service.context(SYSTEM_ACTOR)
+    await service.dispatch(projects.CreateProject(project_id="p", name="Again"), ctx)
+    command = tasks.CreateTask(project_id="p", title="Once")
+    first = await service.dispatch(command, ctx)
+    commits.clear()
+    outcomes = await asyncio.gather(
+        *(
+            service.dispatch(tasks.CreateTask(project_id="p", title=f"Other {n}"), ctx)
+            for n in range(3)
+        ),
+        service.dispatch(command, ctx),
+        service.dispatch(command.model_copy(update={"command_id": "copy"}), ctx),
+        return_exceptions=True,
+    )
+    again, copy = outcomes[3], outcomes[4]
+    assert not isinstance(again, BaseException), again
+    assert again.duplicate
+    assert (again.position, again.version, again.events) == (
+        first.position,
+        first.version,
+        first.events,
+    )
+    assert isinstance(copy, AlreadyExists), copy
+    assert all(not isinstance(o, BaseException) for o in outcomes[:3]), outcomes
+    async with service.engine.connect() as conn:
+        created = await conn.scalar(
+            select(func.count()).select_from(events).where(events.c.event_type == "TaskCreated")
+        )
+        rows = await conn.scalar(text("SELECT count(*) FROM tasks"))
+    assert created == rows == 4
+
+
+async def test_on_sqlite_a_group_reads_the_heads_of_its_commands_streams_in_one_statement(
+    service, commits
+):
+    """Under the group's BEGIN IMMEDIATE the versions every command read are checked
+    against heads read once for the group, not by a statement per command."""
+    if service.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's statements")
+    ctx = service.context(SYSTEM_ACTOR)
+    await service.dispatch(projects.CreateProject(project_id="p", name="Heads"), ctx)
+    sent: list[str] = []
+
+    def trace(dbapi_connection, _record, _proxy) -> None:
+        dbapi_connection.driver_connection.set_trace_callback(sent.append)
+
+    event.listen(service.engine.sync_engine, "checkout", trace)
+    try:
+        commits.clear()
+        await asyncio.gather(
+            *(
+                service.dispatch(tasks.CreateTask(project_id="p", title=f"H{n}"), ctx)
+                for n in range(6)
+            )
+        )
+    finally:
+        event.remove(service.engine.sync_engine, "checkout", trace)
+    assert max(commits) > 1, "no group was formed"
+    reads, transactions = 0, []
+    for sql in sent:
+        if sql == "BEGIN IMMEDIATE":
+            reads = 0
+        elif "coalesce(max(position), 0)" in sql:
+            reads += 1
+        elif sql == "COMMIT":
+            transactions.append(reads)
+    assert len(transactions) == len(commits)
+    assert all(count == 1 for count in transactions), transactions
+
+
 async def test_events_without_personal_data_are_encoded_before_the_write_transaction(
     service, monkeypatch
 ):
