@@ -485,6 +485,11 @@ class CommandUnit:
             outcome or {"ok": True, "version": base + len(events)},
             ctx.now,
         )
+        if any(claims(event) for event in events):
+            # A claim is sent at once, and would refuse a copy whose first send's
+            # stream gave the key up since (and another stream took it): send the
+            # record where it is held back for the append (PostgreSQL) ahead of it.
+            await self.uow.reading()
         self._writing = True
         if events:
             if encoded is not None:
