@@ -426,3 +426,20 @@ async def test_a_command_object_sent_again_after_its_new_email_was_taken_answers
         first.events,
     )
     assert await log_size(service) == before
+
+
+async def test_one_create_user_key_sent_twice_at_once_registers_one_user(service):
+    """Each call mints its own user id, so the two sends' claims of the email name two
+    streams: the second must be stopped by its idempotency record (answered with the
+    first user), not by the email its first send took (AlreadyExists)."""
+
+    async def create():
+        async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+            return await repos.users.create_user(
+                email="twice@example.com", username="twice", password=PASSWORD, command_id="k"
+            )
+
+    before = await log_size(service)
+    first, again = await asyncio.gather(create(), create())
+    assert first.id == again.id
+    assert await log_size(service) == before + 1
