@@ -26,7 +26,7 @@ from domain import (
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from domain.routing import PROJECTS, SESSIONS, TASKS, USERS
-from eventstore import EventStore
+from eventstore import EventStore, WrongExpectedVersion
 from eventstore.crypto import DEFAULT_TTL
 from eventstore.schema import events, snapshots
 from tests.conftest import PASSWORD
@@ -565,6 +565,34 @@ async def test_a_user_s_commands_succeed_while_the_same_user_logs_in_concurrentl
     assert (await log_types(store, "task")).count("TaskCreated") == 80
     if busy.group is not None:
         await busy.group.aclose()
+
+
+async def test_a_refusal_decided_again_at_the_write_never_rests_on_a_stale_kept_state(store):
+    """A password change is prepared, then this process changes the user's email (its
+    state is kept) and another process changes it again. At the write the decision is
+    decided again on the kept state, where the new password contains the email; that
+    refusal (a weak password: no version check follows it) must not be raised on a
+    state the log has moved past: the decision goes back to prepare."""
+    grouped = Dispatcher(store, snapshot_every=5, group_commit=True, hasher=HASHER)
+    await register(grouped, "zed")
+    change = users.ChangePassword(
+        user_id="zed",
+        old_password=SecretStr(PASSWORD),
+        new_password=SecretStr("alphaomega-river-lantern-77"),
+    )
+    decision = await grouped.prepare(change, ctx("zed"))
+    assert decision.events
+    await grouped.dispatch(
+        users.ChangeEmail(user_id="zed", new_email="alphaomega@example.com"), ctx(SYSTEM_ACTOR)
+    )
+    other = Dispatcher(store, snapshot_every=5, hasher=HASHER)
+    await other.dispatch(
+        users.ChangeEmail(user_id="zed", new_email="zz@example.com"), ctx(SYSTEM_ACTOR)
+    )
+    with pytest.raises(WrongExpectedVersion):
+        await grouped.write(decision)
+    assert grouped.group is not None
+    await grouped.group.aclose()
 
 
 async def test_a_refusal_raised_before_the_write_is_never_decided_on_a_stale_kept_state(store):
