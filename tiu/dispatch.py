@@ -493,12 +493,13 @@ class CommandUnit:
             outcome or {"ok": True, "version": base + len(events)},
             ctx.now,
         )
+        self._writing = True
         if any(claims(event) for event in events):
             # A claim is sent at once, and would refuse a copy whose first send's
             # stream gave the key up since (and another stream took it): send the
             # record where it is held back for the append (PostgreSQL) ahead of it.
+            # After _writing: what is held may fail there and abort the transaction.
             await self.uow.reading()
-        self._writing = True
         if events:
             if encoded is not None:
                 stored = [event for event, _, _ in encoded.events]
