@@ -344,10 +344,12 @@ class UnitOfWork:
                 self._position = results[-1].last_position
         else:
             # Streams only read are checked as appends of no events, first (as plan()
-            # checks them), and only where something is appended.
+            # checks them); also where nothing is appended: what is held (a command's
+            # idempotency record, of a refusal or of a decision of no events) was
+            # decided on them, and must not commit if they moved.
             checks = [
                 _PendingAppend(stream_id, "", [], version, EventContext())
-                for stream_id, version in (expected.items() if pending else ())
+                for stream_id, version in expected.items()
             ]
             with translate_errors(self.store.dialect.database_label):
                 results, self.committed = await self.store.dialect.command_write(

@@ -26,7 +26,7 @@ from domain import (
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from domain.routing import PROJECTS, SESSIONS, TASKS, USERS
-from eventstore import EventStore
+from eventstore import EventStore, WrongExpectedVersion
 from eventstore.crypto import DEFAULT_TTL
 from eventstore.schema import events, snapshots
 from tests.conftest import PASSWORD
@@ -565,6 +565,75 @@ async def test_a_user_s_commands_succeed_while_the_same_user_logs_in_concurrentl
     assert (await log_types(store, "task")).count("TaskCreated") == 80
     if busy.group is not None:
         await busy.group.aclose()
+
+
+async def test_a_refusal_decided_again_at_the_write_never_rests_on_a_stale_kept_state(store):
+    """A password change is prepared, then this process changes the user's email (its
+    state is kept) and another process changes it again. At the write the decision is
+    decided again on the kept state, where the new password contains the email; that
+    refusal (a weak password: no version check follows it) must not be raised on a
+    state the log has moved past: the decision goes back to prepare."""
+    grouped = Dispatcher(store, snapshot_every=5, group_commit=True, hasher=HASHER)
+    await register(grouped, "zed")
+    change = users.ChangePassword(
+        user_id="zed",
+        old_password=SecretStr(PASSWORD),
+        new_password=SecretStr("alphaomega-river-lantern-77"),
+    )
+    decision = await grouped.prepare(change, ctx("zed"))
+    assert decision.events
+    await grouped.dispatch(
+        users.ChangeEmail(user_id="zed", new_email="alphaomega@example.com"), ctx(SYSTEM_ACTOR)
+    )
+    other = Dispatcher(store, snapshot_every=5, hasher=HASHER)
+    await other.dispatch(
+        users.ChangeEmail(user_id="zed", new_email="zz@example.com"), ctx(SYSTEM_ACTOR)
+    )
+    with pytest.raises(WrongExpectedVersion):
+        await grouped.write(decision)
+    assert grouped.group is not None
+    await grouped.group.aclose()
+
+
+async def test_a_refusal_on_a_kept_state_another_process_moved_past_is_decided_on_the_log(store):
+    """This process archived a project (its state is kept), another restored it. A task
+    created in it is decided on the kept state and refused; the refusal appends nothing,
+    yet it is recorded under its key, so it must meet the version check all the same:
+    sent back to prepare, it is decided on the log and the task is created."""
+    grouped = Dispatcher(store, snapshot_every=5, group_commit=True, hasher=HASHER)
+    await register(grouped, "ann")
+    await grouped.dispatch(projects.CreateProject(project_id="p9", name="Ann"), ctx("ann"))
+    await grouped.dispatch(projects.ArchiveProject(project_id="p9"), ctx("ann"))
+    other = Dispatcher(store, snapshot_every=5, hasher=HASHER)
+    await other.dispatch(projects.RestoreProject(project_id="p9"), ctx("ann"))
+    create = tasks.CreateTask(task_id="t9", project_id="p9", title="Go", command_id="c9")
+    result = await grouped.dispatch(create, ctx("ann"))
+    assert result.version == 1
+    assert grouped.group is not None
+    await grouped.group.aclose()
+
+
+async def test_a_no_op_decided_on_a_kept_state_another_process_moved_past_is_decided_again(
+    store,
+):
+    """This process titled a task "Old" (its state is kept), another retitled it "New".
+    Retitling it "Old" decides no event on the kept state; that answer must meet the
+    version check too, or the title stays "New" while the command reports success."""
+    grouped = Dispatcher(store, snapshot_every=5, group_commit=True, hasher=HASHER)
+    await register(grouped, "bea")
+    await grouped.dispatch(projects.CreateProject(project_id="p10", name="Bea"), ctx("bea"))
+    await grouped.dispatch(
+        tasks.CreateTask(task_id="t10", project_id="p10", title="Old"), ctx("bea")
+    )
+    other = Dispatcher(store, snapshot_every=5, hasher=HASHER)
+    await other.dispatch(tasks.EditTask(task_id="t10", project_id="p10", title="New"), ctx("bea"))
+    result = await grouped.dispatch(
+        tasks.EditTask(task_id="t10", project_id="p10", title="Old"), ctx("bea")
+    )
+    assert result.version == 3
+    assert [type(e).__name__ for e in result.events] == ["TaskEdited"]
+    assert grouped.group is not None
+    await grouped.group.aclose()
 
 
 async def test_a_refusal_raised_before_the_write_is_never_decided_on_a_stale_kept_state(store):

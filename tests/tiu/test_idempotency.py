@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
+from domain import users
 from domain.permissions import SYSTEM_ACTOR
 from eventstore.schema import events
 from tests.conftest import PASSWORD
@@ -399,3 +400,46 @@ async def test_one_key_sent_twice_at_once_is_written_once(service):
         InvalidCredentials,
     ]
     assert await log_size(service) - before == one_refusal + one_failure
+
+
+async def test_a_command_object_sent_again_after_its_new_email_was_taken_answers_as_the_first_time(
+    service,
+):
+    """The same ChangeEmail object sent twice (its command id minted for it, as a host's
+    retry after a lost answer sends it): the resend answers with the first result, though
+    the email it claimed went to another user since. Its idempotency record must stop it
+    before its claim does: PostgreSQL holds the record back while a claim is sent at once."""
+    user = await make_user(service)
+    system = service.context(SYSTEM_ACTOR)
+    change = users.ChangeEmail(user_id=user.id, new_email="moved@example.com")
+    first = await service.dispatch(change, system)
+    await service.dispatch(
+        users.ChangeEmail(user_id=user.id, new_email="again@example.com"), system
+    )
+    await make_user(service, "moved")  # moved@example.com
+    before = await log_size(service)
+    again = await service.dispatch(change, system)
+    assert again.duplicate
+    assert (again.version, again.position, again.events) == (
+        first.version,
+        first.position,
+        first.events,
+    )
+    assert await log_size(service) == before
+
+
+async def test_one_create_user_key_sent_twice_at_once_registers_one_user(service):
+    """Each call mints its own user id, so the two sends' claims of the email name two
+    streams: the second must be stopped by its idempotency record (answered with the
+    first user), not by the email its first send took (AlreadyExists)."""
+
+    async def create():
+        async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+            return await repos.users.create_user(
+                email="twice@example.com", username="twice", password=PASSWORD, command_id="k"
+            )
+
+    before = await log_size(service)
+    first, again = await asyncio.gather(create(), create())
+    assert first.id == again.id
+    assert await log_size(service) == before + 1
