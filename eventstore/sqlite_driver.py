@@ -53,7 +53,8 @@ and leaves the loop only where SQLite would *wait*:
   with a connection of their own, taking no lock a reader or another process's
   writer waits for (see the class for how the file is kept small). The COMMIT after a
   checkpoint that copied every frame, which starts the WAL again and cuts the file
-  back (an ``ftruncate`` as long as the file is large), runs on a worker thread too.
+  back (an ``ftruncate`` as long as the file is large, so by at most
+  :data:`WAL_CUT_STEP` a COMMIT), runs on a worker thread too.
 
 What still runs on the loop: other statements and their row fetching (point and
 indexed reads of a few rows), and that ``stat``.
@@ -168,6 +169,11 @@ WAL_CHECKPOINT_BYTES: Final = 4 * 2**20
 #: file is cut back to this. Below :data:`WAL_CHECKPOINT_BYTES`, so that a WAL started
 #: again reads as small.
 WAL_SIZE_LIMIT: Final = 2**20
+#: The most one COMMIT cuts the ``-wal`` file back by: the ``ftruncate`` holds the write
+#: lock as long as it frees blocks (ext4 with ``discard``: 1.5 ms for 8 MiB here, 44 ms
+#: for 256), so a WAL a rebuild's swap left at hundreds of MiB shrinks a step per
+#: checkpoint instead of holding one command's transaction that long.
+WAL_CUT_STEP: Final = 8 * 2**20
 #: A checkpoint's rounds without a lock go on until one copied at most this many frames
 #: and left at most this many uncopied (a reader's snapshot keeps frames from being
 #: copied); the last round, which holds this process's writers back, then has about as
@@ -224,14 +230,17 @@ class WalCheckpointer:
     processes are not held back: a file they write without pause grows until they
     pause.
 
-    The COMMIT that starts the WAL again cuts the file back to :data:`WAL_SIZE_LIMIT`:
-    an ``ftruncate`` that frees every block past it, which takes time in the size of the
-    file (measured on ext4 mounted with ``discard``: 4.7 ms for 16 MiB, 43 ms for 64,
-    139 ms for 256; a rebuild's swap writes a WAL of hundreds of MiB). Once a round has
-    copied every frame, the next write transaction of this process (one that holds the
-    writer lock) therefore commits on a worker thread (:meth:`restart_due`): one thread
-    hop per checkpoint. A writer of another process, or a deferred transaction's write,
-    may still be the one that starts the WAL again.
+    The COMMIT that starts the WAL again cuts the file back towards
+    :data:`WAL_SIZE_LIMIT`: an ``ftruncate`` that frees every block past it, which takes
+    time in the size of the file (measured on ext4 mounted with ``discard``: 4.7 ms for
+    16 MiB, 43 ms for 64, 139 ms for 256 on one machine; a rebuild's swap writes a WAL of
+    hundreds of MiB), and holds the write lock meanwhile. Once a round has copied every
+    frame, the next write transaction of this process (one that holds the writer lock)
+    therefore commits on a worker thread (:meth:`restart_due`): one thread hop per
+    checkpoint; and it cuts at most :data:`WAL_CUT_STEP` (:meth:`cut_to`), so a large
+    file shrinks a step per checkpoint. A writer of another process, or a deferred
+    transaction's write, may still be the one that starts the WAL again, and cut it back
+    in one go.
 
     At most one checkpoint per file runs at a time in a process. A failed checkpoint,
     or one refused (``SQLITE_BUSY``: another process is checkpointing), is logged and
@@ -359,6 +368,17 @@ class WalCheckpointer:
             return False
         _RESTART_DUE.discard(self.path)
         return True
+
+    def cut_to(self) -> int:
+        """The ``journal_size_limit`` for the COMMIT that starts the WAL again: at most
+        :data:`WAL_CUT_STEP` below the file's size. The file, still that large, reads as
+        shrunk (:meth:`after_commit`), so a checkpoint starts again at once and the
+        next COMMIT cuts the next step."""
+        try:
+            size = os.stat(self._wal).st_size
+        except OSError:
+            return WAL_SIZE_LIMIT
+        return max(WAL_SIZE_LIMIT, size - WAL_CUT_STEP)
 
     def _interrupt(self) -> None:
         with self._mutex:
@@ -784,9 +804,11 @@ class Connection(AdaptedConnection):
         starts the WAL again and cuts the file back (:meth:`WalCheckpointer.restart_due`)."""
         heavy, self.heavy = self.heavy, False
         checkpointer = self._checkpointer
-        restart = (
-            self._held_lock is not None and checkpointer is not None and checkpointer.restart_due()
-        )
+        restart = False
+        if self._held_lock is not None and checkpointer is not None and checkpointer.restart_due():
+            restart = True
+            # Read by SQLite at this COMMIT, the one that starts the WAL again.
+            self._db.execute(f"PRAGMA journal_size_limit={checkpointer.cut_to()}")
         return self._offload_commit or heavy or restart
 
     def commit(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import sqlite3
@@ -15,6 +16,7 @@ from sqlalchemy import event, text
 from eventstore import EventStore, NewEvent, create_engine
 from eventstore.sqlite_driver import (
     WAL_CHECKPOINT_BYTES,
+    WAL_CUT_STEP,
     WAL_SIZE_LIMIT,
     WalCheckpointer,
     _writer_lock,
@@ -439,5 +441,30 @@ async def test_the_commit_that_cuts_the_wal_back_runs_on_a_worker_thread(db_path
         assert commits[0] != loop_thread
         await _append(store, n + 1)  # the next COMMIT stays on the loop
         assert commits[1:] == [loop_thread]
+    finally:
+        await store.engine.dispose()
+
+
+async def test_a_wal_left_large_is_cut_back_a_step_per_commit_not_in_one(db_path):
+    # A rebuild's swap leaves a WAL of hundreds of MiB: cutting it back in one COMMIT
+    # would hold the write lock, and the commands queued behind it, for the whole
+    # ftruncate. Each COMMIT that starts the WAL again cuts at most WAL_CUT_STEP.
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    try:
+        async with store.transaction() as uow:  # ~40 MiB of frames in one transaction
+            for i in range(1400):
+                uow.append(f"item-bulk{i}", "item", [NewEvent("Noted", {"text": PAYLOAD * 15})])
+        large = _wal_size(db_path)
+        assert large > 4 * WAL_CUT_STEP
+        sizes, n = [large], 0
+        while sizes[-1] > WAL_SIZE_LIMIT:
+            await _checkpointer(store).ended()
+            await _append(store, n)
+            n += 1
+            sizes.append(_wal_size(db_path))
+            assert n < 200, sizes
+        cuts = [before - after for before, after in itertools.pairwise(sizes) if after < before]
+        assert len(cuts) >= 4
+        assert max(cuts) <= WAL_CUT_STEP
     finally:
         await store.engine.dispose()
