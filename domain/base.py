@@ -346,6 +346,61 @@ class CommandContext:
     def __post_init__(self) -> None:
         if self.now.tzinfo is None or self.now.utcoffset() is None:
             raise ValueError("CommandContext.now must be timezone-aware")
+        check_caller(
+            actor_id=self.actor_id,
+            correlation_id=self.correlation_id,
+            causation_id=self.causation_id,
+            ip=self.ip,
+            user_agent=self.user_agent,
+        )
+
+
+#: The longest actor id: a user id, or ``system`` (it names ``security-<actor>`` and
+#: ``audit-<actor>`` streams, and is a key of the permission lookup).
+MAX_ACTOR_ID_LENGTH: Final = 64
+#: The longest correlation or causation id: the log's columns hold 200 characters.
+MAX_TRACE_ID_LENGTH: Final = 200
+
+
+def check_caller(
+    *,
+    actor_id: object = None,
+    correlation_id: object = None,
+    causation_id: object = None,
+    ip: object = None,
+    user_agent: object = None,
+) -> None:
+    """Refuse who-is-acting-and-from-where values a command or a read cannot carry, as
+    ``InvalidCommand`` naming the argument. A service takes them from a request (a
+    session's user, an ``X-Request-ID``, the ``User-Agent``); they reach stream ids,
+    the log's columns, personal fields and the permission lookup, where a wrong type,
+    NUL, a lone surrogate or an over-long value failed in the driver or pydantic.
+
+    ``actor_id``: 1 to 64 printable characters; ``correlation_id``, ``causation_id``:
+    at most 200 printable characters; ``ip``, ``user_agent``: any storable text."""
+    if actor_id is not None:
+        _check_id("actor_id", actor_id, 1, MAX_ACTOR_ID_LENGTH)
+    if correlation_id is not None:
+        _check_id("correlation_id", correlation_id, 0, MAX_TRACE_ID_LENGTH)
+    if causation_id is not None:
+        _check_id("causation_id", causation_id, 0, MAX_TRACE_ID_LENGTH)
+    for name, value in (("ip", ip), ("user_agent", user_agent)):
+        if value is None:
+            continue
+        if type(value) is not str:
+            raise InvalidCommand(name, f"must be a str or None, not {type(value).__name__}")
+        reason = _unstorable(value)
+        if reason is not None:
+            raise InvalidCommand(name, reason)
+
+
+def _check_id(name: str, value: object, min_length: int, max_length: int) -> None:
+    if type(value) is not str:
+        raise InvalidCommand(name, f"must be a str or None, not {type(value).__name__}")
+    # A printable text holds no control character, NUL, lone surrogate or unassigned
+    # code point (str.isprintable is false for each); a space is allowed.
+    if not min_length <= len(value) <= max_length or not value.isprintable():
+        raise InvalidCommand(name, f"must be {min_length} to {max_length} printable characters")
 
 
 EntityId = Annotated[

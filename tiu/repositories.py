@@ -34,7 +34,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import audit, projects, security, sessions, tasks, users
-from domain.base import Command, CommandContext
+from domain.base import Command, CommandContext, check_caller
 from domain.errors import (
     AlreadyExists,
     DomainError,
@@ -166,6 +166,16 @@ class Caller:
     ip: str | None = None
     user_agent: str | None = None
     correlation_id: str | None = None
+
+    def __post_init__(self) -> None:
+        # Reads use the actor too (the permission lookup, the visibility filter): a
+        # value no command could carry is refused here, before any of them.
+        check_caller(
+            actor_id=self.actor_id,
+            correlation_id=self.correlation_id,
+            ip=self.ip,
+            user_agent=self.user_agent,
+        )
 
 
 class Channel:

@@ -24,6 +24,7 @@ from domain.errors import (
     InvalidCredentials,
     NotFound,
 )
+from domain.projects import CreateProject
 from eventstore.errors import InvalidAppend, StoreUnavailable
 from eventstore.schema import events
 from projections.errors import InvalidFilter, InvalidQuery, ProjectionTimeout
@@ -250,6 +251,55 @@ async def test_reads_by_text_no_database_can_hold_answer_not_found_on_both_backe
         assert await service.store.read_all(conn, categories=[bad]) == []
         users_only = await service.store.read_all(conn, categories=["user", bad])
     assert [e.stream_id for e in users_only] == [f"user-{user.id}"]
+
+
+CALLER_FIELDS = ("actor_id", "ip", "user_agent", "correlation_id")
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        *((field, bad) for field in CALLER_FIELDS for bad in ("a\x00b", "a\ud800b", 7)),
+        ("actor_id", ["a"]),
+        ("user_agent", b"Mozilla"),
+        ("actor_id", "x" * 65),
+        ("correlation_id", "x" * 201),
+        ("correlation_id", "tab\tbed"),
+    ],
+    ids=lambda value: repr(value)[:12],
+)
+async def test_who_and_where_values_a_command_cannot_carry_are_refused_naming_them(
+    service, owner, field, bad
+):
+    # A service passes these from a request (X-Request-ID, User-Agent, a session's
+    # user): they failed in the driver (value too long, NUL, a surrogate) or in pydantic.
+    user, _ = owner
+    caller = {"actor_id": user.id, field: bad}
+    before = await _count(service)
+    calls = {
+        "a write": lambda repos: repos.projects.create_project("P"),
+        "a read": lambda repos: repos.tasks.list_tasks(),
+        "a login": lambda repos: repos.sessions.create_session("owner@example.com", PASSWORD),
+        "an audited action": lambda repos: repos.audit.log_action("export", "report"),
+    }
+    for what, call in calls.items():
+        with pytest.raises(InvalidCommand) as refused:
+            async with service.get_repositories(**caller) as repos:
+                await call(repos)
+        assert refused.value.field == field, what
+    with pytest.raises(InvalidCommand) as refused:
+        await service.dispatch(CreateProject(owner_id=user.id, name="P"), service.context(**caller))
+    assert refused.value.field == field
+    assert await _count(service) == before
+
+
+async def test_a_correlation_id_of_200_printable_characters_is_stored(service, owner):
+    user, _ = owner
+    async with service.get_repositories(user.id, correlation_id="r" * 200) as repos:
+        result = await repos.audit.log_action("export", "report")
+    async with service.engine.connect() as conn:
+        stored = await service.store.read_stream(conn, result.stream_id)
+    assert [e.correlation_id for e in stored] == ["r" * 200]
 
 
 async def test_a_lone_surrogate_in_a_login_email_is_invalid_credentials(service, owner):
@@ -507,6 +557,16 @@ async def test_every_public_call_gives_success_or_a_documented_error_and_a_refus
     }
     valid |= {"actor": [user.id], "user": [user.id, f"owner{n}@example.com"]}
     repo, name, arguments = data.draw(hostile_calls(valid), label="call")
+    # Who and where, as a service passes them from a request: now and then hostile.
+    caller = data.draw(
+        st.one_of(
+            st.just({}),
+            st.fixed_dictionaries(
+                {}, optional=dict.fromkeys(("ip", "user_agent", "correlation_id"), hostile_value)
+            ),
+        ),
+        label="caller",
+    )
     before, _ = await _head(service)
     if repo == "cli":
         result = await asyncio.to_thread(
@@ -530,7 +590,7 @@ async def test_every_public_call_gives_success_or_a_documented_error_and_a_refus
         if repo == "service":
             await getattr(service, name)(**arguments)
         else:
-            async with service.get_repositories(actor_id=user.id) as repos:
+            async with service.get_repositories(actor_id=user.id, **caller) as repos:
                 await getattr(getattr(repos, repo), name)(**arguments)
     except Exception as error:  # the point: what escapes, typed or not
         _check_refusal(error)
