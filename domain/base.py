@@ -14,11 +14,13 @@ import time
 import unicodedata
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, Final
 
 from pydantic import (
+    AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +29,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
 )
+from pydantic_core import PydanticCustomError
 
 from domain.errors import InvalidCommand, UnknownEventType
 from domain.passwords import NO_PASSWORD_WORK, PasswordOutcomes
@@ -402,6 +405,29 @@ def _check_id(name: str, value: object, min_length: int, max_length: int) -> Non
     if not min_length <= len(value) <= max_length or not value.isprintable():
         raise InvalidCommand(name, f"must be {min_length} to {max_length} printable characters")
 
+
+def datetime_problem(value: datetime) -> str | None:
+    """Why the log and the read models cannot hold ``value``, or None: they keep aware
+    times in UTC, years 1 to 9999, and ``datetime(1, 1, 1, tzinfo=+14:00)`` is in the
+    year 0 there (converting it raised ``OverflowError`` in a projector or a query)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        return "must be timezone-aware"
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        return "must be within the years 1 to 9999 in UTC"
+    return None
+
+
+def _in_utc_range(value: datetime) -> datetime:
+    problem = datetime_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("datetime_range", problem)
+    return value
+
+
+StorableDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc_range)]
+"""A command's datetime: timezone-aware, and within the years 1 to 9999 in UTC."""
 
 EntityId = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -232,6 +232,34 @@ async def test_a_value_the_command_refuses_is_an_invalid_command_naming_its_fiel
             )
     assert await _count(service) == before
     assert refused.value.field == field
+
+
+#: Aware, yet outside the years 1-9999 once converted to UTC, where the log keeps times.
+BEYOND_UTC = (
+    datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14))),
+    datetime(9999, 12, 31, 23, tzinfo=timezone(-timedelta(hours=14))),
+)
+
+
+@pytest.mark.parametrize("due", BEYOND_UTC, ids=["year-0-in-utc", "year-10000-in-utc"])
+async def test_a_due_date_beyond_the_years_utc_holds_is_an_invalid_command(service, owner, due):
+    # It was accepted, then failed in the tasks projector (ProjectionFailed: OverflowError).
+    user, project = owner
+    async with service.get_repositories(actor_id=user.id) as repos:
+        task = await repos.tasks.create_task(project.id, "Existing")
+    before = await _count(service)
+    async with service.get_repositories(actor_id=user.id) as repos:
+        with pytest.raises(InvalidCommand) as created:
+            await repos.tasks.create_task(project.id, "x", due_date=due)
+        with pytest.raises(InvalidCommand) as edited:
+            await repos.tasks.edit_task(task.id, due_date=due)
+        with pytest.raises(InvalidCommand) as bulk:
+            await repos.tasks.create_tasks(
+                [{"project_id": project.id, "title": "t", "due_date": due}]
+            )
+    assert created.value.field == edited.value.field == bulk.value.field == "due_date"
+    assert "1 to 9999" in created.value.reason
+    assert await _count(service) == before
 
 
 @pytest.mark.parametrize("bad", ["a\x00b", "a\ud800b"])
