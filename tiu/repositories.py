@@ -1450,8 +1450,6 @@ class AuditRepository(_Repository):
         stream keeps its newest event. Needs ``audit:read`` (or the system actor), and a
         database role that may delete from ``events`` (the owner; the least-privilege
         role of ``sql/app_role.sql`` gets ``RetentionError``, and nothing changes)."""
-        if before.tzinfo is None or before.utcoffset() is None:
-            raise InvalidCommand("before", "must be timezone-aware")
         await self._require(f"archive before {before.isoformat()}")
         store = self._channel.service.store
         try:

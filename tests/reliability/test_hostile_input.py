@@ -24,6 +24,7 @@ from domain.errors import (
     InvalidCredentials,
     NotFound,
 )
+from domain.permissions import SYSTEM_ACTOR
 from domain.projects import CreateProject
 from eventstore.errors import InvalidAppend, StoreUnavailable
 from eventstore.schema import events
@@ -260,6 +261,24 @@ async def test_a_due_date_beyond_the_years_utc_holds_is_an_invalid_command(servi
     assert created.value.field == edited.value.field == bulk.value.field == "due_date"
     assert "1 to 9999" in created.value.reason
     assert await _count(service) == before
+
+
+AUDIT_TIMES = [
+    *((m, f) for m in ("get_events", "failed", "suspicious", "stats") for f in ("since", "until")),
+    ("archive", "before"),
+]
+
+
+async def test_an_audit_time_naive_or_beyond_utc_is_an_invalid_command_naming_it(service, owner):
+    # These failed in the driver's bind of the time: a StatementError (ValueError or
+    # OverflowError) on both backends.
+    for method, field in AUDIT_TIMES:
+        for when in (datetime(2026, 1, 1), *BEYOND_UTC):
+            async with service.get_repositories(SYSTEM_ACTOR) as repos:
+                with pytest.raises(InvalidCommand) as refused:
+                    await getattr(repos.audit, method)(**{field: when})
+            assert refused.value.field == field
+            assert ("timezone" if when.tzinfo is None else "1 to 9999") in refused.value.reason
 
 
 @pytest.mark.parametrize("bad", ["a\x00b", "a\ud800b"])
