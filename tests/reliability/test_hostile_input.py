@@ -281,6 +281,24 @@ async def test_an_audit_time_naive_or_beyond_utc_is_an_invalid_command_naming_it
             assert ("timezone" if when.tzinfo is None else "1 to 9999") in refused.value.reason
 
 
+@pytest.mark.parametrize("output", ["a\x00b.gz", "a\ud800b.gz", 7], ids=repr)
+async def test_an_archive_path_no_file_system_takes_is_an_invalid_command(
+    service, owner, tmp_path, output
+):
+    # It was a ValueError ("embedded null byte"), a UnicodeEncodeError or a TypeError.
+    async with service.get_repositories() as repos:  # a refused login: a security event
+        with pytest.raises(InvalidCredentials):
+            await repos.sessions.create_session("owner@example.com", "wrong password")
+    before = await _count(service)
+    with pytest.raises(InvalidCommand) as refused:
+        await service.archive_audit_log(
+            before=datetime(2100, 1, 1, tzinfo=UTC),
+            output=output if not isinstance(output, str) else str(tmp_path / output),
+        )
+    assert refused.value.field == "output"
+    assert await _count(service) == before
+
+
 @pytest.mark.parametrize("bad", ["a\x00b", "a\ud800b"])
 async def test_reads_by_text_no_database_can_hold_answer_not_found_on_both_backends(
     service, owner, bad
