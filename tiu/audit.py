@@ -73,7 +73,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import security, users
-from domain.base import ERASED
+from domain.base import ERASED, datetime_problem
 from eventstore import telemetry
 from eventstore.crypto import keyring
 from eventstore.retention import read_archive
@@ -136,9 +136,13 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise InvalidTime(
-            f"invalid time {text!r}: use ISO 8601 (2026-03-01T09:00) or relative (30m, 2h, 7d)"
+            f"invalid time {_shown(text)}: use ISO 8601 (2026-03-01T09:00) or relative "
+            "(30m, 2h, 7d)"
         ) from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    parsed = parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    if datetime_problem(parsed) is not None:  # 0001-01-01T00:00+01:00 is the year 0 in UTC
+        raise InvalidTime(f"invalid time {_shown(text)}: not within the years 1 to 9999 in UTC")
+    return parsed
 
 
 def parse_duration(text: str) -> timedelta:
