@@ -74,6 +74,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import security, users
 from domain.base import ERASED, datetime_problem
+from domain.errors import InvalidCommand
 from eventstore import telemetry
 from eventstore.crypto import keyring
 from eventstore.retention import read_archive
@@ -465,12 +466,27 @@ def stats_archive(path: str | Path, where: AuditFilter) -> AuditStats:
 
 @dataclass(frozen=True, slots=True)
 class SuspiciousRules:
-    """Thresholds of the rules in this module's docstring."""
+    """Thresholds of the rules in this module's docstring: counts of at least 1,
+    durations from zero to :data:`MAX_DURATION` (``InvalidCommand`` naming the field
+    otherwise: a negative or huge window failed in the database, as a driver error on
+    PostgreSQL and an "unavailable" SQLite error, a string threshold as SchemaNotReady)."""
 
     account_threshold: int = 5
     ip_threshold: int = 10
     window: timedelta = timedelta(minutes=15)
     lockout_lookback: timedelta = timedelta(days=1)
+
+    def __post_init__(self) -> None:
+        for name in ("account_threshold", "ip_threshold"):
+            count = getattr(self, name)
+            if type(count) is not int or count < 1:
+                raise InvalidCommand(name, f"must be an int of at least 1, not {count!r:.40}")
+        for name in ("window", "lockout_lookback"):
+            duration = getattr(self, name)
+            if not isinstance(duration, timedelta) or not timedelta(0) <= duration <= MAX_DURATION:
+                raise InvalidCommand(
+                    name, f"must be a timedelta from 0 to {MAX_DURATION.days} days"
+                )
 
 
 @dataclass(frozen=True, slots=True)
