@@ -73,6 +73,11 @@ hostile_value = st.one_of(
     st.booleans(),
     st.datetimes(),
     st.datetimes(timezones=st.just(UTC), min_value=datetime(9000, 1, 1)),
+    # aware, but in the year 0 or 10000 once in UTC
+    st.datetimes(max_value=datetime(1, 1, 2), timezones=st.just(timezone(timedelta(hours=14)))),
+    st.datetimes(
+        min_value=datetime(9999, 12, 31), timezones=st.just(timezone(-timedelta(hours=14)))
+    ),
     st.lists(st.integers(), max_size=3),
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
 )
@@ -622,6 +627,8 @@ async def test_every_public_call_gives_success_or_a_documented_error_and_a_refus
     }
     valid |= {"actor": [user.id], "user": [user.id, f"owner{n}@example.com"]}
     repo, name, arguments = data.draw(hostile_calls(valid), label="call")
+    # The owner, or the system actor, whose permissions reach the audit and admin paths.
+    actor = data.draw(st.sampled_from([user.id, SYSTEM_ACTOR]), label="actor")
     # Who and where, as a service passes them from a request: now and then hostile.
     caller = data.draw(
         st.one_of(
@@ -655,7 +662,7 @@ async def test_every_public_call_gives_success_or_a_documented_error_and_a_refus
         if repo == "service":
             await getattr(service, name)(**arguments)
         else:
-            async with service.get_repositories(actor_id=user.id, **caller) as repos:
+            async with service.get_repositories(actor_id=actor, **caller) as repos:
                 await getattr(getattr(repos, repo), name)(**arguments)
     except Exception as error:  # the point: what escapes, typed or not
         _check_refusal(error)
