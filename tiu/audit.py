@@ -81,6 +81,7 @@ from eventstore.retention import read_archive
 from eventstore.schema import events
 from eventstore.sqlite_driver import OFF_LOOP
 from eventstore.types import UTCDateTime
+from projections.query import MAX_IN
 from tiu.models import AuditEntry
 
 #: Security failures: refused logins and commands, failed passwords, lockouts.
@@ -181,6 +182,11 @@ class AuditFilter:
     since: datetime | None = None
     until: datetime | None = None
     correlation_id: str | None = None
+
+    def __post_init__(self) -> None:
+        # Each type is a bound parameter: asyncpg refuses more than 32767 of them.
+        if len(self.event_types) > MAX_IN:
+            raise InvalidCommand("event_types", f"must hold at most {MAX_IN} values")
 
     def conditions(self) -> list[ColumnElement[bool]]:
         c = events.c

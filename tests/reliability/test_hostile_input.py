@@ -29,6 +29,7 @@ from domain.projects import CreateProject
 from eventstore.errors import InvalidAppend, StoreUnavailable
 from eventstore.schema import events
 from projections.errors import InvalidFilter, InvalidQuery, ProjectionTimeout
+from projections.query import MAX_IN
 from tests.conftest import PASSWORD
 from tiu.cli import app as cli_app
 from tiu.repositories import (
@@ -284,6 +285,17 @@ async def test_an_audit_time_naive_or_beyond_utc_is_an_invalid_command_naming_it
                     await getattr(repos.audit, method)(**{field: when})
             assert refused.value.field == field
             assert ("timezone" if when.tzinfo is None else "1 to 9999") in refused.value.reason
+
+
+async def test_more_event_types_than_a_query_binds_is_an_invalid_command(service, owner):
+    # 70,000 types were an asyncpg InterfaceError (at most 32767 query arguments).
+    many = [f"Type{i}" for i in range(MAX_IN + 1)]
+    async with service.get_repositories(SYSTEM_ACTOR) as repos:
+        for method in (repos.audit.get_events, repos.audit.stats, repos.audit.failed):
+            with pytest.raises(InvalidCommand) as refused:
+                await method(event_types=many)
+            assert refused.value.field == "event_types"
+        assert await repos.audit.get_events(event_types=many[:MAX_IN]) == []
 
 
 @pytest.mark.parametrize("output", ["a\x00b.gz", "a\ud800b.gz", 7], ids=repr)
