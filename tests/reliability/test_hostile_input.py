@@ -406,6 +406,20 @@ async def test_text_that_cannot_be_stored_in_an_audit_detail_is_refused(service,
     assert await _count(service) == before
 
 
+@pytest.mark.parametrize("details", [{"k": float("nan")}, {"k": [1, {"n": float("-inf")}]}])
+async def test_an_audit_detail_json_cannot_hold_nan_or_infinity_is_refused(service, owner, details):
+    # They were stored, and came back out of `tiu audit --format json` as NaN and
+    # -Infinity: tokens jq and strict encoders (Starlette's JSONResponse) refuse.
+    user, _ = owner
+    before = await _count(service)
+    async with service.get_repositories(actor_id=user.id) as repos:
+        with pytest.raises(InvalidCommand) as refused:
+            await repos.get_audit_repository().log_action("export", "report", None, details)
+    assert refused.value.field == "details"
+    assert "not JSON" in refused.value.reason
+    assert await _count(service) == before
+
+
 async def test_not_found_repeats_at_most_80_characters_of_the_input(service, owner):
     user, _ = owner
     async with service.get_repositories(actor_id=user.id) as repos:
