@@ -372,6 +372,11 @@ async def test_who_and_where_values_a_command_cannot_carry_are_refused_naming_th
     with pytest.raises(InvalidCommand) as refused:
         await service.dispatch(CreateProject(owner_id=user.id, name="P"), service.context(**caller))
     assert refused.value.field == field
+    with pytest.raises(InvalidCommand) as refused:
+        await service.execute_in_transaction(
+            lambda repos: repos.projects.create_project("P"), **caller
+        )
+    assert refused.value.field == field
     assert await _count(service) == before
 
 
