@@ -7,10 +7,12 @@ actions through the same path as every other fact.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Final
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic_core import PydanticCustomError
 
 from domain.base import EMPTY, Command, CommandContext, Event, clean_text
 from domain.errors import InvalidCommand
@@ -44,6 +46,20 @@ class LogAction(Command):
     resource_type: str = Field(max_length=100)
     resource_id: str | None = Field(default=None, max_length=200)
     details: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @field_validator("details")
+    @classmethod
+    def _only_json(cls, details: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        # pydantic's JsonValue takes NaN and infinities, which JSON has not: stored,
+        # they came back out of `tiu audit --format json` as tokens jq and strict
+        # encoders (Starlette's JSONResponse) refuse.
+        try:
+            json.dumps(details, allow_nan=False)
+        except ValueError:
+            raise PydanticCustomError(
+                "json_finite", "must hold only finite numbers (NaN and Infinity are not JSON)"
+            ) from None
+        return details
 
 
 class ReadAuditLog(Command):

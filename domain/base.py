@@ -14,11 +14,13 @@ import time
 import unicodedata
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, Final
 
 from pydantic import (
+    AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +29,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
 )
+from pydantic_core import PydanticCustomError
 
 from domain.errors import InvalidCommand, UnknownEventType
 from domain.passwords import NO_PASSWORD_WORK, PasswordOutcomes
@@ -346,7 +349,85 @@ class CommandContext:
     def __post_init__(self) -> None:
         if self.now.tzinfo is None or self.now.utcoffset() is None:
             raise ValueError("CommandContext.now must be timezone-aware")
+        check_caller(
+            actor_id=self.actor_id,
+            correlation_id=self.correlation_id,
+            causation_id=self.causation_id,
+            ip=self.ip,
+            user_agent=self.user_agent,
+        )
 
+
+#: The longest actor id: a user id, or ``system`` (it names ``security-<actor>`` and
+#: ``audit-<actor>`` streams, and is a key of the permission lookup).
+MAX_ACTOR_ID_LENGTH: Final = 64
+#: The longest correlation or causation id: the log's columns hold 200 characters.
+MAX_TRACE_ID_LENGTH: Final = 200
+
+
+def check_caller(
+    *,
+    actor_id: object = None,
+    correlation_id: object = None,
+    causation_id: object = None,
+    ip: object = None,
+    user_agent: object = None,
+) -> None:
+    """Refuse who-is-acting-and-from-where values a command or a read cannot carry, as
+    ``InvalidCommand`` naming the argument. A service takes them from a request (a
+    session's user, an ``X-Request-ID``, the ``User-Agent``); they reach stream ids,
+    the log's columns, personal fields and the permission lookup, where a wrong type,
+    NUL, a lone surrogate or an over-long value failed in the driver or pydantic.
+
+    ``actor_id``: 1 to 64 printable characters; ``correlation_id``, ``causation_id``:
+    at most 200 printable characters; ``ip``, ``user_agent``: any storable text."""
+    if actor_id is not None:
+        _check_id("actor_id", actor_id, 1, MAX_ACTOR_ID_LENGTH)
+    if correlation_id is not None:
+        _check_id("correlation_id", correlation_id, 0, MAX_TRACE_ID_LENGTH)
+    if causation_id is not None:
+        _check_id("causation_id", causation_id, 0, MAX_TRACE_ID_LENGTH)
+    for name, value in (("ip", ip), ("user_agent", user_agent)):
+        if value is None:
+            continue
+        if type(value) is not str:
+            raise InvalidCommand(name, f"must be a str or None, not {type(value).__name__}")
+        reason = _unstorable(value)
+        if reason is not None:
+            raise InvalidCommand(name, reason)
+
+
+def _check_id(name: str, value: object, min_length: int, max_length: int) -> None:
+    if type(value) is not str:
+        raise InvalidCommand(name, f"must be a str or None, not {type(value).__name__}")
+    # A printable text holds no control character, NUL, lone surrogate or unassigned
+    # code point (str.isprintable is false for each); a space is allowed.
+    if not min_length <= len(value) <= max_length or not value.isprintable():
+        raise InvalidCommand(name, f"must be {min_length} to {max_length} printable characters")
+
+
+def datetime_problem(value: datetime) -> str | None:
+    """Why the log and the read models cannot hold ``value``, or None: they keep aware
+    times in UTC, years 1 to 9999, and ``datetime(1, 1, 1, tzinfo=+14:00)`` is in the
+    year 0 there (converting it raised ``OverflowError`` in a projector or a query)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        return "must be timezone-aware"
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        return "must be within the years 1 to 9999 in UTC"
+    return None
+
+
+def _in_utc_range(value: datetime) -> datetime:
+    problem = datetime_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("datetime_range", problem)
+    return value
+
+
+StorableDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc_range)]
+"""A command's datetime: timezone-aware, and within the years 1 to 9999 in UTC."""
 
 EntityId = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")

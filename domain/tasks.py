@@ -32,7 +32,16 @@ from typing import Any, Final, assert_never
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from domain import errors, projects, users
-from domain.base import EMPTY, Command, CommandContext, EntityId, Event, clean_text, new_id
+from domain.base import (
+    EMPTY,
+    Command,
+    CommandContext,
+    EntityId,
+    Event,
+    StorableDatetime,
+    clean_text,
+    new_id,
+)
 
 CATEGORY: Final = "task"
 TITLE_MAX: Final = 200
@@ -162,7 +171,7 @@ class CreateTask(Command):
     title: str
     description: str = ""
     priority: Priority = Priority.MEDIUM
-    due_date: AwareDatetime | None = None
+    due_date: StorableDatetime | None = None
     assignee_id: EntityId | None = None
 
 
@@ -174,7 +183,7 @@ class EditTask(Command):
     title: str | None = None
     description: str | None = None
     priority: Priority | None = None
-    due_date: AwareDatetime | None = None
+    due_date: StorableDatetime | None = None
 
 
 class AssignTask(Command):

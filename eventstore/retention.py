@@ -135,13 +135,30 @@ def row_to_json(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_archive(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The events of an archive file, as written (``recorded_at`` as a datetime)."""
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                row = json.loads(line)
-                row["recorded_at"] = datetime.fromisoformat(row["recorded_at"])
-                yield row
+    """The events of an archive file, as written (``recorded_at`` as a datetime).
+
+    A file that cannot be read or is not an archive (not gzip, not JSON lines, a row
+    that is not an object with every column of ``events``) raises
+    :class:`RetentionError` naming it: reading and parsing raised ``OSError`` (which a
+    caller's store-error translation reports as an unreachable database),
+    ``ValueError``, ``EOFError``, or a ``KeyError`` wherever a missing column was read."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or not row.keys() >= _ARCHIVE_COLUMNS:
+                        raise RetentionError(
+                            f"{path} is not an audit archive: line {number} is not an event"
+                        )
+                    row["recorded_at"] = datetime.fromisoformat(row["recorded_at"])
+                    yield row
+    except (OSError, EOFError, ValueError, TypeError) as error:
+        raise RetentionError(f"cannot read archive {path}: {error}") from error
+
+
+#: What every row of an archive holds: the columns of ``events`` (``row_to_json``).
+_ARCHIVE_COLUMNS: Final = frozenset(c.name for c in events.columns)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -225,7 +242,7 @@ def _write_archive(path: Path, rows: Sequence[Mapping[str, Any]]) -> str:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as error:
+    except (OSError, RetentionError) as error:
         partial.unlink(missing_ok=True)
         raise RetentionError(f"cannot write archive {path}: {error}") from error
     return file_sha256(path)

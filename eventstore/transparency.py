@@ -35,7 +35,7 @@ from eventstore.offline_verify import (
     key_id_of,
     parse_checkpoint,
 )
-from eventstore.retention import read_archive, row_to_json
+from eventstore.retention import RetentionError, read_archive, row_to_json
 from eventstore.schema import checkpoints, events
 
 log = logging.getLogger("eventstore.transparency")
@@ -223,8 +223,8 @@ def _from_archive(path: Path, position: int) -> tuple[dict[str, Any], str | None
             rows[(row["stream_id"], row["version"])] = row["hash"]
             if row["position"] == position:
                 wanted = row
-    except (OSError, ValueError) as error:
-        raise TransparencyError(f"cannot read archive {path}: {error}") from None
+    except RetentionError as error:
+        raise TransparencyError(str(error)) from None
     if wanted is None:
         raise TransparencyError(f"position {position} is in neither the log nor {path}")
     wanted["recorded_at"] = wanted["recorded_at"].isoformat(timespec="microseconds")

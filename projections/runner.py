@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from domain.errors import InvalidCommand
 from eventstore import telemetry
 from eventstore.dialects import advisory_unlock, count_workers, join_workers, try_advisory_lock
 from eventstore.engine import begin_write
@@ -581,6 +583,17 @@ async def lowest_position(conn: AsyncConnection, projectors: Sequence[Projector]
     return min(positions, default=0)
 
 
+def check_wait(position: object, timeout: object) -> None:
+    """Refuse a ``wait_for`` the loop could not keep: a position that is no int, a
+    timeout that is no number or NaN (no deadline is ever passed: it waited forever);
+    ``InvalidCommand`` naming the argument. An infinite timeout waits as long as it
+    takes."""
+    if not isinstance(position, int) or isinstance(position, bool):
+        raise InvalidCommand("position", f"must be an int, not {type(position).__name__}")
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or math.isnan(timeout):
+        raise InvalidCommand("timeout", f"must be a number of seconds, not {timeout!r:.40}")
+
+
 async def wait_for(
     store: EventStore,
     projectors: Sequence[Projector],
@@ -597,6 +610,7 @@ async def wait_for(
     that handles none of them is not waited for: its read model holds nothing of the
     caller's write.
     """
+    check_wait(position, timeout)
     deadline = time.monotonic() + timeout
     delay = 0.005
     waiting = list(projectors)

@@ -9,10 +9,11 @@ refuse such a value with ``InvalidCommand(field=<parameter>)`` before anything r
 
 Only the plain annotations of the public methods are checked (``str``, ``int``,
 ``float``, ``bool``, ``datetime``, ``timedelta``, mappings, sequences and iterables of
-``str``, each optionally ``| None``); others pass unchecked. Values are not converted,
-except that an iterable of strings (or of mappings) is read into a tuple to check its
-items. A call that does not match the signature at all (an unknown keyword) raises
-Python's own ``TypeError``, as any function does.
+``str``, each optionally ``| None``); others pass unchecked. A ``datetime`` must also be
+timezone-aware and within the years 1 to 9999 in UTC, where the log keeps times. Values
+are not converted, except that an iterable of strings (or of mappings) is read into a
+tuple to check its items. A call that does not match the signature at all (an unknown
+keyword) raises Python's own ``TypeError``, as any function does.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Final, TypeVar
 
+from domain.base import datetime_problem
 from domain.errors import InvalidCommand
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -72,6 +74,8 @@ def _rule(annotation: str) -> Callable[[str, Any], Any] | None:
     if len(kinds) != 1:
         return None
     kind = kinds[0]
+    if kind == "datetime":
+        return _datetime(optional)
     if kind in _SCALARS:
         return _scalar(kind, _SCALARS[kind], optional)
     if kind.startswith("Mapping["):
@@ -94,6 +98,21 @@ def _scalar(kind: str, types: tuple[type, ...], optional: bool) -> Callable[[str
             return value
         if not isinstance(value, types) or (isinstance(value, bool) and kind != "bool"):
             raise InvalidCommand(name, f"must be {_a(kind, optional)}, not {_type(value)}")
+        return value
+
+    return check
+
+
+def _datetime(optional: bool) -> Callable[[str, Any], Any]:
+    """A datetime the log can be asked about: aware, and within the years 1-9999 in UTC
+    (a naive or out-of-range one failed in the driver's bind, a StatementError)."""
+    is_datetime = _scalar("datetime", (datetime,), optional)
+
+    def check(name: str, value: Any) -> Any:
+        if is_datetime(name, value) is not None:
+            problem = datetime_problem(value)
+            if problem is not None:
+                raise InvalidCommand(name, problem)
         return value
 
     return check

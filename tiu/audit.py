@@ -73,13 +73,15 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import security, users
-from domain.base import ERASED
+from domain.base import ERASED, datetime_problem
+from domain.errors import InvalidCommand
 from eventstore import telemetry
 from eventstore.crypto import keyring
 from eventstore.retention import read_archive
 from eventstore.schema import events
 from eventstore.sqlite_driver import OFF_LOOP
 from eventstore.types import UTCDateTime
+from projections.query import MAX_IN
 from tiu.models import AuditEntry
 
 #: Security failures: refused logins and commands, failed passwords, lockouts.
@@ -136,9 +138,13 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise InvalidTime(
-            f"invalid time {text!r}: use ISO 8601 (2026-03-01T09:00) or relative (30m, 2h, 7d)"
+            f"invalid time {_shown(text)}: use ISO 8601 (2026-03-01T09:00) or relative "
+            "(30m, 2h, 7d)"
         ) from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    parsed = parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    if datetime_problem(parsed) is not None:  # 0001-01-01T00:00+01:00 is the year 0 in UTC
+        raise InvalidTime(f"invalid time {_shown(text)}: not within the years 1 to 9999 in UTC")
+    return parsed
 
 
 def parse_duration(text: str) -> timedelta:
@@ -176,6 +182,11 @@ class AuditFilter:
     since: datetime | None = None
     until: datetime | None = None
     correlation_id: str | None = None
+
+    def __post_init__(self) -> None:
+        # Each type is a bound parameter: asyncpg refuses more than 32767 of them.
+        if len(self.event_types) > MAX_IN:
+            raise InvalidCommand("event_types", f"must hold at most {MAX_IN} values")
 
     def conditions(self) -> list[ColumnElement[bool]]:
         c = events.c
@@ -461,12 +472,27 @@ def stats_archive(path: str | Path, where: AuditFilter) -> AuditStats:
 
 @dataclass(frozen=True, slots=True)
 class SuspiciousRules:
-    """Thresholds of the rules in this module's docstring."""
+    """Thresholds of the rules in this module's docstring: counts of at least 1,
+    durations from zero to :data:`MAX_DURATION` (``InvalidCommand`` naming the field
+    otherwise: a negative or huge window failed in the database, as a driver error on
+    PostgreSQL and an "unavailable" SQLite error, a string threshold as SchemaNotReady)."""
 
     account_threshold: int = 5
     ip_threshold: int = 10
     window: timedelta = timedelta(minutes=15)
     lockout_lookback: timedelta = timedelta(days=1)
+
+    def __post_init__(self) -> None:
+        for name in ("account_threshold", "ip_threshold"):
+            count = getattr(self, name)
+            if type(count) is not int or count < 1:
+                raise InvalidCommand(name, f"must be an int of at least 1, not {count!r:.40}")
+        for name in ("window", "lockout_lookback"):
+            duration = getattr(self, name)
+            if not isinstance(duration, timedelta) or not timedelta(0) <= duration <= MAX_DURATION:
+                raise InvalidCommand(
+                    name, f"must be a timedelta from 0 to {MAX_DURATION.days} days"
+                )
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import re
 import secrets
 import unicodedata
@@ -25,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from pydantic import SecretStr
@@ -34,7 +35,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import audit, projects, security, sessions, tasks, users
-from domain.base import Command, CommandContext
+from domain.base import Command, CommandContext, check_caller
 from domain.errors import (
     AlreadyExists,
     DomainError,
@@ -166,6 +167,16 @@ class Caller:
     ip: str | None = None
     user_agent: str | None = None
     correlation_id: str | None = None
+
+    def __post_init__(self) -> None:
+        # Reads use the actor too (the permission lookup, the visibility filter): a
+        # value no command could carry is refused here, before any of them.
+        check_caller(
+            actor_id=self.actor_id,
+            correlation_id=self.correlation_id,
+            ip=self.ip,
+            user_agent=self.user_agent,
+        )
 
 
 class Channel:
@@ -1440,8 +1451,7 @@ class AuditRepository(_Repository):
         stream keeps its newest event. Needs ``audit:read`` (or the system actor), and a
         database role that may delete from ``events`` (the owner; the least-privilege
         role of ``sql/app_role.sql`` gets ``RetentionError``, and nothing changes)."""
-        if before.tzinfo is None or before.utcoffset() is None:
-            raise InvalidCommand("before", "must be timezone-aware")
+        path = _archive_path(output)
         await self._require(f"archive before {before.isoformat()}")
         store = self._channel.service.store
         try:
@@ -1449,7 +1459,7 @@ class AuditRepository(_Repository):
                 return await retention.archive(
                     store,
                     before=before,
-                    output=Path(output) if output is not None else None,
+                    output=path,
                     category=ARCHIVABLE_CATEGORY,
                     actor_id=self.actor_id,
                 )
@@ -1535,6 +1545,26 @@ class AuditRepository(_Repository):
         await self._require(f"stats {where.describe()}")
         async with self._channel.read() as conn:
             return await audit_queries.stats(conn, where)
+
+
+def _archive_path(output: object) -> Path | None:
+    """The archive file a caller named, if the file system can take the name: a NUL
+    failed as ValueError, a lone surrogate as UnicodeEncodeError, where the file was
+    opened."""
+    if output is None:
+        return None
+    if not isinstance(output, str | PurePath):
+        raise InvalidCommand(
+            "output", f"must be a str or Path or None, not {type(output).__name__}"
+        )
+    path = Path(output)
+    try:
+        name = os.fsencode(path)
+    except UnicodeEncodeError:
+        name = b"\0"
+    if b"\0" in name:
+        raise InvalidCommand("output", "must be a file name without NUL or lone surrogates")
+    return path
 
 
 def _escape_like(text: str) -> str:

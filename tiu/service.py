@@ -42,6 +42,7 @@ from projections.runner import (
     SHARED_LOOP_CHUNK,
     InlineRunner,
     Worker,
+    check_wait,
     lowest_position,
     wait_for,
 )
@@ -373,6 +374,7 @@ class DatabaseService:
 
         Raises :class:`ProjectionParked` at once when a parked projector cannot reach
         it (with ``event_types``, only one that handles a type among them)."""
+        check_wait(position, timeout)  # in both modes: inline mode returned before
         if self.projection_mode is ProjectionMode.INLINE:
             return
         await wait_for(self.store, self.projectors, position, timeout, event_types=event_types)

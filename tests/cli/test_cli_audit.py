@@ -69,6 +69,38 @@ def test_parse_time():
     assert parse_time("2026-03-01T09:00") == datetime(2026, 3, 1, 9, tzinfo=UTC)
     with pytest.raises(ValueError, match="invalid time"):
         parse_time("yesterday")
+    # Aware, but the year 0 or 10000 in UTC: it failed in the driver's bind.
+    for beyond in ("0001-01-01T00:00+14:00", "9999-12-31T23:00-14:00"):
+        with pytest.raises(ValueError, match="1 to 9999 in UTC"):
+            parse_time(beyond)
+
+
+def test_a_cutoff_beyond_utc_is_refused_naming_the_time(sqlite_cli: Cli):
+    result = sqlite_cli("audit", "archive", "--before", "0001-01-01T00:00+14:00")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "error: invalid time '0001-01-01T00:00+14:00': not within the years 1 to 9999 in UTC\n"
+    )
+
+
+def test_a_file_that_is_not_an_archive_is_named_not_blamed_on_the_database(
+    sqlite_cli: Cli, tmp_path: Path
+):
+    # A file that is not gzip, or a directory, was "cannot reach the database" (the
+    # OSError went through the store's translator); rows without the event columns
+    # were "unexpected KeyError".
+    not_gzip = tmp_path / "notes.txt"
+    not_gzip.write_text("hello\n")
+    not_events = tmp_path / "other.jsonl.gz"
+    not_events.write_bytes(gzip.compress(b'{"a": 1}\n'))
+    not_json = tmp_path / "binary.jsonl.gz"
+    not_json.write_bytes(gzip.compress(b"\xff\xfe\n"))
+    for path in (not_gzip, not_events, not_json, tmp_path):
+        for mode in ((), ("--stats",), ("--suspicious",)):
+            result = sqlite_cli("audit", "--archive", str(path), *mode)
+            assert result.exit_code == 1, result.output
+            assert result.stderr.startswith("error: ") and str(path) in result.stderr
+            assert "database" not in result.stderr and "KeyError" not in result.stderr
 
 
 def test_failed_suspicious_and_stats(cli: Cli):

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from domain import Role, users
 from domain.base import encode_event
+from domain.errors import InvalidCommand
 from domain.passwords import BcryptHasher
 from eventstore import EngineOptions, EventStore, create_engine
 from eventstore.records import NewEvent
@@ -356,6 +357,26 @@ async def test_wait_for_times_out_without_a_worker_and_returns_once_one_runs(
     finally:
         stop.set()
         await running
+
+
+async def test_wait_for_refuses_a_nan_timeout_or_a_position_that_is_no_int_in_both_modes(
+    worker_service: DatabaseService, service: DatabaseService
+) -> None:
+    # In worker mode a NaN timeout waited forever (no deadline compares as passed) and
+    # a str position was a TypeError; inline mode returned at once, whatever was given.
+    for mode in (worker_service, service):
+        for position, timeout, field in (
+            (10**9, float("nan"), "timeout"),
+            (10**9, "1", "timeout"),
+            ("5", 0.1, "position"),
+            (None, 0.1, "position"),
+        ):
+            with pytest.raises(InvalidCommand) as refused:
+                async with asyncio.timeout(5):
+                    await mode.wait_for(position, timeout)
+            assert refused.value.field == field
+    with pytest.raises(ProjectionTimeout):
+        await worker_service.wait_for(10**9, 0)
 
 
 async def test_a_command_returns_once_the_running_worker_reached_its_position(

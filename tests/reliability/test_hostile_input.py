@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -24,9 +24,12 @@ from domain.errors import (
     InvalidCredentials,
     NotFound,
 )
+from domain.permissions import SYSTEM_ACTOR
+from domain.projects import CreateProject
 from eventstore.errors import InvalidAppend, StoreUnavailable
 from eventstore.schema import events
 from projections.errors import InvalidFilter, InvalidQuery, ProjectionTimeout
+from projections.query import MAX_IN
 from tests.conftest import PASSWORD
 from tiu.cli import app as cli_app
 from tiu.repositories import (
@@ -71,6 +74,11 @@ hostile_value = st.one_of(
     st.booleans(),
     st.datetimes(),
     st.datetimes(timezones=st.just(UTC), min_value=datetime(9000, 1, 1)),
+    # aware, but in the year 0 or 10000 once in UTC
+    st.datetimes(max_value=datetime(1, 1, 2), timezones=st.just(timezone(timedelta(hours=14)))),
+    st.datetimes(
+        min_value=datetime(9999, 12, 31), timezones=st.just(timezone(-timedelta(hours=14)))
+    ),
     st.lists(st.integers(), max_size=3),
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
 )
@@ -233,6 +241,81 @@ async def test_a_value_the_command_refuses_is_an_invalid_command_naming_its_fiel
     assert refused.value.field == field
 
 
+#: Aware, yet outside the years 1-9999 once converted to UTC, where the log keeps times.
+BEYOND_UTC = (
+    datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14))),
+    datetime(9999, 12, 31, 23, tzinfo=timezone(-timedelta(hours=14))),
+)
+
+
+@pytest.mark.parametrize("due", BEYOND_UTC, ids=["year-0-in-utc", "year-10000-in-utc"])
+async def test_a_due_date_beyond_the_years_utc_holds_is_an_invalid_command(service, owner, due):
+    # It was accepted, then failed in the tasks projector (ProjectionFailed: OverflowError).
+    user, project = owner
+    async with service.get_repositories(actor_id=user.id) as repos:
+        task = await repos.tasks.create_task(project.id, "Existing")
+    before = await _count(service)
+    async with service.get_repositories(actor_id=user.id) as repos:
+        with pytest.raises(InvalidCommand) as created:
+            await repos.tasks.create_task(project.id, "x", due_date=due)
+        with pytest.raises(InvalidCommand) as edited:
+            await repos.tasks.edit_task(task.id, due_date=due)
+        with pytest.raises(InvalidCommand) as bulk:
+            await repos.tasks.create_tasks(
+                [{"project_id": project.id, "title": "t", "due_date": due}]
+            )
+    assert created.value.field == edited.value.field == bulk.value.field == "due_date"
+    assert "1 to 9999" in created.value.reason
+    assert await _count(service) == before
+
+
+AUDIT_TIMES = [
+    *((m, f) for m in ("get_events", "failed", "suspicious", "stats") for f in ("since", "until")),
+    ("archive", "before"),
+]
+
+
+async def test_an_audit_time_naive_or_beyond_utc_is_an_invalid_command_naming_it(service, owner):
+    # These failed in the driver's bind of the time: a StatementError (ValueError or
+    # OverflowError) on both backends.
+    for method, field in AUDIT_TIMES:
+        for when in (datetime(2026, 1, 1), *BEYOND_UTC):
+            async with service.get_repositories(SYSTEM_ACTOR) as repos:
+                with pytest.raises(InvalidCommand) as refused:
+                    await getattr(repos.audit, method)(**{field: when})
+            assert refused.value.field == field
+            assert ("timezone" if when.tzinfo is None else "1 to 9999") in refused.value.reason
+
+
+async def test_more_event_types_than_a_query_binds_is_an_invalid_command(service, owner):
+    # 70,000 types were an asyncpg InterfaceError (at most 32767 query arguments).
+    many = [f"Type{i}" for i in range(MAX_IN + 1)]
+    async with service.get_repositories(SYSTEM_ACTOR) as repos:
+        for method in (repos.audit.get_events, repos.audit.stats, repos.audit.failed):
+            with pytest.raises(InvalidCommand) as refused:
+                await method(event_types=many)
+            assert refused.value.field == "event_types"
+        assert await repos.audit.get_events(event_types=many[:MAX_IN]) == []
+
+
+@pytest.mark.parametrize("output", ["a\x00b.gz", "a\ud800b.gz", 7], ids=repr)
+async def test_an_archive_path_no_file_system_takes_is_an_invalid_command(
+    service, owner, tmp_path, output
+):
+    # It was a ValueError ("embedded null byte"), a UnicodeEncodeError or a TypeError.
+    async with service.get_repositories() as repos:  # a refused login: a security event
+        with pytest.raises(InvalidCredentials):
+            await repos.sessions.create_session("owner@example.com", "wrong password")
+    before = await _count(service)
+    with pytest.raises(InvalidCommand) as refused:
+        await service.archive_audit_log(
+            before=datetime(2100, 1, 1, tzinfo=UTC),
+            output=output if not isinstance(output, str) else str(tmp_path / output),
+        )
+    assert refused.value.field == "output"
+    assert await _count(service) == before
+
+
 @pytest.mark.parametrize("bad", ["a\x00b", "a\ud800b"])
 async def test_reads_by_text_no_database_can_hold_answer_not_found_on_both_backends(
     service, owner, bad
@@ -250,6 +333,60 @@ async def test_reads_by_text_no_database_can_hold_answer_not_found_on_both_backe
         assert await service.store.read_all(conn, categories=[bad]) == []
         users_only = await service.store.read_all(conn, categories=["user", bad])
     assert [e.stream_id for e in users_only] == [f"user-{user.id}"]
+
+
+CALLER_FIELDS = ("actor_id", "ip", "user_agent", "correlation_id")
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        *((field, bad) for field in CALLER_FIELDS for bad in ("a\x00b", "a\ud800b", 7)),
+        ("actor_id", ["a"]),
+        ("user_agent", b"Mozilla"),
+        ("actor_id", "x" * 65),
+        ("correlation_id", "x" * 201),
+        ("correlation_id", "tab\tbed"),
+    ],
+    ids=lambda value: repr(value)[:12],
+)
+async def test_who_and_where_values_a_command_cannot_carry_are_refused_naming_them(
+    service, owner, field, bad
+):
+    # A service passes these from a request (X-Request-ID, User-Agent, a session's
+    # user): they failed in the driver (value too long, NUL, a surrogate) or in pydantic.
+    user, _ = owner
+    caller = {"actor_id": user.id, field: bad}
+    before = await _count(service)
+    calls = {
+        "a write": lambda repos: repos.projects.create_project("P"),
+        "a read": lambda repos: repos.tasks.list_tasks(),
+        "a login": lambda repos: repos.sessions.create_session("owner@example.com", PASSWORD),
+        "an audited action": lambda repos: repos.audit.log_action("export", "report"),
+    }
+    for what, call in calls.items():
+        with pytest.raises(InvalidCommand) as refused:
+            async with service.get_repositories(**caller) as repos:
+                await call(repos)
+        assert refused.value.field == field, what
+    with pytest.raises(InvalidCommand) as refused:
+        await service.dispatch(CreateProject(owner_id=user.id, name="P"), service.context(**caller))
+    assert refused.value.field == field
+    with pytest.raises(InvalidCommand) as refused:
+        await service.execute_in_transaction(
+            lambda repos: repos.projects.create_project("P"), **caller
+        )
+    assert refused.value.field == field
+    assert await _count(service) == before
+
+
+async def test_a_correlation_id_of_200_printable_characters_is_stored(service, owner):
+    user, _ = owner
+    async with service.get_repositories(user.id, correlation_id="r" * 200) as repos:
+        result = await repos.audit.log_action("export", "report")
+    async with service.engine.connect() as conn:
+        stored = await service.store.read_stream(conn, result.stream_id)
+    assert [e.correlation_id for e in stored] == ["r" * 200]
 
 
 async def test_a_lone_surrogate_in_a_login_email_is_invalid_credentials(service, owner):
@@ -271,6 +408,20 @@ async def test_text_that_cannot_be_stored_in_an_audit_detail_is_refused(service,
         with pytest.raises(InvalidCommand) as refused:
             await repos.get_audit_repository().log_action("export", "report", None, details)
     assert refused.value.field == "details"
+    assert await _count(service) == before
+
+
+@pytest.mark.parametrize("details", [{"k": float("nan")}, {"k": [1, {"n": float("-inf")}]}])
+async def test_an_audit_detail_json_cannot_hold_nan_or_infinity_is_refused(service, owner, details):
+    # They were stored, and came back out of `tiu audit --format json` as NaN and
+    # -Infinity: tokens jq and strict encoders (Starlette's JSONResponse) refuse.
+    user, _ = owner
+    before = await _count(service)
+    async with service.get_repositories(actor_id=user.id) as repos:
+        with pytest.raises(InvalidCommand) as refused:
+            await repos.get_audit_repository().log_action("export", "report", None, details)
+    assert refused.value.field == "details"
+    assert "not JSON" in refused.value.reason
     assert await _count(service) == before
 
 
@@ -507,6 +658,18 @@ async def test_every_public_call_gives_success_or_a_documented_error_and_a_refus
     }
     valid |= {"actor": [user.id], "user": [user.id, f"owner{n}@example.com"]}
     repo, name, arguments = data.draw(hostile_calls(valid), label="call")
+    # The owner, or the system actor, whose permissions reach the audit and admin paths.
+    actor = data.draw(st.sampled_from([user.id, SYSTEM_ACTOR]), label="actor")
+    # Who and where, as a service passes them from a request: now and then hostile.
+    caller = data.draw(
+        st.one_of(
+            st.just({}),
+            st.fixed_dictionaries(
+                {}, optional=dict.fromkeys(("ip", "user_agent", "correlation_id"), hostile_value)
+            ),
+        ),
+        label="caller",
+    )
     before, _ = await _head(service)
     if repo == "cli":
         result = await asyncio.to_thread(
@@ -530,7 +693,7 @@ async def test_every_public_call_gives_success_or_a_documented_error_and_a_refus
         if repo == "service":
             await getattr(service, name)(**arguments)
         else:
-            async with service.get_repositories(actor_id=user.id) as repos:
+            async with service.get_repositories(actor_id=actor, **caller) as repos:
                 await getattr(getattr(repos, repo), name)(**arguments)
     except Exception as error:  # the point: what escapes, typed or not
         _check_refusal(error)

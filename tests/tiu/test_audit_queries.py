@@ -20,8 +20,9 @@ from domain import users
 from domain.permissions import SYSTEM_ACTOR
 from eventstore import EventContext, EventStore, NewEvent
 from tests.conftest import PASSWORD, Clock
-from tiu import InvalidCredentials
+from tiu import InvalidCommand, InvalidCredentials
 from tiu.audit import (
+    MAX_DURATION,
     AuditFilter,
     SuspiciousRules,
     _row_of,
@@ -497,3 +498,30 @@ async def test_stats_count_an_event_at_since_not_one_at_until_and_midnight_opens
     assert whole.by_day == {"2027-05-01": 1, "2027-05-02": 2, "2027-05-03": 1}
     assert edges.by_day == {"2027-05-02": 2}
     assert before.by_day == {"2027-05-01": 1}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("account_threshold", 0),
+        ("ip_threshold", -5),
+        ("account_threshold", "5"),
+        ("ip_threshold", True),
+        ("window", timedelta(days=-1)),
+        ("window", timedelta.max),
+        ("window", 5),
+        ("lockout_lookback", timedelta.min),
+    ],
+    ids=repr,
+)
+def test_suspicious_rules_out_of_range_are_an_invalid_command_naming_the_field(field, value):
+    # They reached the database: a negative window was a driver error on PostgreSQL and
+    # "SQLite error" (StoreUnavailable) on SQLite, a huge one an OverflowError, a string
+    # threshold SchemaNotReady, an int window a TypeError.
+    with pytest.raises(InvalidCommand) as refused:
+        SuspiciousRules(**{field: value})
+    assert refused.value.field == field
+
+
+def test_suspicious_rules_take_zero_durations_and_the_longest_one():
+    SuspiciousRules(window=timedelta(0), lockout_lookback=MAX_DURATION)
