@@ -255,16 +255,27 @@ class DatabaseService:
         for projector in chosen:
             spec = importable_name(projector) if env is not None else None
             if env is not None and spec is not None:
+                where = "a child process"
                 report = await rebuilds.rebuild_in_child(
                     env, projector.name, spec, batch_size=batch
                 )
             else:
+                where = "this process"
                 report = await replay.rebuild(
                     self.store,
                     projector,
                     batch_size=SHARED_LOOP_BATCH,
                     pause_every=SHARED_LOOP_CHUNK,
                 )
+            log.info(
+                "rebuilt %s v%d in %s: %d events to position %d in %.1f s",
+                report.projector,
+                report.version,
+                where,
+                report.applied,
+                report.position,
+                report.seconds,
+            )
             reports.append(report)
         return reports
 
