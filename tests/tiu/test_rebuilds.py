@@ -5,6 +5,7 @@ imports, so few tests start one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -79,9 +80,17 @@ def process_exists(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
-def children_running(pattern: str) -> list[int]:
-    """This process's children whose command line holds ``pattern``."""
-    found = []
+def open_pipes() -> int:
+    pipes = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed since
+            pipes += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+    return pipes
+
+
+def children_running(pattern: str) -> dict[int, str]:
+    """This process's children whose command line holds ``pattern``, with it."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -92,7 +101,7 @@ def children_running(pattern: str) -> list[int]:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         if ppid == os.getpid() and pattern in cmdline:
-            found.append(int(entry.name))
+            found[int(entry.name)] = cmdline
     return found
 
 
@@ -145,6 +154,7 @@ async def test_a_cancelled_rebuild_ends_its_child_and_a_later_rebuild_completes(
     before = await read_models(engine)
     svc = service_on(engine)
     await svc.start(migrate=False)
+    pipes = open_pipes()
     try:
         stuck = asyncio.create_task(svc.rebuild(StuckTasks()))
         # Until the child is inside its first batch: its shadow tables are prepared.
@@ -154,18 +164,20 @@ async def test_a_cancelled_rebuild_ends_its_child_and_a_later_rebuild_completes(
             if prepared:
                 break
             await asyncio.sleep(0.05)
-        [child] = children_running("tiu.rebuilds")
+        [(child, cmdline)] = children_running("tiu.rebuilds").items()
+        assert engine.url.render_as_string(hide_password=False) not in cmdline  # ps shows it
         stuck.cancel()
         with pytest.raises(asyncio.CancelledError):
             await stuck
         assert not process_exists(child)  # ended and reaped: no zombie
+        assert open_pipes() == pipes
 
         [report] = await svc.rebuild("tasks")  # resumes what the child left
     finally:
         await svc.store.aclose()
     assert report.projector == "tasks"
     assert await read_models(engine) == before
-    assert children_running("tiu.rebuilds") == []
+    assert children_running("tiu.rebuilds") == {}
 
 
 async def test_memory_databases_and_unimportable_projectors_rebuild_in_this_process(
