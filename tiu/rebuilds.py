@@ -29,9 +29,10 @@ from subprocess import DEVNULL, PIPE
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from eventstore import telemetry
 from eventstore.engine import options_of
 from projections.errors import RebuildError
-from projections.replay import RebuildReport
+from projections.replay import RebuildProgress, RebuildReport
 
 #: The child's niceness increment: a rebuild is background work, the host's requests
 #: come first on a busy machine.
@@ -96,17 +97,26 @@ async def rebuild_in_child(
             process.returncode,
         )
     try:
-        report = json.loads(out)["rebuilt"][0]
-        return RebuildReport(
-            projector=report["projector"],
-            version=int(report["version"]),
-            position=int(report["position"]),
-            applied=int(report["applied"]),
-            seconds=float(report["seconds"]),
-            resumed_from=int(report["resumed_from"]),
+        rebuilt = json.loads(out)["rebuilt"][0]
+        report = RebuildReport(
+            projector=rebuilt["projector"],
+            version=int(rebuilt["version"]),
+            position=int(rebuilt["position"]),
+            applied=int(rebuilt["applied"]),
+            seconds=float(rebuilt["seconds"]),
+            resumed_from=int(rebuilt["resumed_from"]),
         )
     except (ValueError, KeyError, IndexError, TypeError):
         raise RebuildError(projector, f"its process printed no report: {_last_line(out)}") from None
+    # The host's replay gauge: the child's progress is its own, its end is known here.
+    observe = telemetry.replay_progress(None)
+    if observe is not None:
+        observe(
+            RebuildProgress(
+                report.projector, report.position, report.position, report.applied, report.seconds
+            )
+        )
+    return report
 
 
 async def _end(process: asyncio.subprocess.Process) -> None:
