@@ -44,15 +44,18 @@ TERMINATE_GRACE = 10.0
 
 def child_environment(engine: AsyncEngine) -> dict[str, str] | None:
     """The environment of a child that connects to ``engine``'s database as ``engine``
-    does; ``None`` where no other process can: an in-memory SQLite database, or an
-    engine :func:`eventstore.create_engine` did not build as it is (a view of one, such
-    as a tenant's, has its own schema)."""
+    does; ``None`` where no other process can: an in-memory SQLite database, an engine
+    :func:`eventstore.create_engine` did not build as it is (a view of one, such as a
+    tenant's, has its own schema), or an interpreter that cannot name its executable
+    (embedded)."""
     from eventstore.engine import options_of  # noqa: PLC0415  # see the imports
 
     options = options_of(engine)
     url = engine.url
-    if options is None or (
-        url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+    if (
+        options is None
+        or not sys.executable
+        or (url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"))
     ):
         return None
     # The host's own TIU_* variables may differ from what its engine was built with.
