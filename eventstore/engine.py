@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,17 @@ class EngineOptions:
     echo: bool = False
 
 
+#: The options each engine of :func:`create_engine` was built with (weakly held).
+_BUILT_WITH: weakref.WeakKeyDictionary[AsyncEngine, EngineOptions] = weakref.WeakKeyDictionary()
+
+
+def options_of(engine: AsyncEngine) -> EngineOptions | None:
+    """The options :func:`create_engine` built ``engine`` with; ``None`` for any other
+    engine, a view of one (``execution_options``) included. What a process of its own
+    (a rebuild's child) needs to connect exactly as ``engine`` does."""
+    return _BUILT_WITH.get(engine)
+
+
 def backend_name(url: str | URL) -> str:
     """``"sqlite"`` or ``"postgresql"``; anything else is refused."""
     name = make_url(url).get_backend_name()
@@ -137,6 +149,7 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
             **common,
         )
         _install_read_hook(pg_engine)
+        _BUILT_WITH[pg_engine] = opts
         return pg_engine
     if url.drivername != "sqlite+aiosqlite":
         url = url.set(drivername="sqlite+aiosqlite")
@@ -174,6 +187,7 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
     )
     _install_sqlite_hooks(engine, driver, synchronous=synchronous, memory=memory)
     _install_read_hook(engine)
+    _BUILT_WITH[engine] = opts
     return engine
 
 

@@ -8,6 +8,7 @@
           └── InvalidPagination          limit/offset out of range
      ├── ProjectionFailed                a projector raised on events; its batch rolled back
      ├── ProjectionParked                a projector stopped at an event it cannot apply
+     ├── RebuildError                    a rebuild could not finish (its child process failed)
      └── InvalidSkip (ValueError)        an operator's skip names no skippable event
 
 Projector, checkpoint and replay errors belong under ProjectionError too.
@@ -95,7 +96,17 @@ class ProjectionTimeout(ProjectionError, TimeoutError):
 
 
 class RebuildError(ProjectionError):
-    """A rebuild could not finish; live tables are untouched."""
+    """A rebuild of ``projector`` could not finish (``reason``); its live tables are
+    untouched. :meth:`tiu.DatabaseService.rebuild` raises it for a name the service has
+    no projector of, and when the rebuild's child process failed: ``exit_code`` is its
+    exit status and ``reason`` its last error line. What the child committed before it
+    failed is resumed from by the next rebuild of the projector."""
+
+    def __init__(self, projector: str, reason: str, exit_code: int | None = None) -> None:
+        super().__init__(f"rebuild of {projector} failed: {reason}")
+        self.projector = projector
+        self.reason = reason
+        self.exit_code = exit_code
 
 
 class ProjectionFailed(ProjectionError):

@@ -498,7 +498,8 @@ class _Bar:
 @app.command()
 def replay(  # noqa: PLR0917  # typer maps each parameter to an option
     projections: Annotated[
-        list[str] | None, typer.Argument(help="Projector names (default: the stale ones).")
+        list[str] | None,
+        typer.Argument(help="Projector names or module:Class (default: the stale ones)."),
     ] = None,
     rebuild_all: Annotated[bool, typer.Option("--all", help="Rebuild every projector.")] = False,
     dry_run: Annotated[

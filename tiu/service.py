@@ -34,9 +34,11 @@ from eventstore.schema import events
 from eventstore.translate import translate_errors
 from migrations import runner as migrations
 from projections import checkpoints, parking, replay
+from projections.errors import RebuildError
 from projections.projector import Projector
 from projections.publishing import Publisher, publisher_lag
-from projections.readmodels import ALL_PROJECTORS
+from projections.readmodels import ALL_PROJECTORS, importable_name
+from projections.replay import DEFAULT_BATCH_SIZE, RebuildReport
 from projections.runner import (
     SHARED_LOOP_BATCH,
     SHARED_LOOP_CHUNK,
@@ -46,6 +48,7 @@ from projections.runner import (
     lowest_position,
     wait_for,
 )
+from tiu import rebuilds
 from tiu.dispatch import CommandResult, Dispatcher
 from tiu.publishing import build_publisher
 from tiu.replicas import ReplicaReads
@@ -193,17 +196,10 @@ class DatabaseService:
                 await begin_write(conn)
                 stale = await checkpoints.ensure(conn, self.projectors)
                 await conn.commit()
-        # In the host's process: the rebuild and the worker share its event loop
-        # (chunked Python work, SQLite statements on a worker thread) and leave its
-        # garbage collector alone.
+        # The catch-up and the worker share the host's event loop (chunked Python work,
+        # SQLite statements on a worker thread) and leave its garbage collector alone.
         if self.projection_mode is ProjectionMode.INLINE:
-            for projector in stale:
-                await replay.rebuild(
-                    self.store,
-                    projector,
-                    batch_size=SHARED_LOOP_BATCH,
-                    pause_every=SHARED_LOOP_CHUNK,
-                )
+            await self.rebuild(*stale)
             await Worker(
                 self.store,
                 self.projectors,
@@ -225,6 +221,71 @@ class DatabaseService:
         if self.settings.run_publisher:
             self.publisher = build_publisher(self.store, self.settings)
             self._publisher_task = asyncio.create_task(self.publisher.run(self._publisher_stop))
+
+    async def rebuild(self, *projectors: str | Projector) -> list[RebuildReport]:
+        """Rebuild projections from the log and swap them in, while the service keeps
+        serving from the live tables (:mod:`projections.replay`; resumable). Projectors
+        are named as in :attr:`projectors` (or given); none: the stale ones, those whose
+        code version is not the live one. :meth:`start` rebuilds those (inline mode).
+
+        Each rebuild runs in a child process of its own (:mod:`tiu.rebuilds`, at a lower
+        CPU priority), so the host's event loop, GIL and garbage collector are left alone;
+        this call only awaits it. It runs in this process instead, sharing the loop
+        (``pause_every``, statements on a worker thread on SQLite), where no child can
+        do it: ``rebuild_in_child=False``; an in-memory SQLite database; an engine given
+        to the service that :func:`eventstore.create_engine` did not build as it is
+        (a view of one, such as a tenant's); or a projector whose class is not
+        importable by its qualified name, or whose instance holds state of its own
+        (:func:`projections.readmodels.importable_name`: a class defined in a function
+        or in ``__main__``). The registered projectors (``ALL_PROJECTORS``) all are.
+
+        Raises :class:`RebuildError` for a name the service has no projector of, and,
+        naming the projector and the child's last error line, when a child fails; what
+        it committed is resumed by the next rebuild. Cancelling the call terminates the
+        child (SIGTERM, SIGKILL after 10 s) and waits for it."""
+        if projectors:
+            chosen = [self._projector(p) if isinstance(p, str) else p for p in projectors]
+        else:
+            async with self.engine.connect() as conn:
+                chosen = await replay.stale_projectors(conn, self.projectors)
+        env = rebuilds.child_environment(self.engine) if self.settings.rebuild_in_child else None
+        # A child holds SQLite's write lock for a batch: a small one lets the host's
+        # writers in between; PostgreSQL's shadow tables block no writer.
+        batch = SHARED_LOOP_BATCH if self.engine.dialect.name == "sqlite" else DEFAULT_BATCH_SIZE
+        reports = []
+        for projector in chosen:
+            spec = importable_name(projector) if env is not None else None
+            if env is not None and spec is not None:
+                where = "a child process"
+                report = await rebuilds.rebuild_in_child(
+                    env, projector.name, spec, batch_size=batch
+                )
+            else:
+                where = "this process"
+                report = await replay.rebuild(
+                    self.store,
+                    projector,
+                    batch_size=SHARED_LOOP_BATCH,
+                    pause_every=SHARED_LOOP_CHUNK,
+                )
+            log.info(
+                "rebuilt %s v%d in %s: %d events to position %d in %.1f s",
+                report.projector,
+                report.version,
+                where,
+                report.applied,
+                report.position,
+                report.seconds,
+            )
+            reports.append(report)
+        return reports
+
+    def _projector(self, name: str) -> Projector:
+        for projector in self.projectors:
+            if projector.name == name:
+                return projector
+        known = ", ".join(sorted(p.name for p in self.projectors))
+        raise RebuildError(name, f"this service has no such projector; known: {known}")
 
     async def _start_session_cache(self, cache: SessionCache) -> None:
         from projections.redis_sessions import CACHE_ERRORS  # noqa: PLC0415

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     group_budget: float | None = Field(0.004, ge=0)
     command_retries: int = Field(5, ge=0)
     auto_migrate: bool = True
+    #: ``DatabaseService.rebuild`` (and the start-up rebuild of stale projections) runs
+    #: each rebuild in a child process of its own, leaving the host's event loop, GIL
+    #: and garbage collector alone; off: in the host's process, sharing its loop.
+    rebuild_in_child: bool = True
 
     #: Publish the log to NATS JetStream from inside the service (docs/publishing.md);
     #: ``tiu publish`` runs the same publisher as a process of its own.

@@ -18,6 +18,8 @@ projector          tables                                           from streams
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Final
 
 from projections.projector import Projector
@@ -41,11 +43,39 @@ _BY_NAME: Final = {projector.name: projector for projector in ALL_PROJECTORS}
 
 
 def by_name(name: str) -> Projector:
-    """The projector called ``name``; ``KeyError`` naming the known ones otherwise."""
-    try:
+    """The projector called ``name``, or a new instance of the projector class that
+    ``module:QualName`` names (:func:`importable_name`); ``KeyError`` naming the known
+    ones otherwise."""
+    if name in _BY_NAME:
         return _BY_NAME[name]
-    except KeyError:
-        raise KeyError(f"no projector {name!r}; known: {', '.join(sorted(_BY_NAME))}") from None
+    module, _, qualname = name.partition(":")
+    if qualname:
+        try:
+            found: object = importlib.import_module(module)
+            for part in qualname.split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError) as error:
+            raise KeyError(f"cannot import projector {name!r}: {error}") from None
+        if isinstance(found, type) and issubclass(found, Projector):
+            return found()
+        raise KeyError(f"{name!r} is not a Projector class")
+    raise KeyError(f"no projector {name!r}; known: {', '.join(sorted(_BY_NAME))}")
+
+
+def importable_name(projector: Projector) -> str | None:
+    """``module:QualName`` of ``projector``'s class when a new instance made from that
+    name, in another process, is the same projector: the class is importable by its
+    qualified name (defined at a module's top level, not in ``__main__`` nor inside a
+    function) and the instance holds no attribute of its own. ``None`` otherwise."""
+    cls = type(projector)
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        return None
+    if getattr(projector, "__dict__", None):
+        return None
+    found: object = sys.modules.get(cls.__module__)
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return f"{cls.__module__}:{cls.__qualname__}" if found is cls else None
 
 
 __all__ = [
@@ -57,4 +87,5 @@ __all__ = [
     "UserActivityProjector",
     "UsersProjector",
     "by_name",
+    "importable_name",
 ]

@@ -1,0 +1,219 @@
+"""``DatabaseService.rebuild``: a rebuild in a child process of its own, on both
+backends; in the host's process where no child can do it. Each child costs ~1 s of
+imports, so few tests start one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from domain.passwords import BcryptHasher
+from eventstore.schema import projection_checkpoints as cp
+from projections.projector import Envelope, Projector, Tables
+from projections.readmodels import ALL_PROJECTORS, TasksProjector, UsersProjector
+from projections.runner import Worker
+from tests.projections.worker_process import append_events, read_models, workload
+from tiu import DatabaseService, RebuildError, Settings
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="watches children in /proc")
+
+
+class UsersV2(UsersProjector):
+    version = 2
+
+
+class BrokenTasks(TasksProjector):
+    """Importable by its qualified name, so rebuilt in a child, where it fails."""
+
+    version = 2
+
+    async def apply_batch(
+        self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables
+    ) -> None:
+        raise ValueError("broken on purpose")
+
+
+class StuckTasks(TasksProjector):
+    """Rebuilt in a child, which it keeps inside its first batch."""
+
+    async def apply_batch(
+        self, conn: AsyncConnection, envelopes: Sequence[Envelope], t: Tables
+    ) -> None:
+        await asyncio.sleep(60)
+
+
+def service_on(
+    engine: AsyncEngine, projectors: Sequence[Projector] = ALL_PROJECTORS, **settings: object
+) -> DatabaseService:
+    return DatabaseService(
+        Settings(database_url=str(engine.url), bcrypt_rounds=4, **settings),  # type: ignore[arg-type]
+        engine=engine,
+        hasher=BcryptHasher(rounds=4),
+        projectors=projectors,
+    )
+
+
+async def logged_log(engine: AsyncEngine, n: int = 300) -> None:
+    """A log of ``n`` events with every read model caught up with it."""
+    svc = service_on(engine)
+    await svc.start(migrate=False)
+    await append_events(svc.store, workload(n, seed=5))
+    await Worker(svc.store, ALL_PROJECTORS, leader_election=False).catch_up()
+    await svc.store.aclose()
+
+
+def where_rebuilt(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("rebuilt ")]
+
+
+def process_exists(pid: int) -> bool:
+    """Whether ``pid`` is a process, a zombie (ended, not yet reaped) included."""
+    return Path(f"/proc/{pid}").exists()
+
+
+def open_pipes() -> int:
+    pipes = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed since
+            pipes += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+    return pipes
+
+
+def children_running(pattern: str) -> dict[int, str]:
+    """This process's children whose command line holds ``pattern``, with it."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == os.getpid() and pattern in cmdline:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+async def test_start_rebuilds_a_stale_projection_in_a_child_with_the_in_process_tables(
+    engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    await logged_log(engine)
+    caplog.set_level(logging.INFO, logger="tiu")
+    projectors = (UsersV2(), *ALL_PROJECTORS[1:])
+    svc = service_on(engine, projectors)
+    await svc.start(migrate=False)  # users v2 is stale: rebuilt by a child
+    await svc.store.aclose()
+    assert [m.split(":")[0] for m in where_rebuilt(caplog)] == [
+        "rebuilt users v2 in a child process"
+    ]
+    from_child = await read_models(engine)
+
+    in_process = service_on(engine, projectors, rebuild_in_child=False)
+    reports = await in_process.rebuild("users")
+    await in_process.store.aclose()
+    assert [r.version for r in reports] == [2]
+    assert where_rebuilt(caplog)[-1].startswith("rebuilt users v2 in this process:")
+    assert await read_models(engine) == from_child
+    assert from_child["users"]  # the log has users
+
+
+async def test_a_failing_child_raises_rebuild_error_with_its_last_error_line(
+    engine: AsyncEngine,
+) -> None:
+    await logged_log(engine)
+    before = await read_models(engine)
+    svc = service_on(engine)
+    await svc.start(migrate=False)
+    try:
+        with pytest.raises(RebuildError) as caught:
+            await svc.rebuild(BrokenTasks())
+    finally:
+        await svc.store.aclose()
+    assert caught.value.projector == "tasks"
+    assert caught.value.exit_code == 1
+    assert caught.value.reason.endswith("ValueError('broken on purpose')")
+    assert "error: projector tasks failed on position" in caught.value.reason
+    assert await read_models(engine) == before  # the live tables are untouched
+
+
+async def test_a_cancelled_rebuild_ends_its_child_and_a_later_rebuild_completes(
+    engine: AsyncEngine,
+) -> None:
+    await logged_log(engine)
+    before = await read_models(engine)
+    svc = service_on(engine)
+    await svc.start(migrate=False)
+    pipes = open_pipes()
+    try:
+        stuck = asyncio.create_task(svc.rebuild(StuckTasks()))
+        # Until the child is inside its first batch: its shadow tables are prepared.
+        for _ in range(300):
+            async with engine.connect() as conn:
+                prepared = await conn.scalar(select(cp.c.name).where(cp.c.name == "tasks#rebuild"))
+            if prepared:
+                break
+            await asyncio.sleep(0.05)
+        [(child, cmdline)] = children_running("tiu.rebuilds").items()
+        assert engine.url.render_as_string(hide_password=False) not in cmdline  # ps shows it
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+        assert not process_exists(child)  # ended and reaped: no zombie
+        assert open_pipes() == pipes
+
+        [report] = await svc.rebuild("tasks")  # resumes what the child left
+    finally:
+        await svc.store.aclose()
+    assert report.projector == "tasks"
+    assert await read_models(engine) == before
+    assert children_running("tiu.rebuilds") == {}
+
+
+async def test_memory_databases_and_unimportable_projectors_rebuild_in_this_process(
+    engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    class LocalTasks(TasksProjector):  # defined in a function: no child can import it
+        pass
+
+    caplog.set_level(logging.INFO, logger="tiu")
+    await logged_log(engine)
+    before = await read_models(engine)
+    svc = service_on(engine)
+    await svc.start(migrate=False)
+    try:
+        await svc.rebuild(LocalTasks())
+    finally:
+        await svc.store.aclose()
+    assert await read_models(engine) == before
+
+    memory = DatabaseService(
+        Settings(database_url="sqlite+aiosqlite:///:memory:", bcrypt_rounds=4),
+        hasher=BcryptHasher(rounds=4),
+    )
+    async with memory:
+        await memory.start()
+        await append_events(memory.store, workload(100, seed=2))
+        [report] = await memory.rebuild("tasks")
+    assert report.applied > 0
+    assert [m.split(":")[0] for m in where_rebuilt(caplog)] == [
+        "rebuilt tasks v1 in this process",
+        "rebuilt tasks v1 in this process",
+    ]
+
+
+async def test_a_name_the_service_has_no_projector_of_raises_rebuild_error(
+    service: DatabaseService,
+) -> None:
+    with pytest.raises(RebuildError, match="no such projector; known: project_stats, projects"):
+        await service.rebuild("nope")

@@ -1,0 +1,166 @@
+"""A projection's rebuild in a child process of its own (:meth:`DatabaseService.rebuild`).
+
+A rebuild runs Python for every event of the log and allocates heavily (a batch holds
+~100k objects until it is written). Inside a service, even chunked, it stalled the
+host's loop: bench case 9 at 1,000,000 SQLite events saw max loop lags of 14-92 ms,
+mostly full collections of the service process's garbage collector (14.5 ms of CPU
+each) and GIL contention with the rebuild's statement threads. A child process
+(``python -m tiu.rebuilds``: ``tiu replay --json`` at a lower CPU priority) leaves
+the host's loop, GIL and collector alone; the host only awaits its exit.
+
+The child connects as the host's engine does: the URL (password included) and the
+engine's options go through the environment as ``TIU_*`` variables, which
+:class:`tiu.settings.Settings` reads, never on the command line, which ``ps`` shows.
+Its report is the JSON ``tiu replay --json`` prints; a failure is its ``error: ...``
+line on stderr. SIGTERM makes it roll back its transaction and exit: what it
+committed (batches of the shadow tables and the rebuild's checkpoint) is what the next
+rebuild resumes from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from subprocess import DEVNULL, PIPE
+from typing import TYPE_CHECKING
+
+# Only the standard library at the top: the child lowers its CPU priority (main)
+# before it imports anything (~0.6 s of CPU), and the host has the rest imported.
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from projections.replay import RebuildReport
+
+#: The child's niceness increment: a rebuild is background work, the host's requests
+#: come first on a busy machine.
+NICENESS = 10
+#: How long a child has, after SIGTERM, to roll back and exit before it is killed.
+TERMINATE_GRACE = 10.0
+
+
+def child_environment(engine: AsyncEngine) -> dict[str, str] | None:
+    """The environment of a child that connects to ``engine``'s database as ``engine``
+    does; ``None`` where no other process can: an in-memory SQLite database, an engine
+    :func:`eventstore.create_engine` did not build as it is (a view of one, such as a
+    tenant's, has its own schema), or an interpreter that cannot name its executable
+    (embedded)."""
+    from eventstore.engine import options_of  # noqa: PLC0415  # see the imports
+
+    options = options_of(engine)
+    url = engine.url
+    if (
+        options is None
+        or not sys.executable
+        or (url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"))
+    ):
+        return None
+    # The host's own TIU_* variables may differ from what its engine was built with.
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TIU_")}
+    env["TIU_DATABASE_URL"] = url.render_as_string(hide_password=False)
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        # echo would print SQL on the stdout that carries the report.
+        if value is None or field.name == "echo":
+            continue
+        env[f"TIU_{field.name.upper()}"] = json.dumps(value) if type(value) is bool else str(value)
+    # The modules the host imports its projectors from.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
+
+
+async def rebuild_in_child(
+    env: dict[str, str], projector: str, spec: str, *, batch_size: int
+) -> RebuildReport:
+    """Rebuild the projector ``spec`` names (:func:`projections.readmodels.by_name`) in a
+    child process and return its report. Raises :class:`RebuildError` naming
+    ``projector`` and the child's last error line if it fails. Cancelled, it terminates
+    the child (SIGTERM; SIGKILL after :data:`TERMINATE_GRACE`) and waits for it."""
+    from eventstore import telemetry  # noqa: PLC0415  # see the imports
+    from projections.errors import RebuildError  # noqa: PLC0415
+    from projections.replay import RebuildProgress, RebuildReport  # noqa: PLC0415
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tiu.rebuilds",
+        "--batch-size",
+        str(batch_size),
+        spec,
+        stdin=DEVNULL,
+        stdout=PIPE,
+        stderr=PIPE,
+        env=env,
+    )
+    try:
+        out, err = await process.communicate()
+    except BaseException:
+        await _end(process)
+        raise
+    if process.returncode != 0:
+        raise RebuildError(
+            projector,
+            f"its process exited with {process.returncode}: {_last_line(err)}",
+            process.returncode,
+        )
+    try:
+        rebuilt = json.loads(out)["rebuilt"][0]
+        report = RebuildReport(
+            projector=rebuilt["projector"],
+            version=int(rebuilt["version"]),
+            position=int(rebuilt["position"]),
+            applied=int(rebuilt["applied"]),
+            seconds=float(rebuilt["seconds"]),
+            resumed_from=int(rebuilt["resumed_from"]),
+        )
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise RebuildError(projector, f"its process printed no report: {_last_line(out)}") from None
+    # The host's replay gauge: the child's progress is its own, its end is known here.
+    observe = telemetry.replay_progress(None)
+    if observe is not None:
+        observe(
+            RebuildProgress(
+                report.projector, report.position, report.position, report.applied, report.seconds
+            )
+        )
+    return report
+
+
+async def _end(process: asyncio.subprocess.Process) -> None:
+    """Terminate ``process`` and reap it, its pipes read to their end: no zombie and no
+    open pipe are left, even if this wait is cancelled in turn."""
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            await asyncio.wait_for(process.communicate(), TERMINATE_GRACE)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.communicate()
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+
+
+def _last_line(output: bytes) -> str:
+    lines = output.decode(errors="replace").strip().splitlines()
+    return lines[-1].strip() if lines else "(no output)"
+
+
+def main() -> None:
+    """``python -m tiu.rebuilds [--batch-size N] SPEC``: ``tiu replay --json`` at a
+    lower CPU priority."""
+    if hasattr(os, "nice"):
+        os.nice(NICENESS)
+    from tiu.cli import app  # noqa: PLC0415  # the child's work, not the host's import
+
+    app(["replay", "--json", *sys.argv[1:]], prog_name="tiu replay")
+
+
+if __name__ == "__main__":
+    main()
