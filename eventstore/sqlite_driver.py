@@ -169,10 +169,10 @@ WAL_CHECKPOINT_BYTES: Final = 4 * 2**20
 #: ``journal_size_limit``: when a writer starts the WAL again from its beginning, a file
 #: larger than this is cut back to it. Above the size a WAL reaches between two
 #: checkpoints under a steady load (:data:`WAL_CHECKPOINT_BYTES` and what is committed
-#: while the checkpoint runs), so that it is reused in place: a file cut back at every
-#: start pays the ``ftruncate`` (on a worker thread, which a writer waits for) and then
-#: its growth again in the COMMITs that write past its end (at 1 MiB, bench case 3 with
-#: one caller: ~66 us of waiting and ~50 us of CPU a command, measured).
+#: while the checkpoint runs), so that it is reused in place: cut back to 1 MiB at every
+#: start, each cycle paid the ``ftruncate`` (on a worker thread, which a writer waited
+#: for) and then the file's growth again in the COMMITs that wrote past its end (bench
+#: case 3, one caller: 66 us of waiting and ~30 us of CPU a command, measured).
 WAL_SIZE_LIMIT: Final = 16 * 2**20
 #: A checkpoint's rounds without a lock go on until one copied at most this many frames
 #: and left at most this many uncopied (a reader's snapshot keeps frames from being
@@ -208,10 +208,10 @@ class WalCheckpointer:
 
     :meth:`after_commit` runs on the loop after each COMMIT: it reads how many frames
     the WAL holds from the wal-index header (the ``-shm`` file: an open, a 6-byte read
-    and a close, ~5 us against ~4 for a ``stat``; the ``-wal`` file's size says nothing
-    once the file is reused in place). Once the WAL has grown by
-    :data:`WAL_CHECKPOINT_BYTES` of frames since the last checkpoint began, a task of
-    the loop runs ``PRAGMA wal_checkpoint(PASSIVE)`` rounds on a worker thread, each on a
+    and a close, ~4 us; the ``-wal`` file's size says nothing once the file is reused
+    in place). Once the WAL has grown by :data:`WAL_CHECKPOINT_BYTES` of frames since
+    the last checkpoint began, a task of the loop
+    runs ``PRAGMA wal_checkpoint(PASSIVE)`` rounds on a worker thread, each on a
     connection of its own. A PASSIVE checkpoint takes neither the write lock nor any
     lock a reader waits for: it copies every frame committed when it began (and that
     no reader still needs) into the database file, and fsyncs it.
