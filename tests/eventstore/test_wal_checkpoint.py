@@ -90,24 +90,21 @@ async def test_commits_leave_the_wal_checkpoint_to_a_worker_thread(db_path):
         await store.engine.dispose()
 
 
-async def test_the_wal_is_started_again_in_place_under_a_long_append_run(db_path):
+async def test_the_wal_is_started_again_and_cut_back_under_a_long_append_run(db_path):
     store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
     try:
         assert await _pragma(store, "wal_autocheckpoint") == 0
-        # The WAL is started again after each completed checkpoint, not left to grow:
-        # within appends that write ~20 times WAL_CHECKPOINT_BYTES, it starts over 3
-        # times, and its file is reused in place (never cut back, never past the limit).
-        started_again, frames, n = 0, 0, 0
-        sizes = []
-        while started_again < 3:
+        # The file is cut back after each completed checkpoint, not left to grow: within
+        # appends that write ~20 times WAL_CHECKPOINT_BYTES, it is cut back 3 times.
+        cut_back, size, n = 0, 0, 0
+        while cut_back < 3:
             await _append(store, n)
-            n, previous, frames = n + 1, frames, _checkpointer(store).wal_bytes() or 0
-            started_again += frames < previous
-            sizes.append(_wal_size(db_path))
-            assert n < 20 * WAL_CHECKPOINT_BYTES // len(PAYLOAD), (started_again, frames)
-        assert max(sizes) <= WAL_SIZE_LIMIT
-        grown = [size for size in sizes if size > WAL_CHECKPOINT_BYTES]
-        assert grown == sorted(grown)  # past its first cycle, the file never shrank
+            n, previous, size = n + 1, size, _wal_size(db_path)
+            cut_back += size < previous
+            assert n < 20 * WAL_CHECKPOINT_BYTES // len(PAYLOAD), (cut_back, size)
+        await _checkpointer(store).ended()
+        await _append(store, -1)
+        assert _wal_size(db_path) <= WAL_SIZE_LIMIT
     finally:
         await store.engine.dispose()
 
@@ -116,19 +113,19 @@ async def test_a_writer_that_never_pauses_still_lets_the_wal_start_over(db_path)
     # An import: units of work of many events, one after another, nothing else to wait
     # for. Each transaction writes more frames (~6 MiB) than a round may leave for the
     # round that holds writers back, so every round the writer lets run has fallen
-    # behind again: the WAL must still be started again, not grow for as long as the
-    # import goes on.
+    # behind again: the WAL must still be started again and cut back, not grow for as
+    # long as the import goes on.
     store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
     try:
-        started_again, frames, written, n = 0, 0, 0, 0
-        while started_again < 2:
+        cut_back, size, written, n = 0, 0, 0, 0
+        while cut_back < 2:
             async with store.transaction() as uow:
                 for i in range(250):
                     uow.append(f"item-{n}x{i}", "item", [NewEvent("Noted", {"text": PAYLOAD})])
-            n, previous, frames = n + 1, frames, _checkpointer(store).wal_bytes() or 0
-            started_again += frames < previous
-            written += max(frames - previous, 0)
-            assert written < 60 * WAL_CHECKPOINT_BYTES, (n, started_again, frames)
+            n, previous, size = n + 1, size, _wal_size(db_path)
+            cut_back += size < previous
+            written += max(size - previous, 0)
+            assert written < 60 * WAL_CHECKPOINT_BYTES, (n, cut_back, size)
     finally:
         await store.engine.dispose()
 
@@ -414,8 +411,10 @@ async def test_a_reader_holding_the_wal_keeps_the_checkpoint_from_holding_writer
         await engine.dispose()
 
 
-def _trace_commits(store: EventStore) -> list[int]:
-    """The threads each COMMIT of ``store``'s connections runs on, from now on."""
+async def test_the_commit_that_cuts_the_wal_back_runs_on_a_worker_thread(db_path):
+    # Cutting a large WAL back is an ftruncate as long as the file is large (139 ms for
+    # 256 MiB on ext4 with discard): the COMMIT that does it must not hold the loop.
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
     commits: list[int] = []
 
     def trace(statement: str) -> None:
@@ -426,53 +425,19 @@ def _trace_commits(store: EventStore) -> list[int]:
     def on_connect(dbapi_connection, _record):
         dbapi_connection.driver_connection.set_trace_callback(trace)
 
-    return commits
-
-
-async def test_the_commit_that_cuts_the_wal_back_runs_on_a_worker_thread(db_path):
-    # Cutting a large WAL back is an ftruncate as long as the file is large (139 ms for
-    # 256 MiB on ext4 with discard): the COMMIT that does it must not hold the loop.
-    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
-    commits = _trace_commits(store)
     try:
-        async with store.transaction() as uow:  # ~25 MiB of frames: past the limit
-            for i in range(1200):
-                uow.append(f"item-{i}", "item", [NewEvent("Noted", {"text": PAYLOAD * 10})])
+        n = await _append_until_a_checkpoint_starts(store, db_path)
         await _checkpointer(store).ended()
         busy, frames, copied = _checkpointer(store).last  # type: ignore[misc]
         assert (busy, copied) == (0, frames)
         assert _wal_size(db_path) > WAL_SIZE_LIMIT
         loop_thread = threading.get_ident()
         commits.clear()
-        await _append(store, 0)  # starts the WAL again and cuts it back
+        await _append(store, n)  # starts the WAL again and cuts it back
         assert _wal_size(db_path) <= WAL_SIZE_LIMIT
         assert len(commits) == 1
         assert commits[0] != loop_thread
-        await _append(store, 1)  # the next COMMIT stays on the loop
+        await _append(store, n + 1)  # the next COMMIT stays on the loop
         assert commits[1:] == [loop_thread]
-    finally:
-        await store.engine.dispose()
-
-
-async def test_a_wal_within_its_limit_is_started_again_in_place_by_a_commit_on_the_loop(
-    db_path,
-):
-    # Cut back at every start, each cycle of appends paid the ftruncate on a worker
-    # thread (which the writer waited for) and the file's growth again in its COMMITs.
-    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
-    commits = _trace_commits(store)
-    try:
-        n = await _append_until_a_checkpoint_starts(store, db_path)
-        checkpointer = _checkpointer(store)
-        await checkpointer.ended()
-        busy, frames, copied = checkpointer.last  # type: ignore[misc]
-        assert (busy, copied) == (0, frames)
-        size = _wal_size(db_path)
-        assert WAL_CHECKPOINT_BYTES <= size <= WAL_SIZE_LIMIT
-        commits.clear()
-        await _append(store, n)  # starts the WAL again, in place
-        assert commits == [threading.get_ident()]
-        assert _wal_size(db_path) == size
-        assert (checkpointer.wal_bytes() or 0) < WAL_CHECKPOINT_BYTES // 16
     finally:
         await store.engine.dispose()
