@@ -47,17 +47,18 @@ and leaves the loop only where SQLite would *wait*:
   a large file that COMMIT holds the loop ~100 ms (measured: max loop lag 97-118 ms
   during 20,000 appends to a 300,000-event log, ``bench/wal_checkpoint.py``).
   Connections of a file database therefore run with ``wal_autocheckpoint=0``, and
-  after each COMMIT :class:`WalCheckpointer` looks at the size of
-  the ``-wal`` file (one ``stat``); once it has grown by
-  :data:`WAL_CHECKPOINT_BYTES`, it runs ``PASSIVE`` checkpoints on a worker thread,
-  with a connection of their own, taking no lock a reader or another process's
-  writer waits for (see the class for how the file is kept small). The COMMIT after a
-  checkpoint that copied every frame, which starts the WAL again and cuts the file
-  back (an ``ftruncate`` as long as the file is large, so by at most
-  :data:`WAL_CUT_STEP` a COMMIT), runs on a worker thread too.
+  after each COMMIT :class:`WalCheckpointer` looks whether the WAL has grown by
+  :data:`WAL_CHECKPOINT_BYTES` of frames (two reads of the ``-wal`` file); then it
+  runs ``PASSIVE`` checkpoints on a worker thread, with a connection of their own,
+  taking no lock a reader or another process's writer waits for (see the class for
+  how the file is kept small). The COMMIT after a
+  checkpoint that copied every frame, which starts the WAL again, runs on a worker
+  thread too if it cuts a file larger than :data:`WAL_SIZE_LIMIT` back (an
+  ``ftruncate`` as long as the file is large, so by at most :data:`WAL_CUT_STEP` a
+  COMMIT); a WAL within it is reused in place.
 
 What still runs on the loop: other statements and their row fetching (point and
-indexed reads of a few rows), and that ``stat``.
+indexed reads of a few rows), and those reads of the ``-wal`` file.
 
 It plugs into SQLAlchemy as the DBAPI ``module`` of the aiosqlite dialect (see
 :func:`eventstore.engine.create_engine`): the SQL dialect is SQLite's; only the driver
@@ -71,6 +72,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import time
 import weakref
@@ -165,14 +167,19 @@ async def _on_thread(
 #: began starts one off the loop (SQLite's automatic checkpoint runs at 1,000 pages:
 #: 4 MiB of 4 KiB pages).
 WAL_CHECKPOINT_BYTES: Final = 4 * 2**20
-#: ``journal_size_limit``: when a writer starts the WAL again from its beginning, the
-#: file is cut back to this. Below :data:`WAL_CHECKPOINT_BYTES`, so that a WAL started
-#: again reads as small.
-WAL_SIZE_LIMIT: Final = 2**20
+#: ``journal_size_limit``: when a writer starts the WAL again from its beginning, a file
+#: larger than this is cut back to it. Above the size a WAL reaches between two
+#: checkpoints under a steady load (:data:`WAL_CHECKPOINT_BYTES` and what is committed
+#: while the checkpoint runs), so that it is reused in place: a file cut back at every
+#: start pays the ``ftruncate`` (on a worker thread, which a writer waits for) and then
+#: its growth again in the COMMITs that write past its end (at 1 MiB, bench case 3 with
+#: one caller: ~66 us of waiting and ~50 us of CPU a command, measured).
+WAL_SIZE_LIMIT: Final = 16 * 2**20
 #: The most one COMMIT cuts the ``-wal`` file back by: the ``ftruncate`` holds the write
-#: lock as long as it frees blocks (ext4 with ``discard``: 1.5 ms for 8 MiB here, 44 ms
-#: for 256), so a WAL a rebuild's swap left at hundreds of MiB shrinks a step per
-#: checkpoint instead of holding one command's transaction that long.
+#: lock as long as it frees blocks (ext4 with ``discard``: 1.5 ms for 8 MiB, 44 ms for
+#: 256, on one machine), so a WAL a rebuild's swap left at hundreds of MiB shrinks a
+#: step per checkpoint instead of holding one command's transaction, and every command
+#: queued behind it, that long.
 WAL_CUT_STEP: Final = 8 * 2**20
 #: A checkpoint's rounds without a lock go on until one copied at most this many frames
 #: and left at most this many uncopied (a reader's snapshot keeps frames from being
@@ -191,27 +198,39 @@ HELD_ROUND_FRAMES: Final = 16 * CATCH_UP_FRAMES
 #: most one checkpoint at a time per file, whichever engine started it.
 _CHECKPOINTING: set[str] = set()
 #: Database files (real paths) whose last checkpoint round copied every frame: the next
-#: write transaction of the file starts the WAL again, and its COMMIT cuts the file back
-#: to :data:`WAL_SIZE_LIMIT`, so that COMMIT runs on a worker thread (see
-#: :meth:`WalCheckpointer.restart_due`). Whichever engine of this process writes next.
+#: write transaction of the file starts the WAL again, and if the file is larger than
+#: :data:`WAL_SIZE_LIMIT` its COMMIT cuts it back, so that COMMIT runs on a worker thread
+#: (see :meth:`WalCheckpointer.restart_due`). Whichever engine of this process writes next.
 _RESTART_DUE: set[str] = set()
+#: The WAL file's header (https://sqlite.org/fileformat2.html#walformat, big-endian):
+#: magic, format version, page size, checkpoint sequence number, salt-1, salt-2. Each
+#: frame's 24-byte header carries at its offset 8 the salts of the WAL it was written
+#: for: a frame of the WAL started again since carries new ones.
+_WAL_HEADER: Final = struct.Struct(">IIIIII")
+_WAL_HEADER_BYTES: Final = 32
+_FRAME_HEADER_BYTES: Final = 24
 _CHECKPOINTING_LOCK = threading.Lock()
 
 
 class WalCheckpointer:
     """Checkpoints one database file's WAL on worker threads, never on the loop.
 
-    :meth:`after_commit` runs on the loop after each COMMIT: a ``stat`` of the
-    ``-wal`` file (~2 us). Once the file has grown by
-    :data:`WAL_CHECKPOINT_BYTES` since the last checkpoint began, a task of the loop
-    runs ``PRAGMA wal_checkpoint(PASSIVE)`` rounds on a worker thread, each on a
+    :meth:`after_commit` runs on the loop after each COMMIT: it looks whether the WAL
+    has grown by :data:`WAL_CHECKPOINT_BYTES` of frames since the last checkpoint began
+    (the ``-wal`` file's size says nothing once the file is reused in place): whether
+    the frame that far carries the salts of the WAL's header (:data:`_WAL_HEADER`; an
+    open, two reads and a close of the ``-wal`` file, on which SQLite holds no lock:
+    the ``-shm`` file must not be opened so, its close would drop SQLite's POSIX locks
+    on it). If so, a task of
+    the loop runs ``PRAGMA wal_checkpoint(PASSIVE)`` rounds on a worker thread, each on a
     connection of its own. A PASSIVE checkpoint takes neither the write lock nor any
     lock a reader waits for: it copies every frame committed when it began (and that
     no reader still needs) into the database file, and fsyncs it.
 
     That alone does not keep the file small while writers go on: SQLite starts the WAL
-    again from its beginning (and ``journal_size_limit`` cuts the file back to
-    :data:`WAL_SIZE_LIMIT`) only at a write that finds every frame copied, and frames
+    again from its beginning (writing its frames over the old ones, and cutting a file
+    larger than :data:`WAL_SIZE_LIMIT` back to it) only at a write that finds every
+    frame copied, and frames
     committed during a checkpoint are left for the next one (measured: 818 MiB of WAL
     after 20,000 appends). So the rounds go on while the last one had many frames to
     copy, and once one copied and left at most :data:`CATCH_UP_FRAMES`, a last round
@@ -230,17 +249,16 @@ class WalCheckpointer:
     processes are not held back: a file they write without pause grows until they
     pause.
 
-    The COMMIT that starts the WAL again cuts the file back towards
-    :data:`WAL_SIZE_LIMIT`: an ``ftruncate`` that frees every block past it, which takes
-    time in the size of the file (measured on ext4 mounted with ``discard``: 4.7 ms for
-    16 MiB, 43 ms for 64, 139 ms for 256 on one machine; a rebuild's swap writes a WAL of
-    hundreds of MiB), and holds the write lock meanwhile. Once a round has copied every
-    frame, the next write transaction of this process (one that holds the writer lock)
-    therefore commits on a worker thread (:meth:`restart_due`): one thread hop per
-    checkpoint; and it cuts at most :data:`WAL_CUT_STEP` (:meth:`cut_to`), so a large
-    file shrinks a step per checkpoint. A writer of another process, or a deferred
-    transaction's write, may still be the one that starts the WAL again, and cut it back
-    in one go.
+    The COMMIT that starts the WAL again cuts a file larger than :data:`WAL_SIZE_LIMIT`
+    back to it: an ``ftruncate`` that frees every block past it, which takes time in the
+    size of the file (measured on ext4 mounted with ``discard``: 4.7 ms for 16 MiB, 43 ms
+    for 64, 139 ms for 256; a rebuild's swap writes a WAL of hundreds of MiB). Once a
+    round has copied every frame of such a file, the next write transaction of this
+    process (one that holds the writer lock) therefore commits on a worker thread
+    (:meth:`restart_due`), and cuts at most :data:`WAL_CUT_STEP` (:meth:`cut_to`): a
+    large file shrinks a step per checkpoint. A writer of another process, or a
+    deferred transaction's write, may still be the one that starts the WAL again, and
+    cut it back in one go.
 
     At most one checkpoint per file runs at a time in a process. A failed checkpoint,
     or one refused (``SQLITE_BUSY``: another process is checkpointing), is logged and
@@ -255,7 +273,9 @@ class WalCheckpointer:
         self.path = path
         self._wal = f"{path}-wal"
         self._uri = f"file:{quote(path)}?mode=rw"  # mode=rw: never create a removed file
-        #: The size of the ``-wal`` file when the last checkpoint began.
+        #: The salts of the WAL the last checkpoint began on, and how many of its frames
+        #: there were then (at least).
+        self._salts = b""
         self._began_at = 0
         self._task: asyncio.Task[None] | None = None
         self._db: sqlite3.Connection | None = None  # the running round's connection
@@ -275,13 +295,10 @@ class WalCheckpointer:
     def after_commit(self) -> None:
         """On the loop, after a COMMIT: start a checkpoint if the WAL has grown enough
         and none of this process is running for the file."""
-        try:
-            size = os.stat(self._wal).st_size
-        except OSError:
-            return  # no WAL (yet): nothing to checkpoint
-        if size < self._began_at:
-            self._began_at = 0  # the WAL was started again and cut back
-        if size < self._began_at + WAL_CHECKPOINT_BYTES or self.running:
+        if self.running:
+            return
+        frame = self._grown()
+        if frame is None:
             return
         try:
             loop = asyncio.get_running_loop()
@@ -293,12 +310,40 @@ class WalCheckpointer:
             if self.path in _CHECKPOINTING:
                 return  # another engine of this process is checkpointing the file
             _CHECKPOINTING.add(self.path)
-        self._began_at = size
+        self._began_at = frame
         with self._mutex:
             self._closed = False  # an engine used again after its dispose
         self._task = loop.create_task(self._checkpoint())
         # However the task ends: cancelled before its first step, its body never runs.
         self._task.add_done_callback(self._ended)
+
+    def _grown(self) -> int | None:
+        """The frame :data:`WAL_CHECKPOINT_BYTES` of frames past the one the last
+        checkpoint began at, if the WAL holds it now (``None`` otherwise, or without a
+        WAL file). The WAL started again since (new salts): counted from its start."""
+        try:
+            fd = os.open(self._wal, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            header = os.pread(fd, _WAL_HEADER.size, 0)
+            if len(header) < _WAL_HEADER.size:
+                return None
+            page: int = _WAL_HEADER.unpack(header)[2]
+            if page < 512:
+                return None  # not a WAL header (yet)
+            salts = header[16:24]
+            if salts != self._salts:
+                self._salts, self._began_at = salts, 0
+            frame = self._began_at + max(1, WAL_CHECKPOINT_BYTES // page)
+            at = _WAL_HEADER_BYTES + (frame - 1) * (_FRAME_HEADER_BYTES + page)
+            if os.pread(fd, _FRAME_HEADER_BYTES, at)[8:16] != salts:
+                return None
+            return frame
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def _ended(self, _task: asyncio.Task[None]) -> None:
         with _CHECKPOINTING_LOCK:
@@ -362,18 +407,22 @@ class WalCheckpointer:
     def restart_due(self) -> bool:
         """Whether a write transaction committing now may start the WAL again and cut
         the file back (a round copied every frame since the last write transaction
-        committed). Called by that COMMIT: the next one cannot (it finds frames not
-        yet copied), so the answer is given once."""
+        committed, and the file is larger than :data:`WAL_SIZE_LIMIT`). Called by that
+        COMMIT: the next one cannot (it finds frames not yet copied), so the answer is
+        given once."""
         if self.path not in _RESTART_DUE:
             return False
         _RESTART_DUE.discard(self.path)
-        return True
+        try:
+            return os.stat(self._wal).st_size > WAL_SIZE_LIMIT
+        except OSError:
+            return False  # no WAL file: nothing to cut back
 
     def cut_to(self) -> int:
         """The ``journal_size_limit`` for the COMMIT that starts the WAL again: at most
-        :data:`WAL_CUT_STEP` below the file's size. The file, still that large, reads as
-        shrunk (:meth:`after_commit`), so a checkpoint starts again at once and the
-        next COMMIT cuts the next step."""
+        :data:`WAL_CUT_STEP` below the file's size, not below :data:`WAL_SIZE_LIMIT`.
+        The COMMITs that start the WAL again after the next checkpoints (one every
+        :data:`WAL_CHECKPOINT_BYTES` of frames written) cut the next steps."""
         try:
             size = os.stat(self._wal).st_size
         except OSError:

@@ -45,6 +45,16 @@ def _wal_size(path: Path) -> int:
         return 0
 
 
+def _wal_generation(path: Path) -> int:
+    """The WAL header's checkpoint sequence number: one more each time the WAL is
+    started again (the -wal file holds no lock of SQLite's: reading it here is safe)."""
+    try:
+        with open(f"{path}-wal", "rb") as wal:
+            return int.from_bytes(wal.read(16)[12:16], "big")
+    except FileNotFoundError:
+        return -1
+
+
 def _checkpointer(store: EventStore) -> WalCheckpointer:
     (checkpointer,) = store.engine.dialect.loaded_dbapi.checkpointers.values()
     return checkpointer
@@ -92,21 +102,24 @@ async def test_commits_leave_the_wal_checkpoint_to_a_worker_thread(db_path):
         await store.engine.dispose()
 
 
-async def test_the_wal_is_started_again_and_cut_back_under_a_long_append_run(db_path):
+async def test_the_wal_is_started_again_in_place_under_a_long_append_run(db_path):
     store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
     try:
         assert await _pragma(store, "wal_autocheckpoint") == 0
-        # The file is cut back after each completed checkpoint, not left to grow: within
-        # appends that write ~20 times WAL_CHECKPOINT_BYTES, it is cut back 3 times.
-        cut_back, size, n = 0, 0, 0
-        while cut_back < 3:
+        # The WAL is started again after each completed checkpoint, not left to grow:
+        # within appends that write ~20 times WAL_CHECKPOINT_BYTES, it starts over 3
+        # times, and its file is reused in place (never cut back, never past the limit).
+        started_again, generation, n = 0, _wal_generation(db_path), 0
+        sizes = []
+        while started_again < 3:
             await _append(store, n)
-            n, previous, size = n + 1, size, _wal_size(db_path)
-            cut_back += size < previous
-            assert n < 20 * WAL_CHECKPOINT_BYTES // len(PAYLOAD), (cut_back, size)
-        await _checkpointer(store).ended()
-        await _append(store, -1)
-        assert _wal_size(db_path) <= WAL_SIZE_LIMIT
+            n, previous, generation = n + 1, generation, _wal_generation(db_path)
+            started_again += previous >= 0 and generation != previous  # not its creation
+            sizes.append(_wal_size(db_path))
+            assert n < 20 * WAL_CHECKPOINT_BYTES // len(PAYLOAD), (started_again, sizes[-1])
+        assert max(sizes) <= WAL_SIZE_LIMIT
+        grown = [size for size in sizes if size > WAL_CHECKPOINT_BYTES]
+        assert grown == sorted(grown)  # past its first cycle, the file never shrank
     finally:
         await store.engine.dispose()
 
@@ -115,19 +128,19 @@ async def test_a_writer_that_never_pauses_still_lets_the_wal_start_over(db_path)
     # An import: units of work of many events, one after another, nothing else to wait
     # for. Each transaction writes more frames (~6 MiB) than a round may leave for the
     # round that holds writers back, so every round the writer lets run has fallen
-    # behind again: the WAL must still be started again and cut back, not grow for as
-    # long as the import goes on.
+    # behind again: the WAL must still be started again, not grow for as long as the
+    # import goes on.
     store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
     try:
-        cut_back, size, written, n = 0, 0, 0, 0
-        while cut_back < 2:
+        started_again, generation, n = 0, -1, 0
+        while started_again < 2:
             async with store.transaction() as uow:
                 for i in range(250):
                     uow.append(f"item-{n}x{i}", "item", [NewEvent("Noted", {"text": PAYLOAD})])
-            n, previous, size = n + 1, size, _wal_size(db_path)
-            cut_back += size < previous
-            written += max(size - previous, 0)
-            assert written < 60 * WAL_CHECKPOINT_BYTES, (n, cut_back, size)
+            n, previous, generation = n + 1, generation, _wal_generation(db_path)
+            started_again += previous >= 0 and generation != previous  # not its creation
+            # ~1 MiB of frames a transaction: 220 of them are ~55 times the checkpoint's
+            assert n < 220, (started_again, _wal_size(db_path))
     finally:
         await store.engine.dispose()
 
@@ -413,10 +426,8 @@ async def test_a_reader_holding_the_wal_keeps_the_checkpoint_from_holding_writer
         await engine.dispose()
 
 
-async def test_the_commit_that_cuts_the_wal_back_runs_on_a_worker_thread(db_path):
-    # Cutting a large WAL back is an ftruncate as long as the file is large (139 ms for
-    # 256 MiB on ext4 with discard): the COMMIT that does it must not hold the loop.
-    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+def _trace_commits(store: EventStore) -> list[int]:
+    """The threads each COMMIT of ``store``'s connections runs on, from now on."""
     commits: list[int] = []
 
     def trace(statement: str) -> None:
@@ -427,19 +438,30 @@ async def test_the_commit_that_cuts_the_wal_back_runs_on_a_worker_thread(db_path
     def on_connect(dbapi_connection, _record):
         dbapi_connection.driver_connection.set_trace_callback(trace)
 
+    return commits
+
+
+async def test_the_commit_that_cuts_the_wal_back_runs_on_a_worker_thread(db_path):
+    # Cutting a large WAL back is an ftruncate as long as the file is large (139 ms for
+    # 256 MiB on ext4 with discard): the COMMIT that does it must not hold the loop.
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    commits = _trace_commits(store)
     try:
-        n = await _append_until_a_checkpoint_starts(store, db_path)
+        async with store.transaction() as uow:  # ~25 MiB of frames: past the limit
+            for i in range(1200):
+                uow.append(f"item-{i}", "item", [NewEvent("Noted", {"text": PAYLOAD * 10})])
         await _checkpointer(store).ended()
         busy, frames, copied = _checkpointer(store).last  # type: ignore[misc]
         assert (busy, copied) == (0, frames)
         assert _wal_size(db_path) > WAL_SIZE_LIMIT
         loop_thread = threading.get_ident()
         commits.clear()
-        await _append(store, n)  # starts the WAL again and cuts it back
-        assert _wal_size(db_path) <= WAL_SIZE_LIMIT
+        before = _wal_size(db_path)
+        await _append(store, 0)  # starts the WAL again and cuts it back
+        assert _wal_size(db_path) < before
         assert len(commits) == 1
         assert commits[0] != loop_thread
-        await _append(store, n + 1)  # the next COMMIT stays on the loop
+        await _append(store, 1)  # the next COMMIT stays on the loop
         assert commits[1:] == [loop_thread]
     finally:
         await store.engine.dispose()
@@ -451,20 +473,45 @@ async def test_a_wal_left_large_is_cut_back_a_step_per_commit_not_in_one(db_path
     # ftruncate. Each COMMIT that starts the WAL again cuts at most WAL_CUT_STEP.
     store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
     try:
-        async with store.transaction() as uow:  # ~40 MiB of frames in one transaction
-            for i in range(1400):
+        async with store.transaction() as uow:  # ~60 MiB of frames in one transaction
+            for i in range(2000):
                 uow.append(f"item-bulk{i}", "item", [NewEvent("Noted", {"text": PAYLOAD * 15})])
         large = _wal_size(db_path)
-        assert large > 4 * WAL_CUT_STEP
+        assert large > WAL_SIZE_LIMIT + 3 * WAL_CUT_STEP
         sizes, n = [large], 0
         while sizes[-1] > WAL_SIZE_LIMIT:
             await _checkpointer(store).ended()
-            await _append(store, n)
+            await _append(store, n)  # a checkpoint every WAL_CHECKPOINT_BYTES of them
             n += 1
             sizes.append(_wal_size(db_path))
-            assert n < 200, sizes
+            assert n < 5000, sizes
         cuts = [before - after for before, after in itertools.pairwise(sizes) if after < before]
-        assert len(cuts) >= 4
+        assert len(cuts) >= 3
         assert max(cuts) <= WAL_CUT_STEP
+    finally:
+        await store.engine.dispose()
+
+
+async def test_a_wal_within_its_limit_is_started_again_in_place_by_a_commit_on_the_loop(
+    db_path,
+):
+    # Cut back at every start, each cycle of appends paid the ftruncate on a worker
+    # thread (which the writer waited for) and the file's growth again in its COMMITs.
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    commits = _trace_commits(store)
+    try:
+        n = await _append_until_a_checkpoint_starts(store, db_path)
+        checkpointer = _checkpointer(store)
+        await checkpointer.ended()
+        busy, frames, copied = checkpointer.last  # type: ignore[misc]
+        assert (busy, copied) == (0, frames)
+        size = _wal_size(db_path)
+        assert WAL_CHECKPOINT_BYTES <= size <= WAL_SIZE_LIMIT
+        generation = _wal_generation(db_path)
+        commits.clear()
+        await _append(store, n)  # starts the WAL again, in place
+        assert commits == [threading.get_ident()]
+        assert _wal_generation(db_path) == generation + 1
+        assert _wal_size(db_path) == size
     finally:
         await store.engine.dispose()
