@@ -548,7 +548,7 @@ class Dialect:
             elif kind == 1:
                 snapshots[stream_id] = (version, document(doc))
             else:
-                processed = (stream_id, document(doc))
+                processed = (stream_id, document(doc), event_type)
         return StreamsLoad(processed, snapshots, events)
 
     _load_sql: str
@@ -725,7 +725,8 @@ _STREAM_DATA: Final = (
 
 # PostgreSQL: a command's reads before it decides, in one statement (one round trip;
 # SQLite runs index seeks one by one instead, see SQLiteDialect.load_streams): its
-# idempotency record (kind 0), the snapshots of the streams it loads that match their
+# idempotency record (kind 0, its command type in the event type's column), the
+# snapshots of the streams it loads that match their
 # decider (kind 1), and the events after them (kind 2). "w" is the wanted streams: id,
 # decider name (NULL: no snapshot), decider version, and the version the caller already
 # holds folded (0: none): a snapshot at or below it is not read, nor are the events up
@@ -736,7 +737,7 @@ s AS (
     JOIN snapshots s ON s.stream_id = w.id AND s.decider = w.decider
         AND s.decider_version = w.dv AND s.version > w.since
 )
-SELECT 0, stream_id, 0, NULL, 0, outcome FROM processed_commands WHERE command_id = $1
+SELECT 0, stream_id, 0, command_type, 0, outcome FROM processed_commands WHERE command_id = $1
 UNION ALL
 SELECT 1, stream_id, version, NULL, 0, state FROM s
 UNION ALL
@@ -750,18 +751,21 @@ _PG_LOAD: Final = (
 )
 
 
-_SQLITE_PROCESSED: Final = "SELECT stream_id, outcome FROM processed_commands WHERE command_id = ?"
+_SQLITE_PROCESSED: Final = (
+    "SELECT stream_id, outcome, command_type FROM processed_commands WHERE command_id = ?"
+)
 
 
 # SQLite: a command's load of one stream in one statement, by (with the idempotency
-# record, with a snapshot): each arm an index seek, tagged 0 (the record), 1 (the
+# record, with a snapshot): each arm an index seek, tagged 0 (the record, its command
+# type in the schema version's column), 1 (the
 # snapshot) or 2 (events after the snapshot, if one is read, else after the version
 # the caller holds). Parameters: command id, stream id, decider, decider version, held.
 _SQLITE_SNAPSHOT_WHERE: Final = (
     "stream_id = ?2 AND decider = ?3 AND decider_version = ?4 AND version > ?5"
 )
 _SQLITE_LOAD_ARMS: Final = (
-    "SELECT 0, 0, stream_id, 0, outcome FROM processed_commands WHERE command_id = ?1",
+    "SELECT 0, 0, stream_id, command_type, outcome FROM processed_commands WHERE command_id = ?1",
     f"SELECT 1, version, NULL, 0, state FROM snapshots WHERE {_SQLITE_SNAPSHOT_WHERE}",  # noqa: S608
 )
 _SQLITE_LOAD: Final = {
@@ -929,7 +933,7 @@ class SQLiteDialect(Dialect):
             if command_id is not None and not streams:
                 found = await self._fetch(db, _SQLITE_PROCESSED, (command_id,))
                 if found:
-                    processed = (found[0][0], document(found[0][1]))
+                    processed = (found[0][0], document(found[0][1]), found[0][2])
             ask = command_id
             for stream_id, decider, decider_version, held in streams:
                 sql = _SQLITE_LOAD[ask is not None, decider is not None]
@@ -945,8 +949,8 @@ class SQLiteDialect(Dialect):
                         )
                     elif kind == 1:
                         snapshots[stream_id] = (version, document(doc))
-                    else:
-                        processed = (text, document(doc))
+                    else:  # the record's arm: its command type where others' is
+                        processed = (text, document(doc), schema_version)
         return StreamsLoad(processed, snapshots, events)
 
     async def _fetch_off_loop(self, raw: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:

@@ -320,8 +320,8 @@ class StreamsLoad(NamedTuple):
     """What a command reads before it decides, in one statement
     (``EventStore.load_streams``)."""
 
-    #: ``(stream id, outcome)`` when the command id was processed already.
-    processed: tuple[str, Any] | None
+    #: ``(stream id, outcome, command type)`` when the command id was processed already.
+    processed: tuple[str, Any, str] | None
     #: Stream id -> ``(version, state)``: the snapshots that match their decider.
     snapshots: dict[str, tuple[int, Any]]
     #: The events after those snapshots (after version 0 where there is none),

@@ -73,7 +73,7 @@ if _typing.TYPE_CHECKING:
         RebuildError,
     )
     from tiu.dispatch import CommandResult
-    from tiu.errors import DuplicateRejectedCommand
+    from tiu.errors import CommandIdReused, DuplicateRejectedCommand
     from tiu.models import (
         AuditEntry,
         Member,
@@ -159,6 +159,7 @@ _SOURCES: dict[str, str] = {
     "ProjectionTimeout": "projections.errors",
     "RebuildError": "projections.errors",
     "CommandResult": "tiu.dispatch",
+    "CommandIdReused": "tiu.errors",
     "DuplicateRejectedCommand": "tiu.errors",
     "AuditEntry": "tiu.models",
     "Member": "tiu.models",
@@ -221,6 +222,7 @@ __all__ = [
     "AuthenticationError",
     "BulkOperationError",
     "CheckpointMoved",
+    "CommandIdReused",
     "CommandInFlight",
     "CommandResult",
     "ConcurrencyError",

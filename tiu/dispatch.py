@@ -71,6 +71,7 @@ from eventstore.translate import translate_errors
 from projections.errors import InlineProjectionBehind, ProjectionFailed
 from projections.projector import Envelope
 from projections.runner import SHARED_LOOP_CHUNK, InlineRunner, Worker
+from tiu.errors import CommandIdReused
 from tiu.idempotency import leaves_trace, refusal_outcome, replayed_refusal
 from tiu.password_threads import PASSWORD_THREADS
 
@@ -353,7 +354,11 @@ class CommandUnit:
         return self._streams[stream_id]
 
     async def load_many(
-        self, wanted: Sequence[tuple[Decider, str]], *, command_id: str | None = None
+        self,
+        wanted: Sequence[tuple[Decider, str]],
+        *,
+        command_id: str | None = None,
+        command_type: str | None = None,
     ) -> CommandResult | None:
         """Load the streams not loaded yet by this unit, in one statement, which also
         tells whether ``command_id`` was processed: its first result if so."""
@@ -365,7 +370,7 @@ class CommandUnit:
         # round trip per held row.
         conn = await self.uow.reading() if command_id in self._remembered else self.conn
         previous = await self.dispatcher.load_into(
-            conn, self._streams, wanted, command_id=command_id
+            conn, self._streams, wanted, command_id=command_id, command_type=command_type
         )
         if not self.uow.writing and len(self._streams) != before:
             self._unverified.update(s for _, s in wanted)
@@ -775,10 +780,13 @@ class Dispatcher:
         wanted = [(target.decider, target.stream_id), *target.related.values()]
         #: The command id whose idempotency record was not read (``minted``).
         unread: str | None = None
+        command_type = type(command).__name__
         with telemetry.step("tiu.load", command):
             if unit is not None:
                 streams = unit.streams
-                previous = await unit.load_many(wanted, command_id=command.command_id)
+                previous = await unit.load_many(
+                    wanted, command_id=command.command_id, command_type=type(command).__name__
+                )
                 known = unit.passwords.get(command.command_id)
                 if known is not None and ctx.passwords is NO_PASSWORD_WORK:
                     ctx = replace(ctx, passwords=known)
@@ -791,13 +799,25 @@ class Dispatcher:
                 with translate_errors(self.store.dialect.database_label):
                     if conn is not None:
                         previous = await self._whole(
-                            self.load_into(conn, streams, wanted, command_id=command_id, held=True)
+                            self.load_into(
+                                conn,
+                                streams,
+                                wanted,
+                                command_id=command_id,
+                                held=True,
+                                command_type=command_type,
+                            )
                         )
                     else:
                         async with self.store.engine.connect() as own:
                             previous = await self._whole(
                                 self.load_into(
-                                    own, streams, wanted, command_id=command_id, held=True
+                                    own,
+                                    streams,
+                                    wanted,
+                                    command_id=command_id,
+                                    held=True,
+                                    command_type=command_type,
                                 )
                             )
         if previous is not None:
@@ -816,14 +836,18 @@ class Dispatcher:
                 if not kept and unread is None:
                     raise
                 fresh: dict[str, _Loaded] = {}
-                previous = await self._read_again(conn, fresh, kept, unread)
+                previous = await self._read_again(
+                    conn, fresh, kept, unread, command_type=command_type
+                )
                 if previous is not None:
                     return Decision(command, ctx, target, {}, previous=previous)
                 unread = None
                 read = {**read, **fresh}
             except PasswordWorkNeeded as needed:
                 if unread is not None:  # no slow work for a command already processed
-                    previous = await self._read_again(conn, {}, [], unread)
+                    previous = await self._read_again(
+                        conn, {}, [], unread, command_type=command_type
+                    )
                     if previous is not None:
                         return Decision(command, ctx, target, {}, previous=previous)
                     unread = None
@@ -864,6 +888,8 @@ class Dispatcher:
         streams: dict[str, _Loaded],
         wanted: Sequence[tuple[Decider, str]],
         command_id: str | None,
+        *,
+        command_type: str,
     ) -> CommandResult | None:
         """:meth:`load_into` from the log (no kept state), on ``conn`` while the caller
         still holds it (a second checkout per caller could exhaust the pool), else on
@@ -871,11 +897,15 @@ class Dispatcher:
         with translate_errors(self.store.dialect.database_label):
             if conn is not None:
                 return await self._whole(
-                    self.load_into(conn, streams, wanted, command_id=command_id)
+                    self.load_into(
+                        conn, streams, wanted, command_id=command_id, command_type=command_type
+                    )
                 )
             async with self.store.engine.connect() as own:
                 return await self._whole(
-                    self.load_into(own, streams, wanted, command_id=command_id)
+                    self.load_into(
+                        own, streams, wanted, command_id=command_id, command_type=command_type
+                    )
                 )
 
     async def _whole(self, load: Awaitable[T]) -> T:
@@ -1132,10 +1162,13 @@ class Dispatcher:
         wanted: Sequence[tuple[Decider, str]],
         *,
         command_id: str | None = None,
+        command_type: str | None = None,
         held: bool = False,
     ) -> CommandResult | None:
         """Fold into ``streams`` those of ``wanted`` not in it yet, in one statement,
-        which also tells whether ``command_id`` was processed: its first result if so.
+        which also tells whether ``command_id`` was processed: its first result if so
+        (:meth:`previous_result`; ``command_type``: the class name of the command now
+        sent under that id).
 
         ``held``: take a stream whose state is kept (:attr:`states`) as it is kept,
         without reading the log (see :class:`FoldedStates` for why that is safe)."""
@@ -1158,7 +1191,7 @@ class Dispatcher:
             streams[stream_id] = _Loaded(decider, state, version, version, snap)
         if processed is None or command_id is None:
             return None
-        return await self.previous_result(conn, command_id, *processed)
+        return await self.previous_result(conn, command_id, *processed, command_type=command_type)
 
     async def fold(
         self, conn: AsyncConnection, decider: Decider, stream_id: str
@@ -1265,11 +1298,23 @@ class Dispatcher:
     # -- idempotency --------------------------------------------------------------------
 
     async def previous_result(
-        self, conn: AsyncConnection, command_id: str, stream_id: str, outcome: dict[str, Any]
+        self,
+        conn: AsyncConnection,
+        command_id: str,
+        stream_id: str,
+        outcome: dict[str, Any],
+        recorded_type: str,
+        *,
+        command_type: str | None = None,
     ) -> CommandResult:
         """The first result of ``command_id``, processed already (``outcome`` is what
         its idempotency record holds); a refusal is raised again, as its own class
-        (:func:`tiu.idempotency.replayed_refusal`)."""
+        (:func:`tiu.idempotency.replayed_refusal`). A command of another class than the
+        one recorded (``command_type`` against ``recorded_type``) is refused with
+        :class:`CommandIdReused`: answering with the first command's outcome would
+        tell its caller that a command ran which never did."""
+        if command_type is not None and command_type != recorded_type:
+            raise CommandIdReused(command_id, recorded_type, command_type)
         if not outcome.get("ok", False):
             raise replayed_refusal(command_id, outcome)
         records = await conn.execute(

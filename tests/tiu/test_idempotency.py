@@ -23,6 +23,7 @@ from tiu import (
     AccountLocked,
     AlreadyExists,
     BulkOperationError,
+    CommandIdReused,
     InvalidCommand,
     InvalidCredentials,
     NotFound,
@@ -443,3 +444,61 @@ async def test_one_create_user_key_sent_twice_at_once_registers_one_user(service
     first, again = await asyncio.gather(create(), create())
     assert first.id == again.id
     assert await log_size(service) == before + 1
+
+
+async def test_a_key_sent_again_with_another_command_is_refused_and_runs_nothing(service):
+    # A client that reuses its Idempotency-Key for another request must not be told
+    # that request ran: answering with the first outcome would report a project
+    # deleted, a status changed or a user forgotten when nothing was.
+    owner = await make_user(service)
+    bob = await make_user(service)
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        project = await repos.projects.create_project("Vostok")
+        task = await repos.tasks.create_task(project.id, "Orbit", command_id="reused-1")
+        before = await log_size(service)
+        with pytest.raises(CommandIdReused) as refused:
+            await repos.projects.delete_project(project.id, command_id="reused-1")
+        assert (refused.value.first_type, refused.value.command_type) == (
+            "CreateTask",
+            "DeleteProject",
+        )
+        assert refused.value.field == "command_id"
+        with pytest.raises(CommandIdReused):
+            await repos.tasks.update_task_status(task.id, "done", command_id="reused-1")
+        assert await repos.projects.get_project(project.id) is not None
+        assert (await repos.tasks.get_task(task.id)).status == "todo"
+        # The same command sent again still answers as the first time.
+        again = await repos.tasks.create_task(project.id, "Orbit", command_id="reused-1")
+        assert again.id == task.id
+    async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+        with pytest.raises(CommandIdReused):
+            await repos.users.forget_user(bob.id, command_id="reused-1")
+        assert (await repos.users.get_by_id(bob.id)).email == bob.email
+    assert await log_size(service) == before
+
+
+async def test_a_refused_command_s_key_sent_with_another_command_is_refused_as_reused(service):
+    owner = await make_user(service)
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        with pytest.raises(NotFound):
+            await repos.tasks.create_task("no-such-project", "Dock", command_id="reused-2")
+        before = await log_size(service)
+        with pytest.raises(CommandIdReused) as refused:
+            await repos.projects.create_project("Soyuz", command_id="reused-2")
+        assert refused.value.first_type == "CreateTask"
+    assert await log_size(service) == before
+
+
+async def test_a_key_reused_inside_a_unit_of_work_is_refused_and_rolls_the_unit_back(service):
+    owner = await make_user(service)
+    async with service.get_repositories(actor_id=owner.id) as repos:
+        project = await repos.projects.create_project("Salyut", command_id="reused-3")
+    before = await log_size(service)
+
+    async def work(repos) -> None:
+        await repos.tasks.create_task(project.id, "A")
+        await repos.tasks.create_task(project.id, "B", command_id="reused-3")
+
+    with pytest.raises(CommandIdReused):
+        await service.execute_in_transaction(work, actor_id=owner.id)
+    assert await log_size(service) == before
