@@ -24,7 +24,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from subprocess import DEVNULL, PIPE
 from typing import TYPE_CHECKING
 
@@ -40,6 +43,8 @@ if TYPE_CHECKING:
 NICENESS = 10
 #: How long a child has, after SIGTERM, to roll back and exit before it is killed.
 TERMINATE_GRACE = 10.0
+#: How often a child looks whether its host is still there (:func:`end_with_parent`).
+PARENT_POLL = 0.5
 
 
 def child_environment(engine: AsyncEngine) -> dict[str, str] | None:
@@ -152,11 +157,30 @@ def _last_line(output: bytes) -> str:
     return lines[-1].strip() if lines else "(no output)"
 
 
+def end_with_parent(poll: float = PARENT_POLL) -> threading.Thread:
+    """SIGTERM this process once its parent is gone (``os.getppid()`` changes: it was
+    adopted by init or a subreaper), as a Ctrl-C would stop ``tiu replay``. A host
+    killed outright does not terminate its child, and a child rebuilding on alone
+    would race the rebuild the restarted host starts (a duplicate key in the shadow
+    tables). Polled from a daemon thread: Linux's parent-death signal is not portable."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="tiu-rebuild-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def main() -> None:
     """``python -m tiu.rebuilds [--batch-size N] SPEC``: ``tiu replay --json`` at a
-    lower CPU priority."""
+    lower CPU priority, ending if the host that started it is gone."""
     if hasattr(os, "nice"):
         os.nice(NICENESS)
+    end_with_parent()
     from tiu.cli import app  # noqa: PLC0415  # the child's work, not the host's import
 
     app(["replay", "--json", *sys.argv[1:]], prog_name="tiu replay")

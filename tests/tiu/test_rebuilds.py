@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -217,3 +219,31 @@ async def test_a_name_the_service_has_no_projector_of_raises_rebuild_error(
 ) -> None:
     with pytest.raises(RebuildError, match="no such projector; known: project_stats, projects"):
         await service.rebuild("nope")
+
+
+def test_a_rebuild_child_whose_host_is_gone_ends_itself(tmp_path):
+    # A host killed outright leaves its child running; rebuilding on alone, it would
+    # race the rebuild the restarted host starts. The child's watchdog ends it: here a
+    # process that runs it (and would sleep a minute) outlives its parent by at most a
+    # few polls, ended by SIGTERM.
+    pid_file = tmp_path / "child.pid"
+    child = (
+        "import os, sys, time\n"
+        "from tiu.rebuilds import end_with_parent\n"
+        "end_with_parent(0.05)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    parent = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+        f"while not __import__('os').path.exists({str(pid_file)!r}): time.sleep(0.01)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-c", parent], check=True, timeout=60, env=env)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists(), "the orphaned child is still running"
