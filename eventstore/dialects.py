@@ -201,6 +201,14 @@ async def try_advisory_lock(conn: AsyncConnection, name: str, scope: str = LEADE
     return bool(got)
 
 
+async def advisory_xact_lock(conn: AsyncConnection, name: str, scope: str) -> None:
+    """PostgreSQL: wait for the lock ``(scope, current schema, name)`` and hold it until
+    this transaction ends."""
+    await conn.execute(
+        text(f"SELECT pg_advisory_xact_lock({_SCHEMA_KEY})"), {"scope": scope, "name": name}
+    )
+
+
 async def advisory_unlock(conn: AsyncConnection, name: str, scope: str = LEADER_SCOPE) -> None:
     """PostgreSQL: give back a lock :func:`try_advisory_lock` took on this session."""
     await conn.execute(
