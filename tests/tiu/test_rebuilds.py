@@ -217,3 +217,22 @@ async def test_a_name_the_service_has_no_projector_of_raises_rebuild_error(
 ) -> None:
     with pytest.raises(RebuildError, match="no such projector; known: project_stats, projects"):
         await service.rebuild("nope")
+
+
+async def test_a_child_that_cannot_start_raises_rebuild_error(
+    engine: AsyncEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The interpreter's file gone (a Python upgraded under a running service): the
+    # process cannot start, which is the rebuild's failure, not an OSError.
+    await logged_log(engine, 20)
+    svc = service_on(engine)
+    await svc.start(migrate=False)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python-gone"))
+    try:
+        with pytest.raises(RebuildError) as caught:
+            await svc.rebuild(UsersV2())
+    finally:
+        await svc.store.aclose()
+    assert caught.value.projector == "users"
+    assert "could not start" in caught.value.reason
+    assert caught.value.exit_code is None
