@@ -643,6 +643,7 @@ class Connection(AdaptedConnection):
 
     __slots__ = (
         "_busy_ms",
+        "_changes_at_lock",
         "_checkpointer",
         "_db",
         "_held_lock",
@@ -674,6 +675,9 @@ class Connection(AdaptedConnection):
         self._checkpointer = checkpointer
         #: This process's writer lock of the file while this connection holds it.
         self._held_lock: asyncio.Lock | None = None
+        #: ``total_changes`` when this connection took the writer lock: a transaction
+        #: that changed no row writes no frame, so its COMMIT starts no WAL again.
+        self._changes_at_lock = 0
         #: A statement of this transaction ran off the loop: its COMMIT may write many
         #: pages, so it runs off the loop too.
         self.heavy = False
@@ -801,6 +805,7 @@ class Connection(AdaptedConnection):
                     "database is locked (a writer of this process held it past the busy timeout)"
                 ) from None
         self._held_lock = lock
+        self._changes_at_lock = self._db.total_changes
 
     async def begin_write(self) -> None:
         """``BEGIN IMMEDIATE`` from the event loop: the process's writer lock, then the file's."""
@@ -850,11 +855,18 @@ class Connection(AdaptedConnection):
     def _offloaded(self) -> bool:
         """Whether the COMMIT about to run goes to a worker thread: commits fsync, a
         statement of the transaction ran there (:attr:`heavy`), or it is the write that
-        starts the WAL again and cuts the file back (:meth:`WalCheckpointer.restart_due`)."""
+        starts the WAL again and cuts the file back (:meth:`WalCheckpointer.restart_due`;
+        asked only by a transaction that changed rows: one that wrote nothing leaves
+        the answer to the next write)."""
         heavy, self.heavy = self.heavy, False
         checkpointer = self._checkpointer
         restart = False
-        if self._held_lock is not None and checkpointer is not None and checkpointer.restart_due():
+        if (
+            self._held_lock is not None
+            and checkpointer is not None
+            and self._db.total_changes != self._changes_at_lock
+            and checkpointer.restart_due()
+        ):
             restart = True
             # Read by SQLite at this COMMIT, the one that starts the WAL again.
             self._db.execute(f"PRAGMA journal_size_limit={checkpointer.cut_to()}")

@@ -1206,10 +1206,11 @@ class Dispatcher:
         *,
         command_id: str | None = None,
         cached: bool = False,
-    ) -> tuple[dict[str, tuple[Any, int, int]], tuple[str, Any] | None]:
+    ) -> tuple[dict[str, tuple[Any, int, int]], tuple[str, Any, str] | None]:
         """Fold several streams (a command loads its target and the streams its
         decision reads) from their snapshots and the events since, and tell whether
-        ``command_id`` was processed (``(stream id, outcome)``): one statement.
+        ``command_id`` was processed (``(stream id, outcome, command type)``): one
+        statement.
 
         ``cached``: start from the states in :attr:`states` and read only the events
         after them (and a snapshot only if newer), and keep what was folded there."""

@@ -82,24 +82,28 @@ async def rebuild_in_child(
 ) -> RebuildReport:
     """Rebuild the projector ``spec`` names (:func:`projections.readmodels.by_name`) in a
     child process and return its report. Raises :class:`RebuildError` naming
-    ``projector`` and the child's last error line if it fails. Cancelled, it terminates
+    ``projector`` and the child's last error line if it fails (or names why it could not
+    start). Cancelled, it terminates
     the child (SIGTERM; SIGKILL after :data:`TERMINATE_GRACE`) and waits for it."""
     from eventstore import telemetry  # noqa: PLC0415  # see the imports
     from projections.errors import RebuildError  # noqa: PLC0415
     from projections.replay import RebuildProgress, RebuildReport  # noqa: PLC0415
 
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tiu.rebuilds",
-        "--batch-size",
-        str(batch_size),
-        spec,
-        stdin=DEVNULL,
-        stdout=PIPE,
-        stderr=PIPE,
-        env=env,
-    )
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tiu.rebuilds",
+            "--batch-size",
+            str(batch_size),
+            spec,
+            stdin=DEVNULL,
+            stdout=PIPE,
+            stderr=PIPE,
+            env=env,
+        )
+    except OSError as error:  # the interpreter's file gone, no process or pipe to spare
+        raise RebuildError(projector, f"its process could not start: {error}") from error
     try:
         out, err = await process.communicate()
     except BaseException:

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import event, text
 
 from eventstore import EventStore, NewEvent, create_engine
+from eventstore.engine import begin_write
 from eventstore.sqlite_driver import (
     WAL_CHECKPOINT_BYTES,
     WAL_CUT_STEP,
@@ -513,5 +514,33 @@ async def test_a_wal_within_its_limit_is_started_again_in_place_by_a_commit_on_t
         assert commits == [threading.get_ident()]
         assert _wal_generation(db_path) == generation + 1
         assert _wal_size(db_path) == size
+    finally:
+        await store.engine.dispose()
+
+
+async def test_a_write_transaction_that_writes_nothing_leaves_the_cut_to_the_next_write(db_path):
+    # Only a COMMIT that writes frames starts the WAL again: one of a write transaction
+    # that wrote nothing (a command answered from its idempotency record, say) must not
+    # use up the worker-thread COMMIT, else the next write cuts the file on the loop.
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    commits = _trace_commits(store)
+    try:
+        async with store.transaction() as uow:  # ~25 MiB of frames: past the limit
+            for i in range(1200):
+                uow.append(f"item-{i}", "item", [NewEvent("Noted", {"text": PAYLOAD * 10})])
+        await _checkpointer(store).ended()
+        busy, frames, copied = _checkpointer(store).last  # type: ignore[misc]
+        assert (busy, copied) == (0, frames)
+        before = _wal_size(db_path)
+        assert before > WAL_SIZE_LIMIT
+        async with store.engine.connect() as conn:
+            await begin_write(conn)
+            await conn.commit()
+        assert _wal_size(db_path) == before
+        commits.clear()
+        await _append(store, 0)  # starts the WAL again and cuts it back
+        assert before - WAL_CUT_STEP <= _wal_size(db_path) < before
+        assert len(commits) == 1
+        assert commits[0] != threading.get_ident()
     finally:
         await store.engine.dispose()

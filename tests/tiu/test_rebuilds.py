@@ -247,3 +247,22 @@ def test_a_rebuild_child_whose_host_is_gone_ends_itself(tmp_path):
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{pid}").exists(), "the orphaned child is still running"
+
+
+async def test_a_child_that_cannot_start_raises_rebuild_error(
+    engine: AsyncEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The interpreter's file gone (a Python upgraded under a running service): the
+    # process cannot start, which is the rebuild's failure, not an OSError.
+    await logged_log(engine, 20)
+    svc = service_on(engine)
+    await svc.start(migrate=False)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python-gone"))
+    try:
+        with pytest.raises(RebuildError) as caught:
+            await svc.rebuild(UsersV2())
+    finally:
+        await svc.store.aclose()
+    assert caught.value.projector == "users"
+    assert "could not start" in caught.value.reason
+    assert caught.value.exit_code is None
