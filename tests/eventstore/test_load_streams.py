@@ -91,9 +91,12 @@ async def test_a_processed_command_is_reported_with_its_outcome(store):
         )
     async with store.engine.connect() as conn:
         done = await store.load_streams(conn, "cmd-1", [])
+        with_stream = await store.load_streams(conn, "cmd-1", [("task-9", None, 1, 0)])
         fresh = await store.load_streams(conn, "cmd-2", [("task-9", None, 1, 0)])
         rows = (await conn.execute(select(processed_commands))).all()
-    assert done.processed == ("task-9", {"ok": True, "version": 3})
+    # With the command's class, so a key resent with another command is told apart.
+    assert done.processed == ("task-9", {"ok": True, "version": 3}, "CreateTask")
+    assert with_stream.processed == done.processed
     assert fresh.processed is None
     assert fresh.events == []
     assert len(rows) == 1

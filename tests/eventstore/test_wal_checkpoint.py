@@ -442,18 +442,23 @@ def _trace_commits(store: EventStore) -> list[int]:
     return commits
 
 
+async def _fill_past_the_limit_and_checkpoint(store: EventStore) -> None:
+    """~25 MiB of frames in one transaction, then a checkpoint that copies them all."""
+    async with store.transaction() as uow:
+        for i in range(1200):
+            uow.append(f"item-{i}", "item", [NewEvent("Noted", {"text": PAYLOAD * 10})])
+    await _checkpointer(store).ended()
+    busy, frames, copied = _checkpointer(store).last  # type: ignore[misc]
+    assert (busy, copied) == (0, frames)
+
+
 async def test_the_commit_that_cuts_the_wal_back_runs_on_a_worker_thread(db_path):
     # Cutting a large WAL back is an ftruncate as long as the file is large (139 ms for
     # 256 MiB on ext4 with discard): the COMMIT that does it must not hold the loop.
     store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
     commits = _trace_commits(store)
     try:
-        async with store.transaction() as uow:  # ~25 MiB of frames: past the limit
-            for i in range(1200):
-                uow.append(f"item-{i}", "item", [NewEvent("Noted", {"text": PAYLOAD * 10})])
-        await _checkpointer(store).ended()
-        busy, frames, copied = _checkpointer(store).last  # type: ignore[misc]
-        assert (busy, copied) == (0, frames)
+        await _fill_past_the_limit_and_checkpoint(store)
         assert _wal_size(db_path) > WAL_SIZE_LIMIT
         loop_thread = threading.get_ident()
         commits.clear()
@@ -525,12 +530,7 @@ async def test_a_write_transaction_that_writes_nothing_leaves_the_cut_to_the_nex
     store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
     commits = _trace_commits(store)
     try:
-        async with store.transaction() as uow:  # ~25 MiB of frames: past the limit
-            for i in range(1200):
-                uow.append(f"item-{i}", "item", [NewEvent("Noted", {"text": PAYLOAD * 10})])
-        await _checkpointer(store).ended()
-        busy, frames, copied = _checkpointer(store).last  # type: ignore[misc]
-        assert (busy, copied) == (0, frames)
+        await _fill_past_the_limit_and_checkpoint(store)
         before = _wal_size(db_path)
         assert before > WAL_SIZE_LIMIT
         async with store.engine.connect() as conn:
