@@ -200,7 +200,7 @@ _CHECKPOINTING: set[str] = set()
 #: Database files (real paths) whose last checkpoint round copied every frame: the next
 #: write transaction of the file starts the WAL again, and if the file is larger than
 #: :data:`WAL_SIZE_LIMIT` its COMMIT cuts it back, so that COMMIT runs on a worker thread
-#: (see :meth:`WalCheckpointer.restart_due`). Whichever engine of this process writes next.
+#: (see :meth:`WalCheckpointer.restart_cut`). Whichever engine of this process writes next.
 _RESTART_DUE: set[str] = set()
 #: The WAL file's header (https://sqlite.org/fileformat2.html#walformat, big-endian):
 #: magic, format version, page size, checkpoint sequence number, salt-1, salt-2. Each
@@ -255,7 +255,7 @@ class WalCheckpointer:
     for 64, 139 ms for 256; a rebuild's swap writes a WAL of hundreds of MiB). Once a
     round has copied every frame of such a file, the next write transaction of this
     process (one that holds the writer lock) therefore commits on a worker thread
-    (:meth:`restart_due`), and cuts at most :data:`WAL_CUT_STEP` (:meth:`cut_to`): a
+    (:meth:`restart_cut`), and cuts at most :data:`WAL_CUT_STEP`: a
     large file shrinks a step per checkpoint. A writer of another process, or a
     deferred transaction's write, may still be the one that starts the WAL again, and
     cut it back in one go.
@@ -404,30 +404,23 @@ class WalCheckpointer:
                 self._db = None
             db.close()
 
-    def restart_due(self) -> bool:
-        """Whether a write transaction committing now may start the WAL again and cut
-        the file back (a round copied every frame since the last write transaction
-        committed, and the file is larger than :data:`WAL_SIZE_LIMIT`). Called by that
-        COMMIT: the next one cannot (it finds frames not yet copied), so the answer is
-        given once."""
+    def restart_cut(self) -> int | None:
+        """The ``journal_size_limit`` for a write transaction committing now, if it may
+        start the WAL again and cut a file larger than :data:`WAL_SIZE_LIMIT` back (a
+        round copied every frame since the last write transaction committed); ``None``
+        otherwise. It cuts at most :data:`WAL_CUT_STEP`, not below the limit; the
+        COMMITs that start the WAL again after the next checkpoints (one every
+        :data:`WAL_CHECKPOINT_BYTES` of frames written) cut the next steps. Called by
+        that COMMIT: the next one cannot (it finds frames not yet copied), so the answer
+        is given once."""
         if self.path not in _RESTART_DUE:
-            return False
+            return None
         _RESTART_DUE.discard(self.path)
-        try:
-            return os.stat(self._wal).st_size > WAL_SIZE_LIMIT
-        except OSError:
-            return False  # no WAL file: nothing to cut back
-
-    def cut_to(self) -> int:
-        """The ``journal_size_limit`` for the COMMIT that starts the WAL again: at most
-        :data:`WAL_CUT_STEP` below the file's size, not below :data:`WAL_SIZE_LIMIT`.
-        The COMMITs that start the WAL again after the next checkpoints (one every
-        :data:`WAL_CHECKPOINT_BYTES` of frames written) cut the next steps."""
         try:
             size = os.stat(self._wal).st_size
         except OSError:
-            return WAL_SIZE_LIMIT
-        return max(WAL_SIZE_LIMIT, size - WAL_CUT_STEP)
+            return None  # no WAL file: nothing to cut back
+        return max(WAL_SIZE_LIMIT, size - WAL_CUT_STEP) if size > WAL_SIZE_LIMIT else None
 
     def _interrupt(self) -> None:
         with self._mutex:
@@ -855,22 +848,22 @@ class Connection(AdaptedConnection):
     def _offloaded(self) -> bool:
         """Whether the COMMIT about to run goes to a worker thread: commits fsync, a
         statement of the transaction ran there (:attr:`heavy`), or it is the write that
-        starts the WAL again and cuts the file back (:meth:`WalCheckpointer.restart_due`;
+        starts the WAL again and cuts the file back (:meth:`WalCheckpointer.restart_cut`;
         asked only by a transaction that changed rows: one that wrote nothing leaves
         the answer to the next write)."""
         heavy, self.heavy = self.heavy, False
         checkpointer = self._checkpointer
-        restart = False
+        cut = None
         if (
             self._held_lock is not None
             and checkpointer is not None
             and self._db.total_changes != self._changes_at_lock
-            and checkpointer.restart_due()
         ):
-            restart = True
+            cut = checkpointer.restart_cut()
+        if cut is not None:
             # Read by SQLite at this COMMIT, the one that starts the WAL again.
-            self._db.execute(f"PRAGMA journal_size_limit={checkpointer.cut_to()}")
-        return self._offload_commit or heavy or restart
+            self._db.execute(f"PRAGMA journal_size_limit={cut}")
+        return self._offload_commit or heavy or cut is not None
 
     def commit(self) -> None:
         try:
