@@ -785,7 +785,7 @@ class Dispatcher:
             if unit is not None:
                 streams = unit.streams
                 previous = await unit.load_many(
-                    wanted, command_id=command.command_id, command_type=type(command).__name__
+                    wanted, command_id=command.command_id, command_type=command_type
                 )
                 known = unit.passwords.get(command.command_id)
                 if known is not None and ctx.passwords is NO_PASSWORD_WORK:

@@ -199,7 +199,8 @@ class DatabaseService:
         # The catch-up and the worker share the host's event loop (chunked Python work,
         # SQLite statements on a worker thread) and leave its garbage collector alone.
         if self.projection_mode is ProjectionMode.INLINE:
-            await self.rebuild(*stale)
+            if stale:  # none given, rebuild() would look for the stale ones again
+                await self.rebuild(*stale)
             await Worker(
                 self.store,
                 self.projectors,
