@@ -164,9 +164,10 @@ def _last_line(output: bytes) -> str:
 def end_with_parent(poll: float = PARENT_POLL) -> threading.Thread:
     """SIGTERM this process once its parent is gone (``os.getppid()`` changes: it was
     adopted by init or a subreaper), as a Ctrl-C would stop ``tiu replay``. A host
-    killed outright does not terminate its child, and a child rebuilding on alone
-    would race the rebuild the restarted host starts (a duplicate key in the shadow
-    tables). Polled from a daemon thread: Linux's parent-death signal is not portable."""
+    killed outright does not terminate its child, which would rebuild on for nobody,
+    taking SQLite's write lock batch after batch beside the restarted host (and its own
+    rebuild of the projector). Polled from a daemon thread: Linux's parent-death signal
+    is not portable."""
     parent = os.getppid()
 
     def watch() -> None:

@@ -51,9 +51,7 @@ def by_name(name: str) -> Projector:
     module, _, qualname = name.partition(":")
     if qualname:
         try:
-            found: object = importlib.import_module(module)
-            for part in qualname.split("."):
-                found = getattr(found, part)
+            found = _attribute(importlib.import_module(module), qualname)
         except (ImportError, AttributeError) as error:
             raise KeyError(f"cannot import projector {name!r}: {error}") from None
         if isinstance(found, type) and issubclass(found, Projector):
@@ -72,10 +70,19 @@ def importable_name(projector: Projector) -> str | None:
         return None
     if getattr(projector, "__dict__", None):
         return None
-    found: object = sys.modules.get(cls.__module__)
-    for part in cls.__qualname__.split("."):
-        found = getattr(found, part, None)
+    try:
+        found = _attribute(sys.modules.get(cls.__module__), cls.__qualname__)
+    except AttributeError:
+        return None
     return f"{cls.__module__}:{cls.__qualname__}" if found is cls else None
+
+
+def _attribute(root: object, qualname: str) -> object:
+    """``root.a.b`` for ``qualname`` ``"a.b"``; ``AttributeError`` if a part is missing."""
+    found = root
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
 
 
 __all__ = [
