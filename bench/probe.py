@@ -32,7 +32,6 @@ import statistics
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +46,10 @@ class Lag:
     wakes: int
     gc_max_ms: float = 0.0
     gc_cpu_max_ms: float = 0.0
+    #: The share of the time the loop thread was runnable but given no core (the
+    #: machine's load, not the loop's work): where it is above a few percent, the lag
+    #: measures the machine as much as the code.
+    waiting_for_core: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -55,6 +58,7 @@ class Lag:
             "wakes": self.wakes,
             "gc_max_ms": round(self.gc_max_ms, 2),
             "gc_cpu_max_ms": round(self.gc_cpu_max_ms, 2),
+            "waiting_for_core": round(self.waiting_for_core, 3),
         }
 
 
@@ -89,7 +93,7 @@ class StallTracer:
         self.stalls: list[Stall] = []
         self._loop_thread = threading.get_ident()
         self._loop_clock = time.pthread_getcpuclockid(self._loop_thread)
-        self._schedstat = Path(f"/proc/self/task/{threading.get_native_id()}/schedstat")
+        self._schedstat = schedstat_of_this_thread()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stall-tracer", daemon=True)
 
@@ -122,33 +126,54 @@ class StallTracer:
                 current.samples.append(self._sample())
 
     def _run_delay(self) -> float:
-        """The loop thread's time so far runnable but waiting for a core, in seconds
-        (0 where the kernel does not say)."""
-        try:
-            return int(self._schedstat.read_text().split()[1]) / 1e9
-        except (OSError, IndexError, ValueError):
-            return 0.0
+        return run_delay(self._schedstat)
 
     def _sample(self) -> str:
-        frames = sys._current_frames()  # the only way to see another thread
-        loop = frames.pop(self._loop_thread, None)
-        me = threading.get_ident()
-        stack = traceback.extract_stack(loop, limit=16) if loop is not None else []
-        lines = []
-        for frame in reversed(stack):
-            if frame.name == "_run_once":  # below it: the loop's own runner
-                lines.append("(loop)")
-                break
-            lines.append(f"{_short(frame.filename)}:{frame.lineno} {frame.name}")
-        others = sorted(
-            f"{_short(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}"
-            for ident, frame in frames.items()
-            if ident != me
-        )
+        # Another thread's frames are only safe to walk while it cannot run: the loop
+        # thread unwinding a frame this thread is reading crashed the interpreter
+        # (CPython 3.11, a segfault in 1 of 2 runs of case 9 with --trace-stalls). So the
+        # walk keeps the GIL: a switch interval far longer than the walk, and no call
+        # that releases it (traceback's source lookup reads files).
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1.0)
+        try:
+            frames = sys._current_frames()  # the only way to see another thread
+            loop = frames.pop(self._loop_thread, None)
+            me = threading.get_ident()
+            lines: list[str] = []
+            frame = loop
+            while frame is not None and len(lines) < 16:
+                code = frame.f_code
+                if code.co_name == "_run_once":  # below it: the loop's own runner
+                    lines.append("(loop)")
+                    break
+                lines.append(f"{_short(code.co_filename)}:{frame.f_lineno} {code.co_name}")
+                frame = frame.f_back
+            others = sorted(
+                f"{_short(f.f_code.co_filename)}:{f.f_lineno} {f.f_code.co_name}"
+                for ident, f in frames.items()
+                if ident != me
+            )
+            del frames, loop, frame
+        finally:
+            sys.setswitchinterval(interval)
         return " < ".join(lines) + ("  || threads: " + "; ".join(others) if others else "")
 
     def since(self, started: float) -> list[Stall]:
         return [s for s in self.stalls if s.started >= started]
+
+
+def schedstat_of_this_thread() -> Path:
+    return Path(f"/proc/self/task/{threading.get_native_id()}/schedstat")
+
+
+def run_delay(schedstat: Path) -> float:
+    """A thread's time so far runnable but waiting for a core, in seconds (Linux
+    schedstat; 0 where the kernel does not say)."""
+    try:
+        return int(schedstat.read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _short(filename: str) -> str:
@@ -181,6 +206,7 @@ class LoopProbe:
         self.collections: list[tuple[float, float, float]] = []
         self._task: asyncio.Task[None] | None = None
         self._gc_started = (0.0, 0.0)
+        self._schedstat = schedstat_of_this_thread()  # made in the loop's thread
 
     def _on_gc(self, phase: str, _info: dict[str, int]) -> None:
         now, cpu = time.perf_counter(), time.thread_time()
@@ -204,20 +230,22 @@ class LoopProbe:
         lateness is recorded only when it wakes)."""
         await asyncio.sleep(self.period * 3)
 
-    def mark(self) -> tuple[int, float]:
-        return len(self.lags), time.perf_counter()
+    def mark(self) -> tuple[int, float, float]:
+        return len(self.lags), time.perf_counter(), run_delay(self._schedstat)
 
-    def since(self, mark: tuple[int, float]) -> Lag:
+    def since(self, mark: tuple[int, float, float]) -> Lag:
+        elapsed = time.perf_counter() - mark[1]
+        waiting = (run_delay(self._schedstat) - mark[2]) / elapsed if elapsed > 0 else 0.0
         lags = self.lags[mark[0] :]
         mine = [(s, c) for end, s, c in self.collections if end >= mark[1]]
         gc_max = max((s for s, _ in mine), default=0.0) * 1000
         gc_cpu_max = max((c for _, c in mine), default=0.0) * 1000
         if not lags:
-            return Lag(0.0, 0.0, 0, gc_max, gc_cpu_max)
+            return Lag(0.0, 0.0, 0, gc_max, gc_cpu_max, waiting)
         p99 = (
             statistics.quantiles(lags, n=100, method="inclusive")[98] if len(lags) >= 2 else lags[0]
         )
-        return Lag(max(lags) * 1000, p99 * 1000, len(lags), gc_max, gc_cpu_max)
+        return Lag(max(lags) * 1000, p99 * 1000, len(lags), gc_max, gc_cpu_max, waiting)
 
     async def __aenter__(self) -> LoopProbe:
         gc.callbacks.append(self._on_gc)

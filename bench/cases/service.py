@@ -20,7 +20,9 @@ wakes every 1 ms:
 Each operation runs alone first (its lag is its own), then all together. Reported per
 operation: duration and the process's CPU time, the probe's max and p99 lateness while
 it ran, and the process's
-peak RSS during it (``VmHWM``, reset before each operation), and the write lock's
+peak RSS during it (``VmHWM``, reset before each operation), the share of the time
+the loop thread was runnable but waited for a core (another process's load: where it
+is above a few percent, the lag measures the machine too), and the write lock's
 hold per command transaction while it ran (``service.dispatcher.lock_times``: p99 and
 max, on SQLite from ``BEGIN IMMEDIATE`` to the end of COMMIT).
 
@@ -93,7 +95,8 @@ class _Run:
         self.rows.append(row)
         print(
             f"    {label:34} {seconds:8.3f}s ({cpu:6.3f}s CPU)  lag max {lag.max_ms:7.1f} ms"
-            f"  p99 {lag.p99_ms:6.1f} ms  longest gc {lag.gc_max_ms:6.1f} ms"
+            f"  p99 {lag.p99_ms:6.1f} ms (waiting for a core {lag.waiting_for_core:4.0%})"
+            f"  longest gc {lag.gc_max_ms:6.1f} ms"
             f" ({lag.gc_cpu_max_ms:5.1f} ms CPU)"
             f"  peak RSS {row['peak_rss_mb']:7.1f} MB"
             f"  write lock p99 {row['write_lock_p99_ms']} ms"
