@@ -22,6 +22,9 @@ and leaves the loop only where SQLite would *wait*:
 * **Durable commits**: with ``synchronous=FULL`` or ``EXTRA`` every COMMIT fsyncs, so
   COMMIT runs on a worker thread (``offload_commit``). With the default ``NORMAL`` a
   WAL commit does not fsync and runs inline.
+* **The writer's thread**: a connection holding the write lock sends what it runs off
+  the loop to one thread per file (:class:`WriterThread`), never queued behind the
+  reads on the loop's default executor while other writers wait for the lock.
 * **Cancellation**: work sent to a thread cannot be interrupted; a caller cancelled
   while it runs waits for it to end (so the connection is never used by two callers
   at once) and is then cancelled.
@@ -69,6 +72,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
 import os
 import sqlite3
@@ -77,6 +82,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 from urllib.parse import quote, unquote
 
@@ -148,12 +154,17 @@ def _lock_key(database: str, uri: bool, connection: sqlite3.Connection) -> str:
 
 
 async def _on_thread(
-    fn: Callable[..., T], *args: Any, interrupt: Callable[[], None] | None = None
+    fn: Callable[..., T],
+    *args: Any,
+    interrupt: Callable[[], None] | None = None,
+    thread: ThreadPoolExecutor | None = None,
 ) -> T:
-    """``fn(*args)`` on a worker thread. A caller cancelled meanwhile calls ``interrupt``
-    (if given) and waits, through further cancellations too, for the thread to return
-    (it holds a connection until then), and is then cancelled."""
-    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    """``fn(*args)`` on a worker thread (``thread``'s, else the loop's default
+    executor), in a copy of the caller's context. A caller cancelled meanwhile calls
+    ``interrupt`` (if given) and waits, through further cancellations too, for the
+    thread to return (it holds a connection until then), and is then cancelled."""
+    call = functools.partial(contextvars.copy_context().run, fn, *args)
+    work = asyncio.get_running_loop().run_in_executor(thread, call)
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
@@ -161,6 +172,28 @@ async def _on_thread(
             interrupt()
         await until_done(work)
         raise
+
+
+class WriterThread:
+    """The thread a connection holding a file's write lock sends its work off the loop
+    to: a COMMIT that fsyncs or cuts the WAL back, a statement of the transaction marked
+    :data:`OFF_LOOP`, and the checkpoint round that holds this process's writer lock.
+
+    Not the loop's default executor: reads whose cost grows with the data (audits,
+    counts, log pages) queue there, and a writer whose COMMIT waited behind them
+    would hold the lock, and every writer queued on it, for as long. One thread is
+    enough: one connection at a time holds a file's write lock. Made again in a forked
+    child, which has none of its parent's threads."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = 0
+
+    def get(self) -> ThreadPoolExecutor:
+        if self._pool is None or self._pid != os.getpid():
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tiu-sqlite-writer")
+            self._pid = os.getpid()
+        return self._pool
 
 
 #: A COMMIT that finds the ``-wal`` file grown by this much since the last checkpoint
@@ -284,6 +317,8 @@ class WalCheckpointer:
         #: The outcome of the last round: ``PRAGMA wal_checkpoint``'s row (refused,
         #: frames in the WAL, frames copied), or the error it failed with.
         self.last: tuple[int, int, int] | BaseException | None = None
+        #: Where this engine's holder of the file's write lock works off the loop.
+        self.writer_thread = WriterThread()
 
     @property
     def running(self) -> bool:
@@ -370,16 +405,17 @@ class WalCheckpointer:
                     break
                 copied = backfilled
             async with _writer_lock(self.path):
-                await self._round()
+                await self._round(self.writer_thread.get())
         except Exception as error:  # nobody awaits this task: log it
             self.last = error
             if not self._closed:
                 log.warning("WAL checkpoint of %s failed (tried again later): %s", self.path, error)
 
-    async def _round(self) -> tuple[int, int, int] | None:
-        """One PASSIVE checkpoint on a worker thread; cancelled, it is interrupted and
-        waited for (its thread holds a connection until it returns)."""
-        row = await _on_thread(self._passive, interrupt=self._interrupt)
+    async def _round(self, thread: ThreadPoolExecutor | None = None) -> tuple[int, int, int] | None:
+        """One PASSIVE checkpoint on a worker thread (``thread``: the writer thread, for
+        the round that holds the writer lock); cancelled, it is interrupted and waited
+        for (its thread holds a connection until it returns)."""
+        row = await _on_thread(self._passive, interrupt=self._interrupt, thread=thread)
         self.last = row
         if row is not None and not row[0] and row[1] and row[1] == row[2]:
             _RESTART_DUE.add(self.path)
@@ -708,7 +744,14 @@ class Connection(AdaptedConnection):
     async def _wait(self, fn: Callable[..., T], args: tuple[Any, ...], *, lock: bool) -> T:
         if lock:
             return await self._retry_lock(fn, args)
-        return await _on_thread(self._waiting, fn, *args)
+        return await _on_thread(self._waiting, fn, *args, thread=self._thread())
+
+    def _thread(self) -> ThreadPoolExecutor | None:
+        """The thread this connection's work off the loop runs on: the file's writer
+        thread while it holds the writer lock, else the loop's default executor."""
+        if self._held_lock is not None and self._checkpointer is not None:
+            return self._checkpointer.writer_thread.get()
+        return None
 
     async def _retry_lock(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         loop = asyncio.get_running_loop()
@@ -773,7 +816,9 @@ class Connection(AdaptedConnection):
         cancelled, it interrupts the statement and returns only once the thread has
         let go of the connection."""
         # "interrupted" is then the cancellation's doing.
-        return await _on_thread(self._waiting, fn, *args, interrupt=self._db.interrupt)
+        return await _on_thread(
+            self._waiting, fn, *args, interrupt=self._db.interrupt, thread=self._thread()
+        )
 
     def acquire_writer(self) -> None:
         if self._held_lock is None:

@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import pytest
@@ -189,6 +190,58 @@ async def test_appends_read_back_and_verify_with_inline_and_offloaded_commits(db
         assert isinstance(events[0].event_id, uuid.UUID)
         assert report.ok, report
     finally:
+        await engine.dispose()
+
+
+async def _default_executor_taken() -> threading.Event:
+    """Give the loop a default executor of two threads and keep both busy (the reads a
+    service sends off the loop: audits, counts, log pages) until the event is set, at
+    the latest in 5 s (work queued behind them then runs, and a test can tell it did
+    not run before)."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(2))
+    gate = threading.Event()
+    for _ in range(2):
+        loop.run_in_executor(None, gate.wait)
+    loop.call_later(5, gate.set)
+    await asyncio.sleep(0.05)
+    return gate
+
+
+async def test_a_commit_sent_off_the_loop_does_not_queue_behind_reads_holding_the_lock(db_path):
+    """A COMMIT that fsyncs runs on a worker thread; the write lock is held until it
+    ends, so it must not wait for the threads the service's reads have taken."""
+    engine = create_engine(
+        f"sqlite+aiosqlite:///{db_path}", EngineOptions(sqlite_synchronous="FULL")
+    )
+    store = EventStore(engine)
+    gate = await _default_executor_taken()
+    try:
+        written = await store.append("user-1", "user", [ev()])
+        assert not gate.is_set(), "the COMMIT waited for the reads' threads"
+        assert written.last_position == 1
+    finally:
+        gate.set()
+        await store.aclose()
+        await engine.dispose()
+
+
+async def test_an_off_loop_statement_of_a_write_transaction_does_not_queue_behind_reads(
+    db_path,
+):
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}")
+    gate = await _default_executor_taken()
+    try:
+        async with engine.connect() as conn:
+            await begin_write(conn)
+            await conn.execute(text("CREATE TABLE kept (x INTEGER)"))
+            count = text(_COUNT_UP_TO).execution_options(off_loop=True)
+            counted = await conn.execute(count, {"top": 3_000_000})
+            await conn.commit()
+            assert not gate.is_set(), "the write transaction waited for the reads' threads"
+            assert counted.scalar_one() == 3_000_000
+    finally:
+        gate.set()
         await engine.dispose()
 
 
