@@ -420,6 +420,7 @@ class EventStore:
         lazy: bool = False,
         conn: AsyncConnection | None = None,
         keep_open: bool = False,
+        turned: bool = False,
     ) -> AsyncIterator[UnitOfWork]:
         """A write transaction. Buffered appends are flushed at the end, then COMMIT.
 
@@ -434,8 +435,10 @@ class EventStore:
         run on (not in a write transaction), closed at the end as the store's own is,
         unless ``keep_open``: then, if the block succeeds, it is left open and out of
         any transaction for the caller to close (after an error it is closed).
+        ``turned``: the caller's task comes straight from a turn of the loop (a group
+        writer, which turns it after each group): the transaction takes no other.
         """
-        if not self.dialect.round_trips:
+        if not self.dialect.round_trips and not turned:
             # The inline SQLite driver never suspends: one turn of the loop before each
             # write transaction, or a loop of them (an import) would keep every other
             # task waiting, the WAL's checkpoint included. Before, not after: cancelled
