@@ -697,7 +697,9 @@ class EventStore:
         for stream_id, version in expected.items():
             _check_expected(stream_id, version, (heads.get(stream_id) or _NO_HEAD).version)
         now = self.now()
-        now_text = recorded_at_text(now)  # one stamp for the group, unless given
+        # One stamp for the group's appends that bring none (a command's brings its own).
+        given = all(p.recorded_at is not None for p in pending)
+        now_text = "" if given else recorded_at_text(now)
         rows: list[tuple[Any, ...]] = []
         results: list[AppendResult | WrongExpectedVersion] = []
         for p in pending:
