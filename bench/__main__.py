@@ -34,6 +34,8 @@ from bench.common import (
     pg_create_database,
     pg_drop_database,
     pg_version,
+    raw_label,
+    raw_systems,
 )
 from bench.context import RESULTS, Context
 
@@ -56,6 +58,13 @@ def _ratio(tiu: Result, other: Result | None) -> str:
     return f"{tiu.median / other.median:.2f}"
 
 
+def _raw_ratios(tiu: Result, raws: list[Result]) -> str:
+    """tiu's ratio to each raw baseline of its case, named where there are several."""
+    if len(raws) == 1:
+        return _ratio(tiu, raws[0])
+    return " / ".join(f"{_ratio(tiu, raw)} ({raw_label(raw.system)})" for raw in raws)
+
+
 def _rows(results: list[Result]) -> list[list[str]]:
     by_key = {(r.case, r.backend, r.system): r for r in results}
     rows = []
@@ -63,7 +72,10 @@ def _rows(results: list[Result]) -> list[list[str]]:
         es_ratio = raw_ratio = ""
         if r.system == "tiu":
             es_ratio = _ratio(r, by_key.get((r.case, r.backend, "eventsourcing")))
-            raw_ratio = _ratio(r, by_key.get((r.case, r.backend, "raw")))
+            raws = raw_systems(
+                [o.system for o in results if (o.case, o.backend) == (r.case, r.backend)]
+            )
+            raw_ratio = _raw_ratios(r, [by_key[(r.case, r.backend, s)] for s in raws])
         rows.append(
             [
                 r.case,
@@ -145,7 +157,7 @@ async def main_async(cfg: Config, cases: list[str], results: list[Result]) -> No
                 results += got
                 for r in got:
                     print(
-                        f"    {r.system:13} {r.case}: {r.median:.3f}s, {r.rate:,.0f} {r.rate_unit}"
+                        f"    {r.system:18} {r.case}: {r.median:.3f}s, {r.rate:,.0f} {r.rate_unit}"
                     )
                 print(
                     f"[{backend}] case {case} done in {time.monotonic() - started:.0f}s", flush=True

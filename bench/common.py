@@ -37,8 +37,20 @@ PG_ADMIN_DB = os.environ.get("BENCH_PG_ADMIN_DB", "test")
 #: A database per run (set in the environment, so child processes use the same one):
 #: a bench run drops its database at the end, and must never drop another run's.
 PG_DB = os.environ.setdefault("BENCH_PG_DB", f"tiu_bench_{os.getpid()}")
-SYSTEMS = ("tiu", "eventsourcing", "raw")
+#: Each system's place; "raw-writes" is case 3's second raw baseline (tiu's statements).
+SYSTEMS = ("tiu", "eventsourcing", "raw", "raw-writes")
 BACKENDS = ("sqlite", "postgresql")
+
+
+def raw_systems(systems: list[str]) -> list[str]:
+    """The raw baselines among a case's systems, in the order given: ``raw``, or several
+    named ``raw (what it does)`` (case 3 has two)."""
+    return [s for s in systems if s == "raw" or s.startswith("raw (")]
+
+
+def raw_label(system: str) -> str:
+    """What a named raw baseline does (``raw (tiu's writes)``: ``tiu's writes``)."""
+    return system[5:-1] if system.startswith("raw (") else ""
 
 
 @dataclass
@@ -195,7 +207,15 @@ class Place:
         self.cfg = cfg
         self.backend = backend
         self.system = system
-        self.schema = schema or {"tiu": "tiu", "eventsourcing": "es", "raw": "raw"}[system]
+        self.schema = (
+            schema
+            or {
+                "tiu": "tiu",
+                "eventsourcing": "es",
+                "raw": "raw",
+                "raw-writes": "raw_writes",
+            }[system]
+        )
         self.sqlite_path = tmpdir / f"{self.schema}.db"
 
     @property

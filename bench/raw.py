@@ -36,6 +36,14 @@ SQLITE_INSERT = (
     "(SELECT coalesce(max(position), 0) + 1 FROM events), "
     "?, ?, ?, ?, ?, 1, ?, ?, ?, NULL, NULL, ?, ?, ?)"
 )
+# The same rows at a position the writer read under the lock (as tiu does), first parameter.
+PG_INSERT_AT = (
+    f"INSERT INTO events ({COLUMNS}) VALUES ("
+    "$1, $2, $3, $4, $5, $6, 1, $7::jsonb, $8::jsonb, $9, NULL, NULL, $10, $11, $12)"
+)
+SQLITE_INSERT_AT = (
+    f"INSERT INTO events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, NULL, NULL, ?, ?, ?)"
+)
 
 
 def row(

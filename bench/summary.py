@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from bench.common import raw_systems
 from bench.context import RESULTS
 
 SYSTEMS = ("tiu", "eventsourcing", "raw")
@@ -66,11 +67,15 @@ def table(records: list[dict[str, Any]]) -> str:
             size = re.search(r"log ([\d,]+)", case)
             if size:
                 replays[name].append((int(size.group(1).replace(",", "")), systems))
-        e, raw = _rate(systems.get("eventsourcing")), _rate(systems.get("raw"))
-        lines.append(
-            f"| {case} | {name} | {_fmt(tiu)} | {_fmt(e)} | {_fmt(raw)} "
-            f"| {_ratio(tiu, e)} | {_ratio(tiu, raw)} |"
-        )
+        e = _rate(systems.get("eventsourcing"))
+        raws = raw_systems(list(systems)) or ["raw"]
+        for system in raws:  # a row per raw baseline, named where there are several
+            raw = _rate(systems.get(system))
+            label = f"{case} [{system}]" if len(raws) > 1 else case
+            lines.append(
+                f"| {label} | {name} | {_fmt(tiu)} | {_fmt(e)} | {_fmt(raw)} "
+                f"| {_ratio(tiu, e)} | {_ratio(tiu, raw)} |"
+            )
     for name, pairs in queries.items():
         rates = " / ".join(f"{t:,.0f}" for t, _ in pairs)
         core = " / ".join(f"{c:,.0f}" for _, c in pairs)

@@ -81,9 +81,10 @@ class _Compiled:
     expanding: tuple[str, ...]
     expanded: dict[tuple[int, ...], tuple[str, tuple[_Slot, ...]] | None]
     #: Without expanding parameters: the values of every slot by name, in one C call
-    #: (KeyError when a parameter with a default is left out: the slot loop then), and
-    #: the positions whose values need a bind processor. Half the binding time of a
-    #: replay's rows, which name every column and process only the timestamps.
+    #: (those this form's parameters leave out, such as the ``1`` of ``total + 1``, from
+    #: their defaults), and the positions whose values need a bind processor. Half the
+    #: binding time of a replay's rows, which name every column and process only the
+    #: timestamps.
     values: Callable[[Params], tuple[Any, ...]] | None
     processed: tuple[tuple[int, Callable[[Any], Any]], ...]
     #: Whether it can be deferred (:class:`Deferred`): PostgreSQL, not expanding, at
@@ -180,7 +181,11 @@ def _compile(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) -
             return None  # let SQLAlchemy raise its error for the missing value
         process = processors.get(name)
         slots.append((name, None, default, process))
-    values = None if expanding or not slots else _getter(tuple(name for name, *_ in slots))
+    # A form is compiled per set of parameter names (``keys``): those it leaves out
+    # always take their defaults.
+    left_out = {name: default for name, _, default, _ in slots if name not in keys}
+    names = tuple(name for name, *_ in slots)
+    values = None if expanding or not slots else _getter(names, left_out)
     processed = tuple((i, slot[3]) for i, slot in enumerate(slots) if slot[3] is not None)
     sql = str(compiled)
     deferrable = (
@@ -194,11 +199,20 @@ def _compile(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) -
     )
 
 
-def _getter(names: tuple[str, ...]) -> Callable[[Params], tuple[Any, ...]]:
+def _getter(
+    names: tuple[str, ...], defaults: dict[str, Any]
+) -> Callable[[Params], tuple[Any, ...]]:
+    get: Callable[[Params], tuple[Any, ...]]
     if len(names) == 1:
         (name,) = names
-        return lambda params: (params[name],)
-    return operator.itemgetter(*names)
+        get = lambda params: (params[name],)  # noqa: E731
+    else:
+        get = operator.itemgetter(*names)
+    if not defaults:
+        return get
+    # Merged in, not a KeyError and the slot loop: a read-model counter's UPDATE
+    # (``total + 1``) left its literal out on every command.
+    return lambda params: get({**defaults, **params})
 
 
 def _compiled(statement: UpdateBase, dialect: SADialect, keys: tuple[str, ...]) -> _Compiled | None:

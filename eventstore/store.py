@@ -420,6 +420,7 @@ class EventStore:
         lazy: bool = False,
         conn: AsyncConnection | None = None,
         keep_open: bool = False,
+        turned: bool = False,
     ) -> AsyncIterator[UnitOfWork]:
         """A write transaction. Buffered appends are flushed at the end, then COMMIT.
 
@@ -434,8 +435,10 @@ class EventStore:
         run on (not in a write transaction), closed at the end as the store's own is,
         unless ``keep_open``: then, if the block succeeds, it is left open and out of
         any transaction for the caller to close (after an error it is closed).
+        ``turned``: the caller's task comes straight from a turn of the loop (a group
+        writer, which turns it after each group): the transaction takes no other.
         """
-        if not self.dialect.round_trips:
+        if not self.dialect.round_trips and not turned:
             # The inline SQLite driver never suspends: one turn of the loop before each
             # write transaction, or a loop of them (an import) would keep every other
             # task waiting, the WAL's checkpoint included. Before, not after: cancelled
@@ -694,7 +697,9 @@ class EventStore:
         for stream_id, version in expected.items():
             _check_expected(stream_id, version, (heads.get(stream_id) or _NO_HEAD).version)
         now = self.now()
-        now_text = recorded_at_text(now)  # one stamp for the group, unless given
+        # One stamp for the group's appends that bring none (a command's brings its own).
+        given = all(p.recorded_at is not None for p in pending)
+        now_text = "" if given else recorded_at_text(now)
         rows: list[tuple[Any, ...]] = []
         results: list[AppendResult | WrongExpectedVersion] = []
         for p in pending:

@@ -964,10 +964,11 @@ class Dispatcher:
         *,
         conn: AsyncConnection | None = None,
         keep_open: bool = False,
+        turned: bool = False,
     ) -> AsyncIterator[CommandUnit]:
         """One write transaction of commands (on ``conn`` if given, which it closes
-        unless ``keep_open``: see :meth:`EventStore.transaction`); begins writing at the
-        first write, commits on exit, rolls back on any error."""
+        unless ``keep_open``; ``turned``: see :meth:`EventStore.transaction`); begins
+        writing at the first write, commits on exit, rolls back on any error."""
 
         async def after_flush(uow: UnitOfWork) -> None:
             if self.inline is not None and not uow.checkpoints_moved:
@@ -985,7 +986,11 @@ class Dispatcher:
             ):
                 try:
                     async with self.store.transaction(
-                        after_flush=after_flush, lazy=True, conn=conn, keep_open=keep_open
+                        after_flush=after_flush,
+                        lazy=True,
+                        conn=conn,
+                        keep_open=keep_open,
+                        turned=turned,
                     ) as uow:
                         if self.inline is not None:  # moved with the append where it can
                             uow.checkpoints = tuple(p.name for p in self.inline.projectors)
@@ -1099,16 +1104,24 @@ class Dispatcher:
         return next(r for r in unit.results if r.command_id == command.command_id)
 
     async def write(
-        self, decision: Decision, conn: AsyncConnection | None = None, *, keep_open: bool = False
+        self,
+        decision: Decision,
+        conn: AsyncConnection | None = None,
+        *,
+        keep_open: bool = False,
+        turned: bool = False,
     ) -> CommandResult:
         """Stage two alone: one transaction for one decision prepared elsewhere (on
-        ``conn`` if given: it is closed, unless ``keep_open`` and the write succeeds).
+        ``conn`` if given: it is closed, unless ``keep_open`` and the write succeeds;
+        ``turned``: see :meth:`EventStore.transaction`, for the first attempt).
         A conflict is raised (``ConcurrencyError``): the decision must be prepared again."""
         rejected: list[DomainError] = []
         while True:
             try:
-                async with self.unit(conn=conn, keep_open=keep_open and conn is not None) as unit:
-                    conn = None
+                async with self.unit(
+                    conn=conn, keep_open=keep_open and conn is not None, turned=turned
+                ) as unit:
+                    conn, turned = None, False
                     await self._apply(unit, decision, rejected)
             except KeyAlreadyClaimed as error:
                 raise AlreadyExists(error.scope, None) from error
@@ -1537,13 +1550,17 @@ class GroupCommitter:
         if len(group) == 1:
             queued, future = group[0]
             assert queued.decision is not None
-            await settle(future, self.dispatcher.write(queued.decision, conn, keep_open=True))
+            # Straight from a turn of the loop (see GroupQueue): no other before the write.
+            write = self.dispatcher.write(queued.decision, conn, keep_open=True, turned=True)
+            await settle(future, write)
             return
         outcomes: list[CommandResult | BaseException] = []
         decisions = [queued.decision for queued, _ in group]
         started = time.thread_time()
         try:
-            async with self.dispatcher.unit(conn=conn, keep_open=conn is not None) as unit:
+            async with self.dispatcher.unit(
+                conn=conn, keep_open=conn is not None, turned=True
+            ) as unit:
                 await unit.check_ahead(d for d in decisions if d is not None)
                 for index, decision in enumerate(decisions):
                     assert decision is not None
