@@ -195,6 +195,14 @@ class WriterThread:
             self._pid = os.getpid()
         return self._pool
 
+    def close(self) -> None:
+        """Let the thread end once the work it was given has run (the engine's dispose;
+        an engine used again makes another): an engine made per database, or per test,
+        would otherwise leave a thread for as long as it is referenced."""
+        pool, self._pool = self._pool, None
+        if pool is not None and self._pid == os.getpid():
+            pool.shutdown(wait=False)
+
 
 #: A COMMIT that finds the ``-wal`` file grown by this much since the last checkpoint
 #: began starts one off the loop (SQLite's automatic checkpoint runs at 1,000 pages:
@@ -482,6 +490,7 @@ class WalCheckpointer:
         with self._mutex:
             self._closed = True
         self._interrupt()
+        self.writer_thread.close()
         task = self._task
         if task is None or task.done():
             return

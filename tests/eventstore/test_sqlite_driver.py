@@ -613,3 +613,26 @@ async def test_prebuilt_statements_of_a_connection_sent_off_the_loop_run_off_it(
     finally:
         await store.aclose()
         await store.engine.dispose()
+
+
+async def test_a_disposed_engine_leaves_no_writer_thread_behind(tmp_path):
+    """An engine's writer thread ends with its dispose (a service or a test suite
+    making an engine per database must not keep a thread per engine ever made)."""
+
+    def writers() -> int:
+        return sum(t.name.startswith("tiu-sqlite-writer") for t in threading.enumerate())
+
+    before = writers()
+    engines = []
+    for i in range(20):
+        engine = create_engine(
+            f"sqlite+aiosqlite:///{tmp_path / f'{i}.db'}", EngineOptions(sqlite_synchronous="FULL")
+        )
+        async with engine.connect() as conn:
+            await begin_write(conn)
+            await conn.execute(text("CREATE TABLE kept (x INTEGER)"))
+            await conn.commit()  # fsyncs: on the engine's writer thread
+        await engine.dispose()
+        engines.append(engine)  # still referenced, as a fixture or a service keeps it
+    await asyncio.sleep(0.05)
+    assert writers() - before == 0, f"{writers() - before} writer threads left running"
