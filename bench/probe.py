@@ -132,8 +132,9 @@ class StallTracer:
         # Another thread's frames are only safe to walk while it cannot run: the loop
         # thread unwinding a frame this thread is reading crashed the interpreter
         # (CPython 3.11, a segfault in 1 of 2 runs of case 9 with --trace-stalls). So the
-        # walk keeps the GIL: a switch interval far longer than the walk, and no call
-        # that releases it (traceback's source lookup reads files).
+        # walk keeps the GIL: no call that releases it (traceback's source lookup reads
+        # files), and a long switch interval for the threads that start waiting now (one
+        # already waiting keeps the old 5 ms: the walk takes microseconds).
         interval = sys.getswitchinterval()
         sys.setswitchinterval(1.0)
         try:
