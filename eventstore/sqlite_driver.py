@@ -22,9 +22,11 @@ and leaves the loop only where SQLite would *wait*:
 * **Durable commits**: with ``synchronous=FULL`` or ``EXTRA`` every COMMIT fsyncs, so
   COMMIT runs on a worker thread (``offload_commit``). With the default ``NORMAL`` a
   WAL commit does not fsync and runs inline.
-* **The writer's thread**: a connection holding the write lock sends what it runs off
-  the loop to one thread per file (:class:`WriterThread`), never queued behind the
-  reads on the loop's default executor while other writers wait for the lock.
+* **Whose threads**: work sent off the loop runs on tiu's own threads, below the
+  loop's priority (:data:`BACKGROUND_THREADS`, :mod:`eventstore.threads`), except what a
+  connection holding the write lock sends: that runs on one thread per engine and file
+  at the process's priority (:class:`WriterThread`), never queued behind the reads
+  while other writers wait for the lock.
 * **Cancellation**: work sent to a thread cannot be interrupted; a caller cancelled
   while it runs waits for it to end (so the connection is never used by two callers
   at once) and is then cancelled.
@@ -90,6 +92,7 @@ from sqlalchemy.engine.interfaces import AdaptedConnection
 from sqlalchemy.util import concurrency as _concurrency
 
 from eventstore.grouping import until_done
+from eventstore.threads import NicedThreads, cores
 
 T = TypeVar("T")
 log = logging.getLogger("eventstore.sqlite")
@@ -153,18 +156,29 @@ def _lock_key(database: str, uri: bool, connection: sqlite3.Connection) -> str:
     return os.path.realpath(path)
 
 
+#: Where statements whose cost grows with the data, waits for another process's lock
+#: and checkpoint rounds run: threads of tiu's own below the loop's priority, as many
+#: as the loop's default executor would have.
+BACKGROUND_THREADS: Final = NicedThreads("tiu-sqlite", min(32, cores() + 4))
+
+
 async def _on_thread(
     fn: Callable[..., T],
     *args: Any,
     interrupt: Callable[[], None] | None = None,
     thread: ThreadPoolExecutor | None = None,
 ) -> T:
-    """``fn(*args)`` on a worker thread (``thread``'s, else the loop's default
-    executor), in a copy of the caller's context. A caller cancelled meanwhile calls
-    ``interrupt`` (if given) and waits, through further cancellations too, for the
-    thread to return (it holds a connection until then), and is then cancelled."""
-    call = functools.partial(contextvars.copy_context().run, fn, *args)
-    work = asyncio.get_running_loop().run_in_executor(thread, call)
+    """``fn(*args)`` on a worker thread (``thread``'s, else one of
+    :data:`BACKGROUND_THREADS`), in a copy of the caller's context. A caller cancelled
+    meanwhile calls ``interrupt`` (if given) and waits, through further cancellations
+    too, for the thread to return (it holds a connection until then), and is then
+    cancelled."""
+    work: asyncio.Future[T]
+    if thread is None:
+        work = asyncio.ensure_future(BACKGROUND_THREADS.run(fn, *args))
+    else:
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        work = asyncio.get_running_loop().run_in_executor(thread, call)
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
@@ -179,11 +193,12 @@ class WriterThread:
     to: a COMMIT that fsyncs or cuts the WAL back, a statement of the transaction marked
     :data:`OFF_LOOP`, and the checkpoint round that holds this process's writer lock.
 
-    Not the loop's default executor: reads whose cost grows with the data (audits,
-    counts, log pages) queue there, and a writer whose COMMIT waited behind them
-    would hold the lock, and every writer queued on it, for as long. One thread is
-    enough: one connection at a time holds a file's write lock. Made again in a forked
-    child, which has none of its parent's threads."""
+    Not one of :data:`BACKGROUND_THREADS`: reads whose cost grows with the data
+    (audits, counts, log pages) queue there, and a writer whose COMMIT waited behind
+    them would hold the lock, and every writer queued on it, for as long; nor at their
+    lower priority, for the same reason. One thread is enough: one connection at a time
+    holds a file's write lock. Made again in a forked child, which has none of its
+    parent's threads."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None

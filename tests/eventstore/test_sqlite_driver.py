@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
 import sqlite3
+import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -30,6 +33,7 @@ from eventstore.hashing import canonical_json, chain_hash, event_hash, parse_jso
 from eventstore.integrity import verify
 from eventstore.prepared import execute
 from eventstore.schema import metadata
+from eventstore.sqlite_driver import BACKGROUND_THREADS
 from projections.runner import sharing_the_loop
 
 pytestmark = pytest.mark.sqlite
@@ -193,19 +197,25 @@ async def test_appends_read_back_and_verify_with_inline_and_offloaded_commits(db
         await engine.dispose()
 
 
-async def _default_executor_taken() -> threading.Event:
-    """Give the loop a default executor of two threads and keep both busy (the reads a
-    service sends off the loop: audits, counts, log pages) until the event is set, at
-    the latest in 5 s (work queued behind them then runs, and a test can tell it did
-    not run before)."""
-    loop = asyncio.get_running_loop()
-    loop.set_default_executor(ThreadPoolExecutor(2))
+@contextlib.asynccontextmanager
+async def _background_threads_taken() -> AsyncIterator[threading.Event]:
+    """Keep every one of the driver's background threads busy (the reads a service
+    sends off the loop: audits, counts, log pages) until the event is set, at the
+    latest in 5 s (work queued behind them then runs, and a test can tell it did not
+    run before)."""
     gate = threading.Event()
-    for _ in range(2):
-        loop.run_in_executor(None, gate.wait)
-    loop.call_later(5, gate.set)
+    held = [
+        asyncio.ensure_future(BACKGROUND_THREADS.run(gate.wait))
+        for _ in range(BACKGROUND_THREADS.size)
+    ]
+    timer = asyncio.get_running_loop().call_later(5, gate.set)
     await asyncio.sleep(0.05)
-    return gate
+    try:
+        yield gate
+    finally:
+        timer.cancel()
+        gate.set()
+        await asyncio.gather(*held)
 
 
 async def test_a_commit_sent_off_the_loop_does_not_queue_behind_reads_holding_the_lock(db_path):
@@ -215,13 +225,12 @@ async def test_a_commit_sent_off_the_loop_does_not_queue_behind_reads_holding_th
         f"sqlite+aiosqlite:///{db_path}", EngineOptions(sqlite_synchronous="FULL")
     )
     store = EventStore(engine)
-    gate = await _default_executor_taken()
     try:
-        written = await store.append("user-1", "user", [ev()])
-        assert not gate.is_set(), "the COMMIT waited for the reads' threads"
+        async with _background_threads_taken() as gate:
+            written = await store.append("user-1", "user", [ev()])
+            assert not gate.is_set(), "the COMMIT waited for the reads' threads"
         assert written.last_position == 1
     finally:
-        gate.set()
         await store.aclose()
         await engine.dispose()
 
@@ -230,9 +239,8 @@ async def test_an_off_loop_statement_of_a_write_transaction_does_not_queue_behin
     db_path,
 ):
     engine = create_engine(f"sqlite+aiosqlite:///{db_path}")
-    gate = await _default_executor_taken()
     try:
-        async with engine.connect() as conn:
+        async with _background_threads_taken() as gate, engine.connect() as conn:
             await begin_write(conn)
             await conn.execute(text("CREATE TABLE kept (x INTEGER)"))
             count = text(_COUNT_UP_TO).execution_options(off_loop=True)
@@ -241,7 +249,6 @@ async def test_an_off_loop_statement_of_a_write_transaction_does_not_queue_behin
             assert not gate.is_set(), "the write transaction waited for the reads' threads"
             assert counted.scalar_one() == 3_000_000
     finally:
-        gate.set()
         await engine.dispose()
 
 
@@ -334,6 +341,34 @@ async def test_an_off_loop_statement_lets_other_tasks_run_and_returns_its_rows(d
             assert (await inline).scalar_one() == 3_000_000
     finally:
         await engine.dispose()
+
+
+async def test_an_off_loop_statement_runs_on_a_thread_below_the_loop_s_priority(db_path):
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}")
+    seen: list[tuple[str, int]] = []
+    try:
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            raw.driver_connection.set_trace_callback(  # type: ignore[union-attr]
+                lambda sql: (
+                    seen.append(
+                        (
+                            threading.current_thread().name,
+                            os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+                        )
+                    )
+                    if "marked" in sql
+                    else None
+                )
+            )
+            marked = text("SELECT count(*) AS marked FROM events").execution_options(off_loop=True)
+            await conn.execute(marked)
+    finally:
+        await engine.dispose()
+    ((name, niceness),) = seen
+    assert name.startswith("tiu-sqlite")
+    if sys.platform == "linux":  # elsewhere a thread's priority is left as it is
+        assert niceness > os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
 def _threads_of(conn_raw: object, marker: str) -> list[int]:
