@@ -772,7 +772,7 @@ class Connection(AdaptedConnection):
 
     def _thread(self) -> ThreadPoolExecutor | None:
         """The thread this connection's work off the loop runs on: the file's writer
-        thread while it holds the writer lock, else the loop's default executor."""
+        thread while it holds the writer lock, else one of :data:`BACKGROUND_THREADS`."""
         if self._held_lock is not None and self._checkpointer is not None:
             return self._checkpointer.writer_thread.get()
         return None
