@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -138,13 +138,19 @@ async def _raw_light(place: Place, n: int, callers: int) -> AsyncIterator[float]
                     await conn.execute(raw.PG_INSERT, *r)
                     await conn.execute(PG_CHECKPOINT, now)
 
-        async def go(conns: list[Any] = conns) -> None:
-            await asyncio.gather(*(caller(c, k) for k, c in enumerate(conns)))
+        yield await _callers_timed(conns, caller)
 
-        took = await timed(go)
-        for c in conns:
-            await c.close()
-        yield took
+
+async def _callers_timed(conns: list[Any], caller: Callable[[Any, int], Awaitable[None]]) -> float:
+    """One run: a caller per connection at once, timed; the connections closed after."""
+
+    async def go() -> None:
+        await asyncio.gather(*(caller(c, k) for k, c in enumerate(conns)))
+
+    took = await timed(go)
+    for c in conns:
+        await c.close()
+    return took
 
 
 def _raw_sqlite_setup(place: Place) -> None:
@@ -304,13 +310,7 @@ async def _raw_writes(place: Place, n: int, callers: int) -> AsyncIterator[float
                     if moved != f"UPDATE {len(CHECKPOINTS)}":
                         raise RuntimeError(f"checkpoints not at {position}: {moved}")
 
-        async def go(conns: list[Any] = conns) -> None:
-            await asyncio.gather(*(caller(c, k) for k, c in enumerate(conns)))
-
-        took = await timed(go)
-        for c in conns:
-            await c.close()
-        yield took
+        yield await _callers_timed(conns, caller)
 
 
 def _raw_writes_sqlite_setup(place: Place, owner: str, project: str) -> None:
