@@ -157,8 +157,8 @@ def _lock_key(database: str, uri: bool, connection: sqlite3.Connection) -> str:
 
 
 #: Where statements whose cost grows with the data, waits for another process's lock
-#: and checkpoint rounds run: threads of tiu's own below the loop's priority, as many
-#: as the loop's default executor would have.
+#: and checkpoint rounds run: threads of tiu's own below the loop's priority, one pool
+#: for the process (its engines and loops), of one loop's default executor's size.
 BACKGROUND_THREADS: Final = NicedThreads("tiu-sqlite", min(32, cores() + 4))
 
 
@@ -169,22 +169,24 @@ async def _on_thread(
     thread: ThreadPoolExecutor | None = None,
 ) -> T:
     """``fn(*args)`` on a worker thread (``thread``'s, else one of
-    :data:`BACKGROUND_THREADS`), in a copy of the caller's context. A caller cancelled
-    meanwhile calls ``interrupt`` (if given) and waits, through further cancellations
-    too, for the thread to return (it holds a connection until then), and is then
-    cancelled."""
-    work: asyncio.Future[T]
-    if thread is None:
-        work = asyncio.ensure_future(BACKGROUND_THREADS.run(fn, *args))
-    else:
-        call = functools.partial(contextvars.copy_context().run, fn, *args)
-        work = asyncio.get_running_loop().run_in_executor(thread, call)
+    :data:`BACKGROUND_THREADS`), in a copy of the caller's context.
+
+    A caller cancelled while ``fn`` waits for a thread takes it off the queue: it never
+    runs. One cancelled while ``fn`` runs calls ``interrupt`` (if given) and waits,
+    through further cancellations too, for the thread to return (it holds a connection
+    until then), and is then cancelled. What it waits for is the thread's own future,
+    not a task, which cancelling every task (``asyncio.run``'s shutdown) would end
+    while the thread still ran."""
+    pool = thread if thread is not None else await BACKGROUND_THREADS.executor()
+    submitted = pool.submit(functools.partial(contextvars.copy_context().run, fn, *args))
+    work = asyncio.wrap_future(submitted)
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
-        if interrupt is not None:
-            interrupt()
-        await until_done(work)
+        if not submitted.cancel():  # running already: it holds the connection
+            if interrupt is not None:
+                interrupt()
+            await until_done(work)
         raise
 
 
@@ -772,7 +774,9 @@ class Connection(AdaptedConnection):
 
     def _thread(self) -> ThreadPoolExecutor | None:
         """The thread this connection's work off the loop runs on: the file's writer
-        thread while it holds the writer lock, else one of :data:`BACKGROUND_THREADS`."""
+        thread while it holds the writer lock, else one of :data:`BACKGROUND_THREADS`
+        (also a database in memory: it has no checkpointer, and no other connection
+        waits for its lock)."""
         if self._held_lock is not None and self._checkpointer is not None:
             return self._checkpointer.writer_thread.get()
         return None

@@ -94,9 +94,14 @@ class NicedThreads:
                 future.result()
             self._started = True
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """``fn(*args)`` on one of these threads, in a copy of the caller's context."""
+    async def executor(self) -> ThreadPoolExecutor:
+        """The pool, its threads started (on a worker thread, the first time)."""
         if not self._started:
             await asyncio.to_thread(self._start_all)
+        return self._pool
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on one of these threads, in a copy of the caller's context."""
+        pool = await self.executor()
         call = functools.partial(contextvars.copy_context().run, fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        return await asyncio.get_running_loop().run_in_executor(pool, call)

@@ -33,7 +33,8 @@ from eventstore.hashing import canonical_json, chain_hash, event_hash, parse_jso
 from eventstore.integrity import verify
 from eventstore.prepared import execute
 from eventstore.schema import metadata
-from eventstore.sqlite_driver import BACKGROUND_THREADS
+from eventstore.sqlite_driver import BACKGROUND_THREADS, _on_thread
+from eventstore.threads import NICENESS
 from projections.runner import sharing_the_loop
 
 pytestmark = pytest.mark.sqlite
@@ -368,7 +369,8 @@ async def test_an_off_loop_statement_runs_on_a_thread_below_the_loop_s_priority(
     ((name, niceness),) = seen
     assert name.startswith("tiu-sqlite")
     if sys.platform == "linux":  # elsewhere a thread's priority is left as it is
-        assert niceness > os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert niceness == min(19, base + NICENESS)  # 19: the lowest there is
 
 
 def _threads_of(conn_raw: object, marker: str) -> list[int]:
@@ -513,6 +515,57 @@ async def test_a_cancelled_off_loop_statement_is_interrupted_and_leaves_the_conn
         await engine.dispose()
 
 
+async def test_a_statement_cancelled_while_it_waits_for_a_thread_never_runs(db_path):
+    """Interrupting reaches only a statement already running: one still queued for a
+    thread is taken off the queue, and its caller is cancelled at once."""
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}", EngineOptions(pool_size=1))
+    ran: list[str] = []
+    try:
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            raw.driver_connection.set_trace_callback(  # type: ignore[union-attr]
+                lambda sql: ran.append(sql) if "never_ran" in sql else None
+            )
+            queued = text("SELECT count(*) AS never_ran FROM events").execution_options(
+                off_loop=True
+            )
+            async with _background_threads_taken() as gate:
+                work = asyncio.ensure_future(conn.execute(queued))
+                await asyncio.sleep(0.05)
+                work.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await work
+                assert not gate.is_set(), "the cancelled caller waited for a thread"
+            await BACKGROUND_THREADS.run(lambda: None)  # the threads free: a queued one ran
+        async with engine.connect() as conn:  # the pool's only connection, reusable
+            assert (await conn.execute(text("SELECT 2"))).scalar_one() == 2
+        assert ran == []
+    finally:
+        await engine.dispose()
+
+
+async def test_a_caller_cancelled_with_every_task_returns_only_once_its_thread_let_go():
+    """What ``asyncio.run`` does at shutdown: cancel every task. The caller must still
+    wait for the thread that runs its work (it holds the caller's connection)."""
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def work() -> None:
+        started.set()
+        release.wait(5)
+        finished.set()
+
+    caller = asyncio.ensure_future(_on_thread(work))
+    await asyncio.to_thread(started.wait, 5)
+    me = asyncio.current_task()
+    for task in asyncio.all_tasks():
+        if task is not me:
+            task.cancel()
+    asyncio.get_running_loop().call_later(0.2, release.set)
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert finished.is_set(), "the caller returned while its thread still ran"
+
+
 async def test_log_pages_are_fetched_on_a_worker_thread(db_path):
     """``read_all`` runs its page's statement (and builds its rows) off the event loop's
     thread, so a loop paging through a large log is free while each page is read."""
@@ -654,8 +707,8 @@ async def test_a_disposed_engine_leaves_no_writer_thread_behind(tmp_path):
     """An engine's writer thread ends with its dispose (a service or a test suite
     making an engine per database must not keep a thread per engine ever made)."""
 
-    def writers() -> int:
-        return sum(t.name.startswith("tiu-sqlite-writer") for t in threading.enumerate())
+    def writers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("tiu-sqlite-writer")}
 
     before = writers()
     engines = []
@@ -669,5 +722,8 @@ async def test_a_disposed_engine_leaves_no_writer_thread_behind(tmp_path):
             await conn.commit()  # fsyncs: on the engine's writer thread
         await engine.dispose()
         engines.append(engine)  # still referenced, as a fixture or a service keeps it
-    await asyncio.sleep(0.05)
-    assert writers() - before == 0, f"{writers() - before} writer threads left running"
+    made = writers() - before
+    for thread in made:  # each ends once it has seen the shutdown
+        await asyncio.to_thread(thread.join, 5)
+    left = [t for t in made if t.is_alive()]
+    assert not left, f"{len(left)} writer threads left running"
