@@ -11,8 +11,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -73,6 +74,24 @@ async def logged_log(engine: AsyncEngine, n: int = 300) -> None:
     await svc.store.aclose()
 
 
+#: The read models' rows, as :func:`read_models` reads them.
+ReadModels = dict[str, list[tuple[Any, ...]]]
+
+
+@pytest.fixture
+async def on_log(engine: AsyncEngine) -> AsyncIterator[tuple[DatabaseService, ReadModels]]:
+    """A started service on :func:`logged_log`'s log, and its read models before the
+    test."""
+    await logged_log(engine)
+    before = await read_models(engine)
+    svc = service_on(engine)
+    await svc.start(migrate=False)
+    try:
+        yield svc, before
+    finally:
+        await svc.store.aclose()
+
+
 def where_rebuilt(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("rebuilt ")]
 
@@ -131,17 +150,11 @@ async def test_start_rebuilds_a_stale_projection_in_a_child_with_the_in_process_
 
 
 async def test_a_failing_child_raises_rebuild_error_with_its_last_error_line(
-    engine: AsyncEngine,
+    engine: AsyncEngine, on_log: tuple[DatabaseService, ReadModels]
 ) -> None:
-    await logged_log(engine)
-    before = await read_models(engine)
-    svc = service_on(engine)
-    await svc.start(migrate=False)
-    try:
-        with pytest.raises(RebuildError) as caught:
-            await svc.rebuild(BrokenTasks())
-    finally:
-        await svc.store.aclose()
+    svc, before = on_log
+    with pytest.raises(RebuildError) as caught:
+        await svc.rebuild(BrokenTasks())
     assert caught.value.projector == "tasks"
     assert caught.value.exit_code == 1
     assert caught.value.reason.endswith("ValueError('broken on purpose')")
@@ -150,53 +163,43 @@ async def test_a_failing_child_raises_rebuild_error_with_its_last_error_line(
 
 
 async def test_a_cancelled_rebuild_ends_its_child_and_a_later_rebuild_completes(
-    engine: AsyncEngine,
+    engine: AsyncEngine, on_log: tuple[DatabaseService, ReadModels]
 ) -> None:
-    await logged_log(engine)
-    before = await read_models(engine)
-    svc = service_on(engine)
-    await svc.start(migrate=False)
+    svc, before = on_log
     pipes = open_pipes()
-    try:
-        stuck = asyncio.create_task(svc.rebuild(StuckTasks()))
-        # Until the child is inside its first batch: its shadow tables are prepared.
-        for _ in range(300):
-            async with engine.connect() as conn:
-                prepared = await conn.scalar(select(cp.c.name).where(cp.c.name == "tasks#rebuild"))
-            if prepared:
-                break
-            await asyncio.sleep(0.05)
-        [(child, cmdline)] = children_running("tiu.rebuilds").items()
-        assert engine.url.render_as_string(hide_password=False) not in cmdline  # ps shows it
-        stuck.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await stuck
-        assert not process_exists(child)  # ended and reaped: no zombie
-        assert open_pipes() == pipes
+    stuck = asyncio.create_task(svc.rebuild(StuckTasks()))
+    # Until the child is inside its first batch: its shadow tables are prepared.
+    for _ in range(300):
+        async with engine.connect() as conn:
+            prepared = await conn.scalar(select(cp.c.name).where(cp.c.name == "tasks#rebuild"))
+        if prepared:
+            break
+        await asyncio.sleep(0.05)
+    [(child, cmdline)] = children_running("tiu.rebuilds").items()
+    assert engine.url.render_as_string(hide_password=False) not in cmdline  # ps shows it
+    stuck.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stuck
+    assert not process_exists(child)  # ended and reaped: no zombie
+    assert open_pipes() == pipes
 
-        [report] = await svc.rebuild("tasks")  # resumes what the child left
-    finally:
-        await svc.store.aclose()
+    [report] = await svc.rebuild("tasks")  # resumes what the child left
     assert report.projector == "tasks"
     assert await read_models(engine) == before
     assert children_running("tiu.rebuilds") == {}
 
 
 async def test_memory_databases_and_unimportable_projectors_rebuild_in_this_process(
-    engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+    engine: AsyncEngine,
+    on_log: tuple[DatabaseService, ReadModels],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     class LocalTasks(TasksProjector):  # defined in a function: no child can import it
         pass
 
     caplog.set_level(logging.INFO, logger="tiu")
-    await logged_log(engine)
-    before = await read_models(engine)
-    svc = service_on(engine)
-    await svc.start(migrate=False)
-    try:
-        await svc.rebuild(LocalTasks())
-    finally:
-        await svc.store.aclose()
+    svc, before = on_log
+    await svc.rebuild(LocalTasks())
     assert await read_models(engine) == before
 
     memory = DatabaseService(
