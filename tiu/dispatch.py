@@ -97,6 +97,12 @@ T = TypeVar("T")
 GROUP_BUDGET: Final = 0.004
 
 
+def command_type_of(command: Command) -> str:
+    """The name a command's idempotency record holds (``processed_commands``'s
+    ``command_type``), which a resend of its command id is checked against."""
+    return type(command).__name__
+
+
 @dataclass(frozen=True, slots=True)
 class CommandResult:
     """What a processed command produced. ``position`` is that of its last event
@@ -780,7 +786,7 @@ class Dispatcher:
         wanted = [(target.decider, target.stream_id), *target.related.values()]
         #: The command id whose idempotency record was not read (``minted``).
         unread: str | None = None
-        command_type = type(command).__name__
+        command_type = command_type_of(command)
         with telemetry.step("tiu.load", command):
             if unit is not None:
                 streams = unit.streams
@@ -796,30 +802,9 @@ class Dispatcher:
                 if minted:
                     command_id = self.assume_minted(command, target, streams)
                     unread = command.command_id if command_id is None else None
-                with translate_errors(self.store.dialect.database_label):
-                    if conn is not None:
-                        previous = await self._whole(
-                            self.load_into(
-                                conn,
-                                streams,
-                                wanted,
-                                command_id=command_id,
-                                held=True,
-                                command_type=command_type,
-                            )
-                        )
-                    else:
-                        async with self.store.engine.connect() as own:
-                            previous = await self._whole(
-                                self.load_into(
-                                    own,
-                                    streams,
-                                    wanted,
-                                    command_id=command_id,
-                                    held=True,
-                                    command_type=command_type,
-                                )
-                            )
+                previous = await self._load(
+                    conn, streams, wanted, command_id, command_type=command_type, held=True
+                )
         if previous is not None:
             return Decision(command, ctx, target, {}, previous=previous)
         read = {stream_id: streams[stream_id] for _, stream_id in wanted}
@@ -836,18 +821,14 @@ class Dispatcher:
                 if not kept and unread is None:
                     raise
                 fresh: dict[str, _Loaded] = {}
-                previous = await self._read_again(
-                    conn, fresh, kept, unread, command_type=command_type
-                )
+                previous = await self._load(conn, fresh, kept, unread, command_type=command_type)
                 if previous is not None:
                     return Decision(command, ctx, target, {}, previous=previous)
                 unread = None
                 read = {**read, **fresh}
             except PasswordWorkNeeded as needed:
                 if unread is not None:  # no slow work for a command already processed
-                    previous = await self._read_again(
-                        conn, {}, [], unread, command_type=command_type
-                    )
+                    previous = await self._load(conn, {}, [], unread, command_type=command_type)
                     if previous is not None:
                         return Decision(command, ctx, target, {}, previous=previous)
                     unread = None
@@ -882,7 +863,7 @@ class Dispatcher:
             streams[target.stream_id] = _Loaded(decider, decider.initial_state(), 0, 0, 0, True)
         return None if "command_id" not in command.model_fields_set else command.command_id
 
-    async def _read_again(
+    async def _load(
         self,
         conn: AsyncConnection | None,
         streams: dict[str, _Loaded],
@@ -890,21 +871,32 @@ class Dispatcher:
         command_id: str | None,
         *,
         command_type: str,
+        held: bool = False,
     ) -> CommandResult | None:
-        """:meth:`load_into` from the log (no kept state), on ``conn`` while the caller
-        still holds it (a second checkout per caller could exhaust the pool), else on
-        a connection of its own."""
+        """:meth:`load_into` (``held``: as there; not held: from the log, no kept
+        state), on ``conn`` while the caller still holds it (a second checkout per
+        caller could exhaust the pool), else on a connection of its own."""
         with translate_errors(self.store.dialect.database_label):
             if conn is not None:
                 return await self._whole(
                     self.load_into(
-                        conn, streams, wanted, command_id=command_id, command_type=command_type
+                        conn,
+                        streams,
+                        wanted,
+                        command_id=command_id,
+                        command_type=command_type,
+                        held=held,
                     )
                 )
             async with self.store.engine.connect() as own:
                 return await self._whole(
                     self.load_into(
-                        own, streams, wanted, command_id=command_id, command_type=command_type
+                        own,
+                        streams,
+                        wanted,
+                        command_id=command_id,
+                        command_type=command_type,
+                        held=held,
                     )
                 )
 
@@ -1373,7 +1365,7 @@ class Dispatcher:
             _REMEMBER[conn.dialect.name],
             {
                 "command_id": command.command_id,
-                "command_type": type(command).__name__,
+                "command_type": command_type_of(command),
                 "stream_id": stream_id,
                 "outcome": outcome,
                 "recorded_at": now,
@@ -1559,9 +1551,9 @@ class GroupCommitter:
         started = time.thread_time()
         try:
             # A group of several takes its turn of the loop before its transaction:
-            # without it, its write ran in the turn that answered the group before, and
-            # eight callers' loop lag at p99 grew by ~1 ms (4.6 -> 5.7 ms, case 9's
-            # commands on a 1M log, eight runs each).
+            # without it, its write runs in the turn that answered the group before,
+            # and eight callers' loop lag is ~1 ms longer at p99 (bench case 9's
+            # commands on a 1M log: medians 5.7 against 4.6 ms, eight runs each).
             async with self.dispatcher.unit(conn=conn, keep_open=conn is not None) as unit:
                 await unit.check_ahead(d for d in decisions if d is not None)
                 for index, decision in enumerate(decisions):
