@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from projections.replay import RebuildReport
 
 #: The child's niceness increment: a rebuild is background work, the host's requests
-#: come first on a busy machine.
+#: come first on a busy machine. As :data:`eventstore.threads.NICENESS`, which the
+#: child does not import before it lowers its priority (see the imports).
 NICENESS = 10
 #: How long a child has, after SIGTERM, to roll back and exit before it is killed.
 TERMINATE_GRACE = 10.0
