@@ -74,8 +74,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import functools
 import logging
 import os
 import sqlite3
@@ -92,7 +90,7 @@ from sqlalchemy.engine.interfaces import AdaptedConnection
 from sqlalchemy.util import concurrency as _concurrency
 
 from eventstore.grouping import until_done
-from eventstore.threads import NicedThreads, cores
+from eventstore.threads import NicedThreads, cores, in_context
 
 T = TypeVar("T")
 log = logging.getLogger("eventstore.sqlite")
@@ -178,7 +176,7 @@ async def _on_thread(
     not a task, which cancelling every task (``asyncio.run``'s shutdown) would end
     while the thread still ran."""
     pool = thread if thread is not None else await BACKGROUND_THREADS.executor()
-    submitted = pool.submit(functools.partial(contextvars.copy_context().run, fn, *args))
+    submitted = pool.submit(in_context(fn, *args))
     work = asyncio.wrap_future(submitted)
     try:
         return await asyncio.shield(work)

@@ -103,5 +103,10 @@ class NicedThreads:
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` on one of these threads, in a copy of the caller's context."""
         pool = await self.executor()
-        call = functools.partial(contextvars.copy_context().run, fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(pool, call)
+        return await asyncio.get_running_loop().run_in_executor(pool, in_context(fn, *args))
+
+
+def in_context(fn: Callable[..., T], *args: object) -> Callable[[], T]:
+    """``fn(*args)`` to run on another thread in a copy of the caller's context (its
+    context variables: telemetry's current span, say), as ``asyncio.to_thread`` does."""
+    return functools.partial(contextvars.copy_context().run, fn, *args)
