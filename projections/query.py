@@ -671,9 +671,12 @@ class Query:
         where: ColumnElement[bool] | None,
         dialect: str,
         build: Callable[[list[ColumnElement[bool]]], sa.Select[Any]],
+        *,
+        key: tuple[Any, ...] = (),
     ) -> tuple[sa.Select[Any], dict[str, Any]]:
         """The statement ``build(conditions)`` for these filters' shape, built once per
-        shape, and this call's values for it.
+        shape, and this call's values for it; ``key`` (checked primary-key values, for
+        ``kind`` that always passes one) adds a condition per key column.
 
         Building a select and SQLAlchemy's cache key for it (a walk of the whole
         statement, the visibility subqueries included) was ~0.2 of ~0.7 ms of a
@@ -685,7 +688,8 @@ class Query:
         parsed = self.filters(filters)
         # The conditions are built on every call, for the values they bind; only the
         # statement around them is kept.
-        conds = self._where(parsed, where, dialect, binder)
+        conds = [c == binder(c, v) for c, v in zip(self._pk, key, strict=True)] if key else []
+        conds += self._where(parsed, where, dialect, binder)
         key = (kind, dialect, id(where), tuple(_shape(f) for f in parsed))
         found = self._statements.get(key)
         if found is not None and found[0] is where:
@@ -781,8 +785,15 @@ class Query:
         or a mapping by column key for a composite one.  A key of the wrong
         type raises :class:`InvalidFilter`.
         """
-        stmt = self._select().where(self._match_key(self._pk_values(key)), *_also(where))
-        rows = self._rows(await conn.execute(stmt))
+        stmt, params = self._prepared(
+            "get",
+            None,
+            where,
+            conn.dialect.name,
+            lambda conds: self._select().where(*conds),
+            key=self._pk_values(key),
+        )
+        rows = self._rows(await conn.execute(stmt, params))
         return rows[0] if rows else None
 
     @telemetry.traced_query("get_many")

@@ -552,6 +552,14 @@ async def _with_roles(conn: AsyncConnection, row: Mapping[str, Any]) -> User:
 
 
 _ENTITY_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def _is_entity_id(value: object) -> bool:
+    """Whether ``value`` can be an entity's id: one that cannot (a NUL, a lone
+    surrogate, too long) names no row, and is answered without a query."""
+    return isinstance(value, str) and _ENTITY_ID.fullmatch(value) is not None
+
+
 _USER_LABEL: Final = "user__"
 #: A session by its token hash, with its user's row (``user__<column>``, NULL if gone).
 _SESSION_AND_USER: Final = (
@@ -683,12 +691,11 @@ class ProjectRepository(_Repository):
         return Project.from_row(row) if row is not None else None
 
     async def get_project(self, project_id: str) -> Project | None:
+        if not _is_entity_id(project_id):
+            return None
         async with self._channel.read() as conn:
-            visible = await self._visible(conn)
-            rows = await PROJECTS_Q.list(
-                conn, where=and_(projects_table.c.project_id == project_id, visible), limit=1
-            )
-        return Project.from_row(rows[0]) if rows else None
+            row = await PROJECTS_Q.get(conn, project_id, where=await self._visible(conn))
+        return Project.from_row(row) if row is not None else None
 
     async def get_user_projects(
         self, user_id: str | None = None, *, include_archived: bool = False, limit: int = 100
@@ -897,7 +904,7 @@ class TaskRepository(_Repository):
         the write side then decides (``NotFound`` for a deleted task) or, for a resent
         ``command_id``, returns the first outcome. An id no task can have (not an entity
         id: a NUL, a lone surrogate, too long) is ``NotFound`` without a query."""
-        if not isinstance(task_id, str) or not _ENTITY_ID.fullmatch(task_id):
+        if not _is_entity_id(task_id):
             raise NotFound("task", task_id if isinstance(task_id, str) else None)
         async with self._channel.read() as conn:
             with telemetry.read(conn, tasks_table.name, "get"):
@@ -942,12 +949,11 @@ class TaskRepository(_Repository):
         return _created(await self.get_task(task_id), "task", task_id)
 
     async def get_task(self, task_id: str) -> Task | None:
+        if not _is_entity_id(task_id):
+            return None
         async with self._channel.read() as conn:
-            visible = await self._visible(conn)
-            rows = await TASKS_Q.list(
-                conn, where=and_(tasks_table.c.task_id == task_id, visible), limit=1
-            )
-        return Task.from_row(rows[0]) if rows else None
+            row = await TASKS_Q.get(conn, task_id, where=await self._visible(conn))
+        return Task.from_row(row) if row is not None else None
 
     async def edit_task(
         self, task_id: str, *, command_id: str | None = None, **fields: Any

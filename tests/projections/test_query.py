@@ -721,6 +721,19 @@ async def test_get_returns_the_row_as_a_dict_or_none(db: Db) -> None:
         await db.q.get(db.conn, 123)
 
 
+async def test_get_builds_one_statement_per_where_and_binds_each_key(db: Db) -> None:
+    # A point lookup is what every repository write returns through: its statement
+    # (the key bound, the repository's cached where) is built once, not per call.
+    mine = db.tasks.c.project_id == "p1"
+    for row in [*ROWS[:12], *ROWS[:12]]:
+        got = await db.q.get(db.conn, row["id"], where=mine)
+        assert (normalised(got) if got else None) == (row if row["project_id"] == "p1" else None)
+    composite = Query(db.members)
+    for member in [*MEMBERS, *MEMBERS]:
+        assert await composite.get(db.conn, (member["project_id"], member["user_id"])) == member
+    assert len(db.q._statements) == len(composite._statements) == 1
+
+
 async def test_get_and_get_many_with_a_composite_key(db: Db) -> None:
     q = Query(db.members)
     assert await q.get(db.conn, ("p1", "u0")) == {
