@@ -543,11 +543,7 @@ class UserRepository(_Repository):
 
 async def _with_roles(conn: AsyncConnection, row: Mapping[str, Any]) -> User:
     with telemetry.read(conn, user_roles.name, "list"):
-        roles = await conn.execute(
-            select(user_roles.c.role)
-            .where(user_roles.c.user_id == row["user_id"])
-            .order_by(user_roles.c.role)
-        )
+        roles = await conn.execute(_ROLES_OF_USER, {"user_id": row["user_id"]})
     return User.from_row({**row, "roles": tuple(roles.scalars())})
 
 
@@ -560,6 +556,16 @@ def _is_entity_id(value: object) -> bool:
     return isinstance(value, str) and _ENTITY_ID.fullmatch(value) is not None
 
 
+# Statements of one shape are built once (module constants with their values bound):
+# SQLAlchemy otherwise walks a new statement for its cache key on every call.
+_ROLES_OF_USER: Final = (
+    select(user_roles.c.role)
+    .where(user_roles.c.user_id == bindparam("user_id"))
+    .order_by(user_roles.c.role)
+)
+_PROJECT_OF_TASK: Final = select(tasks_table.c.project_id).where(
+    tasks_table.c.task_id == bindparam("task_id")
+)
 _USER_LABEL: Final = "user__"
 #: A session by its token hash, with its user's row (``user__<column>``, NULL if gone).
 _SESSION_AND_USER: Final = (
@@ -908,9 +914,7 @@ class TaskRepository(_Repository):
             raise NotFound("task", task_id if isinstance(task_id, str) else None)
         async with self._channel.read() as conn:
             with telemetry.read(conn, tasks_table.name, "get"):
-                project_id = await conn.scalar(
-                    select(tasks_table.c.project_id).where(tasks_table.c.task_id == task_id)
-                )
+                project_id = await conn.scalar(_PROJECT_OF_TASK, {"task_id": task_id})
             if project_id is None:
                 with telemetry.read(conn, "events", "stream"):
                     first = await self._channel.service.store.read_stream(
