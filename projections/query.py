@@ -456,12 +456,16 @@ class _Named:
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}
 
+    def name(self, value: Any) -> str:
+        name = f"tiu_filter_{len(self.params)}"
+        self.params[name] = value
+        return name
+
     def __call__(
         self, col: sa.Column[Any], value: Any, expanding: bool = False
     ) -> ColumnElement[Any]:
-        name = f"tiu_filter_{len(self.params)}"
-        self.params[name] = list(value) if expanding else value
-        return sa.bindparam(name, self.params[name], type_=col.type, expanding=expanding)
+        value = list(value) if expanding else value
+        return sa.bindparam(self.name(value), value, type_=col.type, expanding=expanding)
 
 
 def _shape(f: Filter) -> tuple[str, str, bool | None]:
@@ -685,15 +689,20 @@ class Query:
         immutable and keeps its cache key, so one per shape serves every call.
         ``where`` is part of the shape by identity (repositories cache theirs)."""
         binder = _Named()
+        # The key's values are named without building their conditions (a comparison
+        # costs more than the lookup's statement): only a new statement needs them.
+        key_names = [binder.name(v) for v in key]
         parsed = self.filters(filters)
-        # The conditions are built on every call, for the values they bind; only the
-        # statement around them is kept.
-        conds = [c == binder(c, v) for c, v in zip(self._pk, key, strict=True)] if key else []
-        conds += self._where(parsed, where, dialect, binder)
+        # The filters' conditions are built on every call, for the values they bind;
+        # only the statement around them is kept.
+        conds = self._where(parsed, where, dialect, binder)
         key = (kind, dialect, id(where), tuple(_shape(f) for f in parsed))
         found = self._statements.get(key)
         if found is not None and found[0] is where:
             return found[1], binder.params
+        if key_names:
+            pairs = zip(self._pk, key_names, strict=True)
+            conds = [*(c == sa.bindparam(n, type_=c.type) for c, n in pairs), *conds]
         statement = build(conds)
         if self._grows_with_data(kind, parsed):
             statement = statement.execution_options(**{OFF_LOOP: True})
