@@ -59,6 +59,7 @@ from eventstore.records import (
     uuid_from_hex,
 )
 from eventstore.schema import unique_keys
+from eventstore.sqlite_driver import TEXT_COLUMN, fetch_all
 from eventstore.sqlite_driver import Connection as InlineConnection
 from eventstore.translate import translate_errors
 from eventstore.types import sqlite_datetime, sqlite_text
@@ -93,13 +94,20 @@ _COLUMN_LIST: Final = ", ".join(EVENT_ROW_COLUMNS)
 _loads = parse_json
 
 
+_MAYBE_EMPTY: Final = frozenset({"actor_id", "correlation_id", "causation_id", "command_id"})
+_NUMBERS: Final = frozenset({"position", "version", "schema_version"})
 #: The columns a record is read from, by "is it PostgreSQL". There the documents are
 #: selected as jsonb's text, which the record parses only if it is read and which
 #: ``decode_event`` validates without building a dict: the driver's JSONB codec parsed
 #: both documents of every row (100k records: 1.11 s with the codec, 0.61 s as text;
-#: raw asyncpg 0.54).
+#: raw asyncpg 0.54). On SQLite the text columns an append never leaves NULL or empty
+#: are read by a converter (:data:`eventstore.sqlite_driver.TEXT_COLUMN`), which costs no
+#: GIL round trip; the audit columns may hold NULL or "".
 _READ_COLUMNS: Final = {
-    False: _COLUMN_LIST,
+    False: ", ".join(
+        c if c in _MAYBE_EMPTY or c in _NUMBERS else f'{c} AS "{c} [{TEXT_COLUMN}]"'
+        for c in EVENT_ROW_COLUMNS
+    ),
     True: ", ".join(
         f"{c}::text AS {c}" if c in {"data", "metadata"} else c for c in EVENT_ROW_COLUMNS
     ),
@@ -801,10 +809,6 @@ def _numbered_qmarks(sql: str) -> str:
     return _NUMBERED.sub(r"?\1", sql)
 
 
-def _fetch_all(db: Any, sql: str, params: Sequence[Any]) -> list[Any]:
-    return db.execute(sql, params).fetchall()  # type: ignore[no-any-return]
-
-
 class SQLiteDialect(Dialect):
     name = "sqlite"
     round_trips = False
@@ -916,7 +920,7 @@ class SQLiteDialect(Dialect):
         return outcomes
 
     async def _fetch(self, driver: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
-        return driver.execute(sql, read_parameters(sql, params, postgresql=False)).fetchall()  # type: ignore[no-any-return]
+        return fetch_all(driver, sql, read_parameters(sql, params, postgresql=False))
 
     async def load_streams(
         self,
@@ -970,7 +974,7 @@ class SQLiteDialect(Dialect):
             return rows
         driver: InlineConnection = raw.dbapi_connection
         values = read_parameters(sql, params, postgresql=False)
-        return await driver.off_loop(_fetch_all, raw.driver_connection, sql, values)
+        return await driver.off_loop(fetch_all, raw.driver_connection, sql, values)
 
     _native = staticmethod(functools.lru_cache(maxsize=64)(_numbered_qmarks))
 

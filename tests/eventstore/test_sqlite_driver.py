@@ -26,6 +26,7 @@ from eventstore import (
     EngineOptions,
     EventStore,
     NewEvent,
+    StoreUnavailable,
     create_engine,
 )
 from eventstore.engine import begin_write
@@ -586,6 +587,30 @@ async def test_log_pages_are_fetched_on_a_worker_thread(db_path):
         assert [e.version for e in page + rest] == list(range(1, 21))
         assert len(threads) == 2
         assert threading.get_ident() not in threads
+    finally:
+        await store.aclose()
+        await store.engine.dispose()
+
+
+async def test_a_logged_text_that_is_not_utf8_fails_its_read_as_store_unavailable(db_path):
+    """The record's text columns are read by a converter (``TEXT_COLUMN``), whose
+    ``UnicodeDecodeError`` must fail a read as sqlite3's own reading of the column does."""
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    try:
+        await store.append("s-1", "s", [ev()])
+        with sqlite3.connect(db_path) as db:
+            db.execute(
+                "INSERT INTO events (position, event_id, stream_id, stream_category, version, "
+                "event_type, schema_version, data, metadata, recorded_at, hash) VALUES (2, ?, "
+                "'s-1', 's', 2, 'Happened', 1, CAST(x'7b226e223a22ff227d' AS TEXT), '{}', "
+                "'2026-01-01 00:00:00.000000', ?)",
+                ("0" * 32, "0" * 64),
+            )
+        async with store.engine.connect() as conn:
+            with pytest.raises(StoreUnavailable, match="UTF-8"):
+                await store.read_all(conn, 0, 10)  # on a worker thread
+            with pytest.raises(StoreUnavailable, match="UTF-8"):
+                await store.read_stream(conn, "s-1")  # inline
     finally:
         await store.aclose()
         await store.engine.dispose()
