@@ -4,6 +4,7 @@ sends with its append in one statement (``tiu_command``) write exactly the rows
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -13,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, insert, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from eventstore import EventStore
 from eventstore.errors import CommandInFlight
-from eventstore.prepared import execute
+from eventstore.prepared import execute, held_back
 from eventstore.records import NewEvent
 from eventstore.types import JsonDocument, UTCDateTime
 
@@ -158,3 +159,42 @@ _IGNORING: dict[str, object] = {}
 
 def _insert_ignoring(table: Table) -> object:
     return _IGNORING.setdefault(table.name, pg_insert(table).on_conflict_do_nothing())
+
+
+async def test_a_connection_holds_no_write_back_once_its_transaction_ends_however_it_ends(
+    postgres_engine, twins
+):
+    """What a connection holds back is looked up by the connection itself (a caller's
+    connection outlives the transaction): once the block has ended, committed, raised or
+    cancelled, a write on it that must change a row runs at once, not held for an
+    append that will never come."""
+    _, table = twins
+    store = EventStore(postgres_engine)
+    try:
+        async with postgres_engine.connect() as conn:
+            async with store.transaction(conn=conn, keep_open=True) as uow:
+                assert held_back(conn) is uow.held is not None
+            row = {"id": "after", "count": 1, "flag": True}
+            assert await execute(conn, _insert(table), row, none_changed=CommandInFlight("c")) == 1
+            await conn.rollback()
+        async with postgres_engine.connect() as conn:
+            with pytest.raises(LookupError):
+                async with store.transaction(conn=conn, keep_open=True):
+                    raise LookupError
+            assert held_back(conn) is None
+        inside: asyncio.Future[AsyncConnection] = asyncio.get_running_loop().create_future()
+
+        async def waiting() -> None:
+            async with store.transaction() as uow:
+                inside.set_result(uow.conn)
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(waiting())
+        conn = await inside
+        assert held_back(conn) is not None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert held_back(conn) is None
+    finally:
+        await store.aclose()
