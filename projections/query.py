@@ -603,7 +603,9 @@ class Query:
     ``order_by`` may name: leave out what callers must not probe (hashes,
     tokens).  Lookups by primary key are not restricted.  ``where`` on every
     method is an extra condition the repository ANDs in (access control);
-    filters are ANDed with it, so they can only narrow it.
+    filters are ANDed with it, so they can only narrow it. Pass the same ``where``
+    object for calls of one kind (statements are kept per ``where`` by identity), and
+    bind no parameter named ``tiu_filter_N`` in it (the names of the query's values).
     """
 
     def __init__(
@@ -679,8 +681,9 @@ class Query:
         key: tuple[Any, ...] = (),
     ) -> tuple[sa.Select[Any], dict[str, Any]]:
         """The statement ``build(conditions)`` for these filters' shape, built once per
-        shape, and this call's values for it; ``key`` (checked primary-key values, for
-        ``kind`` that always passes one) adds a condition per key column.
+        shape, and this call's values for it; ``key`` (checked primary-key values) adds a
+        condition per key column. Values are bound as ``tiu_filter_0``, ``tiu_filter_1``,
+        ...: a ``where`` must not bind parameters of those names.
 
         Building a select and SQLAlchemy's cache key for it (a walk of the whole
         statement, the visibility subqueries included) was ~0.2 of ~0.7 ms of a
@@ -696,8 +699,8 @@ class Query:
         # The filters' conditions are built on every call, for the values they bind;
         # only the statement around them is kept.
         conds = self._where(parsed, where, dialect, binder)
-        key = (kind, dialect, id(where), tuple(_shape(f) for f in parsed))
-        found = self._statements.get(key)
+        shape = (kind, dialect, id(where), bool(key), tuple(_shape(f) for f in parsed))
+        found = self._statements.get(shape)
         if found is not None and found[0] is where:
             return found[1], binder.params
         if key_names:
@@ -708,7 +711,7 @@ class Query:
             statement = statement.execution_options(**{OFF_LOOP: True})
         if len(self._statements) >= _STATEMENTS_KEPT:
             self._statements.clear()
-        self._statements[key] = (where, statement)
+        self._statements[shape] = (where, statement)
         return statement, binder.params
 
     def _grows_with_data(self, kind: Hashable, parsed: Sequence[Filter]) -> bool:
