@@ -203,14 +203,13 @@ class Channel:
     @asynccontextmanager
     async def read(self, *, streamed: bool = False) -> AsyncIterator[AsyncConnection]:
         """A connection to read through; ``streamed``: one whose results may be streamed
-        (PostgreSQL's server-side cursors need a transaction, which the reader skips)."""
+        (:meth:`DatabaseService.read_connection`)."""
         if self.unit is not None:
             yield await self.unit.uow.reading()
             return
         # Reads fail as the store's writes do: StoreUnavailable, never a driver error.
         with translate_errors(self.service.store.dialect.database_label):
-            opened = self.service.engine.connect() if streamed else self.service.read_connection()
-            async with opened as conn:
+            async with self.service.read_connection(streamed=streamed) as conn:
                 yield conn
 
     async def send(self, command: Command, *, actor_id: str | None = None) -> CommandResult:
