@@ -1487,7 +1487,7 @@ class AuditRepository(_Repository):
             actor_id, stream_id, category, tuple(event_types or ()), since, until, correlation_id
         )
         await self._require(where.describe())
-        async with self._channel.read() as conn:
+        async with self._channel.read(streamed=True) as conn:
             return await audit_queries.query(
                 conn, where, limit=max(1, min(limit, 10_000)), newest_first=newest_first
             )
@@ -1508,7 +1508,7 @@ class AuditRepository(_Repository):
             actor_id, stream_id, None, tuple(event_types or ()), since, until
         ).narrowed(audit_queries.FAILED_TYPES)
         await self._require(f"failed {where.describe()}")
-        async with self._channel.read() as conn:
+        async with self._channel.read(streamed=True) as conn:
             return await audit_queries.query(conn, where, limit=limit)
 
     async def suspicious(
