@@ -201,6 +201,20 @@ async def settle(future: asyncio.Future[Result], work: Awaitable[Result]) -> Non
             future.set_result(result)
 
 
+async def whole(work: Awaitable[Result]) -> Result:
+    """``work``, never abandoned midway: a caller cancelled meanwhile waits for it to
+    end (:func:`until_done`), then is cancelled. For a round trip in flight: abandoned,
+    its connection would be dropped under the driver's feet (SQLAlchemy invalidates a
+    connection a cancellation interrupted; asyncpg then reports the lost round trip as
+    an exception nobody retrieved)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await until_done(task)
+        raise
+
+
 async def until_done(task: asyncio.Future[Result]) -> None:
     """Wait for ``task`` to end, through further cancellations of the waiter, and
     retrieve its outcome (so that no "exception was never retrieved" is left): for a

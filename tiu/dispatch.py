@@ -61,7 +61,7 @@ from eventstore.errors import (
     KeyAlreadyClaimed,
     WrongExpectedVersion,
 )
-from eventstore.grouping import GroupQueue, Waiting, settle, until_done
+from eventstore.grouping import GroupQueue, Waiting, settle, until_done, whole
 from eventstore.prepared import execute
 from eventstore.records import ANY, AppendResult, EventContext, ExpectedVersion, NewEvent
 from eventstore.schema import events as events_table
@@ -906,12 +906,7 @@ class Dispatcher:
         at an await, so it runs as it is)."""
         if not self.store.dialect.round_trips:
             return await load
-        task = asyncio.ensure_future(load)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await until_done(task)
-            raise
+        return await whole(load)
 
     @staticmethod
     def decide(

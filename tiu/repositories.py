@@ -203,14 +203,13 @@ class Channel:
     @asynccontextmanager
     async def read(self, *, streamed: bool = False) -> AsyncIterator[AsyncConnection]:
         """A connection to read through; ``streamed``: one whose results may be streamed
-        (PostgreSQL's server-side cursors need a transaction, which the reader skips)."""
+        (:meth:`DatabaseService.read_connection`)."""
         if self.unit is not None:
             yield await self.unit.uow.reading()
             return
         # Reads fail as the store's writes do: StoreUnavailable, never a driver error.
         with translate_errors(self.service.store.dialect.database_label):
-            opened = self.service.engine.connect() if streamed else self.service.read_connection()
-            async with opened as conn:
+            async with self.service.read_connection(streamed=streamed) as conn:
                 yield conn
 
     async def send(self, command: Command, *, actor_id: str | None = None) -> CommandResult:
@@ -1498,7 +1497,7 @@ class AuditRepository(_Repository):
             actor_id, stream_id, category, tuple(event_types or ()), since, until, correlation_id
         )
         await self._require(where.describe())
-        async with self._channel.read() as conn:
+        async with self._channel.read(streamed=True) as conn:
             return await audit_queries.query(
                 conn, where, limit=max(1, min(limit, 10_000)), newest_first=newest_first
             )
@@ -1519,7 +1518,7 @@ class AuditRepository(_Repository):
             actor_id, stream_id, None, tuple(event_types or ()), since, until
         ).narrowed(audit_queries.FAILED_TYPES)
         await self._require(f"failed {where.describe()}")
-        async with self._channel.read() as conn:
+        async with self._channel.read(streamed=True) as conn:
             return await audit_queries.query(conn, where, limit=limit)
 
     async def suspicious(

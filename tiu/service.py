@@ -29,6 +29,7 @@ from eventstore import (
     transparency,
 )
 from eventstore.engine import begin_write
+from eventstore.grouping import whole
 from eventstore.retention import RETENTION_CATEGORY, ArchiveReport
 from eventstore.schema import events
 from eventstore.translate import translate_errors
@@ -333,12 +334,23 @@ class DatabaseService:
     ) -> None:
         await self.aclose()
 
-    def read_connection(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+    def read_connection(
+        self, *, streamed: bool = False
+    ) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
         """A connection for a repository read: the replica when configured and caught
-        up with this process's writes, else the primary (``service.reader``)."""
-        if self.replica_reads is not None:
-            return self.replica_reads.connect()
-        return self.reader.connect()
+        up with this process's writes, else the primary (``service.reader``).
+
+        ``streamed``: one whose results may be streamed (``conn.stream()``). On
+        PostgreSQL a server-side cursor lives in a transaction, which the reader's
+        connections skip: such a read gets a READ ONLY transaction of its own."""
+        opened = (
+            self.replica_reads.connect()
+            if self.replica_reads is not None
+            else self.reader.connect()
+        )
+        if streamed and self.engine.dialect.name == "postgresql":
+            return _read_only_transaction(opened)
+        return opened
 
     # -- commands ---------------------------------------------------------------------
 
@@ -530,6 +542,23 @@ class DatabaseService:
         ``tiu audit archive``: see :meth:`tiu.repositories.AuditRepository.archive`."""
         async with self.get_repositories(SYSTEM_ACTOR) as repos:
             return await repos.audit.archive(before=before, output=output)
+
+
+@asynccontextmanager
+async def _read_only_transaction(
+    opened: contextlib.AbstractAsyncContextManager[AsyncConnection],
+) -> AsyncIterator[AsyncConnection]:
+    """``opened`` (a PostgreSQL read connection, in autocommit) in a READ ONLY
+    transaction, rolled back as the read ends, a cancelled one too: the rollback is
+    never abandoned midway, so the connection goes back to the pool idle, not dropped."""
+    async with opened as conn:
+        await conn.execution_options(
+            isolation_level=conn.default_isolation_level, postgresql_readonly=True
+        )
+        try:
+            yield conn
+        finally:
+            await whole(conn.rollback())
 
 
 async def _ended(task: asyncio.Task[None], what: str) -> None:

@@ -4,6 +4,7 @@ behind: the command either completed or left nothing, on both backends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import sqlite3
@@ -156,6 +157,49 @@ async def test_an_append_cancelled_at_any_point_completed_or_left_nothing(store,
         )
         count = await conn.scalar(select(func.count()).select_from(events))
     assert positions == list(range(1, count + 1))  # gap-free: nothing half-written
+    _no_loop_errors(caplog)
+
+
+async def _pooled_in_transaction(engine: AsyncEngine) -> list[bool]:
+    """Whether each connection the pool holds is inside a transaction, as its driver
+    last heard from the database (all checked out at once, so each is seen)."""
+    async with contextlib.AsyncExitStack() as stack:
+        seen = []
+        for _ in range(engine.pool.checkedin()):  # type: ignore[attr-defined]
+            conn = await stack.enter_async_context(engine.connect())
+            driver = (await conn.get_raw_connection()).driver_connection
+            sqlite = engine.dialect.name == "sqlite"
+            seen.append(driver.in_transaction if sqlite else driver.is_in_transaction())
+        return seen
+
+
+async def test_an_audit_read_cancelled_at_any_point_leaves_its_connection_idle_in_the_pool(
+    service, engine, caplog
+):
+    # More rows than one fetch of the streamed result: cancellations land between
+    # fetches, while the read's transaction and server-side cursor are open.
+    await service.store.append(
+        "audit-c1", "audit", [NewEvent("Probed", {"n": n}) for n in range(600)]
+    )
+    # The append's connection back in the pool: the reads cancelled here reuse it. (A
+    # read cancelled while its checkout opens a new connection loses that connection.)
+    await _settled(service, engine)
+    async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+        audit = repos.get_audit_repository()
+
+        def read():
+            return audit.get_events(event_types=["Probed"], limit=10_000)
+
+        outcomes = [await _cancel_after(read(), ("turns", n)) for n in range(TURNS)]
+        late = 0.0
+        while not isinstance(outcomes[-1], list):  # every 0.5 ms until one read ends first
+            assert late < 5000
+            outcomes.append(await _cancel_after(read(), ("ms", late)))
+            late += 0.5
+        assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
+        await _settled(service, engine)
+        assert not any(await _pooled_in_transaction(engine))
+        assert len(await read()) == 600
     _no_loop_errors(caplog)
 
 

@@ -216,3 +216,33 @@ async def test_commands_write_to_the_primary(replicated: DatabaseService) -> Non
     async with replicated.engine.connect() as conn:
         rows = await conn.execute(select(users_table.c.username))
         assert list(rows.scalars()) == ["ada"]
+
+
+async def test_audit_reads_streamed_or_not_go_to_the_replica(
+    postgres_engine: AsyncEngine, pg_schema: str, clock: Clock
+) -> None:
+    """Every audit read goes to the read engine, those that stream their rows (a
+    server-side cursor, in a transaction of their own) too. The primary stands in for
+    a replica here: a server not in recovery has replayed every write."""
+    service = DatabaseService(
+        Settings(
+            database_url=PG_URL, search_path=pg_schema, read_database_url=PG_URL, bcrypt_rounds=4
+        ),
+        engine=postgres_engine,
+        hasher=BcryptHasher(rounds=4),
+        clock=clock,
+    )
+    await service.start(migrate=False)
+    try:
+        reads = service.replica_reads
+        assert reads is not None
+        await register(service, "ada")
+        async with service.get_repositories(actor_id="system") as repos:
+            audit = repos.get_audit_repository()
+            for read in (audit.get_events, audit.failed, audit.suspicious, audit.stats):
+                served = reads.counts["replica"]
+                await read()
+                assert reads.counts["replica"] == served + 1, read.__name__
+            assert [e.event_type for e in await audit.get_events()] == ["UserRegistered"]
+    finally:
+        await service.aclose()
