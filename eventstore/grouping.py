@@ -201,17 +201,24 @@ async def settle(future: asyncio.Future[Result], work: Awaitable[Result]) -> Non
             future.set_result(result)
 
 
-async def whole(work: Awaitable[Result]) -> Result:
+async def whole(
+    work: Awaitable[Result], *, undo: Callable[[Result], Awaitable[object]] | None = None
+) -> Result:
     """``work``, never abandoned midway: a caller cancelled meanwhile waits for it to
     end (:func:`until_done`), then is cancelled. For a round trip in flight: abandoned,
     its connection would be dropped under the driver's feet (SQLAlchemy invalidates a
     connection a cancellation interrupted; asyncpg then reports the lost round trip as
-    an exception nobody retrieved)."""
+    an exception nobody retrieved).
+
+    ``undo``: what to do, before the cancelled caller leaves, with the result it will
+    not take (a connection opened for it: given back), likewise never abandoned."""
     task = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         await until_done(task)
+        if undo is not None and not task.cancelled() and task.exception() is None:
+            await until_done(asyncio.ensure_future(undo(task.result())))
         raise
 
 

@@ -1418,8 +1418,15 @@ def audit(  # noqa: PLR0917  # typer maps each parameter to an option
                         since=where.since, until=where.until, rules=rules
                     )
                 if show_stats:
-                    async with service.engine.connect() as conn:
-                        return await audit_queries.stats(conn, where)
+                    return await repos.audit.stats(
+                        actor_id=where.actor_id,
+                        stream_id=where.stream_id,
+                        category=where.category,
+                        event_types=where.event_types,
+                        since=where.since,
+                        until=where.until,
+                        correlation_id=where.correlation_id,
+                    )
                 return await repos.audit.get_events(
                     actor_id=where.actor_id,
                     stream_id=where.stream_id,

@@ -28,7 +28,7 @@ from eventstore import (
     telemetry,
     transparency,
 )
-from eventstore.engine import begin_write
+from eventstore.engine import ReadEngine, begin_write
 from eventstore.grouping import whole
 from eventstore.retention import RETENTION_CATEGORY, ArchiveReport
 from eventstore.schema import events
@@ -113,12 +113,11 @@ class DatabaseService:
         #: What repositories read through. On PostgreSQL it runs without BEGIN and
         #: ROLLBACK (two round trips of a three-statement read): under READ COMMITTED
         #: every statement of a transaction takes its own snapshot anyway, so an
-        #: explicit read-only transaction promised nothing more. SQLite keeps its read
-        #: transaction, which does hold one snapshot for all of a read's statements.
+        #: explicit read-only transaction promised nothing more; and a read cancelled
+        #: mid-round-trip waits for it to end (:class:`ReadEngine`). SQLite keeps its
+        #: read transaction, which does hold one snapshot for all of a read's statements.
         self.reader: AsyncEngine = (
-            self.engine.execution_options(isolation_level="AUTOCOMMIT")
-            if self.engine.dialect.name == "postgresql"
-            else self.engine
+            _read_engine(self.engine) if self.engine.dialect.name == "postgresql" else self.engine
         )
         self._clock = clock or (lambda: datetime.now(UTC))
         self.store = EventStore(self.engine, categories=CATEGORIES, clock=self._clock)
@@ -133,7 +132,7 @@ class DatabaseService:
             self.replica_reads = ReplicaReads(
                 self.store,
                 self.reader,
-                replica.execution_options(isolation_level="AUTOCOMMIT"),
+                _read_engine(replica),
                 wait=settings.replica_wait,
             )
         self.projectors = tuple(projectors)
@@ -559,6 +558,12 @@ async def _read_only_transaction(
             yield conn
         finally:
             await whole(conn.rollback())
+
+
+def _read_engine(engine: AsyncEngine) -> ReadEngine:
+    """``engine``'s view for a repository's reads on PostgreSQL: autocommit, round
+    trips never abandoned midway."""
+    return ReadEngine(engine.sync_engine.execution_options(isolation_level="AUTOCOMMIT"))
 
 
 async def _ended(task: asyncio.Task[None], what: str) -> None:

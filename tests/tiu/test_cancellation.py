@@ -11,14 +11,15 @@ import sqlite3
 import threading
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain import projects, tasks
+from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
-from eventstore import NewEvent
+from eventstore import EngineOptions, NewEvent, create_engine
 from eventstore.schema import events
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, PG_URL, _empty_schema
 from tiu import DatabaseService, Settings
 
 #: Cancel after 0..TURNS-1 turns of the loop (every await point that does not wait
@@ -283,3 +284,115 @@ async def test_a_command_cancelled_while_another_process_holds_the_lock_leaves_i
         holder.join()
         await service.store.aclose()
     _no_loop_errors(caplog)
+
+
+async def _server_states(engine: AsyncEngine) -> list[str]:
+    """PostgreSQL: the state the server reports for each connection the pool holds (all
+    checked out at once), asked on a connection of another engine."""
+    async with contextlib.AsyncExitStack() as stack:
+        pids = []
+        for _ in range(engine.pool.checkedin()):  # type: ignore[attr-defined]
+            conn = await stack.enter_async_context(engine.connect())
+            pids.append((await conn.get_raw_connection()).driver_connection.get_server_pid())
+        other = create_engine(PG_URL)
+        try:
+            async with other.connect() as conn:
+                states = await conn.execute(
+                    text("SELECT state FROM pg_stat_activity WHERE pid = ANY(:pids)"),
+                    {"pids": pids},
+                )
+                return list(states.scalars())
+        finally:
+            await other.dispose()
+
+
+def _pool_events(engine: AsyncEngine) -> dict[str, int]:
+    """How often ``engine``'s pool opened a connection and dropped one, from now on."""
+    seen = {"connect": 0, "invalidate": 0}
+    for name in seen:
+
+        def count(*_: object, name: str = name) -> None:
+            seen[name] += 1
+
+        event.listen(engine.sync_engine, name, count)
+    return seen
+
+
+async def test_a_repository_read_cancelled_at_any_point_leaves_its_connection_idle_in_the_pool(
+    service, engine, caplog
+):
+    owner, project = await _setup(service)
+    async with service.get_repositories(actor_id=owner) as repos:
+        task = await repos.tasks.create_task(project, "Read")
+    # The write's connection back in the pool: the reads cancelled here reuse it.
+    await _settled(service, engine)
+    pool = _pool_events(engine)
+
+    async def get_task():  # the actor's permissions on the driver, then a query
+        async with service.get_repositories(actor_id=owner) as repos:
+            return await repos.tasks.get_task(task.id)
+
+    async def get_user():  # two queries
+        async with service.get_repositories(actor_id=owner) as repos:
+            return await repos.users.get_by_id(owner)
+
+    for read in (get_task, get_user):
+        outcomes = [await _cancel_after(read(), ("turns", n)) for n in range(TURNS)]
+        late = 0.0
+        while isinstance(outcomes[-1], BaseException):  # every 0.5 ms until one read ends
+            assert late < 5000
+            outcomes.append(await _cancel_after(read(), ("ms", late)))
+            late += 0.5
+        assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
+    await _settled(service, engine)
+    assert pool == {"connect": 0, "invalidate": 0}  # none dropped, none opened anew
+    assert not any(await _pooled_in_transaction(engine))
+    if engine.dialect.name == "postgresql":
+        assert set(await _server_states(engine)) <= {"idle"}
+    assert (await get_task()).id == task.id
+    assert (await get_user()).id == owner
+    assert pool == {"connect": 0, "invalidate": 0}
+    _no_loop_errors(caplog)
+
+
+@pytest.mark.postgres
+async def test_a_read_cancelled_while_the_pool_opens_its_connection_leaves_it_in_the_pool(
+    pg_schema, clock, caplog, recwarn
+):
+    engine = create_engine(PG_URL, EngineOptions(search_path=pg_schema))
+    service = DatabaseService(
+        Settings(database_url=PG_URL, bcrypt_rounds=4),
+        engine=engine,
+        hasher=BcryptHasher(rounds=4),
+        clock=clock,
+    )
+    try:
+        await _empty_schema(engine, pg_schema)
+        await service.start(migrate=False)
+        owner, _ = await _setup(service)
+        pool = _pool_events(engine)
+
+        async def read():
+            async with service.get_repositories(actor_id=owner) as repos:
+                return await repos.users.get_by_id(owner)
+
+        outcomes: list[object] = []
+        late = 0.0
+        while not outcomes or isinstance(outcomes[-1], BaseException):
+            assert late < 5000
+            await engine.dispose()  # an empty pool: the read's checkout opens a connection
+            opened = pool["connect"]
+            point = ("turns", len(outcomes)) if len(outcomes) < TURNS else ("ms", late)
+            late += 0.5 if point[0] == "ms" else 0
+            outcomes.append(await _cancel_after(read(), point))
+            await _settled(service, engine)
+            assert engine.pool.checkedin() == pool["connect"] - opened  # type: ignore[attr-defined]
+        assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
+        assert pool["connect"] > 1
+        assert pool["invalidate"] == 0
+        assert set(await _server_states(engine)) <= {"idle"}
+        assert (await read()).id == owner
+    finally:
+        await service.aclose()
+    _no_loop_errors(caplog)
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from domain.passwords import BcryptHasher
 from eventstore import EngineOptions, create_engine
 from projections.readmodels.users import users_table
+from tests.cli.conftest import Cli
 from tests.conftest import PASSWORD, PG_URL, Clock
 from tiu import DatabaseService, Settings
 
@@ -246,3 +248,27 @@ async def test_audit_reads_streamed_or_not_go_to_the_replica(
             assert [e.event_type for e in await audit.get_events()] == ["UserRegistered"]
     finally:
         await service.aclose()
+
+
+async def test_the_audit_stats_command_reads_the_replica(
+    replicated: DatabaseService, pg_schema: str, replica_url: str, monkeypatch
+) -> None:
+    """``tiu audit --stats`` reads as the audit repository does: the replica, which a
+    new process (no write seen) reads without waiting, so a replica paused behind the
+    primary shows it answered."""
+    ada = await register(replicated, "ada")
+    assert await read_back(replicated, ada)  # replayed: the replica has ada
+    await on_replica(pg_schema, "SELECT pg_wal_replay_pause()")
+    try:
+        await register(replicated, "bob")
+        async with replicated.engine.connect() as conn:
+            on_primary = await conn.scalar(text("SELECT count(*) FROM events"))
+        replayed = await on_replica(pg_schema, "SELECT count(*) FROM events")
+        assert replayed < on_primary
+        monkeypatch.setenv("TIU_READ_DATABASE_URL", replica_url)
+        cli = Cli(["--database-url", PG_URL, "--schema", pg_schema])
+        result = await asyncio.to_thread(cli, "audit", "--stats", "--format", "json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["total"] == replayed
+    finally:
+        await on_replica(pg_schema, "SELECT pg_wal_replay_resume()")
