@@ -101,7 +101,7 @@ GROUP_BUDGET: Final = 0.004
 #: in one callback of the loop without it, the longest of all (bench case 9's
 #: ``commands x8``). The write lock stays held across those turns: see
 #: :class:`GroupCommitter`.
-WRITE_SLICE: Final = 0.001
+WRITE_SLICE: Final = 0.00075
 
 
 def command_type_of(command: Command) -> str:
