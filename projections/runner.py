@@ -585,12 +585,21 @@ async def lowest_position(conn: AsyncConnection, projectors: Sequence[Projector]
 
 def check_wait(position: object, timeout: object) -> None:
     """Refuse a ``wait_for`` the loop could not keep: a position that is no int, a
-    timeout that is no number or NaN (no deadline is ever passed: it waited forever);
-    ``InvalidCommand`` naming the argument. An infinite timeout waits as long as it
-    takes."""
+    timeout that is no number, NaN (no deadline is ever passed: it waited forever) or
+    an int too large for a float; ``InvalidCommand`` naming the argument. An infinite
+    timeout waits as long as it takes."""
     if not isinstance(position, int) or isinstance(position, bool):
         raise InvalidCommand("position", f"must be an int, not {type(position).__name__}")
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or math.isnan(timeout):
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+        raise InvalidCommand("timeout", f"must be a number of seconds, not {timeout!r:.40}")
+    try:
+        seconds = float(timeout)  # an int past a float's range has no deadline to compare
+    except OverflowError:
+        # No repr: an int of more than 4,300 digits has none.
+        raise InvalidCommand(
+            "timeout", "is too large for seconds; math.inf waits as long as it takes"
+        ) from None
+    if math.isnan(seconds):
         raise InvalidCommand("timeout", f"must be a number of seconds, not {timeout!r:.40}")
 
 

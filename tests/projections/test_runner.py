@@ -359,7 +359,7 @@ async def test_wait_for_times_out_without_a_worker_and_returns_once_one_runs(
         await running
 
 
-async def test_wait_for_refuses_a_nan_timeout_or_a_position_that_is_no_int_in_both_modes(
+async def test_wait_for_refuses_a_nan_or_unbounded_timeout_or_a_position_that_is_no_int(
     worker_service: DatabaseService, service: DatabaseService
 ) -> None:
     # In worker mode a NaN timeout waited forever (no deadline compares as passed) and
@@ -367,6 +367,8 @@ async def test_wait_for_refuses_a_nan_timeout_or_a_position_that_is_no_int_in_bo
     for mode in (worker_service, service):
         for position, timeout, field in (
             (10**9, float("nan"), "timeout"),
+            (10**9, 10**400, "timeout"),  # past a float's range: it raised OverflowError
+            (10**9, 10**5000, "timeout"),  # and past repr's digit limit
             (10**9, "1", "timeout"),
             ("5", 0.1, "position"),
             (None, 0.1, "position"),
