@@ -402,7 +402,15 @@ class EventStore:
         #: The group writer's pooled connection, kept from one group to the next.
         self._held = HeldConnection(self.dialect)
         self._group: GroupQueue[_PendingAppend, AppendResult] | None = (
-            GroupQueue(self._write_group, max_group, idle=self._held.release)
+            GroupQueue(
+                self._write_group,
+                max_group,
+                idle=self._held.release,
+                # A caller alone writes its own append where a cancelled write leaves
+                # nothing broken: SQLite's inline driver on a pooled connection (the
+                # direct path), not a shared :memory: connection or a round trip.
+                alone_inline=self.dialect.direct_appends and not self.dialect.round_trips,
+            )
             if group_appends
             else None
         )
