@@ -406,10 +406,7 @@ class EventStore:
                 self._write_group,
                 max_group,
                 idle=self._held.release,
-                # A caller alone writes its own append where a cancelled write leaves
-                # nothing broken: SQLite's inline driver on a pooled connection (the
-                # direct path), not a shared :memory: connection or a round trip.
-                alone_inline=self.dialect.direct_appends and not self.dialect.round_trips,
+                alone_inline=self.dialect.writes_in_caller,
             )
             if group_appends
             else None
