@@ -372,6 +372,17 @@ class _Turns:
             await asyncio.sleep(0)
 
 
+async def test_other_tasks_run_during_a_loop_of_appends_by_a_lone_caller(store):
+    """A caller alone whose appends never suspend (SQLite) still lets the loop turn."""
+    async with _Turns() as turns:
+        await asyncio.sleep(0)
+        started = turns.count
+        for n in range(100):
+            await store.append(f"user-{n}", "user", [ev(n)], NO_STREAM)
+        assert turns.count > started
+    await store.aclose()
+
+
 async def test_other_tasks_run_between_two_groups_of_a_writer_that_never_suspends():
     seen: list[int] = []
     async with _Turns() as turns:
