@@ -35,7 +35,11 @@ reusable), a caller that finds the queue idle writes its own item, in its own ta
 through the same ``write`` a writer would give a group of one: no second future, no
 task, no turn of the loop to answer it. The queue is busy from then until its write
 ends: callers arriving meanwhile queue, and a writer started as that write ends takes
-them. Before its write it takes a turn of the loop, as a writer does before a group
+them. Cancelled during its write, the write stops there (rolled back, or committed
+if the cancellation waited for its COMMIT on a thread) and a writer task writes the
+item to its end, as it would an item of a group already taken; the outcome is
+discarded (a write that had committed is refused the second time: an append by its
+event ids). Before its write it takes a turn of the loop, as a writer does before a group
 (callers arriving in that turn share a group with it, written by a writer task), unless
 a caller writing alone took one less than :data:`INLINE_SLICE` ago: a loop of appends
 then takes a turn every millisecond or so instead of one per append. Measured on
@@ -149,6 +153,7 @@ class GroupQueue(Generic[Item, Result]):
     async def _write_alone(self, item: Item, outcome: asyncio.Future[Result]) -> Result:
         """The caller alone writes ``item`` as a writer would a group of one (module doc)."""
         self._inline = True
+        taken = False
         try:
             if time.perf_counter() - self._turned_at >= INLINE_SLICE:
                 # The writer's turn before its group: other tasks run, and callers
@@ -159,9 +164,17 @@ class GroupQueue(Generic[Item, Result]):
             if self._queue:
                 self._queue.insert(0, (item, outcome))
             else:
+                taken = True
                 await self._write([(item, outcome)])
-        except BaseException:  # cancelled: before its write, or with it
-            _discard(outcome)
+        except BaseException:
+            if taken and not outcome.done():
+                # Cancelled during its write (which stopped there, cleanly): taken, as
+                # an item of a group a writer took would be, it is written to its end
+                # by a writer task, its outcome discarded (see the module doc).
+                outcome.cancel()
+                self._queue.insert(0, (item, outcome))
+            else:
+                _discard(outcome)
             raise
         finally:
             # Synchronous, as the writer's end: whoever queued meanwhile gets a writer.
