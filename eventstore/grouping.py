@@ -166,7 +166,7 @@ class GroupQueue(Generic[Item, Result]):
             else:
                 taken = True
                 await self._write([(item, outcome)])
-        except BaseException:
+        except asyncio.CancelledError:
             if taken and not outcome.done():
                 # Cancelled during its write (which stopped there, cleanly): taken, as
                 # an item of a group a writer took would be, it is written to its end
@@ -175,6 +175,9 @@ class GroupQueue(Generic[Item, Result]):
                 self._queue.insert(0, (item, outcome))
             else:
                 _discard(outcome)
+            raise
+        except BaseException:
+            _discard(outcome)
             raise
         finally:
             # Synchronous, as the writer's end: whoever queued meanwhile gets a writer.
