@@ -282,7 +282,8 @@ async def give_back(raw: Any) -> None:
 class HeldConnection:
     """The pooled driver connection the store's group writer keeps from one group to
     the next while callers keep it busy (:class:`eventstore.grouping.GroupQueue`),
-    given back when the writer goes idle. Only the writer task touches it."""
+    given back when the writer goes idle. Only the task writing the group (the writer,
+    or a caller alone: ``GroupQueue``'s ``alone_inline``) touches it."""
 
     __slots__ = ("_closing", "_in_task", "raw")
 
@@ -439,6 +440,13 @@ class Dialect:
     #: Whether a statement can be in flight while its caller awaits (a network round
     #: trip); not with the inline SQLite driver, which waits only for locks.
     round_trips = True
+    #: Whether a group committer's caller alone may write its own group of one, in its
+    #: own task (:class:`eventstore.grouping.GroupQueue`'s ``alone_inline``): only where
+    #: a cancellation that interrupts the write leaves its connection clean and nothing
+    #: half-done. The inline SQLite driver on pooled connections (the transaction is
+    #: rolled back or committed); not a shared :memory: connection, which every caller
+    #: uses, nor a round trip in flight (PostgreSQL).
+    writes_in_caller = False
 
     async def append_group(
         self,
@@ -821,6 +829,7 @@ class SQLiteDialect(Dialect):
         self.database_label = engine.url.database or ":memory:"
         # A shared :memory: database has one connection, which readers use too.
         self.direct_appends = not isinstance(engine.pool, StaticPool)
+        self.writes_in_caller = self.direct_appends
         # Nor are its log pages read on a worker thread: every caller's statements run on
         # that one connection, and a cancelled page interrupts whatever statement another
         # caller's page is running on it at the time.

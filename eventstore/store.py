@@ -402,7 +402,12 @@ class EventStore:
         #: The group writer's pooled connection, kept from one group to the next.
         self._held = HeldConnection(self.dialect)
         self._group: GroupQueue[_PendingAppend, AppendResult] | None = (
-            GroupQueue(self._write_group, max_group, idle=self._held.release)
+            GroupQueue(
+                self._write_group,
+                max_group,
+                idle=self._held.release,
+                alone_inline=self.dialect.writes_in_caller,
+            )
             if group_appends
             else None
         )
@@ -436,7 +441,9 @@ class EventStore:
         unless ``keep_open``: then, if the block succeeds, it is left open and out of
         any transaction for the caller to close (after an error it is closed).
         ``turned``: the caller's task comes straight from a turn of the loop (a group
-        writer, which turns it after each group): the transaction takes no other.
+        writer, which turns it after each group), or a group queue bounds its time
+        since one (a caller writing alone, :data:`eventstore.grouping.INLINE_SLICE`):
+        the transaction takes no other.
         """
         if not self.dialect.round_trips and not turned:
             # The inline SQLite driver never suspends: one turn of the loop before each

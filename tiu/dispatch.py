@@ -1429,6 +1429,9 @@ class GroupCommitter:
         # append: there is nothing to bound.
         self.budget = None if dispatcher.store.dialect.round_trips else budget
         self.slice = None if dispatcher.store.dialect.round_trips else WRITE_SLICE
+        # Not ``alone_inline``: a lone caller writing its own command saved 1.2% of its
+        # instructions (callgrind, bench case 3's one caller on SQLite), and its write
+        # would share a turn of the loop with its next command's preparation.
         self._queue: GroupQueue[_Queued, CommandResult] = GroupQueue(
             telemetry.traced_group(self._write, _queued_record), max_group, idle=self._idle
         )

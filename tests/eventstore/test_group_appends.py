@@ -4,18 +4,24 @@ caller's append is lost or refused because of another caller's."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import shutil
+import sqlite3
 import time
 import uuid
 
 import pytest
 from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from eventstore import (
     NO_STREAM,
     DuplicateEventId,
+    EngineOptions,
     EventStore,
     NewEvent,
     WrongExpectedVersion,
+    create_engine,
     verify,
 )
 from eventstore.grouping import ANSWER_SLICE, GroupQueue, Waiting
@@ -206,6 +212,153 @@ async def test_the_group_writer_returns_its_connection_after_a_failed_append(sto
     assert await _positions(store) == [1, 2]
 
 
+async def test_callers_arriving_while_a_lone_callers_append_waits_are_written_after_it(store):
+    """A caller who finds the queue idle writes its own append (on SQLite, in its own
+    task; on PostgreSQL a writer task does); callers arriving while that write waits
+    (here: for a commit held back) queue behind it, and a writer writes them once it
+    ends: none is left waiting."""
+    release = asyncio.Event()
+    held = asyncio.Event()
+    written_by: list[tuple[list[str], asyncio.Task[object] | None]] = []
+
+    async def hold(streams: list[str]) -> None:
+        written_by.append((list(streams), asyncio.current_task()))
+        if streams == ["user-first"]:
+            held.set()
+            await release.wait()
+
+    store.before_commit = hold
+    first = asyncio.ensure_future(store.append("user-first", "user", [ev()]))
+    await asyncio.wait_for(held.wait(), 5)
+    later = [asyncio.ensure_future(store.append(f"user-{n}", "user", [ev(n)])) for n in range(3)]
+    await asyncio.sleep(0.01)
+    assert not any(t.done() for t in later)  # queued behind the write that waits
+    assert len(written_by) == 1
+    release.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *later), 5)
+    assert [r.last_position for r in results] == [1, 2, 3, 4]
+    assert (written_by[0][1] is first) is store.dialect.writes_in_caller
+    assert [streams for streams, _ in written_by[1:]] == [["user-0", "user-1", "user-2"]]
+    assert written_by[1][1] not in (first, *later)  # a writer task: one group for them
+    await store.aclose()
+    assert store.engine.pool.checkedout() == 0
+
+
+def _lock_elsewhere(engine: AsyncEngine) -> sqlite3.Connection:
+    """Another process's writer (a connection outside the store's engine) holding the
+    database's write lock."""
+    other = sqlite3.connect(engine.url.database, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+@pytest.mark.sqlite
+async def test_a_caller_arriving_while_a_lone_append_waits_for_another_process_is_written(
+    sqlite_engine,
+):
+    store = EventStore(sqlite_engine)
+    writers: list[asyncio.Task[object] | None] = []
+
+    async def record(_streams: object) -> None:
+        writers.append(asyncio.current_task())
+
+    store.before_commit = record
+    other = _lock_elsewhere(sqlite_engine)
+    try:
+        first = asyncio.ensure_future(store.append("user-first", "user", [ev()]))
+        await asyncio.sleep(0.02)  # its BEGIN IMMEDIATE is refused, and tried again
+        second = asyncio.ensure_future(store.append("user-second", "user", [ev()]))
+        await asyncio.sleep(0.02)
+        assert not first.done() and not second.done()
+        other.execute("COMMIT")
+    finally:
+        other.close()
+    results = await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert [r.last_position for r in results] == [1, 2]
+    assert writers[0] is first and writers[1] not in (first, second)
+    await store.aclose()
+    assert store.engine.pool.checkedout() == 0
+
+
+@pytest.mark.sqlite
+async def test_a_lone_append_cancelled_while_another_process_holds_the_lock_runs_to_its_end(
+    sqlite_engine, caplog
+):
+    """Cancelled while its own write waits for the lock another process holds: the
+    write stops there, and a writer task writes the append once the lock is free,
+    ahead of a caller queued behind it, as for an append a group writer had taken. No
+    lock, transaction or connection is left behind."""
+    store = EventStore(sqlite_engine)
+    other = _lock_elsewhere(sqlite_engine)
+    try:
+        gone = asyncio.ensure_future(store.append("user-gone", "user", [ev()]))
+        await asyncio.sleep(0.02)  # its BEGIN IMMEDIATE is refused, and tried again
+        behind = asyncio.ensure_future(store.append("user-behind", "user", [ev()]))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await asyncio.sleep(0.02)
+        assert not behind.done()
+        other.execute("COMMIT")
+    finally:
+        other.close()
+    assert (await asyncio.wait_for(behind, 5)).last_position == 2
+    await store.aclose()
+    assert store.engine.pool.checkedout() == 0
+    check = sqlite3.connect(sqlite_engine.url.database, isolation_level=None, timeout=0)
+    try:
+        check.execute("BEGIN IMMEDIATE")  # "database is locked" if a lock were left
+        check.execute("ROLLBACK")
+    finally:
+        check.close()
+    assert (await store.append("user-after", "user", [ev()])).last_position == 3
+    async with store.engine.connect() as conn:
+        streams = [e.stream_id for e in await store.read_all(conn, 0, 10)]
+    assert streams == ["user-gone", "user-behind", "user-after"]
+    await store.aclose()
+    gc.collect()
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
+@pytest.mark.sqlite
+async def test_a_lone_append_cancelled_while_its_commit_runs_on_a_thread_is_committed(
+    sqlite_template, tmp_path, caplog
+):
+    """With ``synchronous=FULL`` COMMIT runs on a worker thread: a caller cancelled
+    there waits for it, so the append is committed (once: written again by the writer
+    task, it is refused by its event id) and its connection goes back clean."""
+    path = tmp_path / "full.db"
+    shutil.copyfile(sqlite_template, path)
+    engine = create_engine(f"sqlite+aiosqlite:///{path}", EngineOptions(sqlite_synchronous="FULL"))
+    store = EventStore(engine)
+    caller: asyncio.Task[object] | None = None
+
+    async def cancel_caller(_streams: object) -> None:
+        assert caller is not None
+        caller.cancel()  # lands at the next wait: the COMMIT on its thread
+
+    store.before_commit = cancel_caller
+    try:
+        caller = asyncio.ensure_future(store.append("user-gone", "user", [ev()]))
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        store.before_commit = None
+        assert (await store.append("user-after", "user", [ev()])).last_position == 2
+        await store.aclose()
+        assert engine.pool.checkedout() == 0
+        async with engine.connect() as conn:
+            assert [e.stream_id for e in await store.read_all(conn, 0, 10)] == [
+                "user-gone",
+                "user-after",
+            ]
+    finally:
+        await store.aclose()
+        await engine.dispose()
+    gc.collect()  # an outcome nobody retrieved would be reported now
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
 class _Turns:
     """Counts the turns of the loop while in use (``async with``): another task that
     adds one each time it runs."""
@@ -227,6 +380,17 @@ class _Turns:
         while True:
             self.count += 1
             await asyncio.sleep(0)
+
+
+async def test_other_tasks_run_during_a_loop_of_appends_by_a_lone_caller(store):
+    """A caller alone whose appends never suspend (SQLite) still lets the loop turn."""
+    async with _Turns() as turns:
+        await asyncio.sleep(0)
+        started = turns.count
+        for n in range(100):
+            await store.append(f"user-{n}", "user", [ev(n)], NO_STREAM)
+        assert turns.count > started
+    await store.aclose()
 
 
 async def test_other_tasks_run_between_two_groups_of_a_writer_that_never_suspends():
