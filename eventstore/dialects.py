@@ -42,6 +42,7 @@ from sqlalchemy.util import greenlet_spawn
 from eventstore import telemetry
 from eventstore.engine import SCHEMA_OPTION, begin_write, read_parameters, search_path_statement
 from eventstore.errors import EventStoreError, KeyAlreadyClaimed, WrongExpectedVersion
+from eventstore.grouping import whole
 from eventstore.hashing import json_text, parse_json, recorded_at_text
 from eventstore.records import (
     ANY,
@@ -1185,19 +1186,23 @@ class PostgresDialect(Dialect):
         # At most one NOTIFY per interval, outside the append transaction: NOTIFY takes
         # a cluster-wide lock at commit, which must stay off the serialised path.
         await asyncio.sleep(NOTIFY_INTERVAL)
-        head = self._notify_pending
         try:
-            async with self.engine.connect() as conn:
-                channel = await self.channel(conn)
-                if conn.in_transaction():  # the first, which read the schema's name
-                    await conn.rollback()
-                # On the driver, outside a transaction: one round trip, where BEGIN,
-                # NOTIFY and COMMIT through SQLAlchemy took three.
-                raw = await raw_connection(conn)
-                with self.driver_errors(raw, _PG_NOTIFY):
-                    await raw.driver_connection.execute(_PG_NOTIFY, channel, str(head))
+            # Cancelled (the loop shutting down), it still ends its round trips and gives
+            # its connection back: abandoned, one being opened would be left unclosed.
+            await whole(self._send_notify(self._notify_pending))
         except Exception:  # a lost hint only delays readers until their next poll
             log.warning("NOTIFY failed; readers fall back to polling", exc_info=True)
+
+    async def _send_notify(self, head: int) -> None:
+        async with self.engine.connect() as conn:
+            channel = await self.channel(conn)
+            if conn.in_transaction():  # the first, which read the schema's name
+                await conn.rollback()
+            # On the driver, outside a transaction: one round trip, where BEGIN,
+            # NOTIFY and COMMIT through SQLAlchemy took three.
+            raw = await raw_connection(conn)
+            with self.driver_errors(raw, _PG_NOTIFY):
+                await raw.driver_connection.execute(_PG_NOTIFY, channel, str(head))
 
     async def channel(self, conn: AsyncConnection) -> str:
         # One channel per schema: a store in another schema of the same database must
@@ -1245,8 +1250,9 @@ class PostgresDialect(Dialect):
     async def aclose(self) -> None:
         await super().aclose()
         if self._notify_task is not None:
-            with contextlib.suppress(Exception):
-                await self._notify_task
+            # Its outcome is moot (it logs its own failure), and one cancelled (the loop
+            # shutting down) must not cancel this close.
+            await asyncio.wait([self._notify_task])
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close()

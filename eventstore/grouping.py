@@ -331,6 +331,21 @@ async def whole(
         raise
 
 
+async def whole_round_trip(
+    round_trips: bool,
+    work: Awaitable[Result],
+    *,
+    undo: Callable[[Result], Awaitable[object]] | None = None,
+) -> Result:
+    """:func:`whole` for database work, where it is needed: ``round_trips`` says
+    whether a round trip can be in flight while the caller awaits
+    (``eventstore.dialects.Dialect.round_trips``; PostgreSQL). SQLite's inline driver
+    has none, so there ``work`` runs as it is, without a task of its own."""
+    if not round_trips:
+        return await work
+    return await whole(work, undo=undo)
+
+
 async def until_done(task: asyncio.Future[Result]) -> None:
     """Wait for ``task`` to end, through further cancellations of the waiter, and
     retrieve its outcome (so that no "exception was never retrieved" is left): for a

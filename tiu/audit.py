@@ -85,7 +85,7 @@ from domain.base import ERASED, datetime_problem
 from domain.errors import InvalidCommand
 from eventstore import telemetry
 from eventstore.crypto import Opened, keyring
-from eventstore.grouping import whole
+from eventstore.grouping import whole_round_trip
 from eventstore.retention import read_archive
 from eventstore.schema import events
 from eventstore.sqlite_driver import OFF_LOOP
@@ -839,13 +839,11 @@ async def _opened(conn: AsyncConnection, items: Sequence[tuple[str, Any]]) -> li
 
 
 async def _whole(conn: AsyncConnection, work: Awaitable[T]) -> T:
-    """A round trip of a streamed read, on PostgreSQL never abandoned midway
-    (:func:`eventstore.grouping.whole`): a cancelled caller stops between two of them,
-    and the read's connection goes back to the pool, rolled back. SQLite's driver
-    interrupts a statement it runs off the loop itself."""
-    if conn.dialect.name != "postgresql":
-        return await work
-    return await whole(work)
+    """A round trip of a streamed read, on PostgreSQL never abandoned midway: a
+    cancelled caller stops between two of them, and the read's connection goes back to
+    the pool, rolled back. SQLite's driver interrupts a statement it runs off the loop
+    itself."""
+    return await whole_round_trip(conn.dialect.name == "postgresql", work)
 
 
 async def _lockout_logins(

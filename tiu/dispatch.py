@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from typing import Any, Final, TypeVar
 
 from pydantic import BaseModel
@@ -61,7 +62,7 @@ from eventstore.errors import (
     KeyAlreadyClaimed,
     WrongExpectedVersion,
 )
-from eventstore.grouping import GroupQueue, Waiting, settle, until_done, whole
+from eventstore.grouping import GroupQueue, Waiting, settle, until_done, whole_round_trip
 from eventstore.prepared import execute
 from eventstore.records import ANY, AppendResult, EventContext, ExpectedVersion, NewEvent
 from eventstore.schema import events as events_table
@@ -876,37 +877,26 @@ class Dispatcher:
         """:meth:`load_into` (``held``: as there; not held: from the log, no kept
         state), on ``conn`` while the caller still holds it (a second checkout per
         caller could exhaust the pool), else on a connection of its own."""
-        with translate_errors(self.store.dialect.database_label):
-            if conn is not None:
-                return await self._whole(
-                    self.load_into(
-                        conn,
-                        streams,
-                        wanted,
-                        command_id=command_id,
-                        command_type=command_type,
-                        held=held,
-                    )
-                )
-            async with self.store.engine.connect() as own:
-                return await self._whole(
-                    self.load_into(
-                        own,
-                        streams,
-                        wanted,
-                        command_id=command_id,
-                        command_type=command_type,
-                        held=held,
-                    )
-                )
 
-    async def _whole(self, load: Awaitable[T]) -> T:
-        """``load`` on a caller's connection, never abandoned mid-round-trip: a caller
-        cancelled meanwhile waits for it to end (on SQLite nothing is ever in flight
-        at an await, so it runs as it is)."""
-        if not self.store.dialect.round_trips:
-            return await load
-        return await whole(load)
+        load = partial(
+            self.load_into,
+            streams=streams,
+            wanted=wanted,
+            command_id=command_id,
+            command_type=command_type,
+            held=held,
+        )
+
+        async def load_on_own() -> CommandResult | None:
+            async with self.store.engine.connect() as own:
+                return await load(own)
+
+        with translate_errors(self.store.dialect.database_label):
+            # Never abandoned midway, its checkout (which may open a connection for the
+            # pool) and close included: a caller cancelled meanwhile waits for it to end.
+            return await whole_round_trip(
+                self.store.dialect.round_trips, load(conn) if conn is not None else load_on_own()
+            )
 
     @staticmethod
     def decide(
@@ -1428,8 +1418,15 @@ class GroupCommitter:
     async def _connect(self) -> AsyncConnection:
         if self._spare:
             return self._spare.pop()
-        with translate_errors(self.dispatcher.store.dialect.database_label):
-            return await self.dispatcher.store.engine.connect()
+        store = self.dispatcher.store
+        with translate_errors(store.dialect.database_label):
+            # The checkout may open a connection for the pool: one opened after its
+            # caller was cancelled is closed, which gives it back to the pool.
+            return await whole_round_trip(
+                store.dialect.round_trips,
+                store.engine.connect().start(),
+                undo=AsyncConnection.close,
+            )
 
     def _keep(self, conn: AsyncConnection) -> bool:
         """Keep ``conn`` (idle, out of any transaction) for the next caller or group if

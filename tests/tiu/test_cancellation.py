@@ -396,3 +396,104 @@ async def test_a_read_cancelled_while_the_pool_opens_its_connection_leaves_it_in
         await service.aclose()
     _no_loop_errors(caplog)
     assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+
+
+@pytest.mark.postgres
+async def test_a_command_cancelled_while_the_pool_opens_its_connections_leaves_them_in_the_pool(
+    pg_schema, clock, caplog, recwarn
+):
+    engine = create_engine(PG_URL, EngineOptions(search_path=pg_schema))
+    service = DatabaseService(
+        Settings(database_url=PG_URL, bcrypt_rounds=4),
+        engine=engine,
+        hasher=BcryptHasher(rounds=4),
+        clock=clock,
+    )
+    try:
+        await _empty_schema(engine, pg_schema)
+        await service.start(migrate=False)
+        owner, project = await _setup(service)
+        ctx = service.context(owner)
+        pool = _pool_events(engine)
+
+        async def settled() -> None:
+            # The NOTIFY after a commit opens a connection of its own, later.
+            await asyncio.sleep(0.05)
+            notifying = service.store.dialect._notify_task
+            if notifying is not None:
+                await asyncio.gather(notifying, return_exceptions=True)
+            await _settled(service, engine)
+
+        outcomes: list[object] = []
+        late = 0.0
+        while not outcomes or isinstance(outcomes[-1], BaseException):
+            assert late < 5000
+            await settled()
+            await engine.dispose()  # an empty pool: each checkout opens a connection
+            opened = pool["connect"]
+            point = ("turns", len(outcomes)) if len(outcomes) < TURNS else ("ms", late)
+            late += 0.5 if point[0] == "ms" else 0
+            command = tasks.CreateTask(
+                task_id=f"t{len(outcomes)}", project_id=project, title="Opened"
+            )
+            outcomes.append(await _cancel_after(service.dispatch(command, ctx), point))
+            await settled()
+            assert engine.pool.checkedin() == pool["connect"] - opened  # type: ignore[attr-defined]
+            gc.collect()
+            assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)], point
+            assert not [r for r in caplog.records if r.name == "asyncio"], point
+        assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
+        assert pool["invalidate"] == 0
+        assert set(await _server_states(engine)) <= {"idle"}
+        await service.dispatch(
+            tasks.CreateTask(task_id="after", project_id=project, title="After"), ctx
+        )
+    finally:
+        await service.aclose()
+    _no_loop_errors(caplog)
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+
+
+@pytest.mark.postgres
+async def test_a_notify_cancelled_while_the_pool_opens_its_connection_leaves_it_in_the_pool(
+    pg_schema, clock, caplog, recwarn
+):
+    engine = create_engine(PG_URL, EngineOptions(search_path=pg_schema))
+    service = DatabaseService(
+        Settings(database_url=PG_URL, bcrypt_rounds=4),
+        engine=engine,
+        hasher=BcryptHasher(rounds=4),
+        clock=clock,
+    )
+    store = service.store
+    try:
+        await _empty_schema(engine, pg_schema)
+        await service.start(migrate=False)
+        pool = _pool_events(engine)
+        await store.append("audit-n", "audit", [NewEvent("E", {})])
+        await _settled(service, engine)
+        # The NOTIFY after a commit is a task of its own (cancelled when the loop shuts
+        # down): it waits NOTIFY_INTERVAL, then checks a connection out. Run here alone,
+        # so that no other checkout races the emptying of the pool.
+        await asyncio.wait([store.dialect._notify_task])  # type: ignore[attr-defined]
+        for n in range(STEPS):
+            await engine.dispose()  # an empty pool: its checkout opens a connection
+            opened = pool["connect"]
+            notifying = asyncio.ensure_future(store.dialect._notify())  # type: ignore[attr-defined]
+            await asyncio.sleep(n * 0.5 / 1000)
+            notifying.cancel()
+            await asyncio.gather(notifying, return_exceptions=True)
+            await _settled(service, engine)
+            assert engine.pool.checkedin() == pool["connect"] - opened  # type: ignore[attr-defined]
+            gc.collect()
+            assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)], n
+        assert pool["connect"] > 1
+        assert pool["invalidate"] == 0
+        assert set(await _server_states(engine)) <= {"idle"}
+        # ... and the store closes after a NOTIFY cancelled (as at the loop's shutdown).
+        await store.append("audit-n", "audit", [NewEvent("E", {})])
+        store.dialect._notify_task.cancel()  # type: ignore[attr-defined]
+    finally:
+        await service.aclose()
+    _no_loop_errors(caplog)
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
