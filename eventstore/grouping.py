@@ -108,6 +108,9 @@ class GroupQueue(Generic[Item, Result]):
         self._turned_at = 0.0
         #: Whether the idle state is to come at the next turn of the loop.
         self._idle_due = False
+        #: Settled when the caller writing alone ends (made by :meth:`aclose` only: a
+        #: future per append costs a loop of appends).
+        self._alone_ended: asyncio.Future[None] | None = None
 
     @property
     def busy(self) -> bool:
@@ -182,6 +185,10 @@ class GroupQueue(Generic[Item, Result]):
         finally:
             # Synchronous, as the writer's end: whoever queued meanwhile gets a writer.
             self._inline = False
+            if self._alone_ended is not None:
+                ended, self._alone_ended = self._alone_ended, None
+                if not ended.done():
+                    ended.set_result(None)
             if self._queue:
                 self._start_writer()
             elif self._idle is not None and not self._idle_due:
@@ -269,9 +276,18 @@ class GroupQueue(Generic[Item, Result]):
                 self._idle()
 
     async def aclose(self) -> None:
-        """Wait for the groups already queued to be written."""
-        if self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
+        """Wait for the groups already queued to be written, and for a caller's own
+        write in progress (it holds a connection; items queued behind it, or its own
+        if cancelled, then go to a writer, waited for too)."""
+        while True:
+            if self._inline:
+                if self._alone_ended is None:
+                    self._alone_ended = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._alone_ended)
+            elif self._writer is not None and not self._writer.done():
+                await asyncio.shield(self._writer)
+            else:
+                break
         if self.alone_inline:
             self._idle_unless_busy()  # a caller's own write's idle state may not have come
 

@@ -244,6 +244,29 @@ async def test_callers_arriving_while_a_lone_callers_append_waits_are_written_af
     assert store.engine.pool.checkedout() == 0
 
 
+async def test_aclose_waits_for_an_append_in_progress(store):
+    """``aclose`` returns once every append already submitted is written (the service
+    then disposes the engine): one written by its lone caller too, not only a group."""
+    release = asyncio.Event()
+    held = asyncio.Event()
+
+    async def hold(_streams: object) -> None:
+        held.set()
+        await release.wait()
+
+    store.before_commit = hold
+    append = asyncio.ensure_future(store.append("user-first", "user", [ev()]))
+    await asyncio.wait_for(held.wait(), 5)
+    closing = asyncio.ensure_future(store.aclose())
+    await asyncio.sleep(0.01)
+    assert not closing.done()  # the append still holds its connection
+    release.set()
+    await asyncio.wait_for(closing, 5)
+    assert append.done()
+    assert (await append).last_position == 1
+    assert store.engine.pool.checkedout() == 0
+
+
 def _lock_elsewhere(engine: AsyncEngine) -> sqlite3.Connection:
     """Another process's writer (a connection outside the store's engine) holding the
     database's write lock."""
