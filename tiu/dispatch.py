@@ -96,6 +96,13 @@ T = TypeVar("T")
 #: for a core, and a budget by the clock shrank groups to ~1.3 commands there (8 callers,
 #: 2 ms), which cost ~50% more CPU per command without shortening any stall.
 GROUP_BUDGET: Final = 0.004
+#: On SQLite a group's write gives the event loop a turn, in its transaction, between
+#: two of its commands (and before its events and COMMIT) once it has used this much of
+#: the loop thread's CPU since it last did: a group of 8 callers' commands is ~2-2.5 ms,
+#: in one callback of the loop without it, the longest of all (bench case 9's
+#: ``commands x8``). The write lock stays held across those turns: see
+#: :class:`GroupCommitter`.
+WRITE_SLICE: Final = 0.00075
 
 
 def command_type_of(command: Command) -> str:
@@ -1393,7 +1400,15 @@ class GroupCommitter:
     ``budget`` (seconds of the loop thread's CPU, SQLite only; see :data:`GROUP_BUDGET`):
     a group whose commands have used that much takes no further command; the decisions
     left go back to the queue, ahead of the others, and the loop turns before the next
-    group.
+    group. Only the write's own work counts, not what other tasks run in the turns below.
+
+    ``slice`` (SQLite only; see :data:`WRITE_SLICE`, ``None``: never): the write gives
+    the loop a turn between two commands, and before its events and COMMIT, each time
+    it has used that much of the loop thread's CPU since it last did, so that no
+    callback of the loop is a whole group. The transaction, and SQLite's write lock,
+    stay held across those turns: what the other tasks run there (the callers' next
+    reads and decisions, on connections of their own) adds to the lock's hold, which
+    other processes' writers wait for.
     """
 
     def __init__(
@@ -1403,6 +1418,7 @@ class GroupCommitter:
         # On PostgreSQL the write awaits its round trips and the lock is taken at the
         # append: there is nothing to bound.
         self.budget = None if dispatcher.store.dialect.round_trips else budget
+        self.slice = None if dispatcher.store.dialect.round_trips else WRITE_SLICE
         # Not ``alone_inline``: a lone caller writing its own command saved 1.2% of its
         # instructions (callgrind, bench case 3's one caller on SQLite), and its write
         # would share a turn of the loop with its next command's preparation.
@@ -1543,7 +1559,7 @@ class GroupCommitter:
             return
         outcomes: list[CommandResult | BaseException] = []
         decisions = [queued.decision for queued, _ in group]
-        started = time.thread_time()
+        clock = _WriteClock()
         try:
             # A group of several takes its turn of the loop before its transaction:
             # without it, its write runs in the turn that answered the group before,
@@ -1553,15 +1569,18 @@ class GroupCommitter:
                 await unit.check_ahead(d for d in decisions if d is not None)
                 for index, decision in enumerate(decisions):
                     assert decision is not None
-                    if index and self._spent(started):
+                    if index and self._spent(clock):
                         self._queue.put_back(group[index:])
                         telemetry.leave_group([q.telemetry for q, _ in group[index:]])
                         group, decisions = group[:index], decisions[:index]
                         break
+                    if index:
+                        await self._maybe_turn(clock)
                     try:
                         outcomes.append(await unit.isolated(decision))
                     except (DomainError, ConcurrencyError) as error:
                         outcomes.append(error)
+                await self._maybe_turn(clock)  # the events, checkpoints and COMMIT: ~0.5 ms
         except (
             ConcurrencyError,
             InlineProjectionBehind,
@@ -1594,10 +1613,37 @@ class GroupCommitter:
                 assert queued.decision is not None
                 future.set_result(positioned.get(queued.decision.command.command_id, outcome))
 
-    def _spent(self, started: float) -> bool:
-        """Whether the group begun at ``started`` (``time.thread_time()``) has used its
-        budget of the loop thread's CPU."""
-        return self.budget is not None and time.thread_time() - started >= self.budget
+    def _spent(self, clock: _WriteClock) -> bool:
+        """Whether the group has used its budget of the loop thread's CPU."""
+        return self.budget is not None and clock.spent() >= self.budget
+
+    async def _maybe_turn(self, clock: _WriteClock) -> None:
+        """Give the loop a turn, in the group's transaction, if the write has used its
+        slice since it last did."""
+        if self.slice is not None and clock.since_turn() >= self.slice:
+            await clock.turn()
+
+
+class _WriteClock:
+    """The loop thread's CPU a group's write has used, the turns it gave the loop
+    (other tasks' work) left out."""
+
+    __slots__ = ("_before", "_since")
+
+    def __init__(self) -> None:
+        self._before = 0.0  # used before the last turn
+        self._since = time.thread_time()
+
+    def since_turn(self) -> float:
+        return time.thread_time() - self._since
+
+    def spent(self) -> float:
+        return self._before + self.since_turn()
+
+    async def turn(self) -> None:
+        self._before += self.since_turn()
+        await asyncio.sleep(0)
+        self._since = time.thread_time()
 
 
 async def _close_all(conns: list[AsyncConnection]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from pydantic import SecretStr
@@ -560,6 +561,76 @@ async def test_groups_of_commands_never_exceed_max_group(budgeted):
     assert sorted(positions) == list(range(1, 11))
     assert sum(committed) == 10
     assert max(committed) == 3
+
+
+async def _turns_of_writes(
+    svc: DatabaseService, monkeypatch: pytest.MonkeyPatch, turn_cpu: float = 0.0
+) -> tuple[list[int], list[int]]:
+    """Eight concurrent commands (as :func:`_create_projects`) while another task counts
+    the turns of the loop, running ``turn_cpu`` seconds of CPU in each once a command
+    has been written: the turn each command's rows were written in (its inline
+    projection), and the commands of each committed transaction."""
+    assert svc.dispatcher.inline is not None
+    turns = 0
+    written_in: list[int] = []
+    inline = svc.dispatcher.inline
+    apply = inline.apply
+
+    async def spied(conn, envelopes) -> None:
+        written_in.append(turns)
+        await apply(conn, envelopes)
+
+    async def tick() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            if written_in:
+                end = time.thread_time() + turn_cpu
+                while time.thread_time() < end:
+                    pass
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(inline, "apply", spied)
+    ticker = asyncio.create_task(tick())
+    try:
+        positions = await _create_projects(svc, "s", 8)
+        committed = [commands for _, commands in svc.dispatcher.lock_times.samples]
+    finally:
+        ticker.cancel()
+        await svc.store.aclose()
+    assert sorted(positions) == list(range(1, 9))
+    assert sum(committed) == 8
+    return written_in, committed
+
+
+async def test_a_sqlite_group_gives_the_loop_a_turn_between_its_commands_once_its_slice_is_spent(
+    engine, budgeted, monkeypatch
+):
+    """SQLite's statements run on the loop: a group's write lets other tasks run between
+    two of its commands, in its one transaction, once it has used its slice of the loop
+    thread's CPU, instead of holding the loop for all of them."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's write awaits its round trips: the loop turns anyway")
+    svc = await budgeted(None)
+    assert svc.dispatcher.group is not None
+    svc.dispatcher.group.slice = 0.0  # spent by every command
+    written_in, committed = await _turns_of_writes(svc, monkeypatch)
+    assert max(committed) > 1  # several commands in one transaction...
+    assert len(set(written_in)) == 8  # ...each written in a turn of its own
+
+
+async def test_a_sqlite_groups_budget_counts_its_own_work_not_the_turns_it_gives_the_loop(
+    engine, budgeted, monkeypatch
+):
+    if engine.dialect.name != "sqlite":
+        pytest.skip("the group budget bounds SQLite's groups only")
+    svc = await budgeted(0.05)  # ten times a group of seven commands' work, or more
+    assert svc.dispatcher.group is not None
+    svc.dispatcher.group.slice = 0.0
+    # Another task runs more than the budget in each turn the group gives the loop.
+    written_in, committed = await _turns_of_writes(svc, monkeypatch, turn_cpu=0.06)
+    assert len(set(written_in)) == 8  # the loop turned between every two commands...
+    assert len(committed) <= 2  # ...and no group was cut: the first, then all the rest
 
 
 async def test_an_event_the_store_refuses_at_the_write_fails_only_its_own_command(service, commits):
