@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 import pytest
@@ -25,6 +26,7 @@ from eventstore import store as store_module
 from eventstore.schema import events
 from tests.conftest import PASSWORD
 from tiu import DatabaseService, Settings
+from tiu import dispatch as dispatch_module
 from tiu.dispatch import Dispatcher
 
 # These storage tests also run as the least-privilege role of sql/app_role.sql.
@@ -631,6 +633,50 @@ async def test_a_sqlite_groups_budget_counts_its_own_work_not_the_turns_it_gives
     written_in, committed = await _turns_of_writes(svc, monkeypatch, turn_cpu=0.06)
     assert len(set(written_in)) == 8  # the loop turned between every two commands...
     assert len(committed) <= 2  # ...and no group was cut: the first, then all the rest
+
+
+async def test_a_sqlite_group_cancelled_at_a_turn_of_its_write_rolls_back_and_answers_its_callers(
+    engine, budgeted, monkeypatch
+):
+    """The writer task cancelled (the loop shutting down) at a turn its group's write
+    gives the loop: the transaction is rolled back, the write lock and the connection
+    are let go, and every caller of the group gets an error instead of waiting."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("only SQLite's write gives the loop turns")
+    svc = await budgeted(None)
+    assert svc.dispatcher.group is not None
+    svc.dispatcher.group.slice = 0.0
+    turn = dispatch_module._WriteClock.turn
+    cancelled: list[bool] = []
+
+    async def cancelled_once(clock) -> None:
+        if not cancelled:
+            cancelled.append(True)
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+        await turn(clock)
+
+    monkeypatch.setattr(dispatch_module._WriteClock, "turn", cancelled_once)
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(_create_projects(svc, "c", 8), return_exceptions=True), 10
+    )
+    assert cancelled and isinstance(outcomes[0], BaseException)
+    await svc.dispatcher.group.aclose()
+    await svc.store.aclose()
+    assert engine.pool.checkedout() == 0
+    other = sqlite3.connect(engine.url.database, isolation_level=None, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # "database is locked" if the lock were held
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    # Whatever the cancelled group wrote is gone; the service goes on.
+    positions = await _create_projects(svc, "after", 2)
+    async with engine.connect() as conn:
+        report = await verify(conn)
+    assert report.ok, report
+    assert sorted(positions) == list(range(max(positions) - 1, max(positions) + 1))
 
 
 async def test_an_event_the_store_refuses_at_the_write_fails_only_its_own_command(service, commits):
