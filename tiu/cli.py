@@ -1417,26 +1417,18 @@ def audit(  # noqa: PLR0917  # typer maps each parameter to an option
                     return await repos.audit.suspicious(
                         since=where.since, until=where.until, rules=rules
                     )
+                filters: dict[str, Any] = {
+                    "actor_id": where.actor_id,
+                    "stream_id": where.stream_id,
+                    "category": where.category,
+                    "event_types": where.event_types,
+                    "since": where.since,
+                    "until": where.until,
+                    "correlation_id": where.correlation_id,
+                }
                 if show_stats:
-                    return await repos.audit.stats(
-                        actor_id=where.actor_id,
-                        stream_id=where.stream_id,
-                        category=where.category,
-                        event_types=where.event_types,
-                        since=where.since,
-                        until=where.until,
-                        correlation_id=where.correlation_id,
-                    )
-                return await repos.audit.get_events(
-                    actor_id=where.actor_id,
-                    stream_id=where.stream_id,
-                    category=where.category,
-                    event_types=where.event_types,
-                    since=where.since,
-                    until=where.until,
-                    correlation_id=where.correlation_id,
-                    limit=limit,
-                )
+                    return await repos.audit.stats(**filters)
+                return await repos.audit.get_events(**filters, limit=limit)
         finally:
             await service.aclose()
 
