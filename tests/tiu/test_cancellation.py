@@ -9,6 +9,7 @@ import gc
 import logging
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import event, func, select, text
@@ -19,7 +20,7 @@ from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from eventstore import EngineOptions, NewEvent, create_engine
 from eventstore.schema import events
-from tests.conftest import PASSWORD, PG_URL, _empty_schema
+from tests.conftest import PASSWORD, PG_URL, Clock, _empty_schema
 from tiu import DatabaseService, Settings
 
 #: Cancel after 0..TURNS-1 turns of the loop (every await point that does not wait
@@ -355,10 +356,10 @@ async def test_a_repository_read_cancelled_at_any_point_leaves_its_connection_id
     _no_loop_errors(caplog)
 
 
-@pytest.mark.postgres
-async def test_a_read_cancelled_while_the_pool_opens_its_connection_leaves_it_in_the_pool(
-    pg_schema, clock, caplog, recwarn
-):
+@contextlib.asynccontextmanager
+async def _service_of_its_own(pg_schema: str, clock: Clock) -> AsyncIterator[DatabaseService]:
+    """A started PostgreSQL service on an engine of its own, whose pool a test may
+    empty, in an empty schema; closed as the block ends."""
     engine = create_engine(PG_URL, EngineOptions(search_path=pg_schema))
     service = DatabaseService(
         Settings(database_url=PG_URL, bcrypt_rounds=4),
@@ -369,6 +370,17 @@ async def test_a_read_cancelled_while_the_pool_opens_its_connection_leaves_it_in
     try:
         await _empty_schema(engine, pg_schema)
         await service.start(migrate=False)
+        yield service
+    finally:
+        await service.aclose()
+
+
+@pytest.mark.postgres
+async def test_a_read_cancelled_while_the_pool_opens_its_connection_leaves_it_in_the_pool(
+    pg_schema, clock, caplog, recwarn
+):
+    async with _service_of_its_own(pg_schema, clock) as service:
+        engine = service.engine
         owner, _ = await _setup(service)
         pool = _pool_events(engine)
 
@@ -392,8 +404,6 @@ async def test_a_read_cancelled_while_the_pool_opens_its_connection_leaves_it_in
         assert pool["invalidate"] == 0
         assert set(await _server_states(engine)) <= {"idle"}
         assert (await read()).id == owner
-    finally:
-        await service.aclose()
     _no_loop_errors(caplog)
     assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
 
@@ -402,16 +412,8 @@ async def test_a_read_cancelled_while_the_pool_opens_its_connection_leaves_it_in
 async def test_a_command_cancelled_while_the_pool_opens_its_connections_leaves_them_in_the_pool(
     pg_schema, clock, caplog, recwarn
 ):
-    engine = create_engine(PG_URL, EngineOptions(search_path=pg_schema))
-    service = DatabaseService(
-        Settings(database_url=PG_URL, bcrypt_rounds=4),
-        engine=engine,
-        hasher=BcryptHasher(rounds=4),
-        clock=clock,
-    )
-    try:
-        await _empty_schema(engine, pg_schema)
-        await service.start(migrate=False)
+    async with _service_of_its_own(pg_schema, clock) as service:
+        engine = service.engine
         owner, project = await _setup(service)
         ctx = service.context(owner)
         pool = _pool_events(engine)
@@ -448,8 +450,6 @@ async def test_a_command_cancelled_while_the_pool_opens_its_connections_leaves_t
         await service.dispatch(
             tasks.CreateTask(task_id="after", project_id=project, title="After"), ctx
         )
-    finally:
-        await service.aclose()
     _no_loop_errors(caplog)
     assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
 
@@ -458,17 +458,9 @@ async def test_a_command_cancelled_while_the_pool_opens_its_connections_leaves_t
 async def test_a_notify_cancelled_while_the_pool_opens_its_connection_leaves_it_in_the_pool(
     pg_schema, clock, caplog, recwarn
 ):
-    engine = create_engine(PG_URL, EngineOptions(search_path=pg_schema))
-    service = DatabaseService(
-        Settings(database_url=PG_URL, bcrypt_rounds=4),
-        engine=engine,
-        hasher=BcryptHasher(rounds=4),
-        clock=clock,
-    )
-    store = service.store
-    try:
-        await _empty_schema(engine, pg_schema)
-        await service.start(migrate=False)
+    async with _service_of_its_own(pg_schema, clock) as service:
+        engine = service.engine
+        store = service.store
         pool = _pool_events(engine)
         await store.append("audit-n", "audit", [NewEvent("E", {})])
         await _settled(service, engine)
@@ -493,7 +485,5 @@ async def test_a_notify_cancelled_while_the_pool_opens_its_connection_leaves_it_
         # ... and the store closes after a NOTIFY cancelled (as at the loop's shutdown).
         await store.append("audit-n", "audit", [NewEvent("E", {})])
         store.dialect._notify_task.cancel()  # type: ignore[attr-defined]
-    finally:
-        await service.aclose()
     _no_loop_errors(caplog)
     assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
