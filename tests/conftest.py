@@ -12,6 +12,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -73,6 +74,20 @@ def pg_schema() -> Iterator[str]:
     asyncio.run(create())
     yield schema
     asyncio.run(drop())
+
+
+def sqlite_write_lock_free(database: str | Path) -> bool:
+    """Whether another process could take ``database``'s write lock now: a
+    connection of its own tries BEGIN IMMEDIATE without waiting."""
+    other = sqlite3.connect(database, isolation_level=None, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+    except sqlite3.OperationalError:  # "database is locked"
+        return False
+    finally:
+        other.close()
+    return True
 
 
 async def _empty_schema(engine: AsyncEngine, schema: str) -> None:

@@ -25,6 +25,7 @@ from eventstore import (
     verify,
 )
 from eventstore.grouping import ANSWER_SLICE, GroupQueue, Waiting
+from tests.conftest import sqlite_write_lock_free
 
 
 def ev(n: int = 0, event_id: uuid.UUID | None = None) -> NewEvent:
@@ -329,12 +330,7 @@ async def test_a_lone_append_cancelled_while_another_process_holds_the_lock_runs
     assert (await asyncio.wait_for(behind, 5)).last_position == 2
     await store.aclose()
     assert store.engine.pool.checkedout() == 0
-    check = sqlite3.connect(sqlite_engine.url.database, isolation_level=None, timeout=0)
-    try:
-        check.execute("BEGIN IMMEDIATE")  # "database is locked" if a lock were left
-        check.execute("ROLLBACK")
-    finally:
-        check.close()
+    assert sqlite_write_lock_free(sqlite_engine.url.database)  # no lock left behind
     assert (await store.append("user-after", "user", [ev()])).last_position == 3
     async with store.engine.connect() as conn:
         streams = [e.stream_id for e in await store.read_all(conn, 0, 10)]

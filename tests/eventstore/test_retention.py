@@ -4,7 +4,6 @@ each event once."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from eventstore import EventStore, NewEvent, retention, verify
 from eventstore.schema import events
+from tests.conftest import sqlite_write_lock_free
 
 
 async def security_log(engine: AsyncEngine, streams: int = 3, per_stream: int = 4) -> EventStore:
@@ -68,15 +68,7 @@ async def test_the_archive_file_is_written_while_other_processes_can_write(
 
     def write_and_try_the_lock(path: Path, rows: Any) -> str:
         # Another process's writer: BEGIN IMMEDIATE without waiting for a lock.
-        other = sqlite3.connect(database, timeout=0, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-            seen.append(True)
-        except sqlite3.OperationalError:
-            seen.append(False)
-        finally:
-            other.close()
+        seen.append(sqlite_write_lock_free(database))
         return write_archive(path, rows)
 
     monkeypatch.setattr(retention, "_write_archive", write_and_try_the_lock)

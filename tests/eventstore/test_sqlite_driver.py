@@ -37,6 +37,7 @@ from eventstore.schema import metadata
 from eventstore.sqlite_driver import BACKGROUND_THREADS, _on_thread
 from eventstore.threads import NICENESS
 from projections.runner import sharing_the_loop
+from tests.conftest import sqlite_write_lock_free
 
 pytestmark = pytest.mark.sqlite
 
@@ -166,10 +167,7 @@ async def test_a_failed_or_cancelled_append_leaves_no_transaction_lock_or_connec
         assert (await first).first_position == 1
         await store.aclose()  # waits for the group writer
         assert engine.pool.checkedout() == 0
-        other = sqlite3.connect(db_path, isolation_level=None, timeout=0)
-        other.execute("BEGIN IMMEDIATE")  # no lock left behind in the file
-        other.execute("ROLLBACK")
-        other.close()
+        assert sqlite_write_lock_free(db_path)  # no lock left behind in the file
         assert (await store.append("user-a", "user", [ev(4)])).first_position == 3
         async with engine.connect() as conn:
             streams = [e.stream_id for e in await store.read_all(conn)]

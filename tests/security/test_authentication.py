@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import logging
 import re
-import sqlite3
 import threading
 from dataclasses import dataclass, field
 
@@ -17,7 +16,7 @@ from sqlalchemy import inspect, text
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from domain.routing import USERS
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, sqlite_write_lock_free
 from tests.telemetry.support import Telemetry, in_memory
 from tiu import (
     AccountLocked,
@@ -50,15 +49,7 @@ class CountingHasher:
     def _note(self) -> None:
         self.threads.add(threading.get_ident())
         if self.sqlite_file is not None:
-            other = sqlite3.connect(self.sqlite_file, isolation_level=None, timeout=0)
-            try:
-                other.execute("BEGIN IMMEDIATE")  # fails at once if anyone holds the lock
-                other.execute("ROLLBACK")
-                self.lock_free.append(True)
-            except sqlite3.OperationalError:
-                self.lock_free.append(False)
-            finally:
-                other.close()
+            self.lock_free.append(sqlite_write_lock_free(self.sqlite_file))
 
     def hash(self, password: str) -> str:
         self.hashes += 1

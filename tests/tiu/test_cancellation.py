@@ -20,7 +20,7 @@ from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from eventstore import EngineOptions, NewEvent, create_engine
 from eventstore.schema import events
-from tests.conftest import PASSWORD, PG_URL, Clock, _empty_schema
+from tests.conftest import PASSWORD, PG_URL, Clock, _empty_schema, sqlite_write_lock_free
 from tiu import DatabaseService, Settings
 
 #: Cancel after 0..TURNS-1 turns of the loop (every await point that does not wait
@@ -64,12 +64,7 @@ async def _settled(service: DatabaseService, engine: AsyncEngine) -> None:
         await asyncio.sleep(0.01)
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     if engine.dialect.name == "sqlite":
-        other = sqlite3.connect(engine.url.database, isolation_level=None, timeout=0)
-        try:
-            other.execute("BEGIN IMMEDIATE")  # "database is locked" if a lock were left
-            other.execute("ROLLBACK")
-        finally:
-            other.close()
+        assert sqlite_write_lock_free(engine.url.database)  # no lock left behind
     else:
         async with engine.connect() as conn:
             stuck = await conn.scalar(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 
 import pytest
@@ -24,7 +23,7 @@ from domain.permissions import SYSTEM_ACTOR
 from eventstore import EventStore, InvalidEventData, verify
 from eventstore import store as store_module
 from eventstore.schema import events
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, sqlite_write_lock_free
 from tiu import DatabaseService, Settings
 from tiu import dispatch as dispatch_module
 from tiu.dispatch import Dispatcher
@@ -665,12 +664,7 @@ async def test_a_sqlite_group_cancelled_at_a_turn_of_its_write_rolls_back_and_an
     await svc.dispatcher.group.aclose()
     await svc.store.aclose()
     assert engine.pool.checkedout() == 0
-    other = sqlite3.connect(engine.url.database, isolation_level=None, timeout=0)
-    try:
-        other.execute("BEGIN IMMEDIATE")  # "database is locked" if the lock were held
-        other.execute("ROLLBACK")
-    finally:
-        other.close()
+    assert sqlite_write_lock_free(engine.url.database)  # the lock is not held
     # Whatever the cancelled group wrote is gone; the service goes on.
     positions = await _create_projects(svc, "after", 2)
     async with engine.connect() as conn:
