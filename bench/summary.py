@@ -1,9 +1,9 @@
 """``python -m bench.summary [results.json]``: the README's benchmark table from a run.
 
 Reads ``bench/results/latest.json`` (or the file given) and prints markdown: one row
-per case and backend with each system's rate and tiu's ratios as rates (above 1: tiu
-faster), then the query, growth and replay-scaling lines. The README's table is this
-output, pasted; nothing in it is typed by hand.
+per case and backend with each system's rate, tiu's ratios as rates (above 1: tiu
+faster) and issue #20's target for the row, then the query, growth and replay-scaling
+lines. The README's table is this output, pasted; nothing in it is typed by hand.
 """
 
 from __future__ import annotations
@@ -20,6 +20,38 @@ from bench.context import RESULTS
 
 SYSTEMS = ("tiu", "eventsourcing", "raw")
 BACKEND_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+#: Issue #20's targets, as ratios of rates: (case prefix, backend or None for both,
+#: the raw baseline the target is stated against) -> what the row should reach.
+TARGETS: dict[tuple[str, str | None], str] = {
+    ("1a ", "sqlite"): "raw 0.8",
+    ("1b ", "sqlite"): "raw 1.0",
+    ("1a ", "postgresql"): "es 1.5, raw 1.0",
+    ("1b ", "postgresql"): "es 1.5, raw 1.0",
+    ("2 ", "sqlite"): "es 2.5",
+    ("2 ", "postgresql"): "es 3",
+    ("3 command CreateTask: 2000 commands, 1 ", None): "raw 0.5",
+    ("3 command CreateTask: 2000 commands, 8 ", None): "raw 1.0, es 1.5",
+    ("4c ", None): "es 1.0",
+    ("4b ", None): "es 2",
+    ("4d ", None): "es 1.0",
+    ("5 replay tasks read model, log 100,000", "sqlite"): "raw 0.4",
+    ("5 replay tasks read model, log 100,000", "postgresql"): "raw 0.4, es 10",
+    ("5 replay tasks read model, log 1,000,000", None): "raw 0.4",
+    ("6", None): "raw 0.8",
+}
+#: Case 3's targets are stated against this raw; its other raw row is a floor.
+TARGET_RAW = "raw (tiu's writes)"
+
+
+def target(case: str, backend: str, raw: str = "raw") -> str:
+    """Issue #20's target for a row, or "" where it sets none."""
+    if raw not in ("raw", TARGET_RAW):
+        return ""
+    for (prefix, on), wanted in TARGETS.items():
+        if case.startswith(prefix) and on in (None, backend):
+            return wanted
+    return ""
 
 
 def _rate(record: dict[str, Any] | None) -> float | None:
@@ -43,10 +75,10 @@ def table(records: list[dict[str, Any]]) -> str:
     for r in records:
         by_case[(r["case"], r["backend"])][r["system"]] = r
     lines = [
-        "| case | backend | tiu | eventsourcing | raw | tiu/es | tiu/raw |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| case | backend | tiu | eventsourcing | raw | tiu/es | tiu/raw | target |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    queries: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    queries: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     growth: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     replays: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
     for (case, backend), systems in by_case.items():
@@ -55,7 +87,7 @@ def table(records: list[dict[str, Any]]) -> str:
         if case.startswith(("9 ", "10 ")):
             continue  # a service's loop lag and telemetry's CPU: not rates, listed apart
         if case.startswith("6"):
-            queries[name].append((tiu or 0.0, _rate(systems.get("raw")) or 0.0))
+            queries[(name, backend)].append((tiu or 0.0, _rate(systems.get("raw")) or 0.0))
             continue
         if case.startswith("7"):
             ids = re.search(r", (\w+) ids,", case)
@@ -74,15 +106,15 @@ def table(records: list[dict[str, Any]]) -> str:
             label = f"{case} [{system}]" if len(raws) > 1 else case
             lines.append(
                 f"| {label} | {name} | {_fmt(tiu)} | {_fmt(e)} | {_fmt(raw)} "
-                f"| {_ratio(tiu, e)} | {_ratio(tiu, raw)} |"
+                f"| {_ratio(tiu, e)} | {_ratio(tiu, raw)} | {target(case, backend, system)} |"
             )
-    for name, pairs in queries.items():
+    for (name, backend), pairs in queries.items():
         rates = " / ".join(f"{t:,.0f}" for t, _ in pairs)
         core = " / ".join(f"{c:,.0f}" for _, c in pairs)
         ratios = " / ".join(_ratio(t, c) for t, c in pairs)
         lines.append(
             f"| 6a-6d queries vs hand-written Core: list, pages, count, session (ops/s) "
-            f"| {name} | {rates} | - | {core} | - | {ratios} |"
+            f"| {name} | {rates} | - | {core} | - | {ratios} | {target('6', backend)} |"
         )
     for (ids, name), points in growth.items():
         points.sort()
@@ -90,7 +122,7 @@ def table(records: list[dict[str, Any]]) -> str:
         lines.append(
             f"| 7 append rate with {small:,} / {big:,} events in the log, {ids} ids (paired) "
             f"| {name} | {at_small:,.0f} / {at_big:,.0f} ({_change(at_small, at_big)}) "
-            "| - | - | - | - |"
+            "| - | - | - | - | |"
         )
     notes = []
     for name, points in replays.items():
