@@ -3,9 +3,11 @@ plain-Python reference (``tiu.audit.find_suspicious``, ``stats_of``) on both bac
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +23,9 @@ from domain.permissions import SYSTEM_ACTOR
 from eventstore import EventContext, EventStore, NewEvent
 from tests.conftest import PASSWORD, Clock
 from tiu import InvalidCommand, InvalidCredentials
+from tiu import audit as audit_module
 from tiu.audit import (
+    _SLICE,
     MAX_DURATION,
     AuditFilter,
     SuspiciousRules,
@@ -525,3 +529,41 @@ def test_suspicious_rules_out_of_range_are_an_invalid_command_naming_the_field(f
 
 def test_suspicious_rules_take_zero_durations_and_the_longest_one():
     SuspiciousRules(window=timedelta(0), lockout_lookback=MAX_DURATION)
+
+
+async def test_a_long_audit_read_gives_the_loop_a_turn_every_slice_of_its_cpu(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each entry costs 20 us of the loop thread's CPU (a clock of the test's own): a
+    # chunk of a fixed 100 rows held the loop 2 ms however slow its rows were.
+    await store.append("audit-slices", "audit", [NewEvent("Sliced", {"n": n}) for n in range(600)])
+    cpu = [0.0]
+    monkeypatch.setattr(time, "thread_time", lambda: cpu[0])
+    built = audit_module.to_entry
+
+    def costly(row: Any, data: Any = None) -> Any:
+        cpu[0] += 0.00002
+        return built(row, data)
+
+    monkeypatch.setattr(audit_module, "to_entry", costly)
+    held: list[float] = []  # the read's CPU between two turns of the loop
+    reading = True
+
+    async def watch() -> None:
+        last = cpu[0]
+        while reading:
+            await asyncio.sleep(0)
+            held.append(cpu[0] - last)
+            last = cpu[0]
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async with store.engine.connect() as conn:
+            entries = await query(conn, AuditFilter(event_types=("Sliced",)), limit=None)
+    finally:
+        reading = False
+        await watcher
+    assert len(entries) == 600
+    assert sum(held) == pytest.approx(0.012)
+    # The first chunk's size is a guess (the longest hold); every later chunk fits.
+    assert sorted(held)[-2] <= _SLICE + 1e-9
