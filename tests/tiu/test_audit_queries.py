@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import time
@@ -35,7 +36,9 @@ from tiu.audit import (
     stats,
     stats_of,
     suspicious,
+    to_entry,
 )
+from tiu.models import AuditEntry
 
 _examples = itertools.count()
 _LOGIN_TYPES = ("LoginFailed", "LoginRejected", "LoginSucceeded", "AccountLocked")
@@ -567,3 +570,33 @@ async def test_a_long_audit_read_gives_the_loop_a_turn_every_slice_of_its_cpu(
     assert sum(held) == pytest.approx(0.012)
     # The first chunk's size is a guess (the longest hold); every later chunk fits.
     assert sorted(held)[-2] <= _SLICE + 1e-9
+
+
+def test_an_audit_entry_holds_two_objects_the_garbage_collector_walks() -> None:
+    # The entry and its attributes: its set fields are one set shared by all, which a
+    # full collection no longer walks once per entry held (10,000 of them: 5.3 ms).
+    row = {
+        "position": 1,
+        "recorded_at": datetime(2026, 1, 1, tzinfo=UTC),
+        "stream_id": "user-u1",
+        "stream_category": "user",
+        "version": 1,
+        "event_type": "LoginFailed",
+        "actor_id": "u1",
+        "correlation_id": None,
+        "causation_id": None,
+        "command_id": "c1",
+        "data": {"user_id": "u1", "ip": "192.0.2.1"},
+    }
+    entries = [to_entry(row) for _ in range(100)]
+    walked = {
+        id(part)
+        for entry in entries
+        for part in (entry, entry.__dict__, entry.model_fields_set, entry.data)
+        if gc.is_tracked(part)
+    }
+    assert len(walked) <= 2 * len(entries) + 1
+    # Every field counts as given, and a copy changes its own set, not the others'.
+    assert entries[0].model_dump(exclude_unset=True) == entries[0].model_dump()
+    changed = entries[0].model_copy(update={"version": 2})
+    assert changed.version == 2 and entries[1].model_fields_set == set(AuditEntry.model_fields)
