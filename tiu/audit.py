@@ -117,9 +117,9 @@ MAX_LIMIT: Final = 100_000
 #: their keys were loaded (1M SQLite events, bench case 9's ``get_events``).
 _SLICE: Final = 0.001
 #: The first chunk's rows and the fewest a chunk takes: a chunk loads the keys its rows
-#: miss in one query (~0.5 ms of the loop however few), and at 4-10 rows a chunk a read
-#: with a cold key cache took 1.8x the loop's CPU.
-_MIN_CHUNK: Final = 32
+#: miss in one query (~0.5-0.7 ms of the loop however few), so a read with a cold key
+#: cache took 1.8x the loop's CPU at 4-10 rows a chunk, 1.55x at 32.
+_MIN_CHUNK: Final = 64
 _MAX_CHUNK: Final = 1000
 #: Rows a streamed result fetches a round trip on PostgreSQL: ~100 KB of audit rows,
 #: which asyncpg parses (JSON included) in ~1 ms of the loop; 1,000 rows came in
