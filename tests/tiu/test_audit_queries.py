@@ -568,7 +568,7 @@ async def test_a_long_audit_read_gives_the_loop_a_turn_every_slice_of_its_cpu(
         await watcher
     assert len(entries) == 600
     assert sum(held) == pytest.approx(0.0072)
-    # The first chunk's size is a guess (the longest hold); every later chunk fits.
+    # Every chunk fits the slice, but perhaps the first (its size is a guess).
     assert sorted(held)[-2] <= _SLICE + 1e-9
 
 
