@@ -11,7 +11,7 @@ ranges, window functions over the login events an index finds) and read only wha
 finding needs, so their memory does not grow with the log and every event in the
 range counts, whatever the log's size. On SQLite their statements run on a worker
 thread (the driver's ``off_loop``, or a streamed result); the loop decodes, opens
-IPs and builds findings in slices of ~100 rows, suspending between them.
+IPs and builds findings in chunks of ~1 ms of its CPU, suspending between them.
 
 On PostgreSQL :func:`query` and :func:`suspicious` stream their rows: a server-side
 cursor hands over :data:`_FETCH` rows a round trip, so asyncpg parses a bounded
@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections import Counter, defaultdict, deque
 from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -109,9 +110,17 @@ _LOGIN_TYPES: Final = (
     users.AccountLocked.event_type,
 )
 MAX_LIMIT: Final = 100_000
-#: Rows decoded (and decrypted) between two suspensions of a long read: 1-3 ms of work
-#: (an audit entry is 10-25 us of Python on the loop on a loaded 2-core machine).
-_CHUNK: Final = 100
+#: The loop thread's CPU one chunk of a long read may take (its rows fetched, decoded,
+#: their personal fields opened, their entries built) before the read suspends: the
+#: chunk's size follows it (:class:`_Chunks`). A fixed 100 rows were 1 ms of the loop
+#: with plaintext rows, 2.8 ms (p50) with encrypted IPs and user agents and 4.2 ms while
+#: their keys were loaded (1M SQLite events, bench case 9's ``get_events``).
+_SLICE: Final = 0.001
+#: The first chunk's rows and the fewest a chunk takes: a chunk loads the keys its rows
+#: miss in one query (~0.5-0.7 ms of the loop however few), so a read with a cold key
+#: cache took 1.8x the loop's CPU at 4-10 rows a chunk, 1.55x at 32.
+_MIN_CHUNK: Final = 64
+_MAX_CHUNK: Final = 1000
 #: Rows a streamed result fetches a round trip on PostgreSQL: ~100 KB of audit rows,
 #: which asyncpg parses (JSON included) in ~1 ms of the loop; 1,000 rows came in
 #: reads as long to parse as a whole result's. On SQLite the driver fetches its own
@@ -257,10 +266,19 @@ def redact(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: ("[redacted]" if k in _SECRET_FIELDS else v) for k, v in data.items()}
 
 
+#: The fields an entry was given: every one. One set shared by all the entries built
+#: here, in place of the validator's set per entry (pydantic copies an instance's set
+#: before it changes it: ``model_copy``). A caller holding 10,000 entries holds 20,000
+#: objects the garbage collector walks at each full collection instead of 30,000, and
+#: the sets were the dearer to walk: a full collection with 10,000 entries alive took
+#: 5.3 ms of CPU, 3.1 ms without their sets.
+_GIVEN: Final = set(AuditEntry.model_fields)
+
+
 def to_entry(row: Mapping[str, Any] | Any, data: Mapping[str, Any] | None = None) -> AuditEntry:
     """``data``: the row's data with personal fields opened (``eventstore.crypto``);
     without it the stored data is shown as is (ciphertext for personal fields)."""
-    return AuditEntry(
+    entry = AuditEntry(
         position=row["position"],
         recorded_at=row["recorded_at"],
         stream_id=row["stream_id"],
@@ -273,6 +291,8 @@ def to_entry(row: Mapping[str, Any] | Any, data: Mapping[str, Any] | None = None
         command_id=row["command_id"],
         data=redact(row["data"] if data is None else data),
     )
+    object.__setattr__(entry, "__pydantic_fields_set__", _GIVEN)
+    return entry
 
 
 def _clamp(limit: int | None) -> int:
@@ -809,28 +829,64 @@ async def _pages(
     conn: AsyncConnection, stmt: Any, *, mappings: bool = False, limited: bool = False
 ) -> AsyncGenerator[Sequence[Any]]:
     """The rows of ``stmt`` (as mappings with ``mappings``) a chunk at a time, the loop
-    free between chunks. On PostgreSQL streamed: a server-side cursor fetching
-    :data:`_FETCH` rows a round trip. On SQLite the statement runs off the loop:
-    ``limited`` (a LIMIT bounds its rows) in one hop, else streamed, a hop per page
-    (streamed, a limited read cost 4% more CPU: callgrind, 9,474 audit entries).
+    free between chunks (each ~:data:`_SLICE` of its CPU: :class:`_Chunks`). On
+    PostgreSQL streamed: a server-side cursor fetching :data:`_FETCH` rows a round
+    trip. On SQLite the statement runs off the loop: ``limited`` (a LIMIT bounds its
+    rows) in one hop, else streamed, a hop per page (streamed, a limited read cost 4%
+    more CPU: callgrind, 9,474 audit entries).
     Iterate it inside ``contextlib.aclosing``: a caller that stops or is cancelled
     then closes the result while its connection is still its own."""
+    chunks = _Chunks()
     if limited and conn.dialect.name != "postgresql":
         fetched_all = await conn.execute(stmt.execution_options(**{OFF_LOOP: True}))
         shaped = fetched_all.mappings() if mappings else fetched_all
-        for chunk in shaped.partitions(_CHUNK):
+        chunks.resumed()
+        while chunk := shaped.fetchmany(chunks.rows):
             yield chunk
-            await asyncio.sleep(0)
+            await chunks.turn(len(chunk))
         return
     result = await _whole(conn, conn.stream(stmt))
     rows: AsyncResult[Any] | AsyncMappingResult = result.mappings() if mappings else result
     try:
         while fetched := await _whole(conn, rows.fetchmany(_FETCH)):
-            for start in range(0, len(fetched), _CHUNK):
-                yield fetched[start : start + _CHUNK]
-                await asyncio.sleep(0)
+            chunks.resumed()
+            start = 0
+            while start < len(fetched):
+                piece = fetched[start : start + chunks.rows]
+                yield piece
+                start += len(piece)
+                await chunks.turn(len(piece))
     finally:
         await result.close()
+
+
+class _Chunks:
+    """The rows the next chunk of a long read takes, after what the last one cost the
+    loop thread (its CPU from the read's last suspension to this one: the rows'
+    fetching and decoding, and what the reader did with them): scaled to
+    :data:`_SLICE`, at most doubled a chunk. The loop thread's CPU, not the clock: on a
+    busy machine the clock also counts its waits for a core, and would shrink the
+    chunks, and add turns, without shortening any stall."""
+
+    __slots__ = ("_since", "rows")
+
+    def __init__(self) -> None:
+        self.rows = _MIN_CHUNK
+        self._since = time.thread_time()
+
+    def resumed(self) -> None:
+        """The read resumes after a wait of its own (its statement, a round trip): what
+        the loop ran meanwhile is not the next chunk's."""
+        self._since = time.thread_time()
+
+    async def turn(self, taken: int) -> None:
+        """Suspend once ``taken`` rows (the last chunk's, fewer at the end of a page)
+        have been handled."""
+        spent = time.thread_time() - self._since
+        fit = int(taken * _SLICE / spent) if spent > 0 else _MAX_CHUNK
+        self.rows = max(_MIN_CHUNK, min(fit, 2 * self.rows, _MAX_CHUNK))
+        await asyncio.sleep(0)
+        self._since = time.thread_time()
 
 
 async def _opened(conn: AsyncConnection, items: Sequence[tuple[str, Any]]) -> list[Opened]:
