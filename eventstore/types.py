@@ -10,6 +10,8 @@ from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Integer
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from eventstore import hashing
+
 #: JSONB on PostgreSQL (indexable, queryable), JSON text on SQLite.
 JsonDocument: TypeEngine[Any] = JSON().with_variant(JSONB(), "postgresql")
 
@@ -100,6 +102,14 @@ def sqlite_text(value: datetime) -> str:
     if value is last[0]:
         return last[1]
     given, zone = value, value.tzinfo
+    stamp = hashing.last_stamp
+    if value is stamp[0] and zone is UTC:
+        # The append's stamp, which its hashed text just wrote out in UTC (the text
+        # with "T" and "+00:00"): the same digits.
+        text = stamp[1]
+        text = f"{text[:10]} {text[11:26]}"
+        _last_text = (given, text)
+        return text
     if zone is not UTC and zone is not _zero_zone:
         offset = value.utcoffset()
         if offset is None or offset:  # naive (refused) or another offset
