@@ -58,6 +58,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from eventstore.errors import StoreUnavailable
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -293,9 +295,19 @@ class GroupQueue(Generic[Item, Result]):
 
 
 def _fail(waiting: list[Waiting[Item, Result]]) -> None:
+    """Answer the callers of a writer that was stopped (cancelled: the loop is shutting
+    down). Their own tasks were not cancelled, so not with its ``CancelledError``,
+    which a caller's task would take for its own cancellation: with the documented
+    error of a database call that could not finish (docs/errors.md)."""
     for _, future in waiting:
         if not future.done():
-            future.set_exception(ConnectionAbortedError("group commit stopped"))
+            future.set_exception(
+                StoreUnavailable(
+                    "the group writer was stopped (the event loop is shutting down) before "
+                    "this write was answered: it may have committed; resend it with the "
+                    "same command_id or event ids"
+                )
+            )
 
 
 def _discard(outcome: asyncio.Future[Result]) -> None:

@@ -1596,12 +1596,12 @@ class GroupCommitter:
                 assert decision is not None
                 await settle(future, self.dispatcher.write(decision))
             return
-        except BaseException as error:  # the database is gone: every caller learns it
+        except Exception as error:  # the database is gone: every caller learns it
+            # Not a cancellation of the writer (the loop shutting down): its callers were
+            # not cancelled, and the queue answers them with StoreUnavailable.
             for _, future in group:
                 if not future.done():
                     future.set_exception(error)
-            if not isinstance(error, Exception):
-                raise
             return
         positioned = {r.command_id: r for r in unit.results}
         for (queued, future), outcome in zip(group, outcomes, strict=True):

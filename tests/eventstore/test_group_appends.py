@@ -20,6 +20,7 @@ from eventstore import (
     EngineOptions,
     EventStore,
     NewEvent,
+    StoreUnavailable,
     WrongExpectedVersion,
     create_engine,
     verify,
@@ -502,3 +503,59 @@ async def test_a_caller_cancelled_before_its_answer_leaves_the_others_answered()
     assert isinstance(outcomes[2], asyncio.CancelledError)
     await queue.aclose()
     assert idled == [1] and not queue.busy
+
+
+async def test_callers_of_a_group_writer_stopped_by_the_loop_get_store_unavailable():
+    """The writer task cancelled (the loop shutting down) while it writes a group, with
+    callers queued behind it: none of them was cancelled, so none gets a
+    CancelledError (its task would take it for its own cancellation) or an
+    undocumented error, but StoreUnavailable; the queue is idle again."""
+    writing = asyncio.Event()
+
+    async def write(group: list[Waiting[int, int]]) -> None:
+        writing.set()
+        await asyncio.Event().wait()
+
+    idled: list[int] = []
+    queue: GroupQueue[int, int] = GroupQueue(write, max_group=2, idle=lambda: idled.append(1))
+    callers = [asyncio.ensure_future(queue.submit(n)) for n in range(4)]
+    await asyncio.wait_for(writing.wait(), 5)
+    assert queue._writer is not None
+    queue._writer.cancel()
+    outcomes = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+    assert idled and not queue.busy
+
+
+async def test_appends_whose_group_writer_is_stopped_get_store_unavailable(store):
+    """As above, through the store on both backends: the held group's transaction is
+    rolled back (none of its appends is in the log), no connection stays checked out,
+    and the store appends again."""
+    held = asyncio.Event()
+
+    async def hold_groups_of_several(streams: list[str]) -> None:
+        if len(streams) > 1:
+            held.set()
+            await asyncio.Event().wait()
+
+    store.before_commit = hold_groups_of_several
+    callers = [
+        asyncio.ensure_future(store.append(f"user-{n}", "user", [ev(n)], NO_STREAM))
+        for n in range(4)
+    ]
+    await asyncio.wait_for(held.wait(), 5)
+    assert store._group is not None and store._group._writer is not None
+    store._group._writer.cancel()
+    outcomes = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+    stopped = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(stopped) > 1
+    assert all(isinstance(o, StoreUnavailable) for o in stopped), outcomes
+    store.before_commit = None
+    await store.aclose()
+    assert store.engine.pool.checkedout() == 0
+    answered = [o.stream_id for o in outcomes if not isinstance(o, BaseException)]
+    after = await store.append("user-after", "user", [ev()], NO_STREAM)
+    async with store.engine.connect() as conn:
+        logged = [e.stream_id for e in await store.read_all(conn, 0, 10)]
+    assert logged == [*answered, "user-after"]
+    assert after.last_position == len(answered) + 1
