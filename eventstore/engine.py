@@ -115,6 +115,10 @@ class ReadEngine(AsyncEngine):
     def connect(self) -> AsyncConnection:
         return ReadConnection(self)
 
+    def execution_options(self, **opt: Any) -> ReadEngine:
+        # SQLAlchemy's builds a plain AsyncEngine, whose connections are not guarded.
+        return ReadEngine(self.sync_engine.execution_options(**opt))
+
 
 class ReadConnection(AsyncConnection):
     """A PostgreSQL connection whose round trips are never abandoned midway

@@ -351,6 +351,37 @@ async def test_a_repository_read_cancelled_at_any_point_leaves_its_connection_id
     _no_loop_errors(caplog)
 
 
+async def test_a_read_through_a_view_of_the_reader_cancelled_anywhere_leaves_its_connection_idle(
+    service, engine, caplog
+):
+    """``service.reader.execution_options(...)`` (a view with options of its own) reads
+    as the reader does: on PostgreSQL a round trip is never abandoned midway, so a
+    cancelled read drops no connection and leaves none in a transaction."""
+    await _setup(service)
+    await _settled(service, engine)
+    pool = _pool_events(engine)
+    view = service.reader.execution_options(tiu_probe=True)
+
+    async def read() -> int:
+        async with view.connect() as conn:
+            return int(await conn.scalar(select(func.count()).select_from(events)) or 0)
+
+    outcomes = [await _cancel_after(read(), ("turns", n)) for n in range(TURNS)]
+    late = 0.0
+    while isinstance(outcomes[-1], BaseException):  # every 0.5 ms until one read ends
+        assert late < 5000
+        outcomes.append(await _cancel_after(read(), ("ms", late)))
+        late += 0.5
+    assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
+    await _settled(service, engine)
+    assert pool == {"connect": 0, "invalidate": 0}  # none dropped, none opened anew
+    assert not any(await _pooled_in_transaction(engine))
+    if engine.dialect.name == "postgresql":
+        assert set(await _server_states(engine)) <= {"idle"}
+    assert await read() > 0
+    _no_loop_errors(caplog)
+
+
 @contextlib.asynccontextmanager
 async def _service_of_its_own(pg_schema: str, clock: Clock) -> AsyncIterator[DatabaseService]:
     """A started PostgreSQL service on an engine of its own, whose pool a test may
