@@ -18,10 +18,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from domain import projects, tasks
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
-from eventstore import EngineOptions, NewEvent, create_engine
+from eventstore import EngineOptions, EventStore, NewEvent, create_engine
 from eventstore.schema import events
 from tests.conftest import PASSWORD, PG_URL, Clock, _empty_schema, sqlite_write_lock_free
 from tiu import DatabaseService, Settings
+from tiu.replicas import ReplicaReads
+from tiu.service import _read_engine
 
 #: Cancel after 0..TURNS-1 turns of the loop (every await point that does not wait
 #: for I/O), then after 0.5 ms steps up to STEPS (every round trip of a command on
@@ -513,3 +515,53 @@ async def test_a_notify_cancelled_while_the_pool_opens_its_connection_leaves_it_
         store.dialect._notify_task.cancel()  # type: ignore[attr-defined]
     _no_loop_errors(caplog)
     assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+
+
+@pytest.mark.postgres
+async def test_a_replica_read_cancelled_while_its_connection_closes_closes_it_whole(
+    postgres_engine, pg_schema, caplog
+):
+    """A replica read's connection given back to a full pool is closed (an overflow
+    connection: a round trip). A read cancelled there waits for the close to end: the
+    pool logs no error, and nothing is left open. (The primary stands in for the
+    replica: it has nothing to replay.)"""
+    replica = create_engine(PG_URL, EngineOptions(search_path=pg_schema, pool_size=1))
+    closed = _pool_events(replica)
+    closed["close"] = 0
+
+    def count_close(*_: object) -> None:
+        closed["close"] += 1
+
+    event.listen(replica.sync_engine, "close", count_close)
+    reads = ReplicaReads(
+        EventStore(postgres_engine), _read_engine(postgres_engine), _read_engine(replica)
+    )
+    try:
+        for turns in range(6):
+            closed["close"] = 0
+            release = asyncio.Event()
+
+            async def held_read(release: asyncio.Event = release) -> None:
+                async with reads.connect() as conn:
+                    await conn.scalar(text("SELECT 1"))
+                    await release.wait()
+
+            held = asyncio.ensure_future(held_read())
+            await asyncio.sleep(0.05)  # the pool's one connection is the held read's
+            async with reads.connect() as conn:  # an overflow connection, back at once
+                await conn.scalar(text("SELECT 2"))
+            release.set()  # the held read's connection goes back to a full pool: closed
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            held.cancel()
+            await asyncio.gather(held, return_exceptions=True)
+            assert closed["close"] == 1, turns
+            assert replica.pool.checkedout() == 0  # type: ignore[attr-defined]
+            assert replica.pool.overflow() == 0  # type: ignore[attr-defined]
+            gc.collect()
+            pool_errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert not pool_errors, (turns, [r.getMessage() for r in pool_errors])
+        assert closed["invalidate"] == 0
+    finally:
+        await replica.dispose()
+    _no_loop_errors(caplog)
