@@ -9,6 +9,7 @@ server-side timeouts that bound how long a stuck transaction can hold the append
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import weakref
@@ -372,6 +373,16 @@ def _install_sqlite_hooks(
         # lock held by another process on a worker thread, with the busy timeout. Nor
         # wal_autocheckpoint: the driver sets it (checkpoints run off the loop).
         cursor.close()
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _cancelled_keeps_the_connection(context: Any) -> None:
+        # SQLAlchemy takes a cancellation inside a statement for a lost connection and
+        # drops it (opened again, with its pragmas, by a later checkout). The inline
+        # driver lets a cancellation through only once the connection is its caller's
+        # alone again (a statement on a worker thread interrupted and ended, a lock wait
+        # given up): it stays pooled, as PostgreSQL's guarded reads' connections do.
+        if isinstance(context.original_exception, asyncio.CancelledError):
+            context.is_disconnect = False
 
     @event.listens_for(engine.sync_engine, "before_cursor_execute")
     def _off_loop(
