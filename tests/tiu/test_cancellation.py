@@ -19,6 +19,7 @@ from domain import projects, tasks
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from eventstore import EngineOptions, EventStore, NewEvent, create_engine
+from eventstore.crypto import keyring
 from eventstore.schema import events
 from tests.conftest import PASSWORD, PG_URL, Clock, _empty_schema, sqlite_write_lock_free
 from tiu import DatabaseService, Settings
@@ -199,6 +200,44 @@ async def test_an_audit_read_cancelled_at_any_point_leaves_its_connection_idle_i
         await _settled(service, engine)
         assert not any(await _pooled_in_transaction(engine))
         assert len(await read()) == 600
+    _no_loop_errors(caplog)
+
+
+async def test_an_audit_read_cancelled_while_it_loads_subject_keys_leaves_its_connection_idle(
+    service, engine, caplog
+):
+    """An audit read whose pages open personal fields loads their subjects' keys (a
+    round trip each page, on the read's connection): cancelled at any point, key loads
+    included, its connection goes back to the pool idle, none dropped."""
+    async with service.get_repositories() as repos:
+        for n in range(40):
+            await repos.users.create_user(
+                email=f"u{n}@example.com", username=f"user{n}", password=PASSWORD
+            )
+    await _settled(service, engine)
+    pool = _pool_events(engine)
+    async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+        audit = repos.get_audit_repository()
+
+        async def read() -> object:
+            keyring(service.reader).cache.clear()  # every read loads the keys again
+            return await audit.get_events(event_types=["UserRegistered"], limit=10_000)
+
+        outcomes = [await _cancel_after(read(), ("turns", n)) for n in range(TURNS)]
+        late = 0.0
+        while not isinstance(outcomes[-1], list):  # every 0.5 ms until one read ends first
+            assert late < 5000
+            outcomes.append(await _cancel_after(read(), ("ms", late)))
+            late += 0.5
+        assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
+        await _settled(service, engine)
+        assert pool["invalidate"] == 0
+        assert not any(await _pooled_in_transaction(engine))
+        if engine.dialect.name == "postgresql":
+            assert set(await _server_states(engine)) <= {"idle"}
+        entries = await read()
+    assert isinstance(entries, list) and len(entries) == 40
+    assert all("@example.com" in str(e.data.get("email")) for e in entries)  # opened
     _no_loop_errors(caplog)
 
 
