@@ -379,6 +379,45 @@ async def test_a_lone_append_cancelled_while_its_commit_runs_on_a_thread_is_comm
     assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
+@pytest.mark.sqlite
+async def test_a_lone_append_cancelled_after_its_commit_on_a_thread_counts_as_appended(
+    sqlite_template, tmp_path
+):
+    """Cancelled while its COMMIT runs on a worker thread (``synchronous=FULL``), the
+    caller waits for it, so the append is in the log: the store's known head moves
+    past it at once, as after any COMMIT (waiters on new events wake, the session
+    cache is not taken as current), and its connection, left free and out of any
+    transaction, stays in the pool rather than being dropped and opened again."""
+    path = tmp_path / "full.db"
+    shutil.copyfile(sqlite_template, path)
+    engine = create_engine(f"sqlite+aiosqlite:///{path}", EngineOptions(sqlite_synchronous="FULL"))
+    store = EventStore(engine)
+    pool: list[str] = []
+    for name in ("connect", "invalidate"):
+        event.listen(engine.sync_engine, name, lambda *_, name=name: pool.append(name))
+    caller: asyncio.Task[object] | None = None
+
+    async def cancel_caller(_streams: object) -> None:
+        assert caller is not None
+        caller.cancel()  # lands at the next wait: the COMMIT on its thread
+
+    store.before_commit = cancel_caller
+    try:
+        caller = asyncio.ensure_future(store.append("user-gone", "user", [ev()]))
+        woken = asyncio.ensure_future(store.wait_for_append(0, timeout=5))
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert store.dialect.known_head == 1
+        assert await asyncio.wait_for(woken, 1)
+        store.before_commit = None
+        assert (await store.append("user-after", "user", [ev()])).last_position == 2
+        await store.aclose()
+        assert pool == ["connect"]
+    finally:
+        await store.aclose()
+        await engine.dispose()
+
+
 class _Turns:
     """Counts the turns of the loop while in use (``async with``): another task that
     adds one each time it runs."""
