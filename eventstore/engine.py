@@ -13,7 +13,7 @@ import asyncio
 import logging
 import sqlite3
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -27,7 +27,7 @@ from sqlalchemy.sql.base import Executable
 from sqlalchemy.util.concurrency import in_greenlet
 
 from eventstore.errors import StoreUnavailable
-from eventstore.grouping import whole
+from eventstore.grouping import whole, whole_round_trip
 from eventstore.hashing import canonical_json, parse_json
 from eventstore.sqlite_driver import OFF_LOOP, InlineSQLiteDBAPI, await_, file_path
 
@@ -141,8 +141,7 @@ class ReadConnection(AsyncConnection):
     __slots__ = ()
 
     async def start(self, is_ctxmanager: bool = False) -> AsyncConnection:
-        # Opened after its caller was cancelled: closed, which gives it back to the pool.
-        return await whole(super().start(is_ctxmanager), undo=AsyncConnection.close)
+        return await checked_out(super().start(is_ctxmanager))
 
     async def execute(
         self,
@@ -155,6 +154,16 @@ class ReadConnection(AsyncConnection):
         return await whole(
             super().execute(statement, parameters, execution_options=execution_options)
         )
+
+
+async def checked_out(
+    starting: Awaitable[AsyncConnection], *, round_trips: bool = True
+) -> AsyncConnection:
+    """``starting`` (a connection's start: its checkout, which may open a connection
+    for the pool), never abandoned midway where it has round trips
+    (:func:`eventstore.grouping.whole_round_trip`): one opened after its caller was
+    cancelled is closed, which gives it back to the pool."""
+    return await whole_round_trip(round_trips, starting, undo=AsyncConnection.close)
 
 
 def backend_name(url: str | URL) -> str:
