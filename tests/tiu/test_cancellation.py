@@ -10,12 +10,14 @@ import logging
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from domain import projects, tasks
+from domain import WeakPassword, projects, tasks, users
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
 from eventstore import EngineOptions, EventStore, NewEvent, create_engine
@@ -604,3 +606,81 @@ async def test_a_replica_read_cancelled_while_its_connection_closes_closes_it_wh
     finally:
         await replica.dispose()
     _no_loop_errors(caplog)
+
+
+@pytest.mark.postgres
+async def test_a_command_cancelled_while_it_loads_on_a_connection_of_its_own_leaves_it_pooled(
+    pg_schema, clock, caplog, recwarn
+):
+    """A command that gave its connection back for password work and is then refused
+    on kept state (a new password equal to the old one: raised, no record) reads its
+    streams again from the log on a connection of its own: checkout (here opening a
+    connection: another task took the one given back), load and close, run as one
+    piece. Cancelled anywhere in it, the command waits for that piece to end: every
+    connection opened is back in the pool idle, none dropped, no warning."""
+    async with _service_of_its_own(pg_schema, clock) as service:
+        engine = service.engine
+        async with service.get_repositories() as repos:
+            user = await repos.users.create_user(
+                email="own@example.com", username="own", password=PASSWORD
+            )
+        ctx = service.context(user.id)
+        command = users.ChangePassword(
+            user_id=user.id, old_password=SecretStr(PASSWORD), new_password=SecretStr(PASSWORD)
+        )
+        pool = _pool_events(engine)
+        loop = asyncio.get_running_loop()
+        #: This attempt's command, when to cancel it (seconds after its own connection
+        #: starts opening), the task holding the connection it gave back, and how many
+        #: connections the pool had opened before.
+        plan: dict[str, Any] = {}
+        release = asyncio.Event()
+
+        async def take_a_connection() -> None:
+            async with engine.connect():
+                await release.wait()
+
+        def on_checkin(*_: object) -> None:
+            if "command" in plan and "thief" not in plan:  # given back for password work
+                plan["thief"] = loop.create_task(take_a_connection())
+
+        def on_do_connect(*_: object) -> None:
+            if "thief" in plan and plan["delay"] is not None and "armed" not in plan:
+                plan["armed"] = loop.call_later(plan["delay"], plan["command"].cancel)
+
+        event.listen(engine.sync_engine, "checkin", on_checkin)
+        event.listen(engine.sync_engine, "do_connect", on_do_connect)
+
+        async def attempt(delay: float | None) -> object:
+            await asyncio.sleep(0.05)  # the NOTIFY after the user's commit takes one
+            await _settled(service, engine)
+            await engine.dispose()  # an empty pool: the command opens its connection
+            plan.clear()
+            release.clear()
+            plan.update(delay=delay, opened=pool["connect"])
+            plan["command"] = asyncio.ensure_future(service.dispatch(command, ctx))
+            outcome = (await asyncio.gather(plan["command"], return_exceptions=True))[0]
+            release.set()
+            await plan["thief"]
+            return outcome
+
+        # Not cancelled: refused, on a connection of its own (a second one opened).
+        assert isinstance(await attempt(None), WeakPassword)
+        assert pool["connect"] - plan["opened"] == 2
+        outcomes: list[object] = []
+        for step in range(STEPS):
+            outcome = await attempt(step * 0.0005)
+            outcomes.append(outcome)
+            assert "armed" in plan, step  # cancelled from the own connection's opening on
+            assert isinstance(outcome, asyncio.CancelledError | WeakPassword), outcome
+            await _settled(service, engine)
+            gc.collect()
+            opened = pool["connect"] - plan["opened"]
+            assert engine.pool.checkedin() == opened == 2, step  # type: ignore[attr-defined]
+            assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)], step
+            assert not [r for r in caplog.records if r.name == "asyncio"], step
+        assert isinstance(outcomes[0], asyncio.CancelledError)
+        assert pool["invalidate"] == 0
+        assert set(await _server_states(engine)) <= {"idle"}
+    _no_loop_errors(caplog)
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
