@@ -287,7 +287,12 @@ class GroupQueue(Generic[Item, Result]):
                     self._alone_ended = asyncio.get_running_loop().create_future()
                 await asyncio.shield(self._alone_ended)
             elif self._writer is not None and not self._writer.done():
-                await asyncio.shield(self._writer)
+                # Waited for, not awaited: a writer cancelled meanwhile (the loop shutting
+                # down) ends this call, which was not cancelled, normally.
+                writer = self._writer
+                await asyncio.wait([writer])
+                if not writer.cancelled():
+                    writer.result()
             else:
                 break
         if self.alone_inline:

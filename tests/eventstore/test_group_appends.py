@@ -598,3 +598,25 @@ async def test_appends_whose_group_writer_is_stopped_get_store_unavailable(store
         logged = [e.stream_id for e in await store.read_all(conn, 0, 10)]
     assert logged == [*answered, "user-after"]
     assert after.last_position == len(answered) + 1
+
+
+async def test_closing_the_queue_while_its_writer_is_stopped_by_the_loop_ends_without_error():
+    """``aclose`` waits for the writer; the writer cancelled meanwhile (the loop
+    shutting down every other task, then closing the service): ``aclose`` was not
+    cancelled, so it ends normally, not with the writer's CancelledError."""
+    writing = asyncio.Event()
+
+    async def write(group: list[Waiting[int, int]]) -> None:
+        writing.set()
+        await asyncio.Event().wait()
+
+    queue: GroupQueue[int, int] = GroupQueue(write, max_group=64)
+    caller = asyncio.ensure_future(queue.submit(1))
+    await asyncio.wait_for(writing.wait(), 5)
+    closing = asyncio.ensure_future(queue.aclose())
+    await asyncio.sleep(0)
+    assert queue._writer is not None
+    queue._writer.cancel()
+    await asyncio.wait_for(closing, 5)  # no CancelledError
+    assert isinstance((await asyncio.gather(caller, return_exceptions=True))[0], StoreUnavailable)
+    assert not queue.busy

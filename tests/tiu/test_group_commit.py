@@ -437,6 +437,41 @@ async def test_commands_whose_group_writer_is_stopped_get_store_unavailable_not_
     await service.dispatch(projects.CreateProject(project_id="after", name="After"), ctx)
 
 
+async def test_a_service_closed_while_its_group_writer_is_stopped_closes_without_error(
+    service, engine
+):
+    """What a host does at shutdown: cancel every other task (the group writer among
+    them, mid-group), then close the service. The close was not cancelled: it ends
+    normally, not with the writer's CancelledError; the commands waiting get
+    StoreUnavailable, and no connection stays checked out."""
+    held = asyncio.Event()
+
+    async def hold(_streams: list[str]) -> None:
+        held.set()
+        await asyncio.Event().wait()
+
+    service.store.before_commit = hold
+    ctx = service.context(SYSTEM_ACTOR)
+    calls = [
+        asyncio.create_task(
+            service.dispatch(projects.CreateProject(project_id=f"x{n}", name=f"X{n}"), ctx)
+        )
+        for n in range(3)
+    ]
+    await asyncio.wait_for(held.wait(), 10)
+    closing = asyncio.create_task(service.aclose())
+    await asyncio.sleep(0)
+    service.dispatcher.group._queue._writer.cancel()
+    await asyncio.wait_for(closing, 10)  # no CancelledError
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+    for _ in range(500):
+        if engine.pool.checkedout() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.pool.checkedout() == 0
+
+
 async def test_commands_resent_with_their_keys_in_a_group_answer_as_the_first_time(
     service, commits
 ):
