@@ -400,11 +400,11 @@ async def test_commands_whose_group_writer_is_stopped_get_store_unavailable_not_
     several: its callers were not cancelled, so none gets the writer's CancelledError
     (a caller's task takes it for its own cancellation) but the documented
     StoreUnavailable; the group's transaction is rolled back, and the service goes on."""
-    held = asyncio.Event()
+    held: list[int] = []  # the size of the group held
 
     async def hold_groups_of_several(streams: list[str]) -> None:
         if len(streams) > 1:
-            held.set()
+            held.append(len(streams))
             await asyncio.Event().wait()
         await asyncio.sleep(0.2)  # a group of one: the others queue behind it meanwhile
 
@@ -416,8 +416,11 @@ async def test_commands_whose_group_writer_is_stopped_get_store_unavailable_not_
         for n in range(6)
     ]
     service.store.before_commit = hold_groups_of_several
-    await asyncio.wait_for(held.wait(), 10)
-    service.dispatcher.group._queue._writer.cancel()
+    queue = service.dispatcher.group._queue
+    async with asyncio.timeout(10):  # every call answered, held or queued: none preparing
+        while not held or sum(c.done() for c in calls) + held[0] + len(queue._queue) < 6:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    queue._writer.cancel()
     outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
     stopped = [o for o in outcomes if isinstance(o, BaseException)]
     assert len(stopped) > 1
@@ -444,10 +447,10 @@ async def test_a_service_closed_while_its_group_writer_is_stopped_closes_without
     them, mid-group), then close the service. The close was not cancelled: it ends
     normally, not with the writer's CancelledError; the commands waiting get
     StoreUnavailable, and no connection stays checked out."""
-    held = asyncio.Event()
+    held: list[int] = []  # the size of the group held
 
-    async def hold(_streams: list[str]) -> None:
-        held.set()
+    async def hold(streams: list[str]) -> None:
+        held.append(len(streams))
         await asyncio.Event().wait()
 
     service.store.before_commit = hold
@@ -458,7 +461,10 @@ async def test_a_service_closed_while_its_group_writer_is_stopped_closes_without
         )
         for n in range(3)
     ]
-    await asyncio.wait_for(held.wait(), 10)
+    queue = service.dispatcher.group._queue
+    async with asyncio.timeout(10):  # every call held or queued: none still preparing
+        while not held or held[0] + len(queue._queue) < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
     closing = asyncio.create_task(service.aclose())
     await asyncio.sleep(0)
     service.dispatcher.group._queue._writer.cancel()
