@@ -479,8 +479,11 @@ class Dialect:
                 await follow_schema(self.engine, raw, self._schema)
                 outcomes = await self._append_on(raw, store, pending)
             except BaseException as error:
-                if not isinstance(error, Exception) or getattr(
-                    error, "connection_invalidated", False
+                if getattr(error, "connection_invalidated", False) or (
+                    # Cut off mid-round-trip, its session's state is unknown. SQLite's
+                    # inline driver lets a cancellation through only once the
+                    # connection is free, and _append_on rolls back what it began.
+                    self.round_trips and not isinstance(error, Exception)
                 ):
                     raw.invalidate()
                 await asyncio.shield(give_back(raw))  # a no-op once invalidated
@@ -813,6 +816,14 @@ _SQLITE_LOAD: Final = {
 _KIND_AND_VERSION: Final = operator.itemgetter(0, 1)
 
 
+def _logged(db: Any, event_id: Any) -> bool:
+    """Whether the event ``event_id`` (a UUID) is in the log, read on sqlite3 ``db``."""
+    with contextlib.suppress(Exception):  # unknown: taken as not logged
+        found = db.execute("SELECT 1 FROM events WHERE event_id = ?", (event_id.hex,))
+        return found.fetchone() is not None
+    return False
+
+
 def _numbered_qmarks(sql: str) -> str:
     """``$n`` parameters as SQLite's numbered ``?n``."""
     return _NUMBERED.sub(r"?\1", sql)
@@ -922,8 +933,16 @@ class SQLiteDialect(Dialect):
                 self._insert_events(raw, rows, db)
             if store.before_commit is not None:
                 await store.before_commit(store.lock_list(pending))
-            with self.driver_errors(raw, "COMMIT"):
-                await driver.commit_async()
+            try:
+                with self.driver_errors(raw, "COMMIT"):
+                    await driver.commit_async()
+            except asyncio.CancelledError:
+                if rows and not driver.in_transaction and _logged(db, rows[-1][1]):
+                    # Committed on its thread before the cancellation came through (its
+                    # caller waited for it): the log has it, so the known head moves
+                    # past it now, as after any COMMIT, not at the next append.
+                    self.appended(store, rows[-1][0])
+                raise
         finally:
             if driver.in_transaction:
                 driver.rollback()

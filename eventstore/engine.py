@@ -9,10 +9,11 @@ server-side timeouts that bound how long a stuck transaction can hold the append
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -26,7 +27,7 @@ from sqlalchemy.sql.base import Executable
 from sqlalchemy.util.concurrency import in_greenlet
 
 from eventstore.errors import StoreUnavailable
-from eventstore.grouping import whole
+from eventstore.grouping import whole, whole_round_trip
 from eventstore.hashing import canonical_json, parse_json
 from eventstore.sqlite_driver import OFF_LOOP, InlineSQLiteDBAPI, await_, file_path
 
@@ -115,6 +116,10 @@ class ReadEngine(AsyncEngine):
     def connect(self) -> AsyncConnection:
         return ReadConnection(self)
 
+    def execution_options(self, **opt: Any) -> ReadEngine:
+        # SQLAlchemy's builds a plain AsyncEngine, whose connections are not guarded.
+        return ReadEngine(self.sync_engine.execution_options(**opt))
+
 
 class ReadConnection(AsyncConnection):
     """A PostgreSQL connection whose round trips are never abandoned midway
@@ -136,8 +141,7 @@ class ReadConnection(AsyncConnection):
     __slots__ = ()
 
     async def start(self, is_ctxmanager: bool = False) -> AsyncConnection:
-        # Opened after its caller was cancelled: closed, which gives it back to the pool.
-        return await whole(super().start(is_ctxmanager), undo=AsyncConnection.close)
+        return await checked_out(super().start(is_ctxmanager))
 
     async def execute(
         self,
@@ -150,6 +154,16 @@ class ReadConnection(AsyncConnection):
         return await whole(
             super().execute(statement, parameters, execution_options=execution_options)
         )
+
+
+async def checked_out(
+    starting: Awaitable[AsyncConnection], *, round_trips: bool = True
+) -> AsyncConnection:
+    """``starting`` (a connection's start: its checkout, which may open a connection
+    for the pool), never abandoned midway where it has round trips
+    (:func:`eventstore.grouping.whole_round_trip`): one opened after its caller was
+    cancelled is closed, which gives it back to the pool."""
+    return await whole_round_trip(round_trips, starting, undo=AsyncConnection.close)
 
 
 def backend_name(url: str | URL) -> str:
@@ -368,6 +382,16 @@ def _install_sqlite_hooks(
         # lock held by another process on a worker thread, with the busy timeout. Nor
         # wal_autocheckpoint: the driver sets it (checkpoints run off the loop).
         cursor.close()
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _cancelled_keeps_the_connection(context: Any) -> None:
+        # SQLAlchemy takes a cancellation inside a statement for a lost connection and
+        # drops it (opened again, with its pragmas, by a later checkout). The inline
+        # driver lets a cancellation through only once the connection is its caller's
+        # alone again (a statement on a worker thread interrupted and ended, a lock wait
+        # given up): it stays pooled, as PostgreSQL's guarded reads' connections do.
+        if isinstance(context.original_exception, asyncio.CancelledError):
+            context.is_disconnect = False
 
     @event.listens_for(engine.sync_engine, "before_cursor_execute")
     def _off_loop(

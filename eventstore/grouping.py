@@ -27,7 +27,9 @@ A group several callers share is written by a task of its own, never by one of
 them: a caller cancelled while waiting does not stop the transaction others share.
 Its item is dropped if no group has taken it yet; otherwise the group's transaction
 completes and that outcome is discarded (as for any cancelled database call, it may
-have committed).
+have committed). The writer itself cancelled (the loop shutting down), the callers it
+had not answered get :class:`~eventstore.errors.StoreUnavailable`, not its
+cancellation: theirs were not cancelled.
 
 A group of one needs no writer task. With ``alone_inline`` (SQLite's inline driver,
 whose write a cancelled caller leaves clean: rolled back or committed, its connection
@@ -57,6 +59,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+from eventstore.errors import StoreUnavailable
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -285,7 +289,12 @@ class GroupQueue(Generic[Item, Result]):
                     self._alone_ended = asyncio.get_running_loop().create_future()
                 await asyncio.shield(self._alone_ended)
             elif self._writer is not None and not self._writer.done():
-                await asyncio.shield(self._writer)
+                # Waited for, not awaited: a writer cancelled meanwhile (the loop shutting
+                # down) ends this call, which was not cancelled, normally.
+                writer = self._writer
+                await asyncio.wait([writer])
+                if not writer.cancelled():
+                    writer.result()
             else:
                 break
         if self.alone_inline:
@@ -293,9 +302,19 @@ class GroupQueue(Generic[Item, Result]):
 
 
 def _fail(waiting: list[Waiting[Item, Result]]) -> None:
+    """Answer the callers of a writer that was stopped (cancelled: the loop is shutting
+    down). Their own tasks were not cancelled, so not with its ``CancelledError``,
+    which a caller's task would take for its own cancellation: with the documented
+    error of a database call that could not finish (docs/errors.md)."""
     for _, future in waiting:
         if not future.done():
-            future.set_exception(ConnectionAbortedError("group commit stopped"))
+            future.set_exception(
+                StoreUnavailable(
+                    "the group writer was stopped (the event loop is shutting down) before "
+                    "this write was answered: it may have committed; resend it with the "
+                    "same command_id or event ids"
+                )
+            )
 
 
 def _discard(outcome: asyncio.Future[Result]) -> None:

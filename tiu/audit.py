@@ -86,6 +86,7 @@ from domain.base import ERASED, datetime_problem
 from domain.errors import InvalidCommand
 from eventstore import telemetry
 from eventstore.crypto import Opened, keyring
+from eventstore.engine import ReadConnection
 from eventstore.grouping import whole_round_trip
 from eventstore.retention import read_archive
 from eventstore.schema import events
@@ -890,8 +891,14 @@ class _Chunks:
 
 
 async def _opened(conn: AsyncConnection, items: Sequence[tuple[str, Any]]) -> list[Opened]:
-    """``keyring.open_many`` in a streamed read: the keys it loads are a round trip."""
-    return await _whole(conn, keyring(conn).open_many(conn, items))
+    """``keyring.open_many`` in a streamed read: the keys it loads are a round trip,
+    never abandoned midway. A reader's connection (:class:`ReadConnection`) guards its
+    statements itself: wrapped again here, each page would cost a task whether it
+    loads keys or not, and one more where it does. A unit of work's is guarded here."""
+    opening = keyring(conn).open_many(conn, items)
+    if isinstance(conn, ReadConnection):
+        return await opening
+    return await _whole(conn, opening)
 
 
 async def _whole(conn: AsyncConnection, work: Awaitable[T]) -> T:

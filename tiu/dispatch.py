@@ -55,6 +55,7 @@ from domain.routing import SESSIONS, Decider, Route, claims, erasures, route
 from eventstore import telemetry
 from eventstore.crypto import DEFAULT_TTL, SubjectKeys, keyring
 from eventstore.dialects import CheckpointsNotMoved
+from eventstore.engine import checked_out
 from eventstore.errors import (
     CommandInFlight,
     ConcurrencyError,
@@ -1436,12 +1437,8 @@ class GroupCommitter:
             return self._spare.pop()
         store = self.dispatcher.store
         with translate_errors(store.dialect.database_label):
-            # The checkout may open a connection for the pool: one opened after its
-            # caller was cancelled is closed, which gives it back to the pool.
-            return await whole_round_trip(
-                store.dialect.round_trips,
-                store.engine.connect().start(),
-                undo=AsyncConnection.close,
+            return await checked_out(
+                store.engine.connect().start(), round_trips=store.dialect.round_trips
             )
 
     def _keep(self, conn: AsyncConnection) -> bool:
@@ -1596,12 +1593,12 @@ class GroupCommitter:
                 assert decision is not None
                 await settle(future, self.dispatcher.write(decision))
             return
-        except BaseException as error:  # the database is gone: every caller learns it
+        except Exception as error:  # the database is gone: every caller learns it
+            # Not a cancellation of the writer (the loop shutting down): its callers were
+            # not cancelled, and the queue answers them with StoreUnavailable.
             for _, future in group:
                 if not future.done():
                     future.set_exception(error)
-            if not isinstance(error, Exception):
-                raise
             return
         positioned = {r.command_id: r for r in unit.results}
         for (queued, future), outcome in zip(group, outcomes, strict=True):

@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from eventstore.errors import StoreUnavailable
+from eventstore.grouping import whole
 from eventstore.store import EventStore
 from eventstore.translate import translate_errors
 
@@ -76,7 +77,7 @@ class ReplicaReads:
             with translate_errors(self.store.dialect.database_label):
                 yield conn
         finally:
-            await conn.close()
+            await _close(conn)
 
     async def _replica_if_fresh(self) -> AsyncConnection | None:
         if time.monotonic() < self._down_until:
@@ -92,7 +93,7 @@ class ReplicaReads:
                 self.counts["waits"] += 1
                 if not await self._replayed(conn):
                     self.counts["fallbacks"] += 1
-                    await conn.close()
+                    await _close(conn)
                     return None
                 self._synced_head = max(self._synced_head, head)
         except _FAILURES as error:
@@ -101,7 +102,7 @@ class ReplicaReads:
                 await conn.invalidate()
             return None
         except BaseException:
-            await conn.close()
+            await _close(conn)
             raise
         return conn
 
@@ -122,3 +123,11 @@ class ReplicaReads:
     def _failed(self, error: BaseException) -> None:
         log.warning("replica unavailable (%r): reading the primary", error)
         self._down_until = time.monotonic() + self.retry_after
+
+
+async def _close(conn: AsyncConnection) -> None:
+    """Close a replica connection, never abandoned midway (as SQLAlchemy's ``async
+    with`` closes the primary's): given back to a full pool, an overflow connection is
+    closed, a round trip; abandoned there, the pool logged an error and the connection
+    was aborted instead of closed."""
+    await whole(conn.close())

@@ -270,8 +270,13 @@ class TenantRegistry:
             if evicted is not None:
                 await evicted.service.aclose()
             if not mine:
-                await asyncio.shield(pending)
-                continue  # now open (or failed: try again, which raises again)
+                # Waited for, not awaited: an opener cancelled midway (its own caller
+                # gave up) hands this caller, which was not cancelled, nothing to raise.
+                await asyncio.wait([pending])
+                failed = None if pending.cancelled() else pending.exception()
+                if isinstance(failed, Exception):
+                    raise failed  # the opening failed: so does this lease
+                continue  # now open, or its opener was cancelled: open it here
             try:
                 opened = _Open(await self._start(name, create))
             except BaseException as error:

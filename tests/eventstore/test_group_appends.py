@@ -20,6 +20,7 @@ from eventstore import (
     EngineOptions,
     EventStore,
     NewEvent,
+    StoreUnavailable,
     WrongExpectedVersion,
     create_engine,
     verify,
@@ -378,6 +379,45 @@ async def test_a_lone_append_cancelled_while_its_commit_runs_on_a_thread_is_comm
     assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
+@pytest.mark.sqlite
+async def test_a_lone_append_cancelled_after_its_commit_on_a_thread_counts_as_appended(
+    sqlite_template, tmp_path
+):
+    """Cancelled while its COMMIT runs on a worker thread (``synchronous=FULL``), the
+    caller waits for it, so the append is in the log: the store's known head moves
+    past it at once, as after any COMMIT (waiters on new events wake, the session
+    cache is not taken as current), and its connection, left free and out of any
+    transaction, stays in the pool rather than being dropped and opened again."""
+    path = tmp_path / "full.db"
+    shutil.copyfile(sqlite_template, path)
+    engine = create_engine(f"sqlite+aiosqlite:///{path}", EngineOptions(sqlite_synchronous="FULL"))
+    store = EventStore(engine)
+    pool: list[str] = []
+    for name in ("connect", "invalidate"):
+        event.listen(engine.sync_engine, name, lambda *_, name=name: pool.append(name))
+    caller: asyncio.Task[object] | None = None
+
+    async def cancel_caller(_streams: object) -> None:
+        assert caller is not None
+        caller.cancel()  # lands at the next wait: the COMMIT on its thread
+
+    store.before_commit = cancel_caller
+    try:
+        caller = asyncio.ensure_future(store.append("user-gone", "user", [ev()]))
+        woken = asyncio.ensure_future(store.wait_for_append(0, timeout=5))
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert store.dialect.known_head == 1
+        assert await asyncio.wait_for(woken, 1)
+        store.before_commit = None
+        assert (await store.append("user-after", "user", [ev()])).last_position == 2
+        await store.aclose()
+        assert pool == ["connect"]
+    finally:
+        await store.aclose()
+        await engine.dispose()
+
+
 class _Turns:
     """Counts the turns of the loop while in use (``async with``): another task that
     adds one each time it runs."""
@@ -502,3 +542,81 @@ async def test_a_caller_cancelled_before_its_answer_leaves_the_others_answered()
     assert isinstance(outcomes[2], asyncio.CancelledError)
     await queue.aclose()
     assert idled == [1] and not queue.busy
+
+
+async def test_callers_of_a_group_writer_stopped_by_the_loop_get_store_unavailable():
+    """The writer task cancelled (the loop shutting down) while it writes a group, with
+    callers queued behind it: none of them was cancelled, so none gets a
+    CancelledError (its task would take it for its own cancellation) or an
+    undocumented error, but StoreUnavailable; the queue is idle again."""
+    writing = asyncio.Event()
+
+    async def write(group: list[Waiting[int, int]]) -> None:
+        writing.set()
+        await asyncio.Event().wait()
+
+    idled: list[int] = []
+    queue: GroupQueue[int, int] = GroupQueue(write, max_group=2, idle=lambda: idled.append(1))
+    callers = [asyncio.ensure_future(queue.submit(n)) for n in range(4)]
+    await asyncio.wait_for(writing.wait(), 5)
+    assert queue._writer is not None
+    queue._writer.cancel()
+    outcomes = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+    assert idled and not queue.busy
+
+
+async def test_appends_whose_group_writer_is_stopped_get_store_unavailable(store):
+    """As above, through the store on both backends: the held group's transaction is
+    rolled back (none of its appends is in the log), no connection stays checked out,
+    and the store appends again."""
+    held = asyncio.Event()
+
+    async def hold_groups_of_several(streams: list[str]) -> None:
+        if len(streams) > 1:
+            held.set()
+            await asyncio.Event().wait()
+
+    store.before_commit = hold_groups_of_several
+    callers = [
+        asyncio.ensure_future(store.append(f"user-{n}", "user", [ev(n)], NO_STREAM))
+        for n in range(4)
+    ]
+    await asyncio.wait_for(held.wait(), 5)
+    assert store._group is not None and store._group._writer is not None
+    store._group._writer.cancel()
+    outcomes = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+    stopped = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(stopped) > 1
+    assert all(isinstance(o, StoreUnavailable) for o in stopped), outcomes
+    store.before_commit = None
+    await store.aclose()
+    assert store.engine.pool.checkedout() == 0
+    answered = [o.stream_id for o in outcomes if not isinstance(o, BaseException)]
+    after = await store.append("user-after", "user", [ev()], NO_STREAM)
+    async with store.engine.connect() as conn:
+        logged = [e.stream_id for e in await store.read_all(conn, 0, 10)]
+    assert logged == [*answered, "user-after"]
+    assert after.last_position == len(answered) + 1
+
+
+async def test_closing_the_queue_while_its_writer_is_stopped_by_the_loop_ends_without_error():
+    """``aclose`` waits for the writer; the writer cancelled meanwhile (the loop
+    shutting down every other task, then closing the service): ``aclose`` was not
+    cancelled, so it ends normally, not with the writer's CancelledError."""
+    writing = asyncio.Event()
+
+    async def write(group: list[Waiting[int, int]]) -> None:
+        writing.set()
+        await asyncio.Event().wait()
+
+    queue: GroupQueue[int, int] = GroupQueue(write, max_group=64)
+    caller = asyncio.ensure_future(queue.submit(1))
+    await asyncio.wait_for(writing.wait(), 5)
+    closing = asyncio.ensure_future(queue.aclose())
+    await asyncio.sleep(0)
+    assert queue._writer is not None
+    queue._writer.cancel()
+    await asyncio.wait_for(closing, 5)  # no CancelledError
+    assert isinstance((await asyncio.gather(caller, return_exceptions=True))[0], StoreUnavailable)
+    assert not queue.busy

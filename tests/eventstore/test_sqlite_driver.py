@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-from sqlalchemy import Column, Integer, MetaData, Table, func, insert, select, text
+from sqlalchemy import Column, Integer, MetaData, Table, event, func, insert, select, text
 
 from eventstore import (
     AppendTimeout,
@@ -495,6 +495,9 @@ async def test_a_cancelled_off_loop_statement_is_interrupted_and_leaves_the_conn
     db_path,
 ):
     engine = create_engine(f"sqlite+aiosqlite:///{db_path}", EngineOptions(pool_size=1))
+    opened: list[str] = []
+    for name in ("connect", "invalidate"):
+        event.listen(engine.sync_engine, name, lambda *_, name=name: opened.append(name))
     try:
         async with engine.connect() as conn:
             never = text(
@@ -510,6 +513,7 @@ async def test_a_cancelled_off_loop_statement_is_interrupted_and_leaves_the_conn
             assert time.monotonic() - started < 1.0  # interrupted, not run to its end
         async with engine.connect() as conn:  # the pool's only connection, reusable
             assert (await conn.execute(text("SELECT 2"))).scalar_one() == 2
+        assert opened == ["connect"]  # kept in the pool, not dropped and opened again
     finally:
         await engine.dispose()
 

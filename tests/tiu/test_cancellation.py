@@ -10,18 +10,23 @@ import logging
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from domain import projects, tasks
+from domain import WeakPassword, projects, tasks, users
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
-from eventstore import EngineOptions, NewEvent, create_engine
+from eventstore import EngineOptions, EventStore, NewEvent, create_engine
+from eventstore.crypto import keyring
 from eventstore.schema import events
 from tests.conftest import PASSWORD, PG_URL, Clock, _empty_schema, sqlite_write_lock_free
 from tiu import DatabaseService, Settings
+from tiu.replicas import ReplicaReads
+from tiu.service import _read_engine
 
 #: Cancel after 0..TURNS-1 turns of the loop (every await point that does not wait
 #: for I/O), then after 0.5 ms steps up to STEPS (every round trip of a command on
@@ -200,6 +205,44 @@ async def test_an_audit_read_cancelled_at_any_point_leaves_its_connection_idle_i
     _no_loop_errors(caplog)
 
 
+async def test_an_audit_read_cancelled_while_it_loads_subject_keys_leaves_its_connection_idle(
+    service, engine, caplog
+):
+    """An audit read whose pages open personal fields loads their subjects' keys (a
+    round trip each page, on the read's connection): cancelled at any point, key loads
+    included, its connection goes back to the pool idle, none dropped."""
+    async with service.get_repositories() as repos:
+        for n in range(40):
+            await repos.users.create_user(
+                email=f"u{n}@example.com", username=f"user{n}", password=PASSWORD
+            )
+    await _settled(service, engine)
+    pool = _pool_events(engine)
+    async with service.get_repositories(actor_id=SYSTEM_ACTOR) as repos:
+        audit = repos.get_audit_repository()
+
+        async def read() -> object:
+            keyring(service.reader).cache.clear()  # every read loads the keys again
+            return await audit.get_events(event_types=["UserRegistered"], limit=10_000)
+
+        outcomes = [await _cancel_after(read(), ("turns", n)) for n in range(TURNS)]
+        late = 0.0
+        while not isinstance(outcomes[-1], list):  # every 0.5 ms until one read ends first
+            assert late < 5000
+            outcomes.append(await _cancel_after(read(), ("ms", late)))
+            late += 0.5
+        assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
+        await _settled(service, engine)
+        assert pool["invalidate"] == 0
+        assert not any(await _pooled_in_transaction(engine))
+        if engine.dialect.name == "postgresql":
+            assert set(await _server_states(engine)) <= {"idle"}
+        entries = await read()
+    assert isinstance(entries, list) and len(entries) == 40
+    assert all("@example.com" in str(e.data.get("email")) for e in entries)  # opened
+    _no_loop_errors(caplog)
+
+
 @pytest.mark.sqlite
 async def test_a_command_cancelled_while_another_process_holds_the_lock_leaves_it_free(
     sqlite_engine, clock, caplog
@@ -351,6 +394,37 @@ async def test_a_repository_read_cancelled_at_any_point_leaves_its_connection_id
     _no_loop_errors(caplog)
 
 
+async def test_a_read_through_a_view_of_the_reader_cancelled_anywhere_leaves_its_connection_idle(
+    service, engine, caplog
+):
+    """``service.reader.execution_options(...)`` (a view with options of its own) reads
+    as the reader does: on PostgreSQL a round trip is never abandoned midway, so a
+    cancelled read drops no connection and leaves none in a transaction."""
+    await _setup(service)
+    await _settled(service, engine)
+    pool = _pool_events(engine)
+    view = service.reader.execution_options(tiu_probe=True)
+
+    async def read() -> int:
+        async with view.connect() as conn:
+            return int(await conn.scalar(select(func.count()).select_from(events)) or 0)
+
+    outcomes = [await _cancel_after(read(), ("turns", n)) for n in range(TURNS)]
+    late = 0.0
+    while isinstance(outcomes[-1], BaseException):  # every 0.5 ms until one read ends
+        assert late < 5000
+        outcomes.append(await _cancel_after(read(), ("ms", late)))
+        late += 0.5
+    assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
+    await _settled(service, engine)
+    assert pool == {"connect": 0, "invalidate": 0}  # none dropped, none opened anew
+    assert not any(await _pooled_in_transaction(engine))
+    if engine.dialect.name == "postgresql":
+        assert set(await _server_states(engine)) <= {"idle"}
+    assert await read() > 0
+    _no_loop_errors(caplog)
+
+
 @contextlib.asynccontextmanager
 async def _service_of_its_own(pg_schema: str, clock: Clock) -> AsyncIterator[DatabaseService]:
     """A started PostgreSQL service on an engine of its own, whose pool a test may
@@ -377,6 +451,10 @@ async def test_a_read_cancelled_while_the_pool_opens_its_connection_leaves_it_in
     async with _service_of_its_own(pg_schema, clock) as service:
         engine = service.engine
         owner, _ = await _setup(service)
+        # The NOTIFY after the setup's commits checks a connection out later: one it
+        # opens while the pool is disposed below goes back to the old pool, uncounted
+        # by the new one, and is never closed.
+        await asyncio.wait([service.store.dialect._notify_task])  # type: ignore[attr-defined]
         pool = _pool_events(engine)
 
         async def read():
@@ -480,5 +558,133 @@ async def test_a_notify_cancelled_while_the_pool_opens_its_connection_leaves_it_
         # ... and the store closes after a NOTIFY cancelled (as at the loop's shutdown).
         await store.append("audit-n", "audit", [NewEvent("E", {})])
         store.dialect._notify_task.cancel()  # type: ignore[attr-defined]
+    _no_loop_errors(caplog)
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+
+
+@pytest.mark.postgres
+async def test_a_replica_read_cancelled_while_its_connection_closes_closes_it_whole(
+    postgres_engine, pg_schema, caplog
+):
+    """A replica read's connection given back to a full pool is closed (an overflow
+    connection: a round trip). A read cancelled there waits for the close to end: the
+    pool logs no error, and nothing is left open. (The primary stands in for the
+    replica: it has nothing to replay.)"""
+    replica = create_engine(PG_URL, EngineOptions(search_path=pg_schema, pool_size=1))
+    closed = _pool_events(replica)
+    closed["close"] = 0
+
+    def count_close(*_: object) -> None:
+        closed["close"] += 1
+
+    event.listen(replica.sync_engine, "close", count_close)
+    reads = ReplicaReads(
+        EventStore(postgres_engine), _read_engine(postgres_engine), _read_engine(replica)
+    )
+    try:
+        for turns in range(6):
+            closed["close"] = 0
+            release = asyncio.Event()
+
+            async def held_read(release: asyncio.Event = release) -> None:
+                async with reads.connect() as conn:
+                    await conn.scalar(text("SELECT 1"))
+                    await release.wait()
+
+            held = asyncio.ensure_future(held_read())
+            await asyncio.sleep(0.05)  # the pool's one connection is the held read's
+            async with reads.connect() as conn:  # an overflow connection, back at once
+                await conn.scalar(text("SELECT 2"))
+            release.set()  # the held read's connection goes back to a full pool: closed
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            held.cancel()
+            await asyncio.gather(held, return_exceptions=True)
+            assert closed["close"] == 1, turns
+            assert replica.pool.checkedout() == 0  # type: ignore[attr-defined]
+            assert replica.pool.overflow() == 0  # type: ignore[attr-defined]
+            gc.collect()
+            pool_errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert not pool_errors, (turns, [r.getMessage() for r in pool_errors])
+        assert closed["invalidate"] == 0
+    finally:
+        await replica.dispose()
+    _no_loop_errors(caplog)
+
+
+@pytest.mark.postgres
+async def test_a_command_cancelled_while_it_loads_on_a_connection_of_its_own_leaves_it_pooled(
+    pg_schema, clock, caplog, recwarn
+):
+    """A command that gave its connection back for password work and is then refused
+    on kept state (a new password equal to the old one: raised, no record) reads its
+    streams again from the log on a connection of its own: checkout (here opening a
+    connection: another task took the one given back), load and close, run as one
+    piece. Cancelled anywhere in it, the command waits for that piece to end: every
+    connection opened is back in the pool idle, none dropped, no warning."""
+    async with _service_of_its_own(pg_schema, clock) as service:
+        engine = service.engine
+        async with service.get_repositories() as repos:
+            user = await repos.users.create_user(
+                email="own@example.com", username="own", password=PASSWORD
+            )
+        ctx = service.context(user.id)
+        command = users.ChangePassword(
+            user_id=user.id, old_password=SecretStr(PASSWORD), new_password=SecretStr(PASSWORD)
+        )
+        pool = _pool_events(engine)
+        loop = asyncio.get_running_loop()
+        #: This attempt's command, when to cancel it (seconds after its own connection
+        #: starts opening), the task holding the connection it gave back, and how many
+        #: connections the pool had opened before.
+        plan: dict[str, Any] = {}
+        release = asyncio.Event()
+
+        async def take_a_connection() -> None:
+            async with engine.connect():
+                await release.wait()
+
+        def on_checkin(*_: object) -> None:
+            if "command" in plan and "thief" not in plan:  # given back for password work
+                plan["thief"] = loop.create_task(take_a_connection())
+
+        def on_do_connect(*_: object) -> None:
+            if "thief" in plan and plan["delay"] is not None and "armed" not in plan:
+                plan["armed"] = loop.call_later(plan["delay"], plan["command"].cancel)
+
+        event.listen(engine.sync_engine, "checkin", on_checkin)
+        event.listen(engine.sync_engine, "do_connect", on_do_connect)
+
+        async def attempt(delay: float | None) -> object:
+            await asyncio.sleep(0.05)  # the NOTIFY after the user's commit takes one
+            await _settled(service, engine)
+            await engine.dispose()  # an empty pool: the command opens its connection
+            plan.clear()
+            release.clear()
+            plan.update(delay=delay, opened=pool["connect"])
+            plan["command"] = asyncio.ensure_future(service.dispatch(command, ctx))
+            outcome = (await asyncio.gather(plan["command"], return_exceptions=True))[0]
+            release.set()
+            await plan["thief"]
+            return outcome
+
+        # Not cancelled: refused, on a connection of its own (a second one opened).
+        assert isinstance(await attempt(None), WeakPassword)
+        assert pool["connect"] - plan["opened"] == 2
+        outcomes: list[object] = []
+        for step in range(STEPS):
+            outcome = await attempt(step * 0.0005)
+            outcomes.append(outcome)
+            assert "armed" in plan, step  # cancelled from the own connection's opening on
+            assert isinstance(outcome, asyncio.CancelledError | WeakPassword), outcome
+            await _settled(service, engine)
+            gc.collect()
+            opened = pool["connect"] - plan["opened"]
+            assert engine.pool.checkedin() == opened == 2, step  # type: ignore[attr-defined]
+            assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)], step
+            assert not [r for r in caplog.records if r.name == "asyncio"], step
+        assert isinstance(outcomes[0], asyncio.CancelledError)
+        assert pool["invalidate"] == 0
+        assert set(await _server_states(engine)) <= {"idle"}
     _no_loop_errors(caplog)
     assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]

@@ -20,7 +20,7 @@ from domain import (
 )
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
-from eventstore import EventStore, InvalidEventData, verify
+from eventstore import EventStore, InvalidEventData, StoreUnavailable, verify
 from eventstore import store as store_module
 from eventstore.schema import events
 from tests.conftest import PASSWORD, sqlite_write_lock_free
@@ -389,10 +389,93 @@ async def test_callers_are_answered_even_if_the_group_leader_is_cancelled(servic
     outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
     assert len(outcomes) == 6  # nobody is left waiting
     assert all(
-        not isinstance(o, BaseException)
-        or isinstance(o, ConnectionAbortedError | asyncio.CancelledError)
-        for o in outcomes
+        not isinstance(o, BaseException) or isinstance(o, StoreUnavailable) for o in outcomes
     ), outcomes
+
+
+async def test_commands_whose_group_writer_is_stopped_get_store_unavailable_not_its_cancellation(
+    service, engine
+):
+    """The group writer cancelled (the loop shutting down) in the middle of a group of
+    several: its callers were not cancelled, so none gets the writer's CancelledError
+    (a caller's task takes it for its own cancellation) but the documented
+    StoreUnavailable; the group's transaction is rolled back, and the service goes on."""
+    held: list[int] = []  # the size of the group held
+
+    async def hold_groups_of_several(streams: list[str]) -> None:
+        if len(streams) > 1:
+            held.append(len(streams))
+            await asyncio.Event().wait()
+        await asyncio.sleep(0.2)  # a group of one: the others queue behind it meanwhile
+
+    ctx = service.context(SYSTEM_ACTOR)
+    calls = [
+        asyncio.create_task(
+            service.dispatch(projects.CreateProject(project_id=f"x{n}", name=f"X{n}"), ctx)
+        )
+        for n in range(6)
+    ]
+    service.store.before_commit = hold_groups_of_several
+    queue = service.dispatcher.group._queue
+    async with asyncio.timeout(10):  # every call answered, held or queued: none preparing
+        while not held or sum(c.done() for c in calls) + held[0] + len(queue._queue) < 6:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    queue._writer.cancel()
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+    stopped = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(stopped) > 1
+    assert all(isinstance(o, StoreUnavailable) for o in stopped), outcomes
+    assert not any(c.cancelled() for c in calls)
+    service.store.before_commit = None
+    await service.dispatcher.group.aclose()
+    for _ in range(500):  # the NOTIFY after the first group's commit takes one, later
+        if engine.pool.checkedout() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.pool.checkedout() == 0
+    answered = {o.stream_id for o in outcomes if not isinstance(o, BaseException)}
+    async with engine.connect() as conn:
+        logged = set((await conn.execute(select(events.c.stream_id))).scalars())
+    assert logged == answered  # the stopped group left nothing
+    await service.dispatch(projects.CreateProject(project_id="after", name="After"), ctx)
+
+
+async def test_a_service_closed_while_its_group_writer_is_stopped_closes_without_error(
+    service, engine
+):
+    """What a host does at shutdown: cancel every other task (the group writer among
+    them, mid-group), then close the service. The close was not cancelled: it ends
+    normally, not with the writer's CancelledError; the commands waiting get
+    StoreUnavailable, and no connection stays checked out."""
+    held: list[int] = []  # the size of the group held
+
+    async def hold(streams: list[str]) -> None:
+        held.append(len(streams))
+        await asyncio.Event().wait()
+
+    service.store.before_commit = hold
+    ctx = service.context(SYSTEM_ACTOR)
+    calls = [
+        asyncio.create_task(
+            service.dispatch(projects.CreateProject(project_id=f"x{n}", name=f"X{n}"), ctx)
+        )
+        for n in range(3)
+    ]
+    queue = service.dispatcher.group._queue
+    async with asyncio.timeout(10):  # every call held or queued: none still preparing
+        while not held or held[0] + len(queue._queue) < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    closing = asyncio.create_task(service.aclose())
+    await asyncio.sleep(0)
+    service.dispatcher.group._queue._writer.cancel()
+    await asyncio.wait_for(closing, 10)  # no CancelledError
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+    for _ in range(500):
+        if engine.pool.checkedout() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.pool.checkedout() == 0
 
 
 async def test_commands_resent_with_their_keys_in_a_group_answer_as_the_first_time(

@@ -434,3 +434,30 @@ async def test_a_schema_switch_cut_off_midway_is_made_again_at_the_next_bare_che
             assert await raw.driver_connection.fetchval("SELECT current_schema()") == b
         finally:
             raw.close()
+
+
+async def test_a_tenant_whose_opener_is_cancelled_is_opened_by_a_caller_waiting_for_it(
+    tenant_names: tuple[str, str], clock: Clock
+) -> None:
+    """Two callers open one tenant at once: the second waits for the first's opening.
+    The first cancelled midway (its request timed out), the second, which was not
+    cancelled, opens the tenant itself instead of receiving that cancellation."""
+    a, _ = tenant_names
+    async with registry(clock) as tenants:
+
+        async def register_in_a(who: str) -> str:
+            async with tenants.tenant(a) as service:
+                return await register(service, who)
+
+        opener = asyncio.ensure_future(register_in_a("ada"))
+        while a not in tenants._opening:  # noqa: ASYNC110  # the opener begins opening it
+            await asyncio.sleep(0)
+        waiter = asyncio.ensure_future(register_in_a("bob"))
+        await asyncio.sleep(0.01)
+        assert a in tenants._opening  # still opening: the second caller waits for it
+        opener.cancel()
+        outcomes = await asyncio.gather(opener, waiter, return_exceptions=True)
+        assert isinstance(outcomes[0], asyncio.CancelledError)
+        assert isinstance(outcomes[1], str), outcomes[1]
+        async with tenants.tenant(a) as service:
+            assert await emails(service) == {"bob@example.com"}
