@@ -816,9 +816,14 @@ class Dispatcher:
                 if minted:
                     command_id = self.assume_minted(command, target, streams)
                     unread = command.command_id if command_id is None else None
-                previous = await self._load(
-                    conn, streams, wanted, command_id, command_type=command_type, held=True
-                )
+                # Kept states first: a command that finds all it reads kept, and has no
+                # record to look up, needs no load at all.
+                if self.take_kept(streams, wanted) or command_id is not None:
+                    previous = await self._load(
+                        conn, streams, wanted, command_id, command_type=command_type, held=True
+                    )
+                else:
+                    previous = None
         if previous is not None:
             return Decision(command, ctx, target, {}, previous=previous)
         read = {stream_id: streams[stream_id] for _, stream_id in wanted}
@@ -1174,17 +1179,10 @@ class Dispatcher:
 
         ``held``: take a stream whose state is kept (:attr:`states`) as it is kept,
         without reading the log (see :class:`FoldedStates` for why that is safe)."""
-        missing = [(d, s) for d, s in wanted if s not in streams]
         if held:
-            to_read = []
-            for decider, stream_id in missing:
-                kept = self.states.get(decider, stream_id)
-                if kept is None:
-                    to_read.append((decider, stream_id))
-                else:
-                    version, state, snap = kept
-                    streams[stream_id] = _Loaded(decider, state, version, version, snap, True)
-            missing = to_read
+            missing = self.take_kept(streams, wanted)
+        else:
+            missing = [(d, s) for d, s in wanted if s not in streams]
         if not missing and command_id is None:
             return None
         folded, processed = await self.fold_many(conn, missing, command_id=command_id, cached=True)
@@ -1194,6 +1192,24 @@ class Dispatcher:
         if processed is None or command_id is None:
             return None
         return await self.previous_result(conn, command_id, *processed, command_type=command_type)
+
+    def take_kept(
+        self, streams: dict[str, _Loaded], wanted: Sequence[tuple[Decider, str]]
+    ) -> list[tuple[Decider, str]]:
+        """Put into ``streams`` the kept states (:attr:`states`) of those of ``wanted``
+        not in it yet, as :meth:`load_into` with ``held`` takes them; return those of
+        which no state is kept (to be read from the log)."""
+        missing = []
+        for decider, stream_id in wanted:
+            if stream_id in streams:
+                continue
+            kept = self.states.get(decider, stream_id)
+            if kept is None:
+                missing.append((decider, stream_id))
+            else:
+                version, state, snap = kept
+                streams[stream_id] = _Loaded(decider, state, version, version, snap, True)
+        return missing
 
     async def fold(
         self, conn: AsyncConnection, decider: Decider, stream_id: str
