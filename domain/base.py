@@ -267,8 +267,12 @@ class Command(BaseModel):
         # Text no database can hold is refused here, before it reaches a key, a hash or
         # a driver: NUL (PostgreSQL's text cannot hold it; refused on both backends, as
         # appends refuse it) and lone surrogates (not encodable as UTF-8).
-        for name in type(self).model_fields:
-            reason = _unstorable(getattr(self, name))
+        # The fields' values as validated, from the instance's dict: the class's
+        # ``model_fields`` and a getattr each cost more than the checks of most fields.
+        for name, value in self.__dict__.items():
+            if value is None:  # most optional fields: no need for the checks' calls
+                continue
+            reason = _unstorable(value)
             if reason is not None:
                 raise InvalidCommand(name, reason)
 

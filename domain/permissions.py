@@ -47,6 +47,24 @@ ROLE_PERMISSIONS: Final[Mapping[Role, frozenset[Permission]]] = MappingProxyType
 
 def permissions_for(roles: Iterable[Role | str]) -> frozenset[Permission]:
     """Union of the permissions the given roles grant; unknown role names grant none."""
+    if type(roles) is frozenset:  # a user's roles: their permissions found once
+        found = _GRANTED.get(roles)
+        if found is None:
+            found = _grant(roles)
+            if len(_GRANTED) < _GRANTS_KEPT:
+                _GRANTED[roles] = found
+        return found
+    return _grant(roles)
+
+
+#: The permissions of each set of roles met (a user state's ``roles``), at most
+#: :data:`_GRANTS_KEPT` of them: every command of a user asks for them, and working
+#: them out (the enum's lookups of each role) cost several microseconds.
+_GRANTED: dict[frozenset[Role | str], frozenset[Permission]] = {}
+_GRANTS_KEPT: Final = 256
+
+
+def _grant(roles: Iterable[Role | str]) -> frozenset[Permission]:
     granted: set[Permission] = set()
     for role in roles:
         if role in Role.__members__.values():

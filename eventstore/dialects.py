@@ -60,7 +60,7 @@ from eventstore.records import (
     uuid_from_hex,
 )
 from eventstore.schema import unique_keys
-from eventstore.sqlite_driver import TEXT_COLUMN, fetch_all
+from eventstore.sqlite_driver import OFF_LOOP, TEXT_COLUMN, fetch_all
 from eventstore.sqlite_driver import Connection as InlineConnection
 from eventstore.translate import translate_errors
 from eventstore.types import sqlite_datetime, sqlite_text
@@ -160,8 +160,60 @@ def _read_all_sql(postgres: bool, until: bool, categories: int | None, types: in
     )
 
 
+class Pooled:
+    """The pooled connection of a connection in a store's write transaction on SQLite,
+    with its inline driver connection and that one's ``sqlite3`` connection, found
+    once for the transaction (:func:`pooled_while`)."""
+
+    __slots__ = ("db", "driver", "raw")
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.driver: InlineConnection = raw.dbapi_connection
+        self.db = self.driver.driver_connection
+
+
+#: The connections in a store's write transaction on SQLite (by ``id``: an
+#: ``AsyncConnection`` hashes in Python) and their pooled connections
+#: (:func:`pooled_while`). Reaching the pooled connection through SQLAlchemy's
+#: properties (four calls) at each of a command's nine statements cost more than some
+#: of the statements.
+_pooled: dict[int, Pooled] = {}
+
+
+def pooled(conn: AsyncConnection) -> Pooled | None:
+    """``conn``'s pooled connection, if it is in a store's write transaction on SQLite."""
+    return _pooled.get(id(conn)) if _pooled else None
+
+
+class pooled_while:  # lower case: it reads as a function, ``with pooled_while(...):``
+    """While the block runs, ``conn``'s pooled connection is ``raw`` (its SQLite inline
+    driver's), known to :func:`raw_connection` and :func:`pooled` without a look
+    through SQLAlchemy. For a store's write transaction, whose connection is neither
+    closed nor invalidated while it runs: an error that would invalidate it ends the
+    transaction. A class, not a generator-based context manager: one a transaction."""
+
+    __slots__ = ("conn", "raw")
+
+    def __init__(self, conn: AsyncConnection, raw: Any) -> None:
+        self.conn = conn
+        self.raw = raw  # None: nothing to know (another dialect)
+
+    def __enter__(self) -> None:
+        if self.raw is not None:
+            _pooled[id(self.conn)] = Pooled(self.raw)
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
+        if self.raw is not None:
+            _pooled.pop(id(self.conn), None)
+
+
 async def raw_connection(conn: AsyncConnection) -> Any:
     """The pooled DBAPI connection of ``conn`` (its ``driver_connection`` is the driver's)."""
+    if _pooled:
+        known = _pooled.get(id(conn))
+        if known is not None:
+            return known.raw
     sync = conn.sync_connection
     if sync is not None and not sync.closed and not sync.invalidated:
         # Connected: no I/O needed, so no greenlet hop (get_raw_connection makes one).
@@ -378,6 +430,12 @@ class Dialect:
     # SQLAlchemy transaction, with SQL prepared once: SQLAlchemy's per-execution work
     # (~90 us a statement, profiled) was most of an append. Driver errors are wrapped
     # back into SQLAlchemy's exceptions, so translate_errors sees what it always saw.
+
+    async def pooled_for_write(self, conn: AsyncConnection) -> Any:
+        """The pooled connection a store's write transaction on ``conn`` keeps known
+        (:class:`pooled_while`), or ``None``: only SQLite's inline driver, whose
+        statements the store sends to it directly."""
+        return None
 
     async def begin_write(self, conn: AsyncConnection) -> None:
         """Begin ``conn``'s write transaction. PostgreSQL takes no lock at BEGIN (the
@@ -846,6 +904,12 @@ class SQLiteDialect(Dialect):
         # that one connection, and a cancelled page interrupts whatever statement another
         # caller's page is running on it at the time.
         self._pages_off_loop = self.direct_appends
+
+    async def pooled_for_write(self, conn: AsyncConnection) -> Any:
+        sync = conn.sync_connection
+        if sync is not None and sync.get_execution_options().get(OFF_LOOP):
+            return None  # its statements go to a worker thread: the general path
+        return await raw_connection(conn)
 
     async def begin_write(self, conn: AsyncConnection) -> None:
         # A read transaction cannot become the writer safely (SQLITE_BUSY_SNAPSHOT once

@@ -55,9 +55,9 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.types import TupleType
 
-from eventstore.dialects import driver_errors, raw_connection
+from eventstore.dialects import driver_errors, pooled, raw_connection
 from eventstore.errors import EventStoreError
-from eventstore.sqlite_driver import OFF_LOOP
+from eventstore.sqlite_driver import BUSY, OFF_LOOP
 from eventstore.sqlite_driver import Connection as InlineConnection
 from eventstore.translate import translate_errors
 
@@ -252,6 +252,21 @@ async def execute(
     # The engine's dialect, the connection's: ``conn.dialect`` reaches it through two
     # proxy properties.
     compiled = _compiled(statement, conn.sync_engine.dialect, tuple(names))
+    known = pooled(conn) if one and compiled is not None else None
+    if known is not None and known.db.in_transaction:
+        # A store's write transaction on SQLite, its driver connection known (see
+        # :func:`eventstore.dialects.pooled`): the checks of :func:`_execute_one` hold
+        # already, and the statement runs inline, as it would there.
+        sql, values = compiled.bind(params)  # type: ignore[union-attr, arg-type]
+        db = known.db
+        with driver_errors(conn.engine, known.raw, sql):
+            cursor = known.driver.attempt(db.execute, (sql, values))
+            if cursor is BUSY:
+                cursor = await known.driver.run(db.execute, sql, values)
+        count = int(cursor.rowcount)  # type: ignore[attr-defined]
+        if none_changed is not None and count == 0:
+            raise none_changed
+        return count
     held = _held.get(conn) if _held else None
     if held is not None:
         if (

@@ -113,7 +113,8 @@ _PROGRESS_STEPS: Final = 1000
 _QUICK_READS_KEPT: Final = 1000
 #: Rows a streamed (server-side) cursor fetches per hop to its worker thread.
 STREAM_PAGE: Final = 1000
-_BUSY: Final = object()  # what an inline call returns when the lock is held elsewhere
+#: What an inline call (:meth:`Connection.attempt`) returns when the lock is held elsewhere.
+BUSY: Final = object()
 #: The type a ``SELECT`` names for a text column that is never NULL nor empty
 #: (``SELECT data AS "data [tiu_text]"``) to have it read by ``bytes.decode``, a converter
 #: (connections parse column names for it, ``PARSE_COLNAMES``). sqlite3 (CPython 3.11)
@@ -769,8 +770,8 @@ class Connection(AdaptedConnection):
 
         For SQLAlchemy's side of the driver (it runs in SQLAlchemy's greenlet)."""
         if not offload:
-            result = self._inline(fn, args)
-            if result is not _BUSY:
+            result = self.attempt(fn, args)
+            if result is not BUSY:
                 return result  # type: ignore[return-value]
         waited: T = await_(self._wait(fn, args, lock=lock))
         return waited
@@ -780,8 +781,8 @@ class Connection(AdaptedConnection):
     ) -> T:
         """:meth:`call` for a caller on the event loop (the store's direct append)."""
         if not offload:
-            result = self._inline(fn, args)
-            if result is not _BUSY:
+            result = self.attempt(fn, args)
+            if result is not BUSY:
                 return result  # type: ignore[return-value]
         return await self._wait(fn, args, lock=lock)
 
@@ -809,18 +810,20 @@ class Connection(AdaptedConnection):
                 raise sqlite3.OperationalError("database is locked")
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.025)
-            result = self._inline(fn, args)
-            if result is not _BUSY:
+            result = self.attempt(fn, args)
+            if result is not BUSY:
                 return result  # type: ignore[return-value]
 
     @staticmethod
-    def _inline(fn: Callable[..., T], args: tuple[Any, ...]) -> T | object:
+    def attempt(fn: Callable[..., T], args: tuple[Any, ...]) -> T | object:
+        """``fn(*args)`` inline, or :data:`BUSY` if another process holds the lock it
+        needs (:meth:`run` then waits for it)."""
         try:
             return fn(*args)
         except sqlite3.OperationalError as error:
             if not is_busy(str(error)):
                 raise
-            return _BUSY
+            return BUSY
 
     def bounded(self, fn: Callable[[str, Sequence[Any]], Any], sql: str, params: Any) -> bool:
         """Run ``fn(sql, params)``, a read that ended within :data:`INLINE_BUDGET` last
@@ -896,7 +899,7 @@ class Connection(AdaptedConnection):
         await self.acquire_writer_async()
         try:
             # As run(), without its coroutine: called once per write transaction.
-            if self._inline(self._db.execute, ("BEGIN IMMEDIATE",)) is _BUSY:
+            if self.attempt(self._db.execute, ("BEGIN IMMEDIATE",)) is BUSY:
                 await self._wait(self._db.execute, ("BEGIN IMMEDIATE",), lock=True)
         finally:
             self.release_if_done()
@@ -908,7 +911,7 @@ class Connection(AdaptedConnection):
         WAL back: see :meth:`_offloaded`)."""
         try:
             # As run(), without its coroutine: called once per write transaction.
-            if self._offloaded() or self._inline(self._db.commit, ()) is _BUSY:
+            if self._offloaded() or self.attempt(self._db.commit, ()) is BUSY:
                 await self._wait(self._db.commit, (), lock=False)
         finally:
             self.release_if_done()

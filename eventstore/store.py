@@ -19,7 +19,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from eventstore import telemetry
-from eventstore.dialects import Dialect, HeldConnection, dialect_for
+from eventstore.dialects import Dialect, HeldConnection, dialect_for, pooled_while
 from eventstore.errors import (
     InvalidEventData,
     InvalidExpectedVersion,
@@ -457,28 +457,29 @@ class EventStore:
                 conn = await self.engine.connect()
         kept = False
         try:
-            uow = UnitOfWork(self, conn)
-            if not lazy:
-                await uow.begin()
-            if uow.held is None:
-                yield uow
-            else:
-                with deferring(conn, uow.held):
+            with pooled_while(conn, await self.dialect.pooled_for_write(conn)):
+                uow = UnitOfWork(self, conn)
+                if not lazy:
+                    await uow.begin()
+                if uow.held is None:
                     yield uow
-            if uow.writing or uow.pending_streams or (uow.held and uow.held.statements):
-                with telemetry.write_stage("append", conn):
-                    await uow.flush()
-                if after_flush is not None and uow.results:
-                    await after_flush(uow)
-                if self.before_commit is not None and not uow.committed:
-                    await self.before_commit([r.stream_id for r in uow.results])
-                with (
-                    translate_errors(self.dialect.database_label),
-                    telemetry.write_stage("commit", conn),
-                ):
-                    await self.dialect.commit(conn)
-                if uow.locked_at is not None:
-                    uow.lock_held = perf_counter() - uow.locked_at
+                else:
+                    with deferring(conn, uow.held):
+                        yield uow
+                if uow.writing or uow.pending_streams or (uow.held and uow.held.statements):
+                    with telemetry.write_stage("append", conn):
+                        await uow.flush()
+                    if after_flush is not None and uow.results:
+                        await after_flush(uow)
+                    if self.before_commit is not None and not uow.committed:
+                        await self.before_commit([r.stream_id for r in uow.results])
+                    with (
+                        translate_errors(self.dialect.database_label),
+                        telemetry.write_stage("commit", conn),
+                    ):
+                        await self.dialect.commit(conn)
+                    if uow.locked_at is not None:
+                        uow.lock_held = perf_counter() - uow.locked_at
             if keep_open:
                 if conn.in_transaction():  # what a block that wrote nothing read
                     with translate_errors(self.dialect.database_label):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -89,26 +90,35 @@ async def advance(
     Returns how many rows moved; fewer than the projectors given means one of them
     was not at ``expected`` (it missed events) and the caller must roll back.
     """
-    names = [p.name for p in projectors]
+    names = tuple(p.name for p in projectors)
     if not names:
         return 0
+    statement = _ADVANCES.get(names)
+    if statement is None:
+        statement = _ADVANCES[names] = _advance(names)
     return await execute(
         conn,
-        _ADVANCE,
-        {"names": names, "expected": expected, "new_position": position, "updated_at": _now()},
+        statement,
+        {"expected": expected, "new_position": position, "updated_at": _now()},
     )
 
 
-# Every command runs it: built once (see projections.projector.statement).
-_ADVANCE = (
-    update(cp)
-    .where(
-        cp.c.name.in_(bindparam("names", expanding=True)),
-        cp.c.active.is_(True),
-        cp.c.position == bindparam("expected"),
+#: Every command runs it, for the same projectors: built once per set of them (see
+#: projections.projector.statement), their names as parameters with their values, not
+#: an expanding list (whose SQL is expanded, and its values bound, at each call).
+_ADVANCES: dict[tuple[str, ...], Any] = {}
+
+
+def _advance(names: tuple[str, ...]) -> Any:
+    return (
+        update(cp)
+        .where(
+            cp.c.name.in_([bindparam(f"name_{i}", name) for i, name in enumerate(names)]),
+            cp.c.active.is_(True),
+            cp.c.position == bindparam("expected"),
+        )
+        .values(position=bindparam("new_position"))
     )
-    .values(position=bindparam("new_position"))
-)
 
 
 async def move(

@@ -25,8 +25,9 @@ import gc
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -44,6 +45,7 @@ from eventstore.sqlite_driver import OFF_LOOP
 from eventstore.store import EventStore
 from eventstore.translate import translate_errors
 from projections import checkpoints, parking
+from projections.batching import BatchedProjector
 from projections.errors import (
     InlineProjectionBehind,
     ProjectionFailed,
@@ -171,6 +173,10 @@ def maybe_frozen_heap(freeze: bool) -> Iterator[None]:
         yield
 
 
+#: The ``apply_batch`` of projectors that hand a lone envelope to ``apply``.
+_BATCH_LAYERS: Final = (Projector.apply_batch, BatchedProjector.apply_batch)
+
+
 def _failed(name: str, event_type: str) -> Callable[[BaseException], ProjectionFailed]:
     """What a projector's failure on ``event_type`` becomes: the command's refusal,
     naming the projector. Built where it is needed, not for every projector a command
@@ -189,21 +195,50 @@ class InlineRunner:
         self.projectors = tuple(projectors)
         # Built once: every command applies its events to each of them.
         self._live = tuple((p, p.handles, p.live_tables()) for p in self.projectors)
+        #: Per event type, the projectors that handle it, their live tables, and whether
+        #: their ``apply_batch`` is the batch layer, which gives one envelope to
+        #: ``apply``: a command's one event finds its projectors in one look.
+        self._handling: dict[str, tuple[tuple[Projector, Tables, bool], ...]] = {}
+
+    def _work(
+        self, envelopes: Sequence[Envelope]
+    ) -> Iterable[tuple[Projector, Sequence[Envelope], Tables, bool]]:
+        """Each projector that handles some of ``envelopes``, with those, in order, and
+        whether one of them may go to its ``apply`` straight."""
+        if len(envelopes) != 1:
+            return [
+                (projector, relevant, tables, False)
+                for projector, handles, tables in self._live
+                if (relevant := [e for e in envelopes if e.event.event_type in handles])
+            ]
+        event_type = envelopes[0].event.event_type
+        handling = self._handling.get(event_type)
+        if handling is None:
+            handling = self._handling[event_type] = tuple(
+                (projector, tables, type(projector).apply_batch in _BATCH_LAYERS)
+                for projector, handles, tables in self._live
+                if event_type in handles
+            )
+        return [(projector, envelopes, tables, direct) for projector, tables, direct in handling]
 
     async def apply(self, conn: AsyncConnection, envelopes: Sequence[Envelope]) -> None:
         """Apply ``envelopes`` in the command's transaction on ``conn``. Where ``conn``
         holds writes back for the append (PostgreSQL, :func:`eventstore.prepared.held_back`),
         a projector that only writes (:attr:`Projector.only_writes`) has its rows held
-        too, and sent with the append; any other runs after what is held has run."""
+        too, and sent with the append; any other runs after what is held has run.
+
+        One envelope goes straight to the ``apply`` of a projector whose ``apply_batch``
+        is the batch layer (:class:`Projector`'s or :class:`BatchedProjector`'s, which
+        would hand it there), without that layer."""
         held = held_back(conn)
-        for projector, handles, tables in self._live:
-            relevant = [e for e in envelopes if e.event.event_type in handles]
-            if not relevant:
-                continue
+        for projector, relevant, tables, direct in self._work(envelopes):
             try:
                 with translate_errors():
                     if held is None:
-                        await projector.apply_batch(conn, relevant, tables)
+                        if direct:
+                            await projector.apply(conn, relevant[0], tables)
+                        else:
+                            await projector.apply_batch(conn, relevant, tables)
                     elif len(relevant) == 1 and projector.only_writes:
                         with held.taking_from(_failed(projector.name, relevant[0].event_type)):
                             await projector.apply(conn, relevant[0], tables)

@@ -434,7 +434,8 @@ class CommandUnit:
         if decision.previous is not None:
             return decision.previous
         self.check_stop()
-        await self.begin()
+        if not self.uow.writing:
+            await self.uow.begin()
         stale = False
         for stream_id, seen in decision.streams.items():
             mine = self._streams.get(stream_id)
@@ -499,8 +500,9 @@ class CommandUnit:
     ) -> CommandResult:
         """Fold, project and buffer ``new_events`` for ``stream_id`` (``encoded``: as
         :meth:`Dispatcher.encode_ahead` encoded them)."""
-        await self.begin()
-        loaded = await self.load(decider, stream_id)
+        if not self.uow.writing:
+            await self.uow.begin()
+        loaded = self._streams.get(stream_id) or await self.load(decider, stream_id)
         base = loaded.version
         events = tuple(new_events)
         # The idempotency record first: a command sent again whose first send
@@ -514,7 +516,8 @@ class CommandUnit:
             ctx.now,
         )
         self._writing = True
-        if any(claims(event) for event in events):
+        claimed = [claims(event) for event in events]
+        if any(claimed):
             # A claim is sent at once, and would refuse a copy whose first send's
             # stream gave the key up since (and another stream took it): send the
             # record where it is held back for the append (PostgreSQL) ahead of it.
@@ -525,8 +528,8 @@ class CommandUnit:
                 stored = [event for event, _, _ in encoded.events]
             else:
                 stored = [await self.encode(e, command) for e in new_events]
-            for event in new_events:
-                for claim in claims(event):
+            for event, event_claims in zip(events, claimed, strict=True):
+                for claim in event_claims:
                     if claim.release:
                         await self.uow.release(claim.scope, claim.key, stream_id)
                     else:
@@ -560,7 +563,8 @@ class CommandUnit:
                     recorded_at=ctx.now,
                 )
             self._appended.add(stream_id)
-            await self.dispatcher.maybe_snapshot(self.conn, stream_id, loaded)
+            if self.dispatcher.snapshot_due(loaded):
+                await self.dispatcher.maybe_snapshot(self.conn, stream_id, loaded)
         result = CommandResult(command.command_id, stream_id, events, loaded.version)
         self.results.append(result)
         return result
@@ -761,6 +765,8 @@ class Dispatcher:
         self.group = GroupCommitter(self, max_group, group_budget) if group_commit else None
         self.keys = keys or keyring(store.engine)
         self.inline = inline
+        #: The inline projectors' checkpoints, which a unit moves with its append.
+        self._checkpoints = () if inline is None else tuple(p.name for p in inline.projectors)
         self.snapshot_every = snapshot_every
         self.retries = retries
         self.hasher: PasswordHasher = hasher or BcryptHasher()
@@ -811,9 +817,14 @@ class Dispatcher:
                 if minted:
                     command_id = self.assume_minted(command, target, streams)
                     unread = command.command_id if command_id is None else None
-                previous = await self._load(
-                    conn, streams, wanted, command_id, command_type=command_type, held=True
-                )
+                # Kept states first: a command that finds all it reads kept, and has no
+                # record to look up, needs no load at all.
+                if self.take_kept(streams, wanted) or command_id is not None:
+                    previous = await self._load(
+                        conn, streams, wanted, command_id, command_type=command_type, held=True
+                    )
+                else:
+                    previous = None
         if previous is not None:
             return Decision(command, ctx, target, {}, previous=previous)
         read = {stream_id: streams[stream_id] for _, stream_id in wanted}
@@ -955,12 +966,6 @@ class Dispatcher:
         unless ``keep_open``; ``turned``: see :meth:`EventStore.transaction`); begins
         writing at the first write, commits on exit, rolls back on any error."""
 
-        async def after_flush(uow: UnitOfWork) -> None:
-            if self.inline is not None and not uow.checkpoints_moved:
-                first = min(r.first_position for r in uow.results)
-                last = max(r.last_position for r in uow.results)
-                await self.inline.advance(uow.conn, first, last)
-
         unit: CommandUnit | None = None
         try:
             # Projector and key statements run on the unit's connection too: their
@@ -971,14 +976,13 @@ class Dispatcher:
             ):
                 try:
                     async with self.store.transaction(
-                        after_flush=after_flush,
+                        after_flush=self._after_flush,
                         lazy=True,
                         conn=conn,
                         keep_open=keep_open,
                         turned=turned,
                     ) as uow:
-                        if self.inline is not None:  # moved with the append where it can
-                            uow.checkpoints = tuple(p.name for p in self.inline.projectors)
+                        uow.checkpoints = self._checkpoints  # moved with the append where it can
                         unit = CommandUnit(self, uow, passwords)
                         yield unit
                         unit.before_flush()
@@ -1000,6 +1004,12 @@ class Dispatcher:
                 self.states.put(
                     loaded.decider, stream_id, loaded.version, loaded.state, loaded.snapshot_version
                 )
+
+    async def _after_flush(self, uow: UnitOfWork) -> None:
+        if self.inline is not None and not uow.checkpoints_moved:
+            first = min(r.first_position for r in uow.results)
+            last = max(r.last_position for r in uow.results)
+            await self.inline.advance(uow.conn, first, last)
 
     async def run(self, work: Callable[[CommandUnit], Awaitable[T]]) -> tuple[T, CommandUnit]:
         """Run ``work`` in a unit, retrying the whole unit on a version conflict.
@@ -1170,17 +1180,10 @@ class Dispatcher:
 
         ``held``: take a stream whose state is kept (:attr:`states`) as it is kept,
         without reading the log (see :class:`FoldedStates` for why that is safe)."""
-        missing = [(d, s) for d, s in wanted if s not in streams]
         if held:
-            to_read = []
-            for decider, stream_id in missing:
-                kept = self.states.get(decider, stream_id)
-                if kept is None:
-                    to_read.append((decider, stream_id))
-                else:
-                    version, state, snap = kept
-                    streams[stream_id] = _Loaded(decider, state, version, version, snap, True)
-            missing = to_read
+            missing = self.take_kept(streams, wanted)
+        else:
+            missing = [(d, s) for d, s in wanted if s not in streams]
         if not missing and command_id is None:
             return None
         folded, processed = await self.fold_many(conn, missing, command_id=command_id, cached=True)
@@ -1190,6 +1193,24 @@ class Dispatcher:
         if processed is None or command_id is None:
             return None
         return await self.previous_result(conn, command_id, *processed, command_type=command_type)
+
+    def take_kept(
+        self, streams: dict[str, _Loaded], wanted: Sequence[tuple[Decider, str]]
+    ) -> list[tuple[Decider, str]]:
+        """Put into ``streams`` the kept states (:attr:`states`) of those of ``wanted``
+        not in it yet, as :meth:`load_into` with ``held`` takes them; return those of
+        which no state is kept (to be read from the log)."""
+        missing = []
+        for decider, stream_id in wanted:
+            if stream_id in streams:
+                continue
+            kept = self.states.get(decider, stream_id)
+            if kept is None:
+                missing.append((decider, stream_id))
+            else:
+                version, state, snap = kept
+                streams[stream_id] = _Loaded(decider, state, version, version, snap, True)
+        return missing
 
     async def fold(
         self, conn: AsyncConnection, decider: Decider, stream_id: str
@@ -1270,11 +1291,18 @@ class Dispatcher:
                 )
         return states, processed
 
-    async def maybe_snapshot(self, conn: AsyncConnection, stream_id: str, loaded: _Loaded) -> None:
+    def snapshot_due(self, loaded: _Loaded) -> bool:
+        """Whether ``loaded`` has crossed a multiple of ``snapshot_every`` since its last
+        snapshot (and its state can be one)."""
         every = self.snapshot_every
-        if not every or not isinstance(loaded.state, BaseModel):
-            return
-        if loaded.version // every <= loaded.snapshot_version // every:
+        return (
+            bool(every)
+            and loaded.version // every > loaded.snapshot_version // every
+            and isinstance(loaded.state, BaseModel)
+        )
+
+    async def maybe_snapshot(self, conn: AsyncConnection, stream_id: str, loaded: _Loaded) -> None:
+        if not self.snapshot_due(loaded):
             return
         values = {
             "stream_id": stream_id,
@@ -1355,7 +1383,7 @@ class Dispatcher:
         ``CommandInFlight`` raised from there."""
         await execute(
             conn,
-            _REMEMBER[conn.dialect.name],
+            _REMEMBER[self.store.dialect.name],  # the store's connections: its dialect
             {
                 "command_id": command.command_id,
                 "command_type": command_type_of(command),

@@ -420,11 +420,16 @@ class DatabaseService:
         return value
 
     async def caught_up(self, result: CommandResult) -> None:
-        if result.position is not None:
-            types = {e.event_type for e in result.events}
+        if result.position is None:
+            return
+        inline = self.projection_mode is ProjectionMode.INLINE
+        if inline and self.session_cache is None:
+            return  # the read models hold the result already: nothing to wait for
+        types = {e.event_type for e in result.events}
+        if not inline:
             await self.wait_for(result.position, event_types=types)
-            if self.session_cache is not None and types & self.session_cache.handles:
-                await self.session_cache_caught_up(result.position)
+        if self.session_cache is not None and types & self.session_cache.handles:
+            await self.session_cache_caught_up(result.position)
 
     async def session_cache_caught_up(self, position: int) -> bool:
         """Wait (up to ``session_cache_wait``) until the Redis session cache reflects

@@ -3,6 +3,7 @@ from ``conn.execute``: the same rows, row counts, errors and transaction."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -24,6 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from eventstore.dialects import pooled
 from eventstore.prepared import execute
 from eventstore.types import JsonDocument, UTCDateTime
 
@@ -246,3 +248,60 @@ async def test_a_parameter_with_a_value_takes_it_when_left_out_as_in_sqlalchemy(
             assert await execute(conn, driver_bump, params) == 1
     assert await _rows(engine, by_driver) == await _rows(engine, by_sa)
     assert {r[0]: r[2] for r in await _rows(engine, by_driver)} == {"a": 9, "b": 7, "c": 3}
+
+
+# -- in a store's write transaction (SQLite: its statements go to the driver connection
+# the transaction found once, eventstore.dialects.pooled) ----------------------------------
+
+
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(rows=st.lists(_row, min_size=1, max_size=4, unique_by=lambda r: r["id"]))
+async def test_rows_written_in_a_store_transaction_equal_rows_written_by_sqlalchemy(
+    engine, store, twins, rows
+):
+    by_sa, by_driver, _ = twins
+    async with engine.begin() as conn:
+        await conn.execute(by_sa.delete())
+        await conn.execute(by_driver.delete())
+        for row in rows:
+            await conn.execute(_insert(by_sa), row)
+    async with store.transaction() as uow:
+        for row in rows:
+            assert await execute(uow.conn, _insert(by_driver), row) == 1
+    assert await _rows(engine, by_driver) == await _rows(engine, by_sa)
+
+
+async def test_an_error_in_a_store_transaction_is_sqlalchemys_and_rolls_it_back(
+    engine, store, twins
+):
+    by_sa, by_driver, _ = twins
+    row = {"id": "dup", "count": 1, "flag": True}
+    with pytest.raises(exc.IntegrityError) as by_sqlalchemy:
+        async with engine.begin() as conn:
+            await conn.execute(_insert(by_sa), row)
+            await conn.execute(_insert(by_sa), row)
+    with pytest.raises(exc.IntegrityError) as by_execute:
+        async with store.transaction() as uow:
+            await execute(uow.conn, _insert(by_driver), row)
+            await execute(uow.conn, _insert(by_driver), row)
+    assert type(by_execute.value.orig) is type(by_sqlalchemy.value.orig)
+    assert await _rows(engine, by_driver) == []
+
+
+@pytest.mark.parametrize("ends", ["committed", "failed"])
+async def test_a_store_transaction_leaves_its_connection_unknown_when_it_ends(store, twins, ends):
+    """The driver connection a transaction found is known only while it runs: the
+    connection is given back afterwards, and another transaction may be on it."""
+    _, table, _ = twins
+    with pytest.raises(RuntimeError) if ends == "failed" else contextlib.nullcontext():
+        async with store.transaction() as uow:
+            await execute(uow.conn, _insert(table), {"id": "a", "count": 1, "flag": True})
+            known_inside = pooled(uow.conn) is not None
+            if ends == "failed":
+                raise RuntimeError("abandon")
+    assert known_inside is (store.dialect.name == "sqlite")
+    assert pooled(uow.conn) is None
