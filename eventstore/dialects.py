@@ -41,7 +41,12 @@ from sqlalchemy.util import greenlet_spawn
 
 from eventstore import telemetry
 from eventstore.engine import SCHEMA_OPTION, begin_write, read_parameters, search_path_statement
-from eventstore.errors import EventStoreError, KeyAlreadyClaimed, WrongExpectedVersion
+from eventstore.errors import (
+    EventStoreError,
+    KeyAlreadyClaimed,
+    StoreUnavailable,
+    WrongExpectedVersion,
+)
 from eventstore.grouping import whole
 from eventstore.hashing import json_text, parse_json, recorded_at_text
 from eventstore.records import (
@@ -165,9 +170,12 @@ class Pooled:
     with its inline driver connection and that one's ``sqlite3`` connection, found
     once for the transaction (:func:`pooled_while`)."""
 
-    __slots__ = ("db", "driver", "raw")
+    __slots__ = ("conn", "db", "driver", "raw", "sync")
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, conn: AsyncConnection, raw: Any) -> None:
+        # Held, so its id names no other connection while the entry lives.
+        self.conn = conn
+        self.sync = conn.sync_connection
         self.raw = raw
         self.driver: InlineConnection = raw.dbapi_connection
         self.db = self.driver.driver_connection
@@ -182,8 +190,14 @@ _pooled: dict[int, Pooled] = {}
 
 
 def pooled(conn: AsyncConnection) -> Pooled | None:
-    """``conn``'s pooled connection, if it is in a store's write transaction on SQLite."""
-    return _pooled.get(id(conn)) if _pooled else None
+    """``conn``'s pooled connection, if it is in a store's write transaction on SQLite
+    and still valid (invalidated meanwhile, it is SQLAlchemy's to report)."""
+    if not _pooled:
+        return None
+    known = _pooled.get(id(conn))
+    if known is None or known.conn is not conn or known.sync is None or known.sync.invalidated:
+        return None
+    return known
 
 
 class pooled_while:  # lower case: it reads as a function, ``with pooled_while(...):``
@@ -201,7 +215,7 @@ class pooled_while:  # lower case: it reads as a function, ``with pooled_while(.
 
     def __enter__(self) -> None:
         if self.raw is not None:
-            _pooled[id(self.conn)] = Pooled(self.raw)
+            _pooled[id(self.conn)] = Pooled(self.conn, self.raw)
 
     def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
         if self.raw is not None:
@@ -210,10 +224,9 @@ class pooled_while:  # lower case: it reads as a function, ``with pooled_while(.
 
 async def raw_connection(conn: AsyncConnection) -> Any:
     """The pooled DBAPI connection of ``conn`` (its ``driver_connection`` is the driver's)."""
-    if _pooled:
-        known = _pooled.get(id(conn))
-        if known is not None:
-            return known.raw
+    known = pooled(conn)
+    if known is not None:
+        return known.raw
     sync = conn.sync_connection
     if sync is not None and not sync.closed and not sync.invalidated:
         # Connected: no I/O needed, so no greenlet hop (get_raw_connection makes one).
@@ -540,8 +553,11 @@ class Dialect:
                 if getattr(error, "connection_invalidated", False) or (
                     # Cut off mid-round-trip, its session's state is unknown. SQLite's
                     # inline driver lets a cancellation through only once the
-                    # connection is free, and _append_on rolls back what it began.
-                    self.round_trips and not isinstance(error, Exception)
+                    # connection is free, and _append_on rolls back what it began; any
+                    # other interruption (KeyboardInterrupt) may leave a statement
+                    # running on a thread.
+                    not isinstance(error, Exception)
+                    and (self.round_trips or not isinstance(error, asyncio.CancelledError))
                 ):
                     raw.invalidate()
                 await asyncio.shield(give_back(raw))  # a no-op once invalidated
@@ -932,7 +948,13 @@ class SQLiteDialect(Dialect):
             await conn.commit()
             return
         raw = await raw_connection(conn)
-        driver: InlineConnection = raw.dbapi_connection
+        driver: InlineConnection | None = raw.dbapi_connection
+        if driver is None:
+            # Invalidated inside the transaction: SQLite rolled it back as the
+            # connection closed. Nothing to commit, and the caller must know.
+            raise StoreUnavailable(
+                "the connection was lost during the write transaction: it was rolled back"
+            )
         if driver.in_transaction:
             with self.driver_errors(raw, "COMMIT"):
                 await driver.commit_async()

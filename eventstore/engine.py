@@ -390,8 +390,16 @@ def _install_sqlite_hooks(
         # driver lets a cancellation through only once the connection is its caller's
         # alone again (a statement on a worker thread interrupted and ended, a lock wait
         # given up): it stays pooled, as PostgreSQL's guarded reads' connections do.
+        # Unless SQLite ended the transaction SQLAlchemy still counts open (an
+        # interrupted write rolls it back): kept, its next statements would commit one
+        # by one; dropped, they fail.
         if isinstance(context.original_exception, asyncio.CancelledError):
-            context.is_disconnect = False
+            conn = context.connection
+            context.is_disconnect = bool(
+                conn is not None
+                and conn.in_transaction()
+                and not conn.connection.dbapi_connection.in_transaction
+            )
 
     @event.listens_for(engine.sync_engine, "before_cursor_execute")
     def _off_loop(

@@ -305,3 +305,18 @@ async def test_a_store_transaction_leaves_its_connection_unknown_when_it_ends(st
                 raise RuntimeError("abandon")
     assert known_inside is (store.dialect.name == "sqlite")
     assert pooled(uow.conn) is None
+
+
+async def test_a_store_transactions_connection_invalidated_is_no_longer_known(store, twins):
+    """Invalidated in the middle of a store's write transaction, its connection is not
+    written through any more: the driver connection found when it began is forgotten,
+    and the statements that follow go through SQLAlchemy, which knows it is gone."""
+    _, table, _ = twins
+    known: list[bool] = []
+    with contextlib.suppress(Exception):  # how the block then ends is SQLAlchemy's
+        async with store.transaction() as uow:
+            await execute(uow.conn, _insert(table), {"id": "a", "count": 1, "flag": True})
+            known.append(pooled(uow.conn) is not None)
+            await uow.conn.invalidate()
+            known.append(pooled(uow.conn) is not None)
+    assert known == [store.dialect.name == "sqlite", False]

@@ -9,7 +9,7 @@ import gc
 import logging
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -56,6 +56,19 @@ async def _cancel_after(work, point: tuple[str, float]) -> object:
         await asyncio.sleep(amount / 1000)
     task.cancel()
     return (await asyncio.gather(task, return_exceptions=True))[0]
+
+
+async def _cancelled_at_every_point(call: Callable[[], Awaitable[object]]) -> None:
+    """Start ``call()`` again and again, cancelling it after 0, 1, ... ``TURNS`` turns of
+    the loop, then after 0, 0.5, 1, ... ms until one ends first; at least one was cut
+    off (a test whose call always ended first would prove nothing)."""
+    outcomes = [await _cancel_after(call(), ("turns", n)) for n in range(TURNS)]
+    late = 0.0
+    while isinstance(outcomes[-1], BaseException):
+        assert late < 5000
+        outcomes.append(await _cancel_after(call(), ("ms", late)))
+        late += 0.5
+    assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
 
 
 async def _settled(service: DatabaseService, engine: AsyncEngine) -> None:
@@ -192,13 +205,7 @@ async def test_an_audit_read_cancelled_at_any_point_leaves_its_connection_idle_i
         def read():
             return audit.get_events(event_types=["Probed"], limit=10_000)
 
-        outcomes = [await _cancel_after(read(), ("turns", n)) for n in range(TURNS)]
-        late = 0.0
-        while not isinstance(outcomes[-1], list):  # every 0.5 ms until one read ends first
-            assert late < 5000
-            outcomes.append(await _cancel_after(read(), ("ms", late)))
-            late += 0.5
-        assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
+        await _cancelled_at_every_point(read)
         await _settled(service, engine)
         assert not any(await _pooled_in_transaction(engine))
         assert len(await read()) == 600
@@ -225,13 +232,7 @@ async def test_an_audit_read_cancelled_while_it_loads_subject_keys_leaves_its_co
             keyring(service.reader).cache.clear()  # every read loads the keys again
             return await audit.get_events(event_types=["UserRegistered"], limit=10_000)
 
-        outcomes = [await _cancel_after(read(), ("turns", n)) for n in range(TURNS)]
-        late = 0.0
-        while not isinstance(outcomes[-1], list):  # every 0.5 ms until one read ends first
-            assert late < 5000
-            outcomes.append(await _cancel_after(read(), ("ms", late)))
-            late += 0.5
-        assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
+        await _cancelled_at_every_point(read)
         await _settled(service, engine)
         assert pool["invalidate"] == 0
         assert not any(await _pooled_in_transaction(engine))
@@ -376,13 +377,7 @@ async def test_a_repository_read_cancelled_at_any_point_leaves_its_connection_id
             return await repos.users.get_by_id(owner)
 
     for read in (get_task, get_user):
-        outcomes = [await _cancel_after(read(), ("turns", n)) for n in range(TURNS)]
-        late = 0.0
-        while isinstance(outcomes[-1], BaseException):  # every 0.5 ms until one read ends
-            assert late < 5000
-            outcomes.append(await _cancel_after(read(), ("ms", late)))
-            late += 0.5
-        assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
+        await _cancelled_at_every_point(read)
     await _settled(service, engine)
     assert pool == {"connect": 0, "invalidate": 0}  # none dropped, none opened anew
     assert not any(await _pooled_in_transaction(engine))
@@ -409,13 +404,7 @@ async def test_a_read_through_a_view_of_the_reader_cancelled_anywhere_leaves_its
         async with view.connect() as conn:
             return int(await conn.scalar(select(func.count()).select_from(events)) or 0)
 
-    outcomes = [await _cancel_after(read(), ("turns", n)) for n in range(TURNS)]
-    late = 0.0
-    while isinstance(outcomes[-1], BaseException):  # every 0.5 ms until one read ends
-        assert late < 5000
-        outcomes.append(await _cancel_after(read(), ("ms", late)))
-        late += 0.5
-    assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
+    await _cancelled_at_every_point(read)
     await _settled(service, engine)
     assert pool == {"connect": 0, "invalidate": 0}  # none dropped, none opened anew
     assert not any(await _pooled_in_transaction(engine))
