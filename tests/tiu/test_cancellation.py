@@ -71,6 +71,14 @@ async def _cancelled_at_every_point(call: Callable[[], Awaitable[object]]) -> No
     assert any(isinstance(o, asyncio.CancelledError) for o in outcomes)
 
 
+async def _all_idle(engine: AsyncEngine) -> None:
+    """No pooled connection left in a transaction; on PostgreSQL every session of the
+    pool idle on the server too."""
+    assert not any(await _pooled_in_transaction(engine))
+    if engine.dialect.name == "postgresql":
+        assert set(await _server_states(engine)) <= {"idle"}
+
+
 async def _settled(service: DatabaseService, engine: AsyncEngine) -> None:
     """Every connection back in the pool once the writers are idle, none left in a
     transaction, and the write lock free (another process could write at once)."""
@@ -235,9 +243,7 @@ async def test_an_audit_read_cancelled_while_it_loads_subject_keys_leaves_its_co
         await _cancelled_at_every_point(read)
         await _settled(service, engine)
         assert pool["invalidate"] == 0
-        assert not any(await _pooled_in_transaction(engine))
-        if engine.dialect.name == "postgresql":
-            assert set(await _server_states(engine)) <= {"idle"}
+        await _all_idle(engine)
         entries = await read()
     assert isinstance(entries, list) and len(entries) == 40
     assert all("@example.com" in str(e.data.get("email")) for e in entries)  # opened
@@ -380,9 +386,7 @@ async def test_a_repository_read_cancelled_at_any_point_leaves_its_connection_id
         await _cancelled_at_every_point(read)
     await _settled(service, engine)
     assert pool == {"connect": 0, "invalidate": 0}  # none dropped, none opened anew
-    assert not any(await _pooled_in_transaction(engine))
-    if engine.dialect.name == "postgresql":
-        assert set(await _server_states(engine)) <= {"idle"}
+    await _all_idle(engine)
     assert (await get_task()).id == task.id
     assert (await get_user()).id == owner
     assert pool == {"connect": 0, "invalidate": 0}
@@ -407,9 +411,7 @@ async def test_a_read_through_a_view_of_the_reader_cancelled_anywhere_leaves_its
     await _cancelled_at_every_point(read)
     await _settled(service, engine)
     assert pool == {"connect": 0, "invalidate": 0}  # none dropped, none opened anew
-    assert not any(await _pooled_in_transaction(engine))
-    if engine.dialect.name == "postgresql":
-        assert set(await _server_states(engine)) <= {"idle"}
+    await _all_idle(engine)
     assert await read() > 0
     _no_loop_errors(caplog)
 
