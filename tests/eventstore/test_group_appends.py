@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import event
@@ -341,81 +342,83 @@ async def test_a_lone_append_cancelled_while_another_process_holds_the_lock_runs
     assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
-@pytest.mark.sqlite
-async def test_a_lone_append_cancelled_while_its_commit_runs_on_a_thread_is_committed(
-    sqlite_template, tmp_path, caplog
-):
-    """With ``synchronous=FULL`` COMMIT runs on a worker thread: a caller cancelled
-    there waits for it, so the append is committed (once: written again by the writer
-    task, it is refused by its event id) and its connection goes back clean."""
+@pytest.fixture
+async def full_sync_store(sqlite_template, tmp_path) -> AsyncIterator[EventStore]:
+    """A store on a copy of the template with ``synchronous=FULL``: its COMMIT runs on
+    a worker thread."""
     path = tmp_path / "full.db"
     shutil.copyfile(sqlite_template, path)
     engine = create_engine(f"sqlite+aiosqlite:///{path}", EngineOptions(sqlite_synchronous="FULL"))
     store = EventStore(engine)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+        await engine.dispose()
+
+
+def _append_cancelled_at_its_commit(store: EventStore, stream_id: str) -> asyncio.Task[object]:
+    """An append whose caller is cancelled as its COMMIT begins: the cancellation lands
+    at the next wait, the COMMIT on its thread."""
     caller: asyncio.Task[object] | None = None
 
     async def cancel_caller(_streams: object) -> None:
         assert caller is not None
-        caller.cancel()  # lands at the next wait: the COMMIT on its thread
+        caller.cancel()
 
     store.before_commit = cancel_caller
-    try:
-        caller = asyncio.ensure_future(store.append("user-gone", "user", [ev()]))
-        with pytest.raises(asyncio.CancelledError):
-            await caller
-        store.before_commit = None
-        assert (await store.append("user-after", "user", [ev()])).last_position == 2
-        await store.aclose()
-        assert engine.pool.checkedout() == 0
-        async with engine.connect() as conn:
-            assert [e.stream_id for e in await store.read_all(conn, 0, 10)] == [
-                "user-gone",
-                "user-after",
-            ]
-    finally:
-        await store.aclose()
-        await engine.dispose()
+    caller = asyncio.ensure_future(store.append(stream_id, "user", [ev()]))
+    return caller
+
+
+@pytest.mark.sqlite
+async def test_a_lone_append_cancelled_while_its_commit_runs_on_a_thread_is_committed(
+    full_sync_store, caplog
+):
+    """With ``synchronous=FULL`` COMMIT runs on a worker thread: a caller cancelled
+    there waits for it, so the append is committed (once: written again by the writer
+    task, it is refused by its event id) and its connection goes back clean."""
+    store = full_sync_store
+    caller = _append_cancelled_at_its_commit(store, "user-gone")
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    store.before_commit = None
+    assert (await store.append("user-after", "user", [ev()])).last_position == 2
+    await store.aclose()
+    assert store.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    async with store.engine.connect() as conn:
+        assert [e.stream_id for e in await store.read_all(conn, 0, 10)] == [
+            "user-gone",
+            "user-after",
+        ]
+    await store.engine.dispose()
     gc.collect()  # an outcome nobody retrieved would be reported now
     assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
 @pytest.mark.sqlite
 async def test_a_lone_append_cancelled_after_its_commit_on_a_thread_counts_as_appended(
-    sqlite_template, tmp_path
+    full_sync_store,
 ):
     """Cancelled while its COMMIT runs on a worker thread (``synchronous=FULL``), the
     caller waits for it, so the append is in the log: the store's known head moves
     past it at once, as after any COMMIT (waiters on new events wake, the session
     cache is not taken as current), and its connection, left free and out of any
     transaction, stays in the pool rather than being dropped and opened again."""
-    path = tmp_path / "full.db"
-    shutil.copyfile(sqlite_template, path)
-    engine = create_engine(f"sqlite+aiosqlite:///{path}", EngineOptions(sqlite_synchronous="FULL"))
-    store = EventStore(engine)
+    store = full_sync_store
     pool: list[str] = []
     for name in ("connect", "invalidate"):
-        event.listen(engine.sync_engine, name, lambda *_, name=name: pool.append(name))
-    caller: asyncio.Task[object] | None = None
-
-    async def cancel_caller(_streams: object) -> None:
-        assert caller is not None
-        caller.cancel()  # lands at the next wait: the COMMIT on its thread
-
-    store.before_commit = cancel_caller
-    try:
-        caller = asyncio.ensure_future(store.append("user-gone", "user", [ev()]))
-        woken = asyncio.ensure_future(store.wait_for_append(0, timeout=5))
-        with pytest.raises(asyncio.CancelledError):
-            await caller
-        assert store.dialect.known_head == 1
-        assert await asyncio.wait_for(woken, 1)
-        store.before_commit = None
-        assert (await store.append("user-after", "user", [ev()])).last_position == 2
-        await store.aclose()
-        assert pool == ["connect"]
-    finally:
-        await store.aclose()
-        await engine.dispose()
+        event.listen(store.engine.sync_engine, name, lambda *_, name=name: pool.append(name))
+    caller = _append_cancelled_at_its_commit(store, "user-gone")
+    woken = asyncio.ensure_future(store.wait_for_append(0, timeout=5))
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert store.dialect.known_head == 1
+    assert await asyncio.wait_for(woken, 1)
+    store.before_commit = None
+    assert (await store.append("user-after", "user", [ev()])).last_position == 2
+    await store.aclose()
+    assert pool == ["connect"]
 
 
 class _Turns:
