@@ -201,14 +201,14 @@ async def test_appends_read_back_and_verify_with_inline_and_offloaded_commits(db
 async def _background_threads_taken() -> AsyncIterator[threading.Event]:
     """Keep every one of the driver's background threads busy (the reads a service
     sends off the loop: audits, counts, log pages) until the event is set, at the
-    latest in 5 s (work queued behind them then runs, and a test can tell it did not
-    run before)."""
+    latest in 60 s (work queued behind them then runs, and a test can tell it did not
+    run before; a loaded machine takes seconds for the counts these tests run)."""
     gate = threading.Event()
     held = [
         asyncio.ensure_future(BACKGROUND_THREADS.run(gate.wait))
         for _ in range(BACKGROUND_THREADS.size)
     ]
-    timer = asyncio.get_running_loop().call_later(5, gate.set)
+    timer = asyncio.get_running_loop().call_later(60, gate.set)
     await asyncio.sleep(0.05)
     try:
         yield gate
