@@ -3,7 +3,8 @@
 Events are built as tiu domain events (pydantic models, validated) and appended in
 big batches through ``EventStore.transaction()`` (one ``uow.append`` per stream of
 the batch), not one command each: the bench measures replay, not the generator.
-The same seed gives the same log, so every system sees the same facts.
+The same seed gives the same log, so every system sees the same facts. ``sealed``
+stores personal fields encrypted per subject, as the command path does.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any
 from domain import projects, sessions, tasks, users
 from domain.base import Event, encode_event, new_id
 from eventstore import EventContext, EventStore, NewEvent
+from eventstore.crypto import KeyWriter, keyring
 from eventstore.records import uuid7_of
+from tiu.dispatch import seal_event
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 PASSWORD_HASH = "$2b$04$" + "x" * 53  # shaped like a bcrypt hash; never checked here
@@ -245,37 +248,62 @@ def to_new_event(g: Generated) -> NewEvent:
 
 
 async def append_batch(
-    store: EventStore, batch: list[Generated], *, as_commands: bool = False
+    store: EventStore,
+    batch: list[Generated],
+    *,
+    as_commands: bool = False,
+    sealed: bool = False,
 ) -> None:
     """One transaction: one ``uow.append`` per stream, at the version it must be at.
     ``as_commands``: each append carries a command id (and it as correlation id), as
-    the events of a dispatched command do; otherwise those columns stay empty."""
+    the events of a dispatched command do; otherwise those columns stay empty.
+    ``sealed``: personal fields are stored encrypted for their subject (a key made for
+    each new subject in the transaction), as the command path stores them."""
     by_stream: dict[str, list[Generated]] = {}
     for g in batch:
         by_stream.setdefault(g.stream_id, []).append(g)
-    async with store.transaction() as uow:
-        for stream_id, items in by_stream.items():
-            first = items[0]
-            command_id = new_id() if as_commands else None
-            uow.append(
-                stream_id,
-                first.category,
-                [to_new_event(g) for g in items],
-                first.version - 1,
-                context=EventContext(
-                    actor_id=first.actor_id, command_id=command_id, correlation_id=command_id
-                ),
-            )
+    keys: KeyWriter | None = None
+    try:
+        async with store.transaction() as uow:
+            if sealed:
+                keys = keyring(store.engine).writer(uow.conn, store.now)
+                await uow.begin()  # key rows are written under the write lock, as a command's
+            for stream_id, items in by_stream.items():
+                first = items[0]
+                command_id = new_id() if as_commands else None
+                events = (
+                    [to_new_event(g) for g in items]
+                    if keys is None
+                    else [await seal_event(keys, g.event, to_new_event(g)) for g in items]
+                )
+                uow.append(
+                    stream_id,
+                    first.category,
+                    events,
+                    first.version - 1,
+                    context=EventContext(
+                        actor_id=first.actor_id, command_id=command_id, correlation_id=command_id
+                    ),
+                )
+    finally:
+        if keys is not None:
+            keys.close()  # after COMMIT or ROLLBACK, as the command path: its keys may be cached
 
 
 async def fill(
-    store: EventStore, scenario: Scenario, n: int, batch: int = 2000, *, as_commands: bool = False
+    store: EventStore,
+    scenario: Scenario,
+    n: int,
+    batch: int = 2000,
+    *,
+    as_commands: bool = False,
+    sealed: bool = False,
 ) -> None:
-    """Append the scenario's next ``n`` events to ``store``."""
+    """Append the scenario's next ``n`` events to ``store`` (see :func:`append_batch`)."""
     done = 0
     while done < n:
         size = min(batch, n - done)
-        await append_batch(store, scenario.take(size), as_commands=as_commands)
+        await append_batch(store, scenario.take(size), as_commands=as_commands, sealed=sealed)
         done += size
 
 

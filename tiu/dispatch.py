@@ -53,7 +53,7 @@ from domain.passwords import (
 )
 from domain.routing import SESSIONS, Decider, Route, claims, erasures, route
 from eventstore import telemetry
-from eventstore.crypto import DEFAULT_TTL, SubjectKeys, keyring
+from eventstore.crypto import DEFAULT_TTL, KeyWriter, SubjectKeys, keyring
 from eventstore.dialects import CheckpointsNotMoved
 from eventstore.engine import checked_out
 from eventstore.errors import (
@@ -578,17 +578,7 @@ class CommandUnit:
 
     async def encode(self, event: Event, command: Command) -> NewEvent:
         """``event`` as stored: its personal fields encrypted for its subject."""
-        new = _to_new_event(event, command)
-        if not event.personal_fields or event.subject_field is None:
-            return new
-        subject = getattr(event, event.subject_field)
-        data = await self.keys.seal(
-            subject if isinstance(subject, str) else None,
-            new.event_type,
-            new.data,
-            event.personal_fields,
-        )
-        return NewEvent(new.event_type, data, new.schema_version, new.metadata, new.event_id)
+        return await seal_event(self.keys, event, _to_new_event(event, command))
 
     async def erase(self, subject_id: str, stream_id: str) -> None:
         """Shred ``subject_id``'s keys, free the unique keys of ``stream_id`` (hashes of
@@ -1408,6 +1398,21 @@ def _to_new_event(event: Event, command: Command) -> NewEvent:
     event_type, schema_version, data = encode_event(event)
     metadata = {"command": type(command).__name__, **telemetry.trace_metadata(command)}
     return NewEvent(event_type, data, schema_version, metadata)
+
+
+async def seal_event(keys: KeyWriter, event: Event, new: NewEvent) -> NewEvent:
+    """``new``, ``event`` as appended, with ``event``'s personal fields encrypted for
+    its subject by ``keys`` (a key made for a subject that has none yet)."""
+    if not event.personal_fields or event.subject_field is None:
+        return new
+    subject = getattr(event, event.subject_field)
+    data = await keys.seal(
+        subject if isinstance(subject, str) else None,
+        new.event_type,
+        new.data,
+        event.personal_fields,
+    )
+    return NewEvent(new.event_type, data, new.schema_version, new.metadata, new.event_id)
 
 
 class GroupCommitter:

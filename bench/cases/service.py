@@ -191,11 +191,11 @@ async def _build(store: EventStore, settings: Settings, run: _Run, n: int) -> No
     scenario = Scenario(failed_logins=0.01)
     first = min(n, MEMORY_POINT)
     started = time.monotonic()
-    await fill(store, scenario, first)
+    await fill(store, scenario, first, sealed=True)
     if n > MEMORY_POINT:  # the audit at 100k, for the memory comparison with n
         early = DatabaseService(settings, engine=store.engine)
         await _audit(early, run, f" @{first:,}")
-        await fill(store, scenario, n - first)
+        await fill(store, scenario, n - first, sealed=True)
     # The generator's state (one entry per stream) is not the service's: a host
     # holding a million objects more would lengthen every full collection.
     del scenario
