@@ -1453,11 +1453,14 @@ class GroupCommitter:
         # append: there is nothing to bound.
         self.budget = None if dispatcher.store.dialect.round_trips else budget
         self.slice = None if dispatcher.store.dialect.round_trips else WRITE_SLICE
-        # Not ``alone_inline``: a lone caller writing its own command saved 1.2% of its
-        # instructions (callgrind, bench case 3's one caller on SQLite), and its write
-        # would share a turn of the loop with its next command's preparation.
+        # A lone caller on a SQLite file writes its own command (``alone_inline``, see
+        # eventstore.grouping): no writer task, future and turn of the loop to answer
+        # it, 1.0% of a command's instructions (callgrind, one caller's CreateTask).
         self._queue: GroupQueue[_Queued, CommandResult] = GroupQueue(
-            telemetry.traced_group(self._write, _queued_record), max_group, idle=self._idle
+            telemetry.traced_group(self._write, _queued_record),
+            max_group,
+            idle=self._idle,
+            alone_inline=dispatcher.store.dialect.writes_in_caller,
         )
         # Connections callers prepared on, kept for the next caller while the writer
         # runs (a burst), given back to the pool when it goes idle: a checkout and

@@ -204,6 +204,50 @@ async def test_a_lone_command_takes_the_ordinary_path(service, commits):
     assert commits == [1]
 
 
+async def test_a_lone_callers_command_is_written_in_its_task_on_sqlite_and_later_ones_queue(
+    service,
+):
+    """A caller who finds the group queue idle writes its own command on a SQLite file
+    (a writer task does on PostgreSQL); callers arriving while that write waits (here:
+    for a commit held back) queue behind it and share the next group, written by a
+    writer task once it ends."""
+    ctx = service.context(SYSTEM_ACTOR)
+    await service.dispatch(projects.CreateProject(project_id="p", name="Lone"), ctx)
+    release = asyncio.Event()
+    held = asyncio.Event()
+    written_by: list[tuple[list[str], asyncio.Task[object] | None]] = []
+
+    async def hold(streams: list[str]) -> None:
+        written_by.append((sorted(streams), asyncio.current_task()))
+        if streams == ["task-first"]:
+            held.set()
+            await release.wait()
+
+    service.store.before_commit = hold
+
+    def create(task_id: str) -> asyncio.Future[object]:
+        command = tasks.CreateTask(task_id=task_id, project_id="p", title=task_id)
+        return asyncio.ensure_future(service.dispatch(command, ctx))
+
+    first = create("first")
+    await asyncio.wait_for(held.wait(), 5)
+    later = [create(f"later{n}") for n in range(3)]
+    await asyncio.sleep(0.05)
+    assert not any(t.done() for t in later)  # queued behind the write that waits
+    release.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *later), 10)
+    assert results[0].position == 2  # the group's order is that of its preparations
+    assert sorted(r.position for r in results[1:]) == [3, 4, 5]
+    assert (written_by[0][1] is first) is service.store.dialect.writes_in_caller
+    assert all(task not in (first, *later) for _, task in written_by[1:])  # a writer task
+    if service.store.dialect.writes_in_caller:
+        # (On PostgreSQL each caller prepares on a pooled connection: how many of them
+        # are ready when the first group ends depends on the pool.)
+        assert [streams for streams, _ in written_by[1:]] == [
+            ["task-later0", "task-later1", "task-later2"]
+        ]
+
+
 async def test_a_caller_sending_commands_one_after_another_checks_out_no_connection_each(
     service,
 ):
