@@ -151,13 +151,18 @@ async def _share_a_group(service, otel, *, stage_spans: bool) -> None:
     commits: list[object] = []
     holding = asyncio.Event()
 
+    queue = service.dispatcher.group._queue
+
     async def hold_the_first(streams: object) -> None:
-        # Callers prepare in tasks of their own: holding the first commit a moment lets
-        # the others queue into one group however the machine schedules them.
+        # Callers prepare in tasks of their own: holding the first commit until the
+        # others are queued makes them one group however slowly a loaded machine runs
+        # their preparation.
         commits.append(streams)
         if len(commits) == 1:
             holding.set()
-            await asyncio.sleep(0.2)
+            async with asyncio.timeout(10):
+                while len(queue._queue) < 3:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
 
     service.store.before_commit = hold_the_first
     # No CPU budget for the group: with stage spans, on a busy machine, one command
