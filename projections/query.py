@@ -155,7 +155,10 @@ def _base_type(col: sa.Column[Any]) -> sa.types.TypeEngine[Any]:
     return t
 
 
+@functools.lru_cache(maxsize=1024)
 def _kind(col: sa.Column[Any]) -> str:
+    """What values ``col`` takes (see ``_coerce``), worked out once per column: checking
+    a filter or cursor value asks it several times."""
     t = _base_type(col)
     # Order matters: Enum is a String, DateTime is not a Date, Float may be a Numeric.
     for cls, kind in (
