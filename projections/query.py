@@ -725,15 +725,17 @@ class Query:
         shape = (kind, dialect, id(where), tuple(_shape(f) for f in parsed))
         found = self._statements.get(shape)
         if found is not None and found[0] is where:
-            # Only the values: the conditions binding them (SQLAlchemy expressions,
-            # ~1/10 of a page's client instructions) are built for a new statement.
+            # Only the values: the conditions binding them (SQLAlchemy expressions) are
+            # built for a new statement only.
             for f in parsed:
                 for value in _bound(f, dialect):
                     binder.name(value)
             return found[1], binder.params
         conds = self._where(parsed, where, dialect, binder)
         if conditions is not None:
-            conds = [*conditions(names), *conds]
+            # Last: SQLite tests a row against the terms in this order, and the filters
+            # drop most rows more cheaply than a cursor's row-value comparison.
+            conds = [*conds, *conditions(names)]
         statement = build(conds)
         if self._grows_with_data(kind, parsed):
             statement = statement.execution_options(**{OFF_LOOP: True})
