@@ -155,7 +155,10 @@ def _base_type(col: sa.Column[Any]) -> sa.types.TypeEngine[Any]:
     return t
 
 
+@functools.lru_cache(maxsize=1024)
 def _kind(col: sa.Column[Any]) -> str:
+    """What values ``col`` takes (see ``_coerce``), worked out once per column: checking
+    a filter or cursor value asks it several times."""
     t = _base_type(col)
     # Order matters: Enum is a String, DateTime is not a Date, Float may be a Numeric.
     for cls, kind in (
@@ -478,41 +481,60 @@ def _shape(f: Filter) -> tuple[str, str, bool | None]:
     return f.field, f.op, None
 
 
-def _clause(
-    col: sa.Column[Any], f: Filter, dialect: str, bind: Binder = _bind
-) -> ColumnElement[bool]:
+def _bound(f: Filter, dialect: str) -> tuple[Any, ...]:
+    """The values :func:`_clause` binds for ``f``, in the order it binds them: what a
+    statement kept for ``f``'s shape (:meth:`Query._prepared`) is executed with."""
     op, v = f.op, f.value
-    if op == "eq":
-        return col.is_(None) if v is None else col == bind(col, v)
-    if op == "ne":
-        return col.is_not(None) if v is None else col != bind(col, v)
+    if op in ("eq", "ne"):
+        return () if v is None else (v,)
     if op == "isnull":
-        return col.is_(None) if v else col.is_not(None)
-    if op == "in":
-        return col.in_(bind(col, v, True)) if v else sa.false()
-    if op == "not_in":
-        return col.not_in(bind(col, v, True)) if v else sa.true()
-    # Comparisons and patterns only: equality is the same in every deterministic
-    # collation, and building the COLLATE expression per filter showed in profiles.
-    o = _ordered(col, dialect)
+        return ()
+    if op in ("in", "not_in"):
+        return (list(v),) if v else ()
     if op == "between":
-        return o.between(bind(col, v[0]), bind(col, v[1]))
-    comparisons = {"lt": o.__lt__, "lte": o.__le__, "gt": o.__gt__, "gte": o.__ge__}
-    if op in comparisons:
-        return comparisons[op](bind(col, v))
+        return (v[0], v[1])
+    if op in ("lt", "lte", "gt", "gte"):
+        return (v,)
     pattern = {
         "like": v,
         "ilike": v,
         "startswith": _escape_like(v) + "%",
         "contains": "%" + _escape_like(v) + "%",
     }[op]
+    return (_like_to_glob(pattern),) if op != "ilike" and dialect == "sqlite" else (pattern,)
+
+
+def _clause(
+    col: sa.Column[Any], f: Filter, dialect: str, bind: Binder = _bind
+) -> ColumnElement[bool]:
+    op, v = f.op, f.value
+    values = _bound(f, dialect)
+    if op == "eq":
+        return col.is_(None) if v is None else col == bind(col, values[0])
+    if op == "ne":
+        return col.is_not(None) if v is None else col != bind(col, values[0])
+    if op == "isnull":
+        return col.is_(None) if v else col.is_not(None)
+    if op == "in":
+        return col.in_(bind(col, values[0], True)) if v else sa.false()
+    if op == "not_in":
+        return col.not_in(bind(col, values[0], True)) if v else sa.true()
+    # Comparisons and patterns only: equality is the same in every deterministic
+    # collation, and building the COLLATE expression per filter showed in profiles.
+    o = _ordered(col, dialect)
+    if op == "between":
+        return o.between(bind(col, values[0]), bind(col, values[1]))
+    comparisons = {"lt": o.__lt__, "lte": o.__le__, "gt": o.__gt__, "gte": o.__ge__}
+    if op in comparisons:
+        return comparisons[op](bind(col, values[0]))
     if op == "ilike":
         # SQLAlchemy renders lower(x) LIKE lower(p) on SQLite, which folds ASCII only;
         # COLLATE "C" makes PostgreSQL's ILIKE fold ASCII only too.
-        return o.ilike(bind(col, pattern), escape=_ESC)
+        return o.ilike(bind(col, values[0]), escape=_ESC)
     if dialect == "sqlite":
-        return col.op("GLOB", is_comparison=True)(bind(col, _like_to_glob(pattern)))
-    return o.like(bind(col, pattern), escape=_ESC)
+        # A GLOB pattern (see _like_to_glob).
+        return col.op("GLOB", is_comparison=True)(bind(col, values[0]))
+    return o.like(bind(col, values[0]), escape=_ESC)
 
 
 Key: TypeAlias = tuple[sa.Column[Any], bool]  # (column, descending)
@@ -531,12 +553,15 @@ def _sort(key: Key, dialect: str) -> sa.UnaryExpression[Any]:
     return _sort_by(key[0], key[1], dialect)
 
 
-def _after(keys: Sequence[Key], values: Sequence[Any], dialect: str) -> ColumnElement[bool]:
-    """Rows strictly after ``values`` in the order ``keys`` (NULL greater than all)."""
+def _after(
+    keys: Sequence[Key], values: Sequence[Any], dialect: str, bind: Binder = _bind
+) -> ColumnElement[bool]:
+    """Rows strictly after ``values`` in the order ``keys`` (NULL greater than all);
+    ``bind`` is called once per value that is not None, in key order."""
     if len({d for _, d in keys}) == 1 and not any(c.nullable for c, _ in keys):
         # One direction and no NULLs: a row-value comparison, which indexes serve.
         left = sa.tuple_(*(_ordered(c, dialect) for c, _ in keys))
-        right = sa.tuple_(*(_bind(c, v) for (c, _), v in zip(keys, values, strict=True)))
+        right = sa.tuple_(*(bind(c, v) for (c, _), v in zip(keys, values, strict=True)))
         return left < right if keys[0][1] else left > right
     branches: list[ColumnElement[bool]] = []
     ties: list[ColumnElement[bool]] = []
@@ -547,7 +572,7 @@ def _after(keys: Sequence[Key], values: Sequence[Any], dialect: str) -> ColumnEl
         if v is None:
             beyond, tie = (col.is_not(None) if desc else sa.false()), col.is_(None)
         else:
-            b = _bind(col, v)
+            b = bind(col, v)
             beyond, tie = (o < b if desc else o > b), col == b
             if col.nullable and not desc:
                 beyond = sa.or_(beyond, col.is_(None))
@@ -678,12 +703,15 @@ class Query:
         dialect: str,
         build: Callable[[list[ColumnElement[bool]]], sa.Select[Any]],
         *,
-        key: tuple[Any, ...] = (),
+        values: Sequence[Any] = (),
+        conditions: Callable[[list[str]], list[ColumnElement[bool]]] | None = None,
     ) -> tuple[sa.Select[Any], dict[str, Any]]:
         """The statement ``build(conditions)`` for these filters' shape, built once per
-        shape, and this call's values for it; ``key`` (checked primary-key values) adds a
-        condition per key column. Values are bound as ``tiu_filter_0``, ``tiu_filter_1``,
-        ...: a ``where`` must not bind parameters of those names.
+        shape, and this call's values for it. ``values`` (checked key or cursor values)
+        are bound under the names ``conditions(names)`` binds them by, in conditions
+        ANDed with the filters'; ``kind`` must tell apart the shapes those take. Values
+        are bound as ``tiu_filter_0``, ``tiu_filter_1``, ...: a ``where`` must not bind
+        parameters of those names.
 
         Building a select and SQLAlchemy's cache key for it (a walk of the whole
         statement, the visibility subqueries included) was ~0.2 of ~0.7 ms of a
@@ -692,20 +720,22 @@ class Query:
         immutable and keeps its cache key, so one per shape serves every call.
         ``where`` is part of the shape by identity (repositories cache theirs)."""
         binder = _Named()
-        # The key's values are named without building their conditions (a comparison
-        # costs more than the lookup's statement): only a new statement needs them.
-        key_names = [binder.name(v) for v in key]
+        names = [binder.name(v) for v in values]
         parsed = self.filters(filters)
-        # The filters' conditions are built on every call, for the values they bind;
-        # only the statement around them is kept.
-        conds = self._where(parsed, where, dialect, binder)
-        shape = (kind, dialect, id(where), bool(key), tuple(_shape(f) for f in parsed))
+        shape = (kind, dialect, id(where), tuple(_shape(f) for f in parsed))
         found = self._statements.get(shape)
         if found is not None and found[0] is where:
+            # Only the values: the conditions binding them (SQLAlchemy expressions) are
+            # built for a new statement only.
+            for f in parsed:
+                for value in _bound(f, dialect):
+                    binder.name(value)
             return found[1], binder.params
-        if key_names:
-            pairs = zip(self._pk, key_names, strict=True)
-            conds = [*(c == sa.bindparam(n, type_=c.type) for c, n in pairs), *conds]
+        conds = self._where(parsed, where, dialect, binder)
+        if conditions is not None:
+            # Last: SQLite tests a row against the terms in this order, and the filters
+            # drop most rows more cheaply than a cursor's row-value comparison.
+            conds = [*conds, *conditions(names)]
         statement = build(conds)
         if self._grows_with_data(kind, parsed):
             statement = statement.execution_options(**{OFF_LOOP: True})
@@ -782,6 +812,11 @@ class Query:
                 raise InvalidFilter(f"invalid key value for {col.key}: {e}", col.key) from None
         return tuple(out)
 
+    def _key_conditions(self, names: list[str]) -> list[ColumnElement[bool]]:
+        """A key lookup's conditions, its values bound under ``names``."""
+        pairs = zip(self._pk, names, strict=True)
+        return [c == sa.bindparam(n, type_=c.type) for c, n in pairs]
+
     def _match_key(self, values: tuple[Any, ...]) -> ColumnElement[bool]:
         return sa.and_(*(c == v for c, v in zip(self._pk, values, strict=True)))
 
@@ -803,7 +838,8 @@ class Query:
             where,
             conn.dialect.name,
             lambda conds: self._select().where(*conds),
-            key=self._pk_values(key),
+            values=self._pk_values(key),
+            conditions=self._key_conditions,
         )
         rows = self._rows(await conn.execute(stmt, params))
         return rows[0] if rows else None
@@ -925,19 +961,38 @@ class Query:
         _check_limit(limit, optional=False)
         dialect = conn.dialect.name
         keys = self._keys(order_by)
-        parsed = self.filters(filters)
-        conds = self._where(parsed, where, dialect)
-        if after is not None:
-            conds.append(_after(keys, self._decode(after, keys), dialect))
-        stmt = (
-            self._select()
-            .where(*conds)
-            .order_by(*(_sort(k, dialect) for k in keys))
-            .limit(limit + 1)
+        position = None if after is None else self._decode(after, keys)
+
+        def after_cursor(names: list[str]) -> list[ColumnElement[bool]]:
+            if position is None:
+                return []
+            bound = iter(names)
+            return [
+                _after(
+                    keys, position, dialect, lambda c, _: sa.bindparam(next(bound), type_=c.type)
+                )
+            ]
+
+        stmt, params = self._prepared(
+            (
+                "page",
+                tuple((k.key, d) for k, d in keys),
+                limit,
+                None if position is None else tuple(v is None for v in position),
+            ),
+            filters,
+            where,
+            dialect,
+            lambda conds: (
+                self._select()
+                .where(*conds)
+                .order_by(*(_sort(k, dialect) for k in keys))
+                .limit(limit + 1)
+            ),
+            values=() if position is None else [v for v in position if v is not None],
+            conditions=after_cursor,
         )
-        if self._grows_with_data("page", parsed):
-            stmt = stmt.execution_options(**{OFF_LOOP: True})
-        rows = self._rows(await conn.execute(stmt))
+        rows = self._rows(await conn.execute(stmt, params))
         items = rows[:limit]
         cursor = self._encode(keys, items[-1]) if len(rows) > limit else None
         return Page(items, cursor)

@@ -822,6 +822,21 @@ async def test_walking_pages_yields_exactly_the_ordered_list(db: Db, order_by: l
     assert await walk(db.q, db.conn, filters, order_by, 2) == expected
 
 
+async def test_walking_pages_builds_one_statement_per_shape_and_binds_each_cursor(
+    db: Db,
+) -> None:
+    # A page is a list's statement plus the cursor's condition: kept per shape (the
+    # first page; later pages, by which cursor values are None), its values bound, so
+    # walking many pages builds few statements and each page is the list's slice.
+    q = Query(db.tasks)
+    filters = {"status__in": ["todo", "done"]}
+    expected = [i for i in ref_order(ROWS, ["due_at"]) if i in ref_filter(ROWS, filters)]
+    for _ in range(2):
+        assert await walk(q, db.conn, filters, ["due_at"], 2) == expected
+    # due_at is nullable: a cursor on a row without one is a shape of its own.
+    assert len(q._statements) == 3
+
+
 async def test_last_page_has_no_cursor_and_an_exact_fit_ends_cleanly(db: Db) -> None:
     page = await db.q.page(db.conn, order_by=["-priority"], limit=len(ROWS))
     assert len(page.items) == len(ROWS)
