@@ -191,11 +191,13 @@ _pooled: dict[int, Pooled] = {}
 
 def pooled(conn: AsyncConnection) -> Pooled | None:
     """``conn``'s pooled connection, if it is in a store's write transaction on SQLite
-    and still valid (invalidated meanwhile, it is SQLAlchemy's to report)."""
+    and still valid (invalidated meanwhile: see :func:`raw_connection`)."""
     if not _pooled:
         return None
     known = _pooled.get(id(conn))
-    if known is None or known.conn is not conn or known.sync is None or known.sync.invalidated:
+    # Invalidated, the pooled connection has no driver connection any more; ``conn`` may
+    # have a new one since (SQLAlchemy reconnects a connection it sees in no transaction).
+    if known is None or known.conn is not conn or known.raw.dbapi_connection is None:
         return None
     return known
 
@@ -227,6 +229,13 @@ async def raw_connection(conn: AsyncConnection) -> Any:
     known = pooled(conn)
     if known is not None:
         return known.raw
+    if _pooled and id(conn) in _pooled and _pooled[id(conn)].conn is conn:
+        # Lost inside a store's write transaction, which SQLite rolled back as the
+        # connection closed: a new connection would run what follows outside it, each
+        # statement committed alone and the earlier writes gone without an error.
+        raise StoreUnavailable(
+            "the connection was lost during the write transaction: it was rolled back"
+        )
     sync = conn.sync_connection
     if sync is not None and not sync.closed and not sync.invalidated:
         # Connected: no I/O needed, so no greenlet hop (get_raw_connection makes one).
@@ -944,17 +953,13 @@ class SQLiteDialect(Dialect):
             await raw.dbapi_connection.begin_write()
 
     async def commit(self, conn: AsyncConnection) -> None:
+        # First: StoreUnavailable if the connection was lost inside the transaction,
+        # rather than commit what SQLAlchemy sent on a new one since.
+        raw = await raw_connection(conn)
         if conn.in_transaction():  # begun or joined by SQLAlchemy: it ends it
             await conn.commit()
             return
-        raw = await raw_connection(conn)
-        driver: InlineConnection | None = raw.dbapi_connection
-        if driver is None:
-            # Invalidated inside the transaction: SQLite rolled it back as the
-            # connection closed. Nothing to commit, and the caller must know.
-            raise StoreUnavailable(
-                "the connection was lost during the write transaction: it was rolled back"
-            )
+        driver: InlineConnection = raw.dbapi_connection
         if driver.in_transaction:
             with self.driver_errors(raw, "COMMIT"):
                 await driver.commit_async()
