@@ -71,6 +71,8 @@ from eventstore.translate import translate_errors
 from eventstore.types import sqlite_datetime, sqlite_text
 
 if TYPE_CHECKING:
+    from uuid import UUID
+
     from eventstore.prepared import Deferred, DeferredStatement
     from eventstore.store import EventStore, _PendingAppend
 
@@ -471,6 +473,14 @@ class Dialect:
         the whole transaction (PostgreSQL's ``tiu_command`` sent outside one)."""
         if conn.in_transaction():
             await conn.commit()
+
+    def commit_cancelled(
+        self, store: EventStore, conn: AsyncConnection, event_id: UUID, head: int
+    ) -> None:
+        """After a store transaction's COMMIT on ``conn`` was cancelled, its last event
+        ``event_id`` at position ``head``: :meth:`appended` if it committed all the same,
+        where that can be known without a round trip (SQLite). Elsewhere the known
+        head moves at the next append or wake-up."""
 
     async def check_versions(
         self, conn: AsyncConnection, expected: Mapping[str, int]
@@ -964,6 +974,23 @@ class SQLiteDialect(Dialect):
             with self.driver_errors(raw, "COMMIT"):
                 await driver.commit_async()
 
+    def commit_cancelled(
+        self, store: EventStore, conn: AsyncConnection, event_id: UUID, head: int
+    ) -> None:
+        known = pooled(conn)
+        if known is not None:
+            self._appended_if_logged(store, known.driver, known.db, event_id, head)
+
+    def _appended_if_logged(
+        self, store: EventStore, driver: InlineConnection, db: Any, event_id: UUID, head: int
+    ) -> None:
+        """After a COMMIT whose caller was cancelled: if it committed on its thread
+        before the cancellation came through (its caller waited for it), the log has
+        ``event_id``, so the known head moves to ``head`` now, as after any COMMIT, not
+        at the next append."""
+        if not driver.in_transaction and _logged(db, event_id):
+            self.appended(store, head)
+
     async def check_versions(
         self, conn: AsyncConnection, expected: Mapping[str, int]
     ) -> tuple[dict[str, StreamHead], int | None]:
@@ -1028,11 +1055,8 @@ class SQLiteDialect(Dialect):
                 with self.driver_errors(raw, "COMMIT"):
                     await driver.commit_async()
             except asyncio.CancelledError:
-                if rows and not driver.in_transaction and _logged(db, rows[-1][1]):
-                    # Committed on its thread before the cancellation came through (its
-                    # caller waited for it): the log has it, so the known head moves
-                    # past it now, as after any COMMIT, not at the next append.
-                    self.appended(store, rows[-1][0])
+                if rows:
+                    self._appended_if_logged(store, driver, db, rows[-1][1], rows[-1][0])
                 raise
         finally:
             if driver.in_transaction:

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from time import perf_counter
 from typing import Any, Final
+from uuid import UUID
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -181,6 +182,9 @@ class UnitOfWork:
         #: read again.
         self._heads: dict[str, StreamHead] = {}
         self._position: int | None = None
+        #: The id of the last event the flush wrote where the store writes the rows
+        #: itself (not :attr:`held`): what shows whether a COMMIT cut short committed.
+        self.last_event_id: UUID | None = None
 
     async def begin(self) -> None:
         """Begin the write transaction, if it has not begun: ``BEGIN IMMEDIATE`` on
@@ -342,6 +346,7 @@ class UnitOfWork:
             )
             if results:
                 self._position = results[-1].last_position
+                self.last_event_id = pending[-1].events[-1][0].event_id
         else:
             # Streams only read are checked as appends of no events, first (as plan()
             # checks them); also where nothing is appended: what is held (a command's
@@ -477,7 +482,14 @@ class EventStore:
                         translate_errors(self.dialect.database_label),
                         telemetry.write_stage("commit", conn),
                     ):
-                        await self.dialect.commit(conn)
+                        try:
+                            await self.dialect.commit(conn)
+                        except asyncio.CancelledError:
+                            if uow.last_event_id is not None:
+                                self.dialect.commit_cancelled(
+                                    self, conn, uow.last_event_id, uow.results[-1].last_position
+                                )
+                            raise
                     if uow.locked_at is not None:
                         uow.lock_held = perf_counter() - uow.locked_at
             if keep_open:
