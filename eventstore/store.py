@@ -540,13 +540,16 @@ class EventStore:
 
     async def _write_group(self, group: list[Waiting[_PendingAppend, AppendResult]]) -> None:
         """The group committer's writer: one transaction for the group; if it fails as a
-        whole (whoever caused it), each append is retried alone and gets its own outcome."""
+        whole (whoever caused it), each append is retried alone and gets its own outcome.
+        Not that of a caller cancelled meanwhile: told so, it was promised an append
+        either written or leaving nothing, and the failed group left nothing of it."""
         telemetry.group_size("append", len(group))
         try:
             outcomes = await self._append_group([p for p, _ in group], self._held)
         except Exception:
             for pending, future in group:
-                await settle(future, self._append_alone(pending, self._held))
+                if not future.done():
+                    await settle(future, self._append_alone(pending, self._held))
             return
         for (_, future), outcome in zip(group, outcomes, strict=True):
             if future.done():

@@ -448,6 +448,35 @@ async def test_a_unit_of_work_cancelled_after_its_commit_on_a_thread_counts_as_a
         assert [e.stream_id for e in await store.read_all(conn, 0, 10)] == ["user-gone"]
 
 
+async def test_a_caller_cancelled_while_its_group_fails_as_a_whole_is_not_written_after(store):
+    """A group whose transaction fails as a whole is retried append by append, but for
+    the callers still waiting only: one cancelled while the group was written was told
+    so, and the group left nothing of its append, so nothing of it is written after."""
+    gone: asyncio.Task[object] | None = None
+
+    async def cancel_one_then_fail(streams: list[str]) -> None:
+        if len(streams) > 1 and gone is not None and not gone.done():
+            gone.cancel()
+            await asyncio.wait([gone])  # its caller has been told it was cancelled
+            raise RuntimeError("the group's transaction fails")
+
+    store.before_commit = cancel_one_then_fail
+    callers = [
+        asyncio.ensure_future(store.append(f"user-{n}", "user", [ev(n)], NO_STREAM))
+        for n in range(4)
+    ]
+    gone = callers[-1]
+    outcomes = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+    assert isinstance(outcomes[-1], asyncio.CancelledError)
+    assert not any(isinstance(o, BaseException) for o in outcomes[:-1]), outcomes
+    store.before_commit = None
+    await store.aclose()
+    assert store.engine.pool.checkedout() == 0
+    async with store.engine.connect() as conn:
+        logged = [e.stream_id for e in await store.read_all(conn, 0, 10)]
+    assert sorted(logged) == ["user-0", "user-1", "user-2"]
+
+
 class _Turns:
     """Counts the turns of the loop while in use (``async with``): another task that
     adds one each time it runs."""
