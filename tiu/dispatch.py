@@ -55,7 +55,7 @@ from domain.routing import SESSIONS, Decider, Route, claims, erasures, route
 from eventstore import telemetry
 from eventstore.crypto import DEFAULT_TTL, SubjectKeys, keyring
 from eventstore.dialects import CheckpointsNotMoved
-from eventstore.engine import checked_out
+from eventstore.engine import GuardedConnection, checked_out
 from eventstore.errors import (
     CommandInFlight,
     ConcurrencyError,
@@ -1011,7 +1011,9 @@ class Dispatcher:
             last = max(r.last_position for r in uow.results)
             await self.inline.advance(uow.conn, first, last)
 
-    async def run(self, work: Callable[[CommandUnit], Awaitable[T]]) -> tuple[T, CommandUnit]:
+    async def run(
+        self, work: Callable[[CommandUnit], Awaitable[T]], *, guarded: bool = False
+    ) -> tuple[T, CommandUnit]:
         """Run ``work`` in a unit, retrying the whole unit on a version conflict.
 
         Returns what ``work`` returned and the committed unit, whose ``results`` carry
@@ -1022,9 +1024,14 @@ class Dispatcher:
         its reset then fails and the connection is dropped under the driver's feet).
         The unit stops at its next command instead (rolled back, with no round trip
         in flight), and the caller is cancelled once it has.
+
+        ``guarded``: ``work`` is the caller's own code (``execute_in_transaction``),
+        which may cancel what it awaits (a timeout around a read): on PostgreSQL the
+        unit's connection then never abandons a round trip midway
+        (:class:`GuardedConnection`), which dropped the connection and its transaction.
         """
         stop = asyncio.Event()
-        task = asyncio.ensure_future(self._run(work, stop))
+        task = asyncio.ensure_future(self._run(work, stop, guarded))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -1033,13 +1040,17 @@ class Dispatcher:
             raise
 
     async def _run(
-        self, work: Callable[[CommandUnit], Awaitable[T]], stop: asyncio.Event
+        self, work: Callable[[CommandUnit], Awaitable[T]], stop: asyncio.Event, guarded: bool
     ) -> tuple[T, CommandUnit]:
         attempt = 0
         passwords: dict[str, PasswordOutcomes] = {}
         while True:
             try:
-                async with self.unit(passwords) as unit:
+                conn = None
+                if guarded and self.store.dialect.round_trips:
+                    with translate_errors(self.store.dialect.database_label):
+                        conn = await GuardedConnection(self.store.engine)
+                async with self.unit(passwords, conn=conn) as unit:
                     unit.stop = stop
                     value = await work(unit)
                 return value, unit
