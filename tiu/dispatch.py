@@ -1627,10 +1627,12 @@ class GroupCommitter:
             # Another process got in between, or a command failed after writing (an
             # inline projector raised, or the store refused an event it could encode only
             # in the transaction: personal data is encrypted there): write each decision
-            # alone, so only the command at fault fails.
+            # alone, so only the command at fault fails. Not that of a caller cancelled
+            # meanwhile: told so, and the group left nothing of it.
             for decision, (_, future) in zip(decisions, group, strict=True):
                 assert decision is not None
-                await settle(future, self.dispatcher.write(decision))
+                if not future.done():
+                    await settle(future, self.dispatcher.write(decision))
             return
         except Exception as error:  # the database is gone: every caller learns it
             # Not a cancellation of the writer (the loop shutting down): its callers were
