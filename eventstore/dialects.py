@@ -71,6 +71,8 @@ from eventstore.translate import translate_errors
 from eventstore.types import sqlite_datetime, sqlite_text
 
 if TYPE_CHECKING:
+    from uuid import UUID
+
     from eventstore.prepared import Deferred, DeferredStatement
     from eventstore.store import EventStore, _PendingAppend
 
@@ -191,11 +193,13 @@ _pooled: dict[int, Pooled] = {}
 
 def pooled(conn: AsyncConnection) -> Pooled | None:
     """``conn``'s pooled connection, if it is in a store's write transaction on SQLite
-    and still valid (invalidated meanwhile, it is SQLAlchemy's to report)."""
+    and still valid (invalidated meanwhile: see :func:`raw_connection`)."""
     if not _pooled:
         return None
     known = _pooled.get(id(conn))
-    if known is None or known.conn is not conn or known.sync is None or known.sync.invalidated:
+    # Invalidated, the pooled connection has no driver connection any more; ``conn`` may
+    # have a new one since (SQLAlchemy reconnects a connection it sees in no transaction).
+    if known is None or known.conn is not conn or known.raw.dbapi_connection is None:
         return None
     return known
 
@@ -227,6 +231,13 @@ async def raw_connection(conn: AsyncConnection) -> Any:
     known = pooled(conn)
     if known is not None:
         return known.raw
+    if _pooled and id(conn) in _pooled and _pooled[id(conn)].conn is conn:
+        # Lost inside a store's write transaction, which SQLite rolled back as the
+        # connection closed: a new connection would run what follows outside it, each
+        # statement committed alone and the earlier writes gone without an error.
+        raise StoreUnavailable(
+            "the connection was lost during the write transaction: it was rolled back"
+        )
     sync = conn.sync_connection
     if sync is not None and not sync.closed and not sync.invalidated:
         # Connected: no I/O needed, so no greenlet hop (get_raw_connection makes one).
@@ -462,6 +473,14 @@ class Dialect:
         the whole transaction (PostgreSQL's ``tiu_command`` sent outside one)."""
         if conn.in_transaction():
             await conn.commit()
+
+    def commit_cancelled(
+        self, store: EventStore, conn: AsyncConnection, event_id: UUID, head: int
+    ) -> None:
+        """After a store transaction's COMMIT on ``conn`` was cancelled, its last event
+        ``event_id`` at position ``head``: :meth:`appended` if it committed all the same,
+        where that can be known without a round trip (SQLite). Elsewhere the known
+        head moves at the next append or wake-up."""
 
     async def check_versions(
         self, conn: AsyncConnection, expected: Mapping[str, int]
@@ -944,20 +963,33 @@ class SQLiteDialect(Dialect):
             await raw.dbapi_connection.begin_write()
 
     async def commit(self, conn: AsyncConnection) -> None:
+        # First: StoreUnavailable if the connection was lost inside the transaction,
+        # rather than commit what SQLAlchemy sent on a new one since.
+        raw = await raw_connection(conn)
         if conn.in_transaction():  # begun or joined by SQLAlchemy: it ends it
             await conn.commit()
             return
-        raw = await raw_connection(conn)
-        driver: InlineConnection | None = raw.dbapi_connection
-        if driver is None:
-            # Invalidated inside the transaction: SQLite rolled it back as the
-            # connection closed. Nothing to commit, and the caller must know.
-            raise StoreUnavailable(
-                "the connection was lost during the write transaction: it was rolled back"
-            )
+        driver: InlineConnection = raw.dbapi_connection
         if driver.in_transaction:
             with self.driver_errors(raw, "COMMIT"):
                 await driver.commit_async()
+
+    def commit_cancelled(
+        self, store: EventStore, conn: AsyncConnection, event_id: UUID, head: int
+    ) -> None:
+        known = pooled(conn)
+        if known is not None:
+            self._appended_if_logged(store, known.driver, known.db, event_id, head)
+
+    def _appended_if_logged(
+        self, store: EventStore, driver: InlineConnection, db: Any, event_id: UUID, head: int
+    ) -> None:
+        """After a COMMIT whose caller was cancelled: if it committed on its thread
+        before the cancellation came through (its caller waited for it), the log has
+        ``event_id``, so the known head moves to ``head`` now, as after any COMMIT, not
+        at the next append."""
+        if not driver.in_transaction and _logged(db, event_id):
+            self.appended(store, head)
 
     async def check_versions(
         self, conn: AsyncConnection, expected: Mapping[str, int]
@@ -1023,11 +1055,8 @@ class SQLiteDialect(Dialect):
                 with self.driver_errors(raw, "COMMIT"):
                     await driver.commit_async()
             except asyncio.CancelledError:
-                if rows and not driver.in_transaction and _logged(db, rows[-1][1]):
-                    # Committed on its thread before the cancellation came through (its
-                    # caller waited for it): the log has it, so the known head moves
-                    # past it now, as after any COMMIT, not at the next append.
-                    self.appended(store, rows[-1][0])
+                if rows:
+                    self._appended_if_logged(store, driver, db, rows[-1][1], rows[-1][0])
                 raise
         finally:
             if driver.in_transaction:

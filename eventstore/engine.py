@@ -108,23 +108,25 @@ def options_of(engine: AsyncEngine) -> EngineOptions | None:
 
 
 class ReadEngine(AsyncEngine):
-    """A view of a PostgreSQL engine whose connections are each a :class:`ReadConnection`:
+    """A view of a PostgreSQL engine whose connections are each a :class:`GuardedConnection`:
     what repository reads go through (``DatabaseService.reader``, and a replica's)."""
 
     __slots__ = ()
 
     def connect(self) -> AsyncConnection:
-        return ReadConnection(self)
+        return GuardedConnection(self)
 
     def execution_options(self, **opt: Any) -> ReadEngine:
         # SQLAlchemy's builds a plain AsyncEngine, whose connections are not guarded.
         return ReadEngine(self.sync_engine.execution_options(**opt))
 
 
-class ReadConnection(AsyncConnection):
+class GuardedConnection(AsyncConnection):
     """A PostgreSQL connection whose round trips are never abandoned midway
     (:func:`eventstore.grouping.whole`): its checkout, which may open a connection
-    for the pool, and each statement. A caller cancelled meanwhile waits for the round
+    for the pool, and each statement: a reader's (:class:`ReadEngine`), and that of
+    ``execute_in_transaction``'s unit of work (``tiu.dispatch.Dispatcher.run``), whose
+    function may cancel what it awaits. A caller cancelled meanwhile waits for the round
     trip to end, then is cancelled, and the connection goes back to the pool idle.
     Abandoned, a statement's connection would be invalidated by SQLAlchemy (dropped,
     opened again by a later checkout), a connection being opened would be left

@@ -27,9 +27,12 @@ A group several callers share is written by a task of its own, never by one of
 them: a caller cancelled while waiting does not stop the transaction others share.
 Its item is dropped if no group has taken it yet; otherwise the group's transaction
 completes and that outcome is discarded (as for any cancelled database call, it may
-have committed). The writer itself cancelled (the loop shutting down), the callers it
-had not answered get :class:`~eventstore.errors.StoreUnavailable`, not its
-cancellation: theirs were not cancelled.
+have committed). A ``write`` that retries the items of a group that failed as a whole
+retries only those whose outcome is not settled: a cancelled caller's item is then
+dropped, the failed group having left nothing of it. The writer itself cancelled (the
+loop shutting down), the callers it had not answered get
+:class:`~eventstore.errors.StoreUnavailable`, not its cancellation: theirs were not
+cancelled.
 
 A group of one needs no writer task. With ``alone_inline`` (SQLite's inline driver,
 whose write a cancelled caller leaves clean: rolled back or committed, its connection

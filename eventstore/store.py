@@ -14,12 +14,14 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from time import perf_counter
 from typing import Any, Final
+from uuid import UUID
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from eventstore import telemetry
 from eventstore.dialects import Dialect, HeldConnection, dialect_for, pooled_while
+from eventstore.engine import GuardedConnection
 from eventstore.errors import (
     InvalidEventData,
     InvalidExpectedVersion,
@@ -29,7 +31,7 @@ from eventstore.errors import (
     UnknownCategory,
     WrongExpectedVersion,
 )
-from eventstore.grouping import GroupQueue, Waiting, settle
+from eventstore.grouping import GroupQueue, Waiting, settle, whole
 from eventstore.hashing import (
     GENESIS,
     canonical_json,
@@ -181,6 +183,9 @@ class UnitOfWork:
         #: read again.
         self._heads: dict[str, StreamHead] = {}
         self._position: int | None = None
+        #: The id of the last event the flush wrote where the store writes the rows
+        #: itself (not :attr:`held`): what shows whether a COMMIT cut short committed.
+        self.last_event_id: UUID | None = None
 
     async def begin(self) -> None:
         """Begin the write transaction, if it has not begun: ``BEGIN IMMEDIATE`` on
@@ -299,7 +304,10 @@ class UnitOfWork:
         (:attr:`held`) are sent first, so that a read sees every write before it."""
         held = self.held
         if held is not None and held.statements:
-            await held.run(self.conn)
+            if isinstance(self.conn, GuardedConnection):  # as its own statements are
+                await whole(held.run(self.conn))
+            else:
+                await held.run(self.conn)
         return self.conn
 
     async def read_stream(self, stream_id: str, **kwargs: Any) -> list[RecordedEvent]:
@@ -342,6 +350,7 @@ class UnitOfWork:
             )
             if results:
                 self._position = results[-1].last_position
+                self.last_event_id = pending[-1].events[-1][0].event_id
         else:
             # Streams only read are checked as appends of no events, first (as plan()
             # checks them); also where nothing is appended: what is held (a command's
@@ -477,7 +486,14 @@ class EventStore:
                         translate_errors(self.dialect.database_label),
                         telemetry.write_stage("commit", conn),
                     ):
-                        await self.dialect.commit(conn)
+                        try:
+                            await self.dialect.commit(conn)
+                        except asyncio.CancelledError:
+                            if uow.last_event_id is not None:
+                                self.dialect.commit_cancelled(
+                                    self, conn, uow.last_event_id, uow.results[-1].last_position
+                                )
+                            raise
                     if uow.locked_at is not None:
                         uow.lock_held = perf_counter() - uow.locked_at
             if keep_open:
@@ -528,13 +544,16 @@ class EventStore:
 
     async def _write_group(self, group: list[Waiting[_PendingAppend, AppendResult]]) -> None:
         """The group committer's writer: one transaction for the group; if it fails as a
-        whole (whoever caused it), each append is retried alone and gets its own outcome."""
+        whole (whoever caused it), each append is retried alone and gets its own outcome.
+        Not that of a caller cancelled meanwhile: told so, it was promised an append
+        either written or leaving nothing, and the failed group left nothing of it."""
         telemetry.group_size("append", len(group))
         try:
             outcomes = await self._append_group([p for p, _ in group], self._held)
         except Exception:
             for pending, future in group:
-                await settle(future, self._append_alone(pending, self._held))
+                if not future.done():
+                    await settle(future, self._append_alone(pending, self._held))
             return
         for (_, future), outcome in zip(group, outcomes, strict=True):
             if future.done():

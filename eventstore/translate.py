@@ -28,6 +28,8 @@ _PG_RETRYABLE: Final = ("40P01", "40001")  # deadlock detected, serialization fa
 # No such database (3D000), no such role or a refused login (class 28): nothing to retry
 # against until the configuration changes, but to a caller the database is unavailable.
 _PG_CANNOT_CONNECT: Final = ("3D000", "28")
+#: SQLAlchemy's code for a statement on a connection invalidated inside a transaction.
+_LOST_IN_TRANSACTION: Final = "8s2b"
 #: sqlite3's words for a file that is not (or no longer) an SQLite database.
 _SQLITE_NOT_A_DATABASE: Final = ("file is not a database", "database disk image is malformed")
 
@@ -77,6 +79,10 @@ def _translate(error: Exception, database: str | None) -> None:
     where = f" ({database})" if database else ""
     if isinstance(error, EventStoreError):
         return  # already ours (StoreUnavailable is also an OSError)
+    if isinstance(error, sa_exc.PendingRollbackError) and error.code == _LOST_IN_TRANSACTION:
+        raise StoreUnavailable(
+            f"database connection lost during a transaction{where}: it was rolled back"
+        ) from error
     if isinstance(error, sa_exc.TimeoutError):
         telemetry.pool_exhausted()
         raise PoolExhausted(_pool_timeout(error)) from error

@@ -86,7 +86,7 @@ from domain.base import ERASED, datetime_problem
 from domain.errors import InvalidCommand
 from eventstore import telemetry
 from eventstore.crypto import Opened, keyring
-from eventstore.engine import ReadConnection
+from eventstore.engine import GuardedConnection
 from eventstore.grouping import whole_round_trip
 from eventstore.retention import read_archive
 from eventstore.schema import events
@@ -892,11 +892,12 @@ class _Chunks:
 
 async def _opened(conn: AsyncConnection, items: Sequence[tuple[str, Any]]) -> list[Opened]:
     """``keyring.open_many`` in a streamed read: the keys it loads are a round trip,
-    never abandoned midway. A reader's connection (:class:`ReadConnection`) guards its
-    statements itself: wrapped again here, each page would cost a task whether it
-    loads keys or not, and one more where it does. A unit of work's is guarded here."""
+    never abandoned midway. A reader's connection (:class:`GuardedConnection`, as is a
+    unit of work's of ``execute_in_transaction``) guards its statements itself: wrapped
+    again here, each page would cost a task whether it loads keys or not, and one more
+    where it does. Any other is guarded here."""
     opening = keyring(conn).open_many(conn, items)
-    if isinstance(conn, ReadConnection):
+    if isinstance(conn, GuardedConnection):
         return await opening
     return await _whole(conn, opening)
 

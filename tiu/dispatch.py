@@ -55,7 +55,7 @@ from domain.routing import SESSIONS, Decider, Route, claims, erasures, route
 from eventstore import telemetry
 from eventstore.crypto import DEFAULT_TTL, KeyWriter, SubjectKeys, keyring
 from eventstore.dialects import CheckpointsNotMoved
-from eventstore.engine import checked_out
+from eventstore.engine import GuardedConnection, checked_out
 from eventstore.errors import (
     CommandInFlight,
     ConcurrencyError,
@@ -1001,7 +1001,9 @@ class Dispatcher:
             last = max(r.last_position for r in uow.results)
             await self.inline.advance(uow.conn, first, last)
 
-    async def run(self, work: Callable[[CommandUnit], Awaitable[T]]) -> tuple[T, CommandUnit]:
+    async def run(
+        self, work: Callable[[CommandUnit], Awaitable[T]], *, guarded: bool = False
+    ) -> tuple[T, CommandUnit]:
         """Run ``work`` in a unit, retrying the whole unit on a version conflict.
 
         Returns what ``work`` returned and the committed unit, whose ``results`` carry
@@ -1012,9 +1014,14 @@ class Dispatcher:
         its reset then fails and the connection is dropped under the driver's feet).
         The unit stops at its next command instead (rolled back, with no round trip
         in flight), and the caller is cancelled once it has.
+
+        ``guarded``: ``work`` is the caller's own code (``execute_in_transaction``),
+        which may cancel what it awaits (a timeout around a read): on PostgreSQL the
+        unit's connection then never abandons a round trip midway
+        (:class:`GuardedConnection`), which dropped the connection and its transaction.
         """
         stop = asyncio.Event()
-        task = asyncio.ensure_future(self._run(work, stop))
+        task = asyncio.ensure_future(self._run(work, stop, guarded))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -1023,13 +1030,17 @@ class Dispatcher:
             raise
 
     async def _run(
-        self, work: Callable[[CommandUnit], Awaitable[T]], stop: asyncio.Event
+        self, work: Callable[[CommandUnit], Awaitable[T]], stop: asyncio.Event, guarded: bool
     ) -> tuple[T, CommandUnit]:
         attempt = 0
         passwords: dict[str, PasswordOutcomes] = {}
         while True:
             try:
-                async with self.unit(passwords) as unit:
+                conn = None
+                if guarded and self.store.dialect.round_trips:
+                    with translate_errors(self.store.dialect.database_label):
+                        conn = await GuardedConnection(self.store.engine)
+                async with self.unit(passwords, conn=conn) as unit:
                     unit.stop = stop
                     value = await work(unit)
                 return value, unit
@@ -1624,10 +1635,12 @@ class GroupCommitter:
             # Another process got in between, or a command failed after writing (an
             # inline projector raised, or the store refused an event it could encode only
             # in the transaction: personal data is encrypted there): write each decision
-            # alone, so only the command at fault fails.
+            # alone, so only the command at fault fails. Not that of a caller cancelled
+            # meanwhile: told so, and the group left nothing of it.
             for decision, (_, future) in zip(decisions, group, strict=True):
                 assert decision is not None
-                await settle(future, self.dispatcher.write(decision))
+                if not future.done():
+                    await settle(future, self.dispatcher.write(decision))
             return
         except Exception as error:  # the database is gone: every caller learns it
             # Not a cancellation of the writer (the loop shutting down): its callers were

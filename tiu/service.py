@@ -412,7 +412,7 @@ class DatabaseService:
         async def work(unit: Any) -> T:
             return await fn(Repositories(Channel(self, caller, unit)))
 
-        value, unit = await self.dispatcher.run(work)
+        value, unit = await self.dispatcher.run(work, guarded=True)
         positions = [r.position for r in unit.results if r.position is not None]
         if positions:
             await self.wait_for(max(positions))

@@ -357,17 +357,24 @@ async def full_sync_store(sqlite_template, tmp_path) -> AsyncIterator[EventStore
         await engine.dispose()
 
 
-def _append_cancelled_at_its_commit(store: EventStore, stream_id: str) -> asyncio.Task[object]:
-    """An append whose caller is cancelled as its COMMIT begins: the cancellation lands
-    at the next wait, the COMMIT on its thread."""
+def _append_cancelled_at_its_commit(
+    store: EventStore, stream_id: str, *, unit: bool = False
+) -> asyncio.Task[object]:
+    """An append (``unit``: one of a unit of work, ``store.transaction()``) whose caller
+    is cancelled as its COMMIT begins: the cancellation lands at the next wait, the
+    COMMIT on its thread."""
     caller: asyncio.Task[object] | None = None
 
     async def cancel_caller(_streams: object) -> None:
         assert caller is not None
         caller.cancel()
 
+    async def in_unit() -> None:
+        async with store.transaction() as uow:
+            uow.append(stream_id, "user", [ev()])
+
     store.before_commit = cancel_caller
-    caller = asyncio.ensure_future(store.append(stream_id, "user", [ev()]))
+    caller = asyncio.ensure_future(in_unit() if unit else store.append(stream_id, "user", [ev()]))
     return caller
 
 
@@ -419,6 +426,55 @@ async def test_a_lone_append_cancelled_after_its_commit_on_a_thread_counts_as_ap
     assert (await store.append("user-after", "user", [ev()])).last_position == 2
     await store.aclose()
     assert pool == ["connect"]
+
+
+@pytest.mark.sqlite
+async def test_a_unit_of_work_cancelled_after_its_commit_on_a_thread_counts_as_appended(
+    full_sync_store,
+):
+    """As a lone append: a unit of work (``store.transaction()``, every command's)
+    whose caller is cancelled while its COMMIT runs on a worker thread is in the log,
+    and the store's known head moves past it at once: waiters on new events wake now,
+    not at the next append."""
+    store = full_sync_store
+    caller = _append_cancelled_at_its_commit(store, "user-gone", unit=True)
+    woken = asyncio.ensure_future(store.wait_for_append(0, timeout=5))
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert store.dialect.known_head == 1
+    assert await asyncio.wait_for(woken, 1)
+    store.before_commit = None
+    async with store.engine.connect() as conn:
+        assert [e.stream_id for e in await store.read_all(conn, 0, 10)] == ["user-gone"]
+
+
+async def test_a_caller_cancelled_while_its_group_fails_as_a_whole_is_not_written_after(store):
+    """A group whose transaction fails as a whole is retried append by append, but for
+    the callers still waiting only: one cancelled while the group was written was told
+    so, and the group left nothing of its append, so nothing of it is written after."""
+    gone: asyncio.Task[object] | None = None
+
+    async def cancel_one_then_fail(streams: list[str]) -> None:
+        if len(streams) > 1 and gone is not None and not gone.done():
+            gone.cancel()
+            await asyncio.wait([gone])  # its caller has been told it was cancelled
+            raise RuntimeError("the group's transaction fails")
+
+    store.before_commit = cancel_one_then_fail
+    callers = [
+        asyncio.ensure_future(store.append(f"user-{n}", "user", [ev(n)], NO_STREAM))
+        for n in range(4)
+    ]
+    gone = callers[-1]
+    outcomes = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+    assert isinstance(outcomes[-1], asyncio.CancelledError)
+    assert not any(isinstance(o, BaseException) for o in outcomes[:-1]), outcomes
+    store.before_commit = None
+    await store.aclose()
+    assert store.engine.pool.checkedout() == 0
+    async with store.engine.connect() as conn:
+        logged = [e.stream_id for e in await store.read_all(conn, 0, 10)]
+    assert sorted(logged) == ["user-0", "user-1", "user-2"]
 
 
 class _Turns:

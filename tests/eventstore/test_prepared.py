@@ -25,8 +25,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from eventstore import NewEvent, StoreUnavailable
 from eventstore.dialects import pooled
 from eventstore.prepared import execute
+from eventstore.translate import translate_errors
 from eventstore.types import JsonDocument, UTCDateTime
 
 
@@ -320,3 +322,26 @@ async def test_a_store_transactions_connection_invalidated_is_no_longer_known(st
             await uow.conn.invalidate()
             known.append(pooled(uow.conn) is not None)
     assert known == [store.dialect.name == "sqlite", False]
+
+
+@pytest.mark.parametrize("then", ["statement", "append"])
+async def test_what_follows_a_lost_connection_in_a_store_transaction_is_store_unavailable(
+    store, engine, twins, then
+):
+    """Code that catches a lost connection and carries on inside a store's write
+    transaction: what it sends next (a statement, or the append at the end) raises
+    StoreUnavailable on both backends, and nothing of the block is committed. Never
+    sent on a new connection outside the transaction, where it would commit alone and
+    the block's earlier writes would be lost without an error."""
+    _, table, _ = twins
+    with pytest.raises(StoreUnavailable):
+        async with store.transaction() as uow:
+            await execute(uow.conn, _insert(table), {"id": "a", "count": 1, "flag": True})
+            await uow.conn.invalidate()  # as SQLAlchemy does on a disconnect error
+            if then == "statement":
+                with translate_errors(store.dialect.database_label):
+                    await execute(uow.conn, _insert(table), {"id": "b", "count": 2, "flag": True})
+            uow.append("user-after", "user", [NewEvent("Happened", {})])
+    assert await _rows(engine, table) == []
+    async with engine.connect() as conn:
+        assert await store.read_all(conn, 0, 10) == []

@@ -20,7 +20,7 @@ from domain import (
 )
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
-from eventstore import EventStore, InvalidEventData, StoreUnavailable, verify
+from eventstore import EventStore, InvalidEventData, StoreUnavailable, TransactionConflict, verify
 from eventstore import store as store_module
 from eventstore.schema import events
 from tests.conftest import PASSWORD, sqlite_write_lock_free
@@ -829,3 +829,41 @@ async def test_an_event_the_store_refuses_at_the_write_fails_only_its_own_comman
         logged = await conn.scalar(select(func.count()).select_from(events))
     assert sorted(registered) == [f"user{n}" for n in (0, 1, 2, 4, 5)]
     assert logged == 5
+
+
+async def test_a_caller_cancelled_while_its_group_fails_as_a_whole_is_not_written_after(service):
+    """As for appends: a group of commands whose transaction fails as a whole is written
+    again command by command for the callers still waiting only. One cancelled while
+    the group was written was told so, and the group left nothing of its command:
+    nothing of it is written after."""
+    gone: asyncio.Task[object] | None = None
+
+    async def cancel_one_then_conflict(streams: list[str]) -> None:
+        if len(streams) > 1 and gone is not None and not gone.done():
+            gone.cancel()
+            await asyncio.wait([gone])  # its caller has been told it was cancelled
+            raise TransactionConflict("the group's transaction conflicts")
+        await asyncio.sleep(0.2)  # a group of one: the others queue behind it meanwhile
+
+    ctx = service.context(SYSTEM_ACTOR)
+    calls = [
+        asyncio.create_task(
+            service.dispatch(projects.CreateProject(project_id=f"x{n}", name=f"X{n}"), ctx)
+        )
+        for n in range(6)
+    ]
+    gone = calls[-1]
+    service.store.before_commit = cancel_one_then_conflict
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+    assert isinstance(outcomes[-1], asyncio.CancelledError)
+    assert not any(isinstance(o, BaseException) for o in outcomes[:-1]), outcomes
+    service.store.before_commit = None
+    async with service.engine.connect() as conn:
+        created = set(
+            (
+                await conn.execute(
+                    select(events.c.stream_id).where(events.c.event_type == "ProjectCreated")
+                )
+            ).scalars()
+        )
+    assert created == {projects.stream_id(f"x{n}") for n in range(5)}
