@@ -299,8 +299,10 @@ class WalCheckpointer:
     open, two reads and a close of the ``-wal`` file, on which SQLite holds no lock:
     the ``-shm`` file must not be opened so, its close would drop SQLite's POSIX locks
     on it). If so, a task of
-    the loop runs ``PRAGMA wal_checkpoint(PASSIVE)`` rounds on a worker thread, each on a
-    connection of its own. A PASSIVE checkpoint takes neither the write lock nor any
+    the loop runs ``PRAGMA wal_checkpoint(PASSIVE)`` rounds on a worker thread, on a
+    connection of the checkpointer's own, kept from one round to the next (opening one
+    reads the whole schema: ~9M instructions, most of a round's CPU). A PASSIVE
+    checkpoint takes neither the write lock nor any
     lock a reader waits for: it copies every frame committed when it began (and that
     no reader still needs) into the database file, and fsyncs it.
 
@@ -340,9 +342,10 @@ class WalCheckpointer:
     At most one checkpoint per file runs at a time in a process. A failed checkpoint,
     or one refused (``SQLITE_BUSY``: another process is checkpointing), is logged and
     tried again once the file has grown by :data:`WAL_CHECKPOINT_BYTES` more; it never
-    reaches the caller whose COMMIT started it. :meth:`close` (the engine's dispose)
-    interrupts a round in progress and cancels the task, which ends once the round's
-    thread has closed its connection.
+    reaches the caller whose COMMIT started it; a failed round closes its connection,
+    and the next opens another. :meth:`close` (the engine's dispose) closes the
+    connection, or interrupts a round in progress and cancels the task, which ends
+    once the round's thread has closed the connection.
     """
 
     def __init__(self, path: str) -> None:
@@ -355,9 +358,14 @@ class WalCheckpointer:
         self._salts = b""
         self._began_at = 0
         self._task: asyncio.Task[None] | None = None
-        self._db: sqlite3.Connection | None = None  # the running round's connection
+        #: The rounds' connection, between rounds too, and the process that opened it
+        #: (a forked child opens its own: SQLite's connections do not cross a fork).
+        self._db: sqlite3.Connection | None = None
+        self._db_pid = 0
+        self._in_round = False  # a round is using _db
         self._closed = False  # close() came: a round starting now does nothing
-        self._mutex = threading.Lock()  # guards _db and _closed (a round's thread, close())
+        #: Guards _db, _in_round and _closed (a round's thread, close()).
+        self._mutex = threading.Lock()
         #: The outcome of the last round: ``PRAGMA wal_checkpoint``'s row (refused,
         #: frames in the WAL, frames copied), or the error it failed with.
         self.last: tuple[int, int, int] | BaseException | None = None
@@ -469,20 +477,34 @@ class WalCheckpointer:
 
     def _passive(self) -> tuple[int, int, int] | None:
         """On a worker thread: ``None`` if :meth:`close` came first."""
-        # A connection per round: opening and closing one costs ~0.2 ms (measured), a
-        # round several ms; and none stays open between checkpoints for close() to end.
-        db = sqlite3.connect(self._uri, uri=True, timeout=0, check_same_thread=False)
+        with self._mutex:
+            if self._closed:
+                return None
+            self._in_round = True
+            db = self._db if self._db_pid == os.getpid() else None
+        failed = True
         try:
-            with self._mutex:
-                if self._closed:
-                    return None
-                self._db = db
+            if db is None:
+                db = sqlite3.connect(self._uri, uri=True, timeout=0, check_same_thread=False)
+                with self._mutex:
+                    self._db, self._db_pid = db, os.getpid()
+                    if self._closed:
+                        return None
             busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            failed = False
             return int(busy), int(frames), int(copied)
         finally:
             with self._mutex:
-                self._db = None
-            db.close()
+                self._in_round = False
+                gone = self._take_db() if failed or self._closed else None
+            if gone is not None:
+                gone.close()
+
+    def _take_db(self) -> sqlite3.Connection | None:
+        """The connection, to close (with :attr:`_mutex` held); ``None`` if there is none
+        or a parent process opened it."""
+        db, self._db = self._db, None
+        return db if self._db_pid == os.getpid() else None
 
     def restart_cut(self) -> int | None:
         """The ``journal_size_limit`` for a write transaction committing now, if it may
@@ -504,7 +526,7 @@ class WalCheckpointer:
 
     def _interrupt(self) -> None:
         with self._mutex:
-            if self._db is not None:
+            if self._in_round and self._db is not None:
                 self._db.interrupt()
 
     async def ended(self) -> None:
@@ -521,10 +543,14 @@ class WalCheckpointer:
             raise asyncio.CancelledError
 
     def close(self) -> None:
-        """Stop a checkpoint in progress (without waiting: its task ends once its
-        round's thread has closed its connection; :meth:`ended` waits for that)."""
+        """Close the connection, or stop a checkpoint in progress (without waiting: its
+        task ends once its round's thread has closed the connection; :meth:`ended`
+        waits for that)."""
         with self._mutex:
             self._closed = True
+            idle = None if self._in_round else self._take_db()
+        if idle is not None:
+            idle.close()
         self._interrupt()
         self.writer_thread.close()
         task = self._task

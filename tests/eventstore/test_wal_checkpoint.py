@@ -217,6 +217,37 @@ async def test_disposing_the_engine_stops_its_checkpoint_and_leaves_no_connectio
     assert _open_files(db_path) == []
 
 
+async def test_checkpoints_one_after_another_share_one_connection(db_path, monkeypatch):
+    # Opening a connection reads the whole schema: most of a round's CPU.
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    opened = []
+    connect = sqlite3.connect
+
+    def counted(database, *args, **kwargs):
+        if "mode=rw" in str(database):  # the checkpointer's own connection
+            opened.append(database)
+        return connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", counted)
+    try:
+        n = 0
+        for _ in range(3):
+            n = await _append_until_a_checkpoint_starts(store, db_path, n)
+            await _checkpointer(store).ended()
+            assert isinstance(_checkpointer(store).last, tuple)
+        assert len(opened) == 1
+    finally:
+        await store.engine.dispose()
+
+
+async def test_disposing_the_engine_after_a_checkpoint_leaves_no_file_open(db_path):
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    await _append_until_a_checkpoint_starts(store, db_path)
+    await _checkpointer(store).ended()
+    await store.engine.dispose()
+    assert _open_files(db_path) == []
+
+
 @pytest.mark.parametrize("url", ["sqlite+aiosqlite://", "sqlite+aiosqlite:///:memory:"])
 async def test_a_database_in_memory_has_no_checkpointer(url):
     engine = create_engine(url)
