@@ -385,6 +385,17 @@ def _install_sqlite_hooks(
         # wal_autocheckpoint: the driver sets it (checkpoints run off the loop).
         cursor.close()
 
+    @event.listens_for(engine.sync_engine, "reset")
+    def _no_transaction_goes_back_to_the_pool(
+        dbapi_connection: Any, _record: Any, state: Any
+    ) -> None:
+        # SQLAlchemy skips its rollback on return when it counts no transaction open. A
+        # write begun on the driver, or one whose COMMIT was cancelled before it ran
+        # (SQLAlchemy then counts the transaction ended), is still open: pooled so, it
+        # would hold this process's writer lock and the file's for good.
+        if state.transaction_was_reset and dbapi_connection.in_transaction:
+            dbapi_connection.rollback()
+
     @event.listens_for(engine.sync_engine, "handle_error")
     def _cancelled_keeps_the_connection(context: Any) -> None:
         # SQLAlchemy takes a cancellation inside a statement for a lost connection and
@@ -392,13 +403,15 @@ def _install_sqlite_hooks(
         # driver lets a cancellation through only once the connection is its caller's
         # alone again (a statement on a worker thread interrupted and ended, a lock wait
         # given up): it stays pooled, as PostgreSQL's guarded reads' connections do.
-        # Unless SQLite ended the transaction SQLAlchemy still counts open (an
-        # interrupted write rolls it back): kept, its next statements would commit one
-        # by one; dropped, they fail.
+        # Unless a statement's SQLite ended the transaction SQLAlchemy still counts
+        # open (an interrupted write rolls it back): kept, its next statements would
+        # commit one by one; dropped, they fail. A COMMIT or ROLLBACK (no statement)
+        # that ended it is what SQLAlchemy was ending anyway.
         if isinstance(context.original_exception, asyncio.CancelledError):
             conn = context.connection
             context.is_disconnect = bool(
-                conn is not None
+                context.statement is not None
+                and conn is not None
                 and conn.in_transaction()
                 and not conn.connection.dbapi_connection.in_transaction
             )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import sqlite3
 import time
 
 import pytest
@@ -20,7 +22,15 @@ from domain import (
 )
 from domain.passwords import BcryptHasher
 from domain.permissions import SYSTEM_ACTOR
-from eventstore import EventStore, InvalidEventData, StoreUnavailable, TransactionConflict, verify
+from eventstore import (
+    EngineOptions,
+    EventStore,
+    InvalidEventData,
+    StoreUnavailable,
+    TransactionConflict,
+    create_engine,
+    verify,
+)
 from eventstore import store as store_module
 from eventstore.schema import events
 from tests.conftest import PASSWORD, sqlite_write_lock_free
@@ -246,6 +256,60 @@ async def test_a_lone_callers_command_is_written_in_its_task_on_sqlite_and_later
         assert [streams for streams, _ in written_by[1:]] == [
             ["task-later0", "task-later1", "task-later2"]
         ]
+
+
+@pytest.mark.sqlite
+async def test_lone_commands_cancelled_at_their_commit_leave_no_lock_and_the_head_known(
+    sqlite_template, tmp_path
+):
+    """A lone caller writes its own command on SQLite. Cancelled as its COMMIT begins
+    (``synchronous=FULL``: the COMMIT goes to a worker thread), either the cancellation
+    waited for that COMMIT, and the store's known head moves past the command at once,
+    or it came before the thread took the COMMIT, and the transaction is rolled back
+    (its connection, which SQLAlchemy then counts out of any transaction, goes back to
+    the pool rolled back, not holding the write lock). Either way, once the queue is
+    idle the write lock is free, the known head is the log's and no connection was
+    dropped. Which of the two happens is the threads' timing: ten commands see both."""
+    path = tmp_path / "full.db"
+    shutil.copyfile(sqlite_template, path)
+    url = f"sqlite+aiosqlite:///{path}"
+    engine = create_engine(url, EngineOptions(sqlite_synchronous="FULL"))
+    service = DatabaseService(
+        Settings(database_url=url, bcrypt_rounds=4), engine=engine, hasher=BcryptHasher(rounds=4)
+    )
+    await service.start(migrate=False)
+    observer = sqlite3.connect(path)
+    try:
+        ctx = service.context(SYSTEM_ACTOR)
+        await service.dispatch(projects.CreateProject(project_id="p", name="First"), ctx)
+        dropped: list[object] = []
+        event.listen(engine.sync_engine, "invalidate", lambda *args: dropped.append(args))
+        caller: asyncio.Future[object] | None = None
+
+        async def cancel_the_caller(_streams: list[str]) -> None:
+            assert caller is not None
+            caller.cancel()
+
+        service.store.before_commit = cancel_the_caller
+        assert service.dispatcher.group is not None
+        queue = service.dispatcher.group._queue
+        for n in range(10):
+            caller = asyncio.ensure_future(
+                service.dispatch(projects.CreateProject(project_id=f"gone{n}", name="Gone"), ctx)
+            )
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            async with asyncio.timeout(5):  # what a writer task took on is done
+                while queue.busy:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert sqlite_write_lock_free(path)
+            (logged,) = observer.execute("SELECT max(position) FROM events").fetchone()
+            assert service.store.dialect.known_head == logged
+        assert dropped == []
+    finally:
+        observer.close()
+        await service.store.aclose()
+        await engine.dispose()
 
 
 async def test_a_caller_sending_commands_one_after_another_checks_out_no_connection_each(
