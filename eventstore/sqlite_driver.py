@@ -279,6 +279,9 @@ _CHECKPOINTING: set[str] = set()
 #: :data:`WAL_SIZE_LIMIT` its COMMIT cuts it back, so that COMMIT runs on a worker thread
 #: (see :meth:`WalCheckpointer.restart_cut`). Whichever engine of this process writes next.
 _RESTART_DUE: set[str] = set()
+#: Checkpoint connections a forked process inherited from its parent: held, never
+#: closed (see :meth:`WalCheckpointer._take_db`).
+_INHERITED: list[sqlite3.Connection] = []
 #: The WAL file's header (https://sqlite.org/fileformat2.html#walformat, big-endian):
 #: magic, format version, page size, checkpoint sequence number, salt-1, salt-2. Each
 #: frame's 24-byte header carries at its offset 8 the salts of the WAL it was written
@@ -487,6 +490,7 @@ class WalCheckpointer:
             if db is None:
                 db = sqlite3.connect(self._uri, uri=True, timeout=0, check_same_thread=False)
                 with self._mutex:
+                    self._take_db()
                     self._db, self._db_pid = db, os.getpid()
                     if self._closed:
                         return None
@@ -502,9 +506,15 @@ class WalCheckpointer:
 
     def _take_db(self) -> sqlite3.Connection | None:
         """The connection, to close (with :attr:`_mutex` held); ``None`` if there is none
-        or a parent process opened it."""
+        or a parent process opened it: that one is kept, never closed (nor dropped, which
+        closes it), since closing a connection a fork carried over may disturb the
+        parent's use of the file (SQLite's "How To Corrupt", carrying a connection
+        across fork)."""
         db, self._db = self._db, None
-        return db if self._db_pid == os.getpid() else None
+        if db is not None and self._db_pid != os.getpid():
+            _INHERITED.append(db)
+            return None
+        return db
 
     def restart_cut(self) -> int | None:
         """The ``journal_size_limit`` for a write transaction committing now, if it may

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import os
@@ -246,6 +247,53 @@ async def test_disposing_the_engine_after_a_checkpoint_leaves_no_file_open(db_pa
     await _checkpointer(store).ended()
     await store.engine.dispose()
     assert _open_files(db_path) == []
+
+
+def _inherited_connection_open_after_rounds_in_a_fork(checkpointer: WalCheckpointer) -> bool:
+    """Whether the checkpointer's connection a forked process inherited is still there
+    and open after two checkpoint rounds of that process. (Looked for by its id among
+    the objects the garbage collector tracks: a reference held here would keep it.)"""
+    inherited = id(checkpointer._db)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through the pipe)
+        try:
+            checkpointer._passive()
+            checkpointer._passive()
+            gc.collect()
+            found = [
+                o
+                for o in gc.get_objects()
+                if id(o) == inherited and isinstance(o, sqlite3.Connection)
+            ]
+            try:
+                is_open = found[0].total_changes >= 0
+            except IndexError:  # dropped, which closes it
+                is_open = False
+            except sqlite3.ProgrammingError:  # closed
+                is_open = False
+            os.write(write, b"1" if is_open else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as report:
+        answer = report.read()
+    os.waitpid(child, 0)
+    return answer == "1"
+
+
+async def test_a_forked_process_checkpointing_leaves_the_connection_it_inherited_open(db_path):
+    """A process forked after a checkpoint carries the checkpointer's kept connection:
+    its own rounds open their own and never close (nor drop) the inherited one, whose
+    close could disturb the parent's use of the file."""
+    store = EventStore(create_engine(f"sqlite+aiosqlite:///{db_path}"))
+    try:
+        await _append_until_a_checkpoint_starts(store, db_path)
+        await _checkpointer(store).ended()
+        assert _checkpointer(store)._db is not None  # kept after the round
+        assert _inherited_connection_open_after_rounds_in_a_fork(_checkpointer(store))
+    finally:
+        await store.engine.dispose()
 
 
 @pytest.mark.parametrize("url", ["sqlite+aiosqlite://", "sqlite+aiosqlite:///:memory:"])
