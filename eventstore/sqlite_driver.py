@@ -107,6 +107,9 @@ OFF_LOOP: Final = "off_loop"
 #: outlasts it inline is interrupted there and run again on the thread (see
 #: :meth:`Connection.bounded`).
 INLINE_BUDGET: Final = 0.0005
+#: ...and that ended on its thread within this much wall time (waits for a core or the
+#: disk included: see :func:`_timed`).
+_INLINE_WAIT: Final = 10 * INLINE_BUDGET
 #: SQLite virtual-machine steps between two looks at the clock (~20-50 us of work).
 _PROGRESS_STEPS: Final = 1000
 #: Statements an engine remembers as ending within :data:`INLINE_BUDGET`.
@@ -577,15 +580,18 @@ class WalCheckpointer:
             loop.call_soon_threadsafe(task.cancel)
 
 
-def _timed(fn: Callable[..., Any], *args: Any) -> float:
-    """The CPU seconds ``fn(*args)`` took on its thread: what it would cost the loop's
-    thread inline. Wall time would count the worker being preempted by other processes,
-    and on a loaded machine mark cheap statements heavy for good, a hop each time. (A
-    statement waiting on the disk inline is still bounded: by :meth:`Connection.bounded`'s
-    deadline, which is wall time.)"""
-    started = time.thread_time()
+def _timed(fn: Callable[..., Any], *args: Any) -> bool:
+    """Run ``fn(*args)``: whether it ended within :data:`INLINE_BUDGET` of its thread's
+    CPU (what it would cost the loop's thread inline) and :data:`_INLINE_WAIT` of wall
+    time. CPU, not wall time alone: on a loaded machine a worker preempted by other
+    processes would mark cheap statements heavy for good, a hop each time. Wall time
+    too: a statement that waited for the disk costs little CPU but would stall the loop
+    inline between two of :meth:`Connection.bounded`'s looks at the clock."""
+    started, cpu = time.perf_counter(), time.thread_time()
     fn(*args)
-    return time.thread_time() - started
+    return (
+        time.thread_time() - cpu <= INLINE_BUDGET and time.perf_counter() - started <= _INLINE_WAIT
+    )
 
 
 async def _yield_to_loop() -> None:
@@ -636,14 +642,12 @@ class Cursor:
                 return self
             adapt.heavy = True
             try:
-                took = await_(adapt.off_loop(_timed, self._execute_off_loop, operation, params))
+                quick_there = await_(
+                    adapt.off_loop(_timed, self._execute_off_loop, operation, params)
+                )
             finally:
                 adapt.release_if_done()
-            if (
-                took <= INLINE_BUDGET
-                and not self.server_side
-                and operation.lstrip()[:6].upper() == "SELECT"
-            ):
+            if quick_there and not self.server_side and operation.lstrip()[:6].upper() == "SELECT":
                 if len(quick) >= _QUICK_READS_KEPT:
                     quick.clear()
                 quick.add(operation)

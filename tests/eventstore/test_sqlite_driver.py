@@ -428,6 +428,26 @@ async def test_an_off_loop_read_past_the_inline_budget_is_run_again_on_a_worker_
         await engine.dispose()
 
 
+async def test_an_off_loop_read_that_waited_on_its_thread_stays_there_however_little_cpu_it_used(
+    db_path,
+):
+    """A read that spent little CPU but long waiting on its thread (for the disk; here a
+    function that sleeps) would stall the loop inline where SQLite cannot look at the
+    clock: it is not run inline next time."""
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}")
+    try:
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            raw.driver_connection.create_function("wait_ms", 1, lambda ms: time.sleep(ms / 1000))
+            threads = _threads_of(raw, "wait_ms")
+            waits = text("SELECT wait_ms(20)").execution_options(off_loop=True)
+            for _ in range(3):
+                await conn.execute(waits)
+        assert threading.get_ident() not in threads
+    finally:
+        await engine.dispose()
+
+
 async def test_an_off_loop_read_that_ends_late_inline_goes_to_the_thread_next_time(db_path):
     """SQLite looks at the clock between steps of a statement's program; a bare count
     is one step (it counts the table's b-tree), so it ends late rather than interrupted."""
