@@ -3,8 +3,9 @@
 Events are built as tiu domain events (pydantic models, validated) and appended in
 big batches through ``EventStore.transaction()`` (one ``uow.append`` per stream of
 the batch), not one command each: the bench measures replay, not the generator.
-The same seed gives the same log, so every system sees the same facts. ``sealed``
-stores personal fields encrypted per subject, as the command path does.
+The same seed gives the same facts, so every system sees them (the same log, but
+with ``sealed``, which stores personal fields encrypted per subject as the command
+path does: its keys and nonces are random).
 """
 
 from __future__ import annotations

@@ -1466,7 +1466,7 @@ class GroupCommitter:
         self.slice = None if dispatcher.store.dialect.round_trips else WRITE_SLICE
         # A lone caller on a SQLite file writes its own command (``alone_inline``, see
         # eventstore.grouping): no writer task, future and turn of the loop to answer
-        # it, 1.0% of a command's instructions (callgrind, one caller's CreateTask).
+        # it, 1.2% of a command's instructions (callgrind, one caller's CreateTask).
         self._queue: GroupQueue[_Queued, CommandResult] = GroupQueue(
             telemetry.traced_group(self._write, _queued_record),
             max_group,
