@@ -191,15 +191,22 @@ class Pooled:
 _pooled: dict[int, Pooled] = {}
 
 
-def pooled(conn: AsyncConnection) -> Pooled | None:
-    """``conn``'s pooled connection, if it is in a store's write transaction on SQLite
-    and still valid (invalidated meanwhile: see :func:`raw_connection`)."""
+def _entry(conn: AsyncConnection) -> Pooled | None:
+    """``conn``'s entry, if it is in a store's write transaction on SQLite, whether or
+    not its pooled connection is still valid."""
     if not _pooled:
         return None
     known = _pooled.get(id(conn))
+    return known if known is not None and known.conn is conn else None
+
+
+def pooled(conn: AsyncConnection) -> Pooled | None:
+    """``conn``'s pooled connection, if it is in a store's write transaction on SQLite
+    and still valid (invalidated meanwhile: see :func:`raw_connection`)."""
+    known = _entry(conn)
     # Invalidated, the pooled connection has no driver connection any more; ``conn`` may
     # have a new one since (SQLAlchemy reconnects a connection it sees in no transaction).
-    if known is None or known.conn is not conn or known.raw.dbapi_connection is None:
+    if known is None or known.raw.dbapi_connection is None:
         return None
     return known
 
@@ -228,10 +235,10 @@ class pooled_while:  # lower case: it reads as a function, ``with pooled_while(.
 
 async def raw_connection(conn: AsyncConnection) -> Any:
     """The pooled DBAPI connection of ``conn`` (its ``driver_connection`` is the driver's)."""
-    known = pooled(conn)
+    known = _entry(conn)
     if known is not None:
-        return known.raw
-    if _pooled and id(conn) in _pooled and _pooled[id(conn)].conn is conn:
+        if known.raw.dbapi_connection is not None:
+            return known.raw
         # Lost inside a store's write transaction, which SQLite rolled back as the
         # connection closed: a new connection would run what follows outside it, each
         # statement committed alone and the earlier writes gone without an error.
