@@ -33,11 +33,11 @@ class View(BaseModel):
         Where those columns are this view's fields, in order, each dict becomes a view's
         fields as it is, unvalidated: each column's Python type and nullability are its
         field's (``tests/tiu/test_models.py`` checks every such view), so validation
-        would hand back the same objects. It was ~13k of a task's ~18k instructions of a
-        keyset page on PostgreSQL; building the view is ~6k (callgrind). Other rows are
-        validated (:meth:`from_rows`)."""
+        would hand back the same objects. It was ~13k of a task's ~18k instructions of
+        a keyset page on PostgreSQL; building the view is ~6k (callgrind). Other rows,
+        and views with validators or constraints, are validated (:meth:`from_rows`)."""
         fields = _field_names(cls)
-        if not rows or tuple(rows[0]) != fields:
+        if fields is None or not rows or tuple(rows[0]) != fields:
             return cls.from_rows(rows)
         new, fields_set = cls.__new__, set(fields)
         views = []
@@ -69,7 +69,20 @@ def _list_adapter(cls: type[View]) -> TypeAdapter[Any]:
 
 
 @functools.cache
-def _field_names(cls: type[View]) -> tuple[str, ...]:
+def _field_names(cls: type[View]) -> tuple[str, ...] | None:
+    """The view's fields, if validating a row holding exactly them can only hand back its
+    values: no validator, constraint, private attribute or post-init to run."""
+    decorators = cls.__pydantic_decorators__
+    if (
+        decorators.validators
+        or decorators.field_validators
+        or decorators.root_validators
+        or decorators.model_validators
+        or cls.__private_attributes__
+        or cls.__pydantic_post_init__ is not None
+        or any(field.metadata for field in cls.model_fields.values())
+    ):
+        return None
     return tuple(cls.model_fields)
 
 

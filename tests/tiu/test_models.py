@@ -3,9 +3,10 @@ change nothing (``View.from_table_rows``)."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pydantic import field_validator
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from projections.readmodels.projects import project_members, projects_table
@@ -103,3 +104,16 @@ async def test_views_of_read_model_rows_are_the_views_validation_builds(service,
     assert bare.id in {task.id for task in models.Task.from_table_rows(read[models.Task][:1])}
     # Rows that are not a mirrored table's (a session's token hash) are validated.
     assert models.Session.from_table_rows(sessions) == models.Session.from_rows(sessions)
+
+
+class _ShoutedMember(models.Member):
+    @field_validator("role")
+    @classmethod
+    def _shout(cls, role: str) -> str:
+        return role.upper()
+
+
+def test_views_with_validators_of_table_rows_are_validated():
+    added = datetime(2026, 3, 2, tzinfo=UTC)
+    rows = [{"project_id": "p1", "user_id": "u1", "role": "editor", "added_at": added}]
+    assert [m.role for m in _ShoutedMember.from_table_rows(rows)] == ["EDITOR"]
