@@ -657,6 +657,7 @@ class Query:
         # Built once: a Select is generative (where() returns a copy).
         self._base: sa.Select[Any] = sa.select(*table.c)
         self._statements: dict[Hashable, tuple[Any, sa.Select[Any]]] = {}
+        self._dicts = _dicts_of(tuple(table.c.keys()))
 
     def __repr__(self) -> str:
         return f"Query({self.table.name!r})"
@@ -760,9 +761,8 @@ class Query:
         return bool(parsed) and not served
 
     def _rows(self, result: sa.CursorResult[Any]) -> Rows:
-        keys = self.table.c.keys()
         # .all(): one fetchall, where iterating fetched row by row (profiled).
-        return [dict(zip(keys, row, strict=True)) for row in result.all()]
+        return self._dicts(result.all())
 
     def _keys(self, order_by: str | Sequence[str] | None) -> list[Key]:
         names = [order_by] if isinstance(order_by, str) else list(order_by or ())
@@ -1036,6 +1036,20 @@ class Query:
 
 
 _MISSING: Final = object()
+
+
+def _dicts_of(keys: tuple[str, ...]) -> Callable[[Sequence[Any]], Rows]:
+    """A function turning rows of the columns ``keys`` into dicts keyed by column.
+
+    Generated, as ``namedtuple`` generates its class: a comprehension unpacking each row
+    into a dict display with constant keys builds each dict at its size, where
+    ``dict(zip(keys, row))`` grew it key by key. ~5,300 against ~10,300 instructions
+    a row of 13 columns (callgrind, a keyset page of tasks on PostgreSQL). The keys
+    are written as string literals (``repr``), the values as ``v0``, ``v1``, ..."""
+    names = [f"v{i}" for i in range(len(keys))]
+    items = ", ".join(f"{key!r}: {name}" for key, name in zip(keys, names, strict=True))
+    source = f"lambda rows: [{{{items}}} for ({', '.join(names)},) in rows]"
+    return eval(source, {})  # type: ignore[no-any-return]  # noqa: S307  # see above
 
 
 def _check_limit(limit: int | None, *, optional: bool) -> None:

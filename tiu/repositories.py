@@ -359,7 +359,7 @@ class UserRepository(_Repository):
     ) -> list[User]:
         async with self._channel.read() as conn:
             rows = await USERS_Q.list(conn, filters, order_by=order_by, limit=limit, offset=offset)
-            return User.from_rows(rows)
+            return User.from_table_rows(rows)
 
     async def count_users(self, filters: Mapping[str, Any] | None = None) -> int:
         async with self._channel.read() as conn:
@@ -386,7 +386,7 @@ class UserRepository(_Repository):
             rows = await ACTIVITY_Q.list(
                 conn, filters, order_by=order_by, limit=limit, offset=offset
             )
-        return UserActivity.from_rows(rows)
+        return UserActivity.from_table_rows(rows)
 
     async def user_id_for_email(self, email: str) -> str | None:
         """Resolve an email through the unique-key table (the write side's truth)."""
@@ -720,7 +720,7 @@ class ProjectRepository(_Repository):
             rows = await PROJECTS_Q.list(
                 conn, where=condition, order_by=["-created_at"], limit=limit
             )
-        return Project.from_rows(rows)
+        return Project.from_table_rows(rows)
 
     async def search_projects(
         self,
@@ -746,7 +746,7 @@ class ProjectRepository(_Repository):
                 limit=limit,
                 offset=offset,
             )
-        return Project.from_rows(rows)
+        return Project.from_table_rows(rows)
 
     async def page_projects(
         self,
@@ -761,7 +761,7 @@ class ProjectRepository(_Repository):
             rows = await PROJECTS_Q.page(
                 conn, filters, order_by=order_by, after=after, limit=limit, where=visible
             )
-        return Page(Project.from_rows(rows.items), rows.next_cursor)
+        return Page(Project.from_table_rows(rows.items), rows.next_cursor)
 
     async def update_project(
         self,
@@ -859,7 +859,7 @@ class ProjectRepository(_Repository):
             rows = await MEMBERS_Q.list(
                 conn, {"project_id": project_id}, order_by=["added_at"], limit=None
             )
-        return Member.from_rows(rows)
+        return Member.from_table_rows(rows)
 
     async def get_project_statistics(self, project_id: str) -> ProjectStatistics:
         if await self.get_project(project_id) is None:
@@ -1029,7 +1029,7 @@ class TaskRepository(_Repository):
             rows = await TASKS_Q.list(
                 conn, filters, where=condition, order_by=order_by, limit=limit, offset=offset
             )
-        return Task.from_rows(rows)
+        return Task.from_table_rows(rows)
 
     async def page_tasks(
         self,
@@ -1044,7 +1044,7 @@ class TaskRepository(_Repository):
             rows = await TASKS_Q.page(
                 conn, filters, order_by=order_by, after=after, limit=limit, where=visible
             )
-        return Page(Task.from_rows(rows.items), rows.next_cursor)
+        return Page(Task.from_table_rows(rows.items), rows.next_cursor)
 
     async def count_tasks(self, filters: Mapping[str, Any] | None = None) -> int:
         async with self._channel.read() as conn:
@@ -1376,7 +1376,7 @@ class SessionRepository(_Repository):
             filters["expires_at__gt"] = self._now()
         async with self._channel.read() as conn:
             rows = await SESSIONS_Q.list(conn, filters, order_by=["-started_at"], limit=None)
-        return Session.from_rows(rows)
+        return Session.from_table_rows(rows)
 
     async def cleanup_expired_sessions(self, *, command_id: str | None = None) -> int:
         """Revoke (as the system) sessions past their absolute or idle expiry that are
