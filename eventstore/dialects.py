@@ -40,7 +40,13 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.util import greenlet_spawn
 
 from eventstore import telemetry
-from eventstore.engine import SCHEMA_OPTION, begin_write, read_parameters, search_path_statement
+from eventstore.engine import (
+    SCHEMA_OPTION,
+    begin_write,
+    driver_round_trip,
+    read_parameters,
+    search_path_statement,
+)
 from eventstore.errors import (
     EventStoreError,
     KeyAlreadyClaimed,
@@ -646,8 +652,11 @@ class Dialect:
         with self.driver_errors(raw, self._stream_data_sql):
             for stream_id, from_version in from_versions.items():
                 rows.extend(
-                    await self._fetch(
-                        raw.driver_connection, self._stream_data_sql, (stream_id, from_version)
+                    await driver_round_trip(
+                        conn,
+                        self._fetch(
+                            raw.driver_connection, self._stream_data_sql, (stream_id, from_version)
+                        ),
                     )
                 )
         return self._stream_data(rows)
@@ -662,8 +671,8 @@ class Dialect:
         raw = await raw_connection(conn)
         sql = self._load_sql
         with self.driver_errors(raw, sql):
-            rows = await self._fetch(
-                raw.driver_connection, sql, (command_id, *self._wanted(wanted))
+            rows = await driver_round_trip(
+                conn, self._fetch(raw.driver_connection, sql, (command_id, *self._wanted(wanted)))
             )
         document = self._codec.document
         processed = None
@@ -692,7 +701,7 @@ class Dialect:
         raw = await raw_connection(conn)
         sql = self._native(sql)
         with self.driver_errors(raw, sql):
-            return await self._fetch(raw.driver_connection, sql, params)
+            return await driver_round_trip(conn, self._fetch(raw.driver_connection, sql, params))
 
     @staticmethod
     def _native(sql: str) -> str:
@@ -724,9 +733,11 @@ class Dialect:
         raw = await raw_connection(conn)
         with self.driver_errors(raw, sql):
             if off_loop:
-                rows = await self._fetch_off_loop(raw, sql, params)
+                rows = await driver_round_trip(conn, self._fetch_off_loop(raw, sql, params))
             else:
-                rows = await self._fetch(raw.driver_connection, sql, params)
+                rows = await driver_round_trip(
+                    conn, self._fetch(raw.driver_connection, sql, params)
+                )
         return RecordedEvent.from_rows(rows, self._codec)
 
     async def _fetch_off_loop(self, raw: Any, sql: str, params: Sequence[Any]) -> Sequence[Any]:
@@ -1310,10 +1321,13 @@ class PostgresDialect(Dialect):
             return await super().read_streams_data(conn, from_versions)
         raw = await raw_connection(conn)
         with self.driver_errors(raw, _PG_STREAMS_DATA):
-            rows = await self._fetch(
-                raw.driver_connection,
-                _PG_STREAMS_DATA,
-                (list(from_versions), list(from_versions.values())),
+            rows = await driver_round_trip(
+                conn,
+                self._fetch(
+                    raw.driver_connection,
+                    _PG_STREAMS_DATA,
+                    (list(from_versions), list(from_versions.values())),
+                ),
             )
         return self._stream_data(rows)
 

@@ -13,10 +13,10 @@ import asyncio
 import logging
 import sqlite3
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -30,6 +30,8 @@ from eventstore.errors import StoreUnavailable
 from eventstore.grouping import whole, whole_round_trip
 from eventstore.hashing import canonical_json, parse_json
 from eventstore.sqlite_driver import OFF_LOOP, InlineSQLiteDBAPI, await_, file_path
+
+Result = TypeVar("Result")
 
 #: Execution option that makes a SQLite transaction take the write lock at BEGIN.
 WRITE_OPTION: Final = "tiu_write"
@@ -137,9 +139,10 @@ class GuardedConnection(AsyncConnection):
     pool serves from its idle connections has none, and no task (:func:`checked_out`).
     SQLite needs none:
     its inline driver has no round trip in flight at an await (``Dialect.round_trips``).
-    Statements sent on the driver connection itself (``Dialect.fetch``) need none
-    either: asyncpg cancels its own round trip cleanly (a cancel request; the
-    connection stays pooled and its next statement waits for the cancel to end).
+    A reader's statements sent on the driver connection itself (``Dialect.fetch``) need
+    none either: asyncpg cancels its own round trip cleanly (a cancel request; the
+    connection stays pooled and its next statement waits for the cancel to end), and
+    the read ends with it. A unit of work goes on after a cut: :class:`UnitConnection`.
     """
 
     __slots__ = ()
@@ -158,6 +161,31 @@ class GuardedConnection(AsyncConnection):
         return await whole(
             super().execute(statement, parameters, execution_options=execution_options)
         )
+
+
+class UnitConnection(GuardedConnection):
+    """The connection of ``execute_in_transaction``'s unit of work, whose function may
+    cut what it awaits and go on in the same transaction: the statements sent on its
+    driver connection directly (:func:`driver_round_trip`: a permission lookup, a
+    command's stream load, a write not held back) are never abandoned midway either.
+    Cut short while PostgreSQL still runs one (a lock wait), asyncpg's cancel request
+    would abort the transaction, and the unit's next statement fail (SQLSTATE 25P02).
+    Nor is a ROLLBACK (a command's ``end_read`` before its password work): abandoned,
+    SQLAlchemy dropped the connection."""
+
+    __slots__ = ()
+
+    async def rollback(self) -> None:
+        await whole(super().rollback())
+
+
+def driver_round_trip(
+    conn: AsyncConnection, work: Coroutine[Any, Any, Result]
+) -> Awaitable[Result]:
+    """``work``, a statement sent on ``conn``'s driver connection directly, to await:
+    never abandoned midway (:func:`eventstore.grouping.whole`) on a
+    :class:`UnitConnection`; anywhere else ``work`` itself (no task, no coroutine more)."""
+    return whole(work) if type(conn) is UnitConnection else work
 
 
 async def checked_out(

@@ -56,6 +56,7 @@ from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.types import TupleType
 
 from eventstore.dialects import driver_errors, pooled, raw_connection
+from eventstore.engine import driver_round_trip
 from eventstore.errors import EventStoreError
 from eventstore.sqlite_driver import BUSY, OFF_LOOP
 from eventstore.sqlite_driver import Connection as InlineConnection
@@ -288,11 +289,11 @@ async def execute(
                     )
                 )
                 return -1
-        await held.run(conn)  # what is held first, in order
+        await driver_round_trip(conn, held.run(conn))  # what is held first, in order
     if one:
-        count = await _execute_one(conn, statement, params, compiled)  # type: ignore[arg-type]
+        count = await driver_round_trip(conn, _execute_one(conn, statement, params, compiled))  # type: ignore[arg-type]
     else:
-        count = await _execute_many(conn, statement, params, compiled)  # type: ignore[arg-type]
+        count = await driver_round_trip(conn, _execute_many(conn, statement, params, compiled))  # type: ignore[arg-type]
     if none_changed is not None and count == 0:
         raise none_changed
     return count

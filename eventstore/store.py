@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from eventstore import telemetry
 from eventstore.dialects import Dialect, HeldConnection, dialect_for, pooled_while
-from eventstore.engine import GuardedConnection
+from eventstore.engine import driver_round_trip
 from eventstore.errors import (
     InvalidEventData,
     InvalidExpectedVersion,
@@ -31,7 +31,7 @@ from eventstore.errors import (
     UnknownCategory,
     WrongExpectedVersion,
 )
-from eventstore.grouping import GroupQueue, Waiting, settle, whole
+from eventstore.grouping import GroupQueue, Waiting, settle
 from eventstore.hashing import (
     GENESIS,
     canonical_json,
@@ -304,10 +304,7 @@ class UnitOfWork:
         (:attr:`held`) are sent first, so that a read sees every write before it."""
         held = self.held
         if held is not None and held.statements:
-            if isinstance(self.conn, GuardedConnection):  # as its own statements are
-                await whole(held.run(self.conn))
-            else:
-                await held.run(self.conn)
+            await driver_round_trip(self.conn, held.run(self.conn))
         return self.conn
 
     async def read_stream(self, stream_id: str, **kwargs: Any) -> list[RecordedEvent]:

@@ -55,7 +55,7 @@ from domain.routing import SESSIONS, Decider, Route, claims, erasures, route
 from eventstore import telemetry
 from eventstore.crypto import DEFAULT_TTL, KeyWriter, SubjectKeys, keyring
 from eventstore.dialects import CheckpointsNotMoved
-from eventstore.engine import GuardedConnection, checked_out
+from eventstore.engine import UnitConnection, checked_out
 from eventstore.errors import (
     CommandInFlight,
     ConcurrencyError,
@@ -63,7 +63,7 @@ from eventstore.errors import (
     KeyAlreadyClaimed,
     WrongExpectedVersion,
 )
-from eventstore.grouping import GroupQueue, Waiting, settle, until_done, whole_round_trip
+from eventstore.grouping import GroupQueue, Waiting, settle, until_done, whole, whole_round_trip
 from eventstore.prepared import execute
 from eventstore.records import ANY, AppendResult, EventContext, ExpectedVersion, NewEvent
 from eventstore.schema import events as events_table
@@ -461,7 +461,7 @@ class CommandUnit:
         if decision.error is not None:
             raise decision.error
         target = decision.target
-        return await self.record(
+        recording = self.record(
             decision.command,
             decision.ctx,
             target.decider,
@@ -469,6 +469,12 @@ class CommandUnit:
             decision.events,
             encoded=decision.encoded,
         )
+        if type(self.conn) is UnitConnection:
+            # The caller's function may cut what it awaits and commit the rest: cut
+            # midway, the command's idempotency record (and claims) would commit without
+            # its events. It runs to its end, as a cancelled command does elsewhere.
+            return await whole(recording)
+        return await recording
 
     def redecide(self, decision: Decision) -> Decision:
         streams = {stream_id: self._streams[stream_id] for stream_id in decision.streams}
@@ -1018,7 +1024,9 @@ class Dispatcher:
         ``guarded``: ``work`` is the caller's own code (``execute_in_transaction``),
         which may cancel what it awaits (a timeout around a read): on PostgreSQL the
         unit's connection then never abandons a round trip midway
-        (:class:`GuardedConnection`), which dropped the connection and its transaction.
+        (:class:`UnitConnection`), its statements sent on the driver directly included:
+        abandoned, one dropped the connection and its transaction, and one PostgreSQL
+        still ran was cancelled, which aborted the transaction.
         """
         stop = asyncio.Event()
         task = asyncio.ensure_future(self._run(work, stop, guarded))
@@ -1039,7 +1047,7 @@ class Dispatcher:
                 conn = None
                 if guarded and self.store.dialect.round_trips:
                     with translate_errors(self.store.dialect.database_label):
-                        conn = await GuardedConnection(self.store.engine)
+                        conn = await UnitConnection(self.store.engine)
                 async with self.unit(passwords, conn=conn) as unit:
                     unit.stop = stop
                     value = await work(unit)

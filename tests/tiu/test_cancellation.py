@@ -755,3 +755,128 @@ async def test_a_call_cut_off_inside_a_unit_of_work_leaves_its_transaction_whole
     assert {f"task-{t}" for t in rows} == created  # read models and log agree
     assert len(created) > STEPS - len(cut)
     _no_loop_errors(caplog)
+
+
+async def _timed_out_after(call: Awaitable[object], point: tuple[str, float]) -> bool:
+    """Await ``call`` under ``asyncio.timeout``, expiring after ``point`` (turns of the
+    loop or ms, as :func:`_cancel_after`); whether it timed out."""
+    loop = asyncio.get_running_loop()
+    kind, amount = point
+    try:
+        async with asyncio.timeout(amount / 1000 if kind == "ms" else None) as deadline:
+            if kind == "turns":
+                pending = True
+
+                def expire_after(turns: int) -> None:
+                    if not pending:
+                        pass
+                    elif turns == 0:
+                        deadline.reschedule(loop.time())
+                    else:
+                        loop.call_soon(expire_after, turns - 1)
+
+                expire_after(int(amount))
+            try:
+                await call
+            finally:
+                pending = False
+    except TimeoutError:
+        return True
+    return False
+
+
+async def _locked_for_a_while(engine: AsyncEngine, table: str) -> asyncio.Task[None]:
+    """PostgreSQL: another session holds ``table`` locked for 5 ms from now (as a
+    migration or a rebuild's swap would): a read of it waits on the server meanwhile.
+    The task that ends the lock."""
+    holder = await engine.connect()
+    await holder.begin()
+    await holder.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+
+    async def release() -> None:
+        try:
+            await asyncio.sleep(0.005)
+        finally:
+            await holder.close()  # rolled back
+
+    return asyncio.ensure_future(release())
+
+
+async def test_a_call_cut_off_in_a_unit_of_work_while_the_database_runs_its_read_leaves_it_usable(
+    service, engine, caplog, recwarn
+):
+    """A timeout inside ``execute_in_transaction``'s function that cuts a repository
+    call at any point, on PostgreSQL while the server still runs a read the call sent
+    to the driver directly (a permission lookup, a command's stream load; here waiting
+    for a lock another session holds): the call ends once that read has, and the
+    unit goes on with another command and commits. Abandoned, asyncpg cancelled the
+    read, which aborted the transaction: the next command failed with a driver error
+    (SQLSTATE 25P02) that is no documented one. A command cut once it began writing
+    runs to its end: cut there, its idempotency record committed without its events."""
+    owner, project = await _setup(service)
+    async with service.get_repositories(actor_id=owner) as repos:
+        task = await repos.tasks.create_task(project, "Read")
+    await _settled(service, engine)
+    pool = _pool_events(engine)
+    postgresql = engine.dialect.name == "postgresql"
+    #: What is cut, and the table whose lock its read on the driver waits for.
+    calls: list[tuple[str, Callable[[Any, int], Awaitable[object]]]] = [
+        # The actor's permissions (on the driver), then the task (through SQLAlchemy).
+        ("user_permissions", lambda repos, n: repos.tasks.get_task(task.id)),
+        # A command's load of its streams and idempotency record (on the driver).
+        ("processed_commands", lambda repos, n: repos.tasks.create_task(project, f"Cut {n}")),
+        # ... and one whose write claims keys (round trips) after its record.
+        (
+            "processed_commands",
+            lambda repos, n: repos.users.create_user(
+                email=f"cut{n}@example.com", username=f"cut{n}", password=PASSWORD
+            ),
+        ),
+    ]
+    cut_waiting = [0] * len(calls)
+    for index, (table, call) in enumerate(calls):
+        for n, point in enumerate(POINTS):
+            unlocked: list[asyncio.Task[None]] = []
+
+            async def fn(
+                repos, index=index, table=table, call=call, n=n, point=point, unlocked=unlocked
+            ):
+                # Its transaction begins (a query through SQLAlchemy) before the lock.
+                await repos.users.get_by_id(owner)
+                if postgresql:
+                    unlocked.append(await _locked_for_a_while(engine, table))
+                if await _timed_out_after(call(repos, n), point) and unlocked:
+                    # Cut while the read waited for the lock: ended once it had.
+                    cut_waiting[index] += unlocked[0].done()
+                await repos.tasks.create_task(project, f"After {index} {n}")
+
+            await service.execute_in_transaction(fn, actor_id=owner)
+            await asyncio.gather(*unlocked)
+    if postgresql:
+        assert all(cut_waiting), cut_waiting
+    await _settled(service, engine)
+    assert pool["invalidate"] == 0
+    await _all_idle(engine)
+    async with engine.connect() as conn:
+        titles = set((await conn.execute(text("SELECT title FROM tasks"))).scalars())
+        logged = dict(
+            (
+                await conn.execute(
+                    select(events.c.event_type, func.count()).group_by(events.c.event_type)
+                )
+            ).all()
+        )
+        recorded = dict(
+            (
+                await conn.execute(
+                    text("SELECT command_type, count(*) FROM processed_commands GROUP BY 1")
+                )
+            ).all()
+        )
+        users_ = await conn.scalar(text("SELECT count(*) FROM users"))
+    assert {f"After {i} {n}" for i in range(len(calls)) for n in range(len(POINTS))} <= titles
+    # Read models, log and idempotency records agree: each command whole, or absent.
+    assert len(titles) == logged["TaskCreated"] == recorded["CreateTask"]
+    assert users_ == logged["UserRegistered"] == recorded["RegisterUser"]
+    _no_loop_errors(caplog)
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]

@@ -900,27 +900,55 @@ async def test_a_caller_cancelled_while_its_group_fails_as_a_whole_is_not_writte
     again command by command for the callers still waiting only. One cancelled while
     the group was written was told so, and the group left nothing of its command:
     nothing of it is written after."""
-    gone: asyncio.Task[object] | None = None
+    ctx = service.context(SYSTEM_ACTOR)
+    queue = service.dispatcher.group._queue
+    first_held = asyncio.Event()
+    others_queued = asyncio.Event()
+    calls: dict[str, asyncio.Task[object]] = {}  # by the stream each creates
+    failed: list[str] = []  # the streams of the group that failed as a whole
 
-    async def cancel_one_then_conflict(streams: list[str]) -> None:
-        if len(streams) > 1 and gone is not None and not gone.done():
+    async def hold_the_first_then_cancel_one_and_conflict(streams: list[str]) -> None:
+        if not others_queued.is_set():
+            # The first command, a group of one: the others queue behind it meanwhile.
+            first_held.set()
+            await others_queued.wait()
+        elif len(streams) > 1 and not failed:
+            # The next group (on SQLite its budget may leave some of the five to the
+            # group after): one of its callers is cancelled, then it fails.
+            failed.extend(streams)
+            gone = calls[max(streams)]
             gone.cancel()
             await asyncio.wait([gone])  # its caller has been told it was cancelled
             raise TransactionConflict("the group's transaction conflicts")
-        await asyncio.sleep(0.2)  # a group of one: the others queue behind it meanwhile
+        # Else a command written alone: the failed group's, again, or one after it.
 
-    ctx = service.context(SYSTEM_ACTOR)
-    calls = [
-        asyncio.create_task(
-            service.dispatch(projects.CreateProject(project_id=f"x{n}", name=f"X{n}"), ctx)
+    def create(n: int) -> None:
+        command = projects.CreateProject(project_id=f"x{n}", name=f"X{n}")
+        calls[projects.stream_id(command.project_id)] = asyncio.create_task(
+            service.dispatch(command, ctx)
         )
-        for n in range(6)
-    ]
-    gone = calls[-1]
-    service.store.before_commit = cancel_one_then_conflict
-    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
-    assert isinstance(outcomes[-1], asyncio.CancelledError)
-    assert not any(isinstance(o, BaseException) for o in outcomes[:-1]), outcomes
+
+    service.store.before_commit = hold_the_first_then_cancel_one_and_conflict
+    create(0)
+    async with asyncio.timeout(10):
+        await first_held.wait()
+    for n in range(1, 6):
+        create(n)
+    async with asyncio.timeout(10):  # the five prepared and queued: the next group
+        while len(queue._queue) < 5:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    others_queued.set()
+    outcomes = dict(
+        zip(
+            calls,
+            await asyncio.wait_for(asyncio.gather(*calls.values(), return_exceptions=True), 10),
+            strict=True,
+        )
+    )
+    assert len(failed) > 1, failed
+    gone = max(failed)
+    assert isinstance(outcomes.pop(gone), asyncio.CancelledError)
+    assert not any(isinstance(o, BaseException) for o in outcomes.values()), outcomes
     service.store.before_commit = None
     async with service.engine.connect() as conn:
         created = set(
@@ -930,4 +958,4 @@ async def test_a_caller_cancelled_while_its_group_fails_as_a_whole_is_not_writte
                 )
             ).scalars()
         )
-    assert created == {projects.stream_id(f"x{n}") for n in range(5)}
+    assert created == set(outcomes)  # every command but the cancelled caller's
