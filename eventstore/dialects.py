@@ -404,8 +404,8 @@ def driver_errors(engine: AsyncEngine, raw: Any, statement: str) -> _DriverError
 
 
 class _DriverErrors:
-    """:func:`driver_errors`: a class, not a generator-based context manager, since an
-    append enters five of them and ``contextlib``'s wrapper cost ~2 us each (profiled).
+    """:func:`driver_errors`: a class, not a generator-based context manager, since a
+    command enters several and ``contextlib``'s wrapper cost ~2 us each (profiled).
 
     One may also cover several statements sent in a row (an append's transaction: one
     scope instead of one a statement, ~5 Python calls less each): :meth:`at` names the
