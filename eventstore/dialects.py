@@ -410,23 +410,39 @@ def driver_errors(engine: AsyncEngine, raw: Any, statement: str) -> _DriverError
 
 
 class _DriverErrors:
-    """:func:`driver_errors`: a class, not a generator-based context manager, since an
-    append enters five of them and ``contextlib``'s wrapper cost ~2 us each (profiled)."""
+    """:func:`driver_errors`: a class, not a generator-based context manager, since a
+    command enters several and ``contextlib``'s wrapper cost ~2 us each (profiled).
 
-    __slots__ = ("engine", "raw", "statement")
+    One may also cover several statements sent in a row (an append's transaction: one
+    scope instead of one a statement, ~5 Python calls less each): :meth:`at` names the
+    statement that runs next, and logs it when echo is on; while no statement is named
+    (``""``), an error raised is not the driver's and is left as it is."""
+
+    __slots__ = ("echo", "engine", "raw", "statement")
 
     def __init__(self, engine: AsyncEngine, raw: Any, statement: str) -> None:
         self.engine = engine
         self.raw = raw
         self.statement = statement
+        self.echo = False
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> _DriverErrors:
         logger = self.engine.sync_engine.logger
-        if logger.isEnabledFor(logging.INFO):  # echo: log it as SQLAlchemy would
+        self.echo = logger.isEnabledFor(logging.INFO)
+        if self.echo and self.statement:  # echo: log it as SQLAlchemy would
             logger.info("%s [driver statement; parameters hidden]", self.statement.strip())
+        return self
+
+    def at(self, statement: str) -> None:
+        """``statement`` runs next, in this scope."""
+        self.statement = statement
+        if self.echo:
+            self.engine.sync_engine.logger.info(
+                "%s [driver statement; parameters hidden]", statement.strip()
+            )
 
     def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
-        if not isinstance(error, Exception):
+        if not isinstance(error, Exception) or not self.statement:
             return  # no error, or one that is not the driver's to translate
         dialect = self.engine.dialect
         dbapi = dialect.loaded_dbapi
@@ -541,6 +557,9 @@ class Dialect:
 
     #: Whether :meth:`append_group` may run appends on a bare pooled driver connection.
     direct_appends = True
+    #: Whether a connection checked out bare may have to follow a view's schema
+    #: (:func:`follow_schema`): tenants' views are PostgreSQL's; a SQLite engine is none.
+    follows_schema = True
     #: Whether a statement can be in flight while its caller awaits (a network round
     #: trip); not with the inline SQLite driver, which waits only for locks.
     round_trips = True
@@ -579,7 +598,8 @@ class Dialect:
             if raw is None:
                 raw = await self.engine.raw_connection()
             try:
-                await follow_schema(self.engine, raw, self._schema)
+                if self.follows_schema:
+                    await follow_schema(self.engine, raw, self._schema)
                 outcomes = await self._append_on(raw, store, pending)
             except BaseException as error:
                 if getattr(error, "connection_invalidated", False) or (
@@ -943,6 +963,7 @@ def _numbered_qmarks(sql: str) -> str:
 class SQLiteDialect(Dialect):
     name = "sqlite"
     round_trips = False
+    follows_schema = False
     _read_stream_sql = _numbered_qmarks(_READ_STREAM.format(_READ_COLUMNS[False]))
     _stream_data_sql = _numbered_qmarks(_STREAM_DATA)
     _codec = RowCodec(uuid_from_hex, _loads, sqlite_datetime)  # CHAR(32) hex, JSON, UTC text
@@ -1014,7 +1035,11 @@ class SQLiteDialect(Dialect):
     ) -> tuple[dict[str, StreamHead], int | None]:
         # Under BEGIN IMMEDIATE nobody else writes: the heads and position read now are
         # final until this transaction appends.
-        heads, position = self._heads_and_position(await raw_connection(conn), list(expected))
+        raw = await raw_connection(conn)
+        with self.driver_errors(raw, "") as errors:
+            heads, position = self._heads_and_position(
+                raw.driver_connection, list(expected), errors
+            )
         for stream_id, version in expected.items():
             head = heads.setdefault(stream_id, _NO_HEAD)
             if head.version != version:
@@ -1024,22 +1049,23 @@ class SQLiteDialect(Dialect):
     async def heads_and_position(
         self, conn: AsyncConnection, stream_ids: Sequence[str]
     ) -> tuple[dict[str, StreamHead], int]:
-        return self._heads_and_position(await raw_connection(conn), stream_ids)
+        raw = await raw_connection(conn)
+        with self.driver_errors(raw, "") as errors:
+            return self._heads_and_position(raw.driver_connection, stream_ids, errors)
 
+    @staticmethod
     def _heads_and_position(
-        self, raw: Any, stream_ids: Sequence[str], db: Any = None
+        db: Any, stream_ids: Sequence[str], errors: _DriverErrors
     ) -> tuple[dict[str, StreamHead], int]:
-        """``db``: ``raw``'s sqlite3 connection, where the caller has it already."""
+        """On sqlite3 connection ``db``, its statements in the scope of ``errors``."""
         # Inline sqlite3 (eventstore.sqlite_driver): see _sqlite_heads.
-        if db is None:
-            db = raw.driver_connection
         heads: dict[str, StreamHead] = {}
         position = 0
         for start in range(0, max(len(stream_ids), 1), _HEADS_PER_STATEMENT):
             chunk = stream_ids[start : start + _HEADS_PER_STATEMENT]
             sql = _sqlite_heads(len(chunk), start == 0)
-            with self.driver_errors(raw, sql):
-                rows = db.execute(sql, chunk).fetchall()
+            errors.at(sql)
+            rows = db.execute(sql, chunk).fetchall()
             for stream_id, version, hash_ in rows:
                 if stream_id is None:
                     position = version
@@ -1048,34 +1074,40 @@ class SQLiteDialect(Dialect):
         return heads, position
 
     async def insert_events(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
-        self._insert_events(await raw_connection(conn), rows)
+        raw = await raw_connection(conn)
+        with self.driver_errors(raw, "") as errors:
+            self._insert_events(raw.driver_connection, rows, errors)
 
-    def _insert_events(self, raw: Any, rows: list[tuple[Any, ...]], db: Any = None) -> None:
+    @staticmethod
+    def _insert_events(db: Any, rows: list[tuple[Any, ...]], errors: _DriverErrors) -> None:
         values = [(*r[:1], r[1].hex, *r[2:13], sqlite_text(r[13]), r[14]) for r in rows]
-        with self.driver_errors(raw, _SQLITE_INSERT):
-            (raw.driver_connection if db is None else db).executemany(_SQLITE_INSERT, values)
+        errors.at(_SQLITE_INSERT)
+        db.executemany(_SQLITE_INSERT, values)
 
     async def _append_on(
         self, raw: Any, store: EventStore, pending: list[_PendingAppend]
     ) -> list[AppendResult | WrongExpectedVersion]:
         driver: InlineConnection = raw.dbapi_connection
         db = driver.driver_connection  # once: the pool's proxy reaches it through three calls
-        with self.driver_errors(raw, "BEGIN IMMEDIATE"):
-            await driver.begin_write()
+        # One scope for the transaction's statements, each named as it runs; what runs
+        # between them raises no driver error (a fault hook's is not translated).
         try:
-            heads, position = self._heads_and_position(raw, store.lock_list(pending), db)
-            rows, outcomes = store.plan(pending, {}, heads, position, refuse=True)
-            if rows:
-                self._insert_events(raw, rows, db)
-            if store.before_commit is not None:
-                await store.before_commit(store.lock_list(pending))
-            try:
-                with self.driver_errors(raw, "COMMIT"):
-                    await driver.commit_async()
-            except asyncio.CancelledError:
+            with self.driver_errors(raw, "BEGIN IMMEDIATE") as errors:
+                await driver.begin_write()
+                heads, position = self._heads_and_position(db, store.lock_list(pending), errors)
+                rows, outcomes = store.plan(pending, {}, heads, position, refuse=True)
                 if rows:
-                    self._appended_if_logged(store, driver, db, rows[-1][1], rows[-1][0])
-                raise
+                    self._insert_events(db, rows, errors)
+                if store.before_commit is not None:
+                    errors.statement = ""
+                    await store.before_commit(store.lock_list(pending))
+                errors.at("COMMIT")
+                try:
+                    await driver.commit_async()
+                except asyncio.CancelledError:
+                    if rows:
+                        self._appended_if_logged(store, driver, db, rows[-1][1], rows[-1][0])
+                    raise
         finally:
             if driver.in_transaction:
                 driver.rollback()

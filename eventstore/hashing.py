@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import orjson
@@ -220,15 +220,37 @@ def hash_tail(
 last_stamp: tuple[object, str] = (None, "")
 
 
+#: The start of the UTC minute :func:`recorded_at_text` last wrote a stamp in, and that
+#: minute's text (``YYYY-MM-DDTHH:MM:``), swapped whole.
+_minute: tuple[datetime, str] = (datetime.min.replace(tzinfo=UTC), "")
+_MINUTE: Final = timedelta(minutes=1)
+_NO_TIME: Final = timedelta(0)
+
+
 def recorded_at_text(recorded_at: datetime) -> str:
     """``recorded_at`` as the hashed text holds it: in UTC, as the log stores it and
     verification reads it back (hashed with another offset, a stamp from a caller's
-    clock would never verify). Verification passes the stored text itself."""
-    global last_stamp  # noqa: PLW0603  # swapped whole
+    clock would never verify). Verification passes the stored text itself.
+
+    That text is ``isoformat(timespec="microseconds")``'s. For a stamp in UTC (the
+    store's clock) the minute's text is kept and the seconds written after it: the
+    same characters, ~13k instructions less than ``isoformat`` (callgrind), once an
+    append; a test holds the two equal."""
+    global last_stamp, _minute  # noqa: PLW0603  # swapped whole
     given = recorded_at
-    if isinstance(recorded_at, datetime) and recorded_at.utcoffset():
-        recorded_at = recorded_at.astimezone(UTC)
-    text = recorded_at.isoformat(timespec="microseconds")
+    if type(recorded_at) is datetime and recorded_at.tzinfo is UTC:
+        start, minute = _minute
+        since = recorded_at - start
+        if since >= _MINUTE or since < _NO_TIME:
+            start = recorded_at.replace(second=0, microsecond=0)
+            minute = start.isoformat()[:17]
+            _minute = (start, minute)
+            since = recorded_at - start
+        text = f"{minute}{since.seconds:02d}.{since.microseconds:06d}+00:00"
+    else:
+        if isinstance(recorded_at, datetime) and recorded_at.utcoffset():
+            recorded_at = recorded_at.astimezone(UTC)
+        text = recorded_at.isoformat(timespec="microseconds")
     last_stamp = (given, text)
     return text
 

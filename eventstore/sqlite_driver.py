@@ -767,6 +767,7 @@ class Connection(AdaptedConnection):
         "_held_lock",
         "_lock_key",
         "_offload_commit",
+        "_writer",
         "dbapi",
         "heavy",
         "write_begun",
@@ -793,6 +794,10 @@ class Connection(AdaptedConnection):
         self._checkpointer = checkpointer
         #: This process's writer lock of the file while this connection holds it.
         self._held_lock: asyncio.Lock | None = None
+        #: The writer lock of the file last found for a loop, and that loop (weakly:
+        #: a pooled connection outlives loops), so a write transaction does not look
+        #: it up again.
+        self._writer: tuple[weakref.ref[asyncio.AbstractEventLoop], asyncio.Lock] | None = None
         #: ``total_changes`` when this connection took the writer lock: a transaction
         #: that changed no row writes no frame, so its COMMIT starts no WAL again.
         self._changes_at_lock = 0
@@ -922,7 +927,13 @@ class Connection(AdaptedConnection):
         timeout); held until the transaction ends."""
         if self._held_lock is not None:
             return
-        lock = _writer_lock(self._lock_key)
+        loop = asyncio.get_running_loop()
+        known = self._writer
+        if known is not None and known[0]() is loop:
+            lock = known[1]
+        else:
+            lock = _writer_lock(self._lock_key)
+            self._writer = (weakref.ref(loop), lock)
         if not lock.locked():  # uncontended: no timer, no task
             await lock.acquire()
         else:

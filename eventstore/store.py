@@ -62,6 +62,23 @@ from eventstore.translate import translate_errors
 
 _CATEGORY_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,49}")
 _EVENT_TYPE_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,199}")
+#: Names already found to match each (a set lookup costs a tenth of the match, and an
+#: append checks two), up to :data:`_MATCHED_MAX`: names are few, but a caller may
+#: send any.
+_MATCHED_CATEGORIES: Final[set[str]] = set()
+_MATCHED_EVENT_TYPES: Final[set[str]] = set()
+_MATCHED_MAX: Final = 1024
+
+
+def _matches(name: object, pattern: re.Pattern[str], matched: set[str]) -> bool:
+    """Whether ``name`` is a string ``pattern`` matches whole (remembered in ``matched``)."""
+    if not isinstance(name, str) or not pattern.fullmatch(name):
+        return False
+    if type(name) is str and len(matched) < _MATCHED_MAX:
+        matched.add(name)
+    return True
+
+
 #: A NUL in JSON text: ``\u0000`` whose backslash is not itself escaped (an even
 #: run of backslashes before it). The text ``\\u0000`` is a backslash, then "u0000".
 _NUL_ESCAPE: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -585,7 +602,9 @@ class EventStore:
         expected: ExpectedVersion,
         context: EventContext,
     ) -> _PendingAppend:
-        if not isinstance(category, str) or not _CATEGORY_RE.fullmatch(category):
+        if not (type(category) is str and category in _MATCHED_CATEGORIES) and not _matches(
+            category, _CATEGORY_RE, _MATCHED_CATEGORIES
+        ):
             raise UnknownCategory(str(category), self.categories)
         if self.categories is not None and category not in self.categories:
             raise UnknownCategory(category, self.categories)
@@ -614,7 +633,9 @@ class EventStore:
 
     def _encode(self, event: NewEvent) -> tuple[NewEvent, str, str]:
         name = event.event_type
-        if not isinstance(name, str) or not _EVENT_TYPE_RE.fullmatch(name):
+        if not (type(name) is str and name in _MATCHED_EVENT_TYPES) and not _matches(
+            name, _EVENT_TYPE_RE, _MATCHED_EVENT_TYPES
+        ):
             raise InvalidEventData(str(name), "event_type must be 1-200 letters, digits or _.:-")
         if type(event.schema_version) is not int or not 1 <= event.schema_version <= 32767:
             raise InvalidEventData(name, "schema_version must be an int from 1 to 32767")
@@ -633,7 +654,12 @@ class EventStore:
             # PostgreSQL cannot store NUL in text or JSONB; refuse it on every backend.
             raise InvalidEventData(name, "strings must not contain NUL (\\u0000) characters")
         try:
-            size = len(data_json.encode()) + len(meta_json.encode())
+            # ASCII text (most events) is as many bytes as characters, and holds no
+            # surrogate: no copy encoded to count them.
+            if data_json.isascii() and meta_json.isascii():
+                size = len(data_json) + len(meta_json)
+            else:
+                size = len(data_json.encode()) + len(meta_json.encode())
         except UnicodeEncodeError as error:
             raise InvalidEventData(
                 name, "strings must be valid Unicode (a lone surrogate cannot be stored)"
@@ -701,7 +727,9 @@ class EventStore:
         pending: list[_PendingAppend], expected: Mapping[str, int] | None = None
     ) -> list[str]:
         """The streams whose heads an append reads: appended ones, then checked ones."""
-        return list(dict.fromkeys([*(p.stream_id for p in pending), *(expected or {})]))
+        if not expected:
+            return list(dict.fromkeys([p.stream_id for p in pending]))
+        return list(dict.fromkeys([*(p.stream_id for p in pending), *expected]))
 
     def plan(
         self,
@@ -721,9 +749,9 @@ class EventStore:
         for stream_id, version in expected.items():
             _check_expected(stream_id, version, (heads.get(stream_id) or _NO_HEAD).version)
         now = self.now()
-        # One stamp for the group's appends that bring none (a command's brings its own).
-        given = all(p.recorded_at is not None for p in pending)
-        now_text = "" if given else recorded_at_text(now)
+        # One stamp for the group's appends that bring none (a command's brings its own),
+        # written out once, when the first of them is met.
+        now_text = ""
         rows: list[tuple[Any, ...]] = []
         results: list[AppendResult | WrongExpectedVersion] = []
         for p in pending:
@@ -737,6 +765,8 @@ class EventStore:
                 continue
             prev = head.hash or GENESIS
             ctx = p.context
+            if not now_text and p.recorded_at is None:
+                now_text = recorded_at_text(now)
             stamp, tails = p.stamped(now, now_text)
             stream_json = json_text(p.stream_id)
             first_position = position + 1

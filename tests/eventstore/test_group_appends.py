@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import shutil
 import sqlite3
 import time
@@ -679,3 +680,18 @@ async def test_closing_the_queue_while_its_writer_is_stopped_by_the_loop_ends_wi
     await asyncio.wait_for(closing, 5)  # no CancelledError
     assert isinstance((await asyncio.gather(caller, return_exceptions=True))[0], StoreUnavailable)
     assert not queue.busy
+
+
+async def test_with_echo_on_an_append_logs_each_statement_it_sends_to_the_driver(store, caplog):
+    """An append sends its statements to the driver, not through SQLAlchemy; with the
+    engine's echo on they are logged all the same, each as it is sent, in order."""
+    await store.append("user-warm", "user", [ev()])
+    caplog.set_level(logging.INFO, logger="sqlalchemy.engine.Engine")
+    caplog.clear()
+    await store.append("user-echo", "user", [ev()])
+    sent = [r.getMessage() for r in caplog.records if "[driver statement" in r.getMessage()]
+    if store.dialect.name == "sqlite":
+        assert [s.split()[0] for s in sent] == ["BEGIN", "SELECT", "INSERT", "COMMIT"]
+    else:
+        assert len(sent) == 1
+        assert "tiu_append" in sent[0]

@@ -12,14 +12,14 @@ import json
 import math
 import uuid
 from collections import OrderedDict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from eventstore.hashing import canonical_json, hash_tail, json_text
+from eventstore.hashing import canonical_json, hash_tail, json_text, recorded_at_text
 
 
 def _reference_normalise(value: Any) -> Any:
@@ -158,3 +158,23 @@ def test_hashed_scalars_are_written_as_the_stdlib_writes_them(value, actor, even
         ensure_ascii=False,
     )
     assert tail == f",{middle[1:-1]},{{}},{{}},{end[1:]}"
+
+
+@given(
+    first=st.datetimes(timezones=st.just(UTC)),
+    later=st.lists(st.integers(min_value=0, max_value=130_000_000), max_size=4),
+)
+@example(first=datetime(2026, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC), later=[1, 60_000_000])
+@example(first=datetime(1, 1, 1, tzinfo=UTC), later=[0])
+def test_a_utc_stamp_is_written_as_isoformat_writes_it(first, later):
+    """The stamp's text is hashed: written from a kept minute, it is still isoformat's,
+    stamp after stamp, within a minute and across minutes, days and years."""
+    stamp = first
+    for step in [0, *later]:
+        try:
+            stamp = stamp + timedelta(microseconds=step)
+        except OverflowError:
+            break
+        assert recorded_at_text(stamp) == stamp.isoformat(timespec="microseconds")
+    before = first - timedelta(seconds=61) if first.year > 1 else first
+    assert recorded_at_text(before) == before.isoformat(timespec="microseconds")
