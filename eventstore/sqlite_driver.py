@@ -293,9 +293,10 @@ FREE_ROUNDS: Final = 4
 HELD_ROUND_FRAMES: Final = 16 * CATCH_UP_FRAMES
 #: ``PRAGMA analysis_limit`` of tiu's connections: ``ANALYZE`` (tiu's, or one run through
 #: tiu's engine) reads about this many entries of each index rather than all of them, so
-#: its cost stays flat in the data: at 1,000,000 events the whole database's took 3-6 ms
-#: (1.5-2 ms of CPU) with the write lock held, against 1.1-2.1 s without a limit. SQLite
-#: recommends 100-1000 (https://sqlite.org/lang_analyze.html#approx).
+#: its cost stays flat in the data: at 1,000,000 events the whole database's held the
+#: write lock 3-6 ms (1.5-2 ms of CPU), 6-14 ms with the read models, against 1.1-2.1 s
+#: for the log alone without a limit. SQLite's ANALYZE page suggests 100-1000
+#: (https://sqlite.org/lang_analyze.html).
 ANALYSIS_LIMIT: Final = 1000
 #: How often, at most, a file's :class:`WalCheckpointer` gathers the planner's statistics
 #: again (:func:`gather_statistics`), after a checkpoint: only a file being written has
