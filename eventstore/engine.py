@@ -454,7 +454,7 @@ def _install_sqlite_hooks(
 async def gather_statistics(engine: AsyncEngine) -> None:
     """Gather SQLite's query-planner statistics of ``engine``'s database again
     (:func:`eventstore.sqlite_driver.gather_statistics`; its ``ANALYZE`` off the loop, with
-    the write lock held 3-6 ms at 1,000,000 events). After migrations and a rebuild's
+    the write lock held 3-14 ms at 1,000,000 events). After migrations and a rebuild's
     swap, and at most hourly after a WAL checkpoint, tiu does it itself. Nothing on
     PostgreSQL: its autovacuum analyses tables as they change."""
     if not isinstance(engine.dialect.loaded_dbapi, InlineSQLiteDBAPI):
