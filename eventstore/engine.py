@@ -455,7 +455,8 @@ async def gather_statistics(engine: AsyncEngine) -> None:
     """Gather SQLite's query-planner statistics of ``engine``'s database again
     (:func:`eventstore.sqlite_driver.gather_statistics`; its ``ANALYZE`` off the loop, with
     the write lock held 3-14 ms at 1,000,000 events). After migrations and a rebuild's
-    swap, and at most hourly after a WAL checkpoint, tiu does it itself. Nothing on
+    swap, and at a WAL checkpoint once the log has grown fourfold, tiu does it itself
+    (:data:`eventstore.sqlite_driver.STATISTICS_GROWTH`). Nothing on
     PostgreSQL: its autovacuum analyses tables as they change."""
     if not isinstance(engine.dialect.loaded_dbapi, InlineSQLiteDBAPI):
         return

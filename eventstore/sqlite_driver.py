@@ -298,11 +298,13 @@ HELD_ROUND_FRAMES: Final = 16 * CATCH_UP_FRAMES
 #: for the log alone without a limit. SQLite's ANALYZE page suggests 100-1000
 #: (https://sqlite.org/lang_analyze.html).
 ANALYSIS_LIMIT: Final = 1000
-#: How often, at most, a file's :class:`WalCheckpointer` gathers the planner's statistics
-#: again (:func:`gather_statistics`), after a checkpoint: only a file being written has
-#: checkpoints, and only written data moves the statistics. SQLite suggests running
-#: ``PRAGMA optimize`` on long-lived connections every hour or day.
-STATISTICS_INTERVAL: Final = 3600.0
+#: A checkpoint gathers the planner's statistics (:func:`gather_statistics`) first if the
+#: log has none yet, or has grown this many times the events they counted: as ``PRAGMA
+#: optimize`` analyses a table grown 25 times, but looking at every table's growth
+#: through the log's, from any connection (SQLite 3.40's looks only at the tables the
+#: connection running it has planned with). A few times in a database's life (at 1k, 4k,
+#: 16k, ... events); kept in the file, so a process started anew does not gather again.
+STATISTICS_GROWTH: Final = 4
 #: Database files (real paths) a checkpointer of this process is checkpointing now: at
 #: most one checkpoint at a time per file, whichever engine started it.
 _CHECKPOINTING: set[str] = set()
@@ -338,6 +340,25 @@ def _connect_own(uri: str) -> sqlite3.Connection:
 def _passive_checkpoint(db: sqlite3.Connection) -> tuple[int, int, int]:
     busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     return int(busy), int(frames), int(copied)
+
+
+def _statistics_outgrown(db: sqlite3.Connection) -> bool:
+    """Whether the log has outgrown the planner's statistics (:data:`STATISTICS_GROWTH`);
+    False for a file without a log (not tiu's, or not migrated). Two index seeks."""
+    try:
+        (head,) = db.execute("SELECT max(position) FROM events").fetchone()
+    except sqlite3.OperationalError:
+        return False
+    if not head:
+        return False
+    try:
+        # The row count leads each index's statistics (an estimate: ANALYSIS_LIMIT).
+        (counted,) = db.execute(
+            "SELECT max(CAST(stat AS INTEGER)) FROM sqlite_stat1 WHERE tbl = 'events'"
+        ).fetchone()
+    except sqlite3.OperationalError:
+        return True  # no sqlite_stat1: never analysed
+    return counted is None or int(head) >= STATISTICS_GROWTH * int(counted)
 
 
 def _statistics_transaction(db: sqlite3.Connection) -> bool:
@@ -427,9 +448,6 @@ class WalCheckpointer:
         self._salts = b""
         self._began_at = 0
         self._task: asyncio.Task[None] | None = None
-        #: When (``time.monotonic``) the next checkpoint gathers statistics: the first
-        #: checkpoint of the process does.
-        self._statistics_due = 0.0
         #: The rounds' connection, between rounds too, and the process that opened it
         #: (a forked child opens its own: SQLite's connections do not cross a fork).
         self._db: sqlite3.Connection | None = None
@@ -512,8 +530,7 @@ class WalCheckpointer:
         # The statistics first: their few frames are then copied with the rest, and the
         # write that starts the WAL again stays a writer's of the pool, which cuts the
         # file back (restart_cut).
-        if time.monotonic() >= self._statistics_due:
-            await self._statistics()
+        await self._statistics()
         try:
             copied, rounds = -1, 0
             while True:
@@ -541,13 +558,14 @@ class WalCheckpointer:
                 log.warning("WAL checkpoint of %s failed (tried again later): %s", self.path, error)
 
     async def _statistics(self) -> None:
-        """:func:`gather_statistics` in a write transaction of the checkpointer's
-        connection, on the writer thread, holding this process's writer lock: its writers
-        wait for it as for any write (3-14 ms at 1,000,000 events). Due again after
-        :data:`STATISTICS_INTERVAL`; if another process holds the file's write lock, after
-        the next checkpoint."""
-        self._statistics_due = time.monotonic() + STATISTICS_INTERVAL
+        """If the log has outgrown them (:func:`_statistics_outgrown`, on a worker thread),
+        :func:`gather_statistics` in a write transaction of the checkpointer's connection,
+        on the writer thread, holding this process's writer lock: its writers wait for it
+        as for any write (3-14 ms at 1,000,000 events). Another process holding the
+        file's write lock leaves it to the next checkpoint."""
         try:
+            if not await _on_thread(self._on_db, _statistics_outgrown, interrupt=self._interrupt):
+                return
             async with _writer_lock(self.path):
                 gathered = await _on_thread(
                     self._on_db,
@@ -560,7 +578,6 @@ class WalCheckpointer:
                 log.warning("statistics of %s failed (tried again later): %s", self.path, error)
             return
         if gathered is False:
-            self._statistics_due = 0.0
             log.debug("statistics of %s: write lock busy, tried again later", self.path)
 
     async def _round(self, thread: ThreadPoolExecutor | None = None) -> tuple[int, int, int] | None:

@@ -1,5 +1,5 @@
 """The query planner's statistics: SQLite's are gathered after migrations, in a rebuild's
-swap and at a file's first checkpoint (then at most hourly), off the loop; PostgreSQL's
+swap and at a checkpoint once the log has outgrown them, off the loop; PostgreSQL's
 shadow tables are analysed before the swap."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from domain.passwords import BcryptHasher
 from domain.permissions import Role, permissions_for
 from eventstore import EventStore, NewEvent, create_engine, sqlite_driver
 from eventstore.engine import gather_statistics
-from eventstore.sqlite_driver import WAL_CHECKPOINT_BYTES
+from eventstore.sqlite_driver import STATISTICS_GROWTH, WAL_CHECKPOINT_BYTES
 from migrations import runner
 from projections import replay
 from projections.readmodels import ALL_PROJECTORS
@@ -205,7 +205,7 @@ async def test_a_rebuild_swaps_its_tables_in_with_their_statistics(engine: Async
 
 
 @pytest.mark.sqlite
-async def test_a_files_first_checkpoint_gathers_statistics_on_a_worker_thread_once_an_interval(
+async def test_a_checkpoint_gathers_statistics_on_a_worker_thread_once_the_log_outgrew_them(
     sqlite_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "periodic.db"
@@ -227,19 +227,29 @@ async def test_a_files_first_checkpoint_gathers_statistics_on_a_worker_thread_on
     monkeypatch.setattr(sqlite_driver, "gather_statistics", spy)
     monkeypatch.setattr(sqlite_driver, "_passive_checkpoint", counted)
     store = EventStore(create_engine(f"sqlite+aiosqlite:///{path}"))
+    appended = 0
+
+    async def checkpoints_worth() -> None:
+        nonlocal appended
+        before = len(rounds)
+        for _ in range(WAL_CHECKPOINT_BYTES // 20_000 + 50):
+            appended += 1
+            await store.append(f"s-{appended}", "s", [NewEvent("Noted", {"text": "x" * 2000})], 0)
+        (checkpointer,) = store.engine.dialect.loaded_dbapi.checkpointers.values()
+        await checkpointer.ended()
+        assert len(rounds) > before  # a checkpoint ran
+
     try:
-        for round_ in range(2):  # two checkpoints' worth of appends
-            before = len(rounds)
-            for i in range(WAL_CHECKPOINT_BYTES // 20_000 + 50):
-                await store.append(
-                    f"s-{round_}-{i}", "s", [NewEvent("Noted", {"text": "x" * 2000})], 0
-                )
-            (checkpointer,) = store.engine.dialect.loaded_dbapi.checkpointers.values()
-            await checkpointer.ended()
-            assert len(rounds) > before  # a checkpoint ran
-        assert len(gathered_on) == 1  # the second checkpoint is within the interval
+        await checkpoints_worth()  # the log has no statistics: gathered
+        assert len(gathered_on) == 1
         assert gathered_on[0] != threading.get_ident()
         assert "events" in _stat_tables(path)
+        await checkpoints_worth()  # twice as many events: not yet
+        assert len(gathered_on) == 1
+        while appended < STATISTICS_GROWTH * 260:  # four times as many
+            await checkpoints_worth()
+        assert len(gathered_on) == 2
+        assert gathered_on[1] != threading.get_ident()
     finally:
         await store.aclose()
         await store.engine.dispose()

@@ -377,12 +377,8 @@ async def _fill(conn) -> None:
 
 
 async def _write_a_checkpoints_worth(engine) -> None:
-    # BEGIN IMMEDIATE, as tiu's writers: a deferred transaction that read and then writes
-    # fails at once while another connection writes (the first checkpoint's statistics).
-    async with engine.connect() as conn:
-        await begin_write(conn)
+    async with engine.begin() as conn:
         await _fill(conn)
-        await conn.commit()
 
 
 async def test_a_checkpoint_cancelled_before_its_first_step_leaves_the_file_to_the_next_one(
