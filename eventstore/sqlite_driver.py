@@ -429,6 +429,10 @@ class WalCheckpointer:
     deferred transaction's write, may still be the one that starts the WAL again, and
     cut it back in one go.
 
+    Before its rounds, a checkpoint gathers the query planner's statistics if the log has
+    outgrown them (:data:`STATISTICS_GROWTH`, :meth:`_statistics`): on this connection,
+    in a write transaction of its own, holding this process's writer lock.
+
     At most one checkpoint per file runs at a time in a process. A failed checkpoint,
     or one refused (``SQLITE_BUSY``: another process is checkpointing), is logged and
     tried again once the file has grown by :data:`WAL_CHECKPOINT_BYTES` more; it never
