@@ -12,6 +12,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from eventstore.engine import gather_statistics
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -29,22 +31,30 @@ def head_revision() -> str:
 
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
-    await _run(engine, command.upgrade, revision)
+    """Migrate to ``revision``; on SQLite, if that changed the schema, gather the query
+    planner's statistics again (SQLite's advice after a schema change)."""
+    if await _run(engine, command.upgrade, revision):
+        await gather_statistics(engine)
 
 
 async def downgrade(engine: AsyncEngine, revision: str = "base") -> None:
     await _run(engine, command.downgrade, revision)
 
 
-async def _run(engine: AsyncEngine, step: Callable[[Config, str], None], revision: str) -> None:
-    def run(connection: Connection) -> None:
+async def _run(engine: AsyncEngine, step: Callable[[Config, str], None], revision: str) -> bool:
+    """Whether the step changed the revision."""
+
+    def run(connection: Connection) -> bool:
+        before = MigrationContext.configure(connection).get_current_revision()
         config = alembic_config()
         config.attributes["connection"] = connection
         step(config, revision)
+        return MigrationContext.configure(connection).get_current_revision() != before
 
     async with engine.connect() as conn:
-        await conn.run_sync(run)
+        changed = await conn.run_sync(run)
         await conn.commit()
+    return changed
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:

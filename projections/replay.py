@@ -465,6 +465,13 @@ async def _swap(
         for live in projector.tables:
             await conn.run_sync(_rename_shadow, live, shadows[live.name])
             await conn.run_sync(_grant, live.name, grants[live.name])
+        if not postgres:
+            # Dropping the live tables dropped their statistics (PostgreSQL's shadows
+            # were analysed before the swap, and keep theirs): gathered in the swap, a
+            # schema change every connection sees at its next statement, with them.
+            prep = conn.dialect.identifier_preparer
+            for live in projector.tables:
+                await conn.execute(text(f"ANALYZE {prep.quote(live.name)}"))
         await conn.execute(delete(cp).where(cp.c.name == projector.name))
         await conn.execute(delete(cp).where(cp.c.name == _rebuild_name(projector)))
         await conn.execute(
