@@ -142,9 +142,7 @@ class GuardedConnection(AsyncConnection):
     unclosed, and asyncpg would report either lost round trip as an exception nobody
     retrieved.
 
-    Each round trip costs a task (~100,000 instructions, by callgrind); a checkout the
-    pool serves from its idle connections has none, and no task (:func:`checked_out`).
-    SQLite needs none:
+    Each round trip costs a task (~100,000 instructions, by callgrind). SQLite needs none:
     its inline driver has no round trip in flight at an await (``Dialect.round_trips``).
     A reader's statements sent on the driver connection itself (``Dialect.fetch``) need
     none either: asyncpg cancels its own round trip cleanly (a cancel request; the
@@ -196,15 +194,13 @@ def driver_round_trip(
 
 
 async def checked_out(
-    starting: Coroutine[object, None, AsyncConnection], *, round_trips: bool = True
+    starting: Awaitable[AsyncConnection], *, round_trips: bool = True
 ) -> AsyncConnection:
     """``starting`` (a connection's start: its checkout, which may open a connection
     for the pool), never abandoned midway where it has round trips
     (:func:`eventstore.grouping.whole_round_trip`): one opened after its caller was
-    cancelled is closed, which gives it back to the pool. A checkout the pool serves
-    from its idle connections ends without suspending: it runs in the caller's task,
-    with no task of its own (``inline``)."""
-    return await whole_round_trip(round_trips, starting, undo=AsyncConnection.close, inline=True)
+    cancelled is closed, which gives it back to the pool."""
+    return await whole_round_trip(round_trips, starting, undo=AsyncConnection.close)
 
 
 def backend_name(url: str | URL) -> str:

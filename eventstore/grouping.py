@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from eventstore.errors import StoreUnavailable
@@ -349,10 +349,7 @@ async def settle(future: asyncio.Future[Result], work: Awaitable[Result]) -> Non
 
 
 async def whole(
-    work: Awaitable[Result],
-    *,
-    undo: Callable[[Result], Awaitable[object]] | None = None,
-    inline: bool = False,
+    work: Awaitable[Result], *, undo: Callable[[Result], Awaitable[object]] | None = None
 ) -> Result:
     """``work``, never abandoned midway: a caller cancelled meanwhile waits for it to
     end (:func:`until_done`), then is cancelled. For a round trip in flight: abandoned,
@@ -361,23 +358,8 @@ async def whole(
     an exception nobody retrieved).
 
     ``undo``: what to do, before the cancelled caller leaves, with the result it will
-    not take (a connection opened for it: given back), likewise never abandoned.
-
-    ``inline``: ``work`` (a coroutine) runs in the caller's task up to its first await
-    that suspends, and in a task of its own only from there (:class:`_Resumed`). Work
-    that ends without suspending (a checkout the pool serves from its idle
-    connections) had no round trip in flight to guard, and costs no task (~60,000
-    instructions, callgrind). Only for work that sets no context variable: in the
-    caller's task it would set the caller's."""
-    if inline:
-        assert isinstance(work, Coroutine)
-        try:
-            awaited = work.send(None)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        task = asyncio.ensure_future(_resumed(work, awaited))
-    else:
-        task = asyncio.ensure_future(work)
+    not take (a connection opened for it: given back), likewise never abandoned."""
+    task = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -387,41 +369,11 @@ async def whole(
         raise
 
 
-async def _resumed(work: Coroutine[object, None, Result], awaited: object) -> Result:
-    return await _Resumed(work, awaited)
-
-
-class _Resumed(Generic[Result]):
-    """A coroutine suspended at its first await (``awaited``: what it yielded to its
-    task), carried on by the task that awaits this: it hands ``awaited`` to that task
-    as the coroutine would have, then resumes the coroutine, which takes the outcome
-    itself. What is thrown into the task meanwhile is thrown into the coroutine."""
-
-    __slots__ = ("_awaited", "_work")
-
-    def __init__(self, work: Coroutine[object, None, Result], awaited: object) -> None:
-        self._work, self._awaited = work, awaited
-
-    def __await__(self) -> Generator[object, None, Result]:
-        work, awaited = self._work, self._awaited
-        while True:
-            try:
-                yield awaited
-            except BaseException as error:
-                try:
-                    awaited = work.throw(error)
-                except StopIteration as done:
-                    return done.value  # type: ignore[no-any-return]
-            else:
-                return (yield from work.__await__())
-
-
 async def whole_round_trip(
     round_trips: bool,
     work: Awaitable[Result],
     *,
     undo: Callable[[Result], Awaitable[object]] | None = None,
-    inline: bool = False,
 ) -> Result:
     """:func:`whole` for database work, where it is needed: ``round_trips`` says
     whether a round trip can be in flight while the caller awaits
@@ -429,7 +381,7 @@ async def whole_round_trip(
     has none, so there ``work`` runs as it is, without a task of its own."""
     if not round_trips:
         return await work
-    return await whole(work, undo=undo, inline=inline)
+    return await whole(work, undo=undo)
 
 
 async def until_done(task: asyncio.Future[Result]) -> None:

@@ -393,36 +393,6 @@ async def test_a_repository_read_cancelled_at_any_point_leaves_its_connection_id
     _no_loop_errors(caplog)
 
 
-async def test_a_read_served_an_idle_pooled_connection_starts_a_task_for_its_statement_only(
-    service, engine
-):
-    """A checkout the pool serves from its idle connections has no round trip in flight
-    to guard: it runs in the caller's task. The statement's round trip on PostgreSQL
-    still runs in a task of its own (SQLite's inline driver has none to guard), and
-    SQLAlchemy closes the connection in one (``AsyncConnection.__aexit__``)."""
-    await _setup(service)
-    await _settled(service, engine)
-    loop = asyncio.get_running_loop()
-    started: list[object] = []
-    factory = loop.get_task_factory()
-
-    def counted(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> asyncio.Task[Any]:
-        started.append(coro)
-        return asyncio.Task(coro, loop=loop, **options)
-
-    loop.set_task_factory(counted)
-    try:
-        async with service.read_connection() as conn:
-            at_checkout = len(started)
-            assert await conn.scalar(select(func.count()).select_from(events)) > 0
-            for_statement = len(started) - at_checkout
-    finally:
-        loop.set_task_factory(factory)
-    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    assert at_checkout == 0
-    assert for_statement == (1 if engine.dialect.name == "postgresql" else 0)
-
-
 async def test_a_read_through_a_view_of_the_reader_cancelled_anywhere_leaves_its_connection_idle(
     service, engine, caplog
 ):
