@@ -37,6 +37,7 @@ from eventstore.sqlite_driver import (
     file_path,
 )
 from eventstore.sqlite_driver import Connection as InlineConnection
+from eventstore.translate import describe, translate_errors
 
 Result = TypeVar("Result")
 
@@ -485,13 +486,25 @@ async def gather_statistics(engine: AsyncEngine) -> None:
     the write lock held 3-14 ms at 1,000,000 events). After migrations and a rebuild's
     swap, and at a WAL checkpoint once the log has grown fourfold, tiu does it itself
     (:data:`eventstore.sqlite_driver.STATISTICS_GROWTH`). Nothing on
-    PostgreSQL: its autovacuum analyses tables as they change."""
+    PostgreSQL: its autovacuum analyses tables as they change.
+
+    Raises the store's typed errors: :class:`~eventstore.errors.AppendTimeout` if another
+    writer held the lock past the busy timeout, else
+    :class:`~eventstore.errors.StoreUnavailable`."""
     if not isinstance(engine.dialect.loaded_dbapi, InlineSQLiteDBAPI):
         return
-    async with engine.connect() as conn:
-        driver = (await conn.get_raw_connection()).dbapi_connection
-        assert isinstance(driver, InlineConnection)
-        await driver.gather_statistics()
+    try:
+        with translate_errors(engine.url.database):
+            async with engine.connect() as conn:
+                driver = (await conn.get_raw_connection()).dbapi_connection
+                assert isinstance(driver, InlineConnection)
+                try:
+                    await driver.gather_statistics()
+                except sqlite3.Error as error:
+                    wrapped = sa_exc.DBAPIError.instance("ANALYZE", None, error, sqlite3.Error)
+                    raise wrapped from error
+    except sa_exc.DBAPIError as error:  # none translate_errors knows: still a typed error
+        raise StoreUnavailable(f"planner statistics not gathered: {describe(error)}") from error
 
 
 async def wal_checkpoints_ended(engine: AsyncEngine) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from eventstore.engine import gather_statistics
+from eventstore.errors import EventStoreError
 
 HERE = Path(__file__).resolve().parent
+logger = logging.getLogger(__name__)
 
 
 def alembic_config() -> Config:
@@ -32,9 +35,14 @@ def head_revision() -> str:
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Migrate to ``revision``; on SQLite, if that changed the schema, gather the query
-    planner's statistics again (SQLite's advice after a schema change)."""
+    planner's statistics again (SQLite's advice after a schema change). The schema is
+    migrated whether or not they could be gathered (another writer holding the lock past
+    the busy timeout): a WAL checkpoint gathers them once the log has none."""
     if await _run(engine, command.upgrade, revision):
-        await gather_statistics(engine)
+        try:
+            await gather_statistics(engine)
+        except EventStoreError as error:
+            logger.warning("migrated; planner statistics not gathered: %s", error)
 
 
 async def downgrade(engine: AsyncEngine, revision: str = "base") -> None:
@@ -46,6 +54,9 @@ async def _run(engine: AsyncEngine, step: Callable[[Config, str], None], revisio
 
     def run(connection: Connection) -> bool:
         before = MigrationContext.configure(connection).get_current_revision()
+        # Ends the transaction that read began: left open, Alembic would take it for the
+        # caller's and run every migration in it, not each in its own as on SQLite.
+        connection.commit()
         config = alembic_config()
         config.attributes["connection"] = connection
         step(config, revision)

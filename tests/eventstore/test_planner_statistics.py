@@ -20,7 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from domain.passwords import BcryptHasher
 from domain.permissions import Role, permissions_for
 from eventstore import EventStore, NewEvent, create_engine, sqlite_driver
-from eventstore.engine import gather_statistics
+from eventstore.engine import EngineOptions, gather_statistics
+from eventstore.errors import AppendTimeout
 from eventstore.sqlite_driver import STATISTICS_GROWTH, WAL_CHECKPOINT_BYTES
 from migrations import runner
 from projections import replay
@@ -171,6 +172,30 @@ async def test_a_migration_gathers_statistics_and_an_upgrade_with_none_to_run_do
         await runner.upgrade(engine)
         assert "events" in _stat_tables(path)
     finally:
+        await engine.dispose()
+
+
+@pytest.mark.sqlite
+async def test_statistics_refused_the_lock_raise_a_typed_error_and_keep_the_ones_before(
+    sqlite_template: Path, tmp_path: Path
+) -> None:
+    """Another process holding the write lock past the busy timeout: gathering fails with
+    the store's typed error, not sqlite3's, and the statistics before it are kept."""
+    path = tmp_path / "locked.db"
+    shutil.copyfile(sqlite_template, path)
+    engine = create_engine(f"sqlite+aiosqlite:///{path}", EngineOptions(busy_timeout=0.2))
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await gather_statistics(engine)
+        before = _stat_tables(path)
+        assert before
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(AppendTimeout):
+            await gather_statistics(engine)
+        other.execute("ROLLBACK")
+        assert _stat_tables(path) == before
+    finally:
+        other.close()
         await engine.dispose()
 
 
