@@ -71,10 +71,17 @@ def _list_adapter(cls: type[View]) -> TypeAdapter[Any]:
 @functools.cache
 def _field_names(cls: type[View]) -> tuple[str, ...] | None:
     """The view's fields, if validating a row holding exactly them can only hand back its
-    values: no validator, constraint, private attribute or post-init to run."""
+    values: no validator, constraint, alias, private attribute or post-init to run, and
+    :class:`View`'s configuration (one that transforms values, such as
+    ``str_strip_whitespace`` or ``use_enum_values``, would change them)."""
     decorators = cls.__pydantic_decorators__
     if (
-        decorators.validators
+        cls.model_config != View.model_config
+        or any(
+            field.alias or field.validation_alias or field.default_factory
+            for field in cls.model_fields.values()
+        )
+        or decorators.validators
         or decorators.field_validators
         or decorators.root_validators
         or decorators.model_validators

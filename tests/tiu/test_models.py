@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import field_validator
+from pydantic import ConfigDict, field_validator
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from projections.readmodels.projects import project_members, projects_table
@@ -117,3 +117,13 @@ def test_views_with_validators_of_table_rows_are_validated():
     added = datetime(2026, 3, 2, tzinfo=UTC)
     rows = [{"project_id": "p1", "user_id": "u1", "role": "editor", "added_at": added}]
     assert [m.role for m in _ShoutedMember.from_table_rows(rows)] == ["EDITOR"]
+
+
+class _StrippedMember(models.Member):
+    model_config = ConfigDict(frozen=True, extra="ignore", str_strip_whitespace=True)
+
+
+def test_views_whose_configuration_transforms_values_are_validated():
+    added = datetime(2026, 3, 2, tzinfo=UTC)
+    rows = [{"project_id": "p1", "user_id": "u1", "role": " editor ", "added_at": added}]
+    assert [m.role for m in _StrippedMember.from_table_rows(rows)] == ["editor"]
