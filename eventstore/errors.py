@@ -118,7 +118,8 @@ class CommandInFlight(ConcurrencyError):
 
 class TransactionConflict(ConcurrencyError):
     """The database aborted the transaction to resolve a deadlock or a serialization
-    conflict; nothing of it was written. Retry it."""
+    conflict, or (PostgreSQL) at an earlier statement of it that failed and was caught
+    by the code that went on; nothing of it was written. Retry it."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(f"transaction aborted by the database, retry it: {detail}")

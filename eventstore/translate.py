@@ -25,6 +25,9 @@ _PG_IDLE_TX_TIMEOUT: Final = "25P03"
 _PG_UNDEFINED_TABLE: Final = "42P01"
 _PG_UNDEFINED_FUNCTION: Final = "42883"  # tiu_append / tiu_command before their migration
 _PG_RETRYABLE: Final = ("40P01", "40001")  # deadlock detected, serialization failure
+#: A statement sent in a transaction an earlier failed statement aborted (one the code
+#: around it caught, or a round trip cut short in flight): the whole of it is lost.
+_PG_IN_FAILED_TRANSACTION: Final = "25P02"
 # No such database (3D000), no such role or a refused login (class 28): nothing to retry
 # against until the configuration changes, but to a caller the database is unavailable.
 _PG_CANNOT_CONNECT: Final = ("3D000", "28")
@@ -91,7 +94,7 @@ def _translate(error: Exception, database: str | None) -> None:
         text = str(error.orig)
         if code == _PG_LOCK_NOT_AVAILABLE:
             raise AppendTimeout("lock_timeout expired") from error
-        if code in _PG_RETRYABLE:
+        if code in _PG_RETRYABLE or code == _PG_IN_FAILED_TRANSACTION:
             raise TransactionConflict(_first_line(text)) from error
         if code is not None and code.startswith(_PG_CANNOT_CONNECT):
             raise StoreUnavailable(

@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from eventstore import NewEvent, StoreUnavailable
+from eventstore import NewEvent, StoreUnavailable, TransactionConflict
 from eventstore.dialects import pooled
 from eventstore.prepared import execute
 from eventstore.translate import translate_errors
@@ -345,3 +345,29 @@ async def test_what_follows_a_lost_connection_in_a_store_transaction_is_store_un
     assert await _rows(engine, table) == []
     async with engine.connect() as conn:
         assert await store.read_all(conn, 0, 10) == []
+
+
+async def test_a_block_going_on_after_a_failed_statement_is_a_transaction_conflict_on_postgres(
+    store, engine, twins
+):
+    """Code that catches a failed statement and carries on inside a store's write
+    transaction. PostgreSQL aborted the transaction at that statement: the append at the
+    end raises TransactionConflict (retry the whole block), not the driver's
+    InFailedSQLTransactionError, and nothing of the block is committed. SQLite undoes
+    the failed statement only, and the block commits the rest."""
+    _, table, _ = twins
+    postgres = store.dialect.name == "postgresql"
+    with pytest.raises(TransactionConflict) if postgres else contextlib.nullcontext():
+        async with store.transaction() as uow:
+            await execute(uow.conn, _insert(table), {"id": "a", "count": 1, "flag": True})
+            with contextlib.suppress(Exception):
+                await execute(uow.conn, _insert(table), {"id": "a", "count": 2, "flag": True})
+            uow.append("user-after", "user", [NewEvent("Happened", {})])
+    async with engine.connect() as conn:
+        written = await store.read_all(conn, 0, 10)
+    if postgres:
+        assert await _rows(engine, table) == []
+        assert written == []
+    else:
+        assert [row[0] for row in await _rows(engine, table)] == ["a"]
+        assert [e.stream_id for e in written] == ["user-after"]
