@@ -188,9 +188,10 @@ class UnitConnection(GuardedConnection):
 def driver_round_trip(
     conn: AsyncConnection, work: Coroutine[Any, Any, Result]
 ) -> Awaitable[Result]:
-    """``work``, a statement sent on ``conn``'s driver connection directly, to await:
-    never abandoned midway (:func:`eventstore.grouping.whole`) on a
-    :class:`UnitConnection`; anywhere else ``work`` itself (no task, no coroutine more)."""
+    """``work``, round trips on ``conn`` (a statement sent on its driver connection
+    directly, or a command's write), to await: never abandoned midway
+    (:func:`eventstore.grouping.whole`) on a :class:`UnitConnection`; anywhere else
+    ``work`` itself (no task, no coroutine more)."""
     return whole(work) if type(conn) is UnitConnection else work
 
 

@@ -72,6 +72,8 @@ _MATCHED_MAX: Final = 1024
 
 def _matches(name: object, pattern: re.Pattern[str], matched: set[str]) -> bool:
     """Whether ``name`` is a string ``pattern`` matches whole (remembered in ``matched``)."""
+    if type(name) is str and name in matched:
+        return True
     if not isinstance(name, str) or not pattern.fullmatch(name):
         return False
     if type(name) is str and len(matched) < _MATCHED_MAX:
@@ -602,9 +604,7 @@ class EventStore:
         expected: ExpectedVersion,
         context: EventContext,
     ) -> _PendingAppend:
-        if not (type(category) is str and category in _MATCHED_CATEGORIES) and not _matches(
-            category, _CATEGORY_RE, _MATCHED_CATEGORIES
-        ):
+        if not _matches(category, _CATEGORY_RE, _MATCHED_CATEGORIES):
             raise UnknownCategory(str(category), self.categories)
         if self.categories is not None and category not in self.categories:
             raise UnknownCategory(category, self.categories)
@@ -633,9 +633,7 @@ class EventStore:
 
     def _encode(self, event: NewEvent) -> tuple[NewEvent, str, str]:
         name = event.event_type
-        if not (type(name) is str and name in _MATCHED_EVENT_TYPES) and not _matches(
-            name, _EVENT_TYPE_RE, _MATCHED_EVENT_TYPES
-        ):
+        if not _matches(name, _EVENT_TYPE_RE, _MATCHED_EVENT_TYPES):
             raise InvalidEventData(str(name), "event_type must be 1-200 letters, digits or _.:-")
         if type(event.schema_version) is not int or not 1 <= event.schema_version <= 32767:
             raise InvalidEventData(name, "schema_version must be an int from 1 to 32767")

@@ -629,10 +629,7 @@ def traced_append(
             try:
                 return await method(*args, **kwargs)
             finally:
-                labels = None if engine is None else _SYSTEMS.get(engine.sync_engine.dialect.name)
-                state.instruments.append_duration.record(
-                    time.perf_counter() - started, labels if labels is not None else _db(engine)
-                )
+                state.instruments.append_duration.record(time.perf_counter() - started, _db(engine))
         with span("INSERT events", _database_attributes("INSERT", "events", None, engine)):
             try:
                 return await method(*args, **kwargs)

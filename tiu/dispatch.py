@@ -55,7 +55,7 @@ from domain.routing import SESSIONS, Decider, Route, claims, erasures, route
 from eventstore import telemetry
 from eventstore.crypto import DEFAULT_TTL, KeyWriter, SubjectKeys, keyring
 from eventstore.dialects import CheckpointsNotMoved
-from eventstore.engine import UnitConnection, checked_out
+from eventstore.engine import UnitConnection, checked_out, driver_round_trip
 from eventstore.errors import (
     CommandInFlight,
     ConcurrencyError,
@@ -63,7 +63,7 @@ from eventstore.errors import (
     KeyAlreadyClaimed,
     WrongExpectedVersion,
 )
-from eventstore.grouping import GroupQueue, Waiting, settle, until_done, whole, whole_round_trip
+from eventstore.grouping import GroupQueue, Waiting, settle, until_done, whole_round_trip
 from eventstore.prepared import execute
 from eventstore.records import ANY, AppendResult, EventContext, ExpectedVersion, NewEvent
 from eventstore.schema import events as events_table
@@ -461,20 +461,21 @@ class CommandUnit:
         if decision.error is not None:
             raise decision.error
         target = decision.target
-        recording = self.record(
-            decision.command,
-            decision.ctx,
-            target.decider,
-            target.stream_id,
-            decision.events,
-            encoded=decision.encoded,
+        # In a unit of work the caller's function may cut what it awaits and commit the
+        # rest: cut midway, the command's idempotency record (and claims) would commit
+        # without its events. There it runs to its end, as a cancelled command does
+        # elsewhere.
+        return await driver_round_trip(
+            self.conn,
+            self.record(
+                decision.command,
+                decision.ctx,
+                target.decider,
+                target.stream_id,
+                decision.events,
+                encoded=decision.encoded,
+            ),
         )
-        if type(self.conn) is UnitConnection:
-            # The caller's function may cut what it awaits and commit the rest: cut
-            # midway, the command's idempotency record (and claims) would commit without
-            # its events. It runs to its end, as a cancelled command does elsewhere.
-            return await whole(recording)
-        return await recording
 
     def redecide(self, decision: Decision) -> Decision:
         streams = {stream_id: self._streams[stream_id] for stream_id in decision.streams}

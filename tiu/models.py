@@ -78,7 +78,7 @@ def _field_names(cls: type[View]) -> tuple[str, ...] | None:
     if (
         cls.model_config != View.model_config
         or any(
-            field.alias or field.validation_alias or field.default_factory
+            field.alias or field.validation_alias or field.default_factory or field.metadata
             for field in cls.model_fields.values()
         )
         or decorators.validators
@@ -87,7 +87,6 @@ def _field_names(cls: type[View]) -> tuple[str, ...] | None:
         or decorators.model_validators
         or cls.__private_attributes__
         or cls.__pydantic_post_init__ is not None
-        or any(field.metadata for field in cls.model_fields.values())
     ):
         return None
     return tuple(cls.model_fields)
