@@ -226,12 +226,22 @@ def gather_statistics(db: sqlite3.Connection) -> None:
     it a schema change, which every connection sees at its next statement (it reads the
     schema again, ~0.4 ms, and prepares its statements again)."""
     db.execute("DROP TABLE IF EXISTS sqlite_stat1")
-    db.execute("ANALYZE")
-    # A build with SQLITE_ENABLE_STAT4 also keeps sampled index keys (e-mail addresses,
-    # token hashes) in sqlite_stat4, which a forgotten user's data would outlive: the
-    # planner does without them (sqlite_stat1's counts are what tiu's plans need).
-    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat4'").fetchone():
-        db.execute("DELETE FROM sqlite_stat4")
+    analyze(db.execute)
+
+
+def analyze(execute: Callable[[str], Any], tables: Sequence[str] = ()) -> None:
+    """``ANALYZE`` the database, or only ``tables`` (names quoted already), through
+    ``execute`` (a sqlite3 connection's, or a SQLAlchemy connection's
+    ``exec_driver_sql``), in the caller's write transaction.
+
+    A build with SQLITE_ENABLE_STAT4 also keeps sampled index keys (e-mail addresses,
+    token hashes) in ``sqlite_stat4``, which a forgotten user's data would outlive: they
+    are emptied; the planner does without them (``sqlite_stat1``'s counts are what
+    tiu's plans need)."""
+    for statement in [f"ANALYZE {table}" for table in tables] or ["ANALYZE"]:
+        execute(statement)
+    if execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat4'").fetchone():
+        execute("DELETE FROM sqlite_stat4")
 
 
 class WriterThread:

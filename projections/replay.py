@@ -32,6 +32,7 @@ from eventstore.engine import begin_write
 from eventstore.errors import AppendTimeout
 from eventstore.schema import NAMING_CONVENTION, events
 from eventstore.schema import projection_checkpoints as cp
+from eventstore.sqlite_driver import analyze
 from eventstore.store import EventStore
 from eventstore.translate import translate_errors
 from projections import checkpoints, parking
@@ -470,8 +471,8 @@ async def _swap(
             # were analysed before the swap, and keep theirs): gathered in the swap, a
             # schema change every connection sees at its next statement, with them.
             prep = conn.dialect.identifier_preparer
-            for live in projector.tables:
-                await conn.execute(text(f"ANALYZE {prep.quote(live.name)}"))
+            names = [prep.quote(live.name) for live in projector.tables]
+            await conn.run_sync(lambda sync: analyze(sync.exec_driver_sql, names))
         await conn.execute(delete(cp).where(cp.c.name == projector.name))
         await conn.execute(delete(cp).where(cp.c.name == _rebuild_name(projector)))
         await conn.execute(
