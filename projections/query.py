@@ -110,7 +110,8 @@ _MAX_OFFSET: Final = 2**31 - 1
 _MAX_PATTERN: Final = 1_000  # SQLite refuses LIKE/GLOB patterns over 50k bytes
 _MAX_CURSOR: Final = 4_096
 #: Statements a Query keeps, one per shape of call (see ``Query._prepared``); all are
-#: dropped when full (shapes come from code, so a few dozen in practice).
+#: dropped when full (shapes come from code, so a few dozen in practice: a limit and an
+#: offset are bound values, not part of a shape).
 _STATEMENTS_KEPT: Final = 256
 _CURSOR_VERSION: Final = 1
 _GET_MANY_CHUNK: Final = 500
@@ -121,6 +122,8 @@ _PATTERN_OPS: Final = frozenset({"like", "ilike", "startswith", "contains"})
 #: Filters no index serves: the statement scans (see ``Query._grows_with_data``).
 _SCAN_OPS: Final = frozenset({"ne", "not_in", "like", "ilike", "contains"})
 _DEEP_OFFSET: Final = 1_000
+_LIMIT: Final = "tiu_limit"
+_OFFSET: Final = "tiu_offset"
 _INT_BITS: Final = ((sa.SmallInteger, 16), (sa.BigInteger, 64), (sa.Integer, 32))
 
 
@@ -712,7 +715,7 @@ class Query:
         are bound under the names ``conditions(names)`` binds them by, in conditions
         ANDed with the filters'; ``kind`` must tell apart the shapes those take. Values
         are bound as ``tiu_filter_0``, ``tiu_filter_1``, ...: a ``where`` must not bind
-        parameters of those names.
+        parameters of those names, nor ``tiu_limit`` and ``tiu_offset``.
 
         Building a select and SQLAlchemy's cache key for it (a walk of the whole
         statement, the visibility subqueries included) was ~0.2 of ~0.7 ms of a
@@ -754,8 +757,8 @@ class Query:
         if kind == "count":
             return True
         if isinstance(kind, tuple) and kind[0] == "list":
-            limit, offset = kind[2], kind[3]
-            if limit is None or (offset or 0) >= _DEEP_OFFSET:
+            unlimited, deep = kind[2], kind[4]
+            if unlimited or deep:
                 return True
         served = any(f.op not in _SCAN_OPS and f.field in self._leading for f in parsed)
         return bool(parsed) and not served
@@ -892,19 +895,22 @@ class Query:
             raise InvalidPagination(f"offset must be an int in 0..{_MAX_OFFSET}, got {offset!r}")
         dialect = conn.dialect.name
         keys = self._keys(order_by)
+        deep = offset is not None and offset >= _DEEP_OFFSET
         stmt, params = self._prepared(
-            ("list", tuple((k.key, d) for k, d in keys), limit, offset),
+            ("list", tuple((k.key, d) for k, d in keys), limit is None, offset is None, deep),
             filters,
             where,
             dialect,
-            lambda conds: (
-                self._select()
-                .where(*conds)
-                .order_by(*(_sort(k, dialect) for k in keys))
-                .limit(limit)
-                .offset(offset)
+            lambda conds: _sliced(
+                self._select().where(*conds).order_by(*(_sort(k, dialect) for k in keys)),
+                limit=limit is not None,
+                offset=offset is not None,
             ),
         )
+        if limit is not None:
+            params[_LIMIT] = limit
+        if offset is not None:
+            params[_OFFSET] = offset
         return self._rows(await conn.execute(stmt, params))
 
     @telemetry.traced_query("count")
@@ -977,21 +983,21 @@ class Query:
             (
                 "page",
                 tuple((k.key, d) for k, d in keys),
-                limit,
                 None if position is None else tuple(v is None for v in position),
             ),
             filters,
             where,
             dialect,
-            lambda conds: (
-                self._select()
-                .where(*conds)
-                .order_by(*(_sort(k, dialect) for k in keys))
-                .limit(limit + 1)
+            lambda conds: _sliced(
+                self._select().where(*conds).order_by(*(_sort(k, dialect) for k in keys)),
+                limit=True,
+                offset=False,
             ),
             values=() if position is None else [v for v in position if v is not None],
             conditions=after_cursor,
         )
+        # One row past the page tells whether another follows.
+        params[_LIMIT] = limit + 1
         rows = self._rows(await conn.execute(stmt, params))
         items = rows[:limit]
         cursor = self._encode(keys, items[-1]) if len(rows) > limit else None
@@ -1050,6 +1056,16 @@ def _dicts_of(keys: tuple[str, ...]) -> Callable[[Sequence[Any]], Rows]:
     items = ", ".join(f"{key!r}: {name}" for key, name in zip(keys, names, strict=True))
     source = f"lambda rows: [{{{items}}} for ({', '.join(names)},) in rows]"
     return eval(source, {})  # type: ignore[no-any-return]  # noqa: S307  # see above
+
+
+def _sliced(select: sa.Select[Any], *, limit: bool, offset: bool) -> sa.Select[Any]:
+    """``select`` with a LIMIT and an OFFSET bound as ``tiu_limit`` and ``tiu_offset``,
+    where asked: a kept statement serves every page size and position."""
+    if limit:
+        select = select.limit(sa.bindparam(_LIMIT, type_=sa.Integer))
+    if offset:
+        select = select.offset(sa.bindparam(_OFFSET, type_=sa.Integer))
+    return select
 
 
 def _check_limit(limit: int | None, *, optional: bool) -> None:

@@ -734,6 +734,24 @@ async def test_get_builds_one_statement_per_where_and_binds_each_key(db: Db) -> 
     assert len(db.q._statements) == len(composite._statements) == 1
 
 
+async def test_lists_and_pages_of_any_size_and_position_share_one_statement_per_shape(
+    db: Db,
+) -> None:
+    # A limit and an offset are bound values: a service paging by offset, or taking a
+    # page size from its caller, builds no statement per page and never fills the cache.
+    q = Query(db.tasks)
+    ordered = ref_order(ROWS, ["priority"])
+    for limit in range(1, 8):
+        for offset in range(0, len(ROWS), 5):
+            got = await q.list(db.conn, {}, order_by="priority", limit=limit, offset=offset)
+            assert [r["id"] for r in got] == ordered[offset : offset + limit]
+    for limit in range(1, 8):
+        assert await walk(q, db.conn, {}, ["priority"], limit) == ordered
+    # The list's, the first page's, and later pages' (no cursor value is None: priority
+    # is never NULL).
+    assert len(q._statements) == 3
+
+
 async def test_get_and_get_many_with_a_composite_key(db: Db) -> None:
     q = Query(db.members)
     assert await q.get(db.conn, ("p1", "u0")) == {
