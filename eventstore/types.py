@@ -56,6 +56,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
     def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        if dialect.name == "postgresql" and dialect.driver == "asyncpg":
+            # asyncpg decodes timestamptz to an aware datetime in UTC whatever the
+            # session's TimeZone: nothing to do, so no call per value (~9% of a keyset
+            # page walk's instructions, profiled).
+            return None
         if dialect.name != "sqlite":
             return super().result_processor(dialect, coltype)
         fallback = super().result_processor(dialect, coltype)

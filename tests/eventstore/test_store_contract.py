@@ -11,6 +11,7 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic_core import TzInfo
@@ -731,6 +732,22 @@ def test_sqlite_timestamps_read_back_as_aware_utc(stored, expected):
             text("SELECT :v AS v").columns(v=UTCDateTime()), {"v": stored}
         ).scalar()
     assert value == expected
+    assert value.tzinfo is UTC
+
+
+async def test_timestamps_read_back_as_utc_whatever_the_sessions_time_zone(engine):
+    """A session in another zone (a server's default TimeZone may be one) still reads
+    UTC: on PostgreSQL, UTCDateTime leaves asyncpg's values as they come."""
+    from eventstore.types import UTCDateTime
+
+    at = datetime(2026, 3, 29, 23, 30, tzinfo=UTC)
+    async with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execute(text("SET TIME ZONE 'Europe/Berlin'"))
+        statement = text("SELECT :v AS v").bindparams(sa.bindparam("v", type_=UTCDateTime()))
+        value = (await conn.execute(statement.columns(v=UTCDateTime()), {"v": at})).scalar()
+        await conn.rollback()
+    assert value == at
     assert value.tzinfo is UTC
 
 
