@@ -94,6 +94,7 @@ class StallTracer:
         self._loop_thread = threading.get_ident()
         self._loop_clock = time.pthread_getcpuclockid(self._loop_thread)
         self._schedstat = schedstat_of_this_thread()
+        self._task = f"/proc/self/task/{threading.get_native_id()}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stall-tracer", daemon=True)
 
@@ -135,6 +136,7 @@ class StallTracer:
         # walk keeps the GIL: no call that releases it (traceback's source lookup reads
         # files), and a long switch interval for the threads that start waiting now (one
         # already waiting keeps the old 5 ms: the walk takes microseconds).
+        waiting = self._kernel_state()
         interval = sys.getswitchinterval()
         sys.setswitchinterval(1.0)
         try:
@@ -158,7 +160,23 @@ class StallTracer:
             del frames, loop, frame
         finally:
             sys.setswitchinterval(interval)
-        return " < ".join(lines) + ("  || threads: " + "; ".join(others) if others else "")
+        stack = " < ".join(lines) + ("  || threads: " + "; ".join(others) if others else "")
+        return f"[{waiting}] {stack}"
+
+    def _kernel_state(self) -> str:
+        """The loop thread's state as the kernel sees it, read before the walk (reading
+        a file releases the GIL): ``R`` running or waiting for a core, ``S`` asleep,
+        ``D`` waiting for the disk, and the kernel function it sleeps in (Linux
+        ``wchan``): ``futex_wait_queue`` is the GIL (or a lock), ``do_epoll_wait`` the
+        selector, a page-cache or block-layer function (``folio_wait_bit_common``,
+        ``io_schedule``, ...) a read of the file."""
+        try:
+            with open(f"{self._task}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+            with open(f"{self._task}/wchan") as wchan:
+                return f"{state} {wchan.read().strip() or '-'}"
+        except (OSError, IndexError):
+            return "?"
 
     def since(self, started: float) -> list[Stall]:
         return [s for s in self.stalls if s.started >= started]
