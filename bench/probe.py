@@ -145,12 +145,17 @@ class StallTracer:
             me = threading.get_ident()
             lines: list[str] = []
             frame = loop
-            while frame is not None and len(lines) < 16:
+            while frame is not None and len(lines) < 24:
                 code = frame.f_code
                 if code.co_name == "_run_once":  # below it: the loop's own runner
                     lines.append("(loop)")
                     break
                 lines.append(f"{_short(code.co_filename)}:{frame.f_lineno} {code.co_name}")
+                if code.co_name in _STATEMENT_RUNNERS and code.co_filename.endswith(_DRIVER):
+                    # Which inline statement: its SQL, cut short.
+                    operation = frame.f_locals.get("operation")
+                    if isinstance(operation, str):
+                        lines.append(f"sql: {' '.join(operation.split())[:120]}")
                 frame = frame.f_back
             others = sorted(
                 f"{_short(f.f_code.co_filename)}:{f.f_lineno} {f.f_code.co_name}"
@@ -193,6 +198,11 @@ def run_delay(schedstat: Path) -> float:
         return int(schedstat.read_text().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+#: Where a sample names the statement the loop runs (the driver's cursor methods).
+_DRIVER = "sqlite_driver.py"
+_STATEMENT_RUNNERS = frozenset({"execute", "executemany"})
 
 
 def _short(filename: str) -> str:
