@@ -172,9 +172,11 @@ class StallTracer:
         """The loop thread's state as the kernel sees it, read before the walk (reading
         a file releases the GIL): ``R`` running or waiting for a core, ``S`` asleep,
         ``D`` waiting for the disk, and the kernel function it sleeps in (Linux
-        ``wchan``): ``futex_wait_queue`` is the GIL (or a lock), ``do_epoll_wait`` the
-        selector, a page-cache or block-layer function (``folio_wait_bit_common``,
-        ``io_schedule``, ...) a read of the file."""
+        ``wchan``: a page-cache or block-layer function, ``folio_wait_bit_common``,
+        ``io_schedule``, ..., for a read of the file). The read itself gives the GIL
+        up, so a loop thread that waited for the GIL has it by then and shows ``R``: a
+        stall whose samples show ``R`` and whose time the CPU and the wait for a core
+        do not account for waited for the GIL; one waiting for the disk shows ``D``."""
         try:
             with open(f"{self._task}/stat") as stat:
                 state = stat.read().rsplit(")", 1)[1].split()[0]
