@@ -94,6 +94,7 @@ class StallTracer:
         self._loop_thread = threading.get_ident()
         self._loop_clock = time.pthread_getcpuclockid(self._loop_thread)
         self._schedstat = schedstat_of_this_thread()
+        self._task = f"/proc/self/task/{threading.get_native_id()}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stall-tracer", daemon=True)
 
@@ -135,6 +136,7 @@ class StallTracer:
         # walk keeps the GIL: no call that releases it (traceback's source lookup reads
         # files), and a long switch interval for the threads that start waiting now (one
         # already waiting keeps the old 5 ms: the walk takes microseconds).
+        waiting = self._kernel_state()
         interval = sys.getswitchinterval()
         sys.setswitchinterval(1.0)
         try:
@@ -143,12 +145,17 @@ class StallTracer:
             me = threading.get_ident()
             lines: list[str] = []
             frame = loop
-            while frame is not None and len(lines) < 16:
+            while frame is not None and len(lines) < 24:
                 code = frame.f_code
                 if code.co_name == "_run_once":  # below it: the loop's own runner
                     lines.append("(loop)")
                     break
                 lines.append(f"{_short(code.co_filename)}:{frame.f_lineno} {code.co_name}")
+                if code.co_name in _STATEMENT_RUNNERS and code.co_filename.endswith(_DRIVER):
+                    # Which inline statement: its SQL, cut short.
+                    operation = frame.f_locals.get("operation")
+                    if isinstance(operation, str):
+                        lines.append(f"sql: {' '.join(operation.split())[:120]}")
                 frame = frame.f_back
             others = sorted(
                 f"{_short(f.f_code.co_filename)}:{f.f_lineno} {f.f_code.co_name}"
@@ -158,7 +165,25 @@ class StallTracer:
             del frames, loop, frame
         finally:
             sys.setswitchinterval(interval)
-        return " < ".join(lines) + ("  || threads: " + "; ".join(others) if others else "")
+        stack = " < ".join(lines) + ("  || threads: " + "; ".join(others) if others else "")
+        return f"[{waiting}] {stack}"
+
+    def _kernel_state(self) -> str:
+        """The loop thread's state as the kernel sees it, read before the walk (reading
+        a file releases the GIL): ``R`` running or waiting for a core, ``S`` asleep,
+        ``D`` waiting for the disk, and the kernel function it sleeps in (Linux
+        ``wchan``: a page-cache or block-layer function, ``folio_wait_bit_common``,
+        ``io_schedule``, ..., for a read of the file). The read itself gives the GIL
+        up, so a loop thread that waited for the GIL has it by then and shows ``R``: a
+        stall whose samples show ``R`` and whose time the CPU and the wait for a core
+        do not account for waited for the GIL; one waiting for the disk shows ``D``."""
+        try:
+            with open(f"{self._task}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+            with open(f"{self._task}/wchan") as wchan:
+                return f"{state} {wchan.read().strip() or '-'}"
+        except (OSError, IndexError):
+            return "?"
 
     def since(self, started: float) -> list[Stall]:
         return [s for s in self.stalls if s.started >= started]
@@ -175,6 +200,11 @@ def run_delay(schedstat: Path) -> float:
         return int(schedstat.read_text().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+#: Where a sample names the statement the loop runs (the driver's cursor methods).
+_DRIVER = "sqlite_driver.py"
+_STATEMENT_RUNNERS = frozenset({"execute", "executemany"})
 
 
 def _short(filename: str) -> str:

@@ -15,7 +15,6 @@ import sqlite3
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import event
@@ -34,7 +33,6 @@ from eventstore.sqlite_driver import (
     OFF_LOOP,
     InlineSQLiteDBAPI,
     await_,
-    file_path,
 )
 from eventstore.sqlite_driver import Connection as InlineConnection
 from eventstore.translate import describe, translate_errors
@@ -282,14 +280,35 @@ def create_engine(url: str | URL, options: EngineOptions | None = None) -> Async
             "timeout": opts.busy_timeout,
             # An fsync per COMMIT (FULL, EXTRA) is waited for off the event loop.
             "offload_commit": synchronous in ("FULL", "EXTRA"),
+            # Run by the driver as it opens each connection, off the loop.
+            "pragmas": _sqlite_pragmas(synchronous, memory=memory),
         },
         **pooling,
         **common,
     )
-    _install_sqlite_hooks(engine, driver, synchronous=synchronous, memory=memory)
+    _install_sqlite_hooks(engine, driver)
     _install_read_hook(engine)
     _BUILT_WITH[engine] = opts
     return engine
+
+
+def _sqlite_pragmas(synchronous: str, *, memory: bool) -> tuple[str, ...]:
+    """What every SQLite connection of an engine runs as it opens. No busy_timeout: the
+    driver keeps it at 0 on the loop and waits for a lock another process holds on a
+    worker thread, with the busy timeout. Nor wal_autocheckpoint: the driver sets it
+    (checkpoints run off the loop)."""
+    return (
+        *(() if memory else ("PRAGMA journal_mode=WAL",)),
+        f"PRAGMA synchronous={synchronous}",
+        "PRAGMA foreign_keys=ON",
+        # Deleted and overwritten content is zeroed, not left in free pages: a forgotten
+        # person's read-model rows and key material must not survive in the file. Many
+        # builds default to this (SQLITE_SECURE_DELETE); not all do.
+        "PRAGMA secure_delete=ON",
+        # ANALYZE, tiu's (gather_statistics) or one sent through this engine, samples
+        # the indexes: its cost, and the write lock it holds, stay flat in the data.
+        f"PRAGMA analysis_limit={ANALYSIS_LIMIT}",
+    )
 
 
 def _unencodable(text: str) -> bool:
@@ -380,11 +399,7 @@ def _quiet_secret_logging() -> None:
         logger.addFilter(_ROW_LOG_FILTER)
 
 
-def _install_sqlite_hooks(
-    engine: AsyncEngine, driver: InlineSQLiteDBAPI, *, synchronous: str, memory: bool
-) -> None:
-    database = file_path(engine.url.database or "")
-
+def _install_sqlite_hooks(engine: AsyncEngine, driver: InlineSQLiteDBAPI) -> None:
     @event.listens_for(engine.sync_engine, "engine_disposed")
     def _stop_checkpoints(*_: Any) -> None:
         # A WAL checkpoint in progress on a worker thread is interrupted; AsyncEngine's
@@ -393,37 +408,6 @@ def _install_sqlite_hooks(
         driver.close_checkpointers()
         if in_greenlet():
             await_(driver.checkpoints_ended())
-
-    @event.listens_for(engine.sync_engine, "do_connect")
-    def _check_directory(*_: Any) -> None:
-        # Refuse with a clear message: sqlite3 would say only "unable to
-        # open database file".
-        if not memory and database and not Path(database).resolve().parent.is_dir():
-            raise StoreUnavailable(
-                f"SQLite database {database}: directory {Path(database).parent} does not exist"
-            )
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take BEGIN away from the driver's legacy transaction handling, so that
-        # reads are transactional and writers can ask for IMMEDIATE.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        if not memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={synchronous}")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        # Deleted and overwritten content is zeroed, not left in free pages: a forgotten
-        # person's read-model rows and key material must not survive in the file. Many
-        # builds default to this (SQLITE_SECURE_DELETE); not all do.
-        cursor.execute("PRAGMA secure_delete=ON")
-        # ANALYZE, tiu's (gather_statistics) or one sent through this engine, samples
-        # the indexes: its cost, and the write lock it holds, stay flat in the data.
-        cursor.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
-        # No busy_timeout pragma: the driver keeps it at 0 on the loop and waits for a
-        # lock held by another process on a worker thread, with the busy timeout. Nor
-        # wal_autocheckpoint: the driver sets it (checkpoints run off the loop).
-        cursor.close()
 
     @event.listens_for(engine.sync_engine, "reset")
     def _no_transaction_goes_back_to_the_pool(

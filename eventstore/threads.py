@@ -47,22 +47,23 @@ def cores() -> int:
     return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
 
 
-def _lower_priority() -> None:
+def _lower_priority(niceness: int) -> None:
     # Linux only: there ``setpriority`` on a thread id changes that thread alone;
     # elsewhere the id is not a thread's, and the call could reach another process.
-    if sys.platform == "linux":
+    if sys.platform == "linux" and niceness:
         tid = threading.get_native_id()
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + NICENESS)
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
 
 
 class NicedThreads:
-    """A pool of ``size`` threads named ``name``-N at a lower priority; :meth:`run` runs
-    blocking work there."""
+    """A pool of ``size`` threads named ``name``-N, ``niceness`` below the process's
+    priority (0: at it); :meth:`run` runs blocking work there."""
 
-    def __init__(self, name: str, size: int) -> None:
+    def __init__(self, name: str, size: int, niceness: int = NICENESS) -> None:
         self.name = name
         self.size = size
+        self.niceness = niceness
         self._new_pool()
         if hasattr(os, "register_at_fork"):
             method = weakref.WeakMethod(self._new_pool)
@@ -78,7 +79,10 @@ class NicedThreads:
         """A pool with no thread started yet (at creation, and in a forked child, which
         has none of its parent's threads)."""
         self._pool = ThreadPoolExecutor(
-            self.size, thread_name_prefix=self.name, initializer=_lower_priority
+            self.size,
+            thread_name_prefix=self.name,
+            initializer=_lower_priority,
+            initargs=(self.niceness,),
         )
         self._started = False
         self._starting = threading.Lock()

@@ -12,8 +12,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import example, given
@@ -774,3 +775,107 @@ async def test_a_disposed_engine_leaves_no_writer_thread_behind(tmp_path):
         await asyncio.to_thread(thread.join, 5)
     left = [t for t in made if t.is_alive()]
     assert not left, f"{len(left)} writer threads left running"
+
+
+@contextlib.contextmanager
+def _file_held_exclusively(path: os.PathLike[str]) -> Iterator[sqlite3.Connection]:
+    """A new database at ``path`` (rollback journal), locked exclusively by another
+    connection as long as the block runs: a new connection cannot read its header."""
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("BEGIN EXCLUSIVE")
+        yield holder
+    finally:
+        holder.close()
+
+
+def _descriptors_of(path: os.PathLike[str]) -> int:
+    """How many of this process's file descriptors are open on ``path``."""
+    fds = "/proc/self/fd"
+    target = os.path.realpath(path)
+    count = 0
+    for fd in os.listdir(fds):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"{fds}/{fd}") == target
+    return count
+
+
+async def test_a_connection_waits_off_the_loop_for_a_file_another_connection_holds(tmp_path):
+    """Opening a connection (its pragmas read the file's header) waits on a worker
+    thread, up to the busy timeout, for a lock another process holds: the loop runs
+    meanwhile, and the connection opens once the lock is let go."""
+    path = tmp_path / "held.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        with _file_held_exclusively(path):
+            opening = asyncio.ensure_future(engine.connect().start())
+            await asyncio.sleep(0.2)
+            assert not opening.done(), opening
+        conn = await opening
+        assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+        await conn.close()
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+async def test_a_caller_cancelled_while_its_connection_opens_leaves_no_connection_open(
+    tmp_path,
+):
+    """A checkout cancelled while the worker thread opens its connection ends at once;
+    the connection the thread opens all the same is closed when it is."""
+    path = tmp_path / "held.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        with _file_held_exclusively(path):
+            opening = asyncio.ensure_future(engine.connect().start())
+            await asyncio.sleep(0.2)
+            assert _descriptors_of(path) == 2  # the holder's and the one being opened
+            opening.cancel()
+            # Held, as a host logging it would: it refers to the cancelled frames.
+            with pytest.raises(asyncio.CancelledError) as cancelled:
+                await opening
+        for _ in range(3000):  # the thread opens it once the lock is let go
+            if not _descriptors_of(path):
+                break
+            await asyncio.sleep(0.01)
+        assert _descriptors_of(path) == 0, cancelled
+    finally:
+        await engine.dispose()
+
+
+async def test_a_pooled_connection_is_opened_and_set_up_off_the_event_loop_thread(db_path):
+    """Opening a connection waits for the disk (the path resolved, the file opened, its
+    header read by the pragmas): none of it runs on the loop's thread, as the
+    profiler of that thread sees it while a checkout opens a new connection (the
+    dialect's functions registered there read nothing)."""
+    engine = create_engine(f"sqlite+aiosqlite:///{db_path}")
+    seen: list[str] = []
+
+    def profile(frame: Any, what: str, arg: Any) -> None:
+        if what == "call" and frame.f_code.co_name in ("realpath", "resolve", "isdir"):
+            seen.append(frame.f_code.co_name)  # a path resolved, a directory looked at
+        elif what == "c_call" and (
+            arg is sqlite3.connect
+            or (
+                isinstance(getattr(arg, "__self__", None), sqlite3.Connection | sqlite3.Cursor)
+                and arg.__name__.startswith("execute")
+            )
+            or getattr(arg, "__self__", None) is os
+        ):
+            seen.append(arg.__qualname__)  # a file opened, a statement run, a stat
+
+    try:
+        async with engine.connect() as first:  # the engine's first connection: initialised
+            sys.setprofile(profile)
+            try:
+                second = await engine.connect().start()
+            finally:
+                sys.setprofile(None)
+            assert (await second.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+            await second.close()
+            await first.exec_driver_sql("SELECT 1")
+        assert not seen
+    finally:
+        await engine.dispose()

@@ -151,3 +151,29 @@ def test_cache_is_an_lru_with_a_ttl():
 
 def test_one_keyring_per_engine(engine):
     assert keyring(engine) is keyring(engine)
+
+
+@pytest.mark.sqlite
+async def test_a_load_of_many_keys_runs_off_the_event_loop_on_sqlite(sqlite_engine):
+    """An audit page's missing keys are one lookup, a seek (and page reads) per key:
+    many of them are looked up on a worker thread, as SQLite's thread runs them."""
+    import threading
+
+    ring = SubjectKeys()
+    sealed = [
+        await _seal(sqlite_engine, ring, f"u{n}", "Ev", {"ip": f"10.0.0.{n}"}, {"ip"})
+        for n in range(40)
+    ]
+    ran_on: list[int] = []
+    async with sqlite_engine.connect() as conn:
+        db = (await conn.get_raw_connection()).driver_connection
+        db.set_trace_callback(
+            lambda sql: ran_on.append(threading.get_ident()) if "subject_keys" in sql else None
+        )
+        try:
+            opened = await SubjectKeys().open_many(conn, [("Ev", data) for data in sealed])
+        finally:
+            db.set_trace_callback(None)
+    assert [o.data["ip"] for o in opened] == [f"10.0.0.{n}" for n in range(40)]
+    assert ran_on
+    assert threading.get_ident() not in ran_on

@@ -10,6 +10,7 @@ import time
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import event, func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain import (
     AlreadyExists,
@@ -563,6 +564,7 @@ async def test_a_service_closed_while_its_group_writer_is_stopped_closes_without
 
     service.store.before_commit = hold
     ctx = service.context(SYSTEM_ACTOR)
+    await _pool_filled(service.engine, 4)
     calls = [
         asyncio.create_task(
             service.dispatch(projects.CreateProject(project_id=f"x{n}", name=f"X{n}"), ctx)
@@ -708,8 +710,18 @@ def budgeted(engine, clock):
     return make
 
 
+async def _pool_filled(engine: AsyncEngine, count: int) -> None:
+    """Open ``count`` connections for ``engine``'s pool ahead of concurrent commands: a
+    new connection opens on a worker thread while the loop turns, so commands that
+    each opened one would come to the group in turns of their own, not together."""
+    opened = await asyncio.gather(*(engine.connect().start() for _ in range(count)))
+    for conn in opened:
+        await conn.close()
+
+
 async def _create_projects(svc: DatabaseService, prefix: str, count: int) -> list[int | None]:
     """``count`` concurrent commands; the first commit held a moment so the rest queue."""
+    await _pool_filled(svc.engine, count + 1)
     held: list[bool] = []
 
     async def hold(_streams) -> None:
