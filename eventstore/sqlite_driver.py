@@ -49,7 +49,7 @@ and leaves the loop only where SQLite would *wait*:
 * **Opening a connection** (resolving its path, opening the file, the pragmas that
   read its header) runs on a worker thread of its own (:data:`OPENING_THREADS`),
   waiting there up to the busy timeout for a lock held elsewhere; a caller cancelled
-  meanwhile leaves at once, and the connection is closed when the thread ends.
+  meanwhile leaves at once, and the connection is closed as soon as its open ends.
 
 * **The WAL checkpoint** (copying the pages committed to the ``-wal`` file back into
   the database file, and its fsyncs) runs on worker threads, never inside a COMMIT.
@@ -230,8 +230,7 @@ def _open(
     driver does). On the loop a connection opened while a rebuild's child wrote to the
     same file held it 15.6 ms (bench case 9, 1,000,000 events)."""
     path = file_path(database) if uri else database
-    memory = path in ("", ":memory:") or (uri and "mode=memory" in database)
-    real = "" if memory else os.path.realpath(path)
+    real = "" if _in_memory(database, uri) else os.path.realpath(path)
     if real and not os.path.isdir(os.path.dirname(real)):
         # sqlite3 would say only "unable to open database file".
         raise StoreUnavailable(
@@ -241,8 +240,7 @@ def _open(
         database, timeout=timeout, uri=uri, check_same_thread=False, isolation_level=None, **kwargs
     )
     try:
-        read_only = uri and ("mode=ro" in database or "immutable=1" in database)
-        if real and not read_only:
+        if real and not _read_only(database, uri):
             # The checkpoint runs off the loop (WalCheckpointer), not in a COMMIT.
             conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
@@ -256,6 +254,15 @@ def _open(
     return conn, real or f":memory:{id(conn)}"
 
 
+def _in_memory(database: str, uri: bool) -> bool:
+    path = file_path(database) if uri else database
+    return path in ("", ":memory:") or (uri and "mode=memory" in database)
+
+
+def _read_only(database: str, uri: bool) -> bool:
+    return uri and ("mode=ro" in database or "immutable=1" in database)
+
+
 async def _opened(*args: Any) -> tuple[sqlite3.Connection, str]:
     """:func:`_open` on one of :data:`OPENING_THREADS`. A caller cancelled meanwhile
     is cancelled at once: an open not begun yet never runs, and a connection the thread
@@ -264,7 +271,7 @@ async def _opened(*args: Any) -> tuple[sqlite3.Connection, str]:
     submitted = pool.submit(in_context(_open, *args))
     try:
         return await asyncio.wrap_future(submitted)
-    except asyncio.CancelledError:
+    except BaseException:  # cancelled, or this coroutine closed with its loop
         submitted.add_done_callback(_close_unclaimed)
         raise
 
@@ -1311,13 +1318,20 @@ class InlineSQLiteDBAPI:
         **kwargs: Any,
     ) -> Connection:
         """A connection to ``database``, opened on a worker thread (:func:`_open`, which
-        also runs ``pragmas``); called by SQLAlchemy's pool, in its greenlet."""
+        also runs ``pragmas``) unless it is a private database in memory; called by
+        SQLAlchemy's pool, in its greenlet."""
         kwargs.pop("check_same_thread", None)
         kwargs["detect_types"] = kwargs.get("detect_types", 0) | sqlite3.PARSE_COLNAMES
-        conn, key = await_(_opened(database, uri, timeout, pragmas, kwargs))
+        opening = (database, uri, timeout, pragmas, kwargs)
+        if _in_memory(database, uri):
+            # No disk to wait for. And opened across a turn of the loop, two first
+            # checkouts of a StaticPool (which keeps its one connection once it is
+            # open) would each open a private database of their own.
+            conn, key = _open(*opening)
+        else:
+            conn, key = await_(_opened(*opening))
         checkpointer = None
-        read_only = uri and ("mode=ro" in database or "immutable=1" in database)
-        if not key.startswith(":memory:") and not read_only:
+        if not key.startswith(":memory:") and not _read_only(database, uri):
             checkpointer = self.checkpointers.get(key)
             if checkpointer is None:
                 checkpointer = self.checkpointers[key] = WalCheckpointer(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any, Final
 
 from sqlalchemy import exc as sa_exc
@@ -33,6 +34,8 @@ _PG_IN_FAILED_TRANSACTION: Final = "25P02"
 _PG_CANNOT_CONNECT: Final = ("3D000", "28")
 #: SQLAlchemy's code for a statement on a connection invalidated inside a transaction.
 _LOST_IN_TRANSACTION: Final = "8s2b"
+#: What a driver raises: sqlite3's errors, and asyncpg's as SQLAlchemy's dialect adapts them.
+_BARE_DRIVER_ERRORS: Final = (sqlite3.Error, sa_exc.EmulatedDBAPIException)
 #: sqlite3's words for a file that is not (or no longer) an SQLite database.
 _SQLITE_NOT_A_DATABASE: Final = ("file is not a database", "database disk image is malformed")
 
@@ -82,6 +85,10 @@ def _translate(error: Exception, database: str | None) -> None:
     where = f" ({database})" if database else ""
     if isinstance(error, EventStoreError):
         return  # already ours (StoreUnavailable is also an OSError)
+    if isinstance(error, _BARE_DRIVER_ERRORS):
+        # A driver's error SQLAlchemy did not wrap: it wraps only inside a Connection,
+        # and a pool's connect for ``raw_connection()`` (the direct append) is outside.
+        error = sa_exc.DBAPIError.instance(None, None, error, Exception)
     if isinstance(error, sa_exc.PendingRollbackError) and error.code == _LOST_IN_TRANSACTION:
         raise StoreUnavailable(
             f"database connection lost during a transaction{where}: it was rolled back"

@@ -59,7 +59,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         if dialect.name == "postgresql" and dialect.driver == "asyncpg":
             # asyncpg decodes timestamptz to an aware datetime in UTC whatever the
             # session's TimeZone: nothing to do, so no call per value (~9% of a keyset
-            # page walk's instructions, profiled).
+            # page walk's instructions, profiled). Only 'infinity', which tiu never
+            # writes, comes back naive (datetime.max / datetime.min).
             return None
         if dialect.name != "sqlite":
             return super().result_processor(dialect, coltype)

@@ -845,6 +845,44 @@ async def test_a_caller_cancelled_while_its_connection_opens_leaves_no_connectio
         await engine.dispose()
 
 
+async def test_a_database_in_memory_checked_out_twice_at_once_is_one_database():
+    """An engine on ``:memory:`` keeps one connection (a private database): two first
+    checkouts at once must share it, not each open one of their own."""
+    engine = create_engine("sqlite+aiosqlite://")
+
+    async def write() -> None:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (x)"))
+            await conn.execute(text("INSERT INTO t VALUES (1)"))
+
+    async def look() -> None:
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+
+    try:
+        await asyncio.gather(write(), look())
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_an_append_on_a_file_another_connection_holds_exclusively_is_an_append_timeout(
+    tmp_path,
+):
+    """The direct append takes its connection outside a SQLAlchemy Connection, where
+    SQLAlchemy wraps no driver error: the lock still comes out as the typed error."""
+    path = tmp_path / "held.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}", EngineOptions(busy_timeout=0.3))
+    store = EventStore(engine)
+    try:
+        with _file_held_exclusively(path), pytest.raises(AppendTimeout, match=r"held\.db"):
+            await store.append("task-1", "task", [ev()])
+    finally:
+        await store.aclose()
+        await engine.dispose()
+
+
 async def test_a_pooled_connection_is_opened_and_set_up_off_the_event_loop_thread(db_path):
     """Opening a connection waits for the disk (the path resolved, the file opened, its
     header read by the pragmas): none of it runs on the loop's thread, as the

@@ -194,7 +194,7 @@ def _pg_url_with(**parts: str | int) -> str:
     return make_url(PG_URL).set(password="s3cret-pw", **parts).render_as_string(hide_password=False)
 
 
-@pytest.mark.parametrize(
+_UNOPENABLE = pytest.mark.parametrize(
     ("url", "names"),
     [
         pytest.param(lambda: _pg_url_with(port=1), "127.0.0.1:1", marks=pytest.mark.postgres),
@@ -211,9 +211,26 @@ def _pg_url_with(**parts: str | int) -> str:
     ],
     ids=["unreachable-host", "missing-database", "missing-role"],
 )
+
+
+@_UNOPENABLE
 async def test_a_service_on_a_database_it_cannot_open_is_store_unavailable_naming_it(url, names):
     with pytest.raises(StoreUnavailable) as refused:
         await create_database_service(url(), pool_timeout=2)
+    assert names in str(refused.value)
+    assert "s3cret-pw" not in str(refused.value)
+
+
+@_UNOPENABLE
+async def test_an_append_on_a_database_it_cannot_open_is_store_unavailable_naming_it(url, names):
+    # The direct append opens its connection outside a SQLAlchemy Connection, where
+    # SQLAlchemy wraps no driver error.
+    engine = create_engine(url(), EngineOptions(pool_timeout=2))
+    try:
+        with pytest.raises(StoreUnavailable) as refused:
+            await EventStore(engine).append("user-1", "user", [ev()])
+    finally:
+        await engine.dispose()
     assert names in str(refused.value)
     assert "s3cret-pw" not in str(refused.value)
 
