@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -217,11 +218,19 @@ async def _on_thread(
 
 
 def _open(
-    database: str, uri: bool, timeout: float, pragmas: Sequence[str], kwargs: dict[str, Any]
+    database: str,
+    uri: bool,
+    timeout: float,
+    pragmas: Sequence[str],
+    kwargs: dict[str, Any],
+    *,
+    memory: bool,
+    checkpointed: bool,
 ) -> tuple[sqlite3.Connection, str]:
     """On a worker thread: open ``database`` and run ``pragmas`` on it; the connection
     and the key of its file's writer lock (its real path, or a name of its own for a
-    private database in memory).
+    private database in memory). A ``checkpointed`` one leaves its WAL checkpoints to
+    the driver's :class:`WalCheckpointer`.
 
     All of it may wait for the disk: resolving the path, opening the file, reading its
     header (``journal_mode``), or for a lock another process holds while it recovers
@@ -230,7 +239,7 @@ def _open(
     driver does). On the loop a connection opened while a rebuild's child wrote to the
     same file held it 15.6 ms (bench case 9, 1,000,000 events)."""
     path = file_path(database) if uri else database
-    real = "" if _in_memory(database, uri) else os.path.realpath(path)
+    real = "" if memory else os.path.realpath(path)
     if real and not os.path.isdir(os.path.dirname(real)):
         # sqlite3 would say only "unable to open database file".
         raise StoreUnavailable(
@@ -240,7 +249,7 @@ def _open(
         database, timeout=timeout, uri=uri, check_same_thread=False, isolation_level=None, **kwargs
     )
     try:
-        if real and not _read_only(database, uri):
+        if checkpointed:
             # The checkpoint runs off the loop (WalCheckpointer), not in a COMMIT.
             conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
@@ -263,12 +272,14 @@ def _read_only(database: str, uri: bool) -> bool:
     return uri and ("mode=ro" in database or "immutable=1" in database)
 
 
-async def _opened(*args: Any) -> tuple[sqlite3.Connection, str]:
-    """:func:`_open` on one of :data:`OPENING_THREADS`. A caller cancelled meanwhile
-    is cancelled at once: an open not begun yet never runs, and a connection the thread
-    opens all the same is closed as soon as it is (it is nobody's)."""
+async def _opened(
+    opening: Callable[[], tuple[sqlite3.Connection, str]],
+) -> tuple[sqlite3.Connection, str]:
+    """``opening`` (:func:`_open`) on one of :data:`OPENING_THREADS`. A caller cancelled
+    meanwhile is cancelled at once: an open not begun yet never runs, and a connection
+    the thread opens all the same is closed as soon as it is (it is nobody's)."""
     pool = await OPENING_THREADS.executor()
-    submitted = pool.submit(in_context(_open, *args))
+    submitted = pool.submit(in_context(opening))
     try:
         return await asyncio.wrap_future(submitted)
     except BaseException:  # cancelled, or this coroutine closed with its loop
@@ -1322,16 +1333,20 @@ class InlineSQLiteDBAPI:
         SQLAlchemy's pool, in its greenlet."""
         kwargs.pop("check_same_thread", None)
         kwargs["detect_types"] = kwargs.get("detect_types", 0) | sqlite3.PARSE_COLNAMES
-        opening = (database, uri, timeout, pragmas, kwargs)
-        if _in_memory(database, uri):
+        memory = _in_memory(database, uri)
+        checkpointed = not memory and not _read_only(database, uri)
+        opening = functools.partial(
+            _open, database, uri, timeout, pragmas, kwargs, memory=memory, checkpointed=checkpointed
+        )
+        if memory:
             # No disk to wait for. And opened across a turn of the loop, two first
             # checkouts of a StaticPool (which keeps its one connection once it is
             # open) would each open a private database of their own.
-            conn, key = _open(*opening)
+            conn, key = opening()
         else:
-            conn, key = await_(_opened(*opening))
+            conn, key = await_(_opened(opening))
         checkpointer = None
-        if not key.startswith(":memory:") and not _read_only(database, uri):
+        if checkpointed:
             checkpointer = self.checkpointers.get(key)
             if checkpointer is None:
                 checkpointer = self.checkpointers[key] = WalCheckpointer(key)
