@@ -50,7 +50,7 @@ import contextlib
 import re
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -96,6 +96,7 @@ from projections.query import MAX_IN
 from tiu.models import AuditEntry
 
 T = TypeVar("T")
+X = TypeVar("X")
 
 #: Security failures: refused logins and commands, failed passwords, lockouts.
 FAILED_TYPES: Final = (
@@ -117,10 +118,13 @@ MAX_LIMIT: Final = 100_000
 #: with plaintext rows, 2.8 ms (p50) with encrypted IPs and user agents and 4.2 ms while
 #: their keys were loaded (1M SQLite events, bench case 9's ``get_events``).
 _SLICE: Final = 0.001
-#: The first chunk's rows and the fewest a chunk takes: a chunk loads the keys its rows
+#: The first chunk's rows and the fewest a chunk takes. A chunk loads the keys its rows
 #: miss in one query (~0.5-0.7 ms of the loop however few), so a read with a cold key
-#: cache took 1.8x the loop's CPU at 4-10 rows a chunk, 1.55x at 32.
-_MIN_CHUNK: Final = 64
+#: cache took 1.8x the loop's CPU at 4-10 rows a chunk, 1.55x at 32. At 64 the floor
+#: outgrew the slice: an audit row costs 25-140 us of the loop (cold caches, a slow
+#: machine), and 64 of them held it 1.6-9 ms (case 9's ``get_events`` on 1M SQLite
+#: events: p99 7.1-9.7 ms against 4.1-5.5 ms at 16, four cold processes each).
+_MIN_CHUNK: Final = 16
 _MAX_CHUNK: Final = 1000
 #: Rows a streamed result fetches a round trip on PostgreSQL: ~100 KB of audit rows,
 #: which asyncpg parses (JSON included) in ~1 ms of the loop; 1,000 rows came in
@@ -593,6 +597,12 @@ class _Windows:
     def findings(self, rule: str) -> list[Finding]:
         return [_burst(rule, s, self.window, best) for s, best in sorted(self.best.items())]
 
+    async def findings_in_chunks(self, rule: str) -> list[Finding]:
+        """:meth:`findings`, the loop free between chunks."""
+        return await _built(
+            sorted(self.best.items()), lambda item: _burst(rule, item[0], self.window, item[1])
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class _Attempt:
@@ -818,12 +828,13 @@ async def _failure_bursts(
             for row in page:
                 if row.rule == _ACCOUNT_ROW:
                     evidence[row.user_id].append((_datetime(row.at_us), row.position))
-    accounts = [
-        _burst("account_failures", user_id, rules.window, inside)
-        for user_id, inside in evidence.items()
-    ]
-    await asyncio.sleep(0)  # findings are built in slices of the loop too (~1-2 ms each)
-    return accounts + windows.findings("ip_failures")
+    # Findings are built in chunks of the loop too: 493 of them were one 4 ms callback
+    # (1M SQLite events; a frozen dataclass and its evidence tuple each).
+    accounts = await _built(
+        list(evidence.items()),
+        lambda item: _burst("account_failures", item[0], rules.window, item[1]),
+    )
+    return accounts + await windows.findings_in_chunks("ip_failures")
 
 
 async def _pages(
@@ -888,6 +899,17 @@ class _Chunks:
         self.rows = max(_MIN_CHUNK, min(fit, 2 * self.rows, _MAX_CHUNK))
         await asyncio.sleep(0)
         self._since = time.thread_time()
+
+
+async def _built(items: Sequence[X], build: Callable[[X], Finding]) -> list[Finding]:
+    """``build`` of each item, in chunks of ~:data:`_SLICE` of the loop's CPU."""
+    chunks = _Chunks()
+    built: list[Finding] = []
+    while len(built) < len(items):
+        piece = items[len(built) : len(built) + chunks.rows]
+        built += [build(item) for item in piece]
+        await chunks.turn(len(piece))
+    return built
 
 
 async def _opened(conn: AsyncConnection, items: Sequence[tuple[str, Any]]) -> list[Opened]:
