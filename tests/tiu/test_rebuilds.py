@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from projections.projector import Envelope, Projector, Tables
 from projections.readmodels import ALL_PROJECTORS, TasksProjector, UsersProjector
 from projections.runner import Worker
 from tests.projections.worker_process import append_events, read_models, workload
-from tiu import DatabaseService, RebuildError, Settings
+from tiu import DatabaseService, RebuildError, Settings, rebuilds
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="watches children in /proc")
 
@@ -102,10 +103,12 @@ def process_exists(pid: int) -> bool:
 
 
 def open_pipes() -> int:
+    """This process's open pipes and files already deleted (a child's output)."""
     pipes = 0
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):  # the listing's own descriptor, closed since
-            pipes += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            pipes += target.startswith("pipe:") or target.endswith(" (deleted)")
     return pipes
 
 
@@ -189,6 +192,33 @@ async def test_a_cancelled_rebuild_ends_its_child_and_a_later_rebuild_completes(
     assert children_running("tiu.rebuilds") == {}
 
 
+async def test_a_rebuild_child_is_started_and_awaited_by_the_loop_without_a_thread(
+    on_log: tuple[DatabaseService, ReadModels],
+) -> None:
+    # asyncio's subprocesses start a thread per child (its child watcher), and the loop
+    # waits until that thread runs: 1-5 ms on a busy machine, once 28 ms (bench case 9).
+    svc, _ = on_log
+    before = {thread.ident for thread in threading.enumerate()}
+    started: set[str] = set()
+    rebuilding = True
+
+    async def watch() -> None:
+        while rebuilding:
+            started.update(t.name for t in threading.enumerate() if t.ident not in before)
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        [report] = await svc.rebuild("tasks")
+    finally:
+        rebuilding = False
+        await watcher
+    assert report.projector == "tasks"
+    # tiu's own pools start their threads from a worker thread, not from the loop.
+    assert {name for name in started if not name.startswith("tiu-")} == set()
+    assert children_running("tiu.rebuilds") == {}
+
+
 async def test_memory_databases_and_unimportable_projectors_rebuild_in_this_process(
     engine: AsyncEngine,
     on_log: tuple[DatabaseService, ReadModels],
@@ -269,3 +299,36 @@ async def test_a_child_that_cannot_start_raises_rebuild_error(
     assert caught.value.projector == "users"
     assert "could not start" in caught.value.reason
     assert caught.value.exit_code is None
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polled"])
+async def test_a_childs_exit_is_awaited_and_reaped_with_or_without_a_pidfd(
+    monkeypatch: pytest.MonkeyPatch, pidfd: bool
+) -> None:
+    if not pidfd:  # as on a platform without pidfd_open (macOS)
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+        monkeypatch.setattr(rebuilds, "EXIT_POLL", 0.01)
+    child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    assert await rebuilds._exited(child) == 3
+    assert not process_exists(child.pid)
+
+
+async def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_and_reaped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(rebuilds, "TERMINATE_GRACE", 0.5)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+            " print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == b"ready\n"  # SIGTERM is ignored from here on
+    await rebuilds._end(child)
+    assert child.returncode == -9
+    assert not process_exists(child.pid)
+    child.stdout.close()
