@@ -131,8 +131,11 @@ async def rebuild_in_child(
             resumed_from=int(rebuilt["resumed_from"]),
         )
     except (ValueError, KeyError, IndexError, TypeError):
+        # Its last error line too: a child whose exit another reaper took (a host that
+        # ignores SIGCHLD) reads as an exit of 0.
         raise RebuildError(
-            projector, f"its process printed no report: {_last_line(report_text)}"
+            projector,
+            f"its process printed no report: {_last_line(report_text)}; {last_error}",
         ) from None
     # The host's replay gauge: the child's progress is its own, its end is known here.
     observe = telemetry.replay_progress(None)
@@ -147,36 +150,50 @@ async def rebuild_in_child(
 
 async def _exited(process: subprocess.Popen[bytes]) -> int:
     """Wait until ``process`` has exited, and reap it. On Linux its pidfd wakes the
-    loop; elsewhere the loop looks every :data:`EXIT_POLL` seconds."""
+    loop; elsewhere (or on a loop that watches no descriptor) the loop looks every
+    :data:`EXIT_POLL` seconds."""
+    pidfd = _pidfd(process)
+    if pidfd is not None:
+        try:
+            loop = asyncio.get_running_loop()
+            exited: asyncio.Future[None] = loop.create_future()
+
+            def readable() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            try:
+                loop.add_reader(pidfd, readable)
+            except NotImplementedError:
+                pass
+            else:
+                try:
+                    await exited
+                finally:
+                    loop.remove_reader(pidfd)
+                return process.wait()  # a zombie by now: reaped at once
+        finally:
+            os.close(pidfd)
+    while process.poll() is None:  # noqa: ASYNC110  # no event tells an exit here
+        await asyncio.sleep(EXIT_POLL)
+    return process.returncode
+
+
+def _pidfd(process: subprocess.Popen[bytes]) -> int | None:
     pidfd_open = getattr(os, "pidfd_open", None)
     try:
-        pidfd = pidfd_open(process.pid) if pidfd_open is not None else None
-    except OSError:  # a kernel before 5.3
-        pidfd = None
-    if pidfd is None:
-        while process.poll() is None:  # noqa: ASYNC110  # no event tells an exit here
-            await asyncio.sleep(EXIT_POLL)
-        return process.returncode
-    loop = asyncio.get_running_loop()
-    exited: asyncio.Future[None] = loop.create_future()
+        return pidfd_open(process.pid) if pidfd_open is not None else None
+    except OSError:  # a kernel before 5.3, or the child reaped already
+        return None
 
-    def readable() -> None:
-        if not exited.done():
-            exited.set_result(None)
 
-    loop.add_reader(pidfd, readable)
-    try:
-        await exited
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-    return process.wait()  # a zombie by now: reaped at once
+#: Children killed by a cancelled :func:`_end`, polled from the loop until reaped.
+_KILLED: set[subprocess.Popen[bytes]] = set()
 
 
 async def _end(process: subprocess.Popen[bytes]) -> None:
     """Terminate ``process`` and reap it, SIGKILL after :data:`TERMINATE_GRACE`. A wait
-    cancelled in turn kills it; the standard library reaps it then (at its next
-    ``Popen``)."""
+    cancelled in turn kills it and leaves the loop to reap it (:func:`_reap_soon`)."""
     try:
         with contextlib.suppress(ProcessLookupError):
             process.terminate()
@@ -190,6 +207,25 @@ async def _end(process: subprocess.Popen[bytes]) -> None:
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
+            _reap_soon(process)
+
+
+def _reap_soon(process: subprocess.Popen[bytes]) -> None:
+    """Poll a killed ``process`` from the loop's callbacks (no task to cancel) until
+    it is reaped, so no zombie is left; kept referenced meanwhile."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no loop: the standard library's own clean-up reaps it
+        return
+    _KILLED.add(process)
+
+    def poll() -> None:
+        if process.poll() is None and not loop.is_closed():
+            loop.call_later(EXIT_POLL, poll)
+        else:
+            _KILLED.discard(process)
+
+    loop.call_soon(poll)
 
 
 def _read(file: IO[bytes], limit: int = 1 << 20) -> bytes:

@@ -301,16 +301,35 @@ async def test_a_child_that_cannot_start_raises_rebuild_error(
     assert caught.value.exit_code is None
 
 
-@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polled"])
+def open_pidfds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+    return count
+
+
+@pytest.mark.parametrize("way", ["pidfd", "no pidfd_open", "a loop watching no descriptor"])
 async def test_a_childs_exit_is_awaited_and_reaped_with_or_without_a_pidfd(
-    monkeypatch: pytest.MonkeyPatch, pidfd: bool
+    monkeypatch: pytest.MonkeyPatch, way: str
 ) -> None:
-    if not pidfd:  # as on a platform without pidfd_open (macOS)
-        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    if way == "pidfd":  # woken by the pidfd: a fall-back to polling would time out below
+        monkeypatch.setattr(rebuilds, "EXIT_POLL", 60.0)
+    else:
         monkeypatch.setattr(rebuilds, "EXIT_POLL", 0.01)
+    if way == "no pidfd_open":  # as on macOS
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    if way == "a loop watching no descriptor":  # as a loop without add_reader
+
+        def no_reader(*_: object) -> None:
+            raise NotImplementedError
+
+        monkeypatch.setattr(asyncio.get_running_loop(), "add_reader", no_reader)
+    pidfds = open_pidfds()
     child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
-    assert await rebuilds._exited(child) == 3
+    assert await asyncio.wait_for(rebuilds._exited(child), 10) == 3
     assert not process_exists(child.pid)
+    assert open_pidfds() == pidfds
 
 
 async def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_and_reaped(
@@ -331,4 +350,35 @@ async def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_and_reaped
     await rebuilds._end(child)
     assert child.returncode == -9
     assert not process_exists(child.pid)
+    child.stdout.close()
+
+
+async def test_a_child_whose_end_is_cancelled_in_turn_is_killed_and_reaped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A shutdown that cancels twice: the second cancel lands in the SIGTERM grace.
+    monkeypatch.setattr(rebuilds, "EXIT_POLL", 0.01)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+            " print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == b"ready\n"
+    ending = asyncio.create_task(rebuilds._end(child))
+    await asyncio.sleep(0.1)  # inside the grace (10 s)
+    ending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await ending
+    for _ in range(500):
+        if not process_exists(child.pid):
+            break
+        await asyncio.sleep(0.01)
+    assert not process_exists(child.pid)  # killed and reaped: no zombie
+    assert child.returncode == -9
+    assert child not in rebuilds._KILLED
     child.stdout.close()
