@@ -46,6 +46,9 @@ class Lag:
     wakes: int
     gc_max_ms: float = 0.0
     gc_cpu_max_ms: float = 0.0
+    #: The longest collection's generation and the thread it ran on: one that a thread
+    #: of a lower priority runs holds the GIL while it waits for a core.
+    gc_where: str = ""
     #: The share of the time the loop thread was runnable but given no core (the
     #: machine's load, not the loop's work): where it is above a few percent, the lag
     #: measures the machine as much as the code.
@@ -58,6 +61,7 @@ class Lag:
             "wakes": self.wakes,
             "gc_max_ms": round(self.gc_max_ms, 2),
             "gc_cpu_max_ms": round(self.gc_cpu_max_ms, 2),
+            "gc_where": self.gc_where,
             "waiting_for_core": round(self.waiting_for_core, 3),
         }
 
@@ -234,18 +238,19 @@ class LoopProbe:
         self.due = time.perf_counter() + period
         self.tracer = StallTracer(self, trace_over) if trace_over else None
         # (ended at, seconds, seconds of the collecting thread's CPU)
-        self.collections: list[tuple[float, float, float]] = []
+        self.collections: list[tuple[float, float, float, str]] = []
         self._task: asyncio.Task[None] | None = None
         self._gc_started = (0.0, 0.0)
         self._schedstat = schedstat_of_this_thread()  # made in the loop's thread
 
-    def _on_gc(self, phase: str, _info: dict[str, int]) -> None:
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         now, cpu = time.perf_counter(), time.thread_time()
         if phase == "start":
             self._gc_started = (now, cpu)
         else:
             started, cpu_started = self._gc_started
-            self.collections.append((now, now - started, cpu - cpu_started))
+            where = f"gen {info['generation']} on {threading.current_thread().name}"
+            self.collections.append((now, now - started, cpu - cpu_started, where))
 
     async def _run(self) -> None:
         clock = time.perf_counter
@@ -268,15 +273,16 @@ class LoopProbe:
         elapsed = time.perf_counter() - mark[1]
         waiting = (run_delay(self._schedstat) - mark[2]) / elapsed if elapsed > 0 else 0.0
         lags = self.lags[mark[0] :]
-        mine = [(s, c) for end, s, c in self.collections if end >= mark[1]]
-        gc_max = max((s for s, _ in mine), default=0.0) * 1000
-        gc_cpu_max = max((c for _, c in mine), default=0.0) * 1000
+        mine = [(s, c, w) for end, s, c, w in self.collections if end >= mark[1]]
+        longest = max(mine, default=(0.0, 0.0, ""))
+        gc_max, gc_where = longest[0] * 1000, longest[2]
+        gc_cpu_max = max((c for _, c, _ in mine), default=0.0) * 1000
         if not lags:
-            return Lag(0.0, 0.0, 0, gc_max, gc_cpu_max, waiting)
+            return Lag(0.0, 0.0, 0, gc_max, gc_cpu_max, gc_where, waiting)
         p99 = (
             statistics.quantiles(lags, n=100, method="inclusive")[98] if len(lags) >= 2 else lags[0]
         )
-        return Lag(max(lags) * 1000, p99 * 1000, len(lags), gc_max, gc_cpu_max, waiting)
+        return Lag(max(lags) * 1000, p99 * 1000, len(lags), gc_max, gc_cpu_max, gc_where, waiting)
 
     async def __aenter__(self) -> LoopProbe:
         gc.callbacks.append(self._on_gc)

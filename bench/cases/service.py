@@ -100,7 +100,7 @@ class _Run:
             f"    {label:34} {seconds:8.3f}s ({cpu:6.3f}s CPU)  lag max {lag.max_ms:7.1f} ms"
             f"  p99 {lag.p99_ms:6.1f} ms (waiting for a core {lag.waiting_for_core:4.0%})"
             f"  longest gc {lag.gc_max_ms:6.1f} ms"
-            f" ({lag.gc_cpu_max_ms:5.1f} ms CPU)"
+            f" ({lag.gc_cpu_max_ms:5.1f} ms CPU{', ' + lag.gc_where if lag.gc_where else ''})"
             f"  peak RSS {row['peak_rss_mb']:7.1f} MB"
             f"  write lock p99 {row['write_lock_p99_ms']} ms"
             f" (a command's share {row['write_lock_per_command_p99_ms']} ms)",
