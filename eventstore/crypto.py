@@ -45,7 +45,7 @@ from typing import Any, Final, NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -68,6 +68,13 @@ _IN_CHUNK: Final = 500
 #: audit page misses (up to :data:`_IN_CHUNK`: ~4 ms of the loop's CPU, and its waits
 #: for pages the disk holds, in case 9's ``get_events`` stalls of 15-18 ms).
 _INLINE_KEYS: Final = 16
+#: The keys of some ids, built once: an audit read of 10,000 rows with a cold cache
+#: loads keys once a chunk, and building the IN clause each time was ~0.2 ms of the
+#: ~1.1 ms a load took (profiled).
+_KEYS: Final = select(
+    subject_keys.c.key_id, subject_keys.c.subject_id, subject_keys.c.material
+).where(subject_keys.c.key_id.in_(bindparam("key_ids", expanding=True)))
+_KEYS_OFF_LOOP: Final = _KEYS.execution_options(**{OFF_LOOP: True})
 
 
 def may_be_sealed(document: Mapping[str, Any] | str | bytes) -> bool:
@@ -277,12 +284,8 @@ class SubjectKeys:
         for start in range(0, len(ids), _IN_CHUNK):
             chunk = ids[start : start + _IN_CHUNK]
             with translate_errors():
-                query = select(
-                    subject_keys.c.key_id, subject_keys.c.subject_id, subject_keys.c.material
-                ).where(subject_keys.c.key_id.in_(chunk))
-                if len(chunk) > _INLINE_KEYS:
-                    query = query.execution_options(**{OFF_LOOP: True})
-                rows = await conn.execute(query)
+                query = _KEYS_OFF_LOOP if len(chunk) > _INLINE_KEYS else _KEYS
+                rows = await conn.execute(query, {"key_ids": chunk})
             for row in rows:
                 key = _Key(row.key_id, row.subject_id, _aead(row.material))
                 found[key.key_id] = key
