@@ -9,9 +9,9 @@ import gc
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -40,6 +40,7 @@ from tiu.audit import (
 )
 from tiu.models import AuditEntry
 
+T = TypeVar("T")
 _examples = itertools.count()
 _LOGIN_TYPES = ("LoginFailed", "LoginRejected", "LoginSucceeded", "AccountLocked")
 
@@ -534,6 +535,42 @@ def test_suspicious_rules_take_zero_durations_and_the_longest_one():
     SuspiciousRules(window=timedelta(0), lockout_lookback=MAX_DURATION)
 
 
+class _LoopCpu:
+    """The loop thread's CPU as a clock of the test's own (``time.thread_time``), which
+    only ``costly`` wrappers advance; :meth:`held` runs work and returns the CPU it
+    used between two turns of the loop."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.cpu = 0.0
+        monkeypatch.setattr(time, "thread_time", lambda: self.cpu)
+
+    def costly(self, fn: Callable[..., T], seconds: float) -> Callable[..., T]:
+        def wrapped(*args: Any) -> T:
+            self.cpu += seconds
+            return fn(*args)
+
+        return wrapped
+
+    async def held(self, work: Awaitable[T]) -> tuple[T, list[float]]:
+        held: list[float] = []
+        running = True
+
+        async def watch() -> None:
+            last = self.cpu
+            while running:
+                await asyncio.sleep(0)
+                held.append(self.cpu - last)
+                last = self.cpu
+
+        watcher = asyncio.create_task(watch())
+        try:
+            result = await work
+        finally:
+            running = False
+            await watcher
+        return result, held
+
+
 @pytest.mark.parametrize("row_cpu", [0.000012, 0.00004], ids=["12us", "40us"])
 async def test_a_long_audit_read_gives_the_loop_a_turn_every_slice_of_its_cpu(
     store: EventStore, monkeypatch: pytest.MonkeyPatch, row_cpu: float
@@ -543,32 +580,12 @@ async def test_a_long_audit_read_gives_the_loop_a_turn_every_slice_of_its_cpu(
     # a floor of 64 rows a chunk held it 2.6 ms at 40 us a row (a cold audit row on a
     # slow machine).
     await store.append("audit-slices", "audit", [NewEvent("Sliced", {"n": n}) for n in range(600)])
-    cpu = [0.0]
-    monkeypatch.setattr(time, "thread_time", lambda: cpu[0])
-    built = audit_module.to_entry
-
-    def costly(row: Any, data: Any = None) -> Any:
-        cpu[0] += row_cpu
-        return built(row, data)
-
-    monkeypatch.setattr(audit_module, "to_entry", costly)
-    held: list[float] = []  # the read's CPU between two turns of the loop
-    reading = True
-
-    async def watch() -> None:
-        last = cpu[0]
-        while reading:
-            await asyncio.sleep(0)
-            held.append(cpu[0] - last)
-            last = cpu[0]
-
-    watcher = asyncio.create_task(watch())
-    try:
-        async with store.engine.connect() as conn:
-            entries = await query(conn, AuditFilter(event_types=("Sliced",)), limit=None)
-    finally:
-        reading = False
-        await watcher
+    clock = _LoopCpu(monkeypatch)
+    monkeypatch.setattr(audit_module, "to_entry", clock.costly(audit_module.to_entry, row_cpu))
+    async with store.engine.connect() as conn:
+        entries, held = await clock.held(
+            query(conn, AuditFilter(event_types=("Sliced",)), limit=None)
+        )
     assert len(entries) == 600
     assert sum(held) == pytest.approx(600 * row_cpu)
     # Every chunk fits the slice, but perhaps the first (its size is a guess).
@@ -589,34 +606,11 @@ async def test_suspicious_builds_its_findings_a_slice_of_the_loops_cpu_at_a_time
             await log.apply(("fail", who, who, None, False, 1))
     finally:
         await store.aclose()
-    cpu = [0.0]
-    monkeypatch.setattr(time, "thread_time", lambda: cpu[0])
-    burst = audit_module._burst
-
-    def costly(*args: Any) -> Any:
-        cpu[0] += 0.00005
-        return burst(*args)
-
-    monkeypatch.setattr(audit_module, "_burst", costly)
-    held: list[float] = []  # the detection's CPU between two turns of the loop
-    reading = True
-
-    async def watch() -> None:
-        last = cpu[0]
-        while reading:
-            await asyncio.sleep(0)
-            held.append(cpu[0] - last)
-            last = cpu[0]
-
-    watcher = asyncio.create_task(watch())
-    try:
-        async with engine.connect() as conn, conn.begin():
-            found = await suspicious(
-                conn, AuditFilter(), SuspiciousRules(account_threshold=1, ip_threshold=1)
-            )
-    finally:
-        reading = False
-        await watcher
+    cpu = _LoopCpu(monkeypatch)
+    monkeypatch.setattr(audit_module, "_burst", cpu.costly(audit_module._burst, 0.00005))
+    rules = SuspiciousRules(account_threshold=1, ip_threshold=1)
+    async with engine.connect() as conn, conn.begin():
+        found, held = await cpu.held(suspicious(conn, AuditFilter(), rules))
     assert len(found) == 80
     assert sum(held) == pytest.approx(80 * 0.00005)
     assert max(held) <= _SLICE + 1e-9

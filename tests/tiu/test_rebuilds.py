@@ -301,6 +301,22 @@ async def test_a_child_that_cannot_start_raises_rebuild_error(
     assert caught.value.exit_code is None
 
 
+def child_ignoring_sigterm() -> subprocess.Popen[bytes]:
+    """A child that ignores SIGTERM from the moment this returns (for a minute)."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+            " print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == b"ready\n"
+    return child
+
+
 def open_pidfds() -> int:
     count = 0
     for fd in os.listdir("/proc/self/fd"):
@@ -336,20 +352,11 @@ async def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_and_reaped
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(rebuilds, "TERMINATE_GRACE", 0.5)
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
-            " print('ready', flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-    )
-    assert child.stdout is not None
-    assert child.stdout.readline() == b"ready\n"  # SIGTERM is ignored from here on
+    child = child_ignoring_sigterm()
     await rebuilds._end(child)
     assert child.returncode == -9
     assert not process_exists(child.pid)
+    assert child.stdout is not None
     child.stdout.close()
 
 
@@ -358,17 +365,7 @@ async def test_a_child_whose_end_is_cancelled_in_turn_is_killed_and_reaped(
 ) -> None:
     # A shutdown that cancels twice: the second cancel lands in the SIGTERM grace.
     monkeypatch.setattr(rebuilds, "EXIT_POLL", 0.01)
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
-            " print('ready', flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-    )
-    assert child.stdout is not None
-    assert child.stdout.readline() == b"ready\n"
+    child = child_ignoring_sigterm()
     ending = asyncio.create_task(rebuilds._end(child))
     await asyncio.sleep(0.1)  # inside the grace (10 s)
     ending.cancel()
@@ -381,4 +378,5 @@ async def test_a_child_whose_end_is_cancelled_in_turn_is_killed_and_reaped(
     assert not process_exists(child.pid)  # killed and reaped: no zombie
     assert child.returncode == -9
     assert child not in rebuilds._KILLED
+    assert child.stdout is not None
     child.stdout.close()
