@@ -988,8 +988,7 @@ async def suspicious(
 
     Streams a result: on PostgreSQL ``conn`` must not be in autocommit mode."""
     attempts = _attempts_cte(conn.dialect.name, where)
-    findings = await _failure_bursts(conn, attempts, rules)
-    await asyncio.sleep(0)
+    findings = await _failure_bursts(conn, attempts, rules)  # ends on a turn of the loop
     findings += await _lockout_logins(conn, where, rules)
     await asyncio.sleep(0)
     return _ordered(findings)

@@ -155,28 +155,33 @@ async def _exited(process: subprocess.Popen[bytes]) -> int:
     pidfd = _pidfd(process)
     if pidfd is not None:
         try:
-            loop = asyncio.get_running_loop()
-            exited: asyncio.Future[None] = loop.create_future()
-
-            def readable() -> None:
-                if not exited.done():
-                    exited.set_result(None)
-
-            try:
-                loop.add_reader(pidfd, readable)
-            except NotImplementedError:
-                pass
-            else:
-                try:
-                    await exited
-                finally:
-                    loop.remove_reader(pidfd)
+            if await _readable(pidfd):
                 return process.wait()  # a zombie by now: reaped at once
         finally:
             os.close(pidfd)
     while process.poll() is None:  # noqa: ASYNC110  # no event tells an exit here
         await asyncio.sleep(EXIT_POLL)
     return process.returncode
+
+
+async def _readable(fd: int) -> bool:
+    """Wait until ``fd`` is readable: False at once if the loop watches no descriptor."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    try:
+        loop.add_reader(fd, readable)
+    except NotImplementedError:
+        return False
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+    return True
 
 
 def _pidfd(process: subprocess.Popen[bytes]) -> int | None:

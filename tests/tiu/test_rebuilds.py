@@ -102,7 +102,7 @@ def process_exists(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
-def open_pipes() -> int:
+def open_pipes_and_deleted_files() -> int:
     """This process's open pipes and files already deleted (a child's output)."""
     pipes = 0
     for fd in os.listdir("/proc/self/fd"):
@@ -169,7 +169,7 @@ async def test_a_cancelled_rebuild_ends_its_child_and_a_later_rebuild_completes(
     engine: AsyncEngine, on_log: tuple[DatabaseService, ReadModels]
 ) -> None:
     svc, before = on_log
-    pipes = open_pipes()
+    pipes = open_pipes_and_deleted_files()
     stuck = asyncio.create_task(svc.rebuild(StuckTasks()))
     # Until the child is inside its first batch: its shadow tables are prepared.
     for _ in range(300):
@@ -184,7 +184,7 @@ async def test_a_cancelled_rebuild_ends_its_child_and_a_later_rebuild_completes(
     with pytest.raises(asyncio.CancelledError):
         await stuck
     assert not process_exists(child)  # ended and reaped: no zombie
-    assert open_pipes() == pipes
+    assert open_pipes_and_deleted_files() == pipes
 
     [report] = await svc.rebuild("tasks")  # resumes what the child left
     assert report.projector == "tasks"
